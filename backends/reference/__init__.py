@@ -1,0 +1,30 @@
+"""The reference backend: a NumPy interpreter of the IR in float64 (the semantics)."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from scancc.ir import Recurrence
+
+from ..base import Backend, RunResult
+from .interpreter import Interpreter
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+    array = "numpy"
+    generates_source = False
+    dtypes = ("float64", "float32", "float16", "bfloat16")
+
+    def available(self) -> tuple[bool, str]:
+        return True, f"NumPy {np.__version__} interpreter, float64"
+
+    def run(self, rec: Recurrence, inputs: Mapping[str, Any], sizes: Mapping[str, int],
+            initial_state: Mapping[str, Any] | None, output_final_state: bool,
+            options: Mapping[str, Any]) -> RunResult:
+        outs, finals = Interpreter(rec, sizes).run(inputs, initial_state)
+        return RunResult(outs, finals if output_final_state else None)
+
+
+__all__ = ["ReferenceBackend", "Interpreter"]

@@ -1,0 +1,26 @@
+"""scancc.ir: the small intermediate representation of canonical-form recurrences."""
+if __name__ != "scancc.ir":  # the folder ir/ is installed as scancc.ir, never as a bare 'ir'
+    raise ImportError(f"import this package as scancc.ir, not {__name__!r} "
+                      "(install the project with `pip install -e .`)")
+
+from .builder import Builder
+from .errors import IRError, ParseError, VerifyError
+from .expr import (Node, Op, check_ident, clamp, const, dot, exp, flip, group, iota, l2norm,
+                   log, logsigmoid, maximum, minimum, rsqrt, sigmoid, silu, size, softmax,
+                   softplus, sqrt)
+from .expr import max as reduce_max
+from .expr import sum as reduce_sum
+from .printer import ExprParser, format_expr, format_recurrence, parse_recurrence
+from .recurrence import (Dim, Input, Kind, Let, Numerics, Output, Recurrence, ShapeMismatch,
+                         State, Transition, bind_sizes, companion, dense, diagonal,
+                         householder, identity, scalar, shift)
+
+__all__ = [
+    "Builder", "IRError", "ParseError", "VerifyError", "Node", "Op", "check_ident", "clamp",
+    "const", "dot", "exp", "flip", "group", "iota", "l2norm", "log", "logsigmoid", "maximum",
+    "minimum", "rsqrt", "sigmoid", "silu", "size", "softmax", "softplus", "sqrt", "reduce_max",
+    "reduce_sum", "ExprParser", "format_expr", "format_recurrence", "parse_recurrence", "Dim",
+    "Input", "Kind", "Let", "Numerics", "Output", "Recurrence", "ShapeMismatch", "State",
+    "Transition", "bind_sizes", "companion", "dense", "diagonal", "householder", "identity",
+    "scalar", "shift",
+]

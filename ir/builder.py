@@ -1,0 +1,54 @@
+"""A small Python API for writing recurrences: declare dims, inputs, lets, states, outputs."""
+from __future__ import annotations
+
+from .expr import Node, Op
+from .recurrence import (Dim, Input, Let, Numerics, Output, Recurrence, State, Transition)
+
+
+class Builder:
+    """Collects declarations in order and returns a verified ``Recurrence`` from ``build()``.
+
+    Example::
+
+        r = Builder("hgrn")
+        batch, time, chan = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("chan")
+        x, g = r.input("x", [batch, time, chan]), r.input("g", [batch, time, chan])
+        h = r.state("h", [batch, chan], diagonal(exp(g)), inject=x)
+        r.output("o", [batch, time, chan], h)
+    """
+
+    def __init__(self, name: str, doc: str = ""):
+        self.name, self.doc = name, doc
+        self.dims: list[Dim] = []
+        self.inputs: list[Input] = []
+        self.lets: list[Let] = []
+        self.states: list[State] = []
+        self.outputs: list[Output] = []
+        self._numerics = Numerics()
+
+    def dim(self, name: str, role: str = "feature", size: int | None = None) -> str:
+        self.dims.append(Dim(name, role, size))
+        return name
+
+    def input(self, name: str, dims, optional_dims=()) -> Node:
+        self.inputs.append(Input(name, tuple(dims), tuple(optional_dims)))
+        return Node(Op.INPUT, (), name)
+
+    def let(self, name: str, expr: Node) -> Node:
+        self.lets.append(Let(name, expr))
+        return Node(Op.PARAM, (), name)
+
+    def state(self, name: str, dims, transition: Transition, inject: Node) -> Node:
+        self.states.append(State(name, tuple(dims), transition, inject))
+        return Node(Op.STATE, (), name)
+
+    def output(self, name: str, dims, expr: Node) -> None:
+        self.outputs.append(Output(name, tuple(dims), expr))
+
+    def numerics(self, accum: str = "float32", state: str = "float32") -> None:
+        self._numerics = Numerics(accum, state)
+
+    def build(self) -> Recurrence:
+        return Recurrence(self.name, tuple(self.dims), tuple(self.inputs), tuple(self.lets),
+                          tuple(self.states), tuple(self.outputs), self._numerics,
+                          self.doc).verify()

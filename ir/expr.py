@@ -1,0 +1,180 @@
+"""Expression nodes: one flat op enum and one immutable node type.
+
+A node is ``(op, src, arg)``. Expressions describe the per-time-step parameters of a
+recurrence (decays, injected terms, readouts); they are broadcast by *dimension name*,
+never by position, so a node's dims are a set of names in the recurrence's canonical order
+(see ``Recurrence.dims_of``).
+"""
+from __future__ import annotations
+
+import enum
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+IDENT = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+# names a spec may not take: they would shadow the IR text form's keywords or functions
+RESERVED = frozenset(
+    "recurrence dim input let state output numerics end initial_state final_state "
+    "identity scalar diagonal shift companion householder dense".split())
+
+
+def check_ident(name: Any, what: str) -> str:
+    """Return ``name`` if it is a safe identifier for generated code, else raise."""
+    from .errors import IRError
+    if not isinstance(name, str) or not IDENT.match(name):
+        raise IRError(f"{what} {name!r} is not a valid name: expected letters, digits and '_', "
+                      f"starting with a letter, at most 64 characters")
+    if name in RESERVED or name in FUNCTIONS:
+        raise IRError(f"{what} {name!r} is a reserved word of the IR")
+    return name
+
+
+class Op(enum.Enum):
+    # leaves
+    INPUT = "input"      # arg: input name
+    PARAM = "param"      # arg: name of a `let` binding
+    STATE = "state"      # arg: state name (previous state in transitions, new state in readouts)
+    CONST = "const"      # arg: float
+    IOTA = "iota"        # arg: dim name; the index along that dim (0, 1, ...)
+    SIZE = "size"        # arg: dim name; the size of that dim, a scalar
+    # unary elementwise
+    NEG = "neg"
+    EXP = "exp"
+    LOG = "log"
+    SOFTPLUS = "softplus"
+    SIGMOID = "sigmoid"
+    LOGSIGMOID = "logsigmoid"
+    SILU = "silu"
+    SQRT = "sqrt"
+    RSQRT = "rsqrt"
+    CLAMP = "clamp"      # arg: (lo, hi), either may be None
+    # binary elementwise
+    ADD = "add"
+    SUB = "sub"
+    MUL = "mul"
+    DIV = "div"
+    MAXIMUM = "maximum"
+    MINIMUM = "minimum"
+    # dim-structured
+    SUM = "sum"          # arg: tuple of dims reduced
+    MAX = "max"          # arg: tuple of dims reduced
+    L2NORM = "l2norm"    # arg: dim; x / sqrt(sum(x^2, dim) + 1e-6)
+    SOFTMAX = "softmax"  # arg: dim; src (logits,) or (logits, mask): weight 0 where mask == 0
+    FLIP = "flip"        # arg: dim; reverse the order along dim
+    GROUP = "group"      # arg: (group_dim, dim); element i of dim reads group i // (|dim|/|groups|)
+
+
+LEAVES = {Op.INPUT, Op.PARAM, Op.STATE, Op.CONST, Op.IOTA, Op.SIZE}
+UNARY = {Op.NEG, Op.EXP, Op.LOG, Op.SOFTPLUS, Op.SIGMOID, Op.LOGSIGMOID, Op.SILU, Op.SQRT,
+         Op.RSQRT, Op.CLAMP}
+BINARY = {Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.MAXIMUM, Op.MINIMUM}
+REDUCE = {Op.SUM, Op.MAX}
+L2NORM_EPS = 1e-6
+
+# the function-call spelling of ops in the text form: name -> op
+FUNCTIONS = {op.value: op for op in (UNARY | {Op.MAXIMUM, Op.MINIMUM} | REDUCE
+                                     | {Op.L2NORM, Op.SOFTMAX, Op.FLIP, Op.GROUP, Op.IOTA,
+                                        Op.SIZE})
+             if op is not Op.NEG}
+INFIX = {Op.ADD: "+", Op.SUB: "-", Op.MUL: "*", Op.DIV: "/"}
+
+
+@dataclass(frozen=True, eq=True)
+class Node:
+    """An immutable expression node. Build with the helpers below or Python operators."""
+    op: Op
+    src: tuple["Node", ...] = ()
+    arg: Any = None
+
+    # python operators build nodes, so library code reads like the math
+    def __add__(self, o): return Node(Op.ADD, (self, lift(o)))
+    def __radd__(self, o): return Node(Op.ADD, (lift(o), self))
+    def __sub__(self, o): return Node(Op.SUB, (self, lift(o)))
+    def __rsub__(self, o): return Node(Op.SUB, (lift(o), self))
+    def __mul__(self, o): return Node(Op.MUL, (self, lift(o)))
+    def __rmul__(self, o): return Node(Op.MUL, (lift(o), self))
+    def __truediv__(self, o): return Node(Op.DIV, (self, lift(o)))
+    def __rtruediv__(self, o): return Node(Op.DIV, (lift(o), self))
+    def __neg__(self): return Node(Op.NEG, (self,))
+
+    def __repr__(self) -> str:
+        from .printer import format_expr
+        return f"Node<{format_expr(self)}>"
+
+    def walk(self) -> Iterator["Node"]:
+        """Every node of the expression once, sources before users."""
+        seen: set[int] = set()
+        stack: list[tuple[Node, bool]] = [(self, False)]
+        while stack:
+            n, expanded = stack.pop()
+            if id(n) in seen:
+                continue
+            if expanded:
+                seen.add(id(n))
+                yield n
+            else:
+                stack.append((n, True))
+                stack.extend((s, False) for s in reversed(n.src))
+
+
+def lift(x: Any) -> Node:
+    if isinstance(x, Node):
+        return x
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"cannot use {x!r} ({type(x).__name__}) in an expression")
+    if not math.isfinite(x):
+        raise ValueError(f"constant {x!r} is not finite")
+    return Node(Op.CONST, (), float(x))
+
+
+def _dims(dims) -> tuple[str, ...]:
+    if isinstance(dims, str):
+        return (dims,)
+    return tuple(dims)
+
+
+# ---- constructors (the Python API for writing expressions) ----
+
+def const(v: float) -> Node: return lift(v)
+def iota(dim: str) -> Node: return Node(Op.IOTA, (), dim)
+def size(dim: str) -> Node: return Node(Op.SIZE, (), dim)
+def exp(x) -> Node: return Node(Op.EXP, (lift(x),))
+def log(x) -> Node: return Node(Op.LOG, (lift(x),))
+def softplus(x) -> Node: return Node(Op.SOFTPLUS, (lift(x),))
+def sigmoid(x) -> Node: return Node(Op.SIGMOID, (lift(x),))
+def logsigmoid(x) -> Node: return Node(Op.LOGSIGMOID, (lift(x),))
+def silu(x) -> Node: return Node(Op.SILU, (lift(x),))
+def sqrt(x) -> Node: return Node(Op.SQRT, (lift(x),))
+def rsqrt(x) -> Node: return Node(Op.RSQRT, (lift(x),))
+def maximum(a, b) -> Node: return Node(Op.MAXIMUM, (lift(a), lift(b)))
+def minimum(a, b) -> Node: return Node(Op.MINIMUM, (lift(a), lift(b)))
+
+
+def clamp(x, lo: float | None = None, hi: float | None = None) -> Node:
+    return Node(Op.CLAMP, (lift(x),), (None if lo is None else float(lo),
+                                       None if hi is None else float(hi)))
+
+
+def sum(x, dims) -> Node:  # noqa: A001 - the IR op is called sum
+    return Node(Op.SUM, (lift(x),), _dims(dims))
+
+
+def max(x, dims) -> Node:  # noqa: A001
+    return Node(Op.MAX, (lift(x),), _dims(dims))
+
+
+def l2norm(x, dim: str) -> Node: return Node(Op.L2NORM, (lift(x),), dim)
+def flip(x, dim: str) -> Node: return Node(Op.FLIP, (lift(x),), dim)
+def group(x, groups: str, dim: str) -> Node: return Node(Op.GROUP, (lift(x),), (groups, dim))
+
+
+def softmax(logits, dim: str, mask=None) -> Node:
+    src = (lift(logits),) if mask is None else (lift(logits), lift(mask))
+    return Node(Op.SOFTMAX, src, dim)
+
+
+def dot(a, b, dims) -> Node:
+    """Contraction of a and b over dims (sum of the broadcast product)."""
+    return sum(lift(a) * lift(b), dims)

@@ -1,0 +1,404 @@
+"""The stable text form of the IR: a printer and a whitelist parser that reads it back.
+
+    recurrence simple_gla
+      # S = exp(g) S + k v^T
+      dim batch: batch
+      dim time: time
+      ...
+      input q: [batch, time, heads, key]
+      let scale = rsqrt(size(key))
+      state S: [batch, heads, key, value] = scalar(decay=exp(g)) + k * v
+      output o: [batch, time, heads, value] = sum(S * q, key) * scale
+    end
+
+The same expression grammar is used by YAML specs. Parsing never evaluates Python: it is a
+tokenizer plus a recursive-descent parser over a fixed set of operators and functions.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+from .errors import ParseError
+from .expr import FUNCTIONS, INFIX, Node, Op, lift
+from .recurrence import (AXIS_KINDS, OPERANDS, Dim, Input, Kind, Let, Numerics, Output,
+                         Recurrence, State, Transition)
+
+_PREC = {Op.ADD: 1, Op.SUB: 1, Op.MUL: 2, Op.DIV: 2, Op.NEG: 3}
+
+
+def _prec(n: Node) -> int:
+    if n.op is Op.CONST and n.arg < 0:
+        return 3
+    return _PREC.get(n.op, 4)
+
+
+def _num(v: float) -> str:
+    return repr(float(v))
+
+
+def format_expr(n: Node, names: Callable[[Node], str] | None = None) -> str:
+    """Print an expression in the text form (fully determined by the tree: stable)."""
+    f = lambda m: format_expr(m, names)  # noqa: E731
+    op = n.op
+    if op in (Op.INPUT, Op.PARAM, Op.STATE):
+        return names(n) if names else n.arg
+    if op is Op.CONST:
+        return _num(n.arg)
+    if op in INFIX:
+        a, b = n.src
+        p = _PREC[op]
+        left = f(a) if _prec(a) >= p else f"({f(a)})"
+        right = f(b) if _prec(b) > p else f"({f(b)})"
+        return f"{left} {INFIX[op]} {right}"
+    if op is Op.NEG:
+        a = n.src[0]
+        return f"-{f(a)}" if _prec(a) == 4 and a.op is not Op.CONST else f"-({f(a)})"
+    if op in (Op.IOTA, Op.SIZE):
+        return f"{op.value}({n.arg})"
+    if op is Op.CLAMP:
+        lo, hi = n.arg
+        kw = ([f"lo={_num(lo)}"] if lo is not None else []) + (
+            [f"hi={_num(hi)}"] if hi is not None else [])
+        return f"clamp({', '.join([f(n.src[0])] + kw)})"
+    if op in (Op.SUM, Op.MAX):
+        return f"{op.value}({f(n.src[0])}, {', '.join(n.arg)})"
+    if op in (Op.L2NORM, Op.FLIP):
+        return f"{op.value}({f(n.src[0])}, {n.arg})"
+    if op is Op.GROUP:
+        return f"group({f(n.src[0])}, {n.arg[0]}, {n.arg[1]})"
+    if op is Op.SOFTMAX:
+        mask = f", mask={f(n.src[1])}" if len(n.src) > 1 else ""
+        return f"softmax({f(n.src[0])}, {n.arg}{mask})"
+    return f"{op.value}({', '.join(f(s) for s in n.src)})"
+
+
+def format_transition(t: Transition) -> str:
+    parts = ([f"axis={t.axis}"] if t.axis is not None else []) + (
+        [f"col={t.col}"] if t.col is not None else [])
+    parts += [f"{k}={format_expr(v)}" for k, v in t.operands]
+    return f"{t.kind.value}({', '.join(parts)})"
+
+
+def _dimlist(dims, optional=()) -> str:
+    return "[" + ", ".join(d + ("?" if d in optional else "") for d in dims) + "]"
+
+
+def format_recurrence(rec: Recurrence) -> str:
+    lines = [f"recurrence {rec.name}"]
+    lines += [f"  # {line}".rstrip() for line in rec.doc.strip().splitlines()] if rec.doc else []
+    for d in rec.dims:
+        lines.append(f"  dim {d.name}: {d.role}" + (f" = {d.size}" if d.size is not None else ""))
+    for i in rec.inputs:
+        lines.append(f"  input {i.name}: {_dimlist(i.dims, i.optional_dims)}")
+    for l in rec.lets:
+        lines.append(f"  let {l.name} = {format_expr(l.expr)}")
+    for s in rec.states:
+        lines.append(f"  state {s.name}: {_dimlist(s.dims)} = {format_transition(s.transition)}"
+                     f" + {format_expr(s.inject)}")
+    for o in rec.outputs:
+        lines.append(f"  output {o.name}: {_dimlist(o.dims)} = {format_expr(o.expr)}")
+    if rec.numerics != Numerics():
+        lines.append(f"  numerics accum={rec.numerics.accum} state={rec.numerics.state}")
+    lines.append("end")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- parsing
+
+_TOKEN = re.compile(r"\s*(?:(?P<num>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)|(?P<name>[A-Za-z_]\w*)"
+                    r"|(?P<op>[-+*/(),=\[\]?:]))")
+
+
+class _Tokens:
+    def __init__(self, text: str, line: int | None, col0: int = 0):
+        self.text, self.line, self.toks, pos = text, line, [], 0
+        while True:
+            m = _TOKEN.match(text, pos)
+            if not m or m.end() == pos:
+                rest = text[pos:].strip()
+                if rest:
+                    raise ParseError(f"unexpected character {rest[0]!r} in {text.strip()!r}",
+                                     line, col0 + len(text) - len(text[pos:].lstrip()) + 1)
+                break
+            kind = m.lastgroup
+            self.toks.append((kind, m.group(kind), col0 + m.start(kind) + 1))
+            pos = m.end()
+        self.i = 0
+
+    def peek(self, k: int = 0):
+        j = self.i + k
+        return self.toks[j] if j < len(self.toks) else ("end", "", len(self.text) + 1)
+
+    def take(self, kind: str | None = None, value: str | None = None):
+        t = self.peek()
+        if (kind and t[0] != kind) or (value is not None and t[1] != value):
+            want = repr(value) if value is not None else {"name": "a name", "num": "a number",
+                                                            "end": "end of expression"}[kind]
+            got = "end of expression" if t[0] == "end" else repr(t[1])
+            self.fail(f"expected {want}, got {got}", t)
+        self.i += 1
+        return t
+
+    def at(self, value: str) -> bool:
+        return self.peek()[0] == "op" and self.peek()[1] == value
+
+    def fail(self, msg: str, tok=None):
+        tok = tok or self.peek()
+        raise ParseError(f"{msg} in {self.text.strip()!r}", self.line, tok[2])
+
+
+class ExprParser:
+    """Recursive descent over the expression grammar; ``resolve`` maps a leaf name to a node
+    and ``dims`` is the set of dim names (used where a function takes a dim)."""
+
+    def __init__(self, resolve: Callable[[str], Node | None], dims: set[str]):
+        self.resolve, self.dims = resolve, dims
+
+    def parse(self, text: str, line: int | None = None, col0: int = 0) -> Node:
+        if not isinstance(text, str):
+            raise ParseError(f"expected an expression string, got {type(text).__name__} "
+                             f"{text!r}", line)
+        ts = _Tokens(text, line, col0)
+        if ts.peek()[0] == "end":
+            raise ParseError("empty expression", line)
+        node = self.expr(ts)
+        ts.take("end")
+        return node
+
+    def expr(self, ts: _Tokens) -> Node:
+        n = self.term(ts)
+        while ts.at("+") or ts.at("-"):
+            op = Op.ADD if ts.take()[1] == "+" else Op.SUB
+            n = Node(op, (n, self.term(ts)))
+        return n
+
+    def term(self, ts: _Tokens) -> Node:
+        n = self.unary(ts)
+        while ts.at("*") or ts.at("/"):
+            op = Op.MUL if ts.take()[1] == "*" else Op.DIV
+            n = Node(op, (n, self.unary(ts)))
+        return n
+
+    def unary(self, ts: _Tokens) -> Node:
+        if ts.at("-"):
+            ts.take()
+            if ts.peek()[0] == "num":
+                return lift(-float(ts.take()[1]))
+            return Node(Op.NEG, (self.unary(ts),))
+        return self.atom(ts)
+
+    def atom(self, ts: _Tokens) -> Node:
+        t = ts.peek()
+        if t[0] == "num":
+            ts.take()
+            return lift(float(t[1]))
+        if ts.at("("):
+            ts.take()
+            n = self.expr(ts)
+            ts.take("op", ")")
+            return n
+        if t[0] != "name":
+            ts.fail("expected a number, a name or '('" if t[0] != "end"
+                    else "expression ends early")
+        ts.take()
+        if ts.at("("):
+            return self.call(ts, t)
+        node = self.resolve(t[1])
+        if node is None:
+            what = "a dim (dims only appear as function arguments)" if t[1] in self.dims else \
+                "not an input, let or state"
+            ts.fail(f"unknown name {t[1]!r}: {what}", t)
+        return node
+
+    def dim(self, ts: _Tokens) -> str:
+        t = ts.take("name")
+        if t[1] not in self.dims:
+            ts.fail(f"{t[1]!r} is not a dim (dims: {', '.join(sorted(self.dims))})", t)
+        return t[1]
+
+    def call(self, ts: _Tokens, name_tok) -> Node:
+        fname = name_tok[1]
+        op = FUNCTIONS.get(fname)
+        if op is None:
+            ts.fail(f"unknown function {fname!r} (known: {', '.join(sorted(FUNCTIONS))})",
+                    name_tok)
+        ts.take("op", "(")
+        if op in (Op.IOTA, Op.SIZE):
+            node = Node(op, (), self.dim(ts))
+        elif op in (Op.SUM, Op.MAX):
+            x = self.expr(ts)
+            ds = []
+            while ts.at(","):
+                ts.take()
+                ds.append(self.dim(ts))
+            if not ds:
+                ts.fail(f"{fname}() needs at least one dim to reduce over")
+            node = Node(op, (x,), tuple(ds))
+        elif op in (Op.L2NORM, Op.FLIP):
+            x = self.expr(ts)
+            ts.take("op", ",")
+            node = Node(op, (x,), self.dim(ts))
+        elif op is Op.GROUP:
+            x = self.expr(ts)
+            ts.take("op", ",")
+            g = self.dim(ts)
+            ts.take("op", ",")
+            node = Node(op, (x,), (g, self.dim(ts)))
+        elif op is Op.SOFTMAX:
+            x = self.expr(ts)
+            ts.take("op", ",")
+            d = self.dim(ts)
+            src = (x,)
+            if ts.at(","):
+                ts.take()
+                kw = ts.take("name")
+                if kw[1] != "mask":
+                    ts.fail(f"softmax() takes keyword 'mask', not {kw[1]!r}", kw)
+                ts.take("op", "=")
+                src = (x, self.expr(ts))
+            node = Node(op, src, d)
+        elif op is Op.CLAMP:
+            x = self.expr(ts)
+            bounds = {"lo": None, "hi": None}
+            while ts.at(","):
+                ts.take()
+                kw = ts.take("name")
+                if kw[1] not in bounds:
+                    ts.fail(f"clamp() takes keywords lo= and hi=, not {kw[1]!r}", kw)
+                ts.take("op", "=")
+                neg = ts.at("-") and ts.take()
+                v = float(ts.take("num")[1])
+                bounds[kw[1]] = -v if neg else v
+            node = Node(op, (x,), (bounds["lo"], bounds["hi"]))
+        else:
+            arity = 2 if op in (Op.MAXIMUM, Op.MINIMUM) else 1
+            args = [self.expr(ts)]
+            while ts.at(","):
+                ts.take()
+                args.append(self.expr(ts))
+            if len(args) != arity:
+                ts.fail(f"{fname}() takes {arity} argument(s), got {len(args)}", name_tok)
+            node = Node(op, tuple(args))
+        ts.take("op", ")")
+        return node
+
+
+def parse_recurrence(text: str) -> Recurrence:
+    """Parse the text form printed by ``format_recurrence`` (round-trip exact)."""
+    lines = text.splitlines()
+    name, doc = None, []
+    dims: list[Dim] = []
+    inputs: list[Input] = []
+    lets: list[Let] = []
+    states: list[State] = []
+    outputs: list[Output] = []
+    numerics = Numerics()
+    symbols: dict[str, Node] = {}
+    parser = ExprParser(symbols.get, set())
+    ended = False
+    for ln, raw in enumerate(lines, 1):
+        s = raw.strip()
+        if not s:
+            continue
+        if ended:
+            raise ParseError("text after 'end'", ln)
+        if s.startswith("#"):
+            if name is not None and not (dims or inputs):
+                doc.append(s[1:].strip())
+            continue
+        head, _, rest = s.partition(" ")
+        rest = rest.strip()
+        col = len(raw) - len(raw.lstrip()) + len(head) + 2
+        if name is None:
+            if head != "recurrence" or not rest:
+                raise ParseError("expected 'recurrence NAME'", ln)
+            name = rest
+            continue
+        if head == "end":
+            ended = True
+        elif head == "dim":
+            m = re.fullmatch(r"(\w+)\s*:\s*(\w+)(?:\s*=\s*(\d+))?", rest)
+            if not m:
+                raise ParseError("expected 'dim NAME: ROLE [= SIZE]'", ln)
+            dims.append(Dim(m[1], m[2], int(m[3]) if m[3] else None))
+            parser.dims.add(m[1])
+        elif head in ("input", "state", "output"):
+            m = re.fullmatch(r"(\w+)\s*:\s*\[([^\]]*)\]\s*(?:=\s*(.*))?", rest)
+            if not m:
+                raise ParseError(f"expected '{head} NAME: [dims]" +
+                                 (" = ...'" if head != "input" else "'"), ln)
+            nm, dl, body = m[1], [d.strip() for d in m[2].split(",") if d.strip()], m[3]
+            plain = tuple(d.rstrip("?") for d in dl)
+            if head == "input":
+                if body is not None:
+                    raise ParseError("an input takes no '= ...'", ln)
+                inputs.append(Input(nm, plain, tuple(d.rstrip("?") for d in dl if d.endswith("?"))))
+                symbols[nm] = Node(Op.INPUT, (), nm)
+            elif body is None:
+                raise ParseError(f"a {head} needs '= ...'", ln)
+            elif head == "output":
+                outputs.append(Output(nm, plain, parser.parse(body, ln, raw.index(body))))
+            else:
+                symbols[nm] = Node(Op.STATE, (), nm)
+                states.append(_parse_state(parser, nm, plain, body, ln, raw.index(body)))
+        elif head == "let":
+            m = re.fullmatch(r"(\w+)\s*=\s*(.*)", rest)
+            if not m:
+                raise ParseError("expected 'let NAME = EXPR'", ln)
+            lets.append(Let(m[1], parser.parse(m[2], ln, raw.index(m[2]))))
+            symbols[m[1]] = Node(Op.PARAM, (), m[1])
+        elif head == "numerics":
+            kv = dict(re.findall(r"(\w+)=(\w+)", rest))
+            if set(kv) - {"accum", "state"}:
+                raise ParseError(f"numerics takes accum= and state=, got {sorted(kv)}", ln)
+            numerics = Numerics(**kv)
+        else:
+            raise ParseError(f"unknown declaration {head!r} (expected dim, input, let, state, "
+                             "output, numerics or end)", ln, 1)
+    if name is None or not ended:
+        raise ParseError("expected 'recurrence NAME' ... 'end'")
+    return Recurrence(name, tuple(dims), tuple(inputs), tuple(lets), tuple(states),
+                      tuple(outputs), numerics, "\n".join(doc))
+
+
+def parse_transition(parser: ExprParser, text: str, line: int | None = None,
+                     col0: int = 0) -> tuple[Transition, str]:
+    """Parse ``kind(axis=.., col=.., operand=expr, ...)``; returns it and the rest of the text."""
+    ts = _Tokens(text, line, col0)
+    kt = ts.take("name")
+    try:
+        kind = Kind(kt[1])
+    except ValueError:
+        ts.fail(f"unknown transition {kt[1]!r} (known: {', '.join(k.value for k in Kind)})", kt)
+    ts.take("op", "(")
+    axis = col = None
+    ops: list[tuple[str, Node]] = []
+    req, opt = OPERANDS[kind]
+    while not ts.at(")"):
+        if ops or axis or col:
+            ts.take("op", ",")
+        kw = ts.take("name")
+        ts.take("op", "=")
+        if kw[1] == "axis" and kind in AXIS_KINDS:
+            axis = parser.dim(ts)
+        elif kw[1] == "col" and kind is Kind.DENSE:
+            col = parser.dim(ts)
+        elif kw[1] in req + opt:
+            ops.append((kw[1], parser.expr(ts)))
+        else:
+            takes = (["axis"] if kind in AXIS_KINDS else []) + (
+                ["col"] if kind is Kind.DENSE else []) + list(req + opt)
+            ts.fail(f"{kind.value}() takes {', '.join(takes) or 'nothing'}, not {kw[1]!r}", kw)
+    close = ts.take("op", ")")
+    return Transition(kind, axis, tuple(ops), col), text[close[2] - col0:]
+
+
+def _parse_state(parser, name, dims, body, ln, col0) -> State:
+    t, rest = parse_transition(parser, body, ln, col0)
+    m = re.match(r"\s*\+\s*", rest)
+    if not m:
+        raise ParseError(f"state {name!r}: expected '+ INJECT' after the transition", ln)
+    rest = rest[m.end():]
+    inject = parser.parse(rest, ln, col0 + len(body) - len(rest))
+    return State(name, dims, t, inject)

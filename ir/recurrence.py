@@ -1,0 +1,277 @@
+"""The recurrence: named dims, typed inputs, `let` bindings, states with a transition
+structure, and readouts.
+
+Semantics (defined by the reference backend, ``scancc.backends.reference``): for each time
+step t, every state updates as ``h_t = A_t(h_{t-1}) + inject_t``, all states at once (block
+diagonal composition), and then every output is evaluated with ``STATE`` nodes reading h_t.
+Transition operands and injected terms read inputs and lets only, never a state: that is what
+keeps a recurrence linear in its state, which the chunked algorithms and the adjoint rely on.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from .errors import IRError, VerifyError
+from .expr import Node, Op, check_ident
+
+ROLES = ("batch", "time", "head", "group", "feature")
+
+
+@dataclass(frozen=True)
+class Dim:
+    """A named dimension. ``size`` is fixed at build time (a window) or None (bound by inputs)."""
+    name: str
+    role: str = "feature"
+    size: int | None = None
+
+
+class Kind(enum.Enum):
+    IDENTITY = "identity"        # h + b
+    SCALAR = "scalar"            # a * h + b, a constant over the state's feature dims
+    DIAGONAL = "diagonal"        # a ⊙ h + b, a may vary along feature dims (broadcast elsewhere)
+    SHIFT = "shift"              # drop the oldest slot along `axis`, append b as the newest
+    COMPANION = "companion"      # shift, then newest slot = sum(feedback * shifted h, axis) + b
+    HOUSEHOLDER = "householder"  # alpha * (h - beta * k * sum(k * h, axis)) + b
+    DENSE = "dense"              # sum(matrix[axis, col] * h[col], col) + b
+
+
+# operands each kind takes: (required, optional)
+OPERANDS: dict[Kind, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    Kind.IDENTITY: ((), ()),
+    Kind.SCALAR: (("decay",), ()),
+    Kind.DIAGONAL: (("decay",), ()),
+    Kind.SHIFT: ((), ()),
+    Kind.COMPANION: (("feedback",), ()),
+    Kind.HOUSEHOLDER: (("k", "beta"), ("alpha",)),
+    Kind.DENSE: (("matrix",), ()),
+}
+AXIS_KINDS = {Kind.SHIFT, Kind.COMPANION, Kind.HOUSEHOLDER, Kind.DENSE}
+# kinds whose injected term fills one slot of `axis` (so it has no `axis` dim)
+SLOT_KINDS = {Kind.SHIFT, Kind.COMPANION}
+
+
+@dataclass(frozen=True)
+class Transition:
+    kind: Kind
+    axis: str | None = None
+    operands: tuple[tuple[str, Node], ...] = ()
+    col: str | None = None       # DENSE: the dim the matrix contracts (same size as axis)
+
+    def operand(self, name: str) -> Node | None:
+        return dict(self.operands).get(name)
+
+
+def identity() -> Transition: return Transition(Kind.IDENTITY)
+def scalar(decay: Node) -> Transition: return Transition(Kind.SCALAR, None, (("decay", decay),))
+def diagonal(decay: Node) -> Transition: return Transition(Kind.DIAGONAL, None, (("decay", decay),))
+def shift(axis: str) -> Transition: return Transition(Kind.SHIFT, axis)
+
+
+def companion(axis: str, feedback: Node) -> Transition:
+    return Transition(Kind.COMPANION, axis, (("feedback", feedback),))
+
+
+def householder(axis: str, k: Node, beta: Node, alpha: Node | None = None) -> Transition:
+    ops = (("k", k), ("beta", beta)) + ((("alpha", alpha),) if alpha is not None else ())
+    return Transition(Kind.HOUSEHOLDER, axis, ops)
+
+
+def dense(axis: str, col: str, matrix: Node) -> Transition:
+    return Transition(Kind.DENSE, axis, (("matrix", matrix),), col)
+
+
+@dataclass(frozen=True)
+class Input:
+    """A kernel input; ``dims`` is its layout. ``optional_dims`` may be left out by the caller
+    (size 1), e.g. the groups dim of mamba's B and C."""
+    name: str
+    dims: tuple[str, ...]
+    optional_dims: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Let:
+    name: str
+    expr: Node
+
+
+@dataclass(frozen=True)
+class State:
+    name: str
+    dims: tuple[str, ...]
+    transition: Transition
+    inject: Node
+
+
+@dataclass(frozen=True)
+class Output:
+    name: str
+    dims: tuple[str, ...]
+    expr: Node
+
+
+@dataclass(frozen=True)
+class Numerics:
+    accum: str = "float32"   # dtype of on-chip accumulation in generated kernels
+    state: str = "float32"   # dtype states are carried (and returned) in
+
+
+@dataclass(frozen=True)
+class Recurrence:
+    name: str
+    dims: tuple[Dim, ...]
+    inputs: tuple[Input, ...]
+    lets: tuple[Let, ...]
+    states: tuple[State, ...]
+    outputs: tuple[Output, ...]
+    numerics: Numerics = field(default_factory=Numerics)
+    doc: str = ""
+
+    # ---- lookups ----
+    def dim(self, name: str) -> Dim:
+        for d in self.dims:
+            if d.name == name:
+                return d
+        raise IRError(f"recurrence {self.name!r} has no dim {name!r}")
+
+    @property
+    def time(self) -> str:
+        return next(d.name for d in self.dims if d.role == "time")
+
+    @property
+    def canonical(self) -> tuple[str, ...]:
+        """Non-time dims in declaration order: the axis order every backend works in."""
+        return tuple(d.name for d in self.dims if d.role != "time")
+
+    def input(self, name: str) -> Input:
+        return _find(self.inputs, name, "input", self.name)
+
+    def state(self, name: str) -> State:
+        return _find(self.states, name, "state", self.name)
+
+    def let(self, name: str) -> Let:
+        return _find(self.lets, name, "let", self.name)
+
+    def order(self, dims) -> tuple[str, ...]:
+        """The given dim names in canonical order."""
+        s = set(dims)
+        return tuple(d for d in self.canonical if d in s)
+
+    # ---- shape inference ----
+    def dims_of(self, node: Node) -> tuple[str, ...]:
+        """The dims of a per-step expression value, in canonical order (time excluded)."""
+        cache = self.__dict__.setdefault("_dims_cache", {})
+        if node in cache:
+            return cache[node]
+        op, a = node.op, node.arg
+        if op is Op.INPUT:
+            out = self.order(d for d in self.input(a).dims if d != self.time)
+        elif op is Op.PARAM:
+            out = self.dims_of(self.let(a).expr)
+        elif op is Op.STATE:
+            out = self.order(self.state(a).dims)
+        elif op in (Op.CONST, Op.SIZE):
+            out = ()
+        elif op is Op.IOTA:
+            out = (a,)
+        elif op in (Op.SUM, Op.MAX):
+            out = self.order(set(self.dims_of(node.src[0])) - set(a))
+        elif op is Op.GROUP:
+            g, d = a
+            out = self.order((set(self.dims_of(node.src[0])) - {g}) | {d})
+        else:  # elementwise and dim-preserving ops: union of the operands
+            out = self.order(set().union(*(self.dims_of(s) for s in node.src)))
+        cache[node] = out
+        return out
+
+    def exprs(self) -> Iterator[tuple[str, Node]]:
+        """(where, root expression) for every expression in the recurrence."""
+        for l in self.lets:
+            yield f"let {l.name}", l.expr
+        for s in self.states:
+            for k, n in s.transition.operands:
+                yield f"state {s.name} ({s.transition.kind.value} {k})", n
+            yield f"state {s.name} (inject)", s.inject
+        for o in self.outputs:
+            yield f"output {o.name}", o.expr
+
+    def uses_state(self, node: Node) -> bool:
+        return any(n.op is Op.STATE for n in node.walk()) or any(
+            self.uses_state(self.let(n.arg).expr) for n in node.walk() if n.op is Op.PARAM)
+
+    def verify(self) -> "Recurrence":
+        from .verify import verify
+        verify(self)
+        return self
+
+    def __str__(self) -> str:
+        from .printer import format_recurrence
+        return format_recurrence(self)
+
+
+def _find(items, name, what, rec):
+    for it in items:
+        if it.name == name:
+            return it
+    raise IRError(f"recurrence {rec!r} has no {what} {name!r}")
+
+
+def bind_sizes(rec: Recurrence, shapes: dict[str, tuple[int, ...]],
+               fixed: dict[str, int] | None = None) -> dict[str, int]:
+    """Bind every dim's size from the given input shapes (layouts as declared).
+
+    Raises ShapeMismatch naming the input, the dim and expected vs got.
+    """
+    sizes: dict[str, int] = {d.name: d.size for d in rec.dims if d.size is not None}
+    sizes.update(fixed or {})
+    source: dict[str, str] = {k: "its declaration" for k in sizes}
+    for inp in rec.inputs:
+        if inp.name not in shapes:
+            continue
+        shape = tuple(shapes[inp.name])
+        dims = inp.dims
+        if len(shape) != len(dims):
+            short = tuple(d for d in dims if d not in inp.optional_dims)
+            if inp.optional_dims and len(shape) == len(short):
+                dims = short
+            else:
+                alt = f" or [{', '.join(short)}]" if inp.optional_dims else ""
+                raise ShapeMismatch(f"input {inp.name!r}: expected {len(dims)} dims "
+                                    f"[{', '.join(dims)}]{alt}, got shape {shape}")
+        for d, n in zip(dims, shape):
+            if d in sizes and sizes[d] != n:
+                raise ShapeMismatch(f"input {inp.name!r}: dim {d!r} has size {n}, but "
+                                    f"{source[d]} gives {d}={sizes[d]} (input layout "
+                                    f"[{', '.join(dims)}], got shape {shape})")
+            sizes[d] = n
+            source.setdefault(d, f"input {inp.name!r}")
+        for d in inp.optional_dims:
+            if d not in dims:
+                sizes.setdefault(d, 1)
+                source.setdefault(d, f"input {inp.name!r} (dim left out)")
+    missing = [d.name for d in rec.dims if d.name not in sizes]
+    if missing:
+        raise ShapeMismatch(f"cannot infer the size of dim(s) {missing}: no given input has them")
+    _check_groups(rec, sizes)
+    for s in rec.states:
+        t = s.transition
+        if t.kind is Kind.DENSE and sizes[t.col] != sizes[t.axis]:
+            raise ShapeMismatch(f"state {s.name!r}: dense column dim {t.col!r} has size "
+                                f"{sizes[t.col]}, expected the size of {t.axis!r} ({sizes[t.axis]})")
+    return sizes
+
+
+def _check_groups(rec: Recurrence, sizes: dict[str, int]) -> None:
+    for where, root in rec.exprs():
+        for n in root.walk():
+            if n.op is Op.GROUP:
+                g, d = n.arg
+                if g in sizes and d in sizes and (sizes[g] == 0 or sizes[d] % sizes[g]):
+                    raise ShapeMismatch(f"{where}: dim {d!r} (size {sizes[d]}) is not a multiple "
+                                        f"of groups dim {g!r} (size {sizes[g]})")
+
+
+class ShapeMismatch(IRError):
+    """Inputs disagree with the recurrence's declared dims."""

@@ -1,0 +1,216 @@
+"""The standard library: each recurrence of RECURRENCES.md, defined once in the IR.
+
+Argument names and layouts follow flash-linear-attention (``[B, T, H, K]``, gates in log
+space, state ``[B, H, K, V]``, ``o_t = scale * S_t^T q_t``) and mamba_ssm (S6 ``[B, D, L]``,
+SSD ``[B, L, H, P]``), so a kernel is a drop-in for code written against them.
+"""
+from __future__ import annotations
+
+import math
+
+from scancc.ir import (companion, const, diagonal, dot, exp, flip, group, householder,
+                       identity, iota, l2norm, rsqrt, scalar, shift, silu, size, softmax,
+                       softplus, clamp)
+from scancc.ir import reduce_sum as rsum
+
+from .registry import register
+
+
+def _scale(scale, dim):
+    """The q scale: a given number, or dim^-1/2 by default (fla's convention)."""
+    return rsqrt(size(dim)) if scale is None else const(float(scale))
+
+
+def _attn_dims(r):
+    return (r.dim("batch", "batch"), r.dim("time", "time"), r.dim("heads", "head"),
+            r.dim("key"), r.dim("value"))
+
+
+def _qkv(r, b, t, h, k, v):
+    return (r.input("q", [b, t, h, k]), r.input("k", [b, t, h, k]), r.input("v", [b, t, h, v]))
+
+
+@register("linear_attn", origin="library")
+def linear_attn(r, scale=None):
+    """Linear attention without a normalizer: S = S + k v^T, o = scale * S^T q."""
+    b, t, h, k, v = _attn_dims(r)
+    q, kk, vv = _qkv(r, b, t, h, k, v)
+    S = r.state("S", [b, h, k, v], identity(), inject=kk * vv)
+    r.output("o", [b, t, h, v], dot(S, q, k) * _scale(scale, k))
+
+
+@register("retnet", origin="library")
+def retnet(r, scale=None):
+    """Retention: S = gamma_h S + k v^T with gamma_h = 1 - 2^(-5-h)."""
+    b, t, h, k, v = _attn_dims(r)
+    q, kk, vv = _qkv(r, b, t, h, k, v)
+    gamma = r.let("gamma", 1.0 - exp((-5.0 - iota(h)) * math.log(2.0)))
+    S = r.state("S", [b, h, k, v], scalar(gamma), inject=kk * vv)
+    r.output("o", [b, t, h, v], dot(S, q, k) * _scale(scale, k))
+
+
+@register("simple_gla", origin="library", hints={"g": "logsigmoid"})
+def simple_gla(r, scale=None):
+    """Scalar-gated linear attention: S = exp(g_t) S + k v^T, g [B, T, H] in log space."""
+    b, t, h, k, v = _attn_dims(r)
+    q, kk, vv = _qkv(r, b, t, h, k, v)
+    g = r.input("g", [b, t, h])
+    S = r.state("S", [b, h, k, v], scalar(exp(g)), inject=kk * vv)
+    r.output("o", [b, t, h, v], dot(S, q, k) * _scale(scale, k))
+
+
+@register("gla", origin="library", hints={"g": "logsigmoid"})
+def gla(r, scale=None):
+    """Gated linear attention: S = Diag(exp(g_t)) S + k v^T, g [B, T, H, K] in log space."""
+    b, t, h, k, v = _attn_dims(r)
+    q, kk, vv = _qkv(r, b, t, h, k, v)
+    g = r.input("g", [b, t, h, k])
+    S = r.state("S", [b, h, k, v], diagonal(exp(g)), inject=kk * vv)
+    r.output("o", [b, t, h, v], dot(S, q, k) * _scale(scale, k))
+
+
+@register("hgrn", origin="library", hints={"g": "logsigmoid"})
+def hgrn(r):
+    """HGRN: h = exp(g_t) * h + x_t, o = h; x, g [B, T, D] (g in log space)."""
+    b, t, d = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("chan")
+    x, g = r.input("x", [b, t, d]), r.input("g", [b, t, d])
+    hh = r.state("h", [b, d], diagonal(exp(g)), inject=x)
+    r.output("o", [b, t, d], hh)
+
+
+def _delta(r, gated: bool, scale, use_qk_l2norm_in_kernel: bool):
+    b, t, h, k, v = _attn_dims(r)
+    q, kk, vv = _qkv(r, b, t, h, k, v)
+    if gated:
+        g = r.input("g", [b, t, h])
+    beta = r.input("beta", [b, t, h])
+    if use_qk_l2norm_in_kernel:
+        q, kk = r.let("qn", l2norm(q, k)), r.let("kn", l2norm(kk, k))
+    tr = householder(k, kk, beta, exp(g) if gated else None)
+    S = r.state("S", [b, h, k, v], tr, inject=beta * kk * vv)
+    r.output("o", [b, t, h, v], dot(S, q, k) * _scale(scale, k))
+
+
+@register("delta_net", origin="library",
+          hints={"q": "unit_rows", "k": "unit_rows", "beta": "unit_interval"})
+def delta_net(r, scale=None, use_qk_l2norm_in_kernel=False):
+    """Delta rule: S = (I - beta k k^T) S + beta k v^T (q, k expected L2-normalized)."""
+    _delta(r, False, scale, use_qk_l2norm_in_kernel)
+
+
+@register("gated_delta_net", origin="library",
+          hints={"q": "unit_rows", "k": "unit_rows", "beta": "unit_interval", "g": "logsigmoid"})
+def gated_delta_net(r, scale=None, use_qk_l2norm_in_kernel=False):
+    """Gated delta rule: S = exp(g) (I - beta k k^T) S + beta k v^T, g [B, T, H] log space."""
+    _delta(r, True, scale, use_qk_l2norm_in_kernel)
+
+
+@register("mamba", optional_inputs=("D", "z", "delta_bias"), origin="library",
+          hints={"delta": "positive", "A": "negative", "delta_bias": "small"})
+def mamba(r, delta_softplus=False, D=False, z=False, delta_bias=False):
+    """Mamba S6 (mamba_ssm's selective_scan_ref): x = exp(dt A) x + dt B u; y = C x + D u,
+    optionally gated by silu(z). B, C are [B, N, L] or grouped [B, G, N, L]."""
+    b, d, t = r.dim("batch", "batch"), r.dim("chan"), r.dim("time", "time")
+    g, n = r.dim("groups", "group"), r.dim("dstate")
+    u, delta = r.input("u", [b, d, t]), r.input("delta", [b, d, t])
+    A = r.input("A", [d, n])
+    B = r.input("B", [b, g, n, t], optional_dims=[g])
+    C = r.input("C", [b, g, n, t], optional_dims=[g])
+    Dv = r.input("D", [d]) if D else None
+    zv = r.input("z", [b, d, t]) if z else None
+    dt = delta + r.input("delta_bias", [d]) if delta_bias else delta
+    dt = r.let("dt", softplus(dt) if delta_softplus else dt)
+    x = r.state("x", [b, d, n], diagonal(exp(dt * A)), inject=dt * group(B, g, d) * u)
+    y = dot(x, group(C, g, d), n)
+    if Dv is not None:
+        y = y + Dv * u
+    if zv is not None:
+        y = y * silu(zv)
+    r.output("y", [b, d, t], y)
+
+
+@register("mamba2", optional_inputs=("D", "z", "dt_bias"), origin="library",
+          hints={"dt": "positive", "A": "negative", "dt_bias": "small"})
+def mamba2(r, dt_softplus=False, dt_limit=None, D=False, z=False, dt_bias=False):
+    """Mamba2 SSD (mamba_ssm's chunk-scan reference): h = exp(dt A_h) h + dt x B^T;
+    y = h C + D x, optionally gated by silu(z)."""
+    b, t, h = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("heads", "head")
+    p, g, n = r.dim("headdim"), r.dim("groups", "group"), r.dim("dstate")
+    x, dt = r.input("x", [b, t, h, p]), r.input("dt", [b, t, h])
+    A = r.input("A", [h])
+    B, C = r.input("B", [b, t, g, n]), r.input("C", [b, t, g, n])
+    Dv = r.input("D", [h]) if D else None
+    zv = r.input("z", [b, t, h, p]) if z else None
+    if dt_bias:
+        dt = dt + r.input("dt_bias", [h])
+    if dt_softplus:
+        dt = softplus(dt)
+    if dt_limit is not None:
+        lo, hi = dt_limit
+        dt = clamp(dt, None if lo is None or lo == 0.0 else lo,
+                   None if hi is None or hi == math.inf else hi)
+    dt = r.let("dt_", dt)
+    hs = r.state("h", [b, h, p, n], scalar(exp(dt * A)), inject=dt * x * group(B, g, h))
+    y = dot(hs, group(C, g, h), n)
+    if Dv is not None:
+        y = y + Dv * x
+    if zv is not None:
+        y = y * silu(zv)
+    r.output("y", [b, t, h, p], y)
+
+
+@register("s4d", origin="library", hints={"A": "negative", "log_dt": "log_dt"})
+def s4d(r):
+    """S4D (real diagonal, ZOH): x = exp(dt A) x + (exp(dt A) - 1)/A u; y = C x + D u,
+    dt = exp(log_dt)."""
+    b, h, t, n = r.dim("batch", "batch"), r.dim("heads", "head"), r.dim("time", "time"), \
+        r.dim("dstate")
+    u = r.input("u", [b, h, t])
+    A, C = r.input("A", [h, n]), r.input("C", [h, n])
+    log_dt, D = r.input("log_dt", [h]), r.input("D", [h])
+    dA = r.let("dA", exp(exp(log_dt) * A))
+    x = r.state("x", [b, h, n], diagonal(dA), inject=(dA - 1.0) / A * u)
+    r.output("y", [b, h, t], dot(C, x, n) + D * u)
+
+
+@register("fir", optional_inputs=("bias",), origin="library", hints={"weight": "small"})
+def fir(r, activation=None, bias=False):
+    """Causal depthwise FIR (Mamba's short conv): y_t = bias + sum_j weight[:, j] x_{t-W+1+j},
+    optionally followed by silu (activation='silu')."""
+    if activation not in (None, "silu"):
+        raise ValueError(f"fir: activation must be None or 'silu', got {activation!r}")
+    b, t, d, w = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("chan"), r.dim("width")
+    x, weight = r.input("x", [b, t, d]), r.input("weight", [d, w])
+    win = r.state("win", [b, d, w], shift(w), inject=x)
+    y = dot(weight, win, w)
+    if bias:
+        y = y + r.input("bias", [d])
+    r.output("y", [b, t, d], silu(y) if activation == "silu" else y)
+
+
+@register("iir", origin="library", hints={"a": "stable_poly", "b": "small"})
+def iir(r):
+    """IIR filter per channel in controllable canonical form (direct form II), equal to
+    scipy.signal.lfilter(b, a, x) with a[:, 0] = 1. The state holds the last n+1 values of
+    w_t = x_t - sum_k a_k w_{t-k}; y_t = sum_k b_k w_{t-k}."""
+    bt, t, d, o = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("chan"), r.dim("order")
+    x = r.input("x", [bt, t, d])
+    bc, ac = r.input("b", [d, o]), r.input("a", [d, o])
+    w = r.state("w", [bt, d, o], companion(o, -flip(ac, o)), inject=x)
+    r.output("y", [bt, t, d], dot(flip(bc, o), w, o))
+
+
+@register("swa", origin="library")
+def swa(r, window=4, scale=None):
+    """Sliding-window softmax attention as a canonical realization: shift registers of the
+    last W keys and values, and a softmax readout; ``valid`` marks filled slots."""
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"swa: window must be a positive integer, got {window!r}")
+    b, t, h, k, v = _attn_dims(r)
+    w = r.dim("window", size=window)
+    q, kk, vv = _qkv(r, b, t, h, k, v)
+    kw = r.state("kw", [b, h, w, k], shift(w), inject=kk)
+    vw = r.state("vw", [b, h, w, v], shift(w), inject=vv)
+    valid = r.state("valid", [b, w], shift(w), inject=const(1.0))
+    logits = dot(q, kw, k) * _scale(scale, k)
+    r.output("o", [b, t, h, v], dot(softmax(logits, w, mask=valid), vw, w))

@@ -1,0 +1,131 @@
+"""Test utilities shared by the test suite, ``scancc check`` and the benchmarks: the one
+tolerance table, the error metrics, NaN poisoning and input sampling."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from scancc.ir import Recurrence
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    rel_rms: float   # ||out - ref||_2 / ||ref||_2
+    max_abs: float   # max |out - ref| / max(1, max |ref|)
+
+
+# One table, keyed by the input dtype. States accumulate in float32 for every input dtype,
+# so float32 bounds the accumulation error; lower precisions add output and input rounding
+# (bfloat16 has 8 significant bits: one rounding is up to 2^-9 relative).
+TOLERANCES: dict[str, Tolerance] = {
+    "float64": Tolerance(1e-10, 1e-9),
+    "float32": Tolerance(2e-5, 1e-4),
+    "float16": Tolerance(2e-3, 8e-3),
+    "bfloat16": Tolerance(1e-2, 5e-2),
+}
+
+
+def errors(out, ref) -> tuple[float, float]:
+    """(relative RMS error, scaled max-abs error) of ``out`` against ``ref`` (NaN -> inf)."""
+    o = np.asarray(_np(out), dtype=np.float64)
+    r = np.asarray(_np(ref), dtype=np.float64)
+    if o.shape != r.shape:
+        raise ValueError(f"shape mismatch: got {o.shape}, reference {r.shape}")
+    if not np.all(np.isfinite(o)):
+        return float("inf"), float("inf")
+    d = o - r
+    rel = float(np.sqrt(np.sum(d * d)) / max(np.sqrt(np.sum(r * r)), 1e-30))
+    mx = float(np.max(np.abs(d), initial=0.0) / max(1.0, float(np.max(np.abs(r), initial=0.0))))
+    return rel, mx
+
+
+def within(out, ref, dtype: str) -> tuple[bool, float, float]:
+    rel, mx = errors(out, ref)
+    tol = TOLERANCES[dtype]
+    return rel <= tol.rel_rms and mx <= tol.max_abs, rel, mx
+
+
+def assert_close(out, ref, dtype: str, what: str = "output") -> None:
+    ok, rel, mx = within(out, ref, dtype)
+    tol = TOLERANCES[dtype]
+    assert ok, (f"{what}: rel-RMS {rel:.3e} (tol {tol.rel_rms:.0e}), max-abs {mx:.3e} "
+                f"(tol {tol.max_abs:.0e}) at {dtype}")
+
+
+def _np(x):
+    if isinstance(x, np.ndarray):
+        return x
+    if type(x).__module__.startswith("torch"):
+        return x.detach().cpu().double().numpy()
+    return np.asarray(x)
+
+
+def nan_poisoned(shape, dtype=np.float64) -> np.ndarray:
+    """A fresh output buffer filled with NaN, so an element a backend never writes fails."""
+    return np.full(shape, np.nan, dtype=dtype)
+
+
+# ---- sampling inputs that keep a recurrence stable ----
+
+# default sizes by dim name, then by role; fixed-size dims keep their size
+DEFAULT_SIZES = {"batch": 2, "time": 64, "heads": 2, "key": 8, "value": 12, "chan": 6,
+                 "dstate": 4, "headdim": 6, "groups": 1, "width": 4, "order": 3}
+ROLE_SIZES = {"batch": 2, "time": 64, "head": 2, "group": 1, "feature": 5}
+
+
+def default_sizes(rec: Recurrence, **overrides: int) -> dict[str, int]:
+    out = {}
+    for d in rec.dims:
+        out[d.name] = d.size if d.size is not None else DEFAULT_SIZES.get(
+            d.name, ROLE_SIZES[d.role])
+    out.update({k: v for k, v in overrides.items() if k in out and rec.dim(k).size is None})
+    return out
+
+
+def _stable_poly(rng, shape):
+    """Rows of monic polynomial coefficients (a[..., 0] = 1) with roots inside |z| < 0.9."""
+    *lead, n1 = shape
+    roots = rng.uniform(-0.9, 0.9, size=(*lead, n1 - 1))
+    out = np.empty(shape)
+    for idx in np.ndindex(*lead):
+        out[idx] = np.poly(roots[idx]) if n1 > 1 else [1.0]
+    return out
+
+
+def _unit_rows(rng, shape):
+    x = rng.standard_normal(shape)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+# how to sample an input: by hint name
+SAMPLERS = {
+    "normal": lambda rng, s: rng.standard_normal(s),
+    "small": lambda rng, s: 0.3 * rng.standard_normal(s),
+    "logsigmoid": lambda rng, s: -np.logaddexp(0.0, -(rng.standard_normal(s) + 2.0)),
+    "unit_interval": lambda rng, s: rng.uniform(0.05, 0.95, s),
+    "negative": lambda rng, s: -np.exp(0.5 * rng.standard_normal(s)),
+    "positive": lambda rng, s: rng.uniform(0.01, 0.2, s),
+    "log_dt": lambda rng, s: rng.uniform(np.log(1e-3), np.log(1e-1), s),
+    "unit_rows": _unit_rows,
+    "stable_poly": _stable_poly,
+}
+
+def sample_inputs(rec: Recurrence, sizes: Mapping[str, int], seed: int = 0,
+                  hints: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
+    """Random float64 inputs for ``rec`` at ``sizes``; ``hints`` (input -> a SAMPLERS name,
+    as given to ``register``) keep the scan stable (log-space gates negative, A < 0, ...)."""
+    rng = np.random.default_rng(seed)
+    hints = hints or {}
+    out = {}
+    for inp in rec.inputs:
+        shape = tuple(sizes[d] for d in inp.dims)
+        out[inp.name] = SAMPLERS[hints.get(inp.name, "normal")](rng, shape)
+    return out
+
+
+def sample_state(rec: Recurrence, sizes: Mapping[str, int], seed: int = 1) -> dict:
+    rng = np.random.default_rng(seed)
+    return {s.name: 0.5 * rng.standard_normal(tuple(sizes[d] for d in s.dims))
+            for s in rec.states}
