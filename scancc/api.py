@@ -58,7 +58,7 @@ class Kernel:
     ``kernel(*inputs, initial_state=None, output_final_state=False, **options)`` returns the
     output (or a dict of outputs, if the recurrence has several), in the kind and dtype of the
     first input; with ``output_final_state=True`` it returns ``(output, final_state)``, the
-    final state in float32 (a dict by state name if the recurrence has several states), as
+    final state in float32 (float64 for float64 inputs; a dict by state name if the recurrence has several states), as
     flash-linear-attention does. Optional inputs (e.g. mamba's ``D``, ``z``) may be given or
     left out: the kernel specializes on which are present.
     """
@@ -122,7 +122,9 @@ class Kernel:
         out = outs[rec.outputs[0].name] if len(outs) == 1 else outs
         if not output_final_state:
             return out
-        finals = {k: _from_backend(v, kind, rec.numerics.state, inputs)
+        # states are carried in numerics.state (float32); float64 callers get float64 back
+        sdt = "float64" if dtype == "float64" else rec.numerics.state
+        finals = {k: _from_backend(v, kind, sdt, inputs)
                   for k, v in res.final_states.items()}
         return out, (finals[rec.states[0].name] if len(finals) == 1 else finals)
 

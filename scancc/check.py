@@ -1,0 +1,143 @@
+"""``scancc check``: run every available backend against the reference on random inputs."""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from scancc import backends
+
+from .api import _resolve, compile
+from .registry import Entry
+from .testing import TOLERANCES, default_sizes, errors, sample_inputs, sample_state
+
+
+@dataclass
+class Row:
+    recurrence: str
+    target: str
+    dtype: str
+    case: str
+    rel_rms: float = float("nan")
+    max_abs: float = float("nan")
+    ok: bool = False
+    note: str = ""
+    seconds: float = 0.0
+
+
+def _cast(x: np.ndarray, dtype: str, torch_out: bool):
+    """x rounded to dtype: a torch tensor if torch_out (or bfloat16), else a NumPy array."""
+    if torch_out or dtype == "bfloat16":
+        import torch
+        return torch.from_numpy(np.ascontiguousarray(x)).to(getattr(torch, dtype))
+    return x.astype(dtype)
+
+
+def _f64(x) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x.astype(np.float64)
+    return x.detach().cpu().double().numpy()
+
+
+def _as_dict(x, names):
+    return x if isinstance(x, dict) else {names[0]: x}
+
+
+def check_one(what: Any, target: str, dtype: str, T: int | None = None, seed: int = 0,
+              **options) -> Row:
+    """Compare ``target`` with the float64 reference on one random case (with an initial
+    state, and the final state compared too). For target "reference" the case checks that
+    running T steps equals running T//2 steps, then the rest from the returned final state."""
+    entry, fixed, spec_opts = _resolve(what)
+    opts = {**spec_opts, **{o: True for o in (entry.optional_inputs if entry else ())}, **options}
+    name = entry.name if entry else fixed.name
+    t0 = time.perf_counter()
+    row = Row(name, target, dtype, "")
+    try:
+        ref = compile(what, "reference", **opts)
+        rec = ref.ir
+        sizes = default_sizes(rec, **({rec.time: T} if T else {}))
+        row.case = " ".join(f"{d}={sizes[d]}" for d in (x.name for x in rec.dims))
+        hints = entry.hints if entry else {}
+        be = backends.get(target)
+        ok, why = be.available()
+        if not ok:
+            row.note = f"unavailable: {why}"
+            return row
+        torch_in = be.array == "torch"
+        x = {k: _cast(v, dtype, torch_in) for k, v in sample_inputs(rec, sizes, seed, hints).items()}
+        h0 = {k: v.astype(np.float32) for k, v in sample_state(rec, sizes, seed + 1).items()}
+        x64 = {k: _f64(v) for k, v in x.items()}
+        snames = [s.name for s in rec.states]
+        want_y, want_h = ref(**x64, initial_state={k: v.astype(np.float64) for k, v in h0.items()},
+                             output_final_state=True)
+        if target == "reference":
+            half = max(1, sizes[rec.time] // 2)
+            tpos = {i.name: (i.dims.index(rec.time) if rec.time in i.dims else None)
+                    for i in rec.inputs}
+            part = lambda sl: {k: (v if tpos[k] is None else np.take(v, sl, axis=tpos[k]))  # noqa
+                               for k, v in x64.items()}
+            y1, h1 = ref(**part(range(half)), initial_state=h0, output_final_state=True)
+            y2, h2 = ref(**part(range(half, sizes[rec.time])),
+                         initial_state=_as_dict(h1, snames), output_final_state=True)
+            tout = rec.outputs[0].dims.index(rec.time)
+            got_y, got_h = np.concatenate([y1, y2], axis=tout), h2
+            row.case += " (T split in two, state carried)"
+        else:
+            k = compile(what, target, **opts)
+            init = {n: _cast(v, "float32", torch_in) for n, v in h0.items()}
+            got_y, got_h = k(**x, initial_state=init, output_final_state=True)
+        got_h, want_h = _as_dict(got_h, snames), _as_dict(want_h, snames)
+        ry, my = errors(_f64(got_y), want_y)
+        worst = [(ry, my)] + [errors(_f64(got_h[n]), want_h[n]) for n in snames]
+        row.rel_rms = max(r for r, _ in worst)
+        row.max_abs = max(m for _, m in worst)
+        tol = TOLERANCES[dtype]
+        row.ok = row.rel_rms <= tol.rel_rms and row.max_abs <= tol.max_abs
+        if not row.ok:
+            row.note = f"over tolerance (rel-RMS {tol.rel_rms:.0e}, max-abs {tol.max_abs:.0e})"
+    except Exception as e:  # a row per failure, not a crash of the whole run
+        row.note = f"{type(e).__name__}: {e}"
+    finally:
+        row.seconds = time.perf_counter() - t0
+    return row
+
+
+def run_check(items: Iterable[Any], targets: list[str], dtypes: list[str], T: int | None = None,
+              seed: int = 0, progress: Callable[[str], None] | None = None,
+              options: dict | None = None) -> list[Row]:
+    items = list(items)
+    jobs = [(it, tg, dt) for it in items for tg in targets for dt in dtypes
+            if not (tg == "reference" and dt != dtypes[0])]
+    rows = []
+    for i, (it, tg, dt) in enumerate(jobs, 1):
+        label = it.name if isinstance(it, Entry) else str(it)
+        if progress:
+            progress(f"[{i}/{len(jobs)}] {label} {tg} {dt}")
+        rows.append(check_one(it, tg, "float64" if tg == "reference" else dt, T, seed,
+                              **(options or {})))
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    head = ("recurrence", "target", "dtype", "rel-RMS", "max-abs", "status", "time")
+    body = [(r.recurrence, r.target, r.dtype, f"{r.rel_rms:.2e}", f"{r.max_abs:.2e}",
+             "ok" if r.ok else "FAIL" + (f": {r.note}" if r.note else ""), f"{r.seconds:.1f}s")
+            for r in rows]
+    w = [max(len(x[i]) for x in [head] + body) for i in range(len(head) - 2)]
+    fmt = lambda x: "  ".join(c.ljust(w[i]) for i, c in enumerate(x[:-2])) + \
+        f"  {x[-1]:>7}  {x[-2]}"  # noqa: E731
+    return "\n".join([fmt(head)] + [fmt(b) for b in body])
+
+
+def main_check(items, targets, dtypes, T, seed, out=sys.stdout, err=sys.stderr,
+               options=None) -> int:
+    rows = run_check(items, targets, dtypes, T, seed,
+                     progress=lambda s: print(s, file=err, flush=True), options=options)
+    print(format_table(rows), file=out)
+    bad = [r for r in rows if not r.ok]
+    print(f"{len(rows) - len(bad)} passed, {len(bad)} failed", file=out)
+    return 1 if bad else 0

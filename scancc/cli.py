@@ -1,0 +1,159 @@
+"""The ``scancc`` command line: list, show, compile, check, backends."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import yaml
+
+from scancc import backends
+
+from . import registry
+from .api import _resolve, compile
+from .registry import Entry
+
+
+def _options(pairs: list[str] | None) -> dict:
+    """``--option k=v`` pairs; values are read as YAML scalars (true, 3, 0.5, null, [a, b])."""
+    out = {}
+    for p in pairs or []:
+        k, sep, v = p.partition("=")
+        if not sep or not k:
+            raise SystemExit(f"scancc: --option expects KEY=VALUE, got {p!r}")
+        out[k.strip()] = yaml.safe_load(v) if v.strip() else None
+    return out
+
+
+def _load_specs(paths: list[str] | None) -> None:
+    if not paths:
+        return
+    from .spec import register_spec
+    for p in paths:
+        register_spec(p, override=True)
+
+
+def _is_spec(s: str) -> bool:
+    return s.endswith((".yaml", ".yml")) or os.sep in s
+
+
+def cmd_list(a) -> int:
+    _load_specs(a.spec)
+    rows = []
+    for n in registry.names():
+        e = registry.get(n)
+        try:
+            rec = e.build()
+            kinds = ", ".join(f"{s.name}:{s.transition.kind.value}" for s in rec.states)
+            ins = ", ".join(i.name for i in rec.inputs)
+        except Exception as ex:  # a broken user registration is listed, not fatal
+            kinds, ins = f"(does not build: {ex})", ""
+        rows.append((n, e.origin, kinds, ins))
+    w = [max(len(r[i]) for r in rows + [("name", "origin", "states", "")]) for i in range(3)]
+    print(f"{'name'.ljust(w[0])}  {'origin'.ljust(w[1])}  {'states'.ljust(w[2])}  inputs")
+    for r in rows:
+        print(f"{r[0].ljust(w[0])}  {r[1].ljust(w[1])}  {r[2].ljust(w[2])}  {r[3]}")
+    return 0
+
+
+def cmd_show(a) -> int:
+    _load_specs(a.spec)
+    k = compile(a.what, "reference", **_options(a.option))
+    print(k.ir, end="")
+    return 0
+
+
+def cmd_compile(a) -> int:
+    _load_specs(a.spec)
+    k = compile(a.what, a.target, **_options(a.option))
+    src = k.source
+    if src is None:  # the reference backend interprets the IR: its program is the IR text
+        src = str(k.ir)
+    if a.output:
+        with open(a.output, "w") as f:
+            f.write(src)
+        print(f"wrote {a.output} ({a.target}, {k.name})", file=sys.stderr)
+    else:
+        sys.stdout.write(src)
+    return 0
+
+
+def cmd_check(a) -> int:
+    from .check import main_check
+    _load_specs(a.spec)
+    items: list = list(a.what or [])
+    if a.all or not items:
+        items = [registry.get(n) for n in registry.names()] + [
+            x for x in items if _is_spec(x)]
+    for x in items:  # fail early, with the spec error, on a bad name or path
+        if not isinstance(x, Entry):
+            _resolve(x)
+    targets = a.targets.split(",") if a.targets else [
+        n for n, ok, _ in backends.report() if ok]
+    for t in targets:
+        backends.get(t)
+    dtypes = a.dtypes.split(",")
+    return main_check(items, targets, dtypes, a.T, a.seed, options=_options(a.option))
+
+
+def cmd_backends(a) -> int:
+    for n, ok, why in backends.report():
+        print(f"{n:<10} {'available' if ok else 'unavailable':<12} {why}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scancc", description="A compiler for state-space scans: "
+                                "one IR, lowered to NumPy (reference), Triton and NKI.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(sp, what=True, nargs=None):
+        if what:
+            sp.add_argument("what", nargs=nargs, metavar="NAME|SPEC",
+                            help="a registered recurrence name or a YAML spec path")
+        sp.add_argument("--option", action="append", metavar="KEY=VALUE",
+                        help="a recurrence option, e.g. --option dt_softplus=true")
+        sp.add_argument("--spec", action="append", metavar="FILE",
+                        help="register the recurrence a YAML spec defines first")
+
+    sp = sub.add_parser("list", help="list registered recurrences")
+    sp.add_argument("--spec", action="append", metavar="FILE",
+                    help="also register the recurrence a YAML spec defines")
+    sp.set_defaults(fn=cmd_list)
+    sp = sub.add_parser("show", help="print a recurrence's IR in the text form")
+    common(sp)
+    sp.set_defaults(fn=cmd_show)
+    sp = sub.add_parser("compile", help="write a recurrence's kernel source for a target")
+    common(sp)
+    sp.add_argument("--target", default="reference", choices=backends.names())
+    sp.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+    sp.set_defaults(fn=cmd_compile)
+    sp = sub.add_parser("check", help="run each backend against the reference on random "
+                        "inputs and print a table of errors (exit 1 on any failure)")
+    common(sp, nargs="*")
+    sp.add_argument("--all", action="store_true", help="every registered recurrence")
+    sp.add_argument("--targets", help="comma-separated backends (default: all available)")
+    sp.add_argument("--dtypes", default="float32",
+                    help="comma-separated input dtypes (default float32)")
+    sp.add_argument("--T", type=int, default=None, help="sequence length (default 64)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(fn=cmd_check)
+    sp = sub.add_parser("backends", help="list backends and whether they run here")
+    sp.set_defaults(fn=cmd_backends)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from scancc.ir import IRError
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (IRError, ValueError, TypeError, OSError) as e:
+        if os.environ.get("SCANCC_DEBUG"):
+            raise
+        print(f"scancc {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
