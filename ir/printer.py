@@ -398,7 +398,8 @@ def _parse_state(parser, name, dims, body, ln, col0) -> State:
     t, rest = parse_transition(parser, body, ln, col0)
     m = re.match(r"\s*\+\s*", rest)
     if not m:
-        raise ParseError(f"state {name!r}: expected '+ INJECT' after the transition", ln)
+        raise ParseError(f"state {name!r}: expected '+ INJECT' after the transition", ln,
+                         col0 + len(body) - len(rest) + 1)
     rest = rest[m.end():]
     inject = parser.parse(rest, ln, col0 + len(body) - len(rest))
     return State(name, dims, t, inject)

@@ -68,6 +68,12 @@ class Kernel:
         rec_opts = set(entry.defaults) if entry else set()
         self.options = {k: v for k, v in options.items() if k in rec_opts}
         self.backend_options = {k: v for k, v in options.items() if k not in rec_opts}
+        unknown = sorted(set(self.backend_options) - set(backend.options))
+        if unknown:
+            known = ", ".join(f"{k}={v!r}" for k, v in (entry.defaults if entry else {}).items())
+            raise InputError(f"recurrence {self.name!r} takes no option(s) {unknown} "
+                             f"(recurrence options: {known or 'none'}; {backend.name} backend "
+                             f"options: {', '.join(backend.options) or 'none'})")
         self._variants: dict = {}
         ok, why = backend.supports(self.ir, self.backend_options)
         if not ok:
