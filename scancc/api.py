@@ -225,5 +225,5 @@ def _from_backend(y, kind: str, dtype: str, inputs: Mapping):
         return np.asarray(y, dtype=np.float32 if dtype == "bfloat16" else dtype)
     import torch
     device = next(iter(inputs.values())).device
-    t = torch.from_numpy(np.ascontiguousarray(y)) if isinstance(y, np.ndarray) else y
+    t = torch.from_numpy(np.array(y)) if isinstance(y, np.ndarray) else y
     return t.to(device=device, dtype=getattr(torch, dtype))

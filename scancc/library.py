@@ -106,7 +106,7 @@ def gated_delta_net(r, scale=None, use_qk_l2norm_in_kernel=False):
 
 
 @register("mamba", optional_inputs=("D", "z", "delta_bias"), origin="library",
-          hints={"delta": "positive", "A": "negative", "delta_bias": "small"})
+          hints={"delta": "positive", "A": "negative", "delta_bias": "positive"})
 def mamba(r, delta_softplus=False, D=False, z=False, delta_bias=False):
     """Mamba S6 (mamba_ssm's selective_scan_ref): x = exp(dt A) x + dt B u; y = C x + D u,
     optionally gated by silu(z). B, C are [B, N, L] or grouped [B, G, N, L]."""
@@ -130,7 +130,7 @@ def mamba(r, delta_softplus=False, D=False, z=False, delta_bias=False):
 
 
 @register("mamba2", optional_inputs=("D", "z", "dt_bias"), origin="library",
-          hints={"dt": "positive", "A": "negative", "dt_bias": "small"})
+          hints={"dt": "positive", "A": "negative", "dt_bias": "positive"})
 def mamba2(r, dt_softplus=False, dt_limit=None, D=False, z=False, dt_bias=False):
     """Mamba2 SSD (mamba_ssm's chunk-scan reference): h = exp(dt A_h) h + dt x B^T;
     y = h C + D x, optionally gated by silu(z)."""
