@@ -1,0 +1,566 @@
+"""YAML layer specs: instantiate a registered recurrence, or define a new one as data.
+
+    use: mamba2                      # form (a): a registered recurrence with options
+    options: {dt_softplus: true}
+
+    name: leaky                      # form (b): a new recurrence
+    dims: {batch: batch, time: time, chan: feature}
+    inputs: {x: [batch, time, chan], g: [batch, time, chan]}
+    states: {h: {dims: [batch, chan], transition: diagonal(decay=sigmoid(g)), inject: x}}
+    outputs: {y: {dims: [batch, time, chan], expr: h}}
+
+Specs are data: YAML is read with a SafeLoader subclass (it only adds source positions and
+rejects duplicate keys), every name passes ``check_ident``, and expressions go through the
+IR's whitelist parser (``ExprParser`` / ``parse_transition``), never through Python. Every
+error is a ``SpecError`` that starts with ``file:line[:col]``. See docs/spec.md.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import yaml
+
+from scancc.ir import (Dim, ExprParser, Input, IRError, Let, Node, Op, Output, ParseError,
+                       Recurrence, State, VerifyError, check_ident)
+from scancc.ir.printer import parse_transition
+from scancc.ir.recurrence import ROLES
+
+from . import registry
+from .registry import Entry, RegistryError
+
+_MERGE = "tag:yaml.org,2002:merge"
+INSTANTIATE_KEYS = ("use", "name", "doc", "options")
+DEFINE_KEYS = ("name", "doc", "dims", "inputs", "lets", "states", "outputs", "hints")
+_DEFINE_REQUIRED = ("name", "dims", "inputs", "states", "outputs")
+
+
+class SpecError(IRError):
+    """A spec file is malformed. ``str()`` starts with ``file:line[:col]:``."""
+
+    def __init__(self, path: str, line: int | None, col: int | None, message: str):
+        self.path, self.line, self.col, self.message = path, line, col, message
+        loc = path + (f":{line}" if line is not None else "") + (
+            f":{col}" if line is not None and col is not None else "")
+        super().__init__(f"{loc}: {message}")
+
+
+@dataclass
+class Spec:
+    """A loaded spec: ``entry`` is the recurrence family, ``options`` the options it sets."""
+    path: str
+    entry: Entry
+    options: dict[str, Any] = field(default_factory=dict)
+    top: Any = field(default=None, repr=False, compare=False)  # the YAML mapping, for errors
+
+    def recurrence(self) -> Recurrence:
+        return self.entry.build(**self.options)
+
+
+# ---- the YAML layer: safe loading that remembers where every key and value is ----
+
+class _Map(dict):
+    """A YAML mapping; ``keys``/``values`` hold the YAML node of each key and value."""
+    node: yaml.Node
+    keys: dict[str, yaml.Node]
+    values: dict[str, yaml.Node]
+
+
+class _Seq(list):
+    """A YAML sequence; ``items`` holds the YAML node of each item."""
+    node: yaml.Node
+    items: list[yaml.Node]
+
+
+class _Loader(yaml.SafeLoader):
+    path = "<string>"
+
+
+def _describe(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return f"boolean {str(v).lower()}"
+    if isinstance(v, (int, float)):
+        return f"number {v!r}"
+    if isinstance(v, str):
+        return f"string {v!r}"
+    if isinstance(v, list):
+        return "a list"
+    if isinstance(v, dict):
+        return "a mapping"
+    return type(v).__name__
+
+
+def _pos(node: yaml.Node) -> tuple[int, int]:
+    return node.start_mark.line + 1, node.start_mark.column + 1
+
+
+def _construct_map(loader: _Loader, node: yaml.MappingNode) -> _Map:
+    m = _Map()
+    m.node, m.keys, m.values = node, {}, {}
+    seen: dict[str, yaml.Node] = {}
+    for knode, _ in node.value:  # before merging, so '<<' defaults are not duplicates
+        if knode.tag == _MERGE:
+            continue
+        k = _key(loader, knode)
+        if k in seen:
+            line = seen[k].start_mark.line + 1
+            raise SpecError(loader.path, *_pos(knode),
+                            f"duplicate key {k!r} (first given at line {line}): expected each "
+                            "key once in a mapping")
+        seen[k] = knode
+    loader.flatten_mapping(node)
+    for knode, vnode in node.value:
+        k = _key(loader, knode)
+        m[k] = loader.construct_object(vnode, deep=True)
+        m.keys[k], m.values[k] = knode, vnode
+    return m
+
+
+def _key(loader: _Loader, knode: yaml.Node) -> str:
+    if not isinstance(knode, yaml.ScalarNode):
+        raise SpecError(loader.path, *_pos(knode), "expected a name as mapping key, found "
+                        + ("a list" if isinstance(knode, yaml.SequenceNode) else "a mapping"))
+    k = loader.construct_object(knode)
+    if not isinstance(k, str):
+        raise SpecError(loader.path, *_pos(knode),
+                        f"expected a name as mapping key, found {_describe(k)} (YAML reads "
+                        "yes/no/on/off/true/false/null and numbers as non-strings: quote it)")
+    return k
+
+
+def _construct_seq(loader: _Loader, node: yaml.SequenceNode) -> _Seq:
+    s = _Seq(loader.construct_object(v, deep=True) for v in node.value)
+    s.node, s.items = node, list(node.value)
+    return s
+
+
+# YAML 1.1 reads 1e-3 (no dot) as a string; read it as the number everyone means
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+_Loader.add_constructor("tag:yaml.org,2002:map", _construct_map)
+_Loader.add_constructor("tag:yaml.org,2002:seq", _construct_seq)
+
+
+def _read_yaml(text: str, path: str) -> Any:
+    loader = _Loader(text)
+    loader.path = path
+    try:
+        return loader.get_single_data()
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        what = " ".join(s for s in (e.context, e.problem) if s)
+        if "flow sequence" in what and "got '?'" in what:
+            what += (" (in [...] a '?' ending an optional dim must be quoted: write "
+                     "[batch, 'groups?'], or use {dims: [batch, groups], optional: [groups]})")
+        raise SpecError(path, mark.line + 1 if mark else None,
+                        mark.column + 1 if mark else None, f"invalid YAML: {what}") from None
+    except yaml.YAMLError as e:
+        raise SpecError(path, None, None, f"invalid YAML: {e}") from None
+    finally:
+        loader.dispose()
+
+
+# ---- helpers shared by both forms ----
+
+class _Source:
+    def __init__(self, path: str):
+        self.path = path
+
+    def fail(self, node: yaml.Node | None, msg: str, col: bool = True):
+        line, c = _pos(node) if node is not None else (None, None)
+        raise SpecError(self.path, line, c if col else None, msg)
+
+    def check_keys(self, m: _Map, allowed, what: str, required=()) -> None:
+        for k in m:
+            if k not in allowed:
+                close = difflib.get_close_matches(k, allowed, 1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                self.fail(m.keys[k], f"unknown key {k!r} in {what}{hint}: expected one of "
+                                     f"{', '.join(allowed)}")
+        for k in required:
+            if k not in m:
+                self.fail(m.node, f"{what} is missing the key {k!r} (required: "
+                                  f"{', '.join(required)})")
+
+    def mapping(self, m: _Map, key: str, what: str, optional: bool = False) -> _Map:
+        v = m.get(key)
+        if v is None and optional:
+            empty = _Map()
+            empty.node, empty.keys, empty.values = m.values.get(key, m.node), {}, {}
+            return empty
+        if not isinstance(v, dict):
+            self.fail(m.values[key], f"{what}: expected a mapping, found {_describe(v)}")
+        return v
+
+    def string(self, m: _Map, key: str, what: str) -> str:
+        v = m[key]
+        if not isinstance(v, str):
+            self.fail(m.values[key], f"{what}: expected a string, found {_describe(v)}")
+        return v
+
+    def name(self, node: yaml.Node, v: Any, what: str) -> str:
+        if not isinstance(v, str):
+            self.fail(node, f"{what}: expected a name, found {_describe(v)}"
+                      + (" (YAML reads yes/no/on/off/true/false/null as non-strings: quote "
+                         "it)" if v is None or isinstance(v, bool) else ""))
+        try:
+            return check_ident(v, what)
+        except IRError as e:
+            self.fail(node, str(e))
+
+
+# ---- form (a): use a registered recurrence ----
+
+def _option_value(src: _Source, node: yaml.Node, key: str, v: Any, default: Any) -> Any:
+    """Check ``v`` against the type of the option's default; lists become tuples."""
+    if isinstance(v, list):
+        bad = [x for x in v if isinstance(x, (list, dict))]
+        if bad:
+            src.fail(node, f"option {key!r}: expected a flat list of values, found a nested "
+                           f"{_describe(bad[0])}")
+        v = tuple(v)
+    if isinstance(v, dict):
+        src.fail(node, f"option {key!r}: expected a value, found a mapping")
+    if default is None or v is None:
+        return v
+    if isinstance(default, bool):
+        ok, want = isinstance(v, bool), "a boolean (true/false)"
+    elif isinstance(default, int):
+        ok, want = isinstance(v, int) and not isinstance(v, bool), "an integer"
+    elif isinstance(default, float):
+        ok, want = isinstance(v, (int, float)) and not isinstance(v, bool), "a number"
+        v = float(v) if ok else v
+    elif isinstance(default, str):
+        ok, want = isinstance(v, str), "a string"
+    elif isinstance(default, (list, tuple)):
+        ok, want = isinstance(v, tuple), "a list"
+    else:
+        ok, want = True, ""
+    if not ok:
+        src.fail(node, f"option {key!r}: expected {want} like its default {default!r}, "
+                       f"found {_describe(v)}")
+    return v
+
+
+def _instantiate(src: _Source, top: _Map) -> Spec:
+    src.check_keys(top, INSTANTIATE_KEYS, "an instantiate spec (one with 'use:')")
+    use = src.name(top.values["use"], top["use"], "use")
+    try:
+        base = registry.get(use)
+    except RegistryError as e:
+        src.fail(top.values["use"], f"use: {e}")
+    opts = src.mapping(top, "options", "options", optional=True)
+    options = {}
+    for k, v in opts.items():
+        if k not in base.defaults or k in base.optional_inputs:
+            known = ", ".join(f"{o}={d!r}" for o, d in base.defaults.items()
+                              if o not in base.optional_inputs) or "none"
+            why = (f"{k!r} is an optional input of {use!r}: pass it when calling the kernel"
+                   if k in base.optional_inputs else f"{use!r} has no option {k!r}")
+            src.fail(opts.keys[k], f"{why} (options: {known})")
+        options[k] = _option_value(src, opts.values[k], k, v, base.defaults[k])
+    where = top.values.get("options", top.values["use"])
+    try:
+        base.build(**options)
+    except (IRError, ValueError, TypeError) as e:
+        src.fail(where, f"{use!r} rejects these options: {e}")
+    if "name" not in top:
+        if "doc" in top:
+            src.fail(top.keys["doc"], "doc: only a spec with its own 'name:' takes a doc")
+        return Spec(src.path, base, options, top)
+    name = src.name(top.values["name"], top["name"], "recurrence name")
+    doc = src.string(top, "doc", "doc") if "doc" in top else base.doc
+    fixed = dict(options)
+
+    def builder(**opts: Any) -> Recurrence:
+        return replace(base.build(**opts), name=name, doc=doc.split("\n\n")[0]).verify()
+    entry = Entry(name, builder, {**base.defaults, **fixed}, base.optional_inputs, doc,
+                  src.path, dict(base.hints))
+    return Spec(src.path, entry, options, top)
+
+
+# ---- form (b): define a recurrence ----
+
+class _Define:
+    def __init__(self, src: _Source, top: _Map):
+        self.src, self.top = src, top
+        self.symbols: dict[str, Node] = {}
+        self.owner: dict[str, tuple[str, yaml.Node]] = {}  # name -> (what, key node)
+        self.locs: dict[tuple[str, str], dict[str, yaml.Node]] = {}
+
+    def declare(self, m: _Map, key: str, what: str) -> str:
+        node = m.keys[key]
+        name = self.src.name(node, key, what)
+        if name in self.owner:
+            other, onode = self.owner[name]
+            self.src.fail(node, f"{what} {name!r}: name already used by the {other} at line "
+                                f"{onode.start_mark.line + 1} (dims, inputs, lets, states and "
+                                "outputs share one namespace)")
+        self.owner[name] = (what, node)
+        return name
+
+    def dim_list(self, m: _Map, key: str, what: str, optional_ok: bool = False):
+        """A list of declared dims; with ``optional_ok`` a trailing '?' marks optional dims."""
+        v, vnode = m[key], m.values[key]
+        if not isinstance(v, list):
+            self.src.fail(vnode, f"{what}: expected a list of dims like [batch, time], found "
+                                 f"{_describe(v)}")
+        dims, optional = [], []
+        for item, inode in zip(v, v.items):
+            if isinstance(item, str) and item.endswith("?") and optional_ok:
+                item = item[:-1]
+                optional.append(item)
+            if not isinstance(item, str) or item not in self.dims:
+                self.src.fail(inode, f"{what}: expected one of the declared dims "
+                                     f"({', '.join(self.dims)}), found {_describe(item)}")
+            if item in dims:
+                self.src.fail(inode, f"{what}: dim {item!r} is listed twice")
+            dims.append(item)
+        return tuple(dims), tuple(optional)
+
+    def input_dims(self, imap: _Map, key: str, name: str):
+        """``[batch, groups?, n]`` or ``{dims: [batch, groups, n], optional: [groups]}``."""
+        v = imap[key]
+        if not isinstance(v, dict):
+            return self.dim_list(imap, key, f"input {name!r}", optional_ok=True)
+        self.src.check_keys(v, ("dims", "optional"), f"input {name!r}", ("dims",))
+        dims, marked = self.dim_list(v, "dims", f"input {name!r} dims", optional_ok=True)
+        optional = list(marked)
+        if v.get("optional") is not None:
+            opt, _ = self.dim_list(v, "optional", f"input {name!r} optional")
+            for d, node in zip(opt, v["optional"].items):
+                if d not in dims:
+                    self.src.fail(node, f"input {name!r} optional: expected one of its dims "
+                                        f"({', '.join(dims)}), found {d!r}")
+            optional += [d for d in opt if d not in optional]
+        return dims, tuple(d for d in dims if d in optional)
+
+    def expr(self, m: _Map, key: str, what: str) -> Node:
+        text, node = self.text(m, key, what)
+        return self.parsed(node, what, lambda line, col0: self.parser.parse(text, line, col0))
+
+    def text(self, m: _Map, key: str, what: str) -> tuple[str, yaml.Node]:
+        v, node = m[key], m.values[key]
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = repr(float(v))
+        if not isinstance(v, str):
+            self.src.fail(node, f"{what}: expected an expression string, found {_describe(v)}")
+        return v, node
+
+    def parsed(self, node: yaml.ScalarNode, what: str, parse):
+        """Run ``parse(line, col0)`` so parse errors point at the file's line and column."""
+        one_line = node.start_mark.line == node.end_mark.line and node.style in (None, "'", '"')
+        col0 = node.start_mark.column + (1 if node.style in ("'", '"') else 0)
+        try:
+            return parse(node.start_mark.line + 1, col0)
+        except ParseError as e:
+            raise SpecError(self.src.path, e.line, e.col if one_line else None,
+                            f"{what}: {e.message}") from None
+
+    def build(self) -> Recurrence:
+        src, top = self.src, self.top
+        src.check_keys(top, DEFINE_KEYS, "a spec", _DEFINE_REQUIRED)
+        self.name = src.name(top.values["name"], top["name"], "recurrence name")
+        doc = src.string(top, "doc", "doc") if "doc" in top else ""
+
+        dims = []
+        dmap = src.mapping(top, "dims", "dims")
+        for k, v in dmap.items():
+            name = self.declare(dmap, k, "dim")
+            vnode = dmap.values[k]
+            role, size = v, None
+            if isinstance(v, dict):
+                src.check_keys(v, ("role", "size"), f"dim {name!r}")
+                role, size = v.get("role", "feature"), v.get("size")
+                vnode = v.values.get("role", vnode)
+                if size is not None and (not isinstance(size, int) or isinstance(size, bool)):
+                    src.fail(v.values["size"], f"dim {name!r} size: expected a positive "
+                                               f"integer, found {_describe(size)}")
+            if role not in ROLES:
+                src.fail(vnode, f"dim {name!r}: expected a role ({', '.join(ROLES)}) or "
+                                f"{{role: ..., size: ...}}, found {_describe(role)}")
+            dims.append(Dim(name, role, size))
+            self.locs["dim", name] = {"key": dmap.keys[k]}
+        self.dims = [d.name for d in dims]
+        self.parser = ExprParser(self.symbols.get, set(self.dims))
+
+        inputs = []
+        imap = src.mapping(top, "inputs", "inputs")
+        for k in imap:
+            name = self.declare(imap, k, "input")
+            ds, opt = self.input_dims(imap, k, name)
+            inputs.append(Input(name, ds, opt))
+            self.symbols[name] = Node(Op.INPUT, (), name)
+            self.locs["input", name] = {"key": imap.keys[k], "dims": imap.values[k]}
+
+        lets = []
+        lmap = src.mapping(top, "lets", "lets", optional=True)
+        for k in lmap:
+            name = self.declare(lmap, k, "let")
+            lets.append(Let(name, self.expr(lmap, k, f"let {name!r}")))
+            self.symbols[name] = Node(Op.PARAM, (), name)  # later lets and exprs may read it
+            self.locs["let", name] = {"key": lmap.keys[k], "expr": lmap.values[k]}
+
+        smap = src.mapping(top, "states", "states")
+        for k in smap:  # every state is a name before any expression is parsed
+            name = self.declare(smap, k, "state")
+            self.symbols[name] = Node(Op.STATE, (), name)
+        states = [self.state(smap, k) for k in smap]
+
+        outputs = []
+        omap = src.mapping(top, "outputs", "outputs")
+        for k in omap:
+            name = self.declare(omap, k, "output")
+            o = src.mapping(omap, k, f"output {name!r}")
+            src.check_keys(o, ("dims", "expr"), f"output {name!r}", ("dims", "expr"))
+            ds, _ = self.dim_list(o, "dims", f"output {name!r} dims")
+            outputs.append(Output(name, ds, self.expr(o, "expr", f"output {name!r} expr")))
+            self.locs["output", name] = {"key": omap.keys[k], "dims": o.values["dims"],
+                                         "expr": o.values["expr"]}
+
+        rec = Recurrence(self.name, tuple(dims), tuple(inputs), tuple(lets), tuple(states),
+                         tuple(outputs), doc=doc)
+        try:
+            return rec.verify()
+        except VerifyError as e:
+            raise SpecError(src.path, *_pos(self.locate(e)), f"{e.where}: {e.message}") from None
+        except IRError as e:
+            src.fail(top.values["name"], str(e))
+
+    def state(self, smap: _Map, key: str) -> State:
+        src, name = self.src, key
+        s = src.mapping(smap, key, f"state {name!r}")
+        src.check_keys(s, ("dims", "transition", "inject"), f"state {name!r}",
+                       ("dims", "transition", "inject"))
+        ds, _ = self.dim_list(s, "dims", f"state {name!r} dims")
+        what = f"state {name!r} transition"
+        text, tnode = self.text(s, "transition", what)
+        tr, rest = self.parsed(tnode, what, lambda line, col0: parse_transition(
+            self.parser, text, line, col0))
+        if rest.strip():
+            self.parsed(tnode, what, lambda line, col0: _trailing(text, rest, line, col0))
+        inject = self.expr(s, "inject", f"state {name!r} inject")
+        self.locs["state", name] = {"key": smap.keys[key], "dims": s.values["dims"],
+                                    "transition": tnode, "inject": s.values["inject"]}
+        return State(name, ds, tr, inject)
+
+    def hints(self, inputs) -> dict[str, str]:
+        from .testing import SAMPLERS
+        hmap = self.src.mapping(self.top, "hints", "hints", optional=True)
+        out = {}
+        for k, v in hmap.items():
+            if k not in inputs:
+                self.src.fail(hmap.keys[k], f"hints: expected an input name "
+                                            f"({', '.join(inputs)}), found {k!r}")
+            if v not in SAMPLERS:
+                self.src.fail(hmap.values[k], f"hint for {k!r}: expected a sampler "
+                                              f"({', '.join(SAMPLERS)}), found {_describe(v)}")
+            out[k] = v
+        return out
+
+    def locate(self, e: VerifyError) -> yaml.Node:
+        """The YAML node a verifier error is about, from its ``where``."""
+        where, msg = e.where, e.message
+        top = self.top
+        if where in ("dims", "inputs", "states", "outputs") and where in top.keys:
+            return top.keys[where]
+        what, _, rest = where.partition(" ")
+        quoted, _, detail = rest.partition("'")[2].partition("'")
+        loc = self.locs.get((what, quoted))
+        if loc is None:
+            return top.values["name"]
+        if what == "state":
+            if "(inject" in detail:
+                return loc["inject"]
+            if detail or any(w in msg for w in ("transition", "feedback", "householder",
+                                                "dense", "axis")):
+                return loc["transition"]
+            return loc["dims"] if "dim" in msg else loc["key"]
+        if what == "output":
+            return loc["expr"] if detail or "readout" in msg else loc["dims"]
+        if what == "input":
+            return loc["key"] if "never used" in msg else loc["dims"]
+        return loc.get("expr", loc["key"])
+
+
+def _trailing(text: str, rest: str, line: int, col0: int):
+    raise ParseError(f"expected the end of the transition, found {rest.strip()!r} (the "
+                     "injected term goes under 'inject:')", line,
+                     col0 + len(text) - len(rest.lstrip()) + 1)
+
+
+def _define(src: _Source, top: _Map) -> Spec:
+    d = _Define(src, top)
+    rec = d.build()
+    hints = d.hints([i.name for i in rec.inputs])
+
+    def builder() -> Recurrence:
+        return rec
+    return Spec(src.path, Entry(rec.name, builder, {}, (), rec.doc, src.path, hints), {}, top)
+
+
+# ---- entry points ----
+
+def parse_spec(text: str, path: str = "<string>") -> Spec:
+    """Load a spec from its text; ``path`` names it in errors and becomes the entry's origin."""
+    src = _Source(path)
+    top = _read_yaml(text, path)
+    if top is None:
+        raise SpecError(path, 1, None, "expected a mapping with 'use:' (instantiate a "
+                                       "registered recurrence) or 'name:' (define one), "
+                                       "found an empty file")
+    if not isinstance(top, dict):
+        raise SpecError(path, 1, None, "expected a mapping with 'use:' or 'name:' at the top "
+                                       f"level, found {_describe(top)}")
+    return _instantiate(src, top) if "use" in top else _define(src, top)
+
+
+def load_spec(path: str | os.PathLike) -> Spec:
+    """Load a YAML spec file.
+
+    Args:
+        path: the spec file.
+
+    Returns:
+        a ``Spec``: ``.entry`` (a registry ``Entry``), ``.options`` and ``.path``.
+
+    Raises:
+        SpecError: naming the file, the line (and column) and what was expected vs found.
+    """
+    p = os.fspath(path)
+    try:
+        with open(p, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(p, None, None, f"cannot read the spec file: {e}") from None
+    return parse_spec(text, p)
+
+
+def load_recurrence(path: str | os.PathLike) -> Recurrence:
+    """The verified recurrence a spec file describes (with the options it sets)."""
+    return load_spec(path).recurrence()
+
+
+def register_spec(path: str | os.PathLike, override: bool = False) -> Entry:
+    """Load a spec and add it to the registry under its ``name``.
+
+    Args:
+        path: the spec file.
+        override: replace an existing registration of the same name.
+    """
+    spec = load_spec(path)
+    top, src = spec.top, _Source(spec.path)
+    if "name" not in top:
+        src.fail(top.keys["use"], f"this spec instantiates {top['use']!r} without a name: add "
+                                  "'name: ...' to register it as a new recurrence")
+    registry.names()  # load the standard library first, so a clash with it is caught now
+    try:
+        return registry.add(spec.entry, override)
+    except RegistryError as e:
+        src.fail(top.values["name"], str(e))
