@@ -45,8 +45,9 @@ class Builder:
     def output(self, name: str, dims, expr: Node) -> None:
         self.outputs.append(Output(name, tuple(dims), expr))
 
-    def numerics(self, accum: str = "float32", state: str = "float32") -> None:
-        self._numerics = Numerics(accum, state)
+    def numerics(self, accum: str = "float32", state: str = "float32",
+                 input: str | None = None) -> None:
+        self._numerics = Numerics(accum, state, input)
 
     def build(self) -> Recurrence:
         return Recurrence(self.name, tuple(self.dims), tuple(self.inputs), tuple(self.lets),

@@ -99,7 +99,9 @@ def format_recurrence(rec: Recurrence) -> str:
     for o in rec.outputs:
         lines.append(f"  output {o.name}: {_dimlist(o.dims)} = {format_expr(o.expr)}")
     if rec.numerics != Numerics():
-        lines.append(f"  numerics accum={rec.numerics.accum} state={rec.numerics.state}")
+        n = rec.numerics
+        lines.append(f"  numerics accum={n.accum} state={n.state}" +
+                     (f" input={n.input}" if n.input else ""))
     lines.append("end")
     return "\n".join(lines) + "\n"
 
@@ -350,8 +352,9 @@ def parse_recurrence(text: str) -> Recurrence:
             symbols[m[1]] = Node(Op.PARAM, (), m[1])
         elif head == "numerics":
             kv = dict(re.findall(r"(\w+)=(\w+)", rest))
-            if set(kv) - {"accum", "state"}:
-                raise ParseError(f"numerics takes accum= and state=, got {sorted(kv)}", ln)
+            if set(kv) - {"accum", "state", "input"}:
+                raise ParseError(f"numerics takes accum=, state= and input=, got {sorted(kv)}",
+                                 ln)
             numerics = Numerics(**kv)
         else:
             raise ParseError(f"unknown declaration {head!r} (expected dim, input, let, state, "

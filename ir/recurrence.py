@@ -116,6 +116,7 @@ class Output:
 class Numerics:
     accum: str = "float32"   # dtype of on-chip accumulation in generated kernels
     state: str = "float32"   # dtype states are carried (and returned) in
+    input: str | None = None  # the one input dtype kernels accept; None: any float dtype
 
 
 @dataclass(frozen=True)

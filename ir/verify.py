@@ -38,6 +38,13 @@ def verify(rec: Recurrence) -> None:
         if d.size is not None and (not isinstance(d.size, int) or isinstance(d.size, bool)
                                    or d.size < 1):
             fail(f"dim {d.name!r}", f"size must be a positive integer, got {d.size!r}")
+    floats = ("float64", "float32", "float16", "bfloat16")
+    for k in ("accum", "state", "input"):
+        v = getattr(rec.numerics, k)
+        if v is not None and v not in floats:
+            fail("numerics", f"{k} dtype {v!r} is not one of {', '.join(floats)}")
+    if rec.numerics.accum not in ("float32", "float64"):
+        fail("numerics", f"accum dtype must be float32 or float64, got {rec.numerics.accum!r}")
     times = [d.name for d in rec.dims if d.role == "time"]
     if len(times) != 1:
         fail("dims", f"exactly one dim must have role 'time', found {times or 'none'}")

@@ -175,6 +175,9 @@ def _check_inputs(rec: Recurrence, inputs: Mapping, backend) -> tuple[str, str]:
         if dt not in FLOAT_DTYPES:
             raise InputError(f"input {k!r}: expected a floating dtype ({', '.join(FLOAT_DTYPES)}), "
                              f"got {dt}")
+        if rec.numerics.input and dt != rec.numerics.input:
+            raise InputError(f"input {k!r}: recurrence {rec.name!r} takes {rec.numerics.input} "
+                             f"inputs (numerics input={rec.numerics.input}), got {dt}")
         if dt not in backend.dtypes:
             raise UnsupportedError(backend.name, rec.name, f"input {k!r} has dtype {dt}; "
                                    f"this backend takes {', '.join(backend.dtypes)}")

@@ -319,3 +319,20 @@ def test_expression_print_parse_round_trip(text):
     printed = format_expr(node)
     assert p.parse(printed) == node
     assert format_expr(p.parse(printed)) == printed
+
+
+def test_numerics_attributes_round_trip_verify_and_enforce_the_input_dtype():
+    r = Builder("n")
+    b, t, d = r.dim("b", "batch"), r.dim("t", "time"), r.dim("d")
+    x = r.input("x", [b, t, d])
+    r.state("h", [b, d], identity(), inject=x)
+    r.output("y", [b, t, d], Node(Op.STATE, (), "h"))
+    r.numerics(accum="float32", state="float32", input="float32")
+    rec = r.build()
+    assert "numerics accum=float32 state=float32 input=float32" in format_recurrence(rec)
+    assert parse_recurrence(format_recurrence(rec)) == rec
+    k = scancc.compile(rec)
+    np.testing.assert_allclose(k(np.ones((1, 3, 2), np.float32))[0, :, 0], [1, 2, 3])
+    _err(lambda: k(np.ones((1, 3, 2))), "takes float32 inputs", "got float64")
+    r.numerics(accum="int8")
+    _err(r.build, "numerics", "accum dtype 'int8'")
