@@ -13,6 +13,7 @@ from .base import Backend, RunResult, UnsupportedError
 # name -> module path and class name; the order is the order `scancc backends` lists them
 _BACKENDS = {
     "reference": ("scancc.backends.reference", "ReferenceBackend"),
+    "nki": ("scancc.backends.nki", "NkiBackend"),
 }
 _instances: dict = {}
 

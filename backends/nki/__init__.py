@@ -1,0 +1,135 @@
+"""The NKI backend: render NKI kernel source (current API) and run it.
+
+Running: when the real ``nki`` package is importable (it ships only on AWS's package index),
+the kernel source is imported as is and run through ``nki.simulate(kernel)``; otherwise it
+runs in the project's strict NumPy emulator (``emulator.py``), which resolves the source's
+``nki`` imports to itself without touching ``sys.modules``. Backend options:
+
+- ``target``: ``"trn1"`` (default) or ``"trn2"``: the SBUF budget the tile plan and the
+  emulator check against.
+- ``time_tile``: force the time-tile size (default: the largest that fits).
+- ``dtype``: the NKI dtype of the inputs (``"float32"``, ``"bfloat16"``, ``"float16"``);
+  default from the arrays (float64 arrays run as float32: NKI has no float64).
+- ``runner``: ``"auto"`` (default), ``"emulator"`` or ``"simulate"`` (needs real ``nki``).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Any, Mapping
+
+import numpy as np
+
+from scancc.ir import Recurrence
+
+from ..base import Backend, RunResult, UnsupportedError
+from . import emulator
+from .lowering import NAME, Plan, PlanError, choose_layout, plan_and_render
+
+OPTIONS = ("target", "time_tile", "dtype", "runner", "sizes", "initial_state", "final_state")
+
+
+def real_nki():
+    """The real ``nki`` module if it is installed (not PyPI's empty placeholder), else None."""
+    if importlib.util.find_spec("nki") is None:
+        return None
+    mod = importlib.import_module("nki")
+    return mod if hasattr(mod, "simulate") and hasattr(mod, "jit") else None
+
+
+class NkiBackend(Backend):
+    name = NAME
+    array = "numpy"
+    generates_source = True
+    dtypes = ("float64", "float32", "float16", "bfloat16")
+
+    def __init__(self):
+        self._cache: dict = {}
+        self.last_counters: dict | None = None
+        self.last_plan: Plan | None = None
+
+    def available(self) -> tuple[bool, str]:
+        mod = real_nki()
+        if mod is not None:
+            return True, f"nki {getattr(mod, '__version__', '?')} (nki.simulate)"
+        return True, "NKI emulator (nki not importable)"
+
+    def supports(self, rec: Recurrence, options: Mapping[str, Any]) -> tuple[bool, str]:
+        bad = sorted(set(options) - set(OPTIONS))
+        if bad:
+            return False, f"unknown nki backend option(s) {bad} (known: {', '.join(OPTIONS)})"
+        from scancc.testing import default_sizes
+        try:
+            choose_layout(rec, default_sizes(rec))
+        except UnsupportedError as e:
+            return False, e.feature
+        return True, ""
+
+    def render(self, rec: Recurrence, options: Mapping[str, Any]) -> str:
+        """Kernel source for ``options['sizes']`` (default: scancc.testing.default_sizes)."""
+        from scancc.testing import default_sizes
+        sizes = options.get("sizes") or default_sizes(rec)
+        return self._render(rec, sizes, bool(options.get("initial_state", False)),
+                            bool(options.get("final_state", False)), options)[0]
+
+    def _render(self, rec, sizes, init: bool, final: bool, options) -> tuple[str, Plan]:
+        target = options.get("target", "trn1")
+        tt = options.get("time_tile")
+        key = (rec, tuple(sorted(sizes.items())), init, final, target, tt)
+        if key not in self._cache:
+            self._cache[key] = plan_and_render(rec, sizes, init, final, target, tt)
+        return self._cache[key]
+
+    def run(self, rec: Recurrence, inputs: Mapping[str, Any], sizes: Mapping[str, int],
+            initial_state: Mapping[str, Any] | None, output_final_state: bool,
+            options: Mapping[str, Any]) -> RunResult:
+        init = initial_state is not None
+        src, plan = self._render(rec, dict(sizes), init, output_final_state, options)
+        self.last_plan = plan
+        dtype = options.get("dtype")
+        arrays, dtypes = [], []
+        for inp in rec.inputs:
+            a = np.asarray(inputs[inp.name])
+            if a.ndim != len(inp.dims):  # an optional dim left out: put it back (size 1)
+                a = a.reshape(tuple(sizes[d] for d in inp.dims))
+            arrays.append(a)
+            dtypes.append(dtype or ("float16" if a.dtype == np.float16 else "float32"))
+        if init:
+            for s in rec.states:
+                h = initial_state.get(s.name)
+                h = np.zeros(tuple(sizes[d] for d in s.dims)) if h is None else np.asarray(h)
+                arrays.append(h)
+                dtypes.append("float32")
+        runner = options.get("runner", "auto")
+        mod = real_nki() if runner in ("auto", "simulate") else None
+        kname = f"{rec.name}_kernel"
+        if runner == "simulate" and mod is None:
+            raise UnsupportedError(NAME, rec.name, "runner='simulate' needs the real nki package "
+                                   "(from AWS's Neuron package index); it is not importable")
+        if mod is not None:  # the official simulator; cannot run on this machine
+            ns: dict = {"__name__": f"scancc_nki_{rec.name}"}
+            exec(compile(src, f"<nki kernel {rec.name}>", "exec"), ns)  # noqa: S102
+            res = mod.simulate(ns[kname])(*[_to_np(a, d) for a, d in zip(arrays, dtypes)])
+            counters: dict = {}
+        else:
+            kernel = emulator.load_kernel(src, kname, f"<nki kernel {rec.name}>")
+            kernel.target = options.get("target", "trn1")
+            res = kernel(*arrays, dtypes=dtypes)
+            counters = kernel.counters
+        res = res if isinstance(res, tuple) else (res,)
+        outs = {o.name: np.asarray(r) for o, r in zip(rec.outputs, res)}
+        finals = None
+        if output_final_state:
+            finals = {s.name: np.asarray(r) for s, r in zip(rec.states, res[len(rec.outputs):])}
+        self.last_counters = counters
+        return RunResult(outs, finals, counters)
+
+
+def _to_np(a: np.ndarray, dtype: str):
+    if dtype == "bfloat16":
+        import ml_dtypes  # the real toolchain's NumPy bfloat16
+        return a.astype(ml_dtypes.bfloat16)
+    return a.astype(np.float16 if dtype == "float16" else np.float32)
+
+
+__all__ = ["NkiBackend", "PlanError", "emulator", "real_nki"]

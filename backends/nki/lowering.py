@@ -1,0 +1,880 @@
+"""Render NKI kernel source (current API) from a recurrence.
+
+Layout: one *partition dim* ``pd`` of the recurrence goes on the 128 partitions (tiles of up to
+128, the ragged last tile by clipped slices), time goes on the free dim in tiles of ``TT``
+steps, and every other dim is a trace-time Python loop: *outer* loops (dims every state and
+output has) around the partition tile, and *inner* loops inside the time tile. Every value of
+an expression is then one of five kinds, chosen by whether it varies along partitions and time:
+
+    const  a Python number (possibly a function of loop indices)
+    pt     a (1, 1) tile          row   a (1, TT) tile
+    col    a (P, 1) tile          full  a (P, TT) tile
+
+Rules keyed by IR op emit one instruction per node (broadcasts across partitions are a
+ones-row ``nc_matmul`` into PSUM; per-partition operands use ``tensor_scalar`` / the
+``activation`` scale). Code is placed in the outermost loop its indices allow, so loop-invariant
+loads and math are hoisted (e.g. mamba's ``u`` and ``delta`` load once per channel tile and time
+tile, not once per state index). Diagonal/scalar/identity states are one
+``tensor_tensor_scan`` per state row and time tile with the carry passed as ``initial``; shift,
+companion, householder and dense states step through time inside the tile.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from scancc.ir import Kind, Node, Op, Recurrence, format_recurrence
+
+from ..base import UnsupportedError
+from . import emulator as E
+
+NAME = "nki"
+TT_CANDIDATES = (512, 256, 128, 64, 32, 16, 8, 4, 2, 1)
+BIG = 3.0e38  # masked softmax logits are pushed down by this much (finite in fp32)
+
+
+class PlanError(UnsupportedError):
+    """No tile plan fits the on-chip budget."""
+
+
+@dataclass(frozen=True)
+class Idx:
+    """A loop index in generated code: its Python expression and the loop scopes it uses."""
+    expr: str
+    deps: frozenset
+
+
+@dataclass
+class V:
+    """A value in generated code: ``kind`` (see the module doc) and a tile name (or, for a
+    const, a Python expression); ``mid`` indexes the middle dim of a 3-D tile (state rows)."""
+    kind: str
+    ref: str
+    psum: bool = False
+    mid: str = ""
+
+    def view(self, cols: str | None = None) -> str:
+        if self.kind == "const":
+            return self.ref
+        rows = "0:1" if self.kind in ("pt", "row") else "0:P"
+        cols = cols or ("0:1" if self.kind in ("pt", "col") else "0:tw")
+        return f"{self.ref}[{rows}, {self.mid}{cols}]"
+
+
+KIND = {(False, False): "pt", (False, True): "row", (True, False): "col", (True, True): "full"}
+
+
+class Scope:
+    def __init__(self, parent: "Scope | None", header: str | None, sid: int):
+        self.parent, self.header, self.sid = parent, header, sid
+        self.lines: list = []
+        self.memo: dict = {}
+        self.depth = 0 if parent is None else parent.depth + 1
+
+    def chain(self):
+        s = self
+        while s is not None:
+            yield s
+            s = s.parent
+
+
+# IR unary op -> (activation function, scale) ; NEG/CLAMP/LOGSIGMOID are composed below
+_ACT = {Op.EXP: "exp", Op.LOG: "log", Op.SOFTPLUS: "softplus", Op.SIGMOID: "sigmoid",
+        Op.SILU: "silu", Op.SQRT: "sqrt", Op.RSQRT: "rsqrt"}
+_ALU = {Op.ADD: "add", Op.SUB: "subtract", Op.MUL: "multiply", Op.DIV: "divide",
+        Op.MAXIMUM: "maximum", Op.MINIMUM: "minimum"}
+# the same ops on trace-time constants (Python expressions)
+_PY_UNARY = {Op.NEG: "(-{0})", Op.EXP: "math.exp({0})", Op.LOG: "math.log({0})",
+             Op.SOFTPLUS: "math.log1p(math.exp({0}))", Op.SIGMOID: "(1.0 / (1.0 + math.exp(-{0})))",
+             Op.LOGSIGMOID: "(-math.log1p(math.exp(-{0})))",
+             Op.SILU: "({0} / (1.0 + math.exp(-{0})))", Op.SQRT: "math.sqrt({0})",
+             Op.RSQRT: "(1.0 / math.sqrt({0}))"}
+_PY_BINARY = {Op.ADD: "({0} + {1})", Op.SUB: "({0} - {1})", Op.MUL: "({0} * {1})",
+              Op.DIV: "({0} / {1})", Op.MAXIMUM: "max({0}, {1})", Op.MINIMUM: "min({0}, {1})"}
+ELEMENTWISE_KINDS = (Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL)
+
+
+def _fmt(v: float) -> str:
+    return repr(float(v))
+
+
+@dataclass
+class Plan:
+    pd: str
+    outer: tuple[str, ...]
+    tt: int
+    sbuf_bytes: int = 0
+    psum_banks: int = 0
+    notes: list = field(default_factory=list)
+
+
+def choose_layout(rec: Recurrence, sizes: Mapping[str, int]) -> tuple[str, tuple[str, ...]]:
+    """The partition dim (in every output, not a per-step axis; most states, then largest,
+    non-batch preferred) and the outer dims (in every state and output)."""
+    axes = {s.transition.axis for s in rec.states} | {s.transition.col for s in rec.states}
+    cands = [d for d in rec.canonical if d not in axes
+             and all(d in o.dims for o in rec.outputs)]
+    if not cands:
+        raise UnsupportedError(NAME, rec.name, "no dim can go on the partitions: a partition dim "
+                               "must be in every output and not be a shift/companion/householder/"
+                               "dense axis")
+    role = {d.name: d.role for d in rec.dims}
+    pd = max(cands, key=lambda d: (role[d] != "batch", sum(d in s.dims for s in rec.states),
+                                   sizes[d], -rec.canonical.index(d)))
+    outer = tuple(d for d in rec.canonical if d != pd
+                  and all(d in s.dims for s in rec.states) and all(d in o.dims for o in rec.outputs))
+    return pd, outer
+
+
+class Renderer:
+    def __init__(self, rec: Recurrence, sizes: Mapping[str, int], tt: int,
+                 initial_state: bool, final_state: bool):
+        self.rec, self.sizes, self.tt = rec, dict(sizes), tt
+        self.init, self.final = initial_state, final_state
+        self.time = rec.time
+        self.T = self.sizes[self.time]
+        self.pd, self.outer = choose_layout(rec, self.sizes)
+        self.npd = self.sizes[self.pd]
+        self.n = 0
+        self.sbuf_sites: list[int] = []
+        self.psum_next = 0
+        self.PSUM_POOL = 4
+        self.root = Scope(None, None, 0)
+        self.sids = 1
+        self.pd_scope = self.time_scope = None
+        self.lets = {l.name: l.expr for l in rec.lets}
+        self._an: dict = {}
+
+    # ---- emission helpers ----
+    def fail(self, feature: str):
+        raise UnsupportedError(NAME, self.rec.name, feature)
+
+    def name(self, prefix: str = "v") -> str:
+        self.n += 1
+        return f"{prefix}{self.n}"
+
+    def emit(self, scope: Scope, line: str) -> None:
+        scope.lines.append(line)
+
+    def open(self, scope: Scope, header: str) -> Scope:
+        s = Scope(scope, header, self.sids)
+        self.sids += 1
+        return s
+
+    def close(self, s: Scope) -> None:
+        s.parent.lines.append((s.header, s.lines))
+
+    def alloc(self, scope: Scope, shape: tuple, per_partition: int, prefix: str = "v",
+              dtype: str = "nl.float32") -> str:
+        nm = self.name(prefix)
+        self.sbuf_sites.append(per_partition)
+        self.emit(scope, f"{nm} = nl.ndarray(({', '.join(map(str, shape))}), dtype={dtype}, "
+                         f"buffer=nl.sbuf)")
+        return nm
+
+    def tile(self, scope: Scope, kind: str) -> V:
+        shape = {"pt": (1, 1), "row": (1, self.tt), "col": (128, 1), "full": (128, self.tt)}[kind]
+        return V(kind, self.alloc(scope, shape, 4 * shape[1]))
+
+    def psum_tile(self, scope: Scope, shape: tuple) -> str:
+        nm = f"ps{self.psum_next % self.PSUM_POOL}"
+        self.psum_next += 1
+        self.emit(scope, f"{nm} = nl.ndarray(({', '.join(map(str, shape))}), dtype=nl.float32, "
+                         f"buffer=nl.psum)")
+        return nm
+
+    # ---- analysis: kind and loop dependencies of a node under an env ----
+    def env_key(self, node: Node, env: dict) -> tuple:
+        ds = self.rec.dims_of(node)
+        return (node, tuple((d, env[d]) for d in ds if d in env))
+
+    def analyze(self, node: Node, env: dict) -> tuple[bool, bool, bool, frozenset]:
+        """(varies along partitions, varies along time, is a trace-time constant, scopes)."""
+        key = self.env_key(node, env)
+        if key in self._an:
+            return self._an[key]
+        r = self._analyze(node, env)
+        self._an[key] = r
+        return r
+
+    def _analyze(self, node: Node, env: dict):
+        op, a = node.op, node.arg
+        pds, ts = frozenset({self.pd_scope.sid}), frozenset({self.time_scope.sid})
+        if op in (Op.CONST, Op.SIZE):
+            return False, False, True, frozenset()
+        if op is Op.IOTA:
+            if a == self.pd:
+                return True, False, False, pds
+            return False, False, True, env[a].deps
+        if op in (Op.INPUT, Op.STATE):
+            dims = self.rec.input(a).dims if op is Op.INPUT else self.rec.state(a).dims
+            deps = frozenset().union(*(env[d].deps for d in dims if d in env))
+            haspd, hast = self.pd in dims, op is Op.STATE or self.time in dims
+            return haspd, hast, False, deps | (pds if haspd else frozenset()) | \
+                (ts if hast else frozenset())
+        if op is Op.PARAM:
+            return self.analyze(self.lets[a], env)
+        if op in (Op.SUM, Op.MAX):
+            sub = dict(env)
+            for d in a:
+                if d != self.pd:
+                    sub[d] = Idx("?", frozenset())
+            p, t, c, deps = self.analyze(node.src[0], sub)
+            if self.pd in a:
+                p = False
+            return p, t, c, deps
+        if op is Op.GROUP:
+            return self.analyze(node.src[0], self.group_env(node, env))
+        if op is Op.FLIP:
+            return self.analyze(node.src[0], self.flip_env(node, env))
+        if op is Op.L2NORM:
+            return self.analyze(self.l2norm_expr(node), env)
+        rs = [self.analyze(s, env) for s in node.src]
+        return (any(r[0] for r in rs), any(r[1] for r in rs), all(r[2] for r in rs),
+                frozenset().union(*(r[3] for r in rs)))
+
+    def group_env(self, node: Node, env: dict) -> dict:
+        g, d = node.arg
+        rep = self.sizes[d] // self.sizes[g]
+        sub = dict(env)
+        if self.sizes[g] == 1:
+            sub[g] = Idx("0", frozenset())
+        elif d in env:
+            sub[g] = Idx(f"({env[d].expr}) // {rep}", env[d].deps)
+        elif d == self.pd and rep % 128 == 0:
+            sub[g] = Idx(f"p0 // {rep}", frozenset({self.pd_scope.sid}))
+        else:
+            self.fail(f"group({g}, {d}) with {d!r} on the partitions needs every partition tile "
+                      f"inside one group ({d}={self.sizes[d]}, {g}={self.sizes[g]}: groups of "
+                      f"{rep} channels, not a multiple of 128)")
+        return sub
+
+    def flip_env(self, node: Node, env: dict) -> dict:
+        d = node.arg
+        if d == self.pd:
+            self.fail(f"flip along the partition dim {d!r}")
+        sub = dict(env)
+        sub[d] = Idx(f"{self.sizes[d] - 1} - ({env[d].expr})", env[d].deps)
+        return sub
+
+    def l2norm_expr(self, node: Node) -> Node:
+        x, d = node.src[0], node.arg
+        return Node(Op.MUL, (x, Node(Op.RSQRT, (Node(Op.ADD, (
+            Node(Op.SUM, (Node(Op.MUL, (x, x)),), (d,)), Node(Op.CONST, (), 1e-6))),))))
+
+    def target(self, deps: frozenset, cur: Scope) -> Scope:
+        for s in cur.chain():
+            if s.sid in deps or s.parent is None:
+                return s
+        return self.root
+
+    # ---- values ----
+    def value(self, node: Node, env: dict, cur: Scope) -> V:
+        p, t, c, deps = self.analyze(node, env)
+        scope = self.target(deps, cur)
+        key = self.env_key(node, env)
+        for s in scope.chain():
+            if key in s.memo:
+                return s.memo[key]
+        v = self._value(node, env, scope, (p, t, c, deps))
+        if not v.psum:
+            scope.memo[key] = v
+        return v
+
+    def _value(self, node: Node, env: dict, sc: Scope, info) -> V:
+        op, a = node.op, node.arg
+        if op is Op.CONST:
+            return V("const", _fmt(a))
+        if op is Op.SIZE:
+            return V("const", _fmt(self.sizes[a]))
+        if op is Op.IOTA:
+            if a != self.pd:
+                return V("const", f"float({env[a].expr})")
+            v = self.tile(sc, "col")
+            self.emit(sc, f"nisa.iota({v.view()}, [[0, 1]], offset=p0, channel_multiplier=1)")
+            return v
+        if op is Op.INPUT:
+            return self.load(node, env, sc)
+        if op is Op.STATE:
+            s = self.rec.state(a)
+            return V("full" if self.pd in s.dims else "row", f"traj_{a}",
+                     mid=f"{self.flat_index(s, env)}, ")
+        if op is Op.PARAM:
+            return self.value(self.lets[a], env, sc)
+        if op is Op.GROUP:
+            return self.value(node.src[0], self.group_env(node, env), sc)
+        if op is Op.FLIP:
+            return self.value(node.src[0], self.flip_env(node, env), sc)
+        if op is Op.L2NORM:
+            return self.value(self.l2norm_expr(node), env, sc)
+        if op in (Op.SUM, Op.MAX):
+            return self.reduce(node, env, sc, info)
+        if op is Op.SOFTMAX:
+            return self.softmax(node, env, sc)
+        if op in _ALU:
+            return self.binary(op, self.value(node.src[0], env, sc),
+                               self.value(node.src[1], env, sc), sc, node)
+        return self.unary(op, a, node, env, sc)
+
+    def unary(self, op: Op, arg, node: Node, env: dict, sc: Scope) -> V:
+        src = node.src[0]
+        if op is Op.EXP and src.op is Op.MUL:
+            # exp(x * s) with s per partition: one activation with a (P, 1) scale
+            va, vb = self.value(src.src[0], env, sc), self.value(src.src[1], env, sc)
+            for x, s in ((va, vb), (vb, va)):
+                if s.kind in ("col", "const") and x.kind in ("row", "full"):
+                    x = self.to_kind(x, "full", sc) if s.kind == "col" else x
+                    out = self.tile(sc, x.kind)
+                    self.emit(sc, f"nisa.activation({out.view()}, nl.exp, {x.view()}, "
+                                  f"scale={s.view()})")
+                    return out
+        x = self.value(src, env, sc)
+        if x.kind == "const":
+            if op is Op.CLAMP:
+                lo, hi = arg
+                e = x.ref
+                e = f"max({e}, {_fmt(lo)})" if lo is not None else e
+                return V("const", f"min({e}, {_fmt(hi)})" if hi is not None else e)
+            return V("const", _PY_UNARY[op].format(x.ref))
+        out = self.tile(sc, x.kind)
+        if op is Op.NEG:
+            self.emit(sc, f"nisa.tensor_scalar({out.view()}, {x.view()}, nl.multiply, -1.0)")
+        elif op is Op.CLAMP:
+            lo, hi = arg
+            ops = [(o, b) for o, b in (("maximum", lo), ("minimum", hi)) if b is not None]
+            extra = f", op1=nl.{ops[1][0]}, operand1={_fmt(ops[1][1])}" if len(ops) > 1 else ""
+            self.emit(sc, f"nisa.tensor_scalar({out.view()}, {x.view()}, nl.{ops[0][0]}, "
+                          f"{_fmt(ops[0][1])}{extra})")
+        elif op is Op.LOGSIGMOID:
+            # logsigmoid(x) = -softplus(-x)
+            self.emit(sc, f"nisa.activation({out.view()}, nl.softplus, {x.view()}, scale=-1.0)")
+            self.emit(sc, f"nisa.tensor_scalar({out.view()}, {out.view()}, nl.multiply, -1.0)")
+        elif op in _ACT:
+            self.emit(sc, f"nisa.activation({out.view()}, nl.{_ACT[op]}, {x.view()})")
+        else:
+            self.fail(f"no NKI rule for op {op.value!r}")
+        return out
+
+    # kinds ordered by what they vary along
+    def to_kind(self, v: V, kind: str, sc: Scope) -> V:
+        """Broadcast ``v`` to ``kind`` (a superset of what it varies along)."""
+        if v.kind == kind:
+            return v
+        if v.kind == "const":
+            out = self.tile(sc, kind)
+            self.emit(sc, f"nisa.memset({out.view()}, {v.ref})")
+            return out
+        if v.kind == "pt" and kind == "row":
+            out = self.tile(sc, "row")
+            self.emit(sc, f"nisa.tensor_scalar({out.view()}, zeros[0:1, 0:tw], nl.add, "
+                          f"{v.view()})")
+            return out
+        if v.kind == "pt":  # -> col (-> full): a ones-row matmul broadcasts across partitions
+            ps = self.psum_tile(sc, (128, 1))
+            self.emit(sc, f"nisa.nc_matmul({ps}[0:P, 0:1], ones_row[0:1, 0:P], {v.view()})")
+            col = self.tile(sc, "col")
+            self.emit(sc, f"nisa.tensor_copy({col.view()}, {ps}[0:P, 0:1])")
+            return self.to_kind(col, kind, sc)
+        if v.kind == "row":  # -> full, in PSUM (consumed by the next instruction)
+            ps = self.psum_tile(sc, (128, self.tt))
+            self.emit(sc, f"nisa.nc_matmul({ps}[0:P, 0:tw], ones_row[0:1, 0:P], {v.view()})")
+            return V("full", ps, psum=True)
+        if v.kind == "col":
+            out = self.tile(sc, "full")
+            self.emit(sc, f"nisa.tensor_scalar({out.view()}, zeros[0:P, 0:tw], nl.add, "
+                          f"{v.view()})")
+            return out
+        raise AssertionError((v.kind, kind))
+
+    def sbuf(self, v: V, sc: Scope) -> V:
+        if not v.psum:
+            return v
+        out = self.tile(sc, v.kind)
+        self.emit(sc, f"nisa.tensor_copy({out.view()}, {v.view()})")
+        return out
+
+    def binary(self, op: Op, a: V, b: V, sc: Scope, node: Node | None = None) -> V:
+        alu = _ALU[op]
+        if a.kind == "const" and b.kind == "const":
+            return V("const", _PY_BINARY[op].format(a.ref, b.ref))
+        if a.kind == "const" or b.kind == "const":
+            c, x, rev = (a, b, True) if a.kind == "const" else (b, a, False)
+            out = self.tile(sc, x.kind)
+            self.emit(sc, f"nisa.tensor_scalar({out.view()}, {x.view()}, nl.{alu}, {c.ref}"
+                          + (", reverse0=True)" if rev else ")"))
+            return out
+        pa, ta = a.kind in ("col", "full"), a.kind in ("row", "full")
+        pb, tb = b.kind in ("col", "full"), b.kind in ("row", "full")
+        kind = KIND[(pa or pb, ta or tb)]
+        # a per-partition operand of a time-varying tile: tensor_scalar with a (P, 1) vector
+        for x, s, rev in ((a, b, False), (b, a, True)):
+            if s.kind == "pt" and x.kind == "row" or s.kind == "col" and x.kind in ("row", "full"):
+                x = self.to_kind(x, "full", sc) if s.kind == "col" else x
+                out = self.tile(sc, kind)
+                self.emit(sc, f"nisa.tensor_scalar({out.view()}, {x.view()}, nl.{alu}, "
+                              f"{s.view()}" + (", reverse0=True)" if rev else ")"))
+                return out
+        a, b = self.to_kind(a, kind, sc), self.to_kind(b, kind, sc)
+        if a.psum and b.psum:
+            a = self.sbuf(a, sc)
+        out = self.tile(sc, kind)
+        self.emit(sc, f"nisa.tensor_tensor({out.view()}, {a.view()}, {b.view()}, nl.{alu})")
+        return out
+
+    def reduce(self, node: Node, env: dict, sc: Scope, info) -> V:
+        op, dims = node.op, node.arg
+        alu = "add" if op is Op.SUM else "maximum"
+        loop_dims = [d for d in dims if d != self.pd]
+        p, t, c, _ = info
+        src_info = self.analyze(node.src[0], {**env, **{d: Idx("?", frozenset())
+                                                        for d in loop_dims}})
+        kind = "const" if src_info[2] else KIND[(src_info[0], src_info[1])]
+        if loop_dims:
+            if kind == "const":
+                self.fail(f"{op.value} over {loop_dims} of a constant expression")
+            acc = self.tile(sc, kind)
+            self.emit(sc, f"nisa.memset({acc.view()}, {'0.0' if alu == 'add' else _fmt(-BIG)})")
+            inner, sub = sc, dict(env)
+            for d in loop_dims:
+                inner = self.open(inner, f"for r_{d} in range({self.sizes[d]}):")
+                sub[d] = Idx(f"r_{d}", frozenset({inner.sid}))
+            scopes = list(inner.chain())[:len(loop_dims)]
+            v = self.value(node.src[0], sub, inner)
+            if v.kind != kind:
+                v = self.to_kind(v, kind, inner)
+            self.emit(inner, f"nisa.tensor_tensor({acc.view()}, {acc.view()}, {v.view()}, "
+                             f"nl.{alu})")
+            for s in scopes:
+                self.close(s)
+        else:
+            acc = self.value(node.src[0], env, sc)
+        if self.pd in dims:
+            if op is Op.MAX:
+                self.fail(f"max over the partition dim {self.pd!r}")
+            if self.npd > 128:
+                self.fail(f"sum over the partition dim {self.pd!r} of size {self.npd} > 128")
+            acc = self.sbuf(self.to_kind(acc, "full" if acc.kind in ("row", "full") else "col",
+                                         sc), sc)
+            width, cols = ("tw", "0:tw") if acc.kind == "full" else ("1", "0:1")
+            ps = self.psum_tile(sc, (1, self.tt if acc.kind == "full" else 1))
+            self.emit(sc, f"nisa.nc_matmul({ps}[0:1, {cols}], ones_col[0:P, 0:1], {acc.view()})")
+            out = self.tile(sc, "row" if acc.kind == "full" else "pt")
+            self.emit(sc, f"nisa.tensor_copy({out.view()}, {ps}[0:1, {cols}])")
+            del width
+            return out
+        return acc
+
+    def softmax(self, node: Node, env: dict, sc: Scope) -> V:
+        """softmax over a loop dim w at index env[w]; weight 0 where mask == 0."""
+        w = node.arg
+        if w == self.pd:
+            self.fail(f"softmax over the partition dim {w!r}")
+        logits, mask = node.src[0], (node.src[1] if len(node.src) > 1 else None)
+
+        def masked(sub, scope):
+            lv = self.value(logits, sub, scope)
+            if mask is None:
+                return lv, None
+            mv = self.value(mask, sub, scope)
+            keep = self.unary_keep(mv, scope)
+            # masked logits: l + (keep - 1) * BIG, finite in fp32
+            pen = self.binary(Op.MUL, self.binary(Op.SUB, keep, V("const", "1.0"), scope),
+                              V("const", _fmt(BIG)), scope)
+            return self.binary(Op.ADD, lv, pen, scope), keep
+
+        # the max and the sum do not depend on env[w]: place them outside the w loop
+        base = {d: i for d, i in env.items() if d != w}
+        p, t, c, deps = self.analyze(node, {**base, w: Idx("?", frozenset())})
+        home = self.target(deps, sc)
+        key = ("softmax", self.env_key(node, base))
+        stats = None
+        for s in home.chain():
+            if key in s.memo:
+                stats = s.memo[key]
+        if stats is None:
+            kind = KIND[(p, t)] if not c else "pt"
+            m = self.tile(home, kind)
+            tot = self.tile(home, kind)
+            self.emit(home, f"nisa.memset({m.view()}, {_fmt(-BIG)})")
+            self.emit(home, f"nisa.memset({tot.view()}, 0.0)")
+            loop = self.open(home, f"for j_{w} in range({self.sizes[w]}):")
+            sub = {**base, w: Idx(f"j_{w}", frozenset({loop.sid}))}
+            x, _ = masked(sub, loop)
+            self.emit(loop, f"nisa.tensor_tensor({m.view()}, {m.view()}, "
+                            f"{self.to_kind(x, kind, loop).view()}, nl.maximum)")
+            self.close(loop)
+            loop = self.open(home, f"for j_{w} in range({self.sizes[w]}):")
+            sub = {**base, w: Idx(f"j_{w}", frozenset({loop.sid}))}
+            x, keep = masked(sub, loop)
+            e = self.exp_shift(x, m, keep, loop)
+            self.emit(loop, f"nisa.tensor_tensor({tot.view()}, {tot.view()}, "
+                            f"{self.to_kind(e, kind, loop).view()}, nl.add)")
+            self.close(loop)
+            self.emit(home, f"nisa.tensor_scalar({tot.view()}, {tot.view()}, nl.maximum, 1e-30)")
+            stats = (m, tot)
+            home.memo[key] = stats
+        m, tot = stats
+        x, keep = masked(env, sc)
+        e = self.exp_shift(x, m, keep, sc)
+        return self.binary(Op.DIV, e, tot, sc)
+
+    def unary_keep(self, mv: V, sc: Scope) -> V:
+        if mv.kind == "const":
+            return V("const", f"(1.0 if {mv.ref} != 0.0 else 0.0)")
+        out = self.tile(sc, mv.kind)
+        self.emit(sc, f"nisa.tensor_scalar({out.view()}, {mv.view()}, nl.not_equal, 0.0)")
+        return out
+
+    def exp_shift(self, x: V, m: V, keep: V | None, sc: Scope) -> V:
+        d = self.binary(Op.SUB, x, m, sc)
+        e = self.tile(sc, d.kind) if d.kind != "const" else None
+        if e is None:
+            e = V("const", f"math.exp({d.ref})")
+        else:
+            self.emit(sc, f"nisa.activation({e.view()}, nl.exp, {d.view()})")
+        return self.binary(Op.MUL, e, keep, sc) if keep is not None else e
+
+    # ---- loads and stores ----
+    def hbm_index(self, layout, env: dict, pd_slice: str, t_slice: str) -> str:
+        parts = []
+        for d in layout:
+            if d == self.time:
+                parts.append(t_slice)
+            elif d == self.pd:
+                parts.append(pd_slice)
+            else:
+                parts.append(env[d].expr)
+        return ", ".join(parts)
+
+    def load(self, node: Node, env: dict, sc: Scope) -> V:
+        inp = self.rec.input(node.arg)
+        haspd, hast = self.pd in inp.dims, self.time in inp.dims
+        kind = KIND[(haspd, hast)]
+        src = f"in_{inp.name}[{self.hbm_index(inp.dims, env, 'p0:p1', 't0:t1')}]"
+        out = self.tile(sc, kind)
+        if haspd and hast and inp.dims.index(self.time) < inp.dims.index(self.pd):
+            self.transpose_load(inp, env, out, sc)
+        else:
+            self.emit(sc, f"nisa.dma_copy({out.view()}, {src})")
+        return out
+
+    def transpose_load(self, inp, env: dict, out: V, sc: Scope) -> None:
+        """[time, pd] in HBM -> (P, tw): DMA 128-step chunks, transpose on the Tensor engine."""
+        loop = self.open(sc, "for c0 in range(0, tw, 128):")
+        self.emit(loop, "c1 = min(c0 + 128, tw)")
+        stage = self.alloc(loop, (128, 128), 512, "stage")
+        src = f"in_{inp.name}[{self.hbm_index(inp.dims, env, 'p0:p1', 't0 + c0:t0 + c1')}]"
+        self.emit(loop, f"nisa.dma_copy({stage}[0:c1 - c0, 0:P], {src})")
+        ps = self.psum_tile(loop, (128, 128))
+        self.emit(loop, f"nisa.nc_transpose({ps}[0:P, 0:c1 - c0], {stage}[0:c1 - c0, 0:P])")
+        self.emit(loop, f"nisa.tensor_copy({out.ref}[0:P, c0:c1], {ps}[0:P, 0:c1 - c0])")
+        self.close(loop)
+
+    def store(self, o, env: dict, v: V, sc: Scope) -> None:
+        v = self.sbuf(self.to_kind(v, "full", sc), sc)
+        dst = f"out_{o.name}[{self.hbm_index(o.dims, env, 'p0:p1', 't0:t1')}]"
+        if o.dims.index(self.time) < o.dims.index(self.pd):
+            loop = self.open(sc, "for c0 in range(0, tw, 128):")
+            self.emit(loop, "c1 = min(c0 + 128, tw)")
+            ps = self.psum_tile(loop, (128, 128))
+            self.emit(loop, f"nisa.nc_transpose({ps}[0:c1 - c0, 0:P], {v.view('c0:c1')})")
+            stage = self.alloc(loop, (128, 128), 512, "stage")
+            self.emit(loop, f"nisa.tensor_copy({stage}[0:c1 - c0, 0:P], {ps}[0:c1 - c0, 0:P])")
+            dst = f"out_{o.name}[{self.hbm_index(o.dims, env, 'p0:p1', 't0 + c0:t0 + c1')}]"
+            self.emit(loop, f"nisa.dma_copy({dst}, {stage}[0:c1 - c0, 0:P])")
+            self.close(loop)
+        else:
+            self.emit(sc, f"nisa.dma_copy({dst}, {v.view()})")
+
+    # ---- states ----
+    def inner_dims(self, s) -> tuple[str, ...]:
+        """The state's looped dims; a shift/companion axis first, so a shift is a flat offset."""
+        ds = tuple(d for d in self.rec.canonical if d in s.dims and d != self.pd
+                   and d not in self.outer)
+        ax = s.transition.axis
+        return ((ax,) + tuple(d for d in ds if d != ax)) if ax in ds else ds
+
+    def flat_index(self, s, env: dict) -> str:
+        terms, stride = [], 1
+        for d in reversed(self.inner_dims(s)):
+            terms.append(env[d].expr if stride == 1 else f"({env[d].expr}) * {stride}")
+            stride *= self.sizes[d]
+        return " + ".join(reversed(terms)) if terms else "0"
+
+    def n_inner(self, s) -> int:
+        return math.prod(self.sizes[d] for d in self.inner_dims(s))
+
+    def rows(self, s) -> str:
+        return "P" if self.pd in s.dims else "1"
+
+    def inner_loops(self, sc: Scope, dims, env: dict, prefix: str = "i"):
+        scopes, sub = [], dict(env)
+        for d in dims:
+            sc = self.open(sc, f"for {prefix}_{d} in range({self.sizes[d]}):")
+            scopes.append(sc)
+            sub[d] = Idx(f"{prefix}_{d}", frozenset({sc.sid}))
+        return sc, sub, scopes
+
+    def closeall(self, scopes) -> None:
+        for s in reversed(scopes):
+            self.close(s)
+
+    def scan_state(self, s, env: dict, sc: Scope) -> None:
+        t = s.transition
+        inner, sub, scopes = self.inner_loops(sc, self.inner_dims(s), env)
+        f = self.flat_index(s, sub)
+        full = "full" if self.pd in s.dims else "row"
+        b = self.value(s.inject, sub, inner)
+        b = self.to_kind(b, full, inner)
+        r = self.rows(s)
+        dst = f"traj_{s.name}[0:{r}, {f}, 0:tw]"
+        init = f"carry_{s.name}[0:{r}, {f}:{f} + 1]"
+        if t.kind is Kind.IDENTITY:
+            self.emit(inner, f"nisa.tensor_tensor_scan({dst}, zeros[0:{r}, 0:tw], {b.view()}, "
+                             f"{init}, nl.add, nl.add)")
+        else:
+            a = self.to_kind(self.value(t.operand("decay"), sub, inner), full, inner)
+            if a.psum and b.psum:
+                b = self.sbuf(b, inner)
+            self.emit(inner, f"nisa.tensor_tensor_scan({dst}, {a.view()}, {b.view()}, {init}, "
+                             "nl.multiply, nl.add)")
+        self.emit(inner, f"nisa.tensor_copy({init}, traj_{s.name}[0:{r}, {f}, tw - 1:tw])")
+        self.closeall(scopes)
+
+    def materialize(self, node: Node, dims, env: dict, sc: Scope, rows: str) -> str:
+        """An operand as a (128, prod(dims), TT) fp32 tile, broadcast over what it lacks."""
+        n = math.prod(self.sizes[d] for d in dims)
+        nm = self.alloc(sc, (128 if rows == "P" else 1, n, self.tt), 4 * n * self.tt, "op")
+        inner, sub, scopes = self.inner_loops(sc, dims, env, "m")
+        terms, stride = [], 1
+        for d in reversed(dims):
+            terms.append(sub[d].expr if stride == 1 else f"{sub[d].expr} * {stride}")
+            stride *= self.sizes[d]
+        f = " + ".join(reversed(terms)) if terms else "0"
+        v = self.value(node, sub, inner)
+        v = self.to_kind(v, "full" if rows == "P" else "row", inner)
+        self.emit(inner, f"nisa.tensor_copy({nm}[0:{rows}, {f}, 0:tw], {v.view()})")
+        self.closeall(scopes)
+        return nm
+
+    def step_state(self, s, env: dict, sc: Scope) -> None:
+        t = s.transition
+        dims = self.inner_dims(s)
+        r = self.rows(s)
+        n = self.n_inner(s)
+        if t.kind is Kind.SHIFT:
+            if not dims or dims[0] != t.axis:
+                self.fail(f"shift state {s.name!r}: the axis {t.axis!r} must be the first of its "
+                          f"looped dims {list(dims)}")
+            rest = n // self.sizes[t.axis]
+            inj = self.materialize(s.inject, dims[1:], env, sc, r)
+            step = self.open(sc, "for t in range(tw):")
+            if n > rest:
+                self.emit(step, f"nisa.tensor_copy(traj_{s.name}[0:{r}, 0:{n - rest}, t], "
+                                f"carry_{s.name}[0:{r}, {rest}:{n}])")
+            self.emit(step, f"nisa.tensor_copy(traj_{s.name}[0:{r}, {n - rest}:{n}, t], "
+                            f"{inj}[0:{r}, 0:{rest}, t])")
+        else:
+            if dims != (t.axis,):
+                self.fail(f"{t.kind.value} state {s.name!r}: its looped dims {list(dims)} must "
+                          f"be exactly the axis {t.axis!r} (partition dim {self.pd!r})")
+            cur = f"carry_{s.name}[0:{r}, 0:{n}]"
+            new = f"traj_{s.name}[0:{r}, 0:{n}, t]"
+            inj = self.materialize(s.inject, dims, env, sc, r)
+            col = self.alloc(sc, (128, 1), 4, "acc")
+            if t.kind is Kind.COMPANION:
+                fb = self.materialize(t.operand("feedback"), dims, env, sc, r)
+                prod = self.alloc(sc, (128, n), 4 * n, "prod")
+                step = self.open(sc, "for t in range(tw):")
+                if n > 1:
+                    self.emit(step, f"nisa.tensor_tensor({prod}[0:{r}, 0:{n - 1}], "
+                                    f"{fb}[0:{r}, 0:{n - 1}, t], carry_{s.name}[0:{r}, 1:{n}], "
+                                    "nl.multiply)")
+                    self.emit(step, f"nisa.tensor_reduce({col}[0:{r}, 0:1], nl.add, "
+                                    f"{prod}[0:{r}, 0:{n - 1}], axis=1, keepdims=True)")
+                    self.emit(step, f"nisa.tensor_copy(traj_{s.name}[0:{r}, 0:{n - 1}, t], "
+                                    f"carry_{s.name}[0:{r}, 1:{n}])")
+                else:
+                    self.emit(step, f"nisa.memset({col}[0:{r}, 0:1], 0.0)")
+                self.emit(step, f"nisa.tensor_tensor(traj_{s.name}[0:{r}, {n - 1}:{n}, t], "
+                                f"{col}[0:{r}, 0:1], {inj}[0:{r}, {n - 1}:{n}, t], nl.add)")
+            elif t.kind is Kind.HOUSEHOLDER:
+                k = self.materialize(t.operand("k"), dims, env, sc, r)
+                beta = self.materialize(t.operand("beta"), (), env, sc, r)
+                alpha = (self.materialize(t.operand("alpha"), (), env, sc, r)
+                         if t.operand("alpha") is not None else None)
+                prod = self.alloc(sc, (128, n), 4 * n, "prod")
+                step = self.open(sc, "for t in range(tw):")
+                self.emit(step, f"nisa.tensor_tensor({prod}[0:{r}, 0:{n}], {k}[0:{r}, 0:{n}, t], "
+                                f"{cur}, nl.multiply)")
+                self.emit(step, f"nisa.tensor_reduce({col}[0:{r}, 0:1], nl.add, "
+                                f"{prod}[0:{r}, 0:{n}], axis=1, keepdims=True)")
+                self.emit(step, f"nisa.tensor_tensor({col}[0:{r}, 0:1], {col}[0:{r}, 0:1], "
+                                f"{beta}[0:{r}, 0:1, t], nl.multiply)")
+                self.emit(step, f"nisa.tensor_scalar({prod}[0:{r}, 0:{n}], {k}[0:{r}, 0:{n}, t], "
+                                f"nl.multiply, {col}[0:{r}, 0:1])")
+                self.emit(step, f"nisa.tensor_tensor({new}, {cur}, {prod}[0:{r}, 0:{n}], "
+                                "nl.subtract)")
+                if alpha is not None:
+                    self.emit(step, f"nisa.tensor_copy({col}[0:{r}, 0:1], {alpha}[0:{r}, 0:1, t])")
+                    self.emit(step, f"nisa.tensor_scalar({new}, {new}, nl.multiply, "
+                                    f"{col}[0:{r}, 0:1])")
+                self.emit(step, f"nisa.tensor_tensor({new}, {new}, {inj}[0:{r}, 0:{n}, t], "
+                                "nl.add)")
+            elif t.kind is Kind.DENSE:
+                m = self.materialize(t.operand("matrix"), (t.axis, t.col), env, sc, r)
+                prod = self.alloc(sc, (128, n), 4 * n, "prod")
+                step = self.open(sc, "for t in range(tw):")
+                row = self.open(step, f"for a in range({n}):")
+                self.emit(row, f"nisa.tensor_tensor({prod}[0:{r}, 0:{n}], "
+                               f"{m}[0:{r}, a * {n}:(a + 1) * {n}, t], {cur}, nl.multiply)")
+                self.emit(row, f"nisa.tensor_reduce(traj_{s.name}[0:{r}, a:a + 1, t], nl.add, "
+                               f"{prod}[0:{r}, 0:{n}], axis=1, keepdims=True)")
+                self.close(row)
+                self.emit(step, f"nisa.tensor_tensor({new}, {new}, {inj}[0:{r}, 0:{n}, t], "
+                                "nl.add)")
+            else:
+                self.fail(f"no NKI rule for transition {t.kind.value!r}")
+        self.emit(step, f"nisa.tensor_copy(carry_{s.name}[0:{r}, 0:{n}], "
+                        f"traj_{s.name}[0:{r}, 0:{n}, t])")
+        self.close(step)
+
+    # ---- the kernel ----
+    def render(self) -> str:
+        rec = self.rec
+        top = self.root
+        args = [f"in_{i.name}" for i in rec.inputs]
+        if self.init:
+            args += [f"init_{s.name}" for s in rec.states]
+        sz = self.sizes
+        # the IR as comments: splitlines() leaves no way out of a comment line
+        hdr = format_recurrence(rec).rstrip().splitlines()
+        lines = ["# NKI kernel generated by scancc from this recurrence:", "#"]
+        lines += [("#   " + h).rstrip() for h in hdr]
+        lines += ["#",
+                  f"# Layout: {self.pd} on the partitions (tiles of 128), time on the free dim "
+                  f"(tiles of {self.tt}),",
+                  f"# loops over [{', '.join(self.outer)}] outside the partition tile, the other "
+                  "dims inside the time tile.",
+                  "# Sizes: " + ", ".join(f"{d}={sz[d]}" for d in (rec.time,) + rec.canonical),
+                  "import math", "", "import nki", "import nki.isa as nisa",
+                  "import nki.language as nl", "", "",
+                  "@nki.jit", f"def {self.kernel_name()}({', '.join(args)}):"]
+        for d in (rec.time,) + rec.canonical:
+            self.emit(top, f"N_{d} = {sz[d]}")
+        for o in rec.outputs:
+            shape = ", ".join(f"N_{d}" for d in o.dims)
+            self.emit(top, f"out_{o.name} = nl.ndarray(({shape},), dtype=in_{rec.inputs[0].name}"
+                           ".dtype, buffer=nl.shared_hbm)")
+        if self.final:
+            for s in rec.states:
+                shape = ", ".join(f"N_{d}" for d in s.dims)
+                self.emit(top, f"final_{s.name} = nl.ndarray(({shape},), dtype=nl.float32, "
+                               "buffer=nl.shared_hbm)")
+        self.emit(top, "# constants: zeros (broadcast source), ones (partition broadcast/sum)")
+        self.sbuf_sites += [4 * self.tt, 4 * 128, 4]
+        self.emit(top, f"zeros = nl.ndarray((128, {self.tt}), dtype=nl.float32, buffer=nl.sbuf)")
+        self.emit(top, "nisa.memset(zeros, 0.0)")
+        self.emit(top, "ones_row = nl.ndarray((1, 128), dtype=nl.float32, buffer=nl.sbuf)")
+        self.emit(top, "nisa.memset(ones_row, 1.0)")
+        self.emit(top, "ones_col = nl.ndarray((128, 1), dtype=nl.float32, buffer=nl.sbuf)")
+        self.emit(top, "nisa.memset(ones_col, 1.0)")
+        sc, env, outer_scopes = self.inner_loops(top, self.outer, {}, "i")
+        pdl = self.open(sc, f"for p0 in range(0, N_{self.pd}, 128):")
+        self.pd_scope = pdl
+        self.emit(pdl, f"p1 = min(p0 + 128, N_{self.pd})")
+        self.emit(pdl, "P = p1 - p0")
+        for s in rec.states:
+            n, r = self.n_inner(s), self.rows(s)
+            self.sbuf_sites.append(4 * n)
+            self.emit(pdl, f"carry_{s.name} = nl.ndarray(({128 if r == 'P' else 1}, {n}), "
+                           "dtype=nl.float32, buffer=nl.sbuf)")
+            if self.init:
+                self.state_dma(s, env, pdl, load=True)
+            else:
+                self.emit(pdl, f"nisa.memset(carry_{s.name}[0:{r}, 0:{n}], 0.0)")
+        tl = self.open(pdl, f"for t0 in range(0, N_{rec.time}, {self.tt}):")
+        self.time_scope = tl
+        self.emit(tl, f"t1 = min(t0 + {self.tt}, N_{rec.time})")
+        self.emit(tl, "tw = t1 - t0")
+        for s in rec.states:
+            n, r = self.n_inner(s), self.rows(s)
+            self.sbuf_sites.append(4 * n * self.tt)
+            self.emit(tl, f"traj_{s.name} = nl.ndarray(({128 if r == 'P' else 1}, {n}, "
+                          f"{self.tt}), dtype=nl.float32, buffer=nl.sbuf)")
+            if s.transition.kind in ELEMENTWISE_KINDS:
+                self.scan_state(s, env, tl)
+            else:
+                self.step_state(s, env, tl)
+        for o in rec.outputs:
+            dims = tuple(d for d in rec.canonical if d in o.dims and d != self.pd
+                         and d not in self.outer)
+            inner, sub, scopes = self.inner_loops(tl, dims, env, "o")
+            self.store(o, sub, self.value(o.expr, sub, inner), inner)
+            self.closeall(scopes)
+        self.close(tl)
+        if self.final:
+            for s in rec.states:
+                self.state_dma(s, env, pdl, load=False)
+        self.close(pdl)
+        self.closeall(outer_scopes)
+        rets = [f"out_{o.name}" for o in rec.outputs]
+        if self.final:
+            rets += [f"final_{s.name}" for s in rec.states]
+        self.emit(top, f"return {', '.join(rets)}" + ("," if len(rets) == 1 else ""))
+        body = []
+        self.flatten(top.lines, 1, body)
+        return "\n".join(lines + body) + "\n"
+
+    def state_dma(self, s, env: dict, sc: Scope, load: bool) -> None:
+        """initial state HBM -> carry, or carry -> final state HBM, one DMA per state row."""
+        inner, sub, scopes = self.inner_loops(sc, self.inner_dims(s), env, "s")
+        f = self.flat_index(s, sub)
+        r = self.rows(s)
+        hbm = f"{'init' if load else 'final'}_{s.name}[{self.hbm_index(s.dims, sub, 'p0:p1', '')}]"
+        tile = f"carry_{s.name}[0:{r}, {f}:{f} + 1]"
+        self.emit(inner, f"nisa.dma_copy({tile}, {hbm})" if load
+                  else f"nisa.dma_copy({hbm}, {tile})")
+        self.closeall(scopes)
+
+    def kernel_name(self) -> str:
+        return f"{self.rec.name}_kernel"
+
+    def flatten(self, items, depth: int, out: list) -> None:
+        for it in items:
+            if isinstance(it, tuple):
+                out.append("    " * depth + it[0])
+                self.flatten(it[1], depth + 1, out)
+            else:
+                out.append("    " * depth + it)
+
+    def budget(self) -> tuple[int, int]:
+        """(SBUF bytes per partition the kernel may hold at once, PSUM banks)."""
+        return sum(self.sbuf_sites) + max(self.sbuf_sites), self.PSUM_POOL + 1
+
+
+def plan_and_render(rec: Recurrence, sizes: Mapping[str, int], initial_state: bool,
+                    final_state: bool, target: str = "trn1", tt: int | None = None
+                    ) -> tuple[str, Plan]:
+    """Choose the largest time tile whose kernel fits SBUF/PSUM, and render it."""
+    if target not in E.SBUF_BYTES:
+        raise UnsupportedError(NAME, rec.name, f"unknown target {target!r} "
+                               f"(known: {', '.join(E.SBUF_BYTES)})")
+    budget = E.SBUF_BYTES[target]
+    T = sizes[rec.time]
+    cands = [tt] if tt is not None else sorted({min(c, T) for c in TT_CANDIDATES}, reverse=True)
+    if tt is not None and not 1 <= tt <= E.MATMUL_MOVING_MAX:
+        raise UnsupportedError(NAME, rec.name, f"time tile {tt} must be in 1..{E.MATMUL_MOVING_MAX}")
+    need = None
+    for c in cands:
+        r = Renderer(rec, sizes, c, initial_state, final_state)
+        src = r.render()
+        sb, banks = r.budget()
+        if sb <= budget and banks <= E.PSUM_BANKS:
+            return src, Plan(r.pd, r.outer, c, sb, banks)
+        need = (c, sb)
+    shape = ", ".join(f"{d}={sizes[d]}" for d in (rec.time,) + rec.canonical)
+    raise PlanError(NAME, rec.name, f"no tile plan fits: at time tile {need[0]} the kernel needs "
+                    f"{need[1]} B of SBUF per partition, the {target} budget is {budget} B "
+                    f"(shape {shape})")
