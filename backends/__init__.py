@@ -14,6 +14,7 @@ from .base import Backend, RunResult, UnsupportedError
 _BACKENDS = {
     "reference": ("scancc.backends.reference", "ReferenceBackend"),
     "nki": ("scancc.backends.nki", "NkiBackend"),
+    "triton": ("scancc.backends.triton", "TritonBackend"),
 }
 _instances: dict = {}
 

@@ -1,0 +1,169 @@
+"""Loading and running generated modules: the kernel cache, the CPU interpreter switch, the
+interpreter's bf16 dot fix and its memory-traffic counters.
+
+Generated source is identical for GPU and CPU. Without a CUDA device the backend sets
+``TRITON_INTERPRET=1`` before triton is first imported (see ``prepare``), so ``@triton.jit``
+builds interpreted kernels that run on torch CPU tensors.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import os
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+GENERATOR_VERSION = "1"
+_LOCK = threading.Lock()
+_MODULES: dict[str, object] = {}
+
+
+def has_gpu() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def prepare() -> None:
+    """Put triton in interpreter mode when there is no GPU. Call before importing triton:
+    triton.language builds its own jit helpers (tl.zeros, tl.sum, ...) at import time, in
+    whichever mode is set then, so the mode is chosen once per process."""
+    if has_gpu():
+        return
+    if "triton" not in sys.modules:
+        os.environ["TRITON_INTERPRET"] = "1"
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+    if isinstance(tl.zeros, JITFunction):
+        raise RuntimeError("triton was imported in GPU mode, but there is no GPU here: set "
+                           "TRITON_INTERPRET=1 before importing triton (or let scancc's Triton "
+                           "backend import it first)")
+    install_interpreter_fixes()
+
+
+def device():
+    import torch
+    return torch.device("cuda") if has_gpu() else torch.device("cpu")
+
+
+def cache_dir() -> Path:
+    """Where generated modules are kept: $SCANCC_CACHE_DIR/triton, or ~/.cache/scancc/triton."""
+    root = os.environ.get("SCANCC_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "scancc")
+    return Path(root) / "triton"
+
+
+def cache_key(ir_text: str, algorithm: str, options: dict, dtypes: tuple[str, ...]) -> str:
+    import triton
+    parts = [ir_text, algorithm, repr(sorted(options.items())), ",".join(dtypes),
+             triton.__version__, GENERATOR_VERSION, "interpret" if not has_gpu() else "gpu"]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)  # readers see the old file or the whole new one
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def load(key: str, source: str):
+    """The module of ``source`` (cached in memory and on disk under ``key``)."""
+    with _LOCK:
+        mod = _MODULES.get(key)
+        if mod is not None:
+            return mod
+        path = cache_dir() / f"{key[:32]}.py"
+        if not path.exists() or path.read_text() != source:
+            _write_atomic(path, source)
+        name = f"scancc_triton_{key[:32]}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod  # triton reads kernel source through the module's file
+        prepare()
+        spec.loader.exec_module(mod)
+        _MODULES[key] = mod
+        return mod
+
+
+_FIXED = False
+
+
+def install_interpreter_fixes() -> None:
+    """Make the CPU interpreter compute what the GPU computes.
+
+    triton 3.9's interpreter stores bfloat16 as raw uint16 bits and its ``create_dot``
+    multiplies those bits as integers (triton-lang/triton#11584). A GPU multiplies bf16
+    operands exactly and accumulates in float32, so the fix converts bf16 operands to float32
+    before the matmul. Float16/float32 dots and everything else are left as they are.
+    """
+    global _FIXED
+    if _FIXED:
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter as it
+
+    orig = it.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.dtype.scalar == tl.bfloat16 or b.dtype.scalar == tl.bfloat16:
+            def f32(h):
+                if h.dtype.scalar != tl.bfloat16:
+                    return h
+                data = it._convert_float(h.data, tl.bfloat16, tl.float32, None).view(np.float32)
+                return it.TensorHandle(data, tl.float32)
+            a, b = f32(a), f32(b)
+        return orig(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    it.InterpreterBuilder.create_dot = create_dot
+    _FIXED = True
+
+
+class Traffic:
+    """Global-memory bytes an interpreted kernel loads and stores (masked-off lanes excluded)."""
+
+    def __init__(self):
+        self.loaded = 0
+        self.stored = 0
+        self.loads = 0
+        self.stores = 0
+
+
+@contextlib.contextmanager
+def count_traffic():
+    """Count the bytes of every load/store the interpreter executes inside the block."""
+    import numpy as np
+    from triton.runtime import interpreter as it
+
+    traffic = Traffic()
+    B = it.InterpreterBuilder
+    orig_load, orig_store = B.create_masked_load, B.create_masked_store
+
+    def nbytes(ptrs, mask):
+        n = int(np.count_nonzero(np.broadcast_to(mask.data, ptrs.data.shape)))
+        return n * ptrs.get_element_ty().primitive_bitwidth // 8
+
+    def load(self, ptrs, mask, other, cache_policy, is_volatile):
+        traffic.loaded += nbytes(ptrs, mask)
+        traffic.loads += 1
+        return orig_load(self, ptrs, mask, other, cache_policy, is_volatile)
+
+    def store(self, ptrs, value, mask, cache_policy):
+        traffic.stored += nbytes(ptrs, mask)
+        traffic.stores += 1
+        return orig_store(self, ptrs, value, mask, cache_policy)
+
+    B.create_masked_load, B.create_masked_store = load, store
+    try:
+        yield traffic
+    finally:
+        B.create_masked_load, B.create_masked_store = orig_load, orig_store
