@@ -78,6 +78,10 @@ class TritonBackend(Backend):
             return False, str(e)
         return True, ""
 
+    def _lowering_for(self, rec: Recurrence, options: Mapping[str, Any]):
+        _check_options(rec, options)
+        return _lowering(rec, options)
+
     def algorithm(self, rec: Recurrence, options: Mapping[str, Any]) -> str:
         """The algorithm ``options`` select for ``rec``."""
         return _lowering(rec, options).algorithm

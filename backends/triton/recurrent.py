@@ -457,6 +457,30 @@ class Lowering:
         consts += [self.use_h0[s.name] for s in rec.states] + [self.store_ht]
         return params, consts
 
+    def compile_args(self, sizes: dict, dtype: str) -> tuple[dict, dict]:
+        """(signature, constexprs) for compiling the kernel ahead of time with
+        ``triton.compile(ASTSource(...))`` at ``sizes`` with ``dtype`` inputs and outputs (a
+        check that the source compiles for a GPU, which needs none)."""
+        self.render()
+        ty = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16"}[dtype]
+        params, consts = self.signature()
+        size_of = {v: sizes[d] for d, v in self.size.items()}
+        sig, const = {}, {}
+        for p in params:
+            sig[p] = "i32" if p in size_of else (
+                "*fp32" if p in self.h0.values() or p in self.ht.values() else ty)
+        for c in consts:
+            sig[c] = "constexpr"
+            if c in size_of:
+                const[c] = size_of[c]
+            elif c in self.block.values():
+                d = next(d for d, b in self.block.items() if b == c)
+                n = 1 << max(0, (sizes[d] - 1).bit_length())
+                const[c] = min(n, 64) if d in self.plan.split else n
+            else:
+                const[c] = True
+        return sig, const
+
     def render_kernel_def(self) -> str:
         body = self._body_lines = self.render_kernel()
         params, consts = self.signature()
