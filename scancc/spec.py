@@ -24,8 +24,8 @@ from typing import Any
 
 import yaml
 
-from scancc.ir import (Dim, ExprParser, Input, IRError, Let, Node, Op, Output, ParseError,
-                       Recurrence, State, VerifyError, check_ident)
+from scancc.ir import (Dim, ExprParser, Input, IRError, Let, Node, Numerics, Op, Output,
+                       ParseError, Recurrence, State, VerifyError, check_ident)
 from scancc.ir.printer import parse_transition
 from scancc.ir.recurrence import ROLES
 
@@ -34,7 +34,8 @@ from .registry import Entry, RegistryError
 
 _MERGE = "tag:yaml.org,2002:merge"
 INSTANTIATE_KEYS = ("use", "name", "doc", "options")
-DEFINE_KEYS = ("name", "doc", "dims", "inputs", "lets", "states", "outputs", "hints")
+DEFINE_KEYS = ("name", "doc", "dims", "inputs", "lets", "states", "outputs", "numerics",
+               "hints")
 _DEFINE_REQUIRED = ("name", "dims", "inputs", "states", "outputs")
 
 
@@ -425,7 +426,7 @@ class _Define:
                                          "expr": o.values["expr"]}
 
         rec = Recurrence(self.name, tuple(dims), tuple(inputs), tuple(lets), tuple(states),
-                         tuple(outputs), doc=doc)
+                         tuple(outputs), self.numerics(), doc)
         try:
             return rec.verify()
         except VerifyError as e:
@@ -450,6 +451,16 @@ class _Define:
                                     "transition": tnode, "inject": s.values["inject"]}
         return State(name, ds, tr, inject)
 
+    def numerics(self) -> Numerics:
+        """Dtypes for generated kernels; the verifier checks the values."""
+        nmap = self.src.mapping(self.top, "numerics", "numerics", optional=True)
+        self.src.check_keys(nmap, ("accum", "state", "input"), "numerics")
+        for k, v in nmap.items():
+            if not isinstance(v, str) and not (k == "input" and v is None):
+                self.src.fail(nmap.values[k], f"numerics {k}: expected a dtype name like "
+                                              f"float32, found {_describe(v)}")
+        return Numerics(**nmap)
+
     def hints(self, inputs) -> dict[str, str]:
         from .testing import SAMPLERS
         hmap = self.src.mapping(self.top, "hints", "hints", optional=True)
@@ -468,8 +479,8 @@ class _Define:
         """The YAML node a verifier error is about, from its ``where``."""
         where, msg = e.where, e.message
         top = self.top
-        if where in ("dims", "inputs", "states", "outputs") and where in top.keys:
-            return top.keys[where]
+        if where in ("dims", "inputs", "states", "outputs", "numerics") and where in top.keys:
+            return top.values[where] if where == "numerics" else top.keys[where]
         what, _, rest = where.partition(" ")
         quoted, _, detail = rest.partition("'")[2].partition("'")
         loc = self.locs.get((what, quoted))
