@@ -529,6 +529,10 @@ def parse_spec(text: str, path: str = "<string>") -> Spec:
     if not isinstance(top, dict):
         raise SpecError(path, 1, None, "expected a mapping with 'use:' or 'name:' at the top "
                                        f"level, found {_describe(top)}")
+    if "use" not in top and "name" not in top:
+        src.check_keys(top, tuple(dict.fromkeys(INSTANTIATE_KEYS + DEFINE_KEYS)), "a spec")
+        raise SpecError(path, *_pos(top.node), "expected 'use:' (instantiate a registered "
+                        "recurrence) or 'name:' (define one), found neither")
     return _instantiate(src, top) if "use" in top else _define(src, top)
 
 

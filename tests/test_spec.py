@@ -354,6 +354,12 @@ def test_top_level_not_a_mapping(tmp_path):
     assert str(e).startswith(f"{tmp_path / 'bad.yaml'}:1:") and "found a list" in str(e)
 
 
+def test_neither_use_nor_name(tmp_path):
+    check(tmp_path, "# a comment\nusee: gla\n", "usee", "unknown key 'usee'",
+          "did you mean 'use'")
+    check(tmp_path, "# a comment\ndims: {}\n", "dims", "expected 'use:'", "or 'name:'")
+
+
 def test_several_documents(tmp_path):
     check(tmp_path, "use: gla\n---\nuse: hgrn\n", "---", "single document")
 
