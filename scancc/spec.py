@@ -89,7 +89,7 @@ def _describe(v: Any) -> str:
         return f"number {v!r}"
     if isinstance(v, str):
         return f"string {v!r}"
-    if isinstance(v, list):
+    if isinstance(v, (list, tuple)):
         return "a list"
     if isinstance(v, dict):
         return "a mapping"
@@ -163,6 +163,8 @@ def _read_yaml(text: str, path: str) -> Any:
                         mark.column + 1 if mark else None, f"invalid YAML: {what}") from None
     except yaml.YAMLError as e:
         raise SpecError(path, None, None, f"invalid YAML: {e}") from None
+    except RecursionError:
+        raise SpecError(path, None, None, "invalid YAML: nested too deeply") from None
     finally:
         loader.dispose()
 
@@ -363,6 +365,9 @@ class _Define:
         except ParseError as e:
             raise SpecError(self.src.path, e.line, e.col if one_line else None,
                             f"{what}: {e.message}") from None
+        except RecursionError:
+            self.src.fail(node, f"{what}: expected an expression, found one nested too deeply",
+                          one_line)
 
     def build(self) -> Recurrence:
         src, top = self.src, self.top
@@ -469,7 +474,7 @@ class _Define:
             if k not in inputs:
                 self.src.fail(hmap.keys[k], f"hints: expected an input name "
                                             f"({', '.join(inputs)}), found {k!r}")
-            if v not in SAMPLERS:
+            if not isinstance(v, str) or v not in SAMPLERS:
                 self.src.fail(hmap.values[k], f"hint for {k!r}: expected a sampler "
                                               f"({', '.join(SAMPLERS)}), found {_describe(v)}")
             out[k] = v

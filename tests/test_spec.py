@@ -554,6 +554,7 @@ def test_no_time_dim(tmp_path):
     ("hints: {x: gaussian}", "hints", "expected a sampler"),
     ("hints: {q: normal}", "hints", "expected an input name"),
     ("hints: [x]", "hints", "expected a mapping"),
+    ("hints: {x: [normal]}", "hints", "expected a sampler"),
 ])
 def test_bad_hints(tmp_path, hints, needle, frag):
     check(tmp_path, GOOD + hints + "\n", needle, frag)
@@ -595,6 +596,12 @@ def test_malicious_expression_is_parsed_never_evaluated(tmp_path, monkeypatch):
         text = GOOD.replace("expr: h * silu(x)", f"expr: \"{bad}\"")
         e = check(tmp_path, text, "expr:", "output 'y' expr")
         assert e.col is not None
+
+
+def test_deeply_nested_expression(tmp_path):
+    deep = "(" * 5000 + "x" + ")" * 5000
+    check(tmp_path, GOOD.replace("expr: h * silu(x)", f"expr: {deep}"), "expr:",
+          "nested too deeply")
 
 
 def test_malicious_use_name(tmp_path):
