@@ -279,11 +279,10 @@ def _instantiate(src: _Source, top: _Map) -> Spec:
         return Spec(src.path, base, options, top)
     name = src.name(top.values["name"], top["name"], "recurrence name")
     doc = src.string(top, "doc", "doc") if "doc" in top else base.doc
-    fixed = dict(options)
 
     def builder(**opts: Any) -> Recurrence:
         return replace(base.build(**opts), name=name, doc=doc.split("\n\n")[0]).verify()
-    entry = Entry(name, builder, {**base.defaults, **fixed}, base.optional_inputs, doc,
+    entry = Entry(name, builder, {**base.defaults, **options}, base.optional_inputs, doc,
                   src.path, dict(base.hints))
     return Spec(src.path, entry, options, top)
 
