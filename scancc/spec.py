@@ -64,10 +64,11 @@ class Spec:
 # ---- the YAML layer: safe loading that remembers where every key and value is ----
 
 class _Map(dict):
-    """A YAML mapping; ``keys``/``values`` hold the YAML node of each key and value."""
+    """A YAML mapping; ``key_nodes``/``value_nodes`` hold the YAML node of each key and value
+    (for positions in errors)."""
     node: yaml.Node
-    keys: dict[str, yaml.Node]
-    values: dict[str, yaml.Node]
+    key_nodes: dict[str, yaml.Node]
+    value_nodes: dict[str, yaml.Node]
 
 
 class _Seq(list):
@@ -102,7 +103,7 @@ def _pos(node: yaml.Node) -> tuple[int, int]:
 
 def _construct_map(loader: _Loader, node: yaml.MappingNode) -> _Map:
     m = _Map()
-    m.node, m.keys, m.values = node, {}, {}
+    m.node, m.key_nodes, m.value_nodes = node, {}, {}
     seen: dict[str, yaml.Node] = {}
     for knode, _ in node.value:  # before merging, so '<<' defaults are not duplicates
         if knode.tag == _MERGE:
@@ -118,7 +119,7 @@ def _construct_map(loader: _Loader, node: yaml.MappingNode) -> _Map:
     for knode, vnode in node.value:
         k = _key(loader, knode)
         m[k] = loader.construct_object(vnode, deep=True)
-        m.keys[k], m.values[k] = knode, vnode
+        m.key_nodes[k], m.value_nodes[k] = knode, vnode
     return m
 
 
@@ -184,7 +185,7 @@ class _Source:
             if k not in allowed:
                 close = difflib.get_close_matches(k, allowed, 1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                self.fail(m.keys[k], f"unknown key {k!r} in {what}{hint}: expected one of "
+                self.fail(m.key_nodes[k], f"unknown key {k!r} in {what}{hint}: expected one of "
                                      f"{', '.join(allowed)}")
         for k in required:
             if k not in m:
@@ -195,16 +196,16 @@ class _Source:
         v = m.get(key)
         if v is None and optional:
             empty = _Map()
-            empty.node, empty.keys, empty.values = m.values.get(key, m.node), {}, {}
+            empty.node, empty.key_nodes, empty.value_nodes = m.value_nodes.get(key, m.node), {}, {}
             return empty
         if not isinstance(v, dict):
-            self.fail(m.values[key], f"{what}: expected a mapping, found {_describe(v)}")
+            self.fail(m.value_nodes[key], f"{what}: expected a mapping, found {_describe(v)}")
         return v
 
     def string(self, m: _Map, key: str, what: str) -> str:
         v = m[key]
         if not isinstance(v, str):
-            self.fail(m.values[key], f"{what}: expected a string, found {_describe(v)}")
+            self.fail(m.value_nodes[key], f"{what}: expected a string, found {_describe(v)}")
         return v
 
     def name(self, node: yaml.Node, v: Any, what: str) -> str:
@@ -253,11 +254,11 @@ def _option_value(src: _Source, node: yaml.Node, key: str, v: Any, default: Any)
 
 def _instantiate(src: _Source, top: _Map) -> Spec:
     src.check_keys(top, INSTANTIATE_KEYS, "an instantiate spec (one with 'use:')")
-    use = src.name(top.values["use"], top["use"], "use")
+    use = src.name(top.value_nodes["use"], top["use"], "use")
     try:
         base = registry.get(use)
     except RegistryError as e:
-        src.fail(top.values["use"], f"use: {e}")
+        src.fail(top.value_nodes["use"], f"use: {e}")
     opts = src.mapping(top, "options", "options", optional=True)
     options = {}
     for k, v in opts.items():
@@ -266,18 +267,18 @@ def _instantiate(src: _Source, top: _Map) -> Spec:
                               if o not in base.optional_inputs) or "none"
             why = (f"{k!r} is an optional input of {use!r}: pass it when calling the kernel"
                    if k in base.optional_inputs else f"{use!r} has no option {k!r}")
-            src.fail(opts.keys[k], f"{why} (options: {known})")
-        options[k] = _option_value(src, opts.values[k], k, v, base.defaults[k])
-    where = top.values.get("options", top.values["use"])
+            src.fail(opts.key_nodes[k], f"{why} (options: {known})")
+        options[k] = _option_value(src, opts.value_nodes[k], k, v, base.defaults[k])
+    where = top.value_nodes.get("options", top.value_nodes["use"])
     try:
         base.build(**options)
     except (IRError, ValueError, TypeError) as e:
         src.fail(where, f"{use!r} rejects these options: {e}")
     if "name" not in top:
         if "doc" in top:
-            src.fail(top.keys["doc"], "doc: only a spec with its own 'name:' takes a doc")
+            src.fail(top.key_nodes["doc"], "doc: only a spec with its own 'name:' takes a doc")
         return Spec(src.path, base, options, top)
-    name = src.name(top.values["name"], top["name"], "recurrence name")
+    name = src.name(top.value_nodes["name"], top["name"], "recurrence name")
     doc = src.string(top, "doc", "doc") if "doc" in top else base.doc
 
     def builder(**opts: Any) -> Recurrence:
@@ -297,7 +298,7 @@ class _Define:
         self.locs: dict[tuple[str, str], dict[str, yaml.Node]] = {}
 
     def declare(self, m: _Map, key: str, what: str) -> str:
-        node = m.keys[key]
+        node = m.key_nodes[key]
         name = self.src.name(node, key, what)
         if name in self.owner:
             other, onode = self.owner[name]
@@ -309,7 +310,7 @@ class _Define:
 
     def dim_list(self, m: _Map, key: str, what: str, optional_ok: bool = False):
         """A list of declared dims; with ``optional_ok`` a trailing '?' marks optional dims."""
-        v, vnode = m[key], m.values[key]
+        v, vnode = m[key], m.value_nodes[key]
         if not isinstance(v, list):
             self.src.fail(vnode, f"{what}: expected a list of dims like [batch, time], found "
                                  f"{_describe(v)}")
@@ -348,7 +349,7 @@ class _Define:
         return self.parsed(node, what, lambda line, col0: self.parser.parse(text, line, col0))
 
     def text(self, m: _Map, key: str, what: str) -> tuple[str, yaml.Node]:
-        v, node = m[key], m.values[key]
+        v, node = m[key], m.value_nodes[key]
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             v = repr(float(v))
         if not isinstance(v, str):
@@ -371,27 +372,27 @@ class _Define:
     def build(self) -> Recurrence:
         src, top = self.src, self.top
         src.check_keys(top, DEFINE_KEYS, "a spec", _DEFINE_REQUIRED)
-        self.name = src.name(top.values["name"], top["name"], "recurrence name")
+        self.name = src.name(top.value_nodes["name"], top["name"], "recurrence name")
         doc = src.string(top, "doc", "doc") if "doc" in top else ""
 
         dims = []
         dmap = src.mapping(top, "dims", "dims")
         for k, v in dmap.items():
             name = self.declare(dmap, k, "dim")
-            vnode = dmap.values[k]
+            vnode = dmap.value_nodes[k]
             role, size = v, None
             if isinstance(v, dict):
                 src.check_keys(v, ("role", "size"), f"dim {name!r}")
                 role, size = v.get("role", "feature"), v.get("size")
-                vnode = v.values.get("role", vnode)
+                vnode = v.value_nodes.get("role", vnode)
                 if size is not None and (not isinstance(size, int) or isinstance(size, bool)):
-                    src.fail(v.values["size"], f"dim {name!r} size: expected a positive "
+                    src.fail(v.value_nodes["size"], f"dim {name!r} size: expected a positive "
                                                f"integer, found {_describe(size)}")
             if role not in ROLES:
                 src.fail(vnode, f"dim {name!r}: expected a role ({', '.join(ROLES)}) or "
                                 f"{{role: ..., size: ...}}, found {_describe(role)}")
             dims.append(Dim(name, role, size))
-            self.locs["dim", name] = {"key": dmap.keys[k]}
+            self.locs["dim", name] = {"key": dmap.key_nodes[k]}
         self.dims = [d.name for d in dims]
         self.parser = ExprParser(self.symbols.get, set(self.dims))
 
@@ -402,7 +403,7 @@ class _Define:
             ds, opt = self.input_dims(imap, k, name)
             inputs.append(Input(name, ds, opt))
             self.symbols[name] = Node(Op.INPUT, (), name)
-            self.locs["input", name] = {"key": imap.keys[k], "dims": imap.values[k]}
+            self.locs["input", name] = {"key": imap.key_nodes[k], "dims": imap.value_nodes[k]}
 
         lets = []
         lmap = src.mapping(top, "lets", "lets", optional=True)
@@ -410,7 +411,7 @@ class _Define:
             name = self.declare(lmap, k, "let")
             lets.append(Let(name, self.expr(lmap, k, f"let {name!r}")))
             self.symbols[name] = Node(Op.PARAM, (), name)  # later lets and exprs may read it
-            self.locs["let", name] = {"key": lmap.keys[k], "expr": lmap.values[k]}
+            self.locs["let", name] = {"key": lmap.key_nodes[k], "expr": lmap.value_nodes[k]}
 
         smap = src.mapping(top, "states", "states")
         for k in smap:  # every state is a name before any expression is parsed
@@ -426,8 +427,8 @@ class _Define:
             src.check_keys(o, ("dims", "expr"), f"output {name!r}", ("dims", "expr"))
             ds, _ = self.dim_list(o, "dims", f"output {name!r} dims")
             outputs.append(Output(name, ds, self.expr(o, "expr", f"output {name!r} expr")))
-            self.locs["output", name] = {"key": omap.keys[k], "dims": o.values["dims"],
-                                         "expr": o.values["expr"]}
+            self.locs["output", name] = {"key": omap.key_nodes[k], "dims": o.value_nodes["dims"],
+                                         "expr": o.value_nodes["expr"]}
 
         rec = Recurrence(self.name, tuple(dims), tuple(inputs), tuple(lets), tuple(states),
                          tuple(outputs), self.numerics(), doc)
@@ -436,7 +437,7 @@ class _Define:
         except VerifyError as e:
             raise SpecError(src.path, *_pos(self.locate(e)), f"{e.where}: {e.message}") from None
         except IRError as e:
-            src.fail(top.values["name"], str(e))
+            src.fail(top.value_nodes["name"], str(e))
 
     def state(self, smap: _Map, key: str) -> State:
         src, name = self.src, key
@@ -451,8 +452,8 @@ class _Define:
         if rest.strip():
             self.parsed(tnode, what, lambda line, col0: _trailing(text, rest, line, col0))
         inject = self.expr(s, "inject", f"state {name!r} inject")
-        self.locs["state", name] = {"key": smap.keys[key], "dims": s.values["dims"],
-                                    "transition": tnode, "inject": s.values["inject"]}
+        self.locs["state", name] = {"key": smap.key_nodes[key], "dims": s.value_nodes["dims"],
+                                    "transition": tnode, "inject": s.value_nodes["inject"]}
         return State(name, ds, tr, inject)
 
     def numerics(self) -> Numerics:
@@ -461,7 +462,7 @@ class _Define:
         self.src.check_keys(nmap, ("accum", "state", "input"), "numerics")
         for k, v in nmap.items():
             if not isinstance(v, str) and not (k == "input" and v is None):
-                self.src.fail(nmap.values[k], f"numerics {k}: expected a dtype name like "
+                self.src.fail(nmap.value_nodes[k], f"numerics {k}: expected a dtype name like "
                                               f"float32, found {_describe(v)}")
         return Numerics(**nmap)
 
@@ -471,10 +472,10 @@ class _Define:
         out = {}
         for k, v in hmap.items():
             if k not in inputs:
-                self.src.fail(hmap.keys[k], f"hints: expected an input name "
+                self.src.fail(hmap.key_nodes[k], f"hints: expected an input name "
                                             f"({', '.join(inputs)}), found {k!r}")
             if not isinstance(v, str) or v not in SAMPLERS:
-                self.src.fail(hmap.values[k], f"hint for {k!r}: expected a sampler "
+                self.src.fail(hmap.value_nodes[k], f"hint for {k!r}: expected a sampler "
                                               f"({', '.join(SAMPLERS)}), found {_describe(v)}")
             out[k] = v
         return out
@@ -483,13 +484,13 @@ class _Define:
         """The YAML node a verifier error is about, from its ``where``."""
         where, msg = e.where, e.message
         top = self.top
-        if where in ("dims", "inputs", "states", "outputs", "numerics") and where in top.keys:
-            return top.values[where] if where == "numerics" else top.keys[where]
+        if where in ("dims", "inputs", "states", "outputs", "numerics") and where in top.key_nodes:
+            return top.value_nodes[where] if where == "numerics" else top.key_nodes[where]
         what, _, rest = where.partition(" ")
         quoted, _, detail = rest.partition("'")[2].partition("'")
         loc = self.locs.get((what, quoted))
         if loc is None:
-            return top.values["name"]
+            return top.value_nodes["name"]
         if what == "state":
             if "(inject" in detail:
                 return loc["inject"]
@@ -576,10 +577,10 @@ def register_spec(path: str | os.PathLike, override: bool = False) -> Entry:
     spec = load_spec(path)
     top, src = spec.top, _Source(spec.path)
     if "name" not in top:
-        src.fail(top.keys["use"], f"this spec instantiates {top['use']!r} without a name: add "
+        src.fail(top.key_nodes["use"], f"this spec instantiates {top['use']!r} without a name: add "
                                   "'name: ...' to register it as a new recurrence")
     registry.names()  # load the standard library first, so a clash with it is caught now
     try:
         return registry.add(spec.entry, override)
     except RegistryError as e:
-        src.fail(top.values["name"], str(e))
+        src.fail(top.value_nodes["name"], str(e))
