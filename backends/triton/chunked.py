@@ -1,11 +1,293 @@
-"""The chunked algorithm (parallel in time, tl.dot): not written yet."""
+"""The chunked algorithm: parallel within chunks of BLOCK_TIME steps (matmuls via tl.dot),
+recurrent across chunks, for states ``S[K, V] = a_t ⊙ S + k_t v_tᵀ`` read out as
+``o_t = sum_K q_t S_t`` where the decay a_t is 1 (identity), one number per grid index
+(scalar: linear_attn, retnet, simple_gla, mamba2 — the SSD "segsum" form) or varies along K
+(diagonal: gla).
+
+With log decays g and their in-chunk cumulative sums c (c_t = g_1 + ... + g_t), for t in the
+chunk and S the state before it:
+
+    o_t   = sum_{s<=t} (q_t · (k_s ⊙ e^{c_t - c_s})) v_s  +  (q_t ⊙ e^{c_t}) S
+    S_new = e^{c_last} ⊙ S  +  sum_s (k_s ⊙ e^{c_last - c_s}) v_sᵀ
+
+Every exponent is c_t - c_s with t >= s, so <= 0 (RECURRENCES.md, numerics). The K-diagonal
+intra-chunk term needs a per-K exponent, so it is a broadcast product over [BT, BT, BK]
+rather than a tl.dot; the inter-chunk terms and the state update are tl.dot for every kind.
+The operands of tl.dot are cast to the input dtype (bf16/fp16 tensor cores; fp32 with
+input_precision="ieee"), accumulation is float32.
+
+Not yet here: a chunked (WY/UT) form for householder (delta_net, gated_delta_net) —
+those use the recurrent algorithm.
+"""
 from __future__ import annotations
 
-from scancc.ir import Recurrence
+from dataclasses import dataclass
+
+from scancc.ir import Kind, Node, Op, Recurrence
+from scancc.ir.printer import format_expr, format_transition
+
+from . import recurrent
+from .plan import Plan, plan
+from .recurrent import Env, Idx
+
+
+@dataclass(frozen=True)
+class Form:
+    """The chunked form of a recurrence, found by matching its IR."""
+    K: str                     # the contracted state dim
+    V: str                     # the other state dim (split across programs)
+    grid: tuple[str, ...]
+    kind: Kind                 # IDENTITY, SCALAR, or DIAGONAL (decay along K)
+    log_decay: Node | None     # g_t, with a_t = exp(g_t)
+    log_of: bool               # True: g = log(decay) (decay not written as exp(...))
+    k_side: tuple[Node, ...]   # factors of the injected term with dims K (and grid)
+    v_side: tuple[Node, ...]   # the other factors (dims V and grid, or grid only)
+    q_side: tuple[Node, ...]   # factors of the readout contraction besides the state
+    contraction: Node          # the readout's sum(S * q, K) node
+
+
+class NotChunkable(Exception):
+    pass
+
+
+def _factors(n: Node) -> list[Node]:
+    if n.op is Op.MUL:
+        return _factors(n.src[0]) + _factors(n.src[1])
+    return [n]
+
+
+def analyze(rec: Recurrence) -> Form:
+    if len(rec.states) != 1:
+        raise NotChunkable("needs exactly one state")
+    s = rec.states[0]
+    t = s.transition
+    if t.kind not in (Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL):
+        raise NotChunkable(f"transition {t.kind.value!r} (needs identity, scalar or diagonal)")
+    P = plan(rec)
+    feats = [d for d in s.dims if d not in P.grid]
+    if len(feats) != 2:
+        raise NotChunkable(f"state dims {list(s.dims)}: needs exactly two non-grid dims (K, V)")
+    # the readout contraction sum(S * q, K)
+    sums = set()
+    for o in rec.outputs:
+        for n in o.expr.walk():
+            if n.op is Op.SUM and rec.uses_state(n):
+                sums.add(n)
+    if len(sums) != 1:
+        raise NotChunkable("the readout must read the state through one contraction "
+                           "sum(S * q, K)")
+    csum = sums.pop()
+    if len(csum.arg) != 1 or csum.arg[0] not in feats:
+        raise NotChunkable(f"the readout contracts over {list(csum.arg)}, not one state dim")
+    K = csum.arg[0]
+    V = next(d for d in feats if d != K)
+    fac = _factors(csum.src[0])
+    st = [f for f in fac if f.op is Op.STATE]
+    q_side = tuple(f for f in fac if f.op is not Op.STATE)
+    if len(st) != 1 or any(rec.uses_state(f) or V in rec.dims_of(f) for f in q_side):
+        raise NotChunkable("the contraction must be sum(S * q, K) with q free of V and states")
+    for o in rec.outputs:
+        if V not in o.dims and rec.uses_state(o.expr):
+            raise NotChunkable(f"output {o.name!r} lacks the value dim {V!r}")
+        for n in o.expr.walk():
+            if n is not csum and n != csum and n.op is Op.STATE:
+                if not _inside(o.expr, n, csum):
+                    raise NotChunkable("the state is read outside the contraction")
+        extra = set(rec.dims_of(o.expr)) - set(P.grid) - {V}
+        if extra:
+            raise NotChunkable(f"output {o.name!r} varies along {sorted(extra)}")
+    # injected term k ⊗ v
+    k_side, v_side = [], []
+    for f in _factors(s.inject):
+        dims = set(rec.dims_of(f))
+        if K in dims and V in dims:
+            raise NotChunkable("the injected term is not a product of a K-factor and a V-factor")
+        (k_side if K in dims else v_side).append(f)
+    if not k_side:
+        raise NotChunkable("the injected term has no factor along K")
+    for f in k_side + v_side + list(q_side):
+        if set(rec.dims_of(f)) - set(P.grid) - {K, V}:
+            raise NotChunkable(f"factor {format_expr(f)} varies along another dim")
+    kind, g, log_of = t.kind, None, False
+    if kind is not Kind.IDENTITY:
+        a = t.operand("decay")
+        ad = set(rec.dims_of(a))
+        if V in ad:
+            raise NotChunkable("the decay varies along the value dim")
+        if kind is Kind.DIAGONAL and K not in ad:
+            kind = Kind.SCALAR
+        g, log_of = (a.src[0], False) if a.op is Op.EXP else (a, True)
+    return Form(K, V, P.grid, kind, g, log_of, tuple(k_side), tuple(v_side), q_side, csum)
+
+
+def _inside(root: Node, target: Node, within: Node) -> bool:
+    """True if every path from root to target goes through ``within``."""
+    def reach(n: Node) -> bool:
+        if n == within:
+            return False
+        if n == target:
+            return True
+        return any(reach(s) for s in n.src)
+    return not reach(root)
 
 
 def applies(rec: Recurrence) -> tuple[bool, str]:
-    return False, "the chunked algorithm is not implemented yet"
+    try:
+        analyze(rec)
+    except NotChunkable as e:
+        return False, str(e)
+    return True, ""
 
 
-Lowering = None
+class Lowering(recurrent.Lowering):
+    algorithm = "chunked"
+
+    def make_plan(self) -> Plan:
+        self.form = analyze(self.rec)
+        f = self.form
+        return Plan(f.grid, (f.V,), (self.rec.time, f.K, f.V), ())
+
+    def axis_of(self, d: str) -> int:
+        return 0 if d == self.rec.time else 1  # tiles are [time, K] or [time, V]
+
+    def const_sizes(self) -> list[str]:
+        return [self.form.K, self.form.V]
+
+    def block_size(self, d: str, n: int) -> int:
+        if d == self.rec.time:
+            return 16 if self.form.kind is Kind.DIAGONAL else 32
+        return max(16, super().block_size(d, n))  # tl.dot needs >= 16 on a GPU
+
+    def block_default(self, d: str) -> str:
+        if d == self.rec.time:
+            return f'{self.names_blocks}.get("{d}", {self.block_size(d, 0)})'
+        return f"max(16, {super().block_default(d)})"
+
+    def _base_env(self) -> dict[str, Idx]:
+        base = {d: Idx(f"i_{d}", None, None) for d in self.plan.grid}
+        base[self.rec.time] = Idx(f"o_{self.rec.time}", self.rec.time, f"m_{self.rec.time}", True)
+        for d in (self.form.K, self.form.V):
+            base[d] = Idx(f"o_{d}", d, f"m_{d}")
+        return base
+
+    def load(self, name: str, env: Env) -> str:
+        inp = self.rec.input(name)
+        key = ("load", name, tuple(env[d] for d in inp.dims))
+        if key in self._memo:
+            return self._memo[key]
+        tv = self.rec.time in inp.dims
+        p = self.names.ir("p_", name)
+        b = self.names.ir("b_", name)
+        ptr, mask = self.pointer(self.arg[name], inp.dims, env, None, time_env=True)
+        self.emit(tv, f"{p} = {ptr}")
+        m = f", mask={mask}, other=0.0" if mask else ""
+        self.emit(tv, f"{b} = tl.load({p}{m}).to(tl.float32)")
+        self._memo[key] = b
+        return b
+
+    def product(self, factors, env: Env) -> str:
+        if not factors:
+            return "1.0"
+        vals = [self.par(self.value(f, env), 2) for f in factors]
+        return " * ".join(vals)
+
+    def render_kernel(self) -> list[str]:
+        rec, P, F = self.rec, self.plan, self.form
+        self.pro, self.body, self.step = [], [], []
+        self._memo, self._varies, self._prec = {}, {}, {}
+        env = Env(self._base_env())
+        T, K, V = rec.time, F.K, F.V
+        BT, BK, BV = self.block[T], self.block[K], self.block[V]
+        s = rec.states[0]
+        h = self.state_var[s.name]
+        head = self._program_ids()
+        head += [f"o_{K} = tl.arange(0, {BK})[None, :]",
+                 f"o_{V} = i_{V} * {BV} + tl.arange(0, {BV})[None, :]",
+                 f"m_{K} = o_{K} < {self.size[K]}",
+                 f"m_{V} = o_{V} < {self.size[V]}"]
+        dt = f"{self.arg[rec.inputs[0].name]}.dtype.element_ty"  # tl.dot operands: input dtype
+        init = [f"{h} = tl.zeros([{BK}, {BV}], dtype=tl.float32)"]
+        kv_env = Env(env.base)
+        ptr, mask = self.pointer(self.h0[s.name], s.dims, self._kv_env(kv_env), None)
+        p0 = self.names.ir("p_", self.h0[s.name])
+        init += [f"if {self.use_h0[s.name]}:", f"    {p0} = {ptr}",
+                 f"    {h} += tl.load({p0}, mask={mask}, other=0.0).to(tl.float32)"]
+        b = self.body
+        b.append(f"o_{T} = i_c * {BT} + tl.arange(0, {BT})[:, None]")
+        b.append(f"m_{T} = o_{T} < {self.size[T]}")
+        b.append(f"# {s.name}: {format_transition(s.transition)} + {format_expr(s.inject)}")
+        qk, tv = f"m_{T} & m_{K}", f"m_{T} & m_{V}"
+        kf = self.bind(True, "b_kf", f"tl.where({qk}, {self.product(F.k_side, env)}, 0.0)")
+        vf = self.bind(True, "b_vf", f"tl.where({tv}, {self.product(F.v_side, env)}, 0.0)")
+        b.append(f"# {format_expr(F.contraction)}")
+        qf = self.bind(True, "b_qf", f"tl.where({qk}, {self.product(F.q_side, env)}, 0.0)")
+        dot = 'tl.dot({}, {}, input_precision="ieee")'
+        causal = f"o_{T} >= tl.trans(o_{T})"
+        if F.kind is Kind.IDENTITY:
+            a = self.bind(True, "b_A", f"tl.where({causal}, "
+                          + dot.format(f"{qf}.to({dt})", f"tl.trans({kf}).to({dt})") + ", 0.0)")
+            o = self.bind(True, "b_o", dot.format(f"{a}.to({dt})", f"{vf}.to({dt})")
+                          + " + " + dot.format(f"{qf}.to({dt})", f"{h}.to({dt})"))
+            b.append(f"{h} += " + dot.format(f"tl.trans({kf}).to({dt})", f"{vf}.to({dt})"))
+        else:
+            g = self.value(F.log_decay, env)
+            if F.log_of:
+                g = f"tl.log({g})"
+            gm = qk if F.kind is Kind.DIAGONAL else f"m_{T}"
+            g = self.bind(True, "b_g", f"tl.where({gm}, {g}, 0.0)")  # padded rows: no decay
+            gc = self.bind(True, "b_gc", f"tl.cumsum({g}, axis=0)")
+            gl = self.bind(True, "b_glast", f"tl.sum({g}, axis=0, keep_dims=True)")
+            if F.kind is Kind.SCALAR:
+                seg = f"tl.exp(tl.where({causal}, {gc} - tl.trans({gc}), float(\"-inf\")))"
+                a = self.bind(True, "b_A", dot.format(f"{qf}.to({dt})", f"tl.trans({kf}).to({dt})")
+                              + f" * {seg}")
+                decay_S = f"tl.exp({gl})"
+            else:
+                # per-K exponents c_t - c_s, t >= s: a [BT, BT, BK] product, summed over K
+                seg = (f"tl.exp(tl.where(({causal})[:, :, None], {gc}[:, None, :] - "
+                       f"{gc}[None, :, :], float(\"-inf\")))")
+                a = self.bind(True, "b_A", f"tl.sum({qf}[:, None, :] * {kf}[None, :, :] * "
+                              f"{seg}, axis=2)")
+                decay_S = f"tl.trans(tl.exp({gl}))"
+            o = self.bind(True, "b_o", dot.format(f"{a}.to({dt})", f"{vf}.to({dt})") + " + "
+                          + dot.format(f"({qf} * tl.exp({gc})).to({dt})", f"{h}.to({dt})"))
+            kd = f"({kf} * tl.exp({gl} - {gc}))"
+            b.append(f"{h} = {h} * {decay_S} + "
+                     + dot.format(f"tl.trans{kd}.to({dt})", f"{vf}.to({dt})"))
+        self._memo[(F.contraction, env.key)] = o
+        for out in rec.outputs:
+            b.append(f"# {out.name} = {format_expr(out.expr)}")
+            v = self.value(out.expr, env)
+            ptr, mask = self.pointer(self.arg[out.name], out.dims, env, None, time_env=True)
+            p = self.names.ir("p_", out.name)
+            b.append(f"{p} = {ptr}")
+            b.append(f"tl.store({p}, {self.par(v, 4)}.to({p}.dtype.element_ty), mask={mask})")
+        fin = [f"if {self.store_ht}:"]
+        ptr, mask = self.pointer(self.ht[s.name], s.dims, self._kv_env(kv_env), None)
+        pt = self.names.ir("p_", self.ht[s.name])
+        fin += [f"    {pt} = {ptr}", f"    tl.store({pt}, {h}, mask={mask})"]
+        lines = head + self.pro + init
+        lines.append(f"for i_c in range(0, tl.cdiv({self.size[T]}, {BT})):")
+        lines += ["    " + ln for ln in self.body]
+        return lines + fin
+
+    def _kv_env(self, env: Env) -> Env:
+        """Indices of the [K, V] state block: K down the rows, V along the columns."""
+        K, V = self.form.K, self.form.V
+        return env.with_(K, Idx(f"tl.trans(o_{K})", K, f"tl.trans(m_{K})"))
+
+    def _program_ids(self) -> list[str]:
+        P, head = self.plan, []
+        if P.grid:
+            flat = (self.names.new("i_" + "_".join(P.grid)) if len(P.grid) > 1
+                    else f"i_{P.grid[0]}")
+            head.append(f"{flat} = tl.program_id(0).to(tl.int64)")
+            if len(P.grid) > 1:
+                for i, d in enumerate(P.grid):
+                    inner = " * ".join(self.size[e] for e in P.grid[i + 1:])
+                    e = f"{flat} // {recurrent.par(inner)}" if inner else flat
+                    if i > 0:
+                        e = f"({e}) % {self.size[d]}" if inner else f"{e} % {self.size[d]}"
+                    head.append(f"i_{d} = {e}")
+        head.append(f"i_{self.form.V} = tl.program_id(1)")
+        return head

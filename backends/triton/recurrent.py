@@ -104,13 +104,17 @@ class Env:
         return self.over
 
 
+def pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
 class Lowering:
     """Renders the recurrent kernel and its launcher for one recurrence."""
     algorithm = "recurrent"
 
     def __init__(self, rec: Recurrence, options):
         self.rec, self.options = rec, dict(options)
-        self.plan: Plan = plan(rec)
+        self.plan: Plan = self.make_plan()
         self.names = Names()
         self.kernel_name = self.names.new(f"{rec.name}_{self.algorithm}_fwd_kernel")
         self.launcher_name = self.names.new(f"{rec.name}_{self.algorithm}_fwd")
@@ -131,6 +135,9 @@ class Lowering:
         self.block = {d: self.names.ir("BLOCK_", d, upper=True) for d in self.plan.regs}
         self.state_var = {s.name: self.names.ir("b_", s.name) for s in rec.states}
         self.parents = self._count_parents()
+
+    def make_plan(self) -> Plan:
+        return plan(self.rec)
 
     # ---- checks ----
     def _check_rules(self):
@@ -190,7 +197,7 @@ class Lowering:
         return env
 
     def pointer(self, arr: str, dims, env: Env, t_index: str | None,
-                block: bool = False) -> tuple[str, str | None]:
+                block: bool = False, time_env: bool = False) -> tuple[str, str | None]:
         """(offset expression of ``arr`` in its contiguous ``dims`` layout, mask). ``block``:
         a block of pointers even where no register dim indexes it (stores of blocks)."""
         sizes = [self.size[d] for d in dims]
@@ -200,7 +207,7 @@ class Lowering:
             terms.append(f"tl.zeros([{ones}], dtype=tl.int32)")
         for i, d in enumerate(dims):
             stride = " * ".join(sizes[i + 1:])
-            if d == self.rec.time:
+            if d == self.rec.time and not time_env:
                 if t_index is None:
                     continue
                 idx = Idx(t_index, None, None)
@@ -444,7 +451,7 @@ class Lowering:
     def runtime_sizes(self) -> list[str]:
         """Sizes passed at run time: the non-register dims the kernel body mentions."""
         text = "\n".join(self._body_lines)
-        return [d.name for d in self.rec.dims if d.name not in self.plan.regs
+        return [d.name for d in self.rec.dims if d.name not in self.const_sizes()
                 and re.search(rf"\b{self.size[d.name]}\b", text)]
 
     def signature(self) -> tuple[list[str], list[str]]:
@@ -453,9 +460,23 @@ class Lowering:
         params = [self.arg[i.name] for i in rec.inputs] + [self.arg[o.name] for o in rec.outputs]
         params += [self.h0[s.name] for s in rec.states] + [self.ht[s.name] for s in rec.states]
         params += [self.size[d] for d in self.runtime_sizes()]
-        consts = [self.size[d] for d in self.plan.regs] + [self.block[d] for d in self.plan.regs]
+        consts = [self.size[d] for d in self.const_sizes()]
+        consts += [self.block[d] for d in self.plan.regs]
         consts += [self.use_h0[s.name] for s in rec.states] + [self.store_ht]
         return params, consts
+
+    def const_sizes(self) -> list[str]:
+        """Dims whose sizes are constexpr: the register dims (they shape blocks)."""
+        return list(self.plan.regs)
+
+    def block_size(self, d: str, n: int) -> int:
+        """``block_default`` evaluated for size ``n``."""
+        return min(pow2(n), 64) if d in self.plan.split else pow2(n)
+
+    def block_default(self, d: str) -> str:
+        """The launcher's default block size for register dim ``d`` (an expression)."""
+        npow = f"triton.next_power_of_2({self.size[d]})"
+        return f"min({npow}, 64)" if d in self.plan.split else npow
 
     def compile_args(self, sizes: dict, dtype: str) -> tuple[dict, dict]:
         """(signature, constexprs) for compiling the kernel ahead of time with
@@ -475,8 +496,7 @@ class Lowering:
                 const[c] = size_of[c]
             elif c in self.block.values():
                 d = next(d for d, b in self.block.items() if b == c)
-                n = 1 << max(0, (sizes[d] - 1).bit_length())
-                const[c] = min(n, 64) if d in self.plan.split else n
+                const[c] = self.block_size(d, sizes[d])
             else:
                 const[c] = True
         return sig, const
@@ -521,12 +541,12 @@ class Lowering:
                     lines.append(f"    {self.size[d]} = {self.arg[i.name]}.shape[{i.dims.index(d)}]")
             known |= set(new)
         lines.append(f"    {blocks} = {blocks} or {{}}")
+        self.names_blocks = blocks
         for d in P.regs:
-            npow = f"triton.next_power_of_2({self.size[d]})"
             if d in P.split:
-                lines.append(f'    {self.block[d]} = {blocks}.get("{d}", min({npow}, 64))')
+                lines.append(f'    {self.block[d]} = {blocks}.get("{d}", {self.block_default(d)})')
             else:
-                lines.append(f"    {self.block[d]} = {npow}")
+                lines.append(f"    {self.block[d]} = {self.block_default(d)}")
         dev = f"{first}.device"
         for o in rec.outputs:
             shape = ", ".join(self.size[d] for d in o.dims)
@@ -547,7 +567,7 @@ class Lowering:
         lines.append(f"    grid = ({g0}, {g1})")
         params, consts = self.signature()
         args = params[:]
-        args += [self.size[d] for d in P.regs] + [self.block[d] for d in P.regs]
+        args += [self.size[d] for d in self.const_sizes()] + [self.block[d] for d in P.regs]
         args += [f"{self.h0[s.name]} is not None" for s in rec.states] + [final]
         lines.append(f"    {self.kernel_name}[grid](")
         lines += [f"        {a}," for a in args]
