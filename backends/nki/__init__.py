@@ -86,7 +86,11 @@ class NkiBackend(Backend):
         init = initial_state is not None
         src, plan = self._render(rec, dict(sizes), init, output_final_state, options)
         self.last_plan = plan
-        dtype = options.get("dtype")
+        dtype = options.get("dtype") or (rec.numerics.input if rec.numerics.input
+                                          in emulator.DTYPES else None)
+        if dtype is not None and dtype not in emulator.DTYPES:
+            raise UnsupportedError(NAME, rec.name, f"dtype {dtype!r}: NKI inputs are one of "
+                                   f"{', '.join(emulator.DTYPES)}")
         arrays, dtypes = [], []
         for inp in rec.inputs:
             a = np.asarray(inputs[inp.name])

@@ -1,0 +1,211 @@
+"""The NKI backend against the reference: every library recurrence, float32 and bfloat16,
+awkward shapes (T = 1, 63, 64, 700; partition dims not a multiple of 128; T not a multiple of
+the time tile), with and without initial/final state; the public compile() path; a user
+registered recurrence; the tile plan's budget errors; golden files of the generated source.
+
+Regenerate the golden files with ``SCANCC_REGEN_GOLDEN=1 pytest tests/test_nki.py -k golden``.
+"""
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+import scancc
+from scancc import registry
+from scancc.backends import get
+from scancc.backends.nki import PlanError, emulator
+from scancc.ir import Builder, const, dense, reduce_sum
+from scancc.testing import assert_close, default_sizes, sample_inputs, sample_state
+
+LIBRARY = ["linear_attn", "retnet", "simple_gla", "gla", "hgrn", "delta_net", "gated_delta_net",
+           "mamba", "mamba2", "s4d", "fir", "iir", "swa"]
+GOLDEN = pathlib.Path(__file__).parent / "golden" / "nki"
+# the dim each recurrence puts on the partitions; 130 gives a full tile and a ragged one
+PARTITION_DIM = {"linear_attn": "value", "retnet": "value", "simple_gla": "value",
+                 "gla": "value", "hgrn": "chan", "delta_net": "value", "gated_delta_net": "value",
+                 "mamba": "chan", "mamba2": "headdim", "s4d": "heads", "fir": "chan",
+                 "iir": "chan", "swa": "heads"}
+
+
+def check(name, dtype="float32", T=63, init=True, final=True, options=None, **over):
+    entry = registry.get(name)
+    rec = entry.build(**(options or {}))
+    sizes = default_sizes(rec, time=T, **over)
+    x = sample_inputs(rec, sizes, seed=T, hints=entry.hints)
+    if dtype == "bfloat16":  # the reference sees the same (rounded) inputs the kernel gets
+        x = {k: emulator.DTYPES["bfloat16"].round(v).astype(np.float64) for k, v in x.items()}
+    h0 = sample_state(rec, sizes) if init else None
+    ref = get("reference").run(rec, x, sizes, h0, final, {})
+    be = get("nki")
+    got = be.run(rec, x, sizes, h0, final, {"dtype": dtype})
+    for k, r in ref.outputs.items():
+        assert_close(got.outputs[k], r, dtype, f"{name} output {k} (T={T}, {dtype})")
+    if final:
+        for k, r in ref.final_states.items():
+            # states accumulate in float32 whatever the input dtype
+            assert_close(got.final_states[k], r, "float32", f"{name} final state {k}")
+    c = got.counters
+    assert c["peak_sbuf_bytes_per_partition"] <= be.last_plan.sbuf_bytes
+    assert c["peak_psum_banks"] <= be.last_plan.psum_banks <= emulator.PSUM_BANKS
+    return got, be.last_plan
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", LIBRARY)
+def test_library_against_reference(name, dtype):
+    check(name, dtype, T=63)
+
+
+@pytest.mark.parametrize("name", LIBRARY)
+def test_single_step_no_initial_state(name):
+    check(name, "float32", T=1, init=False, final=True)
+
+
+@pytest.mark.parametrize("name", ["hgrn", "mamba", "linear_attn", "iir"])
+def test_ragged_partitions_and_time_tiles(name):
+    # T = 700: a full 512-step tile then a ragged one; 130 rows: a full and a ragged tile
+    _, plan = check(name, "float32", T=700, **{PARTITION_DIM[name]: 130})
+    assert plan.tt == 512 and plan.pd == PARTITION_DIM[name]
+
+
+@pytest.mark.parametrize("name", ["mamba", "simple_gla", "delta_net", "fir", "iir", "swa"])
+def test_carry_across_small_time_tiles(name):
+    entry = registry.get(name)
+    rec = entry.build()
+    sizes = default_sizes(rec, time=40)
+    x = sample_inputs(rec, sizes, seed=3, hints=entry.hints)
+    h0 = sample_state(rec, sizes)
+    ref = get("reference").run(rec, x, sizes, h0, True, {})
+    got = get("nki").run(rec, x, sizes, h0, True, {"time_tile": 16})
+    assert get("nki").last_plan.tt == 16
+    for k in ref.outputs:
+        assert_close(got.outputs[k], ref.outputs[k], "float32", k)
+    for k in ref.final_states:
+        assert_close(got.final_states[k], ref.final_states[k], "float32", k)
+
+
+def test_mamba_options_through_compile():
+    entry = registry.get("mamba")
+    opts = dict(delta_softplus=True)
+    rec = entry.build(D=True, z=True, delta_bias=True, **opts)
+    sizes = default_sizes(rec, time=37)
+    x = sample_inputs(rec, sizes, seed=5, hints=entry.hints)
+    x32 = {k: v.astype(np.float32) for k, v in x.items()}
+    y_ref, h_ref = scancc.compile("mamba", **opts)(**x, output_final_state=True)
+    y, h = scancc.compile("mamba", target="nki", **opts)(**x32, output_final_state=True)
+    assert y.dtype == np.float32 and h.shape == h_ref.shape
+    assert_close(y, y_ref, "float32", "mamba y via compile()")
+    assert_close(h, h_ref, "float32", "mamba final state via compile()")
+
+
+def test_mamba2_via_compile_with_initial_state():
+    entry = registry.get("mamba2")
+    rec = entry.build()
+    sizes = default_sizes(rec, time=50)
+    x = {k: v.astype(np.float32) for k, v in
+         sample_inputs(rec, sizes, seed=2, hints=entry.hints).items()}
+    h0 = sample_state(rec, sizes)["h"].astype(np.float32)
+    ref = scancc.compile("mamba2")(**x, initial_state=h0)
+    got = scancc.compile("mamba2", target="nki")(**x, initial_state=h0)
+    assert_close(got, ref, "float32", "mamba2 via compile()")
+
+
+@pytest.fixture
+def dense_rotation():
+    """A user recurrence with a dense transition (no library recurrence has one)."""
+    name = "nki_test_damped_rotation"
+
+    @scancc.register(name, hints={"m": "small"})
+    def damped(r):
+        b, t, d = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("chan")
+        i, j = r.dim("row"), r.dim("col")
+        x, m = r.input("x", [b, t, d]), r.input("m", [d, i, j])
+        h = r.state("h", [b, d, i], dense(i, j, m), inject=x)
+        r.output("y", [b, t, d], reduce_sum(h, i))
+    yield name
+    registry.unregister(name)
+
+
+def test_user_registered_dense_recurrence(dense_rotation):
+    check(dense_rotation, "float32", T=45, row=3, col=3)
+    check(dense_rotation, "bfloat16", T=45, row=3, col=3)
+
+
+def test_user_recurrence_with_shared_decay_and_two_outputs():
+    r = Builder("nki_test_leaky")
+    b, t, d = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("chan")
+    x, a = r.input("x", [b, t, d]), r.input("a", [d])
+    from scancc.ir import diagonal, exp, scalar, sigmoid
+    h = r.state("h", [b, d], diagonal(sigmoid(a)), inject=x)
+    g = r.state("g", [b, d], scalar(const(0.5)), inject=exp(-x * x))
+    r.output("y", [b, t, d], h * g)
+    r.output("z", [b, t, d], h - 2.0 * g)
+    rec = r.build()
+    sizes = {"batch": 2, "time": 33, "chan": 5}
+    x = sample_inputs(rec, sizes, seed=1)
+    ref = get("reference").run(rec, x, sizes, None, True, {})
+    got = get("nki").run(rec, x, sizes, None, True, {})
+    for k in ("y", "z"):
+        assert_close(got.outputs[k], ref.outputs[k], "float32", k)
+    for k in ("h", "g"):
+        assert_close(got.final_states[k], ref.final_states[k], "float32", k)
+
+
+def test_tile_plan_picks_smaller_time_tile_then_fails_clearly():
+    rec = registry.get("gla").build()
+    be = get("nki")
+    # a big key dim: the state trajectory (key x time tile) must shrink the time tile
+    sizes = default_sizes(rec, time=1000, key=128)
+    be.render(rec, {"sizes": sizes})
+    src, plan = be._render(rec, sizes, False, False, {})
+    assert plan.tt < 512 and plan.sbuf_bytes <= emulator.SBUF_BYTES["trn1"]
+    huge = default_sizes(rec, time=8, key=16_000)
+    with pytest.raises(PlanError, match=r"gla.*180224 B.*key=16000"):
+        be.render(rec, {"sizes": huge})
+    assert "nki.jit" in be.render(rec, {"sizes": huge, "target": "trn2"})
+
+
+def test_unsupported_is_named():
+    rec = registry.get("mamba").build()
+    sizes = default_sizes(rec, groups=2, chan=6)  # groups of 3 channels on the partitions
+    from scancc.backends import UnsupportedError
+    with pytest.raises(UnsupportedError, match="mamba.*group"):
+        get("nki").render(rec, {"sizes": sizes})
+
+
+def test_available_and_generated_source_is_safe():
+    ok, how = get("nki").available()
+    assert ok and ("emulator" in how or "nki" in how)
+    r = Builder("nki_test_doc", 'evil """ doc\nimport os\x0bos.system("x")')
+    b, t, d = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("chan")
+    x = r.input("x", [b, t, d])
+    from scancc.ir import identity
+    h = r.state("h", [b, d], identity(), inject=x)
+    r.output("y", [b, t, d], h)
+    src = get("nki").render(r.build(), {})
+    body = [ln for ln in src.splitlines() if not ln.startswith("#")]
+    assert not any("os.system" in ln or ln.startswith("import os") for ln in body)
+    compile(src, "<nki>", "exec")
+
+
+@pytest.mark.parametrize("name", LIBRARY)
+def test_golden_source(name):
+    src = scancc.compile(name, target="nki").source
+    path = GOLDEN / f"{name}.py"
+    if os.environ.get("SCANCC_REGEN_GOLDEN") == "1":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(src)
+    assert path.exists(), f"missing {path}: run with SCANCC_REGEN_GOLDEN=1"
+    assert src == path.read_text(), (f"generated NKI source for {name} changed; if intended, "
+                                     "regenerate with SCANCC_REGEN_GOLDEN=1")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("init", [False, True])
+@pytest.mark.parametrize("T", [1, 63, 64, 700])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", LIBRARY)
+def test_full_product(name, dtype, T, init):
+    over = {PARTITION_DIM[name]: 130} if T == 700 else {}
+    check(name, dtype, T=T, init=init, final=init, **over)
