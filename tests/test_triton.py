@@ -28,7 +28,7 @@ LIBRARY = ["linear_attn", "retnet", "simple_gla", "gla", "hgrn", "delta_net", "g
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16,
                 "bfloat16": torch.bfloat16}
 # non-powers of two everywhere a dim is free
-ODD = {"key": 5, "value": 7, "chan": 6, "dstate": 3, "headdim": 5, "heads": 3}
+ODD = {"key": 5, "value": 7, "chan": 6, "dstate": 3, "headdim": 5, "heads": 3, "batch": 1}
 
 
 @pytest.fixture(autouse=True)
@@ -104,7 +104,7 @@ def algorithms(name: str) -> list[str]:
 
 
 # the default run: every recurrence in each dtype, on a different awkward shape per dtype
-DEFAULT = [("float32", 63, True, True), ("bfloat16", 64, False, False),
+DEFAULT = [("float32", 63, True, True), ("bfloat16", 40, False, False),
            ("float16", 1, True, True)]
 
 
@@ -116,11 +116,13 @@ def test_matrix_default(name, dtype, T, odd, state):
         _case(name, dtype, T, odd, state, algo)
 
 
-@pytest.mark.parametrize("name,dtype", [("linear_attn", "float32"), ("mamba2", "bfloat16"),
-                                        ("swa", "float16"), ("iir", "float32")])
-def test_longer_sequences(name, dtype):
-    for algo in algorithms(name):
-        _case(name, dtype, 257, True, True, algo)
+@pytest.mark.parametrize("name,dtype,algo", [
+    ("linear_attn", "float32", "chunked"), ("mamba2", "bfloat16", "chunked"),
+    ("gla", "float16", "chunked"), ("retnet", "float32", "recurrent"),
+    ("hgrn", "bfloat16", "recurrent")])
+def test_longer_sequences(name, dtype, algo):
+    # T = 257: many chunks and a ragged last one; one head, one batch keeps it quick
+    _case(name, dtype, 257, True, True, algo, overrides={"heads": 1, "batch": 1})
 
 
 @pytest.mark.slow

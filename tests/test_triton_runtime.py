@@ -1,0 +1,139 @@
+"""The Triton backend's runtime: interpreter fixes, the kernel cache, traffic counters, and
+the errors it raises."""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the Triton backend needs torch (scancc[triton])")
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("the Triton backend needs triton (scancc[triton])", allow_module_level=True)
+
+import scancc  # noqa: E402
+from scancc import backends, registry, testing  # noqa: E402
+from scancc.backends import UnsupportedError  # noqa: E402
+from scancc.backends.triton import runtime  # noqa: E402
+from scancc.ir import diagonal, exp, flip, identity, reduce_sum  # noqa: E402
+
+_DOT = '''
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def dot_kernel(a, b, c, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
+    o_m = tl.arange(0, M)[:, None]
+    o_n = tl.arange(0, N)[None, :]
+    o_k = tl.arange(0, K)
+    b_a = tl.load(a + o_m * K + o_k[None, :])
+    b_b = tl.load(b + o_k[:, None] * N + o_n)
+    tl.store(c + o_m * N + o_n, tl.dot(b_a, b_b))
+'''
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU interpreter's tl.dot")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_interpreter_dot_matches_gpu_semantics(dtype):
+    # bf16 operands: triton 3.9's interpreter multiplies raw bits unless runtime's fix is in
+    mod = runtime.load("test_dot_kernel_v1", _DOT)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(16, 32, generator=g).to(dtype)
+    b = torch.randn(32, 16, generator=g).to(dtype)
+    c = torch.full((16, 16), float("nan"))
+    mod.dot_kernel[(1,)](a, b, c, 16, 16, 32)
+    want = a.double() @ b.double()
+    testing.assert_close(c, want, "float32", f"tl.dot on {dtype}")
+
+
+def test_kernel_cache_memory_and_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCANCC_CACHE_DIR", str(tmp_path))
+    rec = registry.get("hgrn").build()
+    tb = backends.get("triton")
+    f1 = tb.launcher(rec, {}, ("float32",) * 2)
+    files = list((tmp_path / "triton").glob("*.py"))
+    assert len(files) == 1 and files[0].read_text() == tb.render(rec, {})
+    assert tb.launcher(rec, {}, ("float32",) * 2) is f1          # memory hit
+    assert tb.launcher(rec, {}, ("bfloat16",) * 2) is not f1      # dtypes are in the key
+    assert not list((tmp_path / "triton").glob("*.tmp"))          # atomic writes leave none
+
+
+def test_traffic_counter_counts_each_element_once():
+    rec = registry.get("hgrn").build()
+    sizes = {"batch": 2, "time": 7, "chan": 5}
+    x = testing.sample_inputs(rec, sizes, 0, hints=registry.get("hgrn").hints)
+    tx = {k: torch.from_numpy(v).float() for k, v in x.items()}
+    if torch.cuda.is_available():
+        pytest.skip("traffic is counted by instrumenting the CPU interpreter")
+    with runtime.count_traffic() as tr:
+        backends.get("triton").run(rec, tx, sizes, None, False, {})
+    n = 2 * 7 * 5
+    assert tr.loaded == 2 * n * 4 and tr.stored == n * 4
+
+
+def _reg(name, fn):
+    scancc.register(name, override=True)(fn)
+    return registry.get(name).build()
+
+
+def test_unsupported_errors_name_backend_recurrence_and_feature():
+    tb = backends.get("triton")
+    rec = registry.get("delta_net").build()
+    ok, why = tb.supports(rec, {"algorithm": "chunked"})
+    assert not ok and "'triton'" in why and "'delta_net'" in why and "householder" in why
+    ok, why = tb.supports(rec, {"algorithm": "bogus"})
+    assert not ok and "algorithm='bogus'" in why and "recurrent" in why
+    ok, why = tb.supports(rec, {"block_sizes": {"value": 12}})
+    assert not ok and "block_sizes['value']=12" in why and "power of two" in why
+
+    def flipped(r):
+        b, t, d = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("chan")
+        x = r.input("x", [b, t, d])
+        h = r.state("h", [b, d], identity(), inject=x)
+        r.output("y", [b, t, d], flip(h, d))
+    rec = _reg("triton_test_flip_state", flipped)
+    ok, why = tb.supports(rec, {})
+    assert not ok and "'flip'" in why and "triton_test_flip_state" in why
+    with pytest.raises(UnsupportedError, match="flip"):
+        scancc.compile(rec, target="triton")
+    registry.unregister("triton_test_flip_state")
+
+
+def test_supports_every_library_recurrence():
+    tb = backends.get("triton")
+    for name in registry.names():
+        entry = registry.get(name)
+        if entry.origin != "library":
+            continue
+        ok, why = tb.supports(entry.build(), {"algorithm": "recurrent"})
+        assert ok, why
+
+
+def test_float64_inputs_are_refused_with_a_reason():
+    k = scancc.compile("hgrn", target="triton")
+    x = np.zeros((1, 3, 2))
+    with pytest.raises(UnsupportedError, match="float64"):
+        k(x, x)
+
+
+def test_diagonal_decay_not_written_as_exp_uses_its_log():
+    def gated(r):
+        b, t, h, kd, vd = (r.dim("batch", "batch"), r.dim("time", "time"),
+                           r.dim("heads", "head"), r.dim("key"), r.dim("value"))
+        q, k, v = r.input("q", [b, t, h, kd]), r.input("k", [b, t, h, kd]), r.input(
+            "v", [b, t, h, vd])
+        a = r.input("a", [b, t, h, kd])
+        S = r.state("S", [b, h, kd, vd], diagonal(0.5 + 0.4 * exp(-a * a)), inject=k * v)
+        r.output("o", [b, t, h, vd], reduce_sum(S * q, kd))
+    rec = _reg("triton_test_gla_linear_decay", gated)
+    tb = backends.get("triton")
+    assert tb.algorithm(rec, {}) == "chunked"
+    sizes = {"batch": 1, "time": 37, "heads": 2, "key": 5, "value": 6}
+    x = testing.sample_inputs(rec, sizes, 2)
+    ref = backends.get("reference").run(rec, x, sizes, None, True, {})
+    res = tb.run(rec, {k: torch.from_numpy(v).float() for k, v in x.items()}, sizes, None,
+                 True, {})
+    testing.assert_close(res.outputs["o"], ref.outputs["o"], "float32")
+    testing.assert_close(res.final_states["S"], ref.final_states["S"], "float32")
+    registry.unregister("triton_test_gla_linear_decay")
