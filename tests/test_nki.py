@@ -166,12 +166,23 @@ def test_tile_plan_picks_smaller_time_tile_then_fails_clearly():
     assert "nki.jit" in be.render(rec, {"sizes": huge, "target": "trn2"})
 
 
+@pytest.mark.parametrize("chan", [6, 200])
+def test_groups_inside_a_partition_tile(chan):
+    # groups of 3 (or 100) channels: the B/C rows are gathered per partition by a selector
+    check("mamba", "float32", T=40, groups=2, chan=chan)
+    check("mamba", "bfloat16", T=40, groups=2, chan=chan)
+
+
 def test_unsupported_is_named():
-    rec = registry.get("mamba").build()
-    sizes = default_sizes(rec, groups=2, chan=6)  # groups of 3 channels on the partitions
+    r = Builder("nki_test_flip")
+    b, t, d = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("chan")
+    x, w = r.input("x", [b, t, d]), r.input("w", [d])
+    from scancc.ir import flip, identity
+    h = r.state("h", [b, d], identity(), inject=x * flip(w, d))
+    r.output("y", [b, t, d], h)
     from scancc.backends import UnsupportedError
-    with pytest.raises(UnsupportedError, match="mamba.*group"):
-        get("nki").render(rec, {"sizes": sizes})
+    with pytest.raises(UnsupportedError, match="nki_test_flip.*flip along the partition dim"):
+        get("nki").render(r.build(), {})
 
 
 def test_available_and_generated_source_is_safe():

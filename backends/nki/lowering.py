@@ -225,7 +225,10 @@ class Renderer:
                 p = False
             return p, t, c, deps
         if op is Op.GROUP:
-            return self.analyze(node.src[0], self.group_env(node, env))
+            p, t, c, deps = self.analyze(node.src[0], self.group_env(node, env))
+            if self.gathers(node, env):
+                return True, t, False, deps | pds
+            return p, t, c, deps
         if op is Op.FLIP:
             return self.analyze(node.src[0], self.flip_env(node, env))
         if op is Op.L2NORM:
@@ -233,6 +236,12 @@ class Renderer:
         rs = [self.analyze(s, env) for s in node.src]
         return (any(r[0] for r in rs), any(r[1] for r in rs), all(r[2] for r in rs),
                 frozenset().union(*(r[3] for r in rs)))
+
+    def gathers(self, node: Node, env: dict) -> bool:
+        """A group whose index varies along the partitions (groups split a partition tile)."""
+        g, d = node.arg
+        rep = self.sizes[d] // self.sizes[g]
+        return d == self.pd and self.sizes[g] > 1 and rep % 128 != 0
 
     def group_env(self, node: Node, env: dict) -> dict:
         g, d = node.arg
@@ -245,10 +254,35 @@ class Renderer:
         elif d == self.pd and rep % 128 == 0:
             sub[g] = Idx(f"p0 // {rep}", frozenset({self.pd_scope.sid}))
         else:
-            self.fail(f"group({g}, {d}) with {d!r} on the partitions needs every partition tile "
-                      f"inside one group ({d}={self.sizes[d]}, {g}={self.sizes[g]}: groups of "
-                      f"{rep} channels, not a multiple of 128)")
+            sub[g] = Idx("?", frozenset())  # gathered per group (see `gather`)
         return sub
+
+    def gather(self, node: Node, env: dict, sc: Scope, info) -> V:
+        """group(x, g, pd) with groups inside a partition tile: sum over g of a 0/1 partition
+        selector (from iota) times x at group g, broadcast across partitions."""
+        g, d = node.arg
+        rep = self.sizes[d] // self.sizes[g]
+        p, t, c, _ = info
+        kind = KIND[(True, t)]
+        acc = self.tile(sc, kind)
+        self.emit(sc, f"nisa.memset({acc.view()}, 0.0)")
+        loop = self.open(sc, f"for g_{g} in range({self.sizes[g]}):")
+        sub = {**env, g: Idx(f"g_{g}", frozenset({loop.sid}))}
+        v = self.value(node.src[0], sub, loop)
+        # sel[p] = 1 where p0 + p - rep * g lies in [0, rep)
+        pos, lo, hi = self.tile(loop, "col"), self.tile(loop, "col"), self.tile(loop, "col")
+        self.emit(loop, f"nisa.iota({pos.view()}, [[0, 1]], offset=p0 - {rep} * g_{g}, "
+                        "channel_multiplier=1)")
+        self.emit(loop, f"nisa.tensor_scalar({lo.view()}, {pos.view()}, nl.greater_equal, 0.0)")
+        self.emit(loop, f"nisa.tensor_scalar({hi.view()}, {pos.view()}, nl.greater_equal, "
+                        f"{_fmt(rep)})")
+        self.emit(loop, f"nisa.tensor_tensor({lo.view()}, {lo.view()}, {hi.view()}, "
+                        "nl.subtract)")
+        part = self.binary(Op.MUL, v, lo, loop)
+        self.emit(loop, f"nisa.tensor_tensor({acc.view()}, {acc.view()}, "
+                        f"{self.to_kind(part, kind, loop).view()}, nl.add)")
+        self.close(loop)
+        return acc
 
     def flip_env(self, node: Node, env: dict) -> dict:
         d = node.arg
@@ -303,6 +337,8 @@ class Renderer:
         if op is Op.PARAM:
             return self.value(self.lets[a], env, sc)
         if op is Op.GROUP:
+            if self.gathers(node, env):
+                return self.gather(node, env, sc, info)
             return self.value(node.src[0], self.group_env(node, env), sc)
         if op is Op.FLIP:
             return self.value(node.src[0], self.flip_env(node, env), sc)
@@ -488,36 +524,42 @@ class Renderer:
         p, t, c, deps = self.analyze(node, {**base, w: Idx("?", frozenset())})
         home = self.target(deps, sc)
         key = ("softmax", self.env_key(node, base))
-        stats = None
+        wts = None
         for s in home.chain():
-            if key in s.memo:
-                stats = s.memo[key]
-        if stats is None:
+            wts = s.memo.get(key, wts)
+        if wts is None:
+            # all the weights at once, outside any loop over w: (rows, |w|, cols)
             kind = KIND[(p, t)] if not c else "pt"
-            m = self.tile(home, kind)
-            tot = self.tile(home, kind)
+            m, tot = self.tile(home, kind), self.tile(home, kind)
+            rows = 128 if kind in ("col", "full") else 1
+            cols = self.tt if kind in ("row", "full") else 1
+            nw = self.sizes[w]
+            wname = self.alloc(home, (rows, nw, cols), 4 * nw * cols, "wts")
             self.emit(home, f"nisa.memset({m.view()}, {_fmt(-BIG)})")
             self.emit(home, f"nisa.memset({tot.view()}, 0.0)")
-            loop = self.open(home, f"for j_{w} in range({self.sizes[w]}):")
+            loop = self.open(home, f"for j_{w} in range({nw}):")
             sub = {**base, w: Idx(f"j_{w}", frozenset({loop.sid}))}
             x, _ = masked(sub, loop)
             self.emit(loop, f"nisa.tensor_tensor({m.view()}, {m.view()}, "
                             f"{self.to_kind(x, kind, loop).view()}, nl.maximum)")
             self.close(loop)
-            loop = self.open(home, f"for j_{w} in range({self.sizes[w]}):")
+            loop = self.open(home, f"for j_{w} in range({nw}):")
             sub = {**base, w: Idx(f"j_{w}", frozenset({loop.sid}))}
             x, keep = masked(sub, loop)
-            e = self.exp_shift(x, m, keep, loop)
-            self.emit(loop, f"nisa.tensor_tensor({tot.view()}, {tot.view()}, "
-                            f"{self.to_kind(e, kind, loop).view()}, nl.add)")
+            e = self.to_kind(self.exp_shift(x, m, keep, loop), kind, loop)
+            slot = V(kind, wname, mid=f"j_{w}, ")
+            self.emit(loop, f"nisa.tensor_copy({slot.view()}, {e.view()})")
+            self.emit(loop, f"nisa.tensor_tensor({tot.view()}, {tot.view()}, {e.view()}, nl.add)")
             self.close(loop)
             self.emit(home, f"nisa.tensor_scalar({tot.view()}, {tot.view()}, nl.maximum, 1e-30)")
-            stats = (m, tot)
-            home.memo[key] = stats
-        m, tot = stats
-        x, keep = masked(env, sc)
-        e = self.exp_shift(x, m, keep, sc)
-        return self.binary(Op.DIV, e, tot, sc)
+            loop = self.open(home, f"for j_{w} in range({nw}):")
+            slot = V(kind, wname, mid=f"j_{w}, ")
+            self.emit(loop, f"nisa.tensor_tensor({slot.view()}, {slot.view()}, {tot.view()}, "
+                            "nl.divide)")
+            self.close(loop)
+            wts = (kind, wname)
+            home.memo[key] = wts
+        return V(wts[0], wts[1], mid=f"{env[w].expr}, ")
 
     def unary_keep(self, mv: V, sc: Scope) -> V:
         if mv.kind == "const":
