@@ -141,6 +141,7 @@ def applies(rec: Recurrence) -> tuple[bool, str]:
 
 class Lowering(recurrent.Lowering):
     algorithm = "chunked"
+    scalar_groups = False
 
     def make_plan(self) -> Plan:
         self.form = analyze(self.rec)
@@ -153,10 +154,10 @@ class Lowering(recurrent.Lowering):
     def const_sizes(self) -> list[str]:
         return [self.form.K, self.form.V]
 
-    def block_size(self, d: str, n: int) -> int:
+    def block_size(self, d: str, n: int, sizes: dict | None = None) -> int:
         if d == self.rec.time:
             return 16 if self.form.kind is Kind.DIAGONAL else 32
-        return max(16, super().block_size(d, n))  # tl.dot needs >= 16 on a GPU
+        return max(16, super().block_size(d, n, sizes))  # tl.dot needs >= 16 on a GPU
 
     def block_default(self, d: str) -> str:
         if d == self.rec.time:

@@ -111,6 +111,7 @@ def pow2(n: int) -> int:
 class Lowering:
     """Renders the recurrent kernel and its launcher for one recurrence."""
     algorithm = "recurrent"
+    scalar_groups = True  # blocks of a grouped split dim stay inside one group
 
     def __init__(self, rec: Recurrence, options):
         self.rec, self.options = rec, dict(options)
@@ -134,6 +135,15 @@ class Lowering:
         self.size = {d.name: self.names.ir("", d.name, upper=True) for d in rec.dims}
         self.block = {d: self.names.ir("BLOCK_", d, upper=True) for d in self.plan.regs}
         self.state_var = {s.name: self.names.ir("b_", s.name) for s in rec.states}
+        # split dims read through group(): d -> its groups dims
+        self.grouped: dict[str, list[str]] = {}
+        if self.scalar_groups:
+            for _, root in rec.exprs():
+                for n in root.walk():
+                    if n.op is Op.GROUP and n.arg[1] in self.plan.split:
+                        gs = self.grouped.setdefault(n.arg[1], [])
+                        if n.arg[0] not in gs:
+                            gs.append(n.arg[0])
         self.parents = self._count_parents()
 
     def make_plan(self) -> Plan:
@@ -247,6 +257,10 @@ class Lowering:
         if node.op is Op.GROUP:
             g, d = node.arg
             idx = env[d]
+            if d in self.grouped and idx == env.base[d]:
+                # the launcher keeps a block inside one group: one group index per program
+                return env.with_(g, Idx(f"i_{d} * {self.block[d]} // ({self.size[d]} // "
+                                        f"{self.size[g]})", None, None))
             return env.with_(g, Idx(f"{par(idx.expr)} // ({self.size[d]} // {self.size[g]})",
                                     idx.axis, idx.mask, idx.tvar))
         d = node.arg  # FLIP
@@ -469,9 +483,13 @@ class Lowering:
         """Dims whose sizes are constexpr: the register dims (they shape blocks)."""
         return list(self.plan.regs)
 
-    def block_size(self, d: str, n: int) -> int:
-        """``block_default`` evaluated for size ``n``."""
-        return min(pow2(n), 64) if d in self.plan.split else pow2(n)
+    def block_size(self, d: str, n: int, sizes: dict | None = None) -> int:
+        """The launcher's block for register dim ``d`` of size ``n`` (``sizes``: all dims)."""
+        b = min(pow2(n), 64) if d in self.plan.split else pow2(n)
+        for g in self.grouped.get(d, []):
+            per = n // sizes[g]
+            b = min(b, per & -per)
+        return b
 
     def block_default(self, d: str) -> str:
         """The launcher's default block size for register dim ``d`` (an expression)."""
@@ -496,7 +514,7 @@ class Lowering:
                 const[c] = size_of[c]
             elif c in self.block.values():
                 d = next(d for d, b in self.block.items() if b == c)
-                const[c] = self.block_size(d, sizes[d])
+                const[c] = self.block_size(d, sizes[d], sizes)
             else:
                 const[c] = True
         return sig, const
@@ -545,6 +563,10 @@ class Lowering:
         for d in P.regs:
             if d in P.split:
                 lines.append(f'    {self.block[d]} = {blocks}.get("{d}", {self.block_default(d)})')
+                for g in self.grouped.get(d, []):
+                    per = f"({self.size[d]} // {self.size[g]})"
+                    lines.append(f"    {self.block[d]} = min({self.block[d]}, {per} & -{per})"
+                                 "  # a block never straddles two groups")
             else:
                 lines.append(f"    {self.block[d]} = {self.block_default(d)}")
         dev = f"{first}.device"

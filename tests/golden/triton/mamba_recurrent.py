@@ -52,9 +52,9 @@ def mamba_recurrent_fwd_kernel(
     p_delta = delta + i_batch * CHAN * TIME + o_chan * TIME
     p_A = A + o_chan * DSTATE + o_dstate
     b_A = tl.load(p_A, mask=m_chan & m_dstate, other=0.0).to(tl.float32)
-    p_B = B + i_batch * GROUPS * DSTATE * TIME + (o_chan // (CHAN // GROUPS)) * DSTATE * TIME + o_dstate * TIME
+    p_B = B + i_batch * GROUPS * DSTATE * TIME + (i_chan * BLOCK_CHAN // (CHAN // GROUPS)) * DSTATE * TIME + o_dstate * TIME
     p_u = u + i_batch * CHAN * TIME + o_chan * TIME
-    p_C = C + i_batch * GROUPS * DSTATE * TIME + (o_chan // (CHAN // GROUPS)) * DSTATE * TIME + o_dstate * TIME
+    p_C = C + i_batch * GROUPS * DSTATE * TIME + (i_chan * BLOCK_CHAN // (CHAN // GROUPS)) * DSTATE * TIME + o_dstate * TIME
     p_y = y + i_batch * CHAN * TIME + o_chan * TIME
     b_x = tl.zeros([BLOCK_CHAN, BLOCK_DSTATE], dtype=tl.float32)
     if USE_INITIAL_STATE:
@@ -63,11 +63,11 @@ def mamba_recurrent_fwd_kernel(
     for i_t in range(0, TIME):
         # x: diagonal(decay=exp(dt * A)) + dt * group(B, groups, chan) * u
         b_delta = tl.load(p_delta, mask=m_chan, other=0.0).to(tl.float32)
-        b_B = tl.load(p_B, mask=m_chan & m_dstate, other=0.0).to(tl.float32)
+        b_B = tl.load(p_B, mask=m_dstate, other=0.0).to(tl.float32)
         b_u = tl.load(p_u, mask=m_chan, other=0.0).to(tl.float32)
         b_x = tl.exp(b_delta * b_A) * b_x + b_delta * b_B * b_u
         # y = sum(x * group(C, groups, chan), dstate)
-        b_C = tl.load(p_C, mask=m_chan & m_dstate, other=0.0).to(tl.float32)
+        b_C = tl.load(p_C, mask=m_dstate, other=0.0).to(tl.float32)
         b_sum = tl.sum(tl.where(m_dstate, b_x * b_C, 0.0), axis=1, keep_dims=True)
         tl.store(p_y, b_sum.to(p_y.dtype.element_ty), mask=m_chan)
         p_delta += 1
@@ -90,6 +90,7 @@ def mamba_recurrent_fwd(u, delta, A, B, C, initial_state=None, output_final_stat
     GROUPS = B.shape[1]
     block_sizes = block_sizes or {}
     BLOCK_CHAN = block_sizes.get("chan", min(triton.next_power_of_2(CHAN), 64))
+    BLOCK_CHAN = min(BLOCK_CHAN, (CHAN // GROUPS) & -(CHAN // GROUPS))  # a block never straddles two groups
     BLOCK_DSTATE = triton.next_power_of_2(DSTATE)
     y = torch.full((BATCH, CHAN, TIME), float("nan"), dtype=u.dtype, device=u.device)
     initial_state = initial_state or {}
