@@ -131,7 +131,7 @@ def mamba(r, delta_softplus=False, D=False, z=False, delta_bias=False):
 
 @register("mamba2", optional_inputs=("D", "z", "dt_bias"), origin="library",
           hints={"dt": "positive", "A": "negative", "dt_bias": "positive"})
-def mamba2(r, dt_softplus=False, dt_limit=None, D=False, z=False, dt_bias=False):
+def mamba2(r, dt_softplus=False, dt_limit=(0.0, math.inf), D=False, z=False, dt_bias=False):
     """Mamba2 SSD (mamba_ssm's chunk-scan reference): h = exp(dt A_h) h + dt x B^T;
     y = h C + D x, optionally gated by silu(z)."""
     b, t, h = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("heads", "head")
@@ -145,10 +145,12 @@ def mamba2(r, dt_softplus=False, dt_limit=None, D=False, z=False, dt_bias=False)
         dt = dt + r.input("dt_bias", [h])
     if dt_softplus:
         dt = softplus(dt)
-    if dt_limit is not None:
+    if dt_limit is not None:  # like mamba_ssm, dt is clamped to [0, inf) by default
         lo, hi = dt_limit
-        dt = clamp(dt, None if lo is None or lo == 0.0 else lo,
-                   None if hi is None or hi == math.inf else hi)
+        lo = None if lo is None or lo == -math.inf else float(lo)
+        hi = None if hi is None or hi == math.inf else float(hi)
+        if lo is not None or hi is not None:
+            dt = clamp(dt, lo, hi)
     dt = r.let("dt_", dt)
     hs = r.state("h", [b, h, p, n], scalar(exp(dt * A)), inject=dt * x * group(B, g, h))
     y = dot(hs, group(C, g, h), n)

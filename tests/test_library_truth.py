@@ -350,10 +350,6 @@ def test_mamba2_matches_transformers_chunk_scan(tf, T, chunk, G, opts, dtype):
                   "float32", "mamba2")
 
 
-@pytest.mark.xfail(strict=True, reason="known mismatch: scancc's mamba2 turns a lower dt_limit of "
-                   "0.0 into no clamp (library.py, `lo == 0.0 -> None`), while transformers and "
-                   "mamba_ssm's kernels clamp dt to [lo, hi] always; differs only for dt < 0 "
-                   "after bias without softplus")
 def test_mamba2_zero_lower_dt_limit_clamps_negative_dt(tf):
     r = rng_for("mamba2-dt0")
     b, T, H, P, G, N = 1, 9, 2, 3, 1, 4
