@@ -593,6 +593,10 @@ class Renderer:
         inp = self.rec.input(node.arg)
         haspd, hast = self.pd in inp.dims, self.time in inp.dims
         kind = KIND[(haspd, hast)]
+        if kind != "full":
+            v = self.slab(inp, kind, env, sc)
+            if v is not None:
+                return v
         src = f"in_{inp.name}[{self.hbm_index(inp.dims, env, 'p0:p1', 't0:t1')}]"
         out = self.tile(sc, kind)
         if haspd and hast and inp.dims.index(self.time) < inp.dims.index(self.pd):
@@ -600,6 +604,51 @@ class Renderer:
         else:
             self.emit(sc, f"nisa.dma_copy({out.view()}, {src})")
         return out
+
+    def slab(self, inp, kind: str, env: dict, sc: Scope) -> V | None:
+        """Load an input over the dims its inner loops index, once, in an outer scope (e.g.
+        mamba's A[:, n] for every n once per channel tile, not once per time tile); the value
+        is then a view of the slab. None when that would not move the load out of a loop."""
+        loops = {}
+        for d in inp.dims:
+            if d in (self.pd, self.time):
+                continue
+            ix = env[d]
+            if len(ix.deps) == 1 and ix.expr.split("_", 1)[-1] == d and \
+                    ix.expr.split("_", 1)[0] in ("i", "r", "o", "m", "s", "j"):
+                loops[d] = ix
+        rest = frozenset().union(*(env[d].deps for d in inp.dims if d in env and d not in loops))
+        rest |= frozenset({self.pd_scope.sid} if self.pd in inp.dims else ())
+        rest |= frozenset({self.time_scope.sid} if self.time in inp.dims else ())
+        home = self.target(rest, sc)
+        inside = {s.sid for s in sc.chain()} - {s.sid for s in home.chain()}
+        slab_dims = tuple(d for d in inp.dims if d in loops and loops[d].deps & inside)
+        if not slab_dims:
+            return None
+        order = [d for d in inp.dims if d == self.pd or d in slab_dims or d == self.time]
+        want = ([self.pd] if self.pd in inp.dims else []) + list(slab_dims) + \
+            ([self.time] if self.time in inp.dims else [])
+        n = math.prod(self.sizes[d] for d in slab_dims)
+        cols = self.tt if kind in ("row", "full") else 1
+        if order != want or 4 * n * cols > 32768:
+            return None
+        key = ("slab", inp.name, tuple((d, env[d]) for d in inp.dims
+                                       if d in env and d not in slab_dims))
+        name = None
+        for s in home.chain():
+            name = s.memo.get(key, name)
+        if name is None:
+            rows = 128 if kind in ("col", "full") else 1
+            dims = tuple(self.sizes[d] for d in slab_dims)
+            name = self.alloc(home, (rows,) + dims + (cols,), 4 * n * cols, "slab")
+            full = {**env, **{d: Idx(f"0:{self.sizes[d]}", frozenset()) for d in slab_dims}}
+            src = f"in_{inp.name}[{self.hbm_index(inp.dims, full, 'p0:p1', 't0:t1')}]"
+            r = "0:P" if rows == 128 else "0:1"
+            c = "0:tw" if cols > 1 else "0:1"
+            mid = "".join(f"0:{k}, " for k in dims)
+            self.emit(home, f"nisa.dma_copy({name}[{r}, {mid}{c}], {src})")
+            home.memo[key] = name
+        return V(kind, name, mid="".join(f"{env[d].expr}, " for d in slab_dims))
 
     def transpose_load(self, inp, env: dict, out: V, sc: Scope) -> None:
         """[time, pd] in HBM -> (P, tw): DMA 128-step chunks, transpose on the Tensor engine."""

@@ -43,6 +43,8 @@ def fir_kernel(in_x, in_weight):
             P = p1 - p0
             carry_win = nl.ndarray((128, 4), dtype=nl.float32, buffer=nl.sbuf)
             nisa.memset(carry_win[0:P, 0:4], 0.0)
+            slab5 = nl.ndarray((128, 4, 1), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.dma_copy(slab5[0:P, 0:4, 0:1], in_weight[p0:p1, 0:4])
             for t0 in range(0, N_time, 64):
                 t1 = min(t0 + 64, N_time)
                 tw = t1 - t0
@@ -64,10 +66,8 @@ def fir_kernel(in_x, in_weight):
                 v4 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
                 nisa.memset(v4[0:P, 0:tw], 0.0)
                 for r_width in range(4):
-                    v5 = nl.ndarray((128, 1), dtype=nl.float32, buffer=nl.sbuf)
-                    nisa.dma_copy(v5[0:P, 0:1], in_weight[p0:p1, r_width])
                     v6 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
-                    nisa.tensor_scalar(v6[0:P, 0:tw], traj_win[0:P, r_width, 0:tw], nl.multiply, v5[0:P, 0:1], reverse0=True)
+                    nisa.tensor_scalar(v6[0:P, 0:tw], traj_win[0:P, r_width, 0:tw], nl.multiply, slab5[0:P, r_width, 0:1], reverse0=True)
                     nisa.tensor_tensor(v4[0:P, 0:tw], v4[0:P, 0:tw], v6[0:P, 0:tw], nl.add)
                 for c0 in range(0, tw, 128):
                     c1 = min(c0 + 128, tw)
