@@ -16,7 +16,7 @@ Generated code: edit the recurrence, not this file. The IR it was generated from
 #   input A: [heads]
 #   input B: [batch, time, groups, dstate]
 #   input C: [batch, time, groups, dstate]
-#   let dt_ = dt
+#   let dt_ = clamp(dt, lo=0.0)
 #   state h: [batch, heads, headdim, dstate] = scalar(decay=exp(dt_ * A)) + dt_ * x * group(B, groups, heads)
 #   output y: [batch, time, heads, headdim] = sum(h * group(C, groups, heads), dstate)
 # end
@@ -69,14 +69,15 @@ def mamba2_chunked_fwd_kernel(
         b_kf = tl.where(m_time & m_dstate, b_B, 0.0)
         p_dt = dt + i_batch * TIME * HEADS + o_time * HEADS + i_heads
         b_dt = tl.load(p_dt, mask=m_time, other=0.0).to(tl.float32)
+        b_dt_ = tl.maximum(b_dt, 0.0)
         p_x = x + i_batch * TIME * HEADS * HEADDIM + o_time * HEADS * HEADDIM + i_heads * HEADDIM + o_headdim
         b_x = tl.load(p_x, mask=m_time & m_headdim, other=0.0).to(tl.float32)
-        b_vf = tl.where(m_time & m_headdim, b_dt * b_x, 0.0)
+        b_vf = tl.where(m_time & m_headdim, b_dt_ * b_x, 0.0)
         # sum(h * group(C, groups, heads), dstate)
         p_C = C + i_batch * TIME * GROUPS * DSTATE + o_time * GROUPS * DSTATE + (i_heads // (HEADS // GROUPS)) * DSTATE + o_dstate
         b_C = tl.load(p_C, mask=m_time & m_dstate, other=0.0).to(tl.float32)
         b_qf = tl.where(m_time & m_dstate, b_C, 0.0)
-        b_g = tl.where(m_time, b_dt * b_A, 0.0)
+        b_g = tl.where(m_time, b_dt_ * b_A, 0.0)
         b_gc = tl.cumsum(b_g, axis=0)
         b_glast = tl.sum(b_g, axis=0, keep_dims=True)
         b_A_1 = tl.dot(b_qf.to(x.dtype.element_ty), tl.trans(b_kf).to(x.dtype.element_ty), input_precision="ieee") * tl.exp(tl.where(o_time >= tl.trans(o_time), b_gc - tl.trans(b_gc), float("-inf")))

@@ -16,7 +16,7 @@ Generated code: edit the recurrence, not this file. The IR it was generated from
 #   input A: [heads]
 #   input B: [batch, time, groups, dstate]
 #   input C: [batch, time, groups, dstate]
-#   let dt_ = dt
+#   let dt_ = clamp(dt, lo=0.0)
 #   state h: [batch, heads, headdim, dstate] = scalar(decay=exp(dt_ * A)) + dt_ * x * group(B, groups, heads)
 #   output y: [batch, time, heads, headdim] = sum(h * group(C, groups, heads), dstate)
 # end
@@ -67,9 +67,10 @@ def mamba2_recurrent_fwd_kernel(
     for i_t in range(0, TIME):
         # h: scalar(decay=exp(dt_ * A)) + dt_ * x * group(B, groups, heads)
         b_dt = tl.load(p_dt).to(tl.float32)
+        b_dt_ = tl.maximum(b_dt, 0.0)
         b_x = tl.load(p_x, mask=m_headdim, other=0.0).to(tl.float32)
         b_B = tl.load(p_B, mask=m_dstate, other=0.0).to(tl.float32)
-        b_h = tl.exp(b_dt * b_A) * b_h + b_dt * b_x * b_B
+        b_h = tl.exp(b_dt_ * b_A) * b_h + b_dt_ * b_x * b_B
         # y = sum(h * group(C, groups, heads), dstate)
         b_C = tl.load(p_C, mask=m_dstate, other=0.0).to(tl.float32)
         b_sum = tl.sum(tl.where(m_dstate, b_h * b_C, 0.0), axis=1, keep_dims=True)
