@@ -69,8 +69,17 @@ def main(argv=None):
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
     args = ap.parse_args(argv)
     only = set(filter(None, args.only.split(",")))
-    rows = [run_case(n, o, s, args.dtype) for n, o, s in CASES if not only or n in only]
     eng = ("tensor", "vector", "scalar", "gpsimd", "dma")
+    rows = []
+    for n, o, s in CASES:
+        if only and n not in only:
+            continue
+        r = run_case(n, o, s, args.dtype)
+        rows.append(r)
+        if not args.markdown:
+            print(f"{r['name']:16s} {r['shape']:48s} {r['plan']:12s} DMA {r['dma_mb']:8.2f} MB "
+                  f"x{r['dma_ratio']:.3f} instr {r['instr']} cycles {r['cycles']} "
+                  f"-> {r['us']:.1f} us (emulated in {r['wall']:.1f} s)", flush=True)
     if args.markdown:
         print("| recurrence | shape | pd/TT | DMA MB | DMA / min | instructions T/V/S/G/DMA "
               "| cycles T/V/S/G/DMA | projected µs |")
@@ -79,11 +88,6 @@ def main(argv=None):
             print(f"| {r['name']} | {r['shape']} | {r['plan']} | {r['dma_mb']:.2f} | "
                   f"{r['dma_ratio']:.3f} | {'/'.join(str(r['instr'][e]) for e in eng)} | "
                   f"{'/'.join(str(r['cycles'][e]) for e in eng)} | {r['us']:.1f} |")
-        return
-    for r in rows:
-        print(f"{r['name']:16s} {r['shape']:48s} {r['plan']:12s} DMA {r['dma_mb']:8.2f} MB "
-              f"x{r['dma_ratio']:.3f} instr {r['instr']} cycles {r['cycles']} "
-              f"-> {r['us']:.1f} us (emulated in {r['wall']:.1f} s)")
 
 
 if __name__ == "__main__":

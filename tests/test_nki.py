@@ -28,7 +28,8 @@ PARTITION_DIM = {"linear_attn": "value", "retnet": "value", "simple_gla": "value
                  "iir": "chan", "swa": "heads"}
 
 
-def check(name, dtype="float32", T=63, init=True, final=True, options=None, **over):
+def check(name, dtype="float32", T=63, init=True, final=True, options=None, algorithm="auto",
+          **over):
     entry = registry.get(name)
     rec = entry.build(**(options or {}))
     sizes = default_sizes(rec, time=T, **over)
@@ -38,7 +39,7 @@ def check(name, dtype="float32", T=63, init=True, final=True, options=None, **ov
     h0 = sample_state(rec, sizes) if init else None
     ref = get("reference").run(rec, x, sizes, h0, final, {})
     be = get("nki")
-    got = be.run(rec, x, sizes, h0, final, {"dtype": dtype})
+    got = be.run(rec, x, sizes, h0, final, {"dtype": dtype, "algorithm": algorithm})
     for k, r in ref.outputs.items():
         assert_close(got.outputs[k], r, dtype, f"{name} output {k} (T={T}, {dtype})")
     if final:
@@ -67,6 +68,35 @@ def test_ragged_partitions_and_time_tiles(name):
     # T = 700: a full 512-step tile then a ragged one; 130 rows: a full and a ragged tile
     _, plan = check(name, "float32", T=700, **{PARTITION_DIM[name]: 130})
     assert plan.tt == 512 and plan.pd == PARTITION_DIM[name]
+
+
+CHUNKED = ["linear_attn", "retnet", "simple_gla", "mamba2"]
+
+
+@pytest.mark.parametrize("T", [1, 63, 300])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", CHUNKED)
+def test_chunked_matmul_form(name, dtype, T):
+    # T = 300: two full 128-step chunks (time on the partitions) and a ragged one
+    _, plan = check(name, dtype, T=T, algorithm="chunked")
+    assert plan.chunked and plan.tt == min(T, 128)
+
+
+@pytest.mark.parametrize("name", CHUNKED)
+def test_scan_form_where_chunked_is_the_default(name):
+    _, plan = check(name, "float32", T=63, algorithm="scan")
+    assert not plan.chunked
+
+
+def test_chunked_refuses_what_it_cannot_lower():
+    from scancc.backends import UnsupportedError
+    rec = registry.get("gla").build()  # a per-key decay: the chunked form here is scalar-only
+    with pytest.raises(UnsupportedError, match="gla.*chunked"):
+        get("nki").render(rec, {"algorithm": "chunked"})
+    rec = registry.get("linear_attn").build()
+    sizes = default_sizes(rec, value=130)  # V must fit the partitions: falls back to the scan
+    _, plan = get("nki")._render(rec, sizes, False, False, {})
+    assert not plan.chunked
 
 
 @pytest.mark.parametrize("name", ["mamba", "simple_gla", "delta_net", "fir", "iir", "swa"])

@@ -11,6 +11,8 @@ runs in the project's strict NumPy emulator (``emulator.py``), which resolves th
 - ``dtype``: the NKI dtype of the inputs (``"float32"``, ``"bfloat16"``, ``"float16"``);
   default from the arrays (float64 arrays run as float32: NKI has no float64).
 - ``runner``: ``"auto"`` (default), ``"emulator"`` or ``"simulate"`` (needs real ``nki``).
+- ``algorithm``: ``"auto"`` (default: the chunked matmul form where it applies, else the
+  scan), ``"scan"`` or ``"chunked"`` (an error where it does not apply).
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ from ..base import Backend, RunResult, UnsupportedError
 from . import emulator
 from .lowering import NAME, Plan, PlanError, choose_layout, plan_and_render
 
-OPTIONS = ("target", "time_tile", "dtype", "runner", "sizes", "initial_state", "final_state")
+OPTIONS = ("target", "time_tile", "dtype", "runner", "sizes", "initial_state", "final_state",
+           "algorithm")
 
 
 def real_nki():
@@ -75,9 +78,10 @@ class NkiBackend(Backend):
     def _render(self, rec, sizes, init: bool, final: bool, options) -> tuple[str, Plan]:
         target = options.get("target", "trn1")
         tt = options.get("time_tile")
-        key = (rec, tuple(sorted(sizes.items())), init, final, target, tt)
+        algo = options.get("algorithm", "auto")
+        key = (rec, tuple(sorted(sizes.items())), init, final, target, tt, algo)
         if key not in self._cache:
-            self._cache[key] = plan_and_render(rec, sizes, init, final, target, tt)
+            self._cache[key] = plan_and_render(rec, sizes, init, final, target, tt, algo)
         return self._cache[key]
 
     def run(self, rec: Recurrence, inputs: Mapping[str, Any], sizes: Mapping[str, int],

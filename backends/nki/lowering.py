@@ -28,6 +28,7 @@ from scancc.ir import Kind, Node, Op, Recurrence, format_recurrence
 
 from ..base import UnsupportedError
 from . import emulator as E
+from .chunked import ChunkedMixin, find_chunked
 
 NAME = "nki"
 TT_CANDIDATES = (512, 256, 128, 64, 32, 16, 8, 4, 2, 1)
@@ -93,6 +94,7 @@ _PY_UNARY = {Op.NEG: "(-{0})", Op.EXP: "math.exp({0})", Op.LOG: "math.log({0})",
 _PY_BINARY = {Op.ADD: "({0} + {1})", Op.SUB: "({0} - {1})", Op.MUL: "({0} * {1})",
               Op.DIV: "({0} / {1})", Op.MAXIMUM: "max({0}, {1})", Op.MINIMUM: "min({0}, {1})"}
 ELEMENTWISE_KINDS = (Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL)
+ALGORITHMS = ("auto", "scan", "chunked")
 
 
 def _fmt(v: float) -> str:
@@ -106,7 +108,7 @@ class Plan:
     tt: int
     sbuf_bytes: int = 0
     psum_banks: int = 0
-    notes: list = field(default_factory=list)
+    chunked: tuple[str, ...] = ()   # states lowered in the chunked (matmul) form
 
 
 def choose_layout(rec: Recurrence, sizes: Mapping[str, int]) -> tuple[str, tuple[str, ...]]:
@@ -127,9 +129,9 @@ def choose_layout(rec: Recurrence, sizes: Mapping[str, int]) -> tuple[str, tuple
     return pd, outer
 
 
-class Renderer:
+class Renderer(ChunkedMixin):
     def __init__(self, rec: Recurrence, sizes: Mapping[str, int], tt: int,
-                 initial_state: bool, final_state: bool):
+                 initial_state: bool, final_state: bool, algorithm: str = "auto"):
         self.rec, self.sizes, self.tt = rec, dict(sizes), tt
         self.init, self.final = initial_state, final_state
         self.time = rec.time
@@ -145,6 +147,14 @@ class Renderer:
         self.pd_scope = self.time_scope = None
         self.lets = {l.name: l.expr for l in rec.lets}
         self._an: dict = {}
+        if algorithm not in ALGORITHMS:
+            self.fail(f"unknown algorithm {algorithm!r} (known: {', '.join(ALGORITHMS)})")
+        self.chunks = {} if algorithm == "scan" else find_chunked(rec, self.pd, self.outer,
+                                                                   self.sizes)
+        if algorithm == "chunked" and not self.chunks:
+            self.fail("the chunked (matmul) form needs a scalar/identity state [..., K, V] with "
+                      "V on the partitions (<= 128), K <= 128, an inject k * v and readouts "
+                      "sum(S * q, K), all read with time before the feature dim")
 
     # ---- emission helpers ----
     def fail(self, feature: str):
@@ -871,6 +881,8 @@ class Renderer:
         self.emit(top, "nisa.memset(ones_row, 1.0)")
         self.emit(top, "ones_col = nl.ndarray((128, 1), dtype=nl.float32, buffer=nl.sbuf)")
         self.emit(top, "nisa.memset(ones_col, 1.0)")
+        if self.chunks:
+            self.chunk_constants(top)
         sc, env, outer_scopes = self.inner_loops(top, self.outer, {}, "i")
         pdl = self.open(sc, f"for p0 in range(0, N_{self.pd}, 128):")
         self.pd_scope = pdl
@@ -878,6 +890,17 @@ class Renderer:
         self.emit(pdl, "P = p1 - p0")
         for s in rec.states:
             n, r = self.n_inner(s), self.rows(s)
+            if s.name in self.chunks:  # a (K, V) tile: K on the partitions
+                cp = self.chunks[s.name]
+                self.sbuf_sites.append(4 * self.npd)
+                self.emit(pdl, f"carry_{s.name} = nl.ndarray((128, {self.npd}), "
+                               "dtype=nl.float32, buffer=nl.sbuf)")
+                if self.init:
+                    self.chunk_state_dma(s, cp, env, pdl, load=True)
+                else:
+                    self.emit(pdl, f"nisa.memset(carry_{s.name}[0:{self.sizes[cp.kd]}, 0:P], "
+                                   "0.0)")
+                continue
             self.sbuf_sites.append(4 * n)
             self.emit(pdl, f"carry_{s.name} = nl.ndarray(({128 if r == 'P' else 1}, {n}), "
                            "dtype=nl.float32, buffer=nl.sbuf)")
@@ -890,6 +913,9 @@ class Renderer:
         self.emit(tl, f"t1 = min(t0 + {self.tt}, N_{rec.time})")
         self.emit(tl, "tw = t1 - t0")
         for s in rec.states:
+            if s.name in self.chunks:
+                self.chunk_state(s, self.chunks[s.name], env, tl)
+                continue
             n, r = self.n_inner(s), self.rows(s)
             self.sbuf_sites.append(4 * n * self.tt)
             self.emit(tl, f"traj_{s.name} = nl.ndarray(({128 if r == 'P' else 1}, {n}, "
@@ -907,7 +933,10 @@ class Renderer:
         self.close(tl)
         if self.final:
             for s in rec.states:
-                self.state_dma(s, env, pdl, load=False)
+                if s.name in self.chunks:
+                    self.chunk_state_dma(s, self.chunks[s.name], env, pdl, load=False)
+                else:
+                    self.state_dma(s, env, pdl, load=False)
         self.close(pdl)
         self.closeall(outer_scopes)
         rets = [f"out_{o.name}" for o in rec.outputs]
@@ -946,24 +975,28 @@ class Renderer:
 
 
 def plan_and_render(rec: Recurrence, sizes: Mapping[str, int], initial_state: bool,
-                    final_state: bool, target: str = "trn1", tt: int | None = None
-                    ) -> tuple[str, Plan]:
-    """Choose the largest time tile whose kernel fits SBUF/PSUM, and render it."""
+                    final_state: bool, target: str = "trn1", tt: int | None = None,
+                    algorithm: str = "auto") -> tuple[str, Plan]:
+    """Choose the largest time tile whose kernel fits SBUF/PSUM, and render it. The chunked
+    form puts a time tile on the partitions, so it caps the tile at 128 steps."""
     if target not in E.SBUF_BYTES:
         raise UnsupportedError(NAME, rec.name, f"unknown target {target!r} "
                                f"(known: {', '.join(E.SBUF_BYTES)})")
     budget = E.SBUF_BYTES[target]
     T = sizes[rec.time]
-    cands = [tt] if tt is not None else sorted({min(c, T) for c in TT_CANDIDATES}, reverse=True)
-    if tt is not None and not 1 <= tt <= E.MATMUL_MOVING_MAX:
-        raise UnsupportedError(NAME, rec.name, f"time tile {tt} must be in 1..{E.MATMUL_MOVING_MAX}")
+    probe = Renderer(rec, sizes, 1, initial_state, final_state, algorithm)
+    top = 128 if probe.chunks else E.MATMUL_MOVING_MAX
+    cands = [tt] if tt is not None else sorted({min(c, T, top) for c in TT_CANDIDATES},
+                                               reverse=True)
+    if tt is not None and not 1 <= tt <= top:
+        raise UnsupportedError(NAME, rec.name, f"time tile {tt} must be in 1..{top}")
     need = None
     for c in cands:
-        r = Renderer(rec, sizes, c, initial_state, final_state)
+        r = Renderer(rec, sizes, c, initial_state, final_state, algorithm)
         src = r.render()
         sb, banks = r.budget()
         if sb <= budget and banks <= E.PSUM_BANKS:
-            return src, Plan(r.pd, r.outer, c, sb, banks)
+            return src, Plan(r.pd, r.outer, c, sb, banks, tuple(r.chunks))
         need = (c, sb)
     shape = ", ".join(f"{d}={sizes[d]}" for d in (rec.time,) + rec.canonical)
     raise PlanError(NAME, rec.name, f"no tile plan fits: at time tile {need[0]} the kernel needs "

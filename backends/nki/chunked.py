@@ -1,0 +1,382 @@
+"""The chunked (SSD) form of scalar/identity states on the Tensor engine.
+
+For a state S[..., K, V] with ``S_t = a_t S_{t-1} + k_t v_t^T`` (a_t one number per step) that
+the outputs read only as ``y_t = sum_K S_t q_t``, a chunk of C <= 128 steps, evaluated with time
+on the partitions, is
+
+    c = cumsum(log a)             (one matmul with an upper-triangular ones matrix U)
+    y = V^T ((K Q^T) o exp(c_t - c_s) [s <= t]) + exp(c_t) S_prev^T Q^T     (nc_matmuls)
+    S = exp(c_C) S_prev + (K o exp(c_C - c_s))^T V                          (one nc_matmul)
+
+with K (C x K), V (C x V), Q (C x K) and S kept as a (K, V) tile. Exponents are masked before
+the exp, so only c_t - c_s <= 0 is exponentiated. ``y`` is handed to the generic readout
+lowering as the value of the contraction node.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from scancc.ir import Kind, Node, Op, Recurrence
+
+BIG = 3.0e38
+_ACT = {Op.EXP: "exp", Op.LOG: "log", Op.SOFTPLUS: "softplus", Op.SIGMOID: "sigmoid",
+        Op.SILU: "silu", Op.SQRT: "sqrt", Op.RSQRT: "rsqrt"}
+_ALU = {Op.ADD: "add", Op.SUB: "subtract", Op.MUL: "multiply", Op.DIV: "divide",
+        Op.MAXIMUM: "maximum", Op.MINIMUM: "minimum"}
+_OK_OPS = set(_ACT) | set(_ALU) | {Op.INPUT, Op.PARAM, Op.CONST, Op.SIZE, Op.IOTA, Op.GROUP,
+                                   Op.NEG, Op.CLAMP, Op.LOGSIGMOID}
+
+
+@dataclass
+class ChunkPlan:
+    kd: str                          # the contracted dim (S's partitions)
+    logdecay: Node | None            # log a_t (None: identity)
+    kpart: Node                      # the inject's factors without the partition dim
+    vpart: Node                      # the factors with it
+    sums: list                       # [(contraction node, q)]
+
+
+def _factors(n: Node) -> list[Node]:
+    if n.op is Op.MUL:
+        return _factors(n.src[0]) + _factors(n.src[1])
+    return [n]
+
+
+def _prod(fs: list[Node]) -> Node:
+    out = fs[0]
+    for f in fs[1:]:
+        out = Node(Op.MUL, (out, f))
+    return out
+
+
+def find_chunked(rec: Recurrence, pd: str, outer, sizes) -> dict[str, ChunkPlan]:
+    """States the chunked form applies to (see the module doc), by name."""
+    plans = {}
+    lets = {l.name: l.expr for l in rec.lets}
+    for s in rec.states:
+        t = s.transition
+        if t.kind not in (Kind.IDENTITY, Kind.SCALAR) or pd not in s.dims:
+            continue
+        inner = [d for d in s.dims if d != pd and d not in outer]
+        if len(inner) != 1 or sizes[inner[0]] > 128 or sizes[pd] > 128:
+            continue
+        kd = inner[0]
+        sums = []
+        for o in rec.outputs:
+            for n in o.expr.walk():
+                if n.op is Op.SUM and n.arg == (kd,) and n.src[0].op is Op.MUL:
+                    a, b = n.src[0].src
+                    for st, q in ((a, b), (b, a)):
+                        if st.op is Op.STATE and st.arg == s.name and \
+                                not rec.uses_state(q) and pd not in rec.dims_of(q):
+                            sums.append((n, q))
+        users = sum(1 for o in rec.outputs for n in o.expr.walk() for c in n.src
+                    if c.op is Op.STATE and c.arg == s.name)
+        if not sums or users != len(sums):  # the state is read only through contractions
+            continue
+        ks, vs = [], []
+        for f in _factors(s.inject):
+            dims = rec.dims_of(f)
+            if pd in dims and kd in dims:
+                break
+            (vs if pd in dims else ks).append(f)
+        else:
+            if not vs:
+                continue
+            decay = None
+            if t.kind is Kind.SCALAR:
+                a = t.operand("decay")
+                while a.op is Op.PARAM:
+                    a = lets[a.arg]
+                decay = a.src[0] if a.op is Op.EXP else Node(Op.LOG, (a,))
+            kpart = _prod(ks) if ks else Node(Op.CONST, (), 1.0)
+            parts = [(kpart, kd), (_prod(vs), pd)] + [(q, kd) for _, q in sums]
+            if decay is not None:
+                parts.append((decay, None))
+            if all(_time_major(rec, n, f, pd, kd, outer, lets) for n, f in parts):
+                plans[s.name] = ChunkPlan(kd, decay, kpart, _prod(vs), sums)
+    return plans
+
+
+def _time_major(rec, node, feat, pd, kd, outer, lets) -> bool:
+    """Every leaf loads with time before ``feat`` and no other non-outer dim."""
+    for n in node.walk():
+        if n.op not in _OK_OPS:
+            return False
+        if n.op is Op.PARAM and not _time_major(rec, lets[n.arg], feat, pd, kd, outer, lets):
+            return False
+        if n.op is Op.IOTA and n.arg not in outer:
+            return False
+        if n.op is Op.GROUP and n.arg[1] not in outer:
+            return False
+        if n.op is Op.INPUT:
+            dims = rec.input(n.arg).dims
+            groups = {m.arg[0] for m in node.walk() if m.op is Op.GROUP}
+            for d in dims:
+                if d not in outer and d != rec.time and d != feat and d not in groups:
+                    return False
+            if feat in dims and (rec.time not in dims or dims.index(rec.time) > dims.index(feat)):
+                return False
+    return True
+
+
+class ChunkedMixin:
+    """Emission of the chunked form; mixed into the Renderer (uses its emit/alloc helpers)."""
+
+    def chunk_constants(self, top) -> None:
+        self.sbuf_sites += [512, 512]
+        self.emit(top, "# U[s, t] = 1 where s <= t (cumsums, causal masks); NEG: 0 there, else "
+                       "-BIG")
+        self.emit(top, "tri = nl.ndarray((128, 128), dtype=nl.float32, buffer=nl.sbuf)")
+        self.emit(top, "nisa.iota(tri, [[1, 128]], offset=0, channel_multiplier=-1)")
+        self.emit(top, "nisa.tensor_scalar(tri, tri, nl.greater_equal, 0.0)")
+        self.emit(top, "neg = nl.ndarray((128, 128), dtype=nl.float32, buffer=nl.sbuf)")
+        self.emit(top, f"nisa.tensor_scalar(neg, tri, nl.subtract, 1.0, op1=nl.multiply, "
+                       f"operand1={BIG!r})")
+
+    # values with time on the partitions: const | s (1, 1) | tc (tw, 1) | tf (tw, F)
+    def tview(self, kind: str, ref: str, width: str = "1") -> str:
+        return {"s": f"{ref}[0:1, 0:1]", "tc": f"{ref}[0:tw, 0:1]",
+                "tf": f"{ref}[0:tw, 0:{width}]"}[kind]
+
+    def talloc(self, sc, kind: str) -> str:
+        shape = {"s": (1, 1), "tc": (128, 1), "tf": (128, 128)}[kind]
+        return self.alloc(sc, shape, 4 * shape[1], "c")
+
+    def tval(self, node: Node, env: dict, feat, sc, memo: dict):
+        """(kind, name or expression) of ``node`` in the chunk layout; ``feat`` = (dim, HBM
+        slice, width) of the free dim."""
+        key = (node, tuple(sorted((d, i.expr) for d, i in env.items())), feat and feat[0])
+        if key in memo:
+            return memo[key]
+        op, a = node.op, node.arg
+        w = feat[2] if feat else "1"
+        if op is Op.CONST:
+            r = ("const", repr(float(a)))
+        elif op is Op.SIZE:
+            r = ("const", repr(float(self.sizes[a])))
+        elif op is Op.IOTA:
+            r = ("const", f"float({env[a].expr})")
+        elif op is Op.PARAM:
+            r = self.tval(self.lets[a], env, feat, sc, memo)
+        elif op is Op.GROUP:
+            g, d = a
+            rep = self.sizes[d] // self.sizes[g]
+            sub = dict(env)
+            sub[g] = type(env[d])("0" if self.sizes[g] == 1 else f"({env[d].expr}) // {rep}",
+                                  env[d].deps)
+            r = self.tval(node.src[0], sub, feat, sc, memo)
+        elif op is Op.INPUT:
+            dims = self.rec.input(a).dims
+            hast, hasf = self.time in dims, bool(feat) and feat[0] in dims
+            kind = "tf" if hasf else ("tc" if hast else "s")
+            idx = ", ".join("t0:t1" if d == self.time else feat[1] if feat and d == feat[0]
+                            else env[d].expr for d in dims)
+            nm = self.talloc(sc, kind)
+            self.emit(sc, f"nisa.dma_copy({self.tview(kind, nm, w)}, in_{a}[{idx}])")
+            r = (kind, nm)
+        elif op in _ALU:
+            r = self.tbinary(_ALU[op], self.tval(node.src[0], env, feat, sc, memo),
+                             self.tval(node.src[1], env, feat, sc, memo), feat, sc)
+        else:
+            x = self.tval(node.src[0], env, feat, sc, memo)
+            if x[0] == "const":
+                from .lowering import _PY_UNARY
+                if op is Op.CLAMP:
+                    lo, hi = a
+                    e = x[1] if lo is None else f"max({x[1]}, {lo!r})"
+                    r = ("const", e if hi is None else f"min({e}, {hi!r})")
+                else:
+                    r = ("const", _PY_UNARY[op].format(x[1]))
+            else:
+                nm = self.talloc(sc, x[0])
+                dst, src = self.tview(x[0], nm, w), self.tview(x[0], x[1], w)
+                if op is Op.NEG:
+                    self.emit(sc, f"nisa.tensor_scalar({dst}, {src}, nl.multiply, -1.0)")
+                elif op is Op.CLAMP:
+                    lo, hi = a
+                    ops = [(o, b) for o, b in (("maximum", lo), ("minimum", hi)) if b is not None]
+                    extra = f", op1=nl.{ops[1][0]}, operand1={ops[1][1]!r}" if len(ops) > 1 else ""
+                    self.emit(sc, f"nisa.tensor_scalar({dst}, {src}, nl.{ops[0][0]}, "
+                                  f"{ops[0][1]!r}{extra})")
+                elif op is Op.LOGSIGMOID:
+                    self.emit(sc, f"nisa.activation({dst}, nl.softplus, {src}, scale=-1.0)")
+                    self.emit(sc, f"nisa.tensor_scalar({dst}, {dst}, nl.multiply, -1.0)")
+                else:
+                    self.emit(sc, f"nisa.activation({dst}, nl.{_ACT[op]}, {src})")
+                r = (x[0], nm)
+        memo[key] = r
+        return r
+
+    def t_to_col(self, v, sc):
+        """A (1, 1) scalar or a constant -> a (tw, 1) column."""
+        nm = self.talloc(sc, "tc")
+        if v[0] == "const":
+            self.emit(sc, f"nisa.memset({self.tview('tc', nm)}, {v[1]})")
+        else:
+            ps = self.psum_tile(sc, (128, 1))
+            self.emit(sc, f"nisa.nc_matmul({ps}[0:tw, 0:1], ones_row[0:1, 0:tw], "
+                          f"{self.tview('s', v[1])})")
+            self.emit(sc, f"nisa.tensor_copy({self.tview('tc', nm)}, {ps}[0:tw, 0:1])")
+        return ("tc", nm)
+
+    def t_to_full(self, v, feat, sc):
+        if v[0] == "tf":
+            return v
+        if v[0] != "tc":
+            v = self.t_to_col(v, sc)
+        nm = self.talloc(sc, "tf")
+        self.emit(sc, f"nisa.tensor_scalar({self.tview('tf', nm, feat[2])}, "
+                      f"zeros[0:tw, 0:{feat[2]}], nl.add, {self.tview('tc', v[1])})")
+        return ("tf", nm)
+
+    def tbinary(self, alu: str, a, b, feat, sc):
+        w = feat[2] if feat else "1"
+        if a[0] == "const" and b[0] == "const":
+            from .lowering import _PY_BINARY
+            op = {v: k for k, v in _ALU.items()}[alu]
+            return ("const", _PY_BINARY[op].format(a[1], b[1]))
+        if a[0] == "const" or b[0] == "const":
+            c, x, rev = (a, b, True) if a[0] == "const" else (b, a, False)
+            nm = self.talloc(sc, x[0])
+            self.emit(sc, f"nisa.tensor_scalar({self.tview(x[0], nm, w)}, "
+                          f"{self.tview(x[0], x[1], w)}, nl.{alu}, {c[1]}"
+                          + (", reverse0=True)" if rev else ")"))
+            return (x[0], nm)
+        if a[0] == "s" and b[0] != "s":
+            a = self.t_to_col(a, sc)
+        if b[0] == "s" and a[0] != "s":
+            b = self.t_to_col(b, sc)
+        if a[0] != b[0]:  # a (tw, 1) column against a (tw, F) tile: per-partition operand
+            (col, full, rev) = (a, b, True) if a[0] == "tc" else (b, a, False)
+            nm = self.talloc(sc, "tf")
+            self.emit(sc, f"nisa.tensor_scalar({self.tview('tf', nm, w)}, "
+                          f"{self.tview('tf', full[1], w)}, nl.{alu}, {self.tview('tc', col[1])}"
+                          + (", reverse0=True)" if rev else ")"))
+            return ("tf", nm)
+        kind = a[0]
+        nm = self.talloc(sc, kind)
+        self.emit(sc, f"nisa.tensor_tensor({self.tview(kind, nm, w)}, {self.tview(kind, a[1], w)}, "
+                      f"{self.tview(kind, b[1], w)}, nl.{alu})")
+        return (kind, nm)
+
+    def chunk_state(self, s, cp: ChunkPlan, env: dict, sc) -> None:
+        """One chunk (the time tile, tw <= 128 steps) of a chunked state; readouts memoized."""
+        from .lowering import V
+        K = self.sizes[cp.kd]
+        kf, vf = (cp.kd, f"0:{K}", str(K)), (self.pd, "p0:p1", "P")
+        memo: dict = {}
+        carry = f"carry_{s.name}[0:{K}, 0:P]"
+        self.emit(sc, f"# chunked (matmul) form of state {s.name}: time on the partitions")
+        km = self.t_to_full(self.tval(cp.kpart, env, kf, sc, memo), kf, sc)[1]
+        vm = self.t_to_full(self.tval(cp.vpart, env, vf, sc, memo), vf, sc)[1]
+        if cp.logdecay is not None:
+            lv = self.tval(cp.logdecay, env, None, sc, memo)
+            lc = lv[1] if lv[0] == "tc" else self.t_to_col(lv, sc)[1]
+            ps = self.psum_tile(sc, (128, 1))
+            self.emit(sc, f"nisa.nc_matmul({ps}[0:tw, 0:1], tri[0:tw, 0:tw], {lc}[0:tw, 0:1])")
+            ccol = self.alloc(sc, (128, 1), 4, "ccol")
+            self.emit(sc, f"nisa.tensor_copy({ccol}[0:tw, 0:1], {ps}[0:tw, 0:1])")
+            ps = self.psum_tile(sc, (1, 128))
+            self.emit(sc, f"nisa.nc_matmul({ps}[0:1, 0:tw], {lc}[0:tw, 0:1], tri[0:tw, 0:tw])")
+            crow = self.alloc(sc, (1, 128), 512, "crow")
+            self.emit(sc, f"nisa.tensor_copy({crow}[0:1, 0:tw], {ps}[0:1, 0:tw])")
+        kt = self.transpose_in(km, "tw", str(K), sc)
+        for node, q in cp.sums:
+            qm = self.t_to_full(self.tval(q, env, kf, sc, memo), kf, sc)[1]
+            qt = self.transpose_in(qm, "tw", str(K), sc)
+            gt = self.psum_tile(sc, (128, 128))
+            self.emit(sc, f"nisa.nc_matmul({gt}[0:tw, 0:tw], {kt}[0:{K}, 0:tw], "
+                          f"{qt}[0:{K}, 0:tw])")
+            wts = self.alloc(sc, (128, 128), 512, "wts")
+            if cp.logdecay is not None:
+                bc = self.psum_tile(sc, (128, 128))
+                self.emit(sc, f"nisa.nc_matmul({bc}[0:tw, 0:tw], ones_row[0:1, 0:tw], "
+                              f"{crow}[0:1, 0:tw])")
+                arg = self.alloc(sc, (128, 128), 512, "arg")
+                self.emit(sc, f"nisa.tensor_tensor({arg}[0:tw, 0:tw], {bc}[0:tw, 0:tw], "
+                              "neg[0:tw, 0:tw], nl.add)")
+                negc = self.alloc(sc, (128, 1), 4, "negc")
+                self.emit(sc, f"nisa.tensor_scalar({negc}[0:tw, 0:1], {ccol}[0:tw, 0:1], "
+                              "nl.multiply, -1.0)")
+                self.emit(sc, f"nisa.activation({arg}[0:tw, 0:tw], nl.exp, {arg}[0:tw, 0:tw], "
+                              f"bias={negc}[0:tw, 0:1])")
+                self.emit(sc, f"nisa.tensor_tensor({wts}[0:tw, 0:tw], {gt}[0:tw, 0:tw], "
+                              f"{arg}[0:tw, 0:tw], nl.multiply)")
+            else:
+                self.emit(sc, f"nisa.tensor_tensor({wts}[0:tw, 0:tw], {gt}[0:tw, 0:tw], "
+                              "tri[0:tw, 0:tw], nl.multiply)")
+            py = self.psum_tile(sc, (128, 128))
+            self.emit(sc, f"nisa.nc_matmul({py}[0:P, 0:tw], {vm}[0:tw, 0:P], "
+                          f"{wts}[0:tw, 0:tw])")
+            if cp.logdecay is not None:
+                ec = self.alloc(sc, (1, 128), 512, "ec")
+                self.emit(sc, f"nisa.activation({ec}[0:1, 0:tw], nl.exp, {crow}[0:1, 0:tw])")
+                bq = self.psum_tile(sc, (128, 128))
+                self.emit(sc, f"nisa.nc_matmul({bq}[0:{K}, 0:tw], ones_row[0:1, 0:{K}], "
+                              f"{ec}[0:1, 0:tw])")
+                qs = self.alloc(sc, (128, 128), 512, "qs")
+                self.emit(sc, f"nisa.tensor_tensor({qs}[0:{K}, 0:tw], {qt}[0:{K}, 0:tw], "
+                              f"{bq}[0:{K}, 0:tw], nl.multiply)")
+            else:
+                qs = qt
+            self.emit(sc, f"nisa.nc_matmul({py}[0:P, 0:tw], {carry}, {qs}[0:{K}, 0:tw])")
+            y = self.alloc(sc, (128, self.tt), 4 * self.tt, "y")
+            self.emit(sc, f"nisa.tensor_copy({y}[0:P, 0:tw], {py}[0:P, 0:tw])")
+            sc.memo[self.env_key(node, env)] = V("full", y)
+        if cp.logdecay is not None:
+            # exp(c_C - c_s) per row s, and exp(c_C) for the carried state
+            ps = self.psum_tile(sc, (128, 1))
+            self.emit(sc, f"nisa.nc_matmul({ps}[0:tw, 0:1], ones_row[0:1, 0:tw], "
+                          f"{crow}[0:1, tw - 1:tw])")
+            last = self.alloc(sc, (128, 1), 4, "last")
+            self.emit(sc, f"nisa.tensor_copy({last}[0:tw, 0:1], {ps}[0:tw, 0:1])")
+            e = self.alloc(sc, (128, 1), 4, "e")
+            self.emit(sc, f"nisa.activation({e}[0:tw, 0:1], nl.exp, {ccol}[0:tw, 0:1], "
+                          f"bias={last}[0:tw, 0:1], scale=-1.0)")
+            ks = self.alloc(sc, (128, 128), 512, "ks")
+            self.emit(sc, f"nisa.tensor_scalar({ks}[0:tw, 0:{K}], {km}[0:tw, 0:{K}], "
+                          f"nl.multiply, {e}[0:tw, 0:1])")
+            ps = self.psum_tile(sc, (128, 1))
+            self.emit(sc, f"nisa.nc_matmul({ps}[0:{K}, 0:1], ones_row[0:1, 0:{K}], "
+                          f"{crow}[0:1, tw - 1:tw])")
+            eK = self.alloc(sc, (128, 1), 4, "ek")
+            self.emit(sc, f"nisa.activation({eK}[0:{K}, 0:1], nl.exp, {ps}[0:{K}, 0:1])")
+            self.emit(sc, f"nisa.tensor_scalar({carry}, {carry}, nl.multiply, {eK}[0:{K}, 0:1])")
+        else:
+            ks = km
+        ps = self.psum_tile(sc, (128, 128))
+        self.emit(sc, f"nisa.nc_matmul({ps}[0:{K}, 0:P], {ks}[0:tw, 0:{K}], {vm}[0:tw, 0:P])")
+        self.emit(sc, f"nisa.tensor_tensor({carry}, {carry}, {ps}[0:{K}, 0:P], nl.add)")
+
+    def transpose_in(self, src: str, rows: str, cols: str, sc) -> str:
+        """(rows, cols) SBUF -> (cols, rows) SBUF through a Tensor-engine transpose."""
+        ps = self.psum_tile(sc, (128, 128))
+        self.emit(sc, f"nisa.nc_transpose({ps}[0:{cols}, 0:{rows}], {src}[0:{rows}, 0:{cols}])")
+        out = self.alloc(sc, (128, 128), 512, "tr")
+        self.emit(sc, f"nisa.tensor_copy({out}[0:{cols}, 0:{rows}], {ps}[0:{cols}, 0:{rows}])")
+        return out
+
+    def chunk_state_dma(self, s, cp: ChunkPlan, env: dict, sc, load: bool) -> None:
+        """The (K, V) carry from/to the state's HBM layout (a transpose if V comes first)."""
+        K = self.sizes[cp.kd]
+        from .lowering import Idx
+        full = {**env, cp.kd: Idx(f"0:{K}", frozenset())}
+        hbm = f"{'init' if load else 'final'}_{s.name}[{self.hbm_index(s.dims, full, 'p0:p1', '')}]"
+        carry = f"carry_{s.name}[0:{K}, 0:P]"
+        if s.dims.index(cp.kd) < s.dims.index(self.pd):
+            self.emit(sc, f"nisa.dma_copy({carry}, {hbm})" if load
+                      else f"nisa.dma_copy({hbm}, {carry})")
+            return
+        stage = self.alloc(sc, (128, 128), 512, "stage")
+        if load:
+            self.emit(sc, f"nisa.dma_copy({stage}[0:P, 0:{K}], {hbm})")
+            ps = self.psum_tile(sc, (128, 128))
+            self.emit(sc, f"nisa.nc_transpose({ps}[0:{K}, 0:P], {stage}[0:P, 0:{K}])")
+            self.emit(sc, f"nisa.tensor_copy({carry}, {ps}[0:{K}, 0:P])")
+        else:
+            ps = self.psum_tile(sc, (128, 128))
+            self.emit(sc, f"nisa.nc_transpose({ps}[0:P, 0:{K}], {carry})")
+            self.emit(sc, f"nisa.tensor_copy({stage}[0:P, 0:{K}], {ps}[0:P, 0:{K}])")
+            self.emit(sc, f"nisa.dma_copy({hbm}, {stage}[0:P, 0:{K}])")
+
