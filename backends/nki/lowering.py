@@ -743,21 +743,24 @@ class Renderer(ChunkedMixin):
         self.emit(inner, f"nisa.tensor_copy({init}, traj_{s.name}[0:{r}, {f}, tw - 1:tw])")
         self.closeall(scopes)
 
-    def materialize(self, node: Node, dims, env: dict, sc: Scope, rows: str) -> str:
-        """An operand as a (128, prod(dims), TT) fp32 tile, broadcast over what it lacks."""
+    def materialize(self, nodes, dims, env: dict, sc: Scope, rows: str) -> list[str]:
+        """Operands as (128, prod(dims), TT) fp32 tiles, broadcast over what they lack; one
+        loop nest for all, so what they share (e.g. k in k and beta * k * v) loads once."""
         n = math.prod(self.sizes[d] for d in dims)
-        nm = self.alloc(sc, (128 if rows == "P" else 1, n, self.tt), 4 * n * self.tt, "op")
+        names = [self.alloc(sc, (128 if rows == "P" else 1, n, self.tt), 4 * n * self.tt, "op")
+                 for _ in nodes]
         inner, sub, scopes = self.inner_loops(sc, dims, env, "m")
         terms, stride = [], 1
         for d in reversed(dims):
             terms.append(sub[d].expr if stride == 1 else f"{sub[d].expr} * {stride}")
             stride *= self.sizes[d]
         f = " + ".join(reversed(terms)) if terms else "0"
-        v = self.value(node, sub, inner)
-        v = self.to_kind(v, "full" if rows == "P" else "row", inner)
-        self.emit(inner, f"nisa.tensor_copy({nm}[0:{rows}, {f}, 0:tw], {v.view()})")
+        for nm, node in zip(names, nodes):
+            v = self.value(node, sub, inner)
+            v = self.to_kind(v, "full" if rows == "P" else "row", inner)
+            self.emit(inner, f"nisa.tensor_copy({nm}[0:{rows}, {f}, 0:tw], {v.view()})")
         self.closeall(scopes)
-        return nm
+        return names
 
     def step_state(self, s, env: dict, sc: Scope) -> None:
         t = s.transition
@@ -769,7 +772,7 @@ class Renderer(ChunkedMixin):
                 self.fail(f"shift state {s.name!r}: the axis {t.axis!r} must be the first of its "
                           f"looped dims {list(dims)}")
             rest = n // self.sizes[t.axis]
-            inj = self.materialize(s.inject, dims[1:], env, sc, r)
+            inj, = self.materialize([s.inject], dims[1:], env, sc, r)
             step = self.open(sc, "for t in range(tw):")
             if n > rest:
                 self.emit(step, f"nisa.tensor_copy(traj_{s.name}[0:{r}, 0:{n - rest}, t], "
@@ -782,10 +785,9 @@ class Renderer(ChunkedMixin):
                           f"be exactly the axis {t.axis!r} (partition dim {self.pd!r})")
             cur = f"carry_{s.name}[0:{r}, 0:{n}]"
             new = f"traj_{s.name}[0:{r}, 0:{n}, t]"
-            inj = self.materialize(s.inject, dims, env, sc, r)
             col = self.alloc(sc, (128, 1), 4, "acc")
             if t.kind is Kind.COMPANION:
-                fb = self.materialize(t.operand("feedback"), dims, env, sc, r)
+                inj, fb = self.materialize([s.inject, t.operand("feedback")], dims, env, sc, r)
                 prod = self.alloc(sc, (128, n), 4 * n, "prod")
                 step = self.open(sc, "for t in range(tw):")
                 if n > 1:
@@ -801,10 +803,10 @@ class Renderer(ChunkedMixin):
                 self.emit(step, f"nisa.tensor_tensor(traj_{s.name}[0:{r}, {n - 1}:{n}, t], "
                                 f"{col}[0:{r}, 0:1], {inj}[0:{r}, {n - 1}:{n}, t], nl.add)")
             elif t.kind is Kind.HOUSEHOLDER:
-                k = self.materialize(t.operand("k"), dims, env, sc, r)
-                beta = self.materialize(t.operand("beta"), (), env, sc, r)
-                alpha = (self.materialize(t.operand("alpha"), (), env, sc, r)
-                         if t.operand("alpha") is not None else None)
+                inj, k = self.materialize([s.inject, t.operand("k")], dims, env, sc, r)
+                scal = [t.operand("beta")] + ([t.operand("alpha")] if t.operand("alpha") else [])
+                beta, *alpha = self.materialize(scal, (), env, sc, r)
+                alpha = alpha[0] if alpha else None
                 prod = self.alloc(sc, (128, n), 4 * n, "prod")
                 step = self.open(sc, "for t in range(tw):")
                 self.emit(step, f"nisa.tensor_tensor({prod}[0:{r}, 0:{n}], {k}[0:{r}, 0:{n}, t], "
@@ -824,7 +826,8 @@ class Renderer(ChunkedMixin):
                 self.emit(step, f"nisa.tensor_tensor({new}, {new}, {inj}[0:{r}, 0:{n}, t], "
                                 "nl.add)")
             elif t.kind is Kind.DENSE:
-                m = self.materialize(t.operand("matrix"), (t.axis, t.col), env, sc, r)
+                inj, = self.materialize([s.inject], dims, env, sc, r)
+                m, = self.materialize([t.operand("matrix")], (t.axis, t.col), env, sc, r)
                 prod = self.alloc(sc, (128, n), 4 * n, "prod")
                 step = self.open(sc, "for t in range(tw):")
                 row = self.open(step, f"for a in range({n}):")
