@@ -41,6 +41,7 @@ _REGISTRY: dict[str, Entry] = {}
 
 def add(entry: Entry, override: bool = False) -> Entry:
     check_ident(entry.name, "recurrence name")
+    _load_library()  # so a user entry that clashes with a library name is caught now
     if entry.name in _REGISTRY and not override:
         raise RegistryError(f"recurrence {entry.name!r} is already registered "
                             f"(from {_REGISTRY[entry.name].origin}); pass override=True to "

@@ -336,3 +336,15 @@ def test_numerics_attributes_round_trip_verify_and_enforce_the_input_dtype():
     _err(lambda: k(np.ones((1, 3, 2))), "takes float32 inputs", "got float64")
     r.numerics(accum="int8")
     _err(r.build, "numerics", "accum dtype 'int8'")
+
+
+def test_a_user_registration_cannot_silently_shadow_a_library_name():
+    import subprocess
+    import sys
+    code = ("import scancc\n"
+            "try:\n"
+            "    @scancc.register('gla')\n"
+            "    def gla(r): pass\n"
+            "except scancc.RegistryError as e: print('rejected:', e)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "rejected: recurrence 'gla' is already registered (from library)" in p.stdout, p.stderr
