@@ -29,7 +29,7 @@ PARTITION_DIM = {"linear_attn": "value", "retnet": "value", "simple_gla": "value
 
 
 def check(name, dtype="float32", T=63, init=True, final=True, options=None, algorithm="auto",
-          **over):
+          loop_order="auto", **over):
     entry = registry.get(name)
     rec = entry.build(**(options or {}))
     sizes = default_sizes(rec, time=T, **over)
@@ -39,7 +39,8 @@ def check(name, dtype="float32", T=63, init=True, final=True, options=None, algo
     h0 = sample_state(rec, sizes) if init else None
     ref = get("reference").run(rec, x, sizes, h0, final, {})
     be = get("nki")
-    got = be.run(rec, x, sizes, h0, final, {"dtype": dtype, "algorithm": algorithm})
+    got = be.run(rec, x, sizes, h0, final, {"dtype": dtype, "algorithm": algorithm,
+                                             "loop_order": loop_order})
     for k, r in ref.outputs.items():
         assert_close(got.outputs[k], r, dtype, f"{name} output {k} (T={T}, {dtype})")
     if final:
@@ -68,6 +69,24 @@ def test_ragged_partitions_and_time_tiles(name):
     # T = 700: a full 512-step tile then a ragged one; 130 rows: a full and a ragged tile
     _, plan = check(name, "float32", T=700, **{PARTITION_DIM[name]: 130})
     assert plan.tt == 512 and plan.pd == PARTITION_DIM[name]
+
+
+@pytest.mark.parametrize("name", LIBRARY)
+def test_time_tile_outermost_loop_order(name):
+    # carries for every (outer index, partition tile) slot live across the time loop
+    _, plan = check(name, "float32", T=150, loop_order="time", **{PARTITION_DIM[name]: 130}
+                    if name in ("hgrn", "mamba", "iir", "s4d") else {})
+    assert plan.loop_order == "time"
+
+
+def test_loop_order_picked_by_dma_bytes():
+    # mamba2's B and C are shared by the heads: with the time tile outermost they load once
+    _, plan = check("mamba2", "float32", T=40, heads=4)
+    assert plan.loop_order == "time"
+    got, _ = check("mamba2", "float32", T=40, heads=4, loop_order="outer")
+    moved = got.counters["dma_bytes_in"] + got.counters["dma_bytes_out"]
+    got2, _ = check("mamba2", "float32", T=40, heads=4, loop_order="time")
+    assert got2.counters["dma_bytes_in"] + got2.counters["dma_bytes_out"] < moved
 
 
 CHUNKED = ["linear_attn", "retnet", "simple_gla", "mamba2"]

@@ -11,6 +11,8 @@ runs in the project's strict NumPy emulator (``emulator.py``), which resolves th
 - ``dtype``: the NKI dtype of the inputs (``"float32"``, ``"bfloat16"``, ``"float16"``);
   default from the arrays (float64 arrays run as float32: NKI has no float64).
 - ``runner``: ``"auto"`` (default), ``"emulator"`` or ``"simulate"`` (needs real ``nki``).
+- ``loop_order``: ``"auto"`` (default: the order with fewer DMA bytes), ``"outer"`` (outer
+  dims, then the partition tile, then the time tile) or ``"time"`` (time tile outermost).
 - ``algorithm``: ``"auto"`` (default: the chunked matmul form where it applies, else the
   scan), ``"scan"`` or ``"chunked"`` (an error where it does not apply).
 """
@@ -29,7 +31,7 @@ from . import emulator
 from .lowering import NAME, Plan, PlanError, choose_layout, plan_and_render
 
 OPTIONS = ("target", "time_tile", "dtype", "runner", "sizes", "initial_state", "final_state",
-           "algorithm")
+           "algorithm", "loop_order")
 
 
 def real_nki():
@@ -79,9 +81,10 @@ class NkiBackend(Backend):
         target = options.get("target", "trn1")
         tt = options.get("time_tile")
         algo = options.get("algorithm", "auto")
-        key = (rec, tuple(sorted(sizes.items())), init, final, target, tt, algo)
+        order = options.get("loop_order", "auto")
+        key = (rec, tuple(sorted(sizes.items())), init, final, target, tt, algo, order)
         if key not in self._cache:
-            self._cache[key] = plan_and_render(rec, sizes, init, final, target, tt, algo)
+            self._cache[key] = plan_and_render(rec, sizes, init, final, target, tt, algo, order)
         return self._cache[key]
 
     def run(self, rec: Recurrence, inputs: Mapping[str, Any], sizes: Mapping[str, int],

@@ -163,8 +163,8 @@ class ChunkedMixin:
             g, d = a
             rep = self.sizes[d] // self.sizes[g]
             sub = dict(env)
-            sub[g] = type(env[d])("0" if self.sizes[g] == 1 else f"({env[d].expr}) // {rep}",
-                                  env[d].deps)
+            sub[g] = (type(env[d])("0", frozenset()) if self.sizes[g] == 1 else
+                      type(env[d])(f"({env[d].expr}) // {rep}", env[d].deps))
             r = self.tval(node.src[0], sub, feat, sc, memo)
         elif op is Op.INPUT:
             dims = self.rec.input(a).dims
@@ -172,8 +172,22 @@ class ChunkedMixin:
             kind = "tf" if hasf else ("tc" if hast else "s")
             idx = ", ".join("t0:t1" if d == self.time else feat[1] if feat and d == feat[0]
                             else env[d].expr for d in dims)
-            nm = self.talloc(sc, kind)
-            self.emit(sc, f"nisa.dma_copy({self.tview(kind, nm, w)}, in_{a}[{idx}])")
+            # placed in the outermost loop its indices allow (B of mamba2 once for all heads)
+            deps = frozenset().union(*(env[d].deps for d in dims if d in env))
+            deps |= {self.time_scope.sid}
+            if hasf and feat[0] == self.pd:
+                deps |= {self.pd_scope.sid}
+            home = self.target(deps, sc)
+            lkey = ("tload", a, tuple((d, env[d]) for d in dims if d in env),
+                    feat[0] if hasf else None)
+            nm = next((h.memo[lkey] for h in home.chain() if lkey in h.memo), None)
+            if nm is None:
+                nm = self.talloc(home, kind)
+                elems = self.twe * (self.pe if hasf and feat[0] == self.pd else
+                                    self.sizes[feat[0]] if hasf else 1) if hast else 1
+                self.dma(home, f"nisa.dma_copy({self.tview(kind, nm, w)}, in_{a}[{idx}])",
+                         elems)
+                home.memo[lkey] = nm
             r = (kind, nm)
         elif op in _ALU:
             r = self.tbinary(_ALU[op], self.tval(node.src[0], env, feat, sc, memo),
@@ -266,7 +280,7 @@ class ChunkedMixin:
         K = self.sizes[cp.kd]
         kf, vf = (cp.kd, f"0:{K}", str(K)), (self.pd, "p0:p1", "P")
         memo: dict = {}
-        carry = f"carry_{s.name}[0:{K}, 0:P]"
+        carry = f"carry_{s.name}[0:{K}, {self.slot}, 0:P]"
         self.emit(sc, f"# chunked (matmul) form of state {s.name}: time on the partitions")
         km = self.t_to_full(self.tval(cp.kpart, env, kf, sc, memo), kf, sc)[1]
         vm = self.t_to_full(self.tval(cp.vpart, env, vf, sc, memo), vf, sc)[1]
@@ -363,7 +377,7 @@ class ChunkedMixin:
         from .lowering import Idx
         full = {**env, cp.kd: Idx(f"0:{K}", frozenset())}
         hbm = f"{'init' if load else 'final'}_{s.name}[{self.hbm_index(s.dims, full, 'p0:p1', '')}]"
-        carry = f"carry_{s.name}[0:{K}, 0:P]"
+        carry = f"carry_{s.name}[0:{K}, {self.slot}, 0:P]"
         if s.dims.index(cp.kd) < s.dims.index(self.pd):
             self.emit(sc, f"nisa.dma_copy({carry}, {hbm})" if load
                       else f"nisa.dma_copy({hbm}, {carry})")

@@ -21,6 +21,7 @@ companion, householder and dense states step through time inside the tile.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -67,8 +68,9 @@ KIND = {(False, False): "pt", (False, True): "row", (True, False): "col", (True,
 
 
 class Scope:
-    def __init__(self, parent: "Scope | None", header: str | None, sid: int):
+    def __init__(self, parent: "Scope | None", header: str | None, sid: int, trips: int = 1):
         self.parent, self.header, self.sid = parent, header, sid
+        self.trips = trips * (parent.trips if parent is not None else 1)  # executions
         self.lines: list = []
         self.memo: dict = {}
         self.depth = 0 if parent is None else parent.depth + 1
@@ -109,6 +111,8 @@ class Plan:
     sbuf_bytes: int = 0
     psum_banks: int = 0
     chunked: tuple[str, ...] = ()   # states lowered in the chunked (matmul) form
+    loop_order: str = "outer"       # "outer": outer dims > partition tile > time tile; "time"
+    dma_bytes: int = 0              # the static estimate the loop order was chosen by
 
 
 def choose_layout(rec: Recurrence, sizes: Mapping[str, int]) -> tuple[str, tuple[str, ...]]:
@@ -131,13 +135,23 @@ def choose_layout(rec: Recurrence, sizes: Mapping[str, int]) -> tuple[str, tuple
 
 class Renderer(ChunkedMixin):
     def __init__(self, rec: Recurrence, sizes: Mapping[str, int], tt: int,
-                 initial_state: bool, final_state: bool, algorithm: str = "auto"):
+                 initial_state: bool, final_state: bool, algorithm: str = "auto",
+                 time_outer: bool = False):
         self.rec, self.sizes, self.tt = rec, dict(sizes), tt
+        # loop order: outer dims > partition tile > time tile, or time tile outermost (then
+        # inputs shared by heads or channel tiles load once per time tile; carries for every
+        # outer index and partition tile stay in SBUF)
+        self.time_outer = time_outer
+        self.dma_bytes = 0
+        self.slot = "0"
         self.init, self.final = initial_state, final_state
         self.time = rec.time
         self.T = self.sizes[self.time]
         self.pd, self.outer = choose_layout(rec, self.sizes)
         self.npd = self.sizes[self.pd]
+        self.npt = -(-self.npd // 128)
+        self.pe = min(self.npd, 128)                    # partitions of a typical tile
+        self.twe = min(self.T, tt)                      # steps of a typical time tile
         self.n = 0
         self.sbuf_sites: list[int] = []
         self.psum_next = 0
@@ -167,10 +181,18 @@ class Renderer(ChunkedMixin):
     def emit(self, scope: Scope, line: str) -> None:
         scope.lines.append(line)
 
-    def open(self, scope: Scope, header: str) -> Scope:
-        s = Scope(scope, header, self.sids)
+    def open(self, scope: Scope, header: str, trips: int | None = None) -> Scope:
+        if trips is None:
+            m = re.fullmatch(r"for \w+ in range\((\d+)\):", header)
+            trips = int(m.group(1)) if m else 1
+        s = Scope(scope, header, self.sids, trips)
         self.sids += 1
         return s
+
+    def dma(self, scope: Scope, line: str, elems: int) -> None:
+        """Emit a DMA; count its (fp32-sized) bytes times the loops around it for the plan."""
+        self.dma_bytes += 4 * elems * scope.trips
+        self.emit(scope, line)
 
     def close(self, s: Scope) -> None:
         s.parent.lines.append((s.header, s.lines))
@@ -612,7 +634,8 @@ class Renderer(ChunkedMixin):
         if haspd and hast and inp.dims.index(self.time) < inp.dims.index(self.pd):
             self.transpose_load(inp, env, out, sc)
         else:
-            self.emit(sc, f"nisa.dma_copy({out.view()}, {src})")
+            elems = {"pt": 1, "row": self.twe, "col": self.pe, "full": self.pe * self.twe}[kind]
+            self.dma(sc, f"nisa.dma_copy({out.view()}, {src})", elems)
         return out
 
     def slab(self, inp, kind: str, env: dict, sc: Scope) -> V | None:
@@ -656,17 +679,19 @@ class Renderer(ChunkedMixin):
             r = "0:P" if rows == 128 else "0:1"
             c = "0:tw" if cols > 1 else "0:1"
             mid = "".join(f"0:{k}, " for k in dims)
-            self.emit(home, f"nisa.dma_copy({name}[{r}, {mid}{c}], {src})")
+            self.dma(home, f"nisa.dma_copy({name}[{r}, {mid}{c}], {src})",
+                     n * (self.pe if rows == 128 else 1) * (self.twe if cols > 1 else 1))
             home.memo[key] = name
         return V(kind, name, mid="".join(f"{env[d].expr}, " for d in slab_dims))
 
     def transpose_load(self, inp, env: dict, out: V, sc: Scope) -> None:
         """[time, pd] in HBM -> (P, tw): DMA 128-step chunks, transpose on the Tensor engine."""
-        loop = self.open(sc, "for c0 in range(0, tw, 128):")
+        loop = self.open(sc, "for c0 in range(0, tw, 128):", -(-self.twe // 128))
         self.emit(loop, "c1 = min(c0 + 128, tw)")
         stage = self.alloc(loop, (128, 128), 512, "stage")
         src = f"in_{inp.name}[{self.hbm_index(inp.dims, env, 'p0:p1', 't0 + c0:t0 + c1')}]"
-        self.emit(loop, f"nisa.dma_copy({stage}[0:c1 - c0, 0:P], {src})")
+        self.dma(loop, f"nisa.dma_copy({stage}[0:c1 - c0, 0:P], {src})",
+                 self.pe * min(128, self.twe))
         ps = self.psum_tile(loop, (128, 128))
         self.emit(loop, f"nisa.nc_transpose({ps}[0:P, 0:c1 - c0], {stage}[0:c1 - c0, 0:P])")
         self.emit(loop, f"nisa.tensor_copy({out.ref}[0:P, c0:c1], {ps}[0:P, 0:c1 - c0])")
@@ -676,17 +701,18 @@ class Renderer(ChunkedMixin):
         v = self.sbuf(self.to_kind(v, "full", sc), sc)
         dst = f"out_{o.name}[{self.hbm_index(o.dims, env, 'p0:p1', 't0:t1')}]"
         if o.dims.index(self.time) < o.dims.index(self.pd):
-            loop = self.open(sc, "for c0 in range(0, tw, 128):")
+            loop = self.open(sc, "for c0 in range(0, tw, 128):", -(-self.twe // 128))
             self.emit(loop, "c1 = min(c0 + 128, tw)")
             ps = self.psum_tile(loop, (128, 128))
             self.emit(loop, f"nisa.nc_transpose({ps}[0:c1 - c0, 0:P], {v.view('c0:c1')})")
             stage = self.alloc(loop, (128, 128), 512, "stage")
             self.emit(loop, f"nisa.tensor_copy({stage}[0:c1 - c0, 0:P], {ps}[0:c1 - c0, 0:P])")
             dst = f"out_{o.name}[{self.hbm_index(o.dims, env, 'p0:p1', 't0 + c0:t0 + c1')}]"
-            self.emit(loop, f"nisa.dma_copy({dst}, {stage}[0:c1 - c0, 0:P])")
+            self.dma(loop, f"nisa.dma_copy({dst}, {stage}[0:c1 - c0, 0:P])",
+                     self.pe * min(128, self.twe))
             self.close(loop)
         else:
-            self.emit(sc, f"nisa.dma_copy({dst}, {v.view()})")
+            self.dma(sc, f"nisa.dma_copy({dst}, {v.view()})", self.pe * self.twe)
 
     # ---- states ----
     def inner_dims(self, s) -> tuple[str, ...]:
@@ -730,7 +756,7 @@ class Renderer(ChunkedMixin):
         b = self.to_kind(b, full, inner)
         r = self.rows(s)
         dst = f"traj_{s.name}[0:{r}, {f}, 0:tw]"
-        init = f"carry_{s.name}[0:{r}, {f}:{f} + 1]"
+        init = f"carry_{s.name}[0:{r}, {self.slot}, {f}:{f} + 1]"
         if t.kind is Kind.IDENTITY:
             self.emit(inner, f"nisa.tensor_tensor_scan({dst}, zeros[0:{r}, 0:tw], {b.view()}, "
                              f"{init}, nl.add, nl.add)")
@@ -776,14 +802,14 @@ class Renderer(ChunkedMixin):
             step = self.open(sc, "for t in range(tw):")
             if n > rest:
                 self.emit(step, f"nisa.tensor_copy(traj_{s.name}[0:{r}, 0:{n - rest}, t], "
-                                f"carry_{s.name}[0:{r}, {rest}:{n}])")
+                                f"carry_{s.name}[0:{r}, {self.slot}, {rest}:{n}])")
             self.emit(step, f"nisa.tensor_copy(traj_{s.name}[0:{r}, {n - rest}:{n}, t], "
                             f"{inj}[0:{r}, 0:{rest}, t])")
         else:
             if dims != (t.axis,):
                 self.fail(f"{t.kind.value} state {s.name!r}: its looped dims {list(dims)} must "
                           f"be exactly the axis {t.axis!r} (partition dim {self.pd!r})")
-            cur = f"carry_{s.name}[0:{r}, 0:{n}]"
+            cur = f"carry_{s.name}[0:{r}, {self.slot}, 0:{n}]"
             new = f"traj_{s.name}[0:{r}, 0:{n}, t]"
             col = self.alloc(sc, (128, 1), 4, "acc")
             if t.kind is Kind.COMPANION:
@@ -792,12 +818,12 @@ class Renderer(ChunkedMixin):
                 step = self.open(sc, "for t in range(tw):")
                 if n > 1:
                     self.emit(step, f"nisa.tensor_tensor({prod}[0:{r}, 0:{n - 1}], "
-                                    f"{fb}[0:{r}, 0:{n - 1}, t], carry_{s.name}[0:{r}, 1:{n}], "
+                                    f"{fb}[0:{r}, 0:{n - 1}, t], carry_{s.name}[0:{r}, {self.slot}, 1:{n}], "
                                     "nl.multiply)")
                     self.emit(step, f"nisa.tensor_reduce({col}[0:{r}, 0:1], nl.add, "
                                     f"{prod}[0:{r}, 0:{n - 1}], axis=1, keepdims=True)")
                     self.emit(step, f"nisa.tensor_copy(traj_{s.name}[0:{r}, 0:{n - 1}, t], "
-                                    f"carry_{s.name}[0:{r}, 1:{n}])")
+                                    f"carry_{s.name}[0:{r}, {self.slot}, 1:{n}])")
                 else:
                     self.emit(step, f"nisa.memset({col}[0:{r}, 0:1], 0.0)")
                 self.emit(step, f"nisa.tensor_tensor(traj_{s.name}[0:{r}, {n - 1}:{n}, t], "
@@ -840,7 +866,7 @@ class Renderer(ChunkedMixin):
                                 "nl.add)")
             else:
                 self.fail(f"no NKI rule for transition {t.kind.value!r}")
-        self.emit(step, f"nisa.tensor_copy(carry_{s.name}[0:{r}, 0:{n}], "
+        self.emit(step, f"nisa.tensor_copy(carry_{s.name}[0:{r}, {self.slot}, 0:{n}], "
                         f"traj_{s.name}[0:{r}, 0:{n}, t])")
         self.close(step)
 
@@ -886,62 +912,54 @@ class Renderer(ChunkedMixin):
         self.emit(top, "nisa.memset(ones_col, 1.0)")
         if self.chunks:
             self.chunk_constants(top)
-        sc, env, outer_scopes = self.inner_loops(top, self.outer, {}, "i")
-        pdl = self.open(sc, f"for p0 in range(0, N_{self.pd}, 128):")
-        self.pd_scope = pdl
-        self.emit(pdl, f"p1 = min(p0 + 128, N_{self.pd})")
-        self.emit(pdl, "P = p1 - p0")
-        for s in rec.states:
-            n, r = self.n_inner(s), self.rows(s)
-            if s.name in self.chunks:  # a (K, V) tile: K on the partitions
-                cp = self.chunks[s.name]
-                self.sbuf_sites.append(4 * self.npd)
-                self.emit(pdl, f"carry_{s.name} = nl.ndarray((128, {self.npd}), "
-                               "dtype=nl.float32, buffer=nl.sbuf)")
-                if self.init:
-                    self.chunk_state_dma(s, cp, env, pdl, load=True)
-                else:
-                    self.emit(pdl, f"nisa.memset(carry_{s.name}[0:{self.sizes[cp.kd]}, 0:P], "
-                                   "0.0)")
-                continue
-            self.sbuf_sites.append(4 * n)
-            self.emit(pdl, f"carry_{s.name} = nl.ndarray(({128 if r == 'P' else 1}, {n}), "
-                           "dtype=nl.float32, buffer=nl.sbuf)")
+        nslots = math.prod(self.sizes[d] for d in self.outer) * self.npt \
+            if self.time_outer else 1
+        if self.time_outer:  # carries for every outer index and partition tile, up front
+            self.alloc_carries(top, nslots)
             if self.init:
-                self.state_dma(s, env, pdl, load=True)
-            else:
-                self.emit(pdl, f"nisa.memset(carry_{s.name}[0:{r}, 0:{n}], 0.0)")
-        tl = self.open(pdl, f"for t0 in range(0, N_{rec.time}, {self.tt}):")
-        self.time_scope = tl
-        self.emit(tl, f"t1 = min(t0 + {self.tt}, N_{rec.time})")
-        self.emit(tl, "tw = t1 - t0")
+                pdl, env, scopes = self.pd_loops(top)
+                self.init_carries(pdl, env)
+                self.closeall(scopes)
+            tl = self.time_loop(top)
+            pdl, env, scopes = self.pd_loops(tl)
+            body = pdl
+        else:
+            pdl, env, scopes = self.pd_loops(top)
+            self.alloc_carries(pdl, nslots)
+            self.init_carries(pdl, env)
+            tl = self.time_loop(pdl)
+            body = tl
+        self.time_scope, self.pd_scope = tl, pdl
         for s in rec.states:
             if s.name in self.chunks:
-                self.chunk_state(s, self.chunks[s.name], env, tl)
+                self.chunk_state(s, self.chunks[s.name], env, body)
                 continue
             n, r = self.n_inner(s), self.rows(s)
             self.sbuf_sites.append(4 * n * self.tt)
-            self.emit(tl, f"traj_{s.name} = nl.ndarray(({128 if r == 'P' else 1}, {n}, "
-                          f"{self.tt}), dtype=nl.float32, buffer=nl.sbuf)")
+            self.emit(body, f"traj_{s.name} = nl.ndarray(({128 if r == 'P' else 1}, {n}, "
+                            f"{self.tt}), dtype=nl.float32, buffer=nl.sbuf)")
             if s.transition.kind in ELEMENTWISE_KINDS:
-                self.scan_state(s, env, tl)
+                self.scan_state(s, env, body)
             else:
-                self.step_state(s, env, tl)
+                self.step_state(s, env, body)
         for o in rec.outputs:
             dims = tuple(d for d in rec.canonical if d in o.dims and d != self.pd
                          and d not in self.outer)
-            inner, sub, scopes = self.inner_loops(tl, dims, env, "o")
+            inner, sub, oscopes = self.inner_loops(body, dims, env, "o")
             self.store(o, sub, self.value(o.expr, sub, inner), inner)
+            self.closeall(oscopes)
+        if self.time_outer:
             self.closeall(scopes)
-        self.close(tl)
-        if self.final:
-            for s in rec.states:
-                if s.name in self.chunks:
-                    self.chunk_state_dma(s, self.chunks[s.name], env, pdl, load=False)
-                else:
-                    self.state_dma(s, env, pdl, load=False)
-        self.close(pdl)
-        self.closeall(outer_scopes)
+            self.close(tl)
+            if self.final:
+                pdl, env, scopes = self.pd_loops(top)
+                self.final_carries(pdl, env)
+                self.closeall(scopes)
+        else:
+            self.close(tl)
+            if self.final:
+                self.final_carries(pdl, env)
+            self.closeall(scopes)
         rets = [f"out_{o.name}" for o in rec.outputs]
         if self.final:
             rets += [f"final_{s.name}" for s in rec.states]
@@ -950,13 +968,68 @@ class Renderer(ChunkedMixin):
         self.flatten(top.lines, 1, body)
         return "\n".join(lines + body) + "\n"
 
+    def pd_loops(self, sc: Scope):
+        """The outer loops and the partition-tile loop: (innermost scope, env, scopes)."""
+        inner, env, scopes = self.inner_loops(sc, self.outer, {}, "i")
+        pdl = self.open(inner, f"for p0 in range(0, N_{self.pd}, 128):", self.npt)
+        scopes.append(pdl)
+        self.emit(pdl, f"p1 = min(p0 + 128, N_{self.pd})")
+        self.emit(pdl, "P = p1 - p0")
+        if self.time_outer:
+            flat, stride = [], self.npt
+            for d in reversed(self.outer):
+                flat.append(f"{env[d].expr} * {stride}")
+                stride *= self.sizes[d]
+            self.slot = "slot"
+            self.emit(pdl, "slot = " + " + ".join(reversed(flat + ["p0 // 128"]))
+                      if flat else "slot = p0 // 128")
+        return pdl, env, scopes
+
+    def time_loop(self, sc: Scope) -> Scope:
+        tl = self.open(sc, f"for t0 in range(0, N_{self.time}, {self.tt}):",
+                       -(-self.T // self.tt))
+        self.emit(tl, f"t1 = min(t0 + {self.tt}, N_{self.time})")
+        self.emit(tl, "tw = t1 - t0")
+        return tl
+
+    def alloc_carries(self, sc: Scope, nslots: int) -> None:
+        for s in self.rec.states:
+            if s.name in self.chunks:  # a (K, V) tile: K on the partitions
+                shape, rows = (128, nslots, self.npd), f"0:{self.sizes[self.chunks[s.name].kd]}"
+            else:
+                r = self.rows(s)
+                shape, rows = (128 if r == "P" else 1, nslots, self.n_inner(s)), f"0:{r}"
+            self.sbuf_sites.append(4 * shape[1] * shape[2])
+            self.emit(sc, f"carry_{s.name} = nl.ndarray({shape}, dtype=nl.float32, "
+                          "buffer=nl.sbuf)")
+            if not self.init:
+                full = rows.replace("0:P", "0:128") if self.time_outer else rows
+                self.emit(sc, f"nisa.memset(carry_{s.name}[{full}, 0:{nslots}, 0:{shape[2]}], "
+                              "0.0)")
+
+    def init_carries(self, sc: Scope, env: dict) -> None:
+        if not self.init:
+            return
+        for s in self.rec.states:
+            if s.name in self.chunks:
+                self.chunk_state_dma(s, self.chunks[s.name], env, sc, load=True)
+            else:
+                self.state_dma(s, env, sc, load=True)
+
+    def final_carries(self, sc: Scope, env: dict) -> None:
+        for s in self.rec.states:
+            if s.name in self.chunks:
+                self.chunk_state_dma(s, self.chunks[s.name], env, sc, load=False)
+            else:
+                self.state_dma(s, env, sc, load=False)
+
     def state_dma(self, s, env: dict, sc: Scope, load: bool) -> None:
         """initial state HBM -> carry, or carry -> final state HBM, one DMA per state row."""
         inner, sub, scopes = self.inner_loops(sc, self.inner_dims(s), env, "s")
         f = self.flat_index(s, sub)
         r = self.rows(s)
         hbm = f"{'init' if load else 'final'}_{s.name}[{self.hbm_index(s.dims, sub, 'p0:p1', '')}]"
-        tile = f"carry_{s.name}[0:{r}, {f}:{f} + 1]"
+        tile = f"carry_{s.name}[0:{r}, {self.slot}, {f}:{f} + 1]"
         self.emit(inner, f"nisa.dma_copy({tile}, {hbm})" if load
                   else f"nisa.dma_copy({hbm}, {tile})")
         self.closeall(scopes)
@@ -977,14 +1050,22 @@ class Renderer(ChunkedMixin):
         return sum(self.sbuf_sites) + max(self.sbuf_sites), self.PSUM_POOL + 1
 
 
+LOOP_ORDERS = {"auto": (False, True), "outer": (False,), "time": (True,)}
+
+
 def plan_and_render(rec: Recurrence, sizes: Mapping[str, int], initial_state: bool,
                     final_state: bool, target: str = "trn1", tt: int | None = None,
-                    algorithm: str = "auto") -> tuple[str, Plan]:
-    """Choose the largest time tile whose kernel fits SBUF/PSUM, and render it. The chunked
+                    algorithm: str = "auto", loop_order: str = "auto") -> tuple[str, Plan]:
+    """Choose the time tile and loop order, and render the kernel: the largest time tile
+    with a kernel that fits SBUF/PSUM, and at that tile the loop order that moves the fewest
+    DMA bytes (a static count: each DMA's bytes times its loops' trip counts). The chunked
     form puts a time tile on the partitions, so it caps the tile at 128 steps."""
     if target not in E.SBUF_BYTES:
         raise UnsupportedError(NAME, rec.name, f"unknown target {target!r} "
                                f"(known: {', '.join(E.SBUF_BYTES)})")
+    if loop_order not in LOOP_ORDERS:
+        raise UnsupportedError(NAME, rec.name, f"unknown loop_order {loop_order!r} "
+                               f"(known: {', '.join(LOOP_ORDERS)})")
     budget = E.SBUF_BYTES[target]
     T = sizes[rec.time]
     probe = Renderer(rec, sizes, 1, initial_state, final_state, algorithm)
@@ -995,13 +1076,24 @@ def plan_and_render(rec: Recurrence, sizes: Mapping[str, int], initial_state: bo
         raise UnsupportedError(NAME, rec.name, f"time tile {tt} must be in 1..{top}")
     need = None
     for c in cands:
-        r = Renderer(rec, sizes, c, initial_state, final_state, algorithm)
-        src = r.render()
-        sb, banks = r.budget()
-        if sb <= budget and banks <= E.PSUM_BANKS:
-            return src, Plan(r.pd, r.outer, c, sb, banks, tuple(r.chunks))
-        need = (c, sb)
+        fits = []
+        for time_outer in LOOP_ORDERS[loop_order]:
+            r = Renderer(rec, sizes, c, initial_state, final_state, algorithm, time_outer)
+            src = r.render()
+            sb, banks = r.budget()
+            if sb <= budget and banks <= E.PSUM_BANKS:
+                fits.append((r.dma_bytes, time_outer, src, r))
+            elif need is None or sb < need[1] or need[0] != c:
+                need = (c, sb)
+        if fits:
+            dma, time_outer, src, r = min(fits, key=lambda f: (f[0], f[1]))
+            return src, Plan(r.pd, r.outer, c, sb_of(r), r.budget()[1], tuple(r.chunks),
+                             "time" if time_outer else "outer", dma)
     shape = ", ".join(f"{d}={sizes[d]}" for d in (rec.time,) + rec.canonical)
     raise PlanError(NAME, rec.name, f"no tile plan fits: at time tile {need[0]} the kernel needs "
                     f"{need[1]} B of SBUF per partition, the {target} budget is {budget} B "
                     f"(shape {shape})")
+
+
+def sb_of(r: Renderer) -> int:
+    return r.budget()[0]

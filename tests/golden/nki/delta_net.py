@@ -45,8 +45,8 @@ def delta_net_kernel(in_q, in_k, in_v, in_beta):
             for p0 in range(0, N_value, 128):
                 p1 = min(p0 + 128, N_value)
                 P = p1 - p0
-                carry_S = nl.ndarray((128, 8), dtype=nl.float32, buffer=nl.sbuf)
-                nisa.memset(carry_S[0:P, 0:8], 0.0)
+                carry_S = nl.ndarray((128, 1, 8), dtype=nl.float32, buffer=nl.sbuf)
+                nisa.memset(carry_S[0:P, 0:1, 0:8], 0.0)
                 for t0 in range(0, N_time, 64):
                     t1 = min(t0 + 64, N_time)
                     tw = t1 - t0
@@ -83,13 +83,13 @@ def delta_net_kernel(in_q, in_k, in_v, in_beta):
                     nisa.tensor_copy(op10[0:P, 0, 0:tw], ps3[0:P, 0:tw])
                     prod11 = nl.ndarray((128, 8), dtype=nl.float32, buffer=nl.sbuf)
                     for t in range(tw):
-                        nisa.tensor_tensor(prod11[0:P, 0:8], op3[0:P, 0:8, t], carry_S[0:P, 0:8], nl.multiply)
+                        nisa.tensor_tensor(prod11[0:P, 0:8], op3[0:P, 0:8, t], carry_S[0:P, 0, 0:8], nl.multiply)
                         nisa.tensor_reduce(acc1[0:P, 0:1], nl.add, prod11[0:P, 0:8], axis=1, keepdims=True)
                         nisa.tensor_tensor(acc1[0:P, 0:1], acc1[0:P, 0:1], op10[0:P, 0:1, t], nl.multiply)
                         nisa.tensor_scalar(prod11[0:P, 0:8], op3[0:P, 0:8, t], nl.multiply, acc1[0:P, 0:1])
-                        nisa.tensor_tensor(traj_S[0:P, 0:8, t], carry_S[0:P, 0:8], prod11[0:P, 0:8], nl.subtract)
+                        nisa.tensor_tensor(traj_S[0:P, 0:8, t], carry_S[0:P, 0, 0:8], prod11[0:P, 0:8], nl.subtract)
                         nisa.tensor_tensor(traj_S[0:P, 0:8, t], traj_S[0:P, 0:8, t], op2[0:P, 0:8, t], nl.add)
-                        nisa.tensor_copy(carry_S[0:P, 0:8], traj_S[0:P, 0:8, t])
+                        nisa.tensor_copy(carry_S[0:P, 0, 0:8], traj_S[0:P, 0:8, t])
                     v12 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
                     nisa.memset(v12[0:P, 0:tw], 0.0)
                     for r_key in range(8):

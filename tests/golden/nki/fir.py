@@ -41,8 +41,8 @@ def fir_kernel(in_x, in_weight):
         for p0 in range(0, N_chan, 128):
             p1 = min(p0 + 128, N_chan)
             P = p1 - p0
-            carry_win = nl.ndarray((128, 4), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.memset(carry_win[0:P, 0:4], 0.0)
+            carry_win = nl.ndarray((128, 1, 4), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.memset(carry_win[0:P, 0:1, 0:4], 0.0)
             slab5 = nl.ndarray((128, 4, 1), dtype=nl.float32, buffer=nl.sbuf)
             nisa.dma_copy(slab5[0:P, 0:4, 0:1], in_weight[p0:p1, 0:4])
             for t0 in range(0, N_time, 64):
@@ -60,9 +60,9 @@ def fir_kernel(in_x, in_weight):
                     nisa.tensor_copy(v2[0:P, c0:c1], ps0[0:P, 0:c1 - c0])
                 nisa.tensor_copy(op1[0:P, 0, 0:tw], v2[0:P, 0:tw])
                 for t in range(tw):
-                    nisa.tensor_copy(traj_win[0:P, 0:3, t], carry_win[0:P, 1:4])
+                    nisa.tensor_copy(traj_win[0:P, 0:3, t], carry_win[0:P, 0, 1:4])
                     nisa.tensor_copy(traj_win[0:P, 3:4, t], op1[0:P, 0:1, t])
-                    nisa.tensor_copy(carry_win[0:P, 0:4], traj_win[0:P, 0:4, t])
+                    nisa.tensor_copy(carry_win[0:P, 0, 0:4], traj_win[0:P, 0:4, t])
                 v4 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
                 nisa.memset(v4[0:P, 0:tw], 0.0)
                 for r_width in range(4):

@@ -45,8 +45,8 @@ def gla_kernel(in_q, in_k, in_v, in_g):
             for p0 in range(0, N_value, 128):
                 p1 = min(p0 + 128, N_value)
                 P = p1 - p0
-                carry_S = nl.ndarray((128, 8), dtype=nl.float32, buffer=nl.sbuf)
-                nisa.memset(carry_S[0:P, 0:8], 0.0)
+                carry_S = nl.ndarray((128, 1, 8), dtype=nl.float32, buffer=nl.sbuf)
+                nisa.memset(carry_S[0:P, 0:1, 0:8], 0.0)
                 for t0 in range(0, N_time, 64):
                     t1 = min(t0 + 64, N_time)
                     tw = t1 - t0
@@ -72,8 +72,8 @@ def gla_kernel(in_q, in_k, in_v, in_g):
                         nisa.activation(v6[0:1, 0:tw], nl.exp, v5[0:1, 0:tw])
                         ps2 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.psum)
                         nisa.nc_matmul(ps2[0:P, 0:tw], ones_row[0:1, 0:P], v6[0:1, 0:tw])
-                        nisa.tensor_tensor_scan(traj_S[0:P, i_key, 0:tw], ps2[0:P, 0:tw], v4[0:P, 0:tw], carry_S[0:P, i_key:i_key + 1], nl.multiply, nl.add)
-                        nisa.tensor_copy(carry_S[0:P, i_key:i_key + 1], traj_S[0:P, i_key, tw - 1:tw])
+                        nisa.tensor_tensor_scan(traj_S[0:P, i_key, 0:tw], ps2[0:P, 0:tw], v4[0:P, 0:tw], carry_S[0:P, 0, i_key:i_key + 1], nl.multiply, nl.add)
+                        nisa.tensor_copy(carry_S[0:P, 0, i_key:i_key + 1], traj_S[0:P, i_key, tw - 1:tw])
                     v7 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
                     nisa.memset(v7[0:P, 0:tw], 0.0)
                     for r_key in range(8):

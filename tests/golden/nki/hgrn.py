@@ -38,8 +38,8 @@ def hgrn_kernel(in_x, in_g):
         for p0 in range(0, N_chan, 128):
             p1 = min(p0 + 128, N_chan)
             P = p1 - p0
-            carry_h = nl.ndarray((128, 1), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.memset(carry_h[0:P, 0:1], 0.0)
+            carry_h = nl.ndarray((128, 1, 1), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.memset(carry_h[0:P, 0:1, 0:1], 0.0)
             for t0 in range(0, N_time, 64):
                 t1 = min(t0 + 64, N_time)
                 tw = t1 - t0
@@ -62,8 +62,8 @@ def hgrn_kernel(in_x, in_g):
                     nisa.tensor_copy(v3[0:P, c0:c1], ps1[0:P, 0:c1 - c0])
                 v5 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
                 nisa.activation(v5[0:P, 0:tw], nl.exp, v3[0:P, 0:tw])
-                nisa.tensor_tensor_scan(traj_h[0:P, 0, 0:tw], v5[0:P, 0:tw], v1[0:P, 0:tw], carry_h[0:P, 0:0 + 1], nl.multiply, nl.add)
-                nisa.tensor_copy(carry_h[0:P, 0:0 + 1], traj_h[0:P, 0, tw - 1:tw])
+                nisa.tensor_tensor_scan(traj_h[0:P, 0, 0:tw], v5[0:P, 0:tw], v1[0:P, 0:tw], carry_h[0:P, 0, 0:0 + 1], nl.multiply, nl.add)
+                nisa.tensor_copy(carry_h[0:P, 0, 0:0 + 1], traj_h[0:P, 0, tw - 1:tw])
                 for c0 in range(0, tw, 128):
                     c1 = min(c0 + 128, tw)
                     ps2 = nl.ndarray((128, 128), dtype=nl.float32, buffer=nl.psum)

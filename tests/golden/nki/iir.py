@@ -43,8 +43,8 @@ def iir_kernel(in_x, in_b, in_a):
         for p0 in range(0, N_chan, 128):
             p1 = min(p0 + 128, N_chan)
             P = p1 - p0
-            carry_w = nl.ndarray((128, 3), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.memset(carry_w[0:P, 0:3], 0.0)
+            carry_w = nl.ndarray((128, 1, 3), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.memset(carry_w[0:P, 0:1, 0:3], 0.0)
             for t0 in range(0, N_time, 64):
                 t1 = min(t0 + 64, N_time)
                 tw = t1 - t0
@@ -71,11 +71,11 @@ def iir_kernel(in_x, in_b, in_a):
                     nisa.tensor_copy(op3[0:P, m_order, 0:tw], v8[0:P, 0:tw])
                 prod9 = nl.ndarray((128, 3), dtype=nl.float32, buffer=nl.sbuf)
                 for t in range(tw):
-                    nisa.tensor_tensor(prod9[0:P, 0:2], op3[0:P, 0:2, t], carry_w[0:P, 1:3], nl.multiply)
+                    nisa.tensor_tensor(prod9[0:P, 0:2], op3[0:P, 0:2, t], carry_w[0:P, 0, 1:3], nl.multiply)
                     nisa.tensor_reduce(acc1[0:P, 0:1], nl.add, prod9[0:P, 0:2], axis=1, keepdims=True)
-                    nisa.tensor_copy(traj_w[0:P, 0:2, t], carry_w[0:P, 1:3])
+                    nisa.tensor_copy(traj_w[0:P, 0:2, t], carry_w[0:P, 0, 1:3])
                     nisa.tensor_tensor(traj_w[0:P, 2:3, t], acc1[0:P, 0:1], op2[0:P, 2:3, t], nl.add)
-                    nisa.tensor_copy(carry_w[0:P, 0:3], traj_w[0:P, 0:3, t])
+                    nisa.tensor_copy(carry_w[0:P, 0, 0:3], traj_w[0:P, 0:3, t])
                 v10 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
                 nisa.memset(v10[0:P, 0:tw], 0.0)
                 for r_order in range(3):

@@ -50,8 +50,8 @@ def linear_attn_kernel(in_q, in_k, in_v):
             for p0 in range(0, N_value, 128):
                 p1 = min(p0 + 128, N_value)
                 P = p1 - p0
-                carry_S = nl.ndarray((128, 12), dtype=nl.float32, buffer=nl.sbuf)
-                nisa.memset(carry_S[0:8, 0:P], 0.0)
+                carry_S = nl.ndarray((128, 1, 12), dtype=nl.float32, buffer=nl.sbuf)
+                nisa.memset(carry_S[0:8, 0:1, 0:12], 0.0)
                 for t0 in range(0, N_time, 64):
                     t1 = min(t0 + 64, N_time)
                     tw = t1 - t0
@@ -76,12 +76,12 @@ def linear_attn_kernel(in_q, in_k, in_v):
                     nisa.tensor_tensor(wts6[0:tw, 0:tw], ps2[0:tw, 0:tw], tri[0:tw, 0:tw], nl.multiply)
                     ps3 = nl.ndarray((128, 128), dtype=nl.float32, buffer=nl.psum)
                     nisa.nc_matmul(ps3[0:P, 0:tw], c2[0:tw, 0:P], wts6[0:tw, 0:tw])
-                    nisa.nc_matmul(ps3[0:P, 0:tw], carry_S[0:8, 0:P], tr5[0:8, 0:tw])
+                    nisa.nc_matmul(ps3[0:P, 0:tw], carry_S[0:8, 0, 0:P], tr5[0:8, 0:tw])
                     y7 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
                     nisa.tensor_copy(y7[0:P, 0:tw], ps3[0:P, 0:tw])
                     ps0 = nl.ndarray((128, 128), dtype=nl.float32, buffer=nl.psum)
                     nisa.nc_matmul(ps0[0:8, 0:P], c1[0:tw, 0:8], c2[0:tw, 0:P])
-                    nisa.tensor_tensor(carry_S[0:8, 0:P], carry_S[0:8, 0:P], ps0[0:8, 0:P], nl.add)
+                    nisa.tensor_tensor(carry_S[0:8, 0, 0:P], carry_S[0:8, 0, 0:P], ps0[0:8, 0:P], nl.add)
                     v8 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
                     nisa.tensor_scalar(v8[0:P, 0:tw], y7[0:P, 0:tw], nl.multiply, (1.0 / math.sqrt(8.0)))
                     for c0 in range(0, tw, 128):

@@ -47,8 +47,8 @@ def mamba_kernel(in_u, in_delta, in_A, in_B, in_C):
         for p0 in range(0, N_chan, 128):
             p1 = min(p0 + 128, N_chan)
             P = p1 - p0
-            carry_x = nl.ndarray((128, 4), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.memset(carry_x[0:P, 0:4], 0.0)
+            carry_x = nl.ndarray((128, 1, 4), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.memset(carry_x[0:P, 0:1, 0:4], 0.0)
             slab6 = nl.ndarray((128, 4, 1), dtype=nl.float32, buffer=nl.sbuf)
             nisa.dma_copy(slab6[0:P, 0:4, 0:1], in_A[p0:p1, 0:4])
             for t0 in range(0, N_time, 64):
@@ -70,8 +70,8 @@ def mamba_kernel(in_u, in_delta, in_A, in_B, in_C):
                     nisa.tensor_tensor(v5[0:P, 0:tw], v3[0:P, 0:tw], v4[0:P, 0:tw], nl.multiply)
                     v7 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
                     nisa.activation(v7[0:P, 0:tw], nl.exp, v1[0:P, 0:tw], scale=slab6[0:P, i_dstate, 0:1])
-                    nisa.tensor_tensor_scan(traj_x[0:P, i_dstate, 0:tw], v7[0:P, 0:tw], v5[0:P, 0:tw], carry_x[0:P, i_dstate:i_dstate + 1], nl.multiply, nl.add)
-                    nisa.tensor_copy(carry_x[0:P, i_dstate:i_dstate + 1], traj_x[0:P, i_dstate, tw - 1:tw])
+                    nisa.tensor_tensor_scan(traj_x[0:P, i_dstate, 0:tw], v7[0:P, 0:tw], v5[0:P, 0:tw], carry_x[0:P, 0, i_dstate:i_dstate + 1], nl.multiply, nl.add)
+                    nisa.tensor_copy(carry_x[0:P, 0, i_dstate:i_dstate + 1], traj_x[0:P, i_dstate, tw - 1:tw])
                 v8 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
                 nisa.memset(v8[0:P, 0:tw], 0.0)
                 slab9 = nl.ndarray((1, 4, 64), dtype=nl.float32, buffer=nl.sbuf)

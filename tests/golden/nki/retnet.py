@@ -51,8 +51,8 @@ def retnet_kernel(in_q, in_k, in_v):
             for p0 in range(0, N_value, 128):
                 p1 = min(p0 + 128, N_value)
                 P = p1 - p0
-                carry_S = nl.ndarray((128, 12), dtype=nl.float32, buffer=nl.sbuf)
-                nisa.memset(carry_S[0:8, 0:P], 0.0)
+                carry_S = nl.ndarray((128, 1, 12), dtype=nl.float32, buffer=nl.sbuf)
+                nisa.memset(carry_S[0:8, 0:1, 0:12], 0.0)
                 for t0 in range(0, N_time, 64):
                     t1 = min(t0 + 64, N_time)
                     tw = t1 - t0
@@ -100,7 +100,7 @@ def retnet_kernel(in_q, in_k, in_v):
                     nisa.nc_matmul(ps3[0:8, 0:tw], ones_row[0:1, 0:8], ec12[0:1, 0:tw])
                     qs13 = nl.ndarray((128, 128), dtype=nl.float32, buffer=nl.sbuf)
                     nisa.tensor_tensor(qs13[0:8, 0:tw], tr8[0:8, 0:tw], ps3[0:8, 0:tw], nl.multiply)
-                    nisa.nc_matmul(ps2[0:P, 0:tw], carry_S[0:8, 0:P], qs13[0:8, 0:tw])
+                    nisa.nc_matmul(ps2[0:P, 0:tw], carry_S[0:8, 0, 0:P], qs13[0:8, 0:tw])
                     y14 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
                     nisa.tensor_copy(y14[0:P, 0:tw], ps2[0:P, 0:tw])
                     ps0 = nl.ndarray((128, 1), dtype=nl.float32, buffer=nl.psum)
@@ -115,10 +115,10 @@ def retnet_kernel(in_q, in_k, in_v):
                     nisa.nc_matmul(ps1[0:8, 0:1], ones_row[0:1, 0:8], crow5[0:1, tw - 1:tw])
                     ek18 = nl.ndarray((128, 1), dtype=nl.float32, buffer=nl.sbuf)
                     nisa.activation(ek18[0:8, 0:1], nl.exp, ps1[0:8, 0:1])
-                    nisa.tensor_scalar(carry_S[0:8, 0:P], carry_S[0:8, 0:P], nl.multiply, ek18[0:8, 0:1])
+                    nisa.tensor_scalar(carry_S[0:8, 0, 0:P], carry_S[0:8, 0, 0:P], nl.multiply, ek18[0:8, 0:1])
                     ps2 = nl.ndarray((128, 128), dtype=nl.float32, buffer=nl.psum)
                     nisa.nc_matmul(ps2[0:8, 0:P], ks17[0:tw, 0:8], c2[0:tw, 0:P])
-                    nisa.tensor_tensor(carry_S[0:8, 0:P], carry_S[0:8, 0:P], ps2[0:8, 0:P], nl.add)
+                    nisa.tensor_tensor(carry_S[0:8, 0, 0:P], carry_S[0:8, 0, 0:P], ps2[0:8, 0:P], nl.add)
                     v19 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
                     nisa.tensor_scalar(v19[0:P, 0:tw], y14[0:P, 0:tw], nl.multiply, (1.0 / math.sqrt(8.0)))
                     for c0 in range(0, tw, 128):

@@ -45,8 +45,8 @@ def s4d_kernel(in_u, in_A, in_C, in_log_dt, in_D):
         for p0 in range(0, N_heads, 128):
             p1 = min(p0 + 128, N_heads)
             P = p1 - p0
-            carry_x = nl.ndarray((128, 4), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.memset(carry_x[0:P, 0:4], 0.0)
+            carry_x = nl.ndarray((128, 1, 4), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.memset(carry_x[0:P, 0:1, 0:4], 0.0)
             v1 = nl.ndarray((128, 1), dtype=nl.float32, buffer=nl.sbuf)
             nisa.dma_copy(v1[0:P, 0:1], in_log_dt[p0:p1])
             v2 = nl.ndarray((128, 1), dtype=nl.float32, buffer=nl.sbuf)
@@ -76,8 +76,8 @@ def s4d_kernel(in_u, in_A, in_C, in_log_dt, in_D):
                     nisa.tensor_scalar(v9[0:P, 0:tw], v8[0:P, 0:tw], nl.multiply, v7[0:P, 0:1], reverse0=True)
                     v10 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
                     nisa.tensor_scalar(v10[0:P, 0:tw], zeros[0:P, 0:tw], nl.add, v5[0:P, 0:1])
-                    nisa.tensor_tensor_scan(traj_x[0:P, i_dstate, 0:tw], v10[0:P, 0:tw], v9[0:P, 0:tw], carry_x[0:P, i_dstate:i_dstate + 1], nl.multiply, nl.add)
-                    nisa.tensor_copy(carry_x[0:P, i_dstate:i_dstate + 1], traj_x[0:P, i_dstate, tw - 1:tw])
+                    nisa.tensor_tensor_scan(traj_x[0:P, i_dstate, 0:tw], v10[0:P, 0:tw], v9[0:P, 0:tw], carry_x[0:P, 0, i_dstate:i_dstate + 1], nl.multiply, nl.add)
+                    nisa.tensor_copy(carry_x[0:P, 0, i_dstate:i_dstate + 1], traj_x[0:P, i_dstate, tw - 1:tw])
                 v11 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
                 nisa.memset(v11[0:P, 0:tw], 0.0)
                 for r_dstate in range(4):

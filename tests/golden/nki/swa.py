@@ -48,12 +48,12 @@ def swa_kernel(in_q, in_k, in_v):
         for p0 in range(0, N_heads, 128):
             p1 = min(p0 + 128, N_heads)
             P = p1 - p0
-            carry_kw = nl.ndarray((128, 32), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.memset(carry_kw[0:P, 0:32], 0.0)
-            carry_vw = nl.ndarray((128, 48), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.memset(carry_vw[0:P, 0:48], 0.0)
-            carry_valid = nl.ndarray((1, 4), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.memset(carry_valid[0:1, 0:4], 0.0)
+            carry_kw = nl.ndarray((128, 1, 32), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.memset(carry_kw[0:P, 0:1, 0:32], 0.0)
+            carry_vw = nl.ndarray((128, 1, 48), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.memset(carry_vw[0:P, 0:1, 0:48], 0.0)
+            carry_valid = nl.ndarray((1, 1, 4), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.memset(carry_valid[0:1, 0:1, 0:4], 0.0)
             for t0 in range(0, N_time, 64):
                 t1 = min(t0 + 64, N_time)
                 tw = t1 - t0
@@ -70,9 +70,9 @@ def swa_kernel(in_q, in_k, in_v):
                         nisa.tensor_copy(v2[0:P, c0:c1], ps0[0:P, 0:c1 - c0])
                     nisa.tensor_copy(op1[0:P, m_key, 0:tw], v2[0:P, 0:tw])
                 for t in range(tw):
-                    nisa.tensor_copy(traj_kw[0:P, 0:24, t], carry_kw[0:P, 8:32])
+                    nisa.tensor_copy(traj_kw[0:P, 0:24, t], carry_kw[0:P, 0, 8:32])
                     nisa.tensor_copy(traj_kw[0:P, 24:32, t], op1[0:P, 0:8, t])
-                    nisa.tensor_copy(carry_kw[0:P, 0:32], traj_kw[0:P, 0:32, t])
+                    nisa.tensor_copy(carry_kw[0:P, 0, 0:32], traj_kw[0:P, 0:32, t])
                 traj_vw = nl.ndarray((128, 48, 64), dtype=nl.float32, buffer=nl.sbuf)
                 op4 = nl.ndarray((128, 12, 64), dtype=nl.float32, buffer=nl.sbuf)
                 for m_value in range(12):
@@ -86,18 +86,18 @@ def swa_kernel(in_q, in_k, in_v):
                         nisa.tensor_copy(v5[0:P, c0:c1], ps1[0:P, 0:c1 - c0])
                     nisa.tensor_copy(op4[0:P, m_value, 0:tw], v5[0:P, 0:tw])
                 for t in range(tw):
-                    nisa.tensor_copy(traj_vw[0:P, 0:36, t], carry_vw[0:P, 12:48])
+                    nisa.tensor_copy(traj_vw[0:P, 0:36, t], carry_vw[0:P, 0, 12:48])
                     nisa.tensor_copy(traj_vw[0:P, 36:48, t], op4[0:P, 0:12, t])
-                    nisa.tensor_copy(carry_vw[0:P, 0:48], traj_vw[0:P, 0:48, t])
+                    nisa.tensor_copy(carry_vw[0:P, 0, 0:48], traj_vw[0:P, 0:48, t])
                 traj_valid = nl.ndarray((1, 4, 64), dtype=nl.float32, buffer=nl.sbuf)
                 op7 = nl.ndarray((1, 1, 64), dtype=nl.float32, buffer=nl.sbuf)
                 v8 = nl.ndarray((1, 64), dtype=nl.float32, buffer=nl.sbuf)
                 nisa.memset(v8[0:1, 0:tw], 1.0)
                 nisa.tensor_copy(op7[0:1, 0, 0:tw], v8[0:1, 0:tw])
                 for t in range(tw):
-                    nisa.tensor_copy(traj_valid[0:1, 0:3, t], carry_valid[0:1, 1:4])
+                    nisa.tensor_copy(traj_valid[0:1, 0:3, t], carry_valid[0:1, 0, 1:4])
                     nisa.tensor_copy(traj_valid[0:1, 3:4, t], op7[0:1, 0:1, t])
-                    nisa.tensor_copy(carry_valid[0:1, 0:4], traj_valid[0:1, 0:4, t])
+                    nisa.tensor_copy(carry_valid[0:1, 0, 0:4], traj_valid[0:1, 0:4, t])
                 v10 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
                 v11 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
                 wts12 = nl.ndarray((128, 4, 64), dtype=nl.float32, buffer=nl.sbuf)
