@@ -41,9 +41,9 @@ SHAPES = {
 }
 
 
-# extra rows: block choices that trade parallelism for traffic (one program per batch holds
-# every channel, so B and C are read once)
-VARIANTS = {"mamba": [{"block_sizes": {"chan": 256}}]}
+# extra rows: block choices that trade parallelism for traffic: one program holds every
+# channel (mamba) or every head of a group (mamba2), so B and C are read once
+VARIANTS = {"mamba": [{"block_sizes": {"chan": 256}}], "mamba2": [{"block_sizes": {"heads": 8}}]}
 
 
 class Flops:

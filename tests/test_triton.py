@@ -68,7 +68,7 @@ def _sizes(rec, T: int, odd: bool, overrides=None) -> dict:
 
 
 def _case(name: str, dtype: str, T: int, odd: bool, state: bool, algorithm: str = "auto",
-          overrides=None, seed: int = 0, options=None):
+          overrides=None, seed: int = 0, options=None, backend_options=None):
     """Run one case on triton and the reference; return errors by output/state name."""
     entry = registry.get(name)
     rec = entry.build(**(options or {}))
@@ -82,7 +82,8 @@ def _case(name: str, dtype: str, T: int, odd: bool, state: bool, algorithm: str 
     if state:
         h0 = {k: v.double().numpy() for k, v in th0.items()}
     ref = backends.get("reference").run(rec, x_seen, sizes, h0, state, {})
-    res = backends.get("triton").run(rec, tx, sizes, th0, state, {"algorithm": algorithm})
+    res = backends.get("triton").run(rec, tx, sizes, th0, state,
+                                     {"algorithm": algorithm, **(backend_options or {})})
     assert res.counters["algorithm"] == (algorithm if algorithm != "auto"
                                          else res.counters["algorithm"])
     for k, v in res.outputs.items():
@@ -147,6 +148,9 @@ def test_groups_shared_across_heads_and_channels():
     # mamba2: 4 heads reading 2 groups of B/C; mamba: 6 channels reading 3 groups
     _case("mamba2", "float32", 17, True, True, overrides={"heads": 4, "groups": 2})
     _case("mamba", "float32", 17, False, True, overrides={"chan": 6, "groups": 3})
+    # heads held in registers, 2 per program: each program reads one group's B and C
+    _case("mamba2", "float32", 17, True, True, "recurrent", overrides={"heads": 4, "groups": 2},
+          backend_options={"block_sizes": {"heads": 2}})
 
 
 def test_options_of_library_recurrences():
@@ -159,6 +163,24 @@ def test_options_of_library_recurrences():
     _case("gated_delta_net", "float32", 9, True, True,
           options={"use_qk_l2norm_in_kernel": True})
     _case("swa", "float32", 11, True, True, options={"window": 5})
+
+
+@pytest.mark.parametrize("name,dtype", [("simple_gla", "bfloat16"), ("gla", "float16"),
+                                        ("mamba2", "bfloat16")])
+def test_chunked_dots_in_the_input_dtype(name, dtype):
+    # dot_precision="input": 16-bit tl.dot operands (on CPU this runs the interpreter's
+    # bf16 dot through runtime.install_interpreter_fixes)
+    entry = registry.get(name)
+    rec = entry.build()
+    sizes = _sizes(rec, 45, True, {"heads": 1})
+    x = testing.sample_inputs(rec, sizes, 4, hints=entry.hints)
+    tx = {k: torch.from_numpy(v).to(TORCH_DTYPES[dtype]) for k, v in x.items()}
+    ref = backends.get("reference").run(rec, {k: v.double().numpy() for k, v in tx.items()},
+                                        sizes, None, False, {})
+    res = backends.get("triton").run(rec, tx, sizes, None, False,
+                                     {"algorithm": "chunked", "dot_precision": "input"})
+    out = rec.outputs[0].name
+    testing.assert_close(res.outputs[out], ref.outputs[out], dtype, f"{name} chunked, 16-bit dots")
 
 
 def test_block_split_over_programs():

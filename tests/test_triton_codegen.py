@@ -148,6 +148,14 @@ def test_generated_kernels_compile_for_h100(tmp_path):
             sizes = testing.default_sizes(rec)
             sig, const = low.compile_args(sizes, dtype)
             jobs.append([str(path), low.kernel_name, sig, const])
+    for prec in ("tf32x3", "input"):
+        rec = registry.get("mamba2").build()
+        low = backends.get("triton")._lowering_for(rec, {"algorithm": "chunked",
+                                                         "dot_precision": prec})
+        path = tmp_path / f"mamba2_chunked_{prec}.py"
+        path.write_text(low.render())
+        sig, const = low.compile_args(testing.default_sizes(rec), "bfloat16")
+        jobs.append([str(path), low.kernel_name, sig, const])
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", _COMPILE], input=json.dumps(jobs), env=env,
                        capture_output=True, text=True, timeout=600)

@@ -17,6 +17,7 @@ from scancc.ir import IRError, Recurrence, format_recurrence
 from ..base import Backend, RunResult, UnsupportedError
 
 ALGORITHMS = ("auto", "recurrent", "chunked")
+DOT_PRECISIONS = ("ieee", "tf32x3", "input")
 
 
 def _lowering(rec: Recurrence, options: Mapping[str, Any]):
@@ -39,10 +40,18 @@ def _check_options(rec: Recurrence, options: Mapping[str, Any]) -> None:
         if not isinstance(bs, Mapping):
             raise UnsupportedError("triton", rec.name, f"option block_sizes={bs!r}: expected a "
                                    "dict {dim: power of two}")
+        dims = {x.name for x in rec.dims}
         for d, v in bs.items():
+            if d not in dims:
+                raise UnsupportedError("triton", rec.name, f"option block_sizes names {d!r}, "
+                                       f"not a dim (dims: {', '.join(sorted(dims))})")
             if not isinstance(v, int) or isinstance(v, bool) or v < 1 or v & (v - 1):
                 raise UnsupportedError("triton", rec.name, f"option block_sizes[{d!r}]={v!r}: "
                                        "expected a power of two")
+    dp = options.get("dot_precision", "ieee")
+    if dp not in DOT_PRECISIONS:
+        raise UnsupportedError("triton", rec.name, f"option dot_precision={dp!r}: expected one "
+                               f"of {', '.join(DOT_PRECISIONS)}")
     nw = options.get("num_warps")
     if nw is not None and nw not in (1, 2, 4, 8, 16, 32):
         raise UnsupportedError("triton", rec.name, f"option num_warps={nw!r}: expected a power "
@@ -54,7 +63,7 @@ class TritonBackend(Backend):
     array = "torch"
     generates_source = True
     dtypes = ("float32", "float16", "bfloat16")
-    options = ("algorithm", "block_sizes", "num_warps")
+    options = ("algorithm", "block_sizes", "num_warps", "dot_precision")
 
     def available(self) -> tuple[bool, str]:
         try:
@@ -95,7 +104,9 @@ class TritonBackend(Backend):
         from . import runtime
         _check_options(rec, options)
         low = _lowering(rec, options)
-        src_opts = {k: v for k, v in options.items() if k == "algorithm"}
+        # the source depends on these (block sizes only through which dims are blocked)
+        src_opts = {k: v for k, v in options.items() if k in ("algorithm", "dot_precision")}
+        src_opts["blocked"] = tuple(sorted(options.get("block_sizes") or {}))
         key = runtime.cache_key(format_recurrence(rec), low.algorithm, src_opts, tuple(dtypes))
         mod = runtime.load(key, low.render())
         return getattr(mod, low.launcher_name)

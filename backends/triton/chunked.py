@@ -13,8 +13,12 @@ chunk and S the state before it:
 Every exponent is c_t - c_s with t >= s, so <= 0 (RECURRENCES.md, numerics). The K-diagonal
 intra-chunk term needs a per-K exponent, so it is a broadcast product over [BT, BT, BK]
 rather than a tl.dot; the inter-chunk terms and the state update are tl.dot for every kind.
-The operands of tl.dot are cast to the input dtype (bf16/fp16 tensor cores; fp32 with
-input_precision="ieee"), accumulation is float32.
+tl.dot takes float32 operands at input_precision="ieee" by default (exact float32, so the
+chunked form matches the recurrent one at every dtype); option ``dot_precision="tf32x3"``
+uses tensor cores at about float32 accuracy, ``"input"`` casts the operands to the input
+dtype (bf16/fp16 tensor cores: faster, but at bf16 its error can exceed the bf16 tolerance,
+e.g. mamba2 rel-RMS 1.2e-2, see docs/triton.md). The interpreter computes every mode in
+float32, so only "ieee" and "input" are checked bit-for-bit against their GPU semantics here.
 
 Not yet here: a chunked (WY/UT) form for householder (delta_net, gated_delta_net) —
 those use the recurrent algorithm.
@@ -206,7 +210,6 @@ class Lowering(recurrent.Lowering):
                  f"o_{V} = i_{V} * {BV} + tl.arange(0, {BV})[None, :]",
                  f"m_{K} = o_{K} < {self.size[K]}",
                  f"m_{V} = o_{V} < {self.size[V]}"]
-        dt = f"{self.arg[rec.inputs[0].name]}.dtype.element_ty"  # tl.dot operands: input dtype
         init = [f"{h} = tl.zeros([{BK}, {BV}], dtype=tl.float32)"]
         kv_env = Env(env.base)
         ptr, mask = self.pointer(self.h0[s.name], s.dims, self._kv_env(kv_env), None)
@@ -222,14 +225,14 @@ class Lowering(recurrent.Lowering):
         vf = self.bind(True, "b_vf", f"tl.where({tv}, {self.product(F.v_side, env)}, 0.0)")
         b.append(f"# {format_expr(F.contraction)}")
         qf = self.bind(True, "b_qf", f"tl.where({qk}, {self.product(F.q_side, env)}, 0.0)")
-        dot = 'tl.dot({}, {}, input_precision="ieee")'
+        dot = self._dot
         causal = f"o_{T} >= tl.trans(o_{T})"
         if F.kind is Kind.IDENTITY:
             a = self.bind(True, "b_A", f"tl.where({causal}, "
-                          + dot.format(f"{qf}.to({dt})", f"tl.trans({kf}).to({dt})") + ", 0.0)")
-            o = self.bind(True, "b_o", dot.format(f"{a}.to({dt})", f"{vf}.to({dt})")
-                          + " + " + dot.format(f"{qf}.to({dt})", f"{h}.to({dt})"))
-            b.append(f"{h} += " + dot.format(f"tl.trans({kf}).to({dt})", f"{vf}.to({dt})"))
+                          + dot(qf, f"tl.trans({kf})") + ", 0.0)")
+            o = self.bind(True, "b_o", dot(a, vf)
+                          + " + " + dot(qf, h))
+            b.append(f"{h} += " + dot(f"tl.trans({kf})", vf))
         else:
             g = self.value(F.log_decay, env)
             if F.log_of:
@@ -240,7 +243,7 @@ class Lowering(recurrent.Lowering):
             gl = self.bind(True, "b_glast", f"tl.sum({g}, axis=0, keep_dims=True)")
             if F.kind is Kind.SCALAR:
                 seg = f"tl.exp(tl.where({causal}, {gc} - tl.trans({gc}), float(\"-inf\")))"
-                a = self.bind(True, "b_A", dot.format(f"{qf}.to({dt})", f"tl.trans({kf}).to({dt})")
+                a = self.bind(True, "b_A", dot(qf, f"tl.trans({kf})")
                               + f" * {seg}")
                 decay_S = f"tl.exp({gl})"
             else:
@@ -250,11 +253,11 @@ class Lowering(recurrent.Lowering):
                 a = self.bind(True, "b_A", f"tl.sum({qf}[:, None, :] * {kf}[None, :, :] * "
                               f"{seg}, axis=2)")
                 decay_S = f"tl.trans(tl.exp({gl}))"
-            o = self.bind(True, "b_o", dot.format(f"{a}.to({dt})", f"{vf}.to({dt})") + " + "
-                          + dot.format(f"({qf} * tl.exp({gc})).to({dt})", f"{h}.to({dt})"))
+            o = self.bind(True, "b_o", dot(a, vf) + " + "
+                          + dot(f"({qf} * tl.exp({gc}))", h))
             kd = f"({kf} * tl.exp({gl} - {gc}))"
             b.append(f"{h} = {h} * {decay_S} + "
-                     + dot.format(f"tl.trans{kd}.to({dt})", f"{vf}.to({dt})"))
+                     + dot(f"tl.trans{kd}", vf))
         self._memo[(F.contraction, env.key)] = o
         for out in rec.outputs:
             b.append(f"# {out.name} = {format_expr(out.expr)}")
@@ -271,6 +274,14 @@ class Lowering(recurrent.Lowering):
         lines.append(f"for i_c in range(0, tl.cdiv({self.size[T]}, {BT})):")
         lines += ["    " + ln for ln in self.body]
         return lines + fin
+
+    def _dot(self, a: str, b: str) -> str:
+        """tl.dot of two float32 tiles, at the precision the ``dot_precision`` option asks."""
+        mode = self.options.get("dot_precision", "ieee")
+        if mode == "input":  # operands in the input dtype: bf16/fp16 tensor cores
+            dt = f"{self.arg[self.rec.inputs[0].name]}.dtype.element_ty"
+            return f'tl.dot({a}.to({dt}), {b}.to({dt}), input_precision="ieee")'
+        return f'tl.dot({a}, {b}, input_precision="{mode}")'
 
     def _kv_env(self, env: Env) -> Env:
         """Indices of the [K, V] state block: K down the rows, V along the columns."""

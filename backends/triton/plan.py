@@ -65,7 +65,10 @@ def visible_dims(rec: Recurrence) -> set[str]:
     return used - {rec.time}
 
 
-def plan(rec: Recurrence) -> Plan:
+def plan(rec: Recurrence, hold: tuple[str, ...] = ()) -> Plan:
+    """Place every dim. ``hold``: parallel batch/head/group dims to hold in blocks of
+    registers instead of one program per index (e.g. mamba2's heads, so the B and C a group
+    of heads shares are loaded once per program)."""
     mixed: set[str] = set()
     for where, root in rec.exprs():
         for n in root.walk():
@@ -95,8 +98,8 @@ def plan(rec: Recurrence) -> Plan:
     used = visible_dims(rec)
     roles = {d.name: d.role for d in rec.dims}
     canon = [d for d in rec.canonical if d in used]
-    grid = [d for d in canon if d not in mixed and roles[d] != "feature"]
-    split = [d for d in canon if d not in mixed and roles[d] == "feature"]
+    grid = [d for d in canon if d not in mixed and roles[d] != "feature" and d not in hold]
+    split = [d for d in canon if d not in mixed and d not in grid]
     if not split and not any(d in mixed for d in canon):
         if not grid:
             raise unsupported(rec, "no non-time dims: nothing to hold in registers")

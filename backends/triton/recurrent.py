@@ -147,7 +147,7 @@ class Lowering:
         self.parents = self._count_parents()
 
     def make_plan(self) -> Plan:
-        return plan(self.rec)
+        return plan(self.rec, hold=tuple(sorted(self.options.get("block_sizes") or {})))
 
     # ---- checks ----
     def _check_rules(self):

@@ -64,9 +64,9 @@ def linear_attn_chunked_fwd_kernel(
         p_q = q + i_batch * TIME * HEADS * KEY + o_time * HEADS * KEY + i_heads * KEY + o_key
         b_q = tl.load(p_q, mask=m_time & m_key, other=0.0).to(tl.float32)
         b_qf = tl.where(m_time & m_key, b_q, 0.0)
-        b_A = tl.where(o_time >= tl.trans(o_time), tl.dot(b_qf.to(q.dtype.element_ty), tl.trans(b_kf).to(q.dtype.element_ty), input_precision="ieee"), 0.0)
-        b_o = tl.dot(b_A.to(q.dtype.element_ty), b_vf.to(q.dtype.element_ty), input_precision="ieee") + tl.dot(b_qf.to(q.dtype.element_ty), b_S.to(q.dtype.element_ty), input_precision="ieee")
-        b_S += tl.dot(tl.trans(b_kf).to(q.dtype.element_ty), b_vf.to(q.dtype.element_ty), input_precision="ieee")
+        b_A = tl.where(o_time >= tl.trans(o_time), tl.dot(b_qf, tl.trans(b_kf), input_precision="ieee"), 0.0)
+        b_o = tl.dot(b_A, b_vf, input_precision="ieee") + tl.dot(b_qf, b_S, input_precision="ieee")
+        b_S += tl.dot(tl.trans(b_kf), b_vf, input_precision="ieee")
         # o = sum(S * q, key) * rsqrt(size(key))
         p_o = o + i_batch * TIME * HEADS * VALUE + o_time * HEADS * VALUE + i_heads * VALUE + o_value
         tl.store(p_o, (b_o * tl.rsqrt(KEY * 1.0)).to(p_o.dtype.element_ty), mask=m_time & m_value)

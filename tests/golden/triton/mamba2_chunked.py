@@ -80,9 +80,9 @@ def mamba2_chunked_fwd_kernel(
         b_g = tl.where(m_time, b_dt_ * b_A, 0.0)
         b_gc = tl.cumsum(b_g, axis=0)
         b_glast = tl.sum(b_g, axis=0, keep_dims=True)
-        b_A_1 = tl.dot(b_qf.to(x.dtype.element_ty), tl.trans(b_kf).to(x.dtype.element_ty), input_precision="ieee") * tl.exp(tl.where(o_time >= tl.trans(o_time), b_gc - tl.trans(b_gc), float("-inf")))
-        b_o = tl.dot(b_A_1.to(x.dtype.element_ty), b_vf.to(x.dtype.element_ty), input_precision="ieee") + tl.dot((b_qf * tl.exp(b_gc)).to(x.dtype.element_ty), b_h.to(x.dtype.element_ty), input_precision="ieee")
-        b_h = b_h * tl.exp(b_glast) + tl.dot(tl.trans(b_kf * tl.exp(b_glast - b_gc)).to(x.dtype.element_ty), b_vf.to(x.dtype.element_ty), input_precision="ieee")
+        b_A_1 = tl.dot(b_qf, tl.trans(b_kf), input_precision="ieee") * tl.exp(tl.where(o_time >= tl.trans(o_time), b_gc - tl.trans(b_gc), float("-inf")))
+        b_o = tl.dot(b_A_1, b_vf, input_precision="ieee") + tl.dot((b_qf * tl.exp(b_gc)), b_h, input_precision="ieee")
+        b_h = b_h * tl.exp(b_glast) + tl.dot(tl.trans(b_kf * tl.exp(b_glast - b_gc)), b_vf, input_precision="ieee")
         # y = sum(h * group(C, groups, heads), dstate)
         p_y = y + i_batch * TIME * HEADS * HEADDIM + o_time * HEADS * HEADDIM + i_heads * HEADDIM + o_headdim
         tl.store(p_y, b_o.to(p_y.dtype.element_ty), mask=m_time & m_headdim)

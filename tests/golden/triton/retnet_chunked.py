@@ -69,9 +69,9 @@ def retnet_chunked_fwd_kernel(
         b_g = tl.where(m_time, tl.log(b_gamma), 0.0)
         b_gc = tl.cumsum(b_g, axis=0)
         b_glast = tl.sum(b_g, axis=0, keep_dims=True)
-        b_A = tl.dot(b_qf.to(q.dtype.element_ty), tl.trans(b_kf).to(q.dtype.element_ty), input_precision="ieee") * tl.exp(tl.where(o_time >= tl.trans(o_time), b_gc - tl.trans(b_gc), float("-inf")))
-        b_o = tl.dot(b_A.to(q.dtype.element_ty), b_vf.to(q.dtype.element_ty), input_precision="ieee") + tl.dot((b_qf * tl.exp(b_gc)).to(q.dtype.element_ty), b_S.to(q.dtype.element_ty), input_precision="ieee")
-        b_S = b_S * tl.exp(b_glast) + tl.dot(tl.trans(b_kf * tl.exp(b_glast - b_gc)).to(q.dtype.element_ty), b_vf.to(q.dtype.element_ty), input_precision="ieee")
+        b_A = tl.dot(b_qf, tl.trans(b_kf), input_precision="ieee") * tl.exp(tl.where(o_time >= tl.trans(o_time), b_gc - tl.trans(b_gc), float("-inf")))
+        b_o = tl.dot(b_A, b_vf, input_precision="ieee") + tl.dot((b_qf * tl.exp(b_gc)), b_S, input_precision="ieee")
+        b_S = b_S * tl.exp(b_glast) + tl.dot(tl.trans(b_kf * tl.exp(b_glast - b_gc)), b_vf, input_precision="ieee")
         # o = sum(S * q, key) * rsqrt(size(key))
         p_o = o + i_batch * TIME * HEADS * VALUE + o_time * HEADS * VALUE + i_heads * VALUE + o_value
         tl.store(p_o, (b_o * tl.rsqrt(KEY * 1.0)).to(p_o.dtype.element_ty), mask=m_time & m_value)
