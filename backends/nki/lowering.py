@@ -625,10 +625,9 @@ class Renderer(ChunkedMixin):
         inp = self.rec.input(node.arg)
         haspd, hast = self.pd in inp.dims, self.time in inp.dims
         kind = KIND[(haspd, hast)]
-        if kind != "full":
-            v = self.slab(inp, kind, env, sc)
-            if v is not None:
-                return v
+        v = self.slab(inp, kind, env, sc)
+        if v is not None:
+            return v
         src = f"in_{inp.name}[{self.hbm_index(inp.dims, env, 'p0:p1', 't0:t1')}]"
         out = self.tile(sc, kind)
         if haspd and hast and inp.dims.index(self.time) < inp.dims.index(self.pd):
@@ -663,7 +662,7 @@ class Renderer(ChunkedMixin):
             ([self.time] if self.time in inp.dims else [])
         n = math.prod(self.sizes[d] for d in slab_dims)
         cols = self.tt if kind in ("row", "full") else 1
-        if order != want or 4 * n * cols > 32768:
+        if 4 * n * cols > 32768:
             return None
         key = ("slab", inp.name, tuple((d, env[d]) for d in inp.dims
                                        if d in env and d not in slab_dims))
@@ -674,13 +673,23 @@ class Renderer(ChunkedMixin):
             rows = 128 if kind in ("col", "full") else 1
             dims = tuple(self.sizes[d] for d in slab_dims)
             name = self.alloc(home, (rows,) + dims + (cols,), 4 * n * cols, "slab")
-            full = {**env, **{d: Idx(f"0:{self.sizes[d]}", frozenset()) for d in slab_dims}}
-            src = f"in_{inp.name}[{self.hbm_index(inp.dims, full, 'p0:p1', 't0:t1')}]"
-            r = "0:P" if rows == 128 else "0:1"
-            c = "0:tw" if cols > 1 else "0:1"
-            mid = "".join(f"0:{k}, " for k in dims)
-            self.dma(home, f"nisa.dma_copy({name}[{r}, {mid}{c}], {src})",
-                     n * (self.pe if rows == 128 else 1) * (self.twe if cols > 1 else 1))
+            per = (self.pe if rows == 128 else 1) * (self.twe if cols > 1 else 1)
+            if order == want:  # one DMA for the whole slab
+                full = {**env, **{d: Idx(f"0:{self.sizes[d]}", frozenset()) for d in slab_dims}}
+                src = f"in_{inp.name}[{self.hbm_index(inp.dims, full, 'p0:p1', 't0:t1')}]"
+                r = "0:P" if rows == 128 else "0:1"
+                c = "0:tw" if cols > 1 else "0:1"
+                mid = "".join(f"0:{k}, " for k in dims)
+                self.dma(home, f"nisa.dma_copy({name}[{r}, {mid}{c}], {src})", n * per)
+            else:  # one load per slab index (transposed on the Tensor engine if time-major)
+                inner, sub, scopes = self.inner_loops(home, slab_dims, env, "l")
+                slot = V(kind, name, mid="".join(f"l_{d}, " for d in slab_dims))
+                if kind == "full" and inp.dims.index(self.time) < inp.dims.index(self.pd):
+                    self.transpose_load(inp, sub, slot, inner)
+                else:
+                    src = f"in_{inp.name}[{self.hbm_index(inp.dims, sub, 'p0:p1', 't0:t1')}]"
+                    self.dma(inner, f"nisa.dma_copy({slot.view()}, {src})", per)
+                self.closeall(scopes)
             home.memo[key] = name
         return V(kind, name, mid="".join(f"{env[d].expr}, " for d in slab_dims))
 
@@ -694,7 +703,7 @@ class Renderer(ChunkedMixin):
                  self.pe * min(128, self.twe))
         ps = self.psum_tile(loop, (128, 128))
         self.emit(loop, f"nisa.nc_transpose({ps}[0:P, 0:c1 - c0], {stage}[0:c1 - c0, 0:P])")
-        self.emit(loop, f"nisa.tensor_copy({out.ref}[0:P, c0:c1], {ps}[0:P, 0:c1 - c0])")
+        self.emit(loop, f"nisa.tensor_copy({out.view('c0:c1')}, {ps}[0:P, 0:c1 - c0])")
         self.close(loop)
 
     def store(self, o, env: dict, v: V, sc: Scope) -> None:

@@ -51,6 +51,9 @@ def gla_kernel(in_q, in_k, in_v, in_g):
                     t1 = min(t0 + 64, N_time)
                     tw = t1 - t0
                     traj_S = nl.ndarray((128, 8, 64), dtype=nl.float32, buffer=nl.sbuf)
+                    slab1 = nl.ndarray((1, 8, 64), dtype=nl.float32, buffer=nl.sbuf)
+                    for l_key in range(8):
+                        nisa.dma_copy(slab1[0:1, l_key, 0:tw], in_k[i_batch, t0:t1, i_heads, l_key])
                     v2 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
                     for c0 in range(0, tw, 128):
                         c1 = min(c0 + 128, tw)
@@ -59,28 +62,28 @@ def gla_kernel(in_q, in_k, in_v, in_g):
                         ps0 = nl.ndarray((128, 128), dtype=nl.float32, buffer=nl.psum)
                         nisa.nc_transpose(ps0[0:P, 0:c1 - c0], stage3[0:c1 - c0, 0:P])
                         nisa.tensor_copy(v2[0:P, c0:c1], ps0[0:P, 0:c1 - c0])
+                    slab5 = nl.ndarray((1, 8, 64), dtype=nl.float32, buffer=nl.sbuf)
+                    for l_key in range(8):
+                        nisa.dma_copy(slab5[0:1, l_key, 0:tw], in_g[i_batch, t0:t1, i_heads, l_key])
                     for i_key in range(8):
-                        v1 = nl.ndarray((1, 64), dtype=nl.float32, buffer=nl.sbuf)
-                        nisa.dma_copy(v1[0:1, 0:tw], in_k[i_batch, t0:t1, i_heads, i_key])
                         ps1 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.psum)
-                        nisa.nc_matmul(ps1[0:P, 0:tw], ones_row[0:1, 0:P], v1[0:1, 0:tw])
+                        nisa.nc_matmul(ps1[0:P, 0:tw], ones_row[0:1, 0:P], slab1[0:1, i_key, 0:tw])
                         v4 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
                         nisa.tensor_tensor(v4[0:P, 0:tw], ps1[0:P, 0:tw], v2[0:P, 0:tw], nl.multiply)
-                        v5 = nl.ndarray((1, 64), dtype=nl.float32, buffer=nl.sbuf)
-                        nisa.dma_copy(v5[0:1, 0:tw], in_g[i_batch, t0:t1, i_heads, i_key])
                         v6 = nl.ndarray((1, 64), dtype=nl.float32, buffer=nl.sbuf)
-                        nisa.activation(v6[0:1, 0:tw], nl.exp, v5[0:1, 0:tw])
+                        nisa.activation(v6[0:1, 0:tw], nl.exp, slab5[0:1, i_key, 0:tw])
                         ps2 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.psum)
                         nisa.nc_matmul(ps2[0:P, 0:tw], ones_row[0:1, 0:P], v6[0:1, 0:tw])
                         nisa.tensor_tensor_scan(traj_S[0:P, i_key, 0:tw], ps2[0:P, 0:tw], v4[0:P, 0:tw], carry_S[0:P, 0, i_key:i_key + 1], nl.multiply, nl.add)
                         nisa.tensor_copy(carry_S[0:P, 0, i_key:i_key + 1], traj_S[0:P, i_key, tw - 1:tw])
                     v7 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
                     nisa.memset(v7[0:P, 0:tw], 0.0)
+                    slab8 = nl.ndarray((1, 8, 64), dtype=nl.float32, buffer=nl.sbuf)
+                    for l_key in range(8):
+                        nisa.dma_copy(slab8[0:1, l_key, 0:tw], in_q[i_batch, t0:t1, i_heads, l_key])
                     for r_key in range(8):
-                        v8 = nl.ndarray((1, 64), dtype=nl.float32, buffer=nl.sbuf)
-                        nisa.dma_copy(v8[0:1, 0:tw], in_q[i_batch, t0:t1, i_heads, r_key])
                         ps3 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.psum)
-                        nisa.nc_matmul(ps3[0:P, 0:tw], ones_row[0:1, 0:P], v8[0:1, 0:tw])
+                        nisa.nc_matmul(ps3[0:P, 0:tw], ones_row[0:1, 0:P], slab8[0:1, r_key, 0:tw])
                         v9 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
                         nisa.tensor_tensor(v9[0:P, 0:tw], traj_S[0:P, r_key, 0:tw], ps3[0:P, 0:tw], nl.multiply)
                         nisa.tensor_tensor(v7[0:P, 0:tw], v7[0:P, 0:tw], v9[0:P, 0:tw], nl.add)
