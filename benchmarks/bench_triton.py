@@ -5,13 +5,16 @@ H100 time. Not a test: prints a Markdown table (docs/performance/triton.md recor
 
 Without a GPU the kernels run in Triton's CPU interpreter, whose loads, stores and
 arithmetic are instrumented: bytes are those of every executed load/store (masked-off lanes
-excluded), FLOPs those of every executed float op (padding lanes included: work a GPU does
+excluded; "unique" counts each address once: the traffic with a cache that never evicts,
+e.g. per-step reloads of a small time-invariant operand hit L1/L2 on a GPU), FLOPs those of every executed float op (padding lanes included: work a GPU does
 too; tl.dot counts 2*M*N*K; reductions (tl.sum/max/cumsum) are not counted). The minimum
 traffic is each input read once and each output written once.
 
-Roofline (H100 SXM): 3.35 TB/s HBM, 989 TFLOP/s dense bf16 for tl.dot, 67 TFLOP/s float32
-for everything else: t = max(bytes / BW, dot / 989T + other / 67T). Recurrent kernels run
-a dependent chain of T steps, so their real time is latency-bound above this bound.
+Roofline (H100 SXM): 3.35 TB/s HBM; tl.dot at 989 TFLOP/s (dense bf16/fp16 tensor cores,
+dot_precision="input" on 16-bit inputs), 165 TFLOP/s ("tf32x3": three TF32 passes at 494)
+or 67 TFLOP/s (float32 "ieee", the default: no tensor cores); 67 TFLOP/s float32 for
+everything else: t = max(bytes / BW, dot / peak_dot + other / 67T). Recurrent kernels run a
+dependent chain of T steps, so their real time is latency-bound above this bound.
 """
 from __future__ import annotations
 
@@ -23,8 +26,8 @@ import time
 import numpy as np
 
 HBM = 3.35e12
-DOT_PEAK = 989e12
 FP32_PEAK = 67e12
+DOT_PEAK = {"input": 989e12, "tf32x3": 494e12 / 3, "ieee": FP32_PEAK}
 
 # realistic shapes (the issue's for mamba, gla/simple_gla, mamba2; kin shapes for the rest)
 ATTN = {"batch": 1, "time": 512, "heads": 4, "key": 64, "value": 64}
@@ -112,10 +115,12 @@ def measure(name: str, algo: str, dtype: str, options=None):
     minimum = sum(v.numel() * v.element_size() for v in tx.values())
     minimum += sum(v.numel() * item for v in res.outputs.values())
     moved = tr.loaded + tr.stored
+    unique = tr.unique_loaded + tr.unique_stored
     t_mem = moved / HBM
-    t_cmp = fl.dot / DOT_PEAK + fl.other / FP32_PEAK
+    peak = DOT_PEAK[opts.get("dot_precision", "ieee")] if dtype != "float32" else FP32_PEAK
+    t_cmp = fl.dot / peak + fl.other / FP32_PEAK
     return {"name": name, "algo": algo, "bytes": moved, "min": minimum,
-            "ratio": moved / minimum, "dot": fl.dot, "other": fl.other,
+            "ratio": moved / minimum, "unique": unique, "uratio": unique / minimum, "dot": fl.dot, "other": fl.other,
             "t_us": max(t_mem, t_cmp) * 1e6, "bound": "memory" if t_mem >= t_cmp else "compute",
             "wall": wall, "options": options or {}}
 
@@ -131,20 +136,22 @@ def main(argv=None) -> int:
     ok, why = tb.available()
     print(f"# triton backend: {why}", file=sys.stderr)
     names = args.names or list(SHAPES)
-    print(f"| recurrence | algorithm | shape | bytes moved | minimum | ratio | dot FLOP | "
-          f"other FLOP | H100 roofline (us) | bound |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---|")
+    print("| recurrence | algorithm | shape | bytes accessed | minimum | ratio | unique bytes | "
+          "unique ratio | dot FLOP | other FLOP | H100 roofline (us) | bound |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for name in names:
         rec = registry.get(name).build()
         for algo in ("recurrent", "chunked"):
             if not tb.supports(rec, {"algorithm": algo})[0]:
                 continue
-            for opts in [None] + (VARIANTS.get(name, []) if algo == "recurrent" else []):
+            extra = (VARIANTS.get(name, []) if algo == "recurrent"
+                     else [{"dot_precision": "input"}])
+            for opts in [None] + extra:
                 r = measure(name, algo, args.dtype, opts)
                 shape = ", ".join(f"{k}={v}" for k, v in SHAPES[name].items() if k != "groups")
                 label = algo + (f" {opts}" if opts else "")
                 print(f"| {name} | {label} | {shape} | {r['bytes']:,} | {r['min']:,} | "
-                      f"{r['ratio']:.3f} | {r['dot']:.3g} | {r['other']:.3g} | "
+                      f"{r['ratio']:.3f} | {r['unique']:,} | {r['uratio']:.3f} | {r['dot']:.3g} | {r['other']:.3g} | "
                       f"{r['t_us']:.2f} | {r['bound']} |", flush=True)
     return 0
 

@@ -60,6 +60,10 @@ def test_source_conventions(name, algo):
     # the IR it came from is in the header
     for line in str(rec).splitlines():
         assert f"# {line}".rstrip() in src
+    # standalone: the module needs torch and triton only
+    imports = {a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names}
+    assert imports == {"torch", "triton", "triton.language"}
+    assert not any(isinstance(n, ast.ImportFrom) for n in ast.walk(tree))
     kernel = funcs[f"{name}_{algo}_fwd_kernel"]
     for node in ast.walk(kernel):
         if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):

@@ -35,8 +35,9 @@ def dot_kernel(a, b, c, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU interpreter's tl.dot")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_interpreter_dot_matches_gpu_semantics(dtype):
+def test_interpreter_dot_matches_gpu_semantics(dtype, tmp_path, monkeypatch):
     # bf16 operands: triton 3.9's interpreter multiplies raw bits unless runtime's fix is in
+    monkeypatch.setenv("SCANCC_CACHE_DIR", str(tmp_path))
     mod = runtime.load("test_dot_kernel_v1", _DOT)
     g = torch.Generator().manual_seed(0)
     a = torch.randn(16, 32, generator=g).to(dtype)
@@ -49,6 +50,7 @@ def test_interpreter_dot_matches_gpu_semantics(dtype):
 
 def test_kernel_cache_memory_and_disk(tmp_path, monkeypatch):
     monkeypatch.setenv("SCANCC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(runtime, "_MODULES", {})  # forget what earlier tests loaded
     rec = registry.get("hgrn").build()
     tb = backends.get("triton")
     f1 = tb.launcher(rec, {}, ("float32",) * 2)

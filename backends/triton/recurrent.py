@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from scancc.ir import Kind, Node, Op, Recurrence
+from scancc.ir import Kind, Node, Op, Recurrence, format_recurrence
 from scancc.ir.printer import format_expr, format_transition
 
 from .names import Names
@@ -556,7 +556,8 @@ class Lowering:
                              f"{',' if len(i.dims) == 1 else ''} = {self.arg[i.name]}.shape")
             else:
                 for d in new:
-                    lines.append(f"    {self.size[d]} = {self.arg[i.name]}.shape[{i.dims.index(d)}]")
+                    pos = i.dims.index(d)
+                    lines.append(f"    {self.size[d]} = {self.arg[i.name]}.shape[{pos}]")
             known |= set(new)
         lines.append(f"    {blocks} = {blocks} or {{}}")
         self.names_blocks = blocks
@@ -572,7 +573,8 @@ class Lowering:
         dev = f"{first}.device"
         for o in rec.outputs:
             shape = ", ".join(self.size[d] for d in o.dims)
-            lines.append(f'    {self.arg[o.name]} = torch.full(({shape}{"," if len(o.dims) == 1 else ""}), '
+            comma = "," if len(o.dims) == 1 else ""
+            lines.append(f"    {self.arg[o.name]} = torch.full(({shape}{comma}), "
                          f'float("nan"), dtype={first}.dtype, device={dev})')
         lines.append(f"    {init} = {init} or {{}}")
         for s in rec.states:
@@ -582,8 +584,8 @@ class Lowering:
             lines.append(f'    {h0} = {init}.get("{s.name}")')
             lines.append(f"    if {h0} is not None:")
             lines.append(f"        {h0} = {h0}.to(device={dev}, dtype=torch.float32).contiguous()")
-            lines.append(f'    {ht} = torch.full(({shape}{comma}), float("nan"), dtype=torch.float32, '
-                         f"device={dev}) if {final} else None")
+            lines.append(f'    {ht} = torch.full(({shape}{comma}), float("nan"), '
+                         f"dtype=torch.float32, device={dev}) if {final} else None")
         g0 = " * ".join(self.size[d] for d in P.grid) or "1"
         g1 = " * ".join(f"triton.cdiv({self.size[d]}, {self.block[d]})" for d in P.split) or "1"
         lines.append(f"    grid = ({g0}, {g1})")
@@ -612,7 +614,6 @@ class Lowering:
 
 
 def module_header(rec: Recurrence, algorithm: str) -> str:
-    from scancc.ir import format_recurrence
     ir = format_recurrence(rec).splitlines()
     # the IR text is printed from validated names and numbers; the doc comment is free text,
     # so anything but printable ASCII is replaced before it goes into a comment

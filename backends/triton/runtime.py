@@ -129,13 +129,35 @@ def install_interpreter_fixes() -> None:
 
 
 class Traffic:
-    """Global-memory bytes an interpreted kernel loads and stores (masked-off lanes excluded)."""
+    """Global-memory bytes an interpreted kernel loads and stores (masked-off lanes
+    excluded): ``loaded``/``stored`` count every access, ``unique_loaded``/``unique_stored``
+    each address once (the traffic of a cache that never evicts)."""
 
     def __init__(self):
         self.loaded = 0
         self.stored = 0
         self.loads = 0
         self.stores = 0
+        self._addr = {"load": [], "store": []}
+
+    def _unique(self, kind: str) -> int:
+        import numpy as np
+        chunks = self._addr[kind]
+        if not chunks:
+            return 0
+        out = 0
+        for size in {s for s, _ in chunks}:
+            a = np.concatenate([c for s, c in chunks if s == size])
+            out += int(np.unique(a).size) * size
+        return out
+
+    @property
+    def unique_loaded(self) -> int:
+        return self._unique("load")
+
+    @property
+    def unique_stored(self) -> int:
+        return self._unique("store")
 
 
 @contextlib.contextmanager
@@ -148,17 +170,19 @@ def count_traffic():
     B = it.InterpreterBuilder
     orig_load, orig_store = B.create_masked_load, B.create_masked_store
 
-    def nbytes(ptrs, mask):
-        n = int(np.count_nonzero(np.broadcast_to(mask.data, ptrs.data.shape)))
-        return n * ptrs.get_element_ty().primitive_bitwidth // 8
+    def nbytes(kind, ptrs, mask):
+        m = np.broadcast_to(mask.data, ptrs.data.shape)
+        size = ptrs.get_element_ty().primitive_bitwidth // 8
+        traffic._addr[kind].append((size, np.asarray(ptrs.data)[m].astype(np.uint64)))
+        return int(np.count_nonzero(m)) * size
 
     def load(self, ptrs, mask, other, cache_policy, is_volatile):
-        traffic.loaded += nbytes(ptrs, mask)
+        traffic.loaded += nbytes("load", ptrs, mask)
         traffic.loads += 1
         return orig_load(self, ptrs, mask, other, cache_policy, is_volatile)
 
     def store(self, ptrs, value, mask, cache_policy):
-        traffic.stored += nbytes(ptrs, mask)
+        traffic.stored += nbytes("store", ptrs, mask)
         traffic.stores += 1
         return orig_store(self, ptrs, value, mask, cache_policy)
 
