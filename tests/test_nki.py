@@ -201,6 +201,37 @@ def test_user_recurrence_with_shared_decay_and_two_outputs():
         assert_close(got.final_states[k], ref.final_states[k], "float32", k)
 
 
+@pytest.mark.parametrize("name", ["delta_net", "gated_delta_net"])
+def test_l2norm_in_kernel(name):
+    check(name, "float32", T=30, options={"use_qk_l2norm_in_kernel": True})
+
+
+def test_every_elementwise_and_reduction_rule():
+    """A user recurrence touching the op rules the library does not: max over a loop dim,
+    iota over the partition dim, logsigmoid, sigmoid, sqrt, division, minimum, clamp, neg."""
+    from scancc.ir import (clamp, diagonal, exp, iota, logsigmoid, minimum, reduce_max,
+                           sigmoid, sqrt)
+    r = Builder("nki_test_ops")
+    b, t, d, k = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("chan"), r.dim("key")
+    x, w = r.input("x", [b, t, d, k]), r.input("w", [d])
+    g = r.let("g", logsigmoid(reduce_max(x, k) + 0.1 * iota(d)))
+    soft = minimum(sqrt(1.0 + w * w), 1.5)
+    h = r.state("h", [b, d], diagonal(sigmoid(w) * 0.5 + 0.4),
+                inject=-clamp(g, -3.0, -0.05) / soft)
+    r.output("y", [b, t, d], h * exp(g))
+    rec = r.build()
+    sizes = {"batch": 2, "time": 37, "chan": 130, "key": 3}
+    x = sample_inputs(rec, sizes, seed=4)
+    ref = get("reference").run(rec, x, sizes, None, True, {})
+    got = get("nki").run(rec, x, sizes, None, True, {})
+    assert_close(got.outputs["y"], ref.outputs["y"], "float32", "y")
+    assert_close(got.final_states["h"], ref.final_states["h"], "float32", "h")
+    src = get("nki").render(rec, {"sizes": sizes})
+    for instr in ("nisa.iota", "nl.maximum", "nl.softplus", "nl.sigmoid", "nl.sqrt",
+                  "nl.divide", "nl.minimum"):
+        assert instr in src, instr
+
+
 def test_tile_plan_picks_smaller_time_tile_then_fails_clearly():
     rec = registry.get("gla").build()
     be = get("nki")
