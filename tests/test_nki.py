@@ -160,6 +160,19 @@ def test_mamba2_via_compile_with_initial_state():
     assert_close(got, ref, "float32", "mamba2 via compile()")
 
 
+def test_torch_bfloat16_through_compile():
+    torch = pytest.importorskip("torch", reason="torch (the [triton] extra) is not installed")
+    entry = registry.get("hgrn")
+    rec = entry.build()
+    sizes = default_sizes(rec, time=70)
+    x = {k: torch.from_numpy(v).to(torch.bfloat16)
+         for k, v in sample_inputs(rec, sizes, seed=9, hints=entry.hints).items()}
+    y = scancc.compile("hgrn", target="nki")(**x)
+    ref = scancc.compile("hgrn")(**{k: v.double().numpy() for k, v in x.items()})
+    assert y.dtype == torch.bfloat16
+    assert_close(y, ref, "bfloat16", "hgrn via compile() with torch bfloat16 inputs")
+
+
 @pytest.fixture
 def dense_rotation():
     """A user recurrence with a dense transition (no library recurrence has one)."""

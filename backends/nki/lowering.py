@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping
 
 from scancc.ir import Kind, Node, Op, Recurrence, format_recurrence
@@ -128,8 +128,8 @@ def choose_layout(rec: Recurrence, sizes: Mapping[str, int]) -> tuple[str, tuple
     role = {d.name: d.role for d in rec.dims}
     pd = max(cands, key=lambda d: (role[d] != "batch", sum(d in s.dims for s in rec.states),
                                    sizes[d], -rec.canonical.index(d)))
-    outer = tuple(d for d in rec.canonical if d != pd
-                  and all(d in s.dims for s in rec.states) and all(d in o.dims for o in rec.outputs))
+    outer = tuple(d for d in rec.canonical if d != pd and all(d in s.dims for s in rec.states)
+                  and all(d in o.dims for o in rec.outputs))
     return pd, outer
 
 
@@ -524,12 +524,11 @@ class Renderer(ChunkedMixin):
                 self.fail(f"sum over the partition dim {self.pd!r} of size {self.npd} > 128")
             acc = self.sbuf(self.to_kind(acc, "full" if acc.kind in ("row", "full") else "col",
                                          sc), sc)
-            width, cols = ("tw", "0:tw") if acc.kind == "full" else ("1", "0:1")
+            cols = "0:tw" if acc.kind == "full" else "0:1"
             ps = self.psum_tile(sc, (1, self.tt if acc.kind == "full" else 1))
             self.emit(sc, f"nisa.nc_matmul({ps}[0:1, {cols}], ones_col[0:P, 0:1], {acc.view()})")
             out = self.tile(sc, "row" if acc.kind == "full" else "pt")
             self.emit(sc, f"nisa.tensor_copy({out.view()}, {ps}[0:1, {cols}])")
-            del width
             return out
         return acc
 
@@ -827,8 +826,8 @@ class Renderer(ChunkedMixin):
                 step = self.open(sc, "for t in range(tw):")
                 if n > 1:
                     self.emit(step, f"nisa.tensor_tensor({prod}[0:{r}, 0:{n - 1}], "
-                                    f"{fb}[0:{r}, 0:{n - 1}, t], carry_{s.name}[0:{r}, {self.slot}, 1:{n}], "
-                                    "nl.multiply)")
+                                    f"{fb}[0:{r}, 0:{n - 1}, t], "
+                                    f"carry_{s.name}[0:{r}, {self.slot}, 1:{n}], nl.multiply)")
                     self.emit(step, f"nisa.tensor_reduce({col}[0:{r}, 0:1], nl.add, "
                                     f"{prod}[0:{r}, 0:{n - 1}], axis=1, keepdims=True)")
                     self.emit(step, f"nisa.tensor_copy(traj_{s.name}[0:{r}, 0:{n - 1}, t], "
