@@ -120,7 +120,8 @@ def test_matrix_default(name, dtype, T, odd, state):
 @pytest.mark.parametrize("name,dtype,algo", [
     ("linear_attn", "float32", "chunked"), ("mamba2", "bfloat16", "chunked"),
     ("gla", "float16", "chunked"), ("retnet", "float32", "recurrent"),
-    ("hgrn", "bfloat16", "recurrent")])
+    ("hgrn", "bfloat16", "recurrent"), ("delta_net", "float32", "chunked"),
+    ("gated_delta_net", "bfloat16", "chunked")])
 def test_longer_sequences(name, dtype, algo):
     # T = 257: many chunks and a ragged last one; one head, one batch keeps it quick
     _case(name, dtype, 257, True, True, algo, overrides={"heads": 1, "batch": 1})

@@ -81,13 +81,15 @@ def _reg(name, fn):
 
 def test_unsupported_errors_name_backend_recurrence_and_feature():
     tb = backends.get("triton")
-    rec = registry.get("delta_net").build()
+    rec = registry.get("mamba").build()
     ok, why = tb.supports(rec, {"algorithm": "chunked"})
-    assert not ok and "'triton'" in why and "'delta_net'" in why and "householder" in why
+    assert not ok and "'triton'" in why and "'mamba'" in why and "contraction" in why
     ok, why = tb.supports(rec, {"algorithm": "bogus"})
     assert not ok and "algorithm='bogus'" in why and "recurrent" in why
-    ok, why = tb.supports(rec, {"block_sizes": {"value": 12}})
-    assert not ok and "block_sizes['value']=12" in why and "power of two" in why
+    ok, why = tb.supports(rec, {"block_sizes": {"chan": 12}})
+    assert not ok and "block_sizes['chan']=12" in why and "power of two" in why
+    ok, why = tb.supports(rec, {"block_sizes": {"value": 16}})
+    assert not ok and "'value', not a dim" in why
 
     def flipped(r):
         b, t, d = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("chan")

@@ -5,8 +5,8 @@ Algorithms (``algorithm=`` option; ``"auto"`` picks from the transition structur
 
 - ``recurrent`` (recurrent.py): every transition kind and op; state in registers, a loop
   over time. The ground truth the faster forms must match.
-- ``chunked`` (chunked.py): parallel in time with ``tl.dot``, for scalar/identity decays and
-  key-dimension diagonal decay.
+- ``chunked`` (chunked.py): parallel in time with ``tl.dot``, for scalar/identity decays,
+  key-dimension diagonal decay and householder (delta rule, UT form) transitions.
 """
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 recurrent across chunks, for states ``S[K, V] = a_t ⊙ S + k_t v_tᵀ`` read out as
 ``o_t = sum_K q_t S_t`` where the decay a_t is 1 (identity), one number per grid index
 (scalar: linear_attn, retnet, simple_gla, mamba2 — the SSD "segsum" form) or varies along K
-(diagonal: gla).
+(diagonal: gla); and for householder transitions ``S = alpha (I - beta k kᵀ) S + u wᵀ``
+(delta_net, gated_delta_net) in the UT form (see ``Lowering._householder_chunk``).
 
 With log decays g and their in-chunk cumulative sums c (c_t = g_1 + ... + g_t), for t in the
 chunk and S the state before it:
@@ -19,9 +20,6 @@ uses tensor cores at about float32 accuracy, ``"input"`` casts the operands to t
 dtype (bf16/fp16 tensor cores: faster, but at bf16 its error can exceed the bf16 tolerance,
 e.g. mamba2 rel-RMS 1.2e-2, see docs/triton.md). The interpreter computes every mode in
 float32, so only "ieee" and "input" are checked bit-for-bit against their GPU semantics here.
-
-Not yet here: a chunked (WY/UT) form for householder (delta_net, gated_delta_net) —
-those use the recurrent algorithm.
 """
 from __future__ import annotations
 
@@ -48,6 +46,8 @@ class Form:
     v_side: tuple[Node, ...]   # the other factors (dims V and grid, or grid only)
     q_side: tuple[Node, ...]   # factors of the readout contraction besides the state
     contraction: Node          # the readout's sum(S * q, K) node
+    hk: Node | None = None     # HOUSEHOLDER: the reflection's k (along K) and beta
+    beta: Node | None = None
 
 
 class NotChunkable(Exception):
@@ -65,8 +65,9 @@ def analyze(rec: Recurrence) -> Form:
         raise NotChunkable("needs exactly one state")
     s = rec.states[0]
     t = s.transition
-    if t.kind not in (Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL):
-        raise NotChunkable(f"transition {t.kind.value!r} (needs identity, scalar or diagonal)")
+    if t.kind not in (Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL, Kind.HOUSEHOLDER):
+        raise NotChunkable(f"transition {t.kind.value!r} (needs identity, scalar, diagonal or "
+                           "householder)")
     P = plan(rec)
     feats = [d for d in s.dims if d not in P.grid]
     if len(feats) != 2:
@@ -113,7 +114,19 @@ def analyze(rec: Recurrence) -> Form:
         if set(rec.dims_of(f)) - set(P.grid) - {K, V}:
             raise NotChunkable(f"factor {format_expr(f)} varies along another dim")
     kind, g, log_of = t.kind, None, False
-    if kind is not Kind.IDENTITY:
+    hk = beta = None
+    if kind is Kind.HOUSEHOLDER:
+        if t.axis != K:
+            raise NotChunkable(f"the householder axis {t.axis!r} is not the contracted dim {K!r}")
+        hk, beta = t.operand("k"), t.operand("beta")
+        if V in rec.dims_of(hk) or set(rec.dims_of(beta)) - set(P.grid):
+            raise NotChunkable("householder k must vary along K only, beta along no state dim")
+        a = t.operand("alpha")
+        if a is not None:
+            if set(rec.dims_of(a)) - set(P.grid):
+                raise NotChunkable("householder alpha must be one number per grid index")
+            g, log_of = (a.src[0], False) if a.op is Op.EXP else (a, True)
+    elif kind is not Kind.IDENTITY:
         a = t.operand("decay")
         ad = set(rec.dims_of(a))
         if V in ad:
@@ -121,7 +134,8 @@ def analyze(rec: Recurrence) -> Form:
         if kind is Kind.DIAGONAL and K not in ad:
             kind = Kind.SCALAR
         g, log_of = (a.src[0], False) if a.op is Op.EXP else (a, True)
-    return Form(K, V, P.grid, kind, g, log_of, tuple(k_side), tuple(v_side), q_side, csum)
+    return Form(K, V, P.grid, kind, g, log_of, tuple(k_side), tuple(v_side), q_side, csum,
+                hk, beta)
 
 
 def _inside(root: Node, target: Node, within: Node) -> bool:
@@ -160,7 +174,7 @@ class Lowering(recurrent.Lowering):
 
     def block_size(self, d: str, n: int, sizes: dict | None = None) -> int:
         if d == self.rec.time:
-            return 16 if self.form.kind is Kind.DIAGONAL else 32
+            return 32 if self.form.kind in (Kind.IDENTITY, Kind.SCALAR) else 16
         return max(16, super().block_size(d, n, sizes))  # tl.dot needs >= 16 on a GPU
 
     def block_default(self, d: str) -> str:
@@ -227,7 +241,9 @@ class Lowering(recurrent.Lowering):
         qf = self.bind(True, "b_qf", f"tl.where({qk}, {self.product(F.q_side, env)}, 0.0)")
         dot = self._dot
         causal = f"o_{T} >= tl.trans(o_{T})"
-        if F.kind is Kind.IDENTITY:
+        if F.kind is Kind.HOUSEHOLDER:
+            o = self._householder_chunk(env, qf, kf, vf, qk, causal)
+        elif F.kind is Kind.IDENTITY:
             a = self.bind(True, "b_A", f"tl.where({causal}, "
                           + dot(qf, f"tl.trans({kf})") + ", 0.0)")
             o = self.bind(True, "b_o", dot(a, vf)
@@ -274,6 +290,63 @@ class Lowering(recurrent.Lowering):
         lines.append(f"for i_c in range(0, tl.cdiv({self.size[T]}, {BT})):")
         lines += ["    " + ln for ln in self.body]
         return lines + fin
+
+    def _householder_chunk(self, env: Env, qf: str, uf: str, wf: str, qk: str,
+                           causal: str) -> str:
+        """S_t = alpha_t (I - beta_t k_t k_tᵀ) S_{t-1} + u_t w_tᵀ over one chunk (UT form).
+
+        With r_tᵀ = k_tᵀ S_{t-1} and c the in-chunk cumulative log alpha:
+          (I + M) R = e^{c_{t-1}} K S + N W,  M[t,i] = e^{c_{t-1}-c_i} (k_t·k_i) alpha_i beta_i,
+                                              N[t,i] = e^{c_{t-1}-c_i} (k_t·u_i)        (i < t)
+          o_t = e^{c_t} q_tᵀ S + sum_{i<=t} e^{c_t-c_i} ((q_t·u_i) w_i - (q_t·k_i) alpha_i beta_i r_i)
+          S'  = e^{c_L} S + sum_i e^{c_L-c_i} (u_i w_iᵀ - alpha_i beta_i k_i r_iᵀ)
+        R comes from forward substitution, one row per step of a loop over the chunk.
+        """
+        F, T, b, dot = self.form, self.rec.time, self.body, self._dot
+        h = self.state_var[self.rec.states[0].name]
+        BT = self.block[T]
+        kh = self.bind(True, "b_hk", f"tl.where({qk}, {self.value(F.hk, env)}, 0.0)")
+        beta = self.bind(True, "b_beta", f"tl.where(m_{T}, {self.value(F.beta, env)}, 0.0)")
+        strict = f"o_{T} > tl.trans(o_{T})"
+        if F.log_decay is not None:
+            g = self.value(F.log_decay, env)
+            if F.log_of:
+                g = f"tl.log({g})"
+            g = self.bind(True, "b_g", f"tl.where(m_{T}, {g}, 0.0)")
+            gc = self.bind(True, "b_gc", f"tl.cumsum({g}, axis=0)")
+            gl = self.bind(True, "b_glast", f"tl.sum({g}, axis=0, keep_dims=True)")
+            ab = self.bind(True, "b_ab", f"tl.exp({g}) * {beta}")
+            seg_prev = self.bind(True, "b_seg_prev", f"tl.exp(tl.where({strict}, {gc} - {g} - "
+                                 f"tl.trans({gc}), float(\"-inf\")))")
+            seg = self.bind(True, "b_seg", f"tl.exp(tl.where({causal}, {gc} - tl.trans({gc}), "
+                            f"float(\"-inf\")))")
+            e_prev, e_now, e_last = (f"tl.exp({gc} - {g})", f"tl.exp({gc})", f"tl.exp({gl})")
+            to_end = f"tl.exp({gl} - {gc})"
+        else:
+            ab, seg_prev, seg = beta, f"tl.where({strict}, 1.0, 0.0)", f"tl.where({causal}, 1.0, 0.0)"
+            e_prev = e_now = e_last = to_end = None
+
+        def scaled(x, e):
+            return x if e is None else f"{e} * {x}"
+
+        m = self.bind(True, "b_M", f"{dot(kh, f'tl.trans({kh})')} * {seg_prev} * tl.trans({ab})")
+        n = self.bind(True, "b_N", f"{dot(kh, f'tl.trans({uf})')} * {seg_prev}")
+        r = self.bind(True, "b_R", f"{scaled(dot(kh, h), e_prev)} + {dot(n, wf)}")
+        rows = self.bind(True, "o_row", f"tl.arange(0, {BT})[:, None]")
+        i, mr, upd = self.names.new("i_r"), self.names.new("b_m_r"), self.names.new("b_upd")
+        b.append(f"for {i} in range(1, {BT}):  # forward substitution: R = (I + M)^-1 R")
+        b.append(f"    {mr} = tl.sum(tl.where({rows} == {i}, {m}, 0.0), axis=0, keep_dims=True)")
+        b.append(f"    {upd} = tl.sum(tl.trans({mr}) * {r}, axis=0, keep_dims=True)")
+        b.append(f"    {r} = tl.where({rows} == {i}, {r} - {upd}, {r})")
+        qkm = self.bind(True, "b_QK", f"{dot(qf, f'tl.trans({kh})')} * {seg} * tl.trans({ab})")
+        qum = self.bind(True, "b_QU", f"{dot(qf, f'tl.trans({uf})')} * {seg}")
+        o = self.bind(True, "b_o", f"{scaled(dot(qf, h), e_now)} - {dot(qkm, r)} + "
+                      f"{dot(qum, wf)}")
+        kd = f"({kh} * {ab})" if to_end is None else f"({kh} * {ab} * {to_end})"
+        ud = uf if to_end is None else f"({uf} * {to_end})"
+        b.append(f"{h} = {scaled(h, e_last)} - {dot(f'tl.trans{kd}', r)} + "
+                 f"{dot(f'tl.trans({ud})', wf)}")
+        return o
 
     def _dot(self, a: str, b: str) -> str:
         """tl.dot of two float32 tiles, at the precision the ``dot_precision`` option asks."""
