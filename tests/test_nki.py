@@ -134,6 +134,24 @@ def test_carry_across_small_time_tiles(name):
         assert_close(got.final_states[k], ref.final_states[k], "float32", k)
 
 
+@pytest.mark.parametrize("name,opts,over", [("swa", {"window": 6}, {}),
+                                            ("fir", {}, {"width": 5})])
+def test_shift_window_longer_than_time_tile(name, opts, over):
+    # slots older than the tile come from the carry: lag > tile length
+    entry = registry.get(name)
+    rec = entry.build(**opts)
+    sizes = default_sizes(rec, time=23, **over)
+    x = sample_inputs(rec, sizes, seed=8, hints=entry.hints)
+    h0 = sample_state(rec, sizes)
+    ref = get("reference").run(rec, x, sizes, h0, True, {})
+    for tt in (1, 3, 4):
+        got = get("nki").run(rec, x, sizes, h0, True, {"time_tile": tt})
+        for k in ref.outputs:
+            assert_close(got.outputs[k], ref.outputs[k], "float32", f"{k} (time tile {tt})")
+        for k in ref.final_states:
+            assert_close(got.final_states[k], ref.final_states[k], "float32", k)
+
+
 def test_mamba_options_through_compile():
     entry = registry.get("mamba")
     opts = dict(delta_softplus=True)

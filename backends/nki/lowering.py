@@ -805,14 +805,32 @@ class Renderer(ChunkedMixin):
             if not dims or dims[0] != t.axis:
                 self.fail(f"shift state {s.name!r}: the axis {t.axis!r} must be the first of its "
                           f"looped dims {list(dims)}")
-            rest = n // self.sizes[t.axis]
+            # a shift register needs no time loop: slot j at step t holds the inject of step
+            # t - lag (lag = A - 1 - j), from this tile or, for t < lag, from the carry
+            rest, na = n // self.sizes[t.axis], self.sizes[t.axis]
             inj, = self.materialize([s.inject], dims[1:], env, sc, r)
-            step = self.open(sc, "for t in range(tw):")
-            if n > rest:
-                self.emit(step, f"nisa.tensor_copy(traj_{s.name}[0:{r}, 0:{n - rest}, t], "
-                                f"carry_{s.name}[0:{r}, {self.slot}, {rest}:{n}])")
-            self.emit(step, f"nisa.tensor_copy(traj_{s.name}[0:{r}, {n - rest}:{n}, t], "
-                            f"{inj}[0:{r}, 0:{rest}, t])")
+            tr, cy = f"traj_{s.name}", f"carry_{s.name}"
+            slots = self.open(sc, f"for j in range({na}):", na)
+            self.emit(slots, f"lag = {na - 1} - j")
+            fresh = self.open(slots, "if tw > lag:")
+            self.emit(fresh, f"nisa.tensor_copy({tr}[0:{r}, j * {rest}:(j + 1) * {rest}, lag:tw], "
+                             f"{inj}[0:{r}, 0:{rest}, 0:tw - lag])")
+            self.close(fresh)
+            old = self.open(slots, "if lag > 0:")
+            if rest == 1:
+                self.emit(old, f"nisa.tensor_copy({tr}[0:{r}, j, 0:min(lag, tw)], "
+                               f"{cy}[0:{r}, {self.slot}, j + 1:j + 1 + min(lag, tw)])")
+            else:
+                back = self.open(old, "for t in range(min(lag, tw)):")
+                self.emit(back, f"nisa.tensor_copy({tr}[0:{r}, j * {rest}:(j + 1) * {rest}, t], "
+                                f"{cy}[0:{r}, {self.slot}, (j + 1 + t) * {rest}:"
+                                f"(j + 2 + t) * {rest}])")
+                self.close(back)
+            self.close(old)
+            self.close(slots)
+            self.emit(sc, f"nisa.tensor_copy({cy}[0:{r}, {self.slot}, 0:{n}], "
+                          f"{tr}[0:{r}, 0:{n}, tw - 1])")
+            return
         else:
             if dims != (t.axis,):
                 self.fail(f"{t.kind.value} state {s.name!r}: its looped dims {list(dims)} must "

@@ -59,10 +59,13 @@ def fir_kernel(in_x, in_weight):
                     nisa.nc_transpose(ps0[0:P, 0:c1 - c0], stage3[0:c1 - c0, 0:P])
                     nisa.tensor_copy(v2[0:P, c0:c1], ps0[0:P, 0:c1 - c0])
                 nisa.tensor_copy(op1[0:P, 0, 0:tw], v2[0:P, 0:tw])
-                for t in range(tw):
-                    nisa.tensor_copy(traj_win[0:P, 0:3, t], carry_win[0:P, 0, 1:4])
-                    nisa.tensor_copy(traj_win[0:P, 3:4, t], op1[0:P, 0:1, t])
-                    nisa.tensor_copy(carry_win[0:P, 0, 0:4], traj_win[0:P, 0:4, t])
+                for j in range(4):
+                    lag = 3 - j
+                    if tw > lag:
+                        nisa.tensor_copy(traj_win[0:P, j * 1:(j + 1) * 1, lag:tw], op1[0:P, 0:1, 0:tw - lag])
+                    if lag > 0:
+                        nisa.tensor_copy(traj_win[0:P, j, 0:min(lag, tw)], carry_win[0:P, 0, j + 1:j + 1 + min(lag, tw)])
+                nisa.tensor_copy(carry_win[0:P, 0, 0:4], traj_win[0:P, 0:4, tw - 1])
                 v4 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
                 nisa.memset(v4[0:P, 0:tw], 0.0)
                 for r_width in range(4):

@@ -70,10 +70,14 @@ def swa_kernel(in_q, in_k, in_v):
                         nisa.tensor_copy(slab2[0:P, l_key, c0:c1], ps0[0:P, 0:c1 - c0])
                 for m_key in range(8):
                     nisa.tensor_copy(op1[0:P, m_key, 0:tw], slab2[0:P, m_key, 0:tw])
-                for t in range(tw):
-                    nisa.tensor_copy(traj_kw[0:P, 0:24, t], carry_kw[0:P, 0, 8:32])
-                    nisa.tensor_copy(traj_kw[0:P, 24:32, t], op1[0:P, 0:8, t])
-                    nisa.tensor_copy(carry_kw[0:P, 0, 0:32], traj_kw[0:P, 0:32, t])
+                for j in range(4):
+                    lag = 3 - j
+                    if tw > lag:
+                        nisa.tensor_copy(traj_kw[0:P, j * 8:(j + 1) * 8, lag:tw], op1[0:P, 0:8, 0:tw - lag])
+                    if lag > 0:
+                        for t in range(min(lag, tw)):
+                            nisa.tensor_copy(traj_kw[0:P, j * 8:(j + 1) * 8, t], carry_kw[0:P, 0, (j + 1 + t) * 8:(j + 2 + t) * 8])
+                nisa.tensor_copy(carry_kw[0:P, 0, 0:32], traj_kw[0:P, 0:32, tw - 1])
                 traj_vw = nl.ndarray((128, 48, 64), dtype=nl.float32, buffer=nl.sbuf)
                 op4 = nl.ndarray((128, 12, 64), dtype=nl.float32, buffer=nl.sbuf)
                 slab5 = nl.ndarray((128, 12, 64), dtype=nl.float32, buffer=nl.sbuf)
@@ -87,19 +91,26 @@ def swa_kernel(in_q, in_k, in_v):
                         nisa.tensor_copy(slab5[0:P, l_value, c0:c1], ps1[0:P, 0:c1 - c0])
                 for m_value in range(12):
                     nisa.tensor_copy(op4[0:P, m_value, 0:tw], slab5[0:P, m_value, 0:tw])
-                for t in range(tw):
-                    nisa.tensor_copy(traj_vw[0:P, 0:36, t], carry_vw[0:P, 0, 12:48])
-                    nisa.tensor_copy(traj_vw[0:P, 36:48, t], op4[0:P, 0:12, t])
-                    nisa.tensor_copy(carry_vw[0:P, 0, 0:48], traj_vw[0:P, 0:48, t])
+                for j in range(4):
+                    lag = 3 - j
+                    if tw > lag:
+                        nisa.tensor_copy(traj_vw[0:P, j * 12:(j + 1) * 12, lag:tw], op4[0:P, 0:12, 0:tw - lag])
+                    if lag > 0:
+                        for t in range(min(lag, tw)):
+                            nisa.tensor_copy(traj_vw[0:P, j * 12:(j + 1) * 12, t], carry_vw[0:P, 0, (j + 1 + t) * 12:(j + 2 + t) * 12])
+                nisa.tensor_copy(carry_vw[0:P, 0, 0:48], traj_vw[0:P, 0:48, tw - 1])
                 traj_valid = nl.ndarray((1, 4, 64), dtype=nl.float32, buffer=nl.sbuf)
                 op7 = nl.ndarray((1, 1, 64), dtype=nl.float32, buffer=nl.sbuf)
                 v8 = nl.ndarray((1, 64), dtype=nl.float32, buffer=nl.sbuf)
                 nisa.memset(v8[0:1, 0:tw], 1.0)
                 nisa.tensor_copy(op7[0:1, 0, 0:tw], v8[0:1, 0:tw])
-                for t in range(tw):
-                    nisa.tensor_copy(traj_valid[0:1, 0:3, t], carry_valid[0:1, 0, 1:4])
-                    nisa.tensor_copy(traj_valid[0:1, 3:4, t], op7[0:1, 0:1, t])
-                    nisa.tensor_copy(carry_valid[0:1, 0, 0:4], traj_valid[0:1, 0:4, t])
+                for j in range(4):
+                    lag = 3 - j
+                    if tw > lag:
+                        nisa.tensor_copy(traj_valid[0:1, j * 1:(j + 1) * 1, lag:tw], op7[0:1, 0:1, 0:tw - lag])
+                    if lag > 0:
+                        nisa.tensor_copy(traj_valid[0:1, j, 0:min(lag, tw)], carry_valid[0:1, 0, j + 1:j + 1 + min(lag, tw)])
+                nisa.tensor_copy(carry_valid[0:1, 0, 0:4], traj_valid[0:1, 0:4, tw - 1])
                 v10 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
                 v11 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
                 wts12 = nl.ndarray((128, 4, 64), dtype=nl.float32, buffer=nl.sbuf)
