@@ -292,8 +292,14 @@ def test_unsupported_is_named():
     h = r.state("h", [b, d], identity(), inject=x * flip(w, d))
     r.output("y", [b, t, d], h)
     from scancc.backends import UnsupportedError
+    rec = r.build()
     with pytest.raises(UnsupportedError, match="nki_test_flip.*flip along the partition dim"):
-        get("nki").render(r.build(), {})
+        get("nki").render(rec, {})
+    ok, why = get("nki").supports(rec, {})
+    assert not ok and "flip along the partition dim 'chan'" in why
+    with pytest.raises(UnsupportedError, match="nki.*nki_test_flip.*flip"):
+        scancc.compile(rec, target="nki")
+    assert get("nki").supports(registry.get("mamba").build(), {"bogus": 1})[0] is False
 
 
 def test_available_and_generated_source_is_safe():

@@ -28,7 +28,7 @@ from scancc.ir import Recurrence
 
 from ..base import Backend, RunResult, UnsupportedError
 from . import emulator
-from .lowering import NAME, Plan, PlanError, choose_layout, plan_and_render
+from .lowering import NAME, Plan, PlanError, plan_and_render
 
 OPTIONS = ("target", "time_tile", "dtype", "runner", "sizes", "initial_state", "final_state",
            "algorithm", "loop_order")
@@ -64,8 +64,10 @@ class NkiBackend(Backend):
         if bad:
             return False, f"unknown nki backend option(s) {bad} (known: {', '.join(OPTIONS)})"
         from scancc.testing import default_sizes
-        try:
-            choose_layout(rec, default_sizes(rec))
+        try:  # rendering at the default sizes finds every unsupported feature early
+            self._render(rec, default_sizes(rec), False, False, options)
+        except PlanError:
+            pass  # a budget problem depends on the actual sizes: reported at run time
         except UnsupportedError as e:
             return False, e.feature
         return True, ""

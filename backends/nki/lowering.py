@@ -757,6 +757,8 @@ class Renderer(ChunkedMixin):
 
     def scan_state(self, s, env: dict, sc: Scope) -> None:
         t = s.transition
+        self.emit(sc, f"# state {s.name}: {t.kind.value}, one tensor_tensor_scan per row, the "
+                      "carry as initial")
         inner, sub, scopes = self.inner_loops(sc, self.inner_dims(s), env)
         f = self.flat_index(s, sub)
         full = "full" if self.pd in s.dims else "row"
@@ -798,6 +800,8 @@ class Renderer(ChunkedMixin):
 
     def step_state(self, s, env: dict, sc: Scope) -> None:
         t = s.transition
+        self.emit(sc, f"# state {s.name}: {t.kind.value} along {t.axis}, "
+                      + ("copied per slot" if t.kind is Kind.SHIFT else "stepped through time"))
         dims = self.inner_dims(s)
         r = self.rows(s)
         n = self.n_inner(s)

@@ -49,6 +49,7 @@ def fir_kernel(in_x, in_weight):
                 t1 = min(t0 + 64, N_time)
                 tw = t1 - t0
                 traj_win = nl.ndarray((128, 4, 64), dtype=nl.float32, buffer=nl.sbuf)
+                # state win: shift along width, copied per slot
                 op1 = nl.ndarray((128, 1, 64), dtype=nl.float32, buffer=nl.sbuf)
                 v2 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
                 for c0 in range(0, tw, 128):

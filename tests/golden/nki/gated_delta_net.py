@@ -52,6 +52,7 @@ def gated_delta_net_kernel(in_q, in_k, in_v, in_g, in_beta):
                     t1 = min(t0 + 64, N_time)
                     tw = t1 - t0
                     traj_S = nl.ndarray((128, 8, 64), dtype=nl.float32, buffer=nl.sbuf)
+                    # state S: householder along key, stepped through time
                     acc1 = nl.ndarray((128, 1), dtype=nl.float32, buffer=nl.sbuf)
                     op2 = nl.ndarray((128, 8, 64), dtype=nl.float32, buffer=nl.sbuf)
                     op3 = nl.ndarray((128, 8, 64), dtype=nl.float32, buffer=nl.sbuf)

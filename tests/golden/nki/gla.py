@@ -51,6 +51,7 @@ def gla_kernel(in_q, in_k, in_v, in_g):
                     t1 = min(t0 + 64, N_time)
                     tw = t1 - t0
                     traj_S = nl.ndarray((128, 8, 64), dtype=nl.float32, buffer=nl.sbuf)
+                    # state S: diagonal, one tensor_tensor_scan per row, the carry as initial
                     slab1 = nl.ndarray((1, 8, 64), dtype=nl.float32, buffer=nl.sbuf)
                     for l_key in range(8):
                         nisa.dma_copy(slab1[0:1, l_key, 0:tw], in_k[i_batch, t0:t1, i_heads, l_key])

@@ -44,6 +44,7 @@ def hgrn_kernel(in_x, in_g):
                 t1 = min(t0 + 64, N_time)
                 tw = t1 - t0
                 traj_h = nl.ndarray((128, 1, 64), dtype=nl.float32, buffer=nl.sbuf)
+                # state h: diagonal, one tensor_tensor_scan per row, the carry as initial
                 v1 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
                 for c0 in range(0, tw, 128):
                     c1 = min(c0 + 128, tw)

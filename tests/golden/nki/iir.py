@@ -49,6 +49,7 @@ def iir_kernel(in_x, in_b, in_a):
                 t1 = min(t0 + 64, N_time)
                 tw = t1 - t0
                 traj_w = nl.ndarray((128, 3, 64), dtype=nl.float32, buffer=nl.sbuf)
+                # state w: companion along order, stepped through time
                 acc1 = nl.ndarray((128, 1), dtype=nl.float32, buffer=nl.sbuf)
                 op2 = nl.ndarray((128, 3, 64), dtype=nl.float32, buffer=nl.sbuf)
                 op3 = nl.ndarray((128, 3, 64), dtype=nl.float32, buffer=nl.sbuf)

@@ -55,6 +55,7 @@ def mamba_kernel(in_u, in_delta, in_A, in_B, in_C):
                 t1 = min(t0 + 64, N_time)
                 tw = t1 - t0
                 traj_x = nl.ndarray((128, 4, 64), dtype=nl.float32, buffer=nl.sbuf)
+                # state x: diagonal, one tensor_tensor_scan per row, the carry as initial
                 v1 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
                 nisa.dma_copy(v1[0:P, 0:tw], in_delta[i_batch, p0:p1, t0:t1])
                 slab2 = nl.ndarray((1, 4, 64), dtype=nl.float32, buffer=nl.sbuf)

@@ -61,6 +61,7 @@ def s4d_kernel(in_u, in_A, in_C, in_log_dt, in_D):
                 t1 = min(t0 + 64, N_time)
                 tw = t1 - t0
                 traj_x = nl.ndarray((128, 4, 64), dtype=nl.float32, buffer=nl.sbuf)
+                # state x: diagonal, one tensor_tensor_scan per row, the carry as initial
                 v8 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
                 nisa.dma_copy(v8[0:P, 0:tw], in_u[i_batch, p0:p1, t0:t1])
                 for i_dstate in range(4):

@@ -58,6 +58,7 @@ def swa_kernel(in_q, in_k, in_v):
                 t1 = min(t0 + 64, N_time)
                 tw = t1 - t0
                 traj_kw = nl.ndarray((128, 32, 64), dtype=nl.float32, buffer=nl.sbuf)
+                # state kw: shift along window, copied per slot
                 op1 = nl.ndarray((128, 8, 64), dtype=nl.float32, buffer=nl.sbuf)
                 slab2 = nl.ndarray((128, 8, 64), dtype=nl.float32, buffer=nl.sbuf)
                 for l_key in range(8):
@@ -79,6 +80,7 @@ def swa_kernel(in_q, in_k, in_v):
                             nisa.tensor_copy(traj_kw[0:P, j * 8:(j + 1) * 8, t], carry_kw[0:P, 0, (j + 1 + t) * 8:(j + 2 + t) * 8])
                 nisa.tensor_copy(carry_kw[0:P, 0, 0:32], traj_kw[0:P, 0:32, tw - 1])
                 traj_vw = nl.ndarray((128, 48, 64), dtype=nl.float32, buffer=nl.sbuf)
+                # state vw: shift along window, copied per slot
                 op4 = nl.ndarray((128, 12, 64), dtype=nl.float32, buffer=nl.sbuf)
                 slab5 = nl.ndarray((128, 12, 64), dtype=nl.float32, buffer=nl.sbuf)
                 for l_value in range(12):
@@ -100,6 +102,7 @@ def swa_kernel(in_q, in_k, in_v):
                             nisa.tensor_copy(traj_vw[0:P, j * 12:(j + 1) * 12, t], carry_vw[0:P, 0, (j + 1 + t) * 12:(j + 2 + t) * 12])
                 nisa.tensor_copy(carry_vw[0:P, 0, 0:48], traj_vw[0:P, 0:48, tw - 1])
                 traj_valid = nl.ndarray((1, 4, 64), dtype=nl.float32, buffer=nl.sbuf)
+                # state valid: shift along window, copied per slot
                 op7 = nl.ndarray((1, 1, 64), dtype=nl.float32, buffer=nl.sbuf)
                 v8 = nl.ndarray((1, 64), dtype=nl.float32, buffer=nl.sbuf)
                 nisa.memset(v8[0:1, 0:tw], 1.0)
