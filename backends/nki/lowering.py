@@ -918,7 +918,7 @@ class Renderer(ChunkedMixin):
                   f"# loops over [{', '.join(self.outer)}] outside the partition tile, the other "
                   "dims inside the time tile.",
                   "# Sizes: " + ", ".join(f"{d}={sz[d]}" for d in (rec.time,) + rec.canonical),
-                  "import math", "", "import nki", "import nki.isa as nisa",
+                  "import nki", "import nki.isa as nisa",
                   "import nki.language as nl", "", "",
                   "@nki.jit", f"def {self.kernel_name()}({', '.join(args)}):"]
         for d in (rec.time,) + rec.canonical:
@@ -996,6 +996,8 @@ class Renderer(ChunkedMixin):
         self.emit(top, f"return {', '.join(rets)}" + ("," if len(rets) == 1 else ""))
         body = []
         self.flatten(top.lines, 1, body)
+        if any("math." in ln for ln in body):  # constants folded at trace time
+            lines.insert(lines.index("import nki"), "import math\n")
         return "\n".join(lines + body) + "\n"
 
     def pd_loops(self, sc: Scope):

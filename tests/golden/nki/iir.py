@@ -18,8 +18,6 @@
 # Layout: chan on the partitions (tiles of 128), time on the free dim (tiles of 64),
 # loops over [batch] outside the partition tile, the other dims inside the time tile.
 # Sizes: time=64, batch=2, chan=6, order=3
-import math
-
 import nki
 import nki.isa as nisa
 import nki.language as nl

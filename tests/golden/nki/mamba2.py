@@ -22,8 +22,6 @@
 # Layout: headdim on the partitions (tiles of 128), time on the free dim (tiles of 64),
 # loops over [batch, heads] outside the partition tile, the other dims inside the time tile.
 # Sizes: time=64, batch=2, heads=2, headdim=6, groups=1, dstate=4
-import math
-
 import nki
 import nki.isa as nisa
 import nki.language as nl

@@ -20,8 +20,6 @@
 # Layout: heads on the partitions (tiles of 128), time on the free dim (tiles of 64),
 # loops over [batch] outside the partition tile, the other dims inside the time tile.
 # Sizes: time=64, batch=2, heads=2, dstate=4
-import math
-
 import nki
 import nki.isa as nisa
 import nki.language as nl
