@@ -337,3 +337,24 @@ def test_golden_source(name):
 def test_full_product(name, dtype, T, init):
     over = {PARTITION_DIM[name]: 130} if T == 700 else {}
     check(name, dtype, T=T, init=init, final=init, **over)
+
+
+@pytest.mark.parametrize("name,sizes", [
+    ("mamba", dict(batch=1, time=512, chan=256, dstate=16)),       # the S6 tutorial shape
+    ("mamba2", dict(batch=1, time=1024, heads=4, headdim=64, dstate=64)),
+    ("linear_attn", dict(batch=1, time=1024, heads=2, key=64, value=64)),
+    ("hgrn", dict(batch=1, time=2048, chan=300)),
+    ("swa", dict(batch=1, time=256, heads=4, key=32, value=32)),
+])
+def test_benchmark_shapes_against_reference(name, sizes):
+    """The kernels the benchmark costs are also correct at its (scaled-down) shapes."""
+    entry = registry.get(name)
+    rec = entry.build()
+    sz = default_sizes(rec, **sizes)
+    x = sample_inputs(rec, sz, seed=0, hints=entry.hints)
+    ref = get("reference").run(rec, x, sz, None, True, {})
+    got = get("nki").run(rec, x, sz, None, True, {})
+    for k in ref.outputs:
+        assert_close(got.outputs[k], ref.outputs[k], "float32", f"{name} {k}")
+    for k in ref.final_states:
+        assert_close(got.final_states[k], ref.final_states[k], "float32", f"{name} {k}")
