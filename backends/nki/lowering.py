@@ -55,6 +55,7 @@ class V:
     ref: str
     psum: bool = False
     mid: str = ""
+    dtype: str = "nl.float32"  # rows loaded from an input keep its dtype (cheap broadcasts)
 
     def view(self, cols: str | None = None) -> str:
         if self.kind == "const":
@@ -161,6 +162,7 @@ class Renderer(ChunkedMixin):
         self.pd_scope = self.time_scope = None
         self.lets = {l.name: l.expr for l in rec.lets}
         self._an: dict = {}
+        self._ones: set = set()
         if algorithm not in ALGORITHMS:
             self.fail(f"unknown algorithm {algorithm!r} (known: {', '.join(ALGORITHMS)})")
         self.chunks = {} if algorithm == "scan" else find_chunked(rec, self.pd, self.outer,
@@ -208,6 +210,19 @@ class Renderer(ChunkedMixin):
     def tile(self, scope: Scope, kind: str) -> V:
         shape = {"pt": (1, 1), "row": (1, self.tt), "col": (128, 1), "full": (128, self.tt)}[kind]
         return V(kind, self.alloc(scope, shape, 4 * shape[1]))
+
+    def ones(self, dtype: str) -> str:
+        """A (1, 128) ones row in ``dtype`` (the stationary of a partition broadcast, whose
+        dtype must match the moving row's), made once at the kernel's top."""
+        if dtype == "nl.float32":
+            return "ones_row"
+        name = "ones_" + dtype.split(".")[0].removeprefix("in_")
+        if name not in self._ones:
+            self._ones.add(name)
+            self.sbuf_sites.append(4 * 128)
+            self.emit(self.root, f"{name} = nl.ndarray((1, 128), dtype={dtype}, buffer=nl.sbuf)")
+            self.emit(self.root, f"nisa.memset({name}, 1.0)")
+        return name
 
     def psum_tile(self, scope: Scope, shape: tuple) -> str:
         nm = f"ps{self.psum_next % self.PSUM_POOL}"
@@ -446,7 +461,8 @@ class Renderer(ChunkedMixin):
             return self.to_kind(col, kind, sc)
         if v.kind == "row":  # -> full, in PSUM (consumed by the next instruction)
             ps = self.psum_tile(sc, (128, self.tt))
-            self.emit(sc, f"nisa.nc_matmul({ps}[0:P, 0:tw], ones_row[0:1, 0:P], {v.view()})")
+            self.emit(sc, f"nisa.nc_matmul({ps}[0:P, 0:tw], {self.ones(v.dtype)}[0:1, 0:P], "
+                          f"{v.view()})")
             return V("full", ps, psum=True)
         if v.kind == "col":
             out = self.tile(sc, "full")
@@ -628,7 +644,11 @@ class Renderer(ChunkedMixin):
         if v is not None:
             return v
         src = f"in_{inp.name}[{self.hbm_index(inp.dims, env, 'p0:p1', 't0:t1')}]"
-        out = self.tile(sc, kind)
+        if kind == "row":  # in the input's dtype: a bf16 row broadcasts at bf16 matmul speed
+            dt = f"in_{inp.name}.dtype"
+            out = V("row", self.alloc(sc, (1, self.tt), 4 * self.tt, dtype=dt), dtype=dt)
+        else:
+            out = self.tile(sc, kind)
         if haspd and hast and inp.dims.index(self.time) < inp.dims.index(self.pd):
             self.transpose_load(inp, env, out, sc)
         else:
@@ -671,7 +691,8 @@ class Renderer(ChunkedMixin):
         if name is None:
             rows = 128 if kind in ("col", "full") else 1
             dims = tuple(self.sizes[d] for d in slab_dims)
-            name = self.alloc(home, (rows,) + dims + (cols,), 4 * n * cols, "slab")
+            dt = f"in_{inp.name}.dtype" if kind == "row" else "nl.float32"
+            name = self.alloc(home, (rows,) + dims + (cols,), 4 * n * cols, "slab", dtype=dt)
             per = (self.pe if rows == 128 else 1) * (self.twe if cols > 1 else 1)
             if order == want:  # one DMA for the whole slab
                 full = {**env, **{d: Idx(f"0:{self.sizes[d]}", frozenset()) for d in slab_dims}}
@@ -690,13 +711,15 @@ class Renderer(ChunkedMixin):
                     self.dma(inner, f"nisa.dma_copy({slot.view()}, {src})", per)
                 self.closeall(scopes)
             home.memo[key] = name
-        return V(kind, name, mid="".join(f"{env[d].expr}, " for d in slab_dims))
+        return V(kind, name, mid="".join(f"{env[d].expr}, " for d in slab_dims),
+                 dtype=f"in_{inp.name}.dtype" if kind == "row" else "nl.float32")
 
     def transpose_load(self, inp, env: dict, out: V, sc: Scope) -> None:
         """[time, pd] in HBM -> (P, tw): DMA 128-step chunks, transpose on the Tensor engine."""
         loop = self.open(sc, "for c0 in range(0, tw, 128):", -(-self.twe // 128))
         self.emit(loop, "c1 = min(c0 + 128, tw)")
-        stage = self.alloc(loop, (128, 128), 512, "stage")
+        # staged in the input's dtype: a bf16 transpose runs at bf16 speed, into fp32 PSUM
+        stage = self.alloc(loop, (128, 128), 512, "stage", dtype=f"in_{inp.name}.dtype")
         src = f"in_{inp.name}[{self.hbm_index(inp.dims, env, 'p0:p1', 't0 + c0:t0 + c1')}]"
         self.dma(loop, f"nisa.dma_copy({stage}[0:c1 - c0, 0:P], {src})",
                  self.pe * min(128, self.twe))

@@ -40,6 +40,12 @@ def delta_net_kernel(in_q, in_k, in_v, in_beta):
     nisa.memset(ones_row, 1.0)
     ones_col = nl.ndarray((128, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.memset(ones_col, 1.0)
+    ones_k = nl.ndarray((1, 128), dtype=in_k.dtype, buffer=nl.sbuf)
+    nisa.memset(ones_k, 1.0)
+    ones_beta = nl.ndarray((1, 128), dtype=in_beta.dtype, buffer=nl.sbuf)
+    nisa.memset(ones_beta, 1.0)
+    ones_q = nl.ndarray((1, 128), dtype=in_q.dtype, buffer=nl.sbuf)
+    nisa.memset(ones_q, 1.0)
     for i_batch in range(2):
         for i_heads in range(2):
             for p0 in range(0, N_value, 128):
@@ -55,15 +61,15 @@ def delta_net_kernel(in_q, in_k, in_v, in_beta):
                     acc1 = nl.ndarray((128, 1), dtype=nl.float32, buffer=nl.sbuf)
                     op2 = nl.ndarray((128, 8, 64), dtype=nl.float32, buffer=nl.sbuf)
                     op3 = nl.ndarray((128, 8, 64), dtype=nl.float32, buffer=nl.sbuf)
-                    v4 = nl.ndarray((1, 64), dtype=nl.float32, buffer=nl.sbuf)
+                    v4 = nl.ndarray((1, 64), dtype=in_beta.dtype, buffer=nl.sbuf)
                     nisa.dma_copy(v4[0:1, 0:tw], in_beta[i_batch, t0:t1, i_heads])
-                    slab5 = nl.ndarray((1, 8, 64), dtype=nl.float32, buffer=nl.sbuf)
+                    slab5 = nl.ndarray((1, 8, 64), dtype=in_k.dtype, buffer=nl.sbuf)
                     for l_key in range(8):
                         nisa.dma_copy(slab5[0:1, l_key, 0:tw], in_k[i_batch, t0:t1, i_heads, l_key])
                     v7 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
                     for c0 in range(0, tw, 128):
                         c1 = min(c0 + 128, tw)
-                        stage8 = nl.ndarray((128, 128), dtype=nl.float32, buffer=nl.sbuf)
+                        stage8 = nl.ndarray((128, 128), dtype=in_v.dtype, buffer=nl.sbuf)
                         nisa.dma_copy(stage8[0:c1 - c0, 0:P], in_v[i_batch, t0 + c0:t0 + c1, i_heads, p0:p1])
                         ps0 = nl.ndarray((128, 128), dtype=nl.float32, buffer=nl.psum)
                         nisa.nc_transpose(ps0[0:P, 0:c1 - c0], stage8[0:c1 - c0, 0:P])
@@ -77,11 +83,11 @@ def delta_net_kernel(in_q, in_k, in_v, in_beta):
                         nisa.tensor_tensor(v9[0:P, 0:tw], ps1[0:P, 0:tw], v7[0:P, 0:tw], nl.multiply)
                         nisa.tensor_copy(op2[0:P, m_key, 0:tw], v9[0:P, 0:tw])
                         ps2 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.psum)
-                        nisa.nc_matmul(ps2[0:P, 0:tw], ones_row[0:1, 0:P], slab5[0:1, m_key, 0:tw])
+                        nisa.nc_matmul(ps2[0:P, 0:tw], ones_k[0:1, 0:P], slab5[0:1, m_key, 0:tw])
                         nisa.tensor_copy(op3[0:P, m_key, 0:tw], ps2[0:P, 0:tw])
                     op10 = nl.ndarray((128, 1, 64), dtype=nl.float32, buffer=nl.sbuf)
                     ps3 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.psum)
-                    nisa.nc_matmul(ps3[0:P, 0:tw], ones_row[0:1, 0:P], v4[0:1, 0:tw])
+                    nisa.nc_matmul(ps3[0:P, 0:tw], ones_beta[0:1, 0:P], v4[0:1, 0:tw])
                     nisa.tensor_copy(op10[0:P, 0, 0:tw], ps3[0:P, 0:tw])
                     prod11 = nl.ndarray((128, 8), dtype=nl.float32, buffer=nl.sbuf)
                     for t in range(tw):
@@ -94,12 +100,12 @@ def delta_net_kernel(in_q, in_k, in_v, in_beta):
                         nisa.tensor_copy(carry_S[0:P, 0, 0:8], traj_S[0:P, 0:8, t])
                     v12 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
                     nisa.memset(v12[0:P, 0:tw], 0.0)
-                    slab13 = nl.ndarray((1, 8, 64), dtype=nl.float32, buffer=nl.sbuf)
+                    slab13 = nl.ndarray((1, 8, 64), dtype=in_q.dtype, buffer=nl.sbuf)
                     for l_key in range(8):
                         nisa.dma_copy(slab13[0:1, l_key, 0:tw], in_q[i_batch, t0:t1, i_heads, l_key])
                     for r_key in range(8):
                         ps0 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.psum)
-                        nisa.nc_matmul(ps0[0:P, 0:tw], ones_row[0:1, 0:P], slab13[0:1, r_key, 0:tw])
+                        nisa.nc_matmul(ps0[0:P, 0:tw], ones_q[0:1, 0:P], slab13[0:1, r_key, 0:tw])
                         v14 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
                         nisa.tensor_tensor(v14[0:P, 0:tw], traj_S[0:P, r_key, 0:tw], ps0[0:P, 0:tw], nl.multiply)
                         nisa.tensor_tensor(v12[0:P, 0:tw], v12[0:P, 0:tw], v14[0:P, 0:tw], nl.add)

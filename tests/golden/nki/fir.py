@@ -52,7 +52,7 @@ def fir_kernel(in_x, in_weight):
                 v2 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
                 for c0 in range(0, tw, 128):
                     c1 = min(c0 + 128, tw)
-                    stage3 = nl.ndarray((128, 128), dtype=nl.float32, buffer=nl.sbuf)
+                    stage3 = nl.ndarray((128, 128), dtype=in_x.dtype, buffer=nl.sbuf)
                     nisa.dma_copy(stage3[0:c1 - c0, 0:P], in_x[i_batch, t0 + c0:t0 + c1, p0:p1])
                     ps0 = nl.ndarray((128, 128), dtype=nl.float32, buffer=nl.psum)
                     nisa.nc_transpose(ps0[0:P, 0:c1 - c0], stage3[0:c1 - c0, 0:P])

@@ -40,6 +40,10 @@ def gla_kernel(in_q, in_k, in_v, in_g):
     nisa.memset(ones_row, 1.0)
     ones_col = nl.ndarray((128, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.memset(ones_col, 1.0)
+    ones_k = nl.ndarray((1, 128), dtype=in_k.dtype, buffer=nl.sbuf)
+    nisa.memset(ones_k, 1.0)
+    ones_q = nl.ndarray((1, 128), dtype=in_q.dtype, buffer=nl.sbuf)
+    nisa.memset(ones_q, 1.0)
     for i_batch in range(2):
         for i_heads in range(2):
             for p0 in range(0, N_value, 128):
@@ -52,23 +56,23 @@ def gla_kernel(in_q, in_k, in_v, in_g):
                     tw = t1 - t0
                     traj_S = nl.ndarray((128, 8, 64), dtype=nl.float32, buffer=nl.sbuf)
                     # state S: diagonal, one tensor_tensor_scan per row, the carry as initial
-                    slab1 = nl.ndarray((1, 8, 64), dtype=nl.float32, buffer=nl.sbuf)
+                    slab1 = nl.ndarray((1, 8, 64), dtype=in_k.dtype, buffer=nl.sbuf)
                     for l_key in range(8):
                         nisa.dma_copy(slab1[0:1, l_key, 0:tw], in_k[i_batch, t0:t1, i_heads, l_key])
                     v2 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
                     for c0 in range(0, tw, 128):
                         c1 = min(c0 + 128, tw)
-                        stage3 = nl.ndarray((128, 128), dtype=nl.float32, buffer=nl.sbuf)
+                        stage3 = nl.ndarray((128, 128), dtype=in_v.dtype, buffer=nl.sbuf)
                         nisa.dma_copy(stage3[0:c1 - c0, 0:P], in_v[i_batch, t0 + c0:t0 + c1, i_heads, p0:p1])
                         ps0 = nl.ndarray((128, 128), dtype=nl.float32, buffer=nl.psum)
                         nisa.nc_transpose(ps0[0:P, 0:c1 - c0], stage3[0:c1 - c0, 0:P])
                         nisa.tensor_copy(v2[0:P, c0:c1], ps0[0:P, 0:c1 - c0])
-                    slab5 = nl.ndarray((1, 8, 64), dtype=nl.float32, buffer=nl.sbuf)
+                    slab5 = nl.ndarray((1, 8, 64), dtype=in_g.dtype, buffer=nl.sbuf)
                     for l_key in range(8):
                         nisa.dma_copy(slab5[0:1, l_key, 0:tw], in_g[i_batch, t0:t1, i_heads, l_key])
                     for i_key in range(8):
                         ps1 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.psum)
-                        nisa.nc_matmul(ps1[0:P, 0:tw], ones_row[0:1, 0:P], slab1[0:1, i_key, 0:tw])
+                        nisa.nc_matmul(ps1[0:P, 0:tw], ones_k[0:1, 0:P], slab1[0:1, i_key, 0:tw])
                         v4 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
                         nisa.tensor_tensor(v4[0:P, 0:tw], ps1[0:P, 0:tw], v2[0:P, 0:tw], nl.multiply)
                         v6 = nl.ndarray((1, 64), dtype=nl.float32, buffer=nl.sbuf)
@@ -79,12 +83,12 @@ def gla_kernel(in_q, in_k, in_v, in_g):
                         nisa.tensor_copy(carry_S[0:P, 0, i_key:i_key + 1], traj_S[0:P, i_key, tw - 1:tw])
                     v7 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
                     nisa.memset(v7[0:P, 0:tw], 0.0)
-                    slab8 = nl.ndarray((1, 8, 64), dtype=nl.float32, buffer=nl.sbuf)
+                    slab8 = nl.ndarray((1, 8, 64), dtype=in_q.dtype, buffer=nl.sbuf)
                     for l_key in range(8):
                         nisa.dma_copy(slab8[0:1, l_key, 0:tw], in_q[i_batch, t0:t1, i_heads, l_key])
                     for r_key in range(8):
                         ps3 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.psum)
-                        nisa.nc_matmul(ps3[0:P, 0:tw], ones_row[0:1, 0:P], slab8[0:1, r_key, 0:tw])
+                        nisa.nc_matmul(ps3[0:P, 0:tw], ones_q[0:1, 0:P], slab8[0:1, r_key, 0:tw])
                         v9 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
                         nisa.tensor_tensor(v9[0:P, 0:tw], traj_S[0:P, r_key, 0:tw], ps3[0:P, 0:tw], nl.multiply)
                         nisa.tensor_tensor(v7[0:P, 0:tw], v7[0:P, 0:tw], v9[0:P, 0:tw], nl.add)

@@ -41,6 +41,10 @@ def mamba_kernel(in_u, in_delta, in_A, in_B, in_C):
     nisa.memset(ones_row, 1.0)
     ones_col = nl.ndarray((128, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.memset(ones_col, 1.0)
+    ones_B = nl.ndarray((1, 128), dtype=in_B.dtype, buffer=nl.sbuf)
+    nisa.memset(ones_B, 1.0)
+    ones_C = nl.ndarray((1, 128), dtype=in_C.dtype, buffer=nl.sbuf)
+    nisa.memset(ones_C, 1.0)
     for i_batch in range(2):
         for p0 in range(0, N_chan, 128):
             p1 = min(p0 + 128, N_chan)
@@ -56,13 +60,13 @@ def mamba_kernel(in_u, in_delta, in_A, in_B, in_C):
                 # state x: diagonal, one tensor_tensor_scan per row, the carry as initial
                 v1 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
                 nisa.dma_copy(v1[0:P, 0:tw], in_delta[i_batch, p0:p1, t0:t1])
-                slab2 = nl.ndarray((1, 4, 64), dtype=nl.float32, buffer=nl.sbuf)
+                slab2 = nl.ndarray((1, 4, 64), dtype=in_B.dtype, buffer=nl.sbuf)
                 nisa.dma_copy(slab2[0:1, 0:4, 0:tw], in_B[i_batch, 0, 0:4, t0:t1])
                 v4 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
                 nisa.dma_copy(v4[0:P, 0:tw], in_u[i_batch, p0:p1, t0:t1])
                 for i_dstate in range(4):
                     ps0 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.psum)
-                    nisa.nc_matmul(ps0[0:P, 0:tw], ones_row[0:1, 0:P], slab2[0:1, i_dstate, 0:tw])
+                    nisa.nc_matmul(ps0[0:P, 0:tw], ones_B[0:1, 0:P], slab2[0:1, i_dstate, 0:tw])
                     v3 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
                     nisa.tensor_tensor(v3[0:P, 0:tw], v1[0:P, 0:tw], ps0[0:P, 0:tw], nl.multiply)
                     v5 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
@@ -73,11 +77,11 @@ def mamba_kernel(in_u, in_delta, in_A, in_B, in_C):
                     nisa.tensor_copy(carry_x[0:P, 0, i_dstate:i_dstate + 1], traj_x[0:P, i_dstate, tw - 1:tw])
                 v8 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
                 nisa.memset(v8[0:P, 0:tw], 0.0)
-                slab9 = nl.ndarray((1, 4, 64), dtype=nl.float32, buffer=nl.sbuf)
+                slab9 = nl.ndarray((1, 4, 64), dtype=in_C.dtype, buffer=nl.sbuf)
                 nisa.dma_copy(slab9[0:1, 0:4, 0:tw], in_C[i_batch, 0, 0:4, t0:t1])
                 for r_dstate in range(4):
                     ps1 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.psum)
-                    nisa.nc_matmul(ps1[0:P, 0:tw], ones_row[0:1, 0:P], slab9[0:1, r_dstate, 0:tw])
+                    nisa.nc_matmul(ps1[0:P, 0:tw], ones_C[0:1, 0:P], slab9[0:1, r_dstate, 0:tw])
                     v10 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
                     nisa.tensor_tensor(v10[0:P, 0:tw], traj_x[0:P, r_dstate, 0:tw], ps1[0:P, 0:tw], nl.multiply)
                     nisa.tensor_tensor(v8[0:P, 0:tw], v8[0:P, 0:tw], v10[0:P, 0:tw], nl.add)

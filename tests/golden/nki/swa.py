@@ -64,7 +64,7 @@ def swa_kernel(in_q, in_k, in_v):
                 for l_key in range(8):
                     for c0 in range(0, tw, 128):
                         c1 = min(c0 + 128, tw)
-                        stage3 = nl.ndarray((128, 128), dtype=nl.float32, buffer=nl.sbuf)
+                        stage3 = nl.ndarray((128, 128), dtype=in_k.dtype, buffer=nl.sbuf)
                         nisa.dma_copy(stage3[0:c1 - c0, 0:P], in_k[i_batch, t0 + c0:t0 + c1, p0:p1, l_key])
                         ps0 = nl.ndarray((128, 128), dtype=nl.float32, buffer=nl.psum)
                         nisa.nc_transpose(ps0[0:P, 0:c1 - c0], stage3[0:c1 - c0, 0:P])
@@ -86,7 +86,7 @@ def swa_kernel(in_q, in_k, in_v):
                 for l_value in range(12):
                     for c0 in range(0, tw, 128):
                         c1 = min(c0 + 128, tw)
-                        stage6 = nl.ndarray((128, 128), dtype=nl.float32, buffer=nl.sbuf)
+                        stage6 = nl.ndarray((128, 128), dtype=in_v.dtype, buffer=nl.sbuf)
                         nisa.dma_copy(stage6[0:c1 - c0, 0:P], in_v[i_batch, t0 + c0:t0 + c1, p0:p1, l_value])
                         ps1 = nl.ndarray((128, 128), dtype=nl.float32, buffer=nl.psum)
                         nisa.nc_transpose(ps1[0:P, 0:c1 - c0], stage6[0:c1 - c0, 0:P])
@@ -123,7 +123,7 @@ def swa_kernel(in_q, in_k, in_v):
                 for l_key in range(8):
                     for c0 in range(0, tw, 128):
                         c1 = min(c0 + 128, tw)
-                        stage15 = nl.ndarray((128, 128), dtype=nl.float32, buffer=nl.sbuf)
+                        stage15 = nl.ndarray((128, 128), dtype=in_q.dtype, buffer=nl.sbuf)
                         nisa.dma_copy(stage15[0:c1 - c0, 0:P], in_q[i_batch, t0 + c0:t0 + c1, p0:p1, l_key])
                         ps2 = nl.ndarray((128, 128), dtype=nl.float32, buffer=nl.psum)
                         nisa.nc_transpose(ps2[0:P, 0:c1 - c0], stage15[0:c1 - c0, 0:P])
