@@ -56,12 +56,16 @@ class V:
     psum: bool = False
     mid: str = ""
     dtype: str = "nl.float32"  # rows loaded from an input keep its dtype (cheap broadcasts)
+    coff: str = ""             # a column offset (a shift register's slot in its history)
 
     def view(self, cols: str | None = None) -> str:
         if self.kind == "const":
             return self.ref
         rows = "0:1" if self.kind in ("pt", "row") else "0:P"
         cols = cols or ("0:1" if self.kind in ("pt", "col") else "0:tw")
+        if self.coff:
+            lo, hi = cols.split(":")
+            cols = f"{self.coff} + {lo}:{self.coff} + {hi}"
         return f"{self.ref}[{rows}, {self.mid}{cols}]"
 
 
@@ -379,8 +383,12 @@ class Renderer(ChunkedMixin):
             return self.load(node, env, sc)
         if op is Op.STATE:
             s = self.rec.state(a)
-            return V("full" if self.pd in s.dims else "row", f"traj_{a}",
-                     mid=f"{self.flat_index(s, env)}, ")
+            kind = "full" if self.pd in s.dims else "row"
+            if s.transition.kind is Kind.SHIFT:  # slot j at step t is hist[:, rest, t + j]
+                dims = self.inner_dims(s)
+                rest = self.flat_of(dims[1:], env)
+                return V(kind, f"hist_{a}", mid=f"{rest}, ", coff=f"({env[dims[0]].expr})")
+            return V(kind, f"traj_{a}", mid=f"{self.flat_index(s, env)}, ")
         if op is Op.PARAM:
             return self.value(self.lets[a], env, sc)
         if op is Op.GROUP:
@@ -760,6 +768,13 @@ class Renderer(ChunkedMixin):
             stride *= self.sizes[d]
         return " + ".join(reversed(terms)) if terms else "0"
 
+    def flat_of(self, dims, env: dict) -> str:
+        terms, stride = [], 1
+        for d in reversed(dims):
+            terms.append(env[d].expr if stride == 1 else f"({env[d].expr}) * {stride}")
+            stride *= self.sizes[d]
+        return " + ".join(reversed(terms)) if terms else "0"
+
     def n_inner(self, s) -> int:
         return math.prod(self.sizes[d] for d in self.inner_dims(s))
 
@@ -802,22 +817,26 @@ class Renderer(ChunkedMixin):
         self.emit(inner, f"nisa.tensor_copy({init}, traj_{s.name}[0:{r}, {f}, tw - 1:tw])")
         self.closeall(scopes)
 
-    def materialize(self, nodes, dims, env: dict, sc: Scope, rows: str) -> list[str]:
+    def materialize(self, nodes, dims, env: dict, sc: Scope, rows: str,
+                    into=None) -> list[str]:
         """Operands as (128, prod(dims), TT) fp32 tiles, broadcast over what they lack; one
-        loop nest for all, so what they share (e.g. k in k and beta * k * v) loads once."""
+        loop nest for all, so what they share (e.g. k in k and beta * k * v) loads once.
+        ``into``: [(tile, columns)] to write instead of new tiles."""
         n = math.prod(self.sizes[d] for d in dims)
-        names = [self.alloc(sc, (128 if rows == "P" else 1, n, self.tt), 4 * n * self.tt, "op")
-                 for _ in nodes]
+        names = [nm for nm, _ in into] if into else [
+            self.alloc(sc, (128 if rows == "P" else 1, n, self.tt), 4 * n * self.tt, "op")
+            for _ in nodes]
+        cols = [c for _, c in into] if into else ["0:tw"] * len(nodes)
         inner, sub, scopes = self.inner_loops(sc, dims, env, "m")
         terms, stride = [], 1
         for d in reversed(dims):
             terms.append(sub[d].expr if stride == 1 else f"{sub[d].expr} * {stride}")
             stride *= self.sizes[d]
         f = " + ".join(reversed(terms)) if terms else "0"
-        for nm, node in zip(names, nodes):
+        for nm, node, c in zip(names, nodes, cols):
             v = self.value(node, sub, inner)
             v = self.to_kind(v, "full" if rows == "P" else "row", inner)
-            self.emit(inner, f"nisa.tensor_copy({nm}[0:{rows}, {f}, 0:tw], {v.view()})")
+            self.emit(inner, f"nisa.tensor_copy({nm}[0:{rows}, {f}, {c}], {v.view()})")
         self.closeall(scopes)
         return names
 
@@ -832,31 +851,27 @@ class Renderer(ChunkedMixin):
             if not dims or dims[0] != t.axis:
                 self.fail(f"shift state {s.name!r}: the axis {t.axis!r} must be the first of its "
                           f"looped dims {list(dims)}")
-            # a shift register needs no time loop: slot j at step t holds the inject of step
-            # t - lag (lag = A - 1 - j), from this tile or, for t < lag, from the carry
+            # a shift register is a window on its injects: hist[:, rest, u] is the inject of
+            # step t0 - (A - 1) + u, so slot j at step t is hist[:, rest, t + j]; the first A - 1
+            # columns come from the carry, the rest is this tile's inject
             rest, na = n // self.sizes[t.axis], self.sizes[t.axis]
-            inj, = self.materialize([s.inject], dims[1:], env, sc, r)
-            tr, cy = f"traj_{s.name}", f"carry_{s.name}"
-            slots = self.open(sc, f"for j in range({na}):", na)
-            self.emit(slots, f"lag = {na - 1} - j")
-            fresh = self.open(slots, "if tw > lag:")
-            self.emit(fresh, f"nisa.tensor_copy({tr}[0:{r}, j * {rest}:(j + 1) * {rest}, lag:tw], "
-                             f"{inj}[0:{r}, 0:{rest}, 0:tw - lag])")
-            self.close(fresh)
-            old = self.open(slots, "if lag > 0:")
-            if rest == 1:
-                self.emit(old, f"nisa.tensor_copy({tr}[0:{r}, j, 0:min(lag, tw)], "
-                               f"{cy}[0:{r}, {self.slot}, j + 1:j + 1 + min(lag, tw)])")
-            else:
-                back = self.open(old, "for t in range(min(lag, tw)):")
-                self.emit(back, f"nisa.tensor_copy({tr}[0:{r}, j * {rest}:(j + 1) * {rest}, t], "
-                                f"{cy}[0:{r}, {self.slot}, (j + 1 + t) * {rest}:"
-                                f"(j + 2 + t) * {rest}])")
+            hist, cy = f"hist_{s.name}", f"carry_{s.name}"
+            rows = 128 if r == "P" else 1
+            self.sbuf_sites.append(4 * rest * (na - 1 + self.tt))
+            self.emit(sc, f"{hist} = nl.ndarray(({rows}, {rest}, {na - 1 + self.tt}), "
+                          "dtype=nl.float32, buffer=nl.sbuf)")
+            if na > 1:
+                back = self.open(sc, f"for u in range({na - 1}):", na - 1)
+                self.emit(back, f"nisa.tensor_copy({hist}[0:{r}, 0:{rest}, u], "
+                                f"{cy}[0:{r}, {self.slot}, (u + 1) * {rest}:(u + 2) * {rest}])")
                 self.close(back)
-            self.close(old)
-            self.close(slots)
-            self.emit(sc, f"nisa.tensor_copy({cy}[0:{r}, {self.slot}, 0:{n}], "
-                          f"{tr}[0:{r}, 0:{n}, tw - 1])")
+            self.materialize([s.inject], dims[1:], env, sc, r,
+                             into=[(hist, f"{na - 1}:{na - 1} + tw")])
+            # the new carry: every slot at the tile's last step
+            last = self.open(sc, f"for j in range({na}):", na)
+            self.emit(last, f"nisa.tensor_copy({cy}[0:{r}, {self.slot}, j * {rest}:(j + 1) * "
+                            f"{rest}], {hist}[0:{r}, 0:{rest}, tw - 1 + j])")
+            self.close(last)
             return
         else:
             if dims != (t.axis,):
@@ -988,9 +1003,10 @@ class Renderer(ChunkedMixin):
                 self.chunk_state(s, self.chunks[s.name], env, body)
                 continue
             n, r = self.n_inner(s), self.rows(s)
-            self.sbuf_sites.append(4 * n * self.tt)
-            self.emit(body, f"traj_{s.name} = nl.ndarray(({128 if r == 'P' else 1}, {n}, "
-                            f"{self.tt}), dtype=nl.float32, buffer=nl.sbuf)")
+            if s.transition.kind is not Kind.SHIFT:
+                self.sbuf_sites.append(4 * n * self.tt)
+                self.emit(body, f"traj_{s.name} = nl.ndarray(({128 if r == 'P' else 1}, {n}, "
+                                f"{self.tt}), dtype=nl.float32, buffer=nl.sbuf)")
             if s.transition.kind in ELEMENTWISE_KINDS:
                 self.scan_state(s, env, body)
             else:

@@ -41,41 +41,37 @@ def fir_kernel(in_x, in_weight):
             P = p1 - p0
             carry_win = nl.ndarray((128, 1, 4), dtype=nl.float32, buffer=nl.sbuf)
             nisa.memset(carry_win[0:P, 0:1, 0:4], 0.0)
-            slab5 = nl.ndarray((128, 4, 1), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.dma_copy(slab5[0:P, 0:4, 0:1], in_weight[p0:p1, 0:4])
+            slab4 = nl.ndarray((128, 4, 1), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.dma_copy(slab4[0:P, 0:4, 0:1], in_weight[p0:p1, 0:4])
             for t0 in range(0, N_time, 64):
                 t1 = min(t0 + 64, N_time)
                 tw = t1 - t0
-                traj_win = nl.ndarray((128, 4, 64), dtype=nl.float32, buffer=nl.sbuf)
                 # state win: shift along width, copied per slot
-                op1 = nl.ndarray((128, 1, 64), dtype=nl.float32, buffer=nl.sbuf)
-                v2 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
+                hist_win = nl.ndarray((128, 1, 67), dtype=nl.float32, buffer=nl.sbuf)
+                for u in range(3):
+                    nisa.tensor_copy(hist_win[0:P, 0:1, u], carry_win[0:P, 0, (u + 1) * 1:(u + 2) * 1])
+                v1 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
                 for c0 in range(0, tw, 128):
                     c1 = min(c0 + 128, tw)
-                    stage3 = nl.ndarray((128, 128), dtype=in_x.dtype, buffer=nl.sbuf)
-                    nisa.dma_copy(stage3[0:c1 - c0, 0:P], in_x[i_batch, t0 + c0:t0 + c1, p0:p1])
+                    stage2 = nl.ndarray((128, 128), dtype=in_x.dtype, buffer=nl.sbuf)
+                    nisa.dma_copy(stage2[0:c1 - c0, 0:P], in_x[i_batch, t0 + c0:t0 + c1, p0:p1])
                     ps0 = nl.ndarray((128, 128), dtype=nl.float32, buffer=nl.psum)
-                    nisa.nc_transpose(ps0[0:P, 0:c1 - c0], stage3[0:c1 - c0, 0:P])
-                    nisa.tensor_copy(v2[0:P, c0:c1], ps0[0:P, 0:c1 - c0])
-                nisa.tensor_copy(op1[0:P, 0, 0:tw], v2[0:P, 0:tw])
+                    nisa.nc_transpose(ps0[0:P, 0:c1 - c0], stage2[0:c1 - c0, 0:P])
+                    nisa.tensor_copy(v1[0:P, c0:c1], ps0[0:P, 0:c1 - c0])
+                nisa.tensor_copy(hist_win[0:P, 0, 3:3 + tw], v1[0:P, 0:tw])
                 for j in range(4):
-                    lag = 3 - j
-                    if tw > lag:
-                        nisa.tensor_copy(traj_win[0:P, j * 1:(j + 1) * 1, lag:tw], op1[0:P, 0:1, 0:tw - lag])
-                    if lag > 0:
-                        nisa.tensor_copy(traj_win[0:P, j, 0:min(lag, tw)], carry_win[0:P, 0, j + 1:j + 1 + min(lag, tw)])
-                nisa.tensor_copy(carry_win[0:P, 0, 0:4], traj_win[0:P, 0:4, tw - 1])
-                v4 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
-                nisa.memset(v4[0:P, 0:tw], 0.0)
+                    nisa.tensor_copy(carry_win[0:P, 0, j * 1:(j + 1) * 1], hist_win[0:P, 0:1, tw - 1 + j])
+                v3 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
+                nisa.memset(v3[0:P, 0:tw], 0.0)
                 for r_width in range(4):
-                    v6 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
-                    nisa.tensor_scalar(v6[0:P, 0:tw], traj_win[0:P, r_width, 0:tw], nl.multiply, slab5[0:P, r_width, 0:1], reverse0=True)
-                    nisa.tensor_tensor(v4[0:P, 0:tw], v4[0:P, 0:tw], v6[0:P, 0:tw], nl.add)
+                    v5 = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
+                    nisa.tensor_scalar(v5[0:P, 0:tw], hist_win[0:P, 0, (r_width) + 0:(r_width) + tw], nl.multiply, slab4[0:P, r_width, 0:1], reverse0=True)
+                    nisa.tensor_tensor(v3[0:P, 0:tw], v3[0:P, 0:tw], v5[0:P, 0:tw], nl.add)
                 for c0 in range(0, tw, 128):
                     c1 = min(c0 + 128, tw)
                     ps1 = nl.ndarray((128, 128), dtype=nl.float32, buffer=nl.psum)
-                    nisa.nc_transpose(ps1[0:c1 - c0, 0:P], v4[0:P, c0:c1])
-                    stage7 = nl.ndarray((128, 128), dtype=nl.float32, buffer=nl.sbuf)
-                    nisa.tensor_copy(stage7[0:c1 - c0, 0:P], ps1[0:c1 - c0, 0:P])
-                    nisa.dma_copy(out_y[i_batch, t0 + c0:t0 + c1, p0:p1], stage7[0:c1 - c0, 0:P])
+                    nisa.nc_transpose(ps1[0:c1 - c0, 0:P], v3[0:P, c0:c1])
+                    stage6 = nl.ndarray((128, 128), dtype=nl.float32, buffer=nl.sbuf)
+                    nisa.tensor_copy(stage6[0:c1 - c0, 0:P], ps1[0:c1 - c0, 0:P])
+                    nisa.dma_copy(out_y[i_batch, t0 + c0:t0 + c1, p0:p1], stage6[0:c1 - c0, 0:P])
     return out_y,
