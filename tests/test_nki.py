@@ -302,6 +302,52 @@ def test_unsupported_is_named():
     assert get("nki").supports(registry.get("mamba").build(), {"bogus": 1})[0] is False
 
 
+def _fake_toolchain(monkeypatch, with_simulate: bool):
+    """Stand-ins for the Neuron wheels: PyPI's empty placeholder, or a 'real' nki whose
+    simulate runs the emulator (so the guarded path runs the source through plain imports)."""
+    import sys
+    import types
+    calls = []
+    fake = types.ModuleType("nki")
+    if with_simulate:
+        def simulate(kernel):
+            def run(*arrays):
+                calls.append([a.dtype for a in arrays])
+                return kernel(*arrays)
+            return run
+        fake.jit, fake.simulate, fake.__version__ = emulator.jit, simulate, "0.0-fake"
+        fake.language, fake.isa = emulator.language, emulator.isa
+        monkeypatch.setitem(sys.modules, "nki.language", emulator.language)
+        monkeypatch.setitem(sys.modules, "nki.isa", emulator.isa)
+    monkeypatch.setitem(sys.modules, "nki", fake)
+    return calls
+
+
+def test_real_toolchain_path_is_guarded(monkeypatch):
+    from scancc.backends import UnsupportedError
+    from scancc.backends.nki import NkiBackend
+    rec = registry.get("hgrn").build()
+    sizes = default_sizes(rec, time=20)
+    x = sample_inputs(rec, sizes, seed=1, hints=registry.get("hgrn").hints)
+    ref = get("reference").run(rec, x, sizes, None, False, {})
+    _fake_toolchain(monkeypatch, with_simulate=False)  # the PyPI placeholder: use the emulator
+    be = NkiBackend()
+    assert be.available() == (True, "NKI emulator (nki not importable)")
+    got = be.run(rec, x, sizes, None, False, {})
+    assert got.counters["instructions"]["vector"] > 0
+    with pytest.raises(UnsupportedError, match="runner='simulate' needs the real nki"):
+        be.run(rec, x, sizes, None, False, {"runner": "simulate"})
+    calls = _fake_toolchain(monkeypatch, with_simulate=True)
+    assert be.available() == (True, "nki 0.0-fake (nki.simulate)")
+    got = be.run(rec, x, sizes, None, False, {})
+    assert len(calls) == 1 and got.counters == {}
+    assert_close(got.outputs["o"], ref.outputs["o"], "float32", "via nki.simulate")
+    got = be.run(rec, x, sizes, None, False, {"runner": "emulator"})
+    assert len(calls) == 1 and got.counters["dma_transfers"] > 0
+    with pytest.raises(UnsupportedError, match="unknown runner 'gpu'"):
+        be.run(rec, x, sizes, None, False, {"runner": "gpu"})
+
+
 def test_available_and_generated_source_is_safe():
     ok, how = get("nki").available()
     assert ok and ("emulator" in how or "nki" in how)

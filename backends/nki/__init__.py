@@ -19,7 +19,6 @@ runs in the project's strict NumPy emulator (``emulator.py``), which resolves th
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from typing import Any, Mapping
 
 import numpy as np
@@ -30,16 +29,19 @@ from ..base import Backend, RunResult, UnsupportedError
 from . import emulator
 from .lowering import NAME, Plan, PlanError, plan_and_render
 
+RUNNERS = ("auto", "emulator", "simulate")
 OPTIONS = ("target", "time_tile", "dtype", "runner", "sizes", "initial_state", "final_state",
            "algorithm", "loop_order")
 
 
 def real_nki():
     """The real ``nki`` module if it is installed (not PyPI's empty placeholder), else None."""
-    if importlib.util.find_spec("nki") is None:
+    try:
+        mod = importlib.import_module("nki")
+    except ImportError:
         return None
-    mod = importlib.import_module("nki")
-    return mod if hasattr(mod, "simulate") and hasattr(mod, "jit") else None
+    ok = callable(getattr(mod, "simulate", None)) and callable(getattr(mod, "jit", None))
+    return mod if ok else None
 
 
 class NkiBackend(Backend):
@@ -114,6 +116,9 @@ class NkiBackend(Backend):
                 arrays.append(h)
                 dtypes.append("float32")
         runner = options.get("runner", "auto")
+        if runner not in RUNNERS:
+            raise UnsupportedError(NAME, rec.name, f"unknown runner {runner!r} "
+                                   f"(known: {', '.join(RUNNERS)})")
         mod = real_nki() if runner in ("auto", "simulate") else None
         kname = f"{rec.name}_kernel"
         if runner == "simulate" and mod is None:
