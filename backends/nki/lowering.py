@@ -78,7 +78,6 @@ class Scope:
         self.trips = trips * (parent.trips if parent is not None else 1)  # executions
         self.lines: list = []
         self.memo: dict = {}
-        self.depth = 0 if parent is None else parent.depth + 1
 
     def chain(self):
         s = self
@@ -1158,13 +1157,11 @@ def plan_and_render(rec: Recurrence, sizes: Mapping[str, int], initial_state: bo
                 need = (c, sb)
         if fits:
             dma, time_outer, src, r = min(fits, key=lambda f: (f[0], f[1]))
-            return src, Plan(r.pd, r.outer, c, sb_of(r), r.budget()[1], tuple(r.chunks),
+            sb, banks = r.budget()
+            return src, Plan(r.pd, r.outer, c, sb, banks, tuple(r.chunks),
                              "time" if time_outer else "outer", dma)
     shape = ", ".join(f"{d}={sizes[d]}" for d in (rec.time,) + rec.canonical)
     raise PlanError(NAME, rec.name, f"no tile plan fits: at time tile {need[0]} the kernel needs "
                     f"{need[1]} B of SBUF per partition, the {target} budget is {budget} B "
                     f"(shape {shape})")
 
-
-def sb_of(r: Renderer) -> int:
-    return r.budget()[0]
