@@ -68,7 +68,7 @@ def test_single_step_no_initial_state(name):
 def test_ragged_partitions_and_time_tiles(name):
     # T = 700: a full 512-step tile then a ragged one; 130 rows: a full and a ragged tile
     _, plan = check(name, "float32", T=700, **{PARTITION_DIM[name]: 130})
-    assert plan.tt == 512 and plan.pd == PARTITION_DIM[name]
+    assert plan.tt == (128 if plan.chunked else 512) and plan.pd == PARTITION_DIM[name]
 
 
 @pytest.mark.parametrize("name", LIBRARY)
@@ -113,9 +113,18 @@ def test_chunked_refuses_what_it_cannot_lower():
     with pytest.raises(UnsupportedError, match="gla.*chunked"):
         get("nki").render(rec, {"algorithm": "chunked"})
     rec = registry.get("linear_attn").build()
-    sizes = default_sizes(rec, value=130)  # V must fit the partitions: falls back to the scan
+    sizes = default_sizes(rec, key=130)  # K must fit the partitions: falls back to the scan
     _, plan = get("nki")._render(rec, sizes, False, False, {})
     assert not plan.chunked
+
+
+@pytest.mark.parametrize("order", ["outer", "time"])
+@pytest.mark.parametrize("name", ["linear_attn", "mamba2"])
+def test_chunked_with_partition_tiles(name, order):
+    # V = 200: two V tiles, each with its own (K, V) carry slot
+    _, plan = check(name, "float32", T=150, algorithm="chunked", loop_order=order,
+                    **{PARTITION_DIM[name]: 200})
+    assert plan.chunked and plan.loop_order == order
 
 
 @pytest.mark.parametrize("name", ["mamba", "simple_gla", "delta_net", "fir", "iir", "swa"])

@@ -58,7 +58,7 @@ def find_chunked(rec: Recurrence, pd: str, outer, sizes) -> dict[str, ChunkPlan]
         if t.kind not in (Kind.IDENTITY, Kind.SCALAR) or pd not in s.dims:
             continue
         inner = [d for d in s.dims if d != pd and d not in outer]
-        if len(inner) != 1 or sizes[inner[0]] > 128 or sizes[pd] > 128:
+        if len(inner) != 1 or sizes[inner[0]] > 128:
             continue
         kd = inner[0]
         sums = []
@@ -141,7 +141,7 @@ class ChunkedMixin:
 
     def talloc(self, sc, kind: str) -> str:
         shape = {"s": (1, 1), "tc": (128, 1), "tf": (128, 128)}[kind]
-        return self.alloc(sc, shape, 4 * shape[1], "c")
+        return self.alloc(sc, shape, 4 * shape[1], "tc")
 
     def tval(self, node: Node, env: dict, feat, sc, memo: dict):
         """(kind, name or expression) of ``node`` in the chunk layout; ``feat`` = (dim, HBM

@@ -1065,7 +1065,7 @@ class Renderer(ChunkedMixin):
     def alloc_carries(self, sc: Scope, nslots: int) -> None:
         for s in self.rec.states:
             if s.name in self.chunks:  # a (K, V) tile: K on the partitions
-                shape, rows = (128, nslots, self.npd), f"0:{self.sizes[self.chunks[s.name].kd]}"
+                shape, rows = (128, nslots, self.pe), f"0:{self.sizes[self.chunks[s.name].kd]}"
             else:
                 r = self.rows(s)
                 shape, rows = (128 if r == "P" else 1, nslots, self.n_inner(s)), f"0:{r}"
