@@ -172,7 +172,7 @@ class Renderer(ChunkedMixin):
                                                                    self.sizes)
         if algorithm == "chunked" and not self.chunks:
             self.fail("the chunked (matmul) form needs a scalar/identity state [..., K, V] with "
-                      "V on the partitions (<= 128), K <= 128, an inject k * v and readouts "
+                      "V on the partitions, K <= 128, an inject k * v and readouts "
                       "sum(S * q, K), all read with time before the feature dim")
 
     # ---- emission helpers ----
