@@ -3,7 +3,9 @@
 Layout: one *partition dim* ``pd`` of the recurrence goes on the 128 partitions (tiles of up to
 128, the ragged last tile by clipped slices), time goes on the free dim in tiles of ``TT``
 steps, and every other dim is a trace-time Python loop: *outer* loops (dims every state and
-output has) around the partition tile, and *inner* loops inside the time tile. Every value of
+output has) and *inner* loops inside the time tile. The loop order is outer > partition tile >
+time tile, or the time tile outermost (carries kept per slot), whichever moves fewer DMA
+bytes; the time tile is the largest whose kernel fits SBUF (``plan_and_render``). Every value of
 an expression is then one of five kinds, chosen by whether it varies along partitions and time:
 
     const  a Python number (possibly a function of loop indices)
@@ -14,9 +16,10 @@ Rules keyed by IR op emit one instruction per node (broadcasts across partitions
 ones-row ``nc_matmul`` into PSUM; per-partition operands use ``tensor_scalar`` / the
 ``activation`` scale). Code is placed in the outermost loop its indices allow, so loop-invariant
 loads and math are hoisted (e.g. mamba's ``u`` and ``delta`` load once per channel tile and time
-tile, not once per state index). Diagonal/scalar/identity states are one
-``tensor_tensor_scan`` per state row and time tile with the carry passed as ``initial``; shift,
-companion, householder and dense states step through time inside the tile.
+tile, not once per state index), and inputs indexed by inner loops load once as slabs.
+Diagonal/scalar/identity states are one ``tensor_tensor_scan`` per state row and time tile with
+the carry passed as ``initial`` (or the chunked matmul form, ``chunked.py``); a shift register
+is a window on its injects; companion, householder and dense states step through the tile.
 """
 from __future__ import annotations
 
