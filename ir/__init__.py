@@ -6,8 +6,8 @@ if __name__ != "scancc.ir":  # the folder ir/ is installed as scancc.ir, never a
 from .builder import Builder
 from .errors import IRError, ParseError, VerifyError
 from .expr import (Node, Op, check_ident, clamp, const, dot, exp, flip, group, iota, l2norm,
-                   log, logsigmoid, maximum, minimum, rsqrt, sigmoid, silu, size, softmax,
-                   softplus, sqrt)
+                   log, logsigmoid, maximum, minimum, prev, rsqrt, sigmoid, silu, size,
+                   softmax, softplus, sqrt, step, ungroup)
 from .expr import max as reduce_max
 from .expr import sum as reduce_sum
 from .printer import ExprParser, format_expr, format_recurrence, parse_recurrence
@@ -18,9 +18,9 @@ from .recurrence import (Dim, Input, Kind, Let, Numerics, Output, Recurrence, Sh
 __all__ = [
     "Builder", "IRError", "ParseError", "VerifyError", "Node", "Op", "check_ident", "clamp",
     "const", "dot", "exp", "flip", "group", "iota", "l2norm", "log", "logsigmoid", "maximum",
-    "minimum", "rsqrt", "sigmoid", "silu", "size", "softmax", "softplus", "sqrt", "reduce_max",
-    "reduce_sum", "ExprParser", "format_expr", "format_recurrence", "parse_recurrence", "Dim",
-    "Input", "Kind", "Let", "Numerics", "Output", "Recurrence", "ShapeMismatch", "State",
-    "Transition", "bind_sizes", "companion", "dense", "diagonal", "householder", "identity",
-    "scalar", "shift",
+    "minimum", "prev", "step", "ungroup", "rsqrt", "sigmoid", "silu", "size", "softmax",
+    "softplus", "sqrt", "reduce_max", "reduce_sum", "ExprParser", "format_expr",
+    "format_recurrence", "parse_recurrence", "Dim", "Input", "Kind", "Let", "Numerics",
+    "Output", "Recurrence", "ShapeMismatch", "State", "Transition", "bind_sizes", "companion",
+    "dense", "diagonal", "householder", "identity", "scalar", "shift",
 ]

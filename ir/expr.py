@@ -35,7 +35,8 @@ class Op(enum.Enum):
     # leaves
     INPUT = "input"      # arg: input name
     PARAM = "param"      # arg: name of a `let` binding
-    STATE = "state"      # arg: state name (previous state in transitions, new state in readouts)
+    STATE = "state"      # arg: state name; in readouts, the state after this step's update
+    PREV = "prev"        # arg: state name; in readouts, the state entering this step (h_{t-1})
     CONST = "const"      # arg: float
     IOTA = "iota"        # arg: dim name; the index along that dim (0, 1, ...)
     SIZE = "size"        # arg: dim name; the size of that dim, a scalar
@@ -50,6 +51,7 @@ class Op(enum.Enum):
     SQRT = "sqrt"
     RSQRT = "rsqrt"
     CLAMP = "clamp"      # arg: (lo, hi), either may be None
+    STEP = "step"        # 1 where x >= 0, else 0 (the derivative masks of clamp/maximum/max)
     # binary elementwise
     ADD = "add"
     SUB = "sub"
@@ -64,19 +66,20 @@ class Op(enum.Enum):
     SOFTMAX = "softmax"  # arg: dim; src (logits,) or (logits, mask): weight 0 where mask == 0
     FLIP = "flip"        # arg: dim; reverse the order along dim
     GROUP = "group"      # arg: (group_dim, dim); element i of dim reads group i // (|dim|/|groups|)
+    UNGROUP = "ungroup"  # arg: (dim, group_dim); group j sums the elements of dim that read it
 
 
-LEAVES = {Op.INPUT, Op.PARAM, Op.STATE, Op.CONST, Op.IOTA, Op.SIZE}
+LEAVES = {Op.INPUT, Op.PARAM, Op.STATE, Op.PREV, Op.CONST, Op.IOTA, Op.SIZE}
 UNARY = {Op.NEG, Op.EXP, Op.LOG, Op.SOFTPLUS, Op.SIGMOID, Op.LOGSIGMOID, Op.SILU, Op.SQRT,
-         Op.RSQRT, Op.CLAMP}
+         Op.RSQRT, Op.CLAMP, Op.STEP}
 BINARY = {Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.MAXIMUM, Op.MINIMUM}
 REDUCE = {Op.SUM, Op.MAX}
 L2NORM_EPS = 1e-6
 
 # the function-call spelling of ops in the text form: name -> op
 FUNCTIONS = {op.value: op for op in (UNARY | {Op.MAXIMUM, Op.MINIMUM} | REDUCE
-                                     | {Op.L2NORM, Op.SOFTMAX, Op.FLIP, Op.GROUP, Op.IOTA,
-                                        Op.SIZE})
+                                     | {Op.L2NORM, Op.SOFTMAX, Op.FLIP, Op.GROUP, Op.UNGROUP,
+                                        Op.IOTA, Op.SIZE, Op.PREV})
              if op is not Op.NEG}
 INFIX = {Op.ADD: "+", Op.SUB: "-", Op.MUL: "*", Op.DIV: "/"}
 
@@ -168,6 +171,9 @@ def max(x, dims) -> Node:  # noqa: A001
 def l2norm(x, dim: str) -> Node: return Node(Op.L2NORM, (lift(x),), dim)
 def flip(x, dim: str) -> Node: return Node(Op.FLIP, (lift(x),), dim)
 def group(x, groups: str, dim: str) -> Node: return Node(Op.GROUP, (lift(x),), (groups, dim))
+def ungroup(x, dim: str, groups: str) -> Node: return Node(Op.UNGROUP, (lift(x),), (dim, groups))
+def step(x) -> Node: return Node(Op.STEP, (lift(x),))
+def prev(state: str) -> Node: return Node(Op.PREV, (), state)
 
 
 def softmax(logits, dim: str, mask=None) -> Node:

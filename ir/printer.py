@@ -54,7 +54,7 @@ def format_expr(n: Node, names: Callable[[Node], str] | None = None) -> str:
     if op is Op.NEG:
         a = n.src[0]
         return f"-{f(a)}" if _prec(a) == 4 and a.op is not Op.CONST else f"-({f(a)})"
-    if op in (Op.IOTA, Op.SIZE):
+    if op in (Op.IOTA, Op.SIZE, Op.PREV):
         return f"{op.value}({n.arg})"
     if op is Op.CLAMP:
         lo, hi = n.arg
@@ -65,8 +65,8 @@ def format_expr(n: Node, names: Callable[[Node], str] | None = None) -> str:
         return f"{op.value}({f(n.src[0])}, {', '.join(n.arg)})"
     if op in (Op.L2NORM, Op.FLIP):
         return f"{op.value}({f(n.src[0])}, {n.arg})"
-    if op is Op.GROUP:
-        return f"group({f(n.src[0])}, {n.arg[0]}, {n.arg[1]})"
+    if op in (Op.GROUP, Op.UNGROUP):
+        return f"{op.value}({f(n.src[0])}, {n.arg[0]}, {n.arg[1]})"
     if op is Op.SOFTMAX:
         mask = f", mask={f(n.src[1])}" if len(n.src) > 1 else ""
         return f"softmax({f(n.src[0])}, {n.arg}{mask})"
@@ -228,6 +228,12 @@ class ExprParser:
         ts.take("op", "(")
         if op in (Op.IOTA, Op.SIZE):
             node = Node(op, (), self.dim(ts))
+        elif op is Op.PREV:
+            t = ts.take("name")
+            ref = self.resolve(t[1])
+            if ref is None or ref.op is not Op.STATE:
+                ts.fail(f"prev() takes a state name, got {t[1]!r}", t)
+            node = Node(op, (), t[1])
         elif op in (Op.SUM, Op.MAX):
             x = self.expr(ts)
             ds = []
@@ -241,7 +247,7 @@ class ExprParser:
             x = self.expr(ts)
             ts.take("op", ",")
             node = Node(op, (x,), self.dim(ts))
-        elif op is Op.GROUP:
+        elif op in (Op.GROUP, Op.UNGROUP):
             x = self.expr(ts)
             ts.take("op", ",")
             g = self.dim(ts)

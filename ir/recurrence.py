@@ -171,7 +171,7 @@ class Recurrence:
             out = self.order(d for d in self.input(a).dims if d != self.time)
         elif op is Op.PARAM:
             out = self.dims_of(self.let(a).expr)
-        elif op is Op.STATE:
+        elif op in (Op.STATE, Op.PREV):
             out = self.order(self.state(a).dims)
         elif op in (Op.CONST, Op.SIZE):
             out = ()
@@ -182,6 +182,9 @@ class Recurrence:
         elif op is Op.GROUP:
             g, d = a
             out = self.order((set(self.dims_of(node.src[0])) - {g}) | {d})
+        elif op is Op.UNGROUP:
+            d, g = a
+            out = self.order((set(self.dims_of(node.src[0])) - {d}) | {g})
         else:  # elementwise and dim-preserving ops: union of the operands
             out = self.order(set().union(*(self.dims_of(s) for s in node.src)))
         cache[node] = out
@@ -199,7 +202,7 @@ class Recurrence:
             yield f"output {o.name}", o.expr
 
     def uses_state(self, node: Node) -> bool:
-        return any(n.op is Op.STATE for n in node.walk()) or any(
+        return any(n.op in (Op.STATE, Op.PREV) for n in node.walk()) or any(
             self.uses_state(self.let(n.arg).expr) for n in node.walk() if n.op is Op.PARAM)
 
     def verify(self) -> "Recurrence":
@@ -267,8 +270,8 @@ def bind_sizes(rec: Recurrence, shapes: dict[str, tuple[int, ...]],
 def _check_groups(rec: Recurrence, sizes: dict[str, int]) -> None:
     for where, root in rec.exprs():
         for n in root.walk():
-            if n.op is Op.GROUP:
-                g, d = n.arg
+            if n.op in (Op.GROUP, Op.UNGROUP):
+                g, d = n.arg if n.op is Op.GROUP else n.arg[::-1]
                 if g in sizes and d in sizes and (sizes[g] == 0 or sizes[d] % sizes[g]):
                     raise ShapeMismatch(f"{where}: dim {d!r} (size {sizes[d]}) is not a multiple "
                                         f"of groups dim {g!r} (size {sizes[g]})")

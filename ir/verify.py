@@ -6,7 +6,7 @@ from .expr import BINARY, LEAVES, UNARY, Node, Op, check_ident
 from .recurrence import (AXIS_KINDS, OPERANDS, ROLES, SLOT_KINDS, Kind, Recurrence)
 
 _ARITY = {**{op: 1 for op in UNARY}, **{op: 2 for op in BINARY},
-          Op.SUM: 1, Op.MAX: 1, Op.L2NORM: 1, Op.FLIP: 1, Op.GROUP: 1}
+          Op.SUM: 1, Op.MAX: 1, Op.L2NORM: 1, Op.FLIP: 1, Op.GROUP: 1, Op.UNGROUP: 1}
 
 
 def verify(rec: Recurrence) -> None:
@@ -81,7 +81,7 @@ def verify(rec: Recurrence) -> None:
                 fail(ctx, f"reads unknown input {n.arg!r}")
             elif n.op is Op.PARAM and n.arg not in lets_so_far:
                 fail(ctx, f"reads {n.arg!r}, which is not a let bound earlier")
-            elif n.op is Op.STATE:
+            elif n.op in (Op.STATE, Op.PREV):
                 if n.arg not in names["state"]:
                     fail(ctx, f"reads unknown state {n.arg!r}")
                 if not allow_state:
@@ -99,15 +99,16 @@ def verify(rec: Recurrence) -> None:
                 for d in n.arg:
                     if d not in have:
                         fail(ctx, f"reduces over dim {d!r}, but its operand has dims {list(have)}")
-            elif n.op is Op.GROUP:
-                g, d = n.arg
+            elif n.op in (Op.GROUP, Op.UNGROUP):
+                # group(x, g, d) turns dim g into d; ungroup(x, d, g) turns d back into g
+                src, dst = n.arg
                 have = rec.dims_of(n.src[0])
-                if g not in dims or d not in dims:
-                    fail(ctx, f"group({g}, {d}) names an undeclared dim")
-                if g not in have:
-                    fail(ctx, f"operand has dims {list(have)}, without the groups dim {g!r}")
-                if d in have:
-                    fail(ctx, f"operand already has dim {d!r}")
+                if src not in dims or dst not in dims:
+                    fail(ctx, f"{n.op.value}({src}, {dst}) names an undeclared dim")
+                if src not in have:
+                    fail(ctx, f"operand has dims {list(have)}, without the dim {src!r}")
+                if dst in have:
+                    fail(ctx, f"operand already has dim {dst!r}")
             elif n.op is Op.CLAMP:
                 lo, hi = n.arg
                 if lo is not None and hi is not None and lo > hi:

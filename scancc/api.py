@@ -120,6 +120,8 @@ class Kernel:
         kind, dtype = _check_inputs(rec, inputs, self.backend)
         sizes = _bind(rec, inputs)
         init = _initial_state(rec, initial_state, sizes) if initial_state is not None else None
+        if kind == "torch" and _requires_grad(inputs, init):
+            return self._differentiable(rec, inputs, init, output_final_state)
         native = {k: _to_backend(v, self.backend) for k, v in inputs.items()}
         if init is not None:
             init = {k: _to_backend(v, self.backend) for k, v in init.items()}
@@ -133,6 +135,46 @@ class Kernel:
         finals = {k: _from_backend(v, kind, sdt, inputs)
                   for k, v in res.final_states.items()}
         return out, (finals[rec.states[0].name] if len(finals) == 1 else finals)
+
+
+    def _native(self, x):
+        return _to_backend(x, self.backend)
+
+    def _differentiable(self, rec: Recurrence, inputs: dict, init: dict | None,
+                        output_final_state: bool):
+        """The call as a torch autograd node (backward: the derived backward recurrence)."""
+        import torch
+
+        from .autograd import DEFAULT_CHUNK, adjoint, scan_function
+        adjoint(rec)  # derive now, so an underivable recurrence fails at the call
+        names = tuple(x.name for x in rec.inputs)
+        snames = tuple(s.name for s in rec.states)
+        tensors = [inputs[n] for n in names]
+        if init is not None:
+            ref = tensors[0]
+            tensors += [init[s].to(ref.device) if s in init else
+                        torch.zeros(tuple(v.shape), dtype=torch.float32, device=ref.device)
+                        for s, v in zip(snames, (_state_like(rec, s, inputs) for s in snames))]
+        res = scan_function().apply(self, rec, names, snames, output_final_state, DEFAULT_CHUNK,
+                                    *tensors)
+        outs = dict(zip((o.name for o in rec.outputs), res))
+        out = outs[rec.outputs[0].name] if len(outs) == 1 else outs
+        if not output_final_state:
+            return out
+        finals = dict(zip(snames, res[len(rec.outputs):]))
+        return out, (finals[snames[0]] if len(finals) == 1 else finals)
+
+
+def _requires_grad(inputs: Mapping, init: Mapping | None) -> bool:
+    import torch
+    if not torch.is_grad_enabled():
+        return False
+    return any(v.requires_grad for v in list(inputs.values()) + list((init or {}).values()))
+
+
+def _state_like(rec: Recurrence, name: str, inputs: Mapping):
+    sizes = bind_sizes(rec, {k: tuple(v.shape) for k, v in inputs.items()})
+    return np.empty(tuple(sizes[d] for d in rec.state(name).dims), dtype=np.float32)
 
 
 def _bind_positional(rec: Recurrence, args, kwargs) -> dict:

@@ -32,6 +32,7 @@ UNARY_RULES: dict[Op, Callable] = {
     Op.SILU: lambda x: x * _sigmoid(x),
     Op.SQRT: np.sqrt,
     Op.RSQRT: lambda x: 1.0 / np.sqrt(x),
+    Op.STEP: lambda x: (x >= 0).astype(np.float64),
 }
 BINARY_RULES: dict[Op, Callable] = {
     Op.ADD: np.add, Op.SUB: np.subtract, Op.MUL: np.multiply, Op.DIV: np.divide,
@@ -74,7 +75,7 @@ class Interpreter:
         if node in memo:
             return memo[node]
         op, a = node.op, node.arg
-        if op in (Op.INPUT, Op.STATE):
+        if op in (Op.INPUT, Op.STATE, Op.PREV):
             v = leaf(node)
         elif op is Op.PARAM:
             v = self.eval(self.rec.let(a).expr, leaf, memo)
@@ -115,6 +116,12 @@ class Interpreter:
             g, d = a
             rep = self.sizes[d] // self.sizes[g]
             return np.swapaxes(np.repeat(src[0], rep, axis=self._ax(g)), self._ax(g), self._ax(d))
+        if op is Op.UNGROUP:
+            d, g = a
+            x, ad = src[0], self._ax(d)
+            shape = list(x.shape)
+            split = shape[:ad] + [self.sizes[g], shape[ad] // self.sizes[g]] + shape[ad + 1:]
+            return np.swapaxes(x.reshape(split).sum(axis=ad + 1), ad, self._ax(g))
         if op is Op.SOFTMAX:
             ax = self._ax(a)
             logits = src[0]
@@ -180,6 +187,7 @@ class Interpreter:
 
         outs = {o.name: np.full(tuple(self.sizes[d] for d in o.dims), np.nan) for o in rec.outputs}
         states = {s.name: h for s, h, _, _ in plans}
+        entering = states
         at = lambda v, i: v[i] if v.shape[0] > 1 else v[0]  # noqa: E731
         for i in range(T):
             new = {}
@@ -188,11 +196,13 @@ class Interpreter:
                 h = self.step(t.kind, states[s.name], at(b, i), {k: at(v, i) for k, v in ops.items()},
                               t.axis, t.col)
                 new[s.name] = np.broadcast_to(h, states[s.name].shape)
-            states = new
+            entering, states = states, new
 
             def leaf(n: Node):
                 if n.op is Op.STATE:
                     return states[n.arg][None]
+                if n.op is Op.PREV:
+                    return entering[n.arg][None]
                 return canon_in[n.arg][i:i + 1] if canon_in[n.arg].shape[0] > 1 \
                     else canon_in[n.arg]
 
@@ -214,7 +224,7 @@ class Interpreter:
             return v[i:i + 1] if v.shape[0] > 1 else v
         if node in memo:
             return memo[node]
-        if node.op is Op.STATE:
+        if node.op in (Op.STATE, Op.PREV):
             v = leaf(node)
         elif node.op is Op.PARAM:
             v = self._eval_step(self.rec.let(node.arg).expr, leaf, memo, full, i)

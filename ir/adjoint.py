@@ -1,0 +1,284 @@
+"""Derive the backward (adjoint) recurrence of a recurrence, as ordinary IR.
+
+Forward, per state: h_t = A_t h_{t-1} + b_t and readouts y_t = R(h_t, x_t). With the output
+cotangents dy_t and dh_final, the backward carries nu_t = A_{t+1}^T lambda_{t+1} (the gradient
+that flows into h_t from later steps) and runs in reverse time:
+
+    g_t       = (dR/dh_t)^T dy_t                      (a VJP of the readouts)
+    lambda_t  = nu_t + g_t = prev(nu) + g_t            (dL/dh_t)
+    nu_{t-1}  = A_t^T nu_t + A_t^T g_t                 (the backward state update)
+
+so nu starts at dh_final and ends at dL/dh_{-1}, the gradient of the initial state. The
+gradients of the inputs are VJPs of the readouts (cotangent dy_t) and of the transition
+expressions A_t(h_{t-1}) + b_t (cotangent lambda_t); for inputs without a time dim the
+backward outputs per-step contributions, which the caller sums over each chunk. The backward is an ordinary recurrence:
+it reads the forward inputs, dy, and the forward states h_t and h_{t-1} (recomputed chunk by
+chunk by the caller, see scancc.autograd), all reversed in time.
+
+Derived so far for the symmetric structures (identity, scalar, diagonal, householder: A^T = A).
+Shift, companion and dense need a transposed structure the IR does not have yet
+(docs/design-adjoint.md).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import IRError
+from .expr import Node, Op, const, lift, sigmoid, sqrt, step, ungroup
+from .expr import sum as rsum
+from .recurrence import (Input, Kind, Output, Recurrence, State, Transition, identity)
+
+SYMMETRIC = {Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL, Kind.HOUSEHOLDER}
+
+
+@dataclass(frozen=True)
+class Adjoint:
+    forward: Recurrence
+    backward: Recurrence          # runs on time-reversed sequences
+    states_view: Recurrence       # the forward with every state sequence as an output
+    cotangent: dict               # forward output -> backward input holding its dy
+    state_seq: dict               # forward state -> (backward input of h_t, of h_{t-1})
+    adjoint_state: dict           # forward state -> backward state nu
+    grad: dict                    # forward input -> backward output of its gradient
+
+
+def _is(n: Node | None, v: float) -> bool:
+    return n is not None and n.op is Op.CONST and n.arg == v
+
+
+def _add(a, b):
+    return b if a is None else a if b is None else a + b
+
+
+def _mul(a, b):
+    if _is(a, 1.0):
+        return b
+    if _is(b, 1.0):
+        return a
+    return a * b
+
+
+class _Ctx:
+    """dims_of for nodes of the backward recurrence while it is being built."""
+
+    def __init__(self, dims, inputs, states):
+        self.rec = Recurrence("adjoint_ctx", dims, tuple(inputs), (),
+                              tuple(State(s, d, identity(), const(0.0)) for s, d in states), ())
+
+    def dims(self, n: Node):
+        return self.rec.dims_of(n)
+
+
+def _unbroadcast(ctx: _Ctx, contrib: Node, like: Node) -> Node:
+    extra = tuple(d for d in ctx.dims(contrib) if d not in ctx.dims(like))
+    return rsum(contrib, extra) if extra else contrib
+
+
+def _local_vjp(n: Node, c: Node) -> list[tuple[Node, Node]]:
+    """(operand, cotangent contribution) pairs for node n given its cotangent c."""
+    op, s = n.op, n.src
+    if op is Op.ADD:
+        return [(s[0], c), (s[1], c)]
+    if op is Op.SUB:
+        return [(s[0], c), (s[1], -c)]
+    if op is Op.MUL:
+        return [(s[0], _mul(c, s[1])), (s[1], _mul(c, s[0]))]
+    if op is Op.DIV:
+        return [(s[0], c / s[1]), (s[1], -(c * s[0]) / (s[1] * s[1]))]
+    if op is Op.NEG:
+        return [(s[0], -c)]
+    if op is Op.EXP:
+        return [(s[0], c * n)]
+    if op is Op.LOG:
+        return [(s[0], c / s[0])]
+    if op is Op.SOFTPLUS:
+        return [(s[0], c * sigmoid(s[0]))]
+    if op is Op.SIGMOID:
+        return [(s[0], c * n * (1.0 - n))]
+    if op is Op.LOGSIGMOID:
+        return [(s[0], c * sigmoid(-s[0]))]
+    if op is Op.SILU:
+        sg = sigmoid(s[0])
+        return [(s[0], c * (sg + s[0] * sg * (1.0 - sg)))]
+    if op is Op.SQRT:
+        return [(s[0], c * 0.5 / n)]
+    if op is Op.RSQRT:
+        return [(s[0], c * -0.5 * n / s[0])]
+    if op is Op.CLAMP:
+        lo, hi = n.arg
+        m = c
+        if lo is not None:
+            m = m * step(s[0] - lo)
+        if hi is not None:
+            m = m * step(hi - s[0])
+        return [(s[0], m)]
+    if op in (Op.MAXIMUM, Op.MINIMUM):
+        first = step(s[0] - s[1]) if op is Op.MAXIMUM else step(s[1] - s[0])
+        return [(s[0], c * first), (s[1], c * (1.0 - first))]
+    if op is Op.STEP:
+        return []
+    if op is Op.SUM:
+        return [(s[0], c)]  # broadcasting by name puts c back on the reduced dims
+    if op is Op.MAX:
+        return [(s[0], c * step(s[0] - n))]
+    if op is Op.L2NORM:
+        r = sqrt(rsum(s[0] * s[0], n.arg) + 1e-6)
+        return [(s[0], (c - n * rsum(c * n, n.arg)) / r)]
+    if op is Op.SOFTMAX:
+        return [(s[0], n * (c - rsum(n * c, n.arg)))]  # a mask has no gradient
+    if op is Op.FLIP:
+        return [(s[0], Node(Op.FLIP, (c,), n.arg))]
+    if op is Op.GROUP:
+        g, d = n.arg
+        return [(s[0], ungroup(c, d, g))]
+    if op is Op.UNGROUP:
+        d, g = n.arg
+        return [(s[0], Node(Op.GROUP, (c,), (g, d)))]
+    if op in (Op.CONST, Op.IOTA, Op.SIZE):
+        return []
+    raise IRError(f"adjoint: no VJP rule for op {op.value!r}")
+
+
+def vjp(ctx: _Ctx, roots: list[tuple[Node, Node]], wrt: set[Node]) -> dict[Node, Node]:
+    """Reverse-mode over the expression DAG: the cotangent of every node in ``wrt``."""
+    order: list[Node] = []
+    seen: set[Node] = set()
+    for root, _ in roots:
+        for n in root.walk():
+            if n not in seen:
+                seen.add(n)
+                order.append(n)
+    # walk() yields sources before users, and a node seen in an earlier root keeps its place,
+    # so `order` is topological over all roots
+    cot: dict[Node, Node] = {}
+    for root, c in roots:
+        cot[root] = _add(cot.get(root), _unbroadcast(ctx, c, root))
+    for n in reversed(order):
+        c = cot.get(n)
+        if c is None or n in wrt or n.op in (Op.INPUT, Op.STATE, Op.PREV):
+            continue
+        for s, contrib in _local_vjp(n, c):
+            cot[s] = _add(cot.get(s), _unbroadcast(ctx, contrib, s))
+    return {n: cot[n] for n in wrt if n in cot}
+
+
+def substitute(node: Node, mapping: dict[Node, Node], memo: dict | None = None) -> Node:
+    memo = {} if memo is None else memo
+    if node in mapping:
+        return mapping[node]
+    if node in memo:
+        return memo[node]
+    out = Node(node.op, tuple(substitute(s, mapping, memo) for s in node.src), node.arg) \
+        if node.src else node
+    memo[node] = out
+    return out
+
+
+def inline_lets(rec: Recurrence, node: Node, memo: dict) -> Node:
+    lets = {Node(Op.PARAM, (), l.name): l for l in rec.lets}
+    if node in memo:
+        return memo[node]
+    if node.op is Op.PARAM:
+        out = inline_lets(rec, lets[node].expr, memo)
+    elif node.src:
+        out = Node(node.op, tuple(inline_lets(rec, s, memo) for s in node.src), node.arg)
+    else:
+        out = node
+    memo[node] = out
+    return out
+
+
+def apply_transition(t: Transition, h: Node, ops: dict[str, Node]) -> Node:
+    """A_t h as an expression (for the symmetric structures, also A_t^T h)."""
+    if t.kind is Kind.IDENTITY:
+        return h
+    if t.kind in (Kind.SCALAR, Kind.DIAGONAL):
+        return ops["decay"] * h
+    if t.kind is Kind.HOUSEHOLDER:
+        k = ops["k"]
+        out = h - ops["beta"] * k * rsum(k * h, t.axis)
+        return ops["alpha"] * out if "alpha" in ops else out
+    raise IRError(f"adjoint of a {t.kind.value} transition is not derived yet")
+
+
+def derive(rec: Recurrence) -> Adjoint:
+    """The backward recurrence of ``rec`` (see the module docstring)."""
+    for s in rec.states:
+        if s.transition.kind not in SYMMETRIC:
+            raise IRError(f"recurrence {rec.name!r}, state {s.name!r}: the adjoint of a "
+                          f"{s.transition.kind.value} transition is not derived yet (derived: "
+                          f"{', '.join(sorted(k.value for k in SYMMETRIC))})")
+    for o in rec.outputs:
+        if any(n.op is Op.PREV for n in o.expr.walk()):
+            raise IRError(f"recurrence {rec.name!r}, output {o.name!r}: the adjoint of a "
+                          "readout of prev() is not derived yet")
+    time = rec.time
+    taken = {d.name for d in rec.dims} | {x.name for x in rec.inputs} | \
+        {s.name for s in rec.states} | {o.name for o in rec.outputs} | {l.name for l in rec.lets}
+
+    def fresh(base: str) -> str:
+        name = base
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        return name
+
+    cot = {o.name: fresh(f"d_{o.name}") for o in rec.outputs}
+    seq = {s.name: (fresh(f"h_{s.name}"), fresh(f"hp_{s.name}")) for s in rec.states}
+    nu = {s.name: fresh(f"nu_{s.name}") for s in rec.states}
+    grad = {x.name: fresh(f"grad_{x.name}") for x in rec.inputs}
+    has_time = {x.name: time in x.dims for x in rec.inputs}
+
+    extra_inputs = [Input(cot[o.name], o.dims) for o in rec.outputs]
+    for s in rec.states:
+        extra_inputs += [Input(seq[s.name][0], (time,) + s.dims),
+                         Input(seq[s.name][1], (time,) + s.dims)]
+    ctx_states = [(nu[s.name], s.dims) for s in rec.states]
+    ctx = _Ctx(rec.dims, list(rec.inputs) + extra_inputs, ctx_states)
+
+    memo: dict = {}
+    inl = lambda n: inline_lets(rec, n, memo)  # noqa: E731
+    h_now = {Node(Op.STATE, (), s.name): Node(Op.INPUT, (), seq[s.name][0]) for s in rec.states}
+    outs = [(substitute(inl(o.expr), h_now), Node(Op.INPUT, (), cot[o.name]))
+            for o in rec.outputs]
+    g = vjp(ctx, outs, set(h_now.values()))
+
+    roots = list(outs)
+    states, lam = [], {}
+    for s in rec.states:
+        t = s.transition
+        ops = {k: inl(v) for k, v in t.operands}
+        gs = g.get(h_now[Node(Op.STATE, (), s.name)])
+        lam[s.name] = _add(Node(Op.PREV, (), nu[s.name]), gs)
+        hp = Node(Op.INPUT, (), seq[s.name][1])
+        roots.append((apply_transition(t, hp, ops) + inl(s.inject), lam[s.name]))
+        inject = apply_transition(t, gs, ops) if gs is not None else const(0.0)
+        states.append(State(nu[s.name], s.dims, Transition(
+            t.kind, t.axis, tuple((k, ops[k]) for k, _ in t.operands), t.col), inject))
+    leaves = {Node(Op.INPUT, (), x.name) for x in rec.inputs}
+    grads = vjp(ctx, roots, leaves)
+
+    outputs = []
+    for x in rec.inputs:
+        gx = grads.get(Node(Op.INPUT, (), x.name), const(0.0))
+        gx = _unbroadcast(ctx, gx, Node(Op.INPUT, (), x.name))
+        # an input without a time dim gets its per-step contributions, summed by the caller
+        # (per chunk, so this costs chunk x |x|, never T x |x|)
+        outputs.append(Output(grad[x.name], x.dims if has_time[x.name] else (time,) + x.dims,
+                              gx))
+    exprs = [st.inject for st in states] + [o.expr for o in outputs] + \
+        [n for st in states for _, n in st.transition.operands]
+    used = {n.arg for r in exprs for n in r.walk() if n.op is Op.INPUT}
+    inputs = tuple(x for x in list(rec.inputs) + extra_inputs if x.name in used)
+    backward = Recurrence(f"{rec.name}_bwd", rec.dims, inputs, (), tuple(states),
+                          tuple(outputs), rec.numerics,
+                          f"backward of {rec.name} (run on time-reversed sequences)").verify()
+    # the forward outputs stay, so every input is still used (and the IR verifies)
+    view_outs = rec.outputs + tuple(
+        Output(seq[s.name][0], (time,) + s.dims, Node(Op.STATE, (), s.name)) for s in rec.states)
+    states_view = Recurrence(f"{rec.name}_states", rec.dims, rec.inputs, rec.lets, rec.states,
+                             view_outs, rec.numerics).verify()
+    return Adjoint(rec, backward, states_view, cot, seq, nu, grad)
+
+
+__all__ = ["Adjoint", "derive", "vjp", "substitute", "inline_lets", "apply_transition", "lift"]
