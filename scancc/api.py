@@ -125,7 +125,11 @@ class Kernel:
         native = {k: _to_backend(v, self.backend) for k, v in inputs.items()}
         if init is not None:
             init = {k: _to_backend(v, self.backend) for k, v in init.items()}
-        res = self.backend.run(rec, native, sizes, init, output_final_state, self.backend_options)
+        run_opts = dict(self.backend_options)
+        if "dtype" in self.backend.options:  # a backend that converts arrays learns their dtype
+            run_opts.setdefault("dtype", dtype)
+        res = self.backend.run(rec, native, sizes, init, output_final_state, run_opts)
+        self.last_run = res
         outs = {k: _from_backend(v, kind, dtype, inputs) for k, v in res.outputs.items()}
         out = outs[rec.outputs[0].name] if len(outs) == 1 else outs
         if not output_final_state:

@@ -115,3 +115,23 @@ def test_sampled_inputs_keep_every_library_recurrence_finite_at_long_T():
         sizes = default_sizes(rec, time=300)
         y = scancc.compile(rec)(**sample_inputs(rec, sizes, 0, e.hints))
         assert np.all(np.isfinite(y)) and np.abs(y).max() < 1e4, name
+
+
+def test_backends_that_convert_arrays_are_told_the_callers_dtype():
+    """torch bfloat16 reaches the NKI backend as a NumPy array; the kernel must still run
+    (and move bytes) as bfloat16: half the input DMA of a float32 call."""
+    e = scancc.get("hgrn")
+    rec = e.build()
+    x = sample_inputs(rec, default_sizes(rec, time=70), 1, e.hints)
+    k = scancc.compile("hgrn", target="nki")
+    k(**{n: torch.from_numpy(v).float() for n, v in x.items()})
+    f32 = k.last_run.counters["dma_bytes_in"]
+    k(**{n: torch.from_numpy(v).to(torch.bfloat16) for n, v in x.items()})
+    assert k.last_run.counters["dma_bytes_in"] * 2 == f32
+
+
+def test_backend_options_pass_through_compile():
+    k = scancc.compile("hgrn", target="nki", time_tile=32)
+    assert k.backend_options == {"time_tile": 32}
+    with pytest.raises(scancc.InputError, match="nki backend options: .*time_tile"):
+        scancc.compile("hgrn", target="nki", time_tiles=32)

@@ -49,6 +49,7 @@ class NkiBackend(Backend):
     array = "numpy"
     generates_source = True
     dtypes = ("float64", "float32", "float16", "bfloat16")
+    options = OPTIONS
 
     def __init__(self):
         self._cache: dict = {}
