@@ -173,7 +173,8 @@ def _requires_grad(inputs: Mapping, init: Mapping | None) -> bool:
     import torch
     if not torch.is_grad_enabled():
         return False
-    return any(v.requires_grad for v in list(inputs.values()) + list((init or {}).values()))
+    return any(getattr(v, "requires_grad", False)
+               for v in list(inputs.values()) + list((init or {}).values()))
 
 
 def _state_like(rec: Recurrence, name: str, inputs: Mapping):

@@ -135,3 +135,11 @@ def test_backend_options_pass_through_compile():
     assert k.backend_options == {"time_tile": 32}
     with pytest.raises(scancc.InputError, match="nki backend options: .*time_tile"):
         scancc.compile("hgrn", target="nki", time_tiles=32)
+
+
+@pytest.mark.parametrize("target", [n for n, ok, _ in backends.report() if ok])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_check_runs_every_available_backend_at_each_dtype(target, dtype):
+    """What the README's main job runs (`scancc check --all --dtypes float32,bfloat16`)."""
+    row = check_one("hgrn", target, "float64" if target == "reference" else dtype, T=17)
+    assert row.ok, row.note
