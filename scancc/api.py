@@ -77,7 +77,8 @@ class Kernel:
         self._variants: dict = {}
         ok, why = backend.supports(self.ir, self.backend_options)
         if not ok:
-            raise UnsupportedError(backend.name, self.ir.name, why)
+            prefix = f"backend {backend.name!r} cannot lower recurrence {self.ir.name!r}: "
+            raise UnsupportedError(backend.name, self.ir.name, why.removeprefix(prefix))
 
     @property
     def name(self) -> str:

@@ -56,16 +56,24 @@ def cmd_list(a) -> int:
     return 0
 
 
+def _backward_ir(k):
+    from .autograd import adjoint
+    return adjoint(k.ir).backward
+
+
 def cmd_show(a) -> int:
     _load_specs(a.spec)
     k = compile(a.what, "reference", **_options(a.option))
-    print(k.ir, end="")
+    print(_backward_ir(k) if a.backward else k.ir, end="")
     return 0
 
 
 def cmd_compile(a) -> int:
     _load_specs(a.spec)
-    k = compile(a.what, a.target, **_options(a.option))
+    opts = _options(a.option)
+    k = compile(a.what, a.target, **opts)
+    if a.backward:  # the derived backward recurrence, lowered like any recurrence
+        k = compile(_backward_ir(k), a.target, **k.backend_options)
     src = k.source
     if src is None:  # the reference backend interprets the IR: its program is the IR text
         src = str(k.ir)
@@ -122,11 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_list)
     sp = sub.add_parser("show", help="print a recurrence's IR in the text form")
     common(sp)
+    sp.add_argument("--backward", action="store_true",
+                    help="print the derived backward recurrence instead")
     sp.set_defaults(fn=cmd_show)
     sp = sub.add_parser("compile", help="write a recurrence's kernel source for a target")
     common(sp)
     sp.add_argument("--target", default="reference", choices=backends.names())
     sp.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+    sp.add_argument("--backward", action="store_true",
+                    help="compile the derived backward recurrence instead")
     sp.set_defaults(fn=cmd_compile)
     sp = sub.add_parser("check", help="run each backend against the reference on random "
                         "inputs and print a table of errors (exit 1 on any failure)")

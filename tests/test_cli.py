@@ -57,3 +57,15 @@ def test_help_everywhere():
     for sub in ([], ["list"], ["show"], ["compile"], ["check"], ["backends"]):
         rc, out, _ = cli(*sub, "--help")
         assert rc == 0 and "usage: scancc" in out
+
+
+def test_show_and_compile_the_backward_recurrence(capsys, tmp_path):
+    assert main(["show", "simple_gla", "--backward"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("recurrence simple_gla_bwd") and "prev(nu_S)" in text
+    assert parse_recurrence(text).name == "simple_gla_bwd"
+    f = tmp_path / "bwd.txt"
+    assert main(["compile", "mamba2", "--backward", "-o", str(f)]) == 0
+    assert "output grad_B" in f.read_text() and "ungroup(" in f.read_text()
+    rc, _, err = cli("show", "fir", "--backward")
+    assert rc == 2 and "the adjoint of a shift transition is not derived yet" in err
