@@ -39,8 +39,8 @@ SHAPES = {
     "mamba": {"batch": 1, "chan": 256, "time": 512, "groups": 1, "dstate": 16},
     "mamba2": {"batch": 1, "time": 512, "heads": 8, "headdim": 64, "groups": 1, "dstate": 64},
     "s4d": {"batch": 1, "heads": 256, "time": 512, "dstate": 16},
-    "fir": {"batch": 1, "time": 512, "chan": 1024},
-    "iir": {"batch": 1, "time": 512, "chan": 256},
+    "fir": {"batch": 1, "time": 512, "chan": 1024, "width": 4},
+    "iir": {"batch": 1, "time": 512, "chan": 256, "order": 3},
 }
 
 
