@@ -104,13 +104,23 @@ def test_python_keywords_and_generated_names_do_not_collide():
     @scancc.register("triton_test_names", override=True)
     def names(r):
         b, t, d = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("BLOCK_chan")
-        x = r.input("lambda", [b, t, d])
-        g = r.input("grid", [b, t, d])
-        h = r.state("p_lambda", [b, d], identity(), inject=x * g)
-        r.output("tl", [b, t, d], h)
+        hd = r.dim("t", "head")  # its program index would be i_t, the time loop's variable
+        x = r.input("lambda", [b, t, hd, d])
+        g = r.input("grid", [b, t, hd, d])
+        o = r.input("o_BLOCK_chan", [hd, d])
+        h = r.state("p_lambda", [b, hd, d], identity(), inject=x * g + o)
+        r.output("tl", [b, t, hd, d], h)
 
-    src = backends.get("triton").render(registry.get("triton_test_names").build(), {})
-    ast.parse(src)
+    rec = registry.get("triton_test_names").build()
+    ast.parse(backends.get("triton").render(rec, {}))
+    torch = pytest.importorskip("torch")
+    sizes = {"batch": 2, "time": 5, "t": 3, "BLOCK_chan": 4}
+    x = testing.sample_inputs(rec, sizes, 0)
+    ref = backends.get("reference").run(rec, x, sizes, None, True, {})
+    res = backends.get("triton").run(rec, {k: torch.from_numpy(v).float() for k, v in x.items()},
+                                     sizes, None, True, {})
+    testing.assert_close(res.outputs["tl"], ref.outputs["tl"], "float32")
+    testing.assert_close(res.final_states["p_lambda"], ref.final_states["p_lambda"], "float32")
     registry.unregister("triton_test_names")
 
 

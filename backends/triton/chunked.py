@@ -183,10 +183,11 @@ class Lowering(recurrent.Lowering):
         return f"max(16, {super().block_default(d)})"
 
     def _base_env(self) -> dict[str, Idx]:
-        base = {d: Idx(f"i_{d}", None, None) for d in self.plan.grid}
-        base[self.rec.time] = Idx(f"o_{self.rec.time}", self.rec.time, f"m_{self.rec.time}", True)
+        base = {d: Idx(self.pid[d], None, None) for d in self.plan.grid}
+        T = self.rec.time
+        base[T] = Idx(self.off[T], T, self.msk[T], True)
         for d in (self.form.K, self.form.V):
-            base[d] = Idx(f"o_{d}", d, f"m_{d}")
+            base[d] = Idx(self.off[d], d, self.msk[d])
         return base
 
     def load(self, name: str, env: Env) -> str:
@@ -220,10 +221,10 @@ class Lowering(recurrent.Lowering):
         s = rec.states[0]
         h = self.state_var[s.name]
         head = self._program_ids()
-        head += [f"o_{K} = tl.arange(0, {BK})[None, :]",
-                 f"o_{V} = i_{V} * {BV} + tl.arange(0, {BV})[None, :]",
-                 f"m_{K} = o_{K} < {self.size[K]}",
-                 f"m_{V} = o_{V} < {self.size[V]}"]
+        head += [f"{self.off[K]} = tl.arange(0, {BK})[None, :]",
+                 f"{self.off[V]} = {self.pid[V]} * {BV} + tl.arange(0, {BV})[None, :]",
+                 f"{self.msk[K]} = {self.off[K]} < {self.size[K]}",
+                 f"{self.msk[V]} = {self.off[V]} < {self.size[V]}"]
         init = [f"{h} = tl.zeros([{BK}, {BV}], dtype=tl.float32)"]
         kv_env = Env(env.base)
         ptr, mask = self.pointer(self.h0[s.name], s.dims, self._kv_env(kv_env), None)
@@ -231,16 +232,16 @@ class Lowering(recurrent.Lowering):
         init += [f"if {self.use_h0[s.name]}:", f"    {p0} = {ptr}",
                  f"    {h} += tl.load({p0}, mask={mask}, other=0.0).to(tl.float32)"]
         b = self.body
-        b.append(f"o_{T} = i_c * {BT} + tl.arange(0, {BT})[:, None]")
-        b.append(f"m_{T} = o_{T} < {self.size[T]}")
+        b.append(f"{self.off[T]} = i_c * {BT} + tl.arange(0, {BT})[:, None]")
+        b.append(f"{self.msk[T]} = {self.off[T]} < {self.size[T]}")
         b.append(f"# {s.name}: {format_transition(s.transition)} + {format_expr(s.inject)}")
-        qk, tv = f"m_{T} & m_{K}", f"m_{T} & m_{V}"
+        qk, tv = f"{self.msk[T]} & {self.msk[K]}", f"{self.msk[T]} & {self.msk[V]}"
         kf = self.bind(True, "b_kf", f"tl.where({qk}, {self.product(F.k_side, env)}, 0.0)")
         vf = self.bind(True, "b_vf", f"tl.where({tv}, {self.product(F.v_side, env)}, 0.0)")
         b.append(f"# {format_expr(F.contraction)}")
         qf = self.bind(True, "b_qf", f"tl.where({qk}, {self.product(F.q_side, env)}, 0.0)")
         dot = self._dot
-        causal = f"o_{T} >= tl.trans(o_{T})"
+        causal = f"{self.off[T]} >= tl.trans({self.off[T]})"
         if F.kind is Kind.HOUSEHOLDER:
             o = self._householder_chunk(env, qf, kf, vf, qk, causal)
         elif F.kind is Kind.IDENTITY:
@@ -253,7 +254,7 @@ class Lowering(recurrent.Lowering):
             g = self.value(F.log_decay, env)
             if F.log_of:
                 g = f"tl.log({g})"
-            gm = qk if F.kind is Kind.DIAGONAL else f"m_{T}"
+            gm = qk if F.kind is Kind.DIAGONAL else self.msk[T]
             g = self.bind(True, "b_g", f"tl.where({gm}, {g}, 0.0)")  # padded rows: no decay
             gc = self.bind(True, "b_gc", f"tl.cumsum({g}, axis=0)")
             gl = self.bind(True, "b_glast", f"tl.sum({g}, axis=0, keep_dims=True)")
@@ -298,7 +299,8 @@ class Lowering(recurrent.Lowering):
         With r_tᵀ = k_tᵀ S_{t-1} and c the in-chunk cumulative log alpha:
           (I + M) R = e^{c_{t-1}} K S + N W,  M[t,i] = e^{c_{t-1}-c_i} (k_t·k_i) alpha_i beta_i,
                                               N[t,i] = e^{c_{t-1}-c_i} (k_t·u_i)        (i < t)
-          o_t = e^{c_t} q_tᵀ S + sum_{i<=t} e^{c_t-c_i} ((q_t·u_i) w_i - (q_t·k_i) alpha_i beta_i r_i)
+          o_t = e^{c_t} q_tᵀ S
+                + sum_{i<=t} e^{c_t-c_i} ((q_t·u_i) w_i - (q_t·k_i) alpha_i beta_i r_i)
           S'  = e^{c_L} S + sum_i e^{c_L-c_i} (u_i w_iᵀ - alpha_i beta_i k_i r_iᵀ)
         R comes from forward substitution, one row per step of a loop over the chunk.
         """
@@ -306,13 +308,13 @@ class Lowering(recurrent.Lowering):
         h = self.state_var[self.rec.states[0].name]
         BT = self.block[T]
         kh = self.bind(True, "b_hk", f"tl.where({qk}, {self.value(F.hk, env)}, 0.0)")
-        beta = self.bind(True, "b_beta", f"tl.where(m_{T}, {self.value(F.beta, env)}, 0.0)")
-        strict = f"o_{T} > tl.trans(o_{T})"
+        beta = self.bind(True, "b_beta", f"tl.where({self.msk[T]}, {self.value(F.beta, env)}, 0.0)")
+        strict = f"{self.off[T]} > tl.trans({self.off[T]})"
         if F.log_decay is not None:
             g = self.value(F.log_decay, env)
             if F.log_of:
                 g = f"tl.log({g})"
-            g = self.bind(True, "b_g", f"tl.where(m_{T}, {g}, 0.0)")
+            g = self.bind(True, "b_g", f"tl.where({self.msk[T]}, {g}, 0.0)")
             gc = self.bind(True, "b_gc", f"tl.cumsum({g}, axis=0)")
             gl = self.bind(True, "b_glast", f"tl.sum({g}, axis=0, keep_dims=True)")
             ab = self.bind(True, "b_ab", f"tl.exp({g}) * {beta}")
@@ -323,7 +325,8 @@ class Lowering(recurrent.Lowering):
             e_prev, e_now, e_last = (f"tl.exp({gc} - {g})", f"tl.exp({gc})", f"tl.exp({gl})")
             to_end = f"tl.exp({gl} - {gc})"
         else:
-            ab, seg_prev, seg = beta, f"tl.where({strict}, 1.0, 0.0)", f"tl.where({causal}, 1.0, 0.0)"
+            ab = beta
+            seg_prev, seg = f"tl.where({strict}, 1.0, 0.0)", f"tl.where({causal}, 1.0, 0.0)"
             e_prev = e_now = e_last = to_end = None
 
         def scaled(x, e):
@@ -359,13 +362,13 @@ class Lowering(recurrent.Lowering):
     def _kv_env(self, env: Env) -> Env:
         """Indices of the [K, V] state block: K down the rows, V along the columns."""
         K, V = self.form.K, self.form.V
-        return env.with_(K, Idx(f"tl.trans(o_{K})", K, f"tl.trans(m_{K})"))
+        return env.with_(K, Idx(f"tl.trans({self.off[K]})", K, f"tl.trans({self.msk[K]})"))
 
     def _program_ids(self) -> list[str]:
         P, head = self.plan, []
         if P.grid:
             flat = (self.names.new("i_" + "_".join(P.grid)) if len(P.grid) > 1
-                    else f"i_{P.grid[0]}")
+                    else self.pid[P.grid[0]])
             head.append(f"{flat} = tl.program_id(0).to(tl.int64)")
             if len(P.grid) > 1:
                 for i, d in enumerate(P.grid):
@@ -373,6 +376,6 @@ class Lowering(recurrent.Lowering):
                     e = f"{flat} // {recurrent.par(inner)}" if inner else flat
                     if i > 0:
                         e = f"({e}) % {self.size[d]}" if inner else f"{e} % {self.size[d]}"
-                    head.append(f"i_{d} = {e}")
-        head.append(f"i_{self.form.V} = tl.program_id(1)")
+                    head.append(f"{self.pid[d]} = {e}")
+        head.append(f"{self.pid[self.form.V]} = tl.program_id(1)")
         return head

@@ -9,8 +9,8 @@ import keyword
 from scancc.ir import check_ident
 
 # names the generated module itself uses at top level or inside kernels
-_TAKEN = {"tl", "triton", "torch", "math", "i_t", "float", "min", "max", "range", "None", "True",
-          "False", "dict", "grid"}
+_TAKEN = {"tl", "triton", "torch", "math", "i_t", "i_c", "float", "min", "max", "range", "None",
+          "True", "False", "dict", "grid"}
 
 
 class Names:

@@ -135,6 +135,10 @@ class Lowering:
         self.size = {d.name: self.names.ir("", d.name, upper=True) for d in rec.dims}
         self.block = {d: self.names.ir("BLOCK_", d, upper=True) for d in self.plan.regs}
         self.state_var = {s.name: self.names.ir("b_", s.name) for s in rec.states}
+        # per dim: program index, offsets and mask (allocated: IR names may look like them)
+        self.pid = {d.name: self.names.ir("i_", d.name) for d in rec.dims}
+        self.off = {d.name: self.names.ir("o_", d.name) for d in rec.dims}
+        self.msk = {d.name: self.names.ir("m_", d.name) for d in rec.dims}
         # split dims read through group(): d -> its groups dims
         self.grouped: dict[str, list[str]] = {}
         if self.scalar_groups:
@@ -193,16 +197,17 @@ class Lowering:
     def _base_env(self) -> dict[str, Idx]:
         base = {}
         for d in self.plan.grid:
-            base[d] = Idx(f"i_{d}", None, None)
+            base[d] = Idx(self.pid[d], None, None)
         for d in self.plan.regs:
-            base[d] = Idx(f"o_{d}", d, f"m_{d}")
+            base[d] = Idx(self.off[d], d, self.msk[d])
         return base
 
     def _ring_env(self, env: Env, count: str, tvar: bool) -> Env:
         """Env whose ring axes index logical slots after ``count`` insertions."""
         for w in self.plan.rings:
             W = self.size[w]
-            env = env.with_(w, Idx(f"(o_{w} + {W} - {par(count)} % {W}) % {W}", w, f"m_{w}",
+            logical = f"({self.off[w]} + {W} - {par(count)} % {W}) % {W}"
+            env = env.with_(w, Idx(logical, w, self.msk[w],
                                    tvar))
         return env
 
@@ -259,7 +264,7 @@ class Lowering:
             idx = env[d]
             if d in self.grouped and idx == env.base[d]:
                 # the launcher keeps a block inside one group: one group index per program
-                return env.with_(g, Idx(f"i_{d} * {self.block[d]} // ({self.size[d]} // "
+                return env.with_(g, Idx(f"{self.pid[d]} * {self.block[d]} // ({self.size[d]} // "
                                         f"{self.size[g]})", None, None))
             return env.with_(g, Idx(f"{par(idx.expr)} // ({self.size[d]} // {self.size[g]})",
                                     idx.axis, idx.mask, idx.tvar))
@@ -386,7 +391,8 @@ class Lowering:
         head: list[str] = []
         # program ids
         if P.grid:
-            flat = self.names.new("i_" + "_".join(P.grid)) if len(P.grid) > 1 else f"i_{P.grid[0]}"
+            flat = (self.names.new("i_" + "_".join(P.grid)) if len(P.grid) > 1
+                    else self.pid[P.grid[0]])
             head.append(f"{flat} = tl.program_id(0).to(tl.int64)")
             if len(P.grid) > 1:
                 for i, d in enumerate(P.grid):
@@ -394,10 +400,10 @@ class Lowering:
                     e = f"{flat} // {par(inner)}" if inner else flat
                     if i > 0:
                         e = f"({e}) % {self.size[d]}" if inner else f"{e} % {self.size[d]}"
-                    head.append(f"i_{d} = {e}")
+                    head.append(f"{self.pid[d]} = {e}")
         if P.split:
             nb = {d: f"tl.cdiv({self.size[d]}, {self.block[d]})" for d in P.split}
-            flat = "i_blk" if len(P.split) > 1 else f"i_{P.split[0]}"
+            flat = self.names.new("i_blk") if len(P.split) > 1 else self.pid[P.split[0]]
             head.append(f"{flat} = tl.program_id(1)")
             if len(P.split) > 1:
                 for i, d in enumerate(P.split):
@@ -405,14 +411,15 @@ class Lowering:
                     e = f"{flat} // ({inner})" if inner else flat
                     if i > 0:
                         e = f"({e}) % {nb[d]}"
-                    head.append(f"i_{d} = {e}")
+                    head.append(f"{self.pid[d]} = {e}")
         R = len(P.regs)
         for j, d in enumerate(P.regs):
             ar = f"tl.arange(0, {self.block[d]})"
             if R > 1:
                 ar += "[" + ", ".join(":" if i == j else "None" for i in range(R)) + "]"
-            head.append(f"o_{d} = " + (f"i_{d} * {self.block[d]} + {ar}" if d in P.split else ar))
-        head += [f"m_{d} = o_{d} < {self.size[d]}" for d in P.regs]
+            start = f"{self.pid[d]} * {self.block[d]} + " if d in P.split else ""
+            head.append(f"{self.off[d]} = {start}{ar}")
+        head += [f"{self.msk[d]} = {self.off[d]} < {self.size[d]}" for d in P.regs]
         # states, initial states
         init: list[str] = []
         for s in rec.states:
@@ -641,12 +648,12 @@ def _scalar_rule(L: Lowering, s, env: Env):
 def _shift_rule(L: Lowering, s, env: Env):
     h, w = L.state_var[s.name], s.transition.axis
     b = L.value(s.inject, env)
-    L.body.append(f"{h} = tl.where(o_{w} == i_t % {L.size[w]}, {b}, {h})")
+    L.body.append(f"{h} = tl.where({L.off[w]} == i_t % {L.size[w]}, {b}, {h})")
 
 
 def _companion_rule(L: Lowering, s, env: Env):
     h, w = L.state_var[s.name], s.transition.axis
-    slot = L.bind(True, f"m_{s.name}_new", f"o_{w} == i_t % {L.size[w]}")
+    slot = L.bind(True, f"m_{s.name}_new", f"{L.off[w]} == i_t % {L.size[w]}")
     f = L.par(L.value(s.transition.operand("feedback"), env), 2)
     shifted = f"tl.where({slot}, 0.0, {h})"
     fb = L.reduce("sum", f"{f} * {shifted}", [w], env, "0.0")
@@ -672,7 +679,8 @@ def _dense_rule(L: Lowering, s, env: Env):
     h, ax, col = L.state_var[s.name], s.transition.axis, s.transition.col
     m = L.par(L.value(s.transition.operand("matrix"), env), 2)
     # h re-indexed along the column dim: a masked one-hot contraction over the axis
-    hc = L.bind(True, f"b_{s.name}_col", L.reduce("sum", f"tl.where(o_{ax} == o_{col}, {h}, 0.0)",
+    one_hot = f"tl.where({L.off[ax]} == {L.off[col]}, {h}, 0.0)"
+    hc = L.bind(True, f"b_{s.name}_col", L.reduce("sum", one_hot,
                                                    [ax], env, "0.0"))
     new = L.reduce("sum", f"{m} * {hc}", [col], env, "0.0")
     L.body.append(f"{h} = {new} + {L.par(L.value(s.inject, env), 2)}")
