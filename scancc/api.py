@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import weakref
 from typing import Any, Mapping
 
 import numpy as np
@@ -75,6 +77,9 @@ class Kernel:
                              f"(recurrence options: {known or 'none'}; {backend.name} backend "
                              f"options: {', '.join(backend.options) or 'none'})")
         self._variants: dict = {}
+        _KERNELS[id(self)] = self
+        if "torch" in sys.modules:  # ready the torch ops before torch.compile may trace a call
+            from . import _torch_plan  # noqa: F401
         ok, why = backend.supports(self.ir, self.backend_options)
         if not ok:
             prefix = f"backend {backend.name!r} cannot lower recurrence {self.ir.name!r}: "
@@ -109,6 +114,8 @@ class Kernel:
 
     def __call__(self, *args: Any, initial_state: Any = None, output_final_state: bool = False,
                  **kwargs: Any):
+        if _compiling():  # inside torch.compile: only constant planning, then the op
+            return self._traced_call(args, kwargs, initial_state, output_final_state)
         entry_opts = set(self.entry.defaults) if self.entry else set()
         optional = set(self.entry.optional_inputs) if self.entry else set()
         call_opts = {k: kwargs.pop(k) for k in list(kwargs) if k in entry_opts - optional}
@@ -121,8 +128,8 @@ class Kernel:
         kind, dtype = _check_inputs(rec, inputs, self.backend)
         sizes = _bind(rec, inputs)
         init = _initial_state(rec, initial_state, sizes) if initial_state is not None else None
-        if kind == "torch" and _requires_grad(inputs, init):
-            return self._differentiable(rec, inputs, init, output_final_state)
+        if kind == "torch":
+            return self._torch_call(rec, inputs, init, output_final_state)
         native = {k: _to_backend(v, self.backend) for k, v in inputs.items()}
         if init is not None:
             init = {k: _to_backend(v, self.backend) for k, v in init.items()}
@@ -145,29 +152,87 @@ class Kernel:
     def _native(self, x):
         return _to_backend(x, self.backend)
 
-    def _differentiable(self, rec: Recurrence, inputs: dict, init: dict | None,
-                        output_final_state: bool):
-        """The call as a torch autograd node (backward: the derived backward recurrence)."""
+    def _traced_call(self, args, kwargs, initial_state, output_final_state):
+        """The call while torch.compile traces: planning is a constant function of the
+        call's structure (evaluated once at trace time), shape checks run in the op's fake."""
+        from .autograd import torch_ops
+        named = tuple(sorted(k for k, v in kwargs.items() if v is not None
+                             and type(v).__module__.startswith("torch")))
+        opts = tuple(sorted((k, v) for k, v in kwargs.items() if k not in named
+                            and v is not None and not type(v).__module__.startswith("torch")))
+        init = initial_state if isinstance(initial_state, Mapping) or initial_state is None \
+            else {"": initial_state}
+        from ._torch_plan import plan
+        key, order, snames, onames = plan(id(self), len(args), named, opts,
+                                          tuple(sorted(init)) if init is not None else None)
+        given = dict(zip(order, args))
+        given.update({k: kwargs[k] for k in named})
+        tensors = [given[n] for n in order]
+        states = [] if init is None else [init.get(s, init.get("")) for s in snames]
+        res = torch_ops()(key, tensors, states, output_final_state)
+        out = res[0] if len(onames) == 1 else dict(zip(onames, res))
+        if not output_final_state:
+            return out
+        fin = res[len(onames):]
+        return out, (fin[0] if len(fin) == 1 else dict(zip(snames, fin)))
+
+    def _torch_call(self, rec: Recurrence, inputs: dict, init: dict | None,
+                    output_final_state: bool):
+        """torch inputs go through the scancc::scan custom op: differentiable (the backward is
+        the derived backward recurrence) and traceable by torch.compile."""
         import torch
 
-        from .autograd import DEFAULT_CHUNK, adjoint, scan_function
-        adjoint(rec)  # derive now, so an underivable recurrence fails at the call
-        names = tuple(x.name for x in rec.inputs)
-        snames = tuple(s.name for s in rec.states)
-        tensors = [inputs[n] for n in names]
+        from . import _torch_plan  # noqa: F401  (ready before torch.compile traces a call)
+        from .autograd import adjoint, slot, torch_ops
+        if _requires_grad(inputs, init):
+            adjoint(rec)  # derive now, so an underivable recurrence fails at the call
+        tensors = [inputs[x.name] for x in rec.inputs]
+        ref = tensors[0]
+        states = []
         if init is not None:
-            ref = tensors[0]
-            tensors += [init[s].to(ref.device) if s in init else
-                        torch.zeros(tuple(v.shape), dtype=torch.float32, device=ref.device)
-                        for s, v in zip(snames, (_state_like(rec, s, inputs) for s in snames))]
-        res = scan_function().apply(self, rec, names, snames, output_final_state, DEFAULT_CHUNK,
-                                    *tensors)
+            sizes = bind_sizes(rec, {k: tuple(v.shape) for k, v in inputs.items()})
+            for s in rec.states:
+                v = init.get(s.name)
+                v = torch.zeros(tuple(sizes[d] for d in s.dims)) if v is None else v
+                states.append(torch.as_tensor(v).to(device=ref.device,
+                                                    dtype=_state_dtype(torch, ref)))
+        res = torch_ops()(slot(self, rec), tensors, states, output_final_state)
         outs = dict(zip((o.name for o in rec.outputs), res))
         out = outs[rec.outputs[0].name] if len(outs) == 1 else outs
         if not output_final_state:
             return out
-        finals = dict(zip(snames, res[len(rec.outputs):]))
-        return out, (finals[snames[0]] if len(finals) == 1 else finals)
+        finals = dict(zip((s.name for s in rec.states), res[len(rec.outputs):]))
+        return out, (finals[rec.states[0].name] if len(finals) == 1 else finals)
+
+
+# kernels by id, for the planner torch.compile calls with constants only
+_KERNELS: "weakref.WeakValueDictionary[int, Kernel]" = weakref.WeakValueDictionary()
+
+
+def _compiling() -> bool:
+    torch = sys.modules.get("torch")  # never import torch just to ask
+    return torch is not None and torch.compiler.is_compiling()
+
+
+def _plan_impl(kernel_id: int, n_pos: int, named: tuple, opts: tuple, init: tuple | None):
+    """(op key, input order, state names, output names) for a call's structure."""
+    from .autograd import slot
+    k = _KERNELS[kernel_id]
+    optional = set(k.entry.optional_inputs) if k.entry else set()
+    o = {**k.options, **dict(opts)}
+    for name in optional:
+        o[name] = name in named
+    rec = k.variant(**o)
+    order = tuple(x.name for x in rec.inputs)
+    if n_pos + len(named) != len(order) or set(named) - set(order[n_pos:]):
+        raise InputError(f"recurrence {rec.name!r} takes inputs {order}, got {n_pos} "
+                         f"positional and {named} by name")
+    return (slot(k, rec), order, tuple(s.name for s in rec.states),
+            tuple(o.name for o in rec.outputs))
+
+
+def _state_dtype(torch, ref):
+    return torch.float64 if ref.dtype == torch.float64 else torch.float32
 
 
 def _requires_grad(inputs: Mapping, init: Mapping | None) -> bool:
@@ -176,11 +241,6 @@ def _requires_grad(inputs: Mapping, init: Mapping | None) -> bool:
         return False
     return any(getattr(v, "requires_grad", False)
                for v in list(inputs.values()) + list((init or {}).values()))
-
-
-def _state_like(rec: Recurrence, name: str, inputs: Mapping):
-    sizes = bind_sizes(rec, {k: tuple(v.shape) for k, v in inputs.items()})
-    return np.empty(tuple(sizes[d] for d in rec.state(name).dims), dtype=np.float32)
 
 
 def _bind_positional(rec: Recurrence, args, kwargs) -> dict:

@@ -8,7 +8,7 @@ states plus O(C) per-step states of one chunk (C = ``chunk``), never O(T) states
 matrix.
 
 Kernels called with torch tensors that require grad are differentiable through this path
-(``Kernel.__call__`` wraps them in ``ScanFunction``). Status: the backward recurrence runs on
+(``Kernel.__call__`` calls the ``scancc::scan`` custom op for torch inputs). Status: the backward recurrence runs on
 the reference backend (float64, CPU) whatever the forward target; lowering it to Triton and
 NKI needs their support of ``prev``/``step``/``ungroup``.
 """
@@ -128,70 +128,114 @@ def _full_layouts(rec: Recurrence, inputs: Mapping[str, np.ndarray]) -> dict:
     return out
 
 
-def _torch_function():
+# ---- torch: one pair of custom ops for every compiled recurrence ----
+#
+# scancc::scan(key, inputs, init, want_final) runs a registered kernel variant (by key) and
+# scancc::scan_backward runs the derived backward; both have fake implementations (output
+# shapes from the IR), so torch.compile traces a model through them without graph breaks.
+
+_SLOTS: dict[str, tuple[Any, Recurrence]] = {}
+_OPS: Any = None
+
+
+def slot(kernel, rec: Recurrence) -> str:
+    """Register (kernel, rec) and return its op key (stable for the same IR and backend)."""
+    import hashlib
+    text = f"{rec}|{kernel.backend.name}|{sorted(kernel.backend_options.items())!r}"
+    key = f"{rec.name}-{hashlib.sha1(text.encode()).hexdigest()[:12]}"
+    _SLOTS.setdefault(key, (kernel, rec))
+    return key
+
+
+def _shapes(rec: Recurrence, inputs) -> dict[str, int]:
+    return bind_sizes(rec, {x.name: tuple(t.shape) for x, t in zip(rec.inputs, inputs)})
+
+
+def torch_ops():
+    """The custom ops (defined on first use, so importing scancc never imports torch)."""
+    global _OPS
+    if _OPS is not None:
+        return _OPS
     import torch
 
-    class ScanFunction(torch.autograd.Function):
-        """Differentiable call of a compiled recurrence: the forward runs the kernel's
-        backend, the backward the derived backward recurrence (see module docstring)."""
+    def state_dtype(ref):
+        return torch.float64 if ref.dtype == torch.float64 else torch.float32
 
-        @staticmethod
-        def forward(ctx, kernel, rec, names, snames, want_final, chunk, *tensors):
-            n = len(names)
-            inputs = dict(zip(names, tensors[:n]))
-            init = dict(zip(snames, tensors[n:])) if len(tensors) > n else None
-            sizes = bind_sizes(rec, {k: tuple(v.shape) for k, v in inputs.items()})
-            native = {k: kernel._native(v) for k, v in inputs.items()}
-            ninit = {k: kernel._native(v) for k, v in init.items()} if init else None
-            res = kernel.backend.run(rec, native, sizes, ninit, True, kernel.backend_options)
-            ctx.kernel, ctx.rec, ctx.names, ctx.snames, ctx.chunk = kernel, rec, names, snames, chunk
-            ctx.has_init = init is not None
-            ctx.save_for_backward(*tensors)
-            ref = tensors[0]
-            outs = [_to_torch(res.outputs[o.name], ref, ref.dtype) for o in rec.outputs]
-            finals = [_to_torch(res.final_states[s], ref,
-                                torch.float64 if ref.dtype == torch.float64 else torch.float32)
-                      for s in snames] if want_final else []
-            return tuple(outs + finals)
+    # explicit schemas: this module's annotations are strings (from __future__ import annotations)
+    @torch.library.custom_op("scancc::scan", mutates_args=(), schema=(
+        "(str key, Tensor[] inputs, Tensor[] init, bool want_final) -> Tensor[]"))
+    def scan(key: str, inputs: list[torch.Tensor], init: list[torch.Tensor],
+             want_final: bool) -> list[torch.Tensor]:
+        kernel, rec = _SLOTS[key]
+        sizes = _shapes(rec, inputs)
+        native = {x.name: kernel._native(t) for x, t in zip(rec.inputs, inputs)}
+        ninit = {s.name: kernel._native(t) for s, t in zip(rec.states, init)} if init else None
+        opts = dict(kernel.backend_options)
+        if "dtype" in kernel.backend.options:
+            opts.setdefault("dtype", str(inputs[0].dtype).replace("torch.", ""))
+        res = kernel.backend.run(rec, native, sizes, ninit, want_final, opts)
+        kernel.last_run = res
+        ref = inputs[0]
+        outs = [_to_torch(res.outputs[o.name], ref, ref.dtype) for o in rec.outputs]
+        if want_final:
+            outs += [_to_torch(res.final_states[s.name], ref, state_dtype(ref))
+                     for s in rec.states]
+        return outs
 
-        @staticmethod
-        def backward(ctx, *grads_out):
-            rec, names, snames = ctx.rec, ctx.names, ctx.snames
-            tensors = ctx.saved_tensors
-            f64 = lambda t: t.detach().to("cpu", torch.float64).numpy()  # noqa: E731
-            inputs = {k: f64(v) for k, v in zip(names, tensors)}
-            init = {k: f64(v) for k, v in zip(snames, tensors[len(names):])} \
-                if ctx.has_init else None
-            no = len(rec.outputs)
-            d_out = {o.name: (f64(g) if g is not None else np.zeros(inputs_shape(rec, o, inputs)))
-                     for o, g in zip(rec.outputs, grads_out[:no])}
-            d_fin = {s: f64(g) for s, g in zip(snames, grads_out[no:]) if g is not None}
-            gin, ginit = backward(rec, inputs, d_out, init, d_fin, ctx.chunk)
-            res = [_to_torch(gin[k], t, t.dtype) for k, t in zip(names, tensors)]
-            if ctx.has_init:
-                res += [_to_torch(ginit[k], t, t.dtype)
-                        for k, t in zip(snames, tensors[len(names):])]
-            return (None,) * 6 + tuple(res)
+    @scan.register_fake
+    def _(key, inputs, init, want_final):
+        _, rec = _SLOTS[key]
+        sizes, ref = _shapes(rec, inputs), inputs[0]
+        outs = [ref.new_empty(tuple(sizes[d] for d in o.dims)) for o in rec.outputs]
+        if want_final:
+            outs += [ref.new_empty(tuple(sizes[d] for d in s.dims), dtype=state_dtype(ref))
+                     for s in rec.states]
+        return outs
 
-    return ScanFunction
+    @torch.library.custom_op("scancc::scan_backward", mutates_args=(), schema=(
+        "(str key, Tensor[] inputs, Tensor[] init, Tensor[] grads, int chunk) -> Tensor[]"))
+    def scan_backward(key: str, inputs: list[torch.Tensor], init: list[torch.Tensor],
+                      grads: list[torch.Tensor], chunk: int) -> list[torch.Tensor]:
+        _, rec = _SLOTS[key]
+        f64 = lambda t: t.detach().to("cpu", torch.float64).numpy()  # noqa: E731
+        x = {i.name: f64(t) for i, t in zip(rec.inputs, inputs)}
+        h0 = {s.name: f64(t) for s, t in zip(rec.states, init)} if init else None
+        no = len(rec.outputs)
+        d_out = {o.name: f64(g) for o, g in zip(rec.outputs, grads[:no])}
+        d_fin = {s.name: f64(g) for s, g in zip(rec.states, grads[no:])}
+        gin, ginit = backward(rec, x, d_out, h0, d_fin, chunk)
+        res = [_to_torch(gin[i.name], t, t.dtype) for i, t in zip(rec.inputs, inputs)]
+        return res + [_to_torch(ginit[s.name], t, t.dtype) for s, t in zip(rec.states, init)]
 
+    @scan_backward.register_fake
+    def _(key, inputs, init, grads, chunk):
+        return [torch.empty_like(t) for t in list(inputs) + list(init)]
 
-def inputs_shape(rec: Recurrence, o, inputs) -> tuple[int, ...]:
-    sizes = bind_sizes(rec, {k: v.shape for k, v in inputs.items()})
-    return tuple(sizes[d] for d in o.dims)
+    def setup_context(ctx, inputs, output):
+        key, xs, init, want_final = inputs
+        ctx.key, ctx.want_final, ctx.n_in = key, want_final, len(xs)
+        ctx.save_for_backward(*xs, *init, *output)
+
+    def backward_rule(ctx, grads):
+        saved = ctx.saved_tensors
+        _, rec = _SLOTS[ctx.key]
+        n_init = len(saved) - ctx.n_in - len(grads)
+        xs, init = saved[:ctx.n_in], saved[ctx.n_in:ctx.n_in + n_init]
+        outs = saved[ctx.n_in + n_init:]
+        grads = [torch.zeros_like(o) if g is None else g for g, o in zip(grads, outs)]
+        if not ctx.want_final:
+            _shape = _shapes(rec, xs)
+            grads += [torch.zeros(tuple(_shape[d] for d in s.dims), dtype=state_dtype(xs[0]),
+                                  device=xs[0].device) for s in rec.states]
+        g = scan_backward(ctx.key, list(xs), list(init), grads, DEFAULT_CHUNK)
+        return None, g[:ctx.n_in], g[ctx.n_in:], None
+
+    scan.register_autograd(backward_rule, setup_context=setup_context)
+    _OPS = scan
+    return _OPS
 
 
 def _to_torch(a, like, dtype):
     import torch
     t = torch.from_numpy(np.array(a)) if isinstance(a, np.ndarray) else a
     return t.to(device=like.device, dtype=dtype)
-
-
-_FN: Any = None
-
-
-def scan_function():
-    global _FN
-    if _FN is None:
-        _FN = _torch_function()
-    return _FN

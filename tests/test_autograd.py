@@ -143,3 +143,29 @@ def test_backward_ir_is_printable_and_round_trips():
     adj = ag.adjoint(scancc.get("gla").build())
     text = format_recurrence(adj.backward)
     assert "prev(nu_S)" in text and parse_recurrence(text) == adj.backward
+
+
+def test_torch_compile_traces_scancc_ops_without_graph_breaks():
+    F = torch.nn.functional
+    ker = scancc.compile("simple_gla")
+
+    def layer(x, Wq, Wk, Wv, Wg, h0):
+        B, T, _ = x.shape
+        q, k, v = ((x @ W).view(B, T, 2, 3) for W in (Wq, Wk, Wv))
+        o, h = ker(q, k, v, F.logsigmoid(x @ Wg), initial_state=h0, output_final_state=True)
+        return o.pow(2).sum() + h.sum()
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 5, generator=g)
+    params = [torch.randn(5, 6, generator=g, requires_grad=True) for _ in range(3)] + \
+        [torch.randn(5, 2, generator=g, requires_grad=True),
+         torch.randn(2, 2, 3, 3, generator=g, requires_grad=True)]
+    explain = torch._dynamo.explain(layer)(x, *params)
+    assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
+    want = torch.autograd.grad(layer(x, *params), params)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    loss = compiled(x, *params)
+    got = torch.autograd.grad(loss, params)
+    torch.testing.assert_close(loss, layer(x, *params))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
