@@ -363,19 +363,3 @@ class Lowering(recurrent.Lowering):
         """Indices of the [K, V] state block: K down the rows, V along the columns."""
         K, V = self.form.K, self.form.V
         return env.with_(K, Idx(f"tl.trans({self.off[K]})", K, f"tl.trans({self.msk[K]})"))
-
-    def _program_ids(self) -> list[str]:
-        P, head = self.plan, []
-        if P.grid:
-            flat = (self.names.new("i_" + "_".join(P.grid)) if len(P.grid) > 1
-                    else self.pid[P.grid[0]])
-            head.append(f"{flat} = tl.program_id(0).to(tl.int64)")
-            if len(P.grid) > 1:
-                for i, d in enumerate(P.grid):
-                    inner = " * ".join(self.size[e] for e in P.grid[i + 1:])
-                    e = f"{flat} // {recurrent.par(inner)}" if inner else flat
-                    if i > 0:
-                        e = f"({e}) % {self.size[d]}" if inner else f"{e} % {self.size[d]}"
-                    head.append(f"{self.pid[d]} = {e}")
-        head.append(f"{self.pid[self.form.V]} = tl.program_id(1)")
-        return head

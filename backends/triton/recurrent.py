@@ -388,30 +388,7 @@ class Lowering:
         self._varies: dict = {}
         self._prec: dict = {}
         base = Env(self._base_env())
-        head: list[str] = []
-        # program ids
-        if P.grid:
-            flat = (self.names.new("i_" + "_".join(P.grid)) if len(P.grid) > 1
-                    else self.pid[P.grid[0]])
-            head.append(f"{flat} = tl.program_id(0).to(tl.int64)")
-            if len(P.grid) > 1:
-                for i, d in enumerate(P.grid):
-                    inner = " * ".join(self.size[e] for e in P.grid[i + 1:])
-                    e = f"{flat} // {par(inner)}" if inner else flat
-                    if i > 0:
-                        e = f"({e}) % {self.size[d]}" if inner else f"{e} % {self.size[d]}"
-                    head.append(f"{self.pid[d]} = {e}")
-        if P.split:
-            nb = {d: f"tl.cdiv({self.size[d]}, {self.block[d]})" for d in P.split}
-            flat = self.names.new("i_blk") if len(P.split) > 1 else self.pid[P.split[0]]
-            head.append(f"{flat} = tl.program_id(1)")
-            if len(P.split) > 1:
-                for i, d in enumerate(P.split):
-                    inner = " * ".join(nb[e] for e in P.split[i + 1:])
-                    e = f"{flat} // ({inner})" if inner else flat
-                    if i > 0:
-                        e = f"({e}) % {nb[d]}"
-                    head.append(f"{self.pid[d]} = {e}")
+        head = self._program_ids()
         R = len(P.regs)
         for j, d in enumerate(P.regs):
             ar = f"tl.arange(0, {self.block[d]})"
@@ -467,6 +444,34 @@ class Lowering:
         lines += ["    " + ln for ln in self.body + self.step]
         lines += fin
         return lines
+
+    def _program_ids(self) -> list[str]:
+        """Program axis 0: the grid dims, flattened; axis 1: the blocks of the split dims."""
+        P = self.plan
+        head: list[str] = []
+        if P.grid:
+            flat = (self.names.new("i_" + "_".join(P.grid)) if len(P.grid) > 1
+                    else self.pid[P.grid[0]])
+            head.append(f"{flat} = tl.program_id(0).to(tl.int64)")
+            if len(P.grid) > 1:
+                for i, d in enumerate(P.grid):
+                    inner = " * ".join(self.size[e] for e in P.grid[i + 1:])
+                    e = f"{flat} // {par(inner)}" if inner else flat
+                    if i > 0:
+                        e = f"({e}) % {self.size[d]}" if inner else f"{e} % {self.size[d]}"
+                    head.append(f"{self.pid[d]} = {e}")
+        if P.split:
+            nb = {d: f"tl.cdiv({self.size[d]}, {self.block[d]})" for d in P.split}
+            flat = self.names.new("i_blk") if len(P.split) > 1 else self.pid[P.split[0]]
+            head.append(f"{flat} = tl.program_id(1)")
+            if len(P.split) > 1:
+                for i, d in enumerate(P.split):
+                    inner = " * ".join(nb[e] for e in P.split[i + 1:])
+                    e = f"{flat} // ({inner})" if inner else flat
+                    if i > 0:
+                        e = f"({e}) % {nb[d]}"
+                    head.append(f"{self.pid[d]} = {e}")
+        return head
 
     # ---- signature and launcher ----
     def runtime_sizes(self) -> list[str]:
