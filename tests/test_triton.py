@@ -198,6 +198,34 @@ def test_block_split_over_programs():
     testing.assert_close(res.final_states["S"], ref.final_states["S"], "float32")
 
 
+def test_several_grid_and_split_dims():
+    # three grid dims flattened on program axis 0, two split dims on axis 1 (blocks of 2)
+    from scancc.ir import diagonal, sigmoid as sg
+
+    @scancc.register("triton_test_many_dims", override=True)
+    def many(r):
+        b, t = r.dim("batch", "batch"), r.dim("time", "time")
+        h1, h2 = r.dim("h1", "head"), r.dim("h2", "head")
+        c1, c2 = r.dim("c1"), r.dim("c2")
+        x = r.input("x", [b, h1, t, h2, c1, c2])
+        a = r.input("a", [h1, c1, c2])
+        s = r.state("s", [b, h1, h2, c1, c2], diagonal(sg(a)), inject=x)
+        r.output("y", [b, t, h1, h2, c1, c2], s * 2.0)
+
+    rec = registry.get("triton_test_many_dims").build()
+    sizes = {"batch": 2, "time": 6, "h1": 3, "h2": 2, "c1": 3, "c2": 5}
+    x = testing.sample_inputs(rec, sizes, 7)
+    h0 = testing.sample_state(rec, sizes, 8)
+    ref = backends.get("reference").run(rec, x, sizes, h0, True, {})
+    res = backends.get("triton").run(
+        rec, {k: torch.from_numpy(v).float() for k, v in x.items()}, sizes,
+        {k: torch.from_numpy(v).float() for k, v in h0.items()}, True,
+        {"block_sizes": {"c1": 2, "c2": 2}})
+    testing.assert_close(res.outputs["y"], ref.outputs["y"], "float32")
+    testing.assert_close(res.final_states["s"], ref.final_states["s"], "float32")
+    registry.unregister("triton_test_many_dims")
+
+
 def test_public_compile_path():
     entry = registry.get("mamba2")
     rec = entry.build(D=True)
