@@ -8,9 +8,9 @@ states plus O(C) per-step states of one chunk (C = ``chunk``), never O(T) states
 matrix.
 
 Kernels called with torch tensors that require grad are differentiable through this path
-(``Kernel.__call__`` calls the ``scancc::scan`` custom op for torch inputs). Status: the backward recurrence runs on
-the reference backend (float64, CPU) whatever the forward target; lowering it to Triton and
-NKI needs their support of ``prev``/``step``/``ungroup``.
+(``Kernel.__call__`` calls the ``scancc::scan`` custom op for torch inputs). The backward runs on
+the kernel's own backend when that backend lowers the backward recurrence (``backward_target``),
+else on the reference backend.
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ import numpy as np
 from scancc.ir import Recurrence, bind_sizes
 from scancc.ir.adjoint import Adjoint, derive
 
-from . import backends
 
 DEFAULT_CHUNK = 64
 
@@ -32,11 +31,36 @@ def adjoint(rec: Recurrence) -> Adjoint:
     return derive(rec)
 
 
-def _run(rec: Recurrence, inputs: Mapping[str, np.ndarray], init: dict | None):
-    be = backends.get("reference")
-    sizes = bind_sizes(rec, {k: v.shape for k, v in inputs.items()})
-    res = be.run(rec, inputs, sizes, init, True, {})
-    return res.outputs, res.final_states
+@lru_cache(maxsize=256)
+def _kernel(rec: Recurrence, target: str):
+    from .api import compile
+    return compile(rec, target)
+
+
+def _run(rec: Recurrence, inputs: Mapping[str, np.ndarray], init: dict | None,
+         target: str = "reference"):
+    """(outputs by name, final states by name) of ``rec`` on ``target``, NumPy in and out."""
+    out, fin = _kernel(rec, target)(**inputs, initial_state=init, output_final_state=True)
+    outs = out if isinstance(out, dict) else {rec.outputs[0].name: out}
+    fins = fin if isinstance(fin, dict) else {rec.states[0].name: fin}
+    return ({k: np.asarray(v, np.float64) for k, v in outs.items()},
+            {k: np.asarray(v, np.float64) for k, v in fins.items()})
+
+
+def backward_target(kernel, rec: Recurrence) -> str:
+    """The kernel's own backend if it lowers the backward recurrence, else the reference."""
+    be = kernel.backend
+    if be.name == "reference":
+        return "reference"
+    adj = adjoint(rec)
+    for r in (adj.backward, adj.states_view, rec):
+        try:
+            ok, _ = be.supports(r, {})
+        except Exception:  # a backend that cannot even look at the IR does not lower it
+            ok = False
+        if not ok:
+            return "reference"
+    return be.name
 
 
 def _time_axis(rec: Recurrence, name: str) -> int | None:
@@ -63,9 +87,10 @@ def _slice(rec, arrays: Mapping[str, np.ndarray], t0: int, t1: int, flip: bool =
 def backward(rec: Recurrence, inputs: Mapping[str, np.ndarray], d_out: Mapping[str, np.ndarray],
              initial_state: Mapping[str, np.ndarray] | None = None,
              d_final_state: Mapping[str, np.ndarray] | None = None,
-             chunk: int = DEFAULT_CHUNK) -> tuple[dict, dict]:
+             chunk: int = DEFAULT_CHUNK, target: str = "reference") -> tuple[dict, dict]:
     """Gradients of sum(d_out[y] * y) + sum(d_final_state[s] * h_T[s]) w.r.t. every input and
-    every initial state. Arrays are float64 NumPy in the declared layouts.
+    every initial state. Arrays are float64 NumPy in the declared layouts; the forward, the
+    state recomputation and the backward recurrence run on ``target``.
 
     Returns:
         (grads by input name, grads by state name of the initial state)
@@ -80,7 +105,7 @@ def backward(rec: Recurrence, inputs: Mapping[str, np.ndarray], d_out: Mapping[s
     bounds = []
     for t0 in range(0, T, chunk):  # forward: keep only the boundary states
         bounds.append(h)
-        _, h = _run(rec, _slice(rec, inputs, t0, min(t0 + chunk, T)), h)
+        _, h = _run(rec, _slice(rec, inputs, t0, min(t0 + chunk, T)), h, target)
 
     bwd = adj.backward
     names = {x.name for x in bwd.inputs}
@@ -89,7 +114,7 @@ def backward(rec: Recurrence, inputs: Mapping[str, np.ndarray], d_out: Mapping[s
     for c in reversed(range(len(bounds))):
         t0, t1 = c * chunk, min((c + 1) * chunk, T)
         part = _slice(rec, inputs, t0, t1)
-        seqs, _ = _run(adj.states_view, part, bounds[c])    # recompute this chunk's states
+        seqs, _ = _run(adj.states_view, part, bounds[c], target)  # recompute the chunk's states
         feed = {k: v for k, v in _slice(rec, part, 0, t1 - t0, flip=True).items() if k in names}
         for o in rec.outputs:
             if adj.cotangent[o.name] in names:
@@ -103,7 +128,7 @@ def backward(rec: Recurrence, inputs: Mapping[str, np.ndarray], d_out: Mapping[s
                 feed[now] = hs[::-1]
             if before in names:
                 feed[before] = hp[::-1]
-        outs, carry = _run(bwd, feed, carry)
+        outs, carry = _run(bwd, feed, carry, target)
         for x in rec.inputs:
             gx = outs[adj.grad[x.name]]
             ax = _time_axis(rec, x.name)
@@ -196,14 +221,14 @@ def torch_ops():
         "(str key, Tensor[] inputs, Tensor[] init, Tensor[] grads, int chunk) -> Tensor[]"))
     def scan_backward(key: str, inputs: list[torch.Tensor], init: list[torch.Tensor],
                       grads: list[torch.Tensor], chunk: int) -> list[torch.Tensor]:
-        _, rec = _SLOTS[key]
+        kernel, rec = _SLOTS[key]
         f64 = lambda t: t.detach().to("cpu", torch.float64).numpy()  # noqa: E731
         x = {i.name: f64(t) for i, t in zip(rec.inputs, inputs)}
         h0 = {s.name: f64(t) for s, t in zip(rec.states, init)} if init else None
         no = len(rec.outputs)
         d_out = {o.name: f64(g) for o, g in zip(rec.outputs, grads[:no])}
         d_fin = {s.name: f64(g) for s, g in zip(rec.states, grads[no:])}
-        gin, ginit = backward(rec, x, d_out, h0, d_fin, chunk)
+        gin, ginit = backward(rec, x, d_out, h0, d_fin, chunk, backward_target(kernel, rec))
         res = [_to_torch(gin[i.name], t, t.dtype) for i, t in zip(rec.inputs, inputs)]
         return res + [_to_torch(ginit[s.name], t, t.dtype) for s, t in zip(rec.states, init)]
 

@@ -169,3 +169,22 @@ def test_torch_compile_traces_scancc_ops_without_graph_breaks():
     torch.testing.assert_close(loss, layer(x, *params))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("target", [n for n, ok, _ in scancc.backends.report()
+                                    if ok and n != "reference"])
+def test_gradients_through_a_kernel_of_another_backend(target):
+    """A triton/nki kernel is differentiable too; its backward runs on the backend itself where
+    that backend lowers the backward recurrence, else on the reference."""
+    e = scancc.get("simple_gla")
+    rec = e.build()
+    sizes = {"batch": 1, "time": 9, "heads": 2, "key": 4, "value": 3}
+    x = sample_inputs(rec, sizes, 7, e.hints)
+    ref = {k: torch.tensor(v, requires_grad=True) for k, v in x.items()}
+    dev = {k: torch.tensor(v, dtype=torch.float32, requires_grad=True) for k, v in x.items()}
+    want = torch.autograd.grad(scancc.compile("simple_gla")(**ref).pow(2).sum(), list(ref.values()))
+    ker = scancc.compile("simple_gla", target=target)
+    got = torch.autograd.grad(ker(**dev).pow(2).sum(), list(dev.values()))
+    assert ag.backward_target(ker, ker.ir) in ("reference", target)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
