@@ -134,7 +134,8 @@ class Kernel:
         if init is not None:
             init = {k: _to_backend(v, self.backend) for k, v in init.items()}
         run_opts = dict(self.backend_options)
-        if "dtype" in self.backend.options:  # a backend that converts arrays learns their dtype
+        if "dtype" in self.backend.options and dtype != "float64":
+            # a backend that converts arrays learns their dtype (float64: its own default)
             run_opts.setdefault("dtype", dtype)
         res = self.backend.run(rec, native, sizes, init, output_final_state, run_opts)
         self.last_run = res

@@ -196,8 +196,9 @@ def torch_ops():
         native = {x.name: kernel._native(t) for x, t in zip(rec.inputs, inputs)}
         ninit = {s.name: kernel._native(t) for s, t in zip(rec.states, init)} if init else None
         opts = dict(kernel.backend_options)
-        if "dtype" in kernel.backend.options:
-            opts.setdefault("dtype", str(inputs[0].dtype).replace("torch.", ""))
+        dt = str(inputs[0].dtype).replace("torch.", "")
+        if "dtype" in kernel.backend.options and dt != "float64":
+            opts.setdefault("dtype", dt)
         res = kernel.backend.run(rec, native, sizes, ninit, want_final, opts)
         kernel.last_run = res
         ref = inputs[0]
