@@ -333,10 +333,34 @@ class Lowering:
             if hi is not None:
                 x = f"tl.minimum({x}, {number(hi)})"
             return x
+        x = self._expm1_arg(node)
+        if x is not None:
+            return self._expm1(node, x, env, tv)
         template, p = UNARY_RULES.get(op) or BINARY_RULES[op]
         out = template.format(*self._operands(node, env, template))
         self._prec[out] = p
         return out
+
+    def _expm1_arg(self, node: Node) -> Node | None:
+        """x if ``node`` is exp(x) - 1 (looking through lets), else None."""
+        if node.op is not Op.SUB or node.src[1] != Node(Op.CONST, (), 1.0):
+            return None
+        e = node.src[0]
+        while e.op is Op.PARAM:
+            e = self.rec.let(e.arg).expr
+        return e.src[0] if e.op is Op.EXP else None
+
+    def _expm1(self, node: Node, x: Node, env: Env, tv: bool) -> str:
+        # exp(x) - 1 cancels for small |x| in float32 (s4d's ZOH term (exp(dt A) - 1) / A);
+        # Kahan: (u - 1) x / log(u), with u = exp(x) rounded, is accurate to a few ulps
+        u = self.value(node.src[0], env)
+        if not _ATOM.match(u):
+            u = self.bind(tv, "b_exp", u)
+        xs = self.value(x, env)
+        if not _ATOM.match(xs):
+            xs = self.bind(tv, "b_x", xs)
+        return self.bind(tv, "b_expm1", f"tl.where(({u} == 1.0) | (tl.abs({xs}) > 0.5), "
+                         f"tl.where({u} == 1.0, {xs}, {u} - 1.0), ({u} - 1.0) * {xs} / tl.log({u}))")
 
     # ---- leaves that touch memory ----
     def load(self, name: str, env: Env) -> str:

@@ -50,6 +50,8 @@ def s4d_recurrent_fwd_kernel(
     p_A = A + i_heads * DSTATE + o_dstate
     b_A = tl.load(p_A, mask=m_dstate, other=0.0).to(tl.float32)
     b_dA = tl.exp(tl.exp(b_log_dt) * b_A)
+    b_x_1 = tl.exp(b_log_dt) * b_A
+    b_expm1 = tl.where((b_dA == 1.0) | (tl.abs(b_x_1) > 0.5), tl.where(b_dA == 1.0, b_x_1, b_dA - 1.0), (b_dA - 1.0) * b_x_1 / tl.log(b_dA))
     p_u = u + i_batch * HEADS * TIME + i_heads * TIME
     p_C = C + i_heads * DSTATE + o_dstate
     b_C = tl.load(p_C, mask=m_dstate, other=0.0).to(tl.float32)
@@ -63,7 +65,7 @@ def s4d_recurrent_fwd_kernel(
     for i_t in range(0, TIME):
         # x: diagonal(decay=dA) + (dA - 1.0) / A * u
         b_u = tl.load(p_u).to(tl.float32)
-        b_x = b_dA * b_x + (b_dA - 1.0) / b_A * b_u
+        b_x = b_dA * b_x + b_expm1 / b_A * b_u
         # y = sum(C * x, dstate) + D * u
         b_sum = tl.sum(tl.where(m_dstate, b_C * b_x, 0.0), axis=0, keep_dims=True)
         tl.store(p_y, (b_sum + b_D * b_u).to(p_y.dtype.element_ty))
