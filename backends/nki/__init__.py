@@ -100,6 +100,8 @@ class NkiBackend(Backend):
         self.last_plan = plan
         dtype = options.get("dtype") or (rec.numerics.input if rec.numerics.input
                                           in emulator.DTYPES else None)
+        if dtype == "float64":  # NKI has no float64: float64 arrays run as float32
+            dtype = "float32"
         if dtype is not None and dtype not in emulator.DTYPES:
             raise UnsupportedError(NAME, rec.name, f"dtype {dtype!r}: NKI inputs are one of "
                                    f"{', '.join(emulator.DTYPES)}")

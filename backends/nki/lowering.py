@@ -99,7 +99,7 @@ _PY_UNARY = {Op.NEG: "(-{0})", Op.EXP: "math.exp({0})", Op.LOG: "math.log({0})",
              Op.SOFTPLUS: "math.log1p(math.exp({0}))", Op.SIGMOID: "(1.0 / (1.0 + math.exp(-{0})))",
              Op.LOGSIGMOID: "(-math.log1p(math.exp(-{0})))",
              Op.SILU: "({0} / (1.0 + math.exp(-{0})))", Op.SQRT: "math.sqrt({0})",
-             Op.RSQRT: "(1.0 / math.sqrt({0}))"}
+             Op.RSQRT: "(1.0 / math.sqrt({0}))", Op.STEP: "(1.0 if {0} >= 0.0 else 0.0)"}
 _PY_BINARY = {Op.ADD: "({0} + {1})", Op.SUB: "({0} - {1})", Op.MUL: "({0} * {1})",
               Op.DIV: "({0} / {1})", Op.MAXIMUM: "max({0}, {1})", Op.MINIMUM: "min({0}, {1})"}
 ELEMENTWISE_KINDS = (Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL)
@@ -167,6 +167,9 @@ class Renderer(ChunkedMixin):
         self.sids = 1
         self.pd_scope = self.time_scope = None
         self.lets = {l.name: l.expr for l in rec.lets}
+        # states read through prev(S): their trajectory keeps the entering state in column 0
+        self.prevs = {n.arg for e in [o.expr for o in rec.outputs] + list(self.lets.values())
+                      for n in e.walk() if n.op is Op.PREV}
         self._an: dict = {}
         self._ones: set = set()
         if algorithm not in ALGORITHMS:
@@ -260,10 +263,10 @@ class Renderer(ChunkedMixin):
             if a == self.pd:
                 return True, False, False, pds
             return False, False, True, env[a].deps
-        if op in (Op.INPUT, Op.STATE):
+        if op in (Op.INPUT, Op.STATE, Op.PREV):
             dims = self.rec.input(a).dims if op is Op.INPUT else self.rec.state(a).dims
             deps = frozenset().union(*(env[d].deps for d in dims if d in env))
-            haspd, hast = self.pd in dims, op is Op.STATE or self.time in dims
+            haspd, hast = self.pd in dims, op is not Op.INPUT or self.time in dims
             return haspd, hast, False, deps | (pds if haspd else frozenset()) | \
                 (ts if hast else frozenset())
         if op is Op.PARAM:
@@ -284,6 +287,13 @@ class Renderer(ChunkedMixin):
             return p, t, c, deps
         if op is Op.FLIP:
             return self.analyze(node.src[0], self.flip_env(node, env))
+        if op is Op.UNGROUP:
+            d, g = a
+            sub = {**env, d: Idx("?", frozenset())}
+            p, t, c, deps = self.analyze(node.src[0], sub)
+            if d == self.pd:
+                p = False
+            return p, t, c, deps | (env[g].deps if g in env else frozenset())
         if op is Op.L2NORM:
             return self.analyze(self.l2norm_expr(node), env)
         rs = [self.analyze(s, env) for s in node.src]
@@ -334,6 +344,33 @@ class Renderer(ChunkedMixin):
         part = self.binary(Op.MUL, v, lo, loop)
         self.emit(loop, f"nisa.tensor_tensor({acc.view()}, {acc.view()}, "
                         f"{self.to_kind(part, kind, loop).view()}, nl.add)")
+        self.close(loop)
+        return acc
+
+    def ungroup(self, node: Node, env: dict, sc: Scope, info) -> V:
+        """ungroup(x, d, g): group j sums x over the rep = |d| / |g| elements of d that read
+        group j (i // rep == j): a loop over them accumulating with tensor_tensor, or, with
+        a single group and d on the partitions, the ones-column matmul of a sum over d."""
+        d, g = node.arg
+        rep = self.sizes[d] // self.sizes[g]
+        if d == self.pd or g == self.pd:
+            if d == self.pd and self.sizes[g] == 1:
+                return self.reduce(Node(Op.SUM, node.src, (d,)), env, sc, info)
+            self.fail(f"ungroup of {d!r} into {g!r} across the partition dim {self.pd!r}")
+        j = env[g] if self.sizes[g] > 1 else Idx("0", frozenset())
+        if rep == 1:
+            return self.value(node.src[0], {**env, d: j}, sc)
+        p, t, c, _ = info
+        kind = "const" if c else KIND[(p, t)]
+        if kind == "const":
+            self.fail(f"ungroup of the constant expression over {d!r}")
+        acc = self.tile(sc, kind)
+        self.emit(sc, f"nisa.memset({acc.view()}, 0.0)")
+        loop = self.open(sc, f"for u_{d} in range({rep}):")
+        sub = {**env, d: Idx(f"({j.expr}) * {rep} + u_{d}", j.deps | {loop.sid})}
+        v = self.value(node.src[0], sub, loop)
+        v = self.to_kind(v, kind, loop)
+        self.emit(loop, f"nisa.tensor_tensor({acc.view()}, {acc.view()}, {v.view()}, nl.add)")
         self.close(loop)
         return acc
 
@@ -390,6 +427,14 @@ class Renderer(ChunkedMixin):
                 dims = self.inner_dims(s)
                 rest = self.flat_of(dims[1:], env)
                 return V(kind, f"hist_{a}", mid=f"{rest}, ", coff=f"({env[dims[0]].expr})")
+            # with prev(S) read, column 0 of the trajectory is the state entering the tile
+            return V(kind, f"traj_{a}", mid=f"{self.flat_index(s, env)}, ",
+                     coff="1" if a in self.prevs else "")
+        if op is Op.PREV:  # the state entering each step: the trajectory one column back
+            s = self.rec.state(a)
+            if s.transition.kind not in ELEMENTWISE_KINDS or a in self.chunks:
+                self.fail(f"prev({a}) of a {s.transition.kind.value} state")
+            kind = "full" if self.pd in s.dims else "row"
             return V(kind, f"traj_{a}", mid=f"{self.flat_index(s, env)}, ")
         if op is Op.PARAM:
             return self.value(self.lets[a], env, sc)
@@ -399,6 +444,8 @@ class Renderer(ChunkedMixin):
             return self.value(node.src[0], self.group_env(node, env), sc)
         if op is Op.FLIP:
             return self.value(node.src[0], self.flip_env(node, env), sc)
+        if op is Op.UNGROUP:
+            return self.ungroup(node, env, sc, info)
         if op is Op.L2NORM:
             return self.value(self.l2norm_expr(node), env, sc)
         if op in (Op.SUM, Op.MAX):
@@ -443,6 +490,8 @@ class Renderer(ChunkedMixin):
             # logsigmoid(x) = -softplus(-x)
             self.emit(sc, f"nisa.activation({out.view()}, nl.softplus, {x.view()}, scale=-1.0)")
             self.emit(sc, f"nisa.tensor_scalar({out.view()}, {out.view()}, nl.multiply, -1.0)")
+        elif op is Op.STEP:  # 1.0 where x >= 0 else 0.0: an ALU compare
+            self.emit(sc, f"nisa.tensor_scalar({out.view()}, {x.view()}, nl.greater_equal, 0.0)")
         elif op in _ACT:
             self.emit(sc, f"nisa.activation({out.view()}, nl.{_ACT[op]}, {x.view()})")
         else:
@@ -805,8 +854,13 @@ class Renderer(ChunkedMixin):
         b = self.value(s.inject, sub, inner)
         b = self.to_kind(b, full, inner)
         r = self.rows(s)
-        dst = f"traj_{s.name}[0:{r}, {f}, 0:tw]"
         init = f"carry_{s.name}[0:{r}, {self.slot}, {f}:{f} + 1]"
+        c0 = 0
+        if s.name in self.prevs:  # column 0: the state entering the tile (for prev(S))
+            c0 = 1
+            self.emit(inner, f"nisa.tensor_copy(traj_{s.name}[0:{r}, {f}, 0:1], {init})")
+        dst = f"traj_{s.name}[0:{r}, {f}, {c0}:tw + {c0}]" if c0 else \
+            f"traj_{s.name}[0:{r}, {f}, 0:tw]"
         if t.kind is Kind.IDENTITY:
             self.emit(inner, f"nisa.tensor_tensor_scan({dst}, zeros[0:{r}, 0:tw], {b.view()}, "
                              f"{init}, nl.add, nl.add)")
@@ -816,7 +870,8 @@ class Renderer(ChunkedMixin):
                 b = self.sbuf(b, inner)
             self.emit(inner, f"nisa.tensor_tensor_scan({dst}, {a.view()}, {b.view()}, {init}, "
                              "nl.multiply, nl.add)")
-        self.emit(inner, f"nisa.tensor_copy({init}, traj_{s.name}[0:{r}, {f}, tw - 1:tw])")
+        last = f"tw - 1 + {c0}:tw + {c0}" if c0 else "tw - 1:tw"
+        self.emit(inner, f"nisa.tensor_copy({init}, traj_{s.name}[0:{r}, {f}, {last}])")
         self.closeall(scopes)
 
     def materialize(self, nodes, dims, env: dict, sc: Scope, rows: str,
@@ -1006,9 +1061,10 @@ class Renderer(ChunkedMixin):
                 continue
             n, r = self.n_inner(s), self.rows(s)
             if s.transition.kind is not Kind.SHIFT:
-                self.sbuf_sites.append(4 * n * self.tt)
+                cols = self.tt + (s.name in self.prevs)
+                self.sbuf_sites.append(4 * n * cols)
                 self.emit(body, f"traj_{s.name} = nl.ndarray(({128 if r == 'P' else 1}, {n}, "
-                                f"{self.tt}), dtype=nl.float32, buffer=nl.sbuf)")
+                                f"{cols}), dtype=nl.float32, buffer=nl.sbuf)")
             if s.transition.kind in ELEMENTWISE_KINDS:
                 self.scan_state(s, env, body)
             else:

@@ -1,0 +1,145 @@
+"""The NKI backend on derived backward recurrences (scancc.autograd.adjoint) and on the IR ops
+they use: step (an ALU compare), ungroup (a loop over the elements of each group) and prev
+(the scan's trajectory one column back, the carry entering the tile in column 0)."""
+import numpy as np
+import pytest
+
+import scancc
+from scancc import registry
+from scancc.autograd import adjoint
+from scancc.backends import get
+from scancc.backends.base import UnsupportedError
+from scancc.backends.nki import emulator as E
+from scancc.ir import Builder, const, diagonal, iota, prev, sigmoid, step, ungroup
+from scancc.testing import assert_close, default_sizes, sample_inputs, sample_state
+
+nl, nisa = E.language, E.isa
+
+# the backward of each library recurrence (with every optional input) that NKI lowers
+BACKWARD = {
+    "linear_attn": {}, "retnet": {}, "simple_gla": {}, "gla": {}, "hgrn": {}, "s4d": {},
+}
+
+
+def _named(v, names):
+    return v if isinstance(v, dict) else {names[0]: v}
+
+
+def run_both(rec, x, init, **options):
+    """(nki outputs, nki finals, reference outputs, reference finals), all as dicts."""
+    onames, snames = [o.name for o in rec.outputs], [s.name for s in rec.states]
+    o, f = scancc.compile(rec, target="nki", **options)(**x, initial_state=init,
+                                                        output_final_state=True)
+    ro, rf = scancc.compile(rec)(**x, initial_state=init, output_final_state=True)
+    return _named(o, onames), _named(f, snames), _named(ro, onames), _named(rf, snames)
+
+
+def check_close(rec, x, init, **options):
+    o, f, ro, rf = run_both(rec, x, init, **options)
+    assert set(o) == set(ro) and set(f) == set(rf)
+    for k in ro:
+        assert_close(o[k], ro[k], "float32", k)
+    for k in rf:
+        assert_close(f[k], rf[k], "float32", f"final {k}")
+
+
+@pytest.mark.parametrize("init", [False, True], ids=["zero", "init"])
+@pytest.mark.parametrize("name", list(BACKWARD))
+def test_library_backward(name, init):
+    """T = 70 over a 16-step time tile: prev(S) crosses four tile boundaries."""
+    entry = registry.get(name)
+    b = adjoint(entry.build(**BACKWARD[name])).backward
+    sizes = default_sizes(b, time=70)
+    x = sample_inputs(b, sizes, seed=3, hints=entry.hints)
+    h0 = sample_state(b, sizes) if init else None
+    check_close(b, x, h0, time_tile=16)
+
+
+def test_backward_default_tile_and_float32_arrays():
+    """The plan's own time tile, float32 arrays (the NKI input dtype)."""
+    entry = registry.get("gla")
+    b = adjoint(entry.build()).backward
+    sizes = default_sizes(b, time=33)
+    x = {k: v.astype(np.float32) for k, v in
+         sample_inputs(b, sizes, seed=4, hints=entry.hints).items()}
+    check_close(b, x, sample_state(b, sizes))
+
+
+def _user_rec():
+    """prev of a full (P, TT) state and of a row state (no partition dim), step of a tile
+    and of a trace-time constant, ungroup of a state expression and of an input."""
+    r = Builder("nki_test_bwd_ops")
+    b, t, h = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("heads", "head")
+    c, g = r.dim("chan"), r.dim("groups", "group", 2)
+    x, a = r.input("x", [b, t, h, c]), r.input("a", [h, c])
+    w = r.input("w", [b, t, c])
+    s = r.state("s", [b, h, c], diagonal(sigmoid(a)), inject=x)
+    q = r.state("q", [b, c], diagonal(sigmoid(w)), inject=w * w)
+    r.output("y", [b, t, h, c], prev("s") * step(x) + s * step(iota(c) - 1.5))
+    r.output("z", [b, t, h, g], ungroup(prev("s") * x, c, g) + ungroup(x, c, g))
+    r.output("u", [b, t, h, c], prev("q") * x - q * step(-w))
+    return r.build()
+
+
+@pytest.mark.parametrize("T,tt", [(1, None), (37, 8), (70, 16)])
+@pytest.mark.parametrize("init", [False, True], ids=["zero", "init"])
+def test_user_step_ungroup_prev(T, tt, init):
+    rec = _user_rec()
+    sizes = {"batch": 2, "time": T, "heads": 3, "chan": 6, "groups": 2}
+    x = sample_inputs(rec, sizes, seed=T)
+    h0 = sample_state(rec, sizes) if init else None
+    opts = {"time_tile": tt} if tt else {}
+    check_close(rec, x, h0, **opts)
+
+
+def test_prev_is_the_entering_state():
+    """Not just close to the reference: prev("s") at t equals s at t - 1, the initial at 0."""
+    r = Builder("nki_test_prev")
+    b, t, d = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("chan")
+    x = r.input("x", [b, t, d])
+    s = r.state("s", [b, d], diagonal(const(0.5)), inject=x)
+    r.output("cur", [b, t, d], s)
+    r.output("old", [b, t, d], prev("s"))
+    rec = r.build()
+    sizes = {"batch": 1, "time": 20, "chan": 4}
+    x = sample_inputs(rec, sizes, seed=0)
+    h0 = sample_state(rec, sizes)
+    o, f, _, _ = run_both(rec, x, h0, time_tile=8)
+    np.testing.assert_array_equal(o["old"][:, 1:], o["cur"][:, :-1])
+    np.testing.assert_allclose(o["old"][:, 0], h0["s"], rtol=1e-6)
+
+
+def test_step_source_is_a_compare():
+    rec = _user_rec()
+    src = get("nki").render(rec, {"sizes": {"batch": 2, "time": 8, "heads": 3, "chan": 6,
+                                            "groups": 2}})
+    assert "nl.greater_equal, 0.0)" in src
+    assert "(1.0 if" in src  # step of a trace-time constant folds
+
+
+def test_ungroup_across_partitions_is_unsupported():
+    r = Builder("nki_test_ungroup_pd")
+    b, t, c, g = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("chan"), \
+        r.dim("groups", "group", 2)
+    x = r.input("x", [b, t, c])
+    s = r.state("s", [b, c], diagonal(const(0.5)), inject=x)
+    r.output("y", [b, t, g], ungroup(s, c, g))
+    rec = r.build()
+    with pytest.raises(UnsupportedError, match="ungroup"):
+        scancc.compile(rec, target="nki").source
+
+
+def test_emulator_greater_equal_is_step():
+    """tensor_scalar(greater_equal, 0.0) is the step function, 1.0 at 0 and -0.0."""
+    a = np.array([[-1.0, -0.0, 0.0, 1e-30, -1e-30, 2.0]], dtype=np.float32)
+
+    def k(x):
+        out = nl.ndarray(x.shape, dtype=nl.float32, buffer=nl.shared_hbm)
+        t = nl.ndarray(x.shape, dtype=nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(t, x)
+        r = nl.ndarray(x.shape, dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_scalar(r, t, nl.greater_equal, 0.0)
+        nisa.dma_copy(out, r)
+        return out
+    o = E.Kernel(k, "trn1")(a)
+    np.testing.assert_array_equal(o, [[0.0, 1.0, 1.0, 1.0, 0.0, 1.0]])
