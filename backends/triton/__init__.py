@@ -132,8 +132,9 @@ class TritonBackend(Backend):
                                        f"this backend takes {', '.join(self.dtypes)}")
         fn = self.launcher(rec, options, dtypes)
         init = {k: v.to(dev) for k, v in (initial_state or {}).items()}
-        outs, finals = fn(*args, init, bool(output_final_state), options.get("block_sizes"),
-                          options.get("num_warps") or 4)
+        with runtime.quiet_padding():
+            outs, finals = fn(*args, init, bool(output_final_state), options.get("block_sizes"),
+                              options.get("num_warps") or 4)
         return RunResult(outs, finals, {"algorithm": self.algorithm(rec, options),
                                         "interpreted": not runtime.has_gpu()})
 

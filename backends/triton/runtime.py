@@ -94,6 +94,19 @@ def load(key: str, source: str):
         return mod
 
 
+@contextlib.contextmanager
+def quiet_padding():
+    """Padded lanes of a block (past a non-power-of-two size) compute on zeros and may make
+    0/0 or log(0) there, as on a GPU; they are masked out of every reduction and store, so
+    the interpreter's NumPy warnings about them are noise."""
+    import numpy as np
+    if has_gpu():
+        yield
+        return
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        yield
+
+
 _FIXED = False
 
 
