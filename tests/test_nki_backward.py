@@ -18,6 +18,8 @@ nl, nisa = E.language, E.isa
 # the backward of each library recurrence (with every optional input) that NKI lowers
 BACKWARD = {
     "linear_attn": {}, "retnet": {}, "simple_gla": {}, "gla": {}, "hgrn": {}, "s4d": {},
+    "mamba": dict(D=True, z=True, delta_bias=True, delta_softplus=True),
+    "mamba2": dict(D=True, z=True, dt_bias=True, dt_softplus=True),
 }
 
 
@@ -53,6 +55,27 @@ def test_library_backward(name, init):
     x = sample_inputs(b, sizes, seed=3, hints=entry.hints)
     h0 = sample_state(b, sizes) if init else None
     check_close(b, x, h0, time_tile=16)
+
+
+@pytest.mark.parametrize("name,over", [("mamba", {"groups": 2}),
+                                       ("mamba2", {"groups": 2, "heads": 4})])
+def test_backward_grouped(name, over):
+    """grad_B/grad_C = ungroup(.., pd, groups) with groups inside the partition tile: a
+    selector-column matmul per group; those outputs lack the partition dim."""
+    entry = registry.get(name)
+    b = adjoint(entry.build(**BACKWARD[name])).backward
+    sizes = default_sizes(b, time=45, **over)
+    x = sample_inputs(b, sizes, seed=5, hints=entry.hints)
+    check_close(b, x, sample_state(b, sizes), time_tile=32)
+
+
+def test_output_without_partition_dim_needs_one_tile():
+    entry = registry.get("mamba")
+    b = adjoint(entry.build()).backward
+    sizes = default_sizes(b, time=4, batch=130)
+    x = sample_inputs(b, sizes, seed=0, hints=entry.hints)
+    with pytest.raises(UnsupportedError, match="lack the partition dim"):
+        scancc.compile(b, target="nki")(**x)
 
 
 def test_backward_default_tile_and_float32_arrays():

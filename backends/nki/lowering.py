@@ -129,6 +129,13 @@ def choose_layout(rec: Recurrence, sizes: Mapping[str, int]) -> tuple[str, tuple
     cands = [d for d in rec.canonical if d not in axes
              and all(d in o.dims for o in rec.outputs)]
     if not cands:
+        # outputs without the partition dim (a backward's grad_B = ungroup(.., chan, groups)):
+        # the dim in the most outputs; they are rows (reduced over one partition tile)
+        cands = [d for d in rec.canonical if d not in axes and any(d in o.dims
+                                                                      for o in rec.outputs)]
+        most = max((sum(d in o.dims for o in rec.outputs) for d in cands), default=0)
+        cands = [d for d in cands if sum(d in o.dims for o in rec.outputs) == most]
+    if not cands:
         raise UnsupportedError(NAME, rec.name, "no dim can go on the partitions: a partition dim "
                                "must be in every output and not be a shift/companion/householder/"
                                "dense axis")
@@ -156,6 +163,10 @@ class Renderer(ChunkedMixin):
         self.T = self.sizes[self.time]
         self.pd, self.outer = choose_layout(rec, self.sizes)
         self.npd = self.sizes[self.pd]
+        lacking = [o.name for o in rec.outputs if self.pd not in o.dims]
+        if lacking and self.npd > 128:
+            self.fail(f"outputs {lacking} lack the partition dim {self.pd!r} of size "
+                      f"{self.npd} > 128 (they need it in one partition tile)")
         self.npt = -(-self.npd // 128)
         self.pe = min(self.npd, 128)                    # partitions of a typical tile
         self.twe = min(self.T, tt)                      # steps of a typical time tile
@@ -353,9 +364,11 @@ class Renderer(ChunkedMixin):
         a single group and d on the partitions, the ones-column matmul of a sum over d."""
         d, g = node.arg
         rep = self.sizes[d] // self.sizes[g]
+        if d == self.pd and self.sizes[g] == 1:
+            return self.reduce(Node(Op.SUM, node.src, (d,)), env, sc, info)
+        if d == self.pd and self.npd <= 128:
+            return self.ungroup_partitions(node, env, sc)
         if d == self.pd or g == self.pd:
-            if d == self.pd and self.sizes[g] == 1:
-                return self.reduce(Node(Op.SUM, node.src, (d,)), env, sc, info)
             self.fail(f"ungroup of {d!r} into {g!r} across the partition dim {self.pd!r}")
         j = env[g] if self.sizes[g] > 1 else Idx("0", frozenset())
         if rep == 1:
@@ -373,6 +386,29 @@ class Renderer(ChunkedMixin):
         self.emit(loop, f"nisa.tensor_tensor({acc.view()}, {acc.view()}, {v.view()}, nl.add)")
         self.close(loop)
         return acc
+
+    def ungroup_partitions(self, node: Node, env: dict, sc: Scope) -> V:
+        """ungroup(x, pd, g) at group j = env[g]: a matmul of x with the 0/1 column selecting
+        the partitions p of group j ((p0 + p) // rep == j, from iota) sums them into a row."""
+        d, g = node.arg
+        rep = self.sizes[d] // self.sizes[g]
+        j = env[g].expr
+        x = self.value(node.src[0], env, sc)
+        x = self.sbuf(self.to_kind(x, "full" if x.kind in ("row", "full") else "col", sc), sc)
+        pos, sel, hi = self.tile(sc, "col"), self.tile(sc, "col"), self.tile(sc, "col")
+        self.emit(sc, f"nisa.iota({pos.view()}, [[0, 1]], offset=p0 - {rep} * ({j}), "
+                      "channel_multiplier=1)")
+        self.emit(sc, f"nisa.tensor_scalar({sel.view()}, {pos.view()}, nl.greater_equal, 0.0)")
+        self.emit(sc, f"nisa.tensor_scalar({hi.view()}, {pos.view()}, nl.greater_equal, "
+                      f"{_fmt(rep)})")
+        self.emit(sc, f"nisa.tensor_tensor({sel.view()}, {sel.view()}, {hi.view()}, "
+                      "nl.subtract)")
+        cols = "0:tw" if x.kind == "full" else "0:1"
+        ps = self.psum_tile(sc, (1, self.tt if x.kind == "full" else 1))
+        self.emit(sc, f"nisa.nc_matmul({ps}[0:1, {cols}], {sel.view()}, {x.view()})")
+        out = self.tile(sc, "row" if x.kind == "full" else "pt")
+        self.emit(sc, f"nisa.tensor_copy({out.view()}, {ps}[0:1, {cols}])")
+        return out
 
     def flip_env(self, node: Node, env: dict) -> dict:
         d = node.arg
@@ -788,6 +824,13 @@ class Renderer(ChunkedMixin):
         self.close(loop)
 
     def store(self, o, env: dict, v: V, sc: Scope) -> None:
+        if self.pd not in o.dims:  # a row: the partition dim was reduced in this one tile
+            if v.kind in ("col", "full"):
+                self.fail(f"output {o.name!r} varies along the partition dim {self.pd!r}")
+            v = self.sbuf(self.to_kind(v, "row", sc), sc)
+            dst = f"out_{o.name}[{self.hbm_index(o.dims, env, '', 't0:t1')}]"
+            self.dma(sc, f"nisa.dma_copy({dst}, {v.view()})", self.twe)
+            return
         v = self.sbuf(self.to_kind(v, "full", sc), sc)
         dst = f"out_{o.name}[{self.hbm_index(o.dims, env, 'p0:p1', 't0:t1')}]"
         if o.dims.index(self.time) < o.dims.index(self.pd):
