@@ -10,7 +10,8 @@ from scancc.autograd import adjoint
 from scancc.backends import get
 from scancc.backends.base import UnsupportedError
 from scancc.backends.nki import emulator as E
-from scancc.ir import Builder, const, diagonal, iota, prev, sigmoid, step, ungroup
+from scancc.ir import (Builder, companion, const, dense, diagonal, householder, iota, prev,
+                       reduce_sum, sigmoid, step, ungroup)
 from scancc.testing import assert_close, default_sizes, sample_inputs, sample_state
 
 nl, nisa = E.language, E.isa
@@ -20,6 +21,7 @@ BACKWARD = {
     "linear_attn": {}, "retnet": {}, "simple_gla": {}, "gla": {}, "hgrn": {}, "s4d": {},
     "mamba": dict(D=True, z=True, delta_bias=True, delta_softplus=True),
     "mamba2": dict(D=True, z=True, dt_bias=True, dt_softplus=True),
+    "delta_net": {}, "gated_delta_net": {},
 }
 
 
@@ -45,16 +47,32 @@ def check_close(rec, x, init, **options):
         assert_close(f[k], rf[k], "float32", f"final {k}")
 
 
+# the per-step (householder) backward steps one reflection per value column: fewer columns
+# by default, the default sizes in the slow run
+SMALL = {"delta_net": {"value": 4}, "gated_delta_net": {"value": 4}}
+
+
+def _library_backward(name, init, over):
+    entry = registry.get(name)
+    b = adjoint(entry.build(**BACKWARD[name])).backward
+    sizes = default_sizes(b, time=70, **over)
+    x = sample_inputs(b, sizes, seed=3, hints=entry.hints)
+    h0 = sample_state(b, sizes) if init else None
+    check_close(b, x, h0, time_tile=16)
+
+
 @pytest.mark.parametrize("init", [False, True], ids=["zero", "init"])
 @pytest.mark.parametrize("name", list(BACKWARD))
 def test_library_backward(name, init):
     """T = 70 over a 16-step time tile: prev(S) crosses four tile boundaries."""
-    entry = registry.get(name)
-    b = adjoint(entry.build(**BACKWARD[name])).backward
-    sizes = default_sizes(b, time=70)
-    x = sample_inputs(b, sizes, seed=3, hints=entry.hints)
-    h0 = sample_state(b, sizes) if init else None
-    check_close(b, x, h0, time_tile=16)
+    _library_backward(name, init, SMALL.get(name, {}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("init", [False, True], ids=["zero", "init"])
+@pytest.mark.parametrize("name", list(SMALL))
+def test_library_backward_default_sizes(name, init):
+    _library_backward(name, init, {})
 
 
 @pytest.mark.parametrize("name,over", [("mamba", {"groups": 2}),
@@ -130,6 +148,34 @@ def test_prev_is_the_entering_state():
     o, f, _, _ = run_both(rec, x, h0, time_tile=8)
     np.testing.assert_array_equal(o["old"][:, 1:], o["cur"][:, :-1])
     np.testing.assert_allclose(o["old"][:, 0], h0["s"], rtol=1e-6)
+
+
+def _step_states_rec():
+    """prev of each per-step transition: householder with an extra looped dim (one
+    reflection per column), companion and dense; and a sum over a dim nested in a sum over
+    the same dim."""
+    r = Builder("nki_test_prev_steps")
+    b, t, h = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("heads", "head")
+    k, v, i, j = r.dim("key"), r.dim("value"), r.dim("row"), r.dim("col")
+    x, kk = r.input("x", [b, t, h, v]), r.input("k", [b, t, h, k])
+    beta, fb = r.input("beta", [b, t, h]), r.input("fb", [h, i])
+    m = r.input("m", [h, i, j])
+    s = r.state("s", [b, h, k, v], householder(k, kk, beta, sigmoid(beta)), inject=kk * x)
+    c = r.state("c", [b, h, i], companion(i, fb), inject=reduce_sum(x, v))
+    d = r.state("d", [b, h, i], dense(i, j, m), inject=reduce_sum(kk, k))
+    r.output("y", [b, t, h, v], reduce_sum(prev("s") * kk, k) + reduce_sum(s, k))
+    r.output("z", [b, t, h, i], prev("c") - c + prev("d") * d)
+    r.output("w", [b, t, h], reduce_sum(reduce_sum(prev("s") * reduce_sum(kk, k), v) * kk, k))
+    return r.build()
+
+
+@pytest.mark.parametrize("init", [False, True], ids=["zero", "init"])
+def test_prev_of_step_states(init):
+    rec = _step_states_rec()
+    sizes = {"batch": 2, "time": 23, "heads": 3, "key": 4, "value": 3, "row": 3, "col": 3}
+    x = sample_inputs(rec, sizes, seed=7, hints={"k": "unit_rows", "beta": "unit_interval",
+                                                 "fb": "small", "m": "small"})
+    check_close(rec, x, sample_state(rec, sizes) if init else None, time_tile=8)
 
 
 def test_step_source_is_a_compare():

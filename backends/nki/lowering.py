@@ -193,6 +193,18 @@ class Renderer(ChunkedMixin):
                       "sum(S * q, K), all read with time before the feature dim")
 
     # ---- emission helpers ----
+    def loop_var(self, name: str, sc: Scope) -> str:
+        """``name``, or a fresh variant when an enclosing loop already binds it (a sum over
+        a dim nested in a sum over the same dim must not clobber the outer index)."""
+        bound = {s.header.split()[1] for s in sc.chain() if s.header and
+                 s.header.startswith("for ")}
+        if name not in bound:
+            return name
+        k = 2
+        while f"{name}{k}" in bound:
+            k += 1
+        return f"{name}{k}"
+
     def fail(self, feature: str):
         raise UnsupportedError(NAME, self.rec.name, feature)
 
@@ -379,8 +391,9 @@ class Renderer(ChunkedMixin):
             self.fail(f"ungroup of the constant expression over {d!r}")
         acc = self.tile(sc, kind)
         self.emit(sc, f"nisa.memset({acc.view()}, 0.0)")
-        loop = self.open(sc, f"for u_{d} in range({rep}):")
-        sub = {**env, d: Idx(f"({j.expr}) * {rep} + u_{d}", j.deps | {loop.sid})}
+        iv = self.loop_var(f"u_{d}", sc)
+        loop = self.open(sc, f"for {iv} in range({rep}):")
+        sub = {**env, d: Idx(f"({j.expr}) * {rep} + {iv}", j.deps | {loop.sid})}
         v = self.value(node.src[0], sub, loop)
         v = self.to_kind(v, kind, loop)
         self.emit(loop, f"nisa.tensor_tensor({acc.view()}, {acc.view()}, {v.view()}, nl.add)")
@@ -468,7 +481,7 @@ class Renderer(ChunkedMixin):
                      coff="1" if a in self.prevs else "")
         if op is Op.PREV:  # the state entering each step: the trajectory one column back
             s = self.rec.state(a)
-            if s.transition.kind not in ELEMENTWISE_KINDS or a in self.chunks:
+            if s.transition.kind is Kind.SHIFT or a in self.chunks:
                 self.fail(f"prev({a}) of a {s.transition.kind.value} state")
             kind = "full" if self.pd in s.dims else "row"
             return V(kind, f"traj_{a}", mid=f"{self.flat_index(s, env)}, ")
@@ -616,8 +629,9 @@ class Renderer(ChunkedMixin):
             self.emit(sc, f"nisa.memset({acc.view()}, {'0.0' if alu == 'add' else _fmt(-BIG)})")
             inner, sub = sc, dict(env)
             for d in loop_dims:
-                inner = self.open(inner, f"for r_{d} in range({self.sizes[d]}):")
-                sub[d] = Idx(f"r_{d}", frozenset({inner.sid}))
+                iv = self.loop_var(f"r_{d}", inner)
+                inner = self.open(inner, f"for {iv} in range({self.sizes[d]}):")
+                sub[d] = Idx(iv, frozenset({inner.sid}))
             scopes = list(inner.chain())[:len(loop_dims)]
             v = self.value(node.src[0], sub, inner)
             if v.kind != kind:
@@ -853,6 +867,8 @@ class Renderer(ChunkedMixin):
         ds = tuple(d for d in self.rec.canonical if d in s.dims and d != self.pd
                    and d not in self.outer)
         ax = s.transition.axis
+        if s.transition.kind is Kind.HOUSEHOLDER and ax in ds:  # the axis last: each
+            return tuple(d for d in ds if d != ax) + (ax,)       # column is contiguous
         return ((ax,) + tuple(d for d in ds if d != ax)) if ax in ds else ds
 
     def flat_index(self, s, env: dict) -> str:
@@ -974,11 +990,17 @@ class Renderer(ChunkedMixin):
             self.close(last)
             return
         else:
-            if dims != (t.axis,):
+            hh = t.kind is Kind.HOUSEHOLDER and dims and dims[-1] == t.axis
+            if dims != (t.axis,) and not hh:
                 self.fail(f"{t.kind.value} state {s.name!r}: its looped dims {list(dims)} must "
                           f"be exactly the axis {t.axis!r} (partition dim {self.pd!r})")
+            # with prev(S) read, column 0 of the trajectory is the state entering the tile
+            tc = "t + 1" if s.name in self.prevs else "t"
+            if s.name in self.prevs:
+                self.emit(sc, f"nisa.tensor_copy(traj_{s.name}[0:{r}, 0:{n}, 0], "
+                              f"carry_{s.name}[0:{r}, {self.slot}, 0:{n}])")
             cur = f"carry_{s.name}[0:{r}, {self.slot}, 0:{n}]"
-            new = f"traj_{s.name}[0:{r}, 0:{n}, t]"
+            new = f"traj_{s.name}[0:{r}, 0:{n}, {tc}]"
             col = self.alloc(sc, (128, 1), 4, "acc")
             if t.kind is Kind.COMPANION:
                 inj, fb = self.materialize([s.inject, t.operand("feedback")], dims, env, sc, r)
@@ -990,19 +1012,32 @@ class Renderer(ChunkedMixin):
                                     f"carry_{s.name}[0:{r}, {self.slot}, 1:{n}], nl.multiply)")
                     self.emit(step, f"nisa.tensor_reduce({col}[0:{r}, 0:1], nl.add, "
                                     f"{prod}[0:{r}, 0:{n - 1}], axis=1, keepdims=True)")
-                    self.emit(step, f"nisa.tensor_copy(traj_{s.name}[0:{r}, 0:{n - 1}, t], "
+                    self.emit(step, f"nisa.tensor_copy(traj_{s.name}[0:{r}, 0:{n - 1}, {tc}], "
                                     f"carry_{s.name}[0:{r}, {self.slot}, 1:{n}])")
                 else:
                     self.emit(step, f"nisa.memset({col}[0:{r}, 0:1], 0.0)")
-                self.emit(step, f"nisa.tensor_tensor(traj_{s.name}[0:{r}, {n - 1}:{n}, t], "
+                self.emit(step, f"nisa.tensor_tensor(traj_{s.name}[0:{r}, {n - 1}:{n}, {tc}], "
                                 f"{col}[0:{r}, 0:1], {inj}[0:{r}, {n - 1}:{n}, t], nl.add)")
             elif t.kind is Kind.HOUSEHOLDER:
-                inj, k = self.materialize([s.inject, t.operand("k")], dims, env, sc, r)
+                # one reflection per column of the other looped dims (hm), the axis last
+                na = self.sizes[t.axis]
+                if dims == (t.axis,):  # one loop nest for both (what they share loads once)
+                    inj, k = self.materialize([s.inject, t.operand("k")], dims, env, sc, r)
+                else:
+                    inj, = self.materialize([s.inject], dims, env, sc, r)
+                    k, = self.materialize([t.operand("k")], (t.axis,), env, sc, r)
                 scal = [t.operand("beta")] + ([t.operand("alpha")] if t.operand("alpha") else [])
                 beta, *alpha = self.materialize(scal, (), env, sc, r)
                 alpha = alpha[0] if alpha else None
-                prod = self.alloc(sc, (128, n), 4 * n, "prod")
+                prod = self.alloc(sc, (128, na), 4 * na, "prod")
                 step = self.open(sc, "for t in range(tw):")
+                outer_step, nk = step, n // na
+                if nk > 1:
+                    step = self.open(step, f"for hm in range({nk}):")
+                cs = f"hm * {na}:(hm + 1) * {na}" if nk > 1 else f"0:{na}"
+                cur = f"carry_{s.name}[0:{r}, {self.slot}, {cs}]"
+                new = f"traj_{s.name}[0:{r}, {cs}, {tc}]"
+                n, injv = na, f"{inj}[0:{r}, {cs}, t]"
                 self.emit(step, f"nisa.tensor_tensor({prod}[0:{r}, 0:{n}], {k}[0:{r}, 0:{n}, t], "
                                 f"{cur}, nl.multiply)")
                 self.emit(step, f"nisa.tensor_reduce({col}[0:{r}, 0:1], nl.add, "
@@ -1017,8 +1052,10 @@ class Renderer(ChunkedMixin):
                     self.emit(step, f"nisa.tensor_copy({col}[0:{r}, 0:1], {alpha}[0:{r}, 0:1, t])")
                     self.emit(step, f"nisa.tensor_scalar({new}, {new}, nl.multiply, "
                                     f"{col}[0:{r}, 0:1])")
-                self.emit(step, f"nisa.tensor_tensor({new}, {new}, {inj}[0:{r}, 0:{n}, t], "
-                                "nl.add)")
+                self.emit(step, f"nisa.tensor_tensor({new}, {new}, {injv}, nl.add)")
+                if nk > 1:
+                    self.close(step)
+                step, n = outer_step, n * nk
             elif t.kind is Kind.DENSE:
                 inj, = self.materialize([s.inject], dims, env, sc, r)
                 m, = self.materialize([t.operand("matrix")], (t.axis, t.col), env, sc, r)
@@ -1027,7 +1064,7 @@ class Renderer(ChunkedMixin):
                 row = self.open(step, f"for a in range({n}):")
                 self.emit(row, f"nisa.tensor_tensor({prod}[0:{r}, 0:{n}], "
                                f"{m}[0:{r}, a * {n}:(a + 1) * {n}, t], {cur}, nl.multiply)")
-                self.emit(row, f"nisa.tensor_reduce(traj_{s.name}[0:{r}, a:a + 1, t], nl.add, "
+                self.emit(row, f"nisa.tensor_reduce(traj_{s.name}[0:{r}, a:a + 1, {tc}], nl.add, "
                                f"{prod}[0:{r}, 0:{n}], axis=1, keepdims=True)")
                 self.close(row)
                 self.emit(step, f"nisa.tensor_tensor({new}, {new}, {inj}[0:{r}, 0:{n}, t], "
@@ -1035,7 +1072,7 @@ class Renderer(ChunkedMixin):
             else:
                 self.fail(f"no NKI rule for transition {t.kind.value!r}")
         self.emit(step, f"nisa.tensor_copy(carry_{s.name}[0:{r}, {self.slot}, 0:{n}], "
-                        f"traj_{s.name}[0:{r}, 0:{n}, t])")
+                        f"traj_{s.name}[0:{r}, 0:{n}, {tc}])")
         self.close(step)
 
     # ---- the kernel ----
