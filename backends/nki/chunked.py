@@ -72,6 +72,8 @@ def find_chunked(rec: Recurrence, pd: str, outer, sizes) -> dict[str, ChunkPlan]
                             sums.append((n, q))
         users = sum(1 for o in rec.outputs for n in o.expr.walk() for c in n.src
                     if c.op is Op.STATE and c.arg == s.name)
+        users += sum(1 for o in rec.outputs  # an output that is the state itself
+                     if o.expr.op is Op.STATE and o.expr.arg == s.name)
         prev = any(n.op is Op.PREV and n.arg == s.name for o in rec.outputs
                    for n in o.expr.walk())
         if not sums or users != len(sums) or prev:  # read only through contractions
