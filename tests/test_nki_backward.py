@@ -32,8 +32,12 @@ def _named(v, names):
 def run_both(rec, x, init, **options):
     """(nki outputs, nki finals, reference outputs, reference finals), all as dicts."""
     onames, snames = [o.name for o in rec.outputs], [s.name for s in rec.states]
-    o, f = scancc.compile(rec, target="nki", **options)(**x, initial_state=init,
-                                                        output_final_state=True)
+    kern = scancc.compile(rec, target="nki", **options)
+    o, f = kern(**x, initial_state=init, output_final_state=True)
+    # the emulator's measured SBUF/PSUM peak stays within the plan's figure
+    c, plan = kern.last_run.counters, kern.backend.last_plan
+    assert c["peak_sbuf_bytes_per_partition"] <= plan.sbuf_bytes
+    assert c["peak_psum_banks"] <= plan.psum_banks <= E.PSUM_BANKS
     ro, rf = scancc.compile(rec)(**x, initial_state=init, output_final_state=True)
     return _named(o, onames), _named(f, snames), _named(ro, onames), _named(rf, snames)
 
