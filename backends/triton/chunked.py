@@ -232,7 +232,8 @@ class Lowering(recurrent.Lowering):
         init += [f"if {self.use_h0[s.name]}:", f"    {p0} = {ptr}",
                  f"    {h} += tl.load({p0}, mask={mask}, other=0.0).to(tl.float32)"]
         b = self.body
-        b.append(f"{self.off[T]} = i_c * {BT} + tl.arange(0, {BT})[:, None]")
+        # int64: time offsets times the strides after time may pass 2^31
+        b.append(f"{self.off[T]} = i_c * {BT} + tl.arange(0, {BT})[:, None].to(tl.int64)")
         b.append(f"{self.msk[T]} = {self.off[T]} < {self.size[T]}")
         b.append(f"# {s.name}: {format_transition(s.transition)} + {format_expr(s.inject)}")
         qk, tv = f"{self.msk[T]} & {self.msk[K]}", f"{self.msk[T]} & {self.msk[V]}"

@@ -487,7 +487,7 @@ class Lowering:
         if P.split:
             nb = {d: f"tl.cdiv({self.size[d]}, {self.block[d]})" for d in P.split}
             flat = self.names.new("i_blk") if len(P.split) > 1 else self.pid[P.split[0]]
-            head.append(f"{flat} = tl.program_id(1)")
+            head.append(f"{flat} = tl.program_id(1).to(tl.int64)")  # offsets past 2^31
             if len(P.split) > 1:
                 for i, d in enumerate(P.split):
                     inner = " * ".join(nb[e] for e in P.split[i + 1:])

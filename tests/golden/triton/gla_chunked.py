@@ -43,7 +43,7 @@ def gla_chunked_fwd_kernel(
     i_batch_heads = tl.program_id(0).to(tl.int64)
     i_batch = i_batch_heads // HEADS
     i_heads = i_batch_heads % HEADS
-    i_value = tl.program_id(1)
+    i_value = tl.program_id(1).to(tl.int64)
     o_key = tl.arange(0, BLOCK_KEY)[None, :]
     o_value = i_value * BLOCK_VALUE + tl.arange(0, BLOCK_VALUE)[None, :]
     m_key = o_key < KEY
@@ -53,7 +53,7 @@ def gla_chunked_fwd_kernel(
         p_h0 = h0 + i_batch * HEADS * KEY * VALUE + i_heads * KEY * VALUE + tl.trans(o_key) * VALUE + o_value
         b_S += tl.load(p_h0, mask=tl.trans(m_key) & m_value, other=0.0).to(tl.float32)
     for i_c in range(0, tl.cdiv(TIME, BLOCK_TIME)):
-        o_time = i_c * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None]
+        o_time = i_c * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None].to(tl.int64)
         m_time = o_time < TIME
         # S: diagonal(decay=exp(g)) + k * v
         p_k = k + i_batch * TIME * HEADS * KEY + o_time * HEADS * KEY + i_heads * KEY + o_key

@@ -40,7 +40,7 @@ def linear_attn_recurrent_fwd_kernel(
     i_batch_heads = tl.program_id(0).to(tl.int64)
     i_batch = i_batch_heads // HEADS
     i_heads = i_batch_heads % HEADS
-    i_value = tl.program_id(1)
+    i_value = tl.program_id(1).to(tl.int64)
     o_key = tl.arange(0, BLOCK_KEY)[:, None]
     o_value = i_value * BLOCK_VALUE + tl.arange(0, BLOCK_VALUE)[None, :]
     m_key = o_key < KEY

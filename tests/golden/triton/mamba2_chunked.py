@@ -49,7 +49,7 @@ def mamba2_chunked_fwd_kernel(
     i_batch_heads = tl.program_id(0).to(tl.int64)
     i_batch = i_batch_heads // HEADS
     i_heads = i_batch_heads % HEADS
-    i_headdim = tl.program_id(1)
+    i_headdim = tl.program_id(1).to(tl.int64)
     o_dstate = tl.arange(0, BLOCK_DSTATE)[None, :]
     o_headdim = i_headdim * BLOCK_HEADDIM + tl.arange(0, BLOCK_HEADDIM)[None, :]
     m_dstate = o_dstate < DSTATE
@@ -61,7 +61,7 @@ def mamba2_chunked_fwd_kernel(
         p_h0 = h0 + i_batch * HEADS * HEADDIM * DSTATE + i_heads * HEADDIM * DSTATE + o_headdim * DSTATE + tl.trans(o_dstate)
         b_h += tl.load(p_h0, mask=m_headdim & tl.trans(m_dstate), other=0.0).to(tl.float32)
     for i_c in range(0, tl.cdiv(TIME, BLOCK_TIME)):
-        o_time = i_c * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None]
+        o_time = i_c * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None].to(tl.int64)
         m_time = o_time < TIME
         # h: scalar(decay=exp(dt_ * A)) + dt_ * x * group(B, groups, heads)
         p_B = B + i_batch * TIME * GROUPS * DSTATE + o_time * GROUPS * DSTATE + (i_heads // (HEADS // GROUPS)) * DSTATE + o_dstate

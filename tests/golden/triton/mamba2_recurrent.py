@@ -48,7 +48,7 @@ def mamba2_recurrent_fwd_kernel(
     i_batch_heads = tl.program_id(0).to(tl.int64)
     i_batch = i_batch_heads // HEADS
     i_heads = i_batch_heads % HEADS
-    i_headdim = tl.program_id(1)
+    i_headdim = tl.program_id(1).to(tl.int64)
     o_headdim = i_headdim * BLOCK_HEADDIM + tl.arange(0, BLOCK_HEADDIM)[:, None]
     o_dstate = tl.arange(0, BLOCK_DSTATE)[None, :]
     m_headdim = o_headdim < HEADDIM

@@ -44,7 +44,7 @@ def mamba_recurrent_fwd_kernel(
     STORE_FINAL_STATE: tl.constexpr,
 ):
     i_batch = tl.program_id(0).to(tl.int64)
-    i_chan = tl.program_id(1)
+    i_chan = tl.program_id(1).to(tl.int64)
     o_chan = i_chan * BLOCK_CHAN + tl.arange(0, BLOCK_CHAN)[:, None]
     o_dstate = tl.arange(0, BLOCK_DSTATE)[None, :]
     m_chan = o_chan < CHAN
