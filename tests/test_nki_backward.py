@@ -10,8 +10,8 @@ from scancc.autograd import adjoint
 from scancc.backends import get
 from scancc.backends.base import UnsupportedError
 from scancc.backends.nki import emulator as E
-from scancc.ir import (Builder, companion, const, dense, diagonal, householder, iota, prev,
-                       reduce_sum, sigmoid, step, ungroup)
+from scancc.ir import (Builder, companion, const, dense, diagonal, exp, householder, iota,
+                       prev, reduce_sum, sigmoid, step, ungroup)
 from scancc.testing import assert_close, default_sizes, sample_inputs, sample_state
 
 nl, nisa = E.language, E.isa
@@ -216,3 +216,20 @@ def test_emulator_greater_equal_is_step():
         return out
     o = E.Kernel(k, "trn1")(a)
     np.testing.assert_array_equal(o, [[0.0, 1.0, 1.0, 1.0, 0.0, 1.0]])
+
+
+def test_expm1_without_cancellation():
+    """exp(x) - 1 is computed as Kahan's expm1: relative accuracy near 0, u - 1 elsewhere
+    (including u = 0): (exp(x) - 1) / x to float32 ulps where plain float32 loses digits."""
+    r = Builder("nki_test_expm1")
+    b, t, c = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("chan")
+    x = r.input("x", [b, t, c])
+    h = r.state("h", [b, c], diagonal(const(0.5)), inject=x)
+    r.output("y", [b, t, c], (exp(x) - 1.0) / x + h * 0.0)
+    rec = r.build()
+    vals = np.array([1e-7, -1e-7, 1e-5, -3e-4, 2e-3, -0.05, 0.3, -0.49, 0.51, -0.7, 2.0, -3.0,
+                     -100.0, 20.0, 1e-20, -4e-38])
+    xs = np.tile(vals, (1, 3, 1))  # [batch 1, time 3, chan 16]
+    o, _, _, _ = run_both(rec, {"x": xs}, None)
+    x32 = xs.astype(np.float32).astype(np.float64)  # the kernel's inputs
+    np.testing.assert_allclose(o["y"], np.expm1(x32) / x32, rtol=5e-7)

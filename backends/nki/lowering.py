@@ -501,10 +501,60 @@ class Renderer(ChunkedMixin):
             return self.reduce(node, env, sc, info)
         if op is Op.SOFTMAX:
             return self.softmax(node, env, sc)
+        if op is Op.SUB and self.expm1_arg(node) is not None:
+            return self.expm1(node, env, sc)
         if op in _ALU:
             return self.binary(op, self.value(node.src[0], env, sc),
                                self.value(node.src[1], env, sc), sc, node)
         return self.unary(op, a, node, env, sc)
+
+    def expm1_arg(self, node: Node) -> Node | None:
+        """x when ``node`` is exp(x) - 1 (through lets), else None."""
+        if node.src[1] != Node(Op.CONST, (), 1.0):
+            return None
+        e = node.src[0]
+        while e.op is Op.PARAM:
+            e = self.lets[e.arg]
+        return e.src[0] if e.op is Op.EXP else None
+
+    def expm1(self, node: Node, env: dict, sc: Scope) -> V:
+        """exp(x) - 1 without float32 cancellation for small |x| (s4d's (exp(dt A) - 1) / A
+        and its derivative): Kahan's (u - 1) x / log(u) with u = exp(x), on x and u clamped
+        to |x| <= 0.5 so it stays finite (u == 1 gives x), and u - 1 where |x| > 0.5."""
+        u = self.value(node.src[0], env, sc)
+        x = self.value(self.expm1_arg(node), env, sc)
+        if u.kind == "const" or x.kind == "const":
+            return self.binary(Op.SUB, u, V("const", "1.0"), sc, node)
+        u = self.sbuf(u, sc)
+        x = self.sbuf(self.to_kind(x, u.kind, sc), sc)
+
+        def ts(src: V, op0: str, c0: float, op1: str | None = None, c1: float = 0.0) -> V:
+            out = self.tile(sc, u.kind)
+            extra = f", op1=nl.{op1}, operand1={_fmt(c1)}" if op1 else ""
+            self.emit(sc, f"nisa.tensor_scalar({out.view()}, {src.view()}, nl.{op0}, "
+                          f"{_fmt(c0)}{extra})")
+            return out
+
+        def tt(a: V, b: V, alu: str, out: V | None = None) -> V:
+            out = out or self.tile(sc, u.kind)
+            self.emit(sc, f"nisa.tensor_tensor({out.view()}, {a.view()}, {b.view()}, nl.{alu})")
+            return out
+
+        um1 = ts(u, "subtract", 1.0)
+        xc = ts(x, "maximum", -0.5, "minimum", 0.5)
+        uc = ts(u, "maximum", math.exp(-0.5), "minimum", math.exp(0.5))
+        one = ts(uc, "equal", 1.0)
+        den = self.tile(sc, u.kind)
+        self.emit(sc, f"nisa.activation({den.view()}, nl.log, {uc.view()})")
+        tt(den, one, "add", den)                      # log(u) + [u == 1]: never 0
+        k = ts(uc, "subtract", 1.0)
+        tt(k, xc, "multiply", k)
+        tt(k, den, "divide", k)
+        tt(tt(one, xc, "multiply"), k, "add", k)      # u == 1: x
+        big = ts(x, "greater_equal", 0.5)
+        tt(big, ts(x, "less", -0.5), "add", big)      # |x| > 0.5: u - 1
+        tt(big, tt(um1, k, "subtract"), "multiply", big)
+        return tt(k, big, "add", k)
 
     def unary(self, op: Op, arg, node: Node, env: dict, sc: Scope) -> V:
         src = node.src[0]
