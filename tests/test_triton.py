@@ -20,7 +20,7 @@ if importlib.util.find_spec("triton") is None:  # not imported here: the backend
 
 import scancc  # noqa: E402
 from scancc import backends, registry, testing  # noqa: E402
-from scancc.ir import const, dense, exp, identity, iota, log, sigmoid  # noqa: E402
+from scancc.ir import const, dense, diagonal, exp, identity, iota, log, sigmoid  # noqa: E402
 from scancc.ir import clamp, l2norm, maximum, reduce_max, reduce_sum, size, sqrt  # noqa: E402
 
 LIBRARY = ["linear_attn", "retnet", "simple_gla", "gla", "hgrn", "delta_net", "gated_delta_net",
@@ -224,6 +224,31 @@ def test_several_grid_and_split_dims():
     testing.assert_close(res.outputs["y"], ref.outputs["y"], "float32")
     testing.assert_close(res.final_states["s"], ref.final_states["s"], "float32")
     registry.unregister("triton_test_many_dims")
+
+
+def test_group_onto_a_register_dim():
+    # group() onto a dim held whole in registers (summed in the readout): the grouped input
+    # is loaded along that dim's axis with index i // (|n| / |groups|)
+    from scancc.ir import group as grp
+
+    @scancc.register("triton_test_group_regs", override=True)
+    def gr(r):
+        b, t, g, n = (r.dim("batch", "batch"), r.dim("time", "time"), r.dim("groups", "group"),
+                      r.dim("n"))
+        x = r.input("x", [b, t, g])
+        w = r.input("w", [n])
+        s = r.state("s", [b, n], diagonal(const(0.9)), inject=grp(x, g, n) * (w + iota(n)))
+        r.output("y", [b, t], reduce_sum(s, n))
+
+    rec = registry.get("triton_test_group_regs").build()
+    sizes = {"batch": 2, "time": 9, "groups": 3, "n": 6}
+    x = testing.sample_inputs(rec, sizes, 1)
+    ref = backends.get("reference").run(rec, x, sizes, None, True, {})
+    res = backends.get("triton").run(rec, {k: torch.from_numpy(v).float() for k, v in x.items()},
+                                     sizes, None, True, {})
+    testing.assert_close(res.outputs["y"], ref.outputs["y"], "float32")
+    testing.assert_close(res.final_states["s"], ref.final_states["s"], "float32")
+    registry.unregister("triton_test_group_regs")
 
 
 def test_public_compile_path():
