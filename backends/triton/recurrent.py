@@ -112,6 +112,7 @@ class Lowering:
     """Renders the recurrent kernel and its launcher for one recurrence."""
     algorithm = "recurrent"
     scalar_groups = True  # blocks of a grouped split dim stay inside one group
+    _step_key = None      # the env key of a step with ring buffers (see _ring_invariant)
 
     def __init__(self, rec: Recurrence, options):
         self.rec, self.options = rec, dict(options)
@@ -276,8 +277,31 @@ class Lowering:
     def value(self, node: Node, env: Env) -> str:
         key = (node, env.key)
         if key not in self._memo:
-            self._memo[key] = self._value(node, env)
+            rotated = self._ring_invariant(node, env)
+            self._memo[key] = (self._rotate(node, env, rotated) if rotated
+                               else self._value(node, env))
         return self._memo[key]
+
+    def _ring_invariant(self, node: Node, env: Env) -> list[str]:
+        """The ring axes of ``node`` if it is time-invariant but for its ring-buffer indexing:
+        then it is computed once in logical order and rotated per step in registers."""
+        if self._step_key is None or env.key != self._step_key or node.op is Op.CONST:
+            return []
+        rings = [w for w in self.plan.rings if w in self.rec.dims_of(node)]
+        if not rings or self.rec.uses_state(node) or self.varies(node, Env(env.base)):
+            return []
+        return rings
+
+    def _rotate(self, node: Node, env: Env, rings: list[str]) -> str:
+        x = self.value(node, Env(env.base))  # logical order = physical order before step 0
+        if not _ATOM.match(x):
+            x = self.bind(False, f"b_{node.op.value}", x)
+        dims = set(self.rec.dims_of(node))
+        shape = ", ".join(self.block[d] if d in dims else "1" for d in self.plan.regs)
+        for w in rings:
+            idx = f"tl.broadcast_to({env[w].expr}, [{shape}])"
+            x = self.bind(True, "b_ring", f"tl.gather({x}, {idx}, axis={self.axis_of(w)})")
+        return x
 
     def _value(self, node: Node, env: Env) -> str:
         op, a = node.op, node.arg
@@ -411,6 +435,7 @@ class Lowering:
         self._memo: dict = {}
         self._varies: dict = {}
         self._prec: dict = {}
+        self._step_key = None
         base = Env(self._base_env())
         head = self._program_ids()
         R = len(P.regs)
@@ -435,6 +460,7 @@ class Lowering:
             init.append(f"    {v} += tl.load({p}{m}).to(tl.float32)")
         # the step
         env = self._ring_env(base, "i_t + 1", True) if P.rings else base
+        self._step_key = env.key if P.rings else None
         for s in rec.states:
             t = s.transition
             self.body.append(f"# {s.name}: {format_transition(t)} + {format_expr(s.inject)}")

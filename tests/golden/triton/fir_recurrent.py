@@ -41,6 +41,8 @@ def fir_recurrent_fwd_kernel(
     m_chan = o_chan < CHAN
     m_width = o_width < WIDTH
     p_x = x + i_batch * TIME * CHAN + o_chan
+    p_weight = weight + o_chan * WIDTH + o_width
+    b_weight = tl.load(p_weight, mask=m_chan & m_width, other=0.0).to(tl.float32)
     p_y = y + i_batch * TIME * CHAN + o_chan
     b_win = tl.zeros([BLOCK_CHAN, BLOCK_WIDTH], dtype=tl.float32)
     if USE_INITIAL_STATE:
@@ -51,9 +53,8 @@ def fir_recurrent_fwd_kernel(
         b_x = tl.load(p_x, mask=m_chan, other=0.0).to(tl.float32)
         b_win = tl.where(o_width == i_t % WIDTH, b_x, b_win)
         # y = sum(weight * win, width)
-        p_weight = weight + o_chan * WIDTH + (o_width + WIDTH - (i_t + 1) % WIDTH) % WIDTH
-        b_weight = tl.load(p_weight, mask=m_chan & m_width, other=0.0).to(tl.float32)
-        b_sum = tl.sum(tl.where(m_width, b_weight * b_win, 0.0), axis=1, keep_dims=True)
+        b_ring = tl.gather(b_weight, tl.broadcast_to((o_width + WIDTH - (i_t + 1) % WIDTH) % WIDTH, [BLOCK_CHAN, BLOCK_WIDTH]), axis=1)
+        b_sum = tl.sum(tl.where(m_width, b_ring * b_win, 0.0), axis=1, keep_dims=True)
         tl.store(p_y, b_sum.to(p_y.dtype.element_ty), mask=m_chan)
         p_x += CHAN
         p_y += CHAN

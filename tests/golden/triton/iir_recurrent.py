@@ -43,7 +43,12 @@ def iir_recurrent_fwd_kernel(
     o_order = tl.arange(0, BLOCK_ORDER)[None, :]
     m_chan = o_chan < CHAN
     m_order = o_order < ORDER
+    p_a = a + o_chan * ORDER + ORDER - 1 - o_order
+    b_a = tl.load(p_a, mask=m_chan & m_order, other=0.0).to(tl.float32)
+    b_neg = -b_a
     p_x = x + i_batch * TIME * CHAN + o_chan
+    p_b = b + o_chan * ORDER + ORDER - 1 - o_order
+    b_b = tl.load(p_b, mask=m_chan & m_order, other=0.0).to(tl.float32)
     p_y = y + i_batch * TIME * CHAN + o_chan
     b_w = tl.zeros([BLOCK_CHAN, BLOCK_ORDER], dtype=tl.float32)
     if USE_INITIAL_STATE:
@@ -52,15 +57,13 @@ def iir_recurrent_fwd_kernel(
     for i_t in range(0, TIME):
         # w: companion(axis=order, feedback=-flip(a, order)) + x
         m_w_new = o_order == i_t % ORDER
-        p_a = a + o_chan * ORDER + ORDER - 1 - ((o_order + ORDER - (i_t + 1) % ORDER) % ORDER)
-        b_a = tl.load(p_a, mask=m_chan & m_order, other=0.0).to(tl.float32)
+        b_ring = tl.gather(b_neg, tl.broadcast_to((o_order + ORDER - (i_t + 1) % ORDER) % ORDER, [BLOCK_CHAN, BLOCK_ORDER]), axis=1)
         b_x = tl.load(p_x, mask=m_chan, other=0.0).to(tl.float32)
-        b_w_new = tl.sum(tl.where(m_order, -b_a * tl.where(m_w_new, 0.0, b_w), 0.0), axis=1, keep_dims=True) + b_x
+        b_w_new = tl.sum(tl.where(m_order, b_ring * tl.where(m_w_new, 0.0, b_w), 0.0), axis=1, keep_dims=True) + b_x
         b_w = tl.where(m_w_new, b_w_new, b_w)
         # y = sum(flip(b, order) * w, order)
-        p_b = b + o_chan * ORDER + ORDER - 1 - ((o_order + ORDER - (i_t + 1) % ORDER) % ORDER)
-        b_b = tl.load(p_b, mask=m_chan & m_order, other=0.0).to(tl.float32)
-        b_sum = tl.sum(tl.where(m_order, b_b * b_w, 0.0), axis=1, keep_dims=True)
+        b_ring_1 = tl.gather(b_b, tl.broadcast_to((o_order + ORDER - (i_t + 1) % ORDER) % ORDER, [BLOCK_CHAN, BLOCK_ORDER]), axis=1)
+        b_sum = tl.sum(tl.where(m_order, b_ring_1 * b_w, 0.0), axis=1, keep_dims=True)
         tl.store(p_y, b_sum.to(p_y.dtype.element_ty), mask=m_chan)
         p_x += CHAN
         p_y += CHAN
