@@ -233,3 +233,15 @@ def test_expm1_without_cancellation():
     o, _, _, _ = run_both(rec, {"x": xs}, None)
     x32 = xs.astype(np.float32).astype(np.float64)  # the kernel's inputs
     np.testing.assert_allclose(o["y"], np.expm1(x32) / x32, rtol=5e-7)
+
+
+@pytest.mark.parametrize("order", ["outer", "time"])
+@pytest.mark.parametrize("name", ["gla", "delta_net", "mamba2"])
+def test_backward_both_loop_orders(name, order):
+    """The entering carry of prev(S) in either loop order (time tile outermost keeps a carry
+    slot per outer index and partition tile)."""
+    entry = registry.get(name)
+    b = adjoint(entry.build(**BACKWARD[name])).backward
+    sizes = default_sizes(b, time=37, **SMALL.get(name, {}))
+    x = sample_inputs(b, sizes, seed=6, hints=entry.hints)
+    check_close(b, x, sample_state(b, sizes), time_tile=16, loop_order=order)
