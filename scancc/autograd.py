@@ -40,7 +40,11 @@ def _kernel(rec: Recurrence, target: str):
 def _run(rec: Recurrence, inputs: Mapping[str, np.ndarray], init: dict | None,
          target: str = "reference"):
     """(outputs by name, final states by name) of ``rec`` on ``target``, NumPy in and out."""
-    out, fin = _kernel(rec, target)(**inputs, initial_state=init, output_final_state=True)
+    k = _kernel(rec, target)
+    if "float64" not in k.backend.dtypes:  # e.g. Triton: float32 in, float32 accumulation
+        inputs = {n: v.astype(np.float32) for n, v in inputs.items()}
+        init = {n: v.astype(np.float32) for n, v in init.items()} if init else init
+    out, fin = k(**inputs, initial_state=init, output_final_state=True)
     outs = out if isinstance(out, dict) else {rec.outputs[0].name: out}
     fins = fin if isinstance(fin, dict) else {rec.states[0].name: fin}
     return ({k: np.asarray(v, np.float64) for k, v in outs.items()},

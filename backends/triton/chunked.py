@@ -63,6 +63,8 @@ def _factors(n: Node) -> list[Node]:
 def analyze(rec: Recurrence) -> Form:
     if len(rec.states) != 1:
         raise NotChunkable("needs exactly one state")
+    if any(n.op is Op.PREV for o in rec.outputs for n in o.expr.walk()):
+        raise NotChunkable("a readout reads prev(): the state entering each step")
     s = rec.states[0]
     t = s.transition
     if t.kind not in (Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL, Kind.HOUSEHOLDER):

@@ -61,6 +61,7 @@ UNARY_RULES: dict[Op, tuple[str, int]] = {
     Op.SILU: ("{0} * tl.sigmoid({0})", 2),
     Op.SQRT: ("tl.sqrt({0})", 4),
     Op.RSQRT: ("tl.rsqrt({0})", 4),
+    Op.STEP: ("tl.where({0} >= 0.0, 1.0, 0.0)", 4),
 }
 BINARY_RULES: dict[Op, tuple[str, int]] = {
     Op.ADD: ("{0} + {1}", 1),
@@ -136,6 +137,10 @@ class Lowering:
         self.size = {d.name: self.names.ir("", d.name, upper=True) for d in rec.dims}
         self.block = {d: self.names.ir("BLOCK_", d, upper=True) for d in self.plan.regs}
         self.state_var = {s.name: self.names.ir("b_", s.name) for s in rec.states}
+        # states a readout reads as they entered the step (prev): a register copy per step
+        read_prev = {n.arg for o in rec.outputs for n in o.expr.walk() if n.op is Op.PREV}
+        self.prev_var = {s.name: self.names.ir("b_prev_", s.name) for s in rec.states
+                         if s.name in read_prev}
         # per dim: program index, offsets and mask (allocated: IR names may look like them)
         self.pid = {d.name: self.names.ir("i_", d.name) for d in rec.dims}
         self.off = {d.name: self.names.ir("o_", d.name) for d in rec.dims}
@@ -157,13 +162,17 @@ class Lowering:
     # ---- checks ----
     def _check_rules(self):
         known = set(UNARY_RULES) | set(BINARY_RULES) | {
-            Op.INPUT, Op.PARAM, Op.STATE, Op.CONST, Op.IOTA, Op.SIZE, Op.CLAMP, Op.SUM, Op.MAX,
-            Op.L2NORM, Op.SOFTMAX, Op.FLIP, Op.GROUP}
+            Op.INPUT, Op.PARAM, Op.STATE, Op.PREV, Op.CONST, Op.IOTA, Op.SIZE, Op.CLAMP, Op.SUM,
+            Op.MAX, Op.L2NORM, Op.SOFTMAX, Op.FLIP, Op.GROUP}
         for where, root in self.rec.exprs():
             for n in root.walk():
                 if n.op not in known:
                     raise unsupported(self.rec, f"{where}: no rule for op {n.op.value!r}")
+        read_prev = {n.arg for o in self.rec.outputs for n in o.expr.walk() if n.op is Op.PREV}
         for s in self.rec.states:
+            if s.name in read_prev and s.transition.kind in (Kind.SHIFT, Kind.COMPANION):
+                raise unsupported(self.rec, f"prev({s.name}): the state is a ring buffer "
+                                  "(its previous value would need a second ring)")
             if s.transition.kind not in TRANSITION_RULES:
                 raise unsupported(self.rec, f"state {s.name!r}: no rule for transition "
                                   f"{s.transition.kind.value!r}")
@@ -244,7 +253,7 @@ class Lowering:
         if op is Op.INPUT:
             dims = self.rec.input(node.arg).dims
             v = self.rec.time in dims or any(env[d].tvar for d in dims)
-        elif op is Op.STATE:
+        elif op in (Op.STATE, Op.PREV):
             v = True
         elif op is Op.IOTA:
             v = env[node.arg].tvar
@@ -310,6 +319,8 @@ class Lowering:
             return self.load(a, env)
         if op is Op.STATE:
             return self.state_var[a]
+        if op is Op.PREV:
+            return self.prev_var[a]
         if op is Op.CONST:
             return number(a)
         if op is Op.SIZE:
@@ -461,6 +472,8 @@ class Lowering:
         # the step
         env = self._ring_env(base, "i_t + 1", True) if P.rings else base
         self._step_key = env.key if P.rings else None
+        for name, v in self.prev_var.items():
+            self.body.append(f"{v} = {self.state_var[name]}")
         for s in rec.states:
             t = s.transition
             self.body.append(f"# {s.name}: {format_transition(t)} + {format_expr(s.inject)}")

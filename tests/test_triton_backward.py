@@ -1,0 +1,70 @@
+"""Derived backward recurrences (docs/training.md) lowered to Triton, against the reference:
+they use step() and prev() (the state entering a step), which the recurrent lowering keeps as
+a register copy. ungroup() (mamba/mamba2's grad_B/grad_C sum over heads held by different
+programs) is not lowered yet: those stay on the reference backend, with a clear error here."""
+import numpy as np
+import pytest
+import scancc
+from scancc.autograd import adjoint
+from scancc.backends import UnsupportedError
+from scancc.testing import assert_close, default_sizes, sample_inputs, sample_state
+
+torch = pytest.importorskip("torch", reason="torch (the [triton] extra) is not installed")
+if not scancc.backends.get("triton").available()[0]:
+    pytest.skip("the Triton backend needs triton (scancc[triton])", allow_module_level=True)
+
+LOWERED = ["linear_attn", "retnet", "simple_gla", "gla", "hgrn", "delta_net",
+           "gated_delta_net", "s4d"]
+
+
+def _case(name, T=19, seed=0):
+    e = scancc.get(name)
+    rec = e.build(**{o: True for o in e.optional_inputs})
+    b = adjoint(rec).backward
+    sizes = default_sizes(b, time=T, key=5, value=3, heads=2, chan=3, dstate=3)
+    x = sample_inputs(b, sizes, seed, {k: v for k, v in e.hints.items() if k in
+                                       {i.name for i in b.inputs}})
+    return b, x, sample_state(b, sizes, seed + 1)
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("name", LOWERED)
+def test_backward_recurrence_on_triton_matches_reference(name, with_state):
+    b, x, h0 = _case(name)
+    init = h0 if with_state else None
+    want_y, want_h = scancc.compile(b)(**x, initial_state=init, output_final_state=True)
+    k = scancc.compile(b, target="triton")
+    assert k.backend.algorithm(b, {}) == "recurrent"  # prev() rules out the chunked form
+    xs = {n: torch.from_numpy(v).float() for n, v in x.items()}
+    hs = {n: torch.from_numpy(v).float() for n, v in h0.items()} if with_state else None
+    got_y, got_h = k(**xs, initial_state=hs, output_final_state=True)
+    for n in want_y:
+        assert_close(got_y[n], want_y[n], "float32", f"{name} backward {n}")
+    want_h = want_h if isinstance(want_h, dict) else {b.states[0].name: want_h}
+    got_h = got_h if isinstance(got_h, dict) else {b.states[0].name: got_h}
+    for n in want_h:
+        assert_close(got_h[n], want_h[n], "float32", f"{name} backward final {n}")
+
+
+def test_prev_reads_the_state_entering_the_step():
+    from scancc.ir import Builder, Node, Op, prev, scalar
+    r = Builder("prev_probe")
+    bt, t, d = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("chan")
+    x = r.input("x", [bt, t, d])
+    r.state("h", [bt, d], scalar(Node(Op.CONST, (), 0.5)), inject=x)
+    r.output("y", [bt, t, d], prev("h"))
+    rec = r.build()
+    xs = torch.arange(6, dtype=torch.float32).reshape(1, 6, 1)
+    y = scancc.compile(rec, target="triton")(xs, initial_state=torch.full((1, 1), 8.0))
+    want, h = [], 8.0
+    for v in range(6):
+        want.append(h)
+        h = 0.5 * h + v
+    np.testing.assert_allclose(y[0, :, 0].numpy(), want)
+
+
+def test_ungroup_is_reported_unsupported():
+    e = scancc.get("mamba2")
+    b = adjoint(e.build(D=True)).backward
+    with pytest.raises(UnsupportedError, match="no rule for op 'ungroup'"):
+        scancc.compile(b, target="triton")
