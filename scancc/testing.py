@@ -22,8 +22,8 @@ class Tolerance:
 TOLERANCES: dict[str, Tolerance] = {
     "float64": Tolerance(1e-10, 1e-9),
     "float32": Tolerance(2e-5, 1e-4),
-    "float16": Tolerance(2e-3, 8e-3),
-    "bfloat16": Tolerance(1e-2, 5e-2),
+    "float16": Tolerance(5e-4, 2e-3),
+    "bfloat16": Tolerance(1e-2, 1.5e-2),
 }
 
 
