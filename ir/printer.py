@@ -317,7 +317,6 @@ def parse_recurrence(text: str) -> Recurrence:
             continue
         head, _, rest = s.partition(" ")
         rest = rest.strip()
-        col = len(raw) - len(raw.lstrip()) + len(head) + 2
         if name is None:
             if head != "recurrence" or not rest:
                 raise ParseError("expected 'recurrence NAME'", ln)

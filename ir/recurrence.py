@@ -13,8 +13,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from .errors import IRError, VerifyError
-from .expr import Node, Op, check_ident
+from .errors import IRError
+from .expr import Node, Op
 
 ROLES = ("batch", "time", "head", "group", "feature")
 

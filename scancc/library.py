@@ -11,7 +11,6 @@ import math
 from scancc.ir import (companion, const, diagonal, dot, exp, flip, group, householder,
                        identity, iota, l2norm, rsqrt, scalar, shift, silu, size, softmax,
                        softplus, clamp)
-from scancc.ir import reduce_sum as rsum
 
 from .registry import register
 

@@ -6,8 +6,8 @@ import pytest
 import scancc
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scancc.ir import (Builder, Dim, Input, IRError, Kind, Node, Op, Output, ParseError,
-                       Recurrence, State, VerifyError, companion, const, dense, diagonal, exp,
+from scancc.ir import (Builder, IRError, Node, Op, ParseError,
+                       companion, const, dense, diagonal, exp,
                        format_recurrence, householder, identity, parse_recurrence, scalar, shift)
 from scancc.ir import reduce_sum as rsum
 

@@ -7,7 +7,6 @@ Regenerate the golden files after an intended codegen change with
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from scancc import backends, registry, testing
-from scancc.backends.triton import recurrent
 
 GOLDEN = Path(__file__).parent / "golden" / "triton"
 LIBRARY = ["linear_attn", "retnet", "simple_gla", "gla", "hgrn", "delta_net", "gated_delta_net",

@@ -214,7 +214,7 @@ class Lowering(recurrent.Lowering):
         return " * ".join(vals)
 
     def render_kernel(self) -> list[str]:
-        rec, P, F = self.rec, self.plan, self.form
+        rec, F = self.rec, self.form
         self.pro, self.body, self.step = [], [], []
         self._memo, self._varies, self._prec = {}, {}, {}
         env = Env(self._base_env())
@@ -364,5 +364,5 @@ class Lowering(recurrent.Lowering):
 
     def _kv_env(self, env: Env) -> Env:
         """Indices of the [K, V] state block: K down the rows, V along the columns."""
-        K, V = self.form.K, self.form.V
+        K = self.form.K
         return env.with_(K, Idx(f"tl.trans({self.off[K]})", K, f"tl.trans({self.msk[K]})"))

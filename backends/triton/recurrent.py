@@ -612,7 +612,7 @@ class Lowering:
                  f"{blocks}=None, {warps}=4):",
                  f'    """Run {self.kernel_name}: inputs in their declared layouts (every dim',
                  "    present), initial states by name; returns (outputs by name, final states",
-                 f'    by name or None)."""']
+                 '    by name or None)."""']
         if len(ins) == 1:
             lines.append(f"    {first} = {first}.contiguous()")
         else:
