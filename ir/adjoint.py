@@ -15,20 +15,24 @@ backward outputs per-step contributions, which the caller sums over each chunk. 
 it reads the forward inputs, dy, and the forward states h_t and h_{t-1} (recomputed chunk by
 chunk by the caller, see scancc.autograd), all reversed in time.
 
-Derived so far for the symmetric structures (identity, scalar, diagonal, householder: A^T = A).
-Shift, companion and dense need a transposed structure the IR does not have yet
-(docs/design-adjoint.md).
+For the symmetric structures (identity, scalar, diagonal, householder: A^T = A) the backward
+state has the forward's transition and the injected term A_t^T g_t, an expression. Shift,
+companion and dense are not symmetric: their backward state uses the adjoint-step kinds
+(``shift_adjoint``, ``companion_adjoint``, ``dense_adjoint``: h_t = A_t^T (h_{t-1} + b_t)) with
+the injected term g_t, so nu_{t-1} = A_t^T (nu_t + g_t) needs no expression for A^T g.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from .errors import IRError
-from .expr import Node, Op, const, lift, sigmoid, sqrt, step, ungroup
+from .expr import Node, Op, const, iota, lift, sigmoid, size, sqrt, step, ungroup
 from .expr import sum as rsum
-from .recurrence import (Input, Kind, Output, Recurrence, State, Transition, identity)
+from .recurrence import (ADJOINT_KIND, Input, Kind, Output, Recurrence, State, Transition,
+                         adjoint_step, identity)
 
 SYMMETRIC = {Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL, Kind.HOUSEHOLDER}
+DERIVED = SYMMETRIC | set(ADJOINT_KIND)   # kinds whose adjoint is derived
 
 
 @dataclass(frozen=True)
@@ -189,7 +193,7 @@ def inline_lets(rec: Recurrence, node: Node, memo: dict) -> Node:
 
 
 def apply_transition(t: Transition, h: Node, ops: dict[str, Node]) -> Node:
-    """A_t h as an expression (for the symmetric structures, also A_t^T h)."""
+    """A_t h as an expression, for the symmetric structures (so also A_t^T h)."""
     if t.kind is Kind.IDENTITY:
         return h
     if t.kind in (Kind.SCALAR, Kind.DIAGONAL):
@@ -198,16 +202,38 @@ def apply_transition(t: Transition, h: Node, ops: dict[str, Node]) -> Node:
         k = ops["k"]
         out = h - ops["beta"] * k * rsum(k * h, t.axis)
         return ops["alpha"] * out if "alpha" in ops else out
-    raise IRError(f"adjoint of a {t.kind.value} transition is not derived yet")
+    raise IRError(f"{t.kind.value} is not a symmetric transition")
+
+
+def newest(axis: str) -> Node:
+    """1 at the newest slot of a shift axis (the last), 0 elsewhere."""
+    return step(iota(axis) - (size(axis) - 1.0))
+
+
+def step_expr(t: Transition, ops: dict[str, Node], inject: Node, h_now: Node, h_before: Node,
+              ) -> Node:
+    """h_t = A_t h_{t-1} + b_t as an expression of the operands, the inject and the states
+    (inputs of the backward), for the VJP w.r.t. the operands and the inject. ``h_before`` of a
+    dense state is indexed by the column dim (see ``derive``)."""
+    if t.kind in SYMMETRIC:
+        return apply_transition(t, h_before, ops) + inject
+    if t.kind is Kind.SHIFT:           # the slots but the newest hold constants
+        return newest(t.axis) * inject
+    if t.kind is Kind.COMPANION:       # shifted h_{t-1} = h_t off the newest slot
+        shifted = (1.0 - newest(t.axis)) * h_now
+        return newest(t.axis) * (rsum(ops["feedback"] * shifted, (t.axis,)) + inject)
+    if t.kind is Kind.DENSE:
+        return rsum(ops["matrix"] * h_before, (t.col,)) + inject
+    raise IRError(f"the adjoint of a {t.kind.value} transition is not derived")
 
 
 def derive(rec: Recurrence) -> Adjoint:
     """The backward recurrence of ``rec`` (see the module docstring)."""
     for s in rec.states:
-        if s.transition.kind not in SYMMETRIC:
+        if s.transition.kind not in DERIVED:
             raise IRError(f"recurrence {rec.name!r}, state {s.name!r}: the adjoint of a "
-                          f"{s.transition.kind.value} transition is not derived yet (derived: "
-                          f"{', '.join(sorted(k.value for k in SYMMETRIC))})")
+                          f"{s.transition.kind.value} transition is not derived (derived: "
+                          f"{', '.join(sorted(k.value for k in DERIVED))})")
     for o in rec.outputs:
         if any(n.op is Op.PREV for n in o.expr.walk()):
             raise IRError(f"recurrence {rec.name!r}, output {o.name!r}: the adjoint of a "
@@ -231,8 +257,12 @@ def derive(rec: Recurrence) -> Adjoint:
 
     extra_inputs = [Input(cot[o.name], o.dims) for o in rec.outputs]
     for s in rec.states:
+        t = s.transition
+        # h_{t-1} of a dense state is read along the column dim: the same array, its axis
+        # dim renamed (the matrix contracts it)
+        before = tuple(t.col if t.kind is Kind.DENSE and d == t.axis else d for d in s.dims)
         extra_inputs += [Input(seq[s.name][0], (time,) + s.dims),
-                         Input(seq[s.name][1], (time,) + s.dims)]
+                         Input(seq[s.name][1], (time,) + before)]
     ctx_states = [(nu[s.name], s.dims) for s in rec.states]
     ctx = _Ctx(rec.dims, list(rec.inputs) + extra_inputs, ctx_states)
 
@@ -251,10 +281,15 @@ def derive(rec: Recurrence) -> Adjoint:
         gs = g.get(h_now[Node(Op.STATE, (), s.name)])
         lam[s.name] = _add(Node(Op.PREV, (), nu[s.name]), gs)
         hp = Node(Op.INPUT, (), seq[s.name][1])
-        roots.append((apply_transition(t, hp, ops) + inl(s.inject), lam[s.name]))
-        inject = apply_transition(t, gs, ops) if gs is not None else const(0.0)
-        states.append(State(nu[s.name], s.dims, Transition(
-            t.kind, t.axis, tuple((k, ops[k]) for k, _ in t.operands), t.col), inject))
+        roots.append((step_expr(t, ops, inl(s.inject), Node(Op.INPUT, (), seq[s.name][0]), hp),
+                      lam[s.name]))
+        bt = adjoint_step(Transition(t.kind, t.axis, tuple((k, ops[k]) for k, _ in t.operands),
+                                     t.col))
+        if t.kind in SYMMETRIC:   # nu_{t-1} = A^T nu_t + A^T g_t, with A^T g_t an expression
+            inject = apply_transition(t, gs, ops) if gs is not None else const(0.0)
+        else:                     # the adjoint step adds g_t first: A^T (nu_t + g_t)
+            inject = gs if gs is not None else const(0.0)
+        states.append(State(nu[s.name], s.dims, bt, inject))
     leaves = {Node(Op.INPUT, (), x.name) for x in rec.inputs}
     grads = vjp(ctx, roots, leaves)
 

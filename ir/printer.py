@@ -21,7 +21,7 @@ from typing import Callable
 
 from .errors import ParseError
 from .expr import FUNCTIONS, INFIX, Node, Op, lift
-from .recurrence import (AXIS_KINDS, OPERANDS, Dim, Input, Kind, Let, Numerics, Output,
+from .recurrence import (AXIS_KINDS, COL_KINDS, OPERANDS, Dim, Input, Kind, Let, Numerics, Output,
                          Recurrence, State, Transition)
 
 _PREC = {Op.ADD: 1, Op.SUB: 1, Op.MUL: 2, Op.DIV: 2, Op.NEG: 3}
@@ -390,13 +390,13 @@ def parse_transition(parser: ExprParser, text: str, line: int | None = None,
         ts.take("op", "=")
         if kw[1] == "axis" and kind in AXIS_KINDS:
             axis = parser.dim(ts)
-        elif kw[1] == "col" and kind is Kind.DENSE:
+        elif kw[1] == "col" and kind in COL_KINDS:
             col = parser.dim(ts)
         elif kw[1] in req + opt:
             ops.append((kw[1], parser.expr(ts)))
         else:
             takes = (["axis"] if kind in AXIS_KINDS else []) + (
-                ["col"] if kind is Kind.DENSE else []) + list(req + opt)
+                ["col"] if kind in COL_KINDS else []) + list(req + opt)
             ts.fail(f"{kind.value}() takes {', '.join(takes) or 'nothing'}, not {kw[1]!r}", kw)
     close = ts.take("op", ")")
     return Transition(kind, axis, tuple(ops), col), text[close[2] - col0:]

@@ -35,6 +35,13 @@ class Kind(enum.Enum):
     COMPANION = "companion"      # shift, then newest slot = sum(feedback * shifted h, axis) + b
     HOUSEHOLDER = "householder"  # alpha * (h - beta * k * sum(k * h, axis)) + b
     DENSE = "dense"              # sum(matrix[axis, col] * h[col], col) + b
+    # the adjoint steps of the three non-symmetric kinds, h_t = A_t^T (h_{t-1} + b_t) with A_t
+    # the matrix of the kind named (same operands): the injected term is added *before* the
+    # transposed transition, and covers the whole state (derived backward recurrences use
+    # these: nu_{t-1} = A_t^T (nu_t + g_t), see ir/adjoint.py)
+    SHIFT_ADJOINT = "shift_adjoint"          # reverse shift: slot i <- slot i-1, oldest <- 0
+    COMPANION_ADJOINT = "companion_adjoint"  # x = h + b; reverse shift of x + feedback * x[newest]
+    DENSE_ADJOINT = "dense_adjoint"          # sum(matrix[col, axis] * x[col], col), x = h + b
 
 
 # operands each kind takes: (required, optional)
@@ -46,10 +53,18 @@ OPERANDS: dict[Kind, tuple[tuple[str, ...], tuple[str, ...]]] = {
     Kind.COMPANION: (("feedback",), ()),
     Kind.HOUSEHOLDER: (("k", "beta"), ("alpha",)),
     Kind.DENSE: (("matrix",), ()),
+    Kind.SHIFT_ADJOINT: ((), ()),
+    Kind.COMPANION_ADJOINT: (("feedback",), ()),
+    Kind.DENSE_ADJOINT: (("matrix",), ()),
 }
-AXIS_KINDS = {Kind.SHIFT, Kind.COMPANION, Kind.HOUSEHOLDER, Kind.DENSE}
+# the adjoint step of each non-symmetric kind (the others are their own transposes)
+ADJOINT_KIND = {Kind.SHIFT: Kind.SHIFT_ADJOINT, Kind.COMPANION: Kind.COMPANION_ADJOINT,
+                Kind.DENSE: Kind.DENSE_ADJOINT}
+AXIS_KINDS = {Kind.SHIFT, Kind.COMPANION, Kind.HOUSEHOLDER, Kind.DENSE, *ADJOINT_KIND.values()}
 # kinds whose injected term fills one slot of `axis` (so it has no `axis` dim)
 SLOT_KINDS = {Kind.SHIFT, Kind.COMPANION}
+# kinds with a column dim (the matrix's second dim, the same size as the axis)
+COL_KINDS = {Kind.DENSE, Kind.DENSE_ADJOINT}
 
 
 @dataclass(frozen=True)
@@ -80,6 +95,14 @@ def householder(axis: str, k: Node, beta: Node, alpha: Node | None = None) -> Tr
 
 def dense(axis: str, col: str, matrix: Node) -> Transition:
     return Transition(Kind.DENSE, axis, (("matrix", matrix),), col)
+
+
+def adjoint_step(t: Transition) -> Transition:
+    """The transition of the adjoint step of ``t`` (see Kind): symmetric kinds are their own
+    transposes (and keep the inject-after form); shift, companion and dense get their
+    ``*_adjoint`` kind with the same operands."""
+    kind = ADJOINT_KIND.get(t.kind, t.kind)
+    return Transition(kind, t.axis, t.operands, t.col)
 
 
 @dataclass(frozen=True)
@@ -261,7 +284,7 @@ def bind_sizes(rec: Recurrence, shapes: dict[str, tuple[int, ...]],
     _check_groups(rec, sizes)
     for s in rec.states:
         t = s.transition
-        if t.kind is Kind.DENSE and sizes[t.col] != sizes[t.axis]:
+        if t.kind in COL_KINDS and sizes[t.col] != sizes[t.axis]:
             raise ShapeMismatch(f"state {s.name!r}: dense column dim {t.col!r} has size "
                                 f"{sizes[t.col]}, expected the size of {t.axis!r} ({sizes[t.axis]})")
     return sizes

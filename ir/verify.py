@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .errors import IRError, VerifyError
 from .expr import BINARY, LEAVES, UNARY, Node, Op, check_ident
-from .recurrence import (AXIS_KINDS, OPERANDS, ROLES, SLOT_KINDS, Kind, Recurrence)
+from .recurrence import (AXIS_KINDS, COL_KINDS, OPERANDS, ROLES, SLOT_KINDS, Kind, Recurrence)
 
 _ARITY = {**{op: 1 for op in UNARY}, **{op: 2 for op in BINARY},
           Op.SUM: 1, Op.MAX: 1, Op.L2NORM: 1, Op.FLIP: 1, Op.GROUP: 1, Op.UNGROUP: 1}
@@ -154,7 +154,7 @@ def verify(rec: Recurrence) -> None:
                                                       else "takes no axis"))
         if t.axis is not None and t.axis not in s.dims:
             fail(w, f"transition axis {t.axis!r} is not one of the state dims {list(s.dims)}")
-        if (t.col is not None) != (t.kind is Kind.DENSE):
+        if (t.col is not None) != (t.kind in COL_KINDS):
             fail(w, "only a dense transition has a column dim, and it needs one")
         for k, n in t.operands:
             check_expr(f"{w} ({t.kind.value} {k})", n, allow_state=False)
@@ -167,7 +167,7 @@ def verify(rec: Recurrence) -> None:
                    "a scalar decay (constant over the state's feature dims)")
         elif t.kind is Kind.DIAGONAL:
             subset(f"{w} (diagonal decay)", ops["decay"], sd, "the decay")
-        elif t.kind is Kind.COMPANION:
+        elif t.kind in (Kind.COMPANION, Kind.COMPANION_ADJOINT):
             subset(f"{w} (companion feedback)", ops["feedback"], sd, "the feedback row")
             if t.axis not in rec.dims_of(ops["feedback"]):
                 fail(w, f"the feedback row must vary along the axis {t.axis!r}")
@@ -178,7 +178,7 @@ def verify(rec: Recurrence) -> None:
             for k in ("beta", "alpha"):
                 if k in ops:
                     subset(f"{w} (householder {k})", ops[k], sd - {t.axis}, k)
-        elif t.kind is Kind.DENSE:
+        elif t.kind in COL_KINDS:
             if t.col not in dims or t.col in sd or t.col == time:
                 fail(w, f"dense column dim {t.col!r} must be a declared dim not in the state")
             m = rec.dims_of(ops["matrix"])

@@ -287,3 +287,40 @@ def test_retnet_gamma_is_per_head_constant():
     gam = 1 - 2.0 ** (-5 - np.arange(H))
     np.testing.assert_allclose(o[0, :, :, 0], gam[None] ** np.arange(T)[:, None], rtol=1e-12)
     assert math.isclose(gam[0], 1 - 1 / 32)
+
+
+def test_adjoint_steps_are_the_transposed_matrices():
+    """shift_adjoint / companion_adjoint / dense_adjoint: h_t = A^T (h_{t-1} + b_t) with A the
+    forward kind's explicit matrix (shift: (S h)_i = h_{i+1}; companion: (I + e_last f^T) S)."""
+    from scancc.ir import Builder, Transition
+    from scancc.ir.recurrence import Kind
+    r = Builder("adjoint_kinds")
+    b, t, w, n, c = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("w"), r.dim("n"), \
+        r.dim("c")
+    x, f = r.input("x", [b, t, w]), r.input("f", [w])
+    y, m = r.input("y", [b, t, n]), r.input("m", [n, c])
+    sa = r.state("sa", [b, w], Transition(Kind.SHIFT_ADJOINT, "w"), inject=x)
+    ca = r.state("ca", [b, w], Transition(Kind.COMPANION_ADJOINT, "w", (("feedback", f),)),
+                 inject=x)
+    da = r.state("da", [b, n], Transition(Kind.DENSE_ADJOINT, "n", (("matrix", m),), "c"),
+                 inject=y)
+    r.output("o_sa", [b, t, w], sa)
+    r.output("o_ca", [b, t, w], ca)
+    r.output("o_da", [b, t, n], da)
+    rec = r.build()
+    rg = rng_for("adjoint_kinds")
+    B, T, W, N = 2, 6, 4, 3
+    xs, fs, ys, ms = rg.standard_normal((B, T, W)), rg.standard_normal(W), \
+        rg.standard_normal((B, T, N)), rg.standard_normal((N, N))
+    h0 = {"sa": rg.standard_normal((B, W)), "ca": rg.standard_normal((B, W)),
+          "da": rg.standard_normal((B, N))}
+    out, _ = scancc.compile(rec)(x=xs, f=fs, y=ys, m=ms, initial_state=h0,
+                                 output_final_state=True)
+    S = np.eye(W, k=1)                                   # (S h)_i = h_{i+1}, newest slot 0
+    A = (np.eye(W) + np.outer(np.eye(W)[-1], fs)) @ S    # companion: newest = f . S h
+    for name, mat, inj in (("sa", S, xs), ("ca", A, xs), ("da", ms, ys)):
+        h, want = h0[name], []
+        for i in range(T):
+            h = (h + inj[:, i]) @ mat                    # rows: A^T (h + b) = (h + b) A
+            want.append(h)
+        assert_close(out[f"o_{name}"], np.stack(want, 1), "float64", name)

@@ -140,6 +140,11 @@ class Interpreter:
         slot_shape[ax] = 1
         return np.concatenate([np.delete(h, 0, axis=ax), np.broadcast_to(new, slot_shape)], ax)
 
+    def _shift_out(self, x: np.ndarray, ax: int) -> np.ndarray:
+        """The transpose of a shift: slot i takes slot i - 1, the oldest slot becomes 0."""
+        zero = np.zeros_like(np.take(x, [0], axis=ax))
+        return np.concatenate([zero, np.delete(x, x.shape[ax] - 1, axis=ax)], ax)
+
     def step(self, kind: Kind, h, b, ops: dict, axis: str | None, col: str | None):
         ax = self.axis[axis] if axis is not None else None
         if kind is Kind.IDENTITY:
@@ -159,6 +164,17 @@ class Interpreter:
         if kind is Kind.DENSE:
             hc = np.swapaxes(h, ax, self.axis[col])  # h indexed by the column dim
             return np.sum(ops["matrix"] * hc, axis=self.axis[col], keepdims=True) + b
+        # adjoint steps: h_t = A_t^T (h_{t-1} + b_t)
+        if kind is Kind.SHIFT_ADJOINT:
+            return self._shift_out(h + b, ax)
+        if kind is Kind.COMPANION_ADJOINT:
+            x = h + b
+            newest = np.take(x, [x.shape[ax] - 1], axis=ax)
+            return self._shift_out(x + ops["feedback"] * newest, ax)
+        if kind is Kind.DENSE_ADJOINT:
+            x = h + b
+            tc = np.sum(ops["matrix"] * x, axis=ax, keepdims=True)  # indexed by the column dim
+            return np.swapaxes(tc, ax, self.axis[col])
         raise KeyError(f"reference backend has no rule for transition {kind.value!r}")
 
     # ---- the scan ----
