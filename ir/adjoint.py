@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import IRError
-from .expr import Node, Op, const, iota, lift, sigmoid, size, sqrt, step, ungroup
+from .expr import BINARY, UNARY, Node, Op, const, iota, lift, sigmoid, size, sqrt, step, ungroup
 from .expr import sum as rsum
 from .recurrence import (ADJOINT_KIND, Input, Kind, Output, Recurrence, State, Transition,
                          adjoint_step, identity)
@@ -178,6 +178,43 @@ def substitute(node: Node, mapping: dict[Node, Node], memo: dict | None = None) 
     return out
 
 
+def sink_flips(ctx: _Ctx, node: Node, memo: dict | None = None) -> Node:
+    """Move every flip(x, d) down to the leaves: flips commute with elementwise ops, with
+    reductions over other dims, and with softmax/l2norm (equivariant along their own dim),
+    and vanish on values without d. The VJP of a flip is a flip of a cotangent, which reads
+    the backward state; sunk, it ends on inputs (a flipped load) or on parts without d."""
+    memo = {} if memo is None else memo
+    if node in memo:
+        return memo[node]
+    out = node
+    if node.op is Op.FLIP:
+        d, x = node.arg, sink_flips(ctx, node.src[0], memo)
+        out = _flip(ctx, x, d, memo)
+    elif node.src:
+        out = Node(node.op, tuple(sink_flips(ctx, s, memo) for s in node.src), node.arg)
+    memo[node] = out
+    return out
+
+
+def _flip(ctx: _Ctx, x: Node, d: str, memo: dict) -> Node:
+    """flip(x, d) with the flip pushed below x's op where it commutes."""
+    key = ("flip", x, d)
+    if key in memo:
+        return memo[key]
+    op = x.op
+    if d not in ctx.dims(x):
+        out = x
+    elif op is Op.FLIP and x.arg == d:
+        out = x.src[0]
+    elif op in UNARY or op in BINARY or op in (Op.CLAMP, Op.STEP) or (
+            op in (Op.SUM, Op.MAX) and d not in x.arg) or op in (Op.SOFTMAX, Op.L2NORM):
+        out = Node(op, tuple(_flip(ctx, s, d, memo) for s in x.src), x.arg)
+    else:  # a leaf, group/ungroup: the flip stays here
+        out = Node(Op.FLIP, (x,), d)
+    memo[key] = out
+    return out
+
+
 def inline_lets(rec: Recurrence, node: Node, memo: dict) -> Node:
     lets = {Node(Op.PARAM, (), l.name): l for l in rec.lets}
     if node in memo:
@@ -293,14 +330,16 @@ def derive(rec: Recurrence) -> Adjoint:
     leaves = {Node(Op.INPUT, (), x.name) for x in rec.inputs}
     grads = vjp(ctx, roots, leaves)
 
-    outputs = []
+    outputs, flips = [], {}
+    states = [State(st.name, st.dims, st.transition, sink_flips(ctx, st.inject, flips))
+              for st in states]
     for x in rec.inputs:
         gx = grads.get(Node(Op.INPUT, (), x.name), const(0.0))
         gx = _unbroadcast(ctx, gx, Node(Op.INPUT, (), x.name))
         # an input without a time dim gets its per-step contributions, summed by the caller
         # (per chunk, so this costs chunk x |x|, never T x |x|)
         outputs.append(Output(grad[x.name], x.dims if has_time[x.name] else (time,) + x.dims,
-                              gx))
+                              sink_flips(ctx, gx, flips)))
     exprs = [st.inject for st in states] + [o.expr for o in outputs] + \
         [n for st in states for _, n in st.transition.operands]
     used = {n.arg for r in exprs for n in r.walk() if n.op is Op.INPUT}

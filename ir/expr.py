@@ -17,7 +17,8 @@ IDENT = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 # names a spec may not take: they would shadow the IR text form's keywords or functions
 RESERVED = frozenset(
     "recurrence dim input let state output numerics end initial_state final_state "
-    "identity scalar diagonal shift companion householder dense".split())
+    "identity scalar diagonal shift companion householder dense "
+    "shift_adjoint companion_adjoint dense_adjoint".split())
 
 
 def check_ident(name: Any, what: str) -> str:

@@ -129,3 +129,25 @@ def sample_state(rec: Recurrence, sizes: Mapping[str, int], seed: int = 1) -> di
     rng = np.random.default_rng(seed)
     return {s.name: 0.5 * rng.standard_normal(tuple(sizes[d] for d in s.dims))
             for s in rec.states}
+
+
+def adjoint_steps_recurrence() -> Recurrence:
+    """Every adjoint-step kind (shift_adjoint, companion_adjoint and dense_adjoint with
+    input-dependent operands), each beside another looped dim (batch: one output sums over it),
+    read directly and through prev(): a probe for the backends' rules of these kinds."""
+    from scancc.ir import Builder, Kind, Transition, prev, reduce_sum, sigmoid
+    r = Builder("adjoint_steps")
+    b, t, h = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("heads", "head")
+    w, n, c = r.dim("w"), r.dim("n"), r.dim("c")
+    x, f = r.input("x", [b, t, h, w]), r.input("f", [h, w])
+    y, m = r.input("y", [b, t, h, n]), r.input("m", [h, n, c])
+    fb = f * sigmoid(reduce_sum(x, w))
+    sa = r.state("sa", [b, h, w], Transition(Kind.SHIFT_ADJOINT, "w"), inject=x)
+    ca = r.state("ca", [b, h, w], Transition(Kind.COMPANION_ADJOINT, "w", (("feedback", fb),)),
+                 inject=x * 0.5)
+    da = r.state("da", [b, h, n], Transition(Kind.DENSE_ADJOINT, "n", (("matrix", m * sigmoid(reduce_sum(y, n))),), "c"),
+                 inject=y)
+    r.output("o_w", [b, t, h, w], sa + ca * 2.0 + prev("ca") - prev("sa"))
+    r.output("o_n", [b, t, h, n], da - prev("da") * 0.5)
+    r.output("o_sum", [t, h], reduce_sum(reduce_sum(da, n) + reduce_sum(sa * ca, w), b))
+    return r.build()

@@ -22,6 +22,7 @@ BACKWARD = {
     "mamba": dict(D=True, z=True, delta_bias=True, delta_softplus=True),
     "mamba2": dict(D=True, z=True, dt_bias=True, dt_softplus=True),
     "delta_net": {}, "gated_delta_net": {},
+    "fir": dict(bias=True, activation="silu"), "iir": {}, "swa": {},
 }
 
 
@@ -245,3 +246,30 @@ def test_backward_both_loop_orders(name, order):
     sizes = default_sizes(b, time=37, **SMALL.get(name, {}))
     x = sample_inputs(b, sizes, seed=6, hints=entry.hints)
     check_close(b, x, sample_state(b, sizes), time_tile=16, loop_order=order)
+
+
+@pytest.mark.parametrize("init", [False, True], ids=["zero", "init"])
+def test_adjoint_step_kinds(init):
+    """shift/companion/dense adjoint steps with another looped dim beside the axis, across
+    time tiles, read directly and through prev."""
+    from scancc.testing import adjoint_steps_recurrence
+    rec = adjoint_steps_recurrence()
+    sizes = default_sizes(rec, time=37, batch=2, heads=3, w=5, n=3, c=3)
+    x = sample_inputs(rec, sizes, seed=2, hints={"m": "small", "f": "small"})
+    check_close(rec, x, sample_state(rec, sizes) if init else None, time_tile=16)
+
+
+def test_registered_custom_recurrence_backward():
+    import importlib.util
+    import pathlib
+    spec = importlib.util.spec_from_file_location(
+        "gated_iir_example", pathlib.Path(__file__).resolve().parents[1] / "examples" / "gated_iir.py")
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    try:
+        entry = registry.get("gated_iir")
+        b = adjoint(entry.build()).backward
+        sizes = default_sizes(b, time=45, batch=2, chan=3, order=3)
+        x = sample_inputs(b, sizes, seed=6, hints=entry.hints)
+        check_close(b, x, sample_state(b, sizes), time_tile=16)
+    finally:
+        scancc.unregister("gated_iir")

@@ -103,6 +103,9 @@ _PY_UNARY = {Op.NEG: "(-{0})", Op.EXP: "math.exp({0})", Op.LOG: "math.log({0})",
 _PY_BINARY = {Op.ADD: "({0} + {1})", Op.SUB: "({0} - {1})", Op.MUL: "({0} * {1})",
               Op.DIV: "({0} / {1})", Op.MAXIMUM: "max({0}, {1})", Op.MINIMUM: "min({0}, {1})"}
 ELEMENTWISE_KINDS = (Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL)
+ADJOINT_KINDS = (Kind.SHIFT_ADJOINT, Kind.COMPANION_ADJOINT, Kind.DENSE_ADJOINT)
+# per-step kinds stepped one column of the other looped dims at a time, the axis last
+AXIS_LAST = (Kind.HOUSEHOLDER, Kind.COMPANION_ADJOINT, Kind.DENSE_ADJOINT)
 ALGORITHMS = ("auto", "scan", "chunked")
 
 
@@ -917,7 +920,7 @@ class Renderer(ChunkedMixin):
         ds = tuple(d for d in self.rec.canonical if d in s.dims and d != self.pd
                    and d not in self.outer)
         ax = s.transition.axis
-        if s.transition.kind is Kind.HOUSEHOLDER and ax in ds:  # the axis last: each
+        if s.transition.kind in AXIS_LAST and ax in ds:        # the axis last: each
             return tuple(d for d in ds if d != ax) + (ax,)       # column is contiguous
         return ((ax,) + tuple(d for d in ds if d != ax)) if ax in ds else ds
 
@@ -1006,8 +1009,75 @@ class Renderer(ChunkedMixin):
         self.closeall(scopes)
         return names
 
+    def adjoint_state(self, s, env: dict, sc: Scope) -> None:
+        """h_t = A_t^T (h_{t-1} + b_t), stepped through the tile: x = carry + inject, then the
+        transposed transition into the trajectory column. Shift/companion: a reverse shift (a
+        copy one slot up, the oldest slot zeroed; companion first adds feedback * x[newest]);
+        dense: slot a = sum(M[:, a] * x), with M materialized column-major."""
+        t = s.transition
+        self.emit(sc, f"# state {s.name}: {t.kind.value} along {t.axis}, h = A^T (h + b), "
+                      "stepped through time")
+        dims, r, n = self.inner_dims(s), self.rows(s), self.n_inner(s)
+        na = self.sizes[t.axis]
+        rest = n // na
+        tc = "t + 1" if s.name in self.prevs else "t"
+        traj, cy = f"traj_{s.name}", f"carry_{s.name}"
+        if s.name in self.prevs:
+            self.emit(sc, f"nisa.tensor_copy({traj}[0:{r}, 0:{n}, 0], {cy}[0:{r}, {self.slot}, "
+                          f"0:{n}])")
+        inj, = self.materialize([s.inject], dims, env, sc, r)
+        x = self.alloc(sc, (128, n), 4 * n, "x")
+        # the operand per column hm of the other looped dims where it varies along them
+        opn = t.operand("feedback") if t.kind is Kind.COMPANION_ADJOINT else t.operand("matrix")
+        per_col = opn is not None and bool(set(dims[:-1]) & set(self.rec.dims_of(opn)))
+        lead = dims[:-1] if per_col else ()
+        if t.kind is Kind.COMPANION_ADJOINT:
+            op, = self.materialize([opn], lead + (t.axis,), env, sc, r)
+        elif t.kind is Kind.DENSE_ADJOINT:  # flat col * na + axis: column a of M is a row
+            op, = self.materialize([opn], lead + (t.col, t.axis), env, sc, r)
+        prod = self.alloc(sc, (128, na), 4 * na, "prod") if t.kind is not Kind.SHIFT_ADJOINT \
+            else None
+        step = self.open(sc, "for t in range(tw):")
+        self.emit(step, f"nisa.tensor_tensor({x}[0:{r}, 0:{n}], {cy}[0:{r}, {self.slot}, 0:{n}], "
+                        f"{inj}[0:{r}, 0:{n}, t], nl.add)")
+        if t.kind is Kind.SHIFT_ADJOINT:  # the axis first: slot j is columns j*rest:(j+1)*rest
+            self.emit(step, f"nisa.memset({traj}[0:{r}, 0:{rest}, {tc}], 0.0)")
+            if na > 1:
+                self.emit(step, f"nisa.tensor_copy({traj}[0:{r}, {rest}:{n}, {tc}], "
+                                f"{x}[0:{r}, 0:{n - rest}])")
+        else:                             # the axis last: column hm is hm*na:(hm+1)*na
+            col = self.open(step, f"for hm in range({rest}):", rest) if rest > 1 else step
+            c0 = f"hm * {na}" if rest > 1 else "0"
+            xs = f"{x}[0:{r}, {c0}:{c0} + {na}]" if rest > 1 else f"{x}[0:{r}, 0:{na}]"
+            if t.kind is Kind.COMPANION_ADJOINT:
+                last = f"{c0} + {na - 1}" if rest > 1 else f"{na - 1}"
+                fcols = f"{c0}:{c0} + {na}" if per_col else f"0:{na}"
+                self.emit(col, f"nisa.tensor_scalar({prod}[0:{r}, 0:{na}], {op}[0:{r}, {fcols}, t], "
+                               f"nl.multiply, {x}[0:{r}, {last}:{last} + 1])")
+                self.emit(col, f"nisa.tensor_tensor({prod}[0:{r}, 0:{na}], {prod}[0:{r}, 0:{na}], "
+                               f"{xs}, nl.add)")
+                self.emit(col, f"nisa.memset({traj}[0:{r}, {c0}:{c0} + 1, {tc}], 0.0)")
+                if na > 1:
+                    self.emit(col, f"nisa.tensor_copy({traj}[0:{r}, {c0} + 1:{c0} + {na}, {tc}], "
+                                   f"{prod}[0:{r}, 0:{na - 1}])")
+            else:
+                row = self.open(col, f"for a in range({na}):", na)
+                m0 = f"hm * {na * na} + a * {na}" if per_col and rest > 1 else f"a * {na}"
+                self.emit(row, f"nisa.tensor_tensor({prod}[0:{r}, 0:{na}], "
+                               f"{op}[0:{r}, {m0}:{m0} + {na}, t], {xs}, nl.multiply)")
+                self.emit(row, f"nisa.tensor_reduce({traj}[0:{r}, {c0} + a:{c0} + a + 1, {tc}], "
+                               f"nl.add, {prod}[0:{r}, 0:{na}], axis=1, keepdims=True)")
+                self.close(row)
+            if rest > 1:
+                self.close(col)
+        self.emit(step, f"nisa.tensor_copy({cy}[0:{r}, {self.slot}, 0:{n}], "
+                        f"{traj}[0:{r}, 0:{n}, {tc}])")
+        self.close(step)
+
     def step_state(self, s, env: dict, sc: Scope) -> None:
         t = s.transition
+        if t.kind in ADJOINT_KINDS:
+            return self.adjoint_state(s, env, sc)
         self.emit(sc, f"# state {s.name}: {t.kind.value} along {t.axis}, "
                       + ("copied per slot" if t.kind is Kind.SHIFT else "stepped through time"))
         dims = self.inner_dims(s)

@@ -754,6 +754,47 @@ def _dense_rule(L: Lowering, s, env: Env):
     L.body.append(f"{h} = {new} + {L.par(L.value(s.inject, env), 2)}")
 
 
+# adjoint steps, h = A^T (h + b): plain registers (no ring), the reverse shift a gather
+
+def _plus_inject(L: Lowering, s, env: Env) -> str:
+    h = L.state_var[s.name]
+    return L.bind(True, f"b_{s.name}_in", f"{h} + {L.par(L.value(s.inject, env), 2)}")
+
+
+def _reverse_shift(L: Lowering, s, x: str) -> str:
+    """Slot i <- slot i - 1, slot 0 <- 0 (padding slots stay 0)."""
+    w = s.transition.axis
+    shape = ", ".join(L.block[d] if d in s.dims else "1" for d in L.plan.regs)
+    idx = f"tl.broadcast_to(tl.maximum({L.off[w]} - 1, 0), [{shape}])"
+    moved = f"tl.gather({x}, {idx}, axis={L.axis_of(w)})"
+    return f"tl.where(({L.off[w]} == 0) | ({L.off[w]} >= {L.size[w]}), 0.0, {moved})"
+
+
+def _shift_adjoint_rule(L: Lowering, s, env: Env):
+    x = _plus_inject(L, s, env)
+    L.body.append(f"{L.state_var[s.name]} = {_reverse_shift(L, s, x)}")
+
+
+def _companion_adjoint_rule(L: Lowering, s, env: Env):
+    w = s.transition.axis
+    x = _plus_inject(L, s, env)
+    f = L.par(L.value(s.transition.operand("feedback"), env), 2)
+    last = L.reduce("sum", f"tl.where({L.off[w]} == {L.size[w]} - 1, {x}, 0.0)", [w], env, "0.0")
+    z = L.bind(True, f"b_{s.name}_fb", f"{x} + {f} * {last}")
+    L.body.append(f"{L.state_var[s.name]} = {_reverse_shift(L, s, z)}")
+
+
+def _dense_adjoint_rule(L: Lowering, s, env: Env):
+    ax, col = s.transition.axis, s.transition.col
+    x = _plus_inject(L, s, env)
+    m = L.par(L.value(s.transition.operand("matrix"), env), 2)
+    # sum over the axis gives the new state indexed by the column dim; a one-hot contraction
+    # re-indexes it along the axis
+    by_col = L.bind(True, f"b_{s.name}_col", L.reduce("sum", f"{m} * {x}", [ax], env, "0.0"))
+    one_hot = f"tl.where({L.off[ax]} == {L.off[col]}, {by_col}, 0.0)"
+    L.body.append(f"{L.state_var[s.name]} = {L.reduce('sum', one_hot, [col], env, '0.0')}")
+
+
 TRANSITION_RULES = {
     Kind.IDENTITY: _identity_rule,
     Kind.SCALAR: _scalar_rule,
@@ -762,6 +803,9 @@ TRANSITION_RULES = {
     Kind.COMPANION: _companion_rule,
     Kind.HOUSEHOLDER: _householder_rule,
     Kind.DENSE: _dense_rule,
+    Kind.SHIFT_ADJOINT: _shift_adjoint_rule,
+    Kind.COMPANION_ADJOINT: _companion_adjoint_rule,
+    Kind.DENSE_ADJOINT: _dense_adjoint_rule,
 }
 
 
