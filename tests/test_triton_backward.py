@@ -1,7 +1,8 @@
 """Derived backward recurrences (docs/training.md) lowered to Triton, against the reference:
 they use step() and prev() (the state entering a step), which the recurrent lowering keeps as
-a register copy. ungroup() (mamba/mamba2's grad_B/grad_C sum over heads held by different
-programs) is not lowered yet: those stay on the reference backend, with a clear error here."""
+a register copy; ungroup() (mamba/mamba2's grad_B/grad_C sum over the channels/heads of a
+group, held by different programs) as an atomic add of each program's sum into its group.
+The adjoint-step kinds of shift/companion/dense states are plain register updates."""
 import numpy as np
 import pytest
 import scancc
@@ -14,7 +15,7 @@ if not scancc.backends.get("triton").available()[0]:
     pytest.skip("the Triton backend needs triton (scancc[triton])", allow_module_level=True)
 
 LOWERED = ["linear_attn", "retnet", "simple_gla", "gla", "hgrn", "delta_net",
-           "gated_delta_net", "s4d", "fir", "iir", "swa"]
+           "gated_delta_net", "s4d", "fir", "iir", "swa", "mamba", "mamba2"]
 
 
 def _case(name, T=19, seed=0):
@@ -63,11 +64,32 @@ def test_prev_reads_the_state_entering_the_step():
     np.testing.assert_allclose(y[0, :, 0].numpy(), want)
 
 
-def test_ungroup_is_reported_unsupported():
-    e = scancc.get("mamba2")
-    b = adjoint(e.build(D=True)).backward
-    with pytest.raises(UnsupportedError, match="no rule for op 'ungroup'"):
-        scancc.compile(b, target="triton")
+@pytest.mark.parametrize("name, over", [("mamba", {"groups": 2, "chan": 6}),
+                                        ("mamba2", {"groups": 2, "heads": 4})])
+def test_grouped_backward_sums_each_group(name, over):
+    """grad_B/grad_C = ungroup(.., chan/heads, groups): the programs of a group add into it."""
+    e = scancc.get(name)
+    b = adjoint(e.build(**{o: True for o in e.optional_inputs})).backward
+    sizes = default_sizes(b, time=11, key=5, value=3, dstate=3, headdim=2, **over)
+    x = sample_inputs(b, sizes, 4, {k: v for k, v in e.hints.items() if k in
+                                    {i.name for i in b.inputs}})
+    want = scancc.compile(b)(**x)
+    got = scancc.compile(b, target="triton")(**{n: torch.from_numpy(v).float()
+                                                 for n, v in x.items()})
+    for n in want:
+        assert_close(got[n], want[n], "float32", f"{name} backward {n}")
+
+
+def test_ungroup_inside_an_expression_is_unsupported():
+    from scancc.ir import Builder, const, diagonal, ungroup
+    r = Builder("triton_test_ungroup_inner")
+    bt, t, c, g = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("chan"), \
+        r.dim("groups", "group", 2)
+    x = r.input("x", [bt, t, c])
+    s = r.state("s", [bt, c], diagonal(const(0.5)), inject=x)
+    r.output("y", [bt, t, g], ungroup(s, c, g) * 2.0)
+    with pytest.raises(UnsupportedError, match="ungroup is lowered only as a whole output"):
+        scancc.compile(r.build(), target="triton")
 
 
 @pytest.mark.parametrize("with_state", [False, True])

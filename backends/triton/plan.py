@@ -40,7 +40,9 @@ def visible_dims(rec: Recurrence) -> set[str]:
     for s in rec.states:
         used |= set(s.dims)
     for o in rec.outputs:
-        used |= set(o.dims)
+        # an output ungroup(x, d, g) is summed into its group by the programs of d: g is
+        # an index computed from d's, not a dim of the grid
+        used |= set(o.dims) - ({o.expr.arg[1]} if o.expr.op is Op.UNGROUP else set())
 
     def visit(node, hidden: frozenset, seen: set):
         if (node, hidden) in seen:

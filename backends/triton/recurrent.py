@@ -150,10 +150,15 @@ class Lowering:
         if self.scalar_groups:
             for _, root in rec.exprs():
                 for n in root.walk():
-                    if n.op is Op.GROUP and n.arg[1] in self.plan.split:
-                        gs = self.grouped.setdefault(n.arg[1], [])
-                        if n.arg[0] not in gs:
-                            gs.append(n.arg[0])
+                    gd = n.arg if n.op is Op.GROUP else n.arg[::-1] if n.op is Op.UNGROUP \
+                        else None
+                    if gd is not None and gd[1] in self.plan.split:
+                        gs = self.grouped.setdefault(gd[1], [])
+                        if gd[0] not in gs:
+                            gs.append(gd[0])
+        # outputs ungroup(x, d, g): each program adds its sum over its d indices into its group
+        # (atomically: the programs of one group add into the same elements), in float32
+        self.summed = {o.name for o in rec.outputs if o.expr.op is Op.UNGROUP}
         self.parents = self._count_parents()
 
     def make_plan(self) -> Plan:
@@ -166,8 +171,12 @@ class Lowering:
             Op.MAX, Op.L2NORM, Op.SOFTMAX, Op.FLIP, Op.GROUP}
         for where, root in self.rec.exprs():
             for n in root.walk():
-                if n.op not in known:
-                    raise unsupported(self.rec, f"{where}: no rule for op {n.op.value!r}")
+                if n.op is Op.UNGROUP and n is root and where.startswith("output"):
+                    self._check_ungroup(where, n)
+                elif n.op not in known:
+                    raise unsupported(self.rec, f"{where}: no rule for op {n.op.value!r}"
+                                      + (" (ungroup is lowered only as a whole output)"
+                                         if n.op is Op.UNGROUP else ""))
         read_prev = {n.arg for o in self.rec.outputs for n in o.expr.walk() if n.op is Op.PREV}
         for s in self.rec.states:
             if s.name in read_prev and s.transition.kind in (Kind.SHIFT, Kind.COMPANION):
@@ -176,6 +185,12 @@ class Lowering:
             if s.transition.kind not in TRANSITION_RULES:
                 raise unsupported(self.rec, f"state {s.name!r}: no rule for transition "
                                   f"{s.transition.kind.value!r}")
+
+    def _check_ungroup(self, where: str, n: Node):
+        d, g = n.arg
+        if d not in self.plan.grid and d not in self.plan.split:
+            raise unsupported(self.rec, f"{where}: ungroup over {d!r}, which the kernel holds "
+                              "whole in registers (lowered: over a grid or split dim)")
 
     def _count_parents(self) -> dict:
         count: dict = {}
@@ -480,19 +495,34 @@ class Lowering:
             TRANSITION_RULES[t.kind](self, s, env)
         for o in rec.outputs:
             self.body.append(f"# {o.name} = {format_expr(o.expr)}")
-            v = self.value(o.expr, env)
+            oenv = env
+            if o.name in self.summed:
+                d, g = o.expr.arg
+                v = self.value(o.expr.src[0], env)
+                if d in P.split:  # a block lies inside one group (see the launcher)
+                    v = self.reduce("sum", v, [d], env, "0.0")
+                    first = f"{self.pid[d]} * {self.block[d]}"
+                else:
+                    first = self.pid[d]
+                oenv = env.with_(g, Idx(f"{first} // ({self.size[d]} // {self.size[g]})",
+                                        None, None))
+            else:
+                v = self.value(o.expr, env)
             odims = [d for d in o.dims]
-            tv_idx = any(env[d].tvar for d in odims if d != rec.time)
+            tv_idx = any(oenv[d].tvar for d in odims if d != rec.time)
             p = self.names.ir("p_", o.name)
             if tv_idx:
-                ptr, mask = self.pointer(self.arg[o.name], odims, env, "i_t", block=True)
+                ptr, mask = self.pointer(self.arg[o.name], odims, oenv, "i_t", block=True)
                 self.body.append(f"{p} = {ptr}")
             else:
-                ptr, mask = self.pointer(self.arg[o.name], odims, env, None, block=True)
+                ptr, mask = self.pointer(self.arg[o.name], odims, oenv, None, block=True)
                 self.pro.append(f"{p} = {ptr}")
                 self.step.append(f"{p} += {self._time_stride(odims)}")
             m = f", mask={mask}" if mask else ""
-            self.body.append(f"tl.store({p}, {self.par(v, 4)}.to({p}.dtype.element_ty){m})")
+            if o.name in self.summed:
+                self.body.append(f"tl.atomic_add({p}, {v}{m})")
+            else:
+                self.body.append(f"tl.store({p}, {self.par(v, 4)}.to({p}.dtype.element_ty){m})")
         # final states
         fin = [f"if {self.store_ht}:"]
         fenv = self._ring_env(base, self.size[rec.time], False) if P.rings else base
@@ -649,8 +679,12 @@ class Lowering:
         for o in rec.outputs:
             shape = ", ".join(self.size[d] for d in o.dims)
             comma = "," if len(o.dims) == 1 else ""
-            lines.append(f"    {self.arg[o.name]} = torch.full(({shape}{comma}), "
-                         f'float("nan"), dtype={first}.dtype, device={dev})')
+            if o.name in self.summed:  # summed into by several programs: zeros, float32
+                lines.append(f"    {self.arg[o.name]} = torch.zeros(({shape}{comma}), "
+                             f"dtype=torch.float32, device={dev})")
+            else:
+                lines.append(f"    {self.arg[o.name]} = torch.full(({shape}{comma}), "
+                             f'float("nan"), dtype={first}.dtype, device={dev})')
         lines.append(f"    {init} = {init} or {{}}")
         for s in rec.states:
             h0, ht = self.h0[s.name], self.ht[s.name]
@@ -672,7 +706,8 @@ class Lowering:
         lines += [f"        {a}," for a in args]
         lines.append(f"        num_warps={warps},")
         lines.append("    )")
-        outs = ", ".join(f'"{o.name}": {self.arg[o.name]}' for o in rec.outputs)
+        outs = ", ".join(f'"{o.name}": {self.arg[o.name]}' + (
+            f".to({first}.dtype)" if o.name in self.summed else "") for o in rec.outputs)
         fins = ", ".join(f'"{s.name}": {self.ht[s.name]}' for s in rec.states)
         lines.append(f"    return {{{outs}}}, ({{{fins}}} if {final} else None)")
         return "\n".join(lines) + "\n"
