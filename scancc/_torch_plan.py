@@ -3,8 +3,14 @@
 Imported only when torch is (it imports torch)."""
 import torch
 
-from .api import _plan_impl
-from .autograd import torch_ops
+from scancc.backends.triton.runtime import choose_mode
+
+# torch.compiler / torch._dynamo import triton: without a GPU it must be in interpreter mode by
+# then, or scancc's Triton backend cannot run in this process
+choose_mode()
+
+from .api import _plan_impl  # noqa: E402
+from .autograd import torch_ops  # noqa: E402
 
 plan = torch.compiler.assume_constant_result(_plan_impl)
 

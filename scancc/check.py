@@ -46,6 +46,57 @@ def _as_dict(x, names):
     return x if isinstance(x, dict) else {names[0]: x}
 
 
+def check_backward(what: Any, target: str, T: int | None = None, seed: int = 0,
+                   **options) -> Row:
+    """Gradients (every input and the initial states, from random output and final-state
+    cotangents) through ``target``'s forward, recompute and backward kernels against the
+    float64 reference's, with T crossing chunk boundaries. The backward kernels compute in
+    float32 whatever the input dtype (scancc.autograd), so this is a float32 check."""
+    from . import autograd
+    entry, fixed, spec_opts = _resolve(what)
+    opts = {**spec_opts, **{o: True for o in (entry.optional_inputs if entry else ())}, **options}
+    row = Row(entry.name if entry else fixed.name, target, "float32", "")
+    t0 = time.perf_counter()
+    try:
+        ref = compile(what, "reference", **opts)
+        rec = ref.ir
+        sizes = default_sizes(rec, **({rec.time: T} if T else {}))
+        chunk = max(1, min(autograd.DEFAULT_CHUNK, sizes[rec.time] // 3))
+        row.case = " ".join(f"{d}={sizes[d]}" for d in (x.name for x in rec.dims)) + \
+            f" (chunk {chunk})"
+        be = backends.get(target)
+        ok, why = be.available()
+        if not ok:
+            row.note = f"unavailable: {why}"
+            return row
+        ker = compile(what, target, **opts)
+        on = autograd.backward_target(ker, rec)
+        if on != target:
+            row.note = f"the backward runs on {on}: {target} does not lower it"
+            return row
+        rng = np.random.default_rng(seed + 2)
+        x = {k: v.astype(np.float32).astype(np.float64)
+             for k, v in sample_inputs(rec, sizes, seed, entry.hints if entry else {}).items()}
+        h0 = {k: v.astype(np.float32).astype(np.float64)
+              for k, v in sample_state(rec, sizes, seed + 1).items()}
+        dy = {o.name: rng.standard_normal(tuple(sizes[d] for d in o.dims)) for o in rec.outputs}
+        dh = {s.name: rng.standard_normal(tuple(sizes[d] for d in s.dims)) for s in rec.states}
+        want = autograd.backward(rec, x, dy, h0, dh, chunk, "reference")
+        got = autograd.backward(rec, x, dy, h0, dh, chunk, target)
+        worst = [errors(got[i][k], want[i][k]) for i in (0, 1) for k in want[i]]
+        row.rel_rms = max(r for r, _ in worst)
+        row.max_abs = max(m for _, m in worst)
+        tol = TOLERANCES["float32"]
+        row.ok = row.rel_rms <= tol.rel_rms and row.max_abs <= tol.max_abs
+        if not row.ok:
+            row.note = f"over tolerance (rel-RMS {tol.rel_rms:.0e}, max-abs {tol.max_abs:.0e})"
+    except Exception as e:  # a row per failure, not a crash of the whole run
+        row.note = f"{type(e).__name__}: {e}"
+    finally:
+        row.seconds = time.perf_counter() - t0
+    return row
+
+
 def check_one(what: Any, target: str, dtype: str, T: int | None = None, seed: int = 0,
               **options) -> Row:
     """Compare ``target`` with the float64 reference on one random case (with an initial
@@ -108,8 +159,17 @@ def check_one(what: Any, target: str, dtype: str, T: int | None = None, seed: in
 
 def run_check(items: Iterable[Any], targets: list[str], dtypes: list[str], T: int | None = None,
               seed: int = 0, progress: Callable[[str], None] | None = None,
-              options: dict | None = None) -> list[Row]:
+              options: dict | None = None, backward: bool = False) -> list[Row]:
     items = list(items)
+    if backward:  # gradients of each target against the reference's; float32 kernels
+        jobs = [(it, tg) for it in items for tg in targets if tg != "reference"]
+        rows = []
+        for i, (it, tg) in enumerate(jobs, 1):
+            if progress:
+                progress(f"[{i}/{len(jobs)}] {it.name if isinstance(it, Entry) else it} {tg} "
+                         "backward")
+            rows.append(check_backward(it, tg, T, seed, **(options or {})))
+        return rows
     jobs = [(it, tg, dt) for it in items for tg in targets for dt in dtypes
             if not (tg == "reference" and dt != dtypes[0])]
     rows = []
@@ -134,9 +194,10 @@ def format_table(rows: list[Row]) -> str:
 
 
 def main_check(items, targets, dtypes, T, seed, out=sys.stdout, err=sys.stderr,
-               options=None) -> int:
+               options=None, backward: bool = False) -> int:
     rows = run_check(items, targets, dtypes, T, seed,
-                     progress=lambda s: print(s, file=err, flush=True), options=options)
+                     progress=lambda s: print(s, file=err, flush=True), options=options,
+                     backward=backward)
     print(format_table(rows), file=out)
     bad = [r for r in rows if not r.ok]
     print(f"{len(rows) - len(bad)} passed, {len(bad)} failed", file=out)

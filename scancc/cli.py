@@ -101,7 +101,8 @@ def cmd_check(a) -> int:
     for t in targets:
         backends.get(t)
     dtypes = a.dtypes.split(",")
-    return main_check(items, targets, dtypes, a.T, a.seed, options=_options(a.option))
+    return main_check(items, targets, dtypes, a.T, a.seed, options=_options(a.option),
+                      backward=a.backward)
 
 
 def cmd_backends(a) -> int:
@@ -149,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated input dtypes (default float32)")
     sp.add_argument("--T", type=int, default=None, help="sequence length (default 64)")
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--backward", action="store_true",
+                    help="check gradients instead: each target's forward, recompute and "
+                         "backward kernels against the reference (float32; T crosses chunks)")
     sp.set_defaults(fn=cmd_check)
     sp = sub.add_parser("backends", help="list backends and whether they run here")
     sp.set_defaults(fn=cmd_backends)

@@ -41,6 +41,29 @@ def test_check_prints_a_table_and_summary():
     assert "[1/2] fir reference" in err  # progress on stderr
 
 
+def test_check_backward_compares_gradients_of_a_target():
+    rc, out, err = cli("check", "iir", "hgrn", "--backward", "--targets", "reference,nki",
+                       "--T", "11")
+    assert rc == 0, out + err
+    assert "2 passed, 0 failed" in out and "backward" in err
+    assert out.count("nki") == 2 and "reference  " not in out  # the reference is the truth
+
+
+def test_check_backward_rows_fail_when_gradients_differ(monkeypatch):
+    """A backward kernel that is off makes its row fail (the check can fail)."""
+    from scancc import autograd, check
+    real = autograd.backward
+
+    def off(rec, x, dy, h0, dh, chunk, target):
+        g, gi = real(rec, x, dy, h0, dh, chunk, target)
+        if target != "reference":
+            g = {k: v * (1 + 1e-3) for k, v in g.items()}
+        return g, gi
+    monkeypatch.setattr(autograd, "backward", off)
+    row = check.check_backward("hgrn", "nki", T=7)
+    assert not row.ok and "over tolerance" in row.note
+
+
 @pytest.mark.parametrize("args, msg", [
     (["show", "nope"], "no recurrence named 'nope'"),
     (["show", "gla", "--option", "scale"], "--option expects KEY=VALUE"),

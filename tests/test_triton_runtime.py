@@ -141,3 +141,20 @@ def test_diagonal_decay_not_written_as_exp_uses_its_log():
     testing.assert_close(res.outputs["o"], ref.outputs["o"], "float32")
     testing.assert_close(res.final_states["S"], ref.final_states["S"], "float32")
     registry.unregister("triton_test_gla_linear_decay")
+
+
+def test_triton_backend_works_after_a_torch_call_of_another_backend():
+    """torch._dynamo (imported by scancc's torch integration) imports triton: without a GPU
+    scancc must have chosen interpreter mode by then. A fresh process, as a user's script."""
+    import subprocess
+    import sys
+    code = ("import torch, scancc\n"
+            "q = torch.randn(1, 5, 2, 3)\n"
+            "scancc.compile('linear_attn')(q, q, q)\n"
+            "y = scancc.compile('linear_attn', target='triton')(q, q, q)\n"
+            "print(tuple(y.shape))\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "(1, 5, 2, 3)"

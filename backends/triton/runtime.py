@@ -26,14 +26,21 @@ def has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+def choose_mode() -> None:
+    """Without a GPU, set TRITON_INTERPRET=1 if triton is not imported yet (it does not import
+    triton). Called by ``prepare`` and before scancc imports torch modules that import triton
+    themselves (torch._dynamo)."""
+    if "triton" not in sys.modules and not has_gpu():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
 def prepare() -> None:
     """Put triton in interpreter mode when there is no GPU. Call before importing triton:
     triton.language builds its own jit helpers (tl.zeros, tl.sum, ...) at import time, in
     whichever mode is set then, so the mode is chosen once per process."""
     if has_gpu():
         return
-    if "triton" not in sys.modules:
-        os.environ["TRITON_INTERPRET"] = "1"
+    choose_mode()
     import triton.language as tl
     from triton.runtime.jit import JITFunction
     if isinstance(tl.zeros, JITFunction):
