@@ -288,3 +288,25 @@ def test_gradients_through_a_kernel_of_another_backend(target):
     assert ag.backward_target(ker, ker.ir) in ("reference", target)
     for a, b in zip(got, want):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("target", [n for n, ok, _ in scancc.backends.report()
+                                    if ok and n != "reference"])
+def test_bfloat16_calls_get_gradients_at_bfloat16_tolerance(target):
+    """bfloat16 tensors in: the forward kernel runs in bfloat16, the backward kernels in
+    float32 (docs/training.md); gradients are bfloat16 and within the bfloat16 tolerance of the
+    float64 reference's on the same (rounded) inputs."""
+    from scancc.testing import assert_close
+    e = scancc.get("gla")
+    rec = e.build()
+    sizes = {"batch": 1, "time": 70, "heads": 2, "key": 4, "value": 3}
+    x = sample_inputs(rec, sizes, 8, e.hints)
+    bf = {k: torch.tensor(v).to(torch.bfloat16).requires_grad_() for k, v in x.items()}
+    ref = {k: v.detach().double().requires_grad_() for k, v in bf.items()}
+    w = torch.from_numpy(np.random.default_rng(9).standard_normal((1, 70, 2, 3)))
+    ker = scancc.compile("gla", target=target)
+    got = torch.autograd.grad((ker(**bf).double() * w).sum(), list(bf.values()))
+    want = torch.autograd.grad((scancc.compile("gla")(**ref) * w).sum(), list(ref.values()))
+    for a, b, n in zip(got, want, x):
+        assert a.dtype == torch.bfloat16
+        assert_close(a.double().numpy(), b.numpy(), "bfloat16", n)
