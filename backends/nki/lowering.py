@@ -1293,6 +1293,10 @@ class Renderer(ChunkedMixin):
         self.emit(top, f"return {', '.join(rets)}" + ("," if len(rets) == 1 else ""))
         body = []
         self.flatten(top.lines, 1, body)
+        # size constants the kernel never reads are dead lines: drop them
+        text = "\n".join(body)
+        body = [ln for ln in body if not (m := re.match(r"\s*(N_\w+) = \d+$", ln))
+                or len(re.findall(rf"\b{m.group(1)}\b", text)) > 1]
         if any("math." in ln for ln in body):  # constants folded at trace time
             lines.insert(lines.index("import nki"), "import math\n")
         return "\n".join(lines + body) + "\n"

@@ -30,7 +30,6 @@ def gla_kernel(in_q, in_k, in_v, in_g):
     N_time = 64
     N_batch = 2
     N_heads = 2
-    N_key = 8
     N_value = 12
     out_o = nl.ndarray((N_batch, N_time, N_heads, N_value,), dtype=in_q.dtype, buffer=nl.shared_hbm)
     # constants: zeros (broadcast source), ones (partition broadcast/sum)

@@ -28,7 +28,6 @@ def iir_kernel(in_x, in_b, in_a):
     N_time = 64
     N_batch = 2
     N_chan = 6
-    N_order = 3
     out_y = nl.ndarray((N_batch, N_time, N_chan,), dtype=in_x.dtype, buffer=nl.shared_hbm)
     # constants: zeros (broadcast source), ones (partition broadcast/sum)
     zeros = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)

@@ -31,8 +31,6 @@ def mamba_kernel(in_u, in_delta, in_A, in_B, in_C):
     N_time = 64
     N_batch = 2
     N_chan = 6
-    N_groups = 1
-    N_dstate = 4
     out_y = nl.ndarray((N_batch, N_chan, N_time,), dtype=in_u.dtype, buffer=nl.shared_hbm)
     # constants: zeros (broadcast source), ones (partition broadcast/sum)
     zeros = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)

@@ -33,8 +33,6 @@ def mamba2_kernel(in_x, in_dt, in_A, in_B, in_C):
     N_batch = 2
     N_heads = 2
     N_headdim = 6
-    N_groups = 1
-    N_dstate = 4
     out_y = nl.ndarray((N_batch, N_time, N_heads, N_headdim,), dtype=in_x.dtype, buffer=nl.shared_hbm)
     # constants: zeros (broadcast source), ones (partition broadcast/sum)
     zeros = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)

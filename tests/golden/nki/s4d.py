@@ -30,7 +30,6 @@ def s4d_kernel(in_u, in_A, in_C, in_log_dt, in_D):
     N_time = 64
     N_batch = 2
     N_heads = 2
-    N_dstate = 4
     out_y = nl.ndarray((N_batch, N_heads, N_time,), dtype=in_u.dtype, buffer=nl.shared_hbm)
     # constants: zeros (broadcast source), ones (partition broadcast/sum)
     zeros = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.sbuf)
