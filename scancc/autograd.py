@@ -37,18 +37,49 @@ def _kernel(rec: Recurrence, target: str):
     return compile(rec, target)
 
 
-def _run(rec: Recurrence, inputs: Mapping[str, np.ndarray], init: dict | None,
+class _Arrays:
+    """The few array operations the orchestrator needs, for NumPy arrays or torch tensors:
+    torch tensors stay on their device from the forward to the last gradient (no host copies
+    between kernel launches)."""
+
+    def __init__(self, like):
+        self.torch = not isinstance(like, np.ndarray)
+        if self.torch:
+            import torch
+            self.t, self.device = torch, like.device
+
+    def zeros(self, shape, dtype):
+        if self.torch:
+            return self.t.zeros(shape, dtype=dtype, device=self.device)
+        return np.zeros(shape, dtype)
+
+    def flip(self, x, axis: int):
+        return self.t.flip(x, (axis,)) if self.torch else np.flip(x, axis=axis)
+
+    def cat(self, xs, axis: int = 0):
+        return self.t.cat(xs, axis) if self.torch else np.concatenate(xs, axis=axis)
+
+    def cast(self, x, dtype):
+        return x.to(dtype) if self.torch else x.astype(dtype)
+
+    def float_dtype(self, bits: int):
+        return getattr(self.t, f"float{bits}") if self.torch else np.dtype(f"float{bits}")
+
+
+def _run(rec: Recurrence, inputs: Mapping[str, Any], init: dict | None,
          target: str = "reference"):
-    """(outputs by name, final states by name) of ``rec`` on ``target``, NumPy in and out."""
+    """(outputs by name, final states by name) of ``rec`` on ``target``; arrays of the kind
+    given (NumPy or torch), float64 where the backend computes in float64, else float32."""
     k = _kernel(rec, target)
-    if "float64" not in k.backend.dtypes:  # e.g. Triton: float32 in, float32 accumulation
-        inputs = {n: v.astype(np.float32) for n, v in inputs.items()}
-        init = {n: v.astype(np.float32) for n, v in init.items()} if init else init
+    xp = _Arrays(next(iter(inputs.values())))
+    dt = xp.float_dtype(64 if "float64" in k.backend.dtypes else 32)  # Triton/NKI: float32
+    inputs = {n: xp.cast(v, dt) for n, v in inputs.items()}
+    init = {n: xp.cast(v, dt) for n, v in init.items()} if init else init
     out, fin = k(**inputs, initial_state=init, output_final_state=True)
     outs = out if isinstance(out, dict) else {rec.outputs[0].name: out}
     fins = fin if isinstance(fin, dict) else {rec.states[0].name: fin}
-    return ({k: np.asarray(v, np.float64) for k, v in outs.items()},
-            {k: np.asarray(v, np.float64) for k, v in fins.items()})
+    return ({k: xp.cast(v, dt) for k, v in outs.items()},
+            {k: xp.cast(v, dt) for k, v in fins.items()})
 
 
 def backward_target(kernel, rec: Recurrence) -> str:
@@ -74,7 +105,7 @@ def _time_axis(rec: Recurrence, name: str) -> int | None:
     raise KeyError(name)
 
 
-def _slice(rec, arrays: Mapping[str, np.ndarray], t0: int, t1: int, flip: bool = False):
+def _slice(rec, arrays: Mapping[str, Any], t0: int, t1: int, flip: bool = False):
     out = {}
     for k, v in arrays.items():
         ax = _time_axis(rec, k)
@@ -84,28 +115,33 @@ def _slice(rec, arrays: Mapping[str, np.ndarray], t0: int, t1: int, flip: bool =
         idx = [slice(None)] * v.ndim
         idx[ax] = slice(t0, t1)
         part = v[tuple(idx)]
-        out[k] = np.flip(part, axis=ax) if flip else part
+        out[k] = _Arrays(v).flip(part, ax) if flip else part
     return out
 
 
-def backward(rec: Recurrence, inputs: Mapping[str, np.ndarray], d_out: Mapping[str, np.ndarray],
-             initial_state: Mapping[str, np.ndarray] | None = None,
-             d_final_state: Mapping[str, np.ndarray] | None = None,
+def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any],
+             initial_state: Mapping[str, Any] | None = None,
+             d_final_state: Mapping[str, Any] | None = None,
              chunk: int = DEFAULT_CHUNK, target: str = "reference") -> tuple[dict, dict]:
     """Gradients of sum(d_out[y] * y) + sum(d_final_state[s] * h_T[s]) w.r.t. every input and
-    every initial state. Arrays are float64 NumPy in the declared layouts; the forward, the
-    state recomputation and the backward recurrence run on ``target``.
+    every initial state. Arrays in the declared layouts, all NumPy or all torch tensors (on one
+    device, which they then never leave); the forward, the state recomputation and the
+    backward recurrence run on ``target``, in float64 where it computes in float64 (the
+    reference), else float32, and the gradients come back in that dtype.
 
     Returns:
         (grads by input name, grads by state name of the initial state)
     """
     adj = adjoint(rec)
+    xp = _Arrays(next(iter(inputs.values())))
+    dt = xp.float_dtype(64 if "float64" in _kernel(rec, target).backend.dtypes else 32)
     given = {k: v.shape for k, v in inputs.items()}
-    inputs = _full_layouts(rec, inputs)
-    sizes = bind_sizes(rec, {k: v.shape for k, v in inputs.items()})
+    inputs = {k: xp.cast(v, dt) for k, v in _full_layouts(rec, inputs).items()}
+    d_out = {k: xp.cast(v, dt) for k, v in d_out.items()}
+    sizes = bind_sizes(rec, {k: tuple(v.shape) for k, v in inputs.items()})
     T = sizes[rec.time]
-    zeros = {s.name: np.zeros(tuple(sizes[d] for d in s.dims)) for s in rec.states}
-    h = {**zeros, **(initial_state or {})}
+    zeros = {s.name: xp.zeros(tuple(sizes[d] for d in s.dims), dt) for s in rec.states}
+    h = {**zeros, **{k: xp.cast(v, dt) for k, v in (initial_state or {}).items()}}
     bounds = []
     for t0 in range(0, T, chunk):  # forward: keep only the boundary states
         bounds.append(h)
@@ -113,8 +149,9 @@ def backward(rec: Recurrence, inputs: Mapping[str, np.ndarray], d_out: Mapping[s
 
     bwd = adj.backward
     names = {x.name for x in bwd.inputs}
-    carry = {adj.adjoint_state[s]: v for s, v in {**zeros, **(d_final_state or {})}.items()}
-    grads = {x.name: np.zeros(tuple(sizes[d] for d in x.dims)) for x in rec.inputs}
+    carry = {adj.adjoint_state[s]: xp.cast(v, dt)
+             for s, v in {**zeros, **(d_final_state or {})}.items()}
+    grads = {x.name: xp.zeros(tuple(sizes[d] for d in x.dims), dt) for x in rec.inputs}
     for c in reversed(range(len(bounds))):
         t0, t1 = c * chunk, min((c + 1) * chunk, T)
         part = _slice(rec, inputs, t0, t1)
@@ -127,32 +164,33 @@ def backward(rec: Recurrence, inputs: Mapping[str, np.ndarray], d_out: Mapping[s
         for s in rec.states:
             now, before = adj.state_seq[s.name]
             hs = seqs[now]                                     # [chunk, *state dims]
-            hp = np.concatenate([bounds[c][s.name][None], hs[:-1]], axis=0)
+            hp = xp.cat([bounds[c][s.name][None], hs[:-1]], 0)
             if now in names:
-                feed[now] = hs[::-1]
+                feed[now] = xp.flip(hs, 0)
             if before in names:
-                feed[before] = hp[::-1]
+                feed[before] = xp.flip(hp, 0)
         outs, carry = _run(bwd, feed, carry, target)
         for x in rec.inputs:
             gx = outs[adj.grad[x.name]]
             ax = _time_axis(rec, x.name)
             if ax is None:                                     # per-step contributions
-                grads[x.name] += gx.sum(axis=0)
+                grads[x.name] += gx.sum(0)
             else:
                 idx = [slice(None)] * gx.ndim
                 idx[ax] = slice(t0, t1)
-                grads[x.name][tuple(idx)] = np.flip(gx, axis=ax)
+                grads[x.name][tuple(idx)] = xp.flip(gx, ax)
     d_init = {s.name: carry[adj.adjoint_state[s.name]] for s in rec.states}
     return {k: v.reshape(given[k]) for k, v in grads.items()}, d_init
 
 
-def _full_layouts(rec: Recurrence, inputs: Mapping[str, np.ndarray]) -> dict:
+def _full_layouts(rec: Recurrence, inputs: Mapping[str, Any]) -> dict:
     """Inputs with optional dims left out get them back as size-1 axes."""
     out = {}
     for x in rec.inputs:
         v = inputs[x.name]
-        if v.ndim < len(x.dims):
-            v = np.expand_dims(v, tuple(i for i, d in enumerate(x.dims) if d in x.optional_dims))
+        if v.ndim < len(x.dims):  # exactly the optional dims are left out (bind_sizes)
+            given = iter(v.shape)
+            v = v.reshape(tuple(1 if d in x.optional_dims else next(given) for d in x.dims))
         out[x.name] = v
     return out
 
@@ -227,12 +265,12 @@ def torch_ops():
     def scan_backward(key: str, inputs: list[torch.Tensor], init: list[torch.Tensor],
                       grads: list[torch.Tensor], chunk: int) -> list[torch.Tensor]:
         kernel, rec = _SLOTS[key]
-        f64 = lambda t: t.detach().to("cpu", torch.float64).numpy()  # noqa: E731
-        x = {i.name: f64(t) for i, t in zip(rec.inputs, inputs)}
-        h0 = {s.name: f64(t) for s, t in zip(rec.states, init)} if init else None
+        # tensors stay on their device; backward() computes in the backend's dtype
+        x = {i.name: t.detach() for i, t in zip(rec.inputs, inputs)}
+        h0 = {s.name: t.detach() for s, t in zip(rec.states, init)} if init else None
         no = len(rec.outputs)
-        d_out = {o.name: f64(g) for o, g in zip(rec.outputs, grads[:no])}
-        d_fin = {s.name: f64(g) for s, g in zip(rec.states, grads[no:])}
+        d_out = {o.name: g.detach() for o, g in zip(rec.outputs, grads[:no])}
+        d_fin = {s.name: g.detach() for s, g in zip(rec.states, grads[no:])}
         gin, ginit = backward(rec, x, d_out, h0, d_fin, chunk, backward_target(kernel, rec))
         res = [_to_torch(gin[i.name], t, t.dtype) for i, t in zip(rec.inputs, inputs)]
         return res + [_to_torch(ginit[s.name], t, t.dtype) for s, t in zip(rec.states, init)]
