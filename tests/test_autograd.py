@@ -329,3 +329,15 @@ def test_torch_backward_keeps_tensors_on_their_device(monkeypatch):
     scancc.compile("gla")(q, k, v, gk).sum().backward()
     assert len(seen) >= 3 * 4 and all(seen)  # forward, recompute, backward per chunk (T/2)
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", [n for n, ok, _ in scancc.backends.report()
+                                    if ok and n != "reference"])
+@pytest.mark.parametrize("name", DERIVED)
+def test_every_library_backward_on_the_backend_through_chunks(name, target):
+    """`scancc check --backward` as a test: forward, recompute and backward kernels of the
+    target, T = 40 in chunks of 13, against the reference's gradients (float32)."""
+    from scancc.check import check_backward
+    row = check_backward(name, target, T=40)
+    assert row.ok, row.note
