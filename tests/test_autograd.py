@@ -337,7 +337,7 @@ def test_torch_backward_keeps_tensors_on_their_device(monkeypatch):
 @pytest.mark.parametrize("name", DERIVED)
 def test_every_library_backward_on_the_backend_through_chunks(name, target):
     """`scancc check --backward` as a test: forward, recompute and backward kernels of the
-    target, T = 40 in chunks of 13, against the reference's gradients (float32)."""
+    target, T = 40 in chunks of 2 (this module's fixture), against the reference's gradients."""
     from scancc.check import check_backward
     row = check_backward(name, target, T=40)
     assert row.ok, row.note
