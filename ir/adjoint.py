@@ -330,16 +330,26 @@ def derive(rec: Recurrence) -> Adjoint:
     leaves = {Node(Op.INPUT, (), x.name) for x in rec.inputs}
     grads = vjp(ctx, roots, leaves)
 
+    # h_t of a symmetric state is recomputed from h_{t-1} in the backward (A_t h_{t-1} + b_t,
+    # elementwise or one reduction), so the backward reads one state sequence, not two
+    recompute = {Node(Op.INPUT, (), seq[s.name][0]):
+                 apply_transition(s.transition, Node(Op.INPUT, (), seq[s.name][1]),
+                                  {k: inl(v) for k, v in s.transition.operands}) + inl(s.inject)
+                 for s in rec.states if s.transition.kind in SYMMETRIC}
+    smemo: dict = {}
+
+    def finish(n: Node) -> Node:
+        return sink_flips(ctx, substitute(n, recompute, smemo), flips)
+
     outputs, flips = [], {}
-    states = [State(st.name, st.dims, st.transition, sink_flips(ctx, st.inject, flips))
-              for st in states]
+    states = [State(st.name, st.dims, st.transition, finish(st.inject)) for st in states]
     for x in rec.inputs:
         gx = grads.get(Node(Op.INPUT, (), x.name), const(0.0))
         gx = _unbroadcast(ctx, gx, Node(Op.INPUT, (), x.name))
         # an input without a time dim gets its per-step contributions, summed by the caller
         # (per chunk, so this costs chunk x |x|, never T x |x|)
         outputs.append(Output(grad[x.name], x.dims if has_time[x.name] else (time,) + x.dims,
-                              sink_flips(ctx, gx, flips)))
+                              finish(gx)))
     exprs = [st.inject for st in states] + [o.expr for o in outputs] + \
         [n for st in states for _, n in st.transition.operands]
     used = {n.arg for r in exprs for n in r.walk() if n.op is Op.INPUT}
