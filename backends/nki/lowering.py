@@ -827,8 +827,8 @@ class Renderer(ChunkedMixin):
             if d in (self.pd, self.time):
                 continue
             ix = env[d]
-            if len(ix.deps) == 1 and ix.expr.split("_", 1)[-1] == d and \
-                    ix.expr.split("_", 1)[0] in ("i", "r", "o", "m", "s", "j"):
+            # a loop over d (loop_var may have renamed a nested one: r_key2 inside r_key)
+            if len(ix.deps) == 1 and re.fullmatch(rf"[iromsj]_{re.escape(d)}\d*", ix.expr):
                 loops[d] = ix
         rest = frozenset().union(*(env[d].deps for d in inp.dims if d in env and d not in loops))
         rest |= frozenset({self.pd_scope.sid} if self.pd in inp.dims else ())
