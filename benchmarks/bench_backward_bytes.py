@@ -86,36 +86,15 @@ def _nelem(d) -> int:
 
 
 @contextlib.contextmanager
-def count_atomics():
-    """Bytes of the tl.atomic_add (any atomic RMW) elements the interpreter executes: not
-    among runtime.count_traffic's loads/stores. Each element counts once, like a store (the
-    read-modify-write happens in L2 on a GPU)."""
-    from triton.runtime import interpreter as it
-    B = it.InterpreterBuilder
-    orig = B.create_atomic_rmw
-    got = {"bytes": 0}
-
-    def rmw(self, op, ptr, val, mask, sem, scope):
-        m = np.broadcast_to(mask.data, ptr.data.shape)
-        got["bytes"] += int(np.count_nonzero(m)) * (ptr.get_element_ty().primitive_bitwidth // 8)
-        return orig(self, op, ptr, val, mask, sem, scope)
-    B.create_atomic_rmw = rmw
-    try:
-        yield got
-    finally:
-        B.create_atomic_rmw = orig
-
-
-@contextlib.contextmanager
 def counting(kernel, target: str):
     """Bytes moved by the one call of ``kernel`` made inside the block, and its form."""
     got = {}
     if target == "triton":
         from scancc.backends.triton import runtime
-        with runtime.count_traffic() as tr, count_atomics() as at:
+        with runtime.count_traffic() as tr:
             yield got
-        got["moved"] = tr.loaded + tr.stored + at["bytes"]
-        got["atomic"] = at["bytes"]
+        got["moved"] = tr.loaded + tr.stored + tr.atomic
+        got["atomic"] = tr.atomic
         got["form"] = kernel.last_run.counters.get("algorithm", "?")
     else:
         yield got

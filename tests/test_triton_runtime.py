@@ -158,3 +158,17 @@ def test_triton_backend_works_after_a_torch_call_of_another_backend():
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "(1, 5, 2, 3)"
+
+
+def test_count_traffic_counts_atomic_adds():
+    """mamba2's backward sums grad_B/grad_C over a group's heads with tl.atomic_add: one
+    float32 add per element per head program."""
+    import torch
+    from scancc.autograd import adjoint
+    b = adjoint(registry.get("mamba2").build()).backward
+    sizes = testing.default_sizes(b, batch=1, time=5, heads=4, headdim=2, groups=2, dstate=3)
+    x = testing.sample_inputs(b, sizes, 0)
+    k = scancc.compile(b, target="triton")
+    with runtime.count_traffic() as tr:
+        k(**{n: torch.from_numpy(v).float() for n, v in x.items()})
+    assert tr.atomic == 4 * 1 * 5 * 3 * 2 * 4   # heads x batch x time x dstate x (B, C) x 4 B

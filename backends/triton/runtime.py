@@ -156,6 +156,7 @@ class Traffic:
     def __init__(self):
         self.loaded = 0
         self.stored = 0
+        self.atomic = 0    # bytes of atomic read-modify-writes (tl.atomic_add: ungroup outputs)
         self.loads = 0
         self.stores = 0
         self._addr = {"load": [], "store": []}
@@ -182,13 +183,15 @@ class Traffic:
 
 @contextlib.contextmanager
 def count_traffic():
-    """Count the bytes of every load/store the interpreter executes inside the block."""
+    """Count the bytes of every load/store (and atomic add) the interpreter executes inside
+    the block."""
     import numpy as np
     from triton.runtime import interpreter as it
 
     traffic = Traffic()
     B = it.InterpreterBuilder
     orig_load, orig_store = B.create_masked_load, B.create_masked_store
+    orig_rmw = B.create_atomic_rmw
 
     def nbytes(kind, ptrs, mask):
         m = np.broadcast_to(mask.data, ptrs.data.shape)
@@ -206,8 +209,14 @@ def count_traffic():
         traffic.stores += 1
         return orig_store(self, ptrs, value, mask, cache_policy)
 
-    B.create_masked_load, B.create_masked_store = load, store
+    def rmw(self, op, ptrs, val, mask, sem, scope):  # one element counts once, like a store
+        m = np.broadcast_to(mask.data, ptrs.data.shape)
+        traffic.atomic += int(np.count_nonzero(m)) * (ptrs.get_element_ty().primitive_bitwidth // 8)
+        return orig_rmw(self, op, ptrs, val, mask, sem, scope)
+
+    B.create_masked_load, B.create_masked_store, B.create_atomic_rmw = load, store, rmw
     try:
         yield traffic
     finally:
         B.create_masked_load, B.create_masked_store = orig_load, orig_store
+        B.create_atomic_rmw = orig_rmw
