@@ -10,7 +10,7 @@ from scancc.autograd import adjoint
 from scancc.backends import get
 from scancc.backends.base import UnsupportedError
 from scancc.backends.nki import emulator as E
-from scancc.ir import (Builder, companion, const, dense, diagonal, exp, householder, iota,
+from scancc.ir import (Builder, companion, const, dense, diagonal, exp, flip, householder, iota,
                        prev, reduce_sum, sigmoid, step, ungroup)
 from scancc.testing import assert_close, default_sizes, sample_inputs, sample_state
 
@@ -273,3 +273,44 @@ def test_registered_custom_recurrence_backward():
         check_close(b, x, sample_state(b, sizes), time_tile=16)
     finally:
         scancc.unregister("gated_iir")
+
+
+@pytest.mark.parametrize("batch", [2, 4])
+def test_dense_axis_is_never_an_outer_loop(batch):
+    """A dense state read only through sum(s * q, n): every output and state has n, which must
+    still be stepped inside the tile (it was once made an outer loop, and the backward's
+    dense_adjoint then read past its columns: NaN or an emulator error)."""
+    torch = pytest.importorskip("torch")
+    r = Builder("nki_test_dense_readout")
+    b, t, h = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("heads", "head")
+    n, c = r.dim("n", size=3), r.dim("c", size=3)
+    x, q, m = r.input("x", [b, t, h, n]), r.input("q", [b, t, h, n]), r.input("m", [h, n, c])
+    s = r.state("s", [b, h, n], dense(n, c, m), inject=x)
+    r.output("y", [b, t, h], reduce_sum(s * q, n))
+    rec = r.build()
+    xs = sample_inputs(rec, {"batch": batch, "time": 9, "heads": 3, "n": 3, "c": 3}, 0,
+                       {"m": "small"})
+    kn = scancc.compile(rec, target="nki")
+    assert scancc.autograd.backward_target(kn, rec) == "nki"
+
+    def grads(ker, dtype):
+        ts = {k: torch.tensor(v, dtype=dtype, requires_grad=True) for k, v in xs.items()}
+        y = ker(**ts)
+        (y.double() * torch.linspace(-1, 1, y.numel(), dtype=torch.float64).reshape(y.shape)
+         ).sum().backward()
+        return {k: v.grad.double().numpy() for k, v in ts.items()}
+    got, want = grads(kn, torch.float32), grads(scancc.compile(rec), torch.float64)
+    for k in want:
+        assert_close(got[k], want[k], "float32", k)
+
+
+def test_flip_of_a_state_along_an_outer_dim_is_unsupported():
+    """The carry holds the current outer index only: flip(s, w) along an outer w would read
+    the wrong row, so NKI refuses it (the reference runs it)."""
+    r = Builder("nki_test_flip_outer")
+    b, t, d, w = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("chan"), r.dim("w")
+    x, g = r.input("x", [b, t, d, w]), r.input("g", [b, t, d, w])
+    s = r.state("s", [b, d, w], diagonal(sigmoid(g)), inject=x)
+    r.output("y", [b, t, d, w], flip(s, w) + x)
+    with pytest.raises(UnsupportedError, match="flip along the outer dim 'w' of a state"):
+        scancc.compile(r.build(), target="nki")

@@ -145,7 +145,9 @@ def choose_layout(rec: Recurrence, sizes: Mapping[str, int]) -> tuple[str, tuple
     role = {d.name: d.role for d in rec.dims}
     pd = max(cands, key=lambda d: (role[d] != "batch", sum(d in s.dims for s in rec.states),
                                    sizes[d], -rec.canonical.index(d)))
-    outer = tuple(d for d in rec.canonical if d != pd and all(d in s.dims for s in rec.states)
+    # a transition axis is never an outer loop: a step mixes its indices
+    outer = tuple(d for d in rec.canonical if d != pd and d not in axes
+                  and all(d in s.dims for s in rec.states)
                   and all(d in o.dims for o in rec.outputs))
     return pd, outer
 
@@ -430,6 +432,9 @@ class Renderer(ChunkedMixin):
         d = node.arg
         if d == self.pd:
             self.fail(f"flip along the partition dim {d!r}")
+        if d in self.outer and self.rec.uses_state(node.src[0]):
+            # the carry and trajectory hold the current outer index only
+            self.fail(f"flip along the outer dim {d!r} of a state-dependent value")
         sub = dict(env)
         sub[d] = Idx(f"{self.sizes[d] - 1} - ({env[d].expr})", env[d].deps)
         return sub
@@ -827,8 +832,10 @@ class Renderer(ChunkedMixin):
             if d in (self.pd, self.time):
                 continue
             ix = env[d]
-            # a loop over d (loop_var may have renamed a nested one: r_key2 inside r_key)
-            if len(ix.deps) == 1 and re.fullmatch(rf"[iromsj]_{re.escape(d)}\d*", ix.expr):
+            # a loop over d (loop_var may have renamed a nested one: r_key2 inside r_key; a
+            # name that is another dim's, say key2, is that dim's loop)
+            if len(ix.deps) == 1 and re.fullmatch(rf"[iromsj]_{re.escape(d)}\d*", ix.expr) \
+                    and (ix.expr[2:] == d or ix.expr[2:] not in self.sizes):
                 loops[d] = ix
         rest = frozenset().union(*(env[d].deps for d in inp.dims if d in env and d not in loops))
         rest |= frozenset({self.pd_scope.sid} if self.pd in inp.dims else ())
@@ -1018,6 +1025,10 @@ class Renderer(ChunkedMixin):
         self.emit(sc, f"# state {s.name}: {t.kind.value} along {t.axis}, h = A^T (h + b), "
                       "stepped through time")
         dims, r, n = self.inner_dims(s), self.rows(s), self.n_inner(s)
+        first = t.kind is Kind.SHIFT_ADJOINT
+        if not dims or dims[0 if first else -1] != t.axis:
+            self.fail(f"{t.kind.value} state {s.name!r}: the axis {t.axis!r} must be the "
+                      f"{'first' if first else 'last'} of its looped dims {list(dims)}")
         na = self.sizes[t.axis]
         rest = n // na
         tc = "t + 1" if s.name in self.prevs else "t"
