@@ -30,6 +30,7 @@ class Backend:
     array: str = "numpy"               # the array kind ``run`` takes and returns: numpy | torch
     generates_source: bool = False
     dtypes: tuple[str, ...] = ("float64", "float32", "float16")
+    computes_float64: bool = False     # arithmetic in float64 (else float32 accumulation)
     options: tuple[str, ...] = ()      # backend options compile() accepts (e.g. algorithm)
 
     def available(self) -> tuple[bool, str]:

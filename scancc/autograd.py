@@ -72,7 +72,7 @@ def _run(rec: Recurrence, inputs: Mapping[str, Any], init: dict | None,
     given (NumPy or torch), float64 where the backend computes in float64, else float32."""
     k = _kernel(rec, target)
     xp = _Arrays(next(iter(inputs.values())))
-    dt = xp.float_dtype(64 if "float64" in k.backend.dtypes else 32)  # Triton/NKI: float32
+    dt = xp.float_dtype(64 if k.backend.computes_float64 else 32)  # Triton/NKI: float32
     inputs = {n: xp.cast(v, dt) for n, v in inputs.items()}
     init = {n: xp.cast(v, dt) for n, v in init.items()} if init else init
     out, fin = k(**inputs, initial_state=init, output_final_state=True)
@@ -134,7 +134,7 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
     """
     adj = adjoint(rec)
     xp = _Arrays(next(iter(inputs.values())))
-    dt = xp.float_dtype(64 if "float64" in _kernel(rec, target).backend.dtypes else 32)
+    dt = xp.float_dtype(64 if _kernel(rec, target).backend.computes_float64 else 32)
     given = {k: v.shape for k, v in inputs.items()}
     inputs = {k: xp.cast(v, dt) for k, v in _full_layouts(rec, inputs).items()}
     d_out = {k: xp.cast(v, dt) for k, v in d_out.items()}

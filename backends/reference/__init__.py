@@ -16,6 +16,7 @@ class ReferenceBackend(Backend):
     array = "numpy"
     generates_source = False
     dtypes = ("float64", "float32", "float16", "bfloat16")
+    computes_float64 = True
 
     def available(self) -> tuple[bool, str]:
         return True, f"NumPy {np.__version__} interpreter, float64"
