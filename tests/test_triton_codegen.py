@@ -168,6 +168,16 @@ def test_generated_kernels_compile_for_h100(tmp_path):
         path.write_text(low.render())
         sig, const = low.compile_args(testing.default_sizes(rec), "bfloat16")
         jobs.append([str(path), low.kernel_name, sig, const])
+    # derived backward kernels: prev/step, the adjoint steps (tl.gather), ungroup (atomic add)
+    from scancc.autograd import adjoint
+    for name in ("fir", "iir", "swa", "mamba", "mamba2", "gated_delta_net"):
+        e = registry.get(name)
+        rec = adjoint(e.build(**{o: True for o in e.optional_inputs})).backward
+        low = backends.get("triton")._lowering_for(rec, {"algorithm": "recurrent"})
+        path = tmp_path / f"{name}_bwd.py"
+        path.write_text(low.render())
+        sig, const = low.compile_args(testing.default_sizes(rec), "float32")
+        jobs.append([str(path), low.kernel_name, sig, const])
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", _COMPILE], input=json.dumps(jobs), env=env,
                        capture_output=True, text=True, timeout=600)
