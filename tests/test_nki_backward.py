@@ -280,7 +280,7 @@ def test_dense_axis_is_never_an_outer_loop(batch):
     """A dense state read only through sum(s * q, n): every output and state has n, which must
     still be stepped inside the tile (it was once made an outer loop, and the backward's
     dense_adjoint then read past its columns: NaN or an emulator error)."""
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", reason="torch (the [triton] extra) is not installed")
     r = Builder("nki_test_dense_readout")
     b, t, h = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("heads", "head")
     n, c = r.dim("n", size=3), r.dim("c", size=3)

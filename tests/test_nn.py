@@ -104,7 +104,8 @@ def l2n(x):
 
 @pytest.mark.parametrize("dt_limit", [(0.0, math.inf), (0.0, 0.6)], ids=["default", "clamped"])
 def test_mamba2_core_matches_transformers_chunk_scan_with_gradients(dt_limit):
-    mm2 = pytest.importorskip("transformers.models.mamba2.modeling_mamba2")
+    mm2 = pytest.importorskip("transformers.models.mamba2.modeling_mamba2",
+                              reason="transformers (the [test] extra) is not installed")
     g = gen(0)
     b, T, H, P, G, N = 2, 7, 4, 3, 2, 5
     core = Mamba2Core(H, dt_limit=dt_limit)
@@ -141,7 +142,8 @@ def test_mamba2_core_in_place_of_a_transformers_mixers_scan():
     """The core loads a transformers Mamba2Mixer's dt_bias, A_log, D by name (strict); with the
     mixer's projections, conv and gated norm as the user's code around it, the result equals
     the mixer's own forward."""
-    mm2 = pytest.importorskip("transformers.models.mamba2.modeling_mamba2")
+    mm2 = pytest.importorskip("transformers.models.mamba2.modeling_mamba2",
+                              reason="transformers (the [test] extra) is not installed")
     from transformers import Mamba2Config
     torch.manual_seed(0)
     cfg = Mamba2Config(hidden_size=8, num_heads=4, head_dim=4, expand=2, state_size=3, n_groups=2,
@@ -168,7 +170,8 @@ def test_mamba2_core_in_place_of_a_transformers_mixers_scan():
 # ---- Mamba (S6) ----------------------------------------------------------------------------
 
 def test_mamba_core_matches_transformers_selective_scan_with_gradients():
-    mm = pytest.importorskip("transformers.models.mamba.modeling_mamba")
+    mm = pytest.importorskip("transformers.models.mamba.modeling_mamba",
+                             reason="transformers (the [test] extra) is not installed")
     g = gen(3)
     b, d, L, n = 2, 6, 7, 4
     core = MambaCore(d, n)
@@ -206,7 +209,8 @@ def test_mamba_core_matches_transformers_selective_scan_with_gradients():
 def test_mamba_core_in_place_of_a_transformers_mixers_scan():
     """A transformers MambaMixer's A_log and D load by name; its dt_proj.bias is the scan's
     delta_bias. With the mixer's projections and conv around it, the core reproduces it."""
-    mm = pytest.importorskip("transformers.models.mamba.modeling_mamba")
+    mm = pytest.importorskip("transformers.models.mamba.modeling_mamba",
+                             reason="transformers (the [test] extra) is not installed")
     from transformers import MambaConfig
     torch.manual_seed(0)
     cfg = MambaConfig(hidden_size=8, state_size=3, expand=2, conv_kernel=4, time_step_rank=2,
