@@ -337,11 +337,11 @@ def derive(rec: Recurrence) -> Adjoint:
                                   {k: inl(v) for k, v in s.transition.operands}) + inl(s.inject)
                  for s in rec.states if s.transition.kind in SYMMETRIC}
     smemo: dict = {}
+    outputs, flips = [], {}
 
     def finish(n: Node) -> Node:
         return sink_flips(ctx, substitute(n, recompute, smemo), flips)
 
-    outputs, flips = [], {}
     states = [State(st.name, st.dims, st.transition, finish(st.inject)) for st in states]
     for x in rec.inputs:
         gx = grads.get(Node(Op.INPUT, (), x.name), const(0.0))
