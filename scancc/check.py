@@ -46,6 +46,16 @@ def _as_dict(x, names):
     return x if isinstance(x, dict) else {names[0]: x}
 
 
+def _judge(row: Row, worst: list[tuple[float, float]]) -> None:
+    """The row's errors (the worst over its arrays) against its dtype's tolerance."""
+    row.rel_rms = max(r for r, _ in worst)
+    row.max_abs = max(m for _, m in worst)
+    tol = TOLERANCES[row.dtype]
+    row.ok = row.rel_rms <= tol.rel_rms and row.max_abs <= tol.max_abs
+    if not row.ok:
+        row.note = f"over tolerance (rel-RMS {tol.rel_rms:.0e}, max-abs {tol.max_abs:.0e})"
+
+
 def check_backward(what: Any, target: str, T: int | None = None, seed: int = 0,
                    **options) -> Row:
     """Gradients (every input and the initial states, from random output and final-state
@@ -83,13 +93,7 @@ def check_backward(what: Any, target: str, T: int | None = None, seed: int = 0,
         dh = {s.name: rng.standard_normal(tuple(sizes[d] for d in s.dims)) for s in rec.states}
         want = autograd.backward(rec, x, dy, h0, dh, chunk, "reference")
         got = autograd.backward(rec, x, dy, h0, dh, chunk, target)
-        worst = [errors(got[i][k], want[i][k]) for i in (0, 1) for k in want[i]]
-        row.rel_rms = max(r for r, _ in worst)
-        row.max_abs = max(m for _, m in worst)
-        tol = TOLERANCES["float32"]
-        row.ok = row.rel_rms <= tol.rel_rms and row.max_abs <= tol.max_abs
-        if not row.ok:
-            row.note = f"over tolerance (rel-RMS {tol.rel_rms:.0e}, max-abs {tol.max_abs:.0e})"
+        _judge(row, [errors(got[i][k], want[i][k]) for i in (0, 1) for k in want[i]])
     except Exception as e:  # a row per failure, not a crash of the whole run
         row.note = f"{type(e).__name__}: {e}"
     finally:
@@ -143,13 +147,7 @@ def check_one(what: Any, target: str, dtype: str, T: int | None = None, seed: in
             got_y, got_h = k(**x, initial_state=init, output_final_state=True)
         got_h, want_h = _as_dict(got_h, snames), _as_dict(want_h, snames)
         ry, my = errors(_f64(got_y), want_y)
-        worst = [(ry, my)] + [errors(_f64(got_h[n]), want_h[n]) for n in snames]
-        row.rel_rms = max(r for r, _ in worst)
-        row.max_abs = max(m for _, m in worst)
-        tol = TOLERANCES[dtype]
-        row.ok = row.rel_rms <= tol.rel_rms and row.max_abs <= tol.max_abs
-        if not row.ok:
-            row.note = f"over tolerance (rel-RMS {tol.rel_rms:.0e}, max-abs {tol.max_abs:.0e})"
+        _judge(row, [(ry, my)] + [errors(_f64(got_h[n]), want_h[n]) for n in snames])
     except Exception as e:  # a row per failure, not a crash of the whole run
         row.note = f"{type(e).__name__}: {e}"
     finally:

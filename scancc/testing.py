@@ -2,6 +2,7 @@
 tolerance table, the error metrics, NaN poisoning and input sampling."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -151,3 +152,16 @@ def adjoint_steps_recurrence() -> Recurrence:
     r.output("o_n", [b, t, h, n], da - prev("da") * 0.5)
     r.output("o_sum", [t, h], reduce_sum(reduce_sum(da, n) + reduce_sum(sa * ca, w), b))
     return r.build()
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' one-time log line that it falls back to its PyTorch
+    implementations (mamba_ssm not installed): a logger message, not a warning."""
+    from transformers.utils import logging
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)

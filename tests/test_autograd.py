@@ -54,17 +54,6 @@ def test_gradcheck_every_input_and_both_states(name):
     _gradcheck(scancc.compile(name, **opts), e.hints)
 
 
-@pytest.fixture(scope="module")
-def gated_iir():
-    import importlib.util
-    import pathlib
-    spec = importlib.util.spec_from_file_location(
-        "gated_iir_example", pathlib.Path(__file__).resolve().parents[1] / "examples" / "gated_iir.py")
-    spec.loader.exec_module(importlib.util.module_from_spec(spec))
-    yield scancc.get("gated_iir")
-    scancc.unregister("gated_iir")
-
-
 def test_gradcheck_of_the_registered_custom_recurrence(gated_iir):
     """examples/gated_iir.py: a companion state whose feedback depends on the input."""
     _gradcheck(scancc.compile("gated_iir"), gated_iir.hints)

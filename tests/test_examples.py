@@ -1,6 +1,4 @@
 """The documented custom recurrence (examples/gated_iir.py) against a hand-written loop."""
-import importlib.util
-import pathlib
 
 import numpy as np
 import pytest
@@ -8,16 +6,6 @@ import scancc
 from scancc.check import check_one
 from scancc.testing import assert_close
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def gated_iir():
-    spec = importlib.util.spec_from_file_location("gated_iir_example",
-                                                  ROOT / "examples" / "gated_iir.py")
-    spec.loader.exec_module(importlib.util.module_from_spec(spec))
-    yield scancc.get("gated_iir")
-    scancc.unregister("gated_iir")
 
 
 @pytest.mark.parametrize("T", [1, 2, 63])

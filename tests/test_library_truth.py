@@ -8,7 +8,6 @@ group mapping, dt handling, state layout) against code we did not write.
 Inputs are drawn in float32 and widened, so every reference sees exactly the values scancc sees
 whatever casts it does on entry; each comparison also runs scancc once on a perturbed input and
 requires a miss, so a kernel that ignores its inputs cannot pass."""
-import contextlib
 import types
 import warnings
 import zlib
@@ -16,7 +15,7 @@ import zlib
 import numpy as np
 import pytest
 import scancc
-from scancc.testing import assert_close, within
+from scancc.testing import assert_close, quiet_transformers, within
 
 torch = pytest.importorskip("torch", reason="torch (the [triton] extra) is not installed")
 
@@ -211,19 +210,6 @@ def test_delta_rules_match_fla(fla, name, T, l2_in_kernel, init, dtype):
 
 
 # ---- transformers' Mamba / Mamba2 torch scans -------------------------------------------------
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """Silence the one-time "falling back to its reference PyTorch implementation because
-    mamba_ssm is not installed" log line (a logger message, not a warning), then restore."""
-    from transformers.utils import logging
-    level = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(level)
-
 
 @pytest.fixture(scope="module")
 def tf():

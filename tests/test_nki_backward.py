@@ -259,20 +259,11 @@ def test_adjoint_step_kinds(init):
     check_close(rec, x, sample_state(rec, sizes) if init else None, time_tile=16)
 
 
-def test_registered_custom_recurrence_backward():
-    import importlib.util
-    import pathlib
-    spec = importlib.util.spec_from_file_location(
-        "gated_iir_example", pathlib.Path(__file__).resolve().parents[1] / "examples" / "gated_iir.py")
-    spec.loader.exec_module(importlib.util.module_from_spec(spec))
-    try:
-        entry = registry.get("gated_iir")
-        b = adjoint(entry.build()).backward
-        sizes = default_sizes(b, time=45, batch=2, chan=3, order=3)
-        x = sample_inputs(b, sizes, seed=6, hints=entry.hints)
-        check_close(b, x, sample_state(b, sizes), time_tile=16)
-    finally:
-        scancc.unregister("gated_iir")
+def test_registered_custom_recurrence_backward(gated_iir):
+    b = adjoint(gated_iir.build()).backward
+    sizes = default_sizes(b, time=45, batch=2, chan=3, order=3)
+    x = sample_inputs(b, sizes, seed=6, hints=gated_iir.hints)
+    check_close(b, x, sample_state(b, sizes), time_tile=16)
 
 
 @pytest.mark.parametrize("batch", [2, 4])

@@ -7,7 +7,6 @@ whole transformers Mamba / Mamba2 mixers with the core in place of their scan, a
 flash-linear-attention's naive recurrences. Gradients of every parameter, input and the initial
 state are compared with torch autograd through those implementations, and checked by finite
 differences in float64 (gradcheck on the core with its parameters as inputs)."""
-import contextlib
 import copy
 import io
 import math
@@ -16,7 +15,7 @@ import warnings
 import pytest
 import scancc
 import scancc.autograd as ag
-from scancc.testing import assert_close, within
+from scancc.testing import assert_close, quiet_transformers, within
 
 torch = pytest.importorskip("torch", reason="torch (the [triton] extra) is not installed")
 F = torch.nn.functional
@@ -69,18 +68,6 @@ def assert_grads_close(got, want, names, **tol):
 def assert_misses(got, ref, dtype, what):
     ok, rel, _ = within(got, ref, dtype)
     assert not ok, f"{what}: still matches the reference (rel {rel:.1e})"
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """transformers logs (not warns) that it falls back to its torch implementations."""
-    from transformers.utils import logging
-    level = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(level)
 
 
 @pytest.fixture(scope="module")

@@ -110,17 +110,6 @@ def test_adjoint_step_kinds_match_reference(with_state):
         assert_close(got_h[n], want_h[n], "float32", f"final {n}")
 
 
-@pytest.fixture(scope="module")
-def gated_iir():
-    import importlib.util
-    import pathlib
-    spec = importlib.util.spec_from_file_location(
-        "gated_iir_example", pathlib.Path(__file__).resolve().parents[1] / "examples" / "gated_iir.py")
-    spec.loader.exec_module(importlib.util.module_from_spec(spec))
-    yield scancc.get("gated_iir")
-    scancc.unregister("gated_iir")
-
-
 def test_registered_custom_recurrence_trains_on_triton(gated_iir):
     """examples/gated_iir.py: gradients from Triton forward + Triton backward kernels equal
     the reference's (float64)."""

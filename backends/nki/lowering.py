@@ -360,15 +360,7 @@ class Renderer(ChunkedMixin):
         loop = self.open(sc, f"for g_{g} in range({self.sizes[g]}):")
         sub = {**env, g: Idx(f"g_{g}", frozenset({loop.sid}))}
         v = self.value(node.src[0], sub, loop)
-        # sel[p] = 1 where p0 + p - rep * g lies in [0, rep)
-        pos, lo, hi = self.tile(loop, "col"), self.tile(loop, "col"), self.tile(loop, "col")
-        self.emit(loop, f"nisa.iota({pos.view()}, [[0, 1]], offset=p0 - {rep} * g_{g}, "
-                        "channel_multiplier=1)")
-        self.emit(loop, f"nisa.tensor_scalar({lo.view()}, {pos.view()}, nl.greater_equal, 0.0)")
-        self.emit(loop, f"nisa.tensor_scalar({hi.view()}, {pos.view()}, nl.greater_equal, "
-                        f"{_fmt(rep)})")
-        self.emit(loop, f"nisa.tensor_tensor({lo.view()}, {lo.view()}, {hi.view()}, "
-                        "nl.subtract)")
+        lo = self.selector(loop, f"g_{g}", rep)
         part = self.binary(Op.MUL, v, lo, loop)
         self.emit(loop, f"nisa.tensor_tensor({acc.view()}, {acc.view()}, "
                         f"{self.to_kind(part, kind, loop).view()}, nl.add)")
@@ -413,20 +405,26 @@ class Renderer(ChunkedMixin):
         j = env[g].expr
         x = self.value(node.src[0], env, sc)
         x = self.sbuf(self.to_kind(x, "full" if x.kind in ("row", "full") else "col", sc), sc)
-        pos, sel, hi = self.tile(sc, "col"), self.tile(sc, "col"), self.tile(sc, "col")
-        self.emit(sc, f"nisa.iota({pos.view()}, [[0, 1]], offset=p0 - {rep} * ({j}), "
-                      "channel_multiplier=1)")
-        self.emit(sc, f"nisa.tensor_scalar({sel.view()}, {pos.view()}, nl.greater_equal, 0.0)")
-        self.emit(sc, f"nisa.tensor_scalar({hi.view()}, {pos.view()}, nl.greater_equal, "
-                      f"{_fmt(rep)})")
-        self.emit(sc, f"nisa.tensor_tensor({sel.view()}, {sel.view()}, {hi.view()}, "
-                      "nl.subtract)")
+        sel = self.selector(sc, f"({j})", rep)
         cols = "0:tw" if x.kind == "full" else "0:1"
         ps = self.psum_tile(sc, (1, self.tt if x.kind == "full" else 1))
         self.emit(sc, f"nisa.nc_matmul({ps}[0:1, {cols}], {sel.view()}, {x.view()})")
         out = self.tile(sc, "row" if x.kind == "full" else "pt")
         self.emit(sc, f"nisa.tensor_copy({out.view()}, {ps}[0:1, {cols}])")
         return out
+
+    def selector(self, sc: Scope, group: str, rep: int) -> V:
+        """A (P, 1) column, 1 on the partitions of group ``group`` (``rep`` elements each):
+        where p0 + p - rep * group lies in [0, rep)."""
+        pos, sel, hi = self.tile(sc, "col"), self.tile(sc, "col"), self.tile(sc, "col")
+        self.emit(sc, f"nisa.iota({pos.view()}, [[0, 1]], offset=p0 - {rep} * {group}, "
+                      "channel_multiplier=1)")
+        self.emit(sc, f"nisa.tensor_scalar({sel.view()}, {pos.view()}, nl.greater_equal, 0.0)")
+        self.emit(sc, f"nisa.tensor_scalar({hi.view()}, {pos.view()}, nl.greater_equal, "
+                      f"{_fmt(rep)})")
+        self.emit(sc, f"nisa.tensor_tensor({sel.view()}, {sel.view()}, {hi.view()}, "
+                      "nl.subtract)")
+        return sel
 
     def flip_env(self, node: Node, env: dict) -> dict:
         d = node.arg
