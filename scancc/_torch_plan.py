@@ -1,7 +1,8 @@
-"""The call planner as torch.compile sees it: a constant function of the call's structure
-(kernel, which inputs are given by position/name, options), evaluated once at trace time.
-Imported only when torch is (it imports torch)."""
-import torch
+"""Readies the torch side of scancc before torch.compile may trace a call: the interpreter
+mode for triton, then the ``scancc::scan`` custom ops (defining them while torch.compile
+traces would break the graph). Imported only when torch is (it imports torch); imports only
+``autograd`` and the Triton runtime (``api`` imports it, never the other way round)."""
+import torch  # noqa: F401
 
 from scancc.backends.triton.runtime import choose_mode
 
@@ -9,10 +10,6 @@ from scancc.backends.triton.runtime import choose_mode
 # then, or scancc's Triton backend cannot run in this process
 choose_mode()
 
-from .api import _plan_impl  # noqa: E402
 from .autograd import torch_ops  # noqa: E402
 
-plan = torch.compiler.assume_constant_result(_plan_impl)
-
-# define the custom ops now: defining them while torch.compile traces would break the graph
 torch_ops()

@@ -13,6 +13,8 @@ from scancc.backends import UnsupportedError
 from scancc.ir import IRError, Recurrence, ShapeMismatch, bind_sizes
 
 from . import registry
+from ._forward import Runner, runner
+from .autograd import adjoint, torch_ops
 from .registry import Entry
 
 FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
@@ -77,9 +79,12 @@ class Kernel:
                              f"(recurrence options: {known or 'none'}; {backend.name} backend "
                              f"options: {', '.join(backend.options) or 'none'})")
         self._variants: dict = {}
+        self._plans: dict = {}       # call structure -> _CallPlan (see __call__)
+        self._last: Runner | None = None
         _KERNELS[id(self)] = self
         if "torch" in sys.modules:  # ready the torch ops before torch.compile may trace a call
             from . import _torch_plan  # noqa: F401
+            _constant_plan()
         ok, why = backend.supports(self.ir, self.backend_options)
         if not ok:
             prefix = f"backend {backend.name!r} cannot lower recurrence {self.ir.name!r}: "
@@ -112,12 +117,42 @@ class Kernel:
     def __repr__(self) -> str:
         return f"Kernel({self.name!r}, target={self.backend.name!r}, options={self.options})"
 
+    @property
+    def last_run(self):
+        """The backend's ``RunResult`` of the last call (outputs, counters)."""
+        return self._last.last_run if self._last is not None else None
+
+    def runner(self, rec: Recurrence) -> Runner:
+        """The forward path of variant ``rec`` on this kernel's backend (scancc/_forward.py)."""
+        return runner(self.backend, rec, self.backend_options)
+
     def __call__(self, *args: Any, initial_state: Any = None, output_final_state: bool = False,
                  **kwargs: Any):
         if _compiling():  # inside torch.compile: only constant planning, then the op
             return self._traced_call(args, kwargs, initial_state, output_final_state)
+        # the fast path: a call with the structure of an earlier one (which inputs are given
+        # and how, option values, array kinds, dtypes and shapes) reuses that call's plan, so
+        # binding, checks and variant selection are done once per structure
+        try:
+            key = (tuple(map(_sig, args)), tuple((k, _sig(v)) for k, v in kwargs.items()),
+                   _init_sig(initial_state), bool(output_final_state))
+            plan = self._plans.get(key)
+        except TypeError:  # an unhashable option value: plan every call
+            key = plan = None
+        if plan is None:
+            plan = self._plan_call(args, kwargs, initial_state)
+            if key is not None:
+                if len(self._plans) >= _MAX_PLANS:
+                    self._plans.clear()
+                self._plans[key] = plan
+        self._last = plan.runner
+        return plan.run(args, kwargs, initial_state, bool(output_final_state))
+
+    def _plan_call(self, args, kwargs, initial_state) -> "_CallPlan":
+        """Everything about a call that depends only on its structure, checked in full."""
         entry_opts = set(self.entry.defaults) if self.entry else set()
         optional = set(self.entry.optional_inputs) if self.entry else set()
+        kwargs = dict(kwargs)
         call_opts = {k: kwargs.pop(k) for k in list(kwargs) if k in entry_opts - optional}
         opts = {**self.options, **call_opts}
         for name in optional:  # specialize on which optional inputs are present
@@ -128,30 +163,8 @@ class Kernel:
         kind, dtype = _check_inputs(rec, inputs, self.backend)
         sizes = _bind(rec, inputs)
         init = _initial_state(rec, initial_state, sizes) if initial_state is not None else None
-        if kind == "torch":
-            return self._torch_call(rec, inputs, init, output_final_state)
-        native = {k: _to_backend(v, self.backend) for k, v in inputs.items()}
-        if init is not None:
-            init = {k: _to_backend(v, self.backend) for k, v in init.items()}
-        run_opts = dict(self.backend_options)
-        if "dtype" in self.backend.options and dtype != "float64":
-            # a backend that converts arrays learns their dtype (float64: its own default)
-            run_opts.setdefault("dtype", dtype)
-        res = self.backend.run(rec, native, sizes, init, output_final_state, run_opts)
-        self.last_run = res
-        outs = {k: _from_backend(v, kind, dtype, inputs) for k, v in res.outputs.items()}
-        out = outs[rec.outputs[0].name] if len(outs) == 1 else outs
-        if not output_final_state:
-            return out
-        # states are carried in numerics.state (float32); float64 callers get float64 back
-        sdt = "float64" if dtype == "float64" else rec.numerics.state
-        finals = {k: _from_backend(v, kind, sdt, inputs)
-                  for k, v in res.final_states.items()}
-        return out, (finals[rec.states[0].name] if len(finals) == 1 else finals)
-
-
-    def _native(self, x):
-        return _to_backend(x, self.backend)
+        return _CallPlan(self.runner(rec), len(args), kind, dtype,
+                         None if init is None else tuple(init), sizes)
 
     def _traced_call(self, args, kwargs, initial_state, output_final_state):
         """The call while torch.compile traces: planning is a constant function of the
@@ -163,9 +176,9 @@ class Kernel:
                             and v is not None and not type(v).__module__.startswith("torch")))
         init = initial_state if isinstance(initial_state, Mapping) or initial_state is None \
             else {"": initial_state}
-        from ._torch_plan import plan
-        key, order, snames, onames = plan(id(self), len(args), named, opts,
-                                          tuple(sorted(init)) if init is not None else None)
+        plan = _PLAN if _PLAN is not None else _constant_plan()
+        key, order, snames, onames = plan(
+            id(self), len(args), named, opts, tuple(sorted(init)) if init is not None else None)
         given = dict(zip(order, args))
         given.update({k: kwargs[k] for k in named})
         tensors = [given[n] for n in order]
@@ -177,33 +190,96 @@ class Kernel:
         fin = res[len(onames):]
         return out, (fin[0] if len(fin) == 1 else dict(zip(snames, fin)))
 
-    def _torch_call(self, rec: Recurrence, inputs: dict, init: dict | None,
-                    output_final_state: bool):
+
+_MAX_PLANS = 256
+
+
+def _sig(x):
+    """What a call plan depends on in one argument: an array's kind, dtype and shape; any
+    other value (an option, None) itself."""
+    shape = getattr(x, "shape", None)
+    if shape is None:
+        return x
+    return type(x), x.dtype, tuple(shape)
+
+
+def _init_sig(init):
+    if init is None:
+        return None
+    if isinstance(init, Mapping):
+        return tuple((k, _sig(v)) for k, v in init.items())
+    return _sig(init)
+
+
+class _CallPlan:
+    """One call structure of a kernel, checked once: its variant's ``Runner``, where each
+    input comes from (positional, then by name, in the variant's input order), the kind and
+    dtype of the arrays, and the initial states given."""
+
+    def __init__(self, run: Runner, n_pos: int, kind: str, dtype: str,
+                 init_names: tuple[str, ...] | None, sizes: dict[str, int]):
+        self.runner, self.rec = run, run.rec
+        self.n_pos, self.kind, self.dtype = n_pos, kind, dtype
+        self.by_name = run.input_names[n_pos:]
+        self.init_names = init_names
+        self.single_out = len(run.output_names) == 1
+        self.single_state = len(run.state_names) == 1
+        self.state_shapes = {s.name: tuple(sizes[d] for d in s.dims) for s in run.rec.states}
+        # states are carried in numerics.state (float32); float64 callers get float64 back
+        self.state_dtype = "float64" if dtype == "float64" else run.rec.numerics.state
+        self.derived = False
+
+    def _inputs(self, args, kwargs) -> list:
+        return [*args, *(kwargs[n] for n in self.by_name)]
+
+    def _init(self, init) -> dict | None:
+        if init is None:
+            return None
+        if not isinstance(init, Mapping):
+            return {self.runner.state_names[0]: init}
+        return init
+
+    def _result(self, outs: Mapping, finals: Mapping | None, want_final: bool):
+        r = self.runner
+        out = outs[r.output_names[0]] if self.single_out else dict(outs)
+        if not want_final:
+            return out
+        return out, (finals[r.state_names[0]] if self.single_state else dict(finals))
+
+    def run(self, args, kwargs, init, want_final: bool):
+        if self.kind == "torch":
+            return self._run_torch(self._inputs(args, kwargs), self._init(init), want_final)
+        r = self.runner
+        native = [r.to_native(v) for v in self._inputs(args, kwargs)]
+        init = self._init(init)
+        if init is not None:
+            init = {k: r.to_native(v) for k, v in init.items()}
+        res = r(native, init, want_final, self.dtype)
+        outs = {k: _to_numpy(v, self.dtype) for k, v in res.outputs.items()}
+        finals = ({k: _to_numpy(v, self.state_dtype) for k, v in res.final_states.items()}
+                  if want_final else None)
+        return self._result(outs, finals, want_final)
+
+    def _run_torch(self, tensors: list, init: Mapping | None, want_final: bool):
         """torch inputs go through the scancc::scan custom op: differentiable (the backward is
         the derived backward recurrence) and traceable by torch.compile."""
         import torch
-
-        from . import _torch_plan  # noqa: F401  (ready before torch.compile traces a call)
-        from .autograd import adjoint, slot, torch_ops
-        if _requires_grad(inputs, init):
-            adjoint(rec)  # derive now, so an underivable recurrence fails at the call
-        tensors = [inputs[x.name] for x in rec.inputs]
-        ref = tensors[0]
+        if not self.derived and _requires_grad(tensors, init):
+            adjoint(self.rec)  # derive now, so an underivable recurrence fails at the call
+            self.derived = True
         states = []
         if init is not None:
-            sizes = bind_sizes(rec, {k: tuple(v.shape) for k, v in inputs.items()})
-            for s in rec.states:
-                v = init.get(s.name)
-                v = torch.zeros(tuple(sizes[d] for d in s.dims)) if v is None else v
-                states.append(torch.as_tensor(v).to(device=ref.device,
-                                                    dtype=_state_dtype(torch, ref)))
-        res = torch_ops()(slot(self, rec), tensors, states, output_final_state)
-        outs = dict(zip((o.name for o in rec.outputs), res))
-        out = outs[rec.outputs[0].name] if len(outs) == 1 else outs
-        if not output_final_state:
-            return out
-        finals = dict(zip((s.name for s in rec.states), res[len(rec.outputs):]))
-        return out, (finals[rec.states[0].name] if len(finals) == 1 else finals)
+            ref = tensors[0]
+            sdt = _state_dtype(torch, ref)
+            for s in self.runner.state_names:
+                v = init.get(s)
+                v = torch.zeros(self.state_shapes[s]) if v is None else v
+                states.append(torch.as_tensor(v).to(device=ref.device, dtype=sdt))
+        res = torch_ops()(self.runner.slot, tensors, states, want_final)
+        names = self.runner.output_names
+        outs = dict(zip(names, res))
+        finals = dict(zip(self.runner.state_names, res[len(names):])) if want_final else None
+        return self._result(outs, finals, want_final)
 
 
 # kernels by id, for the planner torch.compile calls with constants only
@@ -215,9 +291,21 @@ def _compiling() -> bool:
     return torch is not None and torch.compiler.is_compiling()
 
 
+_PLAN = None
+
+
+def _constant_plan():
+    """``_plan_impl`` as torch.compile sees it: a constant function of the call's structure
+    (kernel, which inputs are given by position/name, options), evaluated once at trace time."""
+    global _PLAN
+    if _PLAN is None:
+        import torch
+        _PLAN = torch.compiler.assume_constant_result(_plan_impl)
+    return _PLAN
+
+
 def _plan_impl(kernel_id: int, n_pos: int, named: tuple, opts: tuple, init: tuple | None):
     """(op key, input order, state names, output names) for a call's structure."""
-    from .autograd import slot
     k = _KERNELS[kernel_id]
     optional = set(k.entry.optional_inputs) if k.entry else set()
     o = {**k.options, **dict(opts)}
@@ -228,7 +316,7 @@ def _plan_impl(kernel_id: int, n_pos: int, named: tuple, opts: tuple, init: tupl
     if n_pos + len(named) != len(order) or set(named) - set(order[n_pos:]):
         raise InputError(f"recurrence {rec.name!r} takes inputs {order}, got {n_pos} "
                          f"positional and {named} by name")
-    return (slot(k, rec), order, tuple(s.name for s in rec.states),
+    return (k.runner(rec).slot, order, tuple(s.name for s in rec.states),
             tuple(o.name for o in rec.outputs))
 
 
@@ -236,12 +324,12 @@ def _state_dtype(torch, ref):
     return torch.float64 if ref.dtype == torch.float64 else torch.float32
 
 
-def _requires_grad(inputs: Mapping, init: Mapping | None) -> bool:
+def _requires_grad(inputs, init: Mapping | None) -> bool:
     import torch
     if not torch.is_grad_enabled():
         return False
     return any(getattr(v, "requires_grad", False)
-               for v in list(inputs.values()) + list((init or {}).values()))
+               for v in list(inputs) + list((init or {}).values()))
 
 
 def _bind_positional(rec: Recurrence, args, kwargs) -> dict:
@@ -321,21 +409,8 @@ def _initial_state(rec: Recurrence, init: Any, sizes: Mapping[str, int]) -> dict
     return dict(init)
 
 
-def _to_backend(x, backend):
-    if backend.array == "numpy":
-        if _kind(x) == "torch":
-            import torch
-            return x.detach().to("cpu", torch.float64).numpy()
-        return x
-    import torch
-    return torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
-
-
-def _from_backend(y, kind: str, dtype: str, inputs: Mapping):
-    if kind == "numpy":
-        y = y.detach().cpu().float().numpy() if not isinstance(y, np.ndarray) else y
-        return np.asarray(y, dtype=np.float32 if dtype == "bfloat16" else dtype)
-    import torch
-    device = next(iter(inputs.values())).device
-    t = torch.from_numpy(np.array(y)) if isinstance(y, np.ndarray) else y
-    return t.to(device=device, dtype=getattr(torch, dtype))
+def _to_numpy(y, dtype: str) -> np.ndarray:
+    """A backend's result for a NumPy caller: in the inputs' dtype (bfloat16: float32)."""
+    if not isinstance(y, np.ndarray):
+        y = y.detach().cpu().float().numpy()
+    return np.asarray(y, dtype=np.float32 if dtype == "bfloat16" else dtype)

@@ -11,6 +11,10 @@ Kernels called with torch tensors that require grad are differentiable through t
 (``Kernel.__call__`` calls the ``scancc::scan`` custom op for torch inputs). The backward runs on
 the kernel's own backend when that backend lowers the backward recurrence (``backward_target``),
 else on the reference backend.
+
+Every kernel call here (forward chunks, recomputation, backward recurrence) is a
+``scancc._forward.Runner``, the forward path ``Kernel.__call__`` uses too; this module never
+imports ``scancc.api`` (api imports it).
 """
 from __future__ import annotations
 
@@ -19,9 +23,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from scancc import backends
 from scancc.ir import Recurrence, bind_sizes
 from scancc.ir.adjoint import Adjoint, derive
 
+from ._forward import Runner, by_slot, runner
 
 DEFAULT_CHUNK = 64
 
@@ -31,10 +37,9 @@ def adjoint(rec: Recurrence) -> Adjoint:
     return derive(rec)
 
 
-@lru_cache(maxsize=256)
-def _kernel(rec: Recurrence, target: str):
-    from .api import compile
-    return compile(rec, target)
+def _kernel(rec: Recurrence, target: str) -> Runner:
+    """``rec`` on ``target`` with default options (``.backend``, ``.last_run``)."""
+    return runner(backends.get(target), rec, {})
 
 
 class _Arrays:
@@ -65,6 +70,15 @@ class _Arrays:
     def float_dtype(self, bits: int):
         return getattr(self.t, f"float{bits}") if self.torch else np.dtype(f"float{bits}")
 
+    def back(self, y, dtype):
+        """A backend's result as this kind of array, in ``dtype``."""
+        if self.torch:
+            t = self.t.from_numpy(np.asarray(y)) if isinstance(y, np.ndarray) else y
+            return t.to(device=self.device, dtype=dtype)
+        if not isinstance(y, np.ndarray):
+            y = y.detach().cpu().numpy()
+        return y.astype(dtype, copy=False)
+
 
 def _run(rec: Recurrence, inputs: Mapping[str, Any], init: dict | None,
          target: str = "reference"):
@@ -73,29 +87,38 @@ def _run(rec: Recurrence, inputs: Mapping[str, Any], init: dict | None,
     k = _kernel(rec, target)
     xp = _Arrays(next(iter(inputs.values())))
     dt = xp.float_dtype(64 if k.backend.computes_float64 else 32)  # Triton/NKI: float32
-    inputs = {n: xp.cast(v, dt) for n, v in inputs.items()}
-    init = {n: xp.cast(v, dt) for n, v in init.items()} if init else init
-    out, fin = k(**inputs, initial_state=init, output_final_state=True)
-    outs = out if isinstance(out, dict) else {rec.outputs[0].name: out}
-    fins = fin if isinstance(fin, dict) else {rec.states[0].name: fin}
-    return ({k: xp.cast(v, dt) for k, v in outs.items()},
-            {k: xp.cast(v, dt) for k, v in fins.items()})
+    args = [k.to_native(xp.cast(inputs[n], dt)) for n in k.input_names]
+    init = {n: k.to_native(xp.cast(v, dt)) for n, v in init.items()} if init else None
+    res = k(args, init, True, str(dt).replace("torch.", ""))
+    return ({n: xp.back(v, dt) for n, v in res.outputs.items()},
+            {n: xp.back(v, dt) for n, v in res.final_states.items()})
+
+
+_TARGETS: dict[tuple, tuple[Recurrence, str]] = {}  # (backend, id(rec)) -> (rec, target)
 
 
 def backward_target(kernel, rec: Recurrence) -> str:
-    """The kernel's own backend if it lowers the backward recurrence, else the reference."""
+    """The backend of ``kernel`` (anything with a ``.backend``: a Kernel, a Runner) if it lowers
+    the backward recurrence, else the reference."""
     be = kernel.backend
     if be.name == "reference":
         return "reference"
+    key = (be.name, id(rec))
+    hit = _TARGETS.get(key)
+    if hit is not None and hit[0] is rec:
+        return hit[1]
     adj = adjoint(rec)
+    target = be.name
     for r in (adj.backward, adj.states_view, rec):
         try:
             ok, _ = be.supports(r, {})
         except Exception:  # a backend that cannot even look at the IR does not lower it
             ok = False
         if not ok:
-            return "reference"
-    return be.name
+            target = "reference"
+            break
+    _TARGETS[key] = (rec, target)
+    return target
 
 
 def _time_axis(rec: Recurrence, name: str) -> int | None:
@@ -197,21 +220,12 @@ def _full_layouts(rec: Recurrence, inputs: Mapping[str, Any]) -> dict:
 
 # ---- torch: one pair of custom ops for every compiled recurrence ----
 #
-# scancc::scan(key, inputs, init, want_final) runs a registered kernel variant (by key) and
-# scancc::scan_backward runs the derived backward; both have fake implementations (output
-# shapes from the IR), so torch.compile traces a model through them without graph breaks.
+# scancc::scan(key, inputs, init, want_final) runs a Runner (scancc/_forward.py, by its slot
+# key) and scancc::scan_backward runs the derived backward; both have fake implementations
+# (output shapes from the IR), so torch.compile traces a model through them without graph
+# breaks.
 
-_SLOTS: dict[str, tuple[Any, Recurrence]] = {}
 _OPS: Any = None
-
-
-def slot(kernel, rec: Recurrence) -> str:
-    """Register (kernel, rec) and return its op key (stable for the same IR and backend)."""
-    import hashlib
-    text = f"{rec}|{kernel.backend.name}|{sorted(kernel.backend_options.items())!r}"
-    key = f"{rec.name}-{hashlib.sha1(text.encode()).hexdigest()[:12]}"
-    _SLOTS.setdefault(key, (kernel, rec))
-    return key
 
 
 def _shapes(rec: Recurrence, inputs) -> dict[str, int]:
@@ -233,26 +247,20 @@ def torch_ops():
         "(str key, Tensor[] inputs, Tensor[] init, bool want_final) -> Tensor[]"))
     def scan(key: str, inputs: list[torch.Tensor], init: list[torch.Tensor],
              want_final: bool) -> list[torch.Tensor]:
-        kernel, rec = _SLOTS[key]
-        sizes = _shapes(rec, inputs)
-        native = {x.name: kernel._native(t) for x, t in zip(rec.inputs, inputs)}
-        ninit = {s.name: kernel._native(t) for s, t in zip(rec.states, init)} if init else None
-        opts = dict(kernel.backend_options)
-        dt = str(inputs[0].dtype).replace("torch.", "")
-        if "dtype" in kernel.backend.options and dt != "float64":
-            opts.setdefault("dtype", dt)
-        res = kernel.backend.run(rec, native, sizes, ninit, want_final, opts)
-        kernel.last_run = res
+        run = by_slot(key)
+        native = [run.to_native(t) for t in inputs]
+        ninit = {s: run.to_native(t) for s, t in zip(run.state_names, init)} if init else None
         ref = inputs[0]
-        outs = [_to_torch(res.outputs[o.name], ref, ref.dtype) for o in rec.outputs]
+        res = run(native, ninit, want_final, str(ref.dtype).replace("torch.", ""))
+        outs = [_to_torch(res.outputs[o], ref, ref.dtype) for o in run.output_names]
         if want_final:
-            outs += [_to_torch(res.final_states[s.name], ref, state_dtype(ref))
-                     for s in rec.states]
+            sdt = state_dtype(ref)
+            outs += [_to_torch(res.final_states[s], ref, sdt) for s in run.state_names]
         return outs
 
     @scan.register_fake
     def _(key, inputs, init, want_final):
-        _, rec = _SLOTS[key]
+        rec = by_slot(key).rec
         sizes, ref = _shapes(rec, inputs), inputs[0]
         outs = [ref.new_empty(tuple(sizes[d] for d in o.dims)) for o in rec.outputs]
         if want_final:
@@ -264,14 +272,15 @@ def torch_ops():
         "(str key, Tensor[] inputs, Tensor[] init, Tensor[] grads, int chunk) -> Tensor[]"))
     def scan_backward(key: str, inputs: list[torch.Tensor], init: list[torch.Tensor],
                       grads: list[torch.Tensor], chunk: int) -> list[torch.Tensor]:
-        kernel, rec = _SLOTS[key]
+        run = by_slot(key)
+        rec = run.rec
         # tensors stay on their device; backward() computes in the backend's dtype
         x = {i.name: t.detach() for i, t in zip(rec.inputs, inputs)}
         h0 = {s.name: t.detach() for s, t in zip(rec.states, init)} if init else None
         no = len(rec.outputs)
         d_out = {o.name: g.detach() for o, g in zip(rec.outputs, grads[:no])}
         d_fin = {s.name: g.detach() for s, g in zip(rec.states, grads[no:])}
-        gin, ginit = backward(rec, x, d_out, h0, d_fin, chunk, backward_target(kernel, rec))
+        gin, ginit = backward(rec, x, d_out, h0, d_fin, chunk, backward_target(run, rec))
         res = [_to_torch(gin[i.name], t, t.dtype) for i, t in zip(rec.inputs, inputs)]
         return res + [_to_torch(ginit[s.name], t, t.dtype) for s, t in zip(rec.states, init)]
 
@@ -286,7 +295,7 @@ def torch_ops():
 
     def backward_rule(ctx, grads):
         saved = ctx.saved_tensors
-        _, rec = _SLOTS[ctx.key]
+        rec = by_slot(ctx.key).rec
         n_init = len(saved) - ctx.n_in - len(grads)
         xs, init = saved[:ctx.n_in], saved[ctx.n_in:ctx.n_in + n_init]
         outs = saved[ctx.n_in + n_init:]
@@ -304,6 +313,7 @@ def torch_ops():
 
 
 def _to_torch(a, like, dtype):
-    import torch
-    t = torch.from_numpy(np.array(a)) if isinstance(a, np.ndarray) else a
-    return t.to(device=like.device, dtype=dtype)
+    if isinstance(a, np.ndarray):
+        import torch
+        a = torch.from_numpy(np.array(a))
+    return a.to(device=like.device, dtype=dtype)

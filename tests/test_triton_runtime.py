@@ -50,7 +50,8 @@ def test_interpreter_dot_matches_gpu_semantics(dtype, tmp_path, monkeypatch):
 
 def test_kernel_cache_memory_and_disk(tmp_path, monkeypatch):
     monkeypatch.setenv("SCANCC_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(runtime, "_MODULES", {})  # forget what earlier tests loaded
+    for cache in ("_MODULES", "_BY_ID", "_BY_IR"):  # forget what earlier tests loaded
+        monkeypatch.setattr(runtime, cache, {})
     rec = registry.get("hgrn").build()
     tb = backends.get("triton")
     f1 = tb.launcher(rec, {}, ("float32",) * 2)

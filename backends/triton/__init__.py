@@ -91,6 +91,34 @@ class TritonBackend(Backend):
         _check_options(rec, options)
         return _lowering(rec, options)
 
+    def compiled(self, rec: Recurrence, options: Mapping[str, Any],
+                 dtypes: tuple[str, ...] = ()) -> "runtime.Compiled":
+        """The lowering, source and loaded launcher of ``rec`` for ``options`` and input
+        ``dtypes``: built on the first call, then one dict lookup (runtime.compiled)."""
+        from . import runtime
+        return runtime.compiled(rec, options, dtypes, lambda: self._compile(rec, options, dtypes))
+
+    def _compile(self, rec: Recurrence, options: Mapping[str, Any], dtypes: tuple[str, ...]):
+        from . import runtime
+        for inp, dt in zip(rec.inputs, dtypes):
+            if dt not in self.dtypes:
+                raise UnsupportedError(self.name, rec.name, f"input {inp.name!r} has dtype {dt}; "
+                                       f"this backend takes {', '.join(self.dtypes)}")
+        _check_options(rec, options)
+        low = _lowering(rec, options)
+        source = low.render()
+        # the source depends on these (block sizes only through which dims are blocked)
+        src_opts = {k: v for k, v in options.items() if k in ("algorithm", "dot_precision")}
+        src_opts["blocked"] = tuple(sorted(options.get("block_sizes") or {}))
+        key = runtime.cache_key(format_recurrence(rec), low.algorithm, src_opts, tuple(dtypes))
+        mod = runtime.load(key, source)
+        # restores the optional dims a caller left out (size-1 axes), per input
+        unsqueeze = tuple(tuple(i for i, d in enumerate(x.dims) if d in x.optional_dims)
+                          for x in rec.inputs)
+        return runtime.Compiled(low, source, getattr(mod, low.launcher_name), low.algorithm,
+                                tuple(len(x.dims) for x in rec.inputs), unsqueeze,
+                                {"algorithm": low.algorithm, "interpreted": not runtime.has_gpu()})
+
     def algorithm(self, rec: Recurrence, options: Mapping[str, Any]) -> str:
         """The algorithm ``options`` select for ``rec``."""
         return _lowering(rec, options).algorithm
@@ -101,42 +129,28 @@ class TritonBackend(Backend):
 
     def launcher(self, rec: Recurrence, options: Mapping[str, Any], dtypes=()):
         """The generated launcher function (loads the module through the kernel cache)."""
-        from . import runtime
-        _check_options(rec, options)
-        low = _lowering(rec, options)
-        # the source depends on these (block sizes only through which dims are blocked)
-        src_opts = {k: v for k, v in options.items() if k in ("algorithm", "dot_precision")}
-        src_opts["blocked"] = tuple(sorted(options.get("block_sizes") or {}))
-        key = runtime.cache_key(format_recurrence(rec), low.algorithm, src_opts, tuple(dtypes))
-        mod = runtime.load(key, low.render())
-        return getattr(mod, low.launcher_name)
+        return self.compiled(rec, options, tuple(dtypes)).launcher
 
     def run(self, rec: Recurrence, inputs: Mapping[str, Any], sizes: Mapping[str, int],
             initial_state: Mapping[str, Any] | None, output_final_state: bool,
             options: Mapping[str, Any]) -> RunResult:
         from . import runtime
-        runtime.prepare()
         dev = runtime.device()
-        args = []
-        for inp in rec.inputs:
-            x = inputs[inp.name]
-            if x.dim() != len(inp.dims):  # an optional dim left out: restore it (size 1)
-                for i, d in enumerate(inp.dims):
-                    if d in inp.optional_dims:
-                        x = x.unsqueeze(i)
-            args.append(x.to(dev))
-        dtypes = tuple(str(a.dtype).replace("torch.", "") for a in args)
-        for inp, dt in zip(rec.inputs, dtypes):
-            if dt not in self.dtypes:
-                raise UnsupportedError(self.name, rec.name, f"input {inp.name!r} has dtype {dt}; "
-                                       f"this backend takes {', '.join(self.dtypes)}")
-        fn = self.launcher(rec, options, dtypes)
-        init = {k: v.to(dev) for k, v in (initial_state or {}).items()}
+        args = [inputs[x.name] for x in rec.inputs]
+        dtypes = tuple(str(a.dtype)[6:] for a in args)  # "torch.float32" -> "float32"
+        c = self.compiled(rec, options, dtypes)
+        for i, (a, n, axes) in enumerate(zip(args, c.ranks, c.unsqueeze)):
+            if a.dim() != n:  # an optional dim left out: restore it (size 1)
+                for ax in axes:
+                    a = a.unsqueeze(ax)
+            if a.device != dev:
+                a = a.to(dev)
+            args[i] = a
+        init = {k: v.to(dev) for k, v in initial_state.items()} if initial_state else None
         with runtime.quiet_padding():
-            outs, finals = fn(*args, init, bool(output_final_state), options.get("block_sizes"),
-                              options.get("num_warps") or 4)
-        return RunResult(outs, finals, {"algorithm": self.algorithm(rec, options),
-                                        "interpreted": not runtime.has_gpu()})
+            outs, finals = c.launcher(*args, init, bool(output_final_state),
+                                      options.get("block_sizes"), options.get("num_warps") or 4)
+        return RunResult(outs, finals, dict(c.counters))
 
 
 __all__ = ["TritonBackend", "ALGORITHMS"]

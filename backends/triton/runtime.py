@@ -14,16 +14,23 @@ import os
 import sys
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Mapping
 
 GENERATOR_VERSION = "1"
 _LOCK = threading.Lock()
 _MODULES: dict[str, object] = {}
+_GPU: bool | None = None
+_PREPARED = False
 
 
 def has_gpu() -> bool:
-    import torch
-    return torch.cuda.is_available()
+    global _GPU
+    if _GPU is None:  # asked once: a process does not gain or lose its CUDA devices
+        import torch
+        _GPU = torch.cuda.is_available()
+    return _GPU
 
 
 def choose_mode() -> None:
@@ -38,7 +45,8 @@ def prepare() -> None:
     """Put triton in interpreter mode when there is no GPU. Call before importing triton:
     triton.language builds its own jit helpers (tl.zeros, tl.sum, ...) at import time, in
     whichever mode is set then, so the mode is chosen once per process."""
-    if has_gpu():
+    global _PREPARED
+    if _PREPARED or has_gpu():
         return
     choose_mode()
     import triton.language as tl
@@ -48,11 +56,77 @@ def prepare() -> None:
                            "TRITON_INTERPRET=1 before importing triton (or let scancc's Triton "
                            "backend import it first)")
     install_interpreter_fixes()
+    _PREPARED = True
+
+
+_DEVICE = None
 
 
 def device():
-    import torch
-    return torch.device("cuda") if has_gpu() else torch.device("cpu")
+    global _DEVICE
+    if _DEVICE is None:
+        import torch
+        _DEVICE = torch.device("cuda") if has_gpu() else torch.device("cpu")
+    return _DEVICE
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """What a call needs, built once per (IR, options, input dtypes): the lowering, its
+    source, the loaded launcher, and the per-input facts ``TritonBackend.run`` uses."""
+    lowering: Any
+    source: str
+    launcher: Callable
+    algorithm: str
+    ranks: tuple[int, ...]                  # declared rank of each input
+    unsqueeze: tuple[tuple[int, ...], ...]  # axes of the optional dims, per input
+    counters: Mapping[str, Any]
+
+
+# (id(rec), options, dtypes) -> (rec, Compiled): the per-call lookup, no hashing of the IR;
+# the entry holds rec, so its id cannot be reused while the entry lives
+_BY_ID: dict[tuple, tuple[Any, Compiled]] = {}
+# (rec, options, dtypes) -> Compiled: an equal IR built again (a new object) hits here
+_BY_IR: dict[tuple, Compiled] = {}
+_MAX_ENTRIES = 1024
+
+
+def _freeze(v):
+    if isinstance(v, Mapping):
+        return tuple(sorted((k, _freeze(x)) for k, x in v.items()))
+    if isinstance(v, (list, tuple)):
+        return tuple(_freeze(x) for x in v)
+    return v
+
+
+def compiled(rec, options: Mapping[str, Any], dtypes: tuple[str, ...],
+             build: Callable[[], Compiled]) -> Compiled:
+    """The cached ``Compiled`` of (rec, options, dtypes); ``build()`` makes it on a miss."""
+    okey = tuple((k, _freeze(v)) for k, v in options.items())
+    key = (id(rec), okey, dtypes)
+    hit = _BY_ID.get(key)
+    if hit is not None and hit[0] is rec:
+        return hit[1]
+    full = (rec, tuple(sorted(okey)), dtypes)
+    c = _BY_IR.get(full)
+    if c is None:
+        c = build()
+        with _LOCK:
+            if len(_BY_IR) >= _MAX_ENTRIES:
+                _BY_IR.clear()
+            _BY_IR[full] = c
+    with _LOCK:
+        if len(_BY_ID) >= _MAX_ENTRIES:
+            _BY_ID.clear()
+        _BY_ID[key] = (rec, c)
+    return c
+
+
+def forget_compiled() -> None:
+    """Drop every cached ``Compiled`` (tests; loaded modules stay in ``_MODULES``)."""
+    with _LOCK:
+        _BY_ID.clear()
+        _BY_IR.clear()
 
 
 def cache_dir() -> Path:
@@ -106,10 +180,10 @@ def quiet_padding():
     """Padded lanes of a block (past a non-power-of-two size) compute on zeros and may make
     0/0 or log(0) there, as on a GPU; they are masked out of every reduction and store, so
     the interpreter's NumPy warnings about them are noise."""
-    import numpy as np
     if has_gpu():
         yield
         return
+    import numpy as np
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         yield
 
