@@ -65,6 +65,8 @@ class _Arrays:
         return self.t.cat(xs, axis) if self.torch else np.concatenate(xs, axis=axis)
 
     def cast(self, x, dtype):
+        if x.dtype == dtype:  # a no-op cast still costs a dispatch per call
+            return x
         return x.to(dtype) if self.torch else x.astype(dtype)
 
     def float_dtype(self, bits: int):
@@ -73,8 +75,11 @@ class _Arrays:
     def back(self, y, dtype):
         """A backend's result as this kind of array, in ``dtype``."""
         if self.torch:
-            t = self.t.from_numpy(np.asarray(y)) if isinstance(y, np.ndarray) else y
-            return t.to(device=self.device, dtype=dtype)
+            if isinstance(y, np.ndarray):
+                y = self.t.from_numpy(np.asarray(y))
+            if y.dtype == dtype and y.device == self.device:
+                return y
+            return y.to(device=self.device, dtype=dtype)
         if not isinstance(y, np.ndarray):
             y = y.detach().cpu().numpy()
         return y.astype(dtype, copy=False)
@@ -89,9 +94,13 @@ def _run(rec: Recurrence, inputs: Mapping[str, Any], init: dict | None,
     dt = xp.float_dtype(64 if k.backend.computes_float64 else 32)  # Triton/NKI: float32
     args = [k.to_native(xp.cast(inputs[n], dt)) for n in k.input_names]
     init = {n: k.to_native(xp.cast(v, dt)) for n, v in init.items()} if init else None
-    res = k(args, init, True, str(dt).replace("torch.", ""))
+    res = k(args, init, True, _dtype_name(dt))
     return ({n: xp.back(v, dt) for n, v in res.outputs.items()},
             {n: xp.back(v, dt) for n, v in res.final_states.items()})
+
+
+def _dtype_name(dt) -> str:
+    return str(dt).replace("torch.", "")
 
 
 _TARGETS: dict[tuple, tuple[Recurrence, str]] = {}  # (backend, id(rec)) -> (rec, target)
@@ -121,24 +130,25 @@ def backward_target(kernel, rec: Recurrence) -> str:
     return target
 
 
-def _time_axis(rec: Recurrence, name: str) -> int | None:
-    for x in list(rec.inputs) + list(rec.outputs):
-        if x.name == name:
-            return x.dims.index(rec.time) if rec.time in x.dims else None
-    raise KeyError(name)
+_AXES: dict[int, tuple[Recurrence, dict[str, int | None]]] = {}
 
 
-def _slice(rec, arrays: Mapping[str, Any], t0: int, t1: int, flip: bool = False):
+def _time_axes(rec: Recurrence) -> dict[str, int | None]:
+    """The time axis of each input and output of ``rec`` (None: no time dim), cached."""
+    hit = _AXES.get(id(rec))
+    if hit is None or hit[0] is not rec:
+        t = rec.time
+        hit = _AXES[id(rec)] = (rec, {x.name: x.dims.index(t) if t in x.dims else None
+                                      for x in list(rec.inputs) + list(rec.outputs)})
+    return hit[1]
+
+
+def _slice(axes: Mapping[str, int | None], arrays: Mapping[str, Any], t0: int, t1: int):
+    """``arrays[:, t0:t1]`` along each one's time axis (views; time-invariant ones as given)."""
     out = {}
     for k, v in arrays.items():
-        ax = _time_axis(rec, k)
-        if ax is None:
-            out[k] = v
-            continue
-        idx = [slice(None)] * v.ndim
-        idx[ax] = slice(t0, t1)
-        part = v[tuple(idx)]
-        out[k] = _Arrays(v).flip(part, ax) if flip else part
+        ax = axes[k]
+        out[k] = v if ax is None else v[(slice(None),) * ax + (slice(t0, t1),)]
     return out
 
 
@@ -157,51 +167,56 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
     """
     adj = adjoint(rec)
     xp = _Arrays(next(iter(inputs.values())))
-    dt = xp.float_dtype(64 if _kernel(rec, target).backend.computes_float64 else 32)
+    fwd = _kernel(rec, target)
+    dt = xp.float_dtype(64 if fwd.backend.computes_float64 else 32)
     given = {k: v.shape for k, v in inputs.items()}
     inputs = {k: xp.cast(v, dt) for k, v in _full_layouts(rec, inputs).items()}
     d_out = {k: xp.cast(v, dt) for k, v in d_out.items()}
-    sizes = bind_sizes(rec, {k: tuple(v.shape) for k, v in inputs.items()})
+    sizes = fwd.sizes(tuple(tuple(inputs[n].shape) for n in fwd.input_names))
     T = sizes[rec.time]
+    axes = _time_axes(rec)
     zeros = {s.name: xp.zeros(tuple(sizes[d] for d in s.dims), dt) for s in rec.states}
     h = {**zeros, **{k: xp.cast(v, dt) for k, v in (initial_state or {}).items()}}
     bounds = []
     for t0 in range(0, T, chunk):  # forward: keep only the boundary states
         bounds.append(h)
-        _, h = _run(rec, _slice(rec, inputs, t0, min(t0 + chunk, T)), h, target)
+        _, h = _run(rec, _slice(axes, inputs, t0, min(t0 + chunk, T)), h, target)
 
+    # the backward recurrence runs in reverse time: flip its time-major inputs once, and fill
+    # the per-step gradients reversed too (flipped back once at the end), so a chunk is views
     bwd = adj.backward
     names = {x.name for x in bwd.inputs}
+    rev = {k: xp.flip(v, axes[k]) if axes[k] is not None else v
+           for k, v in inputs.items() if k in names}
+    for o in rec.outputs:
+        if adj.cotangent[o.name] in names:
+            rev[adj.cotangent[o.name]] = xp.flip(d_out[o.name], axes[o.name])
+            axes = {**axes, adj.cotangent[o.name]: axes[o.name]}
     carry = {adj.adjoint_state[s]: xp.cast(v, dt)
              for s, v in {**zeros, **(d_final_state or {})}.items()}
     grads = {x.name: xp.zeros(tuple(sizes[d] for d in x.dims), dt) for x in rec.inputs}
+    seq = [(s.name, *adj.state_seq[s.name]) for s in rec.states]
     for c in reversed(range(len(bounds))):
         t0, t1 = c * chunk, min((c + 1) * chunk, T)
-        part = _slice(rec, inputs, t0, t1)
-        seqs, _ = _run(adj.states_view, part, bounds[c], target)  # recompute the chunk's states
-        feed = {k: v for k, v in _slice(rec, part, 0, t1 - t0, flip=True).items() if k in names}
-        for o in rec.outputs:
-            if adj.cotangent[o.name] in names:
-                dy = _slice(rec, {o.name: d_out[o.name]}, t0, t1, flip=True)[o.name]
-                feed[adj.cotangent[o.name]] = dy
-        for s in rec.states:
-            now, before = adj.state_seq[s.name]
-            hs = seqs[now]                                     # [chunk, *state dims]
-            hp = xp.cat([bounds[c][s.name][None], hs[:-1]], 0)
+        seqs, _ = _run(adj.states_view, _slice(axes, inputs, t0, t1), bounds[c], target)
+        feed = _slice(axes, rev, T - t1, T - t0)
+        for s, now, before in seq:
+            hs = xp.flip(seqs[now], 0)                         # [chunk, *state dims], reversed
             if now in names:
-                feed[now] = xp.flip(hs, 0)
-            if before in names:
-                feed[before] = xp.flip(hp, 0)
+                feed[now] = hs
+            if before in names:                                # h_{t-1}: shifted by one step
+                feed[before] = xp.cat([hs[1:], bounds[c][s][None]], 0)
         outs, carry = _run(bwd, feed, carry, target)
         for x in rec.inputs:
             gx = outs[adj.grad[x.name]]
-            ax = _time_axis(rec, x.name)
+            ax = axes[x.name]
             if ax is None:                                     # per-step contributions
                 grads[x.name] += gx.sum(0)
             else:
-                idx = [slice(None)] * gx.ndim
-                idx[ax] = slice(t0, t1)
-                grads[x.name][tuple(idx)] = xp.flip(gx, ax)
+                grads[x.name][(slice(None),) * ax + (slice(T - t1, T - t0),)] = gx
+    for x in rec.inputs:
+        if axes[x.name] is not None:
+            grads[x.name] = xp.flip(grads[x.name], axes[x.name])
     d_init = {s.name: carry[adj.adjoint_state[s.name]] for s in rec.states}
     return {k: v.reshape(given[k]) for k, v in grads.items()}, d_init
 
