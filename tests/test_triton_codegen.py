@@ -184,3 +184,51 @@ def test_generated_kernels_compile_for_h100(tmp_path):
     assert r.returncode == 0, r.stderr[-4000:]
     done = json.loads(r.stdout.strip().splitlines()[-1])
     assert len(done) == len(jobs) and all(ok for _, ok in done), done
+
+
+# ---- rule registries (backends/triton/rules.py) ----
+
+def test_every_transition_kind_has_a_rule():
+    from scancc.backends.triton.rules import TRANSITION_RULES
+    from scancc.ir import Kind
+    assert TRANSITION_RULES.names() == {k.value for k in Kind}
+
+
+def test_op_rules_cover_every_op_the_lowering_meets():
+    """Every op in any library recurrence or its derived backward has an entry (ungroup is
+    lowered only as a whole output, by the output path, not by an op rule)."""
+    from scancc.autograd import adjoint
+    from scancc.backends.triton.rules import OP_RULES
+    from scancc.ir import Op
+    seen = set()
+    for name in registry.names():
+        e = registry.get(name)
+        if e.origin != "library":
+            continue
+        rec = e.build(**{o: True for o in e.optional_inputs})
+        for r in (rec, adjoint(rec).backward, adjoint(rec).states_view):
+            seen |= {n.op for _, root in r.exprs() for n in root.walk()}
+    missing = {op.value for op in seen - {Op.UNGROUP} if op not in OP_RULES}
+    assert not missing
+    # and every op of the IR but ungroup is lowered by some rule
+    assert OP_RULES.names() == {op.value for op in Op} - {"ungroup"}
+
+
+def test_a_missing_rule_names_op_backend_and_recurrence(monkeypatch):
+    from scancc.backends import UnsupportedError
+    from scancc.backends.triton import rules
+    from scancc.ir import Kind, Op
+    rec = registry.get("hgrn").build()
+    ops = dict(rules.OP_RULES._rules)
+    del ops[Op.EXP]
+    monkeypatch.setattr(rules.OP_RULES, "_rules", ops)
+    with pytest.raises(UnsupportedError, match=r"backend 'triton' cannot lower recurrence "
+                       r"'hgrn': .*no op rule for 'exp'"):
+        backends.get("triton").render(rec, {"algorithm": "recurrent"})
+    monkeypatch.undo()
+    kinds = dict(rules.TRANSITION_RULES._rules)
+    del kinds[Kind.DIAGONAL]
+    monkeypatch.setattr(rules.TRANSITION_RULES, "_rules", kinds)
+    with pytest.raises(UnsupportedError, match=r"backend 'triton' cannot lower recurrence "
+                       r"'hgrn': state 'h': no transition rule for 'diagonal'"):
+        backends.get("triton").render(rec, {"algorithm": "recurrent"})

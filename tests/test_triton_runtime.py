@@ -173,3 +173,39 @@ def test_count_traffic_counts_atomic_adds():
     with runtime.count_traffic() as tr:
         k(**{n: torch.from_numpy(v).float() for n, v in x.items()})
     assert tr.atomic == 4 * 1 * 5 * 3 * 2 * 4   # heads x batch x time x dstate x (B, C) x 4 B
+
+
+def test_a_repeated_call_does_not_lower_or_render_again(monkeypatch):
+    """The cached run path: the second identical call (NumPy and torch) builds no lowering
+    and renders nothing; a new dtype does (it is part of the cache key)."""
+    from scancc.backends.triton import chunked, recurrent
+    counts = {"lower": 0, "render": 0}
+    for mod in (recurrent, chunked):
+        init, render = mod.Lowering.__init__, mod.Lowering.render
+
+        def spy_init(self, *a, _init=init, **kw):
+            counts["lower"] += 1
+            return _init(self, *a, **kw)
+
+        def spy_render(self, *a, _render=render, **kw):
+            counts["render"] += 1
+            return _render(self, *a, **kw)
+        monkeypatch.setattr(mod.Lowering, "__init__", spy_init)
+        monkeypatch.setattr(mod.Lowering, "render", spy_render)
+    for cache in ("_BY_ID", "_BY_IR"):  # what earlier tests compiled does not count
+        monkeypatch.setattr(runtime, cache, {})
+    monkeypatch.setattr(backends.get("triton"), "_memo", {})
+    rec = registry.get("gla").build()
+    sizes = testing.default_sizes(rec, time=5)
+    x = {k: v.astype(np.float32) for k, v in testing.sample_inputs(
+        rec, sizes, 0, hints=registry.get("gla").hints).items()}
+    tx = {k: torch.from_numpy(v) for k, v in x.items()}
+    k = scancc.compile("gla", target="triton")
+    for args in (x, tx):
+        k(**args)
+        before = dict(counts)
+        out = k(**args)
+        assert counts == before, f"a repeated call lowered/rendered again: {before} -> {counts}"
+        assert tuple(out.shape) == tuple(x["v"].shape)
+    k(**{n: v.to(torch.bfloat16) for n, v in tx.items()})
+    assert counts["render"] > before["render"]  # a new dtype compiles once

@@ -138,6 +138,7 @@ class TritonBackend(Backend):
             initial_state: Mapping[str, Any] | None, output_final_state: bool,
             options: Mapping[str, Any]) -> RunResult:
         from . import runtime
+        runtime.prepare()  # once per process, then a flag check
         dev = runtime.device()
         args = [inputs[x.name] for x in rec.inputs]
         c = self._last_compiled(rec, options, args)

@@ -10,104 +10,29 @@ ring axis is loaded at its logical position, (p - (t + 1)) mod W for physical sl
 """
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-
 from scancc.ir import Kind, Node, Op, Recurrence, format_recurrence
 from scancc.ir.printer import format_expr, format_transition
 
+from ..base import UnsupportedError
+from .emit import Env, Idx, atomic, number, par, pow2, simple
 from .names import Names
 from .plan import Plan, plan, unsupported
+from .rules import NEED, OP_RULES, TRANSITION_RULES
 
-_ATOM = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_.]*|\d+(?:\.\d*)?(?:e[+-]?\d+)?)$")
-
-
-def atomic(s: str) -> bool:
-    """True if ``s`` needs no parentheses as an operand: a name, a number or one call."""
-    if _ATOM.match(s):
-        return True
-    m = re.match(r"^[A-Za-z_][A-Za-z0-9_.]*\(", s)
-    if not m or not s.endswith(")"):
-        return False
-    depth = 0
-    for i, c in enumerate(s[m.end() - 1:], m.end() - 1):
-        depth += c == "("
-        depth -= c == ")"
-        if depth == 0:
-            return i == len(s) - 1
-    return False
+__all__ = ["Lowering", "Env", "Idx", "atomic", "number", "par", "pow2", "module_header"]
 
 
-def par(s: str) -> str:
-    return s if atomic(s) else f"({s})"
+class Sizes(dict):
+    """Dim -> the kernel's size parameter name; remembers which sizes the emitted kernel
+    body mentions (``used``), so the signature takes exactly those as runtime parameters."""
 
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.used: set[str] = set()
 
-def number(v: float) -> str:
-    s = repr(float(v))
-    return f"({s})" if s.startswith("-") else s
-
-
-# elementwise rules, keyed by IR op: (template over operand strings, precedence of the
-# result: 1 for +/-, 2 for * and /, 3 for unary minus, 4 for an atom or a call). Operands a
-# template uses more than once are bound to a name first (see Lowering._operands).
-UNARY_RULES: dict[Op, tuple[str, int]] = {
-    Op.NEG: ("-{0}", 3),
-    Op.EXP: ("tl.exp({0})", 4),
-    Op.LOG: ("tl.log({0})", 4),
-    # log(1 + e^x) without overflow: max(x, 0) + log(1 + e^-|x|)
-    Op.SOFTPLUS: ("tl.maximum({0}, 0.0) + tl.log(1.0 + tl.exp(-tl.abs({0})))", 1),
-    Op.SIGMOID: ("tl.sigmoid({0})", 4),
-    Op.LOGSIGMOID: ("tl.minimum({0}, 0.0) - tl.log(1.0 + tl.exp(-tl.abs({0})))", 1),
-    Op.SILU: ("{0} * tl.sigmoid({0})", 2),
-    Op.SQRT: ("tl.sqrt({0})", 4),
-    Op.RSQRT: ("tl.rsqrt({0})", 4),
-    Op.STEP: ("tl.where({0} >= 0.0, 1.0, 0.0)", 4),
-}
-BINARY_RULES: dict[Op, tuple[str, int]] = {
-    Op.ADD: ("{0} + {1}", 1),
-    Op.SUB: ("{0} - {1}", 1),
-    Op.MUL: ("{0} * {1}", 2),
-    Op.DIV: ("{0} / {1}", 2),
-    Op.MAXIMUM: ("tl.maximum({0}, {1})", 4),
-    Op.MINIMUM: ("tl.minimum({0}, {1})", 4),
-}
-# the precedence an operand of an infix template needs to go without parentheses
-_NEED = {"-{0}": (3,), "{0} + {1}": (1, 2), "{0} - {1}": (1, 2), "{0} * {1}": (2, 3),
-         "{0} / {1}": (2, 3), "{0} * tl.sigmoid({0})": (3,)}
-
-
-@dataclass(frozen=True)
-class Idx:
-    """The index of one dim inside a kernel."""
-    expr: str                 # an int scalar (grid dim) or an int tensor along ``axis``
-    axis: str | None          # the register dim whose axis it lies along; None: a scalar
-    mask: str | None          # in-range mask (register dims), None where always in range
-    tvar: bool = False        # depends on the time step
-
-
-class Env:
-    """Dim -> Idx, with overrides for remapped indices (group, flip, ring buffers)."""
-
-    def __init__(self, base: dict[str, Idx], over: tuple = ()):
-        self.base, self.over = base, over
-        self._d = dict(over)
-
-    def __getitem__(self, d: str) -> Idx:
-        return self._d.get(d) or self.base[d]
-
-    def with_(self, d: str, idx: Idx) -> "Env":
-        over = dict(self.over)
-        over[d] = idx
-        return Env(self.base, tuple(sorted(over.items())))
-
-    @property
-    def key(self):
-        return self.over
-
-
-def pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
+    def __getitem__(self, d: str) -> str:
+        self.used.add(d)
+        return super().__getitem__(d)
 
 class Lowering:
     """Renders the recurrent kernel and its launcher for one recurrence."""
@@ -134,7 +59,7 @@ class Lowering:
                        else self.names.ir("USE_INITIAL_", s.name, upper=True)
                        for s in rec.states}
         self.store_ht = self.names.new("STORE_FINAL_STATE")
-        self.size = {d.name: self.names.ir("", d.name, upper=True) for d in rec.dims}
+        self.size = Sizes({d.name: self.names.ir("", d.name, upper=True) for d in rec.dims})
         self.block = {d: self.names.ir("BLOCK_", d, upper=True) for d in self.plan.regs}
         self.state_var = {s.name: self.names.ir("b_", s.name) for s in rec.states}
         # states a readout reads as they entered the step (prev): a register copy per step
@@ -166,25 +91,27 @@ class Lowering:
 
     # ---- checks ----
     def _check_rules(self):
-        known = set(UNARY_RULES) | set(BINARY_RULES) | {
-            Op.INPUT, Op.PARAM, Op.STATE, Op.PREV, Op.CONST, Op.IOTA, Op.SIZE, Op.CLAMP, Op.SUM,
-            Op.MAX, Op.L2NORM, Op.SOFTMAX, Op.FLIP, Op.GROUP}
         for where, root in self.rec.exprs():
             for n in root.walk():
                 if n.op is Op.UNGROUP and n is root and where.startswith("output"):
                     self._check_ungroup(where, n)
-                elif n.op not in known:
-                    raise unsupported(self.rec, f"{where}: no rule for op {n.op.value!r}"
-                                      + (" (ungroup is lowered only as a whole output)"
-                                         if n.op is Op.UNGROUP else ""))
+                elif n.op is Op.UNGROUP:
+                    raise unsupported(self.rec, f"{where}: no rule for op 'ungroup' (ungroup is "
+                                      "lowered only as a whole output)")
+                else:
+                    try:
+                        OP_RULES.lookup(n.op, self.rec.name)
+                    except UnsupportedError as e:
+                        raise unsupported(self.rec, f"{where}: {e.feature}") from None
         read_prev = {n.arg for o in self.rec.outputs for n in o.expr.walk() if n.op is Op.PREV}
         for s in self.rec.states:
             if s.name in read_prev and s.transition.kind in (Kind.SHIFT, Kind.COMPANION):
                 raise unsupported(self.rec, f"prev({s.name}): the state is a ring buffer "
                                   "(its previous value would need a second ring)")
-            if s.transition.kind not in TRANSITION_RULES:
-                raise unsupported(self.rec, f"state {s.name!r}: no rule for transition "
-                                  f"{s.transition.kind.value!r}")
+            try:
+                TRANSITION_RULES.lookup(s.transition.kind, self.rec.name)
+            except UnsupportedError as e:
+                raise unsupported(self.rec, f"state {s.name!r}: {e.feature}") from None
 
     def _check_ungroup(self, where: str, n: Node):
         d, g = n.arg
@@ -240,13 +167,11 @@ class Lowering:
                 block: bool = False, time_env: bool = False) -> tuple[str, str | None]:
         """(offset expression of ``arr`` in its contiguous ``dims`` layout, mask). ``block``:
         a block of pointers even where no register dim indexes it (stores of blocks)."""
-        sizes = [self.size[d] for d in dims]
         terms, masks = [], []
         if block and not any(env[d].axis for d in dims if d != self.rec.time):
             ones = ", ".join("1" for _ in self.plan.regs)
             terms.append(f"tl.zeros([{ones}], dtype=tl.int32)")
         for i, d in enumerate(dims):
-            stride = " * ".join(sizes[i + 1:])
             if d == self.rec.time and not time_env:
                 if t_index is None:
                     continue
@@ -255,6 +180,7 @@ class Lowering:
                 idx = env[d]
                 if idx.mask and idx.mask not in masks:
                     masks.append(idx.mask)
+            stride = " * ".join(self.size[e] for e in dims[i + 1:])  # mentions those sizes
             terms.append(f"{par(idx.expr)} * {stride}" if stride else idx.expr)
         off = " + ".join(terms) if terms else "0"
         return f"{arr} + {off}", (" & ".join(masks) if masks else None)
@@ -318,7 +244,7 @@ class Lowering:
 
     def _rotate(self, node: Node, env: Env, rings: list[str]) -> str:
         x = self.value(node, Env(env.base))  # logical order = physical order before step 0
-        if not _ATOM.match(x):
+        if not simple(x):
             x = self.bind(False, f"b_{node.op.value}", x)
         dims = set(self.rec.dims_of(node))
         shape = ", ".join(self.block[d] if d in dims else "1" for d in self.plan.regs)
@@ -328,38 +254,15 @@ class Lowering:
         return x
 
     def _value(self, node: Node, env: Env) -> str:
-        op, a = node.op, node.arg
-        tv = self.varies(node, env)
-        if op is Op.INPUT:
-            return self.load(a, env)
-        if op is Op.STATE:
-            return self.state_var[a]
-        if op is Op.PREV:
-            return self.prev_var[a]
-        if op is Op.CONST:
-            return number(a)
-        if op is Op.SIZE:
-            return f"{self.size[a]} * 1.0"
-        if op is Op.IOTA:
-            return f"{par(env[a].expr)}.to(tl.float32)"
-        if op is Op.PARAM:
-            s = self.value(self.rec.let(a).expr, env)
-            return s if _ATOM.match(s) else self.bind(tv, f"b_{a}", s)
-        if op in (Op.GROUP, Op.FLIP):
-            return self.value(node.src[0], self._remap(node, env))
-        if op in UNARY_RULES or op in BINARY_RULES or op is Op.CLAMP:
-            expr = self._elementwise(node, env, tv)
-            if self.parents.get(node, 0) > 1:
-                return self.bind(tv, f"b_{op.value}", expr)
-            return expr
-        return DIM_RULES[op](self, node, env, tv)
+        rule = OP_RULES.lookup(node.op, self.rec.name)
+        return rule(self, node, env, self.varies(node, env))
 
     def _operands(self, node: Node, env: Env, template: str) -> list[str]:
         ops = []
-        need = _NEED.get(template, ())
+        need = NEED.get(template, ())
         for i, s in enumerate(node.src):
             v = self.value(s, env)
-            if template.count("{%d}" % i) > 1 and not _ATOM.match(v):
+            if template.count("{%d}" % i) > 1 and not simple(v):
                 v = self.bind(self.varies(s, env), "b_x", v)
             if i < len(need) and self.prec(v) < need[i]:
                 v = f"({v})"
@@ -372,45 +275,6 @@ class Lowering:
 
     def prec(self, s: str) -> int:
         return 4 if atomic(s) else self._prec.get(s, 0)
-
-    def _elementwise(self, node: Node, env: Env, tv: bool) -> str:
-        op = node.op
-        if op is Op.CLAMP:
-            x = self.value(node.src[0], env)
-            lo, hi = node.arg
-            if lo is not None:
-                x = f"tl.maximum({x}, {number(lo)})"
-            if hi is not None:
-                x = f"tl.minimum({x}, {number(hi)})"
-            return x
-        x = self._expm1_arg(node)
-        if x is not None:
-            return self._expm1(node, x, env, tv)
-        template, p = UNARY_RULES.get(op) or BINARY_RULES[op]
-        out = template.format(*self._operands(node, env, template))
-        self._prec[out] = p
-        return out
-
-    def _expm1_arg(self, node: Node) -> Node | None:
-        """x if ``node`` is exp(x) - 1 (looking through lets), else None."""
-        if node.op is not Op.SUB or node.src[1] != Node(Op.CONST, (), 1.0):
-            return None
-        e = node.src[0]
-        while e.op is Op.PARAM:
-            e = self.rec.let(e.arg).expr
-        return e.src[0] if e.op is Op.EXP else None
-
-    def _expm1(self, node: Node, x: Node, env: Env, tv: bool) -> str:
-        # exp(x) - 1 cancels for small |x| in float32 (s4d's ZOH term (exp(dt A) - 1) / A);
-        # Kahan: (u - 1) x / log(u), with u = exp(x) rounded, is accurate to a few ulps
-        u = self.value(node.src[0], env)
-        if not _ATOM.match(u):
-            u = self.bind(tv, "b_exp", u)
-        xs = self.value(x, env)
-        if not _ATOM.match(xs):
-            xs = self.bind(tv, "b_x", xs)
-        return self.bind(tv, "b_expm1", f"tl.where(({u} == 1.0) | (tl.abs({xs}) > 0.5), "
-                         f"tl.where({u} == 1.0, {xs}, {u} - 1.0), ({u} - 1.0) * {xs} / tl.log({u}))")
 
     # ---- leaves that touch memory ----
     def load(self, name: str, env: Env) -> str:
@@ -492,7 +356,7 @@ class Lowering:
         for s in rec.states:
             t = s.transition
             self.body.append(f"# {s.name}: {format_transition(t)} + {format_expr(s.inject)}")
-            TRANSITION_RULES[t.kind](self, s, env)
+            TRANSITION_RULES.lookup(t.kind, rec.name)(self, s, env)
         for o in rec.outputs:
             self.body.append(f"# {o.name} = {format_expr(o.expr)}")
             oenv = env
@@ -568,10 +432,10 @@ class Lowering:
 
     # ---- signature and launcher ----
     def runtime_sizes(self) -> list[str]:
-        """Sizes passed at run time: the non-register dims the kernel body mentions."""
-        text = "\n".join(self._body_lines)
+        """Sizes passed at run time: the non-register dims the kernel body mentions (recorded
+        by ``self.size`` while the body was emitted)."""
         return [d.name for d in self.rec.dims if d.name not in self.const_sizes()
-                and re.search(rf"\b{self.size[d.name]}\b", text)]
+                and d.name in self._body_sizes]
 
     def signature(self) -> tuple[list[str], list[str]]:
         """(runtime parameters, constexpr parameters) of the kernel, in order."""
@@ -625,7 +489,9 @@ class Lowering:
         return sig, const
 
     def render_kernel_def(self) -> str:
-        body = self._body_lines = self.render_kernel()
+        self.size.used.clear()
+        body = self.render_kernel()
+        self._body_sizes = frozenset(self.size.used)
         params, consts = self.signature()
         out = ["@triton.jit", f"def {self.kernel_name}("]
         out += [f"    {p}," for p in params] + [f"    {c}: tl.constexpr," for c in consts]
@@ -733,159 +599,3 @@ def module_header(rec: Recurrence, algorithm: str) -> str:
          "", "Generated code: edit the recurrence, not this file. The IR it was generated from:",
          '"""'] + [f"# {ln}".rstrip() for ln in ir]
         + ["import torch", "import triton", "import triton.language as tl"]) + "\n"
-
-
-# ---- transition rules, keyed by transition kind: emit the update of one state ----
-
-def _identity_rule(L: Lowering, s, env: Env):
-    h = L.state_var[s.name]
-    L.body.append(f"{h} = {h} + {L.par(L.value(s.inject, env), 2)}")
-
-
-def _scalar_rule(L: Lowering, s, env: Env):
-    h = L.state_var[s.name]
-    a = L.par(L.value(s.transition.operand("decay"), env), 2)
-    L.body.append(f"{h} = {a} * {h} + {L.par(L.value(s.inject, env), 2)}")
-
-
-def _shift_rule(L: Lowering, s, env: Env):
-    h, w = L.state_var[s.name], s.transition.axis
-    b = L.value(s.inject, env)
-    L.body.append(f"{h} = tl.where({L.off[w]} == i_t % {L.size[w]}, {b}, {h})")
-
-
-def _companion_rule(L: Lowering, s, env: Env):
-    h, w = L.state_var[s.name], s.transition.axis
-    slot = L.bind(True, f"m_{s.name}_new", f"{L.off[w]} == i_t % {L.size[w]}")
-    f = L.par(L.value(s.transition.operand("feedback"), env), 2)
-    shifted = f"tl.where({slot}, 0.0, {h})"
-    fb = L.reduce("sum", f"{f} * {shifted}", [w], env, "0.0")
-    new = L.bind(True, f"b_{s.name}_new", f"{fb} + {L.par(L.value(s.inject, env), 2)}")
-    L.body.append(f"{h} = tl.where({slot}, {new}, {h})")
-
-
-def _householder_rule(L: Lowering, s, env: Env):
-    h, ax = L.state_var[s.name], s.transition.axis
-    t = s.transition
-    k = L.value(t.operand("k"), env)
-    if not _ATOM.match(k):
-        k = L.bind(True, "b_hk", k)
-    beta = L.par(L.value(t.operand("beta"), env), 2)
-    kh = L.bind(True, f"b_{s.name}_k", L.reduce("sum", f"{k} * {h}", [ax], env, "0.0"))
-    upd = f"{h} - {beta} * {k} * {kh}"
-    if t.operand("alpha") is not None:
-        upd = f"{L.par(L.value(t.operand('alpha'), env), 2)} * ({upd})"
-    L.body.append(f"{h} = {upd} + {L.par(L.value(s.inject, env), 2)}")
-
-
-def _dense_rule(L: Lowering, s, env: Env):
-    h, ax, col = L.state_var[s.name], s.transition.axis, s.transition.col
-    m = L.par(L.value(s.transition.operand("matrix"), env), 2)
-    # h re-indexed along the column dim: a masked one-hot contraction over the axis
-    one_hot = f"tl.where({L.off[ax]} == {L.off[col]}, {h}, 0.0)"
-    hc = L.bind(True, f"b_{s.name}_col", L.reduce("sum", one_hot,
-                                                   [ax], env, "0.0"))
-    new = L.reduce("sum", f"{m} * {hc}", [col], env, "0.0")
-    L.body.append(f"{h} = {new} + {L.par(L.value(s.inject, env), 2)}")
-
-
-# adjoint steps, h = A^T (h + b): plain registers (no ring), the reverse shift a gather
-
-def _plus_inject(L: Lowering, s, env: Env) -> str:
-    h = L.state_var[s.name]
-    return L.bind(True, f"b_{s.name}_in", f"{h} + {L.par(L.value(s.inject, env), 2)}")
-
-
-def _reverse_shift(L: Lowering, s, x: str) -> str:
-    """Slot i <- slot i - 1, slot 0 <- 0 (padding slots stay 0)."""
-    w = s.transition.axis
-    shape = ", ".join(L.block[d] if d in s.dims else "1" for d in L.plan.regs)
-    idx = f"tl.broadcast_to(tl.maximum({L.off[w]} - 1, 0), [{shape}])"
-    moved = f"tl.gather({x}, {idx}, axis={L.axis_of(w)})"
-    return f"tl.where(({L.off[w]} == 0) | ({L.off[w]} >= {L.size[w]}), 0.0, {moved})"
-
-
-def _shift_adjoint_rule(L: Lowering, s, env: Env):
-    x = _plus_inject(L, s, env)
-    L.body.append(f"{L.state_var[s.name]} = {_reverse_shift(L, s, x)}")
-
-
-def _companion_adjoint_rule(L: Lowering, s, env: Env):
-    w = s.transition.axis
-    x = _plus_inject(L, s, env)
-    f = L.par(L.value(s.transition.operand("feedback"), env), 2)
-    last = L.reduce("sum", f"tl.where({L.off[w]} == {L.size[w]} - 1, {x}, 0.0)", [w], env, "0.0")
-    z = L.bind(True, f"b_{s.name}_fb", f"{x} + {f} * {last}")
-    L.body.append(f"{L.state_var[s.name]} = {_reverse_shift(L, s, z)}")
-
-
-def _dense_adjoint_rule(L: Lowering, s, env: Env):
-    ax, col = s.transition.axis, s.transition.col
-    x = _plus_inject(L, s, env)
-    m = L.par(L.value(s.transition.operand("matrix"), env), 2)
-    # sum over the axis gives the new state indexed by the column dim; a one-hot contraction
-    # re-indexes it along the axis
-    by_col = L.bind(True, f"b_{s.name}_col", L.reduce("sum", f"{m} * {x}", [ax], env, "0.0"))
-    one_hot = f"tl.where({L.off[ax]} == {L.off[col]}, {by_col}, 0.0)"
-    L.body.append(f"{L.state_var[s.name]} = {L.reduce('sum', one_hot, [col], env, '0.0')}")
-
-
-TRANSITION_RULES = {
-    Kind.IDENTITY: _identity_rule,
-    Kind.SCALAR: _scalar_rule,
-    Kind.DIAGONAL: _scalar_rule,
-    Kind.SHIFT: _shift_rule,
-    Kind.COMPANION: _companion_rule,
-    Kind.HOUSEHOLDER: _householder_rule,
-    Kind.DENSE: _dense_rule,
-    Kind.SHIFT_ADJOINT: _shift_adjoint_rule,
-    Kind.COMPANION_ADJOINT: _companion_adjoint_rule,
-    Kind.DENSE_ADJOINT: _dense_adjoint_rule,
-}
-
-
-# ---- rules for ops over a dim, keyed by IR op: return the value's name ----
-
-def _sum_rule(L: Lowering, node: Node, env: Env, tv: bool) -> str:
-    x = L.value(node.src[0], env)
-    return L.bind(tv, "b_sum", L.reduce("sum", x, node.arg, env, "0.0"))
-
-
-def _max_rule(L: Lowering, node: Node, env: Env, tv: bool) -> str:
-    x = L.value(node.src[0], env)
-    return L.bind(tv, "b_max", L.reduce("max", x, node.arg, env, 'float("-inf")'))
-
-
-def _l2norm_rule(L: Lowering, node: Node, env: Env, tv: bool) -> str:
-    x = L.value(node.src[0], env)
-    if not _ATOM.match(x):
-        x = L.bind(tv, "b_x", x)
-    ss = L.reduce("sum", f"{x} * {x}", [node.arg], env, "0.0")
-    return L.bind(tv, "b_l2norm", f"{x} / tl.sqrt({ss} + 1e-06)")
-
-
-def _softmax_rule(L: Lowering, node: Node, env: Env, tv: bool) -> str:
-    d = node.arg
-    logits = L.value(node.src[0], env)
-    keep = [m for m in [env[d].mask] if m]
-    if len(node.src) > 1:
-        keep.append(f"({L.par(L.value(node.src[1], env), 1)} != 0.0)")
-    keep_s = " & ".join(keep) if keep else None
-    z = f"tl.where({keep_s}, {logits}, float(\"-inf\"))" if keep_s else logits
-    z = L.bind(tv, "b_logits", z)
-    ax = L.axis_of(d)
-    # a fully masked row has max -inf: shift by 0 there, and read nothing (weights 0)
-    mx = L.bind(tv, "b_max", f"tl.max({z}, axis={ax}, keep_dims=True)")
-    L.emit(tv, f"{mx} = tl.where({mx} == float(\"-inf\"), 0.0, {mx})")
-    p = f"tl.exp({z} - {mx})"
-    p = L.bind(tv, "b_p", f"tl.where({keep_s}, {p}, 0.0)" if keep_s else p)
-    den = L.bind(tv, "b_den", f"tl.sum({p}, axis={ax}, keep_dims=True)")
-    return L.bind(tv, "b_softmax", f"{p} / tl.where({den} == 0.0, 1.0, {den})")
-
-
-DIM_RULES = {
-    Op.SUM: _sum_rule,
-    Op.MAX: _max_rule,
-    Op.L2NORM: _l2norm_rule,
-    Op.SOFTMAX: _softmax_rule,
-}
