@@ -25,7 +25,7 @@ import numpy as np
 
 from scancc import backends
 from scancc.ir import Recurrence, bind_sizes
-from scancc.ir.adjoint import Adjoint, derive
+from scancc.ir.passes.adjoint import Adjoint, derive
 
 from ._forward import Runner, by_slot, runner
 
