@@ -11,6 +11,7 @@ ring axis is loaded at its logical position, (p - (t + 1)) mod W for physical sl
 from __future__ import annotations
 
 from scancc.ir import Kind, Node, Op, Recurrence, format_recurrence
+from scancc.ir.passes.canonical import canonicalize
 from scancc.ir.printer import format_expr, format_transition
 
 from ..base import UnsupportedError
@@ -41,7 +42,9 @@ class Lowering:
     _step_key = None      # the env key of a step with ring buffers (see _ring_invariant)
 
     def __init__(self, rec: Recurrence, options):
-        self.rec, self.options = rec, dict(options)
+        # self.ir: the IR as given (printed in the header and the comments); self.rec: its
+        # canonical form, which the rules lower (exp(x) - 1 written expm1(x), ...)
+        self.ir, self.rec, self.options = rec, canonicalize(rec), dict(options)
         self.plan: Plan = self.make_plan()
         self.names = Names()
         self.kernel_name = self.names.new(f"{rec.name}_{self.algorithm}_fwd_kernel")
@@ -355,10 +358,13 @@ class Lowering:
             self.body.append(f"{v} = {self.state_var[name]}")
         for s in rec.states:
             t = s.transition
-            self.body.append(f"# {s.name}: {format_transition(t)} + {format_expr(s.inject)}")
+            given = self.ir.state(s.name)
+            self.body.append(f"# {s.name}: {format_transition(given.transition)} + "
+                             f"{format_expr(given.inject)}")
             TRANSITION_RULES.lookup(t.kind, rec.name)(self, s, env)
         for o in rec.outputs:
-            self.body.append(f"# {o.name} = {format_expr(o.expr)}")
+            given = next(x for x in self.ir.outputs if x.name == o.name)
+            self.body.append(f"# {o.name} = {format_expr(given.expr)}")
             oenv = env
             if o.name in self.summed:
                 d, g = o.expr.arg
@@ -584,7 +590,7 @@ class Lowering:
             return self._source
         kernel = self.render_kernel_def()
         launcher = self.render_launcher()
-        self._source = (module_header(self.rec, self.algorithm) + "\n\n" + kernel + "\n\n"
+        self._source = (module_header(self.ir, self.algorithm) + "\n\n" + kernel + "\n\n"
                         + launcher)
         return self._source
 

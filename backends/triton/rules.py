@@ -52,8 +52,13 @@ def _iota_rule(L, node: Node, env, tv: bool) -> str:
 
 @OP_RULES.register(Op.PARAM)
 def _param_rule(L, node: Node, env, tv: bool) -> str:
-    s = L.value(L.rec.let(node.arg).expr, env)
-    return s if simple(s) else L.bind(tv, f"b_{node.arg}", s)
+    expr = L.rec.let(node.arg).expr
+    s = L.value(expr, env)
+    if simple(s):
+        return s
+    name = L.bind(tv, f"b_{node.arg}", s)
+    L._memo[(expr, env.key)] = name  # the same expression elsewhere reads the binding
+    return name
 
 
 @OP_RULES.register(Op.GROUP, Op.FLIP)
@@ -100,10 +105,6 @@ def _shared(L, node: Node, tv: bool, expr: str) -> str:
 
 @OP_RULES.register(*_TEMPLATES)
 def _template_rule(L, node: Node, env, tv: bool) -> str:
-    if node.op is Op.SUB:
-        x = _expm1_arg(L, node)
-        if x is not None:
-            return _shared(L, node, tv, _expm1(L, node, x, env, tv))
     template, p = _TEMPLATES[node.op]
     out = template.format(*L._operands(node, env, template))
     L._prec[out] = p
@@ -121,29 +122,20 @@ def _clamp_rule(L, node: Node, env, tv: bool) -> str:
     return _shared(L, node, tv, x)
 
 
-# TODO(passes): scancc.ir.passes.canonical rewrites exp(x) - 1 into Op.EXPM1; once it lands,
-# this match becomes an Op.EXPM1 rule and the lowering's plan step canonicalizes.
-def _expm1_arg(L, node: Node) -> Node | None:
-    """x if ``node`` is exp(x) - 1 (looking through lets), else None."""
-    if node.src[1] != Node(Op.CONST, (), 1.0):
-        return None
-    e = node.src[0]
-    while e.op is Op.PARAM:
-        e = L.rec.let(e.arg).expr
-    return e.src[0] if e.op is Op.EXP else None
-
-
-def _expm1(L, node: Node, x: Node, env, tv: bool) -> str:
-    # exp(x) - 1 cancels for small |x| in float32 (s4d's ZOH term (exp(dt A) - 1) / A);
-    # Kahan: (u - 1) x / log(u), with u = exp(x) rounded, is accurate to a few ulps
-    u = L.value(node.src[0], env)
+@OP_RULES.register(Op.EXPM1)
+def _expm1_rule(L, node: Node, env, tv: bool) -> str:
+    # exp(x) - 1 cancels for small |x| in float32 (s4d's ZOH term (exp(dt A) - 1) / A, written
+    # expm1 by scancc.ir.passes.canonical); Kahan: (u - 1) x / log(u), with u = exp(x)
+    # rounded, is accurate to a few ulps. u is the value of exp(x): a let binding it is reused
+    u = L.value(Node(Op.EXP, node.src), env)
     if not simple(u):
         u = L.bind(tv, "b_exp", u)
-    xs = L.value(x, env)
+    xs = L.value(node.src[0], env)
     if not simple(xs):
         xs = L.bind(tv, "b_x", xs)
-    return L.bind(tv, "b_expm1", f"tl.where(({u} == 1.0) | (tl.abs({xs}) > 0.5), "
-                  f"tl.where({u} == 1.0, {xs}, {u} - 1.0), ({u} - 1.0) * {xs} / tl.log({u}))")
+    out = L.bind(tv, "b_expm1", f"tl.where(({u} == 1.0) | (tl.abs({xs}) > 0.5), "
+                 f"tl.where({u} == 1.0, {xs}, {u} - 1.0), ({u} - 1.0) * {xs} / tl.log({u}))")
+    return _shared(L, node, tv, out)
 
 
 # ---- TRANSITION_RULES: emit the update of one state, rule(L, state, env) ----

@@ -49,9 +49,9 @@ def s4d_recurrent_fwd_kernel(
     b_log_dt = tl.load(p_log_dt).to(tl.float32)
     p_A = A + i_heads * DSTATE + o_dstate
     b_A = tl.load(p_A, mask=m_dstate, other=0.0).to(tl.float32)
-    b_dA = tl.exp(tl.exp(b_log_dt) * b_A)
-    b_x_1 = tl.exp(b_log_dt) * b_A
-    b_expm1 = tl.where((b_dA == 1.0) | (tl.abs(b_x_1) > 0.5), tl.where(b_dA == 1.0, b_x_1, b_dA - 1.0), (b_dA - 1.0) * b_x_1 / tl.log(b_dA))
+    b_mul = tl.exp(b_log_dt) * b_A
+    b_dA = tl.exp(b_mul)
+    b_expm1 = tl.where((b_dA == 1.0) | (tl.abs(b_mul) > 0.5), tl.where(b_dA == 1.0, b_mul, b_dA - 1.0), (b_dA - 1.0) * b_mul / tl.log(b_dA))
     p_u = u + i_batch * HEADS * TIME + i_heads * TIME
     p_C = C + i_heads * DSTATE + o_dstate
     b_C = tl.load(p_C, mask=m_dstate, other=0.0).to(tl.float32)
