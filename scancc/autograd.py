@@ -37,9 +37,17 @@ def adjoint(rec: Recurrence) -> Adjoint:
     return derive(rec)
 
 
+_KERNELS: dict[tuple[int, str], Runner] = {}
+
+
 def _kernel(rec: Recurrence, target: str) -> Runner:
     """``rec`` on ``target`` with default options (``.backend``, ``.last_run``)."""
-    return runner(backends.get(target), rec, {})
+    r = _KERNELS.get((id(rec), target))
+    if r is None or r.rec is not rec:
+        if len(_KERNELS) >= 256:
+            _KERNELS.clear()
+        r = _KERNELS[(id(rec), target)] = runner(backends.get(target), rec, {})
+    return r
 
 
 class _Arrays:

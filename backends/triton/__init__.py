@@ -139,20 +139,28 @@ class TritonBackend(Backend):
             options: Mapping[str, Any]) -> RunResult:
         from . import runtime
         runtime.prepare()  # once per process, then a flag check
-        dev = runtime.device()
+        gpu = runtime.has_gpu()
         args = [inputs[x.name] for x in rec.inputs]
         c = self._last_compiled(rec, options, args)
         for i, (a, n, axes) in enumerate(zip(args, c.ranks, c.unsqueeze)):
             if a.dim() != n:  # an optional dim left out: restore it (size 1)
                 for ax in axes:
                     a = a.unsqueeze(ax)
-            if a.device != dev:
-                a = a.to(dev)
-            args[i] = a
-        init = {k: v.to(dev) for k, v in initial_state.items()} if initial_state else None
-        with runtime.quiet_padding():
-            outs, finals = c.launcher(*args, init, bool(output_final_state),
+                args[i] = a
+        if gpu:  # inputs go to the GPU; without one everything is on the CPU already
+            dev = runtime.device()
+            args = [a if a.device == dev else a.to(dev) for a in args]
+            if initial_state:
+                initial_state = {k: v.to(dev) for k, v in initial_state.items()}
+            outs, finals = c.launcher(*args, initial_state or None, bool(output_final_state),
                                       options.get("block_sizes"), options.get("num_warps") or 4)
+        else:
+            import numpy as np
+            # padded lanes may compute 0/0 or log(0) in the interpreter (runtime.quiet_padding)
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                outs, finals = c.launcher(*args, initial_state or None,
+                                          bool(output_final_state), options.get("block_sizes"),
+                                          options.get("num_warps") or 4)
         return RunResult(outs, finals, dict(c.counters))
 
     def _last_compiled(self, rec: Recurrence, options: Mapping[str, Any], args: list):

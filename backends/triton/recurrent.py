@@ -468,7 +468,9 @@ class Lowering:
 
     def block_default(self, d: str) -> str:
         """The launcher's default block size for register dim ``d`` (an expression)."""
-        npow = f"triton.next_power_of_2({self.size[d]})"
+        # plain int arithmetic: triton.next_power_of_2 / triton.cdiv are constexpr functions,
+        # whose host-side call costs ~10 us each (per launch, docs/performance/host-overhead.md)
+        npow = f"1 << ({self.size[d]} - 1).bit_length()"
         return f"min({npow}, 64)" if d in self.plan.split else npow
 
     def compile_args(self, sizes: dict, dtype: str) -> tuple[dict, dict]:
@@ -568,7 +570,7 @@ class Lowering:
             lines.append(f'    {ht} = torch.full(({shape}{comma}), float("nan"), '
                          f"dtype=torch.float32, device={dev}) if {final} else None")
         g0 = " * ".join(self.size[d] for d in P.grid) or "1"
-        g1 = " * ".join(f"triton.cdiv({self.size[d]}, {self.block[d]})" for d in P.split) or "1"
+        g1 = " * ".join(f"-(-{self.size[d]} // {self.block[d]})" for d in P.split) or "1"  # cdiv
         lines.append(f"    grid = ({g0}, {g1})")
         params, consts = self.signature()
         args = params[:]

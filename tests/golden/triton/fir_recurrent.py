@@ -71,15 +71,15 @@ def fir_recurrent_fwd(x, weight, initial_state=None, output_final_state=False, b
     BATCH, TIME, CHAN = x.shape
     WIDTH = weight.shape[1]
     block_sizes = block_sizes or {}
-    BLOCK_CHAN = block_sizes.get("chan", min(triton.next_power_of_2(CHAN), 64))
-    BLOCK_WIDTH = triton.next_power_of_2(WIDTH)
+    BLOCK_CHAN = block_sizes.get("chan", min(1 << (CHAN - 1).bit_length(), 64))
+    BLOCK_WIDTH = 1 << (WIDTH - 1).bit_length()
     y = torch.full((BATCH, TIME, CHAN), float("nan"), dtype=x.dtype, device=x.device)
     initial_state = initial_state or {}
     h0 = initial_state.get("win")
     if h0 is not None:
         h0 = h0.to(device=x.device, dtype=torch.float32).contiguous()
     ht = torch.full((BATCH, CHAN, WIDTH), float("nan"), dtype=torch.float32, device=x.device) if output_final_state else None
-    grid = (BATCH, triton.cdiv(CHAN, BLOCK_CHAN))
+    grid = (BATCH, -(-CHAN // BLOCK_CHAN))
     fir_recurrent_fwd_kernel[grid](
         x,
         weight,

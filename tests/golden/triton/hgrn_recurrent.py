@@ -63,14 +63,14 @@ def hgrn_recurrent_fwd(x, g, initial_state=None, output_final_state=False, block
     x, g = x.contiguous(), g.contiguous()
     BATCH, TIME, CHAN = x.shape
     block_sizes = block_sizes or {}
-    BLOCK_CHAN = block_sizes.get("chan", min(triton.next_power_of_2(CHAN), 64))
+    BLOCK_CHAN = block_sizes.get("chan", min(1 << (CHAN - 1).bit_length(), 64))
     o = torch.full((BATCH, TIME, CHAN), float("nan"), dtype=x.dtype, device=x.device)
     initial_state = initial_state or {}
     h0 = initial_state.get("h")
     if h0 is not None:
         h0 = h0.to(device=x.device, dtype=torch.float32).contiguous()
     ht = torch.full((BATCH, CHAN), float("nan"), dtype=torch.float32, device=x.device) if output_final_state else None
-    grid = (BATCH, triton.cdiv(CHAN, BLOCK_CHAN))
+    grid = (BATCH, -(-CHAN // BLOCK_CHAN))
     hgrn_recurrent_fwd_kernel[grid](
         x,
         g,

@@ -80,15 +80,15 @@ def iir_recurrent_fwd(x, b, a, initial_state=None, output_final_state=False, blo
     BATCH, TIME, CHAN = x.shape
     ORDER = b.shape[1]
     block_sizes = block_sizes or {}
-    BLOCK_CHAN = block_sizes.get("chan", min(triton.next_power_of_2(CHAN), 64))
-    BLOCK_ORDER = triton.next_power_of_2(ORDER)
+    BLOCK_CHAN = block_sizes.get("chan", min(1 << (CHAN - 1).bit_length(), 64))
+    BLOCK_ORDER = 1 << (ORDER - 1).bit_length()
     y = torch.full((BATCH, TIME, CHAN), float("nan"), dtype=x.dtype, device=x.device)
     initial_state = initial_state or {}
     h0 = initial_state.get("w")
     if h0 is not None:
         h0 = h0.to(device=x.device, dtype=torch.float32).contiguous()
     ht = torch.full((BATCH, CHAN, ORDER), float("nan"), dtype=torch.float32, device=x.device) if output_final_state else None
-    grid = (BATCH, triton.cdiv(CHAN, BLOCK_CHAN))
+    grid = (BATCH, -(-CHAN // BLOCK_CHAN))
     iir_recurrent_fwd_kernel[grid](
         x,
         b,

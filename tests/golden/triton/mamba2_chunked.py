@@ -101,15 +101,15 @@ def mamba2_chunked_fwd(x, dt, A, B, C, initial_state=None, output_final_state=Fa
     DSTATE = B.shape[3]
     block_sizes = block_sizes or {}
     BLOCK_TIME = block_sizes.get("time", 32)
-    BLOCK_DSTATE = max(16, triton.next_power_of_2(DSTATE))
-    BLOCK_HEADDIM = block_sizes.get("headdim", max(16, min(triton.next_power_of_2(HEADDIM), 64)))
+    BLOCK_DSTATE = max(16, 1 << (DSTATE - 1).bit_length())
+    BLOCK_HEADDIM = block_sizes.get("headdim", max(16, min(1 << (HEADDIM - 1).bit_length(), 64)))
     y = torch.full((BATCH, TIME, HEADS, HEADDIM), float("nan"), dtype=x.dtype, device=x.device)
     initial_state = initial_state or {}
     h0 = initial_state.get("h")
     if h0 is not None:
         h0 = h0.to(device=x.device, dtype=torch.float32).contiguous()
     ht = torch.full((BATCH, HEADS, HEADDIM, DSTATE), float("nan"), dtype=torch.float32, device=x.device) if output_final_state else None
-    grid = (BATCH * HEADS, triton.cdiv(HEADDIM, BLOCK_HEADDIM))
+    grid = (BATCH * HEADS, -(-HEADDIM // BLOCK_HEADDIM))
     mamba2_chunked_fwd_kernel[grid](
         x,
         dt,

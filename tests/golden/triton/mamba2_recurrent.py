@@ -94,15 +94,15 @@ def mamba2_recurrent_fwd(x, dt, A, B, C, initial_state=None, output_final_state=
     GROUPS = B.shape[2]
     DSTATE = B.shape[3]
     block_sizes = block_sizes or {}
-    BLOCK_HEADDIM = block_sizes.get("headdim", min(triton.next_power_of_2(HEADDIM), 64))
-    BLOCK_DSTATE = triton.next_power_of_2(DSTATE)
+    BLOCK_HEADDIM = block_sizes.get("headdim", min(1 << (HEADDIM - 1).bit_length(), 64))
+    BLOCK_DSTATE = 1 << (DSTATE - 1).bit_length()
     y = torch.full((BATCH, TIME, HEADS, HEADDIM), float("nan"), dtype=x.dtype, device=x.device)
     initial_state = initial_state or {}
     h0 = initial_state.get("h")
     if h0 is not None:
         h0 = h0.to(device=x.device, dtype=torch.float32).contiguous()
     ht = torch.full((BATCH, HEADS, HEADDIM, DSTATE), float("nan"), dtype=torch.float32, device=x.device) if output_final_state else None
-    grid = (BATCH * HEADS, triton.cdiv(HEADDIM, BLOCK_HEADDIM))
+    grid = (BATCH * HEADS, -(-HEADDIM // BLOCK_HEADDIM))
     mamba2_recurrent_fwd_kernel[grid](
         x,
         dt,

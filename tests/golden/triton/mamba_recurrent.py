@@ -89,16 +89,16 @@ def mamba_recurrent_fwd(u, delta, A, B, C, initial_state=None, output_final_stat
     DSTATE = A.shape[1]
     GROUPS = B.shape[1]
     block_sizes = block_sizes or {}
-    BLOCK_CHAN = block_sizes.get("chan", min(triton.next_power_of_2(CHAN), 64))
+    BLOCK_CHAN = block_sizes.get("chan", min(1 << (CHAN - 1).bit_length(), 64))
     BLOCK_CHAN = min(BLOCK_CHAN, (CHAN // GROUPS) & -(CHAN // GROUPS))  # a block never straddles two groups
-    BLOCK_DSTATE = triton.next_power_of_2(DSTATE)
+    BLOCK_DSTATE = 1 << (DSTATE - 1).bit_length()
     y = torch.full((BATCH, CHAN, TIME), float("nan"), dtype=u.dtype, device=u.device)
     initial_state = initial_state or {}
     h0 = initial_state.get("x")
     if h0 is not None:
         h0 = h0.to(device=u.device, dtype=torch.float32).contiguous()
     ht = torch.full((BATCH, CHAN, DSTATE), float("nan"), dtype=torch.float32, device=u.device) if output_final_state else None
-    grid = (BATCH, triton.cdiv(CHAN, BLOCK_CHAN))
+    grid = (BATCH, -(-CHAN // BLOCK_CHAN))
     mamba_recurrent_fwd_kernel[grid](
         u,
         delta,

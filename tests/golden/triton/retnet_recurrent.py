@@ -81,15 +81,15 @@ def retnet_recurrent_fwd(q, k, v, initial_state=None, output_final_state=False, 
     BATCH, TIME, HEADS, KEY = q.shape
     VALUE = v.shape[3]
     block_sizes = block_sizes or {}
-    BLOCK_KEY = triton.next_power_of_2(KEY)
-    BLOCK_VALUE = block_sizes.get("value", min(triton.next_power_of_2(VALUE), 64))
+    BLOCK_KEY = 1 << (KEY - 1).bit_length()
+    BLOCK_VALUE = block_sizes.get("value", min(1 << (VALUE - 1).bit_length(), 64))
     o = torch.full((BATCH, TIME, HEADS, VALUE), float("nan"), dtype=q.dtype, device=q.device)
     initial_state = initial_state or {}
     h0 = initial_state.get("S")
     if h0 is not None:
         h0 = h0.to(device=q.device, dtype=torch.float32).contiguous()
     ht = torch.full((BATCH, HEADS, KEY, VALUE), float("nan"), dtype=torch.float32, device=q.device) if output_final_state else None
-    grid = (BATCH * HEADS, triton.cdiv(VALUE, BLOCK_VALUE))
+    grid = (BATCH * HEADS, -(-VALUE // BLOCK_VALUE))
     retnet_recurrent_fwd_kernel[grid](
         q,
         k,

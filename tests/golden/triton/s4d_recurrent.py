@@ -84,7 +84,7 @@ def s4d_recurrent_fwd(u, A, C, log_dt, D, initial_state=None, output_final_state
     BATCH, HEADS, TIME = u.shape
     DSTATE = A.shape[1]
     block_sizes = block_sizes or {}
-    BLOCK_DSTATE = triton.next_power_of_2(DSTATE)
+    BLOCK_DSTATE = 1 << (DSTATE - 1).bit_length()
     y = torch.full((BATCH, HEADS, TIME), float("nan"), dtype=u.dtype, device=u.device)
     initial_state = initial_state or {}
     h0 = initial_state.get("x")

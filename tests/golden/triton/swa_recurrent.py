@@ -117,9 +117,9 @@ def swa_recurrent_fwd(q, k, v, initial_state=None, output_final_state=False, blo
     BATCH, TIME, HEADS, KEY = q.shape
     VALUE = v.shape[3]
     block_sizes = block_sizes or {}
-    BLOCK_KEY = triton.next_power_of_2(KEY)
-    BLOCK_VALUE = block_sizes.get("value", min(triton.next_power_of_2(VALUE), 64))
-    BLOCK_WINDOW = triton.next_power_of_2(WINDOW)
+    BLOCK_KEY = 1 << (KEY - 1).bit_length()
+    BLOCK_VALUE = block_sizes.get("value", min(1 << (VALUE - 1).bit_length(), 64))
+    BLOCK_WINDOW = 1 << (WINDOW - 1).bit_length()
     o = torch.full((BATCH, TIME, HEADS, VALUE), float("nan"), dtype=q.dtype, device=q.device)
     initial_state = initial_state or {}
     h0_kw = initial_state.get("kw")
@@ -134,7 +134,7 @@ def swa_recurrent_fwd(q, k, v, initial_state=None, output_final_state=False, blo
     if h0_valid is not None:
         h0_valid = h0_valid.to(device=q.device, dtype=torch.float32).contiguous()
     ht_valid = torch.full((BATCH, WINDOW), float("nan"), dtype=torch.float32, device=q.device) if output_final_state else None
-    grid = (BATCH * HEADS, triton.cdiv(VALUE, BLOCK_VALUE))
+    grid = (BATCH * HEADS, -(-VALUE // BLOCK_VALUE))
     swa_recurrent_fwd_kernel[grid](
         q,
         k,
