@@ -199,7 +199,7 @@ def _sig(x):
     other value (an option, None) itself."""
     shape = getattr(x, "shape", None)
     if shape is None:
-        return x
+        return type(x), x  # True and 1 are equal and hash alike, but are checked apart
     return type(x), x.dtype, tuple(shape)
 
 

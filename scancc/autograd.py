@@ -190,24 +190,24 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
         bounds.append(h)
         _, h = _run(rec, _slice(axes, inputs, t0, min(t0 + chunk, T)), h, target)
 
-    # the backward recurrence runs in reverse time: flip its time-major inputs once, and fill
-    # the per-step gradients reversed too (flipped back once at the end), so a chunk is views
+    # the backward recurrence runs in reverse time: its chunk's inputs are flipped per chunk
+    # (a torch flip copies: flipping whole inputs once would hold a second copy of them)
     bwd = adj.backward
     names = {x.name for x in bwd.inputs}
-    rev = {k: xp.flip(v, axes[k]) if axes[k] is not None else v
-           for k, v in inputs.items() if k in names}
-    for o in rec.outputs:
-        if adj.cotangent[o.name] in names:
-            rev[adj.cotangent[o.name]] = xp.flip(d_out[o.name], axes[o.name])
-            axes = {**axes, adj.cotangent[o.name]: axes[o.name]}
+    cot = {adj.cotangent[o.name]: (d_out[o.name], axes[o.name]) for o in rec.outputs
+           if adj.cotangent[o.name] in names}
     carry = {adj.adjoint_state[s]: xp.cast(v, dt)
              for s, v in {**zeros, **(d_final_state or {})}.items()}
     grads = {x.name: xp.zeros(tuple(sizes[d] for d in x.dims), dt) for x in rec.inputs}
     seq = [(s.name, *adj.state_seq[s.name]) for s in rec.states]
     for c in reversed(range(len(bounds))):
         t0, t1 = c * chunk, min((c + 1) * chunk, T)
-        seqs, _ = _run(adj.states_view, _slice(axes, inputs, t0, t1), bounds[c], target)
-        feed = _slice(axes, rev, T - t1, T - t0)
+        part = _slice(axes, inputs, t0, t1)
+        seqs, _ = _run(adj.states_view, part, bounds[c], target)  # recompute the chunk's states
+        feed = {k: v if axes[k] is None else xp.flip(v, axes[k])
+                for k, v in part.items() if k in names}
+        for k, (dy, ax) in cot.items():
+            feed[k] = dy if ax is None else xp.flip(dy[(slice(None),) * ax + (slice(t0, t1),)], ax)
         for s, now, before in seq:
             hs = xp.flip(seqs[now], 0)                         # [chunk, *state dims], reversed
             if now in names:
@@ -221,10 +221,7 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
             if ax is None:                                     # per-step contributions
                 grads[x.name] += gx.sum(0)
             else:
-                grads[x.name][(slice(None),) * ax + (slice(T - t1, T - t0),)] = gx
-    for x in rec.inputs:
-        if axes[x.name] is not None:
-            grads[x.name] = xp.flip(grads[x.name], axes[x.name])
+                grads[x.name][(slice(None),) * ax + (slice(t0, t1),)] = xp.flip(gx, ax)
     d_init = {s.name: carry[adj.adjoint_state[s.name]] for s in rec.states}
     return {k: v.reshape(given[k]) for k, v in grads.items()}, d_init
 

@@ -143,3 +143,23 @@ def test_check_runs_every_available_backend_at_each_dtype(target, dtype):
     """What the README's main job runs (`scancc check --all --dtypes float32,bfloat16`)."""
     row = check_one("hgrn", target, "float64" if target == "reference" else dtype, T=17)
     assert row.ok, row.note
+
+
+def test_a_repeated_call_structure_reuses_its_plan_and_a_new_one_is_checked():
+    """Kernel.__call__ plans once per call structure (which inputs, how given, options,
+    kinds, dtypes, shapes): a repeat reuses the plan, anything new is bound and checked."""
+    rng = np.random.default_rng(3)
+    x = _mamba_inputs(rng)
+    k = scancc.compile("mamba")
+    y1 = k(**x)
+    assert len(k._plans) == 1
+    y2 = k(**{n: v + 0.0 for n, v in x.items()})           # same structure, new arrays
+    assert len(k._plans) == 1 and np.array_equal(y1, y2)
+    assert not np.array_equal(k(**{**x, "u": 2 * x["u"]}), y1)  # the plan binds the new values
+    with pytest.raises(scancc.InputError, match="u"):       # a new shape: planned, so checked
+        k(**{**x, "u": x["u"][:, :-1]})
+    with pytest.raises(scancc.InputError, match="floating dtype"):
+        k(**{**x, "u": x["u"].astype(np.int64)})
+    y3, h = k(*x.values(), output_final_state=True)        # positional: another structure
+    np.testing.assert_array_equal(y3, y1)
+    assert len(k._plans) == 2                               # failed plans are not kept
