@@ -83,8 +83,8 @@ class _Arrays:
     def back(self, y, dtype):
         """A backend's result as this kind of array, in ``dtype``."""
         if self.torch:
-            if isinstance(y, np.ndarray):
-                y = self.t.from_numpy(np.asarray(y))
+            if isinstance(y, np.ndarray):  # torch needs a writable array to share
+                y = self.t.from_numpy(y if y.flags.writeable else np.array(y))
             if y.dtype == dtype and y.device == self.device:
                 return y
             return y.to(device=self.device, dtype=dtype)
