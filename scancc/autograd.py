@@ -61,6 +61,15 @@ class _Arrays:
             import torch
             self.t, self.device = torch, like.device
 
+    @staticmethod
+    def like(x) -> "_Arrays":
+        """The ``_Arrays`` for ``x``'s kind and device (one per device, reused)."""
+        key = None if isinstance(x, np.ndarray) else x.device
+        xp = _XP.get(key)
+        if xp is None:
+            xp = _XP[key] = _Arrays(x)
+        return xp
+
     def zeros(self, shape, dtype):
         if self.torch:
             return self.t.zeros(shape, dtype=dtype, device=self.device)
@@ -98,17 +107,16 @@ def _run(rec: Recurrence, inputs: Mapping[str, Any], init: dict | None,
     """(outputs by name, final states by name) of ``rec`` on ``target``; arrays of the kind
     given (NumPy or torch), float64 where the backend computes in float64, else float32."""
     k = _kernel(rec, target)
-    xp = _Arrays(next(iter(inputs.values())))
+    xp = _Arrays.like(next(iter(inputs.values())))
     dt = xp.float_dtype(64 if k.backend.computes_float64 else 32)  # Triton/NKI: float32
     args = [k.to_native(xp.cast(inputs[n], dt)) for n in k.input_names]
     init = {n: k.to_native(xp.cast(v, dt)) for n, v in init.items()} if init else None
-    res = k(args, init, True, _dtype_name(dt))
+    res = k(args, init, True, "float64" if k.backend.computes_float64 else "float32")
     return ({n: xp.back(v, dt) for n, v in res.outputs.items()},
             {n: xp.back(v, dt) for n, v in res.final_states.items()})
 
 
-def _dtype_name(dt) -> str:
-    return str(dt).replace("torch.", "")
+_XP: dict = {}  # device (None: NumPy) -> _Arrays
 
 
 _TARGETS: dict[tuple, tuple[Recurrence, str]] = {}  # (backend, id(rec)) -> (rec, target)
@@ -185,10 +193,13 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
     axes = _time_axes(rec)
     zeros = {s.name: xp.zeros(tuple(sizes[d] for d in s.dims), dt) for s in rec.states}
     h = {**zeros, **{k: xp.cast(v, dt) for k, v in (initial_state or {}).items()}}
-    bounds = []
-    for t0 in range(0, T, chunk):  # forward: keep only the boundary states
+    # forward: keep only the boundary states (the last chunk's final state is not needed);
+    # the chunks' input slices are views, kept for the recomputation
+    parts = [_slice(axes, inputs, t0, min(t0 + chunk, T)) for t0 in range(0, T, chunk)]
+    bounds = [h] if parts else []
+    for part in parts[:-1]:
+        _, h = _run(rec, part, h, target)
         bounds.append(h)
-        _, h = _run(rec, _slice(axes, inputs, t0, min(t0 + chunk, T)), h, target)
 
     # the backward recurrence runs in reverse time: its chunk's inputs are flipped per chunk
     # (a torch flip copies: flipping whole inputs once would hold a second copy of them)
@@ -200,9 +211,10 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
              for s, v in {**zeros, **(d_final_state or {})}.items()}
     grads = {x.name: xp.zeros(tuple(sizes[d] for d in x.dims), dt) for x in rec.inputs}
     seq = [(s.name, *adj.state_seq[s.name]) for s in rec.states]
+    gnames = [(x.name, adj.grad[x.name], axes[x.name]) for x in rec.inputs]
     for c in reversed(range(len(bounds))):
         t0, t1 = c * chunk, min((c + 1) * chunk, T)
-        part = _slice(axes, inputs, t0, t1)
+        part = parts[c]
         seqs, _ = _run(adj.states_view, part, bounds[c], target)  # recompute the chunk's states
         feed = {k: v if axes[k] is None else xp.flip(v, axes[k])
                 for k, v in part.items() if k in names}
@@ -215,13 +227,12 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
             if before in names:                                # h_{t-1}: shifted by one step
                 feed[before] = xp.cat([hs[1:], bounds[c][s][None]], 0)
         outs, carry = _run(bwd, feed, carry, target)
-        for x in rec.inputs:
-            gx = outs[adj.grad[x.name]]
-            ax = axes[x.name]
+        for name, gname, ax in gnames:
+            gx = outs[gname]
             if ax is None:                                     # per-step contributions
-                grads[x.name] += gx.sum(0)
+                grads[name] += gx.sum(0)
             else:
-                grads[x.name][(slice(None),) * ax + (slice(t0, t1),)] = xp.flip(gx, ax)
+                grads[name][(slice(None),) * ax + (slice(t0, t1),)] = xp.flip(gx, ax)
     d_init = {s.name: carry[adj.adjoint_state[s.name]] for s in rec.states}
     return {k: v.reshape(given[k]) for k, v in grads.items()}, d_init
 

@@ -316,7 +316,8 @@ def test_torch_backward_keeps_tensors_on_their_device(monkeypatch):
     q, k, v = (torch.randn(1, 7, 2, 3, generator=g, requires_grad=True) for _ in range(3))
     gk = torch.nn.functional.logsigmoid(torch.randn(1, 7, 2, 3, generator=g)).requires_grad_()
     scancc.compile("gla")(q, k, v, gk).sum().backward()
-    assert len(seen) >= 3 * 4 and all(seen)  # forward, recompute, backward per chunk (T/2)
+    # per chunk (T/2 of them): forward (but the last's), recompute, backward
+    assert len(seen) >= 3 * 4 - 1 and all(seen)
     assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
