@@ -114,7 +114,7 @@ def measure(name: str, T: int, calls: int, chunk: int) -> list[tuple[str, float]
         torch.autograd.grad(outs, leaves, cot, retain_graph=True)
 
     n_chunks = math.ceil(T / chunk)
-    cpu, wall = _median_ms(bwd, max(3, calls // 20), warm=1)
+    cpu, wall = _median_ms(bwd, max(3, calls // 5), warm=1)
     rows.append(("bwd / chunk", (cpu / n_chunks, wall / n_chunks)))
     return rows
 

@@ -78,6 +78,24 @@ class _Arrays:
     def flip(self, x, axis: int):
         return self.t.flip(x, (axis,)) if self.torch else np.flip(x, axis=axis)
 
+    def reversed_index(self, T: int):
+        """torch: the time indices T-1, ..., 0 (a chunk's slice of it reads or writes that
+        chunk reversed in one indexing op); NumPy: None (its flips are views)."""
+        return self.t.arange(T - 1, -1, -1, device=self.device) if self.torch else None
+
+    def take_reversed(self, v, axis: int, t0: int, t1: int, ri):
+        """``v[t0:t1]`` along ``axis``, reversed in time (``ri``: reversed_index's slice)."""
+        if self.torch:
+            return v.index_select(axis, ri)
+        return np.flip(v[(slice(None),) * axis + (slice(t0, t1),)], axis)
+
+    def put_reversed(self, dst, axis: int, t0: int, t1: int, src, ri):
+        """``dst[t0:t1] = src`` reversed in time, along ``axis``."""
+        if self.torch:
+            dst.index_copy_(axis, ri, src)
+        else:
+            dst[(slice(None),) * axis + (slice(t0, t1),)] = np.flip(src, axis)
+
     def cat(self, xs, axis: int = 0):
         return self.t.cat(xs, axis) if self.torch else np.concatenate(xs, axis=axis)
 
@@ -212,14 +230,15 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
     grads = {x.name: xp.zeros(tuple(sizes[d] for d in x.dims), dt) for x in rec.inputs}
     seq = [(s.name, *adj.state_seq[s.name]) for s in rec.states]
     gnames = [(x.name, adj.grad[x.name], axes[x.name]) for x in rec.inputs]
+    ridx = xp.reversed_index(T)
     for c in reversed(range(len(bounds))):
         t0, t1 = c * chunk, min((c + 1) * chunk, T)
-        part = parts[c]
-        seqs, _ = _run(adj.states_view, part, bounds[c], target)  # recompute the chunk's states
-        feed = {k: v if axes[k] is None else xp.flip(v, axes[k])
-                for k, v in part.items() if k in names}
+        ri = ridx[T - t1:T - t0] if ridx is not None else None
+        seqs, _ = _run(adj.states_view, parts[c], bounds[c], target)  # recompute the states
+        feed = {k: v if axes[k] is None else xp.take_reversed(v, axes[k], t0, t1, ri)
+                for k, v in inputs.items() if k in names}
         for k, (dy, ax) in cot.items():
-            feed[k] = dy if ax is None else xp.flip(dy[(slice(None),) * ax + (slice(t0, t1),)], ax)
+            feed[k] = dy if ax is None else xp.take_reversed(dy, ax, t0, t1, ri)
         for s, now, before in seq:
             hs = xp.flip(seqs[now], 0)                         # [chunk, *state dims], reversed
             if now in names:
@@ -232,7 +251,7 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
             if ax is None:                                     # per-step contributions
                 grads[name] += gx.sum(0)
             else:
-                grads[name][(slice(None),) * ax + (slice(t0, t1),)] = xp.flip(gx, ax)
+                xp.put_reversed(grads[name], ax, t0, t1, gx, ri)
     d_init = {s.name: carry[adj.adjoint_state[s.name]] for s in rec.states}
     return {k: v.reshape(given[k]) for k, v in grads.items()}, d_init
 
