@@ -23,7 +23,7 @@ import re
 from typing import Callable
 
 from .errors import ParseError
-from .expr import FUNCTIONS, INFIX, Node, Op, format_expr, lift
+from .expr import FUNCTIONS, Node, Op, format_expr, lift
 from .recurrence import (AXIS_KINDS, COL_KINDS, OPERANDS, Dim, Input, Kind, Let, Numerics, Output,
                          Recurrence, State, Transition, format_recurrence, format_transition)
 
