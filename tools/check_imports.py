@@ -3,8 +3,9 @@
     python tools/check_imports.py [ROOT]
 
 Builds the module import graph of the project from source (every import statement, also
-those inside functions: a lazy import is still a dependency; relative imports resolved;
-``importlib.import_module("...")`` with a literal name counted too) and reports
+those inside functions or under ``if TYPE_CHECKING:``: a lazy import is still a dependency;
+relative imports resolved; ``importlib.import_module("...")`` with a literal name counted
+too) and reports
 
 - every import cycle: a strongly connected component of more than one module;
 - every upward import across the layers
@@ -15,8 +16,8 @@ those inside functions: a lazy import is still a dependency; relative imports re
   a backend importing the frontend, and product code importing the test utilities
   (``scancc.testing``; only ``scancc check`` may, see TEST_UTILITY_USERS).
 
-Prints one line per violation and a summary; exits 1 on any violation, else 0. Standard
-library only, so it runs before the project is installed.
+Prints one line per violation and a summary; exits 1 on any violation, 2 if the tree cannot
+be read, else 0. Standard library only, so it runs before the project is installed.
 """
 from __future__ import annotations
 
@@ -33,6 +34,10 @@ TESTING = "scancc.testing"
 # `scancc check` is the portability test runner shipped to users: it compares backends with
 # the test utilities' tolerance table, so it is the one product module that may import them
 TEST_UTILITY_USERS = {"scancc.check"}
+
+
+class CheckError(Exception):
+    """The tree could not be checked (exit status 2, unlike a violation's 1)."""
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,10 @@ def _project(name: str, modules: dict[str, Path]) -> str | None:
 
 def imports_of(mod: str, path: Path, modules: dict[str, Path], root: Path) -> list[Import]:
     """The project modules ``mod`` imports, with the line of each import."""
-    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    except SyntaxError as e:
+        raise CheckError(f"cannot parse {path}: {e}") from None
     is_package = path.name == "__init__.py"
     rel = path.relative_to(root).as_posix()
     names: list[tuple[str, int]] = []
@@ -236,7 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     if not any((root / f).is_dir() for f in PACKAGES):
         print(f"error: {root} has none of the folders {', '.join(PACKAGES)}", file=sys.stderr)
         return 2
-    rep = check(root)
+    try:
+        rep = check(root)
+    except CheckError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(format_report(rep))
     return 0 if rep.ok else 1
 
