@@ -11,6 +11,7 @@ import numpy as np
 from scancc import backends
 from scancc.backends import UnsupportedError
 from scancc.ir import IRError, Recurrence, ShapeMismatch, bind_sizes
+from scancc.ir.verify import verify
 
 from . import registry
 from .registry import Entry
@@ -25,7 +26,7 @@ class InputError(IRError):
 def _resolve(what: Any) -> tuple[Entry | None, Recurrence | None, dict]:
     """(entry, fixed IR, spec options) for a library/registered name, a YAML path or an IR."""
     if isinstance(what, Recurrence):
-        return None, what.verify(), {}
+        return None, verify(what), {}
     if isinstance(what, Entry):
         return what, None, {}
     if isinstance(what, (str, os.PathLike)):

@@ -1,4 +1,8 @@
-"""The registry of recurrences: the standard library and user registrations, by name."""
+"""The registry of recurrences: the standard library and user registrations, by name.
+
+The standard library (``scancc.library``) registers itself here when ``scancc`` is imported;
+this module never imports it (the library depends on the registry, not the reverse).
+"""
 from __future__ import annotations
 
 import inspect
@@ -6,6 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from scancc.ir import Builder, IRError, Recurrence, check_ident
+
+from .sampling import SAMPLERS
 
 
 class RegistryError(IRError):
@@ -25,7 +31,7 @@ class Entry:
     optional_inputs: tuple[str, ...] = ()
     doc: str = ""
     origin: str = "python"
-    hints: dict[str, str] = field(default_factory=dict)  # input -> testing.SAMPLERS name
+    hints: dict[str, str] = field(default_factory=dict)  # input -> sampling.SAMPLERS name
 
     def build(self, **options: Any) -> Recurrence:
         unknown = sorted(set(options) - set(self.defaults))
@@ -41,7 +47,6 @@ _REGISTRY: dict[str, Entry] = {}
 
 def add(entry: Entry, override: bool = False) -> Entry:
     check_ident(entry.name, "recurrence name")
-    _load_library()  # so a user entry that clashes with a library name is caught now
     if entry.name in _REGISTRY and not override:
         raise RegistryError(f"recurrence {entry.name!r} is already registered "
                             f"(from {_REGISTRY[entry.name].origin}); pass override=True to "
@@ -58,7 +63,7 @@ def register(name: str | None = None, *, optional_inputs=(), hints=None,
         name: the recurrence name (default: the function's name).
         optional_inputs: inputs callers may omit; ``f`` gets a bool option of each name.
         hints: how ``scancc check`` samples inputs so the scan stays stable, as
-            ``{input: sampler}`` with samplers from ``scancc.testing.SAMPLERS``
+            ``{input: sampler}`` with samplers from ``scancc.sampling.SAMPLERS``
             (e.g. ``"logsigmoid"`` for a log-space gate, ``"negative"`` for A).
         override: replace an existing registration of the same name.
 
@@ -85,7 +90,6 @@ def register(name: str | None = None, *, optional_inputs=(), hints=None,
             r = Builder(nm, doc.split("\n\n")[0] if doc else "")
             f(r, **options)
             return r.build()
-        from .testing import SAMPLERS
         bad = {k: v for k, v in (hints or {}).items() if v not in SAMPLERS}
         if bad:
             raise RegistryError(f"recurrence {nm!r}: unknown sampling hints {bad} "
@@ -98,20 +102,14 @@ def register(name: str | None = None, *, optional_inputs=(), hints=None,
 
 
 def get(name: str) -> Entry:
-    _load_library()
     if name not in _REGISTRY:
         raise RegistryError(f"no recurrence named {name!r} (registered: {', '.join(names())})")
     return _REGISTRY[name]
 
 
 def names() -> list[str]:
-    _load_library()
     return list(_REGISTRY)
 
 
 def unregister(name: str) -> None:
     _REGISTRY.pop(name, None)
-
-
-def _load_library() -> None:
-    from . import library  # noqa: F401  (registers the standard library on first use)

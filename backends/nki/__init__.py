@@ -66,7 +66,7 @@ class NkiBackend(Backend):
         bad = sorted(set(options) - set(OPTIONS))
         if bad:
             return False, f"unknown nki backend option(s) {bad} (known: {', '.join(OPTIONS)})"
-        from scancc.testing import default_sizes
+        from scancc.ir import default_sizes
         try:  # rendering at the default sizes finds every unsupported feature early
             self._render(rec, default_sizes(rec), False, False, options)
         except PlanError:
@@ -77,7 +77,7 @@ class NkiBackend(Backend):
 
     def render(self, rec: Recurrence, options: Mapping[str, Any]) -> str:
         """Kernel source for ``options['sizes']`` (default: scancc.testing.default_sizes)."""
-        from scancc.testing import default_sizes
+        from scancc.ir import default_sizes
         sizes = options.get("sizes") or default_sizes(rec)
         return self._render(rec, sizes, bool(options.get("initial_state", False)),
                             bool(options.get("final_state", False)), options)[0]

@@ -27,10 +27,12 @@ PSUM_BANKS = 8
 PSUM_BANK_BYTES = 2048          # per partition
 MATMUL_K_MAX, MATMUL_STATIONARY_MAX, MATMUL_MOVING_MAX = 128, 128, 512
 TRANSPOSE_MAX = 128
-# usable SBUF bytes per partition (NKI.md)
+# usable SBUF bytes per partition (Neuron SDK docs: the usable part of 192 KiB on trn1, of
+# 224 KiB on trn2)
 SBUF_BYTES = {"trn1": 180_224, "trn2": 212_984}
-# cost-model constants: NKI.md gives the engine costs; the DMA rate and the clock are
-# assumptions (about 0.4 TB/s of HBM bandwidth per NeuronCore at 1.4 GHz)
+# cost-model constants: the engine costs are the Neuron SDK docs' rough NKI cost model
+# (docs/nki.md, "The emulator"); the DMA rate and the clock are assumptions (about 0.4 TB/s
+# of HBM bandwidth per NeuronCore at 1.4 GHz)
 MIN_CYCLES = 64
 DMA_BYTES_PER_CYCLE = 286.0
 DMA_FIXED_CYCLES = 64
