@@ -15,6 +15,7 @@ from scancc.ir import (Builder, IRError, Kind, Node, Op, const, diagonal, exp, e
                        format_expr, householder, identity, l2norm, log, parse_recurrence,
                        reduce_sum, scalar, sigmoid, softmax, sqrt)
 from scancc.ir.expr import L2NORM_EPS
+from scancc.ir.verify import verify
 from scancc.ir.passes import (canonicalize, desugar_l2norm, inline_lets, sink_flips,
                               substitute)
 from scancc.ir.passes import chunked as cf
@@ -42,7 +43,7 @@ def _reference(rec, x, sizes, h0):
 
 def _same_semantics(before, after, name, T=9, rtol=1e-12, hints=None):
     """Reference outputs and final states of two recurrences on the same random inputs."""
-    after.verify()
+    verify(after)
     sizes = default_sizes(before, time=T)
     x = sample_inputs(before, sizes, seed=5, hints=hints)
     h0 = sample_state(before, sizes)
