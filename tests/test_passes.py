@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import scancc
+import scancc.ir.passes
 from scancc import registry
 from scancc.backends import get
 from scancc.ir import (Builder, IRError, Kind, Node, Op, const, diagonal, exp, expm1, flip,
@@ -444,3 +445,19 @@ def test_nki_runs_the_chunked_form_of_a_per_head_diagonal_decay():
     assert be.last_plan.chunked == ("S",)
     assert_close(got.outputs["o"], ref.outputs["o"], "float32")
     assert_close(got.final_states["S"], ref.final_states["S"], "float32")
+
+
+def test_passes_import_only_the_ir():
+    # the layering: ir <- passes <- backends <- frontend; a pass never imports upward
+    import ast
+    import pathlib
+    folder = pathlib.Path(scancc.ir.passes.__file__).parent
+    for path in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                mod = node.module or ""
+                ok = (node.level == 1) or (node.level == 2 and mod.split(".")[0] != "passes") \
+                    or (node.level == 0 and not mod.startswith("scancc")) or mod == "__future__"
+                assert ok, f"{path.name} imports {'.' * node.level}{mod}"
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("scancc") for a in node.names), path.name
