@@ -1,0 +1,174 @@
+"""The NKI plan step: what the kernel will look like, decided before any code is written.
+
+Static (from the IR, the sizes and the hardware table, ``hardware.py``):
+
+- the **layout**: the partition dim ``pd`` (on the 128 partitions, tiled by 128) and the outer
+  dims (trace-time loops outside the partition tile); every other dim loops inside the time tile;
+- the **algorithm per state**: ``"chunked"`` (the matmul form, ``chunked.find_chunked``) or
+  ``"recurrent"`` (a scan or a per-step loop, by transition kind);
+- the **time-tile candidates** (512, 256, ..., 1; at most 128 with a chunked state; at most T)
+  and the **loop orders** to consider;
+- the chip's **budget**: usable SBUF bytes per partition and PSUM banks.
+
+The choice among the candidates (``choose``): the largest time tile whose kernel fits the
+budget, and at that tile the loop order that moves the fewest DMA bytes. A candidate's
+resources (SBUF bytes per partition, PSUM banks, DMA bytes) are counted from the emitter's
+allocation and transfer records (data, never the generated text), passed in as ``measure``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from scancc.ir import Recurrence
+
+from ..base import UnsupportedError
+from .chunked import ChunkPlan, find_chunked
+from .hardware import CHIPS, DEFAULT_CHIP, Chip
+from .values import NAME
+
+TT_CANDIDATES = (512, 256, 128, 64, 32, 16, 8, 4, 2, 1)
+ALGORITHMS = ("auto", "recurrent", "chunked")
+# loop_order option -> the orders tried (False: outer dims > partition tile > time tile;
+# True: the time tile outermost)
+LOOP_ORDERS = {"auto": (False, True), "outer": (False,), "time": (True,)}
+
+
+class PlanError(UnsupportedError):
+    """No tile plan fits the on-chip budget."""
+
+
+@dataclass
+class Plan:
+    """The plan the kernel was emitted with."""
+    pd: str
+    outer: tuple[str, ...]
+    tt: int
+    sbuf_bytes: int = 0
+    psum_banks: int = 0
+    chunked: tuple[str, ...] = ()   # states lowered in the chunked (matmul) form
+    loop_order: str = "outer"       # "outer": outer dims > partition tile > time tile; "time"
+    dma_bytes: int = 0              # the count the loop order was chosen by
+    chip: str = DEFAULT_CHIP
+    algorithms: dict = field(default_factory=dict)  # state -> "recurrent" | "chunked"
+
+
+@dataclass
+class Space:
+    """The static part of the plan: everything but the choice of time tile and loop order."""
+    rec: Recurrence
+    sizes: dict
+    chip: Chip
+    pd: str
+    outer: tuple[str, ...]
+    chunks: dict[str, ChunkPlan]    # the states in the chunked form, by name
+    tiles: tuple[int, ...]          # time-tile candidates, largest first
+    orders: tuple[bool, ...]        # loop orders (time tile outermost?)
+
+    @property
+    def algorithms(self) -> dict[str, str]:
+        return {s.name: "chunked" if s.name in self.chunks else "recurrent"
+                for s in self.rec.states}
+
+
+@dataclass
+class Resources:
+    """What one emitted candidate needs: SBUF bytes per partition, PSUM banks, DMA bytes."""
+    sbuf_bytes: int
+    psum_banks: int
+    dma_bytes: int
+
+
+def choose_layout(rec: Recurrence, sizes: Mapping[str, int]) -> tuple[str, tuple[str, ...]]:
+    """The partition dim (in every output, not a per-step axis; most states, then largest,
+    non-batch preferred) and the outer dims (in every state and output)."""
+    axes = {s.transition.axis for s in rec.states} | {s.transition.col for s in rec.states}
+    cands = [d for d in rec.canonical if d not in axes
+             and all(d in o.dims for o in rec.outputs)]
+    if not cands:
+        # outputs without the partition dim (a backward's grad_B = ungroup(.., chan, groups)):
+        # the dim in the most outputs; they are rows (reduced over one partition tile)
+        cands = [d for d in rec.canonical if d not in axes and any(d in o.dims
+                                                                      for o in rec.outputs)]
+        most = max((sum(d in o.dims for o in rec.outputs) for d in cands), default=0)
+        cands = [d for d in cands if sum(d in o.dims for o in rec.outputs) == most]
+    if not cands:
+        raise UnsupportedError(NAME, rec.name, "no dim can go on the partitions: a partition dim "
+                               "must be in every output and not be a shift/companion/householder/"
+                               "dense axis")
+    role = {d.name: d.role for d in rec.dims}
+    pd = max(cands, key=lambda d: (role[d] != "batch", sum(d in s.dims for s in rec.states),
+                                   sizes[d], -rec.canonical.index(d)))
+    # a transition axis is never an outer loop: a step mixes its indices
+    outer = tuple(d for d in rec.canonical if d != pd and d not in axes
+                  and all(d in s.dims for s in rec.states)
+                  and all(d in o.dims for o in rec.outputs))
+    return pd, outer
+
+
+def plan_space(rec: Recurrence, sizes: Mapping[str, int], chip: str = DEFAULT_CHIP,
+               tt: int | None = None, algorithm: str = "auto",
+               loop_order: str = "auto") -> Space:
+    """The static plan: layout, algorithm per state, time-tile candidates, loop orders and
+    budget, from the IR, the sizes and the hardware table (nothing is emitted)."""
+    def fail(what: str, cls=UnsupportedError):
+        raise cls(NAME, rec.name, what)
+
+    if chip not in CHIPS:
+        fail(f"unknown chip {chip!r} (known: {', '.join(CHIPS)})")
+    if loop_order not in LOOP_ORDERS:
+        fail(f"unknown loop_order {loop_order!r} (known: {', '.join(LOOP_ORDERS)})")
+    if algorithm not in ALGORITHMS:
+        fail(f"unknown algorithm {algorithm!r} (known: {', '.join(ALGORITHMS)})")
+    hw = CHIPS[chip]
+    sizes = dict(sizes)
+    pd, outer = choose_layout(rec, sizes)
+    lacking = [o.name for o in rec.outputs if pd not in o.dims]
+    if lacking and sizes[pd] > hw.partitions:
+        fail(f"outputs {lacking} lack the partition dim {pd!r} of size {sizes[pd]} > "
+             f"{hw.partitions} (they need it in one partition tile)")
+    chunks = {} if algorithm == "recurrent" else find_chunked(rec, pd, outer, sizes)
+    if algorithm == "chunked" and not chunks:
+        fail("the chunked (matmul) form needs a scalar/identity state [..., K, V] with "
+             "V on the partitions, K <= 128, an inject k * v and readouts "
+             "sum(S * q, K), all read with time before the feature dim")
+    # the chunked form puts a time tile on the partitions; a matmul's moving free dim <= 512
+    top = hw.partitions if chunks else hw.matmul_moving_max
+    T = sizes[rec.time]
+    if tt is not None:
+        if not 1 <= tt <= top:
+            fail(f"time tile {tt} must be in 1..{top}")
+        tiles = (tt,)
+    else:
+        tiles = tuple(sorted({min(c, T, top) for c in TT_CANDIDATES}, reverse=True))
+    return Space(rec, sizes, hw, pd, outer, chunks, tiles, LOOP_ORDERS[loop_order])
+
+
+def choose(space: Space, measure: Callable[[int, bool], tuple[Resources, Any]]
+           ) -> tuple[Plan, Any]:
+    """The largest time tile with a candidate that fits the chip, and at that tile the loop
+    order with the fewest DMA bytes. ``measure(tt, time_outer)`` emits one candidate and
+    returns its resources and the emitted artifact."""
+    hw, rec = space.chip, space.rec
+    need = None
+    for c in space.tiles:
+        fits = []
+        for time_outer in space.orders:
+            res, art = measure(c, time_outer)
+            if res.sbuf_bytes <= hw.sbuf_bytes and res.psum_banks <= hw.psum_banks:
+                fits.append((res.dma_bytes, time_outer, res, art))
+            elif need is None or res.sbuf_bytes < need[1] or need[0] != c:
+                need = (c, res.sbuf_bytes)
+        if fits:
+            dma, time_outer, res, art = min(fits, key=lambda f: (f[0], f[1]))
+            return Plan(space.pd, space.outer, c, res.sbuf_bytes, res.psum_banks,
+                        tuple(space.chunks), "time" if time_outer else "outer", dma,
+                        hw.name, space.algorithms), art
+    shape = ", ".join(f"{d}={space.sizes[d]}" for d in (rec.time,) + rec.canonical)
+    raise PlanError(NAME, rec.name, f"no tile plan fits: at time tile {need[0]} the kernel needs "
+                    f"{need[1]} B of SBUF per partition, the {hw.name} budget is "
+                    f"{hw.sbuf_bytes} B (shape {shape})")
+
+
+__all__ = ["ALGORITHMS", "LOOP_ORDERS", "Plan", "PlanError", "Resources", "Space", "choose",
+           "choose_layout", "plan_space"]
