@@ -207,7 +207,7 @@ class ChunkedMixin:
     """Emission of the chunked form; mixed into the Renderer (uses its emit/alloc helpers)."""
 
     def chunk_constants(self, top) -> None:
-        self.sbuf_sites += [512, 512]
+        self.fixed(512, 512)
         self.emit(top, "# U[s, t] = 1 where s <= t (cumsums, causal masks); NEG: 0 there, else "
                        "-BIG")
         self.emit(top, "tri = nl.ndarray((128, 128), dtype=nl.float32, buffer=nl.sbuf)")

@@ -45,7 +45,7 @@ class Renderer(ChunkedMixin):
     def __init__(self, space: Space, tt: int, initial_state: bool, final_state: bool,
                  time_outer: bool = False):
         rec = space.rec
-        self.rec, self.sizes, self.tt = rec, dict(space.sizes), tt
+        self.space, self.rec, self.sizes, self.tt = space, rec, dict(space.sizes), tt
         # loop order: outer dims > partition tile > time tile, or time tile outermost (then
         # inputs shared by heads or channel tiles load once per time tile; carries for every
         # outer index and partition tile stay in SBUF)
@@ -62,6 +62,7 @@ class Renderer(ChunkedMixin):
         self.twe = min(self.T, tt)                      # steps of a typical time tile
         self.n = 0
         self.sbuf_sites: list[int] = []
+        self.storage_sites: list[int] = []  # the fixed tiles (plan.Space.storage): a subset
         self.used_sizes: set[str] = set()
         self.uses_math = False  # a trace-time constant calls math.*: the kernel imports it
         self.psum_next = 0
@@ -71,8 +72,7 @@ class Renderer(ChunkedMixin):
         self.pd_scope = self.time_scope = None
         self.lets = {l.name: l.expr for l in rec.lets}
         # states read through prev(S): their trajectory keeps the entering state in column 0
-        self.prevs = {n.arg for e in [o.expr for o in rec.outputs] + list(self.lets.values())
-                      for n in e.walk() if n.op is Op.PREV}
+        self.prevs = space.prevs
         self._an: dict = {}
         self._ones: set = set()
         self.chunks = space.chunks
@@ -127,16 +127,25 @@ class Renderer(ChunkedMixin):
         s.parent.lines.append((s.header, s.lines))
 
     def alloc(self, scope: Scope, shape: tuple, per_partition: int, prefix: str = "v",
-              dtype: str = "nl.float32") -> str:
+              dtype: str = "nl.float32", storage: bool = False) -> str:
+        """A new SBUF tile; ``storage``: one of the fixed tiles the plan counts statically."""
         nm = self.name(prefix)
         self.sbuf_sites.append(per_partition)
+        if storage:
+            self.storage_sites.append(per_partition)
         self.emit(scope, f"{nm} = nl.ndarray(({', '.join(map(str, shape))}), dtype={dtype}, "
                          f"buffer=nl.sbuf)")
         return nm
 
+    def fixed(self, *sites: int) -> None:
+        """Allocation sites of fixed tiles (constants, carries, trajectories): the bytes per
+        partition the plan also counts statically (``plan.Space.storage``)."""
+        self.sbuf_sites += sites
+        self.storage_sites += sites
+
     def alloc_named(self, scope: Scope, name: str, shape: tuple) -> None:
-        """An fp32 SBUF tile named ``name`` (a state's trajectory or history)."""
-        self.sbuf_sites.append(4 * math.prod(shape[1:]))
+        """An fp32 SBUF tile named ``name`` (a state's trajectory, history or carry)."""
+        self.fixed(4 * math.prod(shape[1:]))
         self.emit(scope, f"{name} = nl.ndarray(({', '.join(map(str, shape))}), "
                          "dtype=nl.float32, buffer=nl.sbuf)")
 
@@ -676,13 +685,7 @@ class Renderer(ChunkedMixin):
 
     # ---- states ----
     def inner_dims(self, s) -> tuple[str, ...]:
-        """The state's looped dims; a shift/companion axis first, so a shift is a flat offset."""
-        ds = tuple(d for d in self.rec.canonical if d in s.dims and d != self.pd
-                   and d not in self.outer)
-        ax = s.transition.axis
-        if s.transition.kind in AXIS_LAST and ax in ds:        # the axis last: each
-            return tuple(d for d in ds if d != ax) + (ax,)       # column is contiguous
-        return ((ax,) + tuple(d for d in ds if d != ax)) if ax in ds else ds
+        return self.space.inner_dims(s)
 
     def flat_index(self, s, env: dict) -> str:
         terms, stride = [], 1
@@ -723,7 +726,8 @@ class Renderer(ChunkedMixin):
         ``into``: [(tile, columns)] to write instead of new tiles."""
         n = math.prod(self.sizes[d] for d in dims)
         names = [nm for nm, _ in into] if into else [
-            self.alloc(sc, (128 if rows == "P" else 1, n, self.tt), 4 * n * self.tt, "op")
+            self.alloc(sc, (128 if rows == "P" else 1, n, self.tt), 4 * n * self.tt, "op",
+                       storage=True)
             for _ in nodes]
         cols = [c for _, c in into] if into else ["0:tw"] * len(nodes)
         inner, sub, scopes = self.inner_loops(sc, dims, env, "m")
@@ -770,7 +774,7 @@ class Renderer(ChunkedMixin):
                 self.emit(top, f"final_{s.name} = nl.ndarray(({shape},), dtype=nl.float32, "
                                "buffer=nl.shared_hbm)")
         self.emit(top, "# constants: zeros (broadcast source), ones (partition broadcast/sum)")
-        self.sbuf_sites += [4 * self.tt, 4 * 128, 4]
+        self.fixed(4 * self.tt, 4 * 128, 4)
         self.emit(top, f"zeros = nl.ndarray((128, {self.tt}), dtype=nl.float32, buffer=nl.sbuf)")
         self.emit(top, "nisa.memset(zeros, 0.0)")
         self.emit(top, "ones_row = nl.ndarray((1, 128), dtype=nl.float32, buffer=nl.sbuf)")
@@ -804,7 +808,7 @@ class Renderer(ChunkedMixin):
             n, r = self.n_inner(s), self.rows(s)
             if s.transition.kind is not Kind.SHIFT:
                 cols = self.tt + (s.name in self.prevs)
-                self.sbuf_sites.append(4 * n * cols)
+                self.fixed(4 * n * cols)
                 self.emit(body, f"traj_{s.name} = nl.ndarray(({128 if r == 'P' else 1}, {n}, "
                                 f"{cols}), dtype=nl.float32, buffer=nl.sbuf)")
             TRANSITION_RULES.lookup(s.transition.kind, rec.name)(self, s, env, body)
@@ -871,7 +875,7 @@ class Renderer(ChunkedMixin):
             else:
                 r = self.rows(s)
                 shape, rows = (128 if r == "P" else 1, nslots, self.n_inner(s)), f"0:{r}"
-            self.sbuf_sites.append(4 * shape[1] * shape[2])
+            self.fixed(4 * shape[1] * shape[2])
             self.emit(sc, f"carry_{s.name} = nl.ndarray({shape}, dtype=nl.float32, "
                           "buffer=nl.sbuf)")
             if not self.init:

@@ -17,18 +17,22 @@ allocation and transfer records (data, never the generated text), passed in as `
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from scancc.ir import Recurrence
+from scancc.ir import Kind, Op, Recurrence
 
 from ..base import UnsupportedError
+from ..rules import Rules
 from .chunked import ChunkPlan, find_chunked
 from .hardware import CHIPS, DEFAULT_CHIP, Chip
 from .values import NAME
 
 TT_CANDIDATES = (512, 256, 128, 64, 32, 16, 8, 4, 2, 1)
 ALGORITHMS = ("auto", "recurrent", "chunked")
+# per-step kinds stepped one column of the other looped dims at a time, the axis last
+AXIS_LAST = (Kind.HOUSEHOLDER, Kind.COMPANION_ADJOINT, Kind.DENSE_ADJOINT)
 # loop_order option -> the orders tried (False: outer dims > partition tile > time tile;
 # True: the time tile outermost)
 LOOP_ORDERS = {"auto": (False, True), "outer": (False,), "time": (True,)}
@@ -70,6 +74,48 @@ class Space:
         return {s.name: "chunked" if s.name in self.chunks else "recurrent"
                 for s in self.rec.states}
 
+    @property
+    def prevs(self) -> set[str]:
+        """States read through prev(S): their trajectory keeps the entering state in column 0."""
+        exprs = [o.expr for o in self.rec.outputs] + [lt.expr for lt in self.rec.lets]
+        return {n.arg for e in exprs for n in e.walk() if n.op is Op.PREV}
+
+    def inner_dims(self, s) -> tuple[str, ...]:
+        """A state's looped dims (not the partition dim, not outer); a shift/companion axis
+        first, so a shift is a flat offset; the axis last for the kinds in AXIS_LAST."""
+        ds = tuple(d for d in self.rec.canonical if d in s.dims and d != self.pd
+                   and d not in self.outer)
+        ax = s.transition.axis
+        if s.transition.kind in AXIS_LAST and ax in ds:        # the axis last: each
+            return tuple(d for d in ds if d != ax) + (ax,)       # column is contiguous
+        return ((ax,) + tuple(d for d in ds if d != ax)) if ax in ds else ds
+
+    def n_inner(self, s) -> int:
+        return math.prod(self.sizes[d] for d in self.inner_dims(s))
+
+    def slots(self, time_outer: bool) -> int:
+        """Carry slots: one per (outer index, partition tile) with the time tile outermost."""
+        if not time_outer:
+            return 1
+        return math.prod(self.sizes[d] for d in self.outer) * -(-self.sizes[self.pd] //
+                                                                 self.chip.partitions)
+
+    def storage(self, tt: int, time_outer: bool) -> list[int]:
+        """SBUF bytes per partition of the kernel's fixed tiles, one entry per allocation
+        site: the constants, every state's carry and its per-kind tiles (trajectory, history,
+        materialized operands; ``STORAGE``). The emitter's expression temporaries come on
+        top; ``tests/test_nki_rules.py`` checks these equal what the emitter allocates."""
+        sites = [4 * tt, 4 * 128, 4] + ([512, 512] if self.chunks else [])
+        nslots = self.slots(time_outer)
+        pe = min(self.sizes[self.pd], self.chip.partitions)
+        for s in self.rec.states:
+            if s.name in self.chunks:  # a (K, V) carry; the chunk's tiles are temporaries
+                sites.append(4 * nslots * pe)
+                continue
+            sites.append(4 * nslots * self.n_inner(s))
+            sites += STORAGE.lookup(s.transition.kind, self.rec.name)(self, s, tt)
+        return sites
+
 
 @dataclass
 class Resources:
@@ -77,6 +123,63 @@ class Resources:
     sbuf_bytes: int
     psum_banks: int
     dma_bytes: int
+
+
+# ---- per-kind storage: the tiles a transition rule allocates (rules.py), in bytes ----
+
+STORAGE = Rules("nki", "storage")
+
+
+def _traj(sp: Space, s, tt: int) -> int:
+    return 4 * sp.n_inner(s) * (tt + (s.name in sp.prevs))
+
+
+@STORAGE.register(Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL)
+def _scan_storage(sp: Space, s, tt: int) -> list[int]:
+    return [_traj(sp, s, tt)]
+
+
+@STORAGE.register(Kind.SHIFT)
+def _shift_storage(sp: Space, s, tt: int) -> list[int]:
+    na = sp.sizes[s.transition.axis]
+    return [4 * (sp.n_inner(s) // na) * (na - 1 + tt)]
+
+
+@STORAGE.register(Kind.COMPANION)
+def _companion_storage(sp: Space, s, tt: int) -> list[int]:
+    n = sp.n_inner(s)
+    return [_traj(sp, s, tt), 4, 4 * n * tt, 4 * n * tt, 4 * n]
+
+
+@STORAGE.register(Kind.HOUSEHOLDER)
+def _householder_storage(sp: Space, s, tt: int) -> list[int]:
+    t, n = s.transition, sp.n_inner(s)
+    na = sp.sizes[t.axis]
+    ops = [4 * n * tt, 4 * n * tt] if sp.inner_dims(s) == (t.axis,) else \
+        [4 * n * tt, 4 * na * tt]
+    scal = [4 * tt] * (1 + (t.operand("alpha") is not None))
+    return [_traj(sp, s, tt), 4] + ops + scal + [4 * na]
+
+
+@STORAGE.register(Kind.DENSE)
+def _dense_storage(sp: Space, s, tt: int) -> list[int]:
+    t, n = s.transition, sp.n_inner(s)
+    nm = sp.sizes[t.axis] * sp.sizes[t.col]
+    return [_traj(sp, s, tt), 4, 4 * n * tt, 4 * nm * tt, 4 * n]
+
+
+@STORAGE.register(Kind.SHIFT_ADJOINT, Kind.COMPANION_ADJOINT, Kind.DENSE_ADJOINT)
+def _adjoint_storage(sp: Space, s, tt: int) -> list[int]:
+    t, n = s.transition, sp.n_inner(s)
+    sites = [_traj(sp, s, tt), 4 * n * tt, 4 * n]
+    if t.kind is Kind.SHIFT_ADJOINT:
+        return sites
+    dims = sp.inner_dims(s)
+    opn = t.operand("feedback") if t.kind is Kind.COMPANION_ADJOINT else t.operand("matrix")
+    lead = dims[:-1] if set(dims[:-1]) & set(sp.rec.dims_of(opn)) else ()
+    own = (t.axis,) if t.kind is Kind.COMPANION_ADJOINT else (t.col, t.axis)
+    na = sp.sizes[t.axis]
+    return sites + [4 * math.prod(sp.sizes[d] for d in lead + own) * tt, 4 * na]
 
 
 def choose_layout(rec: Recurrence, sizes: Mapping[str, int]) -> tuple[str, tuple[str, ...]]:
@@ -154,11 +257,16 @@ def choose(space: Space, measure: Callable[[int, bool], tuple[Resources, Any]]
     for c in space.tiles:
         fits = []
         for time_outer in space.orders:
+            fixed = space.storage(c, time_outer)
+            if sum(fixed) + max(fixed) > hw.sbuf_bytes:  # cannot fit: skip without emitting
+                if need is None or need[0] != c or sum(fixed) + max(fixed) < need[1]:
+                    need = (c, sum(fixed) + max(fixed), "at least ")
+                continue
             res, art = measure(c, time_outer)
             if res.sbuf_bytes <= hw.sbuf_bytes and res.psum_banks <= hw.psum_banks:
                 fits.append((res.dma_bytes, time_outer, res, art))
             elif need is None or res.sbuf_bytes < need[1] or need[0] != c:
-                need = (c, res.sbuf_bytes)
+                need = (c, res.sbuf_bytes, "")
         if fits:
             dma, time_outer, res, art = min(fits, key=lambda f: (f[0], f[1]))
             return Plan(space.pd, space.outer, c, res.sbuf_bytes, res.psum_banks,
@@ -166,7 +274,7 @@ def choose(space: Space, measure: Callable[[int, bool], tuple[Resources, Any]]
                         hw.name, space.algorithms), art
     shape = ", ".join(f"{d}={space.sizes[d]}" for d in (rec.time,) + rec.canonical)
     raise PlanError(NAME, rec.name, f"no tile plan fits: at time tile {need[0]} the kernel needs "
-                    f"{need[1]} B of SBUF per partition, the {hw.name} budget is "
+                    f"{need[2]}{need[1]} B of SBUF per partition, the {hw.name} budget is "
                     f"{hw.sbuf_bytes} B (shape {shape})")
 
 

@@ -354,7 +354,7 @@ class _Step:
                        f"carry_{s.name}[0:{r}, {R.slot}, 0:{n}])")
         self.cur = f"carry_{s.name}[0:{r}, {R.slot}, 0:{n}]"
         self.new = f"traj_{s.name}[0:{r}, 0:{n}, {self.tc}]"
-        self.col = R.alloc(sc, (128, 1), 4, "acc")
+        self.col = R.alloc(sc, (128, 1), 4, "acc", storage=True)
 
     def end(self, R, s, step, n: int | None = None) -> None:
         """The carry is the trajectory's column at step t."""
@@ -370,7 +370,7 @@ def _companion_rule(R, s, env, sc) -> None:
     st = _Step(R, s, sc)
     r, n, col, tc = st.r, st.n, st.col, st.tc
     inj, fb = R.materialize([s.inject, s.transition.operand("feedback")], st.dims, env, sc, r)
-    prod = R.alloc(sc, (128, n), 4 * n, "prod")
+    prod = R.alloc(sc, (128, n), 4 * n, "prod", storage=True)
     step = R.step_loop(sc)
     if n > 1:
         R.emit(step, f"nisa.tensor_tensor({prod}[0:{r}, 0:{n - 1}], {fb}[0:{r}, 0:{n - 1}, t], "
@@ -402,7 +402,7 @@ def _householder_rule(R, s, env, sc) -> None:
     scal = [t.operand("beta")] + ([t.operand("alpha")] if t.operand("alpha") else [])
     beta, *alpha = R.materialize(scal, (), env, sc, r)
     alpha = alpha[0] if alpha else None
-    prod = R.alloc(sc, (128, na), 4 * na, "prod")
+    prod = R.alloc(sc, (128, na), 4 * na, "prod", storage=True)
     step = R.step_loop(sc)
     inner, nk = step, n // na
     if nk > 1:
@@ -437,7 +437,7 @@ def _dense_rule(R, s, env, sc) -> None:
     r, n, tc = st.r, st.n, st.tc
     inj, = R.materialize([s.inject], st.dims, env, sc, r)
     m, = R.materialize([t.operand("matrix")], (t.axis, t.col), env, sc, r)
-    prod = R.alloc(sc, (128, n), 4 * n, "prod")
+    prod = R.alloc(sc, (128, n), 4 * n, "prod", storage=True)
     step = R.step_loop(sc)
     row = R.loop(step, "a", n)
     R.emit(row, f"nisa.tensor_tensor({prod}[0:{r}, 0:{n}], "
@@ -471,7 +471,7 @@ class _Adjoint:
             R.emit(sc, f"nisa.tensor_copy({self.traj}[0:{r}, 0:{n}, 0], {self.cy}[0:{r}, "
                        f"{R.slot}, 0:{n}])")
         self.inj, = R.materialize([s.inject], dims, env, sc, r)
-        self.x = R.alloc(sc, (128, n), 4 * n, "x")
+        self.x = R.alloc(sc, (128, n), 4 * n, "x", storage=True)
 
     def operand(self, R, s, opn: Node, env, sc, dims) -> tuple[str, bool]:
         """The transition operand materialized over ``dims``, per column hm of the other
@@ -529,7 +529,7 @@ def _companion_adjoint_rule(R, s, env, sc) -> None:
     ad = _Adjoint(R, s, sc, env, axis_first=False)
     r, na, tc, traj = ad.r, ad.na, ad.tc, ad.traj
     op, per_col = ad.operand(R, s, t.operand("feedback"), env, sc, (t.axis,))
-    prod = R.alloc(sc, (128, na), 4 * na, "prod")
+    prod = R.alloc(sc, (128, na), 4 * na, "prod", storage=True)
     step = ad.begin(R, sc)
     col, c0, xs = ad.columns(R, step)
     last = f"{c0} + {na - 1}" if ad.rest > 1 else f"{na - 1}"
@@ -553,7 +553,7 @@ def _dense_adjoint_rule(R, s, env, sc) -> None:
     ad = _Adjoint(R, s, sc, env, axis_first=False)
     r, na, tc, traj = ad.r, ad.na, ad.tc, ad.traj
     op, per_col = ad.operand(R, s, t.operand("matrix"), env, sc, (t.col, t.axis))
-    prod = R.alloc(sc, (128, na), 4 * na, "prod")
+    prod = R.alloc(sc, (128, na), 4 * na, "prod", storage=True)
     step = ad.begin(R, sc)
     col, c0, xs = ad.columns(R, step)
     row = R.loop(col, "a", na)
