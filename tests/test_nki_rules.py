@@ -12,7 +12,7 @@ from scancc.backends.base import UnsupportedError
 from scancc.backends.nki import NkiBackend, lowering, plan
 from scancc.backends.nki.chunked import CHUNK_OP_RULES
 from scancc.backends.nki.hardware import CHIPS
-from scancc.backends.nki.rules import OP_RULES, TRANSITION_RULES
+from scancc.backends.nki.rules import ANALYSIS_RULES, OP_RULES, TRANSITION_RULES
 from scancc.ir import Kind, Op
 from scancc.testing import default_sizes
 
@@ -53,6 +53,8 @@ def test_registry_names():
             + [x for s in rec.states for _, x in s.transition.operands]
             for n in e.walk()}
     assert used <= OP_RULES.names() <= {o.value for o in Op}
+    # every op lowered is analyzed (what it varies along decides its placement)
+    assert ANALYSIS_RULES.names() == OP_RULES.names()
     # the chunked form's lowerer: the same keys (a subset: what find_chunked admits)
     assert CHUNK_OP_RULES.names() <= OP_RULES.names()
 

@@ -31,7 +31,7 @@ from scancc.ir import Kind, Node, Op, Recurrence, format_recurrence
 from ..base import UnsupportedError
 from .chunked import ChunkedMixin
 from .plan import Plan, Resources, Space, choose, plan_space
-from .rules import ALU, OP_RULES, PY_BINARY, TRANSITION_RULES
+from .rules import ALU, ANALYSIS_RULES, OP_RULES, PY_BINARY, TRANSITION_RULES
 from .values import BIG, KIND, NAME, Idx, Scope, V, fmt
 
 # per-step kinds stepped one column of the other looped dims at a time, the axis last
@@ -188,50 +188,7 @@ class Renderer(ChunkedMixin):
         return r
 
     def _analyze(self, node: Node, env: dict):
-        op, a = node.op, node.arg
-        pds, ts = frozenset({self.pd_scope.sid}), frozenset({self.time_scope.sid})
-        if op in (Op.CONST, Op.SIZE):
-            return False, False, True, frozenset()
-        if op is Op.IOTA:
-            if a == self.pd:
-                return True, False, False, pds
-            return False, False, True, env[a].deps
-        if op in (Op.INPUT, Op.STATE, Op.PREV):
-            dims = self.rec.input(a).dims if op is Op.INPUT else self.rec.state(a).dims
-            deps = frozenset().union(*(env[d].deps for d in dims if d in env))
-            haspd, hast = self.pd in dims, op is not Op.INPUT or self.time in dims
-            return haspd, hast, False, deps | (pds if haspd else frozenset()) | \
-                (ts if hast else frozenset())
-        if op is Op.PARAM:
-            return self.analyze(self.lets[a], env)
-        if op in (Op.SUM, Op.MAX):
-            sub = dict(env)
-            for d in a:
-                if d != self.pd:
-                    sub[d] = Idx("?", frozenset())
-            p, t, c, deps = self.analyze(node.src[0], sub)
-            if self.pd in a:
-                p = False
-            return p, t, c, deps
-        if op is Op.GROUP:
-            p, t, c, deps = self.analyze(node.src[0], self.group_env(node, env))
-            if self.gathers(node, env):
-                return True, t, False, deps | pds
-            return p, t, c, deps
-        if op is Op.FLIP:
-            return self.analyze(node.src[0], self.flip_env(node, env))
-        if op is Op.UNGROUP:
-            d, g = a
-            sub = {**env, d: Idx("?", frozenset())}
-            p, t, c, deps = self.analyze(node.src[0], sub)
-            if d == self.pd:
-                p = False
-            return p, t, c, deps | (env[g].deps if g in env else frozenset())
-        if op is Op.L2NORM:
-            return self.analyze(self.l2norm_expr(node), env)
-        rs = [self.analyze(s, env) for s in node.src]
-        return (any(r[0] for r in rs), any(r[1] for r in rs), all(r[2] for r in rs),
-                frozenset().union(*(r[3] for r in rs)))
+        return ANALYSIS_RULES.lookup(node.op, self.rec.name)(self, node, env)
 
     def gathers(self, node: Node, env: dict) -> bool:
         """A group whose index varies along the partitions (groups split a partition tile)."""

@@ -5,6 +5,9 @@
 the loop index of each dim, ``scope`` where the value is placed and ``info`` the node's analysis
 (varies along partitions, along time, is a trace-time constant, loop scopes used).
 
+``ANALYSIS_RULES`` (the same keys as ``OP_RULES``) gives the ``info`` of a node: what it
+varies along and which loops it depends on, which decides where its code is placed.
+
 ``TRANSITION_RULES`` (keyed by ``scancc.ir.Kind``) lowers one state's update over a time tile:
 ``rule(R, state, env, scope)``, writing the state's trajectory ``traj_S`` (or a shift register's
 history ``hist_S``) and refreshing its carry.
@@ -21,7 +24,7 @@ import math
 from scancc.ir import Kind, Node, Op
 
 from ..rules import Rules
-from .values import BIG, V, fmt
+from .values import BIG, Idx, V, fmt
 
 OP_RULES = Rules("nki", "op")
 TRANSITION_RULES = Rules("nki", "transition")
@@ -83,6 +86,83 @@ UNARY_LINES = {
     Op.STEP: lambda dst, src, arg: [f"nisa.tensor_scalar({dst}, {src}, nl.greater_equal, 0.0)"],
     **{op: _act_lines(fn) for op, fn in ACT.items()},
 }
+
+
+# ---- analysis rules: (varies along partitions, varies along time, is a trace-time
+# constant, loop scopes used) of a node under an env; rule(R, node, env) ----
+
+ANALYSIS_RULES = Rules("nki", "analysis")
+
+
+@ANALYSIS_RULES.register(Op.CONST, Op.SIZE)
+def _const_analysis(R, node, env):
+    return False, False, True, frozenset()
+
+
+@ANALYSIS_RULES.register(Op.IOTA)
+def _iota_analysis(R, node, env):
+    if node.arg == R.pd:
+        return True, False, False, frozenset({R.pd_scope.sid})
+    return False, False, True, env[node.arg].deps
+
+
+@ANALYSIS_RULES.register(Op.INPUT, Op.STATE, Op.PREV)
+def _leaf_analysis(R, node, env):
+    """An input varies along time if it has the time dim; a state always does."""
+    is_input = node.op is Op.INPUT
+    dims = R.rec.input(node.arg).dims if is_input else R.rec.state(node.arg).dims
+    deps = frozenset().union(*(env[d].deps for d in dims if d in env))
+    haspd, hast = R.pd in dims, not is_input or R.time in dims
+    return haspd, hast, False, deps | (frozenset({R.pd_scope.sid}) if haspd else frozenset()) \
+        | (frozenset({R.time_scope.sid}) if hast else frozenset())
+
+
+@ANALYSIS_RULES.register(Op.PARAM)
+def _param_analysis(R, node, env):
+    return R.analyze(R.lets[node.arg], env)
+
+
+@ANALYSIS_RULES.register(Op.SUM, Op.MAX)
+def _reduce_analysis(R, node, env):
+    sub = dict(env)
+    for d in node.arg:
+        if d != R.pd:
+            sub[d] = Idx("?", frozenset())
+    p, t, c, deps = R.analyze(node.src[0], sub)
+    return p and R.pd not in node.arg, t, c, deps
+
+
+@ANALYSIS_RULES.register(Op.GROUP)
+def _group_analysis(R, node, env):
+    p, t, c, deps = R.analyze(node.src[0], R.group_env(node, env))
+    if R.gathers(node, env):
+        return True, t, False, deps | {R.pd_scope.sid}
+    return p, t, c, deps
+
+
+@ANALYSIS_RULES.register(Op.FLIP)
+def _flip_analysis(R, node, env):
+    return R.analyze(node.src[0], R.flip_env(node, env))
+
+
+@ANALYSIS_RULES.register(Op.UNGROUP)
+def _ungroup_analysis(R, node, env):
+    d, g = node.arg
+    p, t, c, deps = R.analyze(node.src[0], {**env, d: Idx("?", frozenset())})
+    return p and d != R.pd, t, c, deps | (env[g].deps if g in env else frozenset())
+
+
+@ANALYSIS_RULES.register(Op.L2NORM)
+def _l2norm_analysis(R, node, env):
+    return R.analyze(R.l2norm_expr(node), env)
+
+
+@ANALYSIS_RULES.register(*UNARY_LINES, *ALU, Op.SOFTMAX)
+def _elementwise_analysis(R, node, env):
+    """What any source varies along; constant if all are."""
+    rs = [R.analyze(s, env) for s in node.src]
+    return (any(r[0] for r in rs), any(r[1] for r in rs), all(r[2] for r in rs),
+            frozenset().union(*(r[3] for r in rs)))
 
 
 # ---- op rules: leaves ----
@@ -566,5 +646,5 @@ def _dense_adjoint_rule(R, s, env, sc) -> None:
     ad.end(R, step, col)
 
 
-__all__ = ["ACT", "ALU", "OP_RULES", "PY_BINARY", "PY_MATH", "PY_UNARY", "TRANSITION_RULES",
+__all__ = ["ACT", "ALU", "ANALYSIS_RULES", "OP_RULES", "PY_BINARY", "PY_MATH", "PY_UNARY", "TRANSITION_RULES",
            "UNARY_LINES", "const_unary"]
