@@ -1,32 +1,29 @@
-"""Render NKI kernel source (current API) from a recurrence.
+"""The NKI emit step: write the kernel source for a plan (``plan.py``), looking up one rule per
+IR op and per transition kind (``rules.py``).
 
-Layout: one *partition dim* ``pd`` of the recurrence goes on the 128 partitions (tiles of up to
-128, the ragged last tile by clipped slices), time goes on the free dim in tiles of ``TT``
+Layout (decided by the plan): one *partition dim* ``pd`` goes on the 128 partitions (tiles of
+up to 128, the ragged last tile by clipped slices), time goes on the free dim in tiles of ``TT``
 steps, and every other dim is a trace-time Python loop: *outer* loops (dims every state and
-output has) and *inner* loops inside the time tile. The loop order is outer > partition tile >
-time tile, or the time tile outermost (carries kept per slot), whichever moves fewer DMA
-bytes; the time tile is the largest whose kernel fits SBUF (``plan_and_render``). Every value of
-an expression is then one of five kinds, chosen by whether it varies along partitions and time:
+output has) and *inner* loops inside the time tile; the loop order is outer > partition tile >
+time tile, or the time tile outermost (carries kept per slot). Every value of an expression is
+one of five kinds (``values.py``): const, pt (1, 1), row (1, TT), col (P, 1), full (P, TT).
 
-    const  a Python number (possibly a function of loop indices)
-    pt     a (1, 1) tile          row   a (1, TT) tile
-    col    a (P, 1) tile          full  a (P, TT) tile
-
-Rules keyed by IR op emit one instruction per node (broadcasts across partitions are a
-ones-row ``nc_matmul`` into PSUM; per-partition operands use ``tensor_scalar`` / the
-``activation`` scale). Code is placed in the outermost loop its indices allow, so loop-invariant
+Each node is lowered by its ``OP_RULES`` entry (broadcasts across partitions are a ones-row
+``nc_matmul`` into PSUM; per-partition operands use ``tensor_scalar`` / the ``activation``
+scale), placed in the outermost loop its indices allow (``ANALYSIS_RULES``), so loop-invariant
 loads and math are hoisted (e.g. mamba's ``u`` and ``delta`` load once per channel tile and time
-tile, not once per state index), and inputs indexed by inner loops load once as slabs.
-Diagonal/scalar/identity states are one ``tensor_tensor_scan`` per state row and time tile with
-the carry passed as ``initial`` (or the chunked matmul form, ``chunked.py``); a shift register
-is a window on its injects; companion, householder and dense states step through the tile.
+tile, not once per state index), and inputs indexed by inner loops load once as slabs. Each
+state is lowered by its ``TRANSITION_RULES`` entry, or by the chunked matmul form
+(``chunked.py``) where the plan chose it. The emitter records what it allocates (SBUF bytes
+per partition) and transfers (DMA bytes), loop trip counts and variables, and the size
+constants it reads, as data: nothing reads the generated text back.
 """
 from __future__ import annotations
 
 import math
 from typing import Mapping
 
-from scancc.ir import Kind, Node, Op, Recurrence, format_recurrence
+from scancc.ir import Node, Op, Recurrence, format_recurrence
 
 from ..base import UnsupportedError
 from .chunked import ChunkedMixin
@@ -34,8 +31,6 @@ from .plan import Plan, Resources, Space, choose, plan_space
 from .rules import ALU, ANALYSIS_RULES, OP_RULES, PY_BINARY, TRANSITION_RULES
 from .values import BIG, KIND, NAME, Idx, Scope, V, fmt
 
-# per-step kinds stepped one column of the other looped dims at a time, the axis last
-AXIS_LAST = (Kind.HOUSEHOLDER, Kind.COMPANION_ADJOINT, Kind.DENSE_ADJOINT)
 
 
 class Renderer(ChunkedMixin):
@@ -148,6 +143,13 @@ class Renderer(ChunkedMixin):
         self.fixed(4 * math.prod(shape[1:]))
         self.emit(scope, f"{name} = nl.ndarray(({', '.join(map(str, shape))}), "
                          "dtype=nl.float32, buffer=nl.sbuf)")
+
+    def trajectory(self, s, scope: Scope) -> None:
+        """``traj_S``: the state at every step of the tile, (rows, n, TT), one more column
+        in front when prev(S) is read (the state entering the tile)."""
+        rows = 128 if self.rows(s) == "P" else 1
+        self.alloc_named(scope, f"traj_{s.name}",
+                         (rows, self.n_inner(s), self.tt + (s.name in self.prevs)))
 
     def tile(self, scope: Scope, kind: str) -> V:
         shape = {"pt": (1, 1), "row": (1, self.tt), "col": (128, 1), "full": (128, self.tt)}[kind]
@@ -762,12 +764,6 @@ class Renderer(ChunkedMixin):
             if s.name in self.chunks:
                 self.chunk_state(s, self.chunks[s.name], env, body)
                 continue
-            n, r = self.n_inner(s), self.rows(s)
-            if s.transition.kind is not Kind.SHIFT:
-                cols = self.tt + (s.name in self.prevs)
-                self.fixed(4 * n * cols)
-                self.emit(body, f"traj_{s.name} = nl.ndarray(({128 if r == 'P' else 1}, {n}, "
-                                f"{cols}), dtype=nl.float32, buffer=nl.sbuf)")
             TRANSITION_RULES.lookup(s.transition.kind, rec.name)(self, s, env, body)
         for o in rec.outputs:
             dims = tuple(d for d in rec.canonical if d in o.dims and d != self.pd

@@ -9,8 +9,9 @@ the loop index of each dim, ``scope`` where the value is placed and ``info`` the
 varies along and which loops it depends on, which decides where its code is placed.
 
 ``TRANSITION_RULES`` (keyed by ``scancc.ir.Kind``) lowers one state's update over a time tile:
-``rule(R, state, env, scope)``, writing the state's trajectory ``traj_S`` (or a shift register's
-history ``hist_S``) and refreshing its carry.
+``rule(R, state, env, scope)``, allocating and writing the state's trajectory ``traj_S`` (or a
+shift register's history ``hist_S``) and refreshing its carry; ``plan.STORAGE`` counts the
+same tiles statically.
 
 A missing entry raises ``UnsupportedError`` naming the op or kind, the backend and the
 recurrence (``Rules.lookup``). The chunked form's own expression lowerer (time on the
@@ -357,6 +358,7 @@ def _scan_rule(R, s, env, sc) -> None:
     """One tensor_tensor_scan per state row and time tile, the carry passed as initial
     (identity: a scan of adds on a zero decay row)."""
     t = s.transition
+    R.trajectory(s, sc)
     R.emit(sc, f"# state {s.name}: {t.kind.value}, one tensor_tensor_scan per row, the "
                "carry as initial")
     inner, sub, scopes = R.inner_loops(sc, R.inner_dims(s), env)
@@ -420,6 +422,7 @@ class _Step:
 
     def __init__(self, R, s, sc):
         t = s.transition
+        R.trajectory(s, sc)
         R.emit(sc, f"# state {s.name}: {t.kind.value} along {t.axis}, stepped through time")
         self.dims, self.r, self.n = R.inner_dims(s), R.rows(s), R.n_inner(s)
         hh = t.kind is Kind.HOUSEHOLDER and self.dims and self.dims[-1] == t.axis
@@ -535,6 +538,7 @@ class _Adjoint:
 
     def __init__(self, R, s, sc, env, axis_first: bool):
         t = s.transition
+        R.trajectory(s, sc)
         R.emit(sc, f"# state {s.name}: {t.kind.value} along {t.axis}, h = A^T (h + b), "
                    "stepped through time")
         self.dims, self.r, self.n = R.inner_dims(s), R.rows(s), R.n_inner(s)
