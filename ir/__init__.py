@@ -5,7 +5,7 @@ if __name__ != "scancc.ir":  # the folder ir/ is installed as scancc.ir, never a
 
 from .builder import Builder
 from .errors import IRError, ParseError, VerifyError
-from .expr import (Node, Op, check_ident, clamp, const, dot, exp, flip, group, iota, l2norm,
+from .expr import (Node, Op, check_ident, clamp, const, dot, exp, expm1, flip, group, iota, l2norm,
                    log, logsigmoid, maximum, minimum, prev, rsqrt, sigmoid, silu, size,
                    softmax, softplus, sqrt, step, ungroup)
 from .expr import max as reduce_max
@@ -17,7 +17,7 @@ from .recurrence import (Dim, Input, Kind, Let, Numerics, Output, Recurrence, Sh
 
 __all__ = [
     "Builder", "IRError", "ParseError", "VerifyError", "Node", "Op", "check_ident", "clamp",
-    "const", "dot", "exp", "flip", "group", "iota", "l2norm", "log", "logsigmoid", "maximum",
+    "const", "dot", "exp", "expm1", "flip", "group", "iota", "l2norm", "log", "logsigmoid", "maximum",
     "minimum", "prev", "step", "ungroup", "rsqrt", "sigmoid", "silu", "size", "softmax",
     "softplus", "sqrt", "reduce_max", "reduce_sum", "ExprParser", "format_expr",
     "format_recurrence", "parse_recurrence", "Dim", "Input", "Kind", "Let", "Numerics",

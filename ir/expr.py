@@ -44,6 +44,7 @@ class Op(enum.Enum):
     # unary elementwise
     NEG = "neg"
     EXP = "exp"
+    EXPM1 = "expm1"      # exp(x) - 1, accurate for small |x| (canonicalize writes exp(x) - 1 so)
     LOG = "log"
     SOFTPLUS = "softplus"
     SIGMOID = "sigmoid"
@@ -63,7 +64,7 @@ class Op(enum.Enum):
     # dim-structured
     SUM = "sum"          # arg: tuple of dims reduced
     MAX = "max"          # arg: tuple of dims reduced
-    L2NORM = "l2norm"    # arg: dim; x / sqrt(sum(x^2, dim) + 1e-6)
+    L2NORM = "l2norm"    # arg: dim; x / sqrt(sum(x^2, dim) + L2NORM_EPS)
     SOFTMAX = "softmax"  # arg: dim; src (logits,) or (logits, mask): weight 0 where mask == 0
     FLIP = "flip"        # arg: dim; reverse the order along dim
     GROUP = "group"      # arg: (group_dim, dim); element i of dim reads group i // (|dim|/|groups|)
@@ -71,11 +72,11 @@ class Op(enum.Enum):
 
 
 LEAVES = {Op.INPUT, Op.PARAM, Op.STATE, Op.PREV, Op.CONST, Op.IOTA, Op.SIZE}
-UNARY = {Op.NEG, Op.EXP, Op.LOG, Op.SOFTPLUS, Op.SIGMOID, Op.LOGSIGMOID, Op.SILU, Op.SQRT,
+UNARY = {Op.NEG, Op.EXP, Op.EXPM1, Op.LOG, Op.SOFTPLUS, Op.SIGMOID, Op.LOGSIGMOID, Op.SILU, Op.SQRT,
          Op.RSQRT, Op.CLAMP, Op.STEP}
 BINARY = {Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.MAXIMUM, Op.MINIMUM}
 REDUCE = {Op.SUM, Op.MAX}
-L2NORM_EPS = 1e-6
+L2NORM_EPS = 1e-6  # the epsilon of l2norm, one number for every backend and the adjoint
 
 # the function-call spelling of ops in the text form: name -> op
 FUNCTIONS = {op.value: op for op in (UNARY | {Op.MAXIMUM, Op.MINIMUM} | REDUCE
@@ -145,6 +146,7 @@ def const(v: float) -> Node: return lift(v)
 def iota(dim: str) -> Node: return Node(Op.IOTA, (), dim)
 def size(dim: str) -> Node: return Node(Op.SIZE, (), dim)
 def exp(x) -> Node: return Node(Op.EXP, (lift(x),))
+def expm1(x) -> Node: return Node(Op.EXPM1, (lift(x),))
 def log(x) -> Node: return Node(Op.LOG, (lift(x),))
 def softplus(x) -> Node: return Node(Op.SOFTPLUS, (lift(x),))
 def sigmoid(x) -> Node: return Node(Op.SIGMOID, (lift(x),))

@@ -38,7 +38,7 @@ class Kind(enum.Enum):
     # the adjoint steps of the three non-symmetric kinds, h_t = A_t^T (h_{t-1} + b_t) with A_t
     # the matrix of the kind named (same operands): the injected term is added *before* the
     # transposed transition, and covers the whole state (derived backward recurrences use
-    # these: nu_{t-1} = A_t^T (nu_t + g_t), see ir/adjoint.py)
+    # these: nu_{t-1} = A_t^T (nu_t + g_t), see ir/passes/adjoint.py)
     SHIFT_ADJOINT = "shift_adjoint"          # reverse shift: slot i <- slot i-1, oldest <- 0
     COMPANION_ADJOINT = "companion_adjoint"  # x = h + b; reverse shift of x + feedback * x[newest]
     DENSE_ADJOINT = "dense_adjoint"          # sum(matrix[col, axis] * x[col], col), x = h + b

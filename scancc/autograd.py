@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from scancc.ir import Recurrence, bind_sizes
-from scancc.ir.adjoint import Adjoint, derive
+from scancc.ir.passes.adjoint import Adjoint, derive
 
 
 DEFAULT_CHUNK = 64

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from scancc.ir import Kind, Node, Op, Recurrence
+from scancc.ir.passes import chunked as shared
 
 from ..rules import Rules
 from .rules import ACT as _ACT, ALU as _ALU
@@ -39,69 +40,27 @@ class ChunkPlan:
     sums: list                       # [(contraction node, q)]
 
 
-def _factors(n: Node) -> list[Node]:
-    if n.op is Op.MUL:
-        return _factors(n.src[0]) + _factors(n.src[1])
-    return [n]
-
-
-def _prod(fs: list[Node]) -> Node:
-    out = fs[0]
-    for f in fs[1:]:
-        out = Node(Op.MUL, (out, f))
-    return out
-
-
 def find_chunked(rec: Recurrence, pd: str, outer, sizes) -> dict[str, ChunkPlan]:
-    """States the chunked form applies to (see the module doc), by name."""
+    """States the chunked form applies to (see the module doc), by name: the shared analysis
+    (``scancc.ir.passes.chunked``) and what this emitter supports: an identity/scalar decay,
+    V on the partitions, K <= 128 (one tile), the other state dims outer loops, every part
+    loaded time-major."""
     plans = {}
     lets = {l.name: l.expr for l in rec.lets}
-    for s in rec.states:
-        t = s.transition
-        if t.kind not in (Kind.IDENTITY, Kind.SCALAR) or pd not in s.dims:
+    for name, cs in shared.analyze(rec).states.items():
+        kd = cs.K
+        if cs.kind not in (Kind.IDENTITY, Kind.SCALAR) or cs.V != pd or \
+                not set(cs.grid) <= set(outer) or sizes[kd] > 128 or not cs.v_side:
             continue
-        inner = [d for d in s.dims if d != pd and d not in outer]
-        if len(inner) != 1 or sizes[inner[0]] > 128:
-            continue
-        kd = inner[0]
-        sums = []
-        for o in rec.outputs:
-            for n in o.expr.walk():
-                if n.op is Op.SUM and n.arg == (kd,) and n.src[0].op is Op.MUL:
-                    a, b = n.src[0].src
-                    for st, q in ((a, b), (b, a)):
-                        if st.op is Op.STATE and st.arg == s.name and \
-                                not rec.uses_state(q) and pd not in rec.dims_of(q):
-                            sums.append((n, q))
-        users = sum(1 for o in rec.outputs for n in o.expr.walk() for c in n.src
-                    if c.op is Op.STATE and c.arg == s.name)
-        users += sum(1 for o in rec.outputs  # an output that is the state itself
-                     if o.expr.op is Op.STATE and o.expr.arg == s.name)
-        prev = any(n.op is Op.PREV and n.arg == s.name for o in rec.outputs
-                   for n in o.expr.walk())
-        if not sums or users != len(sums) or prev:  # read only through contractions
-            continue
-        ks, vs = [], []
-        for f in _factors(s.inject):
-            dims = rec.dims_of(f)
-            if pd in dims and kd in dims:
-                break
-            (vs if pd in dims else ks).append(f)
-        else:
-            if not vs:
-                continue
-            decay = None
-            if t.kind is Kind.SCALAR:
-                a = t.operand("decay")
-                while a.op is Op.PARAM:
-                    a = lets[a.arg]
-                decay = a.src[0] if a.op is Op.EXP else Node(Op.LOG, (a,))
-            kpart = _prod(ks) if ks else Node(Op.CONST, (), 1.0)
-            parts = [(kpart, kd), (_prod(vs), pd)] + [(q, kd) for _, q in sums]
-            if decay is not None:
-                parts.append((decay, None))
-            if all(_time_major(rec, n, f, pd, kd, outer, lets) for n, f in parts):
-                plans[s.name] = ChunkPlan(kd, decay, kpart, _prod(vs), sums)
+        ks = [f for f in cs.inject if f not in cs.v_side]   # the factors without pd
+        kpart = shared.product(ks)
+        vpart = shared.product(cs.v_side)
+        sums = [(c.node, c.q) for c in cs.contractions]
+        parts = [(kpart, kd), (vpart, pd)] + [(q, kd) for _, q in sums]
+        if cs.log_decay is not None:
+            parts.append((cs.log_decay, None))
+        if all(_time_major(rec, n, f, pd, kd, outer, lets) for n, f in parts):
+            plans[name] = ChunkPlan(kd, cs.log_decay, kpart, vpart, sums)
     return plans
 
 

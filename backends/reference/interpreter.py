@@ -12,32 +12,18 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from scancc.ir import Kind, Node, Op, Recurrence
+from scancc.ir import Node, Op, Recurrence
 
-_EXP_ARG_MAX = 700.0  # exp overflows float64 past ~709; sigmoid-style ops stay finite below
-
-
-def _sigmoid(x):
-    return 0.5 * (1.0 + np.tanh(0.5 * x))
+from .rules import OP_RULES, TRANSITION_RULES
 
 
-# rules for elementwise ops, keyed by IR op
-UNARY_RULES: dict[Op, Callable] = {
-    Op.NEG: np.negative,
-    Op.EXP: np.exp,
-    Op.LOG: np.log,
-    Op.SOFTPLUS: lambda x: np.logaddexp(0.0, x),
-    Op.SIGMOID: _sigmoid,
-    Op.LOGSIGMOID: lambda x: -np.logaddexp(0.0, -x),
-    Op.SILU: lambda x: x * _sigmoid(x),
-    Op.SQRT: np.sqrt,
-    Op.RSQRT: lambda x: 1.0 / np.sqrt(x),
-    Op.STEP: lambda x: (x >= 0).astype(np.float64),
-}
-BINARY_RULES: dict[Op, Callable] = {
-    Op.ADD: np.add, Op.SUB: np.subtract, Op.MUL: np.multiply, Op.DIV: np.divide,
-    Op.MAXIMUM: np.maximum, Op.MINIMUM: np.minimum,
-}
+class _Eval:
+    """An evaluation in progress, as the op rules see it (see rules.py)."""
+    __slots__ = ("I", "leaf", "eval")
+
+    def __init__(self, I: "Interpreter", leaf: Callable[[Node], np.ndarray],
+                 ev: Callable[[Node], np.ndarray]):
+        self.I, self.leaf, self.eval = I, leaf, ev
 
 
 class Interpreter:
@@ -71,111 +57,25 @@ class Interpreter:
         return np.transpose(a, [present.index(d) for d in layout])
 
     # ---- expressions ----
+    def ax(self, d: str) -> int:
+        """The axis of dim ``d`` in an expression value (after the leading time axis)."""
+        return 1 + self.axis[d]
+
+    def rule(self, op: Op) -> Callable:
+        return OP_RULES.lookup(op, self.rec.name)
+
     def eval(self, node: Node, leaf: Callable[[Node], np.ndarray], memo: dict) -> np.ndarray:
+        """The value of ``node`` at every step (a leading time axis of size T or 1)."""
         if node in memo:
             return memo[node]
-        op, a = node.op, node.arg
-        if op in (Op.INPUT, Op.STATE, Op.PREV):
-            v = leaf(node)
-        elif op is Op.PARAM:
-            v = self.eval(self.rec.let(a).expr, leaf, memo)
-        elif op is Op.CONST:
-            v = np.full((1,) * (len(self.canon) + 1), a)
-        elif op is Op.SIZE:
-            v = np.full((1,) * (len(self.canon) + 1), float(self.sizes[a]))
-        elif op is Op.IOTA:
-            v = np.arange(self.sizes[a], dtype=np.float64).reshape((1,) + self.canon_shape([a]))
-        else:
-            src = [self.eval(s, leaf, memo) for s in node.src]
-            v = self._apply(node, src)
+        ev = _Eval(self, leaf, lambda n: self.eval(n, leaf, memo))
+        v = self.rule(node.op)(ev, node, [self.eval(s, leaf, memo) for s in node.src])
         memo[node] = v
         return v
 
-    def _ax(self, d: str) -> int:
-        return 1 + self.axis[d]  # +1: the leading time axis
-
-    def _apply(self, node: Node, src: list[np.ndarray]) -> np.ndarray:
-        op, a = node.op, node.arg
-        if op in UNARY_RULES:
-            return UNARY_RULES[op](src[0])
-        if op in BINARY_RULES:
-            return BINARY_RULES[op](src[0], src[1])
-        if op is Op.CLAMP:
-            lo, hi = a
-            return np.clip(src[0], -np.inf if lo is None else lo, np.inf if hi is None else hi)
-        if op is Op.SUM:
-            return np.sum(src[0], axis=tuple(self._ax(d) for d in a), keepdims=True)
-        if op is Op.MAX:
-            return np.max(src[0], axis=tuple(self._ax(d) for d in a), keepdims=True)
-        if op is Op.L2NORM:
-            x = src[0]
-            return x / np.sqrt(np.sum(x * x, axis=self._ax(a), keepdims=True) + 1e-6)
-        if op is Op.FLIP:
-            return np.flip(src[0], axis=self._ax(a))
-        if op is Op.GROUP:
-            g, d = a
-            rep = self.sizes[d] // self.sizes[g]
-            return np.swapaxes(np.repeat(src[0], rep, axis=self._ax(g)), self._ax(g), self._ax(d))
-        if op is Op.UNGROUP:
-            d, g = a
-            x, ad = src[0], self._ax(d)
-            shape = list(x.shape)
-            split = shape[:ad] + [self.sizes[g], shape[ad] // self.sizes[g]] + shape[ad + 1:]
-            return np.swapaxes(x.reshape(split).sum(axis=ad + 1), ad, self._ax(g))
-        if op is Op.SOFTMAX:
-            ax = self._ax(a)
-            logits = src[0]
-            keep = np.ones_like(logits, dtype=bool) if len(src) == 1 else (src[1] != 0)
-            logits, keep = np.broadcast_arrays(logits, keep)
-            masked = np.where(keep, logits, -np.inf)
-            m = np.max(masked, axis=ax, keepdims=True)
-            p = np.where(keep, np.exp(masked - np.where(np.isfinite(m), m, 0.0)), 0.0)
-            s = np.sum(p, axis=ax, keepdims=True)
-            return p / np.where(s == 0, 1.0, s)  # a fully masked row reads nothing: weights 0
-        raise KeyError(f"reference backend has no rule for op {op.value!r}")
-
-    # ---- transitions: h_t = A_t(h_{t-1}) + b_t, one rule per structure ----
-    def _shift_in(self, h: np.ndarray, ax: int, new: np.ndarray) -> np.ndarray:
-        slot_shape = list(h.shape)
-        slot_shape[ax] = 1
-        return np.concatenate([np.delete(h, 0, axis=ax), np.broadcast_to(new, slot_shape)], ax)
-
-    def _shift_out(self, x: np.ndarray, ax: int) -> np.ndarray:
-        """The transpose of a shift: slot i takes slot i - 1, the oldest slot becomes 0."""
-        zero = np.zeros_like(np.take(x, [0], axis=ax))
-        return np.concatenate([zero, np.delete(x, x.shape[ax] - 1, axis=ax)], ax)
-
-    def step(self, kind: Kind, h, b, ops: dict, axis: str | None, col: str | None):
-        ax = self.axis[axis] if axis is not None else None
-        if kind is Kind.IDENTITY:
-            return h + b
-        if kind in (Kind.SCALAR, Kind.DIAGONAL):
-            return ops["decay"] * h + b
-        if kind is Kind.SHIFT:
-            return self._shift_in(h, ax, b)
-        if kind is Kind.COMPANION:
-            shifted = self._shift_in(h, ax, 0.0)
-            new = np.sum(ops["feedback"] * shifted, axis=ax, keepdims=True) + b
-            return self._shift_in(h, ax, new)
-        if kind is Kind.HOUSEHOLDER:
-            k = ops["k"]
-            out = h - ops["beta"] * k * np.sum(k * h, axis=ax, keepdims=True)
-            return (ops["alpha"] * out if "alpha" in ops else out) + b
-        if kind is Kind.DENSE:
-            hc = np.swapaxes(h, ax, self.axis[col])  # h indexed by the column dim
-            return np.sum(ops["matrix"] * hc, axis=self.axis[col], keepdims=True) + b
-        # adjoint steps: h_t = A_t^T (h_{t-1} + b_t)
-        if kind is Kind.SHIFT_ADJOINT:
-            return self._shift_out(h + b, ax)
-        if kind is Kind.COMPANION_ADJOINT:
-            x = h + b
-            newest = np.take(x, [x.shape[ax] - 1], axis=ax)
-            return self._shift_out(x + ops["feedback"] * newest, ax)
-        if kind is Kind.DENSE_ADJOINT:
-            x = h + b
-            tc = np.sum(ops["matrix"] * x, axis=ax, keepdims=True)  # indexed by the column dim
-            return np.swapaxes(tc, ax, self.axis[col])
-        raise KeyError(f"reference backend has no rule for transition {kind.value!r}")
+    # ---- transitions: h_t = A_t(h_{t-1}) + b_t, one rule per structure (rules.py) ----
+    def step(self, kind, h, b, ops: dict, axis: str | None, col: str | None):
+        return TRANSITION_RULES.lookup(kind, self.rec.name)(self, h, b, ops, axis, col)
 
     # ---- the scan ----
     def run(self, inputs: Mapping[str, np.ndarray], initial: Mapping[str, np.ndarray] | None):
@@ -209,8 +109,8 @@ class Interpreter:
             new = {}
             for s, _, b, ops in plans:
                 t = s.transition
-                h = self.step(t.kind, states[s.name], at(b, i), {k: at(v, i) for k, v in ops.items()},
-                              t.axis, t.col)
+                h = self.step(t.kind, states[s.name], at(b, i),
+                              {k: at(v, i) for k, v in ops.items()}, t.axis, t.col)
                 new[s.name] = np.broadcast_to(h, states[s.name].shape)
             entering, states = states, new
 
@@ -240,11 +140,8 @@ class Interpreter:
             return v[i:i + 1] if v.shape[0] > 1 else v
         if node in memo:
             return memo[node]
-        if node.op in (Op.STATE, Op.PREV):
-            v = leaf(node)
-        elif node.op is Op.PARAM:
-            v = self._eval_step(self.rec.let(node.arg).expr, leaf, memo, full, i)
-        else:
-            v = self._apply(node, [self._eval_step(s, leaf, memo, full, i) for s in node.src])
+        ev = _Eval(self, leaf, lambda n: self._eval_step(n, leaf, memo, full, i))
+        v = self.rule(node.op)(ev, node, [self._eval_step(s, leaf, memo, full, i)
+                                          for s in node.src])
         memo[node] = v
         return v

@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from scancc.ir import Kind, Node, Op, Recurrence
+from scancc.ir.passes import chunked as shared
 from scancc.ir.printer import format_expr, format_transition
 
 from . import recurrent
@@ -54,101 +55,41 @@ class NotChunkable(Exception):
     pass
 
 
-def _factors(n: Node) -> list[Node]:
-    if n.op is Op.MUL:
-        return _factors(n.src[0]) + _factors(n.src[1])
-    return [n]
-
-
 def analyze(rec: Recurrence) -> Form:
-    if len(rec.states) != 1:
-        raise NotChunkable("needs exactly one state")
-    if any(n.op is Op.PREV for o in rec.outputs for n in o.expr.walk()):
-        raise NotChunkable("a readout reads prev(): the state entering each step")
-    s = rec.states[0]
-    t = s.transition
-    if t.kind not in (Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL, Kind.HOUSEHOLDER):
-        raise NotChunkable(f"transition {t.kind.value!r} (needs identity, scalar, diagonal or "
-                           "householder)")
+    """The shared chunked-form analysis (``scancc.ir.passes.chunked``) of the one state, and
+    what this emitter supports: one state, K and V register axes and the other state dims
+    program ids, one contraction ``sum(S * q, K)`` read into outputs along the grid and V."""
+    try:
+        cs = shared.analyze(rec).only()
+    except shared.NotChunkable as e:
+        raise NotChunkable(str(e)) from None
+    s = rec.state(cs.state)
     P = plan(rec)
-    feats = [d for d in s.dims if d not in P.grid]
-    if len(feats) != 2:
+    if not set(cs.grid) <= set(P.grid):
         raise NotChunkable(f"state dims {list(s.dims)}: needs exactly two non-grid dims (K, V)")
-    # the readout contraction sum(S * q, K)
-    sums = set()
-    for o in rec.outputs:
-        for n in o.expr.walk():
-            if n.op is Op.SUM and rec.uses_state(n):
-                sums.add(n)
-    if len(sums) != 1:
+    K, V = cs.K, cs.V
+    sums = {n for o in rec.outputs for n in o.expr.walk() if n.op is Op.SUM and rec.uses_state(n)}
+    if len(cs.contractions) != 1 or sums != {cs.contractions[0].node}:
         raise NotChunkable("the readout must read the state through one contraction "
                            "sum(S * q, K)")
-    csum = sums.pop()
-    if len(csum.arg) != 1 or csum.arg[0] not in feats:
-        raise NotChunkable(f"the readout contracts over {list(csum.arg)}, not one state dim")
-    K = csum.arg[0]
-    V = next(d for d in feats if d != K)
-    fac = _factors(csum.src[0])
-    st = [f for f in fac if f.op is Op.STATE]
-    q_side = tuple(f for f in fac if f.op is not Op.STATE)
-    if len(st) != 1 or any(rec.uses_state(f) or V in rec.dims_of(f) for f in q_side):
-        raise NotChunkable("the contraction must be sum(S * q, K) with q free of V and states")
+    csum, q_side = cs.contractions[0].node, cs.contractions[0].q_side
     for o in rec.outputs:
         if V not in o.dims and rec.uses_state(o.expr):
             raise NotChunkable(f"output {o.name!r} lacks the value dim {V!r}")
-        for n in o.expr.walk():
-            if n is not csum and n != csum and n.op is Op.STATE:
-                if not _inside(o.expr, n, csum):
-                    raise NotChunkable("the state is read outside the contraction")
         extra = set(rec.dims_of(o.expr)) - set(P.grid) - {V}
         if extra:
             raise NotChunkable(f"output {o.name!r} varies along {sorted(extra)}")
-    # injected term k ⊗ v
-    k_side, v_side = [], []
-    for f in _factors(s.inject):
-        dims = set(rec.dims_of(f))
-        if K in dims and V in dims:
-            raise NotChunkable("the injected term is not a product of a K-factor and a V-factor")
-        (k_side if K in dims else v_side).append(f)
-    if not k_side:
+    if not cs.k_side:
         raise NotChunkable("the injected term has no factor along K")
-    for f in k_side + v_side + list(q_side):
+    v_side = tuple(f for f in cs.inject if f not in cs.k_side)
+    for f in cs.k_side + v_side + q_side:
         if set(rec.dims_of(f)) - set(P.grid) - {K, V}:
             raise NotChunkable(f"factor {format_expr(f)} varies along another dim")
-    kind, g, log_of = t.kind, None, False
-    hk = beta = None
-    if kind is Kind.HOUSEHOLDER:
-        if t.axis != K:
-            raise NotChunkable(f"the householder axis {t.axis!r} is not the contracted dim {K!r}")
-        hk, beta = t.operand("k"), t.operand("beta")
-        if V in rec.dims_of(hk) or set(rec.dims_of(beta)) - set(P.grid):
-            raise NotChunkable("householder k must vary along K only, beta along no state dim")
-        a = t.operand("alpha")
-        if a is not None:
-            if set(rec.dims_of(a)) - set(P.grid):
-                raise NotChunkable("householder alpha must be one number per grid index")
-            g, log_of = (a.src[0], False) if a.op is Op.EXP else (a, True)
-    elif kind is not Kind.IDENTITY:
-        a = t.operand("decay")
-        ad = set(rec.dims_of(a))
-        if V in ad:
-            raise NotChunkable("the decay varies along the value dim")
-        if kind is Kind.DIAGONAL and K not in ad:
-            kind = Kind.SCALAR
-        g, log_of = (a.src[0], False) if a.op is Op.EXP else (a, True)
-    return Form(K, V, P.grid, kind, g, log_of, tuple(k_side), tuple(v_side), q_side, csum,
-                hk, beta)
-
-
-def _inside(root: Node, target: Node, within: Node) -> bool:
-    """True if every path from root to target goes through ``within``."""
-    def reach(n: Node) -> bool:
-        if n == within:
-            return False
-        if n == target:
-            return True
-        return any(reach(s) for s in n.src)
-    return not reach(root)
+    # g_t for the emitter: the exp's argument, or the decay itself with log_of (tl.log(a_t))
+    log_of = cs.decay is not None and not cs.decay_is_exp
+    g = cs.decay if log_of else cs.log_decay
+    return Form(K, V, P.grid, cs.kind, g, log_of, cs.k_side, v_side, q_side, csum,
+                cs.hk, cs.beta)
 
 
 def applies(rec: Recurrence) -> tuple[bool, str]:

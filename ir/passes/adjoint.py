@@ -1,4 +1,5 @@
-"""Derive the backward (adjoint) recurrence of a recurrence, as ordinary IR.
+"""Derive the backward (adjoint) recurrence of a recurrence, as ordinary IR (a pass:
+recurrence -> its backward recurrence; it uses the let-inlining and flip-sinking passes).
 
 Forward, per state: h_t = A_t h_{t-1} + b_t and readouts y_t = R(h_t, x_t). With the output
 cotangents dy_t and dh_final, the backward carries nu_t = A_{t+1}^T lambda_{t+1} (the gradient
@@ -11,9 +12,9 @@ that flows into h_t from later steps) and runs in reverse time:
 so nu starts at dh_final and ends at dL/dh_{-1}, the gradient of the initial state. The
 gradients of the inputs are VJPs of the readouts (cotangent dy_t) and of the transition
 expressions A_t(h_{t-1}) + b_t (cotangent lambda_t); for inputs without a time dim the
-backward outputs per-step contributions, which the caller sums over each chunk. The backward is an ordinary recurrence:
-it reads the forward inputs, dy, and the forward states h_t and h_{t-1} (recomputed chunk by
-chunk by the caller, see scancc.autograd), all reversed in time.
+backward outputs per-step contributions, which the caller sums over each chunk. The backward
+is an ordinary recurrence: it reads the forward inputs, dy, and the forward states h_t and
+h_{t-1} (recomputed chunk by chunk by the caller, see scancc.autograd), all reversed in time.
 
 For the symmetric structures (identity, scalar, diagonal, householder: A^T = A) the backward
 state has the forward's transition and the injected term A_t^T g_t, an expression. Shift,
@@ -25,11 +26,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import IRError
-from .expr import BINARY, UNARY, Node, Op, const, iota, lift, sigmoid, size, sqrt, step, ungroup
-from .expr import sum as rsum
-from .recurrence import (ADJOINT_KIND, Input, Kind, Output, Recurrence, State, Transition,
-                         adjoint_step, identity)
+from ..errors import IRError
+from ..expr import L2NORM_EPS, Node, Op, const, exp, iota, sigmoid, size, sqrt, step, ungroup
+from ..expr import sum as rsum
+from ..recurrence import (ADJOINT_KIND, Input, Kind, Output, Recurrence, State, Transition,
+                          adjoint_step, identity)
+from .flips import sink_flips_in
+from .lets import inline_lets_in
+from .rewrite import substitute
 
 SYMMETRIC = {Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL, Kind.HOUSEHOLDER}
 DERIVED = SYMMETRIC | set(ADJOINT_KIND)   # kinds whose adjoint is derived
@@ -93,6 +97,8 @@ def _local_vjp(n: Node, c: Node) -> list[tuple[Node, Node]]:
         return [(s[0], -c)]
     if op is Op.EXP:
         return [(s[0], c * n)]
+    if op is Op.EXPM1:
+        return [(s[0], c * exp(s[0]))]
     if op is Op.LOG:
         return [(s[0], c / s[0])]
     if op is Op.SOFTPLUS:
@@ -126,7 +132,7 @@ def _local_vjp(n: Node, c: Node) -> list[tuple[Node, Node]]:
     if op is Op.MAX:
         return [(s[0], c * step(s[0] - n))]
     if op is Op.L2NORM:
-        r = sqrt(rsum(s[0] * s[0], n.arg) + 1e-6)
+        r = sqrt(rsum(s[0] * s[0], n.arg) + L2NORM_EPS)
         return [(s[0], (c - n * rsum(c * n, n.arg)) / r)]
     if op is Op.SOFTMAX:
         return [(s[0], n * (c - rsum(n * c, n.arg)))]  # a mask has no gradient
@@ -164,69 +170,6 @@ def vjp(ctx: _Ctx, roots: list[tuple[Node, Node]], wrt: set[Node]) -> dict[Node,
         for s, contrib in _local_vjp(n, c):
             cot[s] = _add(cot.get(s), _unbroadcast(ctx, contrib, s))
     return {n: cot[n] for n in wrt if n in cot}
-
-
-def substitute(node: Node, mapping: dict[Node, Node], memo: dict | None = None) -> Node:
-    memo = {} if memo is None else memo
-    if node in mapping:
-        return mapping[node]
-    if node in memo:
-        return memo[node]
-    out = Node(node.op, tuple(substitute(s, mapping, memo) for s in node.src), node.arg) \
-        if node.src else node
-    memo[node] = out
-    return out
-
-
-def sink_flips(ctx: _Ctx, node: Node, memo: dict | None = None) -> Node:
-    """Move every flip(x, d) down to the leaves: flips commute with elementwise ops, with
-    reductions over other dims, and with softmax/l2norm (equivariant along their own dim),
-    and vanish on values without d. The VJP of a flip is a flip of a cotangent, which reads
-    the backward state; sunk, it ends on inputs (a flipped load) or on parts without d."""
-    memo = {} if memo is None else memo
-    if node in memo:
-        return memo[node]
-    out = node
-    if node.op is Op.FLIP:
-        d, x = node.arg, sink_flips(ctx, node.src[0], memo)
-        out = _flip(ctx, x, d, memo)
-    elif node.src:
-        out = Node(node.op, tuple(sink_flips(ctx, s, memo) for s in node.src), node.arg)
-    memo[node] = out
-    return out
-
-
-def _flip(ctx: _Ctx, x: Node, d: str, memo: dict) -> Node:
-    """flip(x, d) with the flip pushed below x's op where it commutes."""
-    key = ("flip", x, d)
-    if key in memo:
-        return memo[key]
-    op = x.op
-    if d not in ctx.dims(x):
-        out = x
-    elif op is Op.FLIP and x.arg == d:
-        out = x.src[0]
-    elif op in UNARY or op in BINARY or op in (Op.CLAMP, Op.STEP) or (
-            op in (Op.SUM, Op.MAX) and d not in x.arg) or op in (Op.SOFTMAX, Op.L2NORM):
-        out = Node(op, tuple(_flip(ctx, s, d, memo) for s in x.src), x.arg)
-    else:  # a leaf, group/ungroup: the flip stays here
-        out = Node(Op.FLIP, (x,), d)
-    memo[key] = out
-    return out
-
-
-def inline_lets(rec: Recurrence, node: Node, memo: dict) -> Node:
-    lets = {Node(Op.PARAM, (), l.name): l for l in rec.lets}
-    if node in memo:
-        return memo[node]
-    if node.op is Op.PARAM:
-        out = inline_lets(rec, lets[node].expr, memo)
-    elif node.src:
-        out = Node(node.op, tuple(inline_lets(rec, s, memo) for s in node.src), node.arg)
-    else:
-        out = node
-    memo[node] = out
-    return out
 
 
 def apply_transition(t: Transition, h: Node, ops: dict[str, Node]) -> Node:
@@ -304,7 +247,7 @@ def derive(rec: Recurrence) -> Adjoint:
     ctx = _Ctx(rec.dims, list(rec.inputs) + extra_inputs, ctx_states)
 
     memo: dict = {}
-    inl = lambda n: inline_lets(rec, n, memo)  # noqa: E731
+    inl = lambda n: inline_lets_in(rec, n, memo)  # noqa: E731
     h_now = {Node(Op.STATE, (), s.name): Node(Op.INPUT, (), seq[s.name][0]) for s in rec.states}
     outs = [(substitute(inl(o.expr), h_now), Node(Op.INPUT, (), cot[o.name]))
             for o in rec.outputs]
@@ -340,7 +283,7 @@ def derive(rec: Recurrence) -> Adjoint:
     outputs, flips = [], {}
 
     def finish(n: Node) -> Node:
-        return sink_flips(ctx, substitute(n, recompute, smemo), flips)
+        return sink_flips_in(ctx.dims, substitute(n, recompute, smemo), flips)
 
     states = [State(st.name, st.dims, st.transition, finish(st.inject)) for st in states]
     for x in rec.inputs:
@@ -365,4 +308,4 @@ def derive(rec: Recurrence) -> Adjoint:
     return Adjoint(rec, backward, states_view, cot, seq, nu, grad)
 
 
-__all__ = ["Adjoint", "derive", "vjp", "substitute", "inline_lets", "apply_transition", "lift"]
+__all__ = ["Adjoint", "derive", "vjp", "apply_transition", "step_expr", "SYMMETRIC", "DERIVED"]
