@@ -14,6 +14,7 @@ from scancc.backends.nki.chunked import CHUNK_OP_RULES
 from scancc.backends.nki.hardware import CHIPS
 from scancc.backends.nki.rules import ANALYSIS_RULES, OP_RULES, TRANSITION_RULES
 from scancc.ir import Kind, Op
+from scancc.ir.passes import canonicalize, desugar_l2norm
 from scancc.testing import default_sizes
 
 NKI = pathlib.Path(lowering.__file__).parent
@@ -22,12 +23,13 @@ LIBRARY = ["linear_attn", "retnet", "simple_gla", "gla", "hgrn", "delta_net", "g
 
 
 def _recurrences():
-    """Every library recurrence and the backward of each (the ops and kinds NKI lowers)."""
+    """Every library recurrence and the backward of each, after the plan's canonical passes
+    (the ops and kinds NKI lowers)."""
     out = []
     for name in LIBRARY:
         rec = registry.get(name).build()
         out += [rec, adjoint(rec).backward]
-    return out
+    return [canonicalize(desugar_l2norm(r)) for r in out]
 
 
 def _imports(path: pathlib.Path) -> set[str]:
@@ -53,6 +55,8 @@ def test_registry_names():
             + [x for s in rec.states for _, x in s.transition.operands]
             for n in e.walk()}
     assert used <= OP_RULES.names() <= {o.value for o in Op}
+    # the plan desugars l2norm and writes exp(x) - 1 as expm1 (scancc.ir.passes)
+    assert "expm1" in used and "expm1" in OP_RULES.names() and "l2norm" not in OP_RULES.names()
     # every op lowered is analyzed (what it varies along decides its placement)
     assert ANALYSIS_RULES.names() == OP_RULES.names()
     # the chunked form's lowerer: the same keys (a subset: what find_chunked admits)
@@ -137,3 +141,17 @@ def test_static_storage_is_what_the_emitter_allocates(algorithm):
                 fixed = space.storage(tt, time_outer)
                 assert sorted(r.storage_sites) == sorted(fixed), (rec.name, tt, time_outer)
                 assert sum(fixed) + max(fixed) <= r.resources().sbuf_bytes
+
+
+def test_plan_runs_the_canonical_passes():
+    """s4d's (exp(dt A) - 1) / A reaches the emitter as expm1 (its rule), delta_net's l2norm
+    as elementwise ops; the kernel's header shows the recurrence as registered."""
+    for name, has, gone in [("s4d", Op.EXPM1, None), ("delta_net", None, Op.L2NORM)]:
+        rec = registry.get(name).build()
+        space = plan.plan_space(rec, default_sizes(rec))
+        ops = {n.op for e in [s.inject for s in space.rec.states]
+               + [o.expr for o in space.rec.outputs] + [lt.expr for lt in space.rec.lets]
+               + [x for s in space.rec.states for _, x in s.transition.operands]
+               for n in e.walk()}
+        assert (has is None or has in ops) and (gone is None or gone not in ops)
+        assert space.source is rec

@@ -2,6 +2,9 @@
 
 Static (from the IR, the sizes and the hardware table, ``hardware.py``):
 
+- the **IR the emitter lowers**: the recurrence after the canonical passes
+  (``scancc.ir.passes``: ``desugar_l2norm``, then ``canonicalize``, so ``exp(x) - 1`` is one
+  ``expm1`` node with its own rule);
 - the **layout**: the partition dim ``pd`` (on the 128 partitions, tiled by 128) and the outer
   dims (trace-time loops outside the partition tile); every other dim loops inside the time tile;
 - the **algorithm per state**: ``"chunked"`` (the matmul form, ``chunked.find_chunked``) or
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from scancc.ir import Kind, Op, Recurrence
+from scancc.ir.passes import canonicalize, desugar_l2norm
 
 from ..base import UnsupportedError
 from ..rules import Rules
@@ -59,7 +63,9 @@ class Plan:
 
 @dataclass
 class Space:
-    """The static part of the plan: everything but the choice of time tile and loop order."""
+    """The static part of the plan: everything but the choice of time tile and loop order.
+    ``rec`` is the canonical IR the emitter lowers, ``source`` the recurrence as given (the
+    kernel's header comment)."""
     rec: Recurrence
     sizes: dict
     chip: Chip
@@ -68,6 +74,7 @@ class Space:
     chunks: dict[str, ChunkPlan]    # the states in the chunked form, by name
     tiles: tuple[int, ...]          # time-tile candidates, largest first
     orders: tuple[bool, ...]        # loop orders (time tile outermost?)
+    source: Recurrence | None = None
 
     @property
     def algorithms(self) -> dict[str, str]:
@@ -225,6 +232,7 @@ def plan_space(rec: Recurrence, sizes: Mapping[str, int], chip: str = DEFAULT_CH
         fail(f"unknown algorithm {algorithm!r} (known: {', '.join(ALGORITHMS)})")
     hw = CHIPS[chip]
     sizes = dict(sizes)
+    source, rec = rec, canonicalize(desugar_l2norm(rec))
     pd, outer = choose_layout(rec, sizes)
     lacking = [o.name for o in rec.outputs if pd not in o.dims]
     if lacking and sizes[pd] > hw.partitions:
@@ -244,7 +252,7 @@ def plan_space(rec: Recurrence, sizes: Mapping[str, int], chip: str = DEFAULT_CH
         tiles = (tt,)
     else:
         tiles = tuple(sorted({min(c, T, top) for c in TT_CANDIDATES}, reverse=True))
-    return Space(rec, sizes, hw, pd, outer, chunks, tiles, LOOP_ORDERS[loop_order])
+    return Space(rec, sizes, hw, pd, outer, chunks, tiles, LOOP_ORDERS[loop_order], source)
 
 
 def choose(space: Space, measure: Callable[[int, bool], tuple[Resources, Any]]

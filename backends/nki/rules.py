@@ -153,12 +153,7 @@ def _ungroup_analysis(R, node, env):
     return p and d != R.pd, t, c, deps | (env[g].deps if g in env else frozenset())
 
 
-@ANALYSIS_RULES.register(Op.L2NORM)
-def _l2norm_analysis(R, node, env):
-    return R.analyze(R.l2norm_expr(node), env)
-
-
-@ANALYSIS_RULES.register(*UNARY_LINES, *ALU, Op.SOFTMAX)
+@ANALYSIS_RULES.register(*UNARY_LINES, *ALU, Op.EXPM1, Op.SOFTMAX)
 def _elementwise_analysis(R, node, env):
     """What any source varies along; constant if all are."""
     rs = [R.analyze(s, env) for s in node.src]
@@ -241,11 +236,6 @@ def _ungroup_rule(R, node, env, sc, info) -> V:
     return R.ungroup(node, env, sc, info)
 
 
-@OP_RULES.register(Op.L2NORM)
-def _l2norm_rule(R, node, env, sc, info) -> V:
-    return R.value(R.l2norm_expr(node), env, sc)
-
-
 @OP_RULES.register(Op.SUM, Op.MAX)
 def _reduce_rule(R, node, env, sc, info) -> V:
     return R.reduce(node, env, sc, info)
@@ -258,18 +248,10 @@ def _softmax_rule(R, node, env, sc, info) -> V:
 
 # ---- op rules: elementwise ----
 
-@OP_RULES.register(Op.ADD, Op.MUL, Op.DIV, Op.MAXIMUM, Op.MINIMUM)
+@OP_RULES.register(Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.MAXIMUM, Op.MINIMUM)
 def _binary_rule(R, node, env, sc, info) -> V:
     return R.binary(node.op, R.value(node.src[0], env, sc), R.value(node.src[1], env, sc),
                     sc, node)
-
-
-@OP_RULES.register(Op.SUB)
-def _sub_rule(R, node, env, sc, info) -> V:
-    """x - y; exp(x) - 1 (through lets) is the accurate expm1 (see ``expm1``)."""
-    if expm1_arg(R, node) is not None:
-        return expm1(R, node, env, sc)
-    return _binary_rule(R, node, env, sc, info)
 
 
 @OP_RULES.register(Op.NEG, Op.CLAMP, Op.LOGSIGMOID, Op.STEP, Op.LOG, Op.SOFTPLUS, Op.SIGMOID,
@@ -301,22 +283,15 @@ def _exp_rule(R, node, env, sc, info) -> V:
     return _unary_rule(R, node, env, sc, info)
 
 
-def expm1_arg(R, node: Node) -> Node | None:
-    """x when ``node`` is exp(x) - 1 (through lets), else None."""
-    if node.src[1] != Node(Op.CONST, (), 1.0):
-        return None
-    e = node.src[0]
-    while e.op is Op.PARAM:
-        e = R.lets[e.arg]
-    return e.src[0] if e.op is Op.EXP else None
-
-
-def expm1(R, node: Node, env: dict, sc) -> V:
+@OP_RULES.register(Op.EXPM1)
+def _expm1_rule(R, node, env, sc, info) -> V:
     """exp(x) - 1 without float32 cancellation for small |x| (s4d's (exp(dt A) - 1) / A
-    and its derivative): Kahan's (u - 1) x / log(u) with u = exp(x), on x and u clamped
-    to |x| <= 0.5 so it stays finite (u == 1 gives x), and u - 1 where |x| > 0.5."""
-    u = R.value(node.src[0], env, sc)
-    x = R.value(expm1_arg(R, node), env, sc)
+    and its derivative; the plan's ``canonicalize`` writes them expm1): Kahan's
+    (u - 1) x / log(u) with u = exp(x), on x and u clamped to |x| <= 0.5 so it stays
+    finite (u == 1 gives x), and u - 1 where |x| > 0.5. u is the exp(x) the recurrence
+    computes anyway (s4d's decay), so it is shared."""
+    u = R.value(Node(Op.EXP, node.src), env, sc)
+    x = R.value(node.src[0], env, sc)
     if u.kind == "const" or x.kind == "const":
         return R.binary(Op.SUB, u, V("const", "1.0"), sc, node)
     u = R.sbuf(u, sc)
