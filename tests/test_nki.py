@@ -102,8 +102,8 @@ def test_chunked_matmul_form(name, dtype, T):
 
 
 @pytest.mark.parametrize("name", CHUNKED)
-def test_scan_form_where_chunked_is_the_default(name):
-    _, plan = check(name, "float32", T=63, algorithm="scan")
+def test_recurrent_form_where_chunked_is_the_default(name):
+    _, plan = check(name, "float32", T=63, algorithm="recurrent")
     assert not plan.chunked
 
 
@@ -283,7 +283,7 @@ def test_tile_plan_picks_smaller_time_tile_then_fails_clearly():
     huge = default_sizes(rec, time=8, key=16_000)
     with pytest.raises(PlanError, match=r"gla.*180224 B.*key=16000"):
         be.render(rec, {"sizes": huge})
-    assert "nki.jit" in be.render(rec, {"sizes": huge, "target": "trn2"})
+    assert "nki.jit" in be.render(rec, {"sizes": huge, "chip": "trn2"})
 
 
 @pytest.mark.parametrize("chan", [6, 200])

@@ -302,7 +302,7 @@ def test_chunked_table_covers_the_library():
 
 @pytest.mark.parametrize("name", sorted(CHUNKED))
 def test_chunked_verdict_per_backend(name):
-    from scancc.backends.nki import lowering as nki_lowering
+    from scancc.backends.nki import plan as nki_plan
     from scancc.backends.triton import chunked as triton_chunked
     kind, on_triton, on_nki = CHUNKED[name]
     rec = registry.get(name).build()
@@ -316,8 +316,7 @@ def test_chunked_verdict_per_backend(name):
     assert triton_chunked.applies(rec)[0] == on_triton
     assert (get("triton").algorithm(rec, {}) == "chunked") == on_triton
     sizes = default_sizes(rec)
-    r = nki_lowering.Renderer(rec, sizes, 128, False, False)
-    assert bool(r.chunks) == on_nki
+    assert bool(nki_plan.plan_space(rec, sizes).chunks) == on_nki
 
 
 def test_chunked_form_of_mamba2():

@@ -5,8 +5,8 @@ the kernel source is imported as is and run through ``nki.simulate(kernel)``; ot
 runs in the project's strict NumPy emulator (``emulator.py``), which resolves the source's
 ``nki`` imports to itself without touching ``sys.modules``. Backend options:
 
-- ``target``: ``"trn1"`` (default) or ``"trn2"``: the SBUF budget the tile plan and the
-  emulator check against.
+- ``chip``: ``"trn1"`` (default) or ``"trn2"``: the row of the hardware table
+  (``hardware.py``) the tile plan and the emulator check against.
 - ``time_tile``: force the time-tile size (default: the largest that fits).
 - ``dtype``: the NKI dtype of the inputs (``"float32"``, ``"bfloat16"``, ``"float16"``);
   default from the arrays (float64 arrays run as float32: NKI has no float64).
@@ -14,7 +14,13 @@ runs in the project's strict NumPy emulator (``emulator.py``), which resolves th
 - ``loop_order``: ``"auto"`` (default: the order with fewer DMA bytes), ``"outer"`` (outer
   dims, then the partition tile, then the time tile) or ``"time"`` (time tile outermost).
 - ``algorithm``: ``"auto"`` (default: the chunked matmul form where it applies, else the
-  scan), ``"scan"`` or ``"chunked"`` (an error where it does not apply).
+  recurrent form), ``"recurrent"`` (a scan or per-step loop in time) or ``"chunked"`` (an
+  error where it does not apply).
+
+Modules: ``plan.py`` (the static plan: layout, algorithm per state, tile candidates, budget),
+``lowering.py`` (the emit step), ``rules.py`` (``OP_RULES`` / ``TRANSITION_RULES``),
+``chunked.py`` (the chunked form), ``values.py`` (the emitter's vocabulary), ``hardware.py``
+(the chip table), ``emulator.py`` (the NumPy emulator).
 """
 from __future__ import annotations
 
@@ -27,10 +33,13 @@ from scancc.ir import Recurrence
 
 from ..base import Backend, RunResult, UnsupportedError
 from . import emulator
-from .lowering import NAME, Plan, PlanError, plan_and_render
+from .hardware import DEFAULT_CHIP
+from .lowering import plan_and_render
+from .plan import Plan, PlanError
+from .values import NAME
 
 RUNNERS = ("auto", "emulator", "simulate")
-OPTIONS = ("target", "time_tile", "dtype", "runner", "sizes", "initial_state", "final_state",
+OPTIONS = ("chip", "time_tile", "dtype", "runner", "sizes", "initial_state", "final_state",
            "algorithm", "loop_order")
 
 
@@ -76,20 +85,20 @@ class NkiBackend(Backend):
         return True, ""
 
     def render(self, rec: Recurrence, options: Mapping[str, Any]) -> str:
-        """Kernel source for ``options['sizes']`` (default: scancc.testing.default_sizes)."""
+        """Kernel source for ``options['sizes']`` (default: scancc.ir.default_sizes)."""
         from scancc.ir import default_sizes
         sizes = options.get("sizes") or default_sizes(rec)
         return self._render(rec, sizes, bool(options.get("initial_state", False)),
                             bool(options.get("final_state", False)), options)[0]
 
     def _render(self, rec, sizes, init: bool, final: bool, options) -> tuple[str, Plan]:
-        target = options.get("target", "trn1")
+        chip = options.get("chip", DEFAULT_CHIP)
         tt = options.get("time_tile")
         algo = options.get("algorithm", "auto")
         order = options.get("loop_order", "auto")
-        key = (rec, tuple(sorted(sizes.items())), init, final, target, tt, algo, order)
+        key = (rec, tuple(sorted(sizes.items())), init, final, chip, tt, algo, order)
         if key not in self._cache:
-            self._cache[key] = plan_and_render(rec, sizes, init, final, target, tt, algo, order)
+            self._cache[key] = plan_and_render(rec, sizes, init, final, chip, tt, algo, order)
         return self._cache[key]
 
     def run(self, rec: Recurrence, inputs: Mapping[str, Any], sizes: Mapping[str, int],
@@ -134,7 +143,7 @@ class NkiBackend(Backend):
             counters: dict = {}
         else:
             kernel = emulator.load_kernel(src, kname, f"<nki kernel {rec.name}>")
-            kernel.target = options.get("target", "trn1")
+            kernel.chip = options.get("chip", DEFAULT_CHIP)
             res = kernel(*arrays, dtypes=dtypes)
             counters = kernel.counters
         res = res if isinstance(res, tuple) else (res,)
