@@ -16,8 +16,6 @@ SCRIPT = ROOT / "tools" / "check_imports.py"
 KNOWN = {
     # the run path: api <-> autograd <-> _torch_plan (the cached-run-path work removes it)
     frozenset({"scancc.api", "scancc.autograd", "scancc._torch_plan"}),
-    # the NKI renderer split: chunked.py imports lowering.py's helpers lazily
-    frozenset({"scancc.backends.nki.chunked", "scancc.backends.nki.lowering"}),
 }
 
 
