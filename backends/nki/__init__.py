@@ -5,8 +5,9 @@ the kernel source is imported as is and run through ``nki.simulate(kernel)``; ot
 runs in the project's strict NumPy emulator (``emulator.py``), which resolves the source's
 ``nki`` imports to itself without touching ``sys.modules``. Backend options:
 
-- ``target``: ``"trn1"`` (default) or ``"trn2"``: the SBUF budget the tile plan and the
-  emulator check against.
+- ``chip``: ``"trn1"`` (default) or ``"trn2"``: the SBUF budget the tile plan and the
+  emulator check against. (Named ``chip``, not ``target``: ``compile``'s ``target`` is the
+  backend.)
 - ``time_tile``: force the time-tile size (default: the largest that fits).
 - ``dtype``: the NKI dtype of the inputs (``"float32"``, ``"bfloat16"``, ``"float16"``);
   default from the arrays (float64 arrays run as float32: NKI has no float64).
@@ -14,7 +15,9 @@ runs in the project's strict NumPy emulator (``emulator.py``), which resolves th
 - ``loop_order``: ``"auto"`` (default: the order with fewer DMA bytes), ``"outer"`` (outer
   dims, then the partition tile, then the time tile) or ``"time"`` (time tile outermost).
 - ``algorithm``: ``"auto"`` (default: the chunked matmul form where it applies, else the
-  scan), ``"scan"`` or ``"chunked"`` (an error where it does not apply).
+  recurrent scan), ``"recurrent"`` or ``"chunked"`` (an error where it does not apply).
+
+``OPTIONS`` declares them (types, choices, defaults); ``check_options`` is their one check.
 """
 from __future__ import annotations
 
@@ -25,13 +28,53 @@ import numpy as np
 
 from scancc.ir import Recurrence
 
-from ..base import Backend, RunResult, UnsupportedError
+from ..base import Backend, Option, OptionError, Problem, RunResult, UnsupportedError
 from . import emulator
 from .lowering import NAME, Plan, PlanError, plan_and_render
 
 RUNNERS = ("auto", "emulator", "simulate")
-OPTIONS = ("target", "time_tile", "dtype", "runner", "sizes", "initial_state", "final_state",
-           "algorithm", "loop_order")
+CHIPS = ("trn1", "trn2")
+
+
+def _positive_int(v: int, rec: Recurrence | None) -> Problem | None:
+    return None if v >= 1 else Problem("time_tile", v, "a positive integer")
+
+
+def _sizes_rule(sizes, rec: Recurrence | None) -> Problem | None:
+    for d, n in sizes.items():
+        if rec is not None and d not in {x.name for x in rec.dims}:
+            return Problem("sizes", dict(sizes), f"a dim of {rec.name!r} as each key",
+                           f"{d!r}, not a dim")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            return Problem(f"sizes[{d!r}]", n, "a positive integer")
+    return None
+
+
+OPTIONS = {o.name: o for o in (
+    Option("chip", "the Trainium generation whose SBUF budget the plan checks", "trn1", (str,),
+           CHIPS),
+    Option("time_tile", "force the time-tile size (default: the largest that fits)", None,
+           (int,), rule=_positive_int),
+    Option("dtype", "NKI dtype of the inputs (default: from the arrays)", None, (str,),
+           tuple(emulator.DTYPES)),
+    Option("runner", "emulator, nki.simulate (needs real nki), or auto", "auto", (str,),
+           RUNNERS),
+    Option("sizes", "render() only: {dim: size} (default: scancc.testing.default_sizes)",
+           None, (dict,), rule=_sizes_rule),
+    Option("initial_state", "render() only: the kernel takes initial states", False, (bool,)),
+    Option("final_state", "render() only: the kernel returns final states", False, (bool,)),
+    Option("algorithm", "auto: the chunked matmul form where it applies, else recurrent",
+           "auto", (str,), ("auto", "recurrent", "chunked")),
+    Option("loop_order", "auto (fewer DMA bytes), outer or time (time tile outermost)", "auto",
+           (str,), ("auto", "outer", "time")),
+)}
+
+
+def _lowering_algorithm(algo: str) -> str:
+    """The lowering's name of ``algo``: lowering.py calls "recurrent" "scan" until the NKI
+    rename lands (issue 9); then this is the identity."""
+    from .lowering import ALGORITHMS
+    return "scan" if algo == "recurrent" and "recurrent" not in ALGORITHMS else algo
 
 
 def real_nki():
@@ -63,9 +106,10 @@ class NkiBackend(Backend):
         return True, "NKI emulator (nki not importable)"
 
     def supports(self, rec: Recurrence, options: Mapping[str, Any]) -> tuple[bool, str]:
-        bad = sorted(set(options) - set(OPTIONS))
-        if bad:
-            return False, f"unknown nki backend option(s) {bad} (known: {', '.join(OPTIONS)})"
+        try:
+            self.check_options(rec, options)
+        except OptionError as e:
+            return False, str(e)
         from scancc.testing import default_sizes
         try:  # rendering at the default sizes finds every unsupported feature early
             self._render(rec, default_sizes(rec), False, False, options)
@@ -78,18 +122,19 @@ class NkiBackend(Backend):
     def render(self, rec: Recurrence, options: Mapping[str, Any]) -> str:
         """Kernel source for ``options['sizes']`` (default: scancc.testing.default_sizes)."""
         from scancc.testing import default_sizes
+        self.check_options(rec, options)
         sizes = options.get("sizes") or default_sizes(rec)
         return self._render(rec, sizes, bool(options.get("initial_state", False)),
                             bool(options.get("final_state", False)), options)[0]
 
     def _render(self, rec, sizes, init: bool, final: bool, options) -> tuple[str, Plan]:
-        target = options.get("target", "trn1")
+        chip = options.get("chip") or "trn1"
         tt = options.get("time_tile")
-        algo = options.get("algorithm", "auto")
+        algo = _lowering_algorithm(options.get("algorithm") or "auto")
         order = options.get("loop_order", "auto")
-        key = (rec, tuple(sorted(sizes.items())), init, final, target, tt, algo, order)
+        key = (rec, tuple(sorted(sizes.items())), init, final, chip, tt, algo, order)
         if key not in self._cache:
-            self._cache[key] = plan_and_render(rec, sizes, init, final, target, tt, algo, order)
+            self._cache[key] = plan_and_render(rec, sizes, init, final, chip, tt, algo, order)
         return self._cache[key]
 
     def run(self, rec: Recurrence, inputs: Mapping[str, Any], sizes: Mapping[str, int],
@@ -134,7 +179,7 @@ class NkiBackend(Backend):
             counters: dict = {}
         else:
             kernel = emulator.load_kernel(src, kname, f"<nki kernel {rec.name}>")
-            kernel.target = options.get("target", "trn1")
+            kernel.target = options.get("chip") or "trn1"
             res = kernel(*arrays, dtypes=dtypes)
             counters = kernel.counters
         res = res if isinstance(res, tuple) else (res,)
