@@ -99,7 +99,8 @@ class Option:
         if value is None and self.nullable:
             return None, None
         if self.types and not any(_type_ok(value, t) for t in self.types):
-            like = f" like its default {self.default!r}" if self.default is not None else ""
+            like = f" like its default {self.default!r}" \
+                if self.default is not None and not self.choices else ""
             return value, Problem(self.name, value, self.expected() + like)
         if self.choices and not any(value == c and type(value) is type(c) for c in self.choices):
             return value, Problem(self.name, value, self.expected())

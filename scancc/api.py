@@ -99,7 +99,8 @@ class Kernel:
         self.options = {k: v for k, v in options.items() if k in rec_opts}
         loose = {k: v for k, v in options.items() if k not in rec_opts}
         explicit = dict(backend_options or {})
-        both = sorted(set(self.options) & set(backend.options))
+        # ambiguous unless options= gives the backend's: then the keyword is the recurrence's
+        both = sorted(set(self.options) & set(backend.options) - set(explicit))
         if both:
             raise InputError(f"option(s) {both} name both an option of recurrence "
                              f"{self.name!r} and a {backend.name} backend option: pass backend "

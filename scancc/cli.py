@@ -35,30 +35,30 @@ def _split_options(a, entries: list, targets: list[str]) -> tuple[dict, dict]:
     rec_names = {k for e in entries if e is not None for k in e.defaults}
     declared = {t: backends.get(t).options for t in targets}
     rec_opts, by_target = {}, {t: {} for t in targets}
-    for k, v in _options(a.option).items():
-        owners = [t for t in targets if k in declared[t]]
-        if k in rec_names and owners:
-            raise SystemExit(f"scancc: --option {k}: both a recurrence option and a "
-                             f"{'/'.join(owners)} backend option; say which: --option {k}=... "
-                             f"is the recurrence's, --backend-option {k}=... the backend's")
-        if owners:
-            for t in owners:
-                by_target[t][k] = v
-        else:  # the recurrence's (compile() names it if no recurrence takes it)
-            rec_opts[k] = v
     for key, v in _options(getattr(a, "backend_option", None), "--backend-option").items():
         b, dot, k = key.rpartition(".")
         if dot and b not in targets:
             raise SystemExit(f"scancc: --backend-option {key}: {b!r} is not a target here "
                              f"(targets: {', '.join(targets)})")
         owners = [b] if dot else [t for t in targets if k in declared[t]]
-        bad = [t for t in owners if k not in declared[t]]
-        if not owners or bad:
+        if not owners or any(k not in declared[t] for t in owners):
             known = "; ".join(f"{t}: {', '.join(declared[t]) or 'none'}" for t in targets)
             raise SystemExit(f"scancc: --backend-option {key}: no target here has a backend "
                              f"option {k!r} (backend options: {known})")
         for t in owners:
             by_target[t][k] = v
+    for k, v in _options(a.option).items():
+        owners = [t for t in targets if k in declared[t] and k not in by_target[t]]
+        if k in rec_names and owners:
+            raise SystemExit(f"scancc: --option {k}: both a recurrence option and a "
+                             f"{'/'.join(owners)} backend option; give the backend's with "
+                             f"--backend-option {k}=... (then --option {k}=... is the "
+                             "recurrence's)")
+        if owners and k not in rec_names:
+            for t in owners:
+                by_target[t][k] = v
+        else:  # the recurrence's (compile() names it if no recurrence takes it)
+            rec_opts[k] = v
     return rec_opts, {t: o for t, o in by_target.items() if o}
 
 

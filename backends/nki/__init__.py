@@ -41,12 +41,17 @@ def _positive_int(v: int, rec: Recurrence | None) -> Problem | None:
 
 
 def _sizes_rule(sizes, rec: Recurrence | None) -> Problem | None:
+    dims = [x.name for x in rec.dims] if rec is not None else list(sizes)
     for d, n in sizes.items():
-        if rec is not None and d not in {x.name for x in rec.dims}:
-            return Problem("sizes", dict(sizes), f"a dim of {rec.name!r} as each key",
-                           f"{d!r}, not a dim")
+        if d not in dims:
+            return Problem("sizes", dict(sizes), f"a dim of {rec.name!r} as each key "
+                           f"(dims: {', '.join(dims)})", f"{d!r}, not a dim")
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             return Problem(f"sizes[{d!r}]", n, "a positive integer")
+    missing = [d for d in dims if d not in sizes]
+    if missing:
+        return Problem("sizes", dict(sizes), f"a size for every dim of {rec.name!r}",
+                       f"none for {', '.join(missing)}")
     return None
 
 
