@@ -147,6 +147,9 @@ def cmd_check(a) -> int:
 def cmd_backends(a) -> int:
     for n, ok, why in backends.report():
         print(f"{n:<10} {'available' if ok else 'unavailable':<12} {why}")
+        if a.options:  # the declared backend options: name, what it accepts (default), doc
+            for o in backends.get(n).options.values():
+                print(f"    {o.name:<14} {o.expected()} (default {o.default!r}): {o.doc}")
     return 0
 
 
@@ -200,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "backward kernels against the reference (float32; T crosses chunks)")
     sp.set_defaults(fn=cmd_check)
     sp = sub.add_parser("backends", help="list backends and whether they run here")
+    sp.add_argument("--options", action="store_true",
+                    help="also list each backend's options (--option / --backend-option)")
     sp.set_defaults(fn=cmd_backends)
     return p
 

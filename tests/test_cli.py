@@ -168,3 +168,10 @@ def test_an_option_both_a_recurrence_and_a_backend_has_is_refused(capsys):
         assert "0.25" in capsys.readouterr().out
     finally:
         scancc.unregister("cli_test_chip")
+
+
+def test_backends_lists_the_declared_options(capsys):
+    assert main(["backends", "--options"]) == 0
+    out = capsys.readouterr().out
+    assert "    chip           one of 'trn1', 'trn2' (default 'trn1'): " in out
+    assert "    num_warps      one of 1, 2, 4, 8, 16, 32 (default 4): " in out

@@ -48,7 +48,7 @@ def _block_sizes_rule(bs: Mapping, rec: Recurrence | None) -> Problem | None:
 OPTIONS = {o.name: o for o in (
     Option("algorithm", "auto: chunked where it applies, else recurrent", "auto",
            (str,), ALGORITHMS),
-    Option("block_sizes", "register block per dim, {dim: power of two} (default: the plan's)",
+    Option("block_sizes", "register block per dim, {dim: power of two} (None: the plan's)",
            None, (dict,), rule=_block_sizes_rule),
     Option("num_warps", "warps per program", 4, (int,), (1, 2, 4, 8, 16, 32)),
     Option("dot_precision", "tl.dot input precision of the chunked form", "ieee", (str,),
