@@ -2,12 +2,9 @@
 from __future__ import annotations
 
 import inspect
-import typing
-from dataclasses import dataclass, field, replace
-from types import NoneType, UnionType
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
-from scancc.backends.base import Option, check_options
 from scancc.ir import Builder, IRError, Recurrence, check_ident
 
 
@@ -32,16 +29,19 @@ class Entry:
     # option -> accepted types, where declared (a builder's annotations); else from the default
     types: dict[str, tuple[type, ...]] = field(default_factory=dict)
 
-    def declared_options(self) -> dict[str, Option]:
+    def declared_options(self) -> dict[str, "Option"]:
         """Each option as an ``Option``: typed by its annotation, else by its default
         (``dt_softplus=False`` takes booleans; a None default without annotation takes any)."""
+        from dataclasses import replace
+
+        from scancc.backends.base import Option
         out = {}
         for k, d in self.defaults.items():
             o = Option.like(k, d)
             out[k] = replace(o, types=self.types[k]) if k in self.types else o
         return out
 
-    def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """``options`` with values converted (ints to float, lists to tuples) if each is
         accepted; else ``OptionError`` naming the recurrence, option, expected and got. The
         one check of recurrence options: the Python path and YAML specs both use it."""
@@ -50,6 +50,7 @@ class Entry:
             known = ", ".join(f"{k}={v!r}" for k, v in self.defaults.items()) or "none"
             raise RegistryError(f"recurrence {self.name!r} takes no option(s) {unknown} "
                                 f"(options: {known})")
+        from scancc.backends.base import check_options
         return check_options(f"recurrence {self.name!r}", self.declared_options(), options)
 
     def build(self, **options: Any) -> Recurrence:
@@ -124,6 +125,8 @@ _PLAIN = (bool, int, float, str, tuple, list, dict)
 def _declared_types(f: Callable) -> dict[str, tuple[type, ...]]:
     """Option types a builder declares by annotation (``scale: float | None = None``): plain
     types, their unions with None, ``tuple[...]``; anything else is left to the default."""
+    import typing
+    from types import NoneType, UnionType
     try:
         hints = typing.get_type_hints(f)
     except Exception:  # an annotation that does not resolve types nothing
