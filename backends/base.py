@@ -2,6 +2,7 @@
 (text), ``run``."""
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -50,10 +51,10 @@ _TYPE_WORDS = {bool: "a boolean", int: "an integer", float: "a number", str: "a 
 def _type_ok(v: Any, t: type) -> bool:
     if t is bool:
         return isinstance(v, bool)
-    if t is int:  # a bool is not an integer option value
-        return isinstance(v, int) and not isinstance(v, bool)
+    if t is int:  # a bool is not an integer option value; a NumPy integer is
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
     if t is float:  # an integer is a fine number
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
+        return isinstance(v, numbers.Real) and not isinstance(v, bool)
     if t in (tuple, list):
         return isinstance(v, (tuple, list))
     if t is dict:
@@ -104,8 +105,8 @@ class Option:
             return value, Problem(self.name, value, self.expected() + like)
         if self.choices and not any(value == c and type(value) is type(c) for c in self.choices):
             return value, Problem(self.name, value, self.expected())
-        if self.types == (float,):
-            value = float(value)
+        if self.types in ((int,), (float,)):  # plain Python numbers (NumPy's too)
+            value = self.types[0](value)
         elif self.types == (tuple,):
             value = tuple(value)
         if self.rule is not None:

@@ -227,6 +227,9 @@ def test_good_recurrence_options_are_converted_like_yaml():
     assert e.build(dt_limit=[0.0, 6.0]) == e.build(dt_limit=(0.0, 6.0))
     assert e.build(dt_limit=None) != e.build()
     assert scancc.get("swa").build(window=3).dim("window").size == 3
+    assert scancc.get("swa").build(window=np.int64(3)) == scancc.get("swa").build(window=3)
+    assert scancc.compile("hgrn", "nki", time_tile=np.int64(16)).backend_options == {
+        "time_tile": 16}
     # scale defaults to None and has no declared type: the builder takes numbers
     assert scancc.get("gla").build(scale=0.5) == scancc.get("gla").build(scale=0.5)
 
