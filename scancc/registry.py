@@ -32,14 +32,35 @@ class Entry:
     doc: str = ""
     origin: str = "python"
     hints: dict[str, str] = field(default_factory=dict)  # input -> sampling.SAMPLERS name
+    # option -> accepted types, where declared (a builder's annotations); else from the default
+    types: dict[str, tuple[type, ...]] = field(default_factory=dict)
 
-    def build(self, **options: Any) -> Recurrence:
+    def declared_options(self) -> dict[str, "Option"]:
+        """Each option as an ``Option``: typed by its annotation, else by its default
+        (``dt_softplus=False`` takes booleans; a None default without annotation takes any)."""
+        from dataclasses import replace
+
+        from scancc.backends.base import Option
+        out = {}
+        for k, d in self.defaults.items():
+            o = Option.like(k, d)
+            out[k] = replace(o, types=self.types[k]) if k in self.types else o
+        return out
+
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """``options`` with values converted (ints to float, lists to tuples) if each is
+        accepted; else ``OptionError`` naming the recurrence, option, expected and got. The
+        one check of recurrence options: the Python path and YAML specs both use it."""
         unknown = sorted(set(options) - set(self.defaults))
         if unknown:
             known = ", ".join(f"{k}={v!r}" for k, v in self.defaults.items()) or "none"
             raise RegistryError(f"recurrence {self.name!r} takes no option(s) {unknown} "
                                 f"(options: {known})")
-        return self.builder(**{**self.defaults, **options})
+        from scancc.backends.base import check_options
+        return check_options(f"recurrence {self.name!r}", self.declared_options(), options)
+
+    def build(self, **options: Any) -> Recurrence:
+        return self.builder(**{**self.defaults, **self.check_options(options)})
 
 
 _REGISTRY: dict[str, Entry] = {}
@@ -84,6 +105,7 @@ def register(name: str | None = None, *, optional_inputs=(), hints=None,
                     for p in params}
         for o in optional_inputs:
             defaults.setdefault(o, False)
+        types = _declared_types(f)
         doc = inspect.getdoc(f) or ""
 
         def builder(**options):
@@ -94,11 +116,35 @@ def register(name: str | None = None, *, optional_inputs=(), hints=None,
         if bad:
             raise RegistryError(f"recurrence {nm!r}: unknown sampling hints {bad} "
                                 f"(known: {', '.join(SAMPLERS)})")
-        add(Entry(nm, builder, defaults, tuple(optional_inputs), doc, origin, dict(hints or {})),
-            override)
+        add(Entry(nm, builder, defaults, tuple(optional_inputs), doc, origin, dict(hints or {}),
+                  types), override)
         f.entry = _REGISTRY[nm]
         return f
     return deco
+
+
+_PLAIN = (bool, int, float, str, tuple, list, dict)
+
+
+def _declared_types(f: Callable) -> dict[str, tuple[type, ...]]:
+    """Option types a builder declares by annotation (``scale: float | None = None``): plain
+    types, their unions with None, ``tuple[...]``; anything else is left to the default."""
+    import typing
+    from types import NoneType, UnionType
+    try:
+        hints = typing.get_type_hints(f)
+    except Exception:  # an annotation that does not resolve types nothing
+        return {}
+    out = {}
+    for k, ann in hints.items():
+        if k == "return":
+            continue
+        args = typing.get_args(ann) if isinstance(ann, UnionType) or \
+            typing.get_origin(ann) is typing.Union else (ann,)
+        ts = tuple(typing.get_origin(a) or a for a in args if a is not NoneType)
+        if ts and all(t in _PLAIN for t in ts):
+            out[k] = ts
+    return out
 
 
 def get(name: str) -> Entry:

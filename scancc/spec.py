@@ -223,8 +223,9 @@ class _Source:
 
 # ---- form (a): use a registered recurrence ----
 
-def _option_value(src: _Source, node: yaml.Node, key: str, v: Any, default: Any) -> Any:
-    """Check ``v`` against the type of the option's default; lists become tuples."""
+def _option_value(src: _Source, node: yaml.Node, key: str, v: Any, base: Entry) -> Any:
+    """Check ``v`` with the recurrence's own option check (``Entry.declared_options``, as on
+    the Python path); lists become tuples."""
     if isinstance(v, list):
         bad = [x for x in v if isinstance(x, (list, dict))]
         if bad:
@@ -233,24 +234,9 @@ def _option_value(src: _Source, node: yaml.Node, key: str, v: Any, default: Any)
         v = tuple(v)
     if isinstance(v, dict):
         src.fail(node, f"option {key!r}: expected a value, found a mapping")
-    if default is None or v is None:
-        return v
-    if isinstance(default, bool):
-        ok, want = isinstance(v, bool), "a boolean (true/false)"
-    elif isinstance(default, int):
-        ok, want = isinstance(v, int) and not isinstance(v, bool), "an integer"
-    elif isinstance(default, float):
-        ok, want = isinstance(v, (int, float)) and not isinstance(v, bool), "a number"
-        v = float(v) if ok else v
-    elif isinstance(default, str):
-        ok, want = isinstance(v, str), "a string"
-    elif isinstance(default, (list, tuple)):
-        ok, want = isinstance(v, tuple), "a list"
-    else:
-        ok, want = True, ""
-    if not ok:
-        src.fail(node, f"option {key!r}: expected {want} like its default {default!r}, "
-                       f"found {_describe(v)}")
+    v, problem = base.declared_options()[key].convert(v)
+    if problem is not None:
+        src.fail(node, f"option {key!r}: expected {problem.expected}, found {_describe(v)}")
     return v
 
 
@@ -270,7 +256,7 @@ def _instantiate(src: _Source, top: _Map) -> Spec:
             why = (f"{k!r} is an optional input of {use!r}: pass it when calling the kernel"
                    if k in base.optional_inputs else f"{use!r} has no option {k!r}")
             src.fail(opts.key_nodes[k], f"{why} (options: {known})")
-        options[k] = _option_value(src, opts.value_nodes[k], k, v, base.defaults[k])
+        options[k] = _option_value(src, opts.value_nodes[k], k, v, base)
     where = top.value_nodes.get("options", top.value_nodes["use"])
     try:
         base.build(**options)
