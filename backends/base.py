@@ -1,8 +1,10 @@
-"""The shape every backend has: capability flags, ``supports``, ``render`` (text), ``run``."""
+"""The shape every backend has: capability flags, declared options, ``supports``, ``render``
+(text), ``run``."""
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 from scancc.ir import IRError, Recurrence
 
@@ -13,6 +15,122 @@ class UnsupportedError(IRError):
     def __init__(self, backend: str, recurrence: str, feature: str):
         self.backend, self.recurrence, self.feature = backend, recurrence, feature
         super().__init__(f"backend {backend!r} cannot lower recurrence {recurrence!r}: {feature}")
+
+
+class OptionError(IRError):
+    """An option a backend or a recurrence does not take, or a value of the wrong type or range.
+
+    ``owner`` says whose option it is (``backend 'nki', recurrence 'mamba2'`` or
+    ``recurrence 'mamba2'``); the message names the option, what was expected and what came.
+    """
+
+    def __init__(self, owner: str, option: str, message: str):
+        self.owner, self.option = owner, option
+        super().__init__(f"{owner}: {message}")
+
+
+class Problem(NamedTuple):
+    """What an ``Option.rule`` found wrong: ``where`` (e.g. ``block_sizes['chan']``), the bad
+    value, what was expected, and (optionally) how to name what came instead."""
+    where: str
+    value: Any
+    expected: str
+    got: str | None = None
+
+
+def describe(v: Any) -> str:
+    """A value as errors name it: its Python type and repr (``str 'false'``, ``int 3``)."""
+    return f"{type(v).__name__} {v!r}"
+
+
+# how errors name the accepted types
+_TYPE_WORDS = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+               tuple: "a list", list: "a list", dict: "a dict"}
+
+
+def _type_ok(v: Any, t: type) -> bool:
+    if t is bool:
+        return isinstance(v, bool)
+    if t is int:  # a bool is not an integer option value; a NumPy integer is
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+    if t is float:  # an integer is a fine number
+        return isinstance(v, numbers.Real) and not isinstance(v, bool)
+    if t in (tuple, list):
+        return isinstance(v, (tuple, list))
+    if t is dict:
+        return isinstance(v, Mapping)
+    return isinstance(v, t)
+
+
+@dataclass(frozen=True)
+class Option:
+    """A declared option: name, accepted types or values, default, one-line doc.
+
+    ``types`` (empty: any type) and ``choices`` (empty: any value of those types) say what is
+    accepted; ``rule(value, rec)`` adds a constraint the types cannot express (it returns a
+    ``Problem`` or None; ``rec`` is the recurrence, or None when checked without one). ``None``
+    always means "the default" unless ``nullable`` is False.
+    """
+    name: str
+    doc: str = ""
+    default: Any = None
+    types: tuple[type, ...] = ()
+    choices: tuple = ()
+    rule: Callable[[Any, Recurrence | None], Problem | None] | None = None
+    nullable: bool = True
+
+    @classmethod
+    def like(cls, name: str, default: Any, doc: str = "") -> "Option":
+        """An option typed by its default (a recurrence option: ``dt_softplus=False`` takes
+        booleans); a None default accepts any value."""
+        t = type(default)
+        types = () if default is None else ((tuple,) if t is list else (t,))
+        return cls(name, doc, default, types if t in _TYPE_WORDS else ())
+
+    def expected(self) -> str:
+        """What the option accepts, in words."""
+        if self.choices:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        words = [_TYPE_WORDS.get(t, t.__name__) for t in self.types]
+        return " or ".join(dict.fromkeys(words)) or "any value"
+
+    def convert(self, value: Any, rec: Recurrence | None = None) -> tuple[Any, Problem | None]:
+        """(the value, converted where the type says so, e.g. a list to a tuple or an int to a
+        float; None) if ``value`` is accepted, else (value, the problem)."""
+        if value is None and self.nullable:
+            return None, None
+        if self.types and not any(_type_ok(value, t) for t in self.types):
+            like = f" like its default {self.default!r}" \
+                if self.default is not None and not self.choices else ""
+            return value, Problem(self.name, value, self.expected() + like)
+        if self.choices and not any(value == c and type(value) is type(c) for c in self.choices):
+            return value, Problem(self.name, value, self.expected())
+        if self.types in ((int,), (float,)):  # plain Python numbers (NumPy's too)
+            value = self.types[0](value)
+        elif self.types == (tuple,):
+            value = tuple(value)
+        if self.rule is not None:
+            p = self.rule(value, rec)
+            if p is not None:
+                return value, p
+        return value, None
+
+
+def check_options(owner: str, declared: Mapping[str, Option], options: Mapping[str, Any],
+                  rec: Recurrence | None = None, what: str = "option") -> dict[str, Any]:
+    """The one option check (backends and recurrences): every name declared, every value
+    accepted. Returns the options with their values converted; raises ``OptionError``
+    naming the owner, the option, what was expected and what came."""
+    out = {}
+    for k, v in options.items():
+        if k not in declared:
+            known = ", ".join(declared) or "none"
+            raise OptionError(owner, k, f"no {what} {k!r} (options: {known})")
+        out[k], p = declared[k].convert(v, rec)
+        if p is not None:
+            raise OptionError(owner, k, f"option {p.where}={p.value!r}: expected {p.expected}, "
+                              f"got {p.got or describe(p.value)}")
+    return out
 
 
 @dataclass
@@ -31,7 +149,21 @@ class Backend:
     generates_source: bool = False
     dtypes: tuple[str, ...] = ("float64", "float32", "float16")
     computes_float64: bool = False     # arithmetic in float64 (else float32 accumulation)
-    options: tuple[str, ...] = ()      # backend options compile() accepts (e.g. algorithm)
+    options: Mapping[str, Option] = {}  # backend options compile() accepts, by name
+
+    @classmethod
+    def check_options(cls, rec: Recurrence | str, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Raise ``OptionError`` (naming backend, recurrence, option, expected and got) unless
+        every option is declared in ``options`` and its value accepted; returns the options
+        with converted values. ``rec`` may be a name when there is no recurrence at hand."""
+        name = rec if isinstance(rec, str) else rec.name
+        return check_options(f"backend {cls.name!r}, recurrence {name!r}", cls.options, options,
+                             None if isinstance(rec, str) else rec, f"{cls.name} backend option")
+
+    def algorithms(self) -> tuple[str, ...]:
+        """The algorithms the ``algorithm`` option names (without ``auto``); empty if none."""
+        opt = self.options.get("algorithm")
+        return tuple(a for a in (opt.choices if opt else ()) if a != "auto")
 
     def available(self) -> tuple[bool, str]:
         """(True, how it runs here) or (False, why not)."""

@@ -5,7 +5,7 @@ model's cycles and projected time.
 
     .venv/bin/python benchmarks/bench_nki.py [--only mamba,hgrn] [--dtype bfloat16] [--markdown]
 
-The cost model is NKI.md's (Vector/Scalar ~max(64, N) cycles per instruction, nc_matmul
+The cost model is the Neuron SDK documentation's rough one (docs/nki.md; Vector/Scalar ~max(64, N) cycles per instruction, nc_matmul
 ~max(min(64, stationary free), moving free) x4 for fp32 inputs) plus an assumed DMA rate;
 the projected time is the busiest engine's cycles at 1.4 GHz (engines overlap perfectly),
 so it is a lower bound on a real run, not a measurement.

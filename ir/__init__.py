@@ -14,6 +14,7 @@ from .printer import ExprParser, format_expr, format_recurrence, parse_recurrenc
 from .recurrence import (Dim, Input, Kind, Let, Numerics, Output, Recurrence, ShapeMismatch,
                          State, Transition, bind_sizes, companion, dense, diagonal,
                          householder, identity, scalar, shift)
+from .sizes import DEFAULT_SIZES, ROLE_SIZES, default_sizes
 
 __all__ = [
     "Builder", "IRError", "ParseError", "VerifyError", "Node", "Op", "check_ident", "clamp",
@@ -22,5 +23,6 @@ __all__ = [
     "softplus", "sqrt", "reduce_max", "reduce_sum", "ExprParser", "format_expr",
     "format_recurrence", "parse_recurrence", "Dim", "Input", "Kind", "Let", "Numerics",
     "Output", "Recurrence", "ShapeMismatch", "State", "Transition", "bind_sizes", "companion",
-    "dense", "diagonal", "householder", "identity", "scalar", "shift",
+    "dense", "diagonal", "householder", "identity", "scalar", "shift", "DEFAULT_SIZES",
+    "ROLE_SIZES", "default_sizes",
 ]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from .expr import Node, Op
 from .recurrence import (Dim, Input, Let, Numerics, Output, Recurrence, State, Transition)
+from .verify import verify
 
 
 class Builder:
@@ -50,6 +51,6 @@ class Builder:
         self._numerics = Numerics(accum, state, input)
 
     def build(self) -> Recurrence:
-        return Recurrence(self.name, tuple(self.dims), tuple(self.inputs), tuple(self.lets),
-                          tuple(self.states), tuple(self.outputs), self._numerics,
-                          self.doc).verify()
+        return verify(Recurrence(self.name, tuple(self.dims), tuple(self.inputs),
+                                 tuple(self.lets), tuple(self.states), tuple(self.outputs),
+                                 self._numerics, self.doc))

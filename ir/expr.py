@@ -11,7 +11,9 @@ import enum
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+
+from .errors import IRError
 
 IDENT = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 # names a spec may not take: they would shadow the IR text form's keywords or functions
@@ -23,7 +25,6 @@ RESERVED = frozenset(
 
 def check_ident(name: Any, what: str) -> str:
     """Return ``name`` if it is a safe identifier for generated code, else raise."""
-    from .errors import IRError
     if not isinstance(name, str) or not IDENT.match(name):
         raise IRError(f"{what} {name!r} is not a valid name: expected letters, digits and '_', "
                       f"starting with a letter, at most 64 characters")
@@ -105,7 +106,6 @@ class Node:
     def __neg__(self): return Node(Op.NEG, (self,))
 
     def __repr__(self) -> str:
-        from .printer import format_expr
         return f"Node<{format_expr(self)}>"
 
     def walk(self) -> Iterator["Node"]:
@@ -122,6 +122,58 @@ class Node:
             else:
                 stack.append((n, True))
                 stack.extend((s, False) for s in reversed(n.src))
+
+
+# ---- the text form of an expression (printer.py parses it back; recurrence.py prints
+# whole recurrences with it) ----
+
+_PREC = {Op.ADD: 1, Op.SUB: 1, Op.MUL: 2, Op.DIV: 2, Op.NEG: 3}
+
+
+def _prec(n: Node) -> int:
+    if n.op is Op.CONST and n.arg < 0:
+        return 3
+    return _PREC.get(n.op, 4)
+
+
+def _num(v: float) -> str:
+    return repr(float(v))
+
+
+def format_expr(n: Node, names: Callable[[Node], str] | None = None) -> str:
+    """Print an expression in the text form (fully determined by the tree: stable)."""
+    f = lambda m: format_expr(m, names)  # noqa: E731
+    op = n.op
+    if op in (Op.INPUT, Op.PARAM, Op.STATE):
+        return names(n) if names else n.arg
+    if op is Op.CONST:
+        return _num(n.arg)
+    if op in INFIX:
+        a, b = n.src
+        p = _PREC[op]
+        left = f(a) if _prec(a) >= p else f"({f(a)})"
+        right = f(b) if _prec(b) > p else f"({f(b)})"
+        return f"{left} {INFIX[op]} {right}"
+    if op is Op.NEG:
+        a = n.src[0]
+        return f"-{f(a)}" if _prec(a) == 4 and a.op is not Op.CONST else f"-({f(a)})"
+    if op in (Op.IOTA, Op.SIZE, Op.PREV):
+        return f"{op.value}({n.arg})"
+    if op is Op.CLAMP:
+        lo, hi = n.arg
+        kw = ([f"lo={_num(lo)}"] if lo is not None else []) + (
+            [f"hi={_num(hi)}"] if hi is not None else [])
+        return f"clamp({', '.join([f(n.src[0])] + kw)})"
+    if op in (Op.SUM, Op.MAX):
+        return f"{op.value}({f(n.src[0])}, {', '.join(n.arg)})"
+    if op in (Op.L2NORM, Op.FLIP):
+        return f"{op.value}({f(n.src[0])}, {n.arg})"
+    if op in (Op.GROUP, Op.UNGROUP):
+        return f"{op.value}({f(n.src[0])}, {n.arg[0]}, {n.arg[1]})"
+    if op is Op.SOFTMAX:
+        mask = f", mask={f(n.src[1])}" if len(n.src) > 1 else ""
+        return f"softmax({f(n.src[0])}, {n.arg}{mask})"
+    return f"{op.value}({', '.join(f(s) for s in n.src)})"
 
 
 def lift(x: Any) -> Node:

@@ -1,4 +1,4 @@
-"""The stable text form of the IR: a printer and a whitelist parser that reads it back.
+"""The stable text form of the IR: its printers and a whitelist parser that reads it back.
 
     recurrence simple_gla
       # S = exp(g) S + k v^T
@@ -11,7 +11,10 @@
       output o: [batch, time, heads, value] = sum(S * q, key) * scale
     end
 
-The same expression grammar is used by YAML specs. Parsing never evaluates Python: it is a
+The printers sit beside what they print (``format_expr`` in expr.py, ``format_transition`` and
+``format_recurrence`` in recurrence.py) so ``repr(node)`` and ``str(rec)`` need nothing from
+here; import all of the text form from this module. The same expression grammar is used by
+YAML specs. Parsing never evaluates Python: it is a
 tokenizer plus a recursive-descent parser over a fixed set of operators and functions.
 """
 from __future__ import annotations
@@ -20,91 +23,12 @@ import re
 from typing import Callable
 
 from .errors import ParseError
-from .expr import FUNCTIONS, INFIX, Node, Op, lift
+from .expr import FUNCTIONS, Node, Op, format_expr, lift
 from .recurrence import (AXIS_KINDS, COL_KINDS, OPERANDS, Dim, Input, Kind, Let, Numerics, Output,
-                         Recurrence, State, Transition)
+                         Recurrence, State, Transition, format_recurrence, format_transition)
 
-_PREC = {Op.ADD: 1, Op.SUB: 1, Op.MUL: 2, Op.DIV: 2, Op.NEG: 3}
-
-
-def _prec(n: Node) -> int:
-    if n.op is Op.CONST and n.arg < 0:
-        return 3
-    return _PREC.get(n.op, 4)
-
-
-def _num(v: float) -> str:
-    return repr(float(v))
-
-
-def format_expr(n: Node, names: Callable[[Node], str] | None = None) -> str:
-    """Print an expression in the text form (fully determined by the tree: stable)."""
-    f = lambda m: format_expr(m, names)  # noqa: E731
-    op = n.op
-    if op in (Op.INPUT, Op.PARAM, Op.STATE):
-        return names(n) if names else n.arg
-    if op is Op.CONST:
-        return _num(n.arg)
-    if op in INFIX:
-        a, b = n.src
-        p = _PREC[op]
-        left = f(a) if _prec(a) >= p else f"({f(a)})"
-        right = f(b) if _prec(b) > p else f"({f(b)})"
-        return f"{left} {INFIX[op]} {right}"
-    if op is Op.NEG:
-        a = n.src[0]
-        return f"-{f(a)}" if _prec(a) == 4 and a.op is not Op.CONST else f"-({f(a)})"
-    if op in (Op.IOTA, Op.SIZE, Op.PREV):
-        return f"{op.value}({n.arg})"
-    if op is Op.CLAMP:
-        lo, hi = n.arg
-        kw = ([f"lo={_num(lo)}"] if lo is not None else []) + (
-            [f"hi={_num(hi)}"] if hi is not None else [])
-        return f"clamp({', '.join([f(n.src[0])] + kw)})"
-    if op in (Op.SUM, Op.MAX):
-        return f"{op.value}({f(n.src[0])}, {', '.join(n.arg)})"
-    if op in (Op.L2NORM, Op.FLIP):
-        return f"{op.value}({f(n.src[0])}, {n.arg})"
-    if op in (Op.GROUP, Op.UNGROUP):
-        return f"{op.value}({f(n.src[0])}, {n.arg[0]}, {n.arg[1]})"
-    if op is Op.SOFTMAX:
-        mask = f", mask={f(n.src[1])}" if len(n.src) > 1 else ""
-        return f"softmax({f(n.src[0])}, {n.arg}{mask})"
-    return f"{op.value}({', '.join(f(s) for s in n.src)})"
-
-
-def format_transition(t: Transition) -> str:
-    parts = ([f"axis={t.axis}"] if t.axis is not None else []) + (
-        [f"col={t.col}"] if t.col is not None else [])
-    parts += [f"{k}={format_expr(v)}" for k, v in t.operands]
-    return f"{t.kind.value}({', '.join(parts)})"
-
-
-def _dimlist(dims, optional=()) -> str:
-    return "[" + ", ".join(d + ("?" if d in optional else "") for d in dims) + "]"
-
-
-def format_recurrence(rec: Recurrence) -> str:
-    lines = [f"recurrence {rec.name}"]
-    lines += [f"  # {line}".rstrip() for line in rec.doc.strip().splitlines()] if rec.doc else []
-    for d in rec.dims:
-        lines.append(f"  dim {d.name}: {d.role}" + (f" = {d.size}" if d.size is not None else ""))
-    for i in rec.inputs:
-        lines.append(f"  input {i.name}: {_dimlist(i.dims, i.optional_dims)}")
-    for l in rec.lets:
-        lines.append(f"  let {l.name} = {format_expr(l.expr)}")
-    for s in rec.states:
-        lines.append(f"  state {s.name}: {_dimlist(s.dims)} = {format_transition(s.transition)}"
-                     f" + {format_expr(s.inject)}")
-    for o in rec.outputs:
-        lines.append(f"  output {o.name}: {_dimlist(o.dims)} = {format_expr(o.expr)}")
-    if rec.numerics != Numerics():
-        n = rec.numerics
-        lines.append(f"  numerics accum={n.accum} state={n.state}" +
-                     (f" input={n.input}" if n.input else ""))
-    lines.append("end")
-    return "\n".join(lines) + "\n"
-
+__all__ = ["ExprParser", "format_expr", "format_recurrence", "format_transition",
+           "parse_recurrence", "parse_transition"]
 
 # ---------------------------------------------------------------- parsing
 

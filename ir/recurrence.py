@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from .errors import IRError
-from .expr import Node, Op
+from .expr import Node, Op, format_expr
 
 ROLES = ("batch", "time", "head", "group", "feature")
 
@@ -228,13 +228,7 @@ class Recurrence:
         return any(n.op in (Op.STATE, Op.PREV) for n in node.walk()) or any(
             self.uses_state(self.let(n.arg).expr) for n in node.walk() if n.op is Op.PARAM)
 
-    def verify(self) -> "Recurrence":
-        from .verify import verify
-        verify(self)
-        return self
-
     def __str__(self) -> str:
-        from .printer import format_recurrence
         return format_recurrence(self)
 
 
@@ -302,3 +296,40 @@ def _check_groups(rec: Recurrence, sizes: dict[str, int]) -> None:
 
 class ShapeMismatch(IRError):
     """Inputs disagree with the recurrence's declared dims."""
+
+
+# ---- the text form of a recurrence (printer.py parses it back) ----
+
+def format_transition(t: Transition) -> str:
+    """A transition as written in a ``state`` line: ``kind(axis=.., col=.., operand=expr)``."""
+    parts = ([f"axis={t.axis}"] if t.axis is not None else []) + (
+        [f"col={t.col}"] if t.col is not None else [])
+    parts += [f"{k}={format_expr(v)}" for k, v in t.operands]
+    return f"{t.kind.value}({', '.join(parts)})"
+
+
+def _dimlist(dims, optional=()) -> str:
+    return "[" + ", ".join(d + ("?" if d in optional else "") for d in dims) + "]"
+
+
+def format_recurrence(rec: Recurrence) -> str:
+    """Print a recurrence in the text form (``printer.parse_recurrence`` reads it back)."""
+    lines = [f"recurrence {rec.name}"]
+    lines += [f"  # {line}".rstrip() for line in rec.doc.strip().splitlines()] if rec.doc else []
+    for d in rec.dims:
+        lines.append(f"  dim {d.name}: {d.role}" + (f" = {d.size}" if d.size is not None else ""))
+    for i in rec.inputs:
+        lines.append(f"  input {i.name}: {_dimlist(i.dims, i.optional_dims)}")
+    for l in rec.lets:
+        lines.append(f"  let {l.name} = {format_expr(l.expr)}")
+    for s in rec.states:
+        lines.append(f"  state {s.name}: {_dimlist(s.dims)} = {format_transition(s.transition)}"
+                     f" + {format_expr(s.inject)}")
+    for o in rec.outputs:
+        lines.append(f"  output {o.name}: {_dimlist(o.dims)} = {format_expr(o.expr)}")
+    if rec.numerics != Numerics():
+        n = rec.numerics
+        lines.append(f"  numerics accum={n.accum} state={n.state}" +
+                     (f" input={n.input}" if n.input else ""))
+    lines.append("end")
+    return "\n".join(lines) + "\n"

@@ -1,4 +1,8 @@
-"""The verifier: every rule a well-formed recurrence obeys, each error naming the node at fault."""
+"""The verifier: every rule a well-formed recurrence obeys, each error naming the node at fault.
+
+Every error is a ``VerifyError`` whose ``where`` is a structured path to the declaration at
+fault (see ``errors.VerifyError``), so a spec loader maps it to its own source lines.
+"""
 from __future__ import annotations
 
 from .errors import IRError, VerifyError
@@ -9,14 +13,18 @@ _ARITY = {**{op: 1 for op in UNARY}, **{op: 2 for op in BINARY},
           Op.SUM: 1, Op.MAX: 1, Op.L2NORM: 1, Op.FLIP: 1, Op.GROUP: 1, Op.UNGROUP: 1}
 
 
-def verify(rec: Recurrence) -> None:
-    def fail(where: str, msg: str):
-        raise VerifyError(rec.name, where, msg)
+def verify(rec: Recurrence) -> Recurrence:
+    """Check every rule of a well-formed recurrence; return ``rec``, or raise ``VerifyError``."""
+    def fail(where: tuple[str, ...], msg: str, label: str | None = None):
+        raise VerifyError(rec.name, where, msg, label)
+
+    def decl(where: tuple[str, ...]) -> str:  # "state 'h'": the label of a whole declaration
+        return f"{where[0]} {where[1]!r}"
 
     try:
         check_ident(rec.name, "recurrence name")
     except IRError as e:
-        fail("name", str(e))
+        fail(("name",), str(e))
 
     # one namespace for dims, inputs, lets, states and outputs
     seen: dict[str, str] = {}
@@ -26,187 +34,206 @@ def verify(rec: Recurrence) -> None:
             try:
                 check_ident(it.name, what)
             except IRError as e:
-                fail(f"{what} {it.name!r}", str(e))
+                fail((what, it.name), str(e))
             if it.name in seen:
-                fail(f"{what} {it.name!r}", f"name already used by a {seen[it.name]}")
+                fail((what, it.name), f"name already used by a {seen[it.name]}")
             seen[it.name] = what
 
     dims = {d.name: d for d in rec.dims}
     for d in rec.dims:
         if d.role not in ROLES:
-            fail(f"dim {d.name!r}", f"role {d.role!r} is not one of {', '.join(ROLES)}")
+            fail(("dim", d.name, "role"), f"role {d.role!r} is not one of {', '.join(ROLES)}",
+                 decl(("dim", d.name)))
         if d.size is not None and (not isinstance(d.size, int) or isinstance(d.size, bool)
                                    or d.size < 1):
-            fail(f"dim {d.name!r}", f"size must be a positive integer, got {d.size!r}")
+            fail(("dim", d.name, "size"), f"size must be a positive integer, got {d.size!r}",
+                 decl(("dim", d.name)))
     floats = ("float64", "float32", "float16", "bfloat16")
     for k in ("accum", "state", "input"):
         v = getattr(rec.numerics, k)
         if v is not None and v not in floats:
-            fail("numerics", f"{k} dtype {v!r} is not one of {', '.join(floats)}")
+            fail(("numerics", k), f"{k} dtype {v!r} is not one of {', '.join(floats)}")
     if rec.numerics.accum not in ("float32", "float64"):
-        fail("numerics", f"accum dtype must be float32 or float64, got {rec.numerics.accum!r}")
+        fail(("numerics", "accum"),
+             f"accum dtype must be float32 or float64, got {rec.numerics.accum!r}")
     times = [d.name for d in rec.dims if d.role == "time"]
     if len(times) != 1:
-        fail("dims", f"exactly one dim must have role 'time', found {times or 'none'}")
+        fail(("dims",), f"exactly one dim must have role 'time', found {times or 'none'}")
     time = times[0]
     if not rec.outputs:
-        fail("outputs", "a recurrence needs at least one output")
+        fail(("outputs",), "a recurrence needs at least one output")
     if not rec.states:
-        fail("states", "a recurrence needs at least one state")
+        fail(("states",), "a recurrence needs at least one state")
 
-    def check_dims(where: str, ds, allow_time: bool):
+    def check_dims(where: tuple[str, ...], ds, allow_time: bool):
+        """``where``: the dims list of a declaration, e.g. ("input", "x", "dims")."""
+        label = decl(where)
         if len(set(ds)) != len(ds):
-            fail(where, f"dims {list(ds)} repeat a name")
+            fail(where, f"dims {list(ds)} repeat a name", label)
         for d in ds:
             if d not in dims:
-                fail(where, f"unknown dim {d!r} (declared: {', '.join(dims)})")
+                fail(where, f"unknown dim {d!r} (declared: {', '.join(dims)})", label)
             if d == time and not allow_time:
-                fail(where, f"dims {list(ds)} must not include the time dim {time!r}")
+                fail(where, f"dims {list(ds)} must not include the time dim {time!r}", label)
 
     for inp in rec.inputs:
-        check_dims(f"input {inp.name!r}", inp.dims, True)
+        check_dims(("input", inp.name, "dims"), inp.dims, True)
         for d in inp.optional_dims:
             if d not in inp.dims:
-                fail(f"input {inp.name!r}", f"optional dim {d!r} is not one of its dims")
+                fail(("input", inp.name, "dims"), f"optional dim {d!r} is not one of its dims",
+                     decl(("input", inp.name)))
 
     names = {"input": {i.name for i in rec.inputs}, "state": {s.name for s in rec.states}}
     lets_so_far: set[str] = set()
 
-    def check_expr(where: str, root: Node, allow_state: bool):
+    def check_expr(where: tuple[str, ...], label: str, root: Node, allow_state: bool):
+        def fail_at(node: Node, msg: str):  # the label names the offending node's op too
+            fail(where, msg, f"{label}, node {node.op.value}")
+
         for n in root.walk():
-            ctx = f"{where}, node {n.op.value}"
             if n.op not in LEAVES and n.op not in (Op.SOFTMAX,) and len(n.src) != _ARITY[n.op]:
-                fail(ctx, f"takes {_ARITY[n.op]} operand(s), got {len(n.src)}")
+                fail_at(n, f"takes {_ARITY[n.op]} operand(s), got {len(n.src)}")
             if n.op is Op.INPUT and n.arg not in names["input"]:
-                fail(ctx, f"reads unknown input {n.arg!r}")
+                fail_at(n, f"reads unknown input {n.arg!r}")
             elif n.op is Op.PARAM and n.arg not in lets_so_far:
-                fail(ctx, f"reads {n.arg!r}, which is not a let bound earlier")
+                fail_at(n, f"reads {n.arg!r}, which is not a let bound earlier")
             elif n.op in (Op.STATE, Op.PREV):
                 if n.arg not in names["state"]:
-                    fail(ctx, f"reads unknown state {n.arg!r}")
+                    fail_at(n, f"reads unknown state {n.arg!r}")
                 if not allow_state:
-                    fail(ctx, f"reads state {n.arg!r}: only outputs may read states "
-                              "(transitions and injected terms must be linear in the state)")
+                    fail_at(n, f"reads state {n.arg!r}: only outputs may read states "
+                               "(transitions and injected terms must be linear in the state)")
             elif n.op is Op.CONST and not isinstance(n.arg, float):
-                fail(ctx, f"constant must be a float, got {n.arg!r}")
+                fail_at(n, f"constant must be a float, got {n.arg!r}")
             elif n.op in (Op.IOTA, Op.SIZE, Op.L2NORM, Op.FLIP, Op.SOFTMAX):
                 if n.arg not in dims or n.arg == time:
-                    fail(ctx, f"dim {n.arg!r} is not a declared non-time dim")
+                    fail_at(n, f"dim {n.arg!r} is not a declared non-time dim")
             elif n.op in (Op.SUM, Op.MAX):
                 if not n.arg:
-                    fail(ctx, "reduces over no dims")
+                    fail_at(n, "reduces over no dims")
                 have = rec.dims_of(n.src[0])
                 for d in n.arg:
                     if d not in have:
-                        fail(ctx, f"reduces over dim {d!r}, but its operand has dims {list(have)}")
+                        fail_at(n, f"reduces over dim {d!r}, but its operand has dims "
+                                   f"{list(have)}")
             elif n.op in (Op.GROUP, Op.UNGROUP):
                 # group(x, g, d) turns dim g into d; ungroup(x, d, g) turns d back into g
                 src, dst = n.arg
                 have = rec.dims_of(n.src[0])
                 if src not in dims or dst not in dims:
-                    fail(ctx, f"{n.op.value}({src}, {dst}) names an undeclared dim")
+                    fail_at(n, f"{n.op.value}({src}, {dst}) names an undeclared dim")
                 if src not in have:
-                    fail(ctx, f"operand has dims {list(have)}, without the dim {src!r}")
+                    fail_at(n, f"operand has dims {list(have)}, without the dim {src!r}")
                 if dst in have:
-                    fail(ctx, f"operand already has dim {dst!r}")
+                    fail_at(n, f"operand already has dim {dst!r}")
             elif n.op is Op.CLAMP:
                 lo, hi = n.arg
                 if lo is not None and hi is not None and lo > hi:
-                    fail(ctx, f"clamp bounds lo={lo} > hi={hi}")
+                    fail_at(n, f"clamp bounds lo={lo} > hi={hi}")
             elif n.op is Op.SOFTMAX:
                 pass
             if n.op in (Op.L2NORM, Op.FLIP) and n.arg not in rec.dims_of(n.src[0]):
-                fail(ctx, f"dim {n.arg!r} is not a dim of its operand {list(rec.dims_of(n.src[0]))}")
+                fail_at(n, f"dim {n.arg!r} is not a dim of its operand "
+                           f"{list(rec.dims_of(n.src[0]))}")
             if n.op is Op.SOFTMAX:
                 if len(n.src) not in (1, 2):
-                    fail(ctx, "takes logits and an optional mask")
+                    fail_at(n, "takes logits and an optional mask")
                 if n.arg not in rec.dims_of(n.src[0]):
-                    fail(ctx, f"dim {n.arg!r} is not a dim of the logits "
-                              f"{list(rec.dims_of(n.src[0]))}")
+                    fail_at(n, f"dim {n.arg!r} is not a dim of the logits "
+                               f"{list(rec.dims_of(n.src[0]))}")
 
     for l in rec.lets:
-        check_expr(f"let {l.name!r}", l.expr, allow_state=False)
+        check_expr(("let", l.name, "expr"), decl(("let", l.name)), l.expr, allow_state=False)
         lets_so_far.add(l.name)
 
-    def subset(where: str, root: Node, allowed, what: str):
+    def subset(where: tuple[str, ...], label: str, root: Node, allowed, what: str):
         have = rec.dims_of(root)
         extra = [d for d in have if d not in allowed]
         if extra:
-            fail(where, f"{what} has dims {list(have)}; {extra} not among {list(allowed)}")
+            fail(where, f"{what} has dims {list(have)}; {extra} not among {list(allowed)}", label)
 
     for s in rec.states:
-        w = f"state {s.name!r}"
-        check_dims(w, s.dims, False)
+        w, wl = ("state", s.name), decl(("state", s.name))
+        wt = w + ("transition",)
+        check_dims(w + ("dims",), s.dims, False)
         t = s.transition
         req, opt = OPERANDS[t.kind]
         given = [k for k, _ in t.operands]
         for k in req:
             if k not in given:
-                fail(w, f"{t.kind.value} transition needs operand {k!r}")
+                fail(wt, f"{t.kind.value} transition needs operand {k!r}", wl)
         for k in given:
             if k not in req + opt:
-                fail(w, f"{t.kind.value} transition takes no operand {k!r} "
-                        f"(takes: {', '.join(req + opt) or 'none'})")
+                fail(wt, f"{t.kind.value} transition takes no operand {k!r} "
+                         f"(takes: {', '.join(req + opt) or 'none'})", wl)
         if len(set(given)) != len(given):
-            fail(w, f"operands {given} repeat a name")
+            fail(wt, f"operands {given} repeat a name", wl)
         if (t.axis is not None) != (t.kind in AXIS_KINDS):
-            fail(w, f"{t.kind.value} transition " + ("needs an axis" if t.kind in AXIS_KINDS
-                                                      else "takes no axis"))
+            fail(wt, f"{t.kind.value} transition " + ("needs an axis" if t.kind in AXIS_KINDS
+                                                       else "takes no axis"), wl)
         if t.axis is not None and t.axis not in s.dims:
-            fail(w, f"transition axis {t.axis!r} is not one of the state dims {list(s.dims)}")
+            fail(wt, f"transition axis {t.axis!r} is not one of the state dims {list(s.dims)}",
+                 wl)
         if (t.col is not None) != (t.kind in COL_KINDS):
-            fail(w, "only a dense transition has a column dim, and it needs one")
+            fail(wt, "only a dense transition has a column dim, and it needs one", wl)
         for k, n in t.operands:
-            check_expr(f"{w} ({t.kind.value} {k})", n, allow_state=False)
-        check_expr(f"{w} (inject)", s.inject, allow_state=False)
+            check_expr(wt + (k,), f"{wl} ({t.kind.value} {k})", n, allow_state=False)
+        check_expr(w + ("inject",), f"{wl} (inject)", s.inject, allow_state=False)
         sd = set(s.dims)
         feats = {d for d in s.dims if dims[d].role == "feature"}
         ops = dict(t.operands)
         if t.kind is Kind.SCALAR:
-            subset(f"{w} (scalar decay)", ops["decay"], sd - feats,
+            subset(wt + ("decay",), f"{wl} (scalar decay)", ops["decay"], sd - feats,
                    "a scalar decay (constant over the state's feature dims)")
         elif t.kind is Kind.DIAGONAL:
-            subset(f"{w} (diagonal decay)", ops["decay"], sd, "the decay")
+            subset(wt + ("decay",), f"{wl} (diagonal decay)", ops["decay"], sd, "the decay")
         elif t.kind in (Kind.COMPANION, Kind.COMPANION_ADJOINT):
-            subset(f"{w} (companion feedback)", ops["feedback"], sd, "the feedback row")
+            subset(wt + ("feedback",), f"{wl} (companion feedback)", ops["feedback"], sd,
+                   "the feedback row")
             if t.axis not in rec.dims_of(ops["feedback"]):
-                fail(w, f"the feedback row must vary along the axis {t.axis!r}")
+                fail(wt + ("feedback",), f"the feedback row must vary along the axis {t.axis!r}",
+                     wl)
         elif t.kind is Kind.HOUSEHOLDER:
-            subset(f"{w} (householder k)", ops["k"], sd, "k")
+            subset(wt + ("k",), f"{wl} (householder k)", ops["k"], sd, "k")
             if t.axis not in rec.dims_of(ops["k"]):
-                fail(w, f"householder k must have the axis {t.axis!r}")
+                fail(wt + ("k",), f"householder k must have the axis {t.axis!r}", wl)
             for k in ("beta", "alpha"):
                 if k in ops:
-                    subset(f"{w} (householder {k})", ops[k], sd - {t.axis}, k)
+                    subset(wt + (k,), f"{wl} (householder {k})", ops[k], sd - {t.axis}, k)
         elif t.kind in COL_KINDS:
             if t.col not in dims or t.col in sd or t.col == time:
-                fail(w, f"dense column dim {t.col!r} must be a declared dim not in the state")
+                fail(wt, f"dense column dim {t.col!r} must be a declared dim not in the state",
+                     wl)
             m = rec.dims_of(ops["matrix"])
             if t.axis not in m or t.col not in m:
-                fail(w, f"dense matrix has dims {list(m)}; it needs both {t.axis!r} and {t.col!r}")
-            subset(f"{w} (dense matrix)", ops["matrix"], sd | {t.col}, "the matrix")
+                fail(wt + ("matrix",),
+                     f"dense matrix has dims {list(m)}; it needs both {t.axis!r} and {t.col!r}",
+                     wl)
+            subset(wt + ("matrix",), f"{wl} (dense matrix)", ops["matrix"], sd | {t.col},
+                   "the matrix")
         inj_allowed = sd - {t.axis} if t.kind in SLOT_KINDS else sd
-        subset(f"{w} (inject)", s.inject, inj_allowed,
+        subset(w + ("inject",), f"{wl} (inject)", s.inject, inj_allowed,
                "the injected term" + (" (one slot of the axis)" if t.kind in SLOT_KINDS else ""))
 
     for o in rec.outputs:
-        w = f"output {o.name!r}"
-        check_dims(w, o.dims, True)
+        w, wl = ("output", o.name), decl(("output", o.name))
+        check_dims(w + ("dims",), o.dims, True)
         if time not in o.dims:
-            fail(w, f"an output must have the time dim {time!r}")
-        check_expr(w, o.expr, allow_state=True)
-        subset(w, o.expr, [d for d in o.dims if d != time], "the readout")
+            fail(w + ("dims",), f"an output must have the time dim {time!r}", wl)
+        check_expr(w + ("expr",), wl, o.expr, allow_state=True)
+        subset(w + ("expr",), wl, o.expr, [d for d in o.dims if d != time], "the readout")
 
     # every input is used somewhere, and every dim gets a size
     used = {n.arg for _, root in rec.exprs() for n in root.walk() if n.op is Op.INPUT}
     for inp in rec.inputs:
         if inp.name not in used:
-            fail(f"input {inp.name!r}", "is never used")
+            fail(("input", inp.name), "is never used")
     sized = {d.name for d in rec.dims if d.size is not None}
     for inp in rec.inputs:
         sized |= set(inp.dims)
     for d in rec.dims:
         if d.name not in sized and d.role != "time":
-            fail(f"dim {d.name!r}", "has no size: give it one, or use it in an input")
+            fail(("dim", d.name), "has no size: give it one, or use it in an input")
     if time not in sized:
-        fail(f"dim {time!r}", "the time dim must appear in at least one input")
+        fail(("dim", time), "the time dim must appear in at least one input")
+    return rec

@@ -11,6 +11,10 @@ from scancc import ir  # noqa: F401  (scancc.ir is the folder ir/)
 from .api import InputError, Kernel, compile
 from .registry import Entry, RegistryError, get, names, register, unregister
 
+# the standard library registers itself in the registry; importing it here (never from the
+# registry) means it is registered before any user code can register a clashing name
+from . import library  # noqa: E402,F401  isort: skip
+
 __version__ = "0.1.0"
 
 __all__ = ["compile", "Kernel", "InputError", "register", "unregister", "get", "names",

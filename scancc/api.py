@@ -11,6 +11,7 @@ import numpy as np
 from scancc import backends
 from scancc.backends import UnsupportedError
 from scancc.ir import IRError, Recurrence, ShapeMismatch, bind_sizes
+from scancc.ir.verify import verify
 
 from . import registry
 from ._forward import Runner, runner
@@ -27,7 +28,7 @@ class InputError(IRError):
 def _resolve(what: Any) -> tuple[Entry | None, Recurrence | None, dict]:
     """(entry, fixed IR, spec options) for a library/registered name, a YAML path or an IR."""
     if isinstance(what, Recurrence):
-        return None, what.verify(), {}
+        return None, verify(what), {}
     if isinstance(what, Entry):
         return what, None, {}
     if isinstance(what, (str, os.PathLike)):
@@ -41,19 +42,45 @@ def _resolve(what: Any) -> tuple[Entry | None, Recurrence | None, dict]:
                     f"got {type(what).__name__}")
 
 
-def compile(what: Any, target: str = "reference", **options: Any) -> "Kernel":  # noqa: A001
+def compile(what: Any, target: str = "reference", *, options: Mapping[str, Any] | None = None,
+            **kwargs: Any) -> "Kernel":  # noqa: A001
     """Compile a recurrence for a backend.
 
     Args:
         what: a registered name (``"mamba2"``), a path to a YAML spec, or a ``Recurrence``.
         target: a backend name: ``reference``, ``triton`` or ``nki`` (see ``scancc backends``).
-        **options: the recurrence's options (e.g. ``dt_softplus=True``) and backend options.
+        options: backend options of ``target`` (``{"chip": "trn2"}``), or backend options by
+            backend name (``{"nki": {"chip": "trn2"}, "triton": {"num_warps": 8}}``: those of
+            ``target`` apply, so one mapping serves several targets).
+        **kwargs: the recurrence's options (e.g. ``dt_softplus=True``); a backend option may
+            be given here too where no recurrence option has its name.
 
     Returns:
         a ``Kernel``: call it with the inputs; ``.ir`` is its IR, ``.source`` its code.
     """
     entry, rec, spec_opts = _resolve(what)
-    return Kernel(entry, rec, backends.get(target), {**spec_opts, **options})
+    backend = backends.get(target)
+    return Kernel(entry, rec, backend, {**spec_opts, **kwargs}, _backend_options(options, target))
+
+
+def _backend_options(options: Mapping[str, Any] | None, target: str) -> dict:
+    """The ``options=`` of ``compile`` for ``target``: flat, or keyed by backend name."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise InputError(f"options: expected a dict of backend options (or of them by backend "
+                         f"name), got {type(options).__name__} {options!r}")
+    names = backends.names()
+    keyed = [k for k in options if k in names]
+    if not keyed:
+        return dict(options)
+    flat = [k for k in options if k not in names]
+    bad = [k for k in keyed if not isinstance(options[k], Mapping)]
+    if flat or bad:
+        raise InputError(f"options: either backend options ({', '.join(map(repr, flat))}) or "
+                         f"dicts of them by backend name ({', '.join(map(repr, keyed))}), "
+                         "not both")
+    return dict(options.get(target) or {})
 
 
 class Kernel:
@@ -67,12 +94,25 @@ class Kernel:
     left out: the kernel specializes on which are present.
     """
 
-    def __init__(self, entry: Entry | None, rec: Recurrence | None, backend, options: dict):
+    def __init__(self, entry: Entry | None, rec: Recurrence | None, backend, options: dict,
+                 backend_options: Mapping[str, Any] | None = None):
         self.entry, self._fixed, self.backend = entry, rec, backend
+        # loose keywords: a recurrence option by its name, else a backend option
         rec_opts = set(entry.defaults) if entry else set()
         self.options = {k: v for k, v in options.items() if k in rec_opts}
-        self.backend_options = {k: v for k, v in options.items() if k not in rec_opts}
-        unknown = sorted(set(self.backend_options) - set(backend.options))
+        loose = {k: v for k, v in options.items() if k not in rec_opts}
+        explicit = dict(backend_options or {})
+        # ambiguous unless options= gives the backend's: then the keyword is the recurrence's
+        both = sorted(set(self.options) & set(backend.options) - set(explicit))
+        if both:
+            raise InputError(f"option(s) {both} name both an option of recurrence "
+                             f"{self.name!r} and a {backend.name} backend option: pass backend "
+                             f"options as compile(..., options={{{both[0]!r}: ...}})")
+        twice = sorted(set(loose) & set(explicit))
+        if twice:
+            raise InputError(f"backend option(s) {twice} given twice (as keywords and in "
+                             "options=)")
+        unknown = sorted(set(loose) - set(backend.options))
         if unknown:
             known = ", ".join(f"{k}={v!r}" for k, v in (entry.defaults if entry else {}).items())
             raise InputError(f"recurrence {self.name!r} takes no option(s) {unknown} "
@@ -81,6 +121,8 @@ class Kernel:
         self._variants: dict = {}
         self._plans: dict = {}       # call structure -> _CallPlan (see __call__)
         self._last: Runner | None = None
+        # builds the IR: the recurrence options are checked there (Entry.check_options)
+        self.backend_options = backend.check_options(self.ir, {**loose, **explicit})
         _KERNELS[id(self)] = self
         if "torch" in sys.modules:  # ready the torch ops before torch.compile may trace a call
             from . import _torch_plan  # noqa: F401

@@ -9,10 +9,12 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from scancc import backends
+from scancc.ir import default_sizes
 
 from .api import _resolve, compile
 from .registry import Entry
-from .testing import TOLERANCES, default_sizes, errors, sample_inputs, sample_state
+from .sampling import sample_inputs, sample_state
+from .testing import TOLERANCES, errors
 
 
 @dataclass

@@ -14,15 +14,52 @@ from .api import _resolve, compile
 from .registry import Entry
 
 
-def _options(pairs: list[str] | None) -> dict:
-    """``--option k=v`` pairs; values are read as YAML scalars (true, 3, 0.5, null, [a, b])."""
+def _options(pairs: list[str] | None, flag: str = "--option") -> dict:
+    """``--option k=v`` pairs; values are read as YAML scalars (true, 3, 0.5, null, [a, b],
+    {time: 16})."""
     out = {}
     for p in pairs or []:
         k, sep, v = p.partition("=")
         if not sep or not k:
-            raise SystemExit(f"scancc: --option expects KEY=VALUE, got {p!r}")
+            raise SystemExit(f"scancc: {flag} expects KEY=VALUE, got {p!r}")
         out[k.strip()] = yaml.safe_load(v) if v.strip() else None
     return out
+
+
+def _split_options(a, entries: list, targets: list[str]) -> tuple[dict, dict]:
+    """(recurrence options, backend options by target) from ``--option`` and
+    ``--backend-option``. An ``--option`` is the recurrence's where a recurrence has that
+    name, else a backend option of every target that declares it; ``--backend-option
+    [BACKEND.]KEY=VALUE`` is a backend option only (of BACKEND, or of every target declaring
+    KEY)."""
+    rec_names = {k for e in entries if e is not None for k in e.defaults}
+    declared = {t: backends.get(t).options for t in targets}
+    rec_opts, by_target = {}, {t: {} for t in targets}
+    for key, v in _options(getattr(a, "backend_option", None), "--backend-option").items():
+        b, dot, k = key.rpartition(".")
+        if dot and b not in targets:
+            raise SystemExit(f"scancc: --backend-option {key}: {b!r} is not a target here "
+                             f"(targets: {', '.join(targets)})")
+        owners = [b] if dot else [t for t in targets if k in declared[t]]
+        if not owners or any(k not in declared[t] for t in owners):
+            known = "; ".join(f"{t}: {', '.join(declared[t]) or 'none'}" for t in targets)
+            raise SystemExit(f"scancc: --backend-option {key}: no target here has a backend "
+                             f"option {k!r} (backend options: {known})")
+        for t in owners:
+            by_target[t][k] = v
+    for k, v in _options(a.option).items():
+        owners = [t for t in targets if k in declared[t] and k not in by_target[t]]
+        if k in rec_names and owners:
+            raise SystemExit(f"scancc: --option {k}: both a recurrence option and a "
+                             f"{'/'.join(owners)} backend option; give the backend's with "
+                             f"--backend-option {k}=... (then --option {k}=... is the "
+                             "recurrence's)")
+        if owners and k not in rec_names:
+            for t in owners:
+                by_target[t][k] = v
+        else:  # the recurrence's (compile() names it if no recurrence takes it)
+            rec_opts[k] = v
+    return rec_opts, {t: o for t, o in by_target.items() if o}
 
 
 def _load_specs(paths: list[str] | None) -> None:
@@ -70,10 +107,10 @@ def cmd_show(a) -> int:
 
 def cmd_compile(a) -> int:
     _load_specs(a.spec)
-    opts = _options(a.option)
-    k = compile(a.what, a.target, **opts)
+    rec_opts, backend_opts = _split_options(a, [_resolve(a.what)[0]], [a.target])
+    k = compile(a.what, a.target, options=backend_opts, **rec_opts)
     if a.backward:  # the derived backward recurrence, lowered like any recurrence
-        k = compile(_backward_ir(k), a.target, **k.backend_options)
+        k = compile(_backward_ir(k), a.target, options=k.backend_options)
     src = k.source
     if src is None:  # the reference backend interprets the IR: its program is the IR text
         src = str(k.ir)
@@ -93,21 +130,26 @@ def cmd_check(a) -> int:
     if a.all or not items:
         items = [registry.get(n) for n in registry.names()] + [
             x for x in items if _is_spec(x)]
-    for x in items:  # fail early, with the spec error, on a bad name or path
-        if not isinstance(x, Entry):
-            _resolve(x)
+    # fail early, with the spec error, on a bad name or path
+    entries = [x if isinstance(x, Entry) else _resolve(x)[0] for x in items]
     targets = a.targets.split(",") if a.targets else [
         n for n, ok, _ in backends.report() if ok]
     for t in targets:
         backends.get(t)
+    rec_opts, backend_opts = _split_options(a, entries, targets)
+    if backend_opts:  # compile() takes them by backend name: each target gets its own
+        rec_opts["options"] = backend_opts
     dtypes = a.dtypes.split(",")
-    return main_check(items, targets, dtypes, a.T, a.seed, options=_options(a.option),
+    return main_check(items, targets, dtypes, a.T, a.seed, options=rec_opts,
                       backward=a.backward)
 
 
 def cmd_backends(a) -> int:
     for n, ok, why in backends.report():
         print(f"{n:<10} {'available' if ok else 'unavailable':<12} {why}")
+        if a.options:  # the declared backend options: name, what it accepts (default), doc
+            for o in backends.get(n).options.values():
+                print(f"    {o.name:<14} {o.expected()} (default {o.default!r}): {o.doc}")
     return 0
 
 
@@ -116,12 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
                                 "one IR, lowered to NumPy (reference), Triton and NKI.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    def common(sp, what=True, nargs=None):
+    def common(sp, what=True, nargs=None, backend_opts=False):
         if what:
             sp.add_argument("what", nargs=nargs, metavar="NAME|SPEC",
                             help="a registered recurrence name or a YAML spec path")
         sp.add_argument("--option", action="append", metavar="KEY=VALUE",
-                        help="a recurrence option, e.g. --option dt_softplus=true")
+                        help="a recurrence option, e.g. --option dt_softplus=true, or a "
+                             "backend option no recurrence option shares a name with, e.g. "
+                             "--option chip=trn2 (values are YAML: true, 3, [0, 6], {time: 16})")
+        if backend_opts:
+            sp.add_argument("--backend-option", action="append", metavar="[BACKEND.]KEY=VALUE",
+                            help="a backend option only, e.g. --backend-option nki.chip=trn2 "
+                                 "(without BACKEND.: for every target that has KEY)")
         sp.add_argument("--spec", action="append", metavar="FILE",
                         help="register the recurrence a YAML spec defines first")
 
@@ -135,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="print the derived backward recurrence instead")
     sp.set_defaults(fn=cmd_show)
     sp = sub.add_parser("compile", help="write a recurrence's kernel source for a target")
-    common(sp)
+    common(sp, backend_opts=True)
     sp.add_argument("--target", default="reference", choices=backends.names())
     sp.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
     sp.add_argument("--backward", action="store_true",
@@ -143,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_compile)
     sp = sub.add_parser("check", help="run each backend against the reference on random "
                         "inputs and print a table of errors (exit 1 on any failure)")
-    common(sp, nargs="*")
+    common(sp, nargs="*", backend_opts=True)
     sp.add_argument("--all", action="store_true", help="every registered recurrence")
     sp.add_argument("--targets", help="comma-separated backends (default: all available)")
     sp.add_argument("--dtypes", default="float32",
@@ -155,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "backward kernels against the reference (float32; T crosses chunks)")
     sp.set_defaults(fn=cmd_check)
     sp = sub.add_parser("backends", help="list backends and whether they run here")
+    sp.add_argument("--options", action="store_true",
+                    help="also list each backend's options (--option / --backend-option)")
     sp.set_defaults(fn=cmd_backends)
     return p
 

@@ -1,4 +1,4 @@
-"""The standard library: each recurrence of RECURRENCES.md, defined once in the IR.
+"""The standard library: each recurrence of docs/library.md, defined once in the IR.
 
 Argument names and layouts follow flash-linear-attention (``[B, T, H, K]``, gates in log
 space, state ``[B, H, K, V]``, ``o_t = scale * S_t^T q_t``) and mamba_ssm (S6 ``[B, D, L]``,

@@ -28,9 +28,11 @@ from scancc.ir import (Dim, ExprParser, Input, IRError, Let, Node, Numerics, Op,
                        ParseError, Recurrence, State, VerifyError, check_ident)
 from scancc.ir.printer import parse_transition
 from scancc.ir.recurrence import ROLES
+from scancc.ir.verify import verify
 
 from . import registry
 from .registry import Entry, RegistryError
+from .sampling import SAMPLERS
 
 _MERGE = "tag:yaml.org,2002:merge"
 INSTANTIATE_KEYS = ("use", "name", "doc", "options")
@@ -221,8 +223,9 @@ class _Source:
 
 # ---- form (a): use a registered recurrence ----
 
-def _option_value(src: _Source, node: yaml.Node, key: str, v: Any, default: Any) -> Any:
-    """Check ``v`` against the type of the option's default; lists become tuples."""
+def _option_value(src: _Source, node: yaml.Node, key: str, v: Any, base: Entry) -> Any:
+    """Check ``v`` with the recurrence's own option check (``Entry.declared_options``, as on
+    the Python path); lists become tuples."""
     if isinstance(v, list):
         bad = [x for x in v if isinstance(x, (list, dict))]
         if bad:
@@ -231,24 +234,9 @@ def _option_value(src: _Source, node: yaml.Node, key: str, v: Any, default: Any)
         v = tuple(v)
     if isinstance(v, dict):
         src.fail(node, f"option {key!r}: expected a value, found a mapping")
-    if default is None or v is None:
-        return v
-    if isinstance(default, bool):
-        ok, want = isinstance(v, bool), "a boolean (true/false)"
-    elif isinstance(default, int):
-        ok, want = isinstance(v, int) and not isinstance(v, bool), "an integer"
-    elif isinstance(default, float):
-        ok, want = isinstance(v, (int, float)) and not isinstance(v, bool), "a number"
-        v = float(v) if ok else v
-    elif isinstance(default, str):
-        ok, want = isinstance(v, str), "a string"
-    elif isinstance(default, (list, tuple)):
-        ok, want = isinstance(v, tuple), "a list"
-    else:
-        ok, want = True, ""
-    if not ok:
-        src.fail(node, f"option {key!r}: expected {want} like its default {default!r}, "
-                       f"found {_describe(v)}")
+    v, problem = base.declared_options()[key].convert(v)
+    if problem is not None:
+        src.fail(node, f"option {key!r}: expected {problem.expected}, found {_describe(v)}")
     return v
 
 
@@ -268,7 +256,7 @@ def _instantiate(src: _Source, top: _Map) -> Spec:
             why = (f"{k!r} is an optional input of {use!r}: pass it when calling the kernel"
                    if k in base.optional_inputs else f"{use!r} has no option {k!r}")
             src.fail(opts.key_nodes[k], f"{why} (options: {known})")
-        options[k] = _option_value(src, opts.value_nodes[k], k, v, base.defaults[k])
+        options[k] = _option_value(src, opts.value_nodes[k], k, v, base)
     where = top.value_nodes.get("options", top.value_nodes["use"])
     try:
         base.build(**options)
@@ -282,7 +270,7 @@ def _instantiate(src: _Source, top: _Map) -> Spec:
     doc = src.string(top, "doc", "doc") if "doc" in top else base.doc
 
     def builder(**opts: Any) -> Recurrence:
-        return replace(base.build(**opts), name=name, doc=doc.split("\n\n")[0]).verify()
+        return verify(replace(base.build(**opts), name=name, doc=doc.split("\n\n")[0]))
     entry = Entry(name, builder, {**base.defaults, **options}, base.optional_inputs, doc,
                   src.path, dict(base.hints))
     return Spec(src.path, entry, options, top)
@@ -433,9 +421,9 @@ class _Define:
         rec = Recurrence(self.name, tuple(dims), tuple(inputs), tuple(lets), tuple(states),
                          tuple(outputs), self.numerics(), doc)
         try:
-            return rec.verify()
+            return verify(rec)
         except VerifyError as e:
-            raise SpecError(src.path, *_pos(self.locate(e)), f"{e.where}: {e.message}") from None
+            raise SpecError(src.path, *_pos(self.locate(e)), f"{e.label}: {e.message}") from None
         except IRError as e:
             src.fail(top.value_nodes["name"], str(e))
 
@@ -467,7 +455,6 @@ class _Define:
         return Numerics(**nmap)
 
     def hints(self, inputs) -> dict[str, str]:
-        from .testing import SAMPLERS
         hmap = self.src.mapping(self.top, "hints", "hints", optional=True)
         out = {}
         for k, v in hmap.items():
@@ -481,28 +468,18 @@ class _Define:
         return out
 
     def locate(self, e: VerifyError) -> yaml.Node:
-        """The YAML node a verifier error is about, from its ``where``."""
-        where, msg = e.where, e.message
-        top = self.top
-        if where in ("dims", "inputs", "states", "outputs", "numerics") and where in top.key_nodes:
-            return top.value_nodes[where] if where == "numerics" else top.key_nodes[where]
-        what, _, rest = where.partition(" ")
-        quoted, _, detail = rest.partition("'")[2].partition("'")
-        loc = self.locs.get((what, quoted))
+        """The YAML node a verifier error is about, from its structured ``where``."""
+        top, (what, *rest) = self.top, e.where
+        if what == "numerics" and "numerics" in top.value_nodes:
+            return top.value_nodes["numerics"]
+        if not rest:  # the recurrence as a whole: ("name",), ("dims",), ("states",), ...
+            return top.key_nodes[what] if what in top.key_nodes and what != "name" \
+                else top.value_nodes["name"]
+        loc = self.locs.get((what, rest[0]))
         if loc is None:
             return top.value_nodes["name"]
-        if what == "state":
-            if "(inject" in detail:
-                return loc["inject"]
-            if detail or any(w in msg for w in ("transition", "feedback", "householder",
-                                                "dense", "axis")):
-                return loc["transition"]
-            return loc["dims"] if "dim" in msg else loc["key"]
-        if what == "output":
-            return loc["expr"] if detail or "readout" in msg else loc["dims"]
-        if what == "input":
-            return loc["key"] if "never used" in msg else loc["dims"]
-        return loc.get("expr", loc["key"])
+        # the part at fault (a transition operand is inside the transition string)
+        return loc.get(rest[1] if len(rest) > 1 else "key", loc["key"])
 
 
 def _trailing(text: str, rest: str, line: int, col0: int):

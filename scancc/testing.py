@@ -1,14 +1,18 @@
 """Test utilities shared by the test suite, ``scancc check`` and the benchmarks: the one
-tolerance table, the error metrics, NaN poisoning and input sampling."""
+tolerance table, the error metrics and NaN poisoning.
+
+Product code never imports this module. Input sampling (``scancc.sampling``) and default
+sizes (``scancc.ir.sizes``) are product code, re-exported here so tests have one import.
+"""
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 
-from scancc.ir import Recurrence
+from scancc.ir import DEFAULT_SIZES, ROLE_SIZES, Recurrence, default_sizes  # noqa: F401
+from scancc.sampling import SAMPLERS, sample_inputs, sample_state  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -66,70 +70,6 @@ def _np(x):
 def nan_poisoned(shape, dtype=np.float64) -> np.ndarray:
     """A fresh output buffer filled with NaN, so an element a backend never writes fails."""
     return np.full(shape, np.nan, dtype=dtype)
-
-
-# ---- sampling inputs that keep a recurrence stable ----
-
-# default sizes by dim name, then by role; fixed-size dims keep their size
-DEFAULT_SIZES = {"batch": 2, "time": 64, "heads": 2, "key": 8, "value": 12, "chan": 6,
-                 "dstate": 4, "headdim": 6, "groups": 1, "width": 4, "order": 3}
-ROLE_SIZES = {"batch": 2, "time": 64, "head": 2, "group": 1, "feature": 5}
-
-
-def default_sizes(rec: Recurrence, **overrides: int) -> dict[str, int]:
-    out = {}
-    for d in rec.dims:
-        out[d.name] = d.size if d.size is not None else DEFAULT_SIZES.get(
-            d.name, ROLE_SIZES[d.role])
-    out.update({k: v for k, v in overrides.items() if k in out and rec.dim(k).size is None})
-    return out
-
-
-def _stable_poly(rng, shape):
-    """Rows of monic polynomial coefficients (a[..., 0] = 1) with roots inside |z| < 0.9."""
-    *lead, n1 = shape
-    roots = rng.uniform(-0.9, 0.9, size=(*lead, n1 - 1))
-    out = np.empty(shape)
-    for idx in np.ndindex(*lead):
-        out[idx] = np.poly(roots[idx]) if n1 > 1 else [1.0]
-    return out
-
-
-def _unit_rows(rng, shape):
-    x = rng.standard_normal(shape)
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-# how to sample an input: by hint name
-SAMPLERS = {
-    "normal": lambda rng, s: rng.standard_normal(s),
-    "small": lambda rng, s: 0.3 * rng.standard_normal(s),
-    "logsigmoid": lambda rng, s: -np.logaddexp(0.0, -(rng.standard_normal(s) + 2.0)),
-    "unit_interval": lambda rng, s: rng.uniform(0.05, 0.95, s),
-    "negative": lambda rng, s: -np.exp(0.5 * rng.standard_normal(s)),
-    "positive": lambda rng, s: rng.uniform(0.01, 0.2, s),
-    "log_dt": lambda rng, s: rng.uniform(np.log(1e-3), np.log(1e-1), s),
-    "unit_rows": _unit_rows,
-    "stable_poly": _stable_poly,
-}
-
-def sample_inputs(rec: Recurrence, sizes: Mapping[str, int], seed: int = 0,
-                  hints: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
-    """Random float64 inputs for ``rec`` at ``sizes``; ``hints`` (input -> a SAMPLERS name,
-    as given to ``register``) keep the scan stable (log-space gates negative, A < 0, ...)."""
-    rng = np.random.default_rng(seed)
-    hints = hints or {}
-    out = {}
-    for inp in rec.inputs:
-        shape = tuple(sizes[d] for d in inp.dims)
-        out[inp.name] = SAMPLERS[hints.get(inp.name, "normal")](rng, shape)
-    return out
-
-
-def sample_state(rec: Recurrence, sizes: Mapping[str, int], seed: int = 1) -> dict:
-    rng = np.random.default_rng(seed)
-    return {s.name: 0.5 * rng.standard_normal(tuple(sizes[d] for d in s.dims))
-            for s in rec.states}
 
 
 def adjoint_steps_recurrence() -> Recurrence:

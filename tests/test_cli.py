@@ -5,7 +5,7 @@ import sys
 import pytest
 import scancc
 from scancc.cli import main
-from scancc.ir import parse_recurrence
+from scancc.ir import const, parse_recurrence, scalar
 
 
 def cli(*args):
@@ -80,6 +80,8 @@ def test_help_everywhere():
     for sub in ([], ["list"], ["show"], ["compile"], ["check"], ["backends"]):
         rc, out, _ = cli(*sub, "--help")
         assert rc == 0 and "usage: scancc" in out
+    for sub in ("compile", "check"):
+        assert "--backend-option" in cli(sub, "--help")[1]
 
 
 def test_show_and_compile_the_backward_recurrence(capsys, tmp_path):
@@ -92,3 +94,84 @@ def test_show_and_compile_the_backward_recurrence(capsys, tmp_path):
     assert "output grad_B" in f.read_text() and "ungroup(" in f.read_text()
     rc, out, _ = cli("show", "fir", "--backward")
     assert rc == 0 and "shift_adjoint(axis=width)" in out
+
+
+def test_compile_takes_backend_options_by_option_or_backend_option(tmp_path, capsys):
+    """`--option chip=trn2` (no recurrence option has that name) and `--backend-option` both
+    reach the NKI plan: a key dim too big for trn1's SBUF compiles on trn2."""
+    huge = "sizes={batch: 2, time: 8, heads: 2, key: 16000, value: 12}"
+    f = tmp_path / "k.py"
+    for chip in (["--option", "chip=trn2"], ["--backend-option", "nki.chip=trn2"],
+                 ["--backend-option", "chip=trn2"]):
+        assert main(["compile", "gla", "--target", "nki", *chip, "--backend-option", huge,
+                     "-o", str(f)]) == 0
+        assert "nki.jit" in f.read_text()
+    assert main(["compile", "gla", "--target", "nki", "--backend-option", huge]) == 2
+    assert "180224 B" in capsys.readouterr().err
+
+
+def test_check_passes_backend_options_to_their_target_only(monkeypatch):
+    from scancc import backends
+    nki = backends.get("nki")
+    seen = []
+    real = nki.run
+
+    def run(rec, inputs, sizes, init, final, options):
+        seen.append(dict(options))
+        return real(rec, inputs, sizes, init, final, options)
+    monkeypatch.setattr(nki, "run", run)
+    assert main(["check", "mamba2", "--targets", "reference,nki", "--T", "5",
+                 "--option", "chip=trn2", "--option", "dt_softplus=true",
+                 "--backend-option", "nki.time_tile=4"]) == 0
+    assert seen and seen[0]["chip"] == "trn2" and seen[0]["time_tile"] == 4
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["compile", "mamba2", "--target", "nki", "--option", "chip=trn3"],
+     "backend 'nki', recurrence 'mamba2': option chip='trn3': expected one of 'trn1', 'trn2'"),
+    (["compile", "mamba2", "--option", "dt_softplus=yes please"],
+     "recurrence 'mamba2': option dt_softplus='yes please': expected a boolean"),
+    (["compile", "mamba2", "--target", "nki", "--backend-option", "triton.num_warps=8"],
+     "'triton' is not a target here"),
+    (["compile", "mamba2", "--target", "nki", "--backend-option", "num_warps=8"],
+     "no target here has a backend option 'num_warps' (backend options: nki: chip,"),
+    (["compile", "mamba2", "--target", "nki", "--backend-option", "chip"],
+     "--backend-option expects KEY=VALUE"),
+    (["check", "mamba2", "--targets", "reference,nki", "--backend-option", "nki.chips=trn2"],
+     "no target here has a backend option 'chips'"),
+])
+def test_option_errors_name_option_owner_expected_and_got(args, msg, capsys):
+    try:
+        rc = main(args)
+    except SystemExit as e:  # argument errors exit with their message
+        rc, err = 2, str(e)
+    else:
+        err = capsys.readouterr().err
+    assert rc != 0 and msg in err, err
+
+
+def test_an_option_both_a_recurrence_and_a_backend_has_is_refused(capsys):
+    @scancc.register("cli_test_chip", override=True)
+    def _chip(r, chip=0.5):
+        b, t, d = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("chan")
+        x = r.input("x", [b, t, d])
+        r.output("y", [b, t, d], r.state("h", [b, d], scalar(const(chip)), inject=x))
+    try:
+        with pytest.raises(SystemExit, match="both a recurrence option and a nki backend "
+                                             "option; give the backend's with --backend-opt"):
+            main(["compile", "cli_test_chip", "--target", "nki", "--option", "chip=0.25"])
+        # with the backend's given by --backend-option, --option is the recurrence's
+        assert main(["compile", "cli_test_chip", "--target", "nki", "--option", "chip=0.25",
+                     "--backend-option", "chip=trn2"]) == 0
+        assert "0.25" in capsys.readouterr().out
+        assert main(["show", "cli_test_chip", "--option", "chip=0.25"]) == 0
+        assert "0.25" in capsys.readouterr().out
+    finally:
+        scancc.unregister("cli_test_chip")
+
+
+def test_backends_lists_the_declared_options(capsys):
+    assert main(["backends", "--options"]) == 0
+    out = capsys.readouterr().out
+    assert "    chip           one of 'trn1', 'trn2' (default 'trn1'): " in out
+    assert "    num_warps      one of 1, 2, 4, 8, 16, 32 (default 4): " in out

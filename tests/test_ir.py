@@ -6,7 +6,7 @@ import pytest
 import scancc
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scancc.ir import (Builder, IRError, Node, Op, ParseError,
+from scancc.ir import (Builder, IRError, Node, Op, ParseError, VerifyError,
                        companion, const, dense, diagonal, exp,
                        format_recurrence, householder, identity, parse_recurrence, scalar, shift)
 from scancc.ir import reduce_sum as rsum
@@ -348,3 +348,30 @@ def test_a_user_registration_cannot_silently_shadow_a_library_name():
             "except scancc.RegistryError as e: print('rejected:', e)\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert "rejected: recurrence 'gla' is already registered (from library)" in p.stdout, p.stderr
+
+
+@pytest.mark.parametrize("mutate, where, label", [
+    (lambda r, x, h: r.state("s", ["b", "d"], scalar(exp(x)), inject=x),
+     ("state", "s", "transition", "decay"), "state 's' (scalar decay)"),
+    (lambda r, x, h: r.state("s", ["b", "d"], diagonal(exp(x)), inject=x * h),
+     ("state", "s", "inject"), "state 's' (inject), node state"),
+    (lambda r, x, h: r.state("s", ["b", "t", "d"], diagonal(exp(x)), inject=x),
+     ("state", "s", "dims"), "state 's'"),
+    (lambda r, x, h: r.output("y", ["b", "d"], h), ("output", "y", "dims"), "output 'y'"),
+    (lambda r, x, h: r.output("y", ["b", "t"], h), ("output", "y", "expr"), "output 'y'"),
+    (lambda r, x, h: r.input("u", ["b", "t", "d"]), ("input", "u"), "input 'u'"),
+    (lambda r, x, h: r.dim("w", "feature", size=0), ("dim", "w", "size"), "dim 'w'"),
+    (lambda r, x, h: r.let("a", exp(Node(Op.INPUT, (), "nope"))), ("let", "a", "expr"),
+     "let 'a', node input"),
+    (lambda r, x, h: r.numerics(accum="float16"), ("numerics", "accum"), "numerics"),
+])
+def test_verify_error_carries_a_structured_location(mutate, where, label):
+    r, b, t, d, n = _base()
+    x = r.input("x", [b, t, d])
+    h = r.state("h", [b, d], diagonal(exp(x)), inject=x)
+    r.output("o", [b, t, d], h)
+    mutate(r, x, h)
+    with pytest.raises(VerifyError) as ei:
+        r.build()
+    assert ei.value.where == where and ei.value.label == label
+    assert str(ei.value).startswith(f"recurrence 't', {label}: ")

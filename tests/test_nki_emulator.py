@@ -12,8 +12,8 @@ nl, nisa = E.language, E.isa
 RNG = np.random.default_rng(0)
 
 
-def run(fn, *arrays, dtypes=None, target="trn1"):
-    k = E.Kernel(fn, target)
+def run(fn, *arrays, dtypes=None, chip="trn1"):
+    k = E.Kernel(fn, chip)
     out = k(*arrays, dtypes=dtypes)
     return out, k.counters
 
@@ -237,9 +237,9 @@ def passes(fn):
     assert run(k)[0][0, 0] == 1.0
 
 
-def fails(fn, match, *arrays, target="trn1"):
+def fails(fn, match, *arrays, chip="trn1"):
     with pytest.raises(NkiError, match=match):
-        run(fn, *arrays, target=target)
+        run(fn, *arrays, chip=chip)
 
 
 def test_rule_partition_dim_at_most_128():
@@ -424,15 +424,15 @@ def test_rule_unknown_kwargs_and_enums():
     fails(dtype, "dtype must be an nl dtype")
 
 
-def test_rule_sbuf_capacity_per_target():
+def test_rule_sbuf_capacity_per_chip():
     def k():
         big = sb((128, 47_000))  # 188,000 B per partition: over trn1's 180,224, under trn2's
         nisa.memset(big[0:128, 0:4], 0.0)
         o = nl.ndarray((1, 1), dtype=nl.float32, buffer=nl.shared_hbm)
         nisa.dma_copy(o, big[0:1, 0:1])
         return o
-    fails(k, "SBUF overflow.*180224", target="trn1")
-    out, c = run(k, target="trn2")
+    fails(k, "SBUF overflow.*180224", chip="trn1")
+    out, c = run(k, chip="trn2")
     assert out[0, 0] == 0.0 and c["peak_sbuf_bytes_per_partition"] == 188_000
 
 

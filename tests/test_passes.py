@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 
 import scancc
+import scancc.ir.passes
 from scancc import registry
 from scancc.backends import get
 from scancc.ir import (Builder, IRError, Kind, Node, Op, const, diagonal, exp, expm1, flip,
                        format_expr, householder, identity, l2norm, log, parse_recurrence,
                        reduce_sum, scalar, sigmoid, softmax, sqrt)
 from scancc.ir.expr import L2NORM_EPS
+from scancc.ir.verify import verify
 from scancc.ir.passes import (canonicalize, desugar_l2norm, inline_lets, sink_flips,
                               substitute)
 from scancc.ir.passes import chunked as cf
@@ -42,7 +44,7 @@ def _reference(rec, x, sizes, h0):
 
 def _same_semantics(before, after, name, T=9, rtol=1e-12, hints=None):
     """Reference outputs and final states of two recurrences on the same random inputs."""
-    after.verify()
+    verify(after)
     sizes = default_sizes(before, time=T)
     x = sample_inputs(before, sizes, seed=5, hints=hints)
     h0 = sample_state(before, sizes)
@@ -300,7 +302,7 @@ def test_chunked_table_covers_the_library():
 
 @pytest.mark.parametrize("name", sorted(CHUNKED))
 def test_chunked_verdict_per_backend(name):
-    from scancc.backends.nki import lowering as nki_lowering
+    from scancc.backends.nki import plan as nki_plan
     from scancc.backends.triton import chunked as triton_chunked
     kind, on_triton, on_nki = CHUNKED[name]
     rec = registry.get(name).build()
@@ -314,8 +316,7 @@ def test_chunked_verdict_per_backend(name):
     assert triton_chunked.applies(rec)[0] == on_triton
     assert (get("triton").algorithm(rec, {}) == "chunked") == on_triton
     sizes = default_sizes(rec)
-    r = nki_lowering.Renderer(rec, sizes, 128, False, False)
-    assert bool(r.chunks) == on_nki
+    assert bool(nki_plan.plan_space(rec, sizes).chunks) == on_nki
 
 
 def test_chunked_form_of_mamba2():
@@ -444,3 +445,82 @@ def test_nki_runs_the_chunked_form_of_a_per_head_diagonal_decay():
     assert be.last_plan.chunked == ("S",)
     assert_close(got.outputs["o"], ref.outputs["o"], "float32")
     assert_close(got.final_states["S"], ref.final_states["S"], "float32")
+
+
+def test_passes_import_only_the_ir():
+    # the layering: ir <- passes <- backends <- frontend; a pass never imports upward
+    import ast
+    import pathlib
+    folder = pathlib.Path(scancc.ir.passes.__file__).parent
+    for path in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                mod = node.module or ""
+                ok = (node.level == 1) or (node.level == 2 and mod.split(".")[0] != "passes") \
+                    or (node.level == 0 and not mod.startswith("scancc")) or mod == "__future__"
+                assert ok, f"{path.name} imports {'.' * node.level}{mod}"
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("scancc") for a in node.names), path.name
+
+
+# ---- random expressions: the IR -> IR passes keep the semantics ----
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_X, _Y = Node(Op.INPUT, (), "x"), Node(Op.INPUT, (), "y")   # [b, t, d, w], [b, t, w]
+
+
+@st.composite
+def _expr(draw, depth=3):
+    """A random expression over x [b, t, d, w] and y [b, t, w] with flips along w and d and
+    exp(.) - 1 spelled every way canonicalize knows (and some it must leave)."""
+    if depth == 0:
+        return draw(st.sampled_from([_X, _Y, Node(Op.PARAM, (), "a")]))
+    a = draw(_expr(depth - 1))
+    kind = draw(st.sampled_from(["flip_w", "flip_d", "sigmoid", "exp_m1", "exp_p1", "m1_exp",
+                                 "add", "mul", "softmax", "sum_d"]))
+    if kind == "flip_w":
+        return flip(a, "w")
+    if kind == "flip_d":
+        return flip(a * _X, "d")   # * x: the operand has d
+    if kind == "sigmoid":
+        return sigmoid(a)
+    if kind == "exp_m1":
+        return exp(sigmoid(a)) - 1.0
+    if kind == "exp_p1":
+        return exp(sigmoid(a)) + 1.0
+    if kind == "m1_exp":
+        return -1.0 + exp(sigmoid(a))
+    if kind == "softmax":
+        return softmax(a * _Y, "w")
+    if kind == "sum_d":
+        return reduce_sum(a * _X, "d") * 0.5
+    b = draw(_expr(depth - 1))
+    return a + b if kind == "add" else a * b
+
+
+def _random_rec(e):
+    r = Builder("random")
+    b, t, d, w = r.dim("b", "batch"), r.dim("t", "time"), r.dim("d"), r.dim("w")
+    x, y = r.input("x", [b, t, d, w]), r.input("y", [b, t, w])
+    r.let("a", exp(flip(y, w)))
+    # the readout reads the state, and x and y so both are used
+    h = r.state("h", [b, d, w], diagonal(sigmoid(x)), inject=x * y)
+    r.output("o", [b, t, d, w], h + e * x * y)
+    return r.build()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_expr())
+def test_passes_keep_semantics_of_random_expressions(e):
+    rec = _random_rec(e)
+    for p in (canonicalize, sink_flips, inline_lets):
+        _same_semantics(rec, p(rec), f"{p.__name__}: {format_expr(e)}", T=3, rtol=1e-11)
+    for n in _flips(sink_flips(rec)):
+        while n.op is Op.FLIP:
+            n = n.src[0]
+        assert n.op in (Op.INPUT, Op.PARAM), f"a flip stayed on {format_expr(n)}"
+    for _, root in canonicalize(rec).exprs():
+        for n in root.walk():
+            assert not (n.op is Op.SUB and n.src[1] == const(1.0) and n.src[0].op is Op.EXP)

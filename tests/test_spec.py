@@ -685,3 +685,21 @@ def test_round_trip_through_the_text_form(case):
     assert s.transition.kind.value == kind
     assert s.transition.operand("decay") == decay and s.inject == inject
     assert parse_recurrence(format_recurrence(rec)) == rec
+
+
+# The time dim is named after a word a message-text search keys on: 'axis' reads as a
+# transition problem, 'readout' as a readout-expression problem. The structured location
+# (VerifyError.where) says which declaration and part is at fault, whatever the names.
+AXIS_TIME = GOOD.replace("time: time", "axis: time").replace("time, chan]", "axis, chan]")
+
+
+@pytest.mark.parametrize("text,needle,nth,frag", [
+    (AXIS_TIME.replace("dims: [batch, chan]", "dims: [batch, axis, chan]"),
+     "dims: [batch, axis, chan]", 0, "must not include the time dim 'axis'"),
+    (GOOD.replace("time: time", "readout: time").replace("time, chan]", "readout, chan]")
+     .replace("dims: [batch, readout, chan]\n    expr", "dims: [batch, chan]\n    expr"),
+     "dims: [batch, chan]", 1, "must have the time dim 'readout'"),
+])
+def test_verifier_errors_are_located_by_structure_not_by_message_text(tmp_path, text, needle,
+                                                                      nth, frag):
+    check(tmp_path, text, needle, frag, nth=nth)

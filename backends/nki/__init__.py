@@ -5,8 +5,9 @@ the kernel source is imported as is and run through ``nki.simulate(kernel)``; ot
 runs in the project's strict NumPy emulator (``emulator.py``), which resolves the source's
 ``nki`` imports to itself without touching ``sys.modules``. Backend options:
 
-- ``target``: ``"trn1"`` (default) or ``"trn2"``: the SBUF budget the tile plan and the
-  emulator check against.
+- ``chip``: ``"trn1"`` (default) or ``"trn2"``: the row of the hardware table
+  (``hardware.py``) the tile plan and the emulator check against. (Named ``chip``, not
+  ``target``: ``compile``'s ``target`` is the backend.)
 - ``time_tile``: force the time-tile size (default: the largest that fits).
 - ``dtype``: the NKI dtype of the inputs (``"float32"``, ``"bfloat16"``, ``"float16"``);
   default from the arrays (float64 arrays run as float32: NKI has no float64).
@@ -14,7 +15,15 @@ runs in the project's strict NumPy emulator (``emulator.py``), which resolves th
 - ``loop_order``: ``"auto"`` (default: the order with fewer DMA bytes), ``"outer"`` (outer
   dims, then the partition tile, then the time tile) or ``"time"`` (time tile outermost).
 - ``algorithm``: ``"auto"`` (default: the chunked matmul form where it applies, else the
-  scan), ``"scan"`` or ``"chunked"`` (an error where it does not apply).
+  recurrent form), ``"recurrent"`` (a scan or per-step loop in time) or ``"chunked"`` (an
+  error where it does not apply).
+
+Modules: ``plan.py`` (the static plan: layout, algorithm per state, tile candidates, budget),
+``lowering.py`` (the emit step), ``rules.py`` (``OP_RULES`` / ``TRANSITION_RULES``),
+``chunked.py`` (the chunked form), ``values.py`` (the emitter's vocabulary), ``hardware.py``
+(the chip table), ``emulator.py`` (the NumPy emulator).
+
+``OPTIONS`` declares them (types, choices, defaults); ``check_options`` is their one check.
 """
 from __future__ import annotations
 
@@ -25,13 +34,56 @@ import numpy as np
 
 from scancc.ir import Recurrence
 
-from ..base import Backend, RunResult, UnsupportedError
+from ..base import Backend, Option, OptionError, Problem, RunResult, UnsupportedError
 from . import emulator
-from .lowering import NAME, Plan, PlanError, plan_and_render
+from .hardware import CHIPS as HARDWARE_CHIPS
+from .hardware import DEFAULT_CHIP
+from .lowering import plan_and_render
+from .plan import Plan, PlanError
+from .values import NAME
 
 RUNNERS = ("auto", "emulator", "simulate")
-OPTIONS = ("target", "time_tile", "dtype", "runner", "sizes", "initial_state", "final_state",
-           "algorithm", "loop_order")
+CHIPS = tuple(HARDWARE_CHIPS)
+
+
+def _positive_int(v: int, rec: Recurrence | None) -> Problem | None:
+    return None if v >= 1 else Problem("time_tile", v, "a positive integer")
+
+
+def _sizes_rule(sizes, rec: Recurrence | None) -> Problem | None:
+    dims = [x.name for x in rec.dims] if rec is not None else list(sizes)
+    for d, n in sizes.items():
+        if d not in dims:
+            return Problem("sizes", dict(sizes), f"a dim of {rec.name!r} as each key "
+                           f"(dims: {', '.join(dims)})", f"{d!r}, not a dim")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            return Problem(f"sizes[{d!r}]", n, "a positive integer")
+    missing = [d for d in dims if d not in sizes]
+    if missing:
+        return Problem("sizes", dict(sizes), f"a size for every dim of {rec.name!r}",
+                       f"none for {', '.join(missing)}")
+    return None
+
+
+OPTIONS = {o.name: o for o in (
+    Option("chip", "the Trainium generation whose SBUF budget the plan checks", "trn1", (str,),
+           CHIPS),
+    Option("time_tile", "force the time-tile size (None: the largest that fits)", None,
+           (int,), rule=_positive_int),
+    Option("dtype", "NKI dtype of the inputs (None: from the arrays)", None, (str,),
+           tuple(emulator.DTYPES)),
+    Option("runner", "emulator, nki.simulate (needs real nki), or auto", "auto", (str,),
+           RUNNERS),
+    Option("sizes", "render() only: {dim: size} (None: scancc.ir.default_sizes)",
+           None, (dict,), rule=_sizes_rule),
+    Option("initial_state", "render() only: the kernel takes initial states", False, (bool,)),
+    Option("final_state", "render() only: the kernel returns final states", False, (bool,)),
+    Option("algorithm", "auto: the chunked matmul form where it applies, else recurrent",
+           "auto", (str,), ("auto", "recurrent", "chunked")),
+    Option("loop_order", "auto (fewer DMA bytes), outer or time (time tile outermost)", "auto",
+           (str,), ("auto", "outer", "time")),
+)}
+
 
 
 def real_nki():
@@ -63,10 +115,11 @@ class NkiBackend(Backend):
         return True, "NKI emulator (nki not importable)"
 
     def supports(self, rec: Recurrence, options: Mapping[str, Any]) -> tuple[bool, str]:
-        bad = sorted(set(options) - set(OPTIONS))
-        if bad:
-            return False, f"unknown nki backend option(s) {bad} (known: {', '.join(OPTIONS)})"
-        from scancc.testing import default_sizes
+        try:
+            self.check_options(rec, options)
+        except OptionError as e:
+            return False, str(e)
+        from scancc.ir import default_sizes
         try:  # rendering at the default sizes finds every unsupported feature early
             self._render(rec, default_sizes(rec), False, False, options)
         except PlanError:
@@ -76,20 +129,21 @@ class NkiBackend(Backend):
         return True, ""
 
     def render(self, rec: Recurrence, options: Mapping[str, Any]) -> str:
-        """Kernel source for ``options['sizes']`` (default: scancc.testing.default_sizes)."""
-        from scancc.testing import default_sizes
+        """Kernel source for ``options['sizes']`` (default: scancc.ir.default_sizes)."""
+        from scancc.ir import default_sizes
+        self.check_options(rec, options)
         sizes = options.get("sizes") or default_sizes(rec)
         return self._render(rec, sizes, bool(options.get("initial_state", False)),
                             bool(options.get("final_state", False)), options)[0]
 
     def _render(self, rec, sizes, init: bool, final: bool, options) -> tuple[str, Plan]:
-        target = options.get("target", "trn1")
+        chip = options.get("chip") or DEFAULT_CHIP
         tt = options.get("time_tile")
-        algo = options.get("algorithm", "auto")
+        algo = options.get("algorithm") or "auto"
         order = options.get("loop_order", "auto")
-        key = (rec, tuple(sorted(sizes.items())), init, final, target, tt, algo, order)
+        key = (rec, tuple(sorted(sizes.items())), init, final, chip, tt, algo, order)
         if key not in self._cache:
-            self._cache[key] = plan_and_render(rec, sizes, init, final, target, tt, algo, order)
+            self._cache[key] = plan_and_render(rec, sizes, init, final, chip, tt, algo, order)
         return self._cache[key]
 
     def run(self, rec: Recurrence, inputs: Mapping[str, Any], sizes: Mapping[str, int],
@@ -134,7 +188,7 @@ class NkiBackend(Backend):
             counters: dict = {}
         else:
             kernel = emulator.load_kernel(src, kname, f"<nki kernel {rec.name}>")
-            kernel.target = options.get("target", "trn1")
+            kernel.chip = options.get("chip") or DEFAULT_CHIP
             res = kernel(*arrays, dtypes=dtypes)
             counters = kernel.counters
         res = res if isinstance(res, tuple) else (res,)

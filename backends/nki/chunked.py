@@ -19,11 +19,14 @@ from dataclasses import dataclass
 from scancc.ir import Kind, Node, Op, Recurrence
 from scancc.ir.passes import chunked as shared
 
-BIG = 3.0e38
-_ACT = {Op.EXP: "exp", Op.LOG: "log", Op.SOFTPLUS: "softplus", Op.SIGMOID: "sigmoid",
-        Op.SILU: "silu", Op.SQRT: "sqrt", Op.RSQRT: "rsqrt"}
-_ALU = {Op.ADD: "add", Op.SUB: "subtract", Op.MUL: "multiply", Op.DIV: "divide",
-        Op.MAXIMUM: "maximum", Op.MINIMUM: "minimum"}
+from ..rules import Rules
+from .rules import ACT as _ACT, ALU as _ALU
+from .rules import PY_BINARY, PY_MATH, UNARY_LINES, const_unary
+from .values import BIG, Idx, V
+
+# the expression lowerer of the chunk layout (time on the partitions): the same keys as
+# rules.OP_RULES, rule(R, node, env, feat, scope, memo) -> (kind, name or expression)
+CHUNK_OP_RULES = Rules("nki", "chunked-form op")
 _OK_OPS = set(_ACT) | set(_ALU) | {Op.INPUT, Op.PARAM, Op.CONST, Op.SIZE, Op.IOTA, Op.GROUP,
                                    Op.NEG, Op.CLAMP, Op.LOGSIGMOID}
 
@@ -83,11 +86,87 @@ def _time_major(rec, node, feat, pd, kd, outer, lets) -> bool:
     return True
 
 
+@CHUNK_OP_RULES.register(Op.CONST)
+def _tconst_rule(R, node, env, feat, sc, memo):
+    return ("const", repr(float(node.arg)))
+
+
+@CHUNK_OP_RULES.register(Op.SIZE)
+def _tsize_rule(R, node, env, feat, sc, memo):
+    return ("const", repr(float(R.sizes[node.arg])))
+
+
+@CHUNK_OP_RULES.register(Op.IOTA)
+def _tiota_rule(R, node, env, feat, sc, memo):
+    return ("const", f"float({env[node.arg].expr})")
+
+
+@CHUNK_OP_RULES.register(Op.PARAM)
+def _tparam_rule(R, node, env, feat, sc, memo):
+    return R.tval(R.lets[node.arg], env, feat, sc, memo)
+
+
+@CHUNK_OP_RULES.register(Op.GROUP)
+def _tgroup_rule(R, node, env, feat, sc, memo):
+    g, d = node.arg
+    rep = R.sizes[d] // R.sizes[g]
+    sub = dict(env)
+    sub[g] = (Idx("0", frozenset()) if R.sizes[g] == 1 else
+              Idx(f"({env[d].expr}) // {rep}", env[d].deps))
+    return R.tval(node.src[0], sub, feat, sc, memo)
+
+
+@CHUNK_OP_RULES.register(Op.INPUT)
+def _tinput_rule(R, node, env, feat, sc, memo):
+    a = node.arg
+    w = feat[2] if feat else "1"
+    dims = R.rec.input(a).dims
+    hast, hasf = R.time in dims, bool(feat) and feat[0] in dims
+    kind = "tf" if hasf else ("tc" if hast else "s")
+    idx = ", ".join("t0:t1" if d == R.time else feat[1] if feat and d == feat[0]
+                    else env[d].expr for d in dims)
+    # placed in the outermost loop its indices allow (B of mamba2 once for all heads)
+    deps = frozenset().union(*(env[d].deps for d in dims if d in env))
+    deps |= {R.time_scope.sid}
+    if hasf and feat[0] == R.pd:
+        deps |= {R.pd_scope.sid}
+    home = R.target(deps, sc)
+    lkey = ("tload", a, tuple((d, env[d]) for d in dims if d in env),
+            feat[0] if hasf else None)
+    nm = next((h.memo[lkey] for h in home.chain() if lkey in h.memo), None)
+    if nm is None:
+        nm = R.talloc(home, kind)
+        elems = R.twe * (R.pe if hasf and feat[0] == R.pd else
+                         R.sizes[feat[0]] if hasf else 1) if hast else 1
+        R.dma(home, f"nisa.dma_copy({R.tview(kind, nm, w)}, in_{a}[{idx}])", elems)
+        home.memo[lkey] = nm
+    return (kind, nm)
+
+
+@CHUNK_OP_RULES.register(*_ALU)
+def _tbinary_rule(R, node, env, feat, sc, memo):
+    return R.tbinary(node.op, R.tval(node.src[0], env, feat, sc, memo),
+                     R.tval(node.src[1], env, feat, sc, memo), feat, sc)
+
+
+@CHUNK_OP_RULES.register(*UNARY_LINES)
+def _tunary_rule(R, node, env, feat, sc, memo):
+    x = R.tval(node.src[0], env, feat, sc, memo)
+    if x[0] == "const":
+        R.uses_math |= node.op in PY_MATH
+        return ("const", const_unary(node.op, node.arg, x[1]))
+    w = feat[2] if feat else "1"
+    nm = R.talloc(sc, x[0])
+    for line in UNARY_LINES[node.op](R.tview(x[0], nm, w), R.tview(x[0], x[1], w), node.arg):
+        R.emit(sc, line)
+    return (x[0], nm)
+
+
 class ChunkedMixin:
     """Emission of the chunked form; mixed into the Renderer (uses its emit/alloc helpers)."""
 
     def chunk_constants(self, top) -> None:
-        self.sbuf_sites += [512, 512]
+        self.fixed(512, 512)
         self.emit(top, "# U[s, t] = 1 where s <= t (cumsums, causal masks); NEG: 0 there, else "
                        "-BIG")
         self.emit(top, "tri = nl.ndarray((128, 128), dtype=nl.float32, buffer=nl.sbuf)")
@@ -110,80 +189,10 @@ class ChunkedMixin:
         """(kind, name or expression) of ``node`` in the chunk layout; ``feat`` = (dim, HBM
         slice, width) of the free dim."""
         key = (node, tuple(sorted((d, i.expr) for d, i in env.items())), feat and feat[0])
-        if key in memo:
-            return memo[key]
-        op, a = node.op, node.arg
-        w = feat[2] if feat else "1"
-        if op is Op.CONST:
-            r = ("const", repr(float(a)))
-        elif op is Op.SIZE:
-            r = ("const", repr(float(self.sizes[a])))
-        elif op is Op.IOTA:
-            r = ("const", f"float({env[a].expr})")
-        elif op is Op.PARAM:
-            r = self.tval(self.lets[a], env, feat, sc, memo)
-        elif op is Op.GROUP:
-            g, d = a
-            rep = self.sizes[d] // self.sizes[g]
-            sub = dict(env)
-            sub[g] = (type(env[d])("0", frozenset()) if self.sizes[g] == 1 else
-                      type(env[d])(f"({env[d].expr}) // {rep}", env[d].deps))
-            r = self.tval(node.src[0], sub, feat, sc, memo)
-        elif op is Op.INPUT:
-            dims = self.rec.input(a).dims
-            hast, hasf = self.time in dims, bool(feat) and feat[0] in dims
-            kind = "tf" if hasf else ("tc" if hast else "s")
-            idx = ", ".join("t0:t1" if d == self.time else feat[1] if feat and d == feat[0]
-                            else env[d].expr for d in dims)
-            # placed in the outermost loop its indices allow (B of mamba2 once for all heads)
-            deps = frozenset().union(*(env[d].deps for d in dims if d in env))
-            deps |= {self.time_scope.sid}
-            if hasf and feat[0] == self.pd:
-                deps |= {self.pd_scope.sid}
-            home = self.target(deps, sc)
-            lkey = ("tload", a, tuple((d, env[d]) for d in dims if d in env),
-                    feat[0] if hasf else None)
-            nm = next((h.memo[lkey] for h in home.chain() if lkey in h.memo), None)
-            if nm is None:
-                nm = self.talloc(home, kind)
-                elems = self.twe * (self.pe if hasf and feat[0] == self.pd else
-                                    self.sizes[feat[0]] if hasf else 1) if hast else 1
-                self.dma(home, f"nisa.dma_copy({self.tview(kind, nm, w)}, in_{a}[{idx}])",
-                         elems)
-                home.memo[lkey] = nm
-            r = (kind, nm)
-        elif op in _ALU:
-            r = self.tbinary(_ALU[op], self.tval(node.src[0], env, feat, sc, memo),
-                             self.tval(node.src[1], env, feat, sc, memo), feat, sc)
-        else:
-            x = self.tval(node.src[0], env, feat, sc, memo)
-            if x[0] == "const":
-                from .lowering import _PY_UNARY
-                if op is Op.CLAMP:
-                    lo, hi = a
-                    e = x[1] if lo is None else f"max({x[1]}, {lo!r})"
-                    r = ("const", e if hi is None else f"min({e}, {hi!r})")
-                else:
-                    r = ("const", _PY_UNARY[op].format(x[1]))
-            else:
-                nm = self.talloc(sc, x[0])
-                dst, src = self.tview(x[0], nm, w), self.tview(x[0], x[1], w)
-                if op is Op.NEG:
-                    self.emit(sc, f"nisa.tensor_scalar({dst}, {src}, nl.multiply, -1.0)")
-                elif op is Op.CLAMP:
-                    lo, hi = a
-                    ops = [(o, b) for o, b in (("maximum", lo), ("minimum", hi)) if b is not None]
-                    extra = f", op1=nl.{ops[1][0]}, operand1={ops[1][1]!r}" if len(ops) > 1 else ""
-                    self.emit(sc, f"nisa.tensor_scalar({dst}, {src}, nl.{ops[0][0]}, "
-                                  f"{ops[0][1]!r}{extra})")
-                elif op is Op.LOGSIGMOID:
-                    self.emit(sc, f"nisa.activation({dst}, nl.softplus, {src}, scale=-1.0)")
-                    self.emit(sc, f"nisa.tensor_scalar({dst}, {dst}, nl.multiply, -1.0)")
-                else:
-                    self.emit(sc, f"nisa.activation({dst}, nl.{_ACT[op]}, {src})")
-                r = (x[0], nm)
-        memo[key] = r
-        return r
+        if key not in memo:
+            rule = CHUNK_OP_RULES.lookup(node.op, self.rec.name)
+            memo[key] = rule(self, node, env, feat, sc, memo)
+        return memo[key]
 
     def t_to_col(self, v, sc):
         """A (1, 1) scalar or a constant -> a (tw, 1) column."""
@@ -207,12 +216,11 @@ class ChunkedMixin:
                       f"zeros[0:tw, 0:{feat[2]}], nl.add, {self.tview('tc', v[1])})")
         return ("tf", nm)
 
-    def tbinary(self, alu: str, a, b, feat, sc):
+    def tbinary(self, op: Op, a, b, feat, sc):
         w = feat[2] if feat else "1"
+        alu = _ALU[op]
         if a[0] == "const" and b[0] == "const":
-            from .lowering import _PY_BINARY
-            op = {v: k for k, v in _ALU.items()}[alu]
-            return ("const", _PY_BINARY[op].format(a[1], b[1]))
+            return ("const", PY_BINARY[op].format(a[1], b[1]))
         if a[0] == "const" or b[0] == "const":
             c, x, rev = (a, b, True) if a[0] == "const" else (b, a, False)
             nm = self.talloc(sc, x[0])
@@ -239,7 +247,6 @@ class ChunkedMixin:
 
     def chunk_state(self, s, cp: ChunkPlan, env: dict, sc) -> None:
         """One chunk (the time tile, tw <= 128 steps) of a chunked state; readouts memoized."""
-        from .lowering import V
         K = self.sizes[cp.kd]
         kf, vf = (cp.kd, f"0:{K}", str(K)), (self.pd, "p0:p1", "P")
         memo: dict = {}
@@ -337,7 +344,6 @@ class ChunkedMixin:
     def chunk_state_dma(self, s, cp: ChunkPlan, env: dict, sc, load: bool) -> None:
         """The (K, V) carry from/to the state's HBM layout (a transpose if V comes first)."""
         K = self.sizes[cp.kd]
-        from .lowering import Idx
         full = {**env, cp.kd: Idx(f"0:{K}", frozenset())}
         hbm = f"{'init' if load else 'final'}_{s.name}[{self.hbm_index(s.dims, full, 'p0:p1', '')}]"
         carry = f"carry_{s.name}[0:{K}, {self.slot}, 0:P]"

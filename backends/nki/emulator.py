@@ -22,15 +22,19 @@ from typing import Any, Callable
 
 import numpy as np
 
-PMAX = 128                      # partitions of SBUF and PSUM
-PSUM_BANKS = 8
-PSUM_BANK_BYTES = 2048          # per partition
-MATMUL_K_MAX, MATMUL_STATIONARY_MAX, MATMUL_MOVING_MAX = 128, 128, 512
-TRANSPOSE_MAX = 128
-# usable SBUF bytes per partition (NKI.md)
-SBUF_BYTES = {"trn1": 180_224, "trn2": 212_984}
-# cost-model constants: NKI.md gives the engine costs; the DMA rate and the clock are
-# assumptions (about 0.4 TB/s of HBM bandwidth per NeuronCore at 1.4 GHz)
+from .hardware import CHIPS, DEFAULT_CHIP
+
+# the limits, from the hardware table (the same on every chip in it but the SBUF size)
+_HW = CHIPS[DEFAULT_CHIP]
+PMAX = _HW.partitions           # partitions of SBUF and PSUM
+PSUM_BANKS = _HW.psum_banks
+PSUM_BANK_BYTES = _HW.psum_bank_bytes  # per partition
+MATMUL_K_MAX, MATMUL_STATIONARY_MAX, MATMUL_MOVING_MAX = (
+    _HW.matmul_k_max, _HW.matmul_stationary_max, _HW.matmul_moving_max)
+TRANSPOSE_MAX = _HW.transpose_max
+SBUF_BYTES = {name: chip.sbuf_bytes for name, chip in CHIPS.items()}
+# cost-model constants: the engine costs are the Neuron SDK docs' rough NKI cost model
+# (docs/nki.md, "The emulator"); the DMA rate and the clock are assumptions (about 0.4 TB/s of HBM bandwidth per NeuronCore at 1.4 GHz)
 MIN_CYCLES = 64
 DMA_BYTES_PER_CYCLE = 286.0
 DMA_FIXED_CYCLES = 64
@@ -148,11 +152,11 @@ class Counters:
 
 
 class Machine:
-    def __init__(self, target: str, kernel_code=None):
-        if target not in SBUF_BYTES:
-            raise NkiError(f"unknown target {target!r} (known: {', '.join(SBUF_BYTES)})")
-        self.target, self.kernel_code = target, kernel_code
-        self.sbuf_budget = SBUF_BYTES[target]
+    def __init__(self, chip: str, kernel_code=None):
+        if chip not in CHIPS:
+            raise NkiError(f"unknown chip {chip!r} (known: {', '.join(CHIPS)})")
+        self.chip, self.kernel_code = chip, kernel_code
+        self.sbuf_budget = CHIPS[chip].sbuf_bytes
         self.sbuf_live = 0
         self.psum_live = 0
         self.counters = Counters()
@@ -162,7 +166,7 @@ class Machine:
         if buffer is sbuf:
             if self.sbuf_live + per_partition > self.sbuf_budget:
                 raise NkiError(f"{what}: SBUF overflow: {per_partition} B per partition requested "
-                               f"with {self.sbuf_live} B live; usable SBUF on {self.target} is "
+                               f"with {self.sbuf_live} B live; usable SBUF on {self.chip} is "
                                f"{self.sbuf_budget} B per partition")
             self.sbuf_live += per_partition
             c.peak_sbuf_bytes = max(c.peak_sbuf_bytes, self.sbuf_live)
@@ -647,12 +651,12 @@ def dma_copy(dst, src, **kwargs):
 class Kernel:
     """What ``@nki.jit`` returns here: call it with NumPy arrays to run it in the emulator."""
 
-    def __init__(self, fn: Callable, target: str = "trn1"):
-        self.fn, self.target = fn, target
+    def __init__(self, fn: Callable, chip: str = DEFAULT_CHIP):
+        self.fn, self.chip = fn, chip
         self.counters: dict | None = None
 
     def __call__(self, *arrays, dtypes=None):
-        return run(self, arrays, dtypes, self.target)
+        return run(self, arrays, dtypes, self.chip)
 
 
 def jit(fn=None, **kwargs):
@@ -668,7 +672,7 @@ def simulate(kernel):
     return k
 
 
-def run(kernel: Kernel, arrays, dtypes=None, target: str = "trn1"):
+def run(kernel: Kernel, arrays, dtypes=None, chip: str = DEFAULT_CHIP):
     """Run ``kernel`` on NumPy arrays (HBM inputs); ``dtypes`` names each input's NKI dtype
     (default from the array: float32/float16; pass "bfloat16" for bf16 values held in float32).
     Returns NumPy copies of the returned tensors (float32 storage); counters on ``kernel``."""
@@ -676,7 +680,7 @@ def run(kernel: Kernel, arrays, dtypes=None, target: str = "trn1"):
     if _machine is not None:
         raise NkiError("nested kernel runs are not supported")
     dtypes = list(dtypes) if dtypes is not None else [None] * len(arrays)
-    mach = Machine(target, kernel.fn.__code__)
+    mach = Machine(chip, kernel.fn.__code__)
     _machine = mach
     try:
         args = []

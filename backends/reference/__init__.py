@@ -1,4 +1,8 @@
-"""The reference backend: a NumPy interpreter of the IR in float64 (the semantics)."""
+"""The reference backend: a NumPy interpreter of the IR in float64 (the semantics).
+
+``interpreter.py`` runs the time loop; ``rules.py`` holds how each op (``OP_RULES``) and each
+transition kind (``TRANSITION_RULES``) is evaluated, one function per entry.
+"""
 from __future__ import annotations
 
 from typing import Any, Mapping

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from scancc.ir import IRError, Recurrence, format_recurrence
 
-from ..base import Backend, RunResult, UnsupportedError
+from ..base import Backend, Option, Problem, RunResult, UnsupportedError
 
 ALGORITHMS = ("auto", "recurrent", "chunked")
 DOT_PRECISIONS = ("ieee", "tf32x3", "input")
@@ -34,28 +34,30 @@ def _lowering(rec: Recurrence, options: Mapping[str, Any]):
     return recurrent.Lowering(rec, options)
 
 
+def _block_sizes_rule(bs: Mapping, rec: Recurrence | None) -> Problem | None:
+    dims = {x.name for x in rec.dims} if rec is not None else None
+    for d, v in bs.items():
+        if dims is not None and d not in dims:
+            return Problem("block_sizes", dict(bs), f"a dim of {rec.name!r} as each key "
+                           f"(dims: {', '.join(sorted(dims))})", f"{d!r}, not a dim")
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1 or v & (v - 1):
+            return Problem(f"block_sizes[{d!r}]", v, "a power of two")
+    return None
+
+
+OPTIONS = {o.name: o for o in (
+    Option("algorithm", "auto: chunked where it applies, else recurrent", "auto",
+           (str,), ALGORITHMS),
+    Option("block_sizes", "register block per dim, {dim: power of two} (None: the plan's)",
+           None, (dict,), rule=_block_sizes_rule),
+    Option("num_warps", "warps per program", 4, (int,), (1, 2, 4, 8, 16, 32)),
+    Option("dot_precision", "tl.dot input precision of the chunked form", "ieee", (str,),
+           DOT_PRECISIONS),
+)}
+
+
 def _check_options(rec: Recurrence, options: Mapping[str, Any]) -> None:
-    bs = options.get("block_sizes")
-    if bs is not None:
-        if not isinstance(bs, Mapping):
-            raise UnsupportedError("triton", rec.name, f"option block_sizes={bs!r}: expected a "
-                                   "dict {dim: power of two}")
-        dims = {x.name for x in rec.dims}
-        for d, v in bs.items():
-            if d not in dims:
-                raise UnsupportedError("triton", rec.name, f"option block_sizes names {d!r}, "
-                                       f"not a dim (dims: {', '.join(sorted(dims))})")
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1 or v & (v - 1):
-                raise UnsupportedError("triton", rec.name, f"option block_sizes[{d!r}]={v!r}: "
-                                       "expected a power of two")
-    dp = options.get("dot_precision", "ieee")
-    if dp not in DOT_PRECISIONS:
-        raise UnsupportedError("triton", rec.name, f"option dot_precision={dp!r}: expected one "
-                               f"of {', '.join(DOT_PRECISIONS)}")
-    nw = options.get("num_warps")
-    if nw is not None and nw not in (1, 2, 4, 8, 16, 32):
-        raise UnsupportedError("triton", rec.name, f"option num_warps={nw!r}: expected a power "
-                               "of two from 1 to 32")
+    TritonBackend.check_options(rec, options)
 
 
 class TritonBackend(Backend):
@@ -63,7 +65,7 @@ class TritonBackend(Backend):
     array = "torch"
     generates_source = True
     dtypes = ("float32", "float16", "bfloat16")
-    options = ("algorithm", "block_sizes", "num_warps", "dot_precision")
+    options = OPTIONS
 
     def __init__(self):
         self._memo: dict = {}

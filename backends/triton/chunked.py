@@ -11,7 +11,7 @@ chunk and S the state before it:
     o_t   = sum_{s<=t} (q_t · (k_s ⊙ e^{c_t - c_s})) v_s  +  (q_t ⊙ e^{c_t}) S
     S_new = e^{c_last} ⊙ S  +  sum_s (k_s ⊙ e^{c_last - c_s}) v_sᵀ
 
-Every exponent is c_t - c_s with t >= s, so <= 0 (RECURRENCES.md, numerics). The K-diagonal
+Every exponent is c_t - c_s with t >= s, so <= 0 (docs/numerics.md). The K-diagonal
 intra-chunk term needs a per-K exponent, so it is a broadcast product over [BT, BT, BK]
 rather than a tl.dot; the inter-chunk terms and the state update are tl.dot for every kind.
 tl.dot takes float32 operands at input_precision="ieee" by default (exact float32, so the

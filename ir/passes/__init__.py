@@ -10,9 +10,12 @@
 
 Passes import only ``scancc.ir``; backends import passes, never the other way round.
 """
+from . import chunked
+from .adjoint import Adjoint, derive
 from .canonical import canonicalize, desugar_l2norm
 from .flips import sink_flips
 from .lets import inline_lets
 from .rewrite import substitute
 
-__all__ = ["canonicalize", "desugar_l2norm", "sink_flips", "inline_lets", "substitute"]
+__all__ = ["chunked", "Adjoint", "derive", "canonicalize", "desugar_l2norm", "sink_flips",
+           "inline_lets", "substitute"]

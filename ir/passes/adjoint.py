@@ -34,6 +34,7 @@ from ..recurrence import (ADJOINT_KIND, Input, Kind, Output, Recurrence, State, 
 from .flips import sink_flips_in
 from .lets import inline_lets_in
 from .rewrite import substitute
+from ..verify import verify
 
 SYMMETRIC = {Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL, Kind.HOUSEHOLDER}
 DERIVED = SYMMETRIC | set(ADJOINT_KIND)   # kinds whose adjoint is derived
@@ -297,14 +298,14 @@ def derive(rec: Recurrence) -> Adjoint:
         [n for st in states for _, n in st.transition.operands]
     used = {n.arg for r in exprs for n in r.walk() if n.op is Op.INPUT}
     inputs = tuple(x for x in list(rec.inputs) + extra_inputs if x.name in used)
-    backward = Recurrence(f"{rec.name}_bwd", rec.dims, inputs, (), tuple(states),
-                          tuple(outputs), rec.numerics,
-                          f"backward of {rec.name} (run on time-reversed sequences)").verify()
+    backward = verify(Recurrence(f"{rec.name}_bwd", rec.dims, inputs, (), tuple(states),
+                                 tuple(outputs), rec.numerics,
+                                 f"backward of {rec.name} (run on time-reversed sequences)"))
     # the forward outputs stay, so every input is still used (and the IR verifies)
     view_outs = rec.outputs + tuple(
         Output(seq[s.name][0], (time,) + s.dims, Node(Op.STATE, (), s.name)) for s in rec.states)
-    states_view = Recurrence(f"{rec.name}_states", rec.dims, rec.inputs, rec.lets, rec.states,
-                             view_outs, rec.numerics).verify()
+    states_view = verify(Recurrence(f"{rec.name}_states", rec.dims, rec.inputs, rec.lets,
+                                    rec.states, view_outs, rec.numerics))
     return Adjoint(rec, backward, states_view, cot, seq, nu, grad)
 
 

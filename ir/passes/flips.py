@@ -2,9 +2,10 @@
 
 Flips commute with elementwise ops, with reductions over other dims, and with softmax and
 l2norm (equivariant along their own dim), and vanish on values without ``d``; two flips along
-the same dim cancel. The adjoint needs this: the VJP of a flip is a flip of a cotangent,
-which reads the backward state; sunk, it ends on inputs (a flipped load) or on parts
-without ``d``. Flips stay on leaves, ``param``, ``group`` and ``ungroup``.
+the same dim cancel, along different dims commute. The adjoint needs this: the VJP of a flip
+is a flip of a cotangent, which reads the backward state; sunk, it ends on inputs (a flipped
+load) or on parts without ``d``. Flips stay on leaves, ``param``, ``group`` and ``ungroup``
+(a chain of flips along different dims on one of those).
 """
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ def _flip(dims_of: DimsOf, x: Node, d: str, memo: dict) -> Node:
         out = x
     elif op is Op.FLIP and x.arg == d:
         out = x.src[0]
+    elif op is Op.FLIP:  # flips along different dims commute: sink this one below
+        out = Node(Op.FLIP, (_flip(dims_of, x.src[0], d, memo),), x.arg)
     elif op in UNARY or op in BINARY or (op in (Op.SUM, Op.MAX) and d not in x.arg) \
             or op in (Op.SOFTMAX, Op.L2NORM):
         out = Node(op, tuple(_flip(dims_of, s, d, memo) for s in x.src), x.arg)
