@@ -13,10 +13,7 @@ SCRIPT = ROOT / "tools" / "check_imports.py"
 
 # Cycles still owned by work in flight on other branches (issue 9); delete each entry once its
 # fix is merged (the test fails while an entry is stale, so none outlives its cycle).
-KNOWN = {
-    # the run path: api <-> autograd <-> _torch_plan (the cached-run-path work removes it)
-    frozenset({"scancc.api", "scancc.autograd", "scancc._torch_plan"}),
-}
+KNOWN: set[frozenset[str]] = set()  # no known cycles left
 
 
 def _checker():
