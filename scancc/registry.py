@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from scancc.ir import Builder, IRError, Recurrence, check_ident
 
 from .sampling import SAMPLERS
+
+if TYPE_CHECKING:
+    from scancc.backends.base import Option
 
 
 class RegistryError(IRError):

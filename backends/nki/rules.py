@@ -25,7 +25,7 @@ import math
 from scancc.ir import Kind, Node, Op
 
 from ..rules import Rules
-from .values import BIG, Idx, V, fmt
+from .values import Idx, V, fmt
 
 OP_RULES = Rules("nki", "op")
 TRANSITION_RULES = Rules("nki", "transition")

@@ -10,11 +10,14 @@ Algorithms (``algorithm=`` option; ``"auto"`` picks from the transition structur
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from scancc.ir import IRError, Recurrence, format_recurrence
 
 from ..base import Backend, Option, Problem, RunResult, UnsupportedError
+
+if TYPE_CHECKING:  # the runtime imports torch: only when a kernel runs
+    from .runtime import Compiled
 
 ALGORITHMS = ("auto", "recurrent", "chunked")
 DOT_PRECISIONS = ("ieee", "tf32x3", "input")
@@ -97,7 +100,7 @@ class TritonBackend(Backend):
         return _lowering(rec, options)
 
     def compiled(self, rec: Recurrence, options: Mapping[str, Any],
-                 dtypes: tuple[str, ...] = ()) -> "runtime.Compiled":
+                 dtypes: tuple[str, ...] = ()) -> "Compiled":
         """The lowering, source and loaded launcher of ``rec`` for ``options`` and input
         ``dtypes``: built on the first call, then one dict lookup (runtime.compiled)."""
         from . import runtime
