@@ -5,14 +5,14 @@ scan)."""
 import numpy as np
 import pytest
 import scancc
+from scancc import registry
 import scancc.autograd as ag
 from scancc.ir import IRError
 from scancc.testing import sample_inputs, sample_state
 
 torch = pytest.importorskip("torch", reason="torch (the [triton] extra) is not installed")
 
-DERIVED = ["linear_attn", "retnet", "simple_gla", "gla", "hgrn", "delta_net", "gated_delta_net",
-           "mamba", "mamba2", "s4d", "fir", "iir", "swa"]
+DERIVED = [n for n in registry.names() if registry.get(n).origin == "library"]  # every library recurrence
 SMALL = {"batch": 1, "time": 5, "heads": 2, "key": 3, "value": 2, "chan": 3, "dstate": 2,
          "headdim": 2, "groups": 1, "width": 3, "order": 3}
 

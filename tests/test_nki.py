@@ -15,13 +15,17 @@ from scancc.backends.nki import PlanError, emulator
 from scancc.ir import Builder, const, dense, reduce_sum
 from scancc.testing import assert_close, default_sizes, sample_inputs, sample_state
 
-LIBRARY = ["linear_attn", "retnet", "simple_gla", "gla", "hgrn", "delta_net", "gated_delta_net",
-           "mamba", "mamba2", "s4d", "fir", "iir", "swa"]
+LIBRARY = [n for n in registry.names() if registry.get(n).origin == "library"]  # the library, from the registry
 # the dim each recurrence puts on the partitions; 130 gives a full tile and a ragged one
 PARTITION_DIM = {"linear_attn": "value", "retnet": "value", "simple_gla": "value",
                  "gla": "value", "hgrn": "chan", "delta_net": "value", "gated_delta_net": "value",
                  "mamba": "chan", "mamba2": "headdim", "s4d": "heads", "fir": "chan",
                  "iir": "chan", "swa": "heads"}
+
+
+def test_partition_dim_table_covers_the_library():
+    """PARTITION_DIM is a hand-checked expectation: a new library recurrence needs its row."""
+    assert set(PARTITION_DIM) == set(LIBRARY)
 
 
 def check(name, dtype="float32", T=63, init=True, final=True, options=None, algorithm="auto",

@@ -18,8 +18,7 @@ from scancc.ir.passes import canonicalize, desugar_l2norm
 from scancc.testing import default_sizes
 
 NKI = pathlib.Path(lowering.__file__).parent
-LIBRARY = ["linear_attn", "retnet", "simple_gla", "gla", "hgrn", "delta_net", "gated_delta_net",
-           "mamba", "mamba2", "s4d", "fir", "iir", "swa"]
+LIBRARY = [n for n in registry.names() if registry.get(n).origin == "library"]  # the library, from the registry
 
 
 def _recurrences():
