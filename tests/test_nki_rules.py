@@ -14,11 +14,11 @@ from scancc.backends.nki.chunked import CHUNK_OP_RULES
 from scancc.backends.nki.hardware import CHIPS
 from scancc.backends.nki.rules import ANALYSIS_RULES, OP_RULES, TRANSITION_RULES
 from scancc.ir import Kind, Op
-from scancc.ir.passes import canonicalize, desugar_l2norm
+from scancc.ir.passes import canonicalize
 from scancc.testing import default_sizes
 
 NKI = pathlib.Path(lowering.__file__).parent
-LIBRARY = [n for n in registry.names() if registry.get(n).origin == "library"]  # the library, from the registry
+LIBRARY = [n for n in registry.names() if registry.get(n).origin == "library"]
 
 
 def _recurrences():
@@ -28,7 +28,7 @@ def _recurrences():
     for name in LIBRARY:
         rec = registry.get(name).build()
         out += [rec, adjoint(rec).backward]
-    return [canonicalize(desugar_l2norm(r)) for r in out]
+    return [canonicalize(r) for r in out]
 
 
 def _imports(path: pathlib.Path) -> set[str]:
@@ -53,9 +53,9 @@ def test_registry_names():
             + [lt.expr for lt in rec.lets]
             + [x for s in rec.states for _, x in s.transition.operands]
             for n in e.walk()}
-    assert used <= OP_RULES.names() <= {o.value for o in Op}
-    # the plan desugars l2norm and writes exp(x) - 1 as expm1 (scancc.ir.passes)
-    assert "expm1" in used and "expm1" in OP_RULES.names() and "l2norm" not in OP_RULES.names()
+    assert used <= OP_RULES.names() == {o.value for o in Op}
+    # the plan writes exp(x) - 1 as expm1 (scancc.ir.passes); l2norm lowers its expansion
+    assert "expm1" in used
     # every op lowered is analyzed (what it varies along decides its placement)
     assert ANALYSIS_RULES.names() == OP_RULES.names()
     # the chunked form's lowerer: the same keys (a subset: what find_chunked admits)
@@ -143,14 +143,16 @@ def test_static_storage_is_what_the_emitter_allocates(algorithm):
 
 
 def test_plan_runs_the_canonical_passes():
-    """s4d's (exp(dt A) - 1) / A reaches the emitter as expm1 (its rule), delta_net's l2norm
-    as elementwise ops; the kernel's header shows the recurrence as registered."""
-    for name, has, gone in [("s4d", Op.EXPM1, None), ("delta_net", None, Op.L2NORM)]:
-        rec = registry.get(name).build()
+    """s4d's (exp(dt A) - 1) / A reaches the emitter as expm1 (its rule); delta_net's l2norm
+    stays one node (its rule lowers the expansion); the kernel's header shows the recurrence
+    as registered."""
+    for name, opts, want in [("s4d", {}, Op.EXPM1),
+                             ("delta_net", {"use_qk_l2norm_in_kernel": True}, Op.L2NORM)]:
+        rec = registry.get(name).build(**opts)
         space = plan.plan_space(rec, default_sizes(rec))
         ops = {n.op for e in [s.inject for s in space.rec.states]
                + [o.expr for o in space.rec.outputs] + [lt.expr for lt in space.rec.lets]
                + [x for s in space.rec.states for _, x in s.transition.operands]
                for n in e.walk()}
-        assert (has is None or has in ops) and (gone is None or gone not in ops)
+        assert want in ops
         assert space.source is rec

@@ -88,7 +88,8 @@ def test_ungroup_inside_an_expression_is_unsupported():
     x = r.input("x", [bt, t, c])
     s = r.state("s", [bt, c], diagonal(const(0.5)), inject=x)
     r.output("y", [bt, t, g], ungroup(s, c, g) * 2.0)
-    with pytest.raises(UnsupportedError, match="ungroup is lowered only as a whole output"):
+    with pytest.raises(UnsupportedError,
+                       match=r"ungroup.* inside an expression \(lowered only as a whole output\)"):
         scancc.compile(r.build(), target="triton")
 
 

@@ -3,8 +3,8 @@
 Static (from the IR, the sizes and the hardware table, ``hardware.py``):
 
 - the **IR the emitter lowers**: the recurrence after the canonical passes
-  (``scancc.ir.passes``: ``desugar_l2norm``, then ``canonicalize``, so ``exp(x) - 1`` is one
-  ``expm1`` node with its own rule);
+  (``scancc.ir.passes.canonicalize``, so ``exp(x) - 1`` is one ``expm1`` node with its own
+  rule; ``l2norm`` has a rule that lowers its expansion);
 - the **layout**: the partition dim ``pd`` (on the 128 partitions, tiled by 128) and the outer
   dims (trace-time loops outside the partition tile); every other dim loops inside the time tile;
 - the **algorithm per state**: ``"chunked"`` (the matmul form, ``chunked.find_chunked``) or
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from scancc.ir import Kind, Op, Recurrence
-from scancc.ir.passes import canonicalize, desugar_l2norm
+from scancc.ir.passes import canonicalize
 
 from ..base import UnsupportedError
 from ..rules import Rules
@@ -232,7 +232,7 @@ def plan_space(rec: Recurrence, sizes: Mapping[str, int], chip: str = DEFAULT_CH
         fail(f"unknown algorithm {algorithm!r} (known: {', '.join(ALGORITHMS)})")
     hw = CHIPS[chip]
     sizes = dict(sizes)
-    source, rec = rec, canonicalize(desugar_l2norm(rec))
+    source, rec = rec, canonicalize(rec)
     pd, outer = choose_layout(rec, sizes)
     lacking = [o.name for o in rec.outputs if pd not in o.dims]
     if lacking and sizes[pd] > hw.partitions:

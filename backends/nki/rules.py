@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 
 from scancc.ir import Kind, Node, Op
+from scancc.ir.passes.canonical import l2norm_expr
 
 from ..rules import Rules
 from .values import Idx, V, fmt
@@ -153,6 +154,12 @@ def _ungroup_analysis(R, node, env):
     return p and d != R.pd, t, c, deps | (env[g].deps if g in env else frozenset())
 
 
+@ANALYSIS_RULES.register(Op.L2NORM)
+def _l2norm_analysis(R, node, env):
+    """As its expansion (the l2norm rule lowers that)."""
+    return R.analyze(l2norm_expr(node.src[0], node.arg), env)
+
+
 @ANALYSIS_RULES.register(*UNARY_LINES, *ALU, Op.EXPM1, Op.SOFTMAX)
 def _elementwise_analysis(R, node, env):
     """What any source varies along; constant if all are."""
@@ -162,6 +169,13 @@ def _elementwise_analysis(R, node, env):
 
 
 # ---- op rules: leaves ----
+
+@OP_RULES.register(Op.L2NORM)
+def _l2norm_rule(R, node, env, sc, info) -> V:
+    """``l2norm(x, d)`` as ``x * rsqrt(sum(x * x, d) + L2NORM_EPS)``: the expansion of
+    ``scancc.ir.passes.canonical.l2norm_expr`` (one epsilon), lowered by the rules of its ops."""
+    return R.value(l2norm_expr(node.src[0], node.arg), env, sc)
+
 
 @OP_RULES.register(Op.CONST)
 def _const_rule(R, node, env, sc, info) -> V:

@@ -96,16 +96,15 @@ class Lowering:
     def _check_rules(self):
         for where, root in self.rec.exprs():
             for n in root.walk():
-                if n.op is Op.UNGROUP and n is root and where.startswith("output"):
+                if n.op is Op.UNGROUP:  # its rule lowers it only as a whole output
+                    if not (n is root and where.startswith("output")):
+                        raise unsupported(self.rec, f"{where}: op 'ungroup' inside an expression "
+                                          "(lowered only as a whole output)")
                     self._check_ungroup(where, n)
-                elif n.op is Op.UNGROUP:
-                    raise unsupported(self.rec, f"{where}: no rule for op 'ungroup' (ungroup is "
-                                      "lowered only as a whole output)")
-                else:
-                    try:
-                        OP_RULES.lookup(n.op, self.rec.name)
-                    except UnsupportedError as e:
-                        raise unsupported(self.rec, f"{where}: {e.feature}") from None
+                try:
+                    OP_RULES.lookup(n.op, self.rec.name)
+                except UnsupportedError as e:
+                    raise unsupported(self.rec, f"{where}: {e.feature}") from None
         read_prev = {n.arg for o in self.rec.outputs for n in o.expr.walk() if n.op is Op.PREV}
         for s in self.rec.states:
             if s.name in read_prev and s.transition.kind in (Kind.SHIFT, Kind.COMPANION):
@@ -366,18 +365,12 @@ class Lowering:
             given = next(x for x in self.ir.outputs if x.name == o.name)
             self.body.append(f"# {o.name} = {format_expr(given.expr)}")
             oenv = env
-            if o.name in self.summed:
+            v = self.value(o.expr, env)
+            if o.name in self.summed:  # this program's part, added into its group's element
                 d, g = o.expr.arg
-                v = self.value(o.expr.src[0], env)
-                if d in P.split:  # a block lies inside one group (see the launcher)
-                    v = self.reduce("sum", v, [d], env, "0.0")
-                    first = f"{self.pid[d]} * {self.block[d]}"
-                else:
-                    first = self.pid[d]
+                first = f"{self.pid[d]} * {self.block[d]}" if d in P.split else self.pid[d]
                 oenv = env.with_(g, Idx(f"{first} // ({self.size[d]} // {self.size[g]})",
                                         None, None))
-            else:
-                v = self.value(o.expr, env)
             odims = [d for d in o.dims]
             tv_idx = any(oenv[d].tvar for d in odims if d != rec.time)
             p = self.names.ir("p_", o.name)

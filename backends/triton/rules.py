@@ -111,6 +111,17 @@ def _template_rule(L, node: Node, env, tv: bool) -> str:
     return _shared(L, node, tv, out)
 
 
+@OP_RULES.register(Op.UNGROUP)
+def _ungroup_rule(L, node: Node, env, tv: bool) -> str:
+    """``ungroup(x, d, g)``, lowered only as a whole output (the lowering checks that first):
+    this program's part of its group's sum, which the output step adds into the group's
+    element atomically (the programs of one group add into the same elements). A block of a
+    split ``d`` lies inside one group (see the launcher), so it is summed here first."""
+    d, _ = node.arg
+    v = L.value(node.src[0], env)
+    return L.reduce("sum", v, [d], env, "0.0") if d in L.plan.split else v
+
+
 @OP_RULES.register(Op.CLAMP)
 def _clamp_rule(L, node: Node, env, tv: bool) -> str:
     x = L.value(node.src[0], env)
