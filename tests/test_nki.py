@@ -15,7 +15,8 @@ from scancc.backends.nki import PlanError, emulator
 from scancc.ir import Builder, const, dense, reduce_sum
 from scancc.testing import assert_close, default_sizes, sample_inputs, sample_state
 
-LIBRARY = [n for n in registry.names() if registry.get(n).origin == "library"]  # the library, from the registry
+# the library, from the registry
+LIBRARY = [n for n in registry.names() if registry.get(n).origin == "library"]
 # the dim each recurrence puts on the partitions; 130 gives a full tile and a ragged one
 PARTITION_DIM = {"linear_attn": "value", "retnet": "value", "simple_gla": "value",
                  "gla": "value", "hgrn": "chan", "delta_net": "value", "gated_delta_net": "value",

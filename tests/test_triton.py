@@ -23,7 +23,8 @@ from scancc import backends, registry, testing  # noqa: E402
 from scancc.ir import const, dense, diagonal, exp, identity, iota, log, sigmoid  # noqa: E402
 from scancc.ir import clamp, l2norm, maximum, reduce_max, reduce_sum, size, sqrt  # noqa: E402
 
-LIBRARY = [n for n in registry.names() if registry.get(n).origin == "library"]  # the library, from the registry
+# the library, from the registry
+LIBRARY = [n for n in registry.names() if registry.get(n).origin == "library"]
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16,
                 "bfloat16": torch.bfloat16}
 # non-powers of two everywhere a dim is free

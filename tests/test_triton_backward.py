@@ -15,7 +15,8 @@ torch = pytest.importorskip("torch", reason="torch (the [triton] extra) is not i
 if not scancc.backends.get("triton").available()[0]:
     pytest.skip("the Triton backend needs triton (scancc[triton])", allow_module_level=True)
 
-LOWERED = [n for n in registry.names() if registry.get(n).origin == "library"]  # every library recurrence
+# every library recurrence
+LOWERED = [n for n in registry.names() if registry.get(n).origin == "library"]
 
 
 def _case(name, T=19, seed=0):
