@@ -61,6 +61,7 @@ class _Arrays:
             import torch
             self.t, self.device = torch, like.device
         self._rev: dict = {}  # chunk length -> its reversed time indices (torch)
+        self._bufs: dict = {}  # (state, chunk length) -> reversed_states' buffer views
 
     @staticmethod
     def like(x) -> "_Arrays":
@@ -86,11 +87,13 @@ class _Arrays:
         sizes = [min(chunk, T - c * chunk) for c in reversed(range(n))]
         return list(self.t.arange(T - 1, -1, -1, device=self.device).split(sizes))
 
-    def reversed_states(self, seq, bound, before: bool):
+    def reversed_states(self, seq, bound, before: bool, key=None):
         """(seq reversed in time, and if ``before`` the states one step earlier: seq reversed
         and shifted by one, ``bound`` last) from a chunk's per-step states ``seq`` and its
         boundary state ``bound``: one copy (torch: one ``index_select`` into a buffer of
-        C + 1 steps whose first C and last C rows are the two)."""
+        C + 1 steps whose first C and last C rows are the two). torch: the buffer is kept
+        under ``key`` (a state's name) and reused by the next chunk of the same length, whose
+        copy into it is ordered after this chunk's kernels (one stream)."""
         n = seq.shape[0]
         if self.torch:
             rev = self._rev.get(n)
@@ -98,11 +101,14 @@ class _Arrays:
                 rev = self._rev[n] = self.t.arange(n - 1, -1, -1, device=self.device)
             if not before:
                 return seq.index_select(0, rev), None
-            buf = self.t.empty((n + 1, *seq.shape[1:]), dtype=seq.dtype, device=seq.device)
-            hs = buf[:n]
+            views = self._bufs.get((key, n))
+            if views is None or views[0].dtype != seq.dtype or views[0].shape[1:] != seq.shape[1:]:
+                buf = self.t.empty((n + 1, *seq.shape[1:]), dtype=seq.dtype, device=seq.device)
+                views = self._bufs[(key, n)] = (buf[:n], buf[1:], buf[n])
+            hs, hp, last = views
             self.t.index_select(seq, 0, rev, out=hs)
-            buf[n] = bound
-            return hs, buf[1:]
+            last.copy_(bound)
+            return hs, hp
         hs = np.flip(seq, 0)
         if not before:
             return hs, None
@@ -328,7 +334,7 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
         for k, v, ax in reads:
             feed[k] = take(v, ax, t0, t1, ri)
         for s, now, read_now, before in seq:                   # [chunk, *state dims], reversed;
-            hs, hp = xp.reversed_states(seqs[now], bounds[c][s], before is not None)
+            hs, hp = xp.reversed_states(seqs[now], bounds[c][s], before is not None, s)
             if read_now:
                 feed[now] = hs
             if before is not None:                             # h_{t-1}: shifted by one step
