@@ -157,7 +157,7 @@ class _Call:
     the backend takes these arrays as they are, so that ``to_native``/``cast``/``back`` are
     skipped where they would return their argument)."""
 
-    __slots__ = ("k", "xp", "dt", "dts", "plain")
+    __slots__ = ("dt", "dts", "k", "plain", "xp")
 
     def __init__(self, rec: Recurrence, target: str, xp: _Arrays):
         k = self.k = _kernel(rec, target)

@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as _np
-
 from scancc.ir import IRError, Recurrence, format_recurrence
 
 from ..base import Backend, Option, Problem, RunResult, UnsupportedError
