@@ -73,8 +73,8 @@ class Runner:
 
     def __call__(self, inputs: Sequence[Any], init: Mapping[str, Any] | None,
                  want_final: bool, dtype: str | None = None) -> RunResult:
-        shapes = tuple(tuple(x.shape) for x in inputs)
-        sizes = self.sizes(shapes)
+        # torch.Size is a tuple: equal, and hashing equal, to the tuple of the same sizes
+        sizes = self.sizes(tuple([x.shape for x in inputs]))
         if dtype is None:
             dtype = str(inputs[0].dtype).replace("torch.", "")
         res = self.backend.run(self.rec, dict(zip(self.input_names, inputs)), sizes, init,

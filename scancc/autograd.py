@@ -60,6 +60,8 @@ class _Arrays:
         if self.torch:
             import torch
             self.t, self.device = torch, like.device
+        self._rev: dict = {}  # chunk length -> its reversed time indices (torch)
+        self._bufs: dict = {}  # (state, chunk length) -> reversed_states' buffer views
 
     @staticmethod
     def like(x) -> "_Arrays":
@@ -75,16 +77,48 @@ class _Arrays:
             return self.t.zeros(shape, dtype=dtype, device=self.device)
         return np.zeros(shape, dtype)
 
-    def flip(self, x, axis: int):
-        return self.t.flip(x, (axis,)) if self.torch else np.flip(x, axis=axis)
+    def reversed_chunks(self, T: int, chunk: int):
+        """torch: per chunk, last first, the time indices t1-1, ..., t0 of chunk [t0, t1) (a
+        chunk's reads and writes reversed in time are one indexing op each), from one
+        ``arange`` and one ``split``; NumPy: None per chunk (its flips are views)."""
+        n = -(-T // chunk)
+        if not self.torch:
+            return [None] * n
+        sizes = [min(chunk, T - c * chunk) for c in reversed(range(n))]
+        return list(self.t.arange(T - 1, -1, -1, device=self.device).split(sizes))
 
-    def reversed_index(self, T: int):
-        """torch: the time indices T-1, ..., 0 (a chunk's slice of it reads or writes that
-        chunk reversed in one indexing op); NumPy: None (its flips are views)."""
-        return self.t.arange(T - 1, -1, -1, device=self.device) if self.torch else None
+    def reversed_states(self, seq, bound, before: bool, key=None):
+        """(seq reversed in time, and if ``before`` the states one step earlier: seq reversed
+        and shifted by one, ``bound`` last) from a chunk's per-step states ``seq`` and its
+        boundary state ``bound``: one copy (torch: one ``index_select`` into a buffer of
+        C + 1 steps whose first C and last C rows are the two). torch: the buffer is kept
+        under ``key`` (a state's name) and reused by the next chunk of the same length, whose
+        copy into it is ordered after this chunk's kernels (one stream)."""
+        n = seq.shape[0]
+        if self.torch:
+            rev = self._rev.get(n)
+            if rev is None:
+                rev = self._rev[n] = self.t.arange(n - 1, -1, -1, device=self.device)
+            if not before:
+                return seq.index_select(0, rev), None
+            views = self._bufs.get((key, n))
+            if views is None or views[0].dtype != seq.dtype or views[0].shape[1:] != seq.shape[1:]:
+                buf = self.t.empty((n + 1, *seq.shape[1:]), dtype=seq.dtype, device=seq.device)
+                views = self._bufs[(key, n)] = (buf[:n], buf[1:], buf[n])
+            hs, hp, last = views
+            self.t.index_select(seq, 0, rev, out=hs)
+            last.copy_(bound)
+            return hs, hp
+        hs = np.flip(seq, 0)
+        if not before:
+            return hs, None
+        buf = np.empty((n + 1, *seq.shape[1:]), seq.dtype)
+        buf[:n] = hs
+        buf[n] = bound
+        return buf[:n], buf[1:]
 
     def take_reversed(self, v, axis: int, t0: int, t1: int, ri):
-        """``v[t0:t1]`` along ``axis``, reversed in time (``ri``: reversed_index's slice)."""
+        """``v[t0:t1]`` along ``axis``, reversed in time (``ri``: its ``reversed_chunks`` entry)."""
         if self.torch:
             return v.index_select(axis, ri)
         return np.flip(v[(slice(None),) * axis + (slice(t0, t1),)], axis)
@@ -95,9 +129,6 @@ class _Arrays:
             dst.index_copy_(axis, ri, src)
         else:
             dst[(slice(None),) * axis + (slice(t0, t1),)] = np.flip(src, axis)
-
-    def cat(self, xs, axis: int = 0):
-        return self.t.cat(xs, axis) if self.torch else np.concatenate(xs, axis=axis)
 
     def cast(self, x, dtype):
         if x.dtype == dtype:  # a no-op cast still costs a dispatch per call
@@ -120,18 +151,65 @@ class _Arrays:
         return y.astype(dtype, copy=False)
 
 
+class _Call:
+    """``rec`` on ``target`` for one kind of array (NumPy, or torch tensors on one device):
+    what ``_run`` derives once rather than per call (the runner, the compute dtype, whether
+    the backend takes these arrays as they are, so that ``to_native``/``cast``/``back`` are
+    skipped where they would return their argument)."""
+
+    __slots__ = ("dt", "dts", "k", "plain", "xp")
+
+    def __init__(self, rec: Recurrence, target: str, xp: _Arrays):
+        k = self.k = _kernel(rec, target)
+        f64 = k.backend.computes_float64
+        self.xp, self.dt = xp, xp.float_dtype(64 if f64 else 32)  # Triton/NKI: float32
+        self.dts = "float64" if f64 else "float32"
+        # Runner.to_native is the identity for the backend's own kind of array
+        self.plain = (k.backend.array == "numpy") != xp.torch
+
+    def __call__(self, inputs: Mapping[str, Any], init: dict | None):
+        k, xp, dt = self.k, self.xp, self.dt
+        if self.plain:
+            args = [inputs[n] for n in k.input_names]
+            for a in args:
+                if a.dtype != dt:
+                    args = [k.to_native(xp.cast(a, dt)) for a in args]
+                    break
+            if init:
+                init = {n: v if v.dtype == dt else k.to_native(xp.cast(v, dt))
+                        for n, v in init.items()}
+        else:
+            args = [k.to_native(xp.cast(inputs[n], dt)) for n in k.input_names]
+            if init:
+                init = {n: k.to_native(xp.cast(v, dt)) for n, v in init.items()}
+        res = k(args, init or None, True, self.dts)
+        return self._back(res.outputs), self._back(res.final_states)
+
+    def _back(self, ys: Mapping[str, Any]) -> dict:
+        xp, dt = self.xp, self.dt
+        if xp.torch:  # a NumPy result's dtype never equals a torch dtype: back() converts it
+            dev = xp.device
+            return {n: y if y.dtype == dt and y.device == dev else xp.back(y, dt)
+                    for n, y in ys.items()}
+        return {n: y if type(y) is np.ndarray and y.dtype == dt else xp.back(y, dt)
+                for n, y in ys.items()}
+
+
+_CALLS: dict[tuple, _Call] = {}  # (id(rec), target, device or None for NumPy) -> _Call
+
+
 def _run(rec: Recurrence, inputs: Mapping[str, Any], init: dict | None,
          target: str = "reference"):
     """(outputs by name, final states by name) of ``rec`` on ``target``; arrays of the kind
     given (NumPy or torch), float64 where the backend computes in float64, else float32."""
-    k = _kernel(rec, target)
-    xp = _Arrays.like(next(iter(inputs.values())))
-    dt = xp.float_dtype(64 if k.backend.computes_float64 else 32)  # Triton/NKI: float32
-    args = [k.to_native(xp.cast(inputs[n], dt)) for n in k.input_names]
-    init = {n: k.to_native(xp.cast(v, dt)) for n, v in init.items()} if init else None
-    res = k(args, init, True, "float64" if k.backend.computes_float64 else "float32")
-    return ({n: xp.back(v, dt) for n, v in res.outputs.items()},
-            {n: xp.back(v, dt) for n, v in res.final_states.items()})
+    first = next(iter(inputs.values()))
+    key = (id(rec), target, None if isinstance(first, np.ndarray) else first.device)
+    c = _CALLS.get(key)
+    if c is None or c.k.rec is not rec:
+        if len(_CALLS) >= 256:
+            _CALLS.clear()
+        c = _CALLS[key] = _Call(rec, target, _Arrays.like(first))
+    return c(inputs, init)
 
 
 _XP: dict = {}  # device (None: NumPy) -> _Arrays
@@ -177,13 +255,22 @@ def _time_axes(rec: Recurrence) -> dict[str, int | None]:
     return hit[1]
 
 
-def _slice(axes: Mapping[str, int | None], arrays: Mapping[str, Any], t0: int, t1: int):
-    """``arrays[:, t0:t1]`` along each one's time axis (views; time-invariant ones as given)."""
-    out = {}
+def _chunks(axes: Mapping[str, int | None], arrays: Mapping[str, Any], T: int,
+            chunk: int) -> list[dict]:
+    """Per chunk [t0, t1), ``arrays[:, t0:t1]`` along each one's time axis (views: one torch
+    ``split`` per array; time-invariant ones as given)."""
+    cols = {}
     for k, v in arrays.items():
         ax = axes[k]
-        out[k] = v if ax is None else v[(slice(None),) * ax + (slice(t0, t1),)]
-    return out
+        if ax is None:
+            cols[k] = None
+        elif isinstance(v, np.ndarray):
+            cols[k] = [v[(slice(None),) * ax + (slice(t0, min(t0 + chunk, T)),)]
+                       for t0 in range(0, T, chunk)]
+        else:
+            cols[k] = v.split(chunk, ax)
+    return [{k: arrays[k] if col is None else col[c] for k, col in cols.items()}
+            for c in range(-(-T // chunk))]
 
 
 def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any],
@@ -213,45 +300,52 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
     h = {**zeros, **{k: xp.cast(v, dt) for k, v in (initial_state or {}).items()}}
     # forward: keep only the boundary states (the last chunk's final state is not needed);
     # the chunks' input slices are views, kept for the recomputation
-    parts = [_slice(axes, inputs, t0, min(t0 + chunk, T)) for t0 in range(0, T, chunk)]
+    parts = _chunks(axes, inputs, T, chunk)
     bounds = [h] if parts else []
     for part in parts[:-1]:
         _, h = _run(rec, part, h, target)
         bounds.append(h)
 
     # the backward recurrence runs in reverse time: its chunk's inputs are flipped per chunk
-    # (a torch flip copies: flipping whole inputs once would hold a second copy of them)
+    # (a torch flip copies: flipping whole inputs once would hold a second copy of them).
+    # What each chunk feeds it is worked out once here: (name, array, time axis) read
+    # reversed (axis None: as is), the states (state, seq name if read, before name if read)
     bwd = adj.backward
     names = {x.name for x in bwd.inputs}
-    cot = {adj.cotangent[o.name]: (d_out[o.name], axes[o.name]) for o in rec.outputs
-           if adj.cotangent[o.name] in names}
+    reads = [(k, v, axes[k]) for k, v in inputs.items() if k in names]
+    reads += [(adj.cotangent[o.name], d_out[o.name], axes[o.name]) for o in rec.outputs
+              if adj.cotangent[o.name] in names]
+    fixed = {k: v for k, v, ax in reads if ax is None}
+    reads = [(k, v, ax) for k, v, ax in reads if ax is not None]
+    seq = []
+    for s in rec.states:
+        now, before = adj.state_seq[s.name]
+        if now in names or before in names:
+            seq.append((s.name, now, now in names, before if before in names else None))
     carry = {adj.adjoint_state[s]: xp.cast(v, dt)
              for s, v in {**zeros, **(d_final_state or {})}.items()}
     grads = {x.name: xp.zeros(tuple(sizes[d] for d in x.dims), dt) for x in rec.inputs}
-    seq = [(s.name, *adj.state_seq[s.name]) for s in rec.states]
-    gnames = [(x.name, adj.grad[x.name], axes[x.name]) for x in rec.inputs]
-    ridx = xp.reversed_index(T)
-    for c in reversed(range(len(bounds))):
+    gnames = [(grads[x.name], adj.grad[x.name], axes[x.name]) for x in rec.inputs]
+    take, put = xp.take_reversed, xp.put_reversed
+    for c, ri in zip(reversed(range(len(bounds))), xp.reversed_chunks(T, chunk)):
         t0, t1 = c * chunk, min((c + 1) * chunk, T)
-        ri = ridx[T - t1:T - t0] if ridx is not None else None
         seqs, _ = _run(adj.states_view, parts[c], bounds[c], target)  # recompute the states
-        feed = {k: v if axes[k] is None else xp.take_reversed(v, axes[k], t0, t1, ri)
-                for k, v in inputs.items() if k in names}
-        for k, (dy, ax) in cot.items():
-            feed[k] = dy if ax is None else xp.take_reversed(dy, ax, t0, t1, ri)
-        for s, now, before in seq:
-            hs = xp.flip(seqs[now], 0)                         # [chunk, *state dims], reversed
-            if now in names:
+        feed = dict(fixed)
+        for k, v, ax in reads:
+            feed[k] = take(v, ax, t0, t1, ri)
+        for s, now, read_now, before in seq:                   # [chunk, *state dims], reversed;
+            hs, hp = xp.reversed_states(seqs[now], bounds[c][s], before is not None, s)
+            if read_now:
                 feed[now] = hs
-            if before in names:                                # h_{t-1}: shifted by one step
-                feed[before] = xp.cat([hs[1:], bounds[c][s][None]], 0)
+            if before is not None:                             # h_{t-1}: shifted by one step
+                feed[before] = hp
         outs, carry = _run(bwd, feed, carry, target)
-        for name, gname, ax in gnames:
+        for g, gname, ax in gnames:
             gx = outs[gname]
             if ax is None:                                     # per-step contributions
-                grads[name] += gx.sum(0)
+                g += gx.sum(0)
             else:
-                xp.put_reversed(grads[name], ax, t0, t1, gx, ri)
+                put(g, ax, t0, t1, gx, ri)
     d_init = {s.name: carry[adj.adjoint_state[s.name]] for s in rec.states}
     return {k: v.reshape(given[k]) for k, v in grads.items()}, d_init
 

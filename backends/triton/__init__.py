@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Mapping
 
+import numpy as _np
 from scancc.ir import IRError, Recurrence, format_recurrence
 
 from ..base import Backend, Option, Problem, RunResult, UnsupportedError
@@ -142,17 +143,17 @@ class TritonBackend(Backend):
     def run(self, rec: Recurrence, inputs: Mapping[str, Any], sizes: Mapping[str, int],
             initial_state: Mapping[str, Any] | None, output_final_state: bool,
             options: Mapping[str, Any]) -> RunResult:
-        from . import runtime
+        runtime = _RUNTIME or _runtime()
         runtime.prepare()  # once per process, then a flag check
-        gpu = runtime.has_gpu()
         args = [inputs[x.name] for x in rec.inputs]
         c = self._last_compiled(rec, options, args)
-        for i, (a, n, axes) in enumerate(zip(args, c.ranks, c.unsqueeze)):
-            if a.dim() != n:  # an optional dim left out: restore it (size 1)
-                for ax in axes:
-                    a = a.unsqueeze(ax)
-                args[i] = a
-        if gpu:  # inputs go to the GPU; without one everything is on the CPU already
+        if c.optional:  # some input has optional dims: restore those left out (size 1)
+            for i, (a, n, axes) in enumerate(zip(args, c.ranks, c.unsqueeze)):
+                if a.dim() != n:
+                    for ax in axes:
+                        a = a.unsqueeze(ax)
+                    args[i] = a
+        if runtime.has_gpu():  # inputs go to the GPU; without one everything is on the CPU
             dev = runtime.device()
             args = [a if a.device == dev else a.to(dev) for a in args]
             if initial_state:
@@ -160,9 +161,8 @@ class TritonBackend(Backend):
             outs, finals = c.launcher(*args, initial_state or None, bool(output_final_state),
                                       options.get("block_sizes"), options.get("num_warps") or 4)
         else:
-            import numpy as np
             # padded lanes may compute 0/0 or log(0) in the interpreter (runtime.quiet_padding)
-            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            with _np.errstate(divide="ignore", invalid="ignore", over="ignore"):
                 outs, finals = c.launcher(*args, initial_state or None,
                                           bool(output_final_state), options.get("block_sizes"),
                                           options.get("num_warps") or 4)
@@ -172,15 +172,28 @@ class TritonBackend(Backend):
         """``compiled`` for a call, through a last-hit memo keyed by the identity of the IR
         and of the options dict (a caller reusing both, as scancc's Runner does, skips even
         freezing the options) and the inputs' torch dtypes."""
-        tdt = tuple(a.dtype for a in args)
-        memo = self._memo.get((id(rec), id(options), tdt))
+        tdt = tuple([a.dtype for a in args])
+        key = (id(rec), id(options), tdt)
+        memo = self._memo.get(key)
         if memo is not None and memo[0] is rec and memo[1] is options and memo[2] == options:
             return memo[3]
         c = self.compiled(rec, options, tuple(str(d).replace("torch.", "") for d in tdt))
         if len(self._memo) >= 1024:
             self._memo.clear()
         snapshot = {k: dict(v) if isinstance(v, Mapping) else v for k, v in options.items()}
-        self._memo[(id(rec), id(options), tdt)] = (rec, options, snapshot, c)
+        self._memo[key] = (rec, options, snapshot, c)
         return c
+
+
+_RUNTIME = None
+
+
+def _runtime():
+    """The runtime module, imported on the first run (it is where torch gets imported)."""
+    global _RUNTIME
+    from . import runtime
+    _RUNTIME = runtime
+    return runtime
+
 
 __all__ = ["TritonBackend", "ALGORITHMS"]

@@ -82,6 +82,11 @@ class Compiled:
     unsqueeze: tuple[tuple[int, ...], ...]  # axes of the optional dims, per input
     counters: Mapping[str, Any]
 
+    @property
+    def optional(self) -> bool:
+        """Whether some input has optional dims (a call may leave them out)."""
+        return any(self.unsqueeze)
+
 
 # (id(rec), options, dtypes) -> (rec, Compiled): the per-call lookup, no hashing of the IR;
 # the entry holds rec, so its id cannot be reused while the entry lives
