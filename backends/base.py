@@ -9,6 +9,16 @@ from typing import Any, Callable, Mapping, NamedTuple
 from scancc.ir import IRError, Recurrence
 
 
+def freeze(v: Any) -> Any:
+    """``v`` as a hashable key: mappings as sorted (key, value) tuples, lists as tuples, all
+    the way down (options carry dicts, e.g. Triton's ``block_sizes``)."""
+    if isinstance(v, Mapping):
+        return tuple(sorted((k, freeze(x)) for k, x in v.items()))
+    if isinstance(v, (list, tuple)):
+        return tuple(freeze(x) for x in v)
+    return v
+
+
 class UnsupportedError(IRError):
     """A backend cannot lower something: names the backend, the recurrence and the feature."""
 

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from scancc.backends.base import RunResult
+from scancc.backends.base import RunResult, freeze
 from scancc.ir import Recurrence, bind_sizes
 
 _LOCK = threading.Lock()
@@ -101,17 +101,9 @@ _RUNNERS: dict[tuple, Runner] = {}
 _SLOTS: dict[str, Runner] = {}
 
 
-def _freeze(v):
-    if isinstance(v, Mapping):
-        return tuple(sorted((k, _freeze(x)) for k, x in v.items()))
-    if isinstance(v, (list, tuple)):
-        return tuple(_freeze(x) for x in v)
-    return v
-
-
 def runner(backend, rec: Recurrence, options: Mapping[str, Any]) -> Runner:
     """The cached ``Runner`` of ``rec`` on ``backend`` with ``options``."""
-    key = (backend.name, id(rec), _freeze(options))
+    key = (backend.name, id(rec), freeze(options))
     r = _RUNNERS.get(key)
     if r is None or r.rec is not rec:
         r = Runner(backend, rec, options)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from ..base import freeze
+
 GENERATOR_VERSION = "1"
 _LOCK = threading.Lock()
 _MODULES: dict[str, object] = {}
@@ -96,18 +98,10 @@ _BY_IR: dict[tuple, Compiled] = {}
 _MAX_ENTRIES = 1024
 
 
-def _freeze(v):
-    if isinstance(v, Mapping):
-        return tuple(sorted((k, _freeze(x)) for k, x in v.items()))
-    if isinstance(v, (list, tuple)):
-        return tuple(_freeze(x) for x in v)
-    return v
-
-
 def compiled(rec, options: Mapping[str, Any], dtypes: tuple[str, ...],
              build: Callable[[], Compiled]) -> Compiled:
     """The cached ``Compiled`` of (rec, options, dtypes); ``build()`` makes it on a miss."""
-    okey = tuple((k, _freeze(v)) for k, v in options.items())
+    okey = tuple((k, freeze(v)) for k, v in options.items())
     key = (id(rec), okey, dtypes)
     hit = _BY_ID.get(key)
     if hit is not None and hit[0] is rec:
