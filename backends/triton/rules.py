@@ -88,8 +88,9 @@ _TEMPLATES: dict[Op, tuple[str, int]] = {
     Op.SUB: ("{0} - {1}", 1),
     Op.MUL: ("{0} * {1}", 2),
     Op.DIV: ("{0} / {1}", 2),
-    Op.MAXIMUM: ("tl.maximum({0}, {1})", 4),
-    Op.MINIMUM: ("tl.minimum({0}, {1})", 4),
+    # NaN propagates, as in the reference (np.maximum) and NKI: tl.maximum's default drops it
+    Op.MAXIMUM: ("tl.maximum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)", 4),
+    Op.MINIMUM: ("tl.minimum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)", 4),
 }
 # the precedence an operand of an infix template needs to go without parentheses
 NEED = {"-{0}": (3,), "{0} + {1}": (1, 2), "{0} - {1}": (1, 2), "{0} * {1}": (2, 3),
@@ -126,10 +127,13 @@ def _ungroup_rule(L, node: Node, env, tv: bool) -> str:
 def _clamp_rule(L, node: Node, env, tv: bool) -> str:
     x = L.value(node.src[0], env)
     lo, hi = node.arg
+    # a NaN input stays NaN (reference and NKI agree); tl.maximum's default would drop it.
+    # Bounds are finite (the verifier rejects others), so number() never prints a bare inf
+    nan = ", propagate_nan=tl.PropagateNan.ALL"
     if lo is not None:
-        x = f"tl.maximum({x}, {number(lo)})"
+        x = f"tl.maximum({x}, {number(lo)}{nan})"
     if hi is not None:
-        x = f"tl.minimum({x}, {number(hi)})"
+        x = f"tl.minimum({x}, {number(hi)}{nan})"
     return _shared(L, node, tv, x)
 
 

@@ -69,7 +69,7 @@ def mamba2_chunked_fwd_kernel(
         b_kf = tl.where(m_time & m_dstate, b_B, 0.0)
         p_dt = dt + i_batch * TIME * HEADS + o_time * HEADS + i_heads
         b_dt = tl.load(p_dt, mask=m_time, other=0.0).to(tl.float32)
-        b_dt_ = tl.maximum(b_dt, 0.0)
+        b_dt_ = tl.maximum(b_dt, 0.0, propagate_nan=tl.PropagateNan.ALL)
         p_x = x + i_batch * TIME * HEADS * HEADDIM + o_time * HEADS * HEADDIM + i_heads * HEADDIM + o_headdim
         b_x = tl.load(p_x, mask=m_time & m_headdim, other=0.0).to(tl.float32)
         b_vf = tl.where(m_time & m_headdim, b_dt_ * b_x, 0.0)

@@ -67,7 +67,7 @@ def mamba2_recurrent_fwd_kernel(
     for i_t in range(0, TIME):
         # h: scalar(decay=exp(dt_ * A)) + dt_ * x * group(B, groups, heads)
         b_dt = tl.load(p_dt).to(tl.float32)
-        b_dt_ = tl.maximum(b_dt, 0.0)
+        b_dt_ = tl.maximum(b_dt, 0.0, propagate_nan=tl.PropagateNan.ALL)
         b_x = tl.load(p_x, mask=m_headdim, other=0.0).to(tl.float32)
         b_B = tl.load(p_B, mask=m_dstate, other=0.0).to(tl.float32)
         b_h = tl.exp(b_dt_ * b_A) * b_h + b_dt_ * b_x * b_B
