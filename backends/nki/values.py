@@ -11,15 +11,30 @@ An expression value is one of five kinds, chosen by whether it varies along part
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+from scancc.ir import IRError
 
 NAME = "nki"
 BIG = 3.0e38  # masked logits/exponents are pushed down by this much (finite in fp32)
 
 
 def fmt(v: float) -> str:
-    """A float literal of generated code."""
-    return repr(float(v))
+    """A float literal of generated code: the exact float value in ``float.__repr__``'s
+    shortest round-trip form, whatever the number's type (a subclass's ``__float__`` or
+    ``__repr__`` never runs); a non-finite value is an error, never a bare ``inf``/``nan``."""
+    if isinstance(v, bool):
+        f = float(int(v))
+    elif isinstance(v, float):
+        f = float.__float__(v)
+    elif isinstance(v, int):
+        f = float(int.__index__(v))
+    else:
+        f = float(v)
+    if not math.isfinite(f):
+        raise IRError(f"non-finite constant {float.__repr__(f)} in generated NKI code")
+    return float.__repr__(f)
 
 
 @dataclass(frozen=True)
