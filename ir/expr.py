@@ -7,6 +7,7 @@ never by position, so a node's dims are a set of names in the recurrence's canon
 """
 from __future__ import annotations
 
+import builtins
 import enum
 import math
 import re
@@ -15,7 +16,7 @@ from typing import Any, Callable, Iterator
 
 from .errors import IRError
 
-IDENT = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+IDENT = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")  # used with fullmatch: no "\n" slips by $
 # names a spec may not take: they would shadow the IR text form's keywords or functions
 RESERVED = frozenset(
     "recurrence dim input let state output numerics end initial_state final_state "
@@ -25,12 +26,39 @@ RESERVED = frozenset(
 
 def check_ident(name: Any, what: str) -> str:
     """Return ``name`` if it is a safe identifier for generated code, else raise."""
-    if not isinstance(name, str) or not IDENT.match(name):
+    if not isinstance(name, str) or not IDENT.fullmatch(name):
         raise IRError(f"{what} {name!r} is not a valid name: expected letters, digits and '_', "
                       f"starting with a letter, at most 64 characters")
     if name in RESERVED or name in FUNCTIONS:
         raise IRError(f"{what} {name!r} is a reserved word of the IR")
     return name
+
+
+# the deepest expression tree accepted (parser and verifier): the printers, backends and
+# node hashing recurse over the tree, so deeper trees would hit Python's recursion limit;
+# a long sum or chain is written with lets instead
+MAX_DEPTH = 100
+
+
+def depth(root: "Node") -> int:
+    """The depth of an expression tree (a leaf has depth 1), computed without recursion."""
+    d: dict[int, int] = {}
+    for n in root.walk():
+        d[id(n)] = 1 + builtins.max((d[id(s)] for s in n.src), default=0)
+    return d[id(root)]
+
+
+def check_const(v: Any) -> float:
+    """``v`` as a finite float constant, else ``IRError`` (never runs a subclass's methods)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise IRError(f"cannot use {type(v).__name__} as a constant: expected a number")
+    try:
+        f = float.__float__(v) if isinstance(v, float) else float(int.__index__(v))
+    except OverflowError:
+        f = math.inf
+    if not math.isfinite(f):
+        raise IRError(f"constant {f!r} is not finite: expected a finite number")
+    return f
 
 
 class Op(enum.Enum):
@@ -181,9 +209,7 @@ def lift(x: Any) -> Node:
         return x
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise TypeError(f"cannot use {x!r} ({type(x).__name__}) in an expression")
-    if not math.isfinite(x):
-        raise ValueError(f"constant {x!r} is not finite")
-    return Node(Op.CONST, (), float(x))
+    return Node(Op.CONST, (), check_const(x))
 
 
 def _dims(dims) -> tuple[str, ...]:
@@ -211,8 +237,9 @@ def minimum(a, b) -> Node: return Node(Op.MINIMUM, (lift(a), lift(b)))
 
 
 def clamp(x, lo: float | None = None, hi: float | None = None) -> Node:
-    return Node(Op.CLAMP, (lift(x),), (None if lo is None else float(lo),
-                                       None if hi is None else float(hi)))
+    """``x`` limited to [lo, hi]; ``None`` leaves that side unbounded (bounds must be finite)."""
+    return Node(Op.CLAMP, (lift(x),), (None if lo is None else check_const(lo),
+                                       None if hi is None else check_const(hi)))
 
 
 def sum(x, dims) -> Node:  # noqa: A001 - the IR op is called sum

@@ -23,7 +23,7 @@ import re
 from typing import Callable
 
 from .errors import ParseError
-from .expr import FUNCTIONS, Node, Op, format_expr, lift
+from .expr import FUNCTIONS, MAX_DEPTH, Node, Op, depth, format_expr, lift
 from .recurrence import (AXIS_KINDS, COL_KINDS, OPERANDS, Dim, Input, Kind, Let, Numerics, Output,
                          Recurrence, State, Transition, format_recurrence, format_transition)
 
@@ -92,33 +92,66 @@ class ExprParser:
         ts.take("end")
         return node
 
+    def number(self, ts: _Tokens, neg: bool = False) -> float:
+        """The next token as a finite number (``-`` applied when ``neg``)."""
+        t = ts.take("num")
+        v = float(t[1])
+        if v != v or v in (float("inf"), float("-inf")):
+            ts.fail(f"constant {t[1]} is not finite (beyond float64): expected a finite number", t)
+        return -v if neg else v
+
+    def checked(self, ts: _Tokens, n: Node, start) -> Node:
+        """``n`` if its tree is at most MAX_DEPTH deep, else a ParseError at ``start``."""
+        if depth(n) > MAX_DEPTH:
+            ts.fail(f"expression nested too deeply (depth over {MAX_DEPTH}: a long sum, "
+                    "product or chain of '-'): split it with lets", start)
+        return n
+
     def expr(self, ts: _Tokens) -> Node:
+        start = ts.peek()
         n = self.term(ts)
+        k = 0
         while ts.at("+") or ts.at("-"):
             op = Op.ADD if ts.take()[1] == "+" else Op.SUB
             n = Node(op, (n, self.term(ts)))
-        return n
+            k += 1
+            if k > MAX_DEPTH:
+                self.checked(ts, n, start)
+        return self.checked(ts, n, start)
 
     def term(self, ts: _Tokens) -> Node:
+        start = ts.peek()
         n = self.unary(ts)
+        k = 0
         while ts.at("*") or ts.at("/"):
             op = Op.MUL if ts.take()[1] == "*" else Op.DIV
             n = Node(op, (n, self.unary(ts)))
+            k += 1
+            if k > MAX_DEPTH:
+                self.checked(ts, n, start)
         return n
 
     def unary(self, ts: _Tokens) -> Node:
-        if ts.at("-"):
+        start, k = ts.peek(), 0
+        while ts.at("-"):  # a loop, not recursion: a chain of '-' is bounded by MAX_DEPTH
             ts.take()
+            k += 1
+            if k > MAX_DEPTH:
+                ts.fail(f"expression nested too deeply (over {MAX_DEPTH} '-' in a row)", start)
             if ts.peek()[0] == "num":
-                return lift(-float(ts.take()[1]))
-            return Node(Op.NEG, (self.unary(ts),))
-        return self.atom(ts)
+                n = lift(self.number(ts, neg=True))
+                k -= 1
+                break
+        else:
+            n = self.atom(ts)
+        for _ in range(k):
+            n = Node(Op.NEG, (n,))
+        return n
 
     def atom(self, ts: _Tokens) -> Node:
         t = ts.peek()
         if t[0] == "num":
-            ts.take()
-            return lift(float(t[1]))
+            return lift(self.number(ts))
         if ts.at("("):
             ts.take()
             n = self.expr(ts)
@@ -200,8 +233,7 @@ class ExprParser:
                     ts.fail(f"clamp() takes keywords lo= and hi=, not {kw[1]!r}", kw)
                 ts.take("op", "=")
                 neg = ts.at("-") and ts.take()
-                v = float(ts.take("num")[1])
-                bounds[kw[1]] = -v if neg else v
+                bounds[kw[1]] = self.number(ts, bool(neg))
             node = Node(op, (x,), (bounds["lo"], bounds["hi"]))
         else:
             arity = 2 if op in (Op.MAXIMUM, Op.MINIMUM) else 1

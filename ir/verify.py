@@ -5,12 +5,19 @@ fault (see ``errors.VerifyError``), so a spec loader maps it to its own source l
 """
 from __future__ import annotations
 
+import math
+import unicodedata
+
 from .errors import IRError, VerifyError
-from .expr import BINARY, LEAVES, UNARY, Node, Op, check_ident
+from .expr import BINARY, LEAVES, MAX_DEPTH, UNARY, Node, Op, check_ident, depth
 from .recurrence import (AXIS_KINDS, COL_KINDS, OPERANDS, ROLES, SLOT_KINDS, Kind, Recurrence)
 
 _ARITY = {**{op: 1 for op in UNARY}, **{op: 2 for op in BINARY},
           Op.SUM: 1, Op.MAX: 1, Op.L2NORM: 1, Op.FLIP: 1, Op.GROUP: 1, Op.UNGROUP: 1}
+
+# keywords of ``Kernel.__call__`` (scancc/api.py) and its ``self``: an input, state or output
+# of that name could not be passed by keyword
+CALL_KEYWORDS = frozenset({"self", "initial_state", "output_final_state", "cu_seqlens"})
 
 
 def verify(rec: Recurrence) -> Recurrence:
@@ -25,6 +32,16 @@ def verify(rec: Recurrence) -> Recurrence:
         check_ident(rec.name, "recurrence name")
     except IRError as e:
         fail(("name",), str(e))
+    # the doc is free text that generated files quote in comments: no control characters
+    # (a NUL makes a Python file unloadable) and no lone surrogates (not encodable)
+    doc = getattr(rec, "doc", "")
+    if not isinstance(doc, str):
+        fail(("doc",), f"doc must be a string, got {type(doc).__name__}")
+    bad = next((c for c in doc if c not in "\t\n\r"
+                and unicodedata.category(c) in ("Cc", "Cs")), None)
+    if bad is not None:
+        fail(("doc",), f"doc contains the control character U+{ord(bad):04X}: expected "
+                       "printable text (tabs and newlines allowed)")
 
     # one namespace for dims, inputs, lets, states and outputs
     seen: dict[str, str] = {}
@@ -37,6 +54,9 @@ def verify(rec: Recurrence) -> Recurrence:
                 fail((what, it.name), str(e))
             if it.name in seen:
                 fail((what, it.name), f"name already used by a {seen[it.name]}")
+            if what != "dim" and it.name in CALL_KEYWORDS:
+                fail((what, it.name), f"{what} name {it.name!r} is reserved: a kernel call "
+                     f"takes it as a keyword (reserved: {', '.join(sorted(CALL_KEYWORDS))})")
             seen[it.name] = what
 
     dims = {d.name: d for d in rec.dims}
@@ -90,6 +110,9 @@ def verify(rec: Recurrence) -> Recurrence:
         def fail_at(node: Node, msg: str):  # the label names the offending node's op too
             fail(where, msg, f"{label}, node {node.op.value}")
 
+        if depth(root) > MAX_DEPTH:
+            fail(where, f"expression nested too deeply (depth over {MAX_DEPTH}): split it "
+                        "with lets", label)
         for n in root.walk():
             if n.op not in LEAVES and n.op not in (Op.SOFTMAX,) and len(n.src) != _ARITY[n.op]:
                 fail_at(n, f"takes {_ARITY[n.op]} operand(s), got {len(n.src)}")
@@ -103,8 +126,9 @@ def verify(rec: Recurrence) -> Recurrence:
                 if not allow_state:
                     fail_at(n, f"reads state {n.arg!r}: only outputs may read states "
                                "(transitions and injected terms must be linear in the state)")
-            elif n.op is Op.CONST and not isinstance(n.arg, float):
-                fail_at(n, f"constant must be a float, got {n.arg!r}")
+            elif n.op is Op.CONST and (type(n.arg) is not float or not math.isfinite(n.arg)):
+                fail_at(n, "constant must be a finite float, got "
+                        + (repr(n.arg) if type(n.arg) is float else type(n.arg).__name__))
             elif n.op in (Op.IOTA, Op.SIZE, Op.L2NORM, Op.FLIP, Op.SOFTMAX):
                 if n.arg not in dims or n.arg == time:
                     fail_at(n, f"dim {n.arg!r} is not a declared non-time dim")
@@ -127,6 +151,12 @@ def verify(rec: Recurrence) -> Recurrence:
                 if dst in have:
                     fail_at(n, f"operand already has dim {dst!r}")
             elif n.op is Op.CLAMP:
+                if not (isinstance(n.arg, tuple) and len(n.arg) == 2 and all(
+                        b is None or (type(b) is float and math.isfinite(b)) for b in n.arg)):
+                    fail_at(n, "clamp bounds must be finite floats or None (unbounded), got "
+                            + ", ".join(repr(b) if b is None or type(b) is float
+                                        else type(b).__name__ for b in n.arg)
+                            if isinstance(n.arg, tuple) else type(n.arg).__name__)
                 lo, hi = n.arg
                 if lo is not None and hi is not None and lo > hi:
                     fail_at(n, f"clamp bounds lo={lo} > hi={hi}")

@@ -151,8 +151,23 @@ _Loader.add_constructor("tag:yaml.org,2002:map", _construct_map)
 _Loader.add_constructor("tag:yaml.org,2002:seq", _construct_seq)
 
 
+def _reader_error(text: str, path: str, e: yaml.reader.ReaderError) -> SpecError:
+    """A character YAML does not accept (NUL, other control characters): its line/column."""
+    pos = e.position if isinstance(e.position, int) else 0
+    line = text.count("\n", 0, pos) + 1
+    col = pos - (text.rfind("\n", 0, pos) + 1) + 1
+    ch = e.character
+    code = ord(ch) if isinstance(ch, str) and len(ch) == 1 else ch
+    what = f"U+{code:04X}" if isinstance(code, int) else repr(code)
+    return SpecError(path, line, col, f"invalid YAML: character {what} is not allowed in a spec "
+                     "(control characters other than tab and newline are rejected)")
+
+
 def _read_yaml(text: str, path: str) -> Any:
-    loader = _Loader(text)
+    try:
+        loader = _Loader(text)
+    except yaml.reader.ReaderError as e:
+        raise _reader_error(text, path, e) from None
     loader.path = path
     try:
         return loader.get_single_data()
@@ -164,6 +179,8 @@ def _read_yaml(text: str, path: str) -> Any:
                      "[batch, 'groups?'], or use {dims: [batch, groups], optional: [groups]})")
         raise SpecError(path, mark.line + 1 if mark else None,
                         mark.column + 1 if mark else None, f"invalid YAML: {what}") from None
+    except yaml.reader.ReaderError as e:
+        raise _reader_error(text, path, e) from None
     except yaml.YAMLError as e:
         raise SpecError(path, None, None, f"invalid YAML: {e}") from None
     except RecursionError:
