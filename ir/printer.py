@@ -19,6 +19,7 @@ tokenizer plus a recursive-descent parser over a fixed set of operators and func
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Callable
 
@@ -96,7 +97,7 @@ class ExprParser:
         """The next token as a finite number (``-`` applied when ``neg``)."""
         t = ts.take("num")
         v = float(t[1])
-        if v != v or v in (float("inf"), float("-inf")):
+        if not math.isfinite(v):
             ts.fail(f"constant {t[1]} is not finite (beyond float64): expected a finite number", t)
         return -v if neg else v
 

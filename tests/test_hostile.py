@@ -47,7 +47,7 @@ def test_long_flat_sum_and_minus_chain_are_spec_errors():
 
 def test_deep_tree_from_python_is_a_verify_error():
     b = Builder("deep")
-    b.dim("batch", "batch"), b.dim("time", "time"), b.dim("chan", "feature")  # noqa: B018
+    b.dim("batch", "batch"), b.dim("time", "time"), b.dim("chan", "feature")
     x = b.input("x", ["batch", "time", "chan"])
     h = b.state("h", ["batch", "chan"], diagonal(const(0.5)), inject=x)
     y = h
