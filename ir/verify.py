@@ -6,7 +6,6 @@ fault (see ``errors.VerifyError``), so a spec loader maps it to its own source l
 from __future__ import annotations
 
 import math
-import unicodedata
 
 from .errors import IRError, VerifyError
 from .expr import BINARY, LEAVES, MAX_DEPTH, UNARY, Node, Op, check_ident, depth
@@ -32,16 +31,6 @@ def verify(rec: Recurrence) -> Recurrence:
         check_ident(rec.name, "recurrence name")
     except IRError as e:
         fail(("name",), str(e))
-    # the doc is free text that generated files quote in comments: no control characters
-    # (a NUL makes a Python file unloadable) and no lone surrogates (not encodable)
-    doc = getattr(rec, "doc", "")
-    if not isinstance(doc, str):
-        fail(("doc",), f"doc must be a string, got {type(doc).__name__}")
-    bad = next((c for c in doc if c not in "\t\n\r"
-                and unicodedata.category(c) in ("Cc", "Cs")), None)
-    if bad is not None:
-        fail(("doc",), f"doc contains the control character U+{ord(bad):04X}: expected "
-                       "printable text (tabs and newlines allowed)")
 
     # one namespace for dims, inputs, lets, states and outputs
     seen: dict[str, str] = {}

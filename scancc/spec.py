@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import unicodedata
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -225,6 +226,12 @@ class _Source:
         v = m[key]
         if not isinstance(v, str):
             self.fail(m.value_nodes[key], f"{what}: expected a string, found {_describe(v)}")
+        # a YAML escape ("\0", "\x1b") passes the reader: specs are text, reject it here
+        bad = next((c for c in v if c not in "\t\n" and unicodedata.category(c) in ("Cc", "Cs")),
+                   None)
+        if bad is not None:
+            self.fail(m.value_nodes[key], f"{what}: contains the control character "
+                      f"U+{ord(bad):04X}: expected printable text (tabs and newlines allowed)")
         return v
 
     def name(self, node: yaml.Node, v: Any, what: str) -> str:
