@@ -98,9 +98,22 @@ def _backward_ir(k):
     return adjoint(k.ir).backward
 
 
+def _compile(what, target, options=None, **rec_opts):
+    """compile(), with a builder's own error (e.g. ``float('abc')`` for ``--option
+    scale=abc``) naming the recurrence options it was given."""
+    from scancc.ir import IRError
+    try:
+        return compile(what, target, options=options, **rec_opts)
+    except (ValueError, TypeError) as e:
+        if not rec_opts or isinstance(e, IRError) or any(f"{k}" in str(e) for k in rec_opts):
+            raise
+        given = ", ".join(f"--option {k}={v!r}" for k, v in rec_opts.items())
+        raise ValueError(f"recurrence {what!r} with {given}: {e}") from e
+
+
 def cmd_show(a) -> int:
     _load_specs(a.spec)
-    k = compile(a.what, "reference", **_options(a.option))
+    k = _compile(a.what, "reference", **_options(a.option))
     print(_backward_ir(k) if a.backward else k.ir, end="")
     return 0
 
@@ -108,7 +121,7 @@ def cmd_show(a) -> int:
 def cmd_compile(a) -> int:
     _load_specs(a.spec)
     rec_opts, backend_opts = _split_options(a, [_resolve(a.what)[0]], [a.target])
-    k = compile(a.what, a.target, options=backend_opts, **rec_opts)
+    k = _compile(a.what, a.target, options=backend_opts, **rec_opts)
     if a.backward:  # the derived backward recurrence, lowered like any recurrence
         k = compile(_backward_ir(k), a.target, options=k.backend_options)
     src = k.source
@@ -139,7 +152,14 @@ def cmd_check(a) -> int:
     rec_opts, backend_opts = _split_options(a, entries, targets)
     if backend_opts:  # compile() takes them by backend name: each target gets its own
         rec_opts["options"] = backend_opts
-    dtypes = a.dtypes.split(",")
+    from .testing import TOLERANCES
+    dtypes = [d.strip() for d in a.dtypes.split(",")]
+    bad = [d for d in dtypes if d not in TOLERANCES]
+    if bad:
+        raise SystemExit(f"scancc check: --dtypes: unknown dtype {', '.join(map(repr, bad))} "
+                         f"(known: {', '.join(TOLERANCES)})")
+    if a.T is not None and a.T < 1:
+        raise SystemExit(f"scancc check: --T must be at least 1, got {a.T}")
     return main_check(items, targets, dtypes, a.T, a.seed, options=rec_opts,
                       backward=a.backward)
 

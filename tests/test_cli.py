@@ -175,3 +175,29 @@ def test_backends_lists_the_declared_options(capsys):
     out = capsys.readouterr().out
     assert "    chip           one of 'trn1', 'trn2' (default 'trn1'): " in out
     assert "    num_warps      one of 1, 2, 4, 8, 16, 32 (default 4): " in out
+
+
+# issue 10, item 8: bad CLI values get an error naming what is wrong
+
+
+def test_option_value_a_builder_rejects_names_the_option(capsys):
+    assert main(["show", "gla", "--option", "scale=abc"]) == 2
+    err = capsys.readouterr().err
+    assert "--option scale='abc'" in err and "gla" in err
+
+
+def test_option_sizes_missing_dims_are_named(capsys):
+    assert main(["compile", "gla", "--target", "nki", "--option", "sizes={time: 128}"]) == 2
+    err = capsys.readouterr().err
+    assert "sizes=" in err and "a size for every dim" in err and "batch" in err
+
+
+def test_check_rejects_an_unknown_dtype_with_the_known_names():
+    with pytest.raises(SystemExit, match=r"unknown dtype 'fp32' \(known: float64, float32"):
+        main(["check", "fir", "--targets", "reference", "--dtypes", "fp32"])
+
+
+@pytest.mark.parametrize("T", ["0", "-3"])
+def test_check_rejects_a_sequence_length_below_one(T):
+    with pytest.raises(SystemExit, match="--T must be at least 1"):
+        main(["check", "gla", "--targets", "reference", "--T", T])
