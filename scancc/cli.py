@@ -160,8 +160,27 @@ def cmd_check(a) -> int:
                          f"(known: {', '.join(TOLERANCES)})")
     if a.T is not None and a.T < 1:
         raise SystemExit(f"scancc check: --T must be at least 1, got {a.T}")
+    sizes = {}
+    for k, v in _options(a.size, "--size").items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise SystemExit(f"scancc check: --size {k}={v!r}: a size is an integer >= 1")
+        sizes[k] = v
+    if sizes:
+        dims = {d.name for e in items for d in _build(e).dims}
+        bad = [k for k in sizes if k not in dims]
+        if bad:
+            raise SystemExit(f"scancc check: --size {', '.join(bad)}: not a dim of any "
+                             f"recurrence checked (dims: {', '.join(sorted(dims))})")
     return main_check(items, targets, dtypes, a.T, a.seed, options=rec_opts,
-                      backward=a.backward)
+                      backward=a.backward, dim_sizes=sizes)
+
+
+def _build(item):
+    """The IR of a check item (an Entry or a name/spec path), at its default options."""
+    if isinstance(item, Entry):
+        opts = {o: True for o in item.optional_inputs}
+        return item.build(**opts)
+    return compile(item, "reference").ir
 
 
 def cmd_backends(a) -> int:
@@ -217,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dtypes", default="float32",
                     help="comma-separated input dtypes (default float32)")
     sp.add_argument("--T", type=int, default=None, help="sequence length (default 64)")
+    sp.add_argument("--size", action="append", metavar="DIM=N",
+                    help="the size of a dim, e.g. --size key=32 --size kc=5 (default: "
+                         "scancc.ir.default_sizes; --T sets the time dim)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--backward", action="store_true",
                     help="check gradients instead: each target's forward, recompute and "
