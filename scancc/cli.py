@@ -71,11 +71,70 @@ def _load_specs(paths: list[str] | None) -> None:
 
 
 def _is_spec(s: str) -> bool:
-    return s.endswith((".yaml", ".yml")) or os.sep in s
+    return s.endswith((".yaml", ".yml")) or (os.sep in s and not _is_py(s))
+
+
+def _is_py(s) -> bool:
+    return isinstance(s, str) and s.endswith(".py")
+
+
+def _import(what: str) -> list[str]:
+    """Import a Python module, by file path (``my_ema.py``) or module name (``pkg.mod``,
+    found from the current directory too), so that its ``@scancc.register`` calls run; the
+    names of the recurrences it registered."""
+    import importlib
+    import importlib.util
+    before = {n: registry.get(n) for n in registry.names()}
+    try:
+        if _is_py(what) or os.path.isfile(what):
+            path = os.path.abspath(what)
+            if not os.path.isfile(path):
+                raise SystemExit(f"scancc: --import {what}: no such file")
+            stem = os.path.splitext(os.path.basename(path))[0]
+            mod = next((m for m in list(sys.modules.values())
+                        if getattr(m, "__file__", None) == path), None)
+            if mod is None:
+                spec = importlib.util.spec_from_file_location(stem, path)
+                mod = importlib.util.module_from_spec(spec)
+                sys.modules.setdefault(stem, mod)
+                spec.loader.exec_module(mod)
+        else:
+            if os.getcwd() not in sys.path and "" not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            mod = importlib.import_module(what)
+    except SystemExit:
+        raise
+    except Exception as e:  # the module's own error, said as such
+        raise SystemExit(f"scancc: --import {what}: {type(e).__name__}: {e}") from e
+    new = [n for n in registry.names() if before.get(n) is not registry.get(n)]
+    return new or [n for n in registry.names()
+                   if getattr(registry.get(n).builder, "__module__", None) == mod.__name__]
+
+
+def _from_py(what: str) -> str:
+    """A ``.py`` NAME argument: import it; the one recurrence it registers."""
+    got = _import(what)
+    if len(got) != 1:
+        raise SystemExit(f"scancc: {what} registers {len(got)} recurrences "
+                         f"({', '.join(got) or 'none'}); give --import {what} and one name")
+    return got[0]
+
+
+def _load(a) -> None:
+    """--spec files registered, --import modules imported, ``.py`` NAME arguments imported
+    and replaced by the recurrence they register (by all of them, for check)."""
+    _load_specs(getattr(a, "spec", None))
+    for m in getattr(a, "imports", None) or []:
+        _import(m)
+    what = getattr(a, "what", None)
+    if isinstance(what, str) and _is_py(what):
+        a.what = _from_py(what)
+    elif isinstance(what, list):
+        a.what = [n for w in what for n in (_import(w) if _is_py(w) else [w])]
 
 
 def cmd_list(a) -> int:
-    _load_specs(a.spec)
+    _load(a)
     rows = []
     for n in registry.names():
         e = registry.get(n)
@@ -112,14 +171,14 @@ def _compile(what, target, options=None, **rec_opts):
 
 
 def cmd_show(a) -> int:
-    _load_specs(a.spec)
+    _load(a)
     k = _compile(a.what, "reference", **_options(a.option))
     print(_backward_ir(k) if a.backward else k.ir, end="")
     return 0
 
 
 def cmd_compile(a) -> int:
-    _load_specs(a.spec)
+    _load(a)
     rec_opts, backend_opts = _split_options(a, [_resolve(a.what)[0]], [a.target])
     k = _compile(a.what, a.target, options=backend_opts, **rec_opts)
     if a.backward:  # the derived backward recurrence, lowered like any recurrence
@@ -138,7 +197,7 @@ def cmd_compile(a) -> int:
 
 def cmd_check(a) -> int:
     from .check import main_check
-    _load_specs(a.spec)
+    _load(a)
     items: list = list(a.what or [])
     if a.all or not items:
         items = [registry.get(n) for n in registry.names()] + [
@@ -184,6 +243,7 @@ def _build(item):
 
 
 def cmd_backends(a) -> int:
+    _load(a)
     for n, ok, why in backends.report():
         print(f"{n:<10} {'available' if ok else 'unavailable':<12} {why}")
         if a.options:  # the declared backend options: name, what it accepts (default), doc
@@ -200,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sp, what=True, nargs=None, backend_opts=False):
         if what:
             sp.add_argument("what", nargs=nargs, metavar="NAME|SPEC",
-                            help="a registered recurrence name or a YAML spec path")
+                            help="a registered recurrence name, a YAML spec path, or a .py "
+                                 "file that registers one (imported first)")
         sp.add_argument("--option", action="append", metavar="KEY=VALUE",
                         help="a recurrence option, e.g. --option dt_softplus=true, or a "
                              "backend option no recurrence option shares a name with, e.g. "
@@ -211,10 +272,18 @@ def build_parser() -> argparse.ArgumentParser:
                                  "(without BACKEND.: for every target that has KEY)")
         sp.add_argument("--spec", action="append", metavar="FILE",
                         help="register the recurrence a YAML spec defines first")
+        imports(sp)
+
+    def imports(sp):
+        sp.add_argument("--import", dest="imports", action="append", metavar="MODULE|FILE.py",
+                        help="import a Python module first (a dotted name, found from the "
+                             "current directory too, or a .py path) so that its "
+                             "@scancc.register calls run; a .py path as NAME does the same")
 
     sp = sub.add_parser("list", help="list registered recurrences")
     sp.add_argument("--spec", action="append", metavar="FILE",
                     help="also register the recurrence a YAML spec defines")
+    imports(sp)
     sp.set_defaults(fn=cmd_list)
     sp = sub.add_parser("show", help="print a recurrence's IR in the text form")
     common(sp)
@@ -247,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("backends", help="list backends and whether they run here")
     sp.add_argument("--options", action="store_true",
                     help="also list each backend's options (--option / --backend-option)")
+    imports(sp)
     sp.set_defaults(fn=cmd_backends)
     return p
 

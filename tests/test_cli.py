@@ -201,3 +201,39 @@ def test_check_rejects_an_unknown_dtype_with_the_known_names():
 def test_check_rejects_a_sequence_length_below_one(T):
     with pytest.raises(SystemExit, match="--T must be at least 1"):
         main(["check", "gla", "--targets", "reference", "--T", T])
+
+
+# issue 10, item 14: a recurrence registered in Python reaches the CLI by importing its module
+
+EXAMPLE = __import__("pathlib").Path(__file__).resolve().parents[1] / "examples" / "gated_iir.py"
+
+
+def cli_in(cwd, *args):
+    p = subprocess.run([sys.executable, "-m", "scancc", *args], capture_output=True, text=True,
+                       timeout=300, cwd=cwd)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_a_py_path_as_name_is_imported_and_its_recurrence_used(tmp_path):
+    rc, out, err = cli_in(tmp_path, "show", str(EXAMPLE))
+    assert rc == 0, err
+    assert out.startswith("recurrence gated_iir")
+    rc, out, err = cli_in(tmp_path, "check", str(EXAMPLE), "--targets", "reference", "--T", "7")
+    assert rc == 0 and "gated_iir" in out and "1 passed" in out, out + err
+
+
+def test_import_flag_by_module_name_and_by_path(tmp_path):
+    root = EXAMPLE.parents[1]
+    rc, out, err = cli_in(root, "list", "--import", "examples.gated_iir")
+    assert rc == 0 and "gated_iir" in out and "w:companion" in out, err
+    rc, out, err = cli_in(tmp_path, "compile", "gated_iir", "--import", str(EXAMPLE))
+    assert rc == 0 and out.startswith("recurrence gated_iir"), err
+    rc, out, err = cli_in(tmp_path, "show", "gated_iir")  # without the import: unknown
+    assert rc != 0
+
+
+def test_import_errors_are_said_plainly(tmp_path):
+    rc, _, err = cli_in(tmp_path, "show", "x", "--import", "no_such_module_here")
+    assert rc != 0 and "--import no_such_module_here: ModuleNotFoundError" in err
+    rc, _, err = cli_in(tmp_path, "show", str(tmp_path / "missing.py"))
+    assert rc != 0 and "no such file" in err
