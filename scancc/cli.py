@@ -133,6 +133,12 @@ def _load(a) -> None:
         a.what = [n for w in what for n in (_import(w) if _is_py(w) else [w])]
 
 
+def _option_text(e: Entry) -> tuple[str, str]:
+    """(options as KEY=DEFAULT, optional inputs) of a registration, for list and show."""
+    opts = ", ".join(f"{k}={v!r}" for k, v in e.defaults.items() if k not in e.optional_inputs)
+    return opts, ", ".join(e.optional_inputs)
+
+
 def cmd_list(a) -> int:
     _load(a)
     rows = []
@@ -144,11 +150,14 @@ def cmd_list(a) -> int:
             ins = ", ".join(i.name for i in rec.inputs)
         except Exception as ex:  # a broken user registration is listed, not fatal
             kinds, ins = f"(does not build: {ex})", ""
-        rows.append((n, e.origin, kinds, ins))
-    w = [max(len(r[i]) for r in rows + [("name", "origin", "states", "")]) for i in range(3)]
-    print(f"{'name'.ljust(w[0])}  {'origin'.ljust(w[1])}  {'states'.ljust(w[2])}  inputs")
-    for r in rows:
-        print(f"{r[0].ljust(w[0])}  {r[1].ljust(w[1])}  {r[2].ljust(w[2])}  {r[3]}")
+        opts, optional = _option_text(e)
+        if optional:  # optional inputs are left out of a default build: say them
+            ins = f"{ins} [optional: {optional}]" if ins else f"[optional: {optional}]"
+        rows.append((n, e.origin, kinds, ins, opts or "-"))
+    head = ("name", "origin", "states", "inputs", "options")
+    w = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
+    for r in [head] + rows:
+        print("  ".join(r[i].ljust(w[i]) for i in range(4)) + f"  {r[4]}")
     return 0
 
 
@@ -173,6 +182,14 @@ def _compile(what, target, options=None, **rec_opts):
 def cmd_show(a) -> int:
     _load(a)
     k = _compile(a.what, "reference", **_options(a.option))
+    entry = _resolve(a.what)[0]
+    if entry is not None and not a.backward:  # what the IR does not say: comments, so it
+        # still parses (the backward's text is the derived recurrence alone)
+        opts, optional = _option_text(entry)
+        if opts:
+            print(f"# options (--option KEY=VALUE; defaults): {opts}")
+        if optional:
+            print(f"# optional inputs (--option NAME=true to include): {optional}")
     print(_backward_ir(k) if a.backward else k.ir, end="")
     return 0
 

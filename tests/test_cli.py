@@ -237,3 +237,31 @@ def test_import_errors_are_said_plainly(tmp_path):
     assert rc != 0 and "--import no_such_module_here: ModuleNotFoundError" in err
     rc, _, err = cli_in(tmp_path, "show", str(tmp_path / "missing.py"))
     assert rc != 0 and "no such file" in err
+
+
+# issue 10, item 15: list/show say the options and optional inputs; the README snippet runs
+
+
+def test_list_shows_options_and_optional_inputs():
+    rc, out, err = cli("list")
+    assert rc == 0, err
+    assert "options" in out.splitlines()[0]
+    row = next(ln for ln in out.splitlines() if ln.startswith("mamba2 "))
+    assert "[optional: D, z, dt_bias]" in row and "dt_softplus=False" in row
+
+
+def test_show_says_options_and_optional_inputs_as_comments(capsys):
+    assert main(["show", "mamba2"]) == 0
+    out = capsys.readouterr().out
+    assert "# options (--option KEY=VALUE; defaults): dt_softplus=False" in out
+    assert "# optional inputs (--option NAME=true to include): D, z, dt_bias" in out
+    assert parse_recurrence(out) == scancc.get("mamba2").build()  # still parses
+
+
+def test_readme_python_snippet_runs_as_written():
+    import re
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"## Use\n\n```python\n(.*?)```", readme, re.S).group(1)
+    assert "sample_inputs" in block
+    exec(compile(block, "README.md", "exec"), {})
