@@ -2,10 +2,11 @@
 binary sampler."""
 import numpy as np
 import pytest
+from scancc.ir import diagonal
+
 import scancc
 from scancc.check import check_backward, check_one
 from scancc.cli import main
-from scancc.ir import diagonal
 from scancc.sampling import SAMPLERS, sample_inputs
 
 
