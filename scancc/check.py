@@ -58,6 +58,18 @@ def _judge(row: Row, worst: list[tuple[float, float]]) -> None:
         row.note = f"over tolerance (rel-RMS {tol.rel_rms:.0e}, max-abs {tol.max_abs:.0e})"
 
 
+def _failure(e: Exception, options: dict) -> str:
+    """A row's note for an exception; a builder's own error (``float('abc')``) that names no
+    option is said with the recurrence options given (``--option scale=abc``)."""
+    from scancc.ir import IRError
+    note = f"{type(e).__name__}: {e}"
+    given = {k: v for k, v in options.items() if k != "options"}
+    if isinstance(e, (ValueError, TypeError)) and not isinstance(e, IRError) and given \
+            and not any(k in str(e) for k in given):
+        note += " (options: " + ", ".join(f"{k}={v!r}" for k, v in given.items()) + ")"
+    return note
+
+
 def _sizes(rec, T: int | None, dim_sizes: dict[str, int] | None) -> dict[str, int]:
     """default_sizes, with T for the time dim and ``dim_sizes`` (``--size DIM=N``) for any
     dim of ``rec`` (others are skipped: one --size serves several recurrences); a fixed dim
@@ -114,7 +126,7 @@ def check_backward(what: Any, target: str, T: int | None = None, seed: int = 0,
         got = autograd.backward(rec, x, dy, h0, dh, chunk, target)
         _judge(row, [errors(got[i][k], want[i][k]) for i in (0, 1) for k in want[i]])
     except Exception as e:  # a row per failure, not a crash of the whole run
-        row.note = f"{type(e).__name__}: {e}"
+        row.note = _failure(e, options)
     finally:
         row.seconds = time.perf_counter() - t0
     return row
@@ -172,7 +184,7 @@ def check_one(what: Any, target: str, dtype: str, T: int | None = None, seed: in
         _judge(row, [errors(_f64(got_y[n]), want_y[n]) for n in onames]
                + [errors(_f64(got_h[n]), want_h[n]) for n in snames])
     except Exception as e:  # a row per failure, not a crash of the whole run
-        row.note = f"{type(e).__name__}: {e}"
+        row.note = _failure(e, options)
     finally:
         row.seconds = time.perf_counter() - t0
     return row

@@ -20,7 +20,9 @@ def two_outputs():
         h = r.state("h", [b, c], diagonal(0.9 * (1 - reset)), inject=x)
         r.output("y", [b, t, c], h)
         r.output("z", [b, t, c], 2 * h + x)
-    return "test_two_out_ema"
+    yield "test_two_out_ema"
+    from scancc import registry
+    registry._REGISTRY.pop("test_two_out_ema", None)  # other tests list every registration
 
 
 @pytest.mark.parametrize("target", ["reference", "triton", "nki"])
@@ -67,3 +69,8 @@ def test_binary_sampler_draws_zero_one_flags(two_outputs):
     rec = scancc.get(two_outputs).build()
     got = sample_inputs(rec, {"batch": 2, "time": 50, "chan": 4}, hints={"reset": "binary"})
     assert set(np.unique(got["reset"])) == {0.0, 1.0}
+
+
+def test_a_builder_error_in_a_row_names_the_options():
+    row = check_one("gla", "reference", "float64", T=4, scale="abc")
+    assert not row.ok and "(options: scale='abc')" in row.note
