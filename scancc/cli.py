@@ -228,7 +228,7 @@ def cmd_check(a) -> int:
     rec_opts, backend_opts = _split_options(a, entries, targets)
     if backend_opts:  # compile() takes them by backend name: each target gets its own
         rec_opts["options"] = backend_opts
-    from .testing import TOLERANCES
+    from .check import TOLERANCES  # the dtypes check knows (cli may not import testing)
     dtypes = [d.strip() for d in a.dtypes.split(",")]
     bad = [d for d in dtypes if d not in TOLERANCES]
     if bad:
