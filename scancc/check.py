@@ -58,8 +58,37 @@ def _judge(row: Row, worst: list[tuple[float, float]]) -> None:
         row.note = f"over tolerance (rel-RMS {tol.rel_rms:.0e}, max-abs {tol.max_abs:.0e})"
 
 
+def _failure(e: Exception, options: dict) -> str:
+    """A row's note for an exception; a builder's own error (``float('abc')``) that names no
+    option is said with the recurrence options given (``--option scale=abc``)."""
+    from scancc.ir import IRError
+    note = f"{type(e).__name__}: {e}"
+    given = {k: v for k, v in options.items() if k != "options"}
+    if isinstance(e, (ValueError, TypeError)) and not isinstance(e, IRError) and given \
+            and not any(k in str(e) for k in given):
+        note += " (options: " + ", ".join(f"{k}={v!r}" for k, v in given.items()) + ")"
+    return note
+
+
+def _sizes(rec, T: int | None, dim_sizes: dict[str, int] | None) -> dict[str, int]:
+    """default_sizes, with T for the time dim and ``dim_sizes`` (``--size DIM=N``) for any
+    dim of ``rec`` (others are skipped: one --size serves several recurrences); a fixed dim
+    given another size is an error."""
+    given = dict(dim_sizes or {})
+    if T:
+        given.setdefault(rec.time, T)
+    names = [d.name for d in rec.dims]
+    given = {k: v for k, v in given.items() if k in names}  # the CLI names unknown dims
+    for k, v in given.items():
+        fixed = rec.dim(k).size
+        if fixed is not None and fixed != v:
+            raise ValueError(f"--size {k}={v}: dim {k!r} of {rec.name!r} is fixed at {fixed}")
+    sizes = default_sizes(rec, **given)
+    return sizes
+
+
 def check_backward(what: Any, target: str, T: int | None = None, seed: int = 0,
-                   **options) -> Row:
+                   dim_sizes: dict[str, int] | None = None, **options) -> Row:
     """Gradients (every input and the initial states, from random output and final-state
     cotangents) through ``target``'s forward, recompute and backward kernels against the
     float64 reference's, with T crossing chunk boundaries. The backward kernels compute in
@@ -72,7 +101,7 @@ def check_backward(what: Any, target: str, T: int | None = None, seed: int = 0,
     try:
         ref = compile(what, "reference", **opts)
         rec = ref.ir
-        sizes = default_sizes(rec, **({rec.time: T} if T else {}))
+        sizes = _sizes(rec, T, dim_sizes)
         chunk = max(1, min(autograd.DEFAULT_CHUNK, sizes[rec.time] // 3))
         row.case = " ".join(f"{d}={sizes[d]}" for d in (x.name for x in rec.dims)) + \
             f" (chunk {chunk})"
@@ -97,14 +126,14 @@ def check_backward(what: Any, target: str, T: int | None = None, seed: int = 0,
         got = autograd.backward(rec, x, dy, h0, dh, chunk, target)
         _judge(row, [errors(got[i][k], want[i][k]) for i in (0, 1) for k in want[i]])
     except Exception as e:  # a row per failure, not a crash of the whole run
-        row.note = f"{type(e).__name__}: {e}"
+        row.note = _failure(e, options)
     finally:
         row.seconds = time.perf_counter() - t0
     return row
 
 
 def check_one(what: Any, target: str, dtype: str, T: int | None = None, seed: int = 0,
-              **options) -> Row:
+              dim_sizes: dict[str, int] | None = None, **options) -> Row:
     """Compare ``target`` with the float64 reference on one random case (with an initial
     state, and the final state compared too). For target "reference" the case checks that
     running T steps equals running T//2 steps, then the rest from the returned final state."""
@@ -116,7 +145,7 @@ def check_one(what: Any, target: str, dtype: str, T: int | None = None, seed: in
     try:
         ref = compile(what, "reference", **opts)
         rec = ref.ir
-        sizes = default_sizes(rec, **({rec.time: T} if T else {}))
+        sizes = _sizes(rec, T, dim_sizes)
         row.case = " ".join(f"{d}={sizes[d]}" for d in (x.name for x in rec.dims))
         hints = entry.hints if entry else {}
         be = backends.get(target)
@@ -129,6 +158,7 @@ def check_one(what: Any, target: str, dtype: str, T: int | None = None, seed: in
         h0 = {k: v.astype(np.float32) for k, v in sample_state(rec, sizes, seed + 1).items()}
         x64 = {k: _f64(v) for k, v in x.items()}
         snames = [s.name for s in rec.states]
+        onames = [o.name for o in rec.outputs]
         want_y, want_h = ref(**x64, initial_state={k: v.astype(np.float64) for k, v in h0.items()},
                              output_final_state=True)
         if target == "reference":
@@ -140,18 +170,21 @@ def check_one(what: Any, target: str, dtype: str, T: int | None = None, seed: in
             y1, h1 = ref(**part(range(half)), initial_state=h0, output_final_state=True)
             y2, h2 = ref(**part(range(half, sizes[rec.time])),
                          initial_state=_as_dict(h1, snames), output_final_state=True)
-            tout = rec.outputs[0].dims.index(rec.time)
-            got_y, got_h = np.concatenate([y1, y2], axis=tout), h2
+            y1, y2 = _as_dict(y1, onames), _as_dict(y2, onames)
+            got_y = {o.name: np.concatenate([y1[o.name], y2[o.name]],
+                                            axis=o.dims.index(rec.time)) for o in rec.outputs}
+            got_h = h2
             row.case += " (T split in two, state carried)"
         else:
             k = compile(what, target, **opts)
             init = {n: _cast(v, "float32", torch_in) for n, v in h0.items()}
             got_y, got_h = k(**x, initial_state=init, output_final_state=True)
         got_h, want_h = _as_dict(got_h, snames), _as_dict(want_h, snames)
-        ry, my = errors(_f64(got_y), want_y)
-        _judge(row, [(ry, my)] + [errors(_f64(got_h[n]), want_h[n]) for n in snames])
+        got_y, want_y = _as_dict(got_y, onames), _as_dict(want_y, onames)
+        _judge(row, [errors(_f64(got_y[n]), want_y[n]) for n in onames]
+               + [errors(_f64(got_h[n]), want_h[n]) for n in snames])
     except Exception as e:  # a row per failure, not a crash of the whole run
-        row.note = f"{type(e).__name__}: {e}"
+        row.note = _failure(e, options)
     finally:
         row.seconds = time.perf_counter() - t0
     return row
@@ -159,7 +192,8 @@ def check_one(what: Any, target: str, dtype: str, T: int | None = None, seed: in
 
 def run_check(items: Iterable[Any], targets: list[str], dtypes: list[str], T: int | None = None,
               seed: int = 0, progress: Callable[[str], None] | None = None,
-              options: dict | None = None, backward: bool = False) -> list[Row]:
+              options: dict | None = None, backward: bool = False,
+              dim_sizes: dict[str, int] | None = None) -> list[Row]:
     items = list(items)
     if backward:  # gradients of each target against the reference's; float32 kernels
         jobs = [(it, tg) for it in items for tg in targets if tg != "reference"]
@@ -168,7 +202,7 @@ def run_check(items: Iterable[Any], targets: list[str], dtypes: list[str], T: in
             if progress:
                 progress(f"[{i}/{len(jobs)}] {it.name if isinstance(it, Entry) else it} {tg} "
                          "backward")
-            rows.append(check_backward(it, tg, T, seed, **(options or {})))
+            rows.append(check_backward(it, tg, T, seed, dim_sizes, **(options or {})))
         return rows
     jobs = [(it, tg, dt) for it in items for tg in targets for dt in dtypes
             if not (tg == "reference" and dt != dtypes[0])]
@@ -178,7 +212,7 @@ def run_check(items: Iterable[Any], targets: list[str], dtypes: list[str], T: in
         if progress:
             progress(f"[{i}/{len(jobs)}] {label} {tg} {dt}")
         rows.append(check_one(it, tg, "float64" if tg == "reference" else dt, T, seed,
-                              **(options or {})))
+                              dim_sizes, **(options or {})))
     return rows
 
 
@@ -194,10 +228,10 @@ def format_table(rows: list[Row]) -> str:
 
 
 def main_check(items, targets, dtypes, T, seed, out=sys.stdout, err=sys.stderr,
-               options=None, backward: bool = False) -> int:
+               options=None, backward: bool = False, dim_sizes=None) -> int:
     rows = run_check(items, targets, dtypes, T, seed,
                      progress=lambda s: print(s, file=err, flush=True), options=options,
-                     backward=backward)
+                     backward=backward, dim_sizes=dim_sizes)
     print(format_table(rows), file=out)
     bad = [r for r in rows if not r.ok]
     print(f"{len(rows) - len(bad)} passed, {len(bad)} failed", file=out)

@@ -34,6 +34,7 @@ SAMPLERS = {
     "negative": lambda rng, s: -np.exp(0.5 * rng.standard_normal(s)),
     "positive": lambda rng, s: rng.uniform(0.01, 0.2, s),
     "log_dt": lambda rng, s: rng.uniform(np.log(1e-3), np.log(1e-1), s),
+    "binary": lambda rng, s: (rng.uniform(size=s) < 0.2).astype(np.float64),  # 0/1 flags
     "unit_rows": _unit_rows,
     "stable_poly": _stable_poly,
 }

@@ -175,3 +175,93 @@ def test_backends_lists_the_declared_options(capsys):
     out = capsys.readouterr().out
     assert "    chip           one of 'trn1', 'trn2' (default 'trn1'): " in out
     assert "    num_warps      one of 1, 2, 4, 8, 16, 32 (default 4): " in out
+
+
+# issue 10, item 8: bad CLI values get an error naming what is wrong
+
+
+def test_option_value_a_builder_rejects_names_the_option(capsys):
+    assert main(["show", "gla", "--option", "scale=abc"]) == 2
+    err = capsys.readouterr().err
+    assert "--option scale='abc'" in err and "gla" in err
+
+
+def test_option_sizes_missing_dims_are_named(capsys):
+    assert main(["compile", "gla", "--target", "nki", "--option", "sizes={time: 128}"]) == 2
+    err = capsys.readouterr().err
+    assert "sizes=" in err and "a size for every dim" in err and "batch" in err
+
+
+def test_check_rejects_an_unknown_dtype_with_the_known_names():
+    with pytest.raises(SystemExit, match=r"unknown dtype 'fp32' \(known: float64, float32"):
+        main(["check", "fir", "--targets", "reference", "--dtypes", "fp32"])
+
+
+@pytest.mark.parametrize("T", ["0", "-3"])
+def test_check_rejects_a_sequence_length_below_one(T):
+    with pytest.raises(SystemExit, match="--T must be at least 1"):
+        main(["check", "gla", "--targets", "reference", "--T", T])
+
+
+# issue 10, item 14: a recurrence registered in Python reaches the CLI by importing its module
+
+EXAMPLE = __import__("pathlib").Path(__file__).resolve().parents[1] / "examples" / "gated_iir.py"
+
+
+def cli_in(cwd, *args):
+    p = subprocess.run([sys.executable, "-m", "scancc", *args], capture_output=True, text=True,
+                       timeout=300, cwd=cwd, check=False)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_a_py_path_as_name_is_imported_and_its_recurrence_used(tmp_path):
+    rc, out, err = cli_in(tmp_path, "show", str(EXAMPLE))
+    assert rc == 0, err
+    assert out.startswith("recurrence gated_iir")
+    rc, out, err = cli_in(tmp_path, "check", str(EXAMPLE), "--targets", "reference", "--T", "7")
+    assert rc == 0 and "gated_iir" in out and "1 passed" in out, out + err
+
+
+def test_import_flag_by_module_name_and_by_path(tmp_path):
+    root = EXAMPLE.parents[1]
+    rc, out, err = cli_in(root, "list", "--import", "examples.gated_iir")
+    assert rc == 0 and "gated_iir" in out and "w:companion" in out, err
+    rc, out, err = cli_in(tmp_path, "compile", "gated_iir", "--import", str(EXAMPLE))
+    assert rc == 0 and out.startswith("recurrence gated_iir"), err
+    rc, out, err = cli_in(tmp_path, "show", "gated_iir")  # without the import: unknown
+    assert rc != 0
+
+
+def test_import_errors_are_said_plainly(tmp_path):
+    rc, _, err = cli_in(tmp_path, "show", "x", "--import", "no_such_module_here")
+    assert rc != 0 and "--import no_such_module_here: ModuleNotFoundError" in err
+    rc, _, err = cli_in(tmp_path, "show", str(tmp_path / "missing.py"))
+    assert rc != 0 and "no such file" in err
+
+
+# issue 10, item 15: list/show say the options and optional inputs; the README snippet runs
+
+
+def test_list_shows_options_and_optional_inputs():
+    rc, out, err = cli("list")
+    assert rc == 0, err
+    assert "options" in out.splitlines()[0]
+    row = next(ln for ln in out.splitlines() if ln.startswith("mamba2 "))
+    assert "[optional: D, z, dt_bias]" in row and "dt_softplus=False" in row
+
+
+def test_show_says_options_and_optional_inputs_as_comments(capsys):
+    assert main(["show", "mamba2"]) == 0
+    out = capsys.readouterr().out
+    assert "# options (--option KEY=VALUE; defaults): dt_softplus=False" in out
+    assert "# optional inputs (--option NAME=true to include): D, z, dt_bias" in out
+    assert parse_recurrence(out) == scancc.get("mamba2").build()  # still parses
+
+
+def test_readme_python_snippet_runs_as_written():
+    import re
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"## Use\n\n```python\n(.*?)```", readme, re.DOTALL).group(1)
+    assert "sample_inputs" in block
+    exec(compile(block, "README.md", "exec"), {})  # noqa: S102 - the README, as a user runs it
