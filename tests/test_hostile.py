@@ -184,3 +184,20 @@ def test_verify_accepts_the_library():
     for name in scancc.names():
         e = scancc.get(name)
         verify(e.build())
+
+
+def test_nki_header_keeps_a_python_doc_printable():
+    """A doc with control characters (a Python-registered recurrence: specs reject them) reaches
+    the NKI kernel only as printable ASCII in comments, as in Triton's header; the header says
+    the kernel's sizes are fixed."""
+    from scancc.backends import get
+    from scancc.ir import Builder, identity
+    r = Builder("nki_hostile_doc", "doc \x00 with \x1b[2J escapes\x0b and \u2028 separators")
+    b, t, d = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("chan")
+    x = r.input("x", [b, t, d])
+    h = r.state("h", [b, d], identity(), inject=x)
+    r.output("y", [b, t, d], h)
+    src = get("nki").render(r.build(), {})
+    assert all(c == "\n" or " " <= c <= "~" for c in src)
+    assert "fixed sizes" in src.splitlines()[0]
+    compile(src, "<nki>", "exec")

@@ -22,7 +22,7 @@ from scancc.ir.passes import chunked as shared
 from ..rules import Rules
 from .rules import ACT as _ACT, ALU as _ALU
 from .rules import PY_BINARY, PY_MATH, UNARY_LINES, const_unary
-from .values import BIG, Idx, V
+from .values import BIG, Idx, V, fmt
 
 # the expression lowerer of the chunk layout (time on the partitions): the same keys as
 # rules.OP_RULES, rule(R, node, env, feat, scope, memo) -> (kind, name or expression)
@@ -88,12 +88,12 @@ def _time_major(rec, node, feat, pd, kd, outer, lets) -> bool:
 
 @CHUNK_OP_RULES.register(Op.CONST)
 def _tconst_rule(R, node, env, feat, sc, memo):
-    return ("const", repr(float(node.arg)))
+    return ("const", fmt(node.arg))
 
 
 @CHUNK_OP_RULES.register(Op.SIZE)
 def _tsize_rule(R, node, env, feat, sc, memo):
-    return ("const", repr(float(R.sizes[node.arg])))
+    return ("const", fmt(R.sizes[node.arg]))
 
 
 @CHUNK_OP_RULES.register(Op.IOTA)
