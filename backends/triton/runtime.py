@@ -278,6 +278,8 @@ def quiet_padding():
 
 
 _FIXED = False
+# held around every interpreted Triton launch (see install_interpreter_fixes)
+INTERPRETER_LOCK = threading.RLock()
 
 
 def install_interpreter_fixes() -> None:
@@ -309,6 +311,16 @@ def install_interpreter_fixes() -> None:
 
     it.InterpreterBuilder.create_dot = create_dot
 
+    # The interpreter keeps one global builder (grid index, patched tl functions): two
+    # launches at once from two threads corrupt each other. Interpreted launches are
+    # serialised by one process-wide lock (GPU launches are not affected).
+    orig_run = it.InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        with INTERPRETER_LOCK:
+            return orig_run(self, *args, **kwargs)
+
+    it.InterpretedFunction.run = run
     _FIXED = True
 
 
