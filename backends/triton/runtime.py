@@ -57,11 +57,46 @@ def prepare() -> None:
     import triton.language as tl
     from triton.runtime.jit import JITFunction
     if isinstance(tl.zeros, JITFunction):
-        raise RuntimeError("triton was imported in GPU mode, but there is no GPU here: set "
-                           "TRITON_INTERPRET=1 before importing triton (or let scancc's Triton "
-                           "backend import it first)")
+        _switch_to_interpreter()
     install_interpreter_fixes()
     _PREPARED = True
+
+
+def _switch_to_interpreter() -> None:
+    """Triton was imported without TRITON_INTERPRET (by another library, before scancc) on a
+    machine with no GPU: ``triton.language`` then holds GPU-mode ``@jit`` helpers (tl.zeros,
+    tl.sum, ...) that the interpreter cannot call. Set the variable (later ``@triton.jit``
+    decorations read it) and rebuild each such helper as an interpreted function, in every
+    ``triton.language`` module and on ``tl.tensor``'s methods."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+    swapped: dict[int, object] = {}
+
+    def swap(owner, attrs) -> None:
+        for k, v in list(attrs):
+            if isinstance(v, JITFunction):
+                if id(v) not in swapped:
+                    swapped[id(v)] = InterpretedFunction(v.fn)
+                setattr(owner, k, swapped[id(v)])
+
+    try:
+        for name, m in list(sys.modules.items()):
+            if m is not None and (name == "triton.language" or name.startswith("triton.language.")):
+                swap(m, vars(m).items())
+        swap(tl.tensor, vars(tl.tensor).items())
+    except Exception as e:  # noqa: BLE001 - a triton whose layout differs: say what to do
+        raise RuntimeError(
+            "triton was imported in GPU mode (TRITON_INTERPRET unset) before scancc, and there "
+            "is no GPU here; scancc could not switch it to the interpreter "
+            f"({type(e).__name__}: {e}). Set TRITON_INTERPRET=1 in the environment, or import "
+            "scancc's Triton backend before the library that imports triton") from e
+    if isinstance(tl.zeros, JITFunction):
+        raise RuntimeError(
+            "triton was imported in GPU mode (TRITON_INTERPRET unset) before scancc, and there "
+            "is no GPU here: set TRITON_INTERPRET=1 in the environment, or import scancc's "
+            "Triton backend before the library that imports triton")
 
 
 _DEVICE = None
