@@ -28,6 +28,7 @@ Modules: ``plan.py`` (the static plan: layout, algorithm per state, tile candida
 from __future__ import annotations
 
 import importlib
+import threading
 from typing import Any, Mapping
 
 import numpy as np
@@ -43,6 +44,9 @@ from .plan import Plan, PlanError
 from .values import NAME
 
 RUNNERS = ("auto", "emulator", "simulate")
+# The emulator keeps one machine per process (it refuses nested runs): kernel runs from
+# several threads take turns under this lock (docs/security.md, thread safety).
+EMULATOR_LOCK = threading.RLock()
 CHIPS = tuple(HARDWARE_CHIPS)
 
 
@@ -189,8 +193,9 @@ class NkiBackend(Backend):
         else:
             kernel = emulator.load_kernel(src, kname, f"<nki kernel {rec.name}>")
             kernel.chip = options.get("chip") or DEFAULT_CHIP
-            res = kernel(*arrays, dtypes=dtypes)
-            counters = kernel.counters
+            with EMULATOR_LOCK:
+                res = kernel(*arrays, dtypes=dtypes)
+                counters = kernel.counters
         res = res if isinstance(res, tuple) else (res,)
         outs = {o.name: np.asarray(r) for o, r in zip(rec.outputs, res)}
         finals = None

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
+import linecache
 import os
+import stat
 import sys
 import tempfile
 import threading
+import types
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -54,11 +57,46 @@ def prepare() -> None:
     import triton.language as tl
     from triton.runtime.jit import JITFunction
     if isinstance(tl.zeros, JITFunction):
-        raise RuntimeError("triton was imported in GPU mode, but there is no GPU here: set "
-                           "TRITON_INTERPRET=1 before importing triton (or let scancc's Triton "
-                           "backend import it first)")
+        _switch_to_interpreter()
     install_interpreter_fixes()
     _PREPARED = True
+
+
+def _switch_to_interpreter() -> None:
+    """Triton was imported without TRITON_INTERPRET (by another library, before scancc) on a
+    machine with no GPU: ``triton.language`` then holds GPU-mode ``@jit`` helpers (tl.zeros,
+    tl.sum, ...) that the interpreter cannot call. Set the variable (later ``@triton.jit``
+    decorations read it) and rebuild each such helper as an interpreted function, in every
+    ``triton.language`` module and on ``tl.tensor``'s methods."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+    swapped: dict[int, object] = {}
+
+    def swap(owner, attrs) -> None:
+        for k, v in list(attrs):
+            if isinstance(v, JITFunction):
+                if id(v) not in swapped:
+                    swapped[id(v)] = InterpretedFunction(v.fn)
+                setattr(owner, k, swapped[id(v)])
+
+    try:
+        for name, m in list(sys.modules.items()):
+            if m is not None and (name == "triton.language" or name.startswith("triton.language.")):
+                swap(m, vars(m).items())
+        swap(tl.tensor, vars(tl.tensor).items())
+    except Exception as e:  # noqa: BLE001 - a triton whose layout differs: say what to do
+        raise RuntimeError(
+            "triton was imported in GPU mode (TRITON_INTERPRET unset) before scancc, and there "
+            "is no GPU here; scancc could not switch it to the interpreter "
+            f"({type(e).__name__}: {e}). Set TRITON_INTERPRET=1 in the environment, or import "
+            "scancc's Triton backend before the library that imports triton") from e
+    if isinstance(tl.zeros, JITFunction):
+        raise RuntimeError(
+            "triton was imported in GPU mode (TRITON_INTERPRET unset) before scancc, and there "
+            "is no GPU here: set TRITON_INTERPRET=1 in the environment, or import scancc's "
+            "Triton backend before the library that imports triton")
 
 
 _DEVICE = None
@@ -143,10 +181,9 @@ def cache_key(ir_text: str, algorithm: str, options: dict, dtypes: tuple[str, ..
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)  # readers see the old file or the whole new one
     except BaseException:
@@ -155,21 +192,109 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
+_WARNED: set[str] = set()
+
+
+def _warn(msg: str) -> None:
+    if msg not in _WARNED:  # once per message (per directory and reason) and process
+        _WARNED.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
+def unsafe_dir_reason(d: Path) -> str | None:
+    """Why the cache directory ``d`` must not be used (None: it may). It is created (mode
+    0700) if missing; it must be a directory owned by this user that neither group nor
+    others can write."""
+    try:
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.stat(d)
+    except OSError as e:
+        return f"it cannot be created or read ({e.strerror or e})"
+    if not stat.S_ISDIR(st.st_mode):
+        return "it is not a directory"
+    if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+        return f"it is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
+    if st.st_mode & 0o022:
+        return f"group or others can write it (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def _store(path: Path, source: str) -> bool:
+    """Keep ``source`` at ``path`` (a record for people to read: it is never imported).
+    A missing, different, undecodable or unreadable file is rewritten; False (after a
+    warning) when the directory is unsafe or the file cannot be written."""
+    d = path.parent
+    why = unsafe_dir_reason(d)
+    if why is not None:
+        _warn(f"scancc: not using the Triton kernel cache directory {d}: {why}; generated "
+              f"kernels stay in memory (set SCANCC_CACHE_DIR to a private directory)")
+        return False
+    try:
+        with open(path, "rb") as f:
+            if f.read().decode("utf-8") == source:
+                return True
+    except (OSError, UnicodeDecodeError):
+        pass  # missing, a directory, unreadable, or not UTF-8: (re)write it below
+    try:
+        if path.is_dir() and not path.is_symlink():
+            raise IsADirectoryError(f"{path} is a directory")
+        _write_atomic(path, source)
+        return True
+    except OSError as e:
+        _warn(f"scancc: cannot write the Triton kernel cache file {path} in {d} "
+              f"({e.strerror or e}); the kernel stays in memory")
+        return False
+
+
+class _VerifiedLoader:
+    """The module's ``__loader__``: serves the verified text (``inspect``/``linecache``
+    fall back to it), never the file."""
+
+    def __init__(self, text: str):
+        self._text = text
+
+    def get_source(self, name):
+        return self._text
+
+
+def _exec_verified(name: str, source: str, filename: str):
+    """A fresh module made by compiling ``source`` itself (no file and no .pyc is read).
+    ``linecache`` holds the same text under ``filename``, so Triton's ``@jit`` (which reads
+    kernel source with ``inspect.getsourcelines``) sees exactly what runs."""
+    lines = source.splitlines(keepends=True)
+    # mtime None: linecache.checkcache leaves the entry alone (it never re-reads the disk)
+    linecache.cache[filename] = (len(source), None, lines, filename)
+    mod = types.ModuleType(name)
+    mod.__file__ = filename
+    mod.__loader__ = _VerifiedLoader(source)
+    sys.modules[name] = mod  # inspect.getmodule finds the kernels' module through it
+    code = compile(source, filename, "exec", dont_inherit=True)
+    exec(code, mod.__dict__)  # noqa: S102 - the text scancc generated, compared above
+    if not has_gpu():  # the interpreter reads a kernel's source at its first launch: now,
+        from triton.runtime.interpreter import InterpretedFunction  # while linecache holds it
+        for v in list(vars(mod).values()):
+            if isinstance(v, InterpretedFunction):
+                v.rewrite()
+    return mod
+
+
 def load(key: str, source: str):
-    """The module of ``source`` (cached in memory and on disk under ``key``)."""
+    """The module of ``source`` (cached in memory; kept on disk under ``key``).
+
+    Only ``source`` itself is compiled and run: the cache file is written for people to
+    read and compared, never imported, so a planted file or ``__pycache__/*.pyc`` is inert.
+    An unsafe cache directory (see ``unsafe_dir_reason``) or an unwritable file is skipped
+    with a warning and the module lives in memory only."""
     with _LOCK:
         mod = _MODULES.get(key)
         if mod is not None:
             return mod
         path = cache_dir() / f"{key[:32]}.py"
-        if not path.exists() or path.read_text() != source:
-            _write_atomic(path, source)
+        on_disk = _store(path, source)
         name = f"scancc_triton_{key[:32]}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod  # triton reads kernel source through the module's file
+        filename = str(path) if on_disk else f"<scancc triton kernel {key[:32]}>"
         prepare()
-        spec.loader.exec_module(mod)
+        mod = _exec_verified(name, source, filename)
         _MODULES[key] = mod
         return mod
 
@@ -188,6 +313,8 @@ def quiet_padding():
 
 
 _FIXED = False
+# held around every interpreted Triton launch (see install_interpreter_fixes)
+INTERPRETER_LOCK = threading.RLock()
 
 
 def install_interpreter_fixes() -> None:
@@ -218,6 +345,17 @@ def install_interpreter_fixes() -> None:
         return orig(self, a, b, d, input_precision, max_num_imprecise_acc)
 
     it.InterpreterBuilder.create_dot = create_dot
+
+    # The interpreter keeps one global builder (grid index, patched tl functions): two
+    # launches at once from two threads corrupt each other. Interpreted launches are
+    # serialised by one process-wide lock (GPU launches are not affected).
+    orig_run = it.InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        with INTERPRETER_LOCK:
+            return orig_run(self, *args, **kwargs)
+
+    it.InterpretedFunction.run = run
     _FIXED = True
 
 
