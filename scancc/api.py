@@ -15,7 +15,7 @@ from scancc.ir.verify import verify
 
 from . import registry
 from ._forward import Runner, runner
-from .autograd import adjoint, torch_ops
+from .autograd import adjoint, check_no_forward_ad, torch_ops
 from .registry import Entry
 
 FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
@@ -306,6 +306,7 @@ class _CallPlan:
         """torch inputs go through the scancc::scan custom op: differentiable (the backward is
         the derived backward recurrence) and traceable by torch.compile."""
         import torch
+        check_no_forward_ad(tensors if init is None else [*tensors, *init.values()])
         if not self.derived and _requires_grad(tensors, init):
             adjoint(self.rec)  # derive now, so an underivable recurrence fails at the call
             self.derived = True
