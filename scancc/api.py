@@ -199,8 +199,9 @@ class Kernel:
         opts = {**self.options, **call_opts}
         for name in optional:  # specialize on which optional inputs are present
             opts[name] = kwargs.get(name) is not None
-        kwargs = {k: v for k, v in kwargs.items() if v is not None}
         rec = self.variant(**opts)
+        _check_names(rec, [k for k, v in kwargs.items() if v is None], optional)
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
         inputs = _bind_positional(rec, args, kwargs)
         kind, dtype = _check_inputs(rec, inputs, self.backend)
         sizes = _bind(rec, inputs)
@@ -218,9 +219,11 @@ class Kernel:
                             and v is not None and not type(v).__module__.startswith("torch")))
         init = initial_state if isinstance(initial_state, Mapping) or initial_state is None \
             else {"": initial_state}
+        nones = tuple(sorted(k for k, v in kwargs.items() if v is None))
         plan = _PLAN if _PLAN is not None else _constant_plan()
         key, order, snames, onames = plan(
-            id(self), len(args), named, opts, tuple(sorted(init)) if init is not None else None)
+            id(self), len(args), named, opts, tuple(sorted(init)) if init is not None else None,
+            nones)
         given = dict(zip(order, args))
         given.update({k: kwargs[k] for k in named})
         tensors = [given[n] for n in order]
@@ -347,14 +350,18 @@ def _constant_plan():
     return _PLAN
 
 
-def _plan_impl(kernel_id: int, n_pos: int, named: tuple, opts: tuple, init: tuple | None):
-    """(op key, input order, state names, output names) for a call's structure."""
+def _plan_impl(kernel_id: int, n_pos: int, named: tuple, opts: tuple, init: tuple | None,
+               nones: tuple = ()):
+    """(op key, input order, state names, output names) for a call's structure (``nones``:
+    the keywords given as None)."""
     k = _KERNELS[kernel_id]
     optional = set(k.entry.optional_inputs) if k.entry else set()
     o = {**k.options, **dict(opts)}
     for name in optional:
         o[name] = name in named
     rec = k.variant(**o)
+    _check_names(rec, [n for n in nones if n not in (k.entry.defaults if k.entry else {})],
+                 optional)
     order = tuple(x.name for x in rec.inputs)
     if n_pos + len(named) != len(order) or set(named) - set(order[n_pos:]):
         raise InputError(f"recurrence {rec.name!r} takes inputs {order}, got {n_pos} "
@@ -373,6 +380,17 @@ def _requires_grad(inputs, init: Mapping | None) -> bool:
         return False
     return any(getattr(v, "requires_grad", False)
                for v in list(inputs) + list((init or {}).values()))
+
+
+def _check_names(rec: Recurrence, names, optional) -> None:
+    """Keywords given as None are omitted, but only inputs may be omitted that way: any
+    other name is a typo (``intial_state=None``) and is refused whatever its value."""
+    known = {i.name for i in rec.inputs} | set(optional)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise InputError(f"recurrence {rec.name!r} has no input or option {unknown[0]!r} "
+                         f"(inputs: {', '.join(i.name for i in rec.inputs)}; keywords: "
+                         "initial_state, output_final_state)")
 
 
 def _bind_positional(rec: Recurrence, args, kwargs) -> dict:

@@ -65,3 +65,32 @@ def test_reverse_mode_still_works():
     args = [a.requires_grad_() for a in _args(k, kind="torch")]
     k(*args).square().sum().backward()
     assert all(a.grad is not None and a.grad.abs().sum() > 0 for a in args)
+
+
+# ---- item 4: keyword names ----
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_a_misspelt_keyword_is_refused_even_when_none(kind):
+    k = scancc.compile("mamba2")
+    args = _args(k, kind=kind)
+    for typo in ("intial_state", "ouput_final_state", "Dd"):
+        for value in (None, 1):
+            with pytest.raises(scancc.InputError, match=f"no input or option '{typo}'"):
+                k(*args, **{typo: value})
+    # None still omits an optional input, and means the default for an option
+    want = k(*args)
+    for ok in ({"D": None}, {"z": None, "dt_bias": None}, {"dt_softplus": None}):
+        got = k(*args, **ok)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_a_misspelt_keyword_is_refused_under_torch_compile():
+    k = scancc.compile("hgrn")
+    args = _args(k, kind="torch")
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def f(*a):
+        return k(*a, intial_state=None)
+
+    with pytest.raises(Exception, match="no input or option 'intial_state'"):
+        f(*args)
