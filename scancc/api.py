@@ -14,7 +14,7 @@ from scancc.ir import IRError, Recurrence, ShapeMismatch, bind_sizes
 from scancc.ir.verify import verify
 
 from . import registry
-from ._forward import Runner, runner
+from ._forward import Runner, by_slot, runner
 from .autograd import adjoint, check_no_forward_ad, torch_ops
 from .registry import Entry
 
@@ -206,7 +206,10 @@ class Kernel:
         kind, dtype = _check_inputs(rec, inputs, self.backend)
         sizes = _bind(rec, inputs)
         init = _initial_state(rec, initial_state, sizes) if initial_state is not None else None
-        return _CallPlan(self.runner(rec), len(args), kind, dtype,
+        run = self.runner(rec)
+        if kind == "torch":  # the scancc::scan op runs the runner its slot was first taken by
+            run = by_slot(run.slot)  # (same IR text and options): that one's last_run is ours
+        return _CallPlan(run, len(args), kind, dtype,
                          None if init is None else tuple(init), sizes)
 
     def _traced_call(self, args, kwargs, initial_state, output_final_state):
