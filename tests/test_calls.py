@@ -94,3 +94,82 @@ def test_a_misspelt_keyword_is_refused_under_torch_compile():
 
     with pytest.raises(Exception, match="no input or option 'intial_state'"):
         f(*args)
+
+
+# ---- item 8: empty problems on every backend ----
+
+def _targets():
+    return [name for name in ("reference", "triton", "nki")
+            if scancc.backends.get(name).available()[0]]
+
+
+@pytest.mark.parametrize("target", _targets())
+@pytest.mark.parametrize("name", ["hgrn", "gla", "mamba2"])
+@pytest.mark.parametrize("empty", [{"time": 0}, {"batch": 0}])
+def test_empty_problems_match_the_reference(target, name, empty):
+    ref, k = scancc.compile(name), scancc.compile(name, target)
+    rec = ref.ir
+    sizes = {**default_sizes(rec), **empty}
+    args = [a.astype(np.float32) for a in _args(ref, empty)]
+    init = sample_state(rec, sizes)
+    init = {s: v.astype(np.float32) for s, v in init.items()}
+    if len(rec.states) == 1:
+        init = next(iter(init.values()))
+    want_y, want_h = ref(*args, initial_state=init, output_final_state=True)
+    y, h = k(*args, initial_state=init, output_final_state=True)
+    assert np.shape(y) == np.shape(want_y) and y.dtype == np.float32
+    assert np.shape(h) == np.shape(want_h)
+    if "time" in empty:  # no step: the final state is the initial state
+        np.testing.assert_allclose(h, init, rtol=1e-6)
+    np.testing.assert_allclose(h, want_h, rtol=1e-6)
+    # without an initial state: zeros; and torch tensors the same way
+    y0, h0 = k(*[torch.from_numpy(a) for a in args], output_final_state=True)
+    assert tuple(y0.shape) == np.shape(want_y) and not h0.abs().sum()
+
+
+# ---- item 8: builder transitions lift plain numbers ----
+
+def _ema(transition):
+    r = Builder("ema_lift")
+    b, t, c = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("chan")
+    x = r.input("x", [b, t, c])
+    h = r.state("h", [b, c], transition, inject=x)
+    r.output("o", [b, t, c], h)
+    return r.build()
+
+
+@pytest.mark.parametrize("ctor", [diagonal, scalar])
+@pytest.mark.parametrize("decay", [0.9, 1, np.float32(0.5)])
+def test_transitions_lift_plain_numbers(ctor, decay):
+    rec = _ema(ctor(decay))
+    assert rec == _ema(ctor(const(float(decay))))
+    x = np.random.default_rng(0).standard_normal((2, 5, 3))
+    want, h = np.zeros((2, 5, 3)), np.zeros((2, 3))
+    for t in range(5):
+        h = float(decay) * h + x[:, t]
+        want[:, t] = h
+    np.testing.assert_allclose(scancc.compile(rec)(x), want, rtol=1e-12)
+    for target in _targets()[1:]:
+        got = scancc.compile(rec, target)(x.astype(np.float32))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_transitions_and_the_builder_reject_non_numbers_clearly():
+    for bad in ("0.9", None, True, [0.9]):
+        with pytest.raises(IRError, match=r"diagonal\(decay=...\): expected an expression or "
+                                          "a number"):
+            diagonal(bad)
+    with pytest.raises(IRError, match=r"scalar\(decay=...\): constant inf is not finite"):
+        scalar(float("inf"))
+    with pytest.raises(IRError, match=r"companion\(feedback=...\)"):
+        companion("w", "x")
+    with pytest.raises(IRError, match=r"householder\(beta=...\)"):
+        householder("k", const(1.0), "b")
+    with pytest.raises(IRError, match=r"dense\(axis=...\): expected a dim name"):
+        dense(3, "c", 1.0)
+    r = Builder("bad")
+    r.dim("batch", "batch"), r.dim("time", "time"), r.dim("chan")
+    with pytest.raises(IRError, match="state 'h': transition must be a Transition"):
+        r.state("h", ["batch", "chan"], 0.9, inject=1.0)
+    with pytest.raises(IRError, match="output 'o': expected an expression or a number"):
+        r.output("o", ["batch", "time", "chan"], "h")
