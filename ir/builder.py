@@ -5,7 +5,7 @@ import numbers
 
 from .errors import IRError
 from .expr import Node, Op, lift
-from .recurrence import (Dim, Input, Let, Numerics, Output, Recurrence, State, Transition)
+from .recurrence import Dim, Input, Let, Numerics, Output, Recurrence, State, Transition
 from .verify import verify
 
 
