@@ -427,7 +427,13 @@ def torch_ops():
         d_fin = {s.name: g.detach() for s, g in zip(rec.states, grads[no:])}
         gin, ginit = backward(rec, x, d_out, h0, d_fin, chunk, backward_target(run, rec))
         res = [_to_torch(gin[i.name], t, t.dtype) for i, t in zip(rec.inputs, inputs)]
-        return res + [_to_torch(ginit[s.name], t, t.dtype) for s, t in zip(rec.states, init)]
+        res += [_to_torch(ginit[s.name], t, t.dtype) for s, t in zip(rec.states, init)]
+        # T=0: no step ran, so d_init is d_final_state itself; an op's output may not alias
+        # its inputs
+        given = {t.untyped_storage().data_ptr() for t in [*inputs, *init, *grads]
+                 if t.numel()}
+        return [r.clone() if r.numel() and r.untyped_storage().data_ptr() in given else r
+                for r in res]
 
     @scan_backward.register_fake
     def _(key, inputs, init, grads, chunk):

@@ -127,6 +127,24 @@ def test_empty_problems_match_the_reference(target, name, empty):
     assert tuple(y0.shape) == np.shape(want_y) and not h0.abs().sum()
 
 
+@pytest.mark.parametrize("target", _targets())
+@pytest.mark.parametrize("empty", [{"time": 0}, {"batch": 0}])
+def test_empty_problems_differentiate(target, empty):
+    """The backward of an empty problem: zero-size input gradients, and at T=0 the final
+    state's gradient passed to the initial state (a copy: an op's output never aliases)."""
+    k = scancc.compile("gla", target)
+    rec = k.ir
+    sizes = {**default_sizes(rec), **empty}
+    x = [torch.from_numpy(a).float().requires_grad_() for a in _args(k, empty)]
+    h0 = torch.from_numpy(sample_state(rec, sizes)["S"]).float().requires_grad_()
+    y, h = k(*x, initial_state=h0, output_final_state=True)
+    d_h = torch.randn_like(h)
+    (y.sum() + (h * d_h).sum()).backward()
+    assert all(a.grad is not None and a.grad.shape == a.shape for a in x)
+    if "time" in empty:
+        torch.testing.assert_close(h0.grad, d_h)
+
+
 # ---- item 8: builder transitions lift plain numbers ----
 
 def _ema(transition):
