@@ -10,11 +10,12 @@ keeps a recurrence linear in its state, which the chunked algorithms and the adj
 from __future__ import annotations
 
 import enum
+import numbers
 from dataclasses import dataclass, field
 from typing import Iterator
 
 from .errors import IRError
-from .expr import Node, Op, format_expr
+from .expr import Node, Op, format_expr, lift
 
 ROLES = ("batch", "time", "head", "group", "feature")
 
@@ -78,23 +79,57 @@ class Transition:
         return dict(self.operands).get(name)
 
 
+def _operand(ctor: str, name: str, x) -> Node:
+    """A transition operand: an expression, or a plain number lifted to a constant."""
+    if isinstance(x, Node):
+        return x
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise IRError(f"{ctor}({name}=...): expected an expression or a number, got "
+                      f"{type(x).__name__} {x!r}")
+    try:
+        return lift(float(x))
+    except ValueError as e:
+        raise IRError(f"{ctor}({name}=...): {e}") from None
+
+
+def _axis(ctor: str, name: str, x) -> str:
+    if not isinstance(x, str):
+        raise IRError(f"{ctor}({name}=...): expected a dim name, got {type(x).__name__} {x!r}")
+    return x
+
+
 def identity() -> Transition: return Transition(Kind.IDENTITY)
-def scalar(decay: Node) -> Transition: return Transition(Kind.SCALAR, None, (("decay", decay),))
-def diagonal(decay: Node) -> Transition: return Transition(Kind.DIAGONAL, None, (("decay", decay),))
-def shift(axis: str) -> Transition: return Transition(Kind.SHIFT, axis)
 
 
-def companion(axis: str, feedback: Node) -> Transition:
-    return Transition(Kind.COMPANION, axis, (("feedback", feedback),))
+def scalar(decay: Node | float) -> Transition:
+    return Transition(Kind.SCALAR, None, (("decay", _operand("scalar", "decay", decay)),))
 
 
-def householder(axis: str, k: Node, beta: Node, alpha: Node | None = None) -> Transition:
-    ops = (("k", k), ("beta", beta)) + ((("alpha", alpha),) if alpha is not None else ())
-    return Transition(Kind.HOUSEHOLDER, axis, ops)
+def diagonal(decay: Node | float) -> Transition:
+    return Transition(Kind.DIAGONAL, None, (("decay", _operand("diagonal", "decay", decay)),))
 
 
-def dense(axis: str, col: str, matrix: Node) -> Transition:
-    return Transition(Kind.DENSE, axis, (("matrix", matrix),), col)
+def shift(axis: str) -> Transition: return Transition(Kind.SHIFT, _axis("shift", "axis", axis))
+
+
+def companion(axis: str, feedback: Node | float) -> Transition:
+    return Transition(Kind.COMPANION, _axis("companion", "axis", axis),
+                      (("feedback", _operand("companion", "feedback", feedback)),))
+
+
+def householder(axis: str, k: Node | float, beta: Node | float,
+                alpha: Node | float | None = None) -> Transition:
+    ops = (("k", _operand("householder", "k", k)),
+           ("beta", _operand("householder", "beta", beta)))
+    if alpha is not None:
+        ops += (("alpha", _operand("householder", "alpha", alpha)),)
+    return Transition(Kind.HOUSEHOLDER, _axis("householder", "axis", axis), ops)
+
+
+def dense(axis: str, col: str, matrix: Node | float) -> Transition:
+    return Transition(Kind.DENSE, _axis("dense", "axis", axis),
+                      (("matrix", _operand("dense", "matrix", matrix)),),
+                      _axis("dense", "col", col))
 
 
 def adjoint_step(t: Transition) -> Transition:

@@ -14,8 +14,8 @@ from scancc.ir import IRError, Recurrence, ShapeMismatch, bind_sizes
 from scancc.ir.verify import verify
 
 from . import registry
-from ._forward import Runner, runner
-from .autograd import adjoint, torch_ops
+from ._forward import Runner, by_slot, runner
+from .autograd import adjoint, check_no_forward_ad, torch_ops
 from .registry import Entry
 
 FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
@@ -199,13 +199,17 @@ class Kernel:
         opts = {**self.options, **call_opts}
         for name in optional:  # specialize on which optional inputs are present
             opts[name] = kwargs.get(name) is not None
-        kwargs = {k: v for k, v in kwargs.items() if v is not None}
         rec = self.variant(**opts)
+        _check_names(rec, [k for k, v in kwargs.items() if v is None], optional)
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
         inputs = _bind_positional(rec, args, kwargs)
         kind, dtype = _check_inputs(rec, inputs, self.backend)
         sizes = _bind(rec, inputs)
         init = _initial_state(rec, initial_state, sizes) if initial_state is not None else None
-        return _CallPlan(self.runner(rec), len(args), kind, dtype,
+        run = self.runner(rec)
+        if kind == "torch":  # the scancc::scan op runs the runner its slot was first taken by
+            run = by_slot(run.slot)  # (same IR text and options): that one's last_run is ours
+        return _CallPlan(run, len(args), kind, dtype,
                          None if init is None else tuple(init), sizes)
 
     def _traced_call(self, args, kwargs, initial_state, output_final_state):
@@ -218,9 +222,11 @@ class Kernel:
                             and v is not None and not type(v).__module__.startswith("torch")))
         init = initial_state if isinstance(initial_state, Mapping) or initial_state is None \
             else {"": initial_state}
+        nones = tuple(sorted(k for k, v in kwargs.items() if v is None))
         plan = _PLAN if _PLAN is not None else _constant_plan()
         key, order, snames, onames = plan(
-            id(self), len(args), named, opts, tuple(sorted(init)) if init is not None else None)
+            id(self), len(args), named, opts, tuple(sorted(init)) if init is not None else None,
+            nones)
         given = dict(zip(order, args))
         given.update({k: kwargs[k] for k in named})
         tensors = [given[n] for n in order]
@@ -306,6 +312,7 @@ class _CallPlan:
         """torch inputs go through the scancc::scan custom op: differentiable (the backward is
         the derived backward recurrence) and traceable by torch.compile."""
         import torch
+        check_no_forward_ad(tensors if init is None else [*tensors, *init.values()])
         if not self.derived and _requires_grad(tensors, init):
             adjoint(self.rec)  # derive now, so an underivable recurrence fails at the call
             self.derived = True
@@ -346,14 +353,18 @@ def _constant_plan():
     return _PLAN
 
 
-def _plan_impl(kernel_id: int, n_pos: int, named: tuple, opts: tuple, init: tuple | None):
-    """(op key, input order, state names, output names) for a call's structure."""
+def _plan_impl(kernel_id: int, n_pos: int, named: tuple, opts: tuple, init: tuple | None,
+               nones: tuple = ()):
+    """(op key, input order, state names, output names) for a call's structure (``nones``:
+    the keywords given as None)."""
     k = _KERNELS[kernel_id]
     optional = set(k.entry.optional_inputs) if k.entry else set()
     o = {**k.options, **dict(opts)}
     for name in optional:
         o[name] = name in named
     rec = k.variant(**o)
+    _check_names(rec, [n for n in nones if n not in (k.entry.defaults if k.entry else {})],
+                 optional)
     order = tuple(x.name for x in rec.inputs)
     if n_pos + len(named) != len(order) or set(named) - set(order[n_pos:]):
         raise InputError(f"recurrence {rec.name!r} takes inputs {order}, got {n_pos} "
@@ -372,6 +383,17 @@ def _requires_grad(inputs, init: Mapping | None) -> bool:
         return False
     return any(getattr(v, "requires_grad", False)
                for v in list(inputs) + list((init or {}).values()))
+
+
+def _check_names(rec: Recurrence, names, optional) -> None:
+    """Keywords given as None are omitted, but only inputs may be omitted that way: any
+    other name is a typo (``intial_state=None``) and is refused whatever its value."""
+    known = {i.name for i in rec.inputs} | set(optional)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise InputError(f"recurrence {rec.name!r} has no input or option {unknown[0]!r} "
+                         f"(inputs: {', '.join(i.name for i in rec.inputs)}; keywords: "
+                         "initial_state, output_final_state)")
 
 
 def _bind_positional(rec: Recurrence, args, kwargs) -> dict:

@@ -391,6 +391,7 @@ def torch_ops():
         "(str key, Tensor[] inputs, Tensor[] init, bool want_final) -> Tensor[]"))
     def scan(key: str, inputs: list[torch.Tensor], init: list[torch.Tensor],
              want_final: bool) -> list[torch.Tensor]:
+        check_no_forward_ad([*inputs, *init])  # a direct call of the op with dual tensors
         run = by_slot(key)
         native = [run.to_native(t) for t in inputs]
         ninit = {s: run.to_native(t) for s, t in zip(run.state_names, init)} if init else None
@@ -426,7 +427,13 @@ def torch_ops():
         d_fin = {s.name: g.detach() for s, g in zip(rec.states, grads[no:])}
         gin, ginit = backward(rec, x, d_out, h0, d_fin, chunk, backward_target(run, rec))
         res = [_to_torch(gin[i.name], t, t.dtype) for i, t in zip(rec.inputs, inputs)]
-        return res + [_to_torch(ginit[s.name], t, t.dtype) for s, t in zip(rec.states, init)]
+        res += [_to_torch(ginit[s.name], t, t.dtype) for s, t in zip(rec.states, init)]
+        # T=0: no step ran, so d_init is d_final_state itself; an op's output may not alias
+        # its inputs
+        given = {t.untyped_storage().data_ptr() for t in [*inputs, *init, *grads]
+                 if t.numel()}
+        return [r.clone() if r.numel() and r.untyped_storage().data_ptr() in given else r
+                for r in res]
 
     @scan_backward.register_fake
     def _(key, inputs, init, grads, chunk):
@@ -454,6 +461,26 @@ def torch_ops():
     scan.register_autograd(backward_rule, setup_context=setup_context)
     _OPS = scan
     return _OPS
+
+
+FORWARD_AD_UNSUPPORTED = (
+    "forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not supported through "
+    "scancc kernels: the scancc::scan op has a reverse-mode formula only (the derived backward "
+    "recurrence), and without this error its tangent would silently be zero. Use reverse "
+    "mode: loss.backward(), torch.autograd.grad, torch.func.vjp or torch.func.grad")
+
+
+def check_no_forward_ad(tensors) -> None:
+    """Refuse tensors that carry a forward-mode tangent (a ``forward_ad`` dual tensor, or one
+    under ``torch.func.jvp``): the custom op would run below autograd and drop the tangent.
+    Cheap when no forward-mode level or functorch transform is active (one check each)."""
+    import torch
+    from torch.autograd import forward_ad as fwad
+    if fwad._current_level < 0 and torch._C._functorch.peek_interpreter_stack() is None:
+        return
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and fwad.unpack_dual(t).tangent is not None:
+            raise NotImplementedError(FORWARD_AD_UNSUPPORTED)
 
 
 def _to_torch(a, like, dtype):

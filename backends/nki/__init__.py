@@ -153,6 +153,8 @@ class NkiBackend(Backend):
     def run(self, rec: Recurrence, inputs: Mapping[str, Any], sizes: Mapping[str, int],
             initial_state: Mapping[str, Any] | None, output_final_state: bool,
             options: Mapping[str, Any]) -> RunResult:
+        if 0 in sizes.values():
+            return self._run_empty(rec, inputs, sizes, initial_state, output_final_state)
         init = initial_state is not None
         src, plan = self._render(rec, dict(sizes), init, output_final_state, options)
         self.last_plan = plan
@@ -203,6 +205,21 @@ class NkiBackend(Backend):
             finals = {s.name: np.asarray(r) for s, r in zip(rec.states, res[len(rec.outputs):])}
         self.last_counters = counters
         return RunResult(outs, finals, counters)
+
+    def _run_empty(self, rec, inputs, sizes, initial_state, output_final_state) -> RunResult:
+        """A problem with a dim of size 0 (T=0, batch=0, ...): no kernel is rendered (a tile
+        of 0 rows is not an NKI shape); the reference interpreter's result, in float32 as the
+        kernel's: empty outputs, and the initial state (or zeros) as the final state at T=0."""
+        from ..reference.interpreter import Interpreter
+        outs, finals = Interpreter(rec, dict(sizes)).run(
+            {k: np.asarray(v) for k, v in inputs.items()},
+            None if initial_state is None else {k: np.asarray(v)
+                                                for k, v in initial_state.items()})
+        outs = {k: np.asarray(v, np.float32) for k, v in outs.items()}
+        finals = ({k: np.asarray(v, np.float32) for k, v in finals.items()}
+                  if output_final_state else None)
+        self.last_plan, self.last_counters = None, {}
+        return RunResult(outs, finals, {})
 
 
 def _to_np(a: np.ndarray, dtype: str):
