@@ -27,6 +27,9 @@ class _Eval:
 
 
 class Interpreter:
+    # float64 values of a state's injected term evaluated at once (a block of steps): 32 MiB
+    BLOCK_ELEMS = 1 << 22
+
     def __init__(self, rec: Recurrence, sizes: Mapping[str, int]):
         self.rec, self.sizes = rec, dict(sizes)
         self.canon = rec.canonical
@@ -91,47 +94,70 @@ class Interpreter:
         full_memo: dict = {}
         full = lambda n: self.eval(n, lambda m: canon_in[m.arg], full_memo)  # noqa: E731
 
-        plans = []
+        states = {}
         for s in rec.states:
-            t = s.transition
-            shape = self.canon_shape(s.dims)
             if initial is not None and s.name in initial:
-                h = self.to_canon(np.asarray(initial[s.name], np.float64), s.dims, False)
+                states[s.name] = self.to_canon(np.asarray(initial[s.name], np.float64), s.dims,
+                                               False)
             else:
-                h = np.zeros(shape)
-            plans.append((s, h, full(s.inject), {k: full(v) for k, v in t.operands}))
+                states[s.name] = np.zeros(self.canon_shape(s.dims))
 
         outs = {o.name: np.full(tuple(self.sizes[d] for d in o.dims), np.nan) for o in rec.outputs}
-        states = {s.name: h for s, h, _, _ in plans}
         entering = states
         at = lambda v, i: v[i] if v.shape[0] > 1 else v[0]  # noqa: E731
-        for i in range(T):
-            new = {}
-            for s, _, b, ops in plans:
-                t = s.transition
-                h = self.step(t.kind, states[s.name], at(b, i),
-                              {k: at(v, i) for k, v in ops.items()}, t.axis, t.col)
-                new[s.name] = np.broadcast_to(h, states[s.name].shape)
-            entering, states = states, new
+        # injected terms and transition operands are evaluated a block of steps at a time (no op
+        # works along time: the verifier allows no time dim as an op's dim), so memory holds one
+        # block of them (an inject has the state's dims), never all T steps
+        block = self.time_block(T)
+        for t0 in range(0, T, block):
+            bmemo: dict = {}
 
-            def leaf(n: Node):
-                if n.op is Op.STATE:
-                    return states[n.arg][None]
-                if n.op is Op.PREV:
-                    return entering[n.arg][None]
-                return canon_in[n.arg][i:i + 1] if canon_in[n.arg].shape[0] > 1 \
-                    else canon_in[n.arg]
-
-            step_memo: dict = {}
-            for o in rec.outputs:
-                v = self._eval_step(o.expr, leaf, step_memo, full, i)
-                layout = tuple(d for d in o.dims if d != rec.time)
-                tpos = o.dims.index(rec.time)
-                idx = (slice(None),) * tpos + (i,)
-                outs[o.name][idx] = self.from_canon(v[0], layout)
+            def sliced(m: Node, t0=t0):
+                a = canon_in[m.arg]
+                return a[t0:t0 + block] if a.shape[0] > 1 else a
+            blk = lambda n: self.eval(n, sliced, bmemo)  # noqa: E731
+            plans = [(s, blk(s.inject), {k: blk(v) for k, v in s.transition.operands})
+                     for s in rec.states]
+            for i in range(t0, min(T, t0 + block)):
+                j = i - t0
+                new = {}
+                for s, b, ops in plans:
+                    t = s.transition
+                    h = self.step(t.kind, states[s.name], at(b, j),
+                                  {k: at(v, j) for k, v in ops.items()}, t.axis, t.col)
+                    new[s.name] = np.broadcast_to(h, states[s.name].shape)
+                entering, states = states, new
+                self._readouts(i, states, entering, canon_in, full, outs)
         finals = {s.name: np.ascontiguousarray(self.from_canon(states[s.name], s.dims))
                   for s in rec.states}
         return outs, finals
+
+    def time_block(self, T: int) -> int:
+        """Steps per block of injected terms and operands: about ``BLOCK_ELEMS`` float64
+        values of the largest state per block (at least 1 step, at most T)."""
+        biggest = max((int(np.prod(self.canon_shape(s.dims))) for s in self.rec.states),
+                      default=1)
+        return max(1, min(T, self.BLOCK_ELEMS // max(1, biggest)))
+
+    def _readouts(self, i: int, states: dict, entering: dict, canon_in: dict, full, outs: dict):
+        """Write every output at step ``i`` (``states``: h_i; ``entering``: h_{i-1})."""
+        rec = self.rec
+
+        def leaf(n: Node):
+            if n.op is Op.STATE:
+                return states[n.arg][None]
+            if n.op is Op.PREV:
+                return entering[n.arg][None]
+            return canon_in[n.arg][i:i + 1] if canon_in[n.arg].shape[0] > 1 \
+                else canon_in[n.arg]
+
+        step_memo: dict = {}
+        for o in rec.outputs:
+            v = self._eval_step(o.expr, leaf, step_memo, full, i)
+            layout = tuple(d for d in o.dims if d != rec.time)
+            tpos = o.dims.index(rec.time)
+            idx = (slice(None),) * tpos + (i,)
+            outs[o.name][idx] = self.from_canon(v[0], layout)
 
     def _eval_step(self, node: Node, leaf, memo: dict, full, i: int) -> np.ndarray:
         """Evaluate a readout at step i: state-free subtrees come from the all-steps values."""
