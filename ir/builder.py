@@ -1,10 +1,9 @@
 """A small Python API for writing recurrences: declare dims, inputs, lets, states, outputs."""
 from __future__ import annotations
 
-import numbers
 
 from .errors import IRError
-from .expr import Node, Op, lift
+from .expr import Node, Op, as_expr
 from .recurrence import Dim, Input, Let, Numerics, Output, Recurrence, State, Transition
 from .verify import verify
 
@@ -39,7 +38,7 @@ class Builder:
         return Node(Op.INPUT, (), name)
 
     def let(self, name: str, expr: Node) -> Node:
-        self.lets.append(Let(name, _expr(f"let {name!r}", expr)))
+        self.lets.append(Let(name, as_expr(f"let {name!r}", expr)))
         return Node(Op.PARAM, (), name)
 
     def state(self, name: str, dims, transition: Transition, inject: Node) -> Node:
@@ -48,11 +47,11 @@ class Builder:
                           f"scalar(...), identity(), ...), got {type(transition).__name__} "
                           f"{transition!r}")
         self.states.append(State(name, tuple(dims), transition,
-                                 _expr(f"state {name!r} inject", inject)))
+                                 as_expr(f"state {name!r} inject", inject)))
         return Node(Op.STATE, (), name)
 
     def output(self, name: str, dims, expr: Node) -> None:
-        self.outputs.append(Output(name, tuple(dims), _expr(f"output {name!r}", expr)))
+        self.outputs.append(Output(name, tuple(dims), as_expr(f"output {name!r}", expr)))
 
     def numerics(self, accum: str = "float32", state: str = "float32",
                  input: str | None = None) -> None:
@@ -62,16 +61,3 @@ class Builder:
         return verify(Recurrence(self.name, tuple(self.dims), tuple(self.inputs),
                                  tuple(self.lets), tuple(self.states), tuple(self.outputs),
                                  self._numerics, self.doc))
-
-
-def _expr(where: str, x) -> Node:
-    """An expression of the builder: a Node, or a plain number lifted to a constant."""
-    if isinstance(x, Node):
-        return x
-    if isinstance(x, bool) or not isinstance(x, numbers.Real):
-        raise IRError(f"{where}: expected an expression or a number, got {type(x).__name__} "
-                      f"{x!r}")
-    try:
-        return lift(float(x))
-    except ValueError as e:
-        raise IRError(f"{where}: {e}") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import builtins
 import enum
 import math
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -210,6 +211,20 @@ def lift(x: Any) -> Node:
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise TypeError(f"cannot use {x!r} ({type(x).__name__}) in an expression")
     return Node(Op.CONST, (), check_const(x))
+
+
+def as_expr(where: str, x: Any) -> Node:
+    """``x`` as an expression where a builder or constructor takes one: a Node as is, a plain
+    real number lifted to a constant; anything else an ``IRError`` naming ``where``."""
+    if isinstance(x, Node):
+        return x
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise IRError(f"{where}: expected an expression or a number, got {type(x).__name__} "
+                      f"{x!r}")
+    try:
+        return lift(float(x))
+    except ValueError as e:
+        raise IRError(f"{where}: {e}") from None
 
 
 def _dims(dims) -> tuple[str, ...]:

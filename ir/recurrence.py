@@ -10,12 +10,11 @@ keeps a recurrence linear in its state, which the chunked algorithms and the adj
 from __future__ import annotations
 
 import enum
-import numbers
 from dataclasses import dataclass, field
 from typing import Iterator
 
 from .errors import IRError
-from .expr import Node, Op, format_expr, lift
+from .expr import Node, Op, as_expr, format_expr
 
 ROLES = ("batch", "time", "head", "group", "feature")
 
@@ -81,15 +80,7 @@ class Transition:
 
 def _operand(ctor: str, name: str, x) -> Node:
     """A transition operand: an expression, or a plain number lifted to a constant."""
-    if isinstance(x, Node):
-        return x
-    if isinstance(x, bool) or not isinstance(x, numbers.Real):
-        raise IRError(f"{ctor}({name}=...): expected an expression or a number, got "
-                      f"{type(x).__name__} {x!r}")
-    try:
-        return lift(float(x))
-    except ValueError as e:
-        raise IRError(f"{ctor}({name}=...): {e}") from None
+    return as_expr(f"{ctor}({name}=...)", x)
 
 
 def _axis(ctor: str, name: str, x) -> str:
