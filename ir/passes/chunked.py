@@ -19,6 +19,24 @@ sums c, a chunk then is a few matmuls (see the backends' chunked.py):
 ``analyze(rec)`` returns a ``ChunkedForm``: per chunkable state a ``ChunkedState`` (the IR
 facts above), per other state the reason it is not chunkable. ``analyze_state`` raises
 ``NotChunkable`` with the reason.
+
+**Edges.** Every chunked emitter keeps the recurrent semantics where the matmul form would not
+(docs/numerics.md, "Chunked forms at the edges"; tests/test_chunked_edges.py):
+
+- *Non-finite values stay where the recurrence puts them.* A chunk's factor tiles (k-side,
+  v-side, q-side, log-decay, householder k/beta) are sanitized (non-finite -> 0) before any
+  matmul, and the poison is added back: output row t, column j is NaN when a k-side, decay
+  or householder factor of a step s <= t of the chunk (any element), the v-side factor of
+  column j at a step s <= t, or the q-side factor at t itself is non-finite; the state leaving
+  the chunk is NaN in the rows (K) and columns (V) those factors poison (all of it for a
+  scalar decay or a householder step). A NaN state entering a chunk stays NaN through
+  multiplications, never a select, so a later reset does not clear it (as in the reference).
+- *Hard resets.* A log-decay at or below ``RESET_LOG_DECAY`` (a decay below float32's
+  smallest normal number, exactly 0, or a log-gate of -inf) is a reset: the decay between
+  steps s < t is 0 when a reset lies in (s, t], else exp(c_t - c_s) of the cumulative sums
+  of the other log-decays. So -inf never enters a cumulative sum, and a huge negative gate
+  costs no precision in the steps after it. What a reset drops is below float32 resolution:
+  a_t |S| < 1.2e-38 |S|.
 """
 from __future__ import annotations
 
@@ -29,6 +47,9 @@ from ..expr import Node, Op
 from ..printer import format_expr
 from ..recurrence import Kind, Recurrence, State
 from .lets import resolve
+
+# log(2**-126): a decay below float32's smallest normal number is a hard reset (module doc)
+RESET_LOG_DECAY = -87.33654475055310898657
 
 CHUNKED_KINDS = (Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL, Kind.HOUSEHOLDER)
 _ONE = Node(Op.CONST, (), 1.0)
@@ -223,4 +244,4 @@ def _contractions(rec: Recurrence, s: State, feats: list[str]):
 
 
 __all__ = ["analyze", "analyze_state", "ChunkedForm", "ChunkedState", "Contraction",
-           "NotChunkable", "factors", "product", "CHUNKED_KINDS"]
+           "NotChunkable", "factors", "product", "CHUNKED_KINDS", "RESET_LOG_DECAY"]
