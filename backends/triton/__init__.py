@@ -55,6 +55,9 @@ OPTIONS = {o.name: o for o in (
     Option("block_sizes", "register block per dim, {dim: power of two} (None: the plan's)",
            None, (dict,), rule=_block_sizes_rule),
     Option("num_warps", "warps per program", 4, (int,), (1, 2, 4, 8, 16, 32)),
+    Option("autotune", "on a GPU, time a few block sizes x num_warps on the first call per "
+           "shape class (T and batch excluded) and keep the fastest, cached on disk "
+           "(autotune.py); off, or block_sizes/num_warps given: the defaults", True, (bool,)),
     Option("dot_precision", "tl.dot input precision of the chunked form", "ieee", (str,),
            DOT_PRECISIONS),
 )}
@@ -153,19 +156,19 @@ class TritonBackend(Backend):
                     for ax in axes:
                         a = a.unsqueeze(ax)
                     args[i] = a
+        bs, nw = options.get("block_sizes"), options.get("num_warps") or 4
         if runtime.has_gpu():  # inputs go to the GPU; without one everything is on the CPU
             dev = runtime.device()
             args = [a if a.device == dev else a.to(dev) for a in args]
             if initial_state:
                 initial_state = {k: v.to(dev) for k, v in initial_state.items()}
-            outs, finals = c.launcher(*args, initial_state or None, bool(output_final_state),
-                                      options.get("block_sizes"), options.get("num_warps") or 4)
-        else:
-            # padded lanes may compute 0/0 or log(0) in the interpreter (runtime.quiet_padding)
-            with _np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-                outs, finals = c.launcher(*args, initial_state or None,
-                                          bool(output_final_state), options.get("block_sizes"),
-                                          options.get("num_warps") or 4)
+        h0, keep = initial_state or None, bool(output_final_state)
+        if _autotune().enabled(options):  # the first call per shape class times a few configs
+            cfg = _autotune().choose(c, sizes, lambda b, w: c.launcher(*args, h0, keep, b, w))
+            bs, nw = cfg["block_sizes"], cfg["num_warps"]
+        # padded lanes may compute 0/0 or log(0) in the interpreter (runtime.quiet_padding)
+        with _np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            outs, finals = c.launcher(*args, h0, keep, bs, nw)
         return RunResult(outs, finals, dict(c.counters))
 
     def _last_compiled(self, rec: Recurrence, options: Mapping[str, Any], args: list):
@@ -186,6 +189,11 @@ class TritonBackend(Backend):
 
 
 _RUNTIME = None
+
+
+def _autotune():
+    from . import autotune
+    return autotune
 
 
 def _runtime():
