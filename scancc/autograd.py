@@ -432,12 +432,15 @@ def torch_ops():
         # its inputs
         given = {t.untyped_storage().data_ptr() for t in [*inputs, *init, *grads]
                  if t.numel()}
-        return [r.clone() if r.numel() and r.untyped_storage().data_ptr() in given else r
+        # contiguous, as the fake below says (an input may be a strided view)
+        return [r.clone(memory_format=torch.contiguous_format)
+                if r.numel() and r.untyped_storage().data_ptr() in given else r.contiguous()
                 for r in res]
 
     @scan_backward.register_fake
     def _(key, inputs, init, grads, chunk):
-        return [torch.empty_like(t) for t in list(inputs) + list(init)]
+        # contiguous whatever the inputs' strides (torch.empty_like would keep a view's)
+        return [t.new_empty(t.shape) for t in list(inputs) + list(init)]
 
     def setup_context(ctx, inputs, output):
         key, xs, init, want_final = inputs
