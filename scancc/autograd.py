@@ -24,6 +24,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from scancc import backends
+from scancc.backends.base import freeze
 from scancc.ir import Recurrence, bind_sizes
 from scancc.ir.passes.adjoint import Adjoint, derive
 
@@ -37,16 +38,47 @@ def adjoint(rec: Recurrence) -> Adjoint:
     return derive(rec)
 
 
-_KERNELS: dict[tuple[int, str], Runner] = {}
+_KERNELS: dict[tuple, Runner] = {}
 
 
-def _kernel(rec: Recurrence, target: str) -> Runner:
-    """``rec`` on ``target`` with default options (``.backend``, ``.last_run``)."""
-    r = _KERNELS.get((id(rec), target))
+class Options:
+    """A forward call's backend options, carried into its backward: hashable (``key``) for
+    the caches here, the mapping itself in ``given``."""
+    __slots__ = ("given", "key")
+
+    def __init__(self, given: Mapping[str, Any] | None = None):
+        self.given = dict(given or {})
+        self.key = freeze(self.given)
+
+
+NO_OPTIONS = Options()
+
+
+def applicable(backend, rec: Recurrence, options: Mapping[str, Any]) -> dict:
+    """The forward call's backend options that apply to ``rec`` (the forward, its states view
+    or its backward recurrence) on ``backend``: all of them where the backend lowers ``rec``
+    with them; else all but ``algorithm`` (an algorithm of the forward, e.g. ``chunked``, that
+    the backward's structure does not have: the backend picks one); else none."""
+    options = dict(options)
+    for opts in (options, {k: v for k, v in options.items() if k != "algorithm"}):
+        try:
+            if backend.supports(rec, opts)[0]:
+                return opts
+        except Exception:  # noqa: BLE001 - an option this IR cannot take: try without it
+            continue
+    return {}
+
+
+def _kernel(rec: Recurrence, target: str, options: Options = NO_OPTIONS) -> Runner:
+    """``rec`` on ``target`` with the forward call's ``options`` that apply to it
+    (``.backend``, ``.last_run``)."""
+    key = (id(rec), target, options.key)
+    r = _KERNELS.get(key)
     if r is None or r.rec is not rec:
         if len(_KERNELS) >= 256:
             _KERNELS.clear()
-        r = _KERNELS[(id(rec), target)] = runner(backends.get(target), rec, {})
+        be = backends.get(target)
+        r = _KERNELS[key] = runner(be, rec, applicable(be, rec, options.given))
     return r
 
 
@@ -159,8 +191,9 @@ class _Call:
 
     __slots__ = ("dt", "dts", "k", "plain", "xp")
 
-    def __init__(self, rec: Recurrence, target: str, xp: _Arrays):
-        k = self.k = _kernel(rec, target)
+    def __init__(self, rec: Recurrence, target: str, xp: _Arrays,
+                 options: Options = NO_OPTIONS):
+        k = self.k = _kernel(rec, target, options)
         f64 = k.backend.computes_float64
         self.xp, self.dt = xp, xp.float_dtype(64 if f64 else 32)  # Triton/NKI: float32
         self.dts = "float64" if f64 else "float32"
@@ -199,16 +232,17 @@ _CALLS: dict[tuple, _Call] = {}  # (id(rec), target, device or None for NumPy) -
 
 
 def _run(rec: Recurrence, inputs: Mapping[str, Any], init: dict | None,
-         target: str = "reference"):
+         target: str = "reference", options: Options = NO_OPTIONS):
     """(outputs by name, final states by name) of ``rec`` on ``target``; arrays of the kind
     given (NumPy or torch), float64 where the backend computes in float64, else float32."""
     first = next(iter(inputs.values()))
-    key = (id(rec), target, None if isinstance(first, np.ndarray) else first.device)
+    key = (id(rec), target, None if isinstance(first, np.ndarray) else first.device,
+           options.key)
     c = _CALLS.get(key)
     if c is None or c.k.rec is not rec:
         if len(_CALLS) >= 256:
             _CALLS.clear()
-        c = _CALLS[key] = _Call(rec, target, _Arrays.like(first))
+        c = _CALLS[key] = _Call(rec, target, _Arrays.like(first), options)
     return c(inputs, init)
 
 
@@ -276,7 +310,8 @@ def _chunks(axes: Mapping[str, int | None], arrays: Mapping[str, Any], T: int,
 def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any],
              initial_state: Mapping[str, Any] | None = None,
              d_final_state: Mapping[str, Any] | None = None,
-             chunk: int = DEFAULT_CHUNK, target: str = "reference") -> tuple[dict, dict]:
+             chunk: int = DEFAULT_CHUNK, target: str = "reference",
+             options: Mapping[str, Any] | Options | None = None) -> tuple[dict, dict]:
     """Gradients of sum(d_out[y] * y) + sum(d_final_state[s] * h_T[s]) w.r.t. every input and
     every initial state. Arrays in the declared layouts, all NumPy or all torch tensors (on one
     device, which they then never leave); the forward, the state recomputation and the
@@ -287,8 +322,9 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
         (grads by input name, grads by state name of the initial state)
     """
     adj = adjoint(rec)
+    opts = options if isinstance(options, Options) else Options(options)
     xp = _Arrays(next(iter(inputs.values())))
-    fwd = _kernel(rec, target)
+    fwd = _kernel(rec, target, opts)
     dt = xp.float_dtype(64 if fwd.backend.computes_float64 else 32)
     given = {k: v.shape for k, v in inputs.items()}
     inputs = {k: xp.cast(v, dt) for k, v in _full_layouts(rec, inputs).items()}
@@ -303,7 +339,7 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
     parts = _chunks(axes, inputs, T, chunk)
     bounds = [h] if parts else []
     for part in parts[:-1]:
-        _, h = _run(rec, part, h, target)
+        _, h = _run(rec, part, h, target, opts)
         bounds.append(h)
 
     # the backward recurrence runs in reverse time: its chunk's inputs are flipped per chunk
@@ -329,7 +365,7 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
     take, put = xp.take_reversed, xp.put_reversed
     for c, ri in zip(reversed(range(len(bounds))), xp.reversed_chunks(T, chunk)):
         t0, t1 = c * chunk, min((c + 1) * chunk, T)
-        seqs, _ = _run(adj.states_view, parts[c], bounds[c], target)  # recompute the states
+        seqs, _ = _run(adj.states_view, parts[c], bounds[c], target, opts)  # recompute states
         feed = dict(fixed)
         for k, v, ax in reads:
             feed[k] = take(v, ax, t0, t1, ri)
@@ -339,7 +375,7 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
                 feed[now] = hs
             if before is not None:                             # h_{t-1}: shifted by one step
                 feed[before] = hp
-        outs, carry = _run(bwd, feed, carry, target)
+        outs, carry = _run(bwd, feed, carry, target, opts)
         for g, gname, ax in gnames:
             gx = outs[gname]
             if ax is None:                                     # per-step contributions
@@ -425,7 +461,9 @@ def torch_ops():
         no = len(rec.outputs)
         d_out = {o.name: g.detach() for o, g in zip(rec.outputs, grads[:no])}
         d_fin = {s.name: g.detach() for s, g in zip(rec.states, grads[no:])}
-        gin, ginit = backward(rec, x, d_out, h0, d_fin, chunk, backward_target(run, rec))
+        target = backward_target(run, rec)
+        gin, ginit = backward(rec, x, d_out, h0, d_fin, chunk, target,
+                              run.options if target == run.backend.name else None)
         res = [_to_torch(gin[i.name], t, t.dtype) for i, t in zip(rec.inputs, inputs)]
         res += [_to_torch(ginit[s.name], t, t.dtype) for s, t in zip(rec.states, init)]
         # T=0: no step ran, so d_init is d_final_state itself; an op's output may not alias

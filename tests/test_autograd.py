@@ -308,10 +308,10 @@ def test_torch_backward_keeps_tensors_on_their_device(monkeypatch):
     seen = []
     real = ag._run
 
-    def spy(rec, inputs, init, target="reference"):
+    def spy(rec, inputs, init, target="reference", *options):
         arrays = list(inputs.values()) + list((init or {}).values())
         seen.append(all(isinstance(a, torch.Tensor) and a.device == q.device for a in arrays))
-        return real(rec, inputs, init, target)
+        return real(rec, inputs, init, target, *options)
     monkeypatch.setattr(ag, "_run", spy)
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 7, 2, 3, generator=g, requires_grad=True) for _ in range(3))
@@ -380,3 +380,40 @@ def test_the_docs_mamba2_block_trains_under_torch_compile(monkeypatch):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     for p, g in zip(m.parameters(), want):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
+
+
+def test_backend_options_reach_every_backward_launch(monkeypatch):
+    """A Triton kernel compiled with num_warps / dot_precision / block_sizes runs its backward
+    (the forward recompute, the states view and the backward recurrence) with them; its
+    ``algorithm`` reaches the IRs that have that structure, the others get the backend's
+    choice. Gradients still equal the reference's."""
+    from scancc.backends import get
+    be = get("triton")
+    seen = []
+    real = type(be).run
+
+    def spy(self, rec, inputs, sizes, initial_state, output_final_state, options):
+        seen.append((rec.name, dict(options)))
+        return real(self, rec, inputs, sizes, initial_state, output_final_state, options)
+    monkeypatch.setattr(type(be), "run", spy)
+    e = scancc.get("simple_gla")
+    rec = e.build()
+    x = sample_inputs(rec, {"batch": 1, "time": 9, "heads": 2, "key": 4, "value": 3}, 7, e.hints)
+    opts = {"algorithm": "chunked", "num_warps": 2, "dot_precision": "ieee",
+            "block_sizes": {"value": 16}}
+    ker = scancc.compile("simple_gla", target="triton", **opts)
+    dev = {k: torch.tensor(v, dtype=torch.float32, requires_grad=True) for k, v in x.items()}
+    ref = {k: torch.tensor(v, requires_grad=True) for k, v in x.items()}
+    got = torch.autograd.grad(ker(**dev).pow(2).sum(), list(dev.values()))
+    want = torch.autograd.grad(scancc.compile("simple_gla")(**ref).pow(2).sum(),
+                               list(ref.values()))
+    assert ag.backward_target(ker, ker.ir) == "triton"
+    back = seen[1:]  # after the forward call
+    assert len({n for n, _ in back}) == 3, back  # forward recompute, states view, backward
+    for name, o in back:
+        assert o["num_warps"] == 2 and o["dot_precision"] == "ieee", (name, o)
+        assert o["block_sizes"] == {"value": 16}, (name, o)
+        assert o.get("algorithm") in (None, "chunked"), (name, o)
+    assert any(o.get("algorithm") == "chunked" for n, o in back if n == "simple_gla")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
