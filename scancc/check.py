@@ -14,7 +14,7 @@ from scancc.ir import default_sizes
 from .api import _resolve, compile
 from .registry import Entry
 from .sampling import sample_inputs, sample_state
-from .testing import TOLERANCES, errors
+from .testing import TOLERANCES, errors, tolerance  # noqa: F401 (cli reads TOLERANCES)
 
 
 @dataclass
@@ -48,14 +48,17 @@ def _as_dict(x, names):
     return x if isinstance(x, dict) else {names[0]: x}
 
 
-def _judge(row: Row, worst: list[tuple[float, float]]) -> None:
-    """The row's errors (the worst over its arrays) against its dtype's tolerance."""
+def _judge(row: Row, worst: list[tuple[float, float]], T: int | None = None) -> None:
+    """The row's errors (the worst over its arrays) against its dtype's tolerance at ``T``
+    steps (``testing.tolerance``; the memory is taken as T: not estimated from the decays,
+    so a long-memory run is never judged tighter than its T allows)."""
     row.rel_rms = max(r for r, _ in worst)
     row.max_abs = max(m for _, m in worst)
-    tol = TOLERANCES[row.dtype]
+    tol = tolerance(row.dtype, T)
     row.ok = row.rel_rms <= tol.rel_rms and row.max_abs <= tol.max_abs
     if not row.ok:
-        row.note = f"over tolerance (rel-RMS {tol.rel_rms:.0e}, max-abs {tol.max_abs:.0e})"
+        row.note = f"over tolerance (rel-RMS {tol.rel_rms:.2g}, max-abs {tol.max_abs:.2g}" + \
+            ("" if T is None else f" at T={T}") + ")"
 
 
 def _failure(e: Exception, options: dict) -> str:
@@ -124,7 +127,8 @@ def check_backward(what: Any, target: str, T: int | None = None, seed: int = 0,
         dh = {s.name: rng.standard_normal(tuple(sizes[d] for d in s.dims)) for s in rec.states}
         want = autograd.backward(rec, x, dy, h0, dh, chunk, "reference")
         got = autograd.backward(rec, x, dy, h0, dh, chunk, target)
-        _judge(row, [errors(got[i][k], want[i][k]) for i in (0, 1) for k in want[i]])
+        _judge(row, [errors(got[i][k], want[i][k]) for i in (0, 1) for k in want[i]],
+               sizes[rec.time])
     except Exception as e:  # a row per failure, not a crash of the whole run
         row.note = _failure(e, options)
     finally:
@@ -182,7 +186,7 @@ def check_one(what: Any, target: str, dtype: str, T: int | None = None, seed: in
         got_h, want_h = _as_dict(got_h, snames), _as_dict(want_h, snames)
         got_y, want_y = _as_dict(got_y, onames), _as_dict(want_y, onames)
         _judge(row, [errors(_f64(got_y[n]), want_y[n]) for n in onames]
-               + [errors(_f64(got_h[n]), want_h[n]) for n in snames])
+               + [errors(_f64(got_h[n]), want_h[n]) for n in snames], sizes[rec.time])
     except Exception as e:  # a row per failure, not a crash of the whole run
         row.note = _failure(e, options)
     finally:

@@ -1,5 +1,5 @@
 """Test utilities shared by the test suite, ``scancc check`` and the benchmarks: the one
-tolerance table, the error metrics and NaN poisoning.
+tolerance table and its long-T function, the error metrics and NaN poisoning.
 
 Product code never imports this module. Input sampling (``scancc.sampling``) and default
 sizes (``scancc.ir.sizes``) are product code, re-exported here so tests have one import.
@@ -21,15 +21,60 @@ class Tolerance:
     max_abs: float   # max |out - ref| / max(1, max |ref|)
 
 
-# One table, keyed by the input dtype. States accumulate in float32 for every input dtype,
-# so float32 bounds the accumulation error; lower precisions add output and input rounding
-# (bfloat16 has 8 significant bits: one rounding is up to 2^-9 relative).
+# The base table, keyed by the input dtype: the tolerance at short T (memory L <= L0 below).
+# States accumulate in float32 for every input dtype, so float32 bounds the accumulation
+# error; lower precisions add output and input rounding (bfloat16 has 8 significant bits: one
+# rounding is up to 2^-9 relative). Longer memories: ``tolerance(dtype, T, memory)``.
 TOLERANCES: dict[str, Tolerance] = {
     "float64": Tolerance(1e-10, 1e-9),
     "float32": Tolerance(2e-5, 1e-4),
     "float16": Tolerance(5e-4, 2e-3),
     "bfloat16": Tolerance(1e-2, 1.5e-2),
 }
+
+# unit roundoff of the accumulation: the reference (float64 inputs) runs in float64, every
+# generated kernel accumulates in float32 whatever the input dtype
+_UNIT = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "float16": 2.0 ** -24,
+         "bfloat16": 2.0 ** -24}
+_ACCUM = {"float64": "float64", "float32": "float32", "float16": "float32",
+          "bfloat16": "float32"}
+# the accumulation error per step of memory, in units of u (docs/numerics.md derives them):
+# rel-RMS <= u L / 2, max-abs <= u L
+ACCUM_REL_RMS, ACCUM_MAX_ABS = 0.5, 1.0
+
+
+def accumulation(dtype: str, L: float) -> Tolerance:
+    """The modelled accumulation error of a recurrence with memory ``L`` steps (in the
+    accumulation precision of ``dtype``): rel-RMS u L / 2, max-abs u L."""
+    u = _UNIT[dtype]
+    return Tolerance(ACCUM_REL_RMS * u * L, ACCUM_MAX_ABS * u * L)
+
+
+def memory_length(decays) -> float:
+    """The effective memory 1 / (1 - max |a|) of a recurrence whose decays (diagonal or scalar
+    transition values) are ``decays``; inf when max |a| >= 1 (identity: the memory is T)."""
+    a = float(np.max(np.abs(np.asarray(_np(decays), dtype=np.float64)), initial=0.0))
+    return float("inf") if a >= 1.0 else 1.0 / (1.0 - a)
+
+
+def tolerance(dtype: str, T: int | None = None, memory: float | None = None) -> Tolerance:
+    """The tolerance for a run of ``T`` steps with effective memory ``memory`` steps (default
+    T; 1 / (1 - max |a|) for largest decay magnitude a, see ``memory_length``).
+
+    With L = min(T, memory) the float32 accumulation error is modelled as rel-RMS u L / 2 and
+    max-abs u L (u = 2^-24; docs/numerics.md gives the error model, docs/performance/
+    tolerance.md the measurements). The base table ``TOLERANCES`` is the accumulation at short
+    memories, so each bound is the table's value while the model stays under the float32 row
+    (L <= 671 for rel-RMS, 1678 for max-abs) and the model beyond; float16/bfloat16 add their
+    output rounding (the table's excess over the float32 row) to it. float64 uses u = 2^-53.
+    Without T: the base table."""
+    base = TOLERANCES[dtype]
+    if T is None:
+        return base
+    L = float(T) if memory is None else min(float(T), float(memory))
+    acc, row = accumulation(dtype, L), TOLERANCES[_ACCUM[dtype]]
+    return Tolerance(base.rel_rms + max(0.0, acc.rel_rms - row.rel_rms),
+                     base.max_abs + max(0.0, acc.max_abs - row.max_abs))
 
 
 def errors(out, ref) -> tuple[float, float]:
@@ -46,17 +91,22 @@ def errors(out, ref) -> tuple[float, float]:
     return rel, mx
 
 
-def within(out, ref, dtype: str) -> tuple[bool, float, float]:
+def within(out, ref, dtype: str, T: int | None = None,
+           memory: float | None = None) -> tuple[bool, float, float]:
+    """(ok, rel-RMS, max-abs) of ``out`` against ``ref`` under ``tolerance(dtype, T, memory)``
+    (without T: the base table)."""
     rel, mx = errors(out, ref)
-    tol = TOLERANCES[dtype]
+    tol = tolerance(dtype, T, memory)
     return rel <= tol.rel_rms and mx <= tol.max_abs, rel, mx
 
 
-def assert_close(out, ref, dtype: str, what: str = "output") -> None:
-    ok, rel, mx = within(out, ref, dtype)
-    tol = TOLERANCES[dtype]
-    assert ok, (f"{what}: rel-RMS {rel:.3e} (tol {tol.rel_rms:.0e}), max-abs {mx:.3e} "
-                f"(tol {tol.max_abs:.0e}) at {dtype}")
+def assert_close(out, ref, dtype: str, what: str = "output", T: int | None = None,
+                 memory: float | None = None) -> None:
+    ok, rel, mx = within(out, ref, dtype, T, memory)
+    tol = tolerance(dtype, T, memory)
+    at = "" if T is None else f", T={T}" + ("" if memory is None else f", memory={memory:.4g}")
+    assert ok, (f"{what}: rel-RMS {rel:.3e} (tol {tol.rel_rms:.2e}), max-abs {mx:.3e} "
+                f"(tol {tol.max_abs:.2e}) at {dtype}{at}")
 
 
 def _np(x):
