@@ -88,12 +88,13 @@ def _case(name: str, dtype: str, T: int, odd: bool, state: bool, algorithm: str 
                                          else res.counters["algorithm"])
     for k, v in res.outputs.items():
         assert v.dtype == TORCH_DTYPES[dtype], f"output {k} has dtype {v.dtype}"
-        testing.assert_close(v, ref.outputs[k], dtype, f"{name} output {k} (T={T}, {sizes})")
+        testing.assert_close(v, ref.outputs[k], dtype, f"{name} output {k} (T={T}, {sizes})",
+                             T=T)
     if state:
         for k, v in res.final_states.items():
             assert v.dtype == torch.float32
             testing.assert_close(v, ref.final_states[k], dtype,
-                                 f"{name} final state {k} (T={T}, {sizes})")
+                                 f"{name} final state {k} (T={T}, {sizes})", T=T)
     else:
         assert res.final_states is None
 
