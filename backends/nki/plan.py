@@ -189,31 +189,43 @@ def _adjoint_storage(sp: Space, s, tt: int) -> list[int]:
     return sites + [4 * math.prod(sp.sizes[d] for d in lead + own) * tt, 4 * na]
 
 
-def choose_layout(rec: Recurrence, sizes: Mapping[str, int]) -> tuple[str, tuple[str, ...]]:
-    """The partition dim (in every output, not a per-step axis; most states, then largest,
-    non-batch preferred) and the outer dims (in every state and output)."""
+def layouts(rec: Recurrence, sizes: Mapping[str, int]) -> list[tuple[str, tuple[str, ...]]]:
+    """Every admissible (partition dim, outer dims), preferred first: the partition dim in
+    every output, not a per-step axis; most states, then largest, non-batch preferred (or, for
+    a backward whose outputs lack a common dim, the dim in the most outputs first); the outer
+    dims are the others in every state and output."""
     axes = {s.transition.axis for s in rec.states} | {s.transition.col for s in rec.states}
-    cands = [d for d in rec.canonical if d not in axes
+    role = {d.name: d.role for d in rec.dims}
+
+    def pref(d):
+        return (role[d] != "batch", sum(d in s.dims for s in rec.states), sizes[d],
+                -rec.canonical.index(d))
+    every = [d for d in rec.canonical if d not in axes
              and all(d in o.dims for o in rec.outputs)]
-    if not cands:
-        # outputs without the partition dim (a backward's grad_B = ungroup(.., chan, groups)):
-        # the dim in the most outputs; they are rows (reduced over one partition tile)
-        cands = [d for d in rec.canonical if d not in axes and any(d in o.dims
-                                                                      for o in rec.outputs)]
-        most = max((sum(d in o.dims for o in rec.outputs) for d in cands), default=0)
-        cands = [d for d in cands if sum(d in o.dims for o in rec.outputs) == most]
-    if not cands:
+    # outputs without the partition dim (a backward's grad_B = ungroup(.., chan, groups)):
+    # they are rows (reduced over one partition tile), so such a dim must fit in one tile
+    some = [d for d in rec.canonical if d not in axes and d not in every
+            and any(d in o.dims for o in rec.outputs)]
+    if not every and not some:
         raise UnsupportedError(NAME, rec.name, "no dim can go on the partitions: a partition dim "
                                "must be in every output and not be a shift/companion/householder/"
                                "dense axis")
-    role = {d.name: d.role for d in rec.dims}
-    pd = max(cands, key=lambda d: (role[d] != "batch", sum(d in s.dims for s in rec.states),
-                                   sizes[d], -rec.canonical.index(d)))
-    # a transition axis is never an outer loop: a step mixes its indices
-    outer = tuple(d for d in rec.canonical if d != pd and d not in axes
-                  and all(d in s.dims for s in rec.states)
-                  and all(d in o.dims for o in rec.outputs))
-    return pd, outer
+    count = {d: sum(d in o.dims for o in rec.outputs) for d in some}
+    order = sorted(every, key=pref, reverse=True) + \
+        sorted(some, key=lambda d: (count[d],) + pref(d), reverse=True)
+    out = []
+    for pd in order:
+        # a transition axis is never an outer loop: a step mixes its indices
+        outer = tuple(d for d in rec.canonical if d != pd and d not in axes
+                      and all(d in s.dims for s in rec.states)
+                      and all(d in o.dims for o in rec.outputs))
+        out.append((pd, outer))
+    return out
+
+
+def choose_layout(rec: Recurrence, sizes: Mapping[str, int]) -> tuple[str, tuple[str, ...]]:
+    """The preferred layout (``layouts``' first)."""
+    return layouts(rec, sizes)[0]
 
 
 def plan_space(rec: Recurrence, sizes: Mapping[str, int], chip: str = DEFAULT_CHIP,
@@ -233,26 +245,41 @@ def plan_space(rec: Recurrence, sizes: Mapping[str, int], chip: str = DEFAULT_CH
     hw = CHIPS[chip]
     sizes = dict(sizes)
     source, rec = rec, canonicalize(rec)
-    pd, outer = choose_layout(rec, sizes)
-    lacking = [o.name for o in rec.outputs if pd not in o.dims]
-    if lacking and sizes[pd] > hw.partitions:
-        fail(f"outputs {lacking} lack the partition dim {pd!r} of size {sizes[pd]} > "
-             f"{hw.partitions} (they need it in one partition tile)")
-    chunks = {} if algorithm == "recurrent" else find_chunked(rec, pd, outer, sizes)
-    if algorithm == "chunked" and not chunks:
-        fail("the chunked (matmul) form needs a scalar/identity state [..., K, V] with "
-             "V on the partitions, K <= 128, an inject k * v and readouts "
-             "sum(S * q, K), all read with time before the feature dim")
-    # the chunked form puts a time tile on the partitions; a matmul's moving free dim <= 512
-    top = hw.partitions if chunks else hw.matmul_moving_max
-    T = sizes[rec.time]
-    if tt is not None:
-        if not 1 <= tt <= top:
-            fail(f"time tile {tt} must be in 1..{top}")
-        tiles = (tt,)
-    else:
-        tiles = tuple(sorted({min(c, T, top) for c in TT_CANDIDATES}, reverse=True))
-    return Space(rec, sizes, hw, pd, outer, chunks, tiles, LOOP_ORDERS[loop_order], source)
+    # the preferred layout whose smallest kernel fits the chip; others when it does not (a
+    # backward whose preferred partition dim is the batch holds every other dim per
+    # partition: mamba2's at H=8 P=64 N=64 needs 656 KB; on heads, 49 KB)
+    first, problem = None, None
+    for pd, outer in layouts(rec, sizes):
+        lacking = [o.name for o in rec.outputs if pd not in o.dims]
+        if lacking and sizes[pd] > hw.partitions:
+            problem = problem or (f"outputs {lacking} lack the partition dim {pd!r} of size "
+                                  f"{sizes[pd]} > {hw.partitions} (they need it in one "
+                                  "partition tile)")
+            continue
+        chunks = {} if algorithm == "recurrent" else find_chunked(rec, pd, outer, sizes)
+        if algorithm == "chunked" and not chunks:
+            problem = problem or ("the chunked (matmul) form needs a scalar/identity state "
+                                  "[..., K, V] with V on the partitions, K <= 128, an inject "
+                                  "k * v and readouts sum(S * q, K), all read with time before "
+                                  "the feature dim")
+            continue
+        # the chunked form puts a time tile on the partitions; a matmul's moving free dim <= 512
+        top = hw.partitions if chunks else hw.matmul_moving_max
+        T = sizes[rec.time]
+        if tt is not None:
+            if not 1 <= tt <= top:
+                fail(f"time tile {tt} must be in 1..{top}")
+            tiles = (tt,)
+        else:
+            tiles = tuple(sorted({min(c, T, top) for c in TT_CANDIDATES}, reverse=True))
+        sp = Space(rec, sizes, hw, pd, outer, chunks, tiles, LOOP_ORDERS[loop_order], source)
+        first = first or sp
+        if any(sum(f) + max(f) <= hw.sbuf_bytes
+               for f in (sp.storage(tiles[-1], o) for o in sp.orders)):
+            return sp
+    if first is None:
+        fail(problem)
+    return first  # nothing fits: choose() names the budget and the shape
 
 
 def choose(space: Space, measure: Callable[[int, bool], tuple[Resources, Any]]
@@ -287,4 +314,4 @@ def choose(space: Space, measure: Callable[[int, bool], tuple[Resources, Any]]
 
 
 __all__ = ["ALGORITHMS", "LOOP_ORDERS", "Plan", "PlanError", "Resources", "Space", "choose",
-           "choose_layout", "plan_space"]
+           "choose_layout", "layouts", "plan_space"]
