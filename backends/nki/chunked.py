@@ -261,8 +261,8 @@ class ChunkedMixin:
 
     def zero_where(self, dst: str, flag: str, rows: str, cols: str, sc, value: str = "0.0",
                    plus: str | None = None) -> None:
-        """``dst = value`` where the fp32 view ``flag`` (rows x cols; ``+ plus``, a (rows, 1)
-        column, if given) is nonzero, through a uint8 predicate tile."""
+        """``dst = value`` where the fp32 view ``flag`` (rows x cols; ``+ plus``, a number or a
+        (rows, 1) column, if given) is nonzero, through a uint8 predicate tile."""
         shape = (128, 1) if cols == "1" else (128, 128)
         pred = self.alloc(sc, shape, shape[1], "pred", dtype="nl.uint8")
         view = f"[0:{rows}, 0:{cols}]"
@@ -358,21 +358,16 @@ class ChunkedMixin:
         self.emit(sc, f"nisa.nc_matmul({ps}[0:{K}, 0:P], {ks}[0:tw, 0:{K}], {vm}[0:tw, 0:P])")
         self.emit(sc, f"nisa.tensor_tensor({carry}, {carry}, {ps}[0:{K}, 0:P], nl.add)")
         self.emit(sc, "# the state leaving the chunk: NaN in the rows a k-side (or the decay) "
-                      "factor poisons, the columns a v-side one does")
-        ps = self.psum_tile(sc, (128, 1))
-        self.emit(sc, f"nisa.nc_matmul({ps}[0:{K}, 0:1], {badk}[0:tw, 0:{K}], "
-                      "ones_col[0:tw, 0:1])")
-        prow = self.alloc(sc, (128, 1), 4, "prow")
-        self.emit(sc, f"nisa.tensor_copy({prow}[0:{K}, 0:1], {ps}[0:{K}, 0:1])")
-        ps = self.psum_tile(sc, (1, 128))
-        self.emit(sc, f"nisa.nc_matmul({ps}[0:1, 0:P], ones_col[0:tw, 0:1], {badv}[0:tw, 0:P])")
-        pcol = self.alloc(sc, (1, 128), 512, "pcol")
-        self.emit(sc, f"nisa.tensor_copy({pcol}[0:1, 0:P], {ps}[0:1, 0:P])")
+                      "factor poisons, the columns a v-side one does: (1 + badk)^T (1 + badv) - tw "
+                      "= row counts + column counts + their products, > 0 exactly there")
+        k1 = self.alloc(sc, (128, 128), 512, "k1")
+        self.emit(sc, f"nisa.tensor_scalar({k1}[0:tw, 0:{K}], {badk}[0:tw, 0:{K}], nl.add, 1.0)")
+        v1 = self.alloc(sc, (128, 128), 512, "v1")
+        self.emit(sc, f"nisa.tensor_scalar({v1}[0:tw, 0:P], {badv}[0:tw, 0:P], nl.add, 1.0)")
         ps = self.psum_tile(sc, (128, 128))
-        self.emit(sc, f"nisa.nc_matmul({ps}[0:{K}, 0:P], ones_row[0:1, 0:{K}], "
-                      f"{pcol}[0:1, 0:P])")
+        self.emit(sc, f"nisa.nc_matmul({ps}[0:{K}, 0:P], {k1}[0:tw, 0:{K}], {v1}[0:tw, 0:P])")
         self.zero_where(carry, f"{ps}[0:{K}, 0:P]", str(K), "P", sc, 'float("nan")',
-                        plus=f"{prow}[0:{K}, 0:1]")
+                        plus="-tw")
 
     def chunk_decay(self, g: str, badk: str, K: int, sc) -> tuple[str, str, str]:
         """From the chunk's log-decay column ``g`` (tw, 1): ``dec`` (tw, tw), the decay from
