@@ -357,9 +357,8 @@ class ChunkedMixin:
         ps = self.psum_tile(sc, (128, 128))
         self.emit(sc, f"nisa.nc_matmul({ps}[0:{K}, 0:P], {ks}[0:tw, 0:{K}], {vm}[0:tw, 0:P])")
         self.emit(sc, f"nisa.tensor_tensor({carry}, {carry}, {ps}[0:{K}, 0:P], nl.add)")
-        self.emit(sc, "# the state leaving the chunk: NaN in the rows a k-side (or the decay) "
-                      "factor poisons, the columns a v-side one does: (1 + badk)^T (1 + badv) - tw "
-                      "= row counts + column counts + their products, > 0 exactly there")
+        self.emit(sc, "# the state leaving the chunk: NaN in poisoned rows (k-side, decay) and "
+                      "columns (v-side), where (1 + badk)^T (1 + badv) - tw > 0")
         k1 = self.alloc(sc, (128, 128), 512, "k1")
         self.emit(sc, f"nisa.tensor_scalar({k1}[0:tw, 0:{K}], {badk}[0:tw, 0:{K}], nl.add, 1.0)")
         v1 = self.alloc(sc, (128, 128), 512, "v1")

@@ -196,7 +196,7 @@ def mamba2_kernel(in_x, in_dt, in_A, in_B, in_C):
                     ps2 = nl.ndarray((128, 128), dtype=nl.float32, buffer=nl.psum)
                     nisa.nc_matmul(ps2[0:4, 0:P], ks41[0:tw, 0:4], clean10[0:tw, 0:P])
                     nisa.tensor_tensor(carry_h[0:4, slot, 0:P], carry_h[0:4, slot, 0:P], ps2[0:4, 0:P], nl.add)
-                    # the state leaving the chunk: NaN in the rows a k-side (or the decay) factor poisons, the columns a v-side one does: (1 + badk)^T (1 + badv) - tw = row counts + column counts + their products, > 0 exactly there
+                    # the state leaving the chunk: NaN in poisoned rows (k-side, decay) and columns (v-side), where (1 + badk)^T (1 + badv) - tw > 0
                     k143 = nl.ndarray((128, 128), dtype=nl.float32, buffer=nl.sbuf)
                     nisa.tensor_scalar(k143[0:tw, 0:4], bad19[0:tw, 0:4], nl.add, 1.0)
                     v144 = nl.ndarray((128, 128), dtype=nl.float32, buffer=nl.sbuf)

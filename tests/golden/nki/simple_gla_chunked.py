@@ -179,7 +179,7 @@ def simple_gla_kernel(in_q, in_k, in_v, in_g):
                     ps1 = nl.ndarray((128, 128), dtype=nl.float32, buffer=nl.psum)
                     nisa.nc_matmul(ps1[0:8, 0:P], ks35[0:tw, 0:8], clean7[0:tw, 0:P])
                     nisa.tensor_tensor(carry_S[0:8, 0, 0:P], carry_S[0:8, 0, 0:P], ps1[0:8, 0:P], nl.add)
-                    # the state leaving the chunk: NaN in the rows a k-side (or the decay) factor poisons, the columns a v-side one does: (1 + badk)^T (1 + badv) - tw = row counts + column counts + their products, > 0 exactly there
+                    # the state leaving the chunk: NaN in poisoned rows (k-side, decay) and columns (v-side), where (1 + badk)^T (1 + badv) - tw > 0
                     k137 = nl.ndarray((128, 128), dtype=nl.float32, buffer=nl.sbuf)
                     nisa.tensor_scalar(k137[0:tw, 0:8], bad13[0:tw, 0:8], nl.add, 1.0)
                     v138 = nl.ndarray((128, 128), dtype=nl.float32, buffer=nl.sbuf)
