@@ -11,6 +11,13 @@ on the partitions, is
 with K (C x K), V (C x V), Q (C x K) and S kept as a (K, V) tile. Exponents are masked before
 the exp, so only c_t - c_s <= 0 is exponentiated. ``y`` is handed to the generic readout
 lowering as the value of the contraction node.
+
+Edges (the rules of ``scancc.ir.passes.chunked``): the factor tiles are sanitized
+(non-finite -> 0, ``sanitize``) before any matmul or transpose and the poison is written back
+as NaN (``zero_where``: a uint8 predicate and ``nisa.tensor_copy_predicated``) into the
+output and the state leaving the chunk; log-decays <= RESET_LOG_DECAY are hard resets
+(``chunk_decay``: c sums the other log-decays, R counts the resets, decays are
+exp(c_t - c_s) [R_t == R_s], always multiplied). docs/nki.md has the formulas.
 """
 from __future__ import annotations
 
