@@ -11,6 +11,13 @@ on the partitions, is
 with K (C x K), V (C x V), Q (C x K) and S kept as a (K, V) tile. Exponents are masked before
 the exp, so only c_t - c_s <= 0 is exponentiated. ``y`` is handed to the generic readout
 lowering as the value of the contraction node.
+
+Edges (the rules of ``scancc.ir.passes.chunked``): the factor tiles are sanitized
+(non-finite -> 0, ``sanitize``) before any matmul or transpose and the poison is written back
+as NaN (``zero_where``: a uint8 predicate and ``nisa.tensor_copy_predicated``) into the
+output and the state leaving the chunk; log-decays <= RESET_LOG_DECAY are hard resets
+(``chunk_decay``: c sums the other log-decays, R counts the resets, decays are
+exp(c_t - c_s) [R_t == R_s], always multiplied). docs/nki.md has the formulas.
 """
 from __future__ import annotations
 
@@ -245,8 +252,37 @@ class ChunkedMixin:
                       f"{self.tview(kind, b[1], w)}, nl.{alu})")
         return (kind, nm)
 
+    def sanitize(self, x: str, rows: str, cols: str, sc) -> tuple[str, str]:
+        """(clean, bad) of the SBUF tile view ``x[0:rows, 0:cols]``: ``clean`` is x with its
+        non-finite elements set to 0 (what the matmuls read), ``bad`` 1.0 where x is not finite
+        (the poison added back; ir/passes/chunked.py, "Edges")."""
+        shape = (128, 1) if cols == "1" else (128, 128)
+        view = f"[0:{rows}, 0:{cols}]"
+        bad = self.alloc(sc, shape, 4 * shape[1], "bad")
+        self.emit(sc, f"nisa.tensor_scalar({bad}{view}, {x}{view}, nl.multiply, 0.0, "
+                      "op1=nl.not_equal, operand1=0.0)")
+        clean = self.alloc(sc, shape, 4 * shape[1], "clean")
+        self.emit(sc, f"nisa.tensor_copy({clean}{view}, {x}{view})")
+        self.zero_where(clean + view, bad + view, rows, cols, sc)
+        return clean, bad
+
+    def zero_where(self, dst: str, flag: str, rows: str, cols: str, sc, value: str = "0.0",
+                   plus: str | None = None) -> None:
+        """``dst = value`` where the fp32 view ``flag`` (rows x cols; ``+ plus``, a number or a
+        (rows, 1) column, if given) is nonzero, through a uint8 predicate tile."""
+        shape = (128, 1) if cols == "1" else (128, 128)
+        pred = self.alloc(sc, shape, shape[1], "pred", dtype="nl.uint8")
+        view = f"[0:{rows}, 0:{cols}]"
+        self.emit(sc, f"nisa.tensor_scalar({pred}{view}, {flag}, nl.not_equal, 0.0)" if plus is None
+                  else f"nisa.tensor_scalar({pred}{view}, {flag}, nl.add, {plus}, "
+                       "op1=nl.not_equal, operand1=0.0)")
+        self.emit(sc, f"nisa.tensor_copy_predicated({dst}, {value}, {pred}{view})")
+
     def chunk_state(self, s, cp: ChunkPlan, env: dict, sc) -> None:
-        """One chunk (the time tile, tw <= 128 steps) of a chunked state; readouts memoized."""
+        """One chunk (the time tile, tw <= 128 steps) of a chunked state; readouts memoized.
+        The factor tiles are sanitized before any matmul and their poison added back to the
+        outputs and the state; log-decays <= RESET_LOG_DECAY are hard resets (the module doc
+        of scancc.ir.passes.chunked, "Edges")."""
         K = self.sizes[cp.kd]
         kf, vf = (cp.kd, f"0:{K}", str(K)), (self.pd, "p0:p1", "P")
         memo: dict = {}
@@ -254,48 +290,37 @@ class ChunkedMixin:
         self.emit(sc, f"# chunked (matmul) form of state {s.name}: time on the partitions")
         km = self.t_to_full(self.tval(cp.kpart, env, kf, sc, memo), kf, sc)[1]
         vm = self.t_to_full(self.tval(cp.vpart, env, vf, sc, memo), vf, sc)[1]
+        self.emit(sc, "# non-finite factors -> 0 before any matmul (clean*); bad*: 1.0 where they "
+                      "were (x * 0 != 0)")
+        km, badk = self.sanitize(km, "tw", str(K), sc)
+        vm, badv = self.sanitize(vm, "tw", "P", sc)
         if cp.logdecay is not None:
             lv = self.tval(cp.logdecay, env, None, sc, memo)
             lc = lv[1] if lv[0] == "tc" else self.t_to_col(lv, sc)[1]
-            ps = self.psum_tile(sc, (128, 1))
-            self.emit(sc, f"nisa.nc_matmul({ps}[0:tw, 0:1], tri[0:tw, 0:tw], {lc}[0:tw, 0:1])")
-            ccol = self.alloc(sc, (128, 1), 4, "ccol")
-            self.emit(sc, f"nisa.tensor_copy({ccol}[0:tw, 0:1], {ps}[0:tw, 0:1])")
-            ps = self.psum_tile(sc, (1, 128))
-            self.emit(sc, f"nisa.nc_matmul({ps}[0:1, 0:tw], {lc}[0:tw, 0:1], tri[0:tw, 0:tw])")
-            crow = self.alloc(sc, (1, 128), 512, "crow")
-            self.emit(sc, f"nisa.tensor_copy({crow}[0:1, 0:tw], {ps}[0:1, 0:tw])")
+            dec, ec, badk = self.chunk_decay(lc, badk, K, sc)
         kt = self.transpose_in(km, "tw", str(K), sc)
+        # per step s: 1.0 (or more) where a k-side or decay factor of s is not finite; comb adds
+        # the v-side's column j: y[j, t] is NaN where sum_{s<=t} comb[s, j] > 0
+        rbad = self.alloc(sc, (128, 1), 4, "rbad")
+        self.emit(sc, f"nisa.tensor_reduce({rbad}[0:tw, 0:1], nl.add, {badk}[0:tw, 0:{K}], "
+                      "axis=1)")
+        comb = self.alloc(sc, (128, 128), 512, "comb")
+        self.emit(sc, f"nisa.tensor_scalar({comb}[0:tw, 0:P], {badv}[0:tw, 0:P], nl.add, "
+                      f"{rbad}[0:tw, 0:1])")
         for node, q in cp.sums:
             qm = self.t_to_full(self.tval(q, env, kf, sc, memo), kf, sc)[1]
+            qm, badq = self.sanitize(qm, "tw", str(K), sc)
             qt = self.transpose_in(qm, "tw", str(K), sc)
             gt = self.psum_tile(sc, (128, 128))
             self.emit(sc, f"nisa.nc_matmul({gt}[0:tw, 0:tw], {kt}[0:{K}, 0:tw], "
                           f"{qt}[0:{K}, 0:tw])")
             wts = self.alloc(sc, (128, 128), 512, "wts")
-            if cp.logdecay is not None:
-                bc = self.psum_tile(sc, (128, 128))
-                self.emit(sc, f"nisa.nc_matmul({bc}[0:tw, 0:tw], ones_row[0:1, 0:tw], "
-                              f"{crow}[0:1, 0:tw])")
-                arg = self.alloc(sc, (128, 128), 512, "arg")
-                self.emit(sc, f"nisa.tensor_tensor({arg}[0:tw, 0:tw], {bc}[0:tw, 0:tw], "
-                              "neg[0:tw, 0:tw], nl.add)")
-                negc = self.alloc(sc, (128, 1), 4, "negc")
-                self.emit(sc, f"nisa.tensor_scalar({negc}[0:tw, 0:1], {ccol}[0:tw, 0:1], "
-                              "nl.multiply, -1.0)")
-                self.emit(sc, f"nisa.activation({arg}[0:tw, 0:tw], nl.exp, {arg}[0:tw, 0:tw], "
-                              f"bias={negc}[0:tw, 0:1])")
-                self.emit(sc, f"nisa.tensor_tensor({wts}[0:tw, 0:tw], {gt}[0:tw, 0:tw], "
-                              f"{arg}[0:tw, 0:tw], nl.multiply)")
-            else:
-                self.emit(sc, f"nisa.tensor_tensor({wts}[0:tw, 0:tw], {gt}[0:tw, 0:tw], "
-                              "tri[0:tw, 0:tw], nl.multiply)")
+            self.emit(sc, f"nisa.tensor_tensor({wts}[0:tw, 0:tw], {gt}[0:tw, 0:tw], "
+                          f"{'tri' if cp.logdecay is None else dec}[0:tw, 0:tw], nl.multiply)")
             py = self.psum_tile(sc, (128, 128))
             self.emit(sc, f"nisa.nc_matmul({py}[0:P, 0:tw], {vm}[0:tw, 0:P], "
                           f"{wts}[0:tw, 0:tw])")
             if cp.logdecay is not None:
-                ec = self.alloc(sc, (1, 128), 512, "ec")
-                self.emit(sc, f"nisa.activation({ec}[0:1, 0:tw], nl.exp, {crow}[0:1, 0:tw])")
                 bq = self.psum_tile(sc, (128, 128))
                 self.emit(sc, f"nisa.nc_matmul({bq}[0:{K}, 0:tw], ones_row[0:1, 0:{K}], "
                               f"{ec}[0:1, 0:tw])")
@@ -307,31 +332,114 @@ class ChunkedMixin:
             self.emit(sc, f"nisa.nc_matmul({py}[0:P, 0:tw], {carry}, {qs}[0:{K}, 0:tw])")
             y = self.alloc(sc, (128, self.tt), 4 * self.tt, "y")
             self.emit(sc, f"nisa.tensor_copy({y}[0:P, 0:tw], {py}[0:P, 0:tw])")
+            self.emit(sc, "# y[j, t] = NaN where comb poisons a step s <= t or q_t is not finite")
+            qbad = self.alloc(sc, (128, 1), 4, "qbad")
+            self.emit(sc, f"nisa.tensor_reduce({qbad}[0:tw, 0:1], nl.add, {badq}[0:tw, 0:{K}], "
+                          "axis=1)")
+            ps = self.psum_tile(sc, (1, 128))
+            self.emit(sc, f"nisa.nc_transpose({ps}[0:1, 0:tw], {qbad}[0:tw, 0:1])")
+            qrow = self.alloc(sc, (1, 128), 512, "qrow")
+            self.emit(sc, f"nisa.tensor_copy({qrow}[0:1, 0:tw], {ps}[0:1, 0:tw])")
+            pc = self.psum_tile(sc, (128, 128))
+            self.emit(sc, f"nisa.nc_matmul({pc}[0:P, 0:tw], {comb}[0:tw, 0:P], tri[0:tw, 0:tw])")
+            self.emit(sc, f"nisa.nc_matmul({pc}[0:P, 0:tw], ones_row[0:1, 0:P], "
+                          f"{qrow}[0:1, 0:tw])")
+            self.zero_where(f"{y}[0:P, 0:tw]", f"{pc}[0:P, 0:tw]", "P", "tw", sc,
+                            'float("nan")')
             sc.memo[self.env_key(node, env)] = V("full", y)
         if cp.logdecay is not None:
-            # exp(c_C - c_s) per row s, and exp(c_C) for the carried state
-            ps = self.psum_tile(sc, (128, 1))
-            self.emit(sc, f"nisa.nc_matmul({ps}[0:tw, 0:1], ones_row[0:1, 0:tw], "
-                          f"{crow}[0:1, tw - 1:tw])")
-            last = self.alloc(sc, (128, 1), 4, "last")
-            self.emit(sc, f"nisa.tensor_copy({last}[0:tw, 0:1], {ps}[0:tw, 0:1])")
-            e = self.alloc(sc, (128, 1), 4, "e")
-            self.emit(sc, f"nisa.activation({e}[0:tw, 0:1], nl.exp, {ccol}[0:tw, 0:1], "
-                          f"bias={last}[0:tw, 0:1], scale=-1.0)")
+            self.emit(sc, "# decays to the chunk's end: dec[s, tw - 1] per step s, ec[tw - 1] "
+                          "for the state (multiplied: a NaN state stays NaN)")
             ks = self.alloc(sc, (128, 128), 512, "ks")
             self.emit(sc, f"nisa.tensor_scalar({ks}[0:tw, 0:{K}], {km}[0:tw, 0:{K}], "
-                          f"nl.multiply, {e}[0:tw, 0:1])")
+                          f"nl.multiply, {dec}[0:tw, tw - 1:tw])")
             ps = self.psum_tile(sc, (128, 1))
             self.emit(sc, f"nisa.nc_matmul({ps}[0:{K}, 0:1], ones_row[0:1, 0:{K}], "
-                          f"{crow}[0:1, tw - 1:tw])")
+                          f"{ec}[0:1, tw - 1:tw])")
             eK = self.alloc(sc, (128, 1), 4, "ek")
-            self.emit(sc, f"nisa.activation({eK}[0:{K}, 0:1], nl.exp, {ps}[0:{K}, 0:1])")
+            self.emit(sc, f"nisa.tensor_copy({eK}[0:{K}, 0:1], {ps}[0:{K}, 0:1])")
             self.emit(sc, f"nisa.tensor_scalar({carry}, {carry}, nl.multiply, {eK}[0:{K}, 0:1])")
         else:
             ks = km
         ps = self.psum_tile(sc, (128, 128))
         self.emit(sc, f"nisa.nc_matmul({ps}[0:{K}, 0:P], {ks}[0:tw, 0:{K}], {vm}[0:tw, 0:P])")
         self.emit(sc, f"nisa.tensor_tensor({carry}, {carry}, {ps}[0:{K}, 0:P], nl.add)")
+        self.emit(sc, "# the state leaving the chunk: NaN in poisoned rows (k-side, decay) and "
+                      "columns (v-side), where (1 + badk)^T (1 + badv) - tw > 0")
+        k1 = self.alloc(sc, (128, 128), 512, "k1")
+        self.emit(sc, f"nisa.tensor_scalar({k1}[0:tw, 0:{K}], {badk}[0:tw, 0:{K}], nl.add, 1.0)")
+        v1 = self.alloc(sc, (128, 128), 512, "v1")
+        self.emit(sc, f"nisa.tensor_scalar({v1}[0:tw, 0:P], {badv}[0:tw, 0:P], nl.add, 1.0)")
+        ps = self.psum_tile(sc, (128, 128))
+        self.emit(sc, f"nisa.nc_matmul({ps}[0:{K}, 0:P], {k1}[0:tw, 0:{K}], {v1}[0:tw, 0:P])")
+        self.zero_where(carry, f"{ps}[0:{K}, 0:P]", str(K), "P", sc, 'float("nan")',
+                        plus="-tw")
+
+    def chunk_decay(self, g: str, badk: str, K: int, sc) -> tuple[str, str, str]:
+        """From the chunk's log-decay column ``g`` (tw, 1): ``dec`` (tw, tw), the decay from
+        step s to t (0 for s > t or when a reset lies in (s, t], else exp(c_t - c_s) of the
+        cumulative non-reset log-decays c), ``ec`` (1, tw), the decay of the entering state to
+        step t, and ``badk`` with the decay's poison (NaN or +inf) added to every K of its
+        step (a scalar decay poisons the whole state)."""
+        self.emit(sc, f"# log-decays <= {shared.RESET_LOG_DECAY!r} (decay < 2**-126, 0, -inf) "
+                      "are hard resets")
+        gr = self.alloc(sc, (128, 2), 8, "gr")   # [clean log-decay | 1.0 at a reset]
+        g0, r0 = f"{gr}[0:tw, 0:1]", f"{gr}[0:tw, 1:2]"
+        self.emit(sc, f"nisa.tensor_scalar({r0}, {g}[0:tw, 0:1], nl.greater_equal, "
+                      f"{shared.RESET_LOG_DECAY!r}, reverse0=True)")
+        badg = self.alloc(sc, (128, 1), 4, "badg")
+        self.emit(sc, f"nisa.tensor_scalar({badg}[0:tw, 0:1], {g}[0:tw, 0:1], nl.multiply, 0.0, "
+                      "op1=nl.not_equal, operand1=0.0)")
+        self.emit(sc, f"nisa.tensor_copy({g0}, {g}[0:tw, 0:1])")
+        self.zero_where(g0, f"{badg}[0:tw, 0:1]", "tw", "1", sc, plus=r0)
+        self.emit(sc, "# the decay's poison: not finite and not a reset (NaN, +inf)")
+        self.emit(sc, f"nisa.tensor_scalar({badg}[0:tw, 0:1], {badg}[0:tw, 0:1], nl.subtract, "
+                      f"{r0}, op1=nl.maximum, operand1=0.0)")
+        badk2 = self.alloc(sc, (128, 128), 512, "bad")
+        self.emit(sc, f"nisa.tensor_scalar({badk2}[0:tw, 0:{K}], {badk}[0:tw, 0:{K}], nl.add, "
+                      f"{badg}[0:tw, 0:1])")
+        self.emit(sc, "# cumulative sums (U): c of the clean log-decays, R the resets up to t")
+        ps = self.psum_tile(sc, (128, 2))
+        self.emit(sc, f"nisa.nc_matmul({ps}[0:tw, 0:2], tri[0:tw, 0:tw], {gr}[0:tw, 0:2])")
+        ccol = self.alloc(sc, (128, 2), 8, "ccol")
+        self.emit(sc, f"nisa.tensor_copy({ccol}[0:tw, 0:2], {ps}[0:tw, 0:2])")
+        rows = []
+        for i, nm in ((0, "crow"), (1, "rrow")):   # ... and as rows
+            ps = self.psum_tile(sc, (1, 128))
+            self.emit(sc, f"nisa.nc_matmul({ps}[0:1, 0:tw], {gr}[0:tw, {i}:{i + 1}], "
+                          "tri[0:tw, 0:tw])")
+            row = self.alloc(sc, (1, 128), 512, nm)
+            self.emit(sc, f"nisa.tensor_copy({row}[0:1, 0:tw], {ps}[0:1, 0:tw])")
+            rows.append(row)
+        crow, rrow = rows
+        self.emit(sc, "# dec[s, t] = U[s, t] * exp(c_t - c_s) * [R_t == R_s] (the exponent "
+                      "masked by NEG first)")
+        bc = self.psum_tile(sc, (128, 128))
+        self.emit(sc, f"nisa.nc_matmul({bc}[0:tw, 0:tw], ones_row[0:1, 0:tw], "
+                      f"{crow}[0:1, 0:tw])")
+        dec = self.alloc(sc, (128, 128), 512, "dec")
+        self.emit(sc, f"nisa.tensor_tensor({dec}[0:tw, 0:tw], {bc}[0:tw, 0:tw], "
+                      "neg[0:tw, 0:tw], nl.add)")
+        negc = self.alloc(sc, (128, 1), 4, "negc")
+        self.emit(sc, f"nisa.tensor_scalar({negc}[0:tw, 0:1], {ccol}[0:tw, 0:1], "
+                      "nl.multiply, -1.0)")
+        self.emit(sc, f"nisa.activation({dec}[0:tw, 0:tw], nl.exp, {dec}[0:tw, 0:tw], "
+                      f"bias={negc}[0:tw, 0:1])")
+        br = self.psum_tile(sc, (128, 128))
+        self.emit(sc, f"nisa.nc_matmul({br}[0:tw, 0:tw], ones_row[0:1, 0:tw], "
+                      f"{rrow}[0:1, 0:tw])")
+        same = self.alloc(sc, (128, 128), 512, "same")
+        self.emit(sc, f"nisa.tensor_scalar({same}[0:tw, 0:tw], {br}[0:tw, 0:tw], nl.subtract, "
+                      f"{ccol}[0:tw, 1:2], op1=nl.equal, operand1=0.0)")
+        self.emit(sc, f"nisa.tensor_tensor({dec}[0:tw, 0:tw], {dec}[0:tw, 0:tw], "
+                      f"{same}[0:tw, 0:tw], nl.multiply)")
+        self.emit(sc, "# ec[t] = exp(c_t) * [R_t == 0]: the decay of the entering state")
+        ec = self.alloc(sc, (1, 128), 512, "ec")
+        self.emit(sc, f"nisa.activation({ec}[0:1, 0:tw], nl.exp, {crow}[0:1, 0:tw])")
+        self.emit(sc, f"nisa.tensor_scalar({rrow}[0:1, 0:tw], {rrow}[0:1, 0:tw], nl.equal, 0.0)")
+        self.emit(sc, f"nisa.tensor_tensor({ec}[0:1, 0:tw], {ec}[0:1, 0:tw], "
+                      f"{rrow}[0:1, 0:tw], nl.multiply)")
+        return dec, ec, badk2
 
     def transpose_in(self, src: str, rows: str, cols: str, sc) -> str:
         """(rows, cols) SBUF -> (cols, rows) SBUF through a Tensor-engine transpose."""

@@ -74,6 +74,10 @@ bfloat16 = Dtype("bfloat16", 2, _round_bf16)
 float16 = Dtype("float16", 2, lambda x: np.asarray(x, np.float32).astype(np.float16)
                 .astype(np.float32))
 DTYPES = {d.name: d for d in (float32, bfloat16, float16)}
+# an integer dtype for predicates (nisa.tensor_copy_predicated); not a kernel input/output dtype
+uint8 = Dtype("uint8", 1, lambda x: np.clip(np.rint(np.nan_to_num(
+    np.asarray(x, np.float32), nan=0.0, posinf=255.0, neginf=0.0)), 0, 255).astype(np.float32))
+INT_DTYPES = {"uint8": uint8}
 
 
 @dataclass(frozen=True)
@@ -515,6 +519,37 @@ def tensor_copy(dst, src, **kwargs):
     _m(I).count("vector", _vec_cost(dst))
 
 
+def tensor_copy_predicated(dst, src, predicate, reverse_pred=False, **kwargs):
+    """dst = src where predicate (an integer tile) is nonzero, else dst unchanged (Vector
+    engine); src a tile of dst's dtype or a number. Either src or predicate may be in PSUM,
+    not both (NKI ``nki.isa.tensor_copy_predicated``)."""
+    I = "nisa.tensor_copy_predicated"
+    _reject_kwargs(I, kwargs)
+    _tile(dst, I, "dst"), _tile(predicate, I, "predicate")
+    if predicate.dtype.name not in INT_DTYPES:
+        raise NkiError(f"{I}: predicate {predicate.name} must have an integer dtype (nl.uint8), "
+                       f"got {predicate.dtype.name}")
+    _same_layout(I, dst, "dst", predicate, "predicate")
+    if isinstance(src, Tensor):
+        _tile(src, I, "src")
+        if src.buffer is psum and predicate.buffer is psum:
+            raise NkiError(f"{I}: src and predicate are both in PSUM; at most one may be")
+        if src.dtype is not dst.dtype:
+            raise NkiError(f"{I}: src ({src.dtype.name}) and dst ({dst.dtype.name}) must have "
+                           "the same dtype")
+        _same_layout(I, dst, "dst", src, "src")
+        value = _flat(_read(src))
+    elif isinstance(src, (int, float, np.floating, np.integer)) and not isinstance(src, bool):
+        value = np.float32(src)
+    else:
+        raise NkiError(f"{I}: src must be a tile or a number, got {src!r}")
+    if not isinstance(reverse_pred, bool):
+        raise NkiError(f"{I}: reverse_pred must be a bool, got {reverse_pred!r}")
+    take = (_flat(_read(predicate)) != 0) != reverse_pred
+    _write(dst, np.where(take, value, _flat(_read(dst))))
+    _m(I).count("vector", _vec_cost(dst))
+
+
 def memset(dst, value, **kwargs):
     """dst = value everywhere (Vector engine)."""
     I = "nisa.memset"
@@ -573,6 +608,9 @@ def nc_matmul(dst, stationary, moving, accumulate=None, **kwargs):
                        f"<= {MATMUL_MOVING_MAX}")
     if dst.shape != (m, n):
         raise NkiError(f"{I}: dst {list(dst.shape)} must be {[m, n]} (stationary.T @ moving)")
+    if stationary.dtype.name in INT_DTYPES:
+        raise NkiError(f"{I}: integer operands ({stationary.dtype.name}): the Tensor engine "
+                       "multiplies float types only")
     if stationary.dtype is not moving.dtype:
         raise NkiError(f"{I}: stationary ({stationary.dtype.name}) and moving "
                        f"({moving.dtype.name}) must have the same dtype")
@@ -714,12 +752,12 @@ def _module(name: str, attrs: dict) -> types.ModuleType:
 
 language = _module("nki.language", {
     "ndarray": ndarray, "sbuf": sbuf, "psum": psum, "hbm": hbm, "shared_hbm": shared_hbm,
-    **DTYPES, **OPS,
+    **DTYPES, **INT_DTYPES, **OPS,
 })
 isa = _module("nki.isa", {
     f.__name__: f for f in (tensor_tensor, tensor_scalar, activation, tensor_reduce,
-                            tensor_tensor_scan, tensor_copy, memset, iota, nc_matmul,
-                            nc_transpose, dma_copy)
+                            tensor_tensor_scan, tensor_copy, tensor_copy_predicated, memset,
+                            iota, nc_matmul, nc_transpose, dma_copy)
 })
 nki = _module("nki", {"jit": jit, "simulate": simulate, "language": language, "isa": isa,
                       "__version__": "emulator", "emulated": True})
