@@ -7,6 +7,11 @@ Algorithms (``algorithm=`` option; ``"auto"`` picks from the transition structur
   over time. The ground truth the faster forms must match.
 - ``chunked`` (chunked.py): parallel in time with ``tl.dot``, for scalar/identity decays,
   key-dimension diagonal decay and householder (delta rule, UT form) transitions.
+- ``scan`` (scan.py): the recurrent kernel parallel in time by chunks (three stages), for
+  identity/scalar/diagonal transitions. ``"auto"`` picks it, on a GPU only, where chunked does
+  not apply; its launcher then runs the recurrent kernel alone (one chunk) when the
+  recurrent grid already has >= 2 programs per SM or T fits one chunk (scan.CHUNK_RULE).
+  Without a GPU ``"auto"`` keeps ``recurrent`` (the interpreter's cost is per step).
 """
 from __future__ import annotations
 
@@ -20,12 +25,12 @@ from ..base import Backend, Option, Problem, RunResult, UnsupportedError
 if TYPE_CHECKING:  # the runtime imports torch: only when a kernel runs
     from .runtime import Compiled
 
-ALGORITHMS = ("auto", "recurrent", "chunked")
+ALGORITHMS = ("auto", "recurrent", "chunked", "scan")
 DOT_PRECISIONS = ("ieee", "tf32x3", "input")
 
 
 def _lowering(rec: Recurrence, options: Mapping[str, Any]):
-    from . import chunked, recurrent
+    from . import chunked, recurrent, scan
     algo = options.get("algorithm", "auto")
     if algo not in ALGORITHMS:
         raise UnsupportedError("triton", rec.name, f"option algorithm={algo!r}: expected one of "
@@ -35,6 +40,11 @@ def _lowering(rec: Recurrence, options: Mapping[str, Any]):
         if not ok:
             raise UnsupportedError("triton", rec.name, f"algorithm='chunked': {why}")
         return chunked.Lowering(rec, options)
+    if algo == "scan" or (algo == "auto" and scan.applies(rec)[0] and scan.on_gpu()):
+        ok, why = scan.applies(rec)
+        if not ok:
+            raise UnsupportedError("triton", rec.name, f"algorithm='scan': {why}")
+        return scan.Lowering(rec, options)
     return recurrent.Lowering(rec, options)
 
 
@@ -50,7 +60,8 @@ def _block_sizes_rule(bs: Mapping, rec: Recurrence | None) -> Problem | None:
 
 
 OPTIONS = {o.name: o for o in (
-    Option("algorithm", "auto: chunked where it applies, else recurrent", "auto",
+    Option("algorithm", "auto: chunked where it applies, else scan on a GPU where it applies, "
+           "else recurrent", "auto",
            (str,), ALGORITHMS),
     Option("block_sizes", "register block per dim, {dim: power of two} (None: the plan's)",
            None, (dict,), rule=_block_sizes_rule),
