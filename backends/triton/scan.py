@@ -190,6 +190,35 @@ class Lowering(_Chunked):
         lines += [f"        num_warps={warps},", "    )"]
         return lines
 
+    def compile_args(self, sizes: dict, dtype: str) -> tuple[dict, dict]:
+        sig, const = super().compile_args(sizes, dtype)
+        sig[self.chunk] = "i32"
+        return sig, const
+
+    def stages_compile_args(self, sizes: dict, dtype: str) -> list[tuple[str, dict, dict]]:
+        """(kernel name, signature, constexprs) of stages 1, 2 and 3 for compiling them ahead
+        of time at ``sizes`` (see recurrent.Lowering.compile_args)."""
+        sig3, const3 = self.compile_args(sizes, dtype)  # renders the module
+        loc = self.local
+        ty = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16"}[dtype]
+        params, consts = loc.signature()
+        size_of = {v: sizes[d] for d, v in loc.size.items()}
+        sig1 = {p: "i32" if p in size_of or p == loc.chunk else
+                "*fp32" if p in loc.hloc.values() or p in loc.prod.values() else ty
+                for p in params}
+        const1 = {}
+        for c in consts:
+            sig1[c] = "constexpr"
+            d = next((d for d, b in loc.block.items() if b == c), None)
+            const1[c] = size_of[c] if c in size_of else loc.block_size(d, sizes[d], sizes)
+        sig2 = {"decay": "*fp32", "hloc": "*fp32", "h0": "*fp32", "ht": "*fp32", "NUMEL": "i32",
+                "N_CHUNKS": "i32", "BLOCK": "constexpr", "HAS_DECAY": "constexpr",
+                "USE_INITIAL_STATE": "constexpr", "STORE_FINAL_STATE": "constexpr"}
+        const2 = {"BLOCK": 256, "HAS_DECAY": True, "USE_INITIAL_STATE": True,
+                  "STORE_FINAL_STATE": True}
+        return [(loc.kernel_name, sig1, const1), (self.module["carry"], sig2, const2),
+                (self.kernel_name, sig3, const3)]
+
     def _returns(self, final: str) -> str:
         rec = self.rec
         outs = ", ".join(f'"{o.name}": {self.arg[o.name]}' + (
