@@ -12,7 +12,7 @@ import pytest
 import scancc
 from scancc import backends, registry, testing
 from scancc.backends.triton import scan
-from scancc.ir import Builder, diagonal, prev, scalar
+from scancc.ir import Builder, diagonal, prev
 
 torch = pytest.importorskip("torch")
 
