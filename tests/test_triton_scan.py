@@ -236,3 +236,61 @@ def test_identity_states_store_no_decay_product():
     src = TB.render(registry.get("linear_attn").build(), {"algorithm": "scan"})
     assert "decay_" not in src.split("def linear_attn_scan_fwd(")[1]
     assert "b_decay" not in src
+
+
+_COMPILE = r'''
+import json, sys, importlib.util
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+out = []
+for path, kernel, sig, const in json.load(sys.stdin):
+    spec = importlib.util.spec_from_file_location("m", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = triton.compile(ASTSource(fn=getattr(mod, kernel), signature=sig, constexprs=const),
+                       target=GPUTarget("cuda", 90, 32))
+    out.append([kernel, len(c.asm["ptx"]) > 0])
+print(json.dumps(out))
+'''
+
+
+@pytest.mark.parametrize("every", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["mamba", "every"])
+def test_scan_kernels_compile_for_h100(tmp_path, every):
+    """The three kernels go through Triton's GPU compiler (sm_90, to PTX) in a process
+    without TRITON_INTERPRET: mamba and its derived backward recurrence (prev() readouts,
+    ungroup outputs) by default; with ``-m slow`` every library recurrence the scan takes
+    and hgrn's backward too."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from scancc.autograd import adjoint
+    recs = []
+    names = [n for n in registry.names() if registry.get(n).origin == "library"]
+    for i, name in enumerate(names if every else ["mamba"]):
+        rec = registry.get(name).build()
+        if scan.applies(rec)[0]:
+            recs.append((name, rec, ("bfloat16", "float32")[i % 2]))
+    for name in ("mamba", "hgrn") if every else ("mamba",):
+        e = registry.get(name)
+        back = adjoint(e.build(**{o: True for o in e.optional_inputs})).backward
+        assert scan.applies(back)[0], name
+        recs.append((f"{name}_bwd", back, "float32"))
+    if every:
+        assert {"mamba", "s4d", "hgrn", "mamba2", "gla"} <= {n for n, _, _ in recs}
+    jobs = []
+    for name, rec, dtype in recs:
+        low = TB._lowering_for(rec, {"algorithm": "scan"})
+        path = tmp_path / f"{name}_scan.py"
+        path.write_text(low.render())
+        for kernel, sig, const in low.stages_compile_args(testing.default_sizes(rec), dtype):
+            jobs.append([str(path), kernel, sig, const])
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _COMPILE], input=json.dumps(jobs), env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    done = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(done) == len(jobs) == 3 * len(recs) and all(ok for _, ok in done), done
