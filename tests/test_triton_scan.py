@@ -38,11 +38,12 @@ def _reference(rec, x: dict, sizes: dict, h0: dict | None):
     return res.outputs, res.final_states
 
 
-def _check(name: str, rec, T: int, sizes_over: dict | None = None, initial: bool = True):
+def _check(name: str, rec, T: int, sizes_over: dict | None = None, initial: bool = True,
+           hints: dict | None = None):
     entry = registry.get(name) if name in registry.names() else None
     sizes = dict(scancc.ir.default_sizes(rec, time=T))
     sizes.update(sizes_over or {})
-    x = testing.sample_inputs(rec, sizes, 0, entry.hints if entry else None)
+    x = testing.sample_inputs(rec, sizes, 0, hints or (entry.hints if entry else None))
     h0 = ({k: v.astype(np.float32) for k, v in testing.sample_state(rec, sizes, 1).items()}
           if initial else None)
     got_y, got_h = _run(rec, x, sizes, h0, {"algorithm": "scan",
@@ -79,6 +80,18 @@ def test_scan_scalar_and_key_diagonal_decays(name):
     (gla): their products are stored over the whole state."""
     rec = registry.get(name).build()
     _check(name, rec, 40, {"batch": 1})
+
+
+@pytest.mark.parametrize("name", ["mamba", "hgrn"])
+def test_derived_backward_recurrences(name):
+    """The derived backward recurrence (scancc.autograd): prev() readouts, ungroup outputs
+    (atomic adds into groups), time-first layouts ([time, ...] inputs and outputs), through
+    the scan at T=40 (three chunks of 16) against the reference."""
+    from scancc.autograd import adjoint
+    e = registry.get(name)
+    back = adjoint(e.build(**{o: True for o in e.optional_inputs})).backward
+    small = {"mamba": {"chan": 4, "groups": 2, "dstate": 3}, "hgrn": {"chan": 5}}[name]
+    _check(back.name, back, 40, {"batch": 2, **small}, hints=e.hints)
 
 
 def _gated(with_prev: bool = False):
