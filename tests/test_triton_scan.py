@@ -225,9 +225,13 @@ def test_chunk_length_rule():
     assert scan.chunk_length(263, 32768) == 256
     assert scan.chunk_length(2, 37) == 16          # floor of 16
     assert scan.chunk_length(8 * 32, 2048) == 256  # B8: 256 programs x 8 chunks
+    # "auto" (on a GPU) chunks only T >= AUTO_MIN_STEPS; an explicit "scan" any T
+    assert scan.chunk_length(32, 1023, min_steps=scan.AUTO_MIN_STEPS) == 1023
+    assert scan.chunk_length(32, 1024, min_steps=scan.AUTO_MIN_STEPS) == 16
     rec = registry.get("mamba").build()
     src = TB.render(rec, {"algorithm": "scan"})
     assert scan.CHUNK_RULE in src                  # the module runs this very text
+    assert "scan_chunk_length(grid[0] * grid[1], TIME, u.device)" in src
 
 
 def test_auto_picks_scan_on_a_gpu_only(monkeypatch):
@@ -240,6 +244,9 @@ def test_auto_picks_scan_on_a_gpu_only(monkeypatch):
         monkeypatch.setattr(scan, "on_gpu", lambda g=gpu: g)
         got = {n: TB.algorithm(registry.get(n).build(), {}) for n in want}
         assert got == want, gpu
+    src = TB.render(registry.get("mamba").build(), {})  # on_gpu still True: "auto" -> scan
+    assert f"scan_chunk_length(grid[0] * grid[1], TIME, u.device, {scan.AUTO_MIN_STEPS})" \
+        in src
 
 
 @pytest.mark.parametrize("name", ["fir", "iir", "delta_net", "swa"])

@@ -10,7 +10,8 @@ Algorithms (``algorithm=`` option; ``"auto"`` picks from the transition structur
 - ``scan`` (scan.py): the recurrent kernel parallel in time by chunks (three stages), for
   identity/scalar/diagonal transitions. ``"auto"`` picks it, on a GPU only, where chunked does
   not apply; its launcher then runs the recurrent kernel alone (one chunk) when the
-  recurrent grid already has >= 2 programs per SM or T fits one chunk (scan.CHUNK_RULE).
+  recurrent grid already has >= 2 programs per SM, T fits one chunk or (auto only)
+  T < scan.AUTO_MIN_STEPS (scan.CHUNK_RULE).
   Without a GPU ``"auto"`` keeps ``recurrent`` (the interpreter's cost is per step).
 """
 from __future__ import annotations

@@ -27,7 +27,8 @@ decays > 1 compound past float32's range within a chunk, where the sequential pr
 not (then inf * 0 = NaN if h_in[c] is exactly 0).
 
 The chunk length (launcher): ``block_sizes={<time dim>: L}`` (a power of two), else
-``scan_chunk_length`` in the generated module (see ``CHUNK_RULE``).
+``scan_chunk_length`` in the generated module (see ``CHUNK_RULE``), with a floor of
+``AUTO_MIN_STEPS`` steps when ``"auto"`` chose the scan.
 """
 from __future__ import annotations
 
@@ -45,18 +46,18 @@ CHUNK_RULE = '''\
 _SCAN_SMS = {}
 
 
-def scan_chunk_length(programs, steps, device):
+def scan_chunk_length(programs, steps, device, min_steps=0):
     """Steps per chunk of the scan for a recurrent grid of ``programs`` programs over
     ``steps`` steps on ``device``: all steps in one chunk (the recurrent kernel alone) when
-    that grid already has >= 2 programs per SM; else the largest power of two in [16, 256]
-    that still gives the chunked stages >= 8 programs per SM (a GPU of 132 SMs is assumed
-    without one: the CPU interpreter)."""
+    that grid already has >= 2 programs per SM or there are fewer than ``min_steps`` steps;
+    else the largest power of two in [16, 256] that still gives the chunked stages >= 8
+    programs per SM (a GPU of 132 SMs is assumed without one: the CPU interpreter)."""
     sms = _SCAN_SMS.get(device)
     if sms is None:
         sms = (torch.cuda.get_device_properties(device).multi_processor_count
                if device.type == "cuda" else 132)
         _SCAN_SMS[device] = sms
-    if programs >= 2 * sms:
+    if programs >= 2 * sms or steps < min_steps:
         return max(steps, 1)
     chunk = 256
     while chunk > 16 and programs * -(-steps // chunk) < 8 * sms:
@@ -65,12 +66,17 @@ def scan_chunk_length(programs, steps, device):
 '''
 
 
-def chunk_length(programs: int, steps: int, device=None) -> int:
+# "auto" chunks only sequences this long: shorter ones (e.g. the autograd's backward
+# segments) keep one launch (a guess, not measured: two extra launches cost ~10 us)
+AUTO_MIN_STEPS = 1024
+
+
+def chunk_length(programs: int, steps: int, device=None, min_steps: int = 0) -> int:
     """The generated launcher's chunk length (``CHUNK_RULE``); ``device`` None: the CPU."""
     import torch
     env = {"torch": torch}
     exec(CHUNK_RULE, env)
-    return env["scan_chunk_length"](programs, steps, device or torch.device("cpu"))
+    return env["scan_chunk_length"](programs, steps, device or torch.device("cpu"), min_steps)
 
 
 def applies(rec: Recurrence) -> tuple[bool, str]:
@@ -143,10 +149,13 @@ class Lowering(_Chunked):
         params, consts = self.signature()
         sizes = [self.size[d] for d in self.const_sizes()] + [self.block[d] for d in P.regs]
         chunk, nc = N.new("chunk"), N.new("n_chunks")
+        # chosen by "auto": long sequences only (an explicit "scan" chunks any T)
+        auto = self.options.get("algorithm", "auto") == "auto"
+        min_steps = f", {AUTO_MIN_STEPS}" if auto else ""
         lines = [f"    grid = ({g0}, {g1})",
                  f'    {chunk} = {self.names_blocks}.get("{rec.time}") or '
                  f"{self.module['rule']}(grid[0] * grid[1], {T}, {self.arg[rec.inputs[0].name]}"
-                 ".device)",
+                 f".device{min_steps})",
                  f"    {nc} = -(-{T} // {chunk})",
                  f"    if {nc} <= 1:  # one chunk: the recurrent kernel",
                  f"        {self.kernel_name}[grid + (1,)]("]

@@ -168,18 +168,18 @@ def simple_gla_scan_fwd_kernel(
 _SCAN_SMS = {}
 
 
-def scan_chunk_length(programs, steps, device):
+def scan_chunk_length(programs, steps, device, min_steps=0):
     """Steps per chunk of the scan for a recurrent grid of ``programs`` programs over
     ``steps`` steps on ``device``: all steps in one chunk (the recurrent kernel alone) when
-    that grid already has >= 2 programs per SM; else the largest power of two in [16, 256]
-    that still gives the chunked stages >= 8 programs per SM (a GPU of 132 SMs is assumed
-    without one: the CPU interpreter)."""
+    that grid already has >= 2 programs per SM or there are fewer than ``min_steps`` steps;
+    else the largest power of two in [16, 256] that still gives the chunked stages >= 8
+    programs per SM (a GPU of 132 SMs is assumed without one: the CPU interpreter)."""
     sms = _SCAN_SMS.get(device)
     if sms is None:
         sms = (torch.cuda.get_device_properties(device).multi_processor_count
                if device.type == "cuda" else 132)
         _SCAN_SMS[device] = sms
-    if programs >= 2 * sms:
+    if programs >= 2 * sms or steps < min_steps:
         return max(steps, 1)
     chunk = 256
     while chunk > 16 and programs * -(-steps // chunk) < 8 * sms:
