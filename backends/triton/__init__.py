@@ -7,12 +7,9 @@ Algorithms (``algorithm=`` option; ``"auto"`` picks from the transition structur
   over time. The ground truth the faster forms must match.
 - ``chunked`` (chunked.py): parallel in time with ``tl.dot``, for scalar/identity decays,
   key-dimension diagonal decay and householder (delta rule, UT form) transitions.
-- ``scan`` (scan.py): the recurrent kernel parallel in time by chunks (three stages), for
-  identity/scalar/diagonal transitions. ``"auto"`` picks it, on a GPU only, where chunked does
-  not apply; its launcher then runs the recurrent kernel alone (one chunk) when the
-  recurrent grid already has >= 2 programs per SM, T fits one chunk or (auto only)
-  T < scan.AUTO_MIN_STEPS (scan.CHUNK_RULE).
-  Without a GPU ``"auto"`` keeps ``recurrent`` (the interpreter's cost is per step).
+- ``scan`` (scan.py): the recurrent kernel parallel in time by chunks, for identity/scalar/
+  diagonal transitions; ``"auto"`` picks it only on a GPU where chunked does not apply, and
+  its launcher may still run one chunk (scan.CHUNK_RULE, scan.AUTO_MIN_STEPS).
 """
 from __future__ import annotations
 
