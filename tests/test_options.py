@@ -112,7 +112,7 @@ BAD_BACKEND_OPTIONS = [
     ("triton", {"num_warps": 3}, ["'triton'", "num_warps=3", "one of 1, 2, 4, 8, 16, 32"]),
     ("triton", {"num_warps": True}, ["num_warps=True", "one of 1, 2", "got bool True"]),
     ("triton", {"dot_precision": "fast"}, ["dot_precision='fast'", "'ieee', 'tf32x3'"]),
-    ("triton", {"algorithm": "scan"}, ["algorithm='scan'", "'recurrent'"]),
+    ("triton", {"algorithm": "bogus"}, ["algorithm='bogus'", "'recurrent'"]),
     ("triton", {"block_sizes": [16]}, ["block_sizes=[16]", "a dict", "got list"]),
     ("triton", {"block_sizes": {"time": 12}}, ["block_sizes['time']=12", "a power of two"]),
     ("triton", {"block_sizes": {"value": 16}}, ["'value', not a dim", "dims: batch"]),
@@ -183,7 +183,7 @@ def test_check_options_without_a_recurrence():
         "block_sizes": {"anything": 8}}
     with pytest.raises(OptionError, match="recurrence 'mamba'.*block_sizes\\['x'\\]=3"):
         tb.check_options("mamba", {"block_sizes": {"x": 3}})
-    assert tb.algorithms() == ("recurrent", "chunked")
+    assert tb.algorithms() == ("recurrent", "chunked", "scan")
     assert backends.get("nki").algorithms() == ("recurrent", "chunked")
     assert backends.get("reference").algorithms() == ()
 

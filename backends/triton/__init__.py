@@ -7,6 +7,9 @@ Algorithms (``algorithm=`` option; ``"auto"`` picks from the transition structur
   over time. The ground truth the faster forms must match.
 - ``chunked`` (chunked.py): parallel in time with ``tl.dot``, for scalar/identity decays,
   key-dimension diagonal decay and householder (delta rule, UT form) transitions.
+- ``scan`` (scan.py): the recurrent kernel parallel in time by chunks, for identity/scalar/
+  diagonal transitions; ``"auto"`` picks it only on a GPU where chunked does not apply, and
+  its launcher may still run one chunk (scan.CHUNK_RULE, scan.AUTO_MIN_STEPS).
 """
 from __future__ import annotations
 
@@ -20,12 +23,12 @@ from ..base import Backend, Option, Problem, RunResult, UnsupportedError
 if TYPE_CHECKING:  # the runtime imports torch: only when a kernel runs
     from .runtime import Compiled
 
-ALGORITHMS = ("auto", "recurrent", "chunked")
+ALGORITHMS = ("auto", "recurrent", "chunked", "scan")
 DOT_PRECISIONS = ("ieee", "tf32x3", "input")
 
 
 def _lowering(rec: Recurrence, options: Mapping[str, Any]):
-    from . import chunked, recurrent
+    from . import chunked, recurrent, scan
     algo = options.get("algorithm", "auto")
     if algo not in ALGORITHMS:
         raise UnsupportedError("triton", rec.name, f"option algorithm={algo!r}: expected one of "
@@ -35,6 +38,11 @@ def _lowering(rec: Recurrence, options: Mapping[str, Any]):
         if not ok:
             raise UnsupportedError("triton", rec.name, f"algorithm='chunked': {why}")
         return chunked.Lowering(rec, options)
+    if algo == "scan" or (algo == "auto" and scan.applies(rec)[0] and scan.on_gpu()):
+        ok, why = scan.applies(rec)
+        if not ok:
+            raise UnsupportedError("triton", rec.name, f"algorithm='scan': {why}")
+        return scan.Lowering(rec, options)
     return recurrent.Lowering(rec, options)
 
 
@@ -50,7 +58,8 @@ def _block_sizes_rule(bs: Mapping, rec: Recurrence | None) -> Problem | None:
 
 
 OPTIONS = {o.name: o for o in (
-    Option("algorithm", "auto: chunked where it applies, else recurrent", "auto",
+    Option("algorithm", "auto: chunked where it applies, else scan on a GPU where it applies, "
+           "else recurrent", "auto",
            (str,), ALGORITHMS),
     Option("block_sizes", "register block per dim, {dim: power of two} (None: the plan's)",
            None, (dict,), rule=_block_sizes_rule),

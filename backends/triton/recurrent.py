@@ -46,7 +46,7 @@ class Lowering:
         # canonical form, which the rules lower (exp(x) - 1 written expm1(x), ...)
         self.ir, self.rec, self.options = rec, canonicalize(rec), dict(options)
         self.plan: Plan = self.make_plan()
-        self.names = Names()
+        self.names = self.make_names()
         self.kernel_name = self.names.new(f"{rec.name}_{self.algorithm}_fwd_kernel")
         self.launcher_name = self.names.new(f"{rec.name}_{self.algorithm}_fwd")
         self._check_rules()
@@ -88,6 +88,9 @@ class Lowering:
         # (atomically: the programs of one group add into the same elements), in float32
         self.summed = {o.name for o in rec.outputs if o.expr.op is Op.UNGROUP}
         self.parents = self._count_parents()
+
+    def make_names(self) -> Names:
+        return Names()
 
     def make_plan(self) -> Plan:
         return plan(self.rec, hold=tuple(sorted(self.options.get("block_sizes") or {})))
@@ -165,19 +168,23 @@ class Lowering:
                                    tvar))
         return env
 
+    # the first step of this kernel's time loop (None: step 0); a walking pointer starts there
+    t_first: str | None = None
+
     def pointer(self, arr: str, dims, env: Env, t_index: str | None,
                 block: bool = False, time_env: bool = False) -> tuple[str, str | None]:
         """(offset expression of ``arr`` in its contiguous ``dims`` layout, mask). ``block``:
-        a block of pointers even where no register dim indexes it (stores of blocks)."""
+        a block of pointers even where no register dim indexes it (stores of blocks).
+        ``t_index`` None: the time index of the loop's first step (``t_first``)."""
         terms, masks = [], []
         if block and not any(env[d].axis for d in dims if d != self.rec.time):
             ones = ", ".join("1" for _ in self.plan.regs)
             terms.append(f"tl.zeros([{ones}], dtype=tl.int32)")
         for i, d in enumerate(dims):
             if d == self.rec.time and not time_env:
-                if t_index is None:
+                if t_index is None and self.t_first is None:
                     continue
-                idx = Idx(t_index, None, None)
+                idx = Idx(t_index or self.t_first, None, None)
             else:
                 idx = env[d]
                 if idx.mask and idx.mask not in masks:
@@ -338,29 +345,65 @@ class Lowering:
             start = f"{self.pid[d]} * {self.block[d]} + " if d in P.split else ""
             head.append(f"{self.off[d]} = {start}{ar}")
         head += [f"{self.msk[d]} = {self.off[d]} < {self.size[d]}" for d in P.regs]
-        # states, initial states
-        init: list[str] = []
-        for s in rec.states:
-            shape = ", ".join(self.block[d] if d in s.dims else "1" for d in P.regs)
-            v = self.state_var[s.name]
-            init.append(f"{v} = tl.zeros([{shape}], dtype=tl.float32)")
-            ptr, mask = self.pointer(self.h0[s.name], s.dims, base, None)
-            m = f", mask={mask}, other=0.0" if mask else ""
-            p = self.names.ir("p_", self.h0[s.name])
-            init.append(f"if {self.use_h0[s.name]}:")
-            init.append(f"    {p} = {ptr}")
-            init.append(f"    {v} += tl.load({p}{m}).to(tl.float32)")
+        init = self.init_states(base)
         # the step
         env = self._ring_env(base, "i_t + 1", True) if P.rings else base
         self._step_key = env.key if P.rings else None
         for name, v in self.prev_var.items():
             self.body.append(f"{v} = {self.state_var[name]}")
         for s in rec.states:
-            t = s.transition
             given = self.ir.state(s.name)
             self.body.append(f"# {s.name}: {format_transition(given.transition)} + "
                              f"{format_expr(given.inject)}")
-            TRANSITION_RULES.lookup(t.kind, rec.name)(self, s, env)
+            self.emit_transition(s, env)
+        self.emit_outputs(env)
+        fenv = self._ring_env(base, self.size[rec.time], False) if P.rings else base
+        fin = self.final_states(fenv)
+        lines = head + self.pro + init
+        lines.append(self.time_loop())
+        lines += ["    " + ln for ln in self.body + self.step]
+        lines += fin
+        return lines
+
+    # ---- the parts of the kernel a subclass may change (scan.py: a chunk of steps) ----
+    def init_states(self, base: Env) -> list[str]:
+        """The state registers before the first step: zeros, plus the initial states."""
+        init: list[str] = []
+        for s in self.rec.states:
+            shape = ", ".join(self.block[d] if d in s.dims else "1" for d in self.plan.regs)
+            v = self.state_var[s.name]
+            init.append(f"{v} = tl.zeros([{shape}], dtype=tl.float32)")
+            ptr, mask = self.pointer(self.initial_buffer(s), s.dims, base, None)
+            m = f", mask={mask}, other=0.0" if mask else ""
+            p = self.names.ir("p_", self.h0[s.name])
+            init.append(f"if {self.use_h0[s.name]}:")
+            init.append(f"    {p} = {ptr}")
+            init.append(f"    {v} += tl.load({p}{m}).to(tl.float32)")
+        return init
+
+    def initial_buffer(self, s) -> str:
+        """The pointer the initial state of ``s`` is read from, at its first element."""
+        return self.h0[s.name]
+
+    def emit_transition(self, s, env: Env) -> None:
+        TRANSITION_RULES.lookup(s.transition.kind, self.rec.name)(self, s, env)
+
+    def time_loop(self) -> str:
+        return f"for i_t in range(0, {self.size[self.rec.time]}):"
+
+    def final_states(self, fenv: Env) -> list[str]:
+        """Stores of the final states (``fenv``: indices after the last step)."""
+        fin = [f"if {self.store_ht}:"]
+        for s in self.rec.states:
+            ptr, mask = self.pointer(self.ht[s.name], s.dims, fenv, None, block=True)
+            m = f", mask={mask}" if mask else ""
+            p = self.names.ir("p_", self.ht[s.name])
+            fin.append(f"    {p} = {ptr}")
+            fin.append(f"    tl.store({p}, {self.state_var[s.name]}{m})")
+        return fin
+
+    def emit_outputs(self, env: Env) -> None:
+        rec, P = self.rec, self.plan
         for o in rec.outputs:
             given = next(x for x in self.ir.outputs if x.name == o.name)
             self.body.append(f"# {o.name} = {format_expr(given.expr)}")
@@ -386,20 +429,6 @@ class Lowering:
                 self.body.append(f"tl.atomic_add({p}, {v}{m})")
             else:
                 self.body.append(f"tl.store({p}, {self.par(v, 4)}.to({p}.dtype.element_ty){m})")
-        # final states
-        fin = [f"if {self.store_ht}:"]
-        fenv = self._ring_env(base, self.size[rec.time], False) if P.rings else base
-        for s in rec.states:
-            ptr, mask = self.pointer(self.ht[s.name], s.dims, fenv, None, block=True)
-            m = f", mask={mask}" if mask else ""
-            p = self.names.ir("p_", self.ht[s.name])
-            fin.append(f"    {p} = {ptr}")
-            fin.append(f"    tl.store({p}, {self.state_var[s.name]}{m})")
-        lines = head + self.pro + init
-        lines.append(f"for i_t in range(0, {self.size[rec.time]}):")
-        lines += ["    " + ln for ln in self.body + self.step]
-        lines += fin
-        return lines
 
     def _program_ids(self) -> list[str]:
         """Program axis 0: the grid dims, flattened; axis 1: the blocks of the split dims."""
@@ -564,7 +593,17 @@ class Lowering:
                          f"dtype=torch.float32, device={dev}) if {final} else None")
         g0 = " * ".join(self.size[d] for d in P.grid) or "1"
         g1 = " * ".join(f"-(-{self.size[d]} // {self.block[d]})" for d in P.split) or "1"  # cdiv
-        lines.append(f"    grid = ({g0}, {g1})")
+        lines += self.launch(g0, g1, final, warps)
+        outs = ", ".join(f'"{o.name}": {self.arg[o.name]}' + (
+            f".to({first}.dtype)" if o.name in self.summed else "") for o in rec.outputs)
+        fins = ", ".join(f'"{s.name}": {self.ht[s.name]}' for s in rec.states)
+        lines.append(f"    return {{{outs}}}, ({{{fins}}} if {final} else None)")
+        return "\n".join(lines) + "\n"
+
+    def launch(self, g0: str, g1: str, final: str, warps: str) -> list[str]:
+        """The launcher's lines that launch the kernel on grid (``g0``, ``g1``)."""
+        rec, P = self.rec, self.plan
+        lines = [f"    grid = ({g0}, {g1})"]
         params, consts = self.signature()
         args = params[:]
         args += [self.size[d] for d in self.const_sizes()] + [self.block[d] for d in P.regs]
@@ -573,11 +612,7 @@ class Lowering:
         lines += [f"        {a}," for a in args]
         lines.append(f"        num_warps={warps},")
         lines.append("    )")
-        outs = ", ".join(f'"{o.name}": {self.arg[o.name]}' + (
-            f".to({first}.dtype)" if o.name in self.summed else "") for o in rec.outputs)
-        fins = ", ".join(f'"{s.name}": {self.ht[s.name]}' for s in rec.states)
-        lines.append(f"    return {{{outs}}}, ({{{fins}}} if {final} else None)")
-        return "\n".join(lines) + "\n"
+        return lines
 
     def render(self) -> str:
         """The whole generated module: header, kernel, launcher."""
