@@ -36,6 +36,7 @@ import inspect
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -444,84 +445,13 @@ def loop_text(loops: list[Loop]) -> str:
 
 _CHILD = r'''
 import json, os, re, subprocess, sys, tempfile, importlib.util
+sys.path.insert(0, BENCH_DIR)
+from bench_sm90 import ttgir_ops, sass_stats
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 ptxas, nvdisasm = os.path.join(bindir, "ptxas-blackwell"), os.path.join(bindir, "nvdisasm")
-EW = {"arith.addf": 1, "arith.subf": 1, "arith.mulf": 1, "arith.divf": 1, "arith.maxnumf": 1,
-      "arith.minnumf": 1, "arith.maximumf": 1, "arith.minimumf": 1, "arith.negf": 1,
-      "math.exp": 1, "math.exp2": 1, "math.log": 1, "math.log2": 1, "math.sqrt": 1,
-      "math.rsqrt": 1, "math.fma": 2, "math.tanh": 1}
-TY = re.compile(r"(?:tensor|!ttg\.memdesc)<((?:\d+x)+)(\w+)")
-def numel(dims):
-    n = 1
-    for x in dims.strip("x").split("x"):
-        n *= int(x)
-    return n
-def ttgir_ops(ttgir):
-    stack, dots, ew = [], [], []
-    for line in ttgir.splitlines():
-        depth = sum(stack)
-        m = re.search(r"=\s*(tt\.dot|ttng\.warp_group_dot|[a-z]+\.[a-z0-9]+)\b", line)
-        if m:
-            op = m.group(1)
-            tys = TY.findall(line)
-            if op in ("tt.dot", "ttng.warp_group_dot") and len(tys) >= 3:
-                a, res = tys[0], tys[-1]
-                M, K = [int(x) for x in a[0].strip("x").split("x")[-2:]]
-                N = int(res[0].strip("x").split("x")[-1])
-                prec = "tf32" if ("tf32" in line or op == "ttng.warp_group_dot" and a[1] == "f32") else ""
-                dots.append([op, M, N, K, a[1], prec, depth])
-            elif op in EW:
-                ts = re.search(r":\s*tensor<((?:\d+x)+)(f32|f16|bf16)", line)
-                if ts:
-                    n = numel(ts.group(1))
-                elif re.search(r":\s*(f32|f16|bf16)\s*$", line):
-                    n = 1
-                else:
-                    n = 0
-                if n:
-                    ew.append([EW[op] * n, depth])
-        last_for = ("scf.for" in line) and line.rstrip().endswith("{")
-        opens = [i for i, ch in enumerate(line) if ch in "{}"]
-        for j, i in enumerate(opens):
-            if line[i] == "{":
-                stack.append(1 if (last_for and j == len(opens) - 1) else 0)
-            elif stack:
-                stack.pop()
-    return dots, ew
-def sass_stats(cubin):
-    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-    r = subprocess.run([nvdisasm, "-c", f.name],
-                       capture_output=True, text=True)
-    txt = r.stdout
-    os.unlink(f.name)
-    addr, labels, branches = [], {}, []
-    pending = []
-    for line in txt.splitlines():
-        lm = re.match(r"\s*(\.L_x_\d+):", line)
-        if lm:
-            pending.append(lm.group(1))
-        im = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*)", line)
-        if im:
-            a = int(im.group(1), 16)
-            for p in pending:
-                labels[p] = a
-            pending = []
-            addr.append(a)
-            bm = re.search(r"\bBRA\b[^`]*`\((\.L_x_\d+)\)", im.group(2))
-            if bm:
-                branches.append((a, bm.group(1)))
-    spans = []
-    for a, lab in branches:
-        t = labels.get(lab)
-        if t is not None and t <= a:
-            spans.append((t, a))
-    inner = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
-    body = max([(b - t) // 16 + 1 for t, b in inner] or [0])
-    return len(addr), body, len(spans), (r.returncode, r.stderr[-300:])
 out = {}
 for job in json.load(sys.stdin):
     key = job["key"]
@@ -551,13 +481,105 @@ for job in json.load(sys.stdin):
         smem = md.shared if hasattr(md, "shared") else md["shared"]
         tc = "warp_group_dot" in ttgir or "nvidia_mma" in ttgir
         dots, ew = ttgir_ops(ttgir)
-        n_sass, body, nloops, _ = sass_stats(c.asm["cubin"])
+        n_sass, body, nloops, _ = sass_stats(c.asm["cubin"], nvdisasm)
         out[key] = {"regs": regs, "spill_st": st, "spill_ld": ld, "smem": smem, "tc": tc,
                     "dots": dots, "ew": ew, "sass": n_sass, "body": body, "sass_loops": nloops}
     except Exception as e:
         out[key] = {"error": f"{type(e).__name__}: {str(e)[-400:]}"}
 print("@@JSON@@" + json.dumps(out))
 '''
+
+
+# parsers of the compiler's output (used by the child process; pure text functions)
+
+_EW = {"arith.addf": 1, "arith.subf": 1, "arith.mulf": 1, "arith.divf": 1, "arith.maxnumf": 1,
+       "arith.minnumf": 1, "arith.maximumf": 1, "arith.minimumf": 1, "arith.negf": 1,
+       "math.exp": 1, "math.exp2": 1, "math.log": 1, "math.log2": 1, "math.sqrt": 1,
+       "math.rsqrt": 1, "math.fma": 2, "math.tanh": 1}
+_TY = re.compile(r"(?:tensor|!ttg\.memdesc)<((?:\d+x)+)(\w+)")
+
+
+def _numel(dims):
+    n = 1
+    for x in dims.strip("x").split("x"):
+        n *= int(x)
+    return n
+
+
+def ttgir_ops(ttgir: str):
+    """(dots, elementwise) of a TTGIR text: dots [op, M, N, K, operand type, "tf32"|"",
+    loop depth], elementwise [FLOP per program per execution, loop depth]; the loop depth
+    counts the enclosing ``scf.for`` regions."""
+    stack, dots, ew = [], [], []
+    for line in ttgir.splitlines():
+        depth = sum(stack)
+        m = re.search(r"=\s*(tt\.dot|ttng\.warp_group_dot|[a-z]+\.[a-z0-9]+)\b", line)
+        if m:
+            op = m.group(1)
+            tys = _TY.findall(line)
+            if op in ("tt.dot", "ttng.warp_group_dot") and len(tys) >= 3:
+                a, res = tys[0], tys[-1]
+                M, K = [int(x) for x in a[0].strip("x").split("x")[-2:]]
+                N = int(res[0].strip("x").split("x")[-1])
+                prec = "tf32" if ("tf32" in line or op == "ttng.warp_group_dot" and a[1] == "f32") else ""
+                dots.append([op, M, N, K, a[1], prec, depth])
+            elif op in _EW:
+                ts = re.search(r":\s*tensor<((?:\d+x)+)(f32|f16|bf16)", line)
+                if ts:
+                    n = _numel(ts.group(1))
+                elif re.search(r":\s*(f32|f16|bf16)\s*$", line):
+                    n = 1
+                else:
+                    n = 0
+                if n:
+                    ew.append([_EW[op] * n, depth])
+        last_for = ("scf.for" in line) and line.rstrip().endswith("{")
+        opens = [i for i, ch in enumerate(line) if ch in "{}"]
+        for j, i in enumerate(opens):
+            if line[i] == "{":
+                stack.append(1 if (last_for and j == len(opens) - 1) else 0)
+            elif stack:
+                stack.pop()
+    return dots, ew
+
+
+def sass_stats(cubin: bytes, nvdisasm: str):
+    """sass_loops of the cubin disassembled by ``nvdisasm -c``, plus (rc, stderr tail)."""
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    r = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True)
+    os.unlink(f.name)
+    n, body, nloops = sass_loops(r.stdout)
+    return n, body, nloops, (r.returncode, r.stderr[-300:])
+
+
+def sass_loops(txt: str) -> tuple[int, int, int]:
+    """(instructions, largest innermost loop body in instructions, loops) of nvdisasm text:
+    a loop is a branch to an earlier (or the same) address; innermost = containing no other."""
+    addr, labels, branches = [], {}, []
+    pending = []
+    for line in txt.splitlines():
+        lm = re.match(r"\s*(\.L_x_\d+):", line)
+        if lm:
+            pending.append(lm.group(1))
+        im = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*)", line)
+        if im:
+            a = int(im.group(1), 16)
+            for p in pending:
+                labels[p] = a
+            pending = []
+            addr.append(a)
+            bm = re.search(r"\bBRA\b[^`]*`\((\.L_x_\d+)\)", im.group(2))
+            if bm:
+                branches.append((a, bm.group(1)))
+    spans = []
+    for a, lab in branches:
+        t = labels.get(lab)
+        if t is not None and t <= a:
+            spans.append((t, a))
+    inner = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
+    body = max([(b - t) // 16 + 1 for t, b in inner] or [0])
+    return len(addr), body, len(spans)
 
 
 def compile_job(launch: Launch, path: str) -> dict:
@@ -590,7 +612,8 @@ def compile_job(launch: Launch, path: str) -> dict:
 def compile_all(jobs: list[dict], timeout: int = 3000) -> dict:
     uniq = list({j["key"]: j for j in jobs}.values())
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _CHILD], input=json.dumps(uniq), env=env,
+    child = _CHILD.replace("BENCH_DIR", repr(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([sys.executable, "-c", child], input=json.dumps(uniq), env=env,
                        capture_output=True, text=True, timeout=timeout)
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("@@JSON@@")), None)
     if r.returncode or line is None:
