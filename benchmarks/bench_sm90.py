@@ -71,7 +71,7 @@ PEAK = {"bf16": 989e12, "f16": 989e12, "tf32": 495e12, "fma": 67e12}  # FLOP/s
 CLOCK = 1.98e9             # boost clock, Hz
 REGS_PER_SM, SMEM_PER_SM, WARPS_PER_SM, BLOCKS_PER_SM = 65536, 233472, 64, 32
 MODEL = f"""\
-Projected H100 time per kernel (**modelled**, a lower bound; no GPU was used):
+Projected H100 time per kernel (**modelled**; no GPU was used):
 
     occupancy  = programs per SM from registers (65536 per SM, allocated per warp in units of
                  256), shared memory (228 KiB per SM), 64 warps and 32 blocks per SM
@@ -82,11 +82,15 @@ Projected H100 time per kernel (**modelled**, a lower bound; no GPU was used):
                  peak_dot: 989 TFLOP/s bf16/f16 tensor cores, 495 tf32, 67 without tensor
                  cores (an fp32 "ieee" tt.dot runs on the FMA units)
     issue      = waves x instructions per program x max(1, resident warps per SM / 4) / 1.98 GHz
-                 instructions per program = static SASS count + (iterations - 1) x the
-                 largest innermost loop body (backward branch span) of the SASS:
-                 one instruction per cycle per warp scheduler (4 per SM), i.e. the sequential
-                 iterations' latency floor when every dependency is hidden
+                 instructions per program: from the SASS (nvdisasm): each loop (a backward
+                 branch) runs trips x (its own instructions + its inner loops'), the trips
+                 being the source loops' (matched in pre-order; constant-bound source loops
+                 the compiler unrolled are skipped; "approx" when the loop counts disagree);
+                 resident warps = min(occupancy, ceil(programs / 132)) x num_warps.
+                 One instruction per cycle per warp scheduler (4 per SM) with every
+                 dependency hidden: the floor of the sequential iterations' latency
     time       = max(throughput, issue)
+    kernels of one call run one after another: the call's time is their sum
 
 bytes = every tensor argument of the launch moved once (inputs read once, outputs and
 state buffers written once: the shape's minimum; re-reads served by L2 are free);
@@ -95,7 +99,11 @@ other FLOP = elements of each float add/sub/mul/div/min/max/exp/log/sqrt in the 
 (fma = 2) x loop multiplier x programs (reductions not counted). A loop multiplier is the
 product of the enclosing loops' trip counts (loops evaluated from the source, see 2.).
 The brief suggested adding the latency term to the throughput term; it is the max here
-because the issue term already contains the instructions that do the counted work."""
+because the issue term already contains the instructions that do the counted work.
+wave_q (the issue's formula) gives a program 1/(132 x occupancy) of the machine: for a
+launch that under-fills the GPU with a small-register kernel (high occupancy, few
+programs) this overstates the throughput term (a lone program can pull more than that
+share of bandwidth); the issue term is a floor. Neither is a measurement."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -128,6 +136,9 @@ class Launch:
 
     def values(self) -> dict:
         return {a.name: a.value for a in self.args if a.kind != "tensor"}
+
+    def constexprs(self) -> set:
+        return {a.name for a in self.args if a.constexpr}
 
 
 def _is_constexpr_annotation(ann) -> bool:
@@ -326,6 +337,19 @@ class Loop:
     trips: int | None          # None: not evaluable
     text: str
     body: list = field(default_factory=list)
+    constant: bool = False     # bounds from constexprs and literals only (may be unrolled)
+
+
+_NOT_VALUES = {"tl", "triton", "math", "min", "max", "int", "abs", "range", "cdiv"}
+
+
+def _free_names(node) -> set:
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} - _NOT_VALUES
+
+
+def _uses_program_id(node) -> bool:
+    return any(isinstance(n, ast.Attribute) and n.attr in ("program_id", "num_programs")
+               for n in ast.walk(node))
 
 
 def _range_trips(call: ast.Call, ev: _Eval) -> int:
@@ -339,7 +363,9 @@ def _range_trips(call: ast.Call, ev: _Eval) -> int:
     return max(0, _cdiv(stop - start, step)) if step > 0 else max(0, _cdiv(start - stop, -step))
 
 
-def _walk(stmts, env: dict, grid: tuple, src: str) -> list[Loop]:
+def _walk(stmts, env: dict, grid: tuple, src: str, consts: set) -> list[Loop]:
+    """The loops of ``stmts``; ``env``: known values; ``consts``: names whose value comes
+    from constexprs and literals only."""
     loops: list[Loop] = []
     for s in stmts:
         ev = _Eval(env, grid)
@@ -352,6 +378,11 @@ def _walk(stmts, env: dict, grid: tuple, src: str) -> list[Loop]:
                     except (Unknown, ZeroDivisionError, TypeError, IndexError):
                         v = None
                     env[t.id] = v
+                    if (not isinstance(s, ast.AugAssign) and _free_names(s.value) <= consts
+                            and not _uses_program_id(s.value)):
+                        consts.add(t.id)
+                    else:
+                        consts.discard(t.id)
         elif isinstance(s, ast.For):
             it = s.iter
             fname = ""
@@ -360,7 +391,7 @@ def _walk(stmts, env: dict, grid: tuple, src: str) -> list[Loop]:
                 fname = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
             text = ast.get_source_segment(src, it) or fname
             if fname == "static_range":  # unrolled by the compiler
-                loops.extend(_walk(s.body, env, grid, src))
+                loops.extend(_walk(s.body, env, grid, src, consts))
                 continue
             trips = None
             if fname in ("range", "range_") or (isinstance(it, ast.Call) and fname == "range"):
@@ -377,25 +408,30 @@ def _walk(stmts, env: dict, grid: tuple, src: str) -> list[Loop]:
                     inner[s.target.id] = start + max(0, (trips or 1) - 1) * step
                 except (Unknown, ZeroDivisionError, TypeError, IndexError, AttributeError):
                     inner[s.target.id] = None
+            constant = _free_names(it) <= consts and not _uses_program_id(it)
+            inner_consts = set(consts) - _free_names(s.target)
             loops.append(Loop(s.lineno, trips, f"for {ast.unparse(s.target)} in {text}",
-                              _walk(s.body, inner, grid, src)))
+                              _walk(s.body, inner, grid, src, inner_consts), constant))
         elif isinstance(s, ast.If):
             try:
                 taken = s.body if _Eval(env, grid)(s.test) else s.orelse
-                loops.extend(_walk(taken, env, grid, src))
+                loops.extend(_walk(taken, env, grid, src, consts))
             except (Unknown, ZeroDivisionError, TypeError, IndexError):
-                loops.extend(_walk(s.body, dict(env), grid, src))
-                loops.extend(_walk(s.orelse, dict(env), grid, src))
+                loops.extend(_walk(s.body, dict(env), grid, src, set(consts)))
+                loops.extend(_walk(s.orelse, dict(env), grid, src, set(consts)))
         elif isinstance(s, (ast.While,)):
-            loops.append(Loop(s.lineno, None, "while", _walk(s.body, dict(env), grid, src)))
+            loops.append(Loop(s.lineno, None, "while",
+                              _walk(s.body, dict(env), grid, src, set(consts))))
         elif isinstance(s, (ast.With,)):
-            loops.extend(_walk(s.body, env, grid, src))
+            loops.extend(_walk(s.body, env, grid, src, consts))
     return loops
 
 
-def parse_loops(source: str, kernel: str, values: dict, grid: tuple) -> list[Loop]:
+def parse_loops(source: str, kernel: str, values: dict, grid: tuple,
+                constexprs=()) -> list[Loop]:
     """The loop tree of ``def kernel`` in ``source`` with trip counts evaluated from
-    ``values`` (argument name -> value; tensors absent)."""
+    ``values`` (argument name -> value; tensors absent); a loop whose bounds use only
+    ``constexprs`` and literals is marked ``constant``."""
     import textwrap
     src = textwrap.dedent(source)
     tree = ast.parse(src)
@@ -403,7 +439,7 @@ def parse_loops(source: str, kernel: str, values: dict, grid: tuple) -> list[Loo
               None)
     if fn is None:
         raise ValueError(f"no def {kernel} in the source")
-    return _walk(fn.body, dict(values), tuple(grid), src)
+    return _walk(fn.body, dict(values), tuple(grid), src, set(constexprs))
 
 
 def iterations(loops: list[Loop]) -> int | None:
@@ -481,9 +517,9 @@ for job in json.load(sys.stdin):
         smem = md.shared if hasattr(md, "shared") else md["shared"]
         tc = "warp_group_dot" in ttgir or "nvidia_mma" in ttgir
         dots, ew = ttgir_ops(ttgir)
-        n_sass, body, nloops, _ = sass_stats(c.asm["cubin"], nvdisasm)
+        (n_sass, spans), _ = sass_stats(c.asm["cubin"], nvdisasm)
         out[key] = {"regs": regs, "spill_st": st, "spill_ld": ld, "smem": smem, "tc": tc,
-                    "dots": dots, "ew": ew, "sass": n_sass, "body": body, "sass_loops": nloops}
+                    "dots": dots, "ew": ew, "sass": n_sass, "spans": spans}
     except Exception as e:
         out[key] = {"error": f"{type(e).__name__}: {str(e)[-400:]}"}
 print("@@JSON@@" + json.dumps(out))
@@ -549,13 +585,12 @@ def sass_stats(cubin: bytes, nvdisasm: str):
         f.write(cubin)
     r = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True)
     os.unlink(f.name)
-    n, body, nloops = sass_loops(r.stdout)
-    return n, body, nloops, (r.returncode, r.stderr[-300:])
+    return sass_loops(r.stdout), (r.returncode, r.stderr[-300:])
 
 
-def sass_loops(txt: str) -> tuple[int, int, int]:
-    """(instructions, largest innermost loop body in instructions, loops) of nvdisasm text:
-    a loop is a branch to an earlier (or the same) address; innermost = containing no other."""
+def sass_loops(txt: str) -> tuple[int, list]:
+    """(instructions, loops) of nvdisasm text; a loop is a branch to an earlier (or the
+    same) address, given as [first, last] instruction index, sorted, without repeats."""
     addr, labels, branches = [], {}, []
     pending = []
     for line in txt.splitlines():
@@ -572,14 +607,13 @@ def sass_loops(txt: str) -> tuple[int, int, int]:
             bm = re.search(r"\bBRA\b[^`]*`\((\.L_x_\d+)\)", im.group(2))
             if bm:
                 branches.append((a, bm.group(1)))
-    spans = []
+    index = {a: i for i, a in enumerate(addr)}
+    spans = set()
     for a, lab in branches:
         t = labels.get(lab)
         if t is not None and t <= a:
-            spans.append((t, a))
-    inner = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
-    body = max([(b - t) // 16 + 1 for t, b in inner] or [0])
-    return len(addr), body, len(spans)
+            spans.add((index[t], index[a]))
+    return len(addr), [list(x) for x in sorted(spans, key=lambda x: (x[0], -x[1]))]
 
 
 def compile_job(launch: Launch, path: str) -> dict:
@@ -631,7 +665,64 @@ def occupancy(regs: int, smem: int, num_warps: int) -> int:
     return max(0, min(by_regs, by_smem, WARPS_PER_SM // num_warps, BLOCKS_PER_SM))
 
 
-def model(launch: Launch, c: dict, iters: int | None, mult: list[int]) -> dict:
+def _preorder(loops):
+    for lp in loops:
+        yield lp
+        yield from _preorder(lp.body)
+
+
+def sass_instructions(n: int, spans: list, loops: list) -> tuple[float, str]:
+    """Instructions one program executes: the SASS loops (nested by containment) get the
+    trip counts of the source loops, matched in pre-order: one to one when the counts agree,
+    else to the source loops with runtime bounds (the compiler unrolled the constant ones);
+    otherwise the outermost SASS loops get the product of the runtime loops' trips
+    ("approx"). A loop executes trips x (its own instructions + its inner loops')."""
+    roots, stack = [], []
+    for a, b in spans:
+        node = {"s": (a, b), "kids": [], "trips": 1}
+        while stack and not (stack[-1]["s"][0] <= a and b <= stack[-1]["s"][1]):
+            stack.pop()
+        (stack[-1]["kids"] if stack else roots).append(node)
+        stack.append(node)
+
+    def nodes(ns):
+        for x in ns:
+            yield x
+            yield from nodes(x["kids"])
+    flat = list(nodes(roots))
+    src = list(_preorder(loops))
+    runtime = [lp for lp in src if not lp.constant]
+    how = "matched"
+    if len(flat) == len(src):
+        pick = src
+    elif len(flat) == len(runtime):
+        pick = runtime
+    else:
+        pick, how = None, "approx"
+    if pick is not None:
+        for x, lp in zip(flat, pick):
+            x["trips"] = lp.trips if lp.trips is not None else 1
+    else:
+        def rt_iters(ls):
+            tot = 0
+            for lp in ls:
+                inner = rt_iters(lp.body)
+                tot += (lp.trips or 1) * max(1, inner) if not lp.constant else inner
+            return tot
+        for x in roots:
+            x["trips"] = max(1, rt_iters(loops))
+
+    def length(x):
+        return x["s"][1] - x["s"][0] + 1
+
+    def execd(x):
+        own = length(x) - sum(length(k) for k in x["kids"])
+        return x["trips"] * (own + sum(execd(k) for k in x["kids"]))
+    return n - sum(length(x) for x in roots) + sum(execd(x) for x in roots), how
+
+
+def model(launch: Launch, c: dict, iters: int | None, mult: list[int],
+          loops: list | None = None) -> dict:
     P = launch.programs
     occ = occupancy(c["regs"], c["smem"], launch.num_warps)
     nbytes = sum(a.nbytes for a in launch.args if a.kind == "tensor")
@@ -654,13 +745,12 @@ def model(launch: Launch, c: dict, iters: int | None, mult: list[int]) -> dict:
     t_cmp = (dot_flop["bf16"] / PEAK["bf16"] + dot_flop["tf32"] / PEAK["tf32"]
              + dot_flop["fma"] / PEAK["fma"] + other / PEAK["fma"])
     thr = max(t_mem, t_cmp) * wq
-    it = iters or 0
-    instr = c["sass"] + max(0, it - 1) * c["body"]
+    instr, how = sass_instructions(c["sass"], c.get("spans", []), loops or [])
     resident = min(occ, _cdiv(P, SMS)) * launch.num_warps
     issue = waves * instr * max(1.0, resident / 4) / CLOCK
     bound = "issue/latency" if issue > thr else ("memory" if t_mem >= t_cmp else "compute")
     out.update(waves=waves, wq=wq, t_mem=t_mem, t_cmp=t_cmp, thr=thr, issue=issue,
-               time=max(thr, issue), bound=bound)
+               time=max(thr, issue), bound=bound, instr=instr, match=how)
     return out
 
 
@@ -689,6 +779,35 @@ def fla_chunk_model(name: str, B: int, T: int, H: int, K: int, V: int) -> float:
     return max(total_bytes / HBM_BPS, flop / PEAK["bf16"])
 
 
+def ssd_model(B: int, T: int, H: int, P: int, N: int, G: int = 1, Q: int = 256) -> float:
+    """mamba_ssm's mamba_chunk_scan_combined forward (five kernels, chunk Q=256), modelled
+    stage by stage with the throughput part of MODEL, bf16 inputs, fp32 intermediates as
+    mamba_ssm allocates them: chunk_cumsum (dt -> dA_cumsum, dt fp32 [B,H,nc,Q]); bmm_chunk
+    (C B^T per chunk and group -> CB fp32 [B,nc,G,Q,Q]); chunk_state (states fp32
+    [B,nc,H,P,N], 2QPN per chunk-head); state_passing (states read and written); chunk_scan
+    (reads CB, x, C, dt, dA_cumsum, states; writes y; 2Q^2P + 2QNP per chunk-head).
+    Returns seconds (sum of the stages)."""
+    nc, e = _cdiv(T, Q), 2
+    st = B * nc * H * P * N * 4
+    stages = [
+        (B * T * H * (e + 4 + 4), 0),
+        (2 * B * T * G * N * e + B * nc * G * Q * Q * 4, B * nc * G * 2 * Q * Q * N),
+        (B * T * H * P * e + B * T * G * N * e + 2 * B * T * H * 4 + st, B * nc * H * 2 * Q * P * N),
+        (2 * st, 0),
+        (B * nc * G * Q * Q * 4 + 2 * B * T * H * P * e + B * T * G * N * e + 2 * B * T * H * 4 + st,
+         B * nc * H * (2 * Q * Q * P + 2 * Q * N * P)),
+    ]
+    return sum(max(b / HBM_BPS, f / PEAK["bf16"]) for b, f in stages)
+
+
+def selective_scan_model(B: int, D: int, T: int, N: int) -> float:
+    """mamba_ssm's selective_scan_fn forward (one CUDA kernel), modelled: reads u, delta
+    [B,D,T] bf16, A [D,N] fp32, B, C [B,N,T] bf16, writes y [B,D,T] bf16; ~8 FLOP per
+    (b, d, t, n) on the FMA units (exp(delta A), delta B u, a h + b, C h). Seconds."""
+    nbytes = 3 * B * D * T * 2 + D * N * 4 + 2 * B * N * T * 2
+    return max(nbytes / HBM_BPS, 8.0 * B * D * T * N / PEAK["fma"])
+
+
 # ---------------------------------------------------------------------------------------
 
 def run(names: list[str] | None, shapes: list[str], dtype: str, out=sys.stdout) -> int:
@@ -714,7 +833,8 @@ def run(names: list[str] | None, shapes: list[str], dtype: str, out=sys.stdout) 
             per = []
             for ln in launches:
                 try:
-                    loops = parse_loops(ln.source or ln.module_source, ln.kernel, ln.values(), ln.grid)
+                    loops = parse_loops(ln.source or ln.module_source, ln.kernel, ln.values(),
+                                        ln.grid, ln.constexprs())
                 except (SyntaxError, ValueError) as e:
                     loops = [Loop(0, None, f"parse failed: {e}")]
                 job = compile_job(ln, path)
@@ -730,16 +850,17 @@ def run(names: list[str] | None, shapes: list[str], dtype: str, out=sys.stdout) 
           f"(lower bound, MODEL below). Record {t_rec:.0f} s, total {t_all:.0f} s.\n", file=out)
     print("| recurrence | shape | B,T | algorithm | kernel | grid | programs | iterations/program "
           "| regs | spill st+ld B | smem B | tensor cores | occ | waves | GB | dot GFLOP "
-          "| other GFLOP | modelled us | bound |", file=out)
-    print("|---|---|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
+          "| other GFLOP | SASS instr/program | modelled us | bound |", file=out)
+    print("|---|---|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
           file=out)
     summary = []
     for name, label, sh, algo, dev, per, sizes in rows:
         if algo is None:
-            print(f"| {name} | {label} | {sh} | record failed: {dev} |" + " |" * 15, file=out)
+            print(f"| {name} | {label} | {sh} | record failed: {dev} |" + " |" * 16, file=out)
             summary.append((name, label, sh, None, None, None, None, None))
             continue
-        tot, spills, tc_all, par_ok, errs = 0.0, 0, True, True, []
+        tot, spills, tc_all, errs = 0.0, 0, True, []
+        par, seq = [], []  # programs of the parallel / time-walking (state passing) kernels
         any_dot = False
         for ln, loops, key in per:
             c = compiled.get(key, {"error": "not compiled"})
@@ -747,24 +868,28 @@ def run(names: list[str] | None, shapes: list[str], dtype: str, out=sys.stdout) 
             if "error" in c:
                 errs.append(c["error"])
                 print(f"| {name} | {label} | {sh} | {algo} | {ln.kernel} | {ln.grid} | {ln.programs} "
-                      f"| {it} | compile failed: {c['error'][:120]} |" + " |" * 10, file=out)
+                      f"| {it} | compile failed: {c['error'][:120]} |" + " |" * 11, file=out)
                 continue
-            m = model(ln, c, it, depth_multipliers(loops))
+            m = model(ln, c, it, depth_multipliers(loops), loops)
             tot += m["time"]
             spills += c["spill_st"] + c["spill_ld"]
             if c["dots"]:
                 any_dot = True
                 tc_all &= c["tc"]
-            # a parallel stage: its sequential loop does not walk all of time
-            seq_time = it is not None and it >= sizes.get("time", 1) // 64
-            if not seq_time and ln.programs < SMS:
-                par_ok = False
+            # a time-walking stage: its loop has >= T/256 iterations (chunks of <= 256 steps)
+            (seq if it is not None and it >= max(1, sizes.get("time", 1) // 256) else par).append(
+                ln.programs)
             print(f"| {name} | {label} | {sh} | {algo} | {ln.kernel} | {ln.grid} | {ln.programs} "
                   f"| {it if it is not None else '?'} | {c['regs']} | {c['spill_st']}+{c['spill_ld']} "
                   f"| {c['smem']} | {'yes' if c['tc'] else ('no' if c['dots'] else '-')} "
                   f"| {m['occ']} | {m.get('waves', '-')} | {m['bytes'] / 1e9:.3f} "
-                  f"| {m['dot_flop'] / 1e9:.1f} | {m['other_flop'] / 1e9:.1f} | {m['time'] * 1e6:.1f} "
+                  f"| {m['dot_flop'] / 1e9:.1f} | {m['other_flop'] / 1e9:.1f} "
+                  f"| {m.get('instr', 0):,.0f}{' approx' if m.get('match') == 'approx' else ''} "
+                  f"| {m['time'] * 1e6:.1f} "
                   f"| {m['bound']} |", file=out)
+        # every parallel stage >= 132 programs; a time-walking stage may be smaller only
+        # when the call has a parallel stage (the state passing of a chunked form)
+        par_ok = all(p >= SMS for p in par) and (bool(par) or all(p >= SMS for p in seq))
         summary.append((name, label, sh, algo, tot, spills, (tc_all if any_dot else None),
                         par_ok, len(per), errs))
     print("\nLoops (source, evaluated; `?` = not evaluable):\n", file=out)
@@ -777,8 +902,10 @@ def run(names: list[str] | None, shapes: list[str], dtype: str, out=sys.stdout) 
                 print(f"- {name} {label} {sh} `{ln.kernel}`: {loop_text(loops) or 'no loop'}",
                       file=out)
     print("\n## Targets (issue 11)\n", file=out)
-    print("anchor: fla = fla's chunked forward modelled by fla_chunk_model (throughput part of "
-          "the same model); published figures in docs/performance/triton.md.\n", file=out)
+    print("anchors (*modelled*, throughput part of the same model applied to the anchor's "
+          "decomposition; published figures in docs/performance/triton.md): attention family = "
+          "fla's chunked forward (fla_chunk_model), mamba2 = mamba_ssm mamba_chunk_scan_combined "
+          "(ssd_model), mamba = mamba_ssm selective_scan_fn (selective_scan_model).\n", file=out)
     print("| recurrence | shape | B,T | algorithm | kernels | zero spills | tensor cores (chunked) "
           "| >=132 programs (parallel stages, B1T32768) | modelled us | anchor modelled us "
           "| vs anchor |", file=out)
@@ -796,8 +923,14 @@ def run(names: list[str] | None, shapes: list[str], dtype: str, out=sys.stdout) 
         if name in ATTN:
             anchor = fla_chunk_model(name, sizes["batch"], sizes["time"], sizes["heads"],
                                      sizes["key"], sizes["value"])
+        elif name == "mamba2":
+            anchor = ssd_model(sizes["batch"], sizes["time"], sizes["heads"], sizes["headdim"],
+                               sizes["dstate"], sizes["groups"])
+        elif name == "mamba":
+            anchor = selective_scan_model(sizes["batch"], sizes["chan"], sizes["time"],
+                                          sizes["dstate"])
         pf = lambda ok: "PASS" if ok else "FAIL"  # noqa: E731
-        tcs = "n/a" if algo != "chunked" else ("-" if tc is None else pf(tc))
+        tcs = "n/a" if algo == "recurrent" else ("no dot" if tc is None else pf(tc))
         par = pf(par_ok) if sh == "B1T32768" else "n/a"
         vs = "n/a" if anchor is None else f"{pf(tot <= anchor)} ({tot / anchor:.1f}x)"
         print(f"| {name} | {label} | {sh} | {algo} | {nk} | {pf(spills == 0)} | {tcs} | {par} "

@@ -203,9 +203,29 @@ SASS = '''
 '''
 
 
-def test_sass_parser_finds_the_innermost_loop_body():
-    n, body, loops = sm90.sass_loops(SASS)
-    assert (n, body, loops) == (9, 3, 2)  # 0x20..0x40 inner; 0x10..0x60 outer; 0x70 forward
+def test_sass_parser_finds_nested_loops():
+    n, spans = sm90.sass_loops(SASS)
+    # 0x10..0x60 outer (instructions 1..6), 0x20..0x40 inner (2..4); 0x70 branches forward
+    assert (n, spans) == (9, [[1, 6], [2, 4]])
+
+
+def test_instructions_per_program_from_sass_loops_and_source_trips():
+    loops = sm90.parse_loops(KERNEL, "k", {"T": 100, "N": 64, "BT": 16, "USE": True}, (3,),
+                             {"N", "BT", "USE"})
+    # for c: runtime (T); for j: constant (N // 16); tl.range: runtime; for r: program id
+    assert [lp.constant for lp in sm90._preorder(loops)] == [False, True, False, False]
+    # 4 SASS loops: one to one in pre-order: c (7) { j (4) }, s (4), r (3)
+    spans = [[10, 29], [12, 15], [40, 44], [50, 51]]
+    n, how = sm90.sass_instructions(60, spans, loops)
+    assert how == "matched"
+    outside = 60 - 20 - 5 - 2
+    assert n == outside + 7 * (16 + 4 * 4) + 4 * 5 + 3 * 2
+    # the compiler unrolled j: 3 SASS loops match the 3 runtime source loops
+    n, how = sm90.sass_instructions(60, [[10, 29], [40, 44], [50, 51]], loops)
+    assert how == "matched" and n == (60 - 27) + 7 * 20 + 4 * 5 + 3 * 2
+    # counts disagree: the one SASS loop gets all runtime iterations (7 + 4 + 3)
+    n, how = sm90.sass_instructions(60, [[10, 29]], loops)
+    assert how == "approx" and n == 40 + 14 * 20
 
 
 def test_occupancy_and_wave_quantisation_closed_forms():
@@ -215,15 +235,16 @@ def test_occupancy_and_wave_quantisation_closed_forms():
     assert sm90.occupancy(255, 0, 16) == 0      # does not fit
     ln = sm90.Launch("k", (133,), [sm90.Arg("x", "tensor", False, dtype="bfloat16",
                                             shape=(1,), nbytes=3_350_000)], 8)
-    c = {"regs": 255, "smem": 0, "dots": [], "ew": [], "sass": 0, "body": 0}
+    c = {"regs": 255, "smem": 0, "dots": [], "ew": [], "sass": 0, "spans": []}
     m = sm90.model(ln, c, 0, [1])
     assert m["occ"] == 1 and m["waves"] == 2
     assert m["wq"] == pytest.approx(2 / (133 / 132))
     assert m["time"] == pytest.approx(1e-6 * 2 / (133 / 132))  # 3.35 MB at 3.35 TB/s
-    c2 = {**c, "sass": 100, "body": 10}
-    m2 = sm90.model(ln, c2, 1_000_000, [1])
+    c2 = {**c, "sass": 100, "spans": [[50, 59]]}
+    loop = sm90.Loop(1, 1_000_000, "for")
+    m2 = sm90.model(ln, c2, 1_000_000, [1], [loop])
     # resident warps per SM: min(occupancy 1, ceil(133/132) = 2) x 8 warps = 8 -> issue x 8/4
-    assert m2["time"] == pytest.approx(2 * (100 + 999_999 * 10) * (8 / 4) / 1.98e9)
+    assert m2["time"] == pytest.approx(2 * (90 + 1_000_000 * 10) * (8 / 4) / 1.98e9)
     assert m2["bound"] == "issue/latency"
 
 
