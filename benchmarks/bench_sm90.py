@@ -262,6 +262,25 @@ def record(rec, sizes: dict, dtype: str = "bfloat16", options: dict | None = Non
     raise RuntimeError("; ".join(errors))
 
 
+def gpu_algorithm(rec, options: dict | None = None) -> str:
+    """The algorithm ``"auto"`` picks for ``rec`` on a GPU: the backend's own rule, with its
+    GPU check (``backends/triton/scan.on_gpu`` where the backend has one) answering yes
+    while it decides (this machine has no GPU; auto would pick a CPU choice here)."""
+    from scancc.backends.triton import TritonBackend
+    try:
+        from scancc.backends.triton import scan as _scan
+    except ImportError:
+        _scan = None
+    orig = getattr(_scan, "on_gpu", None)
+    if orig is not None:
+        _scan.on_gpu = lambda: True
+    try:
+        return TritonBackend().algorithm(rec, dict(options or {}))
+    finally:
+        if orig is not None:
+            _scan.on_gpu = orig
+
+
 def case_sizes(rec, dims: dict, shape: dict) -> dict:
     return {d.name: d.size or {**shape, **dims}.get(d.name, 1) for d in rec.dims}
 
@@ -810,7 +829,8 @@ def selective_scan_model(B: int, D: int, T: int, N: int) -> float:
 
 # ---------------------------------------------------------------------------------------
 
-def run(names: list[str] | None, shapes: list[str], dtype: str, out=sys.stdout) -> int:
+def run(names: list[str] | None, shapes: list[str], dtype: str, out=sys.stdout,
+        algorithm: str = "auto") -> int:
     from scancc import registry
     t0 = time.time()
     tmp = tempfile.mkdtemp(prefix="scancc_sm90_")
@@ -822,7 +842,8 @@ def run(names: list[str] | None, shapes: list[str], dtype: str, out=sys.stdout) 
         for sh in shapes:
             sizes = case_sizes(rec, dims, SHAPES[sh])
             try:
-                launches, algo, dev = record(rec, sizes, dtype)
+                alg = gpu_algorithm(rec) if algorithm == "auto" else algorithm
+                launches, algo, dev = record(rec, sizes, dtype, {"algorithm": alg})
             except Exception as e:  # noqa: BLE001 - a row that says why
                 rows.append((name, label, sh, None, str(e)[:200], [], sizes))
                 continue
@@ -845,7 +866,8 @@ def run(names: list[str] | None, shapes: list[str], dtype: str, out=sys.stdout) 
     compiled = compile_all(jobs) if jobs else {}
     t_all = time.time() - t0
 
-    print(f"sm_90 report: {dtype} inputs, default options; toolchain figures *measured* "
+    print(f"sm_90 report: {dtype} inputs, default options, algorithm {algorithm!r} (auto: as "
+          f"resolved on a GPU); toolchain figures *measured* "
           f"(triton.compile + ptxas-blackwell -v -arch=sm_90a + nvdisasm), times *modelled* "
           f"(lower bound, MODEL below). Record {t_rec:.0f} s, total {t_all:.0f} s.\n", file=out)
     print("| recurrence | shape | B,T | algorithm | kernel | grid | programs | iterations/program "
@@ -947,13 +969,15 @@ def main(argv=None) -> int:
     ap.add_argument("--names", nargs="*", help="recurrences (default: all library ones)")
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--algorithm", default="auto",
+                    help="the Triton algorithm option (auto: what auto picks on a GPU)")
     ap.add_argument("--list", action="store_true", help="print the cases and exit")
     a = ap.parse_args(argv)
     if a.list:
         for n, label, dims in CASES:
             print(n, label, dims)
         return 0
-    return run(a.names, a.shapes, a.dtype)
+    return run(a.names, a.shapes, a.dtype, algorithm=a.algorithm)
 
 
 if __name__ == "__main__":
