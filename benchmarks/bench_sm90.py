@@ -85,7 +85,9 @@ Projected H100 time per kernel (**modelled**; no GPU was used):
                  instructions per program: from the SASS (nvdisasm): each loop (a backward
                  branch) runs trips x (its own instructions + its inner loops'), the trips
                  being the source loops' (matched in pre-order; constant-bound source loops
-                 the compiler unrolled are skipped; "approx" when the loop counts disagree);
+                 the compiler unrolled are skipped); "approx" when the counts disagree (the
+                 compiler split a loop into an unrolled main loop and a remainder): each
+                 source iteration then costs the smallest innermost SASS loop;
                  resident warps = min(occupancy, ceil(programs / 132)) x num_warps.
                  One instruction per cycle per warp scheduler (4 per SM) with every
                  dependency hidden: the floor of the sequential iterations' latency
@@ -608,8 +610,9 @@ def sass_stats(cubin: bytes, nvdisasm: str):
 
 
 def sass_loops(txt: str) -> tuple[int, list]:
-    """(instructions, loops) of nvdisasm text; a loop is a branch to an earlier (or the
-    same) address, given as [first, last] instruction index, sorted, without repeats."""
+    """(instructions, loops) of nvdisasm text; a loop is a branch to an earlier address,
+    given as [first, last] instruction index, sorted, without repeats (a branch to itself,
+    the trap after the kernel's EXIT, is not a loop)."""
     addr, labels, branches = [], {}, []
     pending = []
     for line in txt.splitlines():
@@ -630,7 +633,7 @@ def sass_loops(txt: str) -> tuple[int, list]:
     spans = set()
     for a, lab in branches:
         t = labels.get(lab)
-        if t is not None and t <= a:
+        if t is not None and t < a:
             spans.add((index[t], index[a]))
     return len(addr), [list(x) for x in sorted(spans, key=lambda x: (x[0], -x[1]))]
 
@@ -694,8 +697,12 @@ def sass_instructions(n: int, spans: list, loops: list) -> tuple[float, str]:
     """Instructions one program executes: the SASS loops (nested by containment) get the
     trip counts of the source loops, matched in pre-order: one to one when the counts agree,
     else to the source loops with runtime bounds (the compiler unrolled the constant ones);
-    otherwise the outermost SASS loops get the product of the runtime loops' trips
-    ("approx"). A loop executes trips x (its own instructions + its inner loops')."""
+    otherwise ("approx": the compiler runtime-unrolled a loop into a main loop and a
+    remainder loop, or pipelined it) each iteration of the runtime source loops costs the
+    smallest innermost SASS loop (a remainder loop runs one source iteration per trip): an
+    estimate (an unrolled main loop shares address arithmetic between its iterations and
+    is cheaper per iteration: hgrn's 4-step main loop is 74 instructions, its remainder 28
+    for one step). A loop executes trips x (its own instructions + its inner loops')."""
     roots, stack = [], []
     for a, b in spans:
         node = {"s": (a, b), "kids": [], "trips": 1}
@@ -728,8 +735,10 @@ def sass_instructions(n: int, spans: list, loops: list) -> tuple[float, str]:
                 inner = rt_iters(lp.body)
                 tot += (lp.trips or 1) * max(1, inner) if not lp.constant else inner
             return tot
-        for x in roots:
-            x["trips"] = max(1, rt_iters(loops))
+        inner = [x for x in flat if not x["kids"]]
+        per = min(x["s"][1] - x["s"][0] + 1 for x in inner)
+        outside = n - sum(x["s"][1] - x["s"][0] + 1 for x in roots)
+        return outside + rt_iters(loops) * per, how
 
     def length(x):
         return x["s"][1] - x["s"][0] + 1

@@ -200,13 +200,16 @@ SASS = '''
         /*0070*/                   BRA `(.L_x_2) ;
 .L_x_2:
         /*0080*/                   EXIT ;
+.L_x_3:
+        /*0090*/                   BRA `(.L_x_3);
 '''
 
 
 def test_sass_parser_finds_nested_loops():
     n, spans = sm90.sass_loops(SASS)
-    # 0x10..0x60 outer (instructions 1..6), 0x20..0x40 inner (2..4); 0x70 branches forward
-    assert (n, spans) == (9, [[1, 6], [2, 4]])
+    # 0x10..0x60 outer (instructions 1..6), 0x20..0x40 inner (2..4); 0x70 branches forward;
+    # 0x90 branches to itself (the trap after EXIT): not a loop
+    assert (n, spans) == (10, [[1, 6], [2, 4]])
 
 
 def test_instructions_per_program_from_sass_loops_and_source_trips():
@@ -223,9 +226,11 @@ def test_instructions_per_program_from_sass_loops_and_source_trips():
     # the compiler unrolled j: 3 SASS loops match the 3 runtime source loops
     n, how = sm90.sass_instructions(60, [[10, 29], [40, 44], [50, 51]], loops)
     assert how == "matched" and n == (60 - 27) + 7 * 20 + 4 * 5 + 3 * 2
-    # counts disagree: the one SASS loop gets all runtime iterations (7 + 4 + 3)
+    # counts disagree: each runtime iteration (7 + 4 + 3) costs the smallest innermost loop
     n, how = sm90.sass_instructions(60, [[10, 29]], loops)
     assert how == "approx" and n == 40 + 14 * 20
+    n, how = sm90.sass_instructions(60, [[10, 29], [30, 33]], loops)
+    assert how == "approx" and n == 36 + 14 * 4
 
 
 def test_occupancy_and_wave_quantisation_closed_forms():
