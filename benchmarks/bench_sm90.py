@@ -878,7 +878,7 @@ def run(names: list[str] | None, shapes: list[str], dtype: str, out=sys.stdout,
     print(f"sm_90 report: {dtype} inputs, default options, algorithm {algorithm!r} (auto: as "
           f"resolved on a GPU); toolchain figures *measured* "
           f"(triton.compile + ptxas-blackwell -v -arch=sm_90a + nvdisasm), times *modelled* "
-          f"(lower bound, MODEL below). Record {t_rec:.0f} s, total {t_all:.0f} s.\n", file=out)
+          f"(MODEL below). Record {t_rec:.0f} s, total {t_all:.0f} s.\n", file=out)
     print("| recurrence | shape | B,T | algorithm | kernel | grid | programs | iterations/program "
           "| regs | spill st+ld B | smem B | tensor cores | occ | waves | GB | dot GFLOP "
           "| other GFLOP | SASS instr/program | modelled us | bound |", file=out)
