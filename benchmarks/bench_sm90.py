@@ -21,7 +21,7 @@ How (no GPU needed):
    shared memory; the TTGIR the dots (tensor cores = ``warp_group_dot``/``nvidia_mma``) and
    elementwise float ops with their loop depth; ``nvdisasm`` of the cubin the SASS
    instruction count and loop bodies (backward branches).
-4. **model** (a *modelled lower bound*, not a timing; see MODEL below).
+4. **model** (*modelled*, not a timing; see MODEL below).
 
     .venv/bin/python benchmarks/bench_sm90.py                      # everything
     .venv/bin/python benchmarks/bench_sm90.py --names gla mamba2 --shapes B1T32768

@@ -277,3 +277,43 @@ def test_bench_gpu_cases_cover_the_sm90_report_anchor_pairs():
     names = {n for n, _, _ in gpu.CASES}
     assert set(sm90.ATTN) | {"mamba", "mamba2"} == names
     assert gpu.SHAPES == {k: (v["batch"], v["time"]) for k, v in sm90.SHAPES.items()}
+
+
+def test_bench_gpu_pairs_compute_the_same_function_as_fla_references():
+    """The inputs and argument order bench_gpu gives scancc and each fla anchor describe the
+    same recurrence: scancc's reference backend vs fla's own naive (PyTorch) recurrences,
+    on CPU at a small shape, float32 (independent implementations)."""
+    pytest.importorskip("fla")
+    import warnings
+
+    import scancc
+    import torch
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fla.ops.delta_rule.naive import delta_rule_recurrence
+        from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
+        from fla.ops.gla.naive import naive_recurrent_gla
+        from fla.ops.linear_attn.naive import naive_recurrent_linear_attn
+        from fla.ops.retention.naive import naive_retention
+        from fla.ops.simple_gla.naive import naive_recurrent_simple_gla
+    gpu = _load("bench_gpu")
+
+    def t(x):
+        return x.transpose(1, 2)
+    naive = {
+        "simple_gla": lambda q, k, v, g: naive_recurrent_simple_gla(q, k, v, g)[0],
+        "gla": lambda q, k, v, g: naive_recurrent_gla(q, k, v, g)[0],
+        "retnet": lambda q, k, v: t(naive_retention(t(q), t(k), t(v))),
+        "linear_attn": lambda q, k, v: naive_recurrent_linear_attn(q, k, v)[0],
+        "delta_net": lambda q, k, v, b: t(delta_rule_recurrence(t(q), t(k), t(v), t(b))[0]),
+        "gated_delta_net": lambda q, k, v, g, b: naive_recurrent_gated_delta_rule(
+            q, k, v, b, g)[0],
+    }
+    assert set(naive) == set(gpu.ATTN)
+    for name, ref_fn in naive.items():
+        args, _, _ = gpu._inputs(name, 2, 20, {"heads": 2, "key": 8, "value": 16},
+                                 torch.device("cpu"), torch.float32)
+        y = torch.as_tensor(scancc.compile(name)(*[a.numpy() for a in args]))
+        ref = ref_fn(*args)
+        assert y.shape == ref.shape and torch.isfinite(ref).all()
+        assert gpu.rel_rms(y, ref) < 1e-5, name
