@@ -283,6 +283,32 @@ def gpu_algorithm(rec, options: dict | None = None) -> str:
             _scan.on_gpu = orig
 
 
+def time_walking(rec, sizes: dict, dtype: str, options: dict, launches: list) -> list[bool]:
+    """Per launch: whether the kernel walks all of time (the state-passing / recurrent kind)
+    rather than being parallel in time. Decided by recording again at twice the time: a
+    kernel whose programs grow with T is parallel in time. When the launch sequence differs
+    at 2T, a kernel whose loops run >= T/256 iterations counts as time-walking."""
+    time_dims = [d.name for d in rec.dims if d.role == "time"]
+    if not time_dims:
+        return [False] * len(launches)
+    try:
+        twice, _, _ = record(rec, {**sizes, time_dims[0]: 2 * sizes[time_dims[0]]}, dtype, options)
+    except Exception:  # noqa: BLE001 - fall back to the iteration rule below
+        twice = []
+    if [ln.kernel for ln in twice] == [ln.kernel for ln in launches]:
+        return [b.programs <= a.programs for a, b in zip(launches, twice)]
+    T = sizes[time_dims[0]]
+    out = []
+    for ln in launches:
+        try:
+            it = iterations(parse_loops(ln.source or ln.module_source, ln.kernel, ln.values(),
+                                        ln.grid, ln.constexprs()))
+        except (SyntaxError, ValueError):
+            it = None
+        out.append(it is not None and it >= max(1, T // 256))
+    return out
+
+
 def case_sizes(rec, dims: dict, shape: dict) -> dict:
     return {d.name: d.size or {**shape, **dims}.get(d.name, 1) for d in rec.dims}
 
@@ -502,8 +528,11 @@ def loop_text(loops: list[Loop]) -> str:
 
 _CHILD = r'''
 import json, os, re, subprocess, sys, tempfile, importlib.util
-sys.path.insert(0, BENCH_DIR)
-from bench_sm90 import ttgir_ops, sass_stats
+_spec = importlib.util.spec_from_file_location("_bench_sm90_parsers", BENCH_FILE)
+_bench = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = _bench
+_spec.loader.exec_module(_bench)
+ttgir_ops, sass_stats = _bench.ttgir_ops, _bench.sass_stats
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -668,7 +697,7 @@ def compile_job(launch: Launch, path: str) -> dict:
 def compile_all(jobs: list[dict], timeout: int = 3000) -> dict:
     uniq = list({j["key"]: j for j in jobs}.values())
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    child = _CHILD.replace("BENCH_DIR", repr(os.path.dirname(os.path.abspath(__file__))))
+    child = _CHILD.replace("BENCH_FILE", repr(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, "-c", child], input=json.dumps(uniq), env=env,
                        capture_output=True, text=True, timeout=timeout)
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("@@JSON@@")), None)
@@ -861,7 +890,8 @@ def run(names: list[str] | None, shapes: list[str], dtype: str, out=sys.stdout,
                 with open(path, "w") as f:
                     f.write(launches[0].module_source)
             per = []
-            for ln in launches:
+            walks = time_walking(rec, sizes, dtype, {"algorithm": alg}, launches)
+            for ln, walk in zip(launches, walks):
                 try:
                     loops = parse_loops(ln.source or ln.module_source, ln.kernel, ln.values(),
                                         ln.grid, ln.constexprs())
@@ -869,7 +899,7 @@ def run(names: list[str] | None, shapes: list[str], dtype: str, out=sys.stdout,
                     loops = [Loop(0, None, f"parse failed: {e}")]
                 job = compile_job(ln, path)
                 jobs.append(job)
-                per.append((ln, loops, job["key"]))
+                per.append((ln, loops, job["key"], walk))
             rows.append((name, label, sh, algo, dev, per, sizes))
     t_rec = time.time() - t0
     compiled = compile_all(jobs) if jobs else {}
@@ -893,7 +923,7 @@ def run(names: list[str] | None, shapes: list[str], dtype: str, out=sys.stdout,
         tot, spills, tc_all, errs = 0.0, 0, True, []
         par, seq = [], []  # programs of the parallel / time-walking (state passing) kernels
         any_dot = False
-        for ln, loops, key in per:
+        for ln, loops, key, walk in per:
             c = compiled.get(key, {"error": "not compiled"})
             it = iterations(loops)
             if "error" in c:
@@ -907,9 +937,7 @@ def run(names: list[str] | None, shapes: list[str], dtype: str, out=sys.stdout,
             if c["dots"]:
                 any_dot = True
                 tc_all &= c["tc"]
-            # a time-walking stage: its loop has >= T/256 iterations (chunks of <= 256 steps)
-            (seq if it is not None and it >= max(1, sizes.get("time", 1) // 256) else par).append(
-                ln.programs)
+            (seq if walk else par).append(ln.programs)
             print(f"| {name} | {label} | {sh} | {algo} | {ln.kernel} | {ln.grid} | {ln.programs} "
                   f"| {it if it is not None else '?'} | {c['regs']} | {c['spill_st']}+{c['spill_ld']} "
                   f"| {c['smem']} | {'yes' if c['tc'] else ('no' if c['dots'] else '-')} "
@@ -926,12 +954,13 @@ def run(names: list[str] | None, shapes: list[str], dtype: str, out=sys.stdout,
     print("\nLoops (source, evaluated; `?` = not evaluable):\n", file=out)
     seen = set()
     for name, label, sh, algo, dev, per, sizes in rows:
-        for ln, loops, key in per or []:
+        for ln, loops, key, walk in per or []:
             k = (name, label, sh, ln.kernel)
             if k not in seen:
                 seen.add(k)
-                print(f"- {name} {label} {sh} `{ln.kernel}`: {loop_text(loops) or 'no loop'}",
-                      file=out)
+                kind = "walks all of time" if walk else "parallel in time"
+                print(f"- {name} {label} {sh} `{ln.kernel}` ({kind}): "
+                      f"{loop_text(loops) or 'no loop'}", file=out)
     print("\n## Targets (issue 11)\n", file=out)
     print("anchors (*modelled*, throughput part of the same model applied to the anchor's "
           "decomposition; published figures in docs/performance/triton.md): attention family = "

@@ -317,3 +317,18 @@ def test_bench_gpu_pairs_compute_the_same_function_as_fla_references():
         ref = ref_fn(*args)
         assert y.shape == ref.shape and torch.isfinite(ref).all()
         assert gpu.rel_rms(y, ref) < 1e-5, name
+
+
+def test_time_walking_kernels_are_those_whose_programs_do_not_grow_with_time():
+    from scancc import registry
+    rec = registry.get("hgrn").build()
+    sizes = {"batch": 2, "time": 64, "chan": 40}
+    launches, _, _ = sm90.record(rec, sizes, "float32", {"algorithm": "recurrent"})
+    # the recurrent kernel: one program per (batch, channel block) whatever T
+    assert sm90.time_walking(rec, sizes, "float32", {"algorithm": "recurrent"},
+                             launches) == [True]
+    # a launch list that differs from the 2T recording falls back to the iteration rule:
+    # a fake launch with no loop is parallel in time
+    fake = sm90.Launch("k", (4,), [], 4, source="def k(x):\n    pass\n")
+    assert sm90.time_walking(rec, sizes, "float32", {"algorithm": "recurrent"},
+                             launches + [fake]) == [True, False]
