@@ -140,7 +140,7 @@ def main(argv=None) -> int:
                 y = sc()
                 torch.cuda.synchronize()
                 algo = dict(getattr(kern.last_run, "counters", None) or {}).get("algorithm", "?")
-                t_sc = do_bench(sc, warmup=a.warmup, rep=a.rep)
+                t_sc = do_bench(sc, warmup=a.warmup, rep=a.rep, return_mode="median")
             except Exception as e:  # noqa: BLE001 - a row that says why
                 print(f"| {name} | {label} | {sh} | failed: {type(e).__name__}: "
                       f"{str(e)[:150]} | | | | | |")
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
             try:
                 ya = an()
                 torch.cuda.synchronize()
-                t_an = do_bench(an, warmup=a.warmup, rep=a.rep)
+                t_an = do_bench(an, warmup=a.warmup, rep=a.rep, return_mode="median")
                 err = rel_rms(y, ya)
             except Exception as e:  # noqa: BLE001
                 print(f"| {name} | {label} | {sh} | {algo} | {t_sc:.3f} | {anchor_name}: "

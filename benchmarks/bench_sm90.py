@@ -193,8 +193,9 @@ class Recorder:
                 v = bound[p.name]
                 ce = _is_constexpr_annotation(p.annotation)
                 if isinstance(v, torch.Tensor):
-                    out.append(Arg(p.name, "tensor", False, None, str(v.dtype).replace("torch.", ""),
-                                   tuple(v.shape), v.numel() * v.element_size()))
+                    dt = str(v.dtype).replace("torch.", "")
+                    out.append(Arg(p.name, "tensor", False, None, dt, tuple(v.shape),
+                                   v.numel() * v.element_size()))
                 elif v is None:
                     out.append(Arg(p.name, "none", ce))
                 elif isinstance(v, bool):
@@ -607,7 +608,8 @@ def ttgir_ops(ttgir: str):
                 a, res = tys[0], tys[-1]
                 M, K = [int(x) for x in a[0].strip("x").split("x")[-2:]]
                 N = int(res[0].strip("x").split("x")[-1])
-                prec = "tf32" if ("tf32" in line or op == "ttng.warp_group_dot" and a[1] == "f32") else ""
+                tf32 = "tf32" in line or (op == "ttng.warp_group_dot" and a[1] == "f32")
+                prec = "tf32" if tf32 else ""
                 dots.append([op, M, N, K, a[1], prec, depth])
             elif op in _EW:
                 ts = re.search(r":\s*tensor<((?:\d+x)+)(f32|f16|bf16)", line)
@@ -825,7 +827,8 @@ def fla_chunk_model(name: str, B: int, T: int, H: int, K: int, V: int) -> float:
     NT = _cdiv(T, 64)
     e = 2  # bf16
     gate = {"gla": B * T * H * K * 4, "simple_gla": B * T * H * 4, "retnet": 0,
-            "linear_attn": 0, "delta_net": B * T * H * e, "gated_delta_net": B * T * H * (4 + e)}[name]
+            "linear_attn": 0, "delta_net": B * T * H * e,
+            "gated_delta_net": B * T * H * (4 + e)}[name]
     io = B * T * H * (2 * K + V) * e
     h_bytes = B * NT * H * K * V * e
     total_bytes = io + gate + 2 * h_bytes + B * T * H * V * e  # h written and read, o written
@@ -849,9 +852,11 @@ def ssd_model(B: int, T: int, H: int, P: int, N: int, G: int = 1, Q: int = 256) 
     stages = [
         (B * T * H * (e + 4 + 4), 0),
         (2 * B * T * G * N * e + B * nc * G * Q * Q * 4, B * nc * G * 2 * Q * Q * N),
-        (B * T * H * P * e + B * T * G * N * e + 2 * B * T * H * 4 + st, B * nc * H * 2 * Q * P * N),
+        (B * T * H * P * e + B * T * G * N * e + 2 * B * T * H * 4 + st,
+         B * nc * H * 2 * Q * P * N),
         (2 * st, 0),
-        (B * nc * G * Q * Q * 4 + 2 * B * T * H * P * e + B * T * G * N * e + 2 * B * T * H * 4 + st,
+        (B * nc * G * Q * Q * 4 + 2 * B * T * H * P * e + B * T * G * N * e
+         + 2 * B * T * H * 4 + st,
          B * nc * H * (2 * Q * Q * P + 2 * Q * N * P)),
     ]
     return sum(max(b / HBM_BPS, f / PEAK["bf16"]) for b, f in stages)
@@ -885,7 +890,8 @@ def run(names: list[str] | None, shapes: list[str], dtype: str, out=sys.stdout,
             except Exception as e:  # noqa: BLE001 - a row that says why
                 rows.append((name, label, sh, None, str(e)[:200], [], sizes))
                 continue
-            path = os.path.join(tmp, f"{name}_{abs(hash(launches[0].module_source)) if launches else 0}.py")
+            tag = abs(hash(launches[0].module_source)) if launches else 0
+            path = os.path.join(tmp, f"{name}_{tag}.py")
             if launches and not os.path.exists(path):
                 with open(path, "w") as f:
                     f.write(launches[0].module_source)
@@ -928,8 +934,9 @@ def run(names: list[str] | None, shapes: list[str], dtype: str, out=sys.stdout,
             it = iterations(loops)
             if "error" in c:
                 errs.append(c["error"])
-                print(f"| {name} | {label} | {sh} | {algo} | {ln.kernel} | {ln.grid} | {ln.programs} "
-                      f"| {it} | compile failed: {c['error'][:120]} |" + " |" * 11, file=out)
+                print(f"| {name} | {label} | {sh} | {algo} | {ln.kernel} | {ln.grid} "
+                      f"| {ln.programs} | {it} | compile failed: {c['error'][:120]} |"
+                      + " |" * 11, file=out)
                 continue
             m = model(ln, c, it, depth_multipliers(loops), loops)
             tot += m["time"]
@@ -939,7 +946,8 @@ def run(names: list[str] | None, shapes: list[str], dtype: str, out=sys.stdout,
                 tc_all &= c["tc"]
             (seq if walk else par).append(ln.programs)
             print(f"| {name} | {label} | {sh} | {algo} | {ln.kernel} | {ln.grid} | {ln.programs} "
-                  f"| {it if it is not None else '?'} | {c['regs']} | {c['spill_st']}+{c['spill_ld']} "
+                  f"| {it if it is not None else '?'} | {c['regs']} "
+                  f"| {c['spill_st']}+{c['spill_ld']} "
                   f"| {c['smem']} | {'yes' if c['tc'] else ('no' if c['dots'] else '-')} "
                   f"| {m['occ']} | {m.get('waves', '-')} | {m['bytes'] / 1e9:.3f} "
                   f"| {m['dot_flop'] / 1e9:.1f} | {m['other_flop'] / 1e9:.1f} "
@@ -976,9 +984,8 @@ def run(names: list[str] | None, shapes: list[str], dtype: str, out=sys.stdout,
             print(f"| {name} | {label} | {sh} | failed | | | | | | | |", file=out)
             continue
         _, _, _, algo, tot, spills, tc, par_ok, nk, errs = s
-        sizes = case_sizes(registry.get(name).build(), dict(next(c[2] for c in CASES
-                                                                  if c[0] == name and c[1] == label)),
-                           SHAPES[sh])
+        dims = next(c[2] for c in CASES if c[0] == name and c[1] == label)
+        sizes = case_sizes(registry.get(name).build(), dict(dims), SHAPES[sh])
         anchor = None
         if name in ATTN:
             anchor = fla_chunk_model(name, sizes["batch"], sizes["time"], sizes["heads"],
