@@ -7,6 +7,8 @@ Algorithms (``algorithm=`` option; ``"auto"`` picks from the transition structur
   over time. The ground truth the faster forms must match.
 - ``chunked`` (chunked.py): parallel in time with ``tl.dot``, for scalar/identity decays,
   key-dimension diagonal decay and householder (delta rule, UT form) transitions.
+- ``staged`` (staged.py): the chunked form in three launches (chunk states in parallel, a
+  sequential pass over chunks only, outputs in parallel) for identity/scalar/diagonal decays.
 """
 from __future__ import annotations
 
@@ -20,16 +22,21 @@ from ..base import Backend, Option, Problem, RunResult, UnsupportedError
 if TYPE_CHECKING:  # the runtime imports torch: only when a kernel runs
     from .runtime import Compiled
 
-ALGORITHMS = ("auto", "recurrent", "chunked")
-DOT_PRECISIONS = ("ieee", "tf32x3", "input")
+ALGORITHMS = ("auto", "recurrent", "chunked", "staged")
+DOT_PRECISIONS = ("auto", "ieee", "tf32x3", "input")
 
 
 def _lowering(rec: Recurrence, options: Mapping[str, Any]):
-    from . import chunked, recurrent
+    from . import chunked, recurrent, staged
     algo = options.get("algorithm", "auto")
     if algo not in ALGORITHMS:
         raise UnsupportedError("triton", rec.name, f"option algorithm={algo!r}: expected one of "
                                f"{', '.join(ALGORITHMS)}")
+    if algo == "staged":
+        ok, why = staged.applies(rec)
+        if not ok:
+            raise UnsupportedError("triton", rec.name, f"algorithm='staged': {why}")
+        return staged.Lowering(rec, options)
     if algo == "chunked" or (algo == "auto" and chunked.applies(rec)[0]):
         ok, why = chunked.applies(rec)
         if not ok:
@@ -55,7 +62,8 @@ OPTIONS = {o.name: o for o in (
     Option("block_sizes", "register block per dim, {dim: power of two} (None: the plan's)",
            None, (dict,), rule=_block_sizes_rule),
     Option("num_warps", "warps per program", 4, (int,), (1, 2, 4, 8, 16, 32)),
-    Option("dot_precision", "tl.dot input precision of the chunked form", "ieee", (str,),
+    Option("dot_precision", "tl.dot operands of the chunked form (auto: the input dtype on "
+           "16-bit inputs, tf32 on float32; ieee: exact float32)", "auto", (str,),
            DOT_PRECISIONS),
 )}
 
