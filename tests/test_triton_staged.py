@@ -148,3 +148,24 @@ def test_default_dot_precision_bf16_at_T257(name):
     n, _, algo = name.partition(":")
     out, ref = _bf16_error(n, algo or "chunked", 257)
     testing.assert_close(out, ref, "bfloat16", f"{name} bf16 default dots, T=257")
+
+
+@pytest.mark.parametrize("name,heads", [("simple_gla", 132), ("gla", 8)])
+def test_auto_launcher_rule_fused_with_many_programs_else_staged(name, heads):
+    """algorithm="auto": B·H·⌈V/BV⌉ >= 132 programs run the fused kernel, fewer the three
+    stages (staged.Lowering.SMS). Which one ran is seen bit-for-bit: the result equals the
+    explicit algorithm's (same kernel code, same chunking), and both match the reference."""
+    e = scancc.get(name)
+    rec = e.build()
+    V = chunked.analyze(rec).only().V
+    sizes = testing.default_sizes(rec, time=40)
+    sizes.update({"batch": 1, "heads": heads, chunked.analyze(rec).only().K: 16, V: 16})
+    x = {k: np.asarray(v, dtype=np.float32)
+         for k, v in testing.sample_inputs(rec, sizes, 7, e.hints).items()}
+    want = "chunked" if heads >= 132 else "staged"
+    assert TRI.algorithm(rec, {}) == "chunked"  # the chunked form, the launcher picks how
+    auto, _ = _run(rec, sizes, x, None, {"dot_precision": "ieee"})
+    same, _ = _run(rec, sizes, x, None, {"algorithm": want, "dot_precision": "ieee"})
+    np.testing.assert_array_equal(auto, same)
+    ro, _ = _ref(rec, sizes, x, None)
+    testing.assert_close(auto, ro, "float32", f"{name} auto ({want})")

@@ -9,6 +9,8 @@ Algorithms (``algorithm=`` option; ``"auto"`` picks from the transition structur
   key-dimension diagonal decay and householder (delta rule, UT form) transitions.
 - ``staged`` (staged.py): the chunked form in three launches (chunk states in parallel, a
   sequential pass over chunks only, outputs in parallel) for identity/scalar/diagonal decays.
+  ``auto`` renders both forms in one module for those decays; the launcher picks the fused
+  kernel when the (grid, V-block) programs fill the GPU (``staged.Lowering.SMS``).
 """
 from __future__ import annotations
 
@@ -37,6 +39,8 @@ def _lowering(rec: Recurrence, options: Mapping[str, Any]):
         if not ok:
             raise UnsupportedError("triton", rec.name, f"algorithm='staged': {why}")
         return staged.Lowering(rec, options)
+    if algo == "auto" and staged.applies(rec)[0]:  # fused or staged: the launcher's rule
+        return staged.Lowering(rec, options, choose=True)
     if algo == "chunked" or (algo == "auto" and chunked.applies(rec)[0]):
         ok, why = chunked.applies(rec)
         if not ok:

@@ -57,11 +57,6 @@ class Form:
     beta: Node | None = None
 
 
-def _bad(ok: str, axis: int) -> str:
-    """The count of non-finite elements of a tile (``ok`` its finiteness) along ``axis``."""
-    return f"tl.sum(tl.where({ok}, 0, 1), axis={axis}, keep_dims=True)"
-
-
 class NotChunkable(Exception):
     pass
 
@@ -201,7 +196,7 @@ class Lowering(recurrent.Lowering):
         causal = f"({self.off[T]} >= tl.trans({self.off[T]}))"
         # non-finite counts: per step (rows, poisoning that step and the later ones) and per
         # state row (K); ``whole``: those that poison the whole state
-        rows, krows, whole = [_bad(k_ok, 1)], [_bad(k_ok, 0)], []
+        rows, krows, whole = [self._bad(k_ok, 1)], [self._bad(k_ok, 0)], []
         if F.kind is Kind.HOUSEHOLDER:
             o, hx = self._householder_chunk(env, qf, kf, vf, qk, causal)
             rows += hx
@@ -215,9 +210,9 @@ class Lowering(recurrent.Lowering):
         else:
             gm = qk if F.kind is Kind.DIAGONAL else self.msk[T]
             g, g_ok, gc, gn, gl, gnl = self._log_decay(env, gm)
-            rows.append(_bad(g_ok, 1))
+            rows.append(self._bad(g_ok, 1))
             if F.kind is Kind.SCALAR:
-                whole = [_bad(g_ok, 0)]
+                whole = [self._bad(g_ok, 0)]
                 same = f"({gn} == tl.trans({gn}))"
                 seg = (f"tl.exp(tl.where({causal} & {same}, {gc} - tl.trans({gc}), "
                        f"float(\"-inf\")))")
@@ -225,7 +220,7 @@ class Lowering(recurrent.Lowering):
                               + f" * {seg}")
                 decay_S = f"tl.where({gnl} == 0, tl.exp({gl}), 0.0)"
             else:
-                krows.append(_bad(g_ok, 0))
+                krows.append(self._bad(g_ok, 0))
                 # per-K exponents c_t - c_s, t >= s, no reset in (s, t]: a [BT, BT, BK]
                 # product, summed over K
                 same = f"({gn}[:, None, :] == {gn}[None, :, :])"
@@ -240,7 +235,8 @@ class Lowering(recurrent.Lowering):
             kd = f"({kf} * tl.where({gn} == {gnl}, tl.exp({gl} - {gc}), 0.0))"
             b.append(f"{h} = {h} * {decay_S} + "
                      + dot(f"tl.trans{kd}", vf, "update"))
-        self._poison(o, h, rows, krows, whole, q_ok, v_ok)
+        vbad = self.bind(True, "b_bad_v", self._bad(v_ok, None))
+        self._poison(o, h, rows, krows, whole, self._bad(q_ok, 1), vbad)
         self._memo[(F.contraction, env.key)] = o
         for out in rec.outputs:
             b.append(f"# {out.name} = {format_expr(out.expr)}")
@@ -277,11 +273,11 @@ class Lowering(recurrent.Lowering):
         BT = self.block[T]
         kh, kh_ok = self._factor("b_hk", self.value(F.hk, env), qk)
         beta, beta_ok = self._factor("b_beta", self.value(F.beta, env), self.msk[T])
-        bad = [_bad(kh_ok, 1), _bad(beta_ok, 1)]
+        bad = [self._bad(kh_ok, 1), self._bad(beta_ok, 1)]
         strict = f"({self.off[T]} > tl.trans({self.off[T]}))"
         if F.log_decay is not None:
             g, g_ok, gc, gn, gl, gnl = self._log_decay(env, self.msk[T])
-            bad.append(_bad(g_ok, 1))
+            bad.append(self._bad(g_ok, 1))
             reset = f"{g}_reset"
             gn_prev = f"({gn} - {reset}.to(tl.int32))"  # resets in steps before t
             ab = self.bind(True, "b_ab", f"tl.where({reset}, 0.0, tl.exp({g})) * {beta}")
@@ -322,23 +318,30 @@ class Lowering(recurrent.Lowering):
         return o, bad
 
     def _poison(self, o: str, h: str, rows: list[str], krows: list[str], whole: list[str],
-                q_ok: str, v_ok: str):
+                qbad: str, vbad: str):
         """Adds NaN back where the recurrence puts it (module doc of scancc.ir.passes.chunked),
         into the output tile ``o`` and the state ``h`` leaving the chunk."""
-        step, vbad = self._poison_output(o, rows, q_ok, v_ok)
+        step = self._poison_output(o, rows, qbad, vbad)
         self._poison_state(h, krows, whole, step, vbad)
 
-    def _poison_output(self, o: str, rows: list[str], q_ok: str, v_ok: str) -> tuple[str, str]:
+    def _poison_output(self, o: str, rows: list[str], qbad: str, vbad: str) -> str:
         """NaN into output rows at and after a step with a non-finite k-side/decay/householder
-        factor (``rows``: per-step counts), rows with a non-finite q, and columns at and after
-        a non-finite v-side factor. Returns the names of the per-step and v-side counts."""
+        factor (``rows``: per-step counts), rows with a non-finite q (``qbad``: per-step
+        counts), and columns at and after a non-finite v-side factor (``vbad``: the [BT, BV]
+        tile of 0/1). Returns the name of the per-step counts."""
         step = self.bind(True, "b_bad_step", " + ".join(rows))
-        vbad = self.bind(True, "b_bad_v", f"tl.where({v_ok}, 0, 1)")
-        prow = self.bind(True, "b_prow", f"(tl.cumsum({step}, axis=0) > 0) | "
-                         f"({_bad(q_ok, 1)} > 0)")
+        prow = self.bind(True, "b_prow", f"(tl.cumsum({step}, axis=0) > 0) | ({qbad} > 0)")
         pcol = self.bind(True, "b_pcol", f"tl.cumsum({vbad}, axis=0) > 0")
         self.body.append(f"{o} += tl.where({prow} | {pcol}, float(\"nan\"), 0.0)")
-        return step, vbad
+        return step
+
+    @staticmethod
+    def _bad(ok: str, axis: int | None) -> str:
+        """The count of non-finite elements of a tile (``ok`` its finiteness) along ``axis``
+        (None: the tile of 0/1 itself). An expression, used where the poison is added: taken
+        early, the counts stay live through the dots (ptxas: more spills, not fewer)."""
+        e = f"tl.where({ok}, 0, 1)"
+        return e if axis is None else f"tl.sum({e}, axis={axis}, keep_dims=True)"
 
     def _poison_state(self, h: str, krows: list[str], whole: list[str], step: str, vbad: str):
         """NaN into the state ``h`` leaving the chunk: the rows (K) of non-finite k-side

@@ -22,7 +22,7 @@ from scancc.ir import Kind, Recurrence
 from scancc.ir.printer import format_expr, format_transition
 
 from . import chunked
-from .chunked import NotChunkable, _bad
+from .chunked import NotChunkable
 from .recurrent import Env
 
 STAGED_KINDS = (Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL)
@@ -54,8 +54,16 @@ class Lowering(chunked.Lowering):
     def stage_warps(self, stage: int, num_warps: int) -> int:
         return self.WARPS[stage] * num_warps
 
-    def __init__(self, rec: Recurrence, options):
+    # the launcher's rule with ``choose`` (algorithm="auto"): the fused kernel (chunked.py) when
+    # the (grid, V-block) programs alone fill the GPU (B·H·⌈V/BV⌉ >= SMS, H100/H200: 132
+    # SMs), else the three stages, which add ⌈T/BT⌉ programs per (grid, V-block)
+    SMS = 132
+
+    def __init__(self, rec: Recurrence, options, choose: bool = False):
         analyze(rec)  # NotChunkable before any name is allocated
+        self.choose = choose
+        if choose:  # the chunked form, fused or staged as the launcher decides
+            self.algorithm = "chunked"
         super().__init__(rec, options)
         self.hc = self.names.new("hc")          # per-chunk states (float32)
         self.dc = self.names.new("dc")          # per-chunk total decays (float32)
@@ -82,26 +90,35 @@ class Lowering(chunked.Lowering):
         T, K, V = rec.time, F.K, F.V
         BT, BK, BV = self.block[T], self.block[K], self.block[V]
         s = rec.states[0]
-        head = self._program_ids()
+        if self.choose:  # the fused kernel is branch 0; its head is every branch's head
+            fused = chunked.Lowering.render_kernel(self)
+            n = next(i for i, ln in enumerate(fused) if ln.startswith(f"{self.msk[V]} = ")) + 1
+            head, fused = fused[:n], fused[n:]
+        else:
+            head = self._program_ids()
+            head += [f"{self.off[K]} = tl.arange(0, {BK})[None, :]",
+                     f"{self.off[V]} = {self.pid[V]} * {BV} + tl.arange(0, {BV})[None, :]",
+                     f"{self.msk[K]} = {self.off[K]} < {self.size[K]}",
+                     f"{self.msk[V]} = {self.off[V]} < {self.size[V]}"]
         flat = self.pid[self.plan.grid[0]]
         for d in self.plan.grid[1:]:
             flat = f"{flat} * {self.size[d]} + {self.pid[d]}"
         self.i_g, self.nc = self.names.new("i_g"), self.names.new("n_chunks")
         head += [f"{self.i_g} = {flat}  # the grid index, flattened",
-                 f"{self.nc} = tl.cdiv({self.size[T]}, {BT})",
-                 f"{self.off[K]} = tl.arange(0, {BK})[None, :]",
-                 f"{self.off[V]} = {self.pid[V]} * {BV} + tl.arange(0, {BV})[None, :]",
-                 f"{self.msk[K]} = {self.off[K]} < {self.size[K]}",
-                 f"{self.msk[V]} = {self.off[V]} < {self.size[V]}"]
+                 f"{self.nc} = tl.cdiv({self.size[T]}, {BT})"]
         lines = list(head)
         lines.append(f"# {s.name}: {format_transition(s.transition)} + {format_expr(s.inject)}")
+        if self.choose:
+            lines.append(f"if {self.stage} == 0:  # fused: each program walks every chunk")
+            lines += ["    " + ln for ln in fused]
         for i, (what, fn) in enumerate((("chunk states dS_i and decays, one program per chunk",
                                          self._stage_chunk_states),
                                         ("the state pass: S_i = decay_i S_(i-1) + dS_i, "
                                          "sequential over chunks", self._stage_states),
                                         ("outputs, one program per chunk", self._stage_outputs)),
                                        1):
-            lines.append(f"{'if' if i == 1 else 'elif'} {self.stage} == {i}:  # {what}")
+            first = i == 1 and not self.choose
+            lines.append(f"{'if' if first else 'elif'} {self.stage} == {i}:  # {what}")
             lines += ["    " + ln for ln in fn()]
         return lines
 
@@ -139,7 +156,7 @@ class Lowering(chunked.Lowering):
         qk, tv = f"{self.msk[T]} & {self.msk[K]}", f"{self.msk[T]} & {self.msk[V]}"
         kf, k_ok = self._factor("b_kf", self.product(F.k_side, env), qk)
         vf, v_ok = self._factor("b_vf", self.product(F.v_side, env), tv)
-        krows, whole = [_bad(k_ok, 0)], []
+        krows, whole = [self._bad(k_ok, 0)], []
         ds = self.names.new("b_dS")
         if F.kind is Kind.IDENTITY:
             b.append(f"{ds} = {dot(f'tl.trans({kf})', vf, 'update')}")
@@ -147,9 +164,9 @@ class Lowering(chunked.Lowering):
             gm = qk if F.kind is Kind.DIAGONAL else self.msk[T]
             g, g_ok, gc, gn, gl, gnl = self._log_decay(env, gm)
             if F.kind is Kind.SCALAR:
-                whole.append(_bad(g_ok, 0))
+                whole.append(self._bad(g_ok, 0))
             else:
-                krows.append(_bad(g_ok, 0))
+                krows.append(self._bad(g_ok, 0))
             kd = f"({kf} * tl.where({gn} == {gnl}, tl.exp({gl} - {gc}), 0.0))"
             b.append(f"{ds} = {dot(f'tl.trans{kd}', vf, 'update')}")
             # the chunk's total decay, 0 after a reset (every V-block stores the same row)
@@ -159,8 +176,7 @@ class Lowering(chunked.Lowering):
             zero = f"tl.zeros([1, {self.block[K]}], dtype=tl.float32)"
             b.append(f"tl.store({pd}, {zero} + tl.where({gnl} == 0, tl.exp({gl}), 0.0), "
                      f"mask={dmask})")
-        vbad = self.bind(True, "b_bad_v", f"tl.where({v_ok}, 0, 1)")
-        self._poison_state(ds, krows, whole, "", vbad)
+        self._poison_state(ds, krows, whole, "", self._bad(v_ok, 0))
         ptr, mask = self._hc(self.i_c)
         p = self.names.new("p_hc")
         b += [f"{p} = {ptr}", f"tl.store({p}, {ds}, mask={mask})"]
@@ -207,18 +223,18 @@ class Lowering(chunked.Lowering):
         vf, v_ok = self._factor("b_vf", self.product(F.v_side, env), tv)
         b.append(f"# {format_expr(F.contraction)}")
         qf, q_ok = self._factor("b_qf", self.product(F.q_side, env), qk)
+        steps = [self._bad(k_ok, 1)]
         ptr, mask = self._hc(self.i_c)
         p, h = self.names.new("p_hc"), self.names.new("b_S_in")
         b += [f"{p} = {ptr}", f"{h} = tl.load({p}, mask={mask}, other=0.0)"]
         causal = f"({self.off[T]} >= tl.trans({self.off[T]}))"
-        steps = [_bad(k_ok, 1)]
         if F.kind is Kind.IDENTITY:
             a = self.bind(True, "b_A", f"tl.where({causal}, {dot(qf, f'tl.trans({kf})')}, 0.0)")
             o = self.bind(True, "b_o", f"{dot(a, vf)} + {dot(qf, h, 'read')}")
         else:
             gm = qk if F.kind is Kind.DIAGONAL else self.msk[T]
             g, g_ok, gc, gn, gl, gnl = self._log_decay(env, gm)
-            steps.append(_bad(g_ok, 1))
+            steps.append(self._bad(g_ok, 1))
             if F.kind is Kind.SCALAR:
                 seg = (f"tl.exp(tl.where({causal} & ({gn} == tl.trans({gn})), "
                        f"{gc} - tl.trans({gc}), float(\"-inf\")))")
@@ -231,7 +247,8 @@ class Lowering(chunked.Lowering):
                               f"{seg}, axis=2)")
             e_now = f"tl.where({gn} == 0, tl.exp({gc}), 0.0)"
             o = self.bind(True, "b_o", f"{dot(a, vf)} + {dot(f'({qf} * {e_now})', h, 'read')}")
-        self._poison_output(o, steps, q_ok, v_ok)
+        vbad = self.bind(True, "b_bad_v", self._bad(v_ok, None))
+        self._poison_output(o, steps, self._bad(q_ok, 1), vbad)
         self._memo[(F.contraction, env.key)] = o
         for out in rec.outputs:
             b.append(f"# {out.name} = {format_expr(out.expr)}")
@@ -255,7 +272,22 @@ class Lowering(chunked.Lowering):
         dev = f"{first}.device"
         nc, warps = self.names.new("n_chunks"), self.names.new("warps")
         nw = launch[-2].strip()[len("num_warps="):-1]  # the launcher's num_warps parameter
-        new = [f"    {nc} = -(-{self.size[T]} // {self.block[T]})",
+        call = launch
+        # the recurrent launcher's arguments (the buffers among them: ``signature``), STAGE last
+        call_args = [ln.strip().rstrip(",") for ln in call[1:-2]] + [self.stage]
+        new = []
+        if self.choose:
+            bt = self.block[T]
+            fbt = self.names.new("BLOCK_TIME_FUSED")
+            fargs = [fbt if a == bt else "None" if a in (self.hc, self.dc) else
+                     "0" if a == self.stage else a for a in call_args]
+            new += [f"    if {g0} * {g1} >= {self.SMS}:  # enough programs: the fused kernel",
+                    f'        {fbt} = {self.names_blocks}.get("{T}", '
+                    f"{chunked.Lowering.block_size(self, T, 0)})",
+                    f"        {call[0].strip()[:-len('[grid](')]}[({g0}, {g1}, 1)]("]
+            new += [f"            {a}," for a in fargs]
+            new += [f"            num_warps={nw},", "        )", "    " + lines[end]]
+        new += [f"    {nc} = -(-{self.size[T]} // {self.block[T]})",
                "    # per chunk: its state contribution, then (stage 2) the state entering it",
                f"    {self.hc} = torch.empty(({g0}, {nc}, {self.size[F.K]}, {self.size[F.V]}), "
                f"dtype=torch.float32, device={dev})",
@@ -265,9 +297,6 @@ class Lowering(chunked.Lowering):
                f"((1, ({g0}, {g1}, {nc}), min({self.WARPS[1]} * {nw}, 32)), "
                f"(2, ({g0}, {g1}, 1), min({self.WARPS[2]} * {nw}, 32)), "
                f"(3, ({g0}, {g1}, {nc}), min({self.WARPS[3]} * {nw}, 32))):"]
-        call = launch
-        # the recurrent launcher's arguments (the buffers among them: ``signature``), STAGE last
-        call_args = [ln.strip().rstrip(",") for ln in call[1:-2]] + [self.stage]
         new.append("    " + call[0])
         new += [f"            {a}," for a in call_args]
         new += [f"            num_warps={warps},", "    " + call[-1]]

@@ -93,8 +93,8 @@ def delta_net_chunked_fwd_kernel(
         b_QU = tl.dot(b_qf.to(q.dtype.element_ty), tl.trans(b_kf).to(q.dtype.element_ty), input_precision="tf32") * tl.where((o_time >= tl.trans(o_time)), 1.0, 0.0)
         b_o = tl.dot(b_qf, b_S, input_precision="tf32") - tl.dot(b_QK.to(q.dtype.element_ty), b_R.to(q.dtype.element_ty), input_precision="tf32") + tl.dot(b_QU.to(q.dtype.element_ty), b_vf.to(q.dtype.element_ty), input_precision="tf32")
         b_S = b_S - tl.dot(tl.trans(b_hk * b_beta_1), b_R, input_precision="tf32") + tl.dot(tl.trans(b_kf), b_vf, input_precision="tf32")
-        b_bad_step = tl.sum(tl.where(b_kf_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_hk_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_beta_1_ok, 0, 1), axis=1, keep_dims=True)
         b_bad_v = tl.where(b_vf_ok, 0, 1)
+        b_bad_step = tl.sum(tl.where(b_kf_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_hk_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_beta_1_ok, 0, 1), axis=1, keep_dims=True)
         b_prow = (tl.cumsum(b_bad_step, axis=0) > 0) | (tl.sum(tl.where(b_qf_ok, 0, 1), axis=1, keep_dims=True) > 0)
         b_pcol = tl.cumsum(b_bad_v, axis=0) > 0
         b_o += tl.where(b_prow | b_pcol, float("nan"), 0.0)

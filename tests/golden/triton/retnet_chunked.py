@@ -84,8 +84,8 @@ def retnet_chunked_fwd_kernel(
         b_A = tl.dot(b_qf.to(q.dtype.element_ty), tl.trans(b_kf).to(q.dtype.element_ty), input_precision="tf32") * tl.exp(tl.where((o_time >= tl.trans(o_time)) & (b_gn == tl.trans(b_gn)), b_gc - tl.trans(b_gc), float("-inf")))
         b_o = tl.dot(b_A.to(q.dtype.element_ty), b_vf.to(q.dtype.element_ty), input_precision="tf32") + tl.dot((b_qf * tl.where(b_gn == 0, tl.exp(b_gc), 0.0)), b_S, input_precision="tf32")
         b_S = b_S * tl.where(b_gnlast == 0, tl.exp(b_glast), 0.0) + tl.dot(tl.trans(b_kf * tl.where(b_gn == b_gnlast, tl.exp(b_glast - b_gc), 0.0)), b_vf, input_precision="tf32")
-        b_bad_step = tl.sum(tl.where(b_kf_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_g_ok, 0, 1), axis=1, keep_dims=True)
         b_bad_v = tl.where(b_vf_ok, 0, 1)
+        b_bad_step = tl.sum(tl.where(b_kf_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_g_ok, 0, 1), axis=1, keep_dims=True)
         b_prow = (tl.cumsum(b_bad_step, axis=0) > 0) | (tl.sum(tl.where(b_qf_ok, 0, 1), axis=1, keep_dims=True) > 0)
         b_pcol = tl.cumsum(b_bad_v, axis=0) > 0
         b_o += tl.where(b_prow | b_pcol, float("nan"), 0.0)
