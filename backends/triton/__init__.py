@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # the runtime imports torch: only when a kernel runs
     from .runtime import Compiled
 
 ALGORITHMS = ("auto", "recurrent", "chunked", "staged")
-DOT_PRECISIONS = ("auto", "ieee", "tf32x3", "input")
+DOT_PRECISIONS = ("auto", "ieee", "tf32x3", "tf32", "input")
 
 
 def _lowering(rec: Recurrence, options: Mapping[str, Any]):
@@ -66,8 +66,9 @@ OPTIONS = {o.name: o for o in (
     Option("block_sizes", "register block per dim, {dim: power of two} (None: the plan's)",
            None, (dict,), rule=_block_sizes_rule),
     Option("num_warps", "warps per program", 4, (int,), (1, 2, 4, 8, 16, 32)),
-    Option("dot_precision", "tl.dot operands of the chunked form (auto: the input dtype on "
-           "16-bit inputs, tf32 on float32; ieee: exact float32)", "auto", (str,),
+    Option("dot_precision", "tl.dot operands of the chunked form (auto: tensor cores, 16-bit "
+           "intra-chunk operands on 16-bit inputs, else tf32x3; ieee: exact float32)", "auto",
+           (str,),
            DOT_PRECISIONS),
 )}
 
