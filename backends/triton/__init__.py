@@ -66,9 +66,9 @@ OPTIONS = {o.name: o for o in (
     Option("block_sizes", "register block per dim, {dim: power of two} (None: the plan's)",
            None, (dict,), rule=_block_sizes_rule),
     Option("num_warps", "warps per program", 4, (int,), (1, 2, 4, 8, 16, 32)),
-    Option("dot_precision", "tl.dot operands of the chunked form (auto: tensor cores, 16-bit "
-           "intra-chunk operands on 16-bit inputs, else tf32x3; ieee: exact float32)", "auto",
-           (str,),
+    Option("dot_precision", "tl.dot operands of the chunked form (auto: tensor cores; 16-bit "
+           "inputs: 16-bit intra-chunk operands, tf32 state dots; float32 inputs: tf32x3; "
+           "ieee: exact float32)", "auto", (str,),
            DOT_PRECISIONS),
 )}
 

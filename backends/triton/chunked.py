@@ -14,11 +14,11 @@ chunk and S the state before it:
 Every exponent is c_t - c_s with t >= s, so <= 0 (docs/numerics.md). The K-diagonal
 intra-chunk term needs a per-K exponent, so it is a broadcast product over [BT, BT, BK]
 rather than a tl.dot; the inter-chunk terms and the state update are tl.dot for every kind.
-Option ``dot_precision`` (default "auto": tensor cores, float32 accumulation): float32 operands
-at tf32x3 (about float32 accuracy) — every dot on float32 inputs, and the dots that read or
-update the state on any input — and the intra-chunk dots on 16-bit inputs with 16-bit operands;
-``"ieee"`` is exact float32 (the chunked form then matches the recurrent one at every dtype),
-``"tf32"`` single-pass tf32 (fast, about 4e-4 relative: over the float32 table), ``"tf32x3"``
+Option ``dot_precision`` (default "auto": tensor cores, float32 accumulation): on 16-bit inputs
+the intra-chunk dots take 16-bit operands and the dots that read or update the state float32
+operands at tf32; on float32 inputs every dot is tf32x3 (about float32 accuracy). ``"ieee"`` is
+exact float32 (the chunked form then matches the recurrent one at every dtype), ``"tf32"``
+single-pass tf32 (about 4e-4 relative on float32 inputs: over the float32 table), ``"tf32x3"``
 every dot at tf32x3, ``"input"`` every operand in the input dtype (at bf16 over the 1e-2
 table: docs/triton.md). The interpreter computes tf32 and tf32x3 in float32, so only "ieee"
 and the input-dtype roundings are checked bit-for-bit against their GPU semantics here.
@@ -380,24 +380,58 @@ class Lowering(recurrent.Lowering):
         gnl = self.bind(True, "b_gnlast", f"tl.sum({reset}.to(tl.int32), axis=0, keep_dims=True)")
         return g, ok, gc, gn, gl, gnl
 
+    @property
+    def dot_f32(self) -> str | None:
+        """The kernel's constexpr precision of float32 dot operands under "auto" (the launcher
+        sets it from the input dtype: tf32x3 on float32 inputs, tf32 on 16-bit ones)."""
+        if self.options.get("dot_precision", "auto") != "auto":
+            return None
+        if not hasattr(self, "_dot_f32"):
+            self._dot_f32 = self.names.new("DOT_F32")
+        return self._dot_f32
+
+    def signature(self) -> tuple[list[str], list[str]]:
+        params, consts = super().signature()
+        return params, consts + ([self.dot_f32] if self.dot_f32 else [])
+
+    def compile_args(self, sizes: dict, dtype: str) -> tuple[dict, dict]:
+        sig, const = super().compile_args(sizes, dtype)
+        if self.dot_f32:
+            const[self.dot_f32] = "tf32x3" if dtype == "float32" else "tf32"
+        return sig, const
+
+    def render_launcher(self) -> str:
+        """The recurrent launcher, plus the DOT_F32 argument under "auto"."""
+        text = super().render_launcher()
+        if not self.dot_f32:
+            return text
+        lines = text.splitlines()
+        at = next(i for i, ln in enumerate(lines) if ln.startswith("    grid = ("))
+        first = self.arg[self.rec.inputs[0].name]
+        lines.insert(at, f'    {self.dot_f32} = "tf32x3" if {first}.dtype == torch.float32 '
+                         'else "tf32"  # float32 dot operands (dot_precision="auto")')
+        nw = next(i for i, ln in enumerate(lines) if ln.strip().startswith("num_warps="))
+        lines.insert(nw, f"        {self.dot_f32},")
+        return "\n".join(lines) + "\n"
+
     def _dot(self, a: str, b: str, role: str = "intra") -> str:
         """tl.dot of two float32 tiles, at the precision the ``dot_precision`` option asks.
 
-        "auto" (default): tensor cores, float32 accumulation. Float32 operands go through
-        tf32x3 (about float32 accuracy): every dot on float32 inputs, and the dots that read or
-        update the state (``role`` "read", "update": the accumulation-sensitive operands, the
-        state and the decay-scaled k) on any input; the intra-chunk dots ("intra", "solve") on
-        16-bit inputs take 16-bit operands (the precision flag does not apply to them).
-        Measured (docs/triton.md): every operand in bf16 exceeds the 1e-2 bf16 table (delta_net
-        1.03e-2, mamba2 1.01e-2 at T=257); plain tf32 on float32 inputs, modelled, 4.3e-4
-        rel-RMS against the 2e-5 float32 table (so it is opt-in: "tf32")."""
+        "auto" (default): tensor cores, float32 accumulation. On 16-bit inputs the intra-chunk
+        dots ("intra", "solve") take 16-bit operands and the dots that read or update the state
+        (``role`` "read", "update": the accumulation-sensitive operands, the state and the
+        decay-scaled k) float32 operands at tf32; on float32 inputs every dot is tf32x3 (about
+        float32 accuracy). Measured/modelled (docs/triton.md): every operand in bf16 exceeds
+        the 1e-2 bf16 table (delta_net 1.03e-2, mamba2 1.01e-2 at T=257); plain tf32 on
+        float32 inputs, modelled, 4.3e-4 rel-RMS against the 2e-5 float32 table (opt-in:
+        "tf32")."""
         mode = self.options.get("dot_precision", "auto")
         if mode == "auto" and role in ("read", "update"):
-            return f'tl.dot({a}, {b}, input_precision="tf32x3")'
+            return f"tl.dot({a}, {b}, input_precision={self.dot_f32})"
         if mode in ("input", "auto"):  # operands in the input dtype: bf16/fp16 tensor cores
             dt = f"{self.arg[self.rec.inputs[0].name]}.dtype.element_ty"
-            prec = "ieee" if mode == "input" else "tf32x3"
-            return f'tl.dot({a}.to({dt}), {b}.to({dt}), input_precision="{prec}")'
+            prec = '"ieee"' if mode == "input" else self.dot_f32
+            return f"tl.dot({a}.to({dt}), {b}.to({dt}), input_precision={prec})"
         return f'tl.dot({a}, {b}, input_precision="{mode}")'
 
     def _kv_env(self, env: Env) -> Env:

@@ -39,6 +39,7 @@ def delta_net_chunked_fwd_kernel(
     BLOCK_VALUE: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr,
     STORE_FINAL_STATE: tl.constexpr,
+    DOT_F32: tl.constexpr,
 ):
     i_batch_heads = tl.program_id(0).to(tl.int64)
     i_batch = i_batch_heads // HEADS
@@ -81,18 +82,18 @@ def delta_net_chunked_fwd_kernel(
         b_beta_1 = tl.where(m_time, b_beta, 0.0)
         b_beta_1_ok = tl.abs(b_beta_1) < float("inf")
         b_beta_1 = tl.where(b_beta_1_ok, b_beta_1, 0.0)
-        b_M = tl.dot(b_hk.to(q.dtype.element_ty), tl.trans(b_hk).to(q.dtype.element_ty), input_precision="tf32x3") * tl.where((o_time > tl.trans(o_time)), 1.0, 0.0) * tl.trans(b_beta_1)
-        b_N = tl.dot(b_hk.to(q.dtype.element_ty), tl.trans(b_kf).to(q.dtype.element_ty), input_precision="tf32x3") * tl.where((o_time > tl.trans(o_time)), 1.0, 0.0)
-        b_R = tl.dot(b_hk, b_S, input_precision="tf32x3") + tl.dot(b_N.to(q.dtype.element_ty), b_vf.to(q.dtype.element_ty), input_precision="tf32x3")
+        b_M = tl.dot(b_hk.to(q.dtype.element_ty), tl.trans(b_hk).to(q.dtype.element_ty), input_precision=DOT_F32) * tl.where((o_time > tl.trans(o_time)), 1.0, 0.0) * tl.trans(b_beta_1)
+        b_N = tl.dot(b_hk.to(q.dtype.element_ty), tl.trans(b_kf).to(q.dtype.element_ty), input_precision=DOT_F32) * tl.where((o_time > tl.trans(o_time)), 1.0, 0.0)
+        b_R = tl.dot(b_hk, b_S, input_precision=DOT_F32) + tl.dot(b_N.to(q.dtype.element_ty), b_vf.to(q.dtype.element_ty), input_precision=DOT_F32)
         o_row = tl.arange(0, BLOCK_TIME)[:, None]
         for i_r in range(1, BLOCK_TIME):  # forward substitution: R = (I + M)^-1 R
             b_m_r = tl.sum(tl.where(o_row == i_r, b_M, 0.0), axis=0, keep_dims=True)
             b_upd = tl.sum(tl.trans(b_m_r) * b_R, axis=0, keep_dims=True)
             b_R = tl.where(o_row == i_r, b_R - b_upd, b_R)
-        b_QK = tl.dot(b_qf.to(q.dtype.element_ty), tl.trans(b_hk).to(q.dtype.element_ty), input_precision="tf32x3") * tl.where((o_time >= tl.trans(o_time)), 1.0, 0.0) * tl.trans(b_beta_1)
-        b_QU = tl.dot(b_qf.to(q.dtype.element_ty), tl.trans(b_kf).to(q.dtype.element_ty), input_precision="tf32x3") * tl.where((o_time >= tl.trans(o_time)), 1.0, 0.0)
-        b_o = tl.dot(b_qf, b_S, input_precision="tf32x3") - tl.dot(b_QK.to(q.dtype.element_ty), b_R.to(q.dtype.element_ty), input_precision="tf32x3") + tl.dot(b_QU.to(q.dtype.element_ty), b_vf.to(q.dtype.element_ty), input_precision="tf32x3")
-        b_S = b_S - tl.dot(tl.trans(b_hk * b_beta_1), b_R, input_precision="tf32x3") + tl.dot(tl.trans(b_kf), b_vf, input_precision="tf32x3")
+        b_QK = tl.dot(b_qf.to(q.dtype.element_ty), tl.trans(b_hk).to(q.dtype.element_ty), input_precision=DOT_F32) * tl.where((o_time >= tl.trans(o_time)), 1.0, 0.0) * tl.trans(b_beta_1)
+        b_QU = tl.dot(b_qf.to(q.dtype.element_ty), tl.trans(b_kf).to(q.dtype.element_ty), input_precision=DOT_F32) * tl.where((o_time >= tl.trans(o_time)), 1.0, 0.0)
+        b_o = tl.dot(b_qf, b_S, input_precision=DOT_F32) - tl.dot(b_QK.to(q.dtype.element_ty), b_R.to(q.dtype.element_ty), input_precision=DOT_F32) + tl.dot(b_QU.to(q.dtype.element_ty), b_vf.to(q.dtype.element_ty), input_precision=DOT_F32)
+        b_S = b_S - tl.dot(tl.trans(b_hk * b_beta_1), b_R, input_precision=DOT_F32) + tl.dot(tl.trans(b_kf), b_vf, input_precision=DOT_F32)
         b_bad_v = tl.where(b_vf_ok, 0, 1)
         b_bad_step = tl.sum(tl.where(b_kf_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_hk_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_beta_1_ok, 0, 1), axis=1, keep_dims=True)
         b_prow = (tl.cumsum(b_bad_step, axis=0) > 0) | (tl.sum(tl.where(b_qf_ok, 0, 1), axis=1, keep_dims=True) > 0)
@@ -124,6 +125,7 @@ def delta_net_chunked_fwd(q, k, v, beta, initial_state=None, output_final_state=
     if h0 is not None:
         h0 = h0.to(device=q.device, dtype=torch.float32).contiguous()
     ht = torch.full((BATCH, HEADS, KEY, VALUE), float("nan"), dtype=torch.float32, device=q.device) if output_final_state else None
+    DOT_F32 = "tf32x3" if q.dtype == torch.float32 else "tf32"  # float32 dot operands (dot_precision="auto")
     grid = (BATCH * HEADS, -(-VALUE // BLOCK_VALUE))
     delta_net_chunked_fwd_kernel[grid](
         q,
@@ -142,6 +144,7 @@ def delta_net_chunked_fwd(q, k, v, beta, initial_state=None, output_final_state=
         BLOCK_VALUE,
         h0 is not None,
         output_final_state,
+        DOT_F32,
         num_warps=num_warps,
     )
     return {"o": o}, ({"S": ht} if output_final_state else None)

@@ -41,6 +41,7 @@ def gated_delta_net_chunked_fwd_kernel(
     BLOCK_VALUE: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr,
     STORE_FINAL_STATE: tl.constexpr,
+    DOT_F32: tl.constexpr,
 ):
     i_batch_heads = tl.program_id(0).to(tl.int64)
     i_batch = i_batch_heads // HEADS
@@ -96,18 +97,18 @@ def gated_delta_net_chunked_fwd_kernel(
         b_ab = tl.where(b_g_1_reset, 0.0, tl.exp(b_g_1)) * b_beta_1
         b_seg_prev = tl.exp(tl.where((o_time > tl.trans(o_time)) & ((b_gn - b_g_1_reset.to(tl.int32)) == tl.trans(b_gn)), b_gc - b_g_1 - tl.trans(b_gc), float("-inf")))
         b_seg = tl.exp(tl.where((o_time >= tl.trans(o_time)) & (b_gn == tl.trans(b_gn)), b_gc - tl.trans(b_gc), float("-inf")))
-        b_M = tl.dot(b_hk.to(q.dtype.element_ty), tl.trans(b_hk).to(q.dtype.element_ty), input_precision="tf32x3") * b_seg_prev * tl.trans(b_ab)
-        b_N = tl.dot(b_hk.to(q.dtype.element_ty), tl.trans(b_kf).to(q.dtype.element_ty), input_precision="tf32x3") * b_seg_prev
-        b_R = tl.where((b_gn - b_g_1_reset.to(tl.int32)) == 0, tl.exp(b_gc - b_g_1), 0.0) * tl.dot(b_hk, b_S, input_precision="tf32x3") + tl.dot(b_N.to(q.dtype.element_ty), b_vf.to(q.dtype.element_ty), input_precision="tf32x3")
+        b_M = tl.dot(b_hk.to(q.dtype.element_ty), tl.trans(b_hk).to(q.dtype.element_ty), input_precision=DOT_F32) * b_seg_prev * tl.trans(b_ab)
+        b_N = tl.dot(b_hk.to(q.dtype.element_ty), tl.trans(b_kf).to(q.dtype.element_ty), input_precision=DOT_F32) * b_seg_prev
+        b_R = tl.where((b_gn - b_g_1_reset.to(tl.int32)) == 0, tl.exp(b_gc - b_g_1), 0.0) * tl.dot(b_hk, b_S, input_precision=DOT_F32) + tl.dot(b_N.to(q.dtype.element_ty), b_vf.to(q.dtype.element_ty), input_precision=DOT_F32)
         o_row = tl.arange(0, BLOCK_TIME)[:, None]
         for i_r in range(1, BLOCK_TIME):  # forward substitution: R = (I + M)^-1 R
             b_m_r = tl.sum(tl.where(o_row == i_r, b_M, 0.0), axis=0, keep_dims=True)
             b_upd = tl.sum(tl.trans(b_m_r) * b_R, axis=0, keep_dims=True)
             b_R = tl.where(o_row == i_r, b_R - b_upd, b_R)
-        b_QK = tl.dot(b_qf.to(q.dtype.element_ty), tl.trans(b_hk).to(q.dtype.element_ty), input_precision="tf32x3") * b_seg * tl.trans(b_ab)
-        b_QU = tl.dot(b_qf.to(q.dtype.element_ty), tl.trans(b_kf).to(q.dtype.element_ty), input_precision="tf32x3") * b_seg
-        b_o = tl.where(b_gn == 0, tl.exp(b_gc), 0.0) * tl.dot(b_qf, b_S, input_precision="tf32x3") - tl.dot(b_QK.to(q.dtype.element_ty), b_R.to(q.dtype.element_ty), input_precision="tf32x3") + tl.dot(b_QU.to(q.dtype.element_ty), b_vf.to(q.dtype.element_ty), input_precision="tf32x3")
-        b_S = tl.where(b_gnlast == 0, tl.exp(b_glast), 0.0) * b_S - tl.dot(tl.trans(b_hk * b_ab * tl.where(b_gn == b_gnlast, tl.exp(b_glast - b_gc), 0.0)), b_R, input_precision="tf32x3") + tl.dot(tl.trans((b_kf * tl.where(b_gn == b_gnlast, tl.exp(b_glast - b_gc), 0.0))), b_vf, input_precision="tf32x3")
+        b_QK = tl.dot(b_qf.to(q.dtype.element_ty), tl.trans(b_hk).to(q.dtype.element_ty), input_precision=DOT_F32) * b_seg * tl.trans(b_ab)
+        b_QU = tl.dot(b_qf.to(q.dtype.element_ty), tl.trans(b_kf).to(q.dtype.element_ty), input_precision=DOT_F32) * b_seg
+        b_o = tl.where(b_gn == 0, tl.exp(b_gc), 0.0) * tl.dot(b_qf, b_S, input_precision=DOT_F32) - tl.dot(b_QK.to(q.dtype.element_ty), b_R.to(q.dtype.element_ty), input_precision=DOT_F32) + tl.dot(b_QU.to(q.dtype.element_ty), b_vf.to(q.dtype.element_ty), input_precision=DOT_F32)
+        b_S = tl.where(b_gnlast == 0, tl.exp(b_glast), 0.0) * b_S - tl.dot(tl.trans(b_hk * b_ab * tl.where(b_gn == b_gnlast, tl.exp(b_glast - b_gc), 0.0)), b_R, input_precision=DOT_F32) + tl.dot(tl.trans((b_kf * tl.where(b_gn == b_gnlast, tl.exp(b_glast - b_gc), 0.0))), b_vf, input_precision=DOT_F32)
         b_bad_v = tl.where(b_vf_ok, 0, 1)
         b_bad_step = tl.sum(tl.where(b_kf_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_hk_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_beta_1_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_g_1_ok, 0, 1), axis=1, keep_dims=True)
         b_prow = (tl.cumsum(b_bad_step, axis=0) > 0) | (tl.sum(tl.where(b_qf_ok, 0, 1), axis=1, keep_dims=True) > 0)
@@ -139,6 +140,7 @@ def gated_delta_net_chunked_fwd(q, k, v, g, beta, initial_state=None, output_fin
     if h0 is not None:
         h0 = h0.to(device=q.device, dtype=torch.float32).contiguous()
     ht = torch.full((BATCH, HEADS, KEY, VALUE), float("nan"), dtype=torch.float32, device=q.device) if output_final_state else None
+    DOT_F32 = "tf32x3" if q.dtype == torch.float32 else "tf32"  # float32 dot operands (dot_precision="auto")
     grid = (BATCH * HEADS, -(-VALUE // BLOCK_VALUE))
     gated_delta_net_chunked_fwd_kernel[grid](
         q,
@@ -158,6 +160,7 @@ def gated_delta_net_chunked_fwd(q, k, v, g, beta, initial_state=None, output_fin
         BLOCK_VALUE,
         h0 is not None,
         output_final_state,
+        DOT_F32,
         num_warps=num_warps,
     )
     return {"o": o}, ({"S": ht} if output_final_state else None)

@@ -37,6 +37,7 @@ def linear_attn_chunked_fwd_kernel(
     BLOCK_VALUE: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr,
     STORE_FINAL_STATE: tl.constexpr,
+    DOT_F32: tl.constexpr,
 ):
     i_batch_heads = tl.program_id(0).to(tl.int64)
     i_batch = i_batch_heads // HEADS
@@ -71,9 +72,9 @@ def linear_attn_chunked_fwd_kernel(
         b_qf = tl.where(m_time & m_key, b_q, 0.0)
         b_qf_ok = tl.abs(b_qf) < float("inf")
         b_qf = tl.where(b_qf_ok, b_qf, 0.0)
-        b_A = tl.where((o_time >= tl.trans(o_time)), tl.dot(b_qf.to(q.dtype.element_ty), tl.trans(b_kf).to(q.dtype.element_ty), input_precision="tf32x3"), 0.0)
-        b_o = tl.dot(b_A.to(q.dtype.element_ty), b_vf.to(q.dtype.element_ty), input_precision="tf32x3") + tl.dot(b_qf, b_S, input_precision="tf32x3")
-        b_S += tl.dot(tl.trans(b_kf), b_vf, input_precision="tf32x3")
+        b_A = tl.where((o_time >= tl.trans(o_time)), tl.dot(b_qf.to(q.dtype.element_ty), tl.trans(b_kf).to(q.dtype.element_ty), input_precision=DOT_F32), 0.0)
+        b_o = tl.dot(b_A.to(q.dtype.element_ty), b_vf.to(q.dtype.element_ty), input_precision=DOT_F32) + tl.dot(b_qf, b_S, input_precision=DOT_F32)
+        b_S += tl.dot(tl.trans(b_kf), b_vf, input_precision=DOT_F32)
         b_bad_v = tl.where(b_vf_ok, 0, 1)
         b_bad_step = tl.sum(tl.where(b_kf_ok, 0, 1), axis=1, keep_dims=True)
         b_prow = (tl.cumsum(b_bad_step, axis=0) > 0) | (tl.sum(tl.where(b_qf_ok, 0, 1), axis=1, keep_dims=True) > 0)
@@ -105,6 +106,7 @@ def linear_attn_chunked_fwd(q, k, v, initial_state=None, output_final_state=Fals
     if h0 is not None:
         h0 = h0.to(device=q.device, dtype=torch.float32).contiguous()
     ht = torch.full((BATCH, HEADS, KEY, VALUE), float("nan"), dtype=torch.float32, device=q.device) if output_final_state else None
+    DOT_F32 = "tf32x3" if q.dtype == torch.float32 else "tf32"  # float32 dot operands (dot_precision="auto")
     grid = (BATCH * HEADS, -(-VALUE // BLOCK_VALUE))
     linear_attn_chunked_fwd_kernel[grid](
         q,
@@ -122,6 +124,7 @@ def linear_attn_chunked_fwd(q, k, v, initial_state=None, output_final_state=Fals
         BLOCK_VALUE,
         h0 is not None,
         output_final_state,
+        DOT_F32,
         num_warps=num_warps,
     )
     return {"o": o}, ({"S": ht} if output_final_state else None)

@@ -45,6 +45,7 @@ def mamba2_chunked_fwd_kernel(
     BLOCK_HEADDIM: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr,
     STORE_FINAL_STATE: tl.constexpr,
+    DOT_F32: tl.constexpr,
 ):
     i_batch_heads = tl.program_id(0).to(tl.int64)
     i_batch = i_batch_heads // HEADS
@@ -92,9 +93,9 @@ def mamba2_chunked_fwd_kernel(
         b_gn = tl.cumsum(b_g_reset.to(tl.int32), axis=0)
         b_glast = tl.sum(b_g, axis=0, keep_dims=True)
         b_gnlast = tl.sum(b_g_reset.to(tl.int32), axis=0, keep_dims=True)
-        b_A_1 = tl.dot(b_qf.to(x.dtype.element_ty), tl.trans(b_kf).to(x.dtype.element_ty), input_precision="tf32x3") * tl.exp(tl.where((o_time >= tl.trans(o_time)) & (b_gn == tl.trans(b_gn)), b_gc - tl.trans(b_gc), float("-inf")))
-        b_o = tl.dot(b_A_1.to(x.dtype.element_ty), b_vf.to(x.dtype.element_ty), input_precision="tf32x3") + tl.dot((b_qf * tl.where(b_gn == 0, tl.exp(b_gc), 0.0)), b_h, input_precision="tf32x3")
-        b_h = b_h * tl.where(b_gnlast == 0, tl.exp(b_glast), 0.0) + tl.dot(tl.trans(b_kf * tl.where(b_gn == b_gnlast, tl.exp(b_glast - b_gc), 0.0)), b_vf, input_precision="tf32x3")
+        b_A_1 = tl.dot(b_qf.to(x.dtype.element_ty), tl.trans(b_kf).to(x.dtype.element_ty), input_precision=DOT_F32) * tl.exp(tl.where((o_time >= tl.trans(o_time)) & (b_gn == tl.trans(b_gn)), b_gc - tl.trans(b_gc), float("-inf")))
+        b_o = tl.dot(b_A_1.to(x.dtype.element_ty), b_vf.to(x.dtype.element_ty), input_precision=DOT_F32) + tl.dot((b_qf * tl.where(b_gn == 0, tl.exp(b_gc), 0.0)), b_h, input_precision=DOT_F32)
+        b_h = b_h * tl.where(b_gnlast == 0, tl.exp(b_glast), 0.0) + tl.dot(tl.trans(b_kf * tl.where(b_gn == b_gnlast, tl.exp(b_glast - b_gc), 0.0)), b_vf, input_precision=DOT_F32)
         b_bad_v = tl.where(b_vf_ok, 0, 1)
         b_bad_step = tl.sum(tl.where(b_kf_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_g_ok, 0, 1), axis=1, keep_dims=True)
         b_prow = (tl.cumsum(b_bad_step, axis=0) > 0) | (tl.sum(tl.where(b_qf_ok, 0, 1), axis=1, keep_dims=True) > 0)
@@ -127,6 +128,7 @@ def mamba2_chunked_fwd(x, dt, A, B, C, initial_state=None, output_final_state=Fa
     if h0 is not None:
         h0 = h0.to(device=x.device, dtype=torch.float32).contiguous()
     ht = torch.full((BATCH, HEADS, HEADDIM, DSTATE), float("nan"), dtype=torch.float32, device=x.device) if output_final_state else None
+    DOT_F32 = "tf32x3" if x.dtype == torch.float32 else "tf32"  # float32 dot operands (dot_precision="auto")
     grid = (BATCH * HEADS, -(-HEADDIM // BLOCK_HEADDIM))
     mamba2_chunked_fwd_kernel[grid](
         x,
@@ -147,6 +149,7 @@ def mamba2_chunked_fwd(x, dt, A, B, C, initial_state=None, output_final_state=Fa
         BLOCK_HEADDIM,
         h0 is not None,
         output_final_state,
+        DOT_F32,
         num_warps=num_warps,
     )
     return {"y": y}, ({"h": ht} if output_final_state else None)
