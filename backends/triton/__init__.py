@@ -7,6 +7,10 @@ Algorithms (``algorithm=`` option; ``"auto"`` picks from the transition structur
   over time. The ground truth the faster forms must match.
 - ``chunked`` (chunked.py): parallel in time with ``tl.dot``, for scalar/identity decays,
   key-dimension diagonal decay and householder (delta rule, UT form) transitions.
+- ``staged`` (staged.py): the chunked form in three launches (chunk states in parallel, a
+  sequential pass over chunks only, outputs in parallel) for identity/scalar/diagonal decays.
+  ``auto`` renders both forms in one module for those decays; the launcher picks the fused
+  kernel when the (grid, V-block) programs fill the GPU (``staged.Lowering.SMS``).
 - ``scan`` (scan.py): the recurrent kernel parallel in time by chunks, for identity/scalar/
   diagonal transitions; ``"auto"`` picks it only on a GPU where chunked does not apply, and
   its launcher may still run one chunk (scan.CHUNK_RULE, scan.AUTO_MIN_STEPS).
@@ -23,16 +27,23 @@ from ..base import Backend, Option, Problem, RunResult, UnsupportedError
 if TYPE_CHECKING:  # the runtime imports torch: only when a kernel runs
     from .runtime import Compiled
 
-ALGORITHMS = ("auto", "recurrent", "chunked", "scan")
-DOT_PRECISIONS = ("ieee", "tf32x3", "input")
+ALGORITHMS = ("auto", "recurrent", "chunked", "staged", "scan")
+DOT_PRECISIONS = ("auto", "ieee", "tf32x3", "tf32", "input")
 
 
 def _lowering(rec: Recurrence, options: Mapping[str, Any]):
-    from . import chunked, recurrent, scan
+    from . import chunked, recurrent, scan, staged
     algo = options.get("algorithm", "auto")
     if algo not in ALGORITHMS:
         raise UnsupportedError("triton", rec.name, f"option algorithm={algo!r}: expected one of "
                                f"{', '.join(ALGORITHMS)}")
+    if algo == "staged":
+        ok, why = staged.applies(rec)
+        if not ok:
+            raise UnsupportedError("triton", rec.name, f"algorithm='staged': {why}")
+        return staged.Lowering(rec, options)
+    if algo == "auto" and staged.applies(rec)[0]:  # fused or staged: the launcher's rule
+        return staged.Lowering(rec, options, choose=True)
     if algo == "chunked" or (algo == "auto" and chunked.applies(rec)[0]):
         ok, why = chunked.applies(rec)
         if not ok:
@@ -67,7 +78,9 @@ OPTIONS = {o.name: o for o in (
     Option("autotune", "on a GPU, time a few block sizes x num_warps on the first call per "
            "shape class (T and batch excluded) and keep the fastest, cached on disk "
            "(autotune.py); off, or block_sizes/num_warps given: the defaults", True, (bool,)),
-    Option("dot_precision", "tl.dot input precision of the chunked form", "ieee", (str,),
+    Option("dot_precision", "tl.dot operands of the chunked form (auto: tensor cores; 16-bit "
+           "inputs: 16-bit intra-chunk operands, tf32 state dots; float32 inputs: tf32x3; "
+           "ieee: exact float32)", "auto", (str,),
            DOT_PRECISIONS),
 )}
 

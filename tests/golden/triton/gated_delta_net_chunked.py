@@ -41,6 +41,7 @@ def gated_delta_net_chunked_fwd_kernel(
     BLOCK_VALUE: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr,
     STORE_FINAL_STATE: tl.constexpr,
+    DOT_F32: tl.constexpr,
 ):
     i_batch_heads = tl.program_id(0).to(tl.int64)
     i_batch = i_batch_heads // HEADS
@@ -58,40 +59,62 @@ def gated_delta_net_chunked_fwd_kernel(
         o_time = i_c * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None].to(tl.int64)
         m_time = o_time < TIME
         # S: householder(axis=key, k=k, beta=beta, alpha=exp(g)) + beta * k * v
+        # edges (scancc.ir.passes.chunked): non-finite factors enter the dots as 0 and their NaN is added back where the recurrence puts it
         p_k = k + i_batch * TIME * HEADS * KEY + o_time * HEADS * KEY + i_heads * KEY + o_key
         b_k = tl.load(p_k, mask=m_time & m_key, other=0.0).to(tl.float32)
         b_kf = tl.where(m_time & m_key, b_k, 0.0)
+        b_kf_ok = tl.abs(b_kf) < float("inf")
+        b_kf = tl.where(b_kf_ok, b_kf, 0.0)
         p_beta = beta + i_batch * TIME * HEADS + o_time * HEADS + i_heads
         b_beta = tl.load(p_beta, mask=m_time, other=0.0).to(tl.float32)
         p_v = v + i_batch * TIME * HEADS * VALUE + o_time * HEADS * VALUE + i_heads * VALUE + o_value
         b_v = tl.load(p_v, mask=m_time & m_value, other=0.0).to(tl.float32)
         b_vf = tl.where(m_time & m_value, b_beta * b_v, 0.0)
+        b_vf_ok = tl.abs(b_vf) < float("inf")
+        b_vf = tl.where(b_vf_ok, b_vf, 0.0)
         # sum(S * q, key)
         p_q = q + i_batch * TIME * HEADS * KEY + o_time * HEADS * KEY + i_heads * KEY + o_key
         b_q = tl.load(p_q, mask=m_time & m_key, other=0.0).to(tl.float32)
         b_qf = tl.where(m_time & m_key, b_q, 0.0)
+        b_qf_ok = tl.abs(b_qf) < float("inf")
+        b_qf = tl.where(b_qf_ok, b_qf, 0.0)
         b_hk = tl.where(m_time & m_key, b_k, 0.0)
+        b_hk_ok = tl.abs(b_hk) < float("inf")
+        b_hk = tl.where(b_hk_ok, b_hk, 0.0)
         b_beta_1 = tl.where(m_time, b_beta, 0.0)
+        b_beta_1_ok = tl.abs(b_beta_1) < float("inf")
+        b_beta_1 = tl.where(b_beta_1_ok, b_beta_1, 0.0)
         p_g = g + i_batch * TIME * HEADS + o_time * HEADS + i_heads
         b_g = tl.load(p_g, mask=m_time, other=0.0).to(tl.float32)
         b_g_1 = tl.where(m_time, b_g, 0.0)
+        b_g_1_ok = b_g_1 < float("inf")
+        b_g_1_reset = b_g_1 <= -87.3365447505531
+        b_g_1 = tl.where(b_g_1_ok & ~b_g_1_reset, b_g_1, 0.0)
         b_gc = tl.cumsum(b_g_1, axis=0)
+        b_gn = tl.cumsum(b_g_1_reset.to(tl.int32), axis=0)
         b_glast = tl.sum(b_g_1, axis=0, keep_dims=True)
-        b_ab = tl.exp(b_g_1) * b_beta_1
-        b_seg_prev = tl.exp(tl.where(o_time > tl.trans(o_time), b_gc - b_g_1 - tl.trans(b_gc), float("-inf")))
-        b_seg = tl.exp(tl.where(o_time >= tl.trans(o_time), b_gc - tl.trans(b_gc), float("-inf")))
-        b_M = tl.dot(b_hk, tl.trans(b_hk), input_precision="ieee") * b_seg_prev * tl.trans(b_ab)
-        b_N = tl.dot(b_hk, tl.trans(b_kf), input_precision="ieee") * b_seg_prev
-        b_R = tl.exp(b_gc - b_g_1) * tl.dot(b_hk, b_S, input_precision="ieee") + tl.dot(b_N, b_vf, input_precision="ieee")
+        b_gnlast = tl.sum(b_g_1_reset.to(tl.int32), axis=0, keep_dims=True)
+        b_ab = tl.where(b_g_1_reset, 0.0, tl.exp(b_g_1)) * b_beta_1
+        b_seg_prev = tl.exp(tl.where((o_time > tl.trans(o_time)) & ((b_gn - b_g_1_reset.to(tl.int32)) == tl.trans(b_gn)), b_gc - b_g_1 - tl.trans(b_gc), float("-inf")))
+        b_seg = tl.exp(tl.where((o_time >= tl.trans(o_time)) & (b_gn == tl.trans(b_gn)), b_gc - tl.trans(b_gc), float("-inf")))
+        b_M = tl.dot(b_hk.to(q.dtype.element_ty), tl.trans(b_hk).to(q.dtype.element_ty), input_precision=DOT_F32) * b_seg_prev * tl.trans(b_ab)
+        b_N = tl.dot(b_hk.to(q.dtype.element_ty), tl.trans(b_kf).to(q.dtype.element_ty), input_precision=DOT_F32) * b_seg_prev
+        b_R = tl.where((b_gn - b_g_1_reset.to(tl.int32)) == 0, tl.exp(b_gc - b_g_1), 0.0) * tl.dot(b_hk, b_S, input_precision=DOT_F32) + tl.dot(b_N.to(q.dtype.element_ty), b_vf.to(q.dtype.element_ty), input_precision=DOT_F32)
         o_row = tl.arange(0, BLOCK_TIME)[:, None]
         for i_r in range(1, BLOCK_TIME):  # forward substitution: R = (I + M)^-1 R
             b_m_r = tl.sum(tl.where(o_row == i_r, b_M, 0.0), axis=0, keep_dims=True)
             b_upd = tl.sum(tl.trans(b_m_r) * b_R, axis=0, keep_dims=True)
             b_R = tl.where(o_row == i_r, b_R - b_upd, b_R)
-        b_QK = tl.dot(b_qf, tl.trans(b_hk), input_precision="ieee") * b_seg * tl.trans(b_ab)
-        b_QU = tl.dot(b_qf, tl.trans(b_kf), input_precision="ieee") * b_seg
-        b_o = tl.exp(b_gc) * tl.dot(b_qf, b_S, input_precision="ieee") - tl.dot(b_QK, b_R, input_precision="ieee") + tl.dot(b_QU, b_vf, input_precision="ieee")
-        b_S = tl.exp(b_glast) * b_S - tl.dot(tl.trans(b_hk * b_ab * tl.exp(b_glast - b_gc)), b_R, input_precision="ieee") + tl.dot(tl.trans((b_kf * tl.exp(b_glast - b_gc))), b_vf, input_precision="ieee")
+        b_QK = tl.dot(b_qf.to(q.dtype.element_ty), tl.trans(b_hk).to(q.dtype.element_ty), input_precision=DOT_F32) * b_seg * tl.trans(b_ab)
+        b_QU = tl.dot(b_qf.to(q.dtype.element_ty), tl.trans(b_kf).to(q.dtype.element_ty), input_precision=DOT_F32) * b_seg
+        b_o = tl.where(b_gn == 0, tl.exp(b_gc), 0.0) * tl.dot(b_qf, b_S, input_precision=DOT_F32) - tl.dot(b_QK.to(q.dtype.element_ty), b_R.to(q.dtype.element_ty), input_precision=DOT_F32) + tl.dot(b_QU.to(q.dtype.element_ty), b_vf.to(q.dtype.element_ty), input_precision=DOT_F32)
+        b_S = tl.where(b_gnlast == 0, tl.exp(b_glast), 0.0) * b_S - tl.dot(tl.trans(b_hk * b_ab * tl.where(b_gn == b_gnlast, tl.exp(b_glast - b_gc), 0.0)), b_R, input_precision=DOT_F32) + tl.dot(tl.trans((b_kf * tl.where(b_gn == b_gnlast, tl.exp(b_glast - b_gc), 0.0))), b_vf, input_precision=DOT_F32)
+        b_bad_v = tl.where(b_vf_ok, 0, 1)
+        b_bad_step = tl.sum(tl.where(b_kf_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_hk_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_beta_1_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_g_1_ok, 0, 1), axis=1, keep_dims=True)
+        b_prow = (tl.cumsum(b_bad_step, axis=0) > 0) | (tl.sum(tl.where(b_qf_ok, 0, 1), axis=1, keep_dims=True) > 0)
+        b_pcol = tl.cumsum(b_bad_v, axis=0) > 0
+        b_o += tl.where(b_prow | b_pcol, float("nan"), 0.0)
+        b_S += tl.where((tl.trans(tl.sum(tl.where(b_kf_ok, 0, 1), axis=0, keep_dims=True)) > 0) | (tl.sum(b_bad_step) > 0) | (tl.sum(b_bad_v, axis=0, keep_dims=True) > 0), float("nan"), 0.0)
         # o = sum(S * q, key) * rsqrt(size(key))
         p_o = o + i_batch * TIME * HEADS * VALUE + o_time * HEADS * VALUE + i_heads * VALUE + o_value
         tl.store(p_o, (b_o * tl.rsqrt(KEY * 1.0)).to(p_o.dtype.element_ty), mask=m_time & m_value)
@@ -117,6 +140,7 @@ def gated_delta_net_chunked_fwd(q, k, v, g, beta, initial_state=None, output_fin
     if h0 is not None:
         h0 = h0.to(device=q.device, dtype=torch.float32).contiguous()
     ht = torch.full((BATCH, HEADS, KEY, VALUE), float("nan"), dtype=torch.float32, device=q.device) if output_final_state else None
+    DOT_F32 = "tf32x3" if q.dtype == torch.float32 else "tf32"  # float32 dot operands (dot_precision="auto")
     grid = (BATCH * HEADS, -(-VALUE // BLOCK_VALUE))
     gated_delta_net_chunked_fwd_kernel[grid](
         q,
@@ -136,6 +160,7 @@ def gated_delta_net_chunked_fwd(q, k, v, g, beta, initial_state=None, output_fin
         BLOCK_VALUE,
         h0 is not None,
         output_final_state,
+        DOT_F32,
         num_warps=num_warps,
     )
     return {"o": o}, ({"S": ht} if output_final_state else None)

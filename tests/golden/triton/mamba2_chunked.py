@@ -45,6 +45,7 @@ def mamba2_chunked_fwd_kernel(
     BLOCK_HEADDIM: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr,
     STORE_FINAL_STATE: tl.constexpr,
+    DOT_F32: tl.constexpr,
 ):
     i_batch_heads = tl.program_id(0).to(tl.int64)
     i_batch = i_batch_heads // HEADS
@@ -64,25 +65,43 @@ def mamba2_chunked_fwd_kernel(
         o_time = i_c * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None].to(tl.int64)
         m_time = o_time < TIME
         # h: scalar(decay=exp(dt_ * A)) + dt_ * x * group(B, groups, heads)
+        # edges (scancc.ir.passes.chunked): non-finite factors enter the dots as 0 and their NaN is added back where the recurrence puts it
         p_B = B + i_batch * TIME * GROUPS * DSTATE + o_time * GROUPS * DSTATE + (i_heads // (HEADS // GROUPS)) * DSTATE + o_dstate
         b_B = tl.load(p_B, mask=m_time & m_dstate, other=0.0).to(tl.float32)
         b_kf = tl.where(m_time & m_dstate, b_B, 0.0)
+        b_kf_ok = tl.abs(b_kf) < float("inf")
+        b_kf = tl.where(b_kf_ok, b_kf, 0.0)
         p_dt = dt + i_batch * TIME * HEADS + o_time * HEADS + i_heads
         b_dt = tl.load(p_dt, mask=m_time, other=0.0).to(tl.float32)
         b_dt_ = tl.maximum(b_dt, 0.0, propagate_nan=tl.PropagateNan.ALL)
         p_x = x + i_batch * TIME * HEADS * HEADDIM + o_time * HEADS * HEADDIM + i_heads * HEADDIM + o_headdim
         b_x = tl.load(p_x, mask=m_time & m_headdim, other=0.0).to(tl.float32)
         b_vf = tl.where(m_time & m_headdim, b_dt_ * b_x, 0.0)
+        b_vf_ok = tl.abs(b_vf) < float("inf")
+        b_vf = tl.where(b_vf_ok, b_vf, 0.0)
         # sum(h * group(C, groups, heads), dstate)
         p_C = C + i_batch * TIME * GROUPS * DSTATE + o_time * GROUPS * DSTATE + (i_heads // (HEADS // GROUPS)) * DSTATE + o_dstate
         b_C = tl.load(p_C, mask=m_time & m_dstate, other=0.0).to(tl.float32)
         b_qf = tl.where(m_time & m_dstate, b_C, 0.0)
+        b_qf_ok = tl.abs(b_qf) < float("inf")
+        b_qf = tl.where(b_qf_ok, b_qf, 0.0)
         b_g = tl.where(m_time, b_dt_ * b_A, 0.0)
+        b_g_ok = b_g < float("inf")
+        b_g_reset = b_g <= -87.3365447505531
+        b_g = tl.where(b_g_ok & ~b_g_reset, b_g, 0.0)
         b_gc = tl.cumsum(b_g, axis=0)
+        b_gn = tl.cumsum(b_g_reset.to(tl.int32), axis=0)
         b_glast = tl.sum(b_g, axis=0, keep_dims=True)
-        b_A_1 = tl.dot(b_qf, tl.trans(b_kf), input_precision="ieee") * tl.exp(tl.where(o_time >= tl.trans(o_time), b_gc - tl.trans(b_gc), float("-inf")))
-        b_o = tl.dot(b_A_1, b_vf, input_precision="ieee") + tl.dot((b_qf * tl.exp(b_gc)), b_h, input_precision="ieee")
-        b_h = b_h * tl.exp(b_glast) + tl.dot(tl.trans(b_kf * tl.exp(b_glast - b_gc)), b_vf, input_precision="ieee")
+        b_gnlast = tl.sum(b_g_reset.to(tl.int32), axis=0, keep_dims=True)
+        b_A_1 = tl.dot(b_qf.to(x.dtype.element_ty), tl.trans(b_kf).to(x.dtype.element_ty), input_precision=DOT_F32) * tl.exp(tl.where((o_time >= tl.trans(o_time)) & (b_gn == tl.trans(b_gn)), b_gc - tl.trans(b_gc), float("-inf")))
+        b_o = tl.dot(b_A_1.to(x.dtype.element_ty), b_vf.to(x.dtype.element_ty), input_precision=DOT_F32) + tl.dot((b_qf * tl.where(b_gn == 0, tl.exp(b_gc), 0.0)), b_h, input_precision=DOT_F32)
+        b_h = b_h * tl.where(b_gnlast == 0, tl.exp(b_glast), 0.0) + tl.dot(tl.trans(b_kf * tl.where(b_gn == b_gnlast, tl.exp(b_glast - b_gc), 0.0)), b_vf, input_precision=DOT_F32)
+        b_bad_v = tl.where(b_vf_ok, 0, 1)
+        b_bad_step = tl.sum(tl.where(b_kf_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_g_ok, 0, 1), axis=1, keep_dims=True)
+        b_prow = (tl.cumsum(b_bad_step, axis=0) > 0) | (tl.sum(tl.where(b_qf_ok, 0, 1), axis=1, keep_dims=True) > 0)
+        b_pcol = tl.cumsum(b_bad_v, axis=0) > 0
+        b_o += tl.where(b_prow | b_pcol, float("nan"), 0.0)
+        b_h += tl.where((tl.trans(tl.sum(tl.where(b_kf_ok, 0, 1), axis=0, keep_dims=True)) > 0) | (tl.sum(tl.sum(tl.where(b_g_ok, 0, 1), axis=0, keep_dims=True)) > 0) | (tl.sum(b_bad_v, axis=0, keep_dims=True) > 0), float("nan"), 0.0)
         # y = sum(h * group(C, groups, heads), dstate)
         p_y = y + i_batch * TIME * HEADS * HEADDIM + o_time * HEADS * HEADDIM + i_heads * HEADDIM + o_headdim
         tl.store(p_y, b_o.to(p_y.dtype.element_ty), mask=m_time & m_headdim)
@@ -109,6 +128,7 @@ def mamba2_chunked_fwd(x, dt, A, B, C, initial_state=None, output_final_state=Fa
     if h0 is not None:
         h0 = h0.to(device=x.device, dtype=torch.float32).contiguous()
     ht = torch.full((BATCH, HEADS, HEADDIM, DSTATE), float("nan"), dtype=torch.float32, device=x.device) if output_final_state else None
+    DOT_F32 = "tf32x3" if x.dtype == torch.float32 else "tf32"  # float32 dot operands (dot_precision="auto")
     grid = (BATCH * HEADS, -(-HEADDIM // BLOCK_HEADDIM))
     mamba2_chunked_fwd_kernel[grid](
         x,
@@ -129,6 +149,7 @@ def mamba2_chunked_fwd(x, dt, A, B, C, initial_state=None, output_final_state=Fa
         BLOCK_HEADDIM,
         h0 is not None,
         output_final_state,
+        DOT_F32,
         num_warps=num_warps,
     )
     return {"y": y}, ({"h": ht} if output_final_state else None)

@@ -1,0 +1,303 @@
+"""The staged chunked algorithm: the chunked form (chunked.py) as a parallel decomposition in
+three launches, for identity, scalar and key-diagonal decays (householder transitions stay in
+the fused kernel). With c the in-chunk cumulative log-decays and n the reset counts (edges:
+``scancc.ir.passes.chunked``), for chunk i:
+
+1. chunk states, parallel over (grid, V-blocks, chunks): the chunk's own contribution
+   dS_i = sum_s (k_s e^{c_last - c_s}) v_sᵀ and its total decay e^{c_last} (0 after a reset);
+2. the state pass, sequential over chunks only, parallel over (grid, V-blocks):
+   S_i = decay_i ⊙ S_{i-1} + dS_i, storing the state entering each chunk over dS_i (one float32
+   buffer [grid, chunks, K, V]) and the final state;
+3. outputs, parallel over (grid, V-blocks, chunks): o = intra-chunk term + (q ⊙ e^{c}) S_in.
+
+The three stages are the branches of one kernel on a constexpr ``STAGE`` (Triton compiles one
+kernel per stage), launched in order by one launcher, which also allocates the buffers. The
+launches are what make the stages wait for each other; no stage reads what a concurrent
+program of its own launch writes. Chunks of 64 steps for identity/scalar decays, 16 for
+key-diagonal ones (whose intra-chunk term is the [BT, BT, BK] product of the fused kernel).
+"""
+from __future__ import annotations
+
+from scancc.ir import Kind, Recurrence
+from scancc.ir.printer import format_expr, format_transition
+
+from . import chunked
+from .chunked import NotChunkable
+from .recurrent import Env
+
+STAGED_KINDS = (Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL)
+
+
+def analyze(rec: Recurrence) -> chunked.Form:
+    F = chunked.analyze(rec)
+    if F.kind not in STAGED_KINDS:
+        raise NotChunkable(f"transition kind {F.kind.value!r}: the staged form takes identity, "
+                           "scalar and key-diagonal decays (householder: algorithm='chunked')")
+    return F
+
+
+def applies(rec: Recurrence) -> tuple[bool, str]:
+    try:
+        analyze(rec)
+    except NotChunkable as e:
+        return False, str(e)
+    return True, ""
+
+
+class Lowering(chunked.Lowering):
+    algorithm = "staged"
+    # warps per program of each stage, as a multiple of the num_warps option (default 4):
+    # stages 1 and 3 hold [64, K] chunk tiles, stage 2 two [K, BV] states (ptxas: see
+    # docs/performance/triton.md)
+    WARPS = {1: 2, 2: 2, 3: 2}
+
+    def stage_warps(self, stage: int, num_warps: int) -> int:
+        return self.WARPS[stage] * num_warps
+
+    # the launcher's rule with ``choose`` (algorithm="auto"): the fused kernel (chunked.py) when
+    # the (grid, V-block) programs alone fill the GPU (B·H·⌈V/BV⌉ >= SMS, H100/H200: 132
+    # SMs), else the three stages, which add ⌈T/BT⌉ programs per (grid, V-block)
+    SMS = 132
+
+    def __init__(self, rec: Recurrence, options, choose: bool = False):
+        analyze(rec)  # NotChunkable before any name is allocated
+        self.choose = choose
+        if choose:  # the chunked form, fused or staged as the launcher decides
+            self.algorithm = "chunked"
+        super().__init__(rec, options)
+        self.hc = self.names.new("hc")          # per-chunk states (float32)
+        self.dc = self.names.new("dc")          # per-chunk total decays (float32)
+        self.stage = self.names.new("STAGE")
+
+    def block_size(self, d: str, n: int, sizes: dict | None = None) -> int:
+        if d == self.rec.time:
+            return 64 if self.form.kind in (Kind.IDENTITY, Kind.SCALAR) else 16
+        return super().block_size(d, n, sizes)
+
+    def signature(self) -> tuple[list[str], list[str]]:
+        params, consts = super().signature()
+        return params + [self.hc, self.dc], consts + [self.stage]
+
+    def compile_args(self, sizes: dict, dtype: str, stage: int = 1) -> tuple[dict, dict]:
+        sig, const = super().compile_args(sizes, dtype)
+        sig[self.hc] = sig[self.dc] = "*fp32"
+        const[self.stage] = stage
+        return sig, const
+
+    # ---- the kernel ----
+    def render_kernel(self) -> list[str]:
+        rec, F = self.rec, self.form
+        T, K, V = rec.time, F.K, F.V
+        BT, BK, BV = self.block[T], self.block[K], self.block[V]
+        s = rec.states[0]
+        if self.choose:  # the fused kernel is branch 0; its head is every branch's head
+            fused = chunked.Lowering.render_kernel(self)
+            n = next(i for i, ln in enumerate(fused) if ln.startswith(f"{self.msk[V]} = ")) + 1
+            head, fused = fused[:n], fused[n:]
+        else:
+            head = self._program_ids()
+            head += [f"{self.off[K]} = tl.arange(0, {BK})[None, :]",
+                     f"{self.off[V]} = {self.pid[V]} * {BV} + tl.arange(0, {BV})[None, :]",
+                     f"{self.msk[K]} = {self.off[K]} < {self.size[K]}",
+                     f"{self.msk[V]} = {self.off[V]} < {self.size[V]}"]
+        flat = self.pid[self.plan.grid[0]]
+        for d in self.plan.grid[1:]:
+            flat = f"{flat} * {self.size[d]} + {self.pid[d]}"
+        self.i_g, self.nc = self.names.new("i_g"), self.names.new("n_chunks")
+        head += [f"{self.i_g} = {flat}  # the grid index, flattened",
+                 f"{self.nc} = tl.cdiv({self.size[T]}, {BT})"]
+        lines = list(head)
+        lines.append(f"# {s.name}: {format_transition(s.transition)} + {format_expr(s.inject)}")
+        if self.choose:
+            lines.append(f"if {self.stage} == 0:  # fused: each program walks every chunk")
+            lines += ["    " + ln for ln in fused]
+        for i, (what, fn) in enumerate((("chunk states dS_i and decays, one program per chunk",
+                                         self._stage_chunk_states),
+                                        ("the state pass: S_i = decay_i S_(i-1) + dS_i, "
+                                         "sequential over chunks", self._stage_states),
+                                        ("outputs, one program per chunk", self._stage_outputs)),
+                                       1):
+            first = i == 1 and not self.choose
+            lines.append(f"{'if' if first else 'elif'} {self.stage} == {i}:  # {what}")
+            lines += ["    " + ln for ln in fn()]
+        return lines
+
+    def _begin(self) -> Env:
+        self.pro, self.body, self.step = [], [], []
+        self._memo, self._varies, self._prec = {}, {}, {}
+        return Env(self._base_env())
+
+    def _chunk_rows(self) -> list[str]:
+        T, BT = self.rec.time, self.block[self.rec.time]
+        i_c = self.names.new("i_c")
+        self.i_c = i_c
+        return [f"{i_c} = tl.program_id(2).to(tl.int64)",
+                f"{self.off[T]} = {i_c} * {BT} + tl.arange(0, {BT})[:, None].to(tl.int64)",
+                f"{self.msk[T]} = {self.off[T]} < {self.size[T]}"]
+
+    def _hc(self, i_c: str) -> tuple[str, str]:
+        """(pointers, mask) of chunk ``i_c``'s [BK, BV] tile of the per-chunk state buffer."""
+        K, V = self.form.K, self.form.V
+        ptr = (f"{self.hc} + ({self.i_g} * {self.nc} + {i_c}) * {self.size[K]} * {self.size[V]}"
+               f" + tl.trans({self.off[K]}) * {self.size[V]} + {self.off[V]}")
+        return ptr, f"tl.trans({self.msk[K]}) & {self.msk[V]}"
+
+    def _dc(self, i_c: str) -> tuple[str, str]:
+        """(pointers, mask) of chunk ``i_c``'s [1, BK] row of the per-chunk decay buffer."""
+        K = self.form.K
+        return (f"{self.dc} + ({self.i_g} * {self.nc} + {i_c}) * {self.size[K]} + "
+                f"{self.off[K]}", self.msk[K])
+
+    def _stage_chunk_states(self) -> list[str]:
+        F, env = self.form, self._begin()
+        T, K, V = self.rec.time, F.K, F.V
+        b, dot = self.body, self._dot
+        rows = self._chunk_rows()
+        qk, tv = f"{self.msk[T]} & {self.msk[K]}", f"{self.msk[T]} & {self.msk[V]}"
+        kf, k_ok = self._factor("b_kf", self.product(F.k_side, env), qk)
+        vf, v_ok = self._factor("b_vf", self.product(F.v_side, env), tv)
+        krows, whole = [self._bad(k_ok, 0)], []
+        ds = self.names.new("b_dS")
+        if F.kind is Kind.IDENTITY:
+            b.append(f"{ds} = {dot(f'tl.trans({kf})', vf, 'update')}")
+        else:
+            gm = qk if F.kind is Kind.DIAGONAL else self.msk[T]
+            g, g_ok, gc, gn, gl, gnl = self._log_decay(env, gm)
+            if F.kind is Kind.SCALAR:
+                whole.append(self._bad(g_ok, 0))
+            else:
+                krows.append(self._bad(g_ok, 0))
+            kd = f"({kf} * tl.where({gn} == {gnl}, tl.exp({gl} - {gc}), 0.0))"
+            b.append(f"{ds} = {dot(f'tl.trans{kd}', vf, 'update')}")
+            # the chunk's total decay, 0 after a reset (every V-block stores the same row)
+            dptr, dmask = self._dc(self.i_c)
+            pd = self.names.new("p_dc")
+            b.append(f"{pd} = {dptr}")
+            zero = f"tl.zeros([1, {self.block[K]}], dtype=tl.float32)"
+            b.append(f"tl.store({pd}, {zero} + tl.where({gnl} == 0, tl.exp({gl}), 0.0), "
+                     f"mask={dmask})")
+        self._poison_state(ds, krows, whole, "", self._bad(v_ok, 0))
+        ptr, mask = self._hc(self.i_c)
+        p = self.names.new("p_hc")
+        b += [f"{p} = {ptr}", f"tl.store({p}, {ds}, mask={mask})"]
+        return self.pro + rows + self.body
+
+    def _stage_states(self) -> list[str]:
+        F, env = self.form, self._begin()
+        s = self.rec.states[0]
+        h = self.state_var[s.name]
+        BK, BV = self.block[F.K], self.block[F.V]
+        kv_env = self._kv_env(Env(env.base))
+        out = [f"{h} = tl.zeros([{BK}, {BV}], dtype=tl.float32)"]
+        ptr, mask = self.pointer(self.h0[s.name], s.dims, kv_env, None)
+        p0 = self.names.ir("p_", self.h0[s.name])
+        out += [f"if {self.use_h0[s.name]}:", f"    {p0} = {ptr}",
+                f"    {h} += tl.load({p0}, mask={mask}, other=0.0).to(tl.float32)"]
+        i_c = self.names.new("i_c")
+        ptr, mask = self._hc(i_c)
+        p, ds = self.names.new("p_hc"), self.names.new("b_dS")
+        loop = [f"{p} = {ptr}", f"{ds} = tl.load({p}, mask={mask}, other=0.0)",
+                f"tl.store({p}, {h}, mask={mask})  # the state entering chunk {i_c}"]
+        if F.kind is Kind.IDENTITY:
+            loop.append(f"{h} = {h} + {ds}")
+        else:
+            dptr, dmask = self._dc(i_c)
+            pd, dec = self.names.new("p_dc"), self.names.new("b_decay")
+            # a multiplication, never a select: a NaN state stays NaN through a reset
+            loop += [f"{pd} = {dptr}", f"{dec} = tl.load({pd}, mask={dmask}, other=0.0)",
+                     f"{h} = {h} * tl.trans({dec}) + {ds}"]
+        out.append(f"for {i_c} in range(0, {self.nc}):")
+        out += ["    " + ln for ln in loop]
+        ptr, mask = self.pointer(self.ht[s.name], s.dims, kv_env, None)
+        pt = self.names.ir("p_", self.ht[s.name])
+        out += [f"if {self.store_ht}:", f"    {pt} = {ptr}", f"    tl.store({pt}, {h}, mask={mask})"]
+        return out
+
+    def _stage_outputs(self) -> list[str]:
+        rec, F, env = self.rec, self.form, self._begin()
+        T, K, V = rec.time, F.K, F.V
+        b, dot = self.body, self._dot
+        rows = self._chunk_rows()
+        qk, tv = f"{self.msk[T]} & {self.msk[K]}", f"{self.msk[T]} & {self.msk[V]}"
+        kf, k_ok = self._factor("b_kf", self.product(F.k_side, env), qk)
+        vf, v_ok = self._factor("b_vf", self.product(F.v_side, env), tv)
+        b.append(f"# {format_expr(F.contraction)}")
+        qf, q_ok = self._factor("b_qf", self.product(F.q_side, env), qk)
+        steps = [self._bad(k_ok, 1)]
+        ptr, mask = self._hc(self.i_c)
+        p, h = self.names.new("p_hc"), self.names.new("b_S_in")
+        b += [f"{p} = {ptr}", f"{h} = tl.load({p}, mask={mask}, other=0.0)"]
+        causal = f"({self.off[T]} >= tl.trans({self.off[T]}))"
+        if F.kind is Kind.IDENTITY:
+            a = self.bind(True, "b_A", f"tl.where({causal}, {dot(qf, f'tl.trans({kf})')}, 0.0)")
+            o = self.bind(True, "b_o", f"{dot(a, vf)} + {dot(qf, h, 'read')}")
+        else:
+            gm = qk if F.kind is Kind.DIAGONAL else self.msk[T]
+            g, g_ok, gc, gn, gl, gnl = self._log_decay(env, gm)
+            steps.append(self._bad(g_ok, 1))
+            if F.kind is Kind.SCALAR:
+                seg = (f"tl.exp(tl.where({causal} & ({gn} == tl.trans({gn})), "
+                       f"{gc} - tl.trans({gc}), float(\"-inf\")))")
+                a = self.bind(True, "b_A", f"{dot(qf, f'tl.trans({kf})')} * {seg}")
+            else:
+                same = f"({gn}[:, None, :] == {gn}[None, :, :])"
+                seg = (f"tl.exp(tl.where({causal}[:, :, None] & {same}, "
+                       f"{gc}[:, None, :] - {gc}[None, :, :], float(\"-inf\")))")
+                a = self.bind(True, "b_A", f"tl.sum({qf}[:, None, :] * {kf}[None, :, :] * "
+                              f"{seg}, axis=2)")
+            e_now = f"tl.where({gn} == 0, tl.exp({gc}), 0.0)"
+            o = self.bind(True, "b_o", f"{dot(a, vf)} + {dot(f'({qf} * {e_now})', h, 'read')}")
+        vbad = self.bind(True, "b_bad_v", self._bad(v_ok, None))
+        self._poison_output(o, steps, self._bad(q_ok, 1), vbad)
+        self._memo[(F.contraction, env.key)] = o
+        for out in rec.outputs:
+            b.append(f"# {out.name} = {format_expr(out.expr)}")
+            v = self.value(out.expr, env)
+            ptr, mask = self.pointer(self.arg[out.name], out.dims, env, None, time_env=True)
+            po = self.names.ir("p_", out.name)
+            b.append(f"{po} = {ptr}")
+            b.append(f"tl.store({po}, {self.par(v, 4)}.to({po}.dtype.element_ty), mask={mask})")
+        return self.pro + rows + self.body
+
+    # ---- the launcher ----
+    def render_launcher(self) -> str:
+        """The recurrent launcher up to its grid, then the buffers and the three launches."""
+        lines = super().render_launcher().splitlines()
+        at = next(i for i, ln in enumerate(lines) if ln.startswith("    grid = ("))
+        end = next(i for i, ln in enumerate(lines) if ln.startswith("    return "))
+        grid_line, launch = lines[at], lines[at + 1:end]
+        g0, g1 = grid_line[len("    grid = ("):-1].split(", ", 1)
+        F, T = self.form, self.rec.time
+        first = self.arg[self.rec.inputs[0].name]
+        dev = f"{first}.device"
+        nc, warps = self.names.new("n_chunks"), self.names.new("warps")
+        nw = launch[-2].strip()[len("num_warps="):-1]  # the launcher's num_warps parameter
+        call = launch
+        # the recurrent launcher's arguments (the buffers among them: ``signature``), STAGE last
+        call_args = [ln.strip().rstrip(",") for ln in call[1:-2]] + [self.stage]
+        new = []
+        if self.choose:
+            bt = self.block[T]
+            fbt = self.names.new("BLOCK_TIME_FUSED")
+            fargs = [fbt if a == bt else "None" if a in (self.hc, self.dc) else
+                     "0" if a == self.stage else a for a in call_args]
+            new += [f"    if {g0} * {g1} >= {self.SMS}:  # enough programs: the fused kernel",
+                    f'        {fbt} = {self.names_blocks}.get("{T}", '
+                    f"{chunked.Lowering.block_size(self, T, 0)})",
+                    f"        {call[0].strip()[:-len('[grid](')]}[({g0}, {g1}, 1)]("]
+            new += [f"            {a}," for a in fargs]
+            new += [f"            num_warps={nw},", "        )", "    " + lines[end]]
+        new += [f"    {nc} = -(-{self.size[T]} // {self.block[T]})",
+               "    # per chunk: its state contribution, then (stage 2) the state entering it",
+               f"    {self.hc} = torch.empty(({g0}, {nc}, {self.size[F.K]}, {self.size[F.V]}), "
+               f"dtype=torch.float32, device={dev})",
+               f"    {self.dc} = torch.empty(({g0}, {nc}, {self.size[F.K]}), "
+               f"dtype=torch.float32, device={dev})",
+               f"    for {self.stage}, grid, {warps} in "
+               f"((1, ({g0}, {g1}, {nc}), min({self.WARPS[1]} * {nw}, 32)), "
+               f"(2, ({g0}, {g1}, 1), min({self.WARPS[2]} * {nw}, 32)), "
+               f"(3, ({g0}, {g1}, {nc}), min({self.WARPS[3]} * {nw}, 32))):"]
+        new.append("    " + call[0])
+        new += [f"            {a}," for a in call_args]
+        new += [f"            num_warps={warps},", "    " + call[-1]]
+        return "\n".join(lines[:at] + new + lines[end:]) + "\n"
