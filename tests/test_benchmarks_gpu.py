@@ -30,8 +30,8 @@ sm90 = _load("bench_sm90")
 # --- the recorder ----------------------------------------------------------------------
 
 def _real_launches(launcher, args):
-    """(kernel, grid) of each launch the launcher really makes (in the interpreter): every
-    module-level kernel wrapped by a pass-through proxy."""
+    """(kernel, grid, num_warps) of each launch the launcher really makes (in the
+    interpreter): every module-level kernel wrapped by a pass-through proxy."""
     g = launcher.__globals__
     seen = []
     saved = {k: v for k, v in g.items() if sm90._is_kernel(v)}
@@ -43,7 +43,7 @@ def _real_launches(launcher, args):
         def __getitem__(self, grid):
             def go(*a, **kw):
                 gr = grid(kw) if callable(grid) else grid
-                seen.append((self.name, tuple(int(x) for x in gr)))
+                seen.append((self.name, tuple(int(x) for x in gr), kw.get("num_warps", 4)))
                 return self.k[grid](*a, **kw)
             return go
     try:
@@ -72,9 +72,9 @@ def test_recorder_sees_exactly_the_launches_a_real_run_makes(name, dims):
     c = TritonBackend().compiled(rec, {}, tuple(["float32"] * len(rec.inputs)))
     args = [torch.rand(t.shape) * 0.5 for t in sm90.input_tensors(rec, sizes, "float32")]
     real = _real_launches(c.launcher, args)
-    assert [(ln.kernel, ln.grid) for ln in launches] == real
+    assert [(ln.kernel, ln.grid, ln.num_warps) for ln in launches] == real
     for ln in launches:
-        assert f"def {ln.kernel}(" in c.source and ln.num_warps == 4
+        assert f"def {ln.kernel}(" in c.source
         # every tensor argument carries its full shape, every size argument its value
         t = [a for a in ln.args if a.kind == "tensor"]
         assert t and all(a.nbytes == math.prod(a.shape) * 4 for a in t)
