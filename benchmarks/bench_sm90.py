@@ -204,6 +204,8 @@ class Recorder:
                     out.append(Arg(p.name, "int", ce, v))
                 elif isinstance(v, float):
                     out.append(Arg(p.name, "float", ce, v))
+                elif isinstance(v, str) and ce:  # e.g. an input_precision constexpr
+                    out.append(Arg(p.name, "other", ce, v))
                 else:
                     out.append(Arg(p.name, "other", ce, getattr(v, "value", repr(v))))
             self.log.append(Launch(self.name, g, out, int(extra.get("num_warps", 4)),
@@ -265,11 +267,10 @@ def record(rec, sizes: dict, dtype: str = "bfloat16", options: dict | None = Non
     raise RuntimeError("; ".join(errors))
 
 
-def gpu_algorithm(rec, options: dict | None = None) -> str:
-    """The algorithm ``"auto"`` picks for ``rec`` on a GPU: the backend's own rule, with its
-    GPU check (``backends/triton/scan.on_gpu`` where the backend has one) answering yes
-    while it decides (this machine has no GPU; auto would pick a CPU choice here)."""
-    from scancc.backends.triton import TritonBackend
+@contextlib.contextmanager
+def gpu_rules():
+    """Inside the block, the backend's GPU check (``backends/triton/scan.on_gpu`` where the
+    backend has one) answers yes: "auto" decides as on a GPU (this machine has none)."""
     try:
         from scancc.backends.triton import scan as _scan
     except ImportError:
@@ -278,10 +279,19 @@ def gpu_algorithm(rec, options: dict | None = None) -> str:
     if orig is not None:
         _scan.on_gpu = lambda: True
     try:
-        return TritonBackend().algorithm(rec, dict(options or {}))
+        yield
     finally:
         if orig is not None:
             _scan.on_gpu = orig
+
+
+def gpu_algorithm(rec, options: dict | None = None) -> str:
+    """The algorithm ``"auto"`` picks for ``rec`` on a GPU: the backend's own rule (for the
+    chunked decays ``"chunked"``, whose launcher then runs the fused kernel or the staged
+    stages by its own rule)."""
+    from scancc.backends.triton import TritonBackend
+    with gpu_rules():
+        return TritonBackend().algorithm(rec, dict(options or {}))
 
 
 def time_walking(rec, sizes: dict, dtype: str, options: dict, launches: list) -> list[bool]:
@@ -886,7 +896,8 @@ def run(names: list[str] | None, shapes: list[str], dtype: str, out=sys.stdout,
             sizes = case_sizes(rec, dims, SHAPES[sh])
             try:
                 alg = gpu_algorithm(rec) if algorithm == "auto" else algorithm
-                launches, algo, dev = record(rec, sizes, dtype, {"algorithm": alg})
+                with gpu_rules():  # "auto" itself: the launcher's own fused/staged rule
+                    launches, algo, dev = record(rec, sizes, dtype, {"algorithm": algorithm})
             except Exception as e:  # noqa: BLE001 - a row that says why
                 rows.append((name, label, sh, None, str(e)[:200], [], sizes))
                 continue
