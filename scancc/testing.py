@@ -122,6 +122,30 @@ def nan_poisoned(shape, dtype=np.float64) -> np.ndarray:
     return np.full(shape, np.nan, dtype=dtype)
 
 
+def decay_operand_recurrence(kind: str, name: str | None = None) -> Recurrence:
+    """``S = a_t S + k vᵀ`` (``kind="scalar"``: a [batch, time, heads]) or ``diag_K(a_t) S +
+    k vᵀ`` (``"diagonal"``: a along the key dim too), read as ``sum(S * q, key)``, with the
+    decay a plain input — so 0 is a hard reset and the chunked forms take ``log(a)``: the
+    probe of the chunked edges (tests/test_chunked_edges.py, tests/test_nki_chunked_edges.py)."""
+    from scancc.ir import Builder, diagonal, reduce_sum, scalar
+    r = Builder(name or f"edges_decay_{kind}")
+    b, t, h = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("heads", "head")
+    kd, vd = r.dim("key"), r.dim("value")
+    q, k = r.input("q", [b, t, h, kd]), r.input("k", [b, t, h, kd])
+    v = r.input("v", [b, t, h, vd])
+    if kind == "scalar":
+        a = r.input("a", [b, t, h])
+        tr = scalar(a)
+    elif kind == "diagonal":
+        a = r.input("a", [b, t, h, kd])
+        tr = diagonal(a)
+    else:
+        raise ValueError(f"kind {kind!r}: expected 'scalar' or 'diagonal'")
+    S = r.state("S", [b, h, kd, vd], tr, inject=k * v)
+    r.output("o", [b, t, h, vd], reduce_sum(S * q, kd))
+    return r.build()
+
+
 def adjoint_steps_recurrence() -> Recurrence:
     """Every adjoint-step kind (shift_adjoint, companion_adjoint and dense_adjoint with
     input-dependent operands), each beside another looped dim (batch: one output sums over it),

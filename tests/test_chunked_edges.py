@@ -26,40 +26,14 @@ from hypothesis import strategies as st
 
 import scancc
 from scancc import backends
-from scancc.ir import Builder, diagonal, reduce_sum, scalar
 from scancc.ir.passes import chunked
-from scancc.testing import assert_close, default_sizes, sample_inputs
+from scancc.testing import (assert_close, decay_operand_recurrence, default_sizes,
+                            sample_inputs)
 
 T = 64  # two 32-step Triton chunks; NKI's time tile covers it
 
 
-def _decay_scalar(r):
-    """S = a_t S + k vᵀ with the decay a plain input in (0, 1] (so 0 is a hard reset)."""
-    b, t, h = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("heads", "head")
-    kd, vd = r.dim("key"), r.dim("value")
-    q, k = r.input("q", [b, t, h, kd]), r.input("k", [b, t, h, kd])
-    v, a = r.input("v", [b, t, h, vd]), r.input("a", [b, t, h])
-    S = r.state("S", [b, h, kd, vd], scalar(a), inject=k * v)
-    r.output("o", [b, t, h, vd], reduce_sum(S * q, kd))
-
-
-def _decay_diagonal(r):
-    """S = diag_K(a_t) S + k vᵀ, the decay a plain input along the key dim."""
-    b, t, h = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("heads", "head")
-    kd, vd = r.dim("key"), r.dim("value")
-    q, k = r.input("q", [b, t, h, kd]), r.input("k", [b, t, h, kd])
-    v, a = r.input("v", [b, t, h, vd]), r.input("a", [b, t, h, kd])
-    S = r.state("S", [b, h, kd, vd], diagonal(a), inject=k * v)
-    r.output("o", [b, t, h, vd], reduce_sum(S * q, kd))
-
-
-def _built(fn, name):
-    r = Builder(name)
-    fn(r)
-    return r.build()
-
-
-EXTRA = {"edges_decay_scalar": _decay_scalar, "edges_decay_diagonal": _decay_diagonal}
+EXTRA = ("edges_decay_scalar", "edges_decay_diagonal")  # decay_operand_recurrence
 
 
 def _recurrences():
@@ -68,8 +42,8 @@ def _recurrences():
         rec = scancc.get(n).build()
         if chunked.analyze(rec).states:
             out[n] = rec
-    for n, fn in EXTRA.items():
-        out[n] = _built(fn, n)
+    for n in EXTRA:
+        out[n] = decay_operand_recurrence(n.rsplit("_", 1)[1], n)
     return out
 
 

@@ -14,41 +14,18 @@ import pytest
 
 import scancc
 from scancc.backends import get
-from scancc.ir import Builder, diagonal, reduce_sum, scalar
 from scancc.ir.passes import chunked
-from scancc.testing import assert_close, default_sizes, sample_inputs, sample_state
+from scancc.testing import (assert_close, decay_operand_recurrence, default_sizes,
+                            sample_inputs, sample_state)
 
 
-def _decay_scalar(r):
-    """S = a_t S + k vᵀ with the decay a plain input (0 is a hard reset); as in
-    tests/test_chunked_edges.py."""
-    b, t, h = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("heads", "head")
-    kd, vd = r.dim("key"), r.dim("value")
-    q, k = r.input("q", [b, t, h, kd]), r.input("k", [b, t, h, kd])
-    v, a = r.input("v", [b, t, h, vd]), r.input("a", [b, t, h])
-    S = r.state("S", [b, h, kd, vd], scalar(a), inject=k * v)
-    r.output("o", [b, t, h, vd], reduce_sum(S * q, kd))
-
-
-def _decay_diagonal(r):
-    """S = diag_K(a_t) S + k vᵀ (not chunked on NKI: the shared analysis's diagonal kind)."""
-    b, t, h = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("heads", "head")
-    kd, vd = r.dim("key"), r.dim("value")
-    q, k = r.input("q", [b, t, h, kd]), r.input("k", [b, t, h, kd])
-    v, a = r.input("v", [b, t, h, vd]), r.input("a", [b, t, h, kd])
-    S = r.state("S", [b, h, kd, vd], diagonal(a), inject=k * v)
-    r.output("o", [b, t, h, vd], reduce_sum(S * q, kd))
-
-
-EXTRA = {"edges_decay_scalar": _decay_scalar, "edges_decay_diagonal": _decay_diagonal}
+EXTRA = ("edges_decay_scalar", "edges_decay_diagonal")  # decay_operand_recurrence
 
 
 def _recurrences():
     out = {n: scancc.get(n).build() for n in scancc.names()}
-    for n, fn in EXTRA.items():
-        r = Builder(n)
-        fn(r)
-        out[n] = r.build()
+    for n in EXTRA:
+        out[n] = decay_operand_recurrence(n.rsplit("_", 1)[1], n)
     return out
 
 
