@@ -272,6 +272,41 @@ class Lowering(recurrent.Lowering):
         F, T, b, dot = self.form, self.rec.time, self.body, self._dot
         h = self.state_var[self.rec.states[0].name]
         BT = self.block[T]
+        t = self._householder_tiles(env, qk, causal)
+        kh, ab, seg_prev, seg = t["kh"], t["ab"], t["seg_prev"], t["seg"]
+        e_prev, e_now, e_last, to_end = t["e_prev"], t["e_now"], t["e_last"], t["to_end"]
+        scaled = self._scaled
+
+        m = self.bind(True, "b_M", f"{dot(kh, f'tl.trans({kh})')} * {seg_prev} * tl.trans({ab})")
+        n = self.bind(True, "b_N", f"{dot(kh, f'tl.trans({uf})')} * {seg_prev}")
+        r = self.bind(True, "b_R", f"{scaled(dot(kh, h, 'read'), e_prev)} + {dot(n, wf, 'solve')}")
+        rows = self.bind(True, "o_row", f"tl.arange(0, {BT})[:, None]")
+        i, mr, upd = self.names.new("i_r"), self.names.new("b_m_r"), self.names.new("b_upd")
+        b.append(f"for {i} in range(1, {BT}):  # forward substitution: R = (I + M)^-1 R")
+        b.append(f"    {mr} = tl.sum(tl.where({rows} == {i}, {m}, 0.0), axis=0, keep_dims=True)")
+        b.append(f"    {upd} = tl.sum(tl.trans({mr}) * {r}, axis=0, keep_dims=True)")
+        b.append(f"    {r} = tl.where({rows} == {i}, {r} - {upd}, {r})")
+        qkm = self.bind(True, "b_QK", f"{dot(qf, f'tl.trans({kh})')} * {seg} * tl.trans({ab})")
+        qum = self.bind(True, "b_QU", f"{dot(qf, f'tl.trans({uf})')} * {seg}")
+        o = self.bind(True, "b_o", f"{scaled(dot(qf, h, 'read'), e_now)} - {dot(qkm, r, 'solve')} + "
+                      f"{dot(qum, wf)}")
+        kd = f"({kh} * {ab})" if to_end is None else f"({kh} * {ab} * {to_end})"
+        ud = uf if to_end is None else f"({uf} * {to_end})"
+        b.append(f"{h} = {scaled(h, e_last)} - {dot(f'tl.trans{kd}', r, 'update')} + "
+                 f"{dot(f'tl.trans({ud})', wf, 'update')}")
+        return o, t["bad"]
+
+    @staticmethod
+    def _scaled(x: str, e: str | None) -> str:
+        return x if e is None else f"{e} * {x}"
+
+    def _householder_tiles(self, env: Env, qk: str, causal: str) -> dict:
+        """The chunk's householder tiles (``_householder_chunk``; shared with the staged form):
+        kh, beta (sanitized factors), ab (alpha beta), seg_prev / seg (e^{c_{t-1}-c_i}, i < t /
+        e^{c_t-c_i}, i <= t), e_prev / e_now / e_last / to_end (e^{c_{t-1}}, e^{c_t}, e^{c_L},
+        e^{c_L-c_t}; None without a decay) and bad (per-step non-finite counts of k, beta and
+        the decay)."""
+        F, T = self.form, self.rec.time
         kh, kh_ok = self._factor("b_hk", self.value(F.hk, env), qk)
         beta, beta_ok = self._factor("b_beta", self.value(F.beta, env), self.msk[T])
         bad = [self._bad(kh_ok, 1), self._bad(beta_ok, 1)]
@@ -295,28 +330,8 @@ class Lowering(recurrent.Lowering):
             ab = beta
             seg_prev, seg = f"tl.where({strict}, 1.0, 0.0)", f"tl.where({causal}, 1.0, 0.0)"
             e_prev = e_now = e_last = to_end = None
-
-        def scaled(x, e):
-            return x if e is None else f"{e} * {x}"
-
-        m = self.bind(True, "b_M", f"{dot(kh, f'tl.trans({kh})')} * {seg_prev} * tl.trans({ab})")
-        n = self.bind(True, "b_N", f"{dot(kh, f'tl.trans({uf})')} * {seg_prev}")
-        r = self.bind(True, "b_R", f"{scaled(dot(kh, h, 'read'), e_prev)} + {dot(n, wf, 'solve')}")
-        rows = self.bind(True, "o_row", f"tl.arange(0, {BT})[:, None]")
-        i, mr, upd = self.names.new("i_r"), self.names.new("b_m_r"), self.names.new("b_upd")
-        b.append(f"for {i} in range(1, {BT}):  # forward substitution: R = (I + M)^-1 R")
-        b.append(f"    {mr} = tl.sum(tl.where({rows} == {i}, {m}, 0.0), axis=0, keep_dims=True)")
-        b.append(f"    {upd} = tl.sum(tl.trans({mr}) * {r}, axis=0, keep_dims=True)")
-        b.append(f"    {r} = tl.where({rows} == {i}, {r} - {upd}, {r})")
-        qkm = self.bind(True, "b_QK", f"{dot(qf, f'tl.trans({kh})')} * {seg} * tl.trans({ab})")
-        qum = self.bind(True, "b_QU", f"{dot(qf, f'tl.trans({uf})')} * {seg}")
-        o = self.bind(True, "b_o", f"{scaled(dot(qf, h, 'read'), e_now)} - {dot(qkm, r, 'solve')} + "
-                      f"{dot(qum, wf)}")
-        kd = f"({kh} * {ab})" if to_end is None else f"({kh} * {ab} * {to_end})"
-        ud = uf if to_end is None else f"({uf} * {to_end})"
-        b.append(f"{h} = {scaled(h, e_last)} - {dot(f'tl.trans{kd}', r, 'update')} + "
-                 f"{dot(f'tl.trans({ud})', wf, 'update')}")
-        return o, bad
+        return dict(kh=kh, beta=beta, bad=bad, ab=ab, seg_prev=seg_prev, seg=seg,
+                    e_prev=e_prev, e_now=e_now, e_last=e_last, to_end=to_end)
 
     def _poison(self, o: str, h: str, rows: list[str], krows: list[str], whole: list[str],
                 qbad: str, vbad: str):
