@@ -292,7 +292,7 @@ class Lowering(chunked.Lowering):
         prec = {"auto": "tf32x3", "input": "ieee"}.get(mode, mode)
         return f'tl.dot({a}, {b}, input_precision="{prec}")'
 
-    def _hh_factors(self, env: Env, q: bool):
+    def _hh_factors(self, env: Env, q: bool, pairs: bool = True):
         """The chunk's factor tiles (as the fused kernel takes them) and householder tiles."""
         F, T, K, V = self.form, self.rec.time, self.form.K, self.form.V
         qk, tv = f"{self.msk[T]} & {self.msk[K]}", f"{self.msk[T]} & {self.msk[V]}"
@@ -303,7 +303,7 @@ class Lowering(chunked.Lowering):
             self.body.append(f"# {format_expr(F.contraction)}")
             qf, q_ok = self._factor("b_qf", self.product(F.q_side, env), qk)
         causal = f"({self.off[T]} >= tl.trans({self.off[T]}))"
-        t = self._householder_tiles(env, qk, causal)
+        t = self._householder_tiles(env, qk, causal, pairs)
         return uf, u_ok, wf, w_ok, qf, q_ok, t
 
     def _ut_inverse(self, m: str) -> str:
@@ -363,7 +363,7 @@ class Lowering(chunked.Lowering):
         i_c = self.names.new("i_c")
         b += [f"{self.off[T]} = {i_c} * {BT} + tl.arange(0, {BT})[:, None].to(tl.int64)",
               f"{self.msk[T]} = {self.off[T]} < {self.size[T]}"]
-        uf, u_ok, wf, w_ok, _, _, t = self._hh_factors(env, False)
+        uf, u_ok, wf, w_ok, _, _, t = self._hh_factors(env, False, pairs=False)
         ptr, mask = self._hc(i_c)
         p = self.names.new("p_hc")
         b += [f"{p} = {ptr}", f"tl.store({p}, {h}, mask={mask})  # the state entering chunk {i_c}"]
@@ -451,7 +451,9 @@ class Lowering(chunked.Lowering):
             new += [f"            {a}," for a in fargs]
             new += [f"            num_warps={nw},", "        )", "    " + lines[end]]
         new += [f"    {nc} = -(-{self.size[T]} // {self.block[T]})",
-               "    # per chunk: its state contribution, then (stage 2) the state entering it",
+               "    # per chunk: " + ("P, Q (stage 1), then R over Q and the state entering it "
+                                 "(stage 2)" if self.hh else
+                                 "its state contribution, then (stage 2) the state entering it"),
                f"    {self.hc} = torch.empty(({g0}, {nc}, {self.size[F.K]}, {self.size[F.V]}), "
                f"dtype=torch.float32, device={dev})",
                ] + ([
