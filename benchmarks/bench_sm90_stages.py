@@ -5,7 +5,7 @@ tensor cores = ``warp_group_dot``/``nvidia_mma`` in the TTGIR); everything *meas
 compiler toolchain, nothing is a timing.
 
     .venv/bin/python benchmarks/bench_sm90_stages.py [--dtype bfloat16] \
-        [--algorithms chunked,staged] [--precisions auto,ieee] [names ...]
+        [--algorithms chunked,staged] [--precisions auto,ieee] [--shape B1T32768] [names ...]
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--algorithms", default="chunked,staged")
     ap.add_argument("--precisions", default="auto,ieee")
-    ap.add_argument("--shape", default="B1T32768", choices=list(SHAPES))
+    ap.add_argument("--shape", default="B8T2048", choices=list(SHAPES))
     a = ap.parse_args()
     from scancc import backends, registry
     tb = backends.get("triton")

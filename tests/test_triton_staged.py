@@ -156,7 +156,8 @@ def test_default_dot_precision_bf16_at_T257(name):
 @pytest.mark.parametrize("T", [1, 63, 64, 65, 257])
 def test_staged_householder_matches_the_reference(name, T):
     """The three householder stages (blocked UT inverse; R = P S + Q and the state pass;
-    outputs) at T around the 32-step chunk and the 64-step one (block_sizes), with an initial
+    outputs) at T around the default 32-step chunk and 16/64-step ones (block_sizes: one
+    diagonal block, four block rows of the inverse), with an initial
     state and value blocks of 16 over several programs: outputs and final state."""
     rec, sizes, x = _inputs(name, T, seed=3)
     s = rec.states[0]
@@ -164,7 +165,7 @@ def test_staged_householder_matches_the_reference(name, T):
         [sizes[d] for d in s.dims]).astype(np.float32)}
     ro, rht = _ref(rec, sizes, x, h0)
     V = chunked.analyze(rec).only().V
-    for bt in ((None, 64) if T in (63, 64, 65) else (None,)):
+    for bt in ((None, 16, 64) if T in (63, 64, 65) else (None,)):
         blocks = {V: 16} if bt is None else {V: 16, rec.time: bt}
         o, ht = _run(rec, sizes, x, h0, {"algorithm": "staged", "dot_precision": "ieee",
                                          "block_sizes": blocks})

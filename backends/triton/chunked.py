@@ -322,8 +322,9 @@ class Lowering(recurrent.Lowering):
                 seg_prev = self.bind(True, "b_seg_prev", f"tl.exp(tl.where({strict} & "
                                      f"({gn_prev} == tl.trans({gn})), {gc} - {g} - tl.trans({gc}), "
                                      f"float(\"-inf\")))")
-                seg = self.bind(True, "b_seg", f"tl.exp(tl.where({causal} & ({gn} == tl.trans({gn})), "
-                                f"{gc} - tl.trans({gc}), float(\"-inf\")))")
+                seg = self.bind(True, "b_seg", f"tl.exp(tl.where({causal} & "
+                                f"({gn} == tl.trans({gn})), {gc} - tl.trans({gc}), "
+                                f"float(\"-inf\")))")
             e_prev = f"tl.where({gn_prev} == 0, tl.exp({gc} - {g}), 0.0)"
             e_now = f"tl.where({gn} == 0, tl.exp({gc}), 0.0)"
             e_last = f"tl.where({gnl} == 0, tl.exp({gl}), 0.0)"

@@ -1,7 +1,6 @@
 """The staged chunked algorithm: the chunked form (chunked.py) as a parallel decomposition in
-three launches, for identity, scalar and key-diagonal decays (householder transitions stay in
-the fused kernel). With c the in-chunk cumulative log-decays and n the reset counts (edges:
-``scancc.ir.passes.chunked``), for chunk i:
+three launches. With c the in-chunk cumulative log-decays and n the reset counts (edges:
+``scancc.ir.passes.chunked``), for chunk i, identity, scalar and key-diagonal decays:
 
 1. chunk states, parallel over (grid, V-blocks, chunks): the chunk's own contribution
    dS_i = sum_s (k_s e^{c_last - c_s}) v_sᵀ and its total decay e^{c_last} (0 after a reset);
@@ -10,11 +9,24 @@ the fused kernel). With c the in-chunk cumulative log-decays and n the reset cou
    buffer [grid, chunks, K, V]) and the final state;
 3. outputs, parallel over (grid, V-blocks, chunks): o = intra-chunk term + (q ⊙ e^{c}) S_in.
 
+Householder transitions (S = alpha (I - beta k kᵀ) S + u wᵀ; the UT form and its names M, N,
+R, Kd, Ud: ``chunked.Lowering._householder_chunk``), where R = (I + M)^-1 (e^{c_(t-1)} K S + N W):
+
+1. the factors that do not depend on the incoming state, parallel over (grid, V-blocks,
+   chunks): A = (I + M)^-1 by a blocked triangular solve (``_ut_inverse``), P = A e^{c_(t-1)} K
+   ([BT, K], buffer ``pc``) and Q = A N W ([BT, BV], buffer ``rc``), float32;
+2. the state pass, sequential over chunks, parallel over (grid, V-blocks): R = P S + Q (stored
+   over Q), S = e^{c_L} S - Kdᵀ R + Udᵀ W, the state entering each chunk into ``hc``;
+3. outputs, parallel over (grid, V-blocks, chunks): the fused kernel's output tile from the
+   stored S_in and R.
+
 The three stages are the branches of one kernel on a constexpr ``STAGE`` (Triton compiles one
 kernel per stage), launched in order by one launcher, which also allocates the buffers. The
 launches are what make the stages wait for each other; no stage reads what a concurrent
-program of its own launch writes. Chunks of 64 steps for identity/scalar decays, 16 for
-key-diagonal ones (whose intra-chunk term is the [BT, BT, BK] product of the fused kernel).
+program of its own launch writes (stage 1's V-block programs write the same P tile). Chunks of
+64 steps for identity/scalar decays, 16 for key-diagonal ones (whose intra-chunk term is the
+[BT, BT, BK] product of the fused kernel), 32 for householder transitions (64 spills in every
+stage, ptxas: docs/performance/triton.md).
 """
 from __future__ import annotations
 
@@ -287,7 +299,8 @@ class Lowering(chunked.Lowering):
 
     def _dot_inv(self, a: str, b: str) -> str:
         """The dots of the triangular inverse and of A's products (stage 1): float32 operands
-        at tf32x3 under "auto" (about float32: A multiplies every R), else the option's."""
+        at tf32x3 under "auto" (about float32: A multiplies every R), exact float32 under
+        "input" (the inverse is no 16-bit product), else the option's precision."""
         mode = self.options.get("dot_precision", "auto")
         prec = {"auto": "tf32x3", "input": "ieee"}.get(mode, mode)
         return f'tl.dot({a}, {b}, input_precision="{prec}")'
@@ -390,7 +403,8 @@ class Lowering(chunked.Lowering):
         out += ["    " + ln for ln in b]
         ptr, mask = self.pointer(self.ht[s.name], s.dims, kv_env, None)
         pt = self.names.ir("p_", self.ht[s.name])
-        out += [f"if {self.store_ht}:", f"    {pt} = {ptr}", f"    tl.store({pt}, {h}, mask={mask})"]
+        out += [f"if {self.store_ht}:", f"    {pt} = {ptr}",
+                f"    tl.store({pt}, {h}, mask={mask})"]
         return out
 
     def _hh_stage_outputs(self) -> list[str]:
