@@ -209,7 +209,7 @@ def gated_delta_net_staged_fwd_kernel(
         b_R_1 = tl.load(p_rc_2, mask=m_value, other=0.0)
         b_QK = tl.dot(b_qf.to(q.dtype.element_ty), tl.trans(b_hk_2).to(q.dtype.element_ty), input_precision=DOT_F32) * b_seg_1 * tl.trans(b_ab_2)
         b_QU = tl.dot(b_qf.to(q.dtype.element_ty), tl.trans(b_kf_2).to(q.dtype.element_ty), input_precision=DOT_F32) * b_seg_1
-        b_o = tl.where(b_gn_2 == 0, tl.exp(b_gc_2), 0.0) * tl.dot(b_qf, b_S_in, input_precision=DOT_F32) - tl.dot(b_QK.to(q.dtype.element_ty), b_R_1.to(q.dtype.element_ty), input_precision=DOT_F32) + tl.dot(b_QU.to(q.dtype.element_ty), b_vf_2.to(q.dtype.element_ty), input_precision=DOT_F32)
+        b_o = tl.where(b_gn_2 == 0, tl.exp(b_gc_2), 0.0) * tl.dot(b_qf, b_S_in, input_precision=DOT_F32) - tl.dot(b_QK, b_R_1, input_precision=DOT_F32) + tl.dot(b_QU.to(q.dtype.element_ty), b_vf_2.to(q.dtype.element_ty), input_precision=DOT_F32)
         b_bad_v_1 = tl.where(b_vf_2_ok, 0, 1)
         b_bad_step_1 = tl.sum(tl.where(b_kf_2_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_hk_2_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_beta_5_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_g_5_ok, 0, 1), axis=1, keep_dims=True)
         b_prow = (tl.cumsum(b_bad_step_1, axis=0) > 0) | (tl.sum(tl.where(b_qf_ok, 0, 1), axis=1, keep_dims=True) > 0)
