@@ -5,26 +5,21 @@ tensor cores = ``warp_group_dot``/``nvidia_mma`` in the TTGIR); everything *meas
 compiler toolchain, nothing is a timing.
 
     .venv/bin/python benchmarks/bench_sm90_stages.py [--dtype bfloat16] \
-        [--algorithms chunked,staged] [--precisions auto,ieee] [names ...]
+        [--algorithms chunked,staged] [--precisions auto,ieee] [--shape B1T32768] [names ...]
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_sm90 import _CHILD, OVERRIDE, SHAPE  # noqa: E402
+from bench_sm90 import SHAPES, compile_all  # noqa: E402
 
-# bench_sm90's child, with the launcher's num_warps per kernel (a sixth field of each job)
-_CHILD = _CHILD.replace("for name, path, kernel, sig, const in json.load(sys.stdin):",
-                        "for name, path, kernel, sig, const, nw in json.load(sys.stdin):")
-_CHILD = _CHILD.replace('target=GPUTarget("cuda", 90, 32))',
-                        'target=GPUTarget("cuda", 90, 32), options={"num_warps": nw})')
-assert "nw}" in _CHILD and ", nw in" in _CHILD
+# dims not named take their declared size, else these (H16 K=V=128; mamba2 as bench_sm90)
+DIMS = {"heads": 16, "key": 128, "value": 128}
+OVERRIDE = {"mamba2": {"heads": 80, "headdim": 64, "dstate": 128, "groups": 1}}
 
 
 def main() -> int:
@@ -33,6 +28,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--algorithms", default="chunked,staged")
     ap.add_argument("--precisions", default="auto,ieee")
+    ap.add_argument("--shape", default="B8T2048", choices=list(SHAPES))
     a = ap.parse_args()
     from scancc import backends, registry
     tb = backends.get("triton")
@@ -41,8 +37,8 @@ def main() -> int:
     tmp = tempfile.mkdtemp(prefix="scancc_sm90_")
     for name in names:
         rec = registry.get(name).build()
-        sizes = {d.name: d.size or {**SHAPE, **OVERRIDE.get(name, {})}.get(d.name, 4)
-                 for d in rec.dims}
+        shape = {**SHAPES[a.shape], **DIMS, **OVERRIDE.get(name, {})}
+        sizes = {d.name: d.size or shape.get(d.name, 1) for d in rec.dims}
         for algo in a.algorithms.split(","):
             for prec in a.precisions.split(","):
                 opts = {"algorithm": algo, "dot_precision": prec}
@@ -66,23 +62,24 @@ def main() -> int:
                     meta[key] = progs * (chunks if st in (1, 3) else 1)
                     nw = low.stage_warps(st, 4) if st else 4
                     meta[key] = (meta[key], nw)
-                    jobs.append([key, path, low.kernel_name, sig, const, nw])
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _CHILD], input=json.dumps(jobs), env=env,
-                       capture_output=True, text=True, timeout=3000)
-    if r.returncode:
-        print(r.stderr[-3000:], file=sys.stderr)
-        return r.returncode
-    print(f"sm_90 (ptxas-blackwell -v -arch=sm_90a), {a.dtype}, B8 T2048; measured by the "
-          "toolchain\n")
+                    sig = {**sig, **{c: "constexpr" for c in const}}
+                    jobs.append({"key": key, "path": path, "kernel": low.kernel_name,
+                                 "sig": sig, "const": const, "num_warps": nw})
+    res = compile_all(jobs)
+    print(f"sm_90 (ptxas-blackwell -v -arch=sm_90a), {a.dtype}, {a.shape} H16 K=V=128; "
+          "measured by the toolchain\n")
     print("| recurrence | algorithm | dot_precision | stage | programs | warps | registers | "
           "spill stores B | tensor cores |")
     print("|---|---|---|---|---:|---:|---:|---:|---|")
-    for key, regs, spill, tc, _ in json.loads(r.stdout.strip().splitlines()[-1]):
+    for key, r in res.items():
         name, algo, prec, st = key.split("|")
         progs, nw = meta[key]
-        print(f"| {name} | {algo} | {prec} | {st or '-'} | {progs} | {nw} | {regs} | {spill} | "
-              f"{'yes' if tc else 'no'} |")
+        if "error" in r:
+            print(f"| {name} | {algo} | {prec} | {st or '-'} | {progs} | {nw} | "
+                  f"error: {r['error'][:80]} | | |")
+            continue
+        print(f"| {name} | {algo} | {prec} | {st or '-'} | {progs} | {nw} | {r['regs']} | "
+              f"{r['spill_st']} | {'yes' if r['tc'] else 'no'} |")
     return 0
 
 

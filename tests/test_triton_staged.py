@@ -23,13 +23,15 @@ CHUNKED = [n for n in scancc.names()
            if TRI.supports(scancc.get(n).build(), {"algorithm": "chunked"})[0]]
 
 
-def test_staged_covers_the_non_householder_chunked_kinds():
+HOUSEHOLDER = [n for n in STAGED
+               if chunked.analyze(scancc.get(n).build()).only().kind.value == "householder"]
+
+
+def test_staged_covers_every_chunked_kind():
     kinds = {chunked.analyze(scancc.get(n).build()).only().kind.value for n in STAGED}
-    assert kinds == {"identity", "scalar", "diagonal"}
-    assert set(STAGED) == {n for n in CHUNKED if chunked.analyze(
-        scancc.get(n).build()).only().kind.value != "householder"}
-    ok, why = TRI.supports(scancc.get("delta_net").build(), {"algorithm": "staged"})
-    assert not ok and "householder" in why
+    assert kinds == {"identity", "scalar", "diagonal", "householder"}
+    assert set(STAGED) == set(CHUNKED)
+    assert {"delta_net", "gated_delta_net"} <= set(HOUSEHOLDER)
 
 
 def _inputs(name, T, seed=0, overrides=None):
@@ -150,7 +152,46 @@ def test_default_dot_precision_bf16_at_T257(name):
     testing.assert_close(out, ref, "bfloat16", f"{name} bf16 default dots, T=257")
 
 
-@pytest.mark.parametrize("name,heads", [("simple_gla", 132), ("gla", 8)])
+@pytest.mark.parametrize("name", HOUSEHOLDER)
+@pytest.mark.parametrize("T", [1, 63, 64, 65, 257])
+def test_staged_householder_matches_the_reference(name, T):
+    """The three householder stages (blocked UT inverse; R = P S + Q and the state pass;
+    outputs) at T around the default 32-step chunk and 16/64-step ones (block_sizes: one
+    diagonal block, four block rows of the inverse), with an initial
+    state and value blocks of 16 over several programs: outputs and final state."""
+    rec, sizes, x = _inputs(name, T, seed=3)
+    s = rec.states[0]
+    h0 = {s.name: np.random.default_rng(4).standard_normal(
+        [sizes[d] for d in s.dims]).astype(np.float32)}
+    ro, rht = _ref(rec, sizes, x, h0)
+    V = chunked.analyze(rec).only().V
+    for bt in ((None, 16, 64) if T in (63, 64, 65) else (None,)):
+        blocks = {V: 16} if bt is None else {V: 16, rec.time: bt}
+        o, ht = _run(rec, sizes, x, h0, {"algorithm": "staged", "dot_precision": "ieee",
+                                         "block_sizes": blocks})
+        testing.assert_close(o, ro, "float32", f"{name} staged T={T} BT={bt} output")
+        testing.assert_close(ht, rht, "float32", f"{name} staged T={T} BT={bt} final state")
+
+
+@pytest.mark.parametrize("name", HOUSEHOLDER)
+def test_staged_householder_bf16_default_dots(name):
+    """bf16 inputs, dot_precision="auto" (tf32x3 for the UT inverse and A's products, the
+    fused kernel's roles elsewhere), against the reference on the bf16-rounded inputs, with
+    the bf16 table; the launcher allocates the output NaN-filled, so a row the kernel does
+    not write fails the finiteness check."""
+    rec, sizes, x = _inputs(name, 65, seed=6)
+    tx = {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in x.items()}
+    ref = REF.run(rec, {k: v.double().numpy() for k, v in tx.items()}, sizes, None, True, {})
+    res = TRI.run(rec, tx, sizes, None, True, {"algorithm": "staged"})
+    o, st = rec.outputs[0].name, rec.states[0].name
+    assert np.isfinite(res.outputs[o].float().numpy()).all()
+    testing.assert_close(res.outputs[o], ref.outputs[o], "bfloat16", f"{name} staged bf16")
+    testing.assert_close(res.final_states[st], ref.final_states[st], "bfloat16",
+                         f"{name} staged bf16 final state")
+
+
+@pytest.mark.parametrize("name,heads", [("simple_gla", 132), ("gla", 8),
+                                        ("delta_net", 132), ("gated_delta_net", 8)])
 def test_auto_launcher_rule_fused_with_many_programs_else_staged(name, heads):
     """algorithm="auto": B·H·⌈V/BV⌉ >= 132 programs run the fused kernel, fewer the three
     stages (staged.Lowering.SMS). Which one ran is seen bit-for-bit: the result equals the

@@ -8,9 +8,10 @@ Algorithms (``algorithm=`` option; ``"auto"`` picks from the transition structur
 - ``chunked`` (chunked.py): parallel in time with ``tl.dot``, for scalar/identity decays,
   key-dimension diagonal decay and householder (delta rule, UT form) transitions.
 - ``staged`` (staged.py): the chunked form in three launches (chunk states in parallel, a
-  sequential pass over chunks only, outputs in parallel) for identity/scalar/diagonal decays.
-  ``auto`` renders both forms in one module for those decays; the launcher picks the fused
-  kernel when the (grid, V-block) programs fill the GPU (``staged.Lowering.SMS``).
+  sequential pass over chunks only, outputs in parallel) for every chunked kind
+  (householder: the UT factors in parallel). ``auto`` renders both forms in one module; the
+  launcher picks the fused kernel when the (grid, V-block) programs fill the GPU
+  (``staged.Lowering.SMS``).
 - ``scan`` (scan.py): the recurrent kernel parallel in time by chunks, for identity/scalar/
   diagonal transitions; ``"auto"`` picks it only on a GPU where chunked does not apply, and
   its launcher may still run one chunk (scan.CHUNK_RULE, scan.AUTO_MIN_STEPS).

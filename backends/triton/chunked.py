@@ -272,32 +272,10 @@ class Lowering(recurrent.Lowering):
         F, T, b, dot = self.form, self.rec.time, self.body, self._dot
         h = self.state_var[self.rec.states[0].name]
         BT = self.block[T]
-        kh, kh_ok = self._factor("b_hk", self.value(F.hk, env), qk)
-        beta, beta_ok = self._factor("b_beta", self.value(F.beta, env), self.msk[T])
-        bad = [self._bad(kh_ok, 1), self._bad(beta_ok, 1)]
-        strict = f"({self.off[T]} > tl.trans({self.off[T]}))"
-        if F.log_decay is not None:
-            g, g_ok, gc, gn, gl, gnl = self._log_decay(env, self.msk[T])
-            bad.append(self._bad(g_ok, 1))
-            reset = f"{g}_reset"
-            gn_prev = f"({gn} - {reset}.to(tl.int32))"  # resets in steps before t
-            ab = self.bind(True, "b_ab", f"tl.where({reset}, 0.0, tl.exp({g})) * {beta}")
-            seg_prev = self.bind(True, "b_seg_prev", f"tl.exp(tl.where({strict} & ({gn_prev} == "
-                                 f"tl.trans({gn})), {gc} - {g} - tl.trans({gc}), "
-                                 f"float(\"-inf\")))")
-            seg = self.bind(True, "b_seg", f"tl.exp(tl.where({causal} & ({gn} == tl.trans({gn})), "
-                            f"{gc} - tl.trans({gc}), float(\"-inf\")))")
-            e_prev = f"tl.where({gn_prev} == 0, tl.exp({gc} - {g}), 0.0)"
-            e_now = f"tl.where({gn} == 0, tl.exp({gc}), 0.0)"
-            e_last = f"tl.where({gnl} == 0, tl.exp({gl}), 0.0)"
-            to_end = f"tl.where({gn} == {gnl}, tl.exp({gl} - {gc}), 0.0)"
-        else:
-            ab = beta
-            seg_prev, seg = f"tl.where({strict}, 1.0, 0.0)", f"tl.where({causal}, 1.0, 0.0)"
-            e_prev = e_now = e_last = to_end = None
-
-        def scaled(x, e):
-            return x if e is None else f"{e} * {x}"
+        t = self._householder_tiles(env, qk, causal)
+        kh, ab, seg_prev, seg = t["kh"], t["ab"], t["seg_prev"], t["seg"]
+        e_prev, e_now, e_last, to_end = t["e_prev"], t["e_now"], t["e_last"], t["to_end"]
+        scaled = self._scaled
 
         m = self.bind(True, "b_M", f"{dot(kh, f'tl.trans({kh})')} * {seg_prev} * tl.trans({ab})")
         n = self.bind(True, "b_N", f"{dot(kh, f'tl.trans({uf})')} * {seg_prev}")
@@ -316,7 +294,48 @@ class Lowering(recurrent.Lowering):
         ud = uf if to_end is None else f"({uf} * {to_end})"
         b.append(f"{h} = {scaled(h, e_last)} - {dot(f'tl.trans{kd}', r, 'update')} + "
                  f"{dot(f'tl.trans({ud})', wf, 'update')}")
-        return o, bad
+        return o, t["bad"]
+
+    @staticmethod
+    def _scaled(x: str, e: str | None) -> str:
+        return x if e is None else f"{e} * {x}"
+
+    def _householder_tiles(self, env: Env, qk: str, causal: str, pairs: bool = True) -> dict:
+        """The chunk's householder tiles (``_householder_chunk``; shared with the staged form):
+        kh, beta (sanitized factors), ab (alpha beta), seg_prev / seg (e^{c_{t-1}-c_i}, i < t /
+        e^{c_t-c_i}, i <= t), e_prev / e_now / e_last / to_end (e^{c_{t-1}}, e^{c_t}, e^{c_L},
+        e^{c_L-c_t}; None without a decay) and bad (per-step non-finite counts of k, beta and
+        the decay). Without ``pairs``, no [BT, BT] tiles (seg_prev, seg: None)."""
+        F, T = self.form, self.rec.time
+        kh, kh_ok = self._factor("b_hk", self.value(F.hk, env), qk)
+        beta, beta_ok = self._factor("b_beta", self.value(F.beta, env), self.msk[T])
+        bad = [self._bad(kh_ok, 1), self._bad(beta_ok, 1)]
+        strict = f"({self.off[T]} > tl.trans({self.off[T]}))"
+        if F.log_decay is not None:
+            g, g_ok, gc, gn, gl, gnl = self._log_decay(env, self.msk[T])
+            bad.append(self._bad(g_ok, 1))
+            reset = f"{g}_reset"
+            gn_prev = f"({gn} - {reset}.to(tl.int32))"  # resets in steps before t
+            ab = self.bind(True, "b_ab", f"tl.where({reset}, 0.0, tl.exp({g})) * {beta}")
+            seg_prev = seg = None
+            if pairs:
+                seg_prev = self.bind(True, "b_seg_prev", f"tl.exp(tl.where({strict} & "
+                                     f"({gn_prev} == tl.trans({gn})), {gc} - {g} - tl.trans({gc}), "
+                                     f"float(\"-inf\")))")
+                seg = self.bind(True, "b_seg", f"tl.exp(tl.where({causal} & "
+                                f"({gn} == tl.trans({gn})), {gc} - tl.trans({gc}), "
+                                f"float(\"-inf\")))")
+            e_prev = f"tl.where({gn_prev} == 0, tl.exp({gc} - {g}), 0.0)"
+            e_now = f"tl.where({gn} == 0, tl.exp({gc}), 0.0)"
+            e_last = f"tl.where({gnl} == 0, tl.exp({gl}), 0.0)"
+            to_end = f"tl.where({gn} == {gnl}, tl.exp({gl} - {gc}), 0.0)"
+        else:
+            ab = beta
+            seg_prev = f"tl.where({strict}, 1.0, 0.0)" if pairs else None
+            seg = f"tl.where({causal}, 1.0, 0.0)" if pairs else None
+            e_prev = e_now = e_last = to_end = None
+        return dict(kh=kh, beta=beta, bad=bad, ab=ab, seg_prev=seg_prev, seg=seg,
+                    e_prev=e_prev, e_now=e_now, e_last=e_last, to_end=to_end)
 
     def _poison(self, o: str, h: str, rows: list[str], krows: list[str], whole: list[str],
                 qbad: str, vbad: str):

@@ -1,7 +1,6 @@
 """The staged chunked algorithm: the chunked form (chunked.py) as a parallel decomposition in
-three launches, for identity, scalar and key-diagonal decays (householder transitions stay in
-the fused kernel). With c the in-chunk cumulative log-decays and n the reset counts (edges:
-``scancc.ir.passes.chunked``), for chunk i:
+three launches. With c the in-chunk cumulative log-decays and n the reset counts (edges:
+``scancc.ir.passes.chunked``), for chunk i, identity, scalar and key-diagonal decays:
 
 1. chunk states, parallel over (grid, V-blocks, chunks): the chunk's own contribution
    dS_i = sum_s (k_s e^{c_last - c_s}) v_sᵀ and its total decay e^{c_last} (0 after a reset);
@@ -10,11 +9,24 @@ the fused kernel). With c the in-chunk cumulative log-decays and n the reset cou
    buffer [grid, chunks, K, V]) and the final state;
 3. outputs, parallel over (grid, V-blocks, chunks): o = intra-chunk term + (q ⊙ e^{c}) S_in.
 
+Householder transitions (S = alpha (I - beta k kᵀ) S + u wᵀ; the UT form and its names M, N,
+R, Kd, Ud: ``chunked.Lowering._householder_chunk``), where R = (I + M)^-1 (e^{c_(t-1)} K S + N W):
+
+1. the factors that do not depend on the incoming state, parallel over (grid, V-blocks,
+   chunks): A = (I + M)^-1 by a blocked triangular solve (``_ut_inverse``), P = A e^{c_(t-1)} K
+   ([BT, K], buffer ``pc``) and Q = A N W ([BT, BV], buffer ``rc``), float32;
+2. the state pass, sequential over chunks, parallel over (grid, V-blocks): R = P S + Q (stored
+   over Q), S = e^{c_L} S - Kdᵀ R + Udᵀ W, the state entering each chunk into ``hc``;
+3. outputs, parallel over (grid, V-blocks, chunks): the fused kernel's output tile from the
+   stored S_in and R.
+
 The three stages are the branches of one kernel on a constexpr ``STAGE`` (Triton compiles one
 kernel per stage), launched in order by one launcher, which also allocates the buffers. The
 launches are what make the stages wait for each other; no stage reads what a concurrent
-program of its own launch writes. Chunks of 64 steps for identity/scalar decays, 16 for
-key-diagonal ones (whose intra-chunk term is the [BT, BT, BK] product of the fused kernel).
+program of its own launch writes (stage 1's V-block programs write the same P tile). Chunks of
+64 steps for identity/scalar decays, 16 for key-diagonal ones (whose intra-chunk term is the
+[BT, BT, BK] product of the fused kernel), 32 for householder transitions (64 spills in every
+stage, ptxas: docs/performance/triton.md).
 """
 from __future__ import annotations
 
@@ -25,14 +37,14 @@ from . import chunked
 from .chunked import NotChunkable
 from .recurrent import Env
 
-STAGED_KINDS = (Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL)
+STAGED_KINDS = (Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL, Kind.HOUSEHOLDER)
 
 
 def analyze(rec: Recurrence) -> chunked.Form:
     F = chunked.analyze(rec)
     if F.kind not in STAGED_KINDS:
         raise NotChunkable(f"transition kind {F.kind.value!r}: the staged form takes identity, "
-                           "scalar and key-diagonal decays (householder: algorithm='chunked')")
+                           "scalar, key-diagonal and householder transitions")
     return F
 
 
@@ -58,6 +70,8 @@ class Lowering(chunked.Lowering):
     # the (grid, V-block) programs alone fill the GPU (B·H·⌈V/BV⌉ >= SMS, H100/H200: 132
     # SMs), else the three stages, which add ⌈T/BT⌉ programs per (grid, V-block)
     SMS = 132
+    # householder chunks (the [BT, BT] triangular inverse of stage 1): see the module doc
+    HOUSEHOLDER_BT = 32
 
     def __init__(self, rec: Recurrence, options, choose: bool = False):
         analyze(rec)  # NotChunkable before any name is allocated
@@ -66,21 +80,30 @@ class Lowering(chunked.Lowering):
             self.algorithm = "chunked"
         super().__init__(rec, options)
         self.hc = self.names.new("hc")          # per-chunk states (float32)
-        self.dc = self.names.new("dc")          # per-chunk total decays (float32)
+        self.hh = self.form.kind is Kind.HOUSEHOLDER
+        if self.hh:
+            self.pc = self.names.new("pc")      # per-chunk P = A e^{c_(t-1)} K (float32)
+            self.rc = self.names.new("rc")      # per-chunk Q = A N W, then R (float32)
+            self.buffers = [self.hc, self.pc, self.rc]
+        else:
+            self.dc = self.names.new("dc")      # per-chunk total decays (float32)
+            self.buffers = [self.hc, self.dc]
         self.stage = self.names.new("STAGE")
 
     def block_size(self, d: str, n: int, sizes: dict | None = None) -> int:
         if d == self.rec.time:
-            return 64 if self.form.kind in (Kind.IDENTITY, Kind.SCALAR) else 16
+            return {Kind.IDENTITY: 64, Kind.SCALAR: 64,
+                    Kind.HOUSEHOLDER: self.HOUSEHOLDER_BT}.get(self.form.kind, 16)
         return super().block_size(d, n, sizes)
 
     def signature(self) -> tuple[list[str], list[str]]:
         params, consts = super().signature()
-        return params + [self.hc, self.dc], consts + [self.stage]
+        return params + self.buffers, consts + [self.stage]
 
     def compile_args(self, sizes: dict, dtype: str, stage: int = 1) -> tuple[dict, dict]:
         sig, const = super().compile_args(sizes, dtype)
-        sig[self.hc] = sig[self.dc] = "*fp32"
+        for buf in self.buffers:
+            sig[buf] = "*fp32"
         const[self.stage] = stage
         return sig, const
 
@@ -111,12 +134,18 @@ class Lowering(chunked.Lowering):
         if self.choose:
             lines.append(f"if {self.stage} == 0:  # fused: each program walks every chunk")
             lines += ["    " + ln for ln in fused]
-        for i, (what, fn) in enumerate((("chunk states dS_i and decays, one program per chunk",
-                                         self._stage_chunk_states),
-                                        ("the state pass: S_i = decay_i S_(i-1) + dS_i, "
-                                         "sequential over chunks", self._stage_states),
-                                        ("outputs, one program per chunk", self._stage_outputs)),
-                                       1):
+        stages = (("chunk states dS_i and decays, one program per chunk",
+                   self._stage_chunk_states),
+                  ("the state pass: S_i = decay_i S_(i-1) + dS_i, sequential over chunks",
+                   self._stage_states),
+                  ("outputs, one program per chunk", self._stage_outputs))
+        if self.hh:
+            stages = (("the UT factors P = A e^c K, Q = A N W with A = (I + M)^-1, one program "
+                       "per chunk", self._hh_stage_factors),
+                      ("the state pass: R_i = P_i S + Q_i, S = e^c S - Kd^T R_i + Ud^T W, "
+                       "sequential over chunks", self._hh_stage_states),
+                      ("outputs, one program per chunk", self._hh_stage_outputs))
+        for i, (what, fn) in enumerate(stages, 1):
             first = i == 1 and not self.choose
             lines.append(f"{'if' if first else 'elif'} {self.stage} == {i}:  # {what}")
             lines += ["    " + ln for ln in fn()]
@@ -259,6 +288,156 @@ class Lowering(chunked.Lowering):
             b.append(f"tl.store({po}, {self.par(v, 4)}.to({po}.dtype.element_ty), mask={mask})")
         return self.pro + rows + self.body
 
+    # ---- householder transitions ----
+    def _buf_rows(self, buf: str, i_c: str, d: str) -> tuple[str, str]:
+        """(pointers, mask) of chunk ``i_c``'s [BT, B(d)] tile of the per-chunk buffer ``buf``
+        ([grid, chunks, BT, size(d)])."""
+        BT = self.block[self.rec.time]
+        rows = f"tl.arange(0, {BT})[:, None]"
+        return (f"{buf} + (({self.i_g} * {self.nc} + {i_c}) * {BT} + {rows}) * {self.size[d]} + "
+                f"{self.off[d]}", self.msk[d])
+
+    def _dot_inv(self, a: str, b: str) -> str:
+        """The dots of the triangular inverse and of A's products (stage 1): float32 operands
+        at tf32x3 under "auto" (about float32: A multiplies every R), exact float32 under
+        "input" (the inverse is no 16-bit product), else the option's precision."""
+        mode = self.options.get("dot_precision", "auto")
+        prec = {"auto": "tf32x3", "input": "ieee"}.get(mode, mode)
+        return f'tl.dot({a}, {b}, input_precision="{prec}")'
+
+    def _hh_factors(self, env: Env, q: bool, pairs: bool = True):
+        """The chunk's factor tiles (as the fused kernel takes them) and householder tiles."""
+        F, T, K, V = self.form, self.rec.time, self.form.K, self.form.V
+        qk, tv = f"{self.msk[T]} & {self.msk[K]}", f"{self.msk[T]} & {self.msk[V]}"
+        uf, u_ok = self._factor("b_kf", self.product(F.k_side, env), qk)
+        wf, w_ok = self._factor("b_vf", self.product(F.v_side, env), tv)
+        qf = q_ok = None
+        if q:
+            self.body.append(f"# {format_expr(F.contraction)}")
+            qf, q_ok = self._factor("b_qf", self.product(F.q_side, env), qk)
+        causal = f"({self.off[T]} >= tl.trans({self.off[T]}))"
+        t = self._householder_tiles(env, qk, causal, pairs)
+        return uf, u_ok, wf, w_ok, qf, q_ok, t
+
+    def _ut_inverse(self, m: str) -> str:
+        """A = (I + M)^-1 for the strictly lower triangular [BT, BT] tile M, blocked: the 16x16
+        diagonal blocks D_jj = I + M_jj inverted by forward substitution (16 row steps, every
+        block at once), then block forward substitution over the block rows j = 1, 2, ...:
+        A_j = D_jj^-1 - D_jj^-1 (M_j,<j A_<j), each a pair of tl.dot (the 2x2 case is
+        [[L11^-1, 0], [-L22^-1 L21 L11^-1, L22^-1]])."""
+        b, BT = self.body, self.block[self.rec.time]
+        row = self.bind(True, "o_row", f"tl.arange(0, {BT})[:, None]")
+        col = f"tl.arange(0, {BT})[None, :]"
+        blk = self.bind(True, "b_blk", f"({row} // 16) == ({col} // 16)  # in a diagonal block")
+        md = self.bind(True, "b_Md", f"tl.where({blk}, {m}, 0.0)")
+        a = self.bind(True, "b_A", f"tl.where({row} == {col}, 1.0, 0.0)")
+        i = self.names.new("i_r")
+        b.append(f"for {i} in range(1, 16):  # row {i} of every diagonal block")
+        b.append(f"    {a} = tl.where({row} % 16 == {i}, {a} - "
+                 f"{self._dot_inv(f'tl.where({row} % 16 == {i}, {md}, 0.0)', a)}, {a})")
+        ad = self.bind(True, "b_Ad", a)
+        mo = self.bind(True, "b_Mo", f"tl.where({blk}, 0.0, {m})")
+        j = self.names.new("i_b")
+        inner = self._dot_inv(f"tl.where({row} // 16 == {j}, {mo}, 0.0)", a)
+        b.append(f"for {j} in range(1, {BT} // 16):  # block row {j}")
+        b.append(f"    {a} = {a} - {self._dot_inv(ad, inner)}")
+        return a
+
+    def _hh_stage_factors(self) -> list[str]:
+        env = self._begin()
+        F, dot, b = self.form, self._dot, self.body
+        rows = self._chunk_rows()
+        uf, _, wf, _, _, _, t = self._hh_factors(env, False)
+        kh = t["kh"]
+        m = self.bind(True, "b_M", f"{dot(kh, f'tl.trans({kh})')} * {t['seg_prev']} * "
+                      f"tl.trans({t['ab']})")
+        n = self.bind(True, "b_N", f"{dot(kh, f'tl.trans({uf})')} * {t['seg_prev']}")
+        a = self._ut_inverse(m)
+        p = self.bind(True, "b_P", self._dot_inv(a, self._scaled(kh, t["e_prev"])))
+        q = self.bind(True, "b_Q", self._dot_inv(a, dot(n, wf, "solve")))
+        for buf, d, x in ((self.pc, F.K, p), (self.rc, F.V, q)):
+            ptr, mask = self._buf_rows(buf, self.i_c, d)
+            pp = self.names.new(f"p_{buf}")
+            b += [f"{pp} = {ptr}", f"tl.store({pp}, {x}, mask={mask})"]
+        return self.pro + rows + self.body
+
+    def _hh_stage_states(self) -> list[str]:
+        F, env = self.form, self._begin()
+        T, b, dot = self.rec.time, self.body, self._dot
+        s = self.rec.states[0]
+        h = self.state_var[s.name]
+        BT, BK, BV = self.block[T], self.block[F.K], self.block[F.V]
+        kv_env = self._kv_env(Env(env.base))
+        out = [f"{h} = tl.zeros([{BK}, {BV}], dtype=tl.float32)"]
+        ptr, mask = self.pointer(self.h0[s.name], s.dims, kv_env, None)
+        p0 = self.names.ir("p_", self.h0[s.name])
+        out += [f"if {self.use_h0[s.name]}:", f"    {p0} = {ptr}",
+                f"    {h} += tl.load({p0}, mask={mask}, other=0.0).to(tl.float32)"]
+        i_c = self.names.new("i_c")
+        b += [f"{self.off[T]} = {i_c} * {BT} + tl.arange(0, {BT})[:, None].to(tl.int64)",
+              f"{self.msk[T]} = {self.off[T]} < {self.size[T]}"]
+        uf, u_ok, wf, w_ok, _, _, t = self._hh_factors(env, False, pairs=False)
+        ptr, mask = self._hc(i_c)
+        p = self.names.new("p_hc")
+        b += [f"{p} = {ptr}", f"tl.store({p}, {h}, mask={mask})  # the state entering chunk {i_c}"]
+        pp, pr = self.names.new("p_pc"), self.names.new("p_rc")
+        ptr, mask = self._buf_rows(self.pc, i_c, F.K)
+        b.append(f"{pp} = {ptr}")
+        pt = self.bind(True, "b_P", f"tl.load({pp}, mask={mask}, other=0.0)")
+        ptr, mask = self._buf_rows(self.rc, i_c, F.V)
+        b.append(f"{pr} = {ptr}")
+        r = self.bind(True, "b_R", f"{dot(pt, h, 'read')} + tl.load({pr}, mask={mask}, "
+                      "other=0.0)")
+        b.append(f"tl.store({pr}, {r}, mask={mask})  # R of chunk {i_c}, over its Q")
+        kh, ab, to_end = t["kh"], t["ab"], t["to_end"]
+        kd = f"({kh} * {ab})" if to_end is None else f"({kh} * {ab} * {to_end})"
+        ud = uf if to_end is None else f"({uf} * {to_end})"
+        b.append(f"{h} = {self._scaled(h, t['e_last'])} - {dot(f'tl.trans{kd}', r, 'update')} + "
+                 f"{dot(f'tl.trans({ud})', wf, 'update')}")
+        step = self.bind(True, "b_bad_step", " + ".join([self._bad(u_ok, 1)] + t["bad"]))
+        vbad = self.bind(True, "b_bad_v", self._bad(w_ok, None))
+        # a reflection mixes the rows: any non-finite step poisons the whole state
+        self._poison_state(h, [self._bad(u_ok, 0)], ["step"], step, vbad)
+        out += self.pro
+        out.append(f"for {i_c} in range(0, {self.nc}):")
+        out += ["    " + ln for ln in b]
+        ptr, mask = self.pointer(self.ht[s.name], s.dims, kv_env, None)
+        pt = self.names.ir("p_", self.ht[s.name])
+        out += [f"if {self.store_ht}:", f"    {pt} = {ptr}",
+                f"    tl.store({pt}, {h}, mask={mask})"]
+        return out
+
+    def _hh_stage_outputs(self) -> list[str]:
+        rec, F, env = self.rec, self.form, self._begin()
+        b, dot = self.body, self._dot
+        rows = self._chunk_rows()
+        uf, u_ok, wf, w_ok, qf, q_ok, t = self._hh_factors(env, True)
+        kh, seg, ab = t["kh"], t["seg"], t["ab"]
+        ptr, mask = self._hc(self.i_c)
+        p, h = self.names.new("p_hc"), self.names.new("b_S_in")
+        b += [f"{p} = {ptr}", f"{h} = tl.load({p}, mask={mask}, other=0.0)"]
+        ptr, mask = self._buf_rows(self.rc, self.i_c, F.V)
+        pr = self.names.new("p_rc")
+        b.append(f"{pr} = {ptr}")
+        r = self.bind(True, "b_R", f"tl.load({pr}, mask={mask}, other=0.0)")
+        qkm = self.bind(True, "b_QK", f"{dot(qf, f'tl.trans({kh})')} * {seg} * tl.trans({ab})")
+        qum = self.bind(True, "b_QU", f"{dot(qf, f'tl.trans({uf})')} * {seg}")
+        # R = Kᵀ S-like rows read at the state's precision ("read"; the fused kernel rounds them
+        # to the input dtype, "solve"): bf16 T=257 delta_net 9.50e-3 -> 8.53e-3 (docs/triton.md)
+        o = self.bind(True, "b_o", f"{self._scaled(dot(qf, h, 'read'), t['e_now'])} - "
+                      f"{dot(qkm, r, 'read')} + {dot(qum, wf)}")
+        vbad = self.bind(True, "b_bad_v", self._bad(w_ok, None))
+        self._poison_output(o, [self._bad(u_ok, 1)] + t["bad"], self._bad(q_ok, 1), vbad)
+        self._memo[(F.contraction, env.key)] = o
+        for out in rec.outputs:
+            b.append(f"# {out.name} = {format_expr(out.expr)}")
+            v = self.value(out.expr, env)
+            ptr, mask = self.pointer(self.arg[out.name], out.dims, env, None, time_env=True)
+            po = self.names.ir("p_", out.name)
+            b.append(f"{po} = {ptr}")
+            b.append(f"tl.store({po}, {self.par(v, 4)}.to({po}.dtype.element_ty), mask={mask})")
+        return self.pro + rows + self.body
+
     # ---- the launcher ----
     def render_launcher(self) -> str:
         """The recurrent launcher up to its grid, then the buffers and the three launches."""
@@ -279,7 +458,7 @@ class Lowering(chunked.Lowering):
         if self.choose:
             bt = self.block[T]
             fbt = self.names.new("BLOCK_TIME_FUSED")
-            fargs = [fbt if a == bt else "None" if a in (self.hc, self.dc) else
+            fargs = [fbt if a == bt else "None" if a in self.buffers else
                      "0" if a == self.stage else a for a in call_args]
             new += [f"    if {g0} * {g1} >= {self.SMS}:  # enough programs: the fused kernel",
                     f'        {fbt} = {self.names_blocks}.get("{T}", '
@@ -288,11 +467,18 @@ class Lowering(chunked.Lowering):
             new += [f"            {a}," for a in fargs]
             new += [f"            num_warps={nw},", "        )", "    " + lines[end]]
         new += [f"    {nc} = -(-{self.size[T]} // {self.block[T]})",
-               "    # per chunk: its state contribution, then (stage 2) the state entering it",
+               "    # per chunk: " + ("P, Q (stage 1), then R over Q and the state entering it "
+                                 "(stage 2)" if self.hh else
+                                 "its state contribution, then (stage 2) the state entering it"),
                f"    {self.hc} = torch.empty(({g0}, {nc}, {self.size[F.K]}, {self.size[F.V]}), "
                f"dtype=torch.float32, device={dev})",
-               f"    {self.dc} = torch.empty(({g0}, {nc}, {self.size[F.K]}), "
+               ] + ([
+               f"    {self.pc} = torch.empty(({g0}, {nc}, {self.block[T]}, {self.size[F.K]}), "
                f"dtype=torch.float32, device={dev})",
+               f"    {self.rc} = torch.empty(({g0}, {nc}, {self.block[T]}, {self.size[F.V]}), "
+               f"dtype=torch.float32, device={dev})"] if self.hh else [
+               f"    {self.dc} = torch.empty(({g0}, {nc}, {self.size[F.K]}), "
+               f"dtype=torch.float32, device={dev})"]) + [
                f"    for {self.stage}, grid, {warps} in "
                f"((1, ({g0}, {g1}, {nc}), min({self.WARPS[1]} * {nw}, 32)), "
                f"(2, ({g0}, {g1}, 1), min({self.WARPS[2]} * {nw}, 32)), "
