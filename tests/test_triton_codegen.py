@@ -214,3 +214,17 @@ def test_a_missing_rule_names_op_backend_and_recurrence(monkeypatch):
     with pytest.raises(UnsupportedError, match=r"backend 'triton' cannot lower recurrence "
                        r"'hgrn': state 'h': no transition rule for 'diagonal'"):
         backends.get("triton").render(rec, {"algorithm": "recurrent"})
+
+
+def test_prune_dead_drops_only_unread_pure_bindings():
+    from scancc.backends.triton.emit import prune_dead
+    lines = ["b_a = tl.load(p)",
+             "b_dead = tl.sum(b_a, axis=0)",         # never read: dropped
+             "b_dead2 = b_dead * 2.0",               # read by nothing, reads b_dead: both go
+             "b_x = b_a + 1.0",
+             "b_x = tl.where(b_x > 0, b_x, 0.0)",    # a re-binding that reads itself: kept
+             "if FLAG:",
+             "    b_only = b_a * 3.0",               # the block's only statement: kept
+             "b_st = tl.store(p, b_x)",              # stores: kept
+             "tl.store(q, b_x)"]
+    assert prune_dead(lines) == [lines[0]] + lines[3:]

@@ -269,7 +269,7 @@ class Lowering(recurrent.Lowering):
         e^{c_t - c_s} is 0 where a reset lies in (s, t] (and alpha is 0 at a reset).
         Returns (the output tile, the per-step non-finite counts of k, beta and the decay).
         """
-        F, T, b, dot = self.form, self.rec.time, self.body, self._dot
+        T, b, dot = self.rec.time, self.body, self._dot
         h = self.state_var[self.rec.states[0].name]
         BT = self.block[T]
         t = self._householder_tiles(env, qk, causal)

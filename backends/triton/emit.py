@@ -71,3 +71,35 @@ def pow2(n: int) -> int:
 def simple(s: str) -> bool:
     """True if ``s`` is a bare name or number (safe to repeat in emitted code unbound)."""
     return bool(_ATOM.match(s))
+
+
+_DEF = re.compile(r"^(\s*)(b_\w+) = (.*)$")
+
+
+def prune_dead(lines: list[str]) -> list[str]:
+    """``lines`` without the value bindings (``b_x = <expr>``) nothing reads: a rule may bind
+    a tile some kernel variant does not use (a staged stage reads a subset of the chunk's
+    tiles). A line goes only when its name occurs nowhere else in the kernel, its expression
+    stores nothing, and removing it leaves no empty block; repeated until nothing changes."""
+    lines = list(lines)
+    while True:
+        text = "\n".join(lines)
+        drop = None
+        for i, ln in enumerate(lines):
+            m = _DEF.match(ln)
+            if not m or "tl.store" in m.group(3) or "tl.atomic" in m.group(3):
+                continue
+            if len(re.findall(rf"\b{m.group(2)}\b", text)) != 1:
+                continue
+            ind = len(m.group(1))
+            prev = next((p for p in reversed(lines[:i]) if p.strip() and
+                         not p.strip().startswith("#")), "")
+            nxt = next((p for p in lines[i + 1:] if p.strip()), "")
+            if prev.rstrip().split("#")[0].rstrip().endswith(":") and \
+                    len(nxt) - len(nxt.lstrip()) < ind:
+                continue  # the block's only statement
+            drop = i
+            break
+        if drop is None:
+            return lines
+        del lines[drop]

@@ -15,7 +15,7 @@ from scancc.ir.passes.canonical import canonicalize
 from scancc.ir.printer import format_expr, format_transition
 
 from ..base import UnsupportedError
-from .emit import Env, Idx, atomic, number, par, pow2, simple
+from .emit import Env, Idx, atomic, number, par, pow2, prune_dead, simple
 from .names import Names
 from .plan import Plan, plan, unsupported
 from .rules import NEED, OP_RULES, TRANSITION_RULES
@@ -520,7 +520,7 @@ class Lowering:
 
     def render_kernel_def(self) -> str:
         self.size.used.clear()
-        body = self.render_kernel()
+        body = prune_dead(self.render_kernel())
         self._body_sizes = frozenset(self.size.used)
         params, consts = self.signature()
         out = ["@triton.jit", f"def {self.kernel_name}("]

@@ -88,11 +88,8 @@ def gated_delta_net_staged_fwd_kernel(
         b_g_1 = tl.where(b_g_1_ok & ~b_g_1_reset, b_g_1, 0.0)
         b_gc = tl.cumsum(b_g_1, axis=0)
         b_gn = tl.cumsum(b_g_1_reset.to(tl.int32), axis=0)
-        b_glast = tl.sum(b_g_1, axis=0, keep_dims=True)
-        b_gnlast = tl.sum(b_g_1_reset.to(tl.int32), axis=0, keep_dims=True)
         b_ab = tl.where(b_g_1_reset, 0.0, tl.exp(b_g_1)) * b_beta_1
         b_seg_prev = tl.exp(tl.where((o_time > tl.trans(o_time)) & ((b_gn - b_g_1_reset.to(tl.int32)) == tl.trans(b_gn)), b_gc - b_g_1 - tl.trans(b_gc), float("-inf")))
-        b_seg = tl.exp(tl.where((o_time >= tl.trans(o_time)) & (b_gn == tl.trans(b_gn)), b_gc - tl.trans(b_gc), float("-inf")))
         b_M = tl.dot(b_hk.to(q.dtype.element_ty), tl.trans(b_hk).to(q.dtype.element_ty), input_precision=DOT_F32) * b_seg_prev * tl.trans(b_ab)
         b_N = tl.dot(b_hk.to(q.dtype.element_ty), tl.trans(b_kf).to(q.dtype.element_ty), input_precision=DOT_F32) * b_seg_prev
         o_row = tl.arange(0, BLOCK_TIME)[:, None]
@@ -198,10 +195,7 @@ def gated_delta_net_staged_fwd_kernel(
         b_g_5 = tl.where(b_g_5_ok & ~b_g_5_reset, b_g_5, 0.0)
         b_gc_2 = tl.cumsum(b_g_5, axis=0)
         b_gn_2 = tl.cumsum(b_g_5_reset.to(tl.int32), axis=0)
-        b_glast_2 = tl.sum(b_g_5, axis=0, keep_dims=True)
-        b_gnlast_2 = tl.sum(b_g_5_reset.to(tl.int32), axis=0, keep_dims=True)
         b_ab_2 = tl.where(b_g_5_reset, 0.0, tl.exp(b_g_5)) * b_beta_5
-        b_seg_prev_1 = tl.exp(tl.where((o_time > tl.trans(o_time)) & ((b_gn_2 - b_g_5_reset.to(tl.int32)) == tl.trans(b_gn_2)), b_gc_2 - b_g_5 - tl.trans(b_gc_2), float("-inf")))
         b_seg_1 = tl.exp(tl.where((o_time >= tl.trans(o_time)) & (b_gn_2 == tl.trans(b_gn_2)), b_gc_2 - tl.trans(b_gc_2), float("-inf")))
         p_hc_1 = hc + (i_g * n_chunks + i_c_3) * KEY * VALUE + tl.trans(o_key) * VALUE + o_value
         b_S_in = tl.load(p_hc_1, mask=tl.trans(m_key) & m_value, other=0.0)

@@ -130,8 +130,6 @@ def gla_staged_fwd_kernel(
         b_g_3 = tl.where(b_g_3_ok & ~b_g_3_reset, b_g_3, 0.0)
         b_gc_1 = tl.cumsum(b_g_3, axis=0)
         b_gn_1 = tl.cumsum(b_g_3_reset.to(tl.int32), axis=0)
-        b_glast_1 = tl.sum(b_g_3, axis=0, keep_dims=True)
-        b_gnlast_1 = tl.sum(b_g_3_reset.to(tl.int32), axis=0, keep_dims=True)
         b_A = tl.sum(b_qf[:, None, :] * b_kf_1[None, :, :] * tl.exp(tl.where((o_time >= tl.trans(o_time))[:, :, None] & (b_gn_1[:, None, :] == b_gn_1[None, :, :]), b_gc_1[:, None, :] - b_gc_1[None, :, :], float("-inf"))), axis=2)
         b_o = tl.dot(b_A.to(q.dtype.element_ty), b_vf_1.to(q.dtype.element_ty), input_precision=DOT_F32) + tl.dot((b_qf * tl.where(b_gn_1 == 0, tl.exp(b_gc_1), 0.0)), b_S_in, input_precision=DOT_F32)
         b_bad_v = tl.where(b_vf_1_ok, 0, 1)

@@ -127,8 +127,6 @@ def retnet_staged_fwd_kernel(
         b_g_1 = tl.where(b_g_1_ok & ~b_g_1_reset, b_g_1, 0.0)
         b_gc_1 = tl.cumsum(b_g_1, axis=0)
         b_gn_1 = tl.cumsum(b_g_1_reset.to(tl.int32), axis=0)
-        b_glast_1 = tl.sum(b_g_1, axis=0, keep_dims=True)
-        b_gnlast_1 = tl.sum(b_g_1_reset.to(tl.int32), axis=0, keep_dims=True)
         b_A = tl.dot(b_qf.to(q.dtype.element_ty), tl.trans(b_kf_1).to(q.dtype.element_ty), input_precision=DOT_F32) * tl.exp(tl.where((o_time >= tl.trans(o_time)) & (b_gn_1 == tl.trans(b_gn_1)), b_gc_1 - tl.trans(b_gc_1), float("-inf")))
         b_o = tl.dot(b_A.to(q.dtype.element_ty), b_vf_1.to(q.dtype.element_ty), input_precision=DOT_F32) + tl.dot((b_qf * tl.where(b_gn_1 == 0, tl.exp(b_gc_1), 0.0)), b_S_in, input_precision=DOT_F32)
         b_bad_v = tl.where(b_vf_1_ok, 0, 1)
