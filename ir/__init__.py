@@ -8,6 +8,7 @@ from .errors import IRError, ParseError, VerifyError
 from .expr import (Node, Op, check_ident, clamp, const, dot, exp, expm1, flip, group, iota, l2norm,
                    log, logsigmoid, maximum, minimum, prev, rsqrt, sigmoid, silu, size,
                    softmax, softplus, sqrt, step, ungroup)
+from .expr import abs, cos, sin, tanh  # noqa: A004 - the IR ops are called so
 from .expr import max as reduce_max
 from .expr import sum as reduce_sum
 from .printer import ExprParser, format_expr, format_recurrence, parse_recurrence
@@ -24,5 +25,5 @@ __all__ = [
     "format_recurrence", "parse_recurrence", "Dim", "Input", "Kind", "Let", "Numerics",
     "Output", "Recurrence", "ShapeMismatch", "State", "Transition", "bind_sizes", "companion",
     "dense", "diagonal", "householder", "identity", "scalar", "shift", "DEFAULT_SIZES",
-    "ROLE_SIZES", "default_sizes",
+    "ROLE_SIZES", "default_sizes", "abs", "cos", "sin", "tanh",
 ]

@@ -84,6 +84,10 @@ class Op(enum.Enum):
     RSQRT = "rsqrt"
     CLAMP = "clamp"      # arg: (lo, hi), either may be None
     STEP = "step"        # 1 where x >= 0, else 0 (the derivative masks of clamp/maximum/max)
+    COS = "cos"          # radians (rotary states: cos/sin of a per-step angle, no host precompute)
+    SIN = "sin"
+    ABS = "abs"          # |x|; its derivative is taken as sign(x) with sign(0) = +1
+    TANH = "tanh"
     # binary elementwise
     ADD = "add"
     SUB = "sub"
@@ -103,7 +107,7 @@ class Op(enum.Enum):
 
 LEAVES = {Op.INPUT, Op.PARAM, Op.STATE, Op.PREV, Op.CONST, Op.IOTA, Op.SIZE}
 UNARY = {Op.NEG, Op.EXP, Op.EXPM1, Op.LOG, Op.SOFTPLUS, Op.SIGMOID, Op.LOGSIGMOID, Op.SILU, Op.SQRT,
-         Op.RSQRT, Op.CLAMP, Op.STEP}
+         Op.RSQRT, Op.CLAMP, Op.STEP, Op.COS, Op.SIN, Op.ABS, Op.TANH}
 BINARY = {Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.MAXIMUM, Op.MINIMUM}
 REDUCE = {Op.SUM, Op.MAX}
 L2NORM_EPS = 1e-6  # the epsilon of l2norm, one number for every backend and the adjoint
@@ -247,6 +251,10 @@ def logsigmoid(x) -> Node: return Node(Op.LOGSIGMOID, (lift(x),))
 def silu(x) -> Node: return Node(Op.SILU, (lift(x),))
 def sqrt(x) -> Node: return Node(Op.SQRT, (lift(x),))
 def rsqrt(x) -> Node: return Node(Op.RSQRT, (lift(x),))
+def cos(x) -> Node: return Node(Op.COS, (lift(x),))
+def sin(x) -> Node: return Node(Op.SIN, (lift(x),))
+def abs(x) -> Node: return Node(Op.ABS, (lift(x),))  # noqa: A001 - the IR op is called abs
+def tanh(x) -> Node: return Node(Op.TANH, (lift(x),))
 def maximum(a, b) -> Node: return Node(Op.MAXIMUM, (lift(a), lift(b)))
 def minimum(a, b) -> Node: return Node(Op.MINIMUM, (lift(a), lift(b)))
 

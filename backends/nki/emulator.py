@@ -128,6 +128,7 @@ _UNARY = {
     "softplus": lambda x: np.logaddexp(np.float32(0.0), x), "sqrt": np.sqrt,
     "rsqrt": lambda x: np.float32(1.0) / np.sqrt(x), "tanh": np.tanh, "copy": lambda x: x,
     "square": np.square, "reciprocal": lambda x: np.float32(1.0) / x,
+    "cos": np.cos, "sin": np.sin, "abs": np.abs,
 }
 OPS = {**{k: AluOp(k, 2, f) for k, f in _BINARY.items()},
        **{k: AluOp(k, 1, f) for k, f in _UNARY.items()}}

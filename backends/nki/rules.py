@@ -35,7 +35,8 @@ TRANSITION_RULES = Rules("nki", "transition")
 
 # activation-engine functions
 ACT = {Op.EXP: "exp", Op.LOG: "log", Op.SOFTPLUS: "softplus", Op.SIGMOID: "sigmoid",
-       Op.SILU: "silu", Op.SQRT: "sqrt", Op.RSQRT: "rsqrt"}
+       Op.SILU: "silu", Op.SQRT: "sqrt", Op.RSQRT: "rsqrt",
+       Op.COS: "cos", Op.SIN: "sin", Op.ABS: "abs", Op.TANH: "tanh"}
 # Vector-engine ALU ops
 ALU = {Op.ADD: "add", Op.SUB: "subtract", Op.MUL: "multiply", Op.DIV: "divide",
        Op.MAXIMUM: "maximum", Op.MINIMUM: "minimum"}
@@ -45,9 +46,11 @@ PY_UNARY = {Op.NEG: "(-{0})", Op.EXP: "math.exp({0})", Op.LOG: "math.log({0})",
             Op.SIGMOID: "(1.0 / (1.0 + math.exp(-{0})))",
             Op.LOGSIGMOID: "(-math.log1p(math.exp(-{0})))",
             Op.SILU: "({0} / (1.0 + math.exp(-{0})))", Op.SQRT: "math.sqrt({0})",
-            Op.RSQRT: "(1.0 / math.sqrt({0}))", Op.STEP: "(1.0 if {0} >= 0.0 else 0.0)"}
+            Op.RSQRT: "(1.0 / math.sqrt({0}))", Op.STEP: "(1.0 if {0} >= 0.0 else 0.0)",
+            Op.COS: "math.cos({0})", Op.SIN: "math.sin({0})", Op.ABS: "abs({0})",
+            Op.TANH: "math.tanh({0})"}
 # the ones whose constant form calls the math module (the kernel then imports it)
-PY_MATH = frozenset(set(PY_UNARY) - {Op.NEG, Op.STEP})
+PY_MATH = frozenset(set(PY_UNARY) - {Op.NEG, Op.STEP, Op.ABS})
 PY_BINARY = {Op.ADD: "({0} + {1})", Op.SUB: "({0} - {1})", Op.MUL: "({0} * {1})",
              Op.DIV: "({0} / {1})", Op.MAXIMUM: "max({0}, {1})", Op.MINIMUM: "min({0}, {1})"}
 
@@ -269,7 +272,7 @@ def _binary_rule(R, node, env, sc, info) -> V:
 
 
 @OP_RULES.register(Op.NEG, Op.CLAMP, Op.LOGSIGMOID, Op.STEP, Op.LOG, Op.SOFTPLUS, Op.SIGMOID,
-                   Op.SILU, Op.SQRT, Op.RSQRT)
+                   Op.SILU, Op.SQRT, Op.RSQRT, Op.COS, Op.SIN, Op.ABS, Op.TANH)
 def _unary_rule(R, node, env, sc, info) -> V:
     x = R.value(node.src[0], env, sc)
     if x.kind == "const":

@@ -83,6 +83,7 @@ for _op, _f in {
     Op.STEP: lambda x: (x >= 0).astype(np.float64),
     Op.ADD: np.add, Op.SUB: np.subtract, Op.MUL: np.multiply, Op.DIV: np.divide,
     Op.MAXIMUM: np.maximum, Op.MINIMUM: np.minimum,
+    Op.COS: np.cos, Op.SIN: np.sin, Op.ABS: np.abs, Op.TANH: np.tanh,
 }.items():
     OP_RULES.add([_op], _elementwise(_f))
 

@@ -84,6 +84,9 @@ _TEMPLATES: dict[Op, tuple[str, int]] = {
     Op.SQRT: ("tl.sqrt({0})", 4),
     Op.RSQRT: ("tl.rsqrt({0})", 4),
     Op.STEP: ("tl.where({0} >= 0.0, 1.0, 0.0)", 4),
+    Op.COS: ("tl.cos({0})", 4),
+    Op.SIN: ("tl.sin({0})", 4),
+    Op.ABS: ("tl.abs({0})", 4),
     Op.ADD: ("{0} + {1}", 1),
     Op.SUB: ("{0} - {1}", 1),
     Op.MUL: ("{0} * {1}", 2),
@@ -151,6 +154,22 @@ def _expm1_rule(L, node: Node, env, tv: bool) -> str:
     out = L.bind(tv, "b_expm1", f"tl.where(({u} == 1.0) | (tl.abs({xs}) > 0.5), "
                  f"tl.where({u} == 1.0, {xs}, {u} - 1.0), ({u} - 1.0) * {xs} / tl.log({u}))")
     return _shared(L, node, tv, out)
+
+
+@OP_RULES.register(Op.TANH)
+def _tanh_rule(L, node: Node, env, tv: bool) -> str:
+    # Triton has no tl.tanh; tanh|x| = -e / (2 + e) with e = expm1(-2|x|) (the expm1 rule:
+    # accurate for small |x|, where 1 - exp(-2|x|) would cancel), then the sign of x
+    x = node.src[0]
+    e = L.value(Node(Op.EXPM1, (Node(Op.MUL, (Node(Op.CONST, (), -2.0), Node(Op.ABS, (x,)))),)),
+                env)
+    if not simple(e):
+        e = L.bind(tv, "b_e", e)
+    xs = L.value(x, env)
+    if not simple(xs):
+        xs = L.bind(tv, "b_x", xs)
+    r = L.bind(tv, "b_tanh", f"-{e} / (2.0 + {e})")
+    return _shared(L, node, tv, f"tl.where({xs} < 0.0, -{r}, {r})")
 
 
 # ---- TRANSITION_RULES: emit the update of one state, rule(L, state, env) ----

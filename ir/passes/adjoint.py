@@ -27,7 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import IRError
-from ..expr import L2NORM_EPS, Node, Op, const, exp, iota, sigmoid, size, sqrt, step, ungroup
+from ..expr import (L2NORM_EPS, Node, Op, const, cos, exp, iota, sigmoid, sin, size, sqrt, step,
+                    ungroup)
 from ..expr import sum as rsum
 from ..recurrence import (ADJOINT_KIND, Input, Kind, Output, Recurrence, State, Transition,
                           adjoint_step, identity)
@@ -128,6 +129,14 @@ def _local_vjp(n: Node, c: Node) -> list[tuple[Node, Node]]:
         return [(s[0], c * first), (s[1], c * (1.0 - first))]
     if op is Op.STEP:
         return []
+    if op is Op.COS:
+        return [(s[0], -(c * sin(s[0])))]
+    if op is Op.SIN:
+        return [(s[0], c * cos(s[0]))]
+    if op is Op.ABS:  # sign(x), with sign(0) = +1 (a subgradient)
+        return [(s[0], c * (2.0 * step(s[0]) - 1.0))]
+    if op is Op.TANH:
+        return [(s[0], c * (1.0 - n * n))]
     if op is Op.SUM:
         return [(s[0], c)]  # broadcasting by name puts c back on the reduced dims
     if op is Op.MAX:
