@@ -11,6 +11,7 @@ import math
 from scancc.ir import (companion, const, diagonal, dot, exp, flip, group, householder,
                        identity, iota, l2norm, rsqrt, scalar, shift, silu, size, softmax,
                        softplus, clamp)
+from scancc.ir import cos, dense, expm1, prev, sigmoid, sin, step, tanh
 
 from .registry import register
 
@@ -215,3 +216,88 @@ def swa(r, window=4, scale=None):
     valid = r.state("valid", [b, w], shift(w), inject=const(1.0))
     logits = dot(q, kw, k) * _scale(scale, k)
     r.output("o", [b, t, h, v], dot(softmax(logits, w, mask=valid), vw, w))
+
+
+# ---- the modern recurrence family (issue 15): HGRN2, RWKV-6, Mamba-3 ----
+
+@register("hgrn2", origin="library", hints={"g": "logsigmoid"})
+def hgrn2(r, scale=None):
+    """HGRN2 (fla's HGRN2Attention core): GLA with the input gate tied to the forget gate,
+    S = Diag(exp(g_t)) S + (1 - exp(g_t)) v_t^T, o = scale * S^T q; q, g [B, T, H, K] (g in
+    log space, fla's logsigmoid(f)), v [B, T, H, V] (fla's i)."""
+    b, t, h, k, v = _attn_dims(r)
+    q, vv = r.input("q", [b, t, h, k]), r.input("v", [b, t, h, v])
+    g = r.input("g", [b, t, h, k])
+    kk = r.let("k", -expm1(g))  # 1 - exp(g), accurate where the gate is near 1
+    S = r.state("S", [b, h, k, v], diagonal(exp(g)), inject=kk * vv)
+    r.output("o", [b, t, h, v], dot(S, q, k) * _scale(scale, k))
+
+
+@register("rwkv6", origin="library", hints={"w": "logsigmoid", "u": "small"})
+def rwkv6(bld, scale=None):
+    """RWKV-6 (fla's chunk_rwkv6 / naive_recurrent_rwkv6): S = Diag(exp(w_t)) S + k_t v_t^T;
+    the readout sees the state entering the step plus the bonus u on the current token,
+    o_t = scale * (S_{t-1} + Diag(u) k_t v_t^T)^T r_t; r, k, w [B, T, H, K] (w in log space),
+    v [B, T, H, V], u [H, K]."""
+    b, t, h, k, v = _attn_dims(bld)
+    rr, kk, vv = (bld.input("r", [b, t, h, k]), bld.input("k", [b, t, h, k]),
+                  bld.input("v", [b, t, h, v]))
+    w, u = bld.input("w", [b, t, h, k]), bld.input("u", [h, k])
+    S = bld.state("S", [b, h, k, v], diagonal(exp(w)), inject=kk * vv)
+    o = dot(prev("S"), rr, k) + dot(u * kk, rr, k) * vv
+    bld.output("o", [b, t, h, v], o * _scale(scale, k))
+
+
+@register("mamba3", optional_inputs=("D", "Z"), origin="library",
+          hints={"ADT": "negative", "DT": "positive", "Q": "small", "K": "small"})
+def mamba3(bld, D=False, Z=False):
+    """Mamba-3 SISO (mamba_ssm's mamba3_siso_step_ref): the exponential-trapezoidal update
+    H_t = a_t H_{t-1} + b_t v_{t-1} kr_{t-1}^T + c_t v_t kr_t^T with a = exp(ADT),
+    b = (1 - sigmoid(Trap)) DT a, c = sigmoid(Trap) DT, kr/qr = K/Q (+ bias) rotated pairwise
+    by the accumulated angle theta_t = sum_s pi tanh(Angles_s) DT_s; y = H qr + D v, optionally
+    * silu(Z). Q, K [B, T, G, N/2, 2] (mamba_ssm's [B, T, G, N] viewed as pairs), V, Z
+    [B, T, H, P], ADT, DT, Trap [B, H, T], Angles [B, T, H, N/2], Q_bias, K_bias [H, N/2, 2],
+    D [H].
+
+    The state is held in the rotating frame, X = H R(theta_t), whose transition is the rotation
+    by the step's own angle (cos/sin of pi tanh(Angles) DT: no accumulated angle, no host
+    precompute), and carries the last v k^T in a second slot for the trapezoid's b term: per
+    head, value column and pair, a 4x4 ``dense`` over (component, slot), slot index
+    2 * component + slot (slot 0: X, slot 1: v_{t-1} k_{t-1}^T)."""
+    b, t, h = bld.dim("batch", "batch"), bld.dim("time", "time"), bld.dim("heads", "head")
+    p, g = bld.dim("headdim"), bld.dim("groups", "group")
+    j, c = bld.dim("pairs"), bld.dim("comp", size=2)
+    cs, cs2 = bld.dim("slot", size=4), bld.dim("slot_in", size=4)
+    Q, K = bld.input("Q", [b, t, g, j, c]), bld.input("K", [b, t, g, j, c])
+    V = bld.input("V", [b, t, h, p])
+    ADT, DT, Trap = (bld.input("ADT", [b, h, t]), bld.input("DT", [b, h, t]),
+                     bld.input("Trap", [b, h, t]))
+    Q_bias, K_bias = bld.input("Q_bias", [h, j, c]), bld.input("K_bias", [h, j, c])
+    Angles = bld.input("Angles", [b, t, h, j])
+    Dv = bld.input("D", [h]) if D else None
+    Zv = bld.input("Z", [b, t, h, p]) if Z else None
+
+    # index i of slot/slot_in is component i // 2 and slot i % 2 (0: X, 1: the last v k^T)
+    ci = bld.let("comp_of", step(iota(cs) - 2.0))
+    ci2 = bld.let("comp_in", step(iota(cs2) - 2.0))
+    main = bld.let("main", 1.0 - (iota(cs) - 2.0 * ci))   # 1 on slot 0
+    last = bld.let("last_in", iota(cs2) - 2.0 * ci2)      # 1 on slot_in 1
+    pick = bld.let("pick", 1.0 - (iota(c) - ci) * (iota(c) - ci))  # component c at index i
+    qs = bld.let("q_s", dot(group(Q, g, h) + Q_bias, pick, c))
+    ks = bld.let("k_s", dot(group(K, g, h) + K_bias, pick, c))
+    lam = bld.let("lam", sigmoid(Trap))
+    alpha = bld.let("alpha", exp(ADT))
+    beta = bld.let("beta", (1.0 - lam) * DT * alpha)
+    gamma = bld.let("gamma", lam * DT)
+    dtheta = bld.let("dtheta", math.pi * tanh(Angles) * DT)
+    # X_new = (alpha X + beta U) R(dtheta): per pair of columns [[cos, sin], [-sin, cos]]
+    rot = cos(dtheta) * (1.0 - (ci - ci2) * (ci - ci2)) + sin(dtheta) * (ci2 - ci)
+    M = bld.let("M", rot * main * (alpha * (1.0 - last) + beta * last))
+    X = bld.state("X", [b, h, p, j, cs], dense(cs, cs2, M),
+                  inject=V * ks * (gamma * main + (1.0 - main)))
+    y = dot(X * main, qs, [j, cs])
+    if Dv is not None:
+        y = y + Dv * V
+    if Zv is not None:
+        y = y * silu(Zv)
+    bld.output("y", [b, t, h, p], y)
