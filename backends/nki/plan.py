@@ -36,7 +36,7 @@ from .values import NAME
 TT_CANDIDATES = (512, 256, 128, 64, 32, 16, 8, 4, 2, 1)
 ALGORITHMS = ("auto", "recurrent", "chunked")
 # per-step kinds stepped one column of the other looped dims at a time, the axis last
-AXIS_LAST = (Kind.HOUSEHOLDER, Kind.COMPANION_ADJOINT, Kind.DENSE_ADJOINT)
+AXIS_LAST = (Kind.HOUSEHOLDER, Kind.COMPANION_ADJOINT, Kind.DENSE_ADJOINT, Kind.DENSE)
 # loop_order option -> the orders tried (False: outer dims > partition tile > time tile;
 # True: the time tile outermost)
 LOOP_ORDERS = {"auto": (False, True), "outer": (False,), "time": (True,)}
@@ -172,6 +172,9 @@ def _householder_storage(sp: Space, s, tt: int) -> list[int]:
 def _dense_storage(sp: Space, s, tt: int) -> list[int]:
     t, n = s.transition, sp.n_inner(s)
     nm = sp.sizes[t.axis] * sp.sizes[t.col]
+    dims = sp.inner_dims(s)  # the axis last; the matrix per column where it varies along them
+    if set(dims[:-1]) & set(sp.rec.dims_of(t.operand("matrix"))):
+        nm *= n // sp.sizes[t.axis]
     return [_traj(sp, s, tt), 4, 4 * n * tt, 4 * nm * tt, 4 * n]
 
 

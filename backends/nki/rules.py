@@ -417,7 +417,7 @@ class _Step:
         R.trajectory(s, sc)
         R.emit(sc, f"# state {s.name}: {t.kind.value} along {t.axis}, stepped through time")
         self.dims, self.r, self.n = R.inner_dims(s), R.rows(s), R.n_inner(s)
-        hh = t.kind is Kind.HOUSEHOLDER and self.dims and self.dims[-1] == t.axis
+        hh = t.kind in (Kind.HOUSEHOLDER, Kind.DENSE) and self.dims and self.dims[-1] == t.axis
         if self.dims != (t.axis,) and not hh:
             R.fail(f"{t.kind.value} state {s.name!r}: its looped dims {list(self.dims)} must "
                    f"be exactly the axis {t.axis!r} (partition dim {R.pd!r})")
@@ -506,20 +506,33 @@ def _householder_rule(R, s, env, sc) -> None:
 
 @TRANSITION_RULES.register(Kind.DENSE)
 def _dense_rule(R, s, env, sc) -> None:
-    """Per step and row: tensor_tensor + tensor_reduce, then the inject."""
+    """Per step, per column hm of the other looped dims (the axis last) and row a:
+    tensor_tensor + tensor_reduce, then the inject. The matrix is materialized per column
+    only where it varies along the other looped dims."""
     t = s.transition
     st = _Step(R, s, sc)
-    r, n, tc = st.r, st.n, st.tc
-    inj, = R.materialize([s.inject], st.dims, env, sc, r)
-    m, = R.materialize([t.operand("matrix")], (t.axis, t.col), env, sc, r)
+    r, n, tc, dims = st.r, st.n, st.tc, st.dims
+    na = R.sizes[t.axis]
+    rest = n // na
+    inj, = R.materialize([s.inject], dims, env, sc, r)
+    per_col = rest > 1 and bool(set(dims[:-1]) & set(R.rec.dims_of(t.operand("matrix"))))
+    lead = dims[:-1] if per_col else ()
+    m, = R.materialize([t.operand("matrix")], lead + (t.axis, t.col), env, sc, r)
     prod = R.alloc(sc, (128, n), 4 * n, "prod", storage=True)
     step = R.step_loop(sc)
-    row = R.loop(step, "a", n)
-    R.emit(row, f"nisa.tensor_tensor({prod}[0:{r}, 0:{n}], "
-                f"{m}[0:{r}, a * {n}:(a + 1) * {n}, t], {st.cur}, nl.multiply)")
-    R.emit(row, f"nisa.tensor_reduce(traj_{s.name}[0:{r}, a:a + 1, {tc}], nl.add, "
-                f"{prod}[0:{r}, 0:{n}], axis=1, keepdims=True)")
+    col = R.loop(step, "hm", rest) if rest > 1 else step
+    c0 = f"hm * {na}" if rest > 1 else "0"
+    cur = f"carry_{s.name}[0:{r}, {R.slot}, {c0}:{c0} + {na}]" if rest > 1 else st.cur
+    row = R.loop(col, "a", na)
+    m0 = f"hm * {na * na} + a * {na}" if per_col else f"a * {na}"
+    R.emit(row, f"nisa.tensor_tensor({prod}[0:{r}, 0:{na}], "
+                f"{m}[0:{r}, {m0}:{m0} + {na}, t], {cur}, nl.multiply)")
+    a0 = f"{c0} + a" if rest > 1 else "a"
+    R.emit(row, f"nisa.tensor_reduce(traj_{s.name}[0:{r}, {a0}:{a0} + 1, {tc}], nl.add, "
+                f"{prod}[0:{r}, 0:{na}], axis=1, keepdims=True)")
     R.close(row)
+    if rest > 1:
+        R.close(col)
     R.emit(step, f"nisa.tensor_tensor({st.new}, {st.new}, {inj}[0:{r}, 0:{n}, t], nl.add)")
     st.end(R, s, step)
 
