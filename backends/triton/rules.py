@@ -161,13 +161,12 @@ def _tanh_rule(L, node: Node, env, tv: bool) -> str:
     # Triton has no tl.tanh; tanh|x| = -e / (2 + e) with e = expm1(-2|x|) (the expm1 rule:
     # accurate for small |x|, where 1 - exp(-2|x|) would cancel), then the sign of x
     x = node.src[0]
-    e = L.value(Node(Op.EXPM1, (Node(Op.MUL, (Node(Op.CONST, (), -2.0), Node(Op.ABS, (x,)))),)),
-                env)
-    if not simple(e):
-        e = L.bind(tv, "b_e", e)
     xs = L.value(x, env)
     if not simple(xs):
         xs = L.bind(tv, "b_x", xs)
+    arg = Node(Op.MUL, (Node(Op.CONST, (), -2.0), Node(Op.ABS, (x,))))
+    L._memo[(arg, env.key)] = L.bind(tv, "b_m2x", f"-2.0 * tl.abs({xs})")
+    e = L.value(Node(Op.EXPM1, (arg,)), env)
     r = L.bind(tv, "b_tanh", f"-{e} / (2.0 + {e})")
     return _shared(L, node, tv, f"tl.where({xs} < 0.0, -{r}, {r})")
 
