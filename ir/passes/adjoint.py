@@ -9,7 +9,9 @@ that flows into h_t from later steps) and runs in reverse time:
     lambda_t  = nu_t + g_t = prev(nu) + g_t            (dL/dh_t)
     nu_{t-1}  = A_t^T nu_t + A_t^T g_t                 (the backward state update)
 
-so nu starts at dh_final and ends at dL/dh_{-1}, the gradient of the initial state. The
+so nu starts at dh_final and ends at dL/dh_{-1}, the gradient of the initial state. A readout
+of prev(S) (h_{t-1}) adds its VJP p_t after the transposed transition, nu_{t-1} = A_t^T (nu_t
++ g_t) + p_t (symmetric kinds: p_t joins the injected term). The
 gradients of the inputs are VJPs of the readouts (cotangent dy_t) and of the transition
 expressions A_t(h_{t-1}) + b_t (cotangent lambda_t); for inputs without a time dim the
 backward outputs per-step contributions, which the caller sums over each chunk. The backward
@@ -224,10 +226,16 @@ def derive(rec: Recurrence) -> Adjoint:
             raise IRError(f"recurrence {rec.name!r}, state {s.name!r}: the adjoint of a "
                           f"{s.transition.kind.value} transition is not derived (derived: "
                           f"{', '.join(sorted(k.value for k in DERIVED))})")
-    for o in rec.outputs:
-        if any(n.op is Op.PREV for n in o.expr.walk()):
-            raise IRError(f"recurrence {rec.name!r}, output {o.name!r}: the adjoint of a "
-                          "readout of prev() is not derived yet")
+    # readouts of prev(S) (the state entering the step): their VJP p_t (w.r.t. h_{t-1}) is
+    # added after the transposed transition, nu_{t-1} = A_t^T (nu_t + g_t) + p_t: an
+    # expression for the symmetric kinds, not derived for the adjoint-step kinds
+    read_prev = {n.arg for o in rec.outputs for n in inline_lets_in(rec, o.expr, {}).walk()
+                 if n.op is Op.PREV}
+    for s in rec.states:
+        if s.name in read_prev and s.transition.kind not in SYMMETRIC:
+            raise IRError(f"recurrence {rec.name!r}, state {s.name!r}: the adjoint of a "
+                          f"readout of prev({s.name}) of a {s.transition.kind.value} state is "
+                          "not derived yet")
     time = rec.time
     taken = {d.name for d in rec.dims} | {x.name for x in rec.inputs} | \
         {s.name for s in rec.states} | {o.name for o in rec.outputs} | {l.name for l in rec.lets}
@@ -259,9 +267,10 @@ def derive(rec: Recurrence) -> Adjoint:
     memo: dict = {}
     inl = lambda n: inline_lets_in(rec, n, memo)  # noqa: E731
     h_now = {Node(Op.STATE, (), s.name): Node(Op.INPUT, (), seq[s.name][0]) for s in rec.states}
-    outs = [(substitute(inl(o.expr), h_now), Node(Op.INPUT, (), cot[o.name]))
+    h_prev = {Node(Op.PREV, (), s.name): Node(Op.INPUT, (), seq[s.name][1]) for s in rec.states}
+    outs = [(substitute(inl(o.expr), {**h_now, **h_prev}), Node(Op.INPUT, (), cot[o.name]))
             for o in rec.outputs]
-    g = vjp(ctx, outs, set(h_now.values()))
+    g = vjp(ctx, outs, set(h_now.values()) | set(h_prev.values()))
 
     roots = list(outs)
     states, lam = [], {}
@@ -277,6 +286,9 @@ def derive(rec: Recurrence) -> Adjoint:
                                      t.col))
         if t.kind in SYMMETRIC:   # nu_{t-1} = A^T nu_t + A^T g_t, with A^T g_t an expression
             inject = apply_transition(t, gs, ops) if gs is not None else const(0.0)
+            ps = g.get(h_prev[Node(Op.PREV, (), s.name)])
+            if ps is not None:    # + p_t, the VJP of the readouts of prev(S)
+                inject = _add(inject, ps) if gs is not None else ps
         else:                     # the adjoint step adds g_t first: A^T (nu_t + g_t)
             inject = gs if gs is not None else const(0.0)
         states.append(State(nu[s.name], s.dims, bt, inject))
