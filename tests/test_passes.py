@@ -293,6 +293,9 @@ CHUNKED = {
     "fir": (None, False, False),
     "iir": (None, False, False),
     "swa": (None, False, False),
+    "hgrn2": ("diagonal", True, False),
+    "rwkv6": (None, False, False),     # a readout of prev(S)
+    "mamba3": (None, False, False),    # dense
 }
 
 
