@@ -297,3 +297,32 @@ def test_triton_matches(fla, name):
     got, want = _backend_case(fla, name, "triton")
     assert np.isfinite(got).all()
     assert_close(got, want, "float32", T=37)
+
+
+@pytest.mark.parametrize("per_column", [False, True], ids=["shared", "per-column"])
+def test_nki_dense_with_another_looped_dim(per_column):
+    """mamba3's shape in small: a dense state with a looped dim beside its axis (the axis
+    last), the matrix shared by the columns or varying along them; NKI against the
+    reference at T = 45 over 16-step time tiles, with an entering state."""
+    from scancc.ir import Builder, cos, dense, iota, reduce_sum, sin
+    r = Builder(f"nki_dense_cols_{int(per_column)}")
+    b, t, d = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("chan")
+    j, i, i2 = r.dim("pairs"), r.dim("comp", size=2), r.dim("comp_in", size=2)
+    x, a = r.input("x", [b, t, d, j, i]), r.input("a", [b, t, j] if per_column else [b, t])
+    # a rotation by a, damped: [[c, s], [-s, c]] * 0.9 built from iota one-hots
+    diff = iota(i) - iota(i2)   # 0 on the diagonal, -1 at (0, 1), +1 at (1, 0)
+    same = 1.0 - diff * diff
+    m = (cos(a) * same - sin(a) * diff) * 0.9
+    h = r.state("h", [b, d, j, i], dense(i, i2, m), inject=x)
+    r.output("y", [b, t, d], reduce_sum(h * h, [j, i]))
+    rec = r.build()
+    rng = np.random.default_rng(int(per_column))
+    x_ = {"x": rng.standard_normal((2, 45, 3, 3, 2)),
+          "a": rng.standard_normal((2, 45, 3) if per_column else (2, 45))}
+    h0 = rng.standard_normal((2, 3, 3, 2))
+    want_y, want_h = scancc.compile(rec)(**x_, initial_state=h0, output_final_state=True)
+    got_y, got_h = scancc.compile(rec, target="nki", time_tile=16)(
+        **{k: v.astype(np.float32) for k, v in x_.items()}, initial_state=h0.astype(np.float32),
+        output_final_state=True)
+    assert_close(got_y, want_y, "float32", T=45)
+    assert_close(got_h, want_h, "float32", "final state", T=45)
