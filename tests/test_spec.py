@@ -564,7 +564,7 @@ def test_bad_hints(tmp_path, hints, needle, frag):
     ("use: mamba2\noptions: {dt_softplux: true}\n", "options", "no option 'dt_softplux'"),
     ("use: mamba2\noptions:\n  dt_softplus: 1\n", "dt_softplus", "expected a boolean"),
     ("use: mamba2\noptions:\n  D: true\n", "D: true", "optional input of 'mamba2'"),
-    ("use: mamba3\n", "use:", "no recurrence named 'mamba3'"),
+    ("use: mamba9\n", "use:", "no recurrence named 'mamba9'"),
     ("use: [gla]\n", "use:", "expected a name"),
     ("use: fir\noptions: {activation: relu}\n", "options", "rejects these options"),
     ("use: swa\noptions:\n  window: 2.5\n", "window", "expected an integer"),
