@@ -243,7 +243,7 @@ def rwkv6(bld, scale=None):
     rr, kk, vv = (bld.input("r", [b, t, h, k]), bld.input("k", [b, t, h, k]),
                   bld.input("v", [b, t, h, v]))
     w, u = bld.input("w", [b, t, h, k]), bld.input("u", [h, k])
-    S = bld.state("S", [b, h, k, v], diagonal(exp(w)), inject=kk * vv)
+    bld.state("S", [b, h, k, v], diagonal(exp(w)), inject=kk * vv)
     o = dot(prev("S"), rr, k) + dot(u * kk, rr, k) * vv
     bld.output("o", [b, t, h, v], o * _scale(scale, k))
 

@@ -175,7 +175,7 @@ def _dense_storage(sp: Space, s, tt: int) -> list[int]:
     dims = sp.inner_dims(s)  # the axis last; the matrix per column where it varies along them
     if set(dims[:-1]) & set(sp.rec.dims_of(t.operand("matrix"))):
         nm *= n // sp.sizes[t.axis]
-    return [_traj(sp, s, tt), 4, 4 * n * tt, 4 * nm * tt, 4 * n]
+    return [_traj(sp, s, tt), 4 * n * tt, 4 * nm * tt, 4 * n]
 
 
 @STORAGE.register(Kind.SHIFT_ADJOINT, Kind.COMPANION_ADJOINT, Kind.DENSE_ADJOINT)

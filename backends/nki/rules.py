@@ -429,7 +429,10 @@ class _Step:
                        f"carry_{s.name}[0:{r}, {R.slot}, 0:{n}])")
         self.cur = f"carry_{s.name}[0:{r}, {R.slot}, 0:{n}]"
         self.new = f"traj_{s.name}[0:{r}, 0:{n}, {self.tc}]"
-        self.col = R.alloc(sc, (128, 1), 4, "acc", storage=True)
+        # a (P, 1) accumulator for the kinds that reduce into a column (not dense: it reduces
+        # straight into the trajectory)
+        self.col = None if t.kind is Kind.DENSE else R.alloc(sc, (128, 1), 4, "acc",
+                                                               storage=True)
 
     def end(self, R, s, step, n: int | None = None) -> None:
         """The carry is the trajectory's column at step t."""
