@@ -87,8 +87,12 @@ class Lowering(recurrent.Lowering):
         at = next(i for i, ln in enumerate(lines)
                   if re.fullmatch(r"    (\w*initial_state\w*) = \1 or \{\}", ln))
         B = self.size[self.batch]
-        lines[at:at] = [f"    {B} = {self.cu}.shape[0] - 1  # N sequences: batch of the "
-                        "states and the grid",
+        n_seq = self.names.new("N_SEQ")
+        for i in range(at, len(lines)):  # the final states and the grid: N, not batch 1
+            if "torch.full(" in lines[i] or lines[i].startswith("    grid = ("):
+                lines[i] = re.sub(rf"\b{B}\b", n_seq, lines[i])
+        lines[at:at] = [f"    {n_seq} = {self.cu}.shape[0] - 1  # N sequences: the final "
+                        "states' batch and the grid's",
                         f"    {self.cu} = {self.cu}.to(device={self.arg[self.rec.inputs[0].name]}"
                         ".device, dtype=torch.int64).contiguous()"]
         return "\n".join(lines)
