@@ -275,7 +275,7 @@ def run_varlen_by_sequence(backend: Backend, rec: Recurrence, inputs: Mapping[st
             if ax is None:
                 parts, ax = [p[None] for p in parts], 0
             fin[s.name] = _cat(parts, ax)
-    return RunResult(out, fin)
+    return RunResult(out, fin, {"varlen": "per sequence"})
 
 
 def _zeros_like_state(backend: Backend, rec: Recurrence, s, sizes, inputs):

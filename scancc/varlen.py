@@ -99,7 +99,6 @@ def backward_varlen(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[s
     d_out = {k: xp.cast(v, dt) for k, v in d_out.items()}
     sizes = fwd.sizes(tuple(tuple(inputs[n].shape) for n in fwd.input_names))
     N = len(cu) - 1
-    T = sizes[rec.time]
 
     def per_seq_shape(s):
         shape = [sizes[d] for d in s.dims]

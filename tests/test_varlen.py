@@ -198,18 +198,46 @@ def test_triton_source_of_the_packed_kernel():
 
 # ---- NKI (emulator) ----
 
-@pytest.mark.parametrize("name", ["gla", "fir", "mamba2", "delta_net"])
-def test_nki_emulator(name):
-    rec, args, h0, cu = _case(name, SHORT, np.float32)
-    k = scancc.compile(name, "nki")
+@pytest.mark.parametrize("order", ["outer", "time"])
+@pytest.mark.parametrize("name", NAMES)
+def test_nki_emulator(name, order):
+    """One kernel (time tiles of 4 end at the boundaries, carries reset there), both loop
+    orders, vs N separate calls and the float64 reference."""
+    rec, args, h0, cu = _case(name, (3, 1, 9, 0, 6), np.float32)
+    k = scancc.compile(name, "nki", options={"time_tile": 4, "loop_order": order})
     y, f = packed(k, rec, args, h0, cu)
+    assert k.last_run.counters["varlen"] == "one kernel"
     ys, fs = separate(k, rec, args, h0, cu)
-    _check(y, ys, "float32", "output", 13)
-    _check(f, fs, "float32", "final", 13)
+    _check(y, ys, "float32", "output", 19)
+    _check(f, fs, "float32", "final", 19)
     kr = scancc.compile(name, "reference")
     yr, fr = packed(kr, rec, [a.astype(np.float64) for a in args],
                     {s: v.astype(np.float64) for s, v in h0.items()}, cu)
-    _check(y, yr, "float32", "output vs reference", 13)
+    _check(y, yr, "float32", "output vs reference", 19)
+    _check(f, fr, "float32", "final vs reference", 19)
+
+
+@pytest.mark.parametrize("name", ["gla", "fir", "mamba2"])
+def test_nki_emulator_zero_start(name):
+    """Without initial_state the carries are zeroed at each boundary (memset)."""
+    rec, args, h0, cu = _case(name, SHORT, np.float32)
+    k = scancc.compile(name, "nki", options={"time_tile": 2})
+    y, f = k(*args, output_final_state=True, cu_seqlens=cu)
+    zeros = {s: np.zeros_like(v) for s, v in h0.items()}
+    ys, fs = separate(k, rec, args, zeros, cu)
+    _check(_as_dict(y, [o.name for o in rec.outputs]), ys, "float32", "output", 13)
+    _check(_as_dict(f, [s.name for s in rec.states]), fs, "float32", "final", 13)
+
+
+def test_nki_kernel_source():
+    from scancc.backends.nki.lowering import plan_and_render
+    rec = registry.get("gla").build()
+    src, _ = plan_and_render(rec, {"batch": 1, "time": 13, "heads": 2, "key": 8, "value": 8},
+                             True, True, tt=4, algorithm="recurrent", cu=(0, 3, 4, 9, 9, 13))
+    assert "TILES = ((0, 3, 0, 0), (3, 4, 1, 1), (4, 8, 2, -1), (8, 9, -1, 2), " \
+           "(9, 13, 4, 4))" in src
+    assert "init_S[n_start, i_heads" in src and "final_S[n_end, i_heads" in src
+    assert "final_S = nl.ndarray((5, N_heads" in src
 
 
 # ---- gradients ----
