@@ -156,7 +156,10 @@ def _triton_forward(name, algorithm, lens):
     rec, args, h0, cu, k = _triton_case(name, algorithm, lens)
     T = int(cu[-1])
     y, f = packed(k, rec, args, h0, cu)
-    assert k.last_run.counters["algorithm"] == "recurrent_varlen"  # the packed kernel ran
+    from scancc.backends.triton import chunked
+    want = "chunked_varlen" if algorithm in ("auto", "chunked", "staged") and \
+        chunked.applies(rec)[0] else "recurrent_varlen"
+    assert k.last_run.counters["algorithm"] == want  # the packed kernel ran
     ys, fs = separate(k, rec, args, h0, cu)
     _check(y, ys, "float32", "output vs separate calls", T)
     _check(f, fs, "float32", "final state vs separate calls", T)
@@ -174,7 +177,8 @@ def test_triton_every_recurrence(name):
 
 
 @pytest.mark.parametrize("name,algorithm", [("gla", "chunked"), ("delta_net", "staged"),
-                                            ("fir", "recurrent")])
+                                            ("mamba2", "auto"), ("fir", "recurrent"),
+                                            ("gla", "recurrent")])
 def test_triton_crossing_chunks(name, algorithm):
     _triton_forward(name, algorithm, LENS)
 
@@ -186,14 +190,28 @@ def test_triton_every_recurrence_and_algorithm(name, algorithm):
     _triton_forward(name, algorithm, LENS)
 
 
-def test_triton_source_of_the_packed_kernel():
-    """The packed kernel reads each sequence's steps from cu_seqlens and its states at n."""
+def test_triton_source_of_the_packed_kernels():
+    """The packed kernels read each sequence's steps from cu_seqlens and its states at n;
+    the chunked one starts its chunks at bos and masks them at eos."""
     from scancc.backends.triton import varlen
-    src = varlen.Lowering(registry.get("gla").build(), {}).render()
-    assert "for i_t in range(bos, eos):" in src
-    assert "bos = tl.load(cu_seqlens + i_batch)" in src
-    assert "p_h0 = h0 + i_batch * HEADS" in src and "p_ht = ht + i_batch * HEADS" in src
-    assert "grid = (N_SEQ * HEADS" in src
+    rec = registry.get("gla").build()
+    for src in (varlen.Lowering(rec, {}).render(), varlen.ChunkedLowering(rec, {}).render()):
+        assert "bos = tl.load(cu_seqlens + i_batch)" in src
+        assert "p_h0 = h0 + i_batch * HEADS" in src and "p_ht = ht + i_batch * HEADS" in src
+        assert "grid = (N_SEQ * HEADS" in src
+    assert "for i_t in range(bos, eos):" in varlen.Lowering(rec, {}).render()
+    src = varlen.ChunkedLowering(rec, {}).render()
+    assert "for i_c in range(0, tl.cdiv(eos - bos, BLOCK_TIME)):" in src
+    assert "o_time = bos + i_c * BLOCK_TIME" in src and "m_time = o_time < eos" in src
+
+
+def test_triton_goldens_unchanged_by_varlen():
+    """A call without cu_seqlens renders exactly as before (the packed kernels are
+    subclasses; the plain lowerings have no varlen branch)."""
+    from scancc.backends.triton import chunked, recurrent
+    rec = registry.get("gla").build()
+    assert "cu_seqlens" not in recurrent.Lowering(rec, {}).render()
+    assert "cu_seqlens" not in chunked.Lowering(rec, {}).render()
 
 
 # ---- NKI (emulator) ----

@@ -1,5 +1,5 @@
-"""Packed variable-length batches on Triton: the recurrent kernel with one program per
-(sequence, grid index, block of the state).
+"""Packed variable-length batches on Triton: the recurrent and the fused chunked kernels
+with one program per (sequence, grid index, block of the state).
 
 The semantics are scancc/ir/segments.py's: every state resets at each boundary of
 ``cu_seqlens``. Here the reset is structural, as in flash-linear-attention's varlen kernels:
@@ -7,12 +7,18 @@ program n of the batch grid axis runs steps ``[cu[n], cu[n+1])`` only, starting 
 ``initial_state[n]`` and storing its final state to ``final[n]``, so no value of one sequence
 is ever read by another (a NaN in sequence n-1 cannot reach sequence n) and the N sequences
 run in parallel. Inputs and outputs are indexed at batch 0 (batch is 1); the initial and final
-states at batch n. Ring buffers (shift, companion) keep the recurrent kernel's global
-phase; a sequence's initial state is loaded rotated to it. Everything else, every transition kind and op, is the recurrent lowering unchanged
-(this is a subclass of it: the reset is in one place, the step emitter is shared).
+states at batch n (``VarlenMixin``, shared by both kernels).
 
-The chunked, staged and scan algorithms have no varlen form yet: a packed call with one of
-them selected runs this kernel (docs/serving.md).
+- ``Lowering``: the recurrent lowering (every transition kind and op, the same step emitter)
+  looping ``for i_t in range(bos, eos)``. Ring buffers (shift, companion) keep the recurrent
+  kernel's global phase; a sequence's initial state is loaded rotated to it.
+- ``ChunkedLowering``: the fused chunked kernel (chunked.py) with each sequence's chunks
+  starting at its ``bos``, so no chunk straddles a boundary, and its ragged last chunk masked
+  at ``eos`` exactly as a call's last chunk is masked at T.
+
+The staged form (three launches) and the scan form have no packed variant: a packed call with
+``algorithm="staged"`` runs the fused chunked one, ``"scan"`` the recurrent one
+(docs/serving.md).
 """
 from __future__ import annotations
 
@@ -22,58 +28,40 @@ from typing import Any, Mapping
 from scancc.ir import Recurrence, format_recurrence
 
 from ..base import RunResult, UnsupportedError, run_varlen_by_sequence
-from . import recurrent
+from . import chunked, recurrent
 from .emit import Env, Idx
 from .plan import unsupported
 
 
-class Lowering(recurrent.Lowering):
-    algorithm = "recurrent_varlen"
+class VarlenMixin:
+    """What every packed kernel shares: the batch grid axis over the N sequences (``bos``,
+    ``eos`` read from ``cu_seqlens``), inputs and outputs at batch 0, the initial and final
+    states at the program's sequence, and the launcher's ``cu_seqlens`` argument."""
 
-    def __init__(self, rec: Recurrence, options):
-        super().__init__(rec, options)
+    def _varlen_init(self):
         batch = [d.name for d in self.rec.dims if d.role == "batch"]
         if not batch or not self.plan.grid or self.plan.grid[0] != batch[0]:
             raise unsupported(self.rec, "packed varlen: the batch dim is not the first grid dim")
         self.batch = batch[0]
         self.cu = self.names.new("cu_seqlens")
         self.bos, self.eos = self.names.new("bos"), self.names.new("eos")
-        self.t_first = self.bos
 
     def _base_env(self) -> dict[str, Idx]:
         base = super()._base_env()
         base[self.batch] = Idx("0", None, None)  # inputs and outputs: batch 1
         return base
 
-    def _seq_env(self, env: Env) -> Env:
-        """``env`` with the batch dim at the program's sequence (initial and final states)."""
-        return env.with_(self.batch, Idx(self.pid[self.batch], None, None))
+    def pointer(self, arr: str, dims, env: Env, t_index, block: bool = False,
+                time_env: bool = False):
+        if arr in self.h0.values() or arr in self.ht.values():  # states: at the sequence
+            env = env.with_(self.batch, Idx(self.pid[self.batch], None, None))
+        return super().pointer(arr, dims, env, t_index, block, time_env)
 
     def _program_ids(self) -> list[str]:
         n = self.pid[self.batch]
         return super()._program_ids() + [
             f"{self.bos} = tl.load({self.cu} + {n}).to(tl.int64)  # sequence {n}: its steps",
             f"{self.eos} = tl.load({self.cu} + {n} + 1).to(tl.int64)"]
-
-    def _ring_env(self, env: Env, count: str, tvar: bool) -> Env:
-        # ring slots keep the global phase (the slot written at step t is t mod W, as in the
-        # recurrent kernel): after the sequence's last step, eos insertions; its initial
-        # state is loaded rotated by bos (init_states)
-        if not tvar and count != self.bos:
-            count = self.eos
-        return super()._ring_env(env, count, tvar)
-
-    def init_states(self, base: Env) -> list[str]:
-        env = self._seq_env(base)
-        if self.plan.rings:  # logical slot l of the initial state goes to physical (l+bos)%W
-            env = self._ring_env(env, self.bos, False)
-        return super().init_states(env)
-
-    def final_states(self, fenv: Env) -> list[str]:
-        return super().final_states(self._seq_env(fenv))
-
-    def time_loop(self) -> str:
-        return f"for i_t in range({self.bos}, {self.eos}):"
 
     def signature(self) -> tuple[list[str], list[str]]:
         params, consts = super().signature()
@@ -98,24 +86,99 @@ class Lowering(recurrent.Lowering):
         return "\n".join(lines)
 
 
+class Lowering(VarlenMixin, recurrent.Lowering):
+    """The recurrent kernel, packed: program n loops over ``range(bos, eos)``."""
+    algorithm = "recurrent_varlen"
+
+    def __init__(self, rec: Recurrence, options):
+        super().__init__(rec, options)
+        self._varlen_init()
+        self.t_first = self.bos
+
+    def _ring_env(self, env: Env, count: str, tvar: bool) -> Env:
+        # ring slots keep the global phase (the slot written at step t is t mod W, as in the
+        # recurrent kernel): after the sequence's last step, eos insertions; its initial
+        # state is loaded rotated by bos (init_states)
+        if not tvar and count != self.bos:
+            count = self.eos
+        return super()._ring_env(env, count, tvar)
+
+    def init_states(self, base: Env) -> list[str]:
+        if self.plan.rings:  # logical slot l of the initial state goes to physical (l+bos)%W
+            base = self._ring_env(base, self.bos, False)
+        return super().init_states(base)
+
+    def time_loop(self) -> str:
+        return f"for i_t in range({self.bos}, {self.eos}):"
+
+
+class ChunkedLowering(VarlenMixin, chunked.Lowering):
+    """The fused chunked kernel, packed: program n's chunks start at its ``bos`` (as fla's
+    varlen chunked kernels), so no chunk straddles a boundary; the ragged last chunk of each
+    sequence is masked at ``eos`` as the last chunk of a call is masked at T (padded rows:
+    no decay, zero factors)."""
+    algorithm = "chunked_varlen"
+
+    def __init__(self, rec: Recurrence, options):
+        super().__init__(rec, options)
+        self._varlen_init()
+
+    def render_kernel(self) -> list[str]:
+        lines = super().render_kernel()
+        T, BT = self.rec.time, self.block[self.rec.time]
+        size_t = dict.__getitem__(self.size, T)
+        subs = {
+            f"{self.off[T]} = i_c * {BT} + ": f"{self.off[T]} = {self.bos} + i_c * {BT} + ",
+            f"{self.msk[T]} = {self.off[T]} < {size_t}": f"{self.msk[T]} = {self.off[T]} < "
+                                                         f"{self.eos}",
+            f"for i_c in range(0, tl.cdiv({size_t}, {BT})):":
+                f"for i_c in range(0, tl.cdiv({self.eos} - {self.bos}, {BT})):",
+        }
+        out, hit = [], set()
+        for ln in lines:
+            for a, b in subs.items():
+                if a in ln:
+                    ln = ln.replace(a, b)
+                    hit.add(a)
+            out.append(ln)
+        if len(hit) != len(subs):  # the chunked kernel changed shape: not packed here
+            raise unsupported(self.rec, "packed varlen: the chunked kernel's time loop")
+        return out
+
+
 _COMPILED: dict = {}
 
 
+def choose(rec: Recurrence, options: Mapping[str, Any]) -> list[type]:
+    """The packed lowerings to try, in order, for the ``algorithm`` option: the fused chunked
+    kernel for chunked/staged/auto where the chunked form applies, else the recurrent one."""
+    algo = options.get("algorithm", "auto")
+    if algo in ("chunked", "staged", "auto") and chunked.applies(rec)[0]:
+        return [ChunkedLowering, Lowering]
+    return [Lowering]
+
+
 def _compiled(rec: Recurrence, options: Mapping[str, Any], dtypes: tuple[str, ...]):
-    """(lowering, launcher) of the varlen kernel, cached per (IR, options, dtypes); None where
-    the recurrent lowering does not take packed batches (then: one run per sequence)."""
+    """(lowering, launcher) of the packed kernel, cached per (IR, options, dtypes); None where
+    no packed lowering takes the recurrence (then: one run per sequence)."""
     from . import runtime
     okey = (id(rec), tuple(sorted((k, repr(v)) for k, v in options.items())), dtypes)
     hit = _COMPILED.get(okey)
     if hit is not None and hit[0] is rec:
         return hit[1]
-    try:
-        low = Lowering(rec, options)
-        source = low.render()
-    except UnsupportedError:
+    low = None
+    for cls in choose(rec, options):
+        try:
+            low = cls(rec, options)
+            source = low.render()
+            break
+        except UnsupportedError:
+            low = None
+    if low is None:
         val = None
     else:
-        src_opts = {"blocked": tuple(sorted(options.get("block_sizes") or {}))}
+        src_opts = {k: v for k, v in options.items() if k in ("dot_precision",)}
+        src_opts["blocked"] = tuple(sorted(options.get("block_sizes") or {}))
         key = runtime.cache_key(format_recurrence(rec), low.algorithm, src_opts, dtypes)
         mod = runtime.load(key, source)
         val = (low, getattr(mod, low.launcher_name))
@@ -128,8 +191,9 @@ def _compiled(rec: Recurrence, options: Mapping[str, Any], dtypes: tuple[str, ..
 def run(backend, rec: Recurrence, inputs: Mapping[str, Any], sizes: Mapping[str, int],
         initial_state: Mapping[str, Any] | None, output_final_state: bool,
         options: Mapping[str, Any], cu: tuple[int, ...]) -> RunResult:
-    """``TritonBackend.run_varlen``: the varlen kernel (any algorithm option: the chunked
-    forms have no varlen kernel yet), else one run per sequence."""
+    """``TritonBackend.run_varlen``: the packed chunked kernel (algorithm chunked, staged or
+    auto, where the chunked form applies) or the packed recurrent kernel (any other), else
+    one run per sequence."""
     import numpy as np
     import torch
 
@@ -137,7 +201,8 @@ def run(backend, rec: Recurrence, inputs: Mapping[str, Any], sizes: Mapping[str,
     runtime.prepare()
     args = [inputs[x.name] for x in rec.inputs]
     dtypes = tuple(str(a.dtype).replace("torch.", "") for a in args)
-    opts = {k: v for k, v in options.items() if k in ("block_sizes",)}
+    opts = {k: v for k, v in options.items()
+            if k in ("block_sizes", "algorithm", "dot_precision")}
     got = _compiled(rec, opts, dtypes)
     if got is None:
         return run_varlen_by_sequence(backend, rec, inputs, sizes, initial_state,
