@@ -18,9 +18,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from scancc.ir import Recurrence
-from scancc.ir.segments import as_cu, reversed_cu, starts
+from scancc.ir.segments import as_cu, reversed_cu
 
-from .autograd import NO_OPTIONS, Options, _Arrays, _full_layouts, _kernel, _to_torch, adjoint
+from .autograd import DEFAULT_CHUNK, Options, _Arrays, _full_layouts, _kernel, _to_torch, adjoint
 from ._forward import by_slot
 
 
@@ -81,14 +81,21 @@ def backward_varlen(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[s
                     initial_state: Mapping[str, Any] | None,
                     d_final_state: Mapping[str, Any] | None, cu: tuple[int, ...],
                     target: str = "reference",
-                    options: Mapping[str, Any] | Options | None = None) -> tuple[dict, dict]:
-    """Gradients of a packed call (like ``autograd.backward``): (grads by input, grads of the
-    per-sequence initial states by state, N along batch). The whole packed sequence's states
-    are recomputed at once (memory O(T) states, not autograd's O(T/C) + O(C))."""
+                    options: Mapping[str, Any] | Options | None = None,
+                    chunk: int = DEFAULT_CHUNK) -> tuple[dict, dict]:
+    """Gradients of a packed call (as ``autograd.backward``, chunk by chunk: memory O(T/C)
+    boundary states plus O(C) per-step states): (grads by input, grads of the per-sequence
+    initial states by state, N along batch).
+
+    Each chunk [t0, t1) runs as a packed call of its *pieces* (the parts of the sequences in
+    it): a piece that starts its sequence starts from its initial state, the first piece may
+    continue the sequence of the previous chunk (from the state kept at the boundary). In
+    reverse, the backward recurrence runs on the chunk's reversed pieces: the adjoint entering
+    a piece that ends its sequence is the sequence's d final state (the cut), else the adjoint
+    carried from the next chunk; leaving a piece that starts its sequence, it is the
+    sequence's d initial state, else it is carried to the previous chunk."""
     adj = adjoint(rec)
     opts = options if isinstance(options, Options) else Options(options)
-    if opts is None:
-        opts = NO_OPTIONS
     xp = _Arrays(next(iter(inputs.values())))
     fwd = _kernel(rec, target, opts)
     f64 = fwd.backend.computes_float64
@@ -98,14 +105,50 @@ def backward_varlen(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[s
     inputs = {k: xp.cast(v, dt) for k, v in _full_layouts(rec, inputs).items()}
     d_out = {k: xp.cast(v, dt) for k, v in d_out.items()}
     sizes = fwd.sizes(tuple(tuple(inputs[n].shape) for n in fwd.input_names))
-    N = len(cu) - 1
+    N, T = len(cu) - 1, sizes[rec.time]
+    axis = {s.name: batch_axis(rec, s.dims) for s in rec.states}
 
-    def per_seq_shape(s):
-        shape = [sizes[d] for d in s.dims]
-        ax = batch_axis(rec, s.dims)
-        return tuple(shape[:ax] + [N] + shape[ax + 1:]) if ax is not None else (N, *shape)
-    init = {s.name: xp.zeros(per_seq_shape(s), dt) for s in rec.states}
-    init.update({k: xp.cast(v, dt) for k, v in (initial_state or {}).items()})
+    def per_seq(src: Mapping[str, Any] | None) -> dict:
+        out = {}
+        for s in rec.states:
+            v = (src or {}).get(s.name)
+            if v is None:
+                shape = [sizes[d] for d in s.dims]
+                ax = axis[s.name]
+                shape = shape[:ax] + [N] + shape[ax + 1:] if ax is not None else [N, *shape]
+                v = xp.zeros(tuple(shape), dt)
+            out[s.name] = xp.cast(v, dt)
+        return out
+    init, d_fin = per_seq(initial_state), per_seq(d_final_state)
+
+    def row(v, s: str, n: int):
+        """Sequence n of per-sequence states ``v`` (batch 1)."""
+        ax = axis[s]
+        return v[n] if ax is None else _take(v, ax, n)
+
+    def stack(rows: list, s: str):
+        ax = axis[s]
+        if xp.torch:
+            return xp.t.stack(rows, 0) if ax is None else xp.t.cat(rows, ax)
+        return np.stack(rows, 0) if ax is None else np.concatenate(rows, ax)
+
+    def pieces(t0: int, t1: int) -> list[tuple[int, int, int, bool, bool]]:
+        """(sequence, start, end, starts its sequence, ends it) of each piece of [t0, t1)."""
+        out = []
+        for n in range(N):
+            lo, hi = max(cu[n], t0), min(cu[n + 1], t1)
+            if lo < hi:
+                out.append((n, lo, hi, lo == cu[n], hi == cu[n + 1]))
+        return out
+
+    def local_cu(ps, t0: int) -> tuple[int, ...]:
+        return (0,) + tuple(hi - t0 for _, _, hi, _, _ in ps)
+
+    def piece_init(ps, cont: dict | None) -> dict:
+        """Each piece's initial state: its sequence's, or ``cont`` where it continues one."""
+        return {s.name: stack([row(init[s.name], s.name, n) if starts_seq else cont[s.name]
+                               for n, _lo, _hi, starts_seq, _e in ps], s.name)
+                for s in rec.states}
 
     def call(r, feed: Mapping[str, Any], h0: dict, cu_: tuple[int, ...]):
         k = _kernel(r, target, opts)
@@ -114,55 +157,81 @@ def backward_varlen(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[s
         return ({n: xp.back(y, dt) for n, y in res.outputs.items()},
                 {n: xp.back(y, dt) for n, y in res.final_states.items()})
 
-    # the states h_t of every step, and h_{t-1} as the transition at t saw it (the sequence's
-    # initial state at each start: the reset)
-    seqs, _ = call(adj.states_view, inputs, init, cu)
     time_ax = {x.name: (x.dims.index(rec.time) if rec.time in x.dims else None)
                for x in list(rec.inputs) + list(rec.outputs)}
+
+    def part(arrays: Mapping[str, Any], t0: int, t1: int) -> dict:
+        return {k: v if time_ax[k] is None else v[(slice(None),) * time_ax[k] + (slice(t0, t1),)]
+                for k, v in arrays.items()}
+
+    # forward: the state of the sequence that continues into each chunk (None: none does)
+    nch = -(-T // chunk)
+    bounds: list = [None] * nch
+    for c in range(nch - 1):
+        t0, t1 = c * chunk, min(T, (c + 1) * chunk)
+        ps = pieces(t0, t1)
+        _, fin = call(rec, part(inputs, t0, t1), piece_init(ps, bounds[c]), local_cu(ps, t0))
+        if not ps[-1][4]:
+            bounds[c + 1] = {s: row(v, s, len(ps) - 1) for s, v in fin.items()}
+
     bwd = adj.backward
     names = {x.name for x in bwd.inputs}
-    feed = {}
-    for k, v in inputs.items():
-        if k in names:
-            feed[k] = v if time_ax[k] is None else _flip(v, time_ax[k])
-    for o in rec.outputs:
-        if adj.cotangent[o.name] in names:
-            feed[adj.cotangent[o.name]] = _flip(d_out[o.name], time_ax[o.name])
-    first = starts(cu)
-    for s in rec.states:
-        now, before = adj.state_seq[s.name]
-        hs = seqs[now]                                    # [T, *state dims]
-        if now in names:
-            feed[now] = _flip(hs, 0)
-        if before in names:
-            ax = batch_axis(rec, s.dims)
-            hp = np.empty_like(hs) if isinstance(hs, np.ndarray) else xp.t.empty_like(hs)
-            hp[1:] = hs[:-1]
-            for t, n in first.items():
-                hp[t] = init[s.name][n] if ax is None else _take(init[s.name], ax, n)
-            feed[before] = _flip(hp, 0)
-    # the adjoint states enter reversed sequence n (forward sequence N-1-n) as its d final
-    # state: the per-sequence axis reversed
-    carry = {}
-    for s in rec.states:
-        ax = batch_axis(rec, s.dims)
-        v = (d_final_state or {}).get(s.name)
-        v = xp.zeros(per_seq_shape(s), dt) if v is None else xp.cast(v, dt)
-        carry[adj.adjoint_state[s.name]] = _flip(v, 0 if ax is None else ax)
-    outs, fin = call(bwd, feed, carry, reversed_cu(cu))
-    grads = {}
-    for x in rec.inputs:
-        gx = outs[adj.grad[x.name]]
-        ax = time_ax[x.name]
-        grads[x.name] = gx.sum(0) if ax is None else _flip(gx, ax)
-        grads[x.name] = grads[x.name].reshape(given[x.name])
-        if isinstance(grads[x.name], np.ndarray):
-            grads[x.name] = np.ascontiguousarray(grads[x.name])
+    grads = {x.name: xp.zeros(tuple(sizes[d] for d in x.dims), dt) for x in rec.inputs}
+    d_init_rows: dict = {n: None for n in range(N)}
+    carry = None  # the adjoint of the sequence continuing from the next chunk
+    for c in reversed(range(nch)):
+        t0, t1 = c * chunk, min(T, (c + 1) * chunk)
+        ps = pieces(t0, t1)
+        x = part(inputs, t0, t1)
+        lcu = local_cu(ps, t0)
+        h0 = piece_init(ps, bounds[c])
+        seqs, _ = call(adj.states_view, x, h0, lcu)     # recompute the chunk's states
+        feed = {k: v if time_ax[k] is None else _flip(v, time_ax[k])
+                for k, v in x.items() if k in names}
+        for o in rec.outputs:
+            if adj.cotangent[o.name] in names:
+                ax = time_ax[o.name]
+                feed[adj.cotangent[o.name]] = _flip(
+                    d_out[o.name][(slice(None),) * ax + (slice(t0, t1),)], ax)
+        for s in rec.states:
+            now, before = adj.state_seq[s.name]
+            hs = seqs[now]                               # [chunk, *state dims]
+            if now in names:
+                feed[now] = _flip(hs, 0)
+            if before in names:                          # h_{t-1} as the transition saw it
+                hp = xp.t.empty_like(hs) if xp.torch else np.empty_like(hs)
+                hp[1:] = hs[:-1]
+                for i, (n, lo, *_rest) in enumerate(ps):
+                    hp[lo - t0] = row(h0[s.name], s.name, i)
+                feed[before] = _flip(hp, 0)
+        rps = ps[::-1]                                   # the reversed pieces, in order
+        ainit = {adj.adjoint_state[s.name]: stack(
+            [row(d_fin[s.name], s.name, n) if ends else carry[s.name]
+             for n, _lo, _hi, _st, ends in rps], s.name) for s in rec.states}
+        outs, fin = call(bwd, feed, ainit, reversed_cu(lcu))
+        carry = None
+        for j, (n, _lo, _hi, st, _ends) in enumerate(rps):
+            got = {s.name: row(fin[adj.adjoint_state[s.name]], s.name, j) for s in rec.states}
+            if st:
+                d_init_rows[n] = got
+            else:
+                carry = got
+        for xin in rec.inputs:
+            gx = outs[adj.grad[xin.name]]
+            ax = time_ax[xin.name]
+            if ax is None:
+                grads[xin.name] += gx.sum(0)
+            else:
+                grads[xin.name][(slice(None),) * ax + (slice(t0, t1),)] = _flip(gx, ax)
     d_init = {}
-    for s in rec.states:
-        ax = batch_axis(rec, s.dims)
-        d_init[s.name] = _flip(fin[adj.adjoint_state[s.name]], 0 if ax is None else ax)
-    return grads, d_init
+    for s in rec.states:  # an empty sequence: its d initial state is its d final state
+        d_init[s.name] = stack([row(d_fin[s.name], s.name, n) if d_init_rows[n] is None
+                                else d_init_rows[n][s.name] for n in range(N)], s.name)
+    out = {}
+    for k, v in grads.items():
+        v = v.reshape(given[k])
+        out[k] = np.ascontiguousarray(v) if isinstance(v, np.ndarray) else v
+    return out, d_init
 
 
 # ---- torch: the scancc::scan_varlen op (cu_seqlens as an int list), differentiable ----

@@ -387,3 +387,28 @@ def test_plan_reuse_rechecks_values():
                                rtol=1e-12, atol=1e-12)
     with pytest.raises(InputError, match="non-decreasing"):
         k(*args, cu_seqlens=np.array([0, 5, 4, 6, 7, 13]))
+
+
+@pytest.mark.parametrize("name", ["gla", "fir", "swa", "mamba", "iir"])
+@pytest.mark.parametrize("chunk", [1, 3, 4, 64])
+def test_backward_chunks_cut_sequences_anywhere(name, chunk):
+    """The packed backward runs chunk by chunk (O(T/C) kept states): chunks of 1, 3 and 4
+    steps cut sequences anywhere (a chunk of pieces, a piece continuing over several chunks,
+    a boundary on a chunk edge); the gradients equal the unchunked ones."""
+    from scancc.varlen import backward_varlen
+    rec, args, h0, cu = _case(name, (1, 7, 3, 0, 5, 2))
+    x = dict(zip([i.name for i in rec.inputs], args))
+    rng = np.random.default_rng(3)
+    k = scancc.compile(name, "reference")
+    y, f = packed(k, rec, args, h0, cu)
+    dy = {o: rng.standard_normal(np.asarray(v).shape) for o, v in y.items()}
+    dfin = {s: rng.standard_normal(np.asarray(v).shape) for s, v in f.items()}
+    cu = tuple(int(c) for c in cu)
+    g1, h1 = backward_varlen(rec, x, dy, h0, dfin, cu, chunk=chunk)
+    g2, h2 = backward_varlen(rec, x, dy, h0, dfin, cu, chunk=10 ** 6)
+    for kk in g2:
+        assert np.abs(g2[kk]).max() > 0
+        np.testing.assert_allclose(g1[kk], g2[kk], rtol=1e-10, atol=1e-10, err_msg=kk)
+    for s in h2:
+        np.testing.assert_allclose(h1[s], h2[s], rtol=1e-10, atol=1e-10, err_msg=s)
+        np.testing.assert_array_equal(h1[s][3], dfin[s][3])  # the empty sequence
