@@ -412,3 +412,25 @@ def test_backward_chunks_cut_sequences_anywhere(name, chunk):
     for s in h2:
         np.testing.assert_allclose(h1[s], h2[s], rtol=1e-10, atol=1e-10, err_msg=s)
         np.testing.assert_array_equal(h1[s][3], dfin[s][3])  # the empty sequence
+
+
+@pytest.mark.parametrize("target", ["reference", "triton", "nki"])
+def test_yaml_spec_and_registered_recurrence(target, gated_iir):
+    """Not only the library: a YAML spec and a registered recurrence take cu_seqlens too."""
+    import pathlib
+    spec = pathlib.Path(__file__).resolve().parents[1] / "specs" / "gated_iir.yaml"
+    dt = np.float64 if target == "reference" else np.float32
+    for what in (str(spec), "gated_iir"):
+        k = scancc.compile(what, target)
+        rec = k.ir
+        cu = np.array([0, 2, 7, 8])
+        sizes = dict(default_sizes(rec), batch=1, **{rec.time: 8})
+        x = sample_inputs(rec, sizes, 0, {"a": "stable_poly", "b": "small"})
+        args = [x[i.name].astype(dt) for i in rec.inputs]
+        h0 = {s: v.astype(dt) for s, v in sample_state(rec, dict(sizes, batch=3)).items()}
+        y, f = packed(k, rec, args, h0, cu)
+        ys, fs = separate(scancc.compile(what, "reference"), rec,
+                          [a.astype(np.float64) for a in args],
+                          {s: v.astype(np.float64) for s, v in h0.items()}, cu)
+        _check(y, ys, "float64" if target == "reference" else "float32", "output", 8)
+        _check(f, fs, "float64" if target == "reference" else "float32", "final", 8)
