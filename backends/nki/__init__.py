@@ -109,6 +109,7 @@ class NkiBackend(Backend):
 
     def __init__(self):
         self._cache: dict = {}
+        self._varlen_cache: dict = {}
         self.last_counters: dict | None = None
         self.last_plan: Plan | None = None
 
@@ -149,10 +150,16 @@ class NkiBackend(Backend):
             algo = "recurrent"  # packed batches: the chunked form has no varlen variant yet
         order = options.get("loop_order", "auto")
         key = (rec, tuple(sorted(sizes.items())), init, final, chip, tt, algo, order, cu)
-        if key not in self._cache:
-            self._cache[key] = plan_and_render(rec, sizes, init, final, chip, tt, algo, order,
-                                               cu)
-        return self._cache[key]
+        # packed kernels are specialized on cu_seqlens: a serving loop renders many, so
+        # they are kept apart, at most VARLEN_CACHE of them
+        cache = self._cache if cu is None else self._varlen_cache
+        if key not in cache:
+            if cu is not None and len(cache) >= self.VARLEN_CACHE:
+                cache.clear()
+            cache[key] = plan_and_render(rec, sizes, init, final, chip, tt, algo, order, cu)
+        return cache[key]
+
+    VARLEN_CACHE = 64
 
     varlen = True  # packed batches: time tiles end at the boundaries, carries reset there
 
