@@ -483,3 +483,21 @@ def test_dense_transition(target):
             assert np.abs(a).max() > 0
             _check({i.name: a}, {i.name: b}, tol, "d input", 10)
         _check(hp, hsep, tol, "d initial_state", 10)
+
+
+@pytest.mark.parametrize("init", [True, False])
+@pytest.mark.parametrize("name", ["linear_attn", "retnet", "simple_gla", "mamba2"])
+def test_nki_chunked_form_packed(name, init):
+    """The NKI chunked (matmul) form, packed: its time tiles end at the boundaries too and the
+    (K, V) carry is replaced (DMA) or zeroed (memset) at a sequence's first tile."""
+    rec, args, h0, cu = _case(name, (3, 1, 9, 0, 6), np.float32)
+    k = scancc.compile(name, "nki", options={"time_tile": 4, "algorithm": "chunked"})
+    h = h0 if init else {s: np.zeros_like(v) for s, v in h0.items()}
+    y, f = k(*args, initial_state=_one(rec, h0) if init else None, output_final_state=True,
+             cu_seqlens=cu)
+    assert set(k.backend.last_plan.algorithms.values()) == {"chunked"}
+    kr = scancc.compile(name, "reference")
+    yr, fr = packed(kr, rec, [a.astype(np.float64) for a in args],
+                    {s: v.astype(np.float64) for s, v in h.items()}, cu)
+    _check(_as_dict(y, [o.name for o in rec.outputs]), yr, "float32", "output", 19)
+    _check(_as_dict(f, [s.name for s in rec.states]), fr, "float32", "final", 19)

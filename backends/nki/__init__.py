@@ -146,8 +146,6 @@ class NkiBackend(Backend):
         chip = options.get("chip") or DEFAULT_CHIP
         tt = options.get("time_tile")
         algo = options.get("algorithm") or "auto"
-        if cu is not None:
-            algo = "recurrent"  # packed batches: the chunked form has no varlen variant yet
         order = options.get("loop_order", "auto")
         key = (rec, tuple(sorted(sizes.items())), init, final, chip, tt, algo, order, cu)
         # packed kernels are specialized on cu_seqlens: a serving loop renders many, so

@@ -887,9 +887,8 @@ class Renderer(ChunkedMixin):
 
     def varlen_check(self) -> None:
         b = self.varlen_batch()
-        if b is None or b not in self.outer or self.chunks:
-            self.fail("packed varlen: needs the batch dim as an outer loop and recurrent "
-                      "states (no chunked form)")
+        if b is None or b not in self.outer:
+            self.fail("packed varlen: needs the batch dim as an outer loop")
 
     def varlen_tiles(self) -> tuple:
         tiles = []
@@ -909,8 +908,14 @@ class Renderer(ChunkedMixin):
         a multiply) by the sequence's initial state or zeros."""
         sc = self.open(body, "if n_start >= 0:  # a sequence starts: reset every state", 1, "")
         for s in self.rec.states:
-            if self.init:
+            cp = self.chunks.get(s.name)  # a chunked state's carry: (K, V), K on partitions
+            if self.init and cp is not None:
+                self.chunk_state_dma(s, cp, self.varlen_env(env, "n_start"), sc, load=True)
+            elif self.init:
                 self.state_dma(s, self.varlen_env(env, "n_start"), sc, load=True)
+            elif cp is not None:
+                self.emit(sc, f"nisa.memset(carry_{s.name}[0:{self.sizes[cp.kd]}, "
+                              f"{self.slot}, 0:P], 0.0)")
             else:
                 r = self.rows(s)
                 self.emit(sc, f"nisa.memset(carry_{s.name}[0:{r}, {self.slot}, "
@@ -920,7 +925,11 @@ class Renderer(ChunkedMixin):
     def varlen_final(self, body: Scope, env: dict) -> None:
         sc = self.open(body, "if n_end >= 0:  # a sequence ends: its final state", 1, "")
         for s in self.rec.states:
-            self.state_dma(s, self.varlen_env(env, "n_end"), sc, load=False)
+            cp = self.chunks.get(s.name)
+            if cp is not None:
+                self.chunk_state_dma(s, cp, self.varlen_env(env, "n_end"), sc, load=False)
+            else:
+                self.state_dma(s, self.varlen_env(env, "n_end"), sc, load=False)
         self.close(sc)
 
     def kernel_name(self) -> str:
