@@ -501,3 +501,10 @@ def test_nki_chunked_form_packed(name, init):
                     {s: v.astype(np.float64) for s, v in h.items()}, cu)
     _check(_as_dict(y, [o.name for o in rec.outputs]), yr, "float32", "output", 19)
     _check(_as_dict(f, [s.name for s in rec.states]), fr, "float32", "final", 19)
+
+
+@pytest.mark.parametrize("name", ["gla", "fir", "mamba2"])
+def test_nki_gradients(name):
+    """Gradients of a packed call on NKI (its packed kernels run the states view and the
+    backward recurrence where NKI lowers them) vs N separate calls."""
+    _grad_check(name, "nki", SHORT)
