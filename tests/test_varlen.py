@@ -508,3 +508,14 @@ def test_nki_gradients(name):
     """Gradients of a packed call on NKI (its packed kernels run the states view and the
     backward recurrence where NKI lowers them) vs N separate calls."""
     _grad_check(name, "nki", SHORT)
+
+
+def test_cu_seqlens_kinds_accepted():
+    """int64 and int32 arrays, torch tensors and plain lists of ints give the same result."""
+    torch = pytest.importorskip("torch")
+    rec, args, h0, cu = _case("hgrn", SHORT)
+    k = scancc.compile("hgrn", "reference")
+    want = k(*args, cu_seqlens=cu)
+    for c in (cu.astype(np.int32), torch.tensor(cu), torch.tensor(cu, dtype=torch.int32),
+              [int(v) for v in cu]):
+        np.testing.assert_array_equal(k(*args, cu_seqlens=c), want)
