@@ -159,6 +159,7 @@ class Backend:
     generates_source: bool = False
     dtypes: tuple[str, ...] = ("float64", "float32", "float16")
     computes_float64: bool = False     # arithmetic in float64 (else float32 accumulation)
+    varlen: bool = False               # run_varlen resets states in its kernels (else: N runs)
     options: Mapping[str, Option] = {}  # backend options compile() accepts, by name
 
     @classmethod
@@ -191,3 +192,98 @@ class Backend:
             initial_state: Mapping[str, Any] | None, output_final_state: bool,
             options: Mapping[str, Any]) -> RunResult:
         raise UnsupportedError(self.name, rec.name, "this backend has no run stage")
+
+    def run_varlen(self, rec: Recurrence, inputs: Mapping[str, Any], sizes: Mapping[str, int],
+                   initial_state: Mapping[str, Any] | None, output_final_state: bool,
+                   options: Mapping[str, Any], cu: tuple[int, ...]) -> RunResult:
+        """A packed variable-length batch (``cu``: validated boundaries, plain ints; see
+        scancc/ir/segments.py). The default runs each sequence on its own; backends whose
+        kernels reset states at the boundaries (``varlen = True``) override it."""
+        return run_varlen_by_sequence(self, rec, inputs, sizes, initial_state,
+                                      output_final_state, options, cu)
+
+
+def _time_layout(rec: Recurrence, x, dims: tuple[str, ...], optional: tuple[str, ...] = ()):
+    """The time axis of array ``x`` laid out as ``dims`` (optional dims possibly left out)."""
+    if x.ndim != len(dims):
+        dims = tuple(d for d in dims if d not in optional)
+    return dims.index(rec.time) if rec.time in dims else None
+
+
+def _cat(parts: list, axis: int):
+    if type(parts[0]).__module__.startswith("torch"):
+        import torch
+        return torch.cat(parts, axis)
+    import numpy as np
+    return np.concatenate(parts, axis)
+
+
+def run_varlen_by_sequence(backend: Backend, rec: Recurrence, inputs: Mapping[str, Any],
+                           sizes: Mapping[str, int], initial_state: Mapping[str, Any] | None,
+                           output_final_state: bool, options: Mapping[str, Any],
+                           cu: tuple[int, ...]) -> RunResult:
+    """A packed variable-length batch (scancc/ir/segments.py) as N runs of ``backend``, one per
+    sequence: what ``Backend.run_varlen`` does for a backend whose kernels take no resets.
+    ``initial_state`` and the final states carry the sequences along the batch dim."""
+    batch = next((d.name for d in rec.dims if d.role == "batch"), None)
+
+    def b_axis(s):
+        return s.dims.index(batch) if batch in s.dims else None
+    t_in = {x.name: _time_layout(rec, inputs[x.name], x.dims, x.optional_dims)
+            for x in rec.inputs}
+    outs: dict[str, list] = {o.name: [] for o in rec.outputs}
+    finals: dict[str, list] = {s.name: [] for s in rec.states}
+    for n in range(len(cu) - 1):
+        t0, t1 = cu[n], cu[n + 1]
+        init = None
+        if initial_state:
+            init = {}
+            for s in rec.states:
+                if s.name in initial_state:
+                    v, ax = initial_state[s.name], b_axis(s)
+                    init[s.name] = v[n] if ax is None else v[(slice(None),) * ax + (slice(n, n + 1),)]
+        if t1 == t0:  # an empty sequence: no output steps, its final state is its initial one
+            if output_final_state:
+                for s in rec.states:
+                    v = (init or {}).get(s.name)
+                    if v is None:
+                        v = _zeros_like_state(backend, rec, s, sizes, inputs)
+                    finals[s.name].append(v)
+            continue
+        part = {k: v if t_in[k] is None else v[(slice(None),) * t_in[k] + (slice(t0, t1),)]
+                for k, v in inputs.items()}
+        res = backend.run(rec, part, {**sizes, rec.time: t1 - t0}, init, output_final_state,
+                          options)
+        for o in rec.outputs:
+            outs[o.name].append(res.outputs[o.name])
+        if output_final_state:
+            for s in rec.states:
+                finals[s.name].append(res.final_states[s.name])
+    out = {}
+    for o in rec.outputs:
+        if outs[o.name]:
+            out[o.name] = _cat(outs[o.name], o.dims.index(rec.time))
+        else:  # T = 0
+            res = backend.run(rec, inputs, sizes, None, False, options)
+            out[o.name] = res.outputs[o.name]
+    fin = None
+    if output_final_state:
+        fin = {}
+        for s in rec.states:
+            ax = b_axis(s)
+            parts = finals[s.name]
+            if ax is None:
+                parts, ax = [p[None] for p in parts], 0
+            fin[s.name] = _cat(parts, ax)
+    return RunResult(out, fin, {"varlen": "per sequence"})
+
+
+def _zeros_like_state(backend: Backend, rec: Recurrence, s, sizes, inputs):
+    shape = tuple(1 if d == rec.time else sizes[d] for d in s.dims)
+    ref = next(iter(inputs.values()))
+    if type(ref).__module__.startswith("torch"):
+        import torch
+        dt = torch.float64 if ref.dtype == torch.float64 else torch.float32
+        return torch.zeros(shape, dtype=dt, device=ref.device)
+    import numpy as np
+    return np.zeros(shape)

@@ -72,13 +72,20 @@ class Runner:
         return x
 
     def __call__(self, inputs: Sequence[Any], init: Mapping[str, Any] | None,
-                 want_final: bool, dtype: str | None = None) -> RunResult:
+                 want_final: bool, dtype: str | None = None,
+                 cu_seqlens: tuple[int, ...] | None = None) -> RunResult:
+        """``cu_seqlens``: a packed variable-length batch (validated plain ints, see
+        scancc/ir/segments.py); ``init`` and the final states then carry N along batch."""
         # torch.Size is a tuple: equal, and hashing equal, to the tuple of the same sizes
         sizes = self.sizes(tuple([x.shape for x in inputs]))
         if dtype is None:
             dtype = str(inputs[0].dtype).replace("torch.", "")
-        res = self.backend.run(self.rec, dict(zip(self.input_names, inputs)), sizes, init,
-                               want_final, self.run_options(dtype))
+        if cu_seqlens is not None:
+            res = self.backend.run_varlen(self.rec, dict(zip(self.input_names, inputs)), sizes,
+                                          init, want_final, self.run_options(dtype), cu_seqlens)
+        else:
+            res = self.backend.run(self.rec, dict(zip(self.input_names, inputs)), sizes, init,
+                                   want_final, self.run_options(dtype))
         self.last_run = res
         return res
 

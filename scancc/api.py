@@ -169,28 +169,38 @@ class Kernel:
         return runner(self.backend, rec, self.backend_options)
 
     def __call__(self, *args: Any, initial_state: Any = None, output_final_state: bool = False,
-                 **kwargs: Any):
+                 cu_seqlens: Any = None, **kwargs: Any):
+        """``cu_seqlens``: a packed variable-length batch (batch 1, ``[N+1]`` int64
+        boundaries along time, as fla; docs/serving.md): every state resets at each boundary,
+        ``initial_state`` and the final state carry N in place of the batch dim."""
         if _compiling():  # inside torch.compile: only constant planning, then the op
+            if cu_seqlens is not None:
+                raise InputError("cu_seqlens: packed batches are not traceable by "
+                                 "torch.compile yet; call the kernel outside the compiled "
+                                 "region")
             return self._traced_call(args, kwargs, initial_state, output_final_state)
         # the fast path: a call with the structure of an earlier one (which inputs are given
         # and how, option values, array kinds, dtypes and shapes) reuses that call's plan, so
         # binding, checks and variant selection are done once per structure
         try:
             key = (tuple(map(_sig, args)), tuple((k, _sig(v)) for k, v in kwargs.items()),
-                   _init_sig(initial_state), bool(output_final_state))
+                   _init_sig(initial_state), bool(output_final_state),
+                   None if cu_seqlens is None else _cu_sig(cu_seqlens))
             plan = self._plans.get(key)
         except TypeError:  # an unhashable option value: plan every call
             key = plan = None
+        n_seq = None if cu_seqlens is None else _n_seq(cu_seqlens)
         if plan is None:
-            plan = self._plan_call(args, kwargs, initial_state)
+            plan = self._plan_call(args, kwargs, initial_state, n_seq)
             if key is not None:
                 if len(self._plans) >= _MAX_PLANS:
                     self._plans.clear()
                 self._plans[key] = plan
         self._last = plan.runner
-        return plan.run(args, kwargs, initial_state, bool(output_final_state))
+        cu = None if cu_seqlens is None else plan.check_cu(cu_seqlens)
+        return plan.run(args, kwargs, initial_state, bool(output_final_state), cu)
 
-    def _plan_call(self, args, kwargs, initial_state) -> "_CallPlan":
+    def _plan_call(self, args, kwargs, initial_state, n_seq: int | None = None) -> "_CallPlan":
         """Everything about a call that depends only on its structure, checked in full."""
         entry_opts = set(self.entry.defaults) if self.entry else set()
         optional = set(self.entry.optional_inputs) if self.entry else set()
@@ -205,12 +215,21 @@ class Kernel:
         inputs = _bind_positional(rec, args, kwargs)
         kind, dtype = _check_inputs(rec, inputs, self.backend)
         sizes = _bind(rec, inputs)
-        init = _initial_state(rec, initial_state, sizes) if initial_state is not None else None
+        batch = next((d.name for d in rec.dims if d.role == "batch"), None)
+        if n_seq is not None and batch is not None and sizes[batch] != 1:
+            raise InputError(f"recurrence {rec.name!r}: cu_seqlens: packed sequences take "
+                             f"batch 1 (the sequences concatenated along time), got batch "
+                             f"{sizes[batch]}")
+        init = _initial_state(rec, initial_state, sizes, n_seq) \
+            if initial_state is not None else None
         run = self.runner(rec)
         if kind == "torch":  # the scancc::scan op runs the runner its slot was first taken by
             run = by_slot(run.slot)  # (same IR text and options): that one's last_run is ours
-        return _CallPlan(run, len(args), kind, dtype,
+        plan = _CallPlan(run, len(args), kind, dtype,
                          None if init is None else tuple(init), sizes)
+        if n_seq is not None:
+            plan.packed(n_seq)
+        return plan
 
     def _traced_call(self, args, kwargs, initial_state, output_final_state):
         """The call while torch.compile traces: planning is a constant function of the
@@ -251,6 +270,23 @@ def _sig(x):
     return type(x), x.dtype, tuple(shape)
 
 
+def _cu_sig(cu):
+    """What a call plan depends on in ``cu_seqlens``: its kind, dtype and length (N)."""
+    shape = getattr(cu, "shape", None)
+    if shape is None:
+        return type(cu), len(cu)
+    return type(cu), str(cu.dtype), tuple(shape)
+
+
+def _n_seq(cu) -> int:
+    """N of ``cu_seqlens`` [N+1] (checked in full by ``_CallPlan.check_cu``)."""
+    try:
+        return max(0, len(cu) - 1)
+    except TypeError:
+        raise InputError(f"cu_seqlens: expected an int64 array or tensor [N+1], got "
+                         f"{type(cu).__name__}") from None
+
+
 def _init_sig(init):
     if init is None:
         return None
@@ -276,6 +312,28 @@ class _CallPlan:
         # states are carried in numerics.state (float32); float64 callers get float64 back
         self.state_dtype = "float64" if dtype == "float64" else run.rec.numerics.state
         self.derived = False
+        self.sizes, self.n_seq = sizes, None
+
+    def packed(self, n_seq: int) -> None:
+        """A packed variable-length call of N sequences: states carry N in place of batch."""
+        from .varlen import batch_axis
+        self.n_seq = n_seq
+        for s in self.rec.states:
+            shape = list(self.state_shapes[s.name])
+            ax = batch_axis(self.rec, s.dims)
+            self.state_shapes[s.name] = tuple(shape[:ax] + [n_seq] + shape[ax + 1:]) \
+                if ax is not None else (n_seq, *shape)
+
+    def check_cu(self, cu) -> tuple[int, ...]:
+        """``cu_seqlens`` validated against this call (raises InputError), as plain ints."""
+        from .varlen import check_cu_seqlens
+        rec = self.rec
+        batch = next((d.name for d in rec.dims if d.role == "batch"), None)
+        try:
+            return check_cu_seqlens(cu, self.sizes[rec.time],
+                                    self.sizes[batch] if batch else None, rec.inputs[0].name)
+        except ValueError as e:
+            raise InputError(f"recurrence {rec.name!r}: {e}") from None
 
     def _inputs(self, args, kwargs) -> list:
         return [*args, *(kwargs[n] for n in self.by_name)]
@@ -294,21 +352,24 @@ class _CallPlan:
             return out
         return out, (finals[r.state_names[0]] if self.single_state else dict(finals))
 
-    def run(self, args, kwargs, init, want_final: bool):
+    def run(self, args, kwargs, init, want_final: bool, cu: tuple[int, ...] | None = None):
         if self.kind == "torch":
-            return self._run_torch(self._inputs(args, kwargs), self._init(init), want_final)
+            return self._run_torch(self._inputs(args, kwargs), self._init(init), want_final,
+                                   cu)
         r = self.runner
         native = [r.to_native(v) for v in self._inputs(args, kwargs)]
         init = self._init(init)
         if init is not None:
             init = {k: r.to_native(v) for k, v in init.items()}
-        res = r(native, init, want_final, self.dtype)
+        res = r(native, init, want_final, self.dtype) if cu is None else \
+            r(native, init, want_final, self.dtype, cu_seqlens=cu)
         outs = {k: _to_numpy(v, self.dtype) for k, v in res.outputs.items()}
         finals = ({k: _to_numpy(v, self.state_dtype) for k, v in res.final_states.items()}
                   if want_final else None)
         return self._result(outs, finals, want_final)
 
-    def _run_torch(self, tensors: list, init: Mapping | None, want_final: bool):
+    def _run_torch(self, tensors: list, init: Mapping | None, want_final: bool,
+                   cu: tuple[int, ...] | None = None):
         """torch inputs go through the scancc::scan custom op: differentiable (the backward is
         the derived backward recurrence) and traceable by torch.compile."""
         import torch
@@ -324,7 +385,11 @@ class _CallPlan:
                 v = init.get(s)
                 v = torch.zeros(self.state_shapes[s]) if v is None else v
                 states.append(torch.as_tensor(v).to(device=ref.device, dtype=sdt))
-        res = torch_ops()(self.runner.slot, tensors, states, want_final)
+        if cu is None:
+            res = torch_ops()(self.runner.slot, tensors, states, want_final)
+        else:
+            from .varlen import torch_varlen_op
+            res = torch_varlen_op()(self.runner.slot, tensors, states, list(cu), want_final)
         names = self.runner.output_names
         outs = dict(zip(names, res))
         finals = dict(zip(self.runner.state_names, res[len(names):])) if want_final else None
@@ -393,7 +458,7 @@ def _check_names(rec: Recurrence, names, optional) -> None:
     if unknown:
         raise InputError(f"recurrence {rec.name!r} has no input or option {unknown[0]!r} "
                          f"(inputs: {', '.join(i.name for i in rec.inputs)}; keywords: "
-                         "initial_state, output_final_state)")
+                         "initial_state, output_final_state, cu_seqlens)")
 
 
 def _bind_positional(rec: Recurrence, args, kwargs) -> dict:
@@ -453,7 +518,10 @@ def _bind(rec: Recurrence, inputs: Mapping) -> dict[str, int]:
         raise InputError(f"recurrence {rec.name!r}: {e}") from None
 
 
-def _initial_state(rec: Recurrence, init: Any, sizes: Mapping[str, int]) -> dict:
+def _initial_state(rec: Recurrence, init: Any, sizes: Mapping[str, int],
+                   n_seq: int | None = None) -> dict:
+    """The initial states by name, shapes checked (``n_seq``: a packed call's N sequences,
+    in place of the batch dim)."""
     if not isinstance(init, Mapping):
         if len(rec.states) != 1:
             raise InputError(f"recurrence {rec.name!r} has states "
@@ -465,10 +533,20 @@ def _initial_state(rec: Recurrence, init: Any, sizes: Mapping[str, int]) -> dict
         except IRError:
             raise InputError(f"initial_state: recurrence {rec.name!r} has no state {k!r} "
                              f"(states: {[s.name for s in rec.states]})") from None
-        want = tuple(sizes[d] for d in s.dims)
+        named = {d: sizes[d] for d in s.dims}
+        if n_seq is not None:  # N sequences in place of the batch dim
+            from .varlen import batch_axis
+            ax = batch_axis(rec, s.dims)
+            named = {("sequences" if ax is not None and i == ax else d): n
+                     for i, (d, n) in enumerate(named.items())}
+            if ax is None:
+                named = {"sequences": n_seq, **named}
+            else:
+                named["sequences"] = n_seq
+        want = tuple(named.values())
         if tuple(v.shape) != want:
             raise InputError(f"initial_state {k!r}: expected shape "
-                             f"[{', '.join(f'{d}={sizes[d]}' for d in s.dims)}] = {want}, "
+                             f"[{', '.join(f'{d}={n}' for d, n in named.items())}] = {want}, "
                              f"got {tuple(v.shape)}")
     return dict(init)
 

@@ -109,6 +109,7 @@ class NkiBackend(Backend):
 
     def __init__(self):
         self._cache: dict = {}
+        self._varlen_cache: dict = {}
         self.last_counters: dict | None = None
         self.last_plan: Plan | None = None
 
@@ -140,23 +141,61 @@ class NkiBackend(Backend):
         return self._render(rec, sizes, bool(options.get("initial_state", False)),
                             bool(options.get("final_state", False)), options)[0]
 
-    def _render(self, rec, sizes, init: bool, final: bool, options) -> tuple[str, Plan]:
+    def _render(self, rec, sizes, init: bool, final: bool, options,
+                cu: tuple[int, ...] | None = None) -> tuple[str, Plan]:
         chip = options.get("chip") or DEFAULT_CHIP
         tt = options.get("time_tile")
         algo = options.get("algorithm") or "auto"
         order = options.get("loop_order", "auto")
-        key = (rec, tuple(sorted(sizes.items())), init, final, chip, tt, algo, order)
-        if key not in self._cache:
-            self._cache[key] = plan_and_render(rec, sizes, init, final, chip, tt, algo, order)
-        return self._cache[key]
+        key = (rec, tuple(sorted(sizes.items())), init, final, chip, tt, algo, order, cu)
+        # packed kernels are specialized on cu_seqlens: a serving loop renders many, so
+        # they are kept apart, at most VARLEN_CACHE of them
+        cache = self._cache if cu is None else self._varlen_cache
+        if key not in cache:
+            if cu is not None and len(cache) >= self.VARLEN_CACHE:
+                cache.clear()
+            cache[key] = plan_and_render(rec, sizes, init, final, chip, tt, algo, order, cu)
+        return cache[key]
+
+    VARLEN_CACHE = 64
+
+    varlen = True  # packed batches: time tiles end at the boundaries, carries reset there
+
+    def run_varlen(self, rec: Recurrence, inputs: Mapping[str, Any], sizes: Mapping[str, int],
+                   initial_state: Mapping[str, Any] | None, output_final_state: bool,
+                   options: Mapping[str, Any], cu: tuple[int, ...]) -> RunResult:
+        """A packed batch in one kernel, specialized on ``cu`` as every NKI kernel is on its
+        sizes (lowering.Renderer.varlen_*); where that kernel cannot be rendered (the batch dim
+        on the partitions, a dim of size 0), one run per sequence."""
+        from ..base import run_varlen_by_sequence
+        try:
+            if 0 in sizes.values():
+                raise UnsupportedError(NAME, rec.name, "a dim of size 0")
+            self._render(rec, dict(sizes), initial_state is not None, output_final_state,
+                         options, cu)
+        except UnsupportedError:
+            return run_varlen_by_sequence(self, rec, inputs, sizes, initial_state,
+                                          output_final_state, options, cu)
+        res = self.run(rec, inputs, sizes, initial_state, output_final_state, options, cu)
+        res.counters = {**res.counters, "varlen": "one kernel"}
+        if output_final_state:  # an empty sequence's final state is its initial state
+            for n in range(len(cu) - 1):
+                if cu[n + 1] == cu[n]:
+                    for s in rec.states:
+                        ax = s.dims.index(next(d.name for d in rec.dims if d.role == "batch"))
+                        f = res.final_states[s.name]
+                        idx = (slice(None),) * ax + (n,)
+                        h = (initial_state or {}).get(s.name)
+                        f[idx] = 0.0 if h is None else np.asarray(h)[idx]
+        return res
 
     def run(self, rec: Recurrence, inputs: Mapping[str, Any], sizes: Mapping[str, int],
             initial_state: Mapping[str, Any] | None, output_final_state: bool,
-            options: Mapping[str, Any]) -> RunResult:
+            options: Mapping[str, Any], cu: tuple[int, ...] | None = None) -> RunResult:
         if 0 in sizes.values():
             return self._run_empty(rec, inputs, sizes, initial_state, output_final_state)
         init = initial_state is not None
-        src, plan = self._render(rec, dict(sizes), init, output_final_state, options)
+        src, plan = self._render(rec, dict(sizes), init, output_final_state, options, cu)
         self.last_plan = plan
         dtype = options.get("dtype") or (rec.numerics.input if rec.numerics.input
                                           in emulator.DTYPES else None)
@@ -175,7 +214,9 @@ class NkiBackend(Backend):
         if init:
             for s in rec.states:
                 h = initial_state.get(s.name)
-                h = np.zeros(tuple(sizes[d] for d in s.dims)) if h is None else np.asarray(h)
+                shape = tuple(len(cu) - 1 if cu is not None and rec.dim(d).role == "batch"
+                              else sizes[d] for d in s.dims)
+                h = np.zeros(shape) if h is None else np.asarray(h)
                 arrays.append(h)
                 dtypes.append("float32")
         runner = options.get("runner", "auto")

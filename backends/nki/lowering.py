@@ -38,8 +38,11 @@ class Renderer(ChunkedMixin):
     ``tt`` and loop order, recording what it allocates and transfers as data."""
 
     def __init__(self, space: Space, tt: int, initial_state: bool, final_state: bool,
-                 time_outer: bool = False):
+                 time_outer: bool = False, cu: tuple[int, ...] | None = None):
         rec = space.rec
+        # a packed variable-length batch (scancc/ir/segments.py): time tiles end at the
+        # boundaries; every state resets at a sequence's first tile (varlen_reset)
+        self.cu = cu
         self.space, self.rec, self.sizes, self.tt = space, rec, dict(space.sizes), tt
         # loop order: outer dims > partition tile > time tile, or time tile outermost (then
         # inputs shared by heads or channel tiles load once per time tile; carries for every
@@ -726,9 +729,13 @@ class Renderer(ChunkedMixin):
             shape = ", ".join(self.size_ref(d) for d in o.dims)
             self.emit(top, f"out_{o.name} = nl.ndarray(({shape},), dtype=in_{rec.inputs[0].name}"
                            ".dtype, buffer=nl.shared_hbm)")
+        if self.cu is not None:
+            self.varlen_check()
         if self.final:
             for s in rec.states:
-                shape = ", ".join(self.size_ref(d) for d in s.dims)
+                shape = ", ".join(str(len(self.cu) - 1) if self.cu is not None
+                                  and d == self.varlen_batch() else self.size_ref(d)
+                                  for d in s.dims)
                 self.emit(top, f"final_{s.name} = nl.ndarray(({shape},), dtype=nl.float32, "
                                "buffer=nl.shared_hbm)")
         self.emit(top, "# constants: zeros (broadcast source), ones (partition broadcast/sum)")
@@ -745,7 +752,7 @@ class Renderer(ChunkedMixin):
             if self.time_outer else 1
         if self.time_outer:  # carries for every outer index and partition tile, up front
             self.alloc_carries(top, nslots)
-            if self.init:
+            if self.init and self.cu is None:
                 pdl, env, scopes = self.pd_loops(top)
                 self.init_carries(pdl, env)
                 self.closeall(scopes)
@@ -755,10 +762,13 @@ class Renderer(ChunkedMixin):
         else:
             pdl, env, scopes = self.pd_loops(top)
             self.alloc_carries(pdl, nslots)
-            self.init_carries(pdl, env)
+            if self.cu is None:
+                self.init_carries(pdl, env)
             tl = self.time_loop(pdl)
             body = tl
         self.time_scope, self.pd_scope = tl, pdl
+        if self.cu is not None:
+            self.varlen_reset(body, env)
         for s in rec.states:
             if s.name in self.chunks:
                 self.chunk_state(s, self.chunks[s.name], env, body)
@@ -770,16 +780,18 @@ class Renderer(ChunkedMixin):
             inner, sub, oscopes = self.inner_loops(body, dims, env, "o")
             self.store(o, sub, self.value(o.expr, sub, inner), inner)
             self.closeall(oscopes)
+        if self.cu is not None and self.final:
+            self.varlen_final(body, env)
         if self.time_outer:
             self.closeall(scopes)
             self.close(tl)
-            if self.final:
+            if self.final and self.cu is None:
                 pdl, env, scopes = self.pd_loops(top)
                 self.final_carries(pdl, env)
                 self.closeall(scopes)
         else:
             self.close(tl)
-            if self.final:
+            if self.final and self.cu is None:
                 self.final_carries(pdl, env)
             self.closeall(scopes)
         rets = [f"out_{o.name}" for o in rec.outputs]
@@ -814,6 +826,13 @@ class Renderer(ChunkedMixin):
         return pdl, env, scopes
 
     def time_loop(self, sc: Scope) -> Scope:
+        if self.cu is not None:  # tiles of at most tt steps that never cross a boundary
+            tiles = self.varlen_tiles()
+            self.emit(self.root, f"TILES = {tiles!r}  # (t0, t1, sequence starting at t0 or "
+                                 "-1, sequence ending at t1 or -1)")
+            tl = self.open(sc, "for t0, t1, n_start, n_end in TILES:", len(tiles), "t0")
+            self.emit(tl, "tw = t1 - t0")
+            return tl
         tl = self.open(sc, f"for t0 in range(0, {self.size_ref(self.time)}, {self.tt}):",
                        -(-self.T // self.tt), "t0")
         self.emit(tl, f"t1 = min(t0 + {self.tt}, {self.size_ref(self.time)})")
@@ -862,6 +881,57 @@ class Renderer(ChunkedMixin):
                   else f"nisa.dma_copy({hbm}, {tile})")
         self.closeall(scopes)
 
+    # ---- packed variable-length batches: the reset, in one place for every kind ----
+    def varlen_batch(self) -> str | None:
+        return next((d.name for d in self.rec.dims if d.role == "batch"), None)
+
+    def varlen_check(self) -> None:
+        b = self.varlen_batch()
+        if b is None or b not in self.outer:
+            self.fail("packed varlen: needs the batch dim as an outer loop")
+
+    def varlen_tiles(self) -> tuple:
+        tiles = []
+        for n in range(len(self.cu) - 1):
+            a, e = self.cu[n], self.cu[n + 1]
+            for t0 in range(a, e, self.tt):
+                t1 = min(t0 + self.tt, e)
+                tiles.append((t0, t1, n if t0 == a else -1, n if t1 == e else -1))
+        return tuple(tiles)
+
+    def varlen_env(self, env: dict, var: str) -> dict:
+        """``env`` with the batch dim at sequence ``var`` (initial and final states: N rows)."""
+        return {**env, self.varlen_batch(): Idx(var, frozenset())}
+
+    def varlen_reset(self, body: Scope, env: dict) -> None:
+        """Before a sequence's first step, every carry is *replaced* (a DMA or a memset, never
+        a multiply) by the sequence's initial state or zeros."""
+        sc = self.open(body, "if n_start >= 0:  # a sequence starts: reset every state", 1, "")
+        for s in self.rec.states:
+            cp = self.chunks.get(s.name)  # a chunked state's carry: (K, V), K on partitions
+            if self.init and cp is not None:
+                self.chunk_state_dma(s, cp, self.varlen_env(env, "n_start"), sc, load=True)
+            elif self.init:
+                self.state_dma(s, self.varlen_env(env, "n_start"), sc, load=True)
+            elif cp is not None:
+                self.emit(sc, f"nisa.memset(carry_{s.name}[0:{self.sizes[cp.kd]}, "
+                              f"{self.slot}, 0:P], 0.0)")
+            else:
+                r = self.rows(s)
+                self.emit(sc, f"nisa.memset(carry_{s.name}[0:{r}, {self.slot}, "
+                              f"0:{self.n_inner(s)}], 0.0)")
+        self.close(sc)
+
+    def varlen_final(self, body: Scope, env: dict) -> None:
+        sc = self.open(body, "if n_end >= 0:  # a sequence ends: its final state", 1, "")
+        for s in self.rec.states:
+            cp = self.chunks.get(s.name)
+            if cp is not None:
+                self.chunk_state_dma(s, cp, self.varlen_env(env, "n_end"), sc, load=False)
+            else:
+                self.state_dma(s, self.varlen_env(env, "n_end"), sc, load=False)
+        self.close(sc)
+
     def kernel_name(self) -> str:
         return f"{self.rec.name}_kernel"
 
@@ -883,14 +953,15 @@ class Renderer(ChunkedMixin):
 
 def plan_and_render(rec: Recurrence, sizes: Mapping[str, int], initial_state: bool,
                     final_state: bool, chip: str = "trn1", tt: int | None = None,
-                    algorithm: str = "auto", loop_order: str = "auto") -> tuple[str, Plan]:
+                    algorithm: str = "auto", loop_order: str = "auto",
+                    cu: tuple[int, ...] | None = None) -> tuple[str, Plan]:
     """The plan (``plan.plan_space``: layout, algorithm per state, tile candidates, budget),
     then the kernel: the largest time tile that fits the chip and, at that tile, the loop
     order that moves the fewest DMA bytes (``plan.choose``)."""
     space = plan_space(rec, sizes, chip, tt, algorithm, loop_order)
 
     def measure(c: int, time_outer: bool):
-        r = Renderer(space, c, initial_state, final_state, time_outer)
+        r = Renderer(space, c, initial_state, final_state, time_outer, cu)
         src = r.render()
         return r.resources(), src
 

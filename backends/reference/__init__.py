@@ -21,6 +21,7 @@ class ReferenceBackend(Backend):
     generates_source = False
     dtypes = ("float64", "float32", "float16", "bfloat16")
     computes_float64 = True
+    varlen = True  # takes cu_seqlens natively (the reset in Interpreter.run)
 
     def available(self) -> tuple[bool, str]:
         return True, f"NumPy {np.__version__} interpreter, float64"
@@ -29,6 +30,12 @@ class ReferenceBackend(Backend):
             initial_state: Mapping[str, Any] | None, output_final_state: bool,
             options: Mapping[str, Any]) -> RunResult:
         outs, finals = Interpreter(rec, sizes).run(inputs, initial_state)
+        return RunResult(outs, finals if output_final_state else None)
+
+    def run_varlen(self, rec: Recurrence, inputs: Mapping[str, Any], sizes: Mapping[str, int],
+                   initial_state: Mapping[str, Any] | None, output_final_state: bool,
+                   options: Mapping[str, Any], cu: tuple[int, ...]) -> RunResult:
+        outs, finals = Interpreter(rec, sizes).run(inputs, initial_state, cu)
         return RunResult(outs, finals if output_final_state else None)
 
 

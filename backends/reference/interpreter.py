@@ -81,7 +81,11 @@ class Interpreter:
         return TRANSITION_RULES.lookup(kind, self.rec.name)(self, h, b, ops, axis, col)
 
     # ---- the scan ----
-    def run(self, inputs: Mapping[str, np.ndarray], initial: Mapping[str, np.ndarray] | None):
+    def run(self, inputs: Mapping[str, np.ndarray], initial: Mapping[str, np.ndarray] | None,
+            cu_seqlens=None):
+        """(outputs, final states) by name. ``cu_seqlens``: a packed variable-length batch
+        (scancc/ir/segments.py): every state resets at each boundary, ``initial`` and the final
+        states carry one entry per sequence along the batch dim."""
         rec, T = self.rec, self.sizes[self.rec.time]
         canon_in = {}
         for inp in rec.inputs:
@@ -94,9 +98,13 @@ class Interpreter:
         full_memo: dict = {}
         full = lambda n: self.eval(n, lambda m: canon_in[m.arg], full_memo)  # noqa: E731
 
+        if cu_seqlens is not None:
+            seq_init, starts, ends, finals = self._segments(initial, cu_seqlens)
+        else:
+            starts = ends = {}
         states = {}
         for s in rec.states:
-            if initial is not None and s.name in initial:
+            if initial is not None and s.name in initial and cu_seqlens is None:
                 states[s.name] = self.to_canon(np.asarray(initial[s.name], np.float64), s.dims,
                                                False)
             else:
@@ -120,6 +128,8 @@ class Interpreter:
                      for s in rec.states]
             for i in range(t0, min(T, t0 + block)):
                 j = i - t0
+                if i in starts:  # the reset: a select of the sequence's initial state
+                    states = dict(seq_init(starts[i]))
                 new = {}
                 for s, b, ops in plans:
                     t = s.transition
@@ -128,9 +138,49 @@ class Interpreter:
                     new[s.name] = np.broadcast_to(h, states[s.name].shape)
                 entering, states = states, new
                 self._readouts(i, states, entering, canon_in, full, outs)
+                if i in ends:
+                    finals[ends[i]] = states
+        if cu_seqlens is not None:
+            return outs, self._stack_finals(finals, seq_init)
         finals = {s.name: np.ascontiguousarray(self.from_canon(states[s.name], s.dims))
                   for s in rec.states}
         return outs, finals
+
+    # ---- packed variable-length batches (scancc/ir/segments.py) ----
+    def _batch_axis(self, s) -> int | None:
+        """The axis of the batch dim in state ``s``'s layout (None: it has none)."""
+        b = [d.name for d in self.rec.dims if d.role == "batch"]
+        return s.dims.index(b[0]) if b and b[0] in s.dims else None
+
+    def _segments(self, initial, cu):
+        """(n -> initial states of sequence n, step -> sequence starting there, step ->
+        sequence ending there, {n: final states} prefilled for empty sequences)."""
+        from scancc.ir.segments import ends, segments, starts
+        rec = self.rec
+
+        def seq_init(n: int) -> dict:
+            out = {}
+            for s in rec.states:
+                if initial is not None and s.name in initial:
+                    a = np.asarray(initial[s.name], np.float64)
+                    ax = self._batch_axis(s)
+                    a = a[n] if ax is None else np.take(a, [n], axis=ax)
+                    out[s.name] = self.to_canon(a, s.dims, False)
+                else:
+                    out[s.name] = np.zeros(self.canon_shape(s.dims))
+            return out
+        finals = {n: seq_init(n) for n, a, b in segments(cu) if a == b}
+        return seq_init, starts(cu), ends(cu), finals
+
+    def _stack_finals(self, finals: dict, seq_init) -> dict:
+        """Per-sequence final states stacked along the batch dim (a leading dim if none)."""
+        out = {}
+        for s in self.rec.states:
+            per = [np.ascontiguousarray(self.from_canon(finals[n][s.name], s.dims))
+                   for n in range(len(finals))]
+            ax = self._batch_axis(s)
+            out[s.name] = np.stack(per) if ax is None else np.concatenate(per, axis=ax)
+        return out
 
     def time_block(self, T: int) -> int:
         """Steps per block of injected terms and operands: about ``BLOCK_ELEMS`` float64

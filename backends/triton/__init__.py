@@ -194,6 +194,15 @@ class TritonBackend(Backend):
             outs, finals = c.launcher(*args, h0, keep, bs, nw)
         return RunResult(outs, finals, dict(c.counters))
 
+    varlen = True  # packed batches: the recurrent kernel, one program per sequence (varlen.py)
+
+    def run_varlen(self, rec: Recurrence, inputs: Mapping[str, Any], sizes: Mapping[str, int],
+                   initial_state: Mapping[str, Any] | None, output_final_state: bool,
+                   options: Mapping[str, Any], cu: tuple[int, ...]) -> RunResult:
+        from . import varlen
+        return varlen.run(self, rec, inputs, sizes, initial_state, output_final_state,
+                          options, cu)
+
     def _last_compiled(self, rec: Recurrence, options: Mapping[str, Any], args: list):
         """``compiled`` for a call, through a last-hit memo keyed by the identity of the IR
         and of the options dict (a caller reusing both, as scancc's Runner does, skips even

@@ -23,6 +23,13 @@ state has the forward's transition and the injected term A_t^T g_t, an expressio
 companion and dense are not symmetric: their backward state uses the adjoint-step kinds
 (``shift_adjoint``, ``companion_adjoint``, ``dense_adjoint``: h_t = A_t^T (h_{t-1} + b_t)) with
 the injected term g_t, so nu_{t-1} = A_t^T (nu_t + g_t) needs no expression for A^T g.
+
+Packed variable-length batches (ir/segments.py) need nothing here: the forward's reset at a
+sequence's first step cuts h_{t-1} from the transition, so nu crossing the boundary in
+reverse time is cut too. The caller (scancc/varlen.py) runs this backward as a packed call
+on the reversed boundaries (``segments.reversed_cu``), each reversed sequence's nu starting
+at its d final state and ending at its d initial state, and feeds h_{t-1} = the sequence's
+initial state at its first step.
 """
 from __future__ import annotations
 
