@@ -293,6 +293,9 @@ CHUNKED = {
     "fir": (None, False, False),
     "iir": (None, False, False),
     "swa": (None, False, False),
+    # dplr transitions: recurrent only (no chunked WY form for dplr yet, docs/ir.md)
+    "rwkv7": (None, False, False),
+    "kda": (None, False, False),
 }
 
 
