@@ -376,3 +376,53 @@ def test_gradients_match_torch_autograd_through_fla(fla, small_chunks, name):
     got, want = grads(ours), grads(theirs)
     for n in want:
         assert_close(got[n], want[n], "float32", f"grad {n}")
+
+
+# ---- the YAML form ------------------------------------------------------------------------
+
+KDA_YAML = """
+name: kda_yaml
+dims: {batch: batch, time: time, heads: head, key: feature, value: feature}
+inputs:
+  q: [batch, time, heads, key]
+  k: [batch, time, heads, key]
+  v: [batch, time, heads, value]
+  g: [batch, time, heads, key]
+  beta: [batch, time, heads]
+states:
+  S:
+    dims: [batch, heads, key, value]
+    transition: dplr(axis=key, w=exp(g), a=-(beta * k), b=exp(g) * k)
+    inject: beta * k * v
+outputs:
+  o:
+    dims: [batch, time, heads, value]
+    expr: sum(S * q, key) * rsqrt(size(key))
+"""
+
+
+def test_a_yaml_spec_writes_the_kind(tmp_path):
+    """The spec's transition string is the text form: a KDA spec equals the library's kda."""
+    from scancc.spec import load_recurrence
+    p = tmp_path / "kda.yaml"
+    p.write_text(KDA_YAML)
+    rec = load_recurrence(p)
+    assert rec.states[0].transition.kind is Kind.DPLR
+    lib = scancc.get("kda").build()
+    sizes = {"batch": 2, "time": 9, "heads": 2, "key": 4, "value": 3}
+    x = sample_inputs(lib, sizes, 0, scancc.get("kda").hints)
+    S0 = sample_state(lib, sizes, 1)
+    want = get("reference").run(lib, x, sizes, S0, True, {})
+    got = get("reference").run(rec, x, sizes, S0, True, {})
+    np.testing.assert_allclose(got.outputs["o"], want.outputs["o"], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(got.final_states["S"], want.final_states["S"], rtol=1e-12,
+                               atol=1e-12)
+
+
+def test_a_yaml_operand_error_names_the_line(tmp_path):
+    from scancc.spec import SpecError, load_recurrence
+    p = tmp_path / "bad.yaml"
+    p.write_text(KDA_YAML.replace("b=exp(g) * k)", "b=beta)"))
+    with pytest.raises(SpecError, match=r"dplr b must vary along the axis 'key'") as e:
+        load_recurrence(p)
+    assert "bad.yaml:13:" in str(e.value)   # the transition's line
