@@ -426,3 +426,23 @@ def test_a_yaml_operand_error_names_the_line(tmp_path):
     with pytest.raises(SpecError, match=r"dplr b must vary along the axis 'key'") as e:
         load_recurrence(p)
     assert "bad.yaml:13:" in str(e.value)   # the transition's line
+
+
+def test_nki_operands_along_another_looped_dim_take_another_layout():
+    """b varies along chan beside the axis: the NKI rule steps one column of the other looped
+    dims at a time with operands along the axis only, so the layout with chan on the
+    partitions is taken (layouts are preferences) and the result is the reference's."""
+    r = Builder("dplr_nki_cols")
+    bt, t, k = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("key")
+    v, c = r.dim("value"), r.dim("chan")
+    x, a = r.input("x", [bt, t, k, v, c]), r.input("a", [bt, t, k])
+    S = r.state("S", [bt, k, v, c], dplr(k, a=a, b=r.input("b", [bt, t, k, c])), inject=x)
+    r.output("y", [bt, t, k, v, c], S)
+    rec = r.build()
+    sizes = {"batch": 2, "time": 7, "key": 4, "value": 3, "chan": 2}
+    xs = kind_inputs(rec, sizes, 6)
+    S0 = np.random.default_rng(7).standard_normal((2, 4, 3, 2)).astype(np.float32).astype(float)
+    want = run_backend("reference", rec, xs, sizes, S0)
+    got = run_backend("nki", rec, xs, sizes, S0)
+    assert_close(got[0], want[0], "float32", "nki output")
+    assert_close(got[1], want[1], "float32", "nki final state")
