@@ -293,9 +293,9 @@ CHUNKED = {
     "fir": (None, False, False),
     "iir": (None, False, False),
     "swa": (None, False, False),
-    # dplr transitions: recurrent only (no chunked WY form for dplr yet, docs/ir.md)
-    "rwkv7": (None, False, False),
-    "kda": (None, False, False),
+    # dplr transitions: Triton's chunked WY form (per-K decay pair tiles), NKI recurrent
+    "rwkv7": ("dplr", True, False),
+    "kda": ("dplr", True, False),
 }
 
 

@@ -51,7 +51,7 @@ from .lets import resolve
 # log(2**-126): a decay below float32's smallest normal number is a hard reset (module doc)
 RESET_LOG_DECAY = -87.33654475055310898657
 
-CHUNKED_KINDS = (Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL, Kind.HOUSEHOLDER)
+CHUNKED_KINDS = (Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL, Kind.HOUSEHOLDER, Kind.DPLR)
 _ONE = Node(Op.CONST, (), 1.0)
 
 
@@ -91,6 +91,8 @@ class ChunkedState:
     hk: Node | None = None          # HOUSEHOLDER: the reflection's k (along K), beta, alpha
     beta: Node | None = None
     alpha: Node | None = None
+    la: Node | None = None          # DPLR: the rank-1 term's a and b (along K, not V); the
+    lb: Node | None = None          # decay is w (along K or not)
 
 
 @dataclass(frozen=True)
@@ -144,8 +146,8 @@ def analyze_state(rec: Recurrence, s: State) -> ChunkedState:
     """The chunked form of state ``s``; raises NotChunkable saying why there is none."""
     t = s.transition
     if t.kind not in CHUNKED_KINDS:
-        raise NotChunkable(f"transition {t.kind.value!r} (needs identity, scalar, diagonal or "
-                           "householder)")
+        raise NotChunkable(f"transition {t.kind.value!r} (needs identity, scalar, diagonal, "
+                           "householder or dplr)")
     if any(n.op is Op.PREV and n.arg == s.name for o in rec.outputs for n in o.expr.walk()):
         raise NotChunkable(f"a readout reads prev({s.name}): the state entering each step")
     role = {d.name: d.role for d in rec.dims}
@@ -166,8 +168,16 @@ def analyze_state(rec: Recurrence, s: State) -> ChunkedState:
     v_side = tuple(f for f in inject if V in dims(f))
     scale_side = tuple(f for f in inject if not {K, V} & dims(f))
 
-    kind, decay, hk, beta, alpha = t.kind, None, None, None, None
-    if kind is Kind.HOUSEHOLDER:
+    kind, decay, hk, beta, alpha, la, lb = t.kind, None, None, None, None, None, None
+    if kind is Kind.DPLR:
+        if t.axis != K:
+            raise NotChunkable(f"the dplr axis {t.axis!r} is not the contracted dim {K!r}")
+        la, lb, decay = t.operand("a"), t.operand("b"), t.operand("w")
+        if decay is None:
+            raise NotChunkable("a dplr without w (write w=1.0 for the chunked form)")
+        if any(V in dims(x) for x in (la, lb, decay)):
+            raise NotChunkable("dplr a, b and w must not vary along the value dim")
+    elif kind is Kind.HOUSEHOLDER:
         if t.axis != K:
             raise NotChunkable(f"the householder axis {t.axis!r} is not the contracted dim {K!r}")
         hk, beta, alpha = t.operand("k"), t.operand("beta"), t.operand("alpha")
@@ -189,7 +199,7 @@ def analyze_state(rec: Recurrence, s: State) -> ChunkedState:
         is_exp = e.op is Op.EXP
         log_decay = e.src[0] if is_exp else Node(Op.LOG, (decay,))
     return ChunkedState(s.name, K, V, grid, kind, decay, log_decay, is_exp, inject, k_side,
-                        v_side, scale_side, contractions, hk, beta, alpha)
+                        v_side, scale_side, contractions, hk, beta, alpha, la, lb)
 
 
 def _contractions(rec: Recurrence, s: State, feats: list[str]):
