@@ -3,7 +3,9 @@ recurrent across chunks, for states ``S[K, V] = a_t ⊙ S + k_t v_tᵀ`` read ou
 ``o_t = sum_K q_t S_t`` where the decay a_t is 1 (identity), one number per grid index
 (scalar: linear_attn, retnet, simple_gla, mamba2 — the SSD "segsum" form) or varies along K
 (diagonal: gla); and for householder transitions ``S = alpha (I - beta k kᵀ) S + u wᵀ``
-(delta_net, gated_delta_net) in the UT form (see ``Lowering._householder_chunk``).
+(delta_net, gated_delta_net) in the UT form (see ``Lowering._householder_chunk``); for dplr
+transitions ``S = (Diag(w) + a bᵀ) S + u wᵀ`` (rwkv7, kda) in the same form with K-diagonal
+decay pair tiles (``Lowering._dplr_chunk``).
 
 With log decays g and their in-chunk cumulative sums c (c_t = g_1 + ... + g_t), for t in the
 chunk and S the state before it:

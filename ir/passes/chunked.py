@@ -8,6 +8,7 @@ along which chunks are independent) is chunkable when
     S_t = A_t S_{t-1} + (k-side factors)(v-side factors)(scale factors)
     A_t = 1 (identity) | a_t (scalar: one number per grid index) | diag_K(a_t) (decay along K)
         | alpha_t (I - beta_t k_t k_tᵀ) (householder along K)
+        | diag_K(w_t) + a_t b_tᵀ (dplr along K; w, a, b free of V)
 
 and the readouts read S only through contractions ``sum(S * q, K)`` with q free of V (and
 never through prev(S)). With log decays g_t (a_t = exp(g_t)) and their in-chunk cumulative
@@ -29,7 +30,8 @@ facts above), per other state the reason it is not chunkable. ``analyze_state`` 
   or householder factor of a step s <= t of the chunk (any element), the v-side factor of
   column j at a step s <= t, or the q-side factor at t itself is non-finite; the state leaving
   the chunk is NaN in the rows (K) and columns (V) those factors poison (all of it for a
-  scalar decay or a householder step). A NaN state entering a chunk stays NaN through
+  scalar decay or a householder or dplr step; dplr's a/b are sanitized as householder's
+  k/beta). A NaN state entering a chunk stays NaN through
   multiplications, never a select, so a later reset does not clear it (as in the reference).
 - *Hard resets.* A log-decay at or below ``RESET_LOG_DECAY`` (a decay below float32's
   smallest normal number, exactly 0, or a log-gate of -inf) is a reset: the decay between
