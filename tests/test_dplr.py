@@ -19,7 +19,7 @@ import scancc
 import scancc.autograd as ag
 from scancc.backends import get
 from scancc.ir import (Builder, IRError, Kind, VerifyError, dplr, exp, householder,
-                       parse_recurrence)
+                       parse_recurrence, reduce_sum)
 from scancc.ir.verify import verify
 from scancc.ir.passes import derive
 from scancc.testing import assert_close, sample_inputs, sample_state
@@ -446,3 +446,51 @@ def test_nki_operands_along_another_looped_dim_take_another_layout():
     got = run_backend("nki", rec, xs, sizes, S0)
     assert_close(got[0], want[0], "float32", "nki output")
     assert_close(got[1], want[1], "float32", "nki final state")
+
+
+# ---- the chunked form (Triton) ------------------------------------------------------------
+
+def test_chunked_analysis_takes_dplr_along_k_only():
+    from scancc.ir.passes import chunked
+    for name in ("rwkv7", "kda"):
+        cs = chunked.analyze(scancc.get(name).build()).only()
+        assert cs.kind is Kind.DPLR and cs.K == "key" and cs.la is not None and cs.lb is not None
+    # w along the value dim, or no w: no chunked form, with the reason
+    r = Builder("dplr_wv")
+    bt, t, k, v = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("key"), r.dim("value")
+    q, kk = r.input("q", [bt, t, k]), r.input("k", [bt, t, k])
+    vv, w = r.input("v", [bt, t, v]), r.input("w", [bt, t, k, v])
+    S = r.state("S", [bt, k, v], dplr(k, a=kk, b=q, w=w), inject=kk * vv)
+    r.output("o", [bt, t, v], reduce_sum(S * q, k))
+    with pytest.raises(chunked.NotChunkable, match="must not vary along the value dim"):
+        chunked.analyze(r.build()).only()
+    r = Builder("dplr_now")
+    bt, t, k, v = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("key"), r.dim("value")
+    q, kk, vv = r.input("q", [bt, t, k]), r.input("k", [bt, t, k]), r.input("v", [bt, t, v])
+    S = r.state("S", [bt, k, v], dplr(k, a=kk, b=q), inject=kk * vv)
+    r.output("o", [bt, t, v], reduce_sum(S * q, k))
+    with pytest.raises(chunked.NotChunkable, match="without w"):
+        chunked.analyze(r.build()).only()
+
+
+@pytest.mark.parametrize("name", ["rwkv7", "kda"])
+def test_chunked_matches_the_reference_across_chunks_and_resets(name):
+    """Triton's chunked WY form (chunks of 16) against the reference at T = 41 (two full
+    chunks and a ragged one), with an initial state, a hard reset (log-decay -inf) of one key
+    element inside a chunk and of every element at a chunk's first step."""
+    e = scancc.get(name)
+    rec = e.build()
+    sizes = {"batch": 2, "time": 41, "heads": 2, "key": 6, "value": 5}
+    x = sample_inputs(rec, sizes, 8, e.hints)
+    g = "g" if name == "kda" else "w"
+    x[g][0, 20, 1, 3] = -np.inf
+    x[g][1, 32] = -np.inf
+    x = {k: v.astype(np.float32).astype(np.float64) for k, v in x.items()}
+    S0 = sample_state(rec, sizes, 9)["S"].astype(np.float32).astype(np.float64)
+    ref = get("reference").run(rec, x, sizes, {"S": S0}, True, {})
+    tx = {k: torch.from_numpy(v.astype(np.float32)) for k, v in x.items()}
+    res = get("triton").run(rec, tx, sizes, {"S": torch.from_numpy(S0.astype(np.float32))}, True,
+                            {"algorithm": "chunked"})
+    assert res.counters["algorithm"] == "chunked"
+    assert_close(res.outputs["o"], ref.outputs["o"], "float32", "chunked output")
+    assert_close(res.final_states["S"], ref.final_states["S"], "float32", "chunked final state")
