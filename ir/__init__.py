@@ -13,7 +13,7 @@ from .expr import max as reduce_max
 from .expr import sum as reduce_sum
 from .printer import ExprParser, format_expr, format_recurrence, parse_recurrence
 from .recurrence import (Dim, Input, Kind, Let, Numerics, Output, Recurrence, ShapeMismatch,
-                         State, Transition, bind_sizes, companion, dense, diagonal,
+                         State, Transition, bind_sizes, companion, dense, diagonal, dplr,
                          householder, identity, scalar, shift)
 from .sizes import DEFAULT_SIZES, ROLE_SIZES, default_sizes
 
@@ -24,6 +24,6 @@ __all__ = [
     "softplus", "sqrt", "reduce_max", "reduce_sum", "ExprParser", "format_expr",
     "format_recurrence", "parse_recurrence", "Dim", "Input", "Kind", "Let", "Numerics",
     "Output", "Recurrence", "ShapeMismatch", "State", "Transition", "bind_sizes", "companion",
-    "dense", "diagonal", "householder", "identity", "scalar", "shift", "DEFAULT_SIZES",
+    "dense", "diagonal", "dplr", "householder", "identity", "scalar", "shift", "DEFAULT_SIZES",
     "ROLE_SIZES", "default_sizes", "abs", "cos", "sin", "tanh",
 ]

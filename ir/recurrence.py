@@ -35,6 +35,7 @@ class Kind(enum.Enum):
     COMPANION = "companion"      # shift, then newest slot = sum(feedback * shifted h, axis) + b
     HOUSEHOLDER = "householder"  # alpha * (h - beta * k * sum(k * h, axis)) + b
     DENSE = "dense"              # sum(matrix[axis, col] * h[col], col) + b
+    DPLR = "dplr"                # w * h + a * sum(b * h, axis) + inject: (Diag(w) + a b^T) h
     # the adjoint steps of the three non-symmetric kinds, h_t = A_t^T (h_{t-1} + b_t) with A_t
     # the matrix of the kind named (same operands): the injected term is added *before* the
     # transposed transition, and covers the whole state (derived backward recurrences use
@@ -53,6 +54,7 @@ OPERANDS: dict[Kind, tuple[tuple[str, ...], tuple[str, ...]]] = {
     Kind.COMPANION: (("feedback",), ()),
     Kind.HOUSEHOLDER: (("k", "beta"), ("alpha",)),
     Kind.DENSE: (("matrix",), ()),
+    Kind.DPLR: (("a", "b"), ("w",)),
     Kind.SHIFT_ADJOINT: ((), ()),
     Kind.COMPANION_ADJOINT: (("feedback",), ()),
     Kind.DENSE_ADJOINT: (("matrix",), ()),
@@ -60,7 +62,8 @@ OPERANDS: dict[Kind, tuple[tuple[str, ...], tuple[str, ...]]] = {
 # the adjoint step of each non-symmetric kind (the others are their own transposes)
 ADJOINT_KIND = {Kind.SHIFT: Kind.SHIFT_ADJOINT, Kind.COMPANION: Kind.COMPANION_ADJOINT,
                 Kind.DENSE: Kind.DENSE_ADJOINT}
-AXIS_KINDS = {Kind.SHIFT, Kind.COMPANION, Kind.HOUSEHOLDER, Kind.DENSE, *ADJOINT_KIND.values()}
+AXIS_KINDS = {Kind.SHIFT, Kind.COMPANION, Kind.HOUSEHOLDER, Kind.DENSE, Kind.DPLR,
+              *ADJOINT_KIND.values()}
 # kinds whose injected term fills one slot of `axis` (so it has no `axis` dim)
 SLOT_KINDS = {Kind.SHIFT, Kind.COMPANION}
 # kinds with a column dim (the matrix's second dim, the same size as the axis)
@@ -123,10 +126,34 @@ def dense(axis: str, col: str, matrix: Node | float) -> Transition:
                       _axis("dense", "col", col))
 
 
+def dplr(axis: str, a: Node | float, b: Node | float,
+         w: Node | float | None = None) -> Transition:
+    """Diagonal plus rank one along ``axis``: h <- (Diag(w) + a b^T) h + inject, i.e.
+    ``w * h + a * sum(b * h, axis)`` (w defaults to 1; a and b vary along the axis, w may).
+    The gated Householder alpha (I - beta k k^T) Diag(d) is
+    ``dplr(axis, a=-alpha * beta * k, b=d * k, w=alpha * d)``."""
+    ops = (("w", _operand("dplr", "w", w)),) if w is not None else ()
+    ops += (("a", _operand("dplr", "a", a)), ("b", _operand("dplr", "b", b)))
+    return Transition(Kind.DPLR, _axis("dplr", "axis", axis), ops)
+
+
+def transpose(t: Transition) -> Transition:
+    """A dplr transition's transpose, Diag(w) + b a^T: the same kind with a and b swapped."""
+    if t.kind is not Kind.DPLR:
+        raise IRError(f"transpose: only a dplr transition is transposed here, not {t.kind.value}")
+    ops = dict(t.operands)
+    ops["a"], ops["b"] = ops["b"], ops["a"]
+    return Transition(t.kind, t.axis, tuple((k, ops[k]) for k in ("w", "a", "b") if k in ops),
+                      t.col)
+
+
 def adjoint_step(t: Transition) -> Transition:
     """The transition of the adjoint step of ``t`` (see Kind): symmetric kinds are their own
     transposes (and keep the inject-after form); shift, companion and dense get their
-    ``*_adjoint`` kind with the same operands."""
+    ``*_adjoint`` kind with the same operands; dplr gets its transpose (a dplr with a and b
+    swapped), in the inject-after form too."""
+    if t.kind is Kind.DPLR:
+        return transpose(t)
     kind = ADJOINT_KIND.get(t.kind, t.kind)
     return Transition(kind, t.axis, t.operands, t.col)
 

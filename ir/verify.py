@@ -219,6 +219,15 @@ def verify(rec: Recurrence) -> Recurrence:
             for k in ("beta", "alpha"):
                 if k in ops:
                     subset(wt + (k,), f"{wl} (householder {k})", ops[k], sd - {t.axis}, k)
+        elif t.kind is Kind.DPLR:
+            for k in ("w", "a", "b"):
+                if k in ops:
+                    subset(wt + (k,), f"{wl} (dplr {k})", ops[k], sd, f"dplr {k}")
+            for k in ("a", "b"):
+                if t.axis not in rec.dims_of(ops[k]):
+                    fail(wt + (k,), f"dplr {k} must vary along the axis {t.axis!r} (the rank-1 "
+                                    f"term a b^T is a {t.axis} x {t.axis} matrix); it has dims "
+                                    f"{list(rec.dims_of(ops[k]))}", wl)
         elif t.kind in COL_KINDS:
             if t.col not in dims or t.col in sd or t.col == time:
                 fail(wt, f"dense column dim {t.col!r} must be a declared dim not in the state",

@@ -301,3 +301,45 @@ def mamba3(bld, D=False, Z=False):
     if Zv is not None:
         y = y * silu(Zv)
     bld.output("y", [b, t, h, p], y)
+
+
+# ---- diagonal-plus-low-rank transitions (the dplr kind): rwkv7, kda ----
+#
+# fla's state layout [B, H, K, V] with S_t = (Diag(w_t) + a_t b_t^T) S_{t-1} + k_t v_t^T along
+# K: scancc.ir.dplr(key, a, b, w) is exactly that matrix. (fla writes the same step in its
+# transposed [V, K] view, S_t = S_{t-1} (Diag(w) + a b^T) + v k^T, so fla's ``a``/``b`` of
+# rwkv7 are the IR's ``b``/``a``.)
+
+@register("rwkv7", origin="library",
+          hints={"w": "logsigmoid", "a": "unit_rows", "b": "unit_rows"})
+def rwkv7(r, scale=None):
+    """RWKV-7 / the generalized delta rule (fla's fused_recurrent_rwkv7 and naive
+    dplr_recurrence): S = Diag(exp(w_t)) S + b_t (a_t^T S) + k_t v_t^T, o = scale * S^T r;
+    r, w, k, a, b [B, T, H, K] (w a log decay), v [B, T, H, V]; scale K^-1/2 by default (as
+    fused_recurrent_rwkv7; fla's chunk_rwkv7 defaults to 1.0: pass scale=1.0 for it)."""
+    from scancc.ir import dplr
+    b, t, h, k, v = _attn_dims(r)   # inputs in fla's argument order
+    rr, w = r.input("r", [b, t, h, k]), r.input("w", [b, t, h, k])
+    kk, vv = r.input("k", [b, t, h, k]), r.input("v", [b, t, h, v])
+    a, bb = r.input("a", [b, t, h, k]), r.input("b", [b, t, h, k])
+    S = r.state("S", [b, h, k, v], dplr(k, a=bb, b=a, w=exp(w)), inject=kk * vv)
+    r.output("o", [b, t, h, v], dot(S, rr, k) * _scale(scale, k))
+
+
+@register("kda", origin="library",
+          hints={"q": "unit_rows", "k": "unit_rows", "beta": "unit_interval", "g": "logsigmoid"})
+def kda(r, scale=None, use_qk_l2norm_in_kernel=False):
+    """Kimi Delta Attention (fla's naive_recurrent_kda, one value head per key head):
+    S = (I - beta k k^T) Diag(exp(g_t)) S + beta k v^T, o = scale * S^T q; q, k, g [B, T, H, K]
+    (g a per-key log decay), v [B, T, H, V], beta [B, T, H]."""
+    from scancc.ir import dplr
+    b, t, h, k, v = _attn_dims(r)
+    q, kk, vv = _qkv(r, b, t, h, k, v)
+    g, beta = r.input("g", [b, t, h, k]), r.input("beta", [b, t, h])
+    if use_qk_l2norm_in_kernel:
+        q, kk = r.let("qn", l2norm(q, k)), r.let("kn", l2norm(kk, k))
+    decay = r.let("decay", exp(g))
+    # (I - beta k k^T) Diag(d) = Diag(d) + (-beta k) (d k)^T
+    tr = dplr(k, a=-(beta * kk), b=decay * kk, w=decay)
+    S = r.state("S", [b, h, k, v], tr, inject=beta * kk * vv)
+    r.output("o", [b, t, h, v], dot(S, q, k) * _scale(scale, k))

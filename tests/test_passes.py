@@ -296,6 +296,9 @@ CHUNKED = {
     "hgrn2": ("diagonal", True, False),
     "rwkv6": (None, False, False),     # a readout of prev(S)
     "mamba3": (None, False, False),    # dense
+    # dplr transitions: Triton's chunked WY form (per-K decay pair tiles), NKI recurrent
+    "rwkv7": ("dplr", True, False),
+    "kda": ("dplr", True, False),
 }
 
 

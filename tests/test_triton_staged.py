@@ -30,7 +30,9 @@ HOUSEHOLDER = [n for n in STAGED
 def test_staged_covers_every_chunked_kind():
     kinds = {chunked.analyze(scancc.get(n).build()).only().kind.value for n in STAGED}
     assert kinds == {"identity", "scalar", "diagonal", "householder"}
-    assert set(STAGED) == set(CHUNKED)
+    # dplr (rwkv7, kda) has a chunked form and no staged one yet (docs/ir.md)
+    dplr = {n for n in CHUNKED if chunked.analyze(scancc.get(n).build()).only().kind.value == "dplr"}
+    assert set(STAGED) == set(CHUNKED) - dplr
     assert {"delta_net", "gated_delta_net"} <= set(HOUSEHOLDER)
 
 

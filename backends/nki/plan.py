@@ -36,7 +36,8 @@ from .values import NAME
 TT_CANDIDATES = (512, 256, 128, 64, 32, 16, 8, 4, 2, 1)
 ALGORITHMS = ("auto", "recurrent", "chunked")
 # per-step kinds stepped one column of the other looped dims at a time, the axis last
-AXIS_LAST = (Kind.HOUSEHOLDER, Kind.COMPANION_ADJOINT, Kind.DENSE_ADJOINT, Kind.DENSE)
+AXIS_LAST = (Kind.HOUSEHOLDER, Kind.COMPANION_ADJOINT, Kind.DENSE_ADJOINT, Kind.DENSE,
+             Kind.DPLR)
 # loop_order option -> the orders tried (False: outer dims > partition tile > time tile;
 # True: the time tile outermost)
 LOOP_ORDERS = {"auto": (False, True), "outer": (False,), "time": (True,)}
@@ -166,6 +167,16 @@ def _householder_storage(sp: Space, s, tt: int) -> list[int]:
         [4 * n * tt, 4 * na * tt]
     scal = [4 * tt] * (1 + (t.operand("alpha") is not None))
     return [_traj(sp, s, tt), 4] + ops + scal + [4 * na]
+
+
+@STORAGE.register(Kind.DPLR)
+def _dplr_storage(sp: Space, s, tt: int) -> list[int]:
+    t, n = s.transition, sp.n_inner(s)
+    na = sp.sizes[t.axis]
+    nops = sum(t.operand(k) is not None for k in ("w", "a", "b"))
+    ops = [4 * n * tt] * (1 + nops) if sp.inner_dims(s) == (t.axis,) else \
+        [4 * n * tt] + [4 * na * tt] * nops
+    return [_traj(sp, s, tt), 4] + ops + [4 * na]
 
 
 @STORAGE.register(Kind.DENSE)

@@ -417,7 +417,8 @@ class _Step:
         R.trajectory(s, sc)
         R.emit(sc, f"# state {s.name}: {t.kind.value} along {t.axis}, stepped through time")
         self.dims, self.r, self.n = R.inner_dims(s), R.rows(s), R.n_inner(s)
-        hh = t.kind in (Kind.HOUSEHOLDER, Kind.DENSE) and self.dims and self.dims[-1] == t.axis
+        hh = t.kind in (Kind.HOUSEHOLDER, Kind.DENSE, Kind.DPLR) and self.dims and \
+            self.dims[-1] == t.axis
         if self.dims != (t.axis,) and not hh:
             R.fail(f"{t.kind.value} state {s.name!r}: its looped dims {list(self.dims)} must "
                    f"be exactly the axis {t.axis!r} (partition dim {R.pd!r})")
@@ -501,6 +502,54 @@ def _householder_rule(R, s, env, sc) -> None:
     if alpha is not None:
         R.emit(inner, f"nisa.tensor_copy({col}[0:{r}, 0:1], {alpha}[0:{r}, 0:1, t])")
         R.emit(inner, f"nisa.tensor_scalar({new}, {new}, nl.multiply, {col}[0:{r}, 0:1])")
+    R.emit(inner, f"nisa.tensor_tensor({new}, {new}, {injv}, nl.add)")
+    if nk > 1:
+        R.close(inner)
+    st.end(R, s, step, na * nk)
+
+
+@TRANSITION_RULES.register(Kind.DPLR)
+def _dplr_rule(R, s, env, sc) -> None:
+    """Per step, (Diag(w) + a b^T) h on one column of the other looped dims (hm) at a time,
+    the axis last: b * h, tensor_reduce, tensor_scalar(a, s), w * h, add, add the inject."""
+    t = s.transition
+    st = _Step(R, s, sc)
+    r, n, col, tc, dims = st.r, st.n, st.col, st.tc, st.dims
+    na = R.sizes[t.axis]
+    names = [k for k in ("w", "a", "b") if t.operand(k) is not None]
+    opn = [t.operand(k) for k in names]
+    if dims == (t.axis,):  # one loop nest for all (what they share loads once)
+        inj, *ops = R.materialize([s.inject] + opn, dims, env, sc, r)
+    else:
+        for k, o in zip(names, opn):
+            if set(R.rec.dims_of(o)) & set(dims[:-1]):
+                R.fail(f"dplr state {s.name!r}: operand {k} varies along the looped dims "
+                       f"{list(dims[:-1])} beside the axis (only along the axis {t.axis!r}, "
+                       f"the partition dim {R.pd!r} and the outer dims here)")
+        inj, = R.materialize([s.inject], dims, env, sc, r)
+        ops = R.materialize(opn, (t.axis,), env, sc, r)
+    op = dict(zip(names, ops))
+    prod = R.alloc(sc, (128, na), 4 * na, "prod", storage=True)
+    step = R.step_loop(sc)
+    inner, nk = step, n // na
+    if nk > 1:
+        inner = R.loop(step, "hm", nk)
+    cs = f"hm * {na}:(hm + 1) * {na}" if nk > 1 else f"0:{na}"
+    cur = f"carry_{s.name}[0:{r}, {R.slot}, {cs}]"
+    new = f"traj_{s.name}[0:{r}, {cs}, {tc}]"
+    injv = f"{inj}[0:{r}, {cs}, t]"
+    R.emit(inner, f"nisa.tensor_tensor({prod}[0:{r}, 0:{na}], {op['b']}[0:{r}, 0:{na}, t], "
+                  f"{cur}, nl.multiply)")
+    R.emit(inner, f"nisa.tensor_reduce({col}[0:{r}, 0:1], nl.add, "
+                  f"{prod}[0:{r}, 0:{na}], axis=1, keepdims=True)")
+    R.emit(inner, f"nisa.tensor_scalar({prod}[0:{r}, 0:{na}], {op['a']}[0:{r}, 0:{na}, t], "
+                  f"nl.multiply, {col}[0:{r}, 0:1])")
+    if "w" in op:
+        R.emit(inner, f"nisa.tensor_tensor({new}, {op['w']}[0:{r}, 0:{na}, t], {cur}, "
+                      "nl.multiply)")
+        R.emit(inner, f"nisa.tensor_tensor({new}, {new}, {prod}[0:{r}, 0:{na}], nl.add)")
+    else:
+        R.emit(inner, f"nisa.tensor_tensor({new}, {cur}, {prod}[0:{r}, 0:{na}], nl.add)")
     R.emit(inner, f"nisa.tensor_tensor({new}, {new}, {injv}, nl.add)")
     if nk > 1:
         R.close(inner)

@@ -202,6 +202,13 @@ def _dense_rule(I, h, b, ops, axis, col):
     return np.sum(ops["matrix"] * hc, axis=I.axis[col], keepdims=True) + b
 
 
+@TRANSITION_RULES.register(Kind.DPLR)
+def _dplr_rule(I, h, b, ops, axis, col):
+    # (Diag(w) + a b^T) h along the axis: w * h + a * (b . h), then the inject
+    low = ops["a"] * np.sum(ops["b"] * h, axis=I.axis[axis], keepdims=True)
+    return (ops["w"] * h if "w" in ops else h) + low + b
+
+
 # adjoint steps: h_t = A_t^T (h_{t-1} + b_t)
 
 @TRANSITION_RULES.register(Kind.SHIFT_ADJOINT)

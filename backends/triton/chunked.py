@@ -3,7 +3,9 @@ recurrent across chunks, for states ``S[K, V] = a_t ⊙ S + k_t v_tᵀ`` read ou
 ``o_t = sum_K q_t S_t`` where the decay a_t is 1 (identity), one number per grid index
 (scalar: linear_attn, retnet, simple_gla, mamba2 — the SSD "segsum" form) or varies along K
 (diagonal: gla); and for householder transitions ``S = alpha (I - beta k kᵀ) S + u wᵀ``
-(delta_net, gated_delta_net) in the UT form (see ``Lowering._householder_chunk``).
+(delta_net, gated_delta_net) in the UT form (see ``Lowering._householder_chunk``); for dplr
+transitions ``S = (Diag(w) + a bᵀ) S + u wᵀ`` (rwkv7, kda) in the same form with K-diagonal
+decay pair tiles (``Lowering._dplr_chunk``).
 
 With log decays g and their in-chunk cumulative sums c (c_t = g_1 + ... + g_t), for t in the
 chunk and S the state before it:
@@ -56,6 +58,8 @@ class Form:
     contraction: Node          # the readout's sum(S * q, K) node
     hk: Node | None = None     # HOUSEHOLDER: the reflection's k (along K) and beta
     beta: Node | None = None
+    la: Node | None = None     # DPLR: the rank-1 term's a and b (along K)
+    lb: Node | None = None
 
 
 class NotChunkable(Exception):
@@ -96,7 +100,7 @@ def analyze(rec: Recurrence) -> Form:
     log_of = cs.decay is not None and not cs.decay_is_exp
     g = cs.decay if log_of else cs.log_decay
     return Form(K, V, P.grid, cs.kind, g, log_of, cs.k_side, v_side, q_side, csum,
-                cs.hk, cs.beta)
+                cs.hk, cs.beta, cs.la, cs.lb)
 
 
 def applies(rec: Recurrence) -> tuple[bool, str]:
@@ -202,6 +206,10 @@ class Lowering(recurrent.Lowering):
             o, hx = self._householder_chunk(env, qf, kf, vf, qk, causal)
             rows += hx
             whole = ["step"]  # a reflection mixes the rows
+        elif F.kind is Kind.DPLR:
+            o, hx = self._dplr_chunk(env, qf, kf, vf, qk, causal)
+            rows += hx
+            whole = ["step"]  # the rank-1 term mixes the rows
         elif F.kind is Kind.IDENTITY:
             a = self.bind(True, "b_A", f"tl.where({causal}, "
                           + dot(qf, f"tl.trans({kf})") + ", 0.0)")
@@ -295,6 +303,59 @@ class Lowering(recurrent.Lowering):
         b.append(f"{h} = {scaled(h, e_last)} - {dot(f'tl.trans{kd}', r, 'update')} + "
                  f"{dot(f'tl.trans({ud})', wf, 'update')}")
         return o, t["bad"]
+
+    def _dplr_chunk(self, env: Env, qf: str, uf: str, wf: str, qk: str,
+                    causal: str) -> tuple[str, list[str]]:
+        """S_t = (Diag(w_t) + a_t b_tᵀ) S_{t-1} + u_t w'_tᵀ over one chunk (docs/ir.md).
+
+        With r_tᵀ = b_tᵀ S_{t-1}, c the in-chunk cumulative log w (per K) and D[t, i, k] the
+        K-diagonal transport e^{c_{t-1,k} - c_{i,k}} (i < t; 0 across a reset of k):
+          (I - M) R = (b ⊙ e^{c_{t-1}}) S + N W',  M[t,i] = sum_k b_t,k a_i,k D[t,i,k],
+                                                  N[t,i] = sum_k b_t,k u_i,k D[t,i,k]
+          o_t = (q_t ⊙ e^{c_t})ᵀ S + sum_{i<=t} (q_t·(a_i ⊙ e^{c_t-c_i})) r_i
+                                            + (q_t·(u_i ⊙ e^{c_t-c_i})) w'_i
+          S'  = e^{c_L} ⊙ S + sum_i (a_i ⊙ e^{c_L-c_i}) r_iᵀ + (u_i ⊙ e^{c_L-c_i}) w'_iᵀ
+        The pair tiles are [BT, BT, BK] products summed over K (gla's A tile); R by forward
+        substitution, one row per step. Returns (the output tile, the per-step non-finite
+        counts of a, b and the decay)."""
+        F, T, b, dot = self.form, self.rec.time, self.body, self._dot
+        h = self.state_var[self.rec.states[0].name]
+        BT = self.block[T]
+        af, a_ok = self._factor("b_la", self.value(F.la, env), qk)
+        bf, b_ok = self._factor("b_lb", self.value(F.lb, env), qk)
+        g, g_ok, gc, gn, gl, gnl = self._log_decay(env, qk)
+        bad = [self._bad(a_ok, 1), self._bad(b_ok, 1), self._bad(g_ok, 1)]
+        reset = f"{g}_reset"
+        gn_prev = self.bind(True, "b_gn_prev", f"{gn} - {reset}.to(tl.int32)")
+        gc_prev = f"({gc} - {g})"
+        strict = f"({self.off[T]} > tl.trans({self.off[T]}))"
+        # [BT, BT, BK] transports: from after step i to before step t (i < t), to after t (i <= t)
+        d_prev = self.bind(True, "b_d_prev", f"tl.exp(tl.where({strict}[:, :, None] & "
+                           f"({gn_prev}[:, None, :] == {gn}[None, :, :]), "
+                           f"{gc_prev}[:, None, :] - {gc}[None, :, :], float(\"-inf\")))")
+        d_now = self.bind(True, "b_d_now", f"tl.exp(tl.where({causal}[:, :, None] & "
+                          f"({gn}[:, None, :] == {gn}[None, :, :]), "
+                          f"{gc}[:, None, :] - {gc}[None, :, :], float(\"-inf\")))")
+        m = self.bind(True, "b_M", f"tl.sum({bf}[:, None, :] * {af}[None, :, :] * {d_prev}, axis=2)")
+        n = self.bind(True, "b_N", f"tl.sum({bf}[:, None, :] * {uf}[None, :, :] * {d_prev}, axis=2)")
+        e_prev = f"tl.where({gn_prev} == 0, tl.exp({gc_prev}), 0.0)"
+        r = self.bind(True, "b_R", f"{dot(f'({bf} * {e_prev})', h, 'read')} + {dot(n, wf, 'solve')}")
+        rows = self.bind(True, "o_row", f"tl.arange(0, {BT})[:, None]")
+        i, mr, upd = self.names.new("i_r"), self.names.new("b_m_r"), self.names.new("b_upd")
+        b.append(f"for {i} in range(1, {BT}):  # forward substitution: R = (I - M)^-1 R")
+        b.append(f"    {mr} = tl.sum(tl.where({rows} == {i}, {m}, 0.0), axis=0, keep_dims=True)")
+        b.append(f"    {upd} = tl.sum(tl.trans({mr}) * {r}, axis=0, keep_dims=True)")
+        b.append(f"    {r} = tl.where({rows} == {i}, {r} + {upd}, {r})")
+        qa = self.bind(True, "b_QA", f"tl.sum({qf}[:, None, :] * {af}[None, :, :] * {d_now}, axis=2)")
+        qu = self.bind(True, "b_QU", f"tl.sum({qf}[:, None, :] * {uf}[None, :, :] * {d_now}, axis=2)")
+        e_now = f"tl.where({gn} == 0, tl.exp({gc}), 0.0)"
+        o = self.bind(True, "b_o", f"{dot(f'({qf} * {e_now})', h, 'read')} + {dot(qa, r, 'solve')} + "
+                      f"{dot(qu, wf)}")
+        to_end = self.bind(True, "b_to_end", f"tl.where({gn} == {gnl}, tl.exp({gl} - {gc}), 0.0)")
+        e_last = f"tl.trans(tl.where({gnl} == 0, tl.exp({gl}), 0.0))"
+        b.append(f"{h} = {h} * {e_last} + {dot(f'tl.trans({af} * {to_end})', r, 'update')} + "
+                 f"{dot(f'tl.trans({uf} * {to_end})', wf, 'update')}")
+        return o, bad
 
     @staticmethod
     def _scaled(x: str, e: str | None) -> str:

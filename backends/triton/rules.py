@@ -231,6 +231,22 @@ def _dense_rule(L, s, env):
     L.body.append(f"{h} = {new} + {L.par(L.value(s.inject, env), 2)}")
 
 
+@TRANSITION_RULES.register(Kind.DPLR)
+def _dplr_rule(L, s, env):
+    """(Diag(w) + a b^T) h + inject: one reduction of b * h along the axis per step."""
+    h, ax, t = L.state_var[s.name], s.transition.axis, s.transition
+    bv = L.value(t.operand("b"), env)
+    if not simple(bv):
+        bv = L.bind(True, "b_lowrank", bv)
+    bh = L.bind(True, f"b_{s.name}_b", L.reduce("sum", f"{bv} * {h}", [ax], env, "0.0"))
+    an, sign = t.operand("a"), "+"
+    if an.op is Op.NEG:    # a = -u (the delta rules): h - u * (b . h), not h + -u * (b . h)
+        an, sign = an.src[0], "-"
+    a = L.par(L.value(an, env), 2)
+    diag = h if t.operand("w") is None else f"{L.par(L.value(t.operand('w'), env), 2)} * {h}"
+    L.body.append(f"{h} = {diag} {sign} {a} * {bh} + {L.par(L.value(s.inject, env), 2)}")
+
+
 # adjoint steps, h = A^T (h + b): plain registers (no ring), the reverse shift a gather
 
 def _plus_inject(L, s, env) -> str:

@@ -19,7 +19,11 @@ is an ordinary recurrence: it reads the forward inputs, dy, and the forward stat
 h_{t-1} (recomputed chunk by chunk by the caller, see scancc.autograd), all reversed in time.
 
 For the symmetric structures (identity, scalar, diagonal, householder: A^T = A) the backward
-state has the forward's transition and the injected term A_t^T g_t, an expression. Shift,
+state has the forward's transition and the injected term A_t^T g_t, an expression. A dplr
+transition Diag(w) + a b^T is not symmetric, but its transpose Diag(w) + b a^T is a dplr
+again (a and b swapped): its backward state is that dplr, with the injected term A_t^T g_t
+as an expression, as for the symmetric ones (so the backward of a dplr state runs on every
+backend that runs a dplr state, no adjoint-step kind needed). Shift,
 companion and dense are not symmetric: their backward state uses the adjoint-step kinds
 (``shift_adjoint``, ``companion_adjoint``, ``dense_adjoint``: h_t = A_t^T (h_{t-1} + b_t)) with
 the injected term g_t, so nu_{t-1} = A_t^T (nu_t + g_t) needs no expression for A^T g.
@@ -47,7 +51,10 @@ from .rewrite import substitute
 from ..verify import verify
 
 SYMMETRIC = {Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL, Kind.HOUSEHOLDER}
-DERIVED = SYMMETRIC | set(ADJOINT_KIND)   # kinds whose adjoint is derived
+# kinds whose A h is an expression (h_t is recomputed from h_{t-1}) and whose transpose is a
+# transition of a kind in this set (inject-after adjoint: nu_{t-1} = A^T nu_t + A^T g_t)
+EXPRESSED = SYMMETRIC | {Kind.DPLR}
+DERIVED = EXPRESSED | set(ADJOINT_KIND)   # kinds whose adjoint is derived
 
 
 @dataclass(frozen=True)
@@ -192,7 +199,8 @@ def vjp(ctx: _Ctx, roots: list[tuple[Node, Node]], wrt: set[Node]) -> dict[Node,
 
 
 def apply_transition(t: Transition, h: Node, ops: dict[str, Node]) -> Node:
-    """A_t h as an expression, for the symmetric structures (so also A_t^T h)."""
+    """A_t h as an expression, for the kinds in EXPRESSED (A_t^T h: apply the transposed
+    transition, ``adjoint_step(t)``, with its operands)."""
     if t.kind is Kind.IDENTITY:
         return h
     if t.kind in (Kind.SCALAR, Kind.DIAGONAL):
@@ -201,7 +209,10 @@ def apply_transition(t: Transition, h: Node, ops: dict[str, Node]) -> Node:
         k = ops["k"]
         out = h - ops["beta"] * k * rsum(k * h, t.axis)
         return ops["alpha"] * out if "alpha" in ops else out
-    raise IRError(f"{t.kind.value} is not a symmetric transition")
+    if t.kind is Kind.DPLR:
+        low = ops["a"] * rsum(ops["b"] * h, t.axis)
+        return (ops["w"] * h if "w" in ops else h) + low
+    raise IRError(f"{t.kind.value} is not a transition applied as an expression")
 
 
 def newest(axis: str) -> Node:
@@ -214,7 +225,7 @@ def step_expr(t: Transition, ops: dict[str, Node], inject: Node, h_now: Node, h_
     """h_t = A_t h_{t-1} + b_t as an expression of the operands, the inject and the states
     (inputs of the backward), for the VJP w.r.t. the operands and the inject. ``h_before`` of a
     dense state is indexed by the column dim (see ``derive``)."""
-    if t.kind in SYMMETRIC:
+    if t.kind in EXPRESSED:
         return apply_transition(t, h_before, ops) + inject
     if t.kind is Kind.SHIFT:           # the slots but the newest hold constants
         return newest(t.axis) * inject
@@ -239,7 +250,7 @@ def derive(rec: Recurrence) -> Adjoint:
     read_prev = {n.arg for o in rec.outputs for n in inline_lets_in(rec, o.expr, {}).walk()
                  if n.op is Op.PREV}
     for s in rec.states:
-        if s.name in read_prev and s.transition.kind not in SYMMETRIC:
+        if s.name in read_prev and s.transition.kind not in EXPRESSED:
             raise IRError(f"recurrence {rec.name!r}, state {s.name!r}: the adjoint of a "
                           f"readout of prev({s.name}) of a {s.transition.kind.value} state is "
                           "not derived yet")
@@ -291,8 +302,9 @@ def derive(rec: Recurrence) -> Adjoint:
                       lam[s.name]))
         bt = adjoint_step(Transition(t.kind, t.axis, tuple((k, ops[k]) for k, _ in t.operands),
                                      t.col))
-        if t.kind in SYMMETRIC:   # nu_{t-1} = A^T nu_t + A^T g_t, with A^T g_t an expression
-            inject = apply_transition(t, gs, ops) if gs is not None else const(0.0)
+        if t.kind in EXPRESSED:   # nu_{t-1} = A^T nu_t + A^T g_t, with A^T g_t an expression
+            inject = apply_transition(bt, gs, dict(bt.operands)) if gs is not None \
+                else const(0.0)
             ps = g.get(h_prev[Node(Op.PREV, (), s.name)])
             if ps is not None:    # + p_t, the VJP of the readouts of prev(S)
                 inject = _add(inject, ps) if gs is not None else ps
@@ -302,12 +314,12 @@ def derive(rec: Recurrence) -> Adjoint:
     leaves = {Node(Op.INPUT, (), x.name) for x in rec.inputs}
     grads = vjp(ctx, roots, leaves)
 
-    # h_t of a symmetric state is recomputed from h_{t-1} in the backward (A_t h_{t-1} + b_t,
+    # h_t of a symmetric (or dplr) state is recomputed from h_{t-1} in the backward (A_t h_{t-1} + b_t,
     # elementwise or one reduction), so the backward reads one state sequence, not two
     recompute = {Node(Op.INPUT, (), seq[s.name][0]):
                  apply_transition(s.transition, Node(Op.INPUT, (), seq[s.name][1]),
                                   {k: inl(v) for k, v in s.transition.operands}) + inl(s.inject)
-                 for s in rec.states if s.transition.kind in SYMMETRIC}
+                 for s in rec.states if s.transition.kind in EXPRESSED}
     smemo: dict = {}
     outputs, flips = [], {}
 
@@ -337,4 +349,5 @@ def derive(rec: Recurrence) -> Adjoint:
     return Adjoint(rec, backward, states_view, cot, seq, nu, grad)
 
 
-__all__ = ["Adjoint", "derive", "vjp", "apply_transition", "step_expr", "SYMMETRIC", "DERIVED"]
+__all__ = ["Adjoint", "derive", "vjp", "apply_transition", "step_expr", "SYMMETRIC", "EXPRESSED",
+           "DERIVED"]

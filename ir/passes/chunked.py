@@ -8,6 +8,7 @@ along which chunks are independent) is chunkable when
     S_t = A_t S_{t-1} + (k-side factors)(v-side factors)(scale factors)
     A_t = 1 (identity) | a_t (scalar: one number per grid index) | diag_K(a_t) (decay along K)
         | alpha_t (I - beta_t k_t k_tᵀ) (householder along K)
+        | diag_K(w_t) + a_t b_tᵀ (dplr along K; w, a, b free of V)
 
 and the readouts read S only through contractions ``sum(S * q, K)`` with q free of V (and
 never through prev(S)). With log decays g_t (a_t = exp(g_t)) and their in-chunk cumulative
@@ -29,7 +30,8 @@ facts above), per other state the reason it is not chunkable. ``analyze_state`` 
   or householder factor of a step s <= t of the chunk (any element), the v-side factor of
   column j at a step s <= t, or the q-side factor at t itself is non-finite; the state leaving
   the chunk is NaN in the rows (K) and columns (V) those factors poison (all of it for a
-  scalar decay or a householder step). A NaN state entering a chunk stays NaN through
+  scalar decay or a householder or dplr step; dplr's a/b are sanitized as householder's
+  k/beta). A NaN state entering a chunk stays NaN through
   multiplications, never a select, so a later reset does not clear it (as in the reference).
 - *Hard resets.* A log-decay at or below ``RESET_LOG_DECAY`` (a decay below float32's
   smallest normal number, exactly 0, or a log-gate of -inf) is a reset: the decay between
@@ -51,7 +53,7 @@ from .lets import resolve
 # log(2**-126): a decay below float32's smallest normal number is a hard reset (module doc)
 RESET_LOG_DECAY = -87.33654475055310898657
 
-CHUNKED_KINDS = (Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL, Kind.HOUSEHOLDER)
+CHUNKED_KINDS = (Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL, Kind.HOUSEHOLDER, Kind.DPLR)
 _ONE = Node(Op.CONST, (), 1.0)
 
 
@@ -91,6 +93,8 @@ class ChunkedState:
     hk: Node | None = None          # HOUSEHOLDER: the reflection's k (along K), beta, alpha
     beta: Node | None = None
     alpha: Node | None = None
+    la: Node | None = None          # DPLR: the rank-1 term's a and b (along K, not V); the
+    lb: Node | None = None          # decay is w (along K or not)
 
 
 @dataclass(frozen=True)
@@ -144,8 +148,8 @@ def analyze_state(rec: Recurrence, s: State) -> ChunkedState:
     """The chunked form of state ``s``; raises NotChunkable saying why there is none."""
     t = s.transition
     if t.kind not in CHUNKED_KINDS:
-        raise NotChunkable(f"transition {t.kind.value!r} (needs identity, scalar, diagonal or "
-                           "householder)")
+        raise NotChunkable(f"transition {t.kind.value!r} (needs identity, scalar, diagonal, "
+                           "householder or dplr)")
     if any(n.op is Op.PREV and n.arg == s.name for o in rec.outputs for n in o.expr.walk()):
         raise NotChunkable(f"a readout reads prev({s.name}): the state entering each step")
     role = {d.name: d.role for d in rec.dims}
@@ -166,8 +170,16 @@ def analyze_state(rec: Recurrence, s: State) -> ChunkedState:
     v_side = tuple(f for f in inject if V in dims(f))
     scale_side = tuple(f for f in inject if not {K, V} & dims(f))
 
-    kind, decay, hk, beta, alpha = t.kind, None, None, None, None
-    if kind is Kind.HOUSEHOLDER:
+    kind, decay, hk, beta, alpha, la, lb = t.kind, None, None, None, None, None, None
+    if kind is Kind.DPLR:
+        if t.axis != K:
+            raise NotChunkable(f"the dplr axis {t.axis!r} is not the contracted dim {K!r}")
+        la, lb, decay = t.operand("a"), t.operand("b"), t.operand("w")
+        if decay is None:
+            raise NotChunkable("a dplr without w (write w=1.0 for the chunked form)")
+        if any(V in dims(x) for x in (la, lb, decay)):
+            raise NotChunkable("dplr a, b and w must not vary along the value dim")
+    elif kind is Kind.HOUSEHOLDER:
         if t.axis != K:
             raise NotChunkable(f"the householder axis {t.axis!r} is not the contracted dim {K!r}")
         hk, beta, alpha = t.operand("k"), t.operand("beta"), t.operand("alpha")
@@ -189,7 +201,7 @@ def analyze_state(rec: Recurrence, s: State) -> ChunkedState:
         is_exp = e.op is Op.EXP
         log_decay = e.src[0] if is_exp else Node(Op.LOG, (decay,))
     return ChunkedState(s.name, K, V, grid, kind, decay, log_decay, is_exp, inject, k_side,
-                        v_side, scale_side, contractions, hk, beta, alpha)
+                        v_side, scale_side, contractions, hk, beta, alpha, la, lb)
 
 
 def _contractions(rec: Recurrence, s: State, feats: list[str]):
