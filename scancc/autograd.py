@@ -15,6 +15,11 @@ else on the reference backend.
 Every kernel call here (forward chunks, recomputation, backward recurrence) is a
 ``scancc._forward.Runner``, the forward path ``Kernel.__call__`` uses too; this module never
 imports ``scancc.api`` (api imports it).
+
+A backend may instead offer a chunked backward (``backend.chunked_backward(rec, options)``;
+Triton: ``scancc.backends.triton.chunked_backward``, identity and scalar decays): then, for
+torch tensors, the whole backward of one call is that function -- a fixed few launches that
+recompute the chunk-boundary states only, never the per-step state sequence.
 """
 from __future__ import annotations
 
@@ -262,8 +267,11 @@ def backward_target(kernel, rec: Recurrence) -> str:
     hit = _TARGETS.get(key)
     if hit is not None and hit[0] is rec:
         return hit[1]
-    adj = adjoint(rec)
     target = be.name
+    if _chunked_hook(be, rec, {}) is not None:   # a chunked backward: no backward recurrence
+        _TARGETS[key] = (rec, target)
+        return target
+    adj = adjoint(rec)
     for r in (adj.backward, adj.states_view, rec):
         try:
             ok, _ = be.supports(r, {})
@@ -274,6 +282,19 @@ def backward_target(kernel, rec: Recurrence) -> str:
             break
     _TARGETS[key] = (rec, target)
     return target
+
+
+def _chunked_hook(be, rec: Recurrence, options: Mapping[str, Any]):
+    """The backend's chunked backward of ``rec`` under ``options`` (a function, see
+    ``scancc.backends.triton.chunked_backward.backward``), or None: the backend has none, the
+    options rule the chunked form out, or ``rec``'s structure is not one it takes."""
+    hook = getattr(be, "chunked_backward", None)
+    if hook is None:
+        return None
+    try:
+        return hook(rec, options)
+    except Exception:  # noqa: BLE001 - a backend that cannot look at the IR has none
+        return None
 
 
 _AXES: dict[int, tuple[Recurrence, dict[str, int | None]]] = {}
@@ -331,6 +352,11 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
     d_out = {k: xp.cast(v, dt) for k, v in d_out.items()}
     sizes = fwd.sizes(tuple(tuple(inputs[n].shape) for n in fwd.input_names))
     T = sizes[rec.time]
+    chunked = _chunked_hook(fwd.backend, rec, opts.given) if xp.torch else None
+    if chunked is not None:  # a fixed few launches, chunk-boundary states only
+        g, d_init = chunked(rec, inputs, d_out, sizes, initial_state, d_final_state, opts.given)
+        return {k: xp.cast(v, dt).reshape(given[k]) for k, v in g.items()}, \
+            {k: xp.cast(v, dt) for k, v in d_init.items()}
     axes = _time_axes(rec)
     zeros = {s.name: xp.zeros(tuple(sizes[d] for d in s.dims), dt) for s in rec.states}
     h = {**zeros, **{k: xp.cast(v, dt) for k, v in (initial_state or {}).items()}}

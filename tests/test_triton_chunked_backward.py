@@ -1,0 +1,183 @@
+"""The Triton chunked backward (backends/triton/chunked_backward.py, docs/training.md): the
+gradients of identity/scalar-decay recurrences from chunk-boundary states, a reverse dh pass
+and per-chunk matmuls, against the reference backend's float64 derived adjoint (itself
+gradchecked in tests/test_autograd.py). Every buffer the kernels write starts NaN (POISON), so
+an element they leave unwritten fails the comparison."""
+import numpy as np
+import pytest
+import scancc
+from scancc import autograd as ag
+from scancc.testing import assert_close, default_sizes, sample_inputs, sample_state
+
+torch = pytest.importorskip("torch", reason="torch (the [triton] extra) is not installed")
+if not scancc.backends.get("triton").available()[0]:
+    pytest.skip("the Triton backend needs triton (scancc[triton])", allow_module_level=True)
+
+from scancc.backends.triton import chunked_backward as cb  # noqa: E402
+
+# chunks of 16 steps: T=37 crosses two chunk boundaries and is not a multiple of the chunk
+SMALL = {"block_sizes": {"time": 16}}
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setattr(cb, "POISON", True)
+
+
+def _case(name, T, seed=0, build=None, **over):
+    e = scancc.get(name)
+    rec = e.build(**(build if build is not None else {o: True for o in e.optional_inputs}))
+    sizes = default_sizes(rec, time=T, **{"key": 5, "value": 3, "heads": 2, "dstate": 3,
+                                          "headdim": 2, **over})
+    x = sample_inputs(rec, sizes, seed, e.hints)
+    h0 = sample_state(rec, sizes, seed + 1)
+    rng = np.random.default_rng(seed + 2)
+    dy = {o.name: rng.standard_normal(tuple(sizes[d] for d in o.dims)) for o in rec.outputs}
+    dh = {s.name: rng.standard_normal(tuple(sizes[d] for d in s.dims)) for s in rec.states}
+    return rec, sizes, x, h0, dy, dh
+
+
+def _t(a, dtype=torch.float32):
+    return {k: torch.from_numpy(np.asarray(v)).to(dtype) for k, v in a.items()}
+
+
+def _compare(rec, x, h0, dy, dh, T, options, what, dtype="float32"):
+    want, want0 = ag.backward(rec, x, dy, h0, dh)  # the reference: float64 derived adjoint
+    got, got0 = ag.backward(rec, _t(x), _t(dy), _t(h0) if h0 else None,
+                            _t(dh) if dh else None, target="triton", options=options)
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k].shape == tuple(np.shape(want[k])), k
+        assert_close(got[k].double().numpy(), want[k], dtype, f"{what} d{k}", T=T)
+    for k in want0:
+        assert_close(got0[k].double().numpy(), want0[k], dtype, f"{what} d{k}_0", T=T)
+
+
+CASES = [("linear_attn", {}, {}), ("retnet", {}, {}), ("simple_gla", {}, {}),
+         # every optional input (D, z gate, dt_bias) and dt_softplus: the gradient of z reads
+         # the contraction, which bwd_grads then writes
+         ("mamba2", None, {}),
+         ("mamba2", {"dt_softplus": True, "D": True, "z": True, "dt_bias": True},
+          {"groups": 2, "heads": 4})]
+
+
+@pytest.mark.parametrize("name, build, over", CASES,
+                         ids=["linear_attn", "retnet", "simple_gla", "mamba2", "mamba2_grouped"])
+def test_gradients_match_the_reference(name, build, over):
+    """T=37 in chunks of 16 (three chunks, the last partial), with an initial state and a
+    final-state cotangent: every input's gradient and the initial state's."""
+    rec, sizes, x, h0, dy, dh = _case(name, 37, build=build, **over)
+    assert cb.applies(rec) == (True, "")
+    _compare(rec, x, h0, dy, dh, 37, SMALL, name)
+
+
+def test_default_chunk_and_no_state():
+    """The default chunk (64 steps) with T=70, no initial state, no final-state cotangent."""
+    rec, sizes, x, _, dy, _ = _case("simple_gla", 70, seed=3)
+    _compare(rec, x, None, dy, None, 70, {}, "simple_gla T=70")
+
+
+def test_hard_resets_match_the_reference():
+    """Log-decays of -inf and -200 (below float32's smallest normal decay): hard resets,
+    counted not summed (scancc.ir.passes.chunked "Edges"); dg there is 0, as the reference's
+    a * dL/da is below 1e-38."""
+    rec, sizes, x, h0, dy, dh = _case("simple_gla", 37, seed=5)
+    x["g"][:, 3] = -np.inf
+    x["g"][:, 20, 0] = -200.0
+    x["g"][:, 31] = -np.inf      # in the last chunk
+    _compare(rec, x, h0, dy, dh, 37, SMALL, "simple_gla resets")
+
+
+def test_per_step_states_are_never_materialised(monkeypatch):
+    """Through torch autograd: no runner of the forward, its states view or the derived
+    backward recurrence is called (ag._run raises), and the backward is exactly the three
+    kernel launches of the chunked form."""
+    def boom(rec, *a, **k):
+        raise AssertionError(f"the chunked path ran {rec.name} through autograd._run")
+    monkeypatch.setattr(ag, "_run", boom)
+    launched = []
+    real = cb.kernels()
+
+    class Spy:
+        def __init__(self, k):
+            self.k = k
+
+        def __getitem__(self, grid):
+            def call(*args, **kw):
+                launched.append((self.k.fn.__name__, grid, kw))
+                return self.k[grid](*args, **kw)
+            return call
+    monkeypatch.setattr(cb, "kernels", lambda: tuple(Spy(k) for k in real))
+    rec, sizes, x, h0, dy, dh = _case("mamba2", 37, build={"D": True})
+    ker = scancc.compile(rec, target="triton", **SMALL)
+    xs = {k: torch.from_numpy(v).float().requires_grad_() for k, v in x.items()}
+    y = ker(**xs)
+    assert ag.backward_target(ker, rec) == "triton"
+    w = torch.from_numpy(dy["y"]).float()
+    (y * w).sum().backward()
+    assert [n for n, _, _ in launched] == ["fwd_h", "bwd_dh", "bwd_grads"]
+    monkeypatch.undo()  # the reference runs through ag._run
+    want, _ = ag.backward(rec, x, dy)
+    for k in want:
+        assert_close(xs[k].grad.double().numpy(), want[k], "float32", f"d{k}", T=37)
+
+
+def test_options_reach_the_launches(monkeypatch):
+    """num_warps, dot_precision and the time / value block sizes reach all three launches."""
+    launched = []
+    real = cb.kernels()
+
+    class Spy:
+        def __init__(self, k):
+            self.k = k
+
+        def __getitem__(self, grid):
+            def call(*args, **kw):
+                launched.append((self.k.fn.__name__, grid, kw))
+                return self.k[grid](*args, **kw)
+            return call
+    monkeypatch.setattr(cb, "kernels", lambda: tuple(Spy(k) for k in real))
+    rec, sizes, x, h0, dy, dh = _case("retnet", 37, value=20)
+    opts = {"num_warps": 2, "dot_precision": "ieee", "block_sizes": {"time": 16, "value": 16}}
+    _compare(rec, x, h0, dy, dh, 37, opts, "retnet options")
+    assert len(launched) == 3
+    for name, grid, kw in launched:
+        assert kw["num_warps"] == 2 and kw["PREC"] == "ieee", name
+        assert kw["BT"] == 16 and kw["BV"] == 16, name
+    # value=20 in blocks of 16: two V-block programs per grid index in the sequential passes
+    assert launched[0][1] == (2 * 2, 2) and launched[2][1] == (2 * 2, 3)
+
+
+def test_bfloat16_gradients_at_the_bfloat16_tolerance():
+    """bfloat16 tensors through torch autograd: the backward computes in float32 from the
+    bfloat16 inputs; gradients (bfloat16) within the bfloat16 tolerance of the float64
+    reference on the same rounded inputs."""
+    rec, sizes, x, h0, dy, dh = _case("simple_gla", 37, seed=7)
+    bf = {k: torch.from_numpy(v).to(torch.bfloat16).requires_grad_() for k, v in x.items()}
+    ref = {k: v.detach().double().numpy() for k, v in bf.items()}
+    w = torch.from_numpy(dy["o"])
+    y = scancc.compile(rec, target="triton", **SMALL)(**bf)
+    (y.double() * w).sum().backward()
+    want, _ = ag.backward(rec, ref, dy)
+    for k in want:
+        assert bf[k].grad.dtype == torch.bfloat16
+        assert_close(bf[k].grad.double().numpy(), want[k], "bfloat16", f"d{k}", T=37)
+
+
+def test_what_takes_the_generic_path():
+    """gla (key-diagonal) and householder decays, and algorithm='recurrent', keep the derived
+    backward recurrence; the hard-reset threshold is the chunked analysis's."""
+    from scancc.backends import get
+    from scancc.ir.passes.chunked import RESET_LOG_DECAY
+    be = get("triton")
+    for name in ("gla", "delta_net", "mamba"):
+        rec = scancc.get(name).build()
+        ok, why = cb.applies(rec)
+        assert not ok and why, name
+        assert be.chunked_backward(rec, {}) is None
+    rec = scancc.get("simple_gla").build()
+    assert be.chunked_backward(rec, {}) is cb.backward
+    assert be.chunked_backward(rec, {"algorithm": "staged"}) is cb.backward
+    assert be.chunked_backward(rec, {"algorithm": "recurrent"}) is None
+    from scancc.backends.triton import chunked_backward_kernels as kern
+    assert kern.RESET.value == RESET_LOG_DECAY
