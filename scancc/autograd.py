@@ -348,13 +348,15 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
     fwd = _kernel(rec, target, opts)
     dt = xp.float_dtype(64 if fwd.backend.computes_float64 else 32)
     given = {k: v.shape for k, v in inputs.items()}
+    low = xp.torch and any(v.dtype in (xp.t.bfloat16, xp.t.float16) for v in inputs.values())
     inputs = {k: xp.cast(v, dt) for k, v in _full_layouts(rec, inputs).items()}
     d_out = {k: xp.cast(v, dt) for k, v in d_out.items()}
     sizes = fwd.sizes(tuple(tuple(inputs[n].shape) for n in fwd.input_names))
     T = sizes[rec.time]
     chunked = _chunked_hook(fwd.backend, rec, opts.given) if xp.torch else None
     if chunked is not None:  # a fixed few launches, chunk-boundary states only
-        g, d_init = chunked(rec, inputs, d_out, sizes, initial_state, d_final_state, opts.given)
+        g, d_init = chunked(rec, inputs, d_out, sizes, initial_state, d_final_state,
+                            {**opts.given, "_inputs_16bit": low})
         return {k: xp.cast(v, dt).reshape(given[k]) for k, v in g.items()}, \
             {k: xp.cast(v, dt) for k, v in d_init.items()}
     axes = _time_axes(rec)

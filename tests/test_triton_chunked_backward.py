@@ -90,7 +90,7 @@ def test_hard_resets_match_the_reference():
 
 def test_per_step_states_are_never_materialised(monkeypatch):
     """Through torch autograd: no runner of the forward, its states view or the derived
-    backward recurrence is called (ag._run raises), and the backward is exactly the three
+    backward recurrence is called (ag._run raises), and the backward is exactly the four
     kernel launches of the chunked form."""
     def boom(rec, *a, **k):
         raise AssertionError(f"the chunked path ran {rec.name} through autograd._run")
@@ -115,7 +115,7 @@ def test_per_step_states_are_never_materialised(monkeypatch):
     assert ag.backward_target(ker, rec) == "triton"
     w = torch.from_numpy(dy["y"]).float()
     (y * w).sum().backward()
-    assert [n for n, _, _ in launched] == ["fwd_h", "bwd_dh", "bwd_grads"]
+    assert [n for n, _, _ in launched] == ["fwd_h", "bwd_dh", "bwd_dv", "bwd_dqk"]
     monkeypatch.undo()  # the reference runs through ag._run
     want, _ = ag.backward(rec, x, dy)
     for k in want:
@@ -123,7 +123,8 @@ def test_per_step_states_are_never_materialised(monkeypatch):
 
 
 def test_options_reach_the_launches(monkeypatch):
-    """num_warps, dot_precision and the time / value block sizes reach all three launches."""
+    """num_warps, dot_precision and the time / key / value block sizes reach all four
+    launches; K and V of 20 in blocks of 16 split both (dg summed over the K-blocks)."""
     launched = []
     real = cb.kernels()
 
@@ -137,15 +138,16 @@ def test_options_reach_the_launches(monkeypatch):
                 return self.k[grid](*args, **kw)
             return call
     monkeypatch.setattr(cb, "kernels", lambda: tuple(Spy(k) for k in real))
-    rec, sizes, x, h0, dy, dh = _case("retnet", 37, value=20)
-    opts = {"num_warps": 2, "dot_precision": "ieee", "block_sizes": {"time": 16, "value": 16}}
-    _compare(rec, x, h0, dy, dh, 37, opts, "retnet options")
-    assert len(launched) == 3
+    rec, sizes, x, h0, dy, dh = _case("simple_gla", 37, key=20, value=20)
+    opts = {"num_warps": 2, "dot_precision": "ieee",
+            "block_sizes": {"time": 16, "key": 16, "value": 16}}
+    _compare(rec, x, h0, dy, dh, 37, opts, "simple_gla options")
+    assert len(launched) == 4
     for name, grid, kw in launched:
         assert kw["num_warps"] == 2 and kw["PREC"] == "ieee", name
-        assert kw["BT"] == 16 and kw["BV"] == 16, name
-    # value=20 in blocks of 16: two V-block programs per grid index in the sequential passes
-    assert launched[0][1] == (2 * 2, 2) and launched[2][1] == (2 * 2, 3)
+        assert kw["BT"] == 16 and kw["BK"] == 16 and kw["BV"] == 16, name
+    # value=20 in blocks of 16: two V-blocks; 37 steps in chunks of 16: three chunks
+    assert [g for _, g, _ in launched] == [(4, 2, 2), (4, 2, 2), (4, 3, 2), (4, 3, 2)]
 
 
 def test_bfloat16_gradients_at_the_bfloat16_tolerance():

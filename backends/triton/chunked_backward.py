@@ -303,12 +303,12 @@ class _TorchEval:
 
 @lru_cache(maxsize=1)
 def kernels():
-    """(fwd_h, bwd_dh, bwd_grads) of ``chunked_backward_kernels``, imported on first use (after
+    """(fwd_h, bwd_dh, bwd_dv, bwd_dqk) of ``chunked_backward_kernels``, imported on first use (after
     the runtime chose the interpreter or the GPU)."""
     from . import runtime
     runtime.prepare()
     from . import chunked_backward_kernels as m
-    return m.fwd_h, m.bwd_dh, m.bwd_grads
+    return m.fwd_h, m.bwd_dh, m.bwd_dv, m.bwd_dqk
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -325,20 +325,24 @@ class Config:
 
 
 def config(K: int, V: int, options: Mapping[str, Any]) -> Config:
-    """Block sizes and warps of the three kernels: chunks of 64 steps, K whole, V in blocks of
-    at most 64 (``block_sizes`` of the time and V dims and ``num_warps`` override)."""
+    """Block sizes and warps of the kernels: chunks of 64 steps, K and V in blocks of at most
+    64 (the ``block_sizes`` of the time, K and V dims and ``num_warps`` override; the keys
+    "time", "K", "V" here). ``dot_precision`` "auto": tf32 when the call's inputs were 16-bit
+    (``options["_inputs_16bit"]``), tf32x3 on float32 ones (as the forward)."""
     bs = dict(options.get("block_sizes") or {})
     nw = options.get("num_warps") or 4
-    prec = PRECISION[options.get("dot_precision", "auto") or "auto"]
-    return Config(max(16, bs.get("__time__", 64)), _pow2(K), min(_pow2(V), 64), nw, prec)
+    mode = options.get("dot_precision", "auto") or "auto"
+    prec = ("tf32" if options.get("_inputs_16bit") else "tf32x3") if mode == "auto" \
+        else PRECISION[mode]
+    return Config(max(16, bs.get("time", 64)), max(16, bs.get("K", min(_pow2(K), 64))),
+                  max(16, bs.get("V", min(_pow2(V), 64))), nw, prec)
 
 
-def launches(p: Plan, G: int, T: int, K: int, V: int, cfg: Config):
-    """The three launches as (kernel name, grid, num_warps): a fixed list whatever T is."""
-    nc = -(-T // cfg.BT)
-    nv = -(-V // cfg.BV)
-    return [("fwd_h", (G, nv), cfg.num_warps), ("bwd_dh", (G, nv), cfg.num_warps),
-            ("bwd_grads", (G, nc), cfg.num_warps)]
+def launches(T: int, G: int, K: int, V: int, cfg: Config):
+    """The four launches as (kernel, grid): a fixed list whatever T is."""
+    nc, nk, nv = -(-T // cfg.BT), -(-K // cfg.BK), -(-V // cfg.BV)
+    return [("fwd_h", (G, nk, nv)), ("bwd_dh", (G, nk, nv)), ("bwd_dv", (G, nc, nv)),
+            ("bwd_dqk", (G, nc, nk))]
 
 
 def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any],
@@ -359,14 +363,9 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
     f32 = torch.float32
     opts = dict(options)
     bs = dict(opts.get("block_sizes") or {})
-    if rec.time in bs:
-        bs["__time__"] = bs[rec.time]
-    if F.V in bs:
-        opts["_bv"] = bs[F.V]
-    opts["block_sizes"] = bs
+    opts["block_sizes"] = {role: bs[d] for role, d in (("time", rec.time), ("K", F.K),
+                                                       ("V", F.V)) if d in bs}
     cfg = config(K, V, opts)
-    if "_bv" in opts:
-        cfg.BV = max(16, opts["_bv"])
 
     cots: dict = {}
 
@@ -423,33 +422,36 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
     h0 = state_flat(h0) if h0 is not None else None
     dht = state_flat(dht) if dht is not None else None
 
-    nc = -(-T // cfg.BT)
+    nc, nk, nv = -(-T // cfg.BT), -(-K // cfg.BK), -(-V // cfg.BV)
     new = (lambda *shape: torch.full(shape, float("nan"), dtype=f32, device=dev)) if POISON \
         else (lambda *shape: torch.empty(shape, dtype=f32, device=dev))
     hc, dhc, dh0 = new(G, nc, K, V), new(G, nc, K, V), new(G, K, V)
     dq, dk, dv = new(G, T, K), new(G, T, K), new(G, T, V)
-    dg = new(G, T) if fg is not None else None
+    dgk = new(G, nk, T) if fg is not None else None
     fo = new(G, T, V) if p.needs_o else None
-    fwd_h, bwd_dh, bwd_grads = kernels()
-    nv = -(-V // cfg.BV)
+    fwd_h, bwd_dh, bwd_dv, bwd_dqk = kernels()
     has_g = fg is not None
     gptr = fg if has_g else fq                     # not read without HAS_G
+    kw = dict(BT=cfg.BT, BK=cfg.BK, BV=cfg.BV, PREC=cfg.precision, num_warps=cfg.num_warps)
+    dg = None
     if T > 0:
         import numpy as np
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            fwd_h[(G, nv)](fk, fv, gptr, h0 if h0 is not None else fk, hc, T, K, V, nc,
-                           HAS_G=has_g, HAS_H0=h0 is not None, BT=cfg.BT, BK=cfg.BK,
-                           BV=cfg.BV, PREC=cfg.precision, num_warps=cfg.num_warps)
-            bwd_dh[(G, nv)](fq, fdo, gptr, dht if dht is not None else fq, dhc, dh0, T, K, V,
-                            nc, HAS_G=has_g, HAS_DHT=dht is not None, BT=cfg.BT, BK=cfg.BK,
-                            BV=cfg.BV, PREC=cfg.precision, num_warps=cfg.num_warps)
-            bwd_grads[(G, nc)](fq, fk, fv, gptr, fdo, hc, dhc, dq, dk, dv,
-                               dg if has_g else dq, fo if fo is not None else dq, T, K, V, nc,
-                               HAS_G=has_g, WANT_O=fo is not None, BT=cfg.BT,
-                               BK=cfg.BK, BV=cfg.BV, PREC=cfg.precision,
-                               num_warps=cfg.num_warps)
+            fwd_h[(G, nk, nv)](fk, fv, gptr, h0 if h0 is not None else fk, hc, T, K, V, nc,
+                               HAS_G=has_g, HAS_H0=h0 is not None, **kw)
+            bwd_dh[(G, nk, nv)](fq, fdo, gptr, dht if dht is not None else fq, dhc, dh0, T, K,
+                                V, nc, HAS_G=has_g, HAS_DHT=dht is not None, **kw)
+            bwd_dv[(G, nc, nv)](fq, fk, fv, gptr, fdo, hc, dhc, dv,
+                                fo if fo is not None else dv, T, K, V, nc, HAS_G=has_g,
+                                WANT_O=fo is not None, **kw)
+            bwd_dqk[(G, nc, nk)](fq, fk, fv, gptr, fdo, hc, dhc, dq, dk,
+                                 dgk if has_g else dq, T, K, V, nc, nk, HAS_G=has_g, **kw)
+        if has_g:
+            dg = dgk.sum(1)
     else:
         dh0 = dht if dht is not None else torch.zeros(G, K, V, dtype=f32, device=dev)
+        if has_g:
+            dg = torch.zeros(G, 0, dtype=f32, device=dev)
     # the chain rule: factor cotangents in, input gradients out
     cots[p.fcot["q"]], cots[p.fcot["k"]] = unflat(dq, F.K), unflat(dk, F.K)
     cots[p.fcot["v"]] = unflat(dv, F.V)

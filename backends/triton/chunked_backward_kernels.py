@@ -22,22 +22,23 @@ def _decays(g, o_t, T, BT: tl.constexpr):
 @triton.jit
 def fwd_h(k, v, g, h0, hc, T, K, V, NC, HAS_G: tl.constexpr, HAS_H0: tl.constexpr,
           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """The state entering each chunk: hc[i_g, i_c] (float32 [K, V] tiles)."""
-    i_g, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    o_k = tl.arange(0, BK)
+    """The state entering each chunk: hc[i_g, i_c] ([K, V] float32), one [BK, BV] tile per
+    program, sequential over chunks."""
+    i_g, i_k, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
+    p_kv = o_k[:, None] * V + o_v[None, :]
     S = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
-        S += tl.load(h0 + i_g * K * V + o_k[:, None] * V + o_v[None, :], mask=m_kv,
-                     other=0.0)
+        S += tl.load(h0 + i_g * K * V + p_kv, mask=m_kv, other=0.0)
     for i_c in range(0, NC):
-        tl.store(hc + (i_g * NC + i_c) * K * V + o_k[:, None] * V + o_v[None, :], S,
-                 mask=m_kv)
+        tl.store(hc + (i_g * NC + i_c) * K * V + p_kv, S, mask=m_kv)
         o_t = i_c * BT + tl.arange(0, BT)
         m_t = o_t < T
-        b_k = tl.load(k + (i_g * T + o_t[:, None]) * K + o_k[None, :],
-                      mask=m_t[:, None] & (o_k[None, :] < K), other=0.0)
+        # k read transposed: [BK, BT]
+        b_kt = tl.load(k + (i_g * T + o_t[None, :]) * K + o_k[:, None],
+                       mask=m_t[None, :] & (o_k[:, None] < K), other=0.0)
         b_v = tl.load(v + (i_g * T + o_t[:, None]) * V + o_v[None, :],
                       mask=m_t[:, None] & (o_v[None, :] < V), other=0.0)
         if HAS_G:
@@ -45,59 +46,50 @@ def fwd_h(k, v, g, h0, hc, T, K, V, NC, HAS_G: tl.constexpr, HAS_H0: tl.constexp
             c, n, c_l, n_l = _decays(b_g, o_t, T, BT)
             to_end = tl.where(n == n_l, tl.exp(c_l - c), 0.0)
             S = S * tl.where(n_l == 0, tl.exp(c_l), 0.0) + tl.dot(
-                tl.trans(b_k * to_end[:, None]), b_v, input_precision=PREC)
+                b_kt * to_end[None, :], b_v, input_precision=PREC)
         else:
-            S = S + tl.dot(tl.trans(b_k), b_v, input_precision=PREC)
+            S = S + tl.dot(b_kt, b_v, input_precision=PREC)
+
 
 @triton.jit
 def bwd_dh(q, do, g, dht, dhc, dh0, T, K, V, NC, HAS_G: tl.constexpr,
            HAS_DHT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
            PREC: tl.constexpr):
-    """dL/dS at the end of each chunk (dhc[i_g, i_c]), in reverse; dh0: of the initial
-    state."""
-    i_g, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    o_k = tl.arange(0, BK)
+    """dL/dS at the end of each chunk (dhc[i_g, i_c]), chunks in reverse, one [BK, BV] tile
+    per program; dh0: the initial state's."""
+    i_g, i_k, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
+    p_kv = o_k[:, None] * V + o_v[None, :]
     dh = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DHT:
-        dh += tl.load(dht + i_g * K * V + o_k[:, None] * V + o_v[None, :], mask=m_kv,
-                      other=0.0)
+        dh += tl.load(dht + i_g * K * V + p_kv, mask=m_kv, other=0.0)
     for j in range(0, NC):
         i_c = NC - 1 - j
-        tl.store(dhc + (i_g * NC + i_c) * K * V + o_k[:, None] * V + o_v[None, :], dh,
-                 mask=m_kv)
+        tl.store(dhc + (i_g * NC + i_c) * K * V + p_kv, dh, mask=m_kv)
         o_t = i_c * BT + tl.arange(0, BT)
         m_t = o_t < T
-        b_q = tl.load(q + (i_g * T + o_t[:, None]) * K + o_k[None, :],
-                      mask=m_t[:, None] & (o_k[None, :] < K), other=0.0)
+        b_qt = tl.load(q + (i_g * T + o_t[None, :]) * K + o_k[:, None],
+                       mask=m_t[None, :] & (o_k[:, None] < K), other=0.0)
         b_do = tl.load(do + (i_g * T + o_t[:, None]) * V + o_v[None, :],
                        mask=m_t[:, None] & (o_v[None, :] < V), other=0.0)
         if HAS_G:
             b_g = tl.load(g + i_g * T + o_t, mask=m_t, other=0.0)
             c, n, c_l, n_l = _decays(b_g, o_t, T, BT)
-            b_q = b_q * tl.where(n == 0, tl.exp(c), 0.0)[:, None]
+            b_qt = b_qt * tl.where(n == 0, tl.exp(c), 0.0)[None, :]
             dh = dh * tl.where(n_l == 0, tl.exp(c_l), 0.0)
-        dh += tl.dot(tl.trans(b_q), b_do, input_precision=PREC)
-    tl.store(dh0 + i_g * K * V + o_k[:, None] * V + o_v[None, :], dh, mask=m_kv)
+        dh += tl.dot(b_qt, b_do, input_precision=PREC)
+    tl.store(dh0 + i_g * K * V + p_kv, dh, mask=m_kv)
+
 
 @triton.jit
-def bwd_grads(q, k, v, g, do, hc, dhc, dq, dk, dv, dg, o, T, K, V, NC, HAS_G: tl.constexpr,
-              WANT_O: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-              PREC: tl.constexpr):
-    """dq, dk, dv (and dg) of one chunk: the module doc's step 3; with WANT_O also the
-    contraction O = A v + e^c q S (for an output VJP that reads it)."""
-    i_g, i_c = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    o_t = i_c * BT + tl.arange(0, BT)
-    m_t = o_t < T
-    o_k = tl.arange(0, BK)
-    m_tk = m_t[:, None] & (o_k[None, :] < K)
-    p_tk = (i_g * T + o_t[:, None]) * K + o_k[None, :]
-    b_q = tl.load(q + p_tk, mask=m_tk, other=0.0)
-    b_k = tl.load(k + p_tk, mask=m_tk, other=0.0)
+def _chunk(g, o_t, m_t, T, HAS_G: tl.constexpr, BT: tl.constexpr):
+    """(e_q, e_k, e_l, seg) of a chunk: e^{c_t}, e^{c_L - c_t}, e^{c_L}, and D_ts = e^{c_t - c_s}
+    for t >= s (0 across a reset)."""
     causal = o_t[:, None] >= o_t[None, :]
     if HAS_G:
-        b_g = tl.load(g + i_g * T + o_t, mask=m_t, other=0.0)
+        b_g = tl.load(g + o_t, mask=m_t, other=0.0)
         c, n, c_l, n_l = _decays(b_g, o_t, T, BT)
         e_q = tl.where(n == 0, tl.exp(c), 0.0)
         e_k = tl.where(n == n_l, tl.exp(c_l - c), 0.0)
@@ -107,43 +99,98 @@ def bwd_grads(q, k, v, g, do, hc, dhc, dq, dk, dv, dg, o, T, K, V, NC, HAS_G: tl
     else:
         e_q = tl.full([BT], 1.0, tl.float32)
         e_k = tl.full([BT], 1.0, tl.float32)
+        e_l = 1.0
         seg = tl.where(causal, 1.0, 0.0)
-    a = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * seg
+    return e_q, e_k, e_l, seg
+
+
+@triton.jit
+def bwd_dv(q, k, v, g, do, hc, dhc, dv, o, T, K, V, NC, HAS_G: tl.constexpr,
+           WANT_O: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+           PREC: tl.constexpr):
+    """dv = (A ⊙ D)ᵀ dO + (k ⊙ e^{c_L - c}) dh of one chunk and V-block (A = q kᵀ over K
+    blocks); with WANT_O also the contraction O = (A ⊙ D) v + e^{c} ⊙ (q S)."""
+    i_g, i_c, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    o_t = i_c * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_tv = m_t[:, None] & (o_v[None, :] < V)
+    p_tv = (i_g * T + o_t[:, None]) * V + o_v[None, :]
+    e_q, e_k, e_l, seg = _chunk(g + i_g * T, o_t, m_t, T, HAS_G, BT)
+    a = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dv = tl.zeros([BT, BV], dtype=tl.float32)
+    b_o = tl.zeros([BT, BV], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_tk = m_t[:, None] & (o_k[None, :] < K)
+        p_tk = (i_g * T + o_t[:, None]) * K + o_k[None, :]
+        m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
+        p_kv = (i_g * NC + i_c) * K * V + o_k[:, None] * V + o_v[None, :]
+        b_q = tl.load(q + p_tk, mask=m_tk, other=0.0)
+        b_kt = tl.load(k + (i_g * T + o_t[None, :]) * K + o_k[:, None],
+                       mask=m_t[None, :] & (o_k[:, None] < K), other=0.0)
+        b_dh = tl.load(dhc + p_kv, mask=m_kv, other=0.0)
+        a += tl.dot(b_q, b_kt, input_precision=PREC)
+        b_dv += tl.dot(tl.trans(b_kt * e_k[None, :]), b_dh, input_precision=PREC)
+        if WANT_O:
+            b_s = tl.load(hc + p_kv, mask=m_kv, other=0.0)
+            b_o += tl.dot(b_q, b_s, input_precision=PREC)
+    a = a * seg
+    b_do = tl.load(do + p_tv, mask=m_tv, other=0.0)
+    b_dv += tl.dot(tl.trans(a), b_do, input_precision=PREC)
+    tl.store(dv + p_tv, b_dv, mask=m_tv)
+    if WANT_O:
+        b_v = tl.load(v + p_tv, mask=m_tv, other=0.0)
+        b_o = b_o * e_q[:, None] + tl.dot(a, b_v, input_precision=PREC)
+        tl.store(o + p_tv, b_o, mask=m_tv)
+
+
+@triton.jit
+def bwd_dqk(q, k, v, g, do, hc, dhc, dq, dk, dg, T, K, V, NC, NK, HAS_G: tl.constexpr,
+            BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """dq = (dA ⊙ D) k + e^{c} ⊙ (dO Sᵀ), dk = (dA ⊙ D)ᵀ q + e^{c_L - c} ⊙ (v dhᵀ) of one chunk
+    and K-block (dA = dO vᵀ over V blocks), and this K-block's share of dg (dg[i_g, i_k, t]:
+    summed over the K-blocks by the caller: the reverse cumulative sum is linear)."""
+    i_g, i_c, i_k = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    o_t = i_c * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_tk = m_t[:, None] & (o_k[None, :] < K)
+    p_tk = (i_g * T + o_t[:, None]) * K + o_k[None, :]
+    e_q, e_k, e_l, seg = _chunk(g + i_g * T, o_t, m_t, T, HAS_G, BT)
+    da = tl.zeros([BT, BT], dtype=tl.float32)
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
-    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
     b_dkh = tl.zeros([BT, BK], dtype=tl.float32)
-    x_sdh = tl.zeros([BK, BV], dtype=tl.float32)
-    kd = b_k * e_k[:, None]
+    x_sdh = tl.zeros([BV, BK], dtype=tl.float32)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_tv = m_t[:, None] & (o_v[None, :] < V)
         p_tv = (i_g * T + o_t[:, None]) * V + o_v[None, :]
-        m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
-        p_kv = (i_g * NC + i_c) * K * V + o_k[:, None] * V + o_v[None, :]
-        b_v = tl.load(v + p_tv, mask=m_tv, other=0.0)
+        # the state tiles read transposed: [BV, BK]
+        m_vk = (o_v[:, None] < V) & (o_k[None, :] < K)
+        p_vk = (i_g * NC + i_c) * K * V + o_k[None, :] * V + o_v[:, None]
+        b_vt = tl.load(v + (i_g * T + o_t[None, :]) * V + o_v[:, None],
+                       mask=m_t[None, :] & (o_v[:, None] < V), other=0.0)
         b_do = tl.load(do + p_tv, mask=m_tv, other=0.0)
-        b_s = tl.load(hc + p_kv, mask=m_kv, other=0.0)
-        b_dh = tl.load(dhc + p_kv, mask=m_kv, other=0.0)
-        da = tl.dot(b_do, tl.trans(b_v), input_precision=PREC) * seg
-        b_dq += tl.dot(da, b_k, input_precision=PREC) + \
-            tl.dot(b_do, tl.trans(b_s), input_precision=PREC) * e_q[:, None]
-        b_dk += tl.dot(tl.trans(da), b_q, input_precision=PREC)
-        b_dkh += tl.dot(b_v, tl.trans(b_dh), input_precision=PREC)
-        b_dv = tl.dot(tl.trans(a), b_do, input_precision=PREC) + \
-            tl.dot(kd, b_dh, input_precision=PREC)
-        tl.store(dv + p_tv, b_dv, mask=m_tv)
-        if WANT_O:
-            b_o = tl.dot(a, b_v, input_precision=PREC) + \
-                tl.dot(b_q, b_s, input_precision=PREC) * e_q[:, None]
-            tl.store(o + p_tv, b_o, mask=m_tv)
+        b_st = tl.load(hc + p_vk, mask=m_vk, other=0.0)
+        b_dht = tl.load(dhc + p_vk, mask=m_vk, other=0.0)
+        da += tl.dot(b_do, b_vt, input_precision=PREC)
+        b_dq += tl.dot(b_do, b_st, input_precision=PREC)
+        b_dkh += tl.dot(tl.trans(b_vt), b_dht, input_precision=PREC)
         if HAS_G:
-            x_sdh += b_s * b_dh
+            x_sdh += b_st * b_dht
+    da = da * seg
+    b_q = tl.load(q + p_tk, mask=m_tk, other=0.0)
+    b_k = tl.load(k + p_tk, mask=m_tk, other=0.0)
+    b_dq = b_dq * e_q[:, None] + tl.dot(da, b_k, input_precision=PREC)
     b_dkh = b_dkh * e_k[:, None]
-    b_dk += b_dkh
+    b_dk = b_dkh + tl.dot(tl.trans(da), b_q, input_precision=PREC)
     tl.store(dq + p_tk, b_dq, mask=m_tk)
     tl.store(dk + p_tk, b_dk, mask=m_tk)
     if HAS_G:
         d = tl.sum(b_q * b_dq, 1) - tl.sum(b_k * b_dk, 1)
         x = e_l * tl.sum(tl.sum(x_sdh, 1), 0) + tl.sum(tl.sum(b_k * b_dkh, 1), 0)
         rev = tl.sum(tl.where(o_t[None, :] >= o_t[:, None], d[None, :], 0.0), 1)
-        tl.store(dg + i_g * T + o_t, tl.where(b_g <= RESET, 0.0, rev + x), mask=m_t)
+        b_g = tl.load(g + i_g * T + o_t, mask=m_t, other=0.0)
+        tl.store(dg + (i_g * NK + i_k) * T + o_t, tl.where(b_g <= RESET, 0.0, rev + x),
+                 mask=m_t)

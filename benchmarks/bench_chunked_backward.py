@@ -1,0 +1,148 @@
+"""Offline sm_90 report of the Triton chunked backward's kernels (backends/triton/
+chunked_backward.py) and its whole-pass bytes, no GPU needed.
+
+1. **compile** (measured, by the compiler): each of the three kernels (``fwd_h``, ``bwd_dh``,
+   ``bwd_grads``) for ``GPUTarget("cuda", 90, 32)`` with the signature and constexprs the
+   launcher passes at the shape (``chunked_backward.config``), through
+   ``bench_sm90.compile_all`` (ptxas-blackwell -v: registers, spill bytes; TTGIR: tensor
+   cores = warp_group_dot / nvidia_mma).
+2. **bytes** (modelled, by counting what the code reads and writes, float32 intermediates):
+   the whole training backward of one call (the chunk-boundary recompute + the backward),
+   split into the torch glue (the factor tensors q, k, v, g, dO built from the inputs, and
+   the chain rule from dq, dk, dv, dg back to the inputs) and the three kernels, against the
+   fused minimum: read the inputs and the output cotangents once, write the input gradients
+   once (at the inputs' dtype, bf16 here).
+
+    .venv/bin/python benchmarks/bench_chunked_backward.py            # all cases, B8 T2048
+    .venv/bin/python benchmarks/bench_chunked_backward.py --no-compile
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+# (recurrence, label, dims); B8 T2048 (shared/design PERFORMANCE.md "Realistic shapes")
+CASES = [
+    ("linear_attn", "H16 K=V=128", {"heads": 16, "key": 128, "value": 128}),
+    ("simple_gla", "H16 K=V=128", {"heads": 16, "key": 128, "value": 128}),
+    ("retnet", "H16 K=V=128", {"heads": 16, "key": 128, "value": 128}),
+    ("mamba2", "H80 P64 N128 (2.7B)", {"heads": 80, "headdim": 64, "dstate": 128,
+                                        "groups": 1}),
+]
+SHAPE = {"batch": 8, "time": 2048}
+KERNELS = os.path.join(os.path.dirname(HERE), "backends", "triton",
+                       "chunked_backward_kernels.py")
+
+
+def sizes_of(rec, dims):
+    from scancc.ir import default_sizes
+    s = default_sizes(rec)
+    s.update({d: v for d, v in {**SHAPE, **dims}.items() if d in s})
+    return s
+
+
+def jobs_for(rec, sizes, options=None):
+    """The compile jobs of the three launches at ``sizes`` (bench_sm90.compile_all's format)."""
+    import json
+
+    from scancc.backends.triton import chunked_backward as cb
+    p = cb.plan(rec)
+    F = p.form
+    K, V, T = sizes[F.K], sizes[F.V], sizes[rec.time]
+    cfg = cb.config(K, V, options or {})
+    has_g = p.g is not None
+    ints = {"T": T, "K": K, "V": V, "NC": -(-T // cfg.BT)}
+    blocks = {"BT": cfg.BT, "BK": cfg.BK, "BV": cfg.BV, "PREC": cfg.precision}
+    kern = {
+        "fwd_h": (["k", "v", "g", "h0", "hc"], {"HAS_G": has_g, "HAS_H0": True}),
+        "bwd_dh": (["q", "do", "g", "dht", "dhc", "dh0"], {"HAS_G": has_g, "HAS_DHT": True}),
+        "bwd_grads": (["q", "k", "v", "g", "do", "hc", "dhc", "dq", "dk", "dv", "dg", "o"],
+                      {"HAS_G": has_g, "WANT_O": p.needs_o}),
+    }
+    jobs = []
+    for name, (ptrs, flags) in kern.items():
+        sig = {a: "*fp32" for a in ptrs}
+        sig.update({a: "i32" for a in ints})
+        const = {**flags, **blocks}
+        sig.update({a: "constexpr" for a in const})
+        key = json.dumps([name, sig, const, cfg.num_warps], sort_keys=True, default=str)
+        jobs.append({"key": key, "path": KERNELS, "kernel": name, "sig": sig, "const": const,
+                     "num_warps": cfg.num_warps, "num_stages": None, "label": name})
+    return jobs, cfg
+
+
+def whole_pass_bytes(rec, sizes, in_bytes=2):
+    """(fused minimum, glue, kernels) bytes of one backward call (module doc, modelled)."""
+    from scancc.backends.triton import chunked_backward as cb
+    p = cb.plan(rec)
+    F = p.form
+    T, K, V = sizes[rec.time], sizes[F.K], sizes[F.V]
+    G = math.prod(sizes[d] for d in F.grid)
+    numel = lambda dims: math.prod(sizes[d] for d in dims)  # noqa: E731
+    ins = sum(numel(x.dims) for x in rec.inputs)
+    outs = sum(numel(o.dims) for o in rec.outputs)
+    states = sum(numel(s.dims) for s in rec.states)
+    # fused minimum: inputs and output cotangents read, input gradients written (bf16); the
+    # initial state / its gradient and the final-state cotangent in float32
+    fused = in_bytes * (2 * ins + outs) + 4 * 3 * states
+    f4 = 4
+    nfac = G * T * (2 * K + 2 * V) + (G * T if p.g is not None else 0)  # q k v dO (g)
+    # glue: the float32 cast of the inputs (read bf16, write f32), the factors written, the
+    # chain rule reading the factor gradients and inputs, writing float32 grads, cast to bf16
+    glue = ins * (in_bytes + f4) + nfac * f4 + (nfac * f4 + ins * f4 + outs * f4) + \
+        ins * f4 + ins * (f4 + in_bytes)
+    NC = -(-T // 64)
+    hbytes = G * NC * K * V * f4
+    kern = (G * T * (K + V) * f4 + hbytes) + (G * T * (K + V) * f4 + hbytes) + \
+        (nfac * f4 + 2 * hbytes + nfac * f4 + (G * T * V * f4 if p.needs_o else 0))
+    if p.g is not None:
+        kern += 2 * G * T * f4
+    return fused, glue, kern
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--no-compile", action="store_true", help="bytes only")
+    args = ap.parse_args(argv)
+    import scancc
+    rows = []
+    for name, label, dims in CASES:
+        e = scancc.get(name)
+        rec = e.build(**({"D": True} if name == "mamba2" else {}))
+        sizes = sizes_of(rec, dims)
+        jobs, cfg = jobs_for(rec, sizes)
+        rows.append((name, label, rec, sizes, jobs, cfg))
+    res = {}
+    if not args.no_compile:
+        import bench_sm90
+        res = bench_sm90.compile_all([j for r in rows for j in r[4]])
+    print("| recurrence | shape | kernel | BT BK BV warps | registers | spill st/ld B | "
+          "tensor cores | smem B |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, label, rec, sizes, jobs, cfg in rows:
+        for j in jobs:
+            c = res.get(j["key"], {})
+            if "error" in c:
+                print(f"| {name} | {label} | {j['kernel']} | error: {c['error'][:120]} |")
+                continue
+            print(f"| {name} | {label} | {j['kernel']} | {cfg.BT} {cfg.BK} {cfg.BV} "
+                  f"{cfg.num_warps} | {c.get('regs', '-')} | {c.get('spill_st', '-')}/"
+                  f"{c.get('spill_ld', '-')} | {c.get('tc', '-')} | {c.get('smem', '-')} |")
+    print()
+    print("| recurrence | shape (B8 T2048) | fused minimum GB | glue GB | kernels GB | "
+          "whole pass GB | × minimum |")
+    print("|---|---|---|---|---|---|---|")
+    for name, label, rec, sizes, jobs, cfg in rows:
+        fused, glue, kern = whole_pass_bytes(rec, sizes)
+        print(f"| {name} | {label} | {fused / 1e9:.3f} | {glue / 1e9:.3f} | {kern / 1e9:.3f} | "
+              f"{(glue + kern) / 1e9:.3f} | {(glue + kern) / fused:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
