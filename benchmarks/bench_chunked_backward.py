@@ -1,8 +1,8 @@
 """Offline sm_90 report of the Triton chunked backward's kernels (backends/triton/
 chunked_backward.py) and its whole-pass bytes, no GPU needed.
 
-1. **compile** (measured, by the compiler): each of the three kernels (``fwd_h``, ``bwd_dh``,
-   ``bwd_grads``) for ``GPUTarget("cuda", 90, 32)`` with the signature and constexprs the
+1. **compile** (measured, by the compiler): each of the four kernels (``fwd_h``, ``bwd_dh``,
+   ``bwd_dv``, ``bwd_dqk``) for ``GPUTarget("cuda", 90, 32)`` with the signature and constexprs the
    launcher passes at the shape (``chunked_backward.config``), through
    ``bench_sm90.compile_all`` (ptxas-blackwell -v: registers, spill bytes; TTGIR: tensor
    cores = warp_group_dot / nvidia_mma).
@@ -54,20 +54,23 @@ def jobs_for(rec, sizes, options=None):
     p = cb.plan(rec)
     F = p.form
     K, V, T = sizes[F.K], sizes[F.V], sizes[rec.time]
-    cfg = cb.config(K, V, options or {})
+    cfg = cb.config(K, V, {"_inputs_16bit": True, **(options or {})})
     has_g = p.g is not None
-    ints = {"T": T, "K": K, "V": V, "NC": -(-T // cfg.BT)}
+    ints = {"T": T, "K": K, "V": V, "NC": -(-T // cfg.BT), "NK": -(-K // cfg.BK)}
     blocks = {"BT": cfg.BT, "BK": cfg.BK, "BV": cfg.BV, "PREC": cfg.precision}
     kern = {
         "fwd_h": (["k", "v", "g", "h0", "hc"], {"HAS_G": has_g, "HAS_H0": True}),
         "bwd_dh": (["q", "do", "g", "dht", "dhc", "dh0"], {"HAS_G": has_g, "HAS_DHT": True}),
-        "bwd_grads": (["q", "k", "v", "g", "do", "hc", "dhc", "dq", "dk", "dv", "dg", "o"],
-                      {"HAS_G": has_g, "WANT_O": p.needs_o}),
+        "bwd_dv": (["q", "k", "v", "g", "do", "hc", "dhc", "dv", "o"],
+                   {"HAS_G": has_g, "WANT_O": p.needs_o}),
+        "bwd_dqk": (["q", "k", "v", "g", "do", "hc", "dhc", "dq", "dk", "dg"], {"HAS_G": has_g}),
     }
+    params = {"fwd_h": ["T", "K", "V", "NC"], "bwd_dh": ["T", "K", "V", "NC"],
+              "bwd_dv": ["T", "K", "V", "NC"], "bwd_dqk": ["T", "K", "V", "NC", "NK"]}
     jobs = []
     for name, (ptrs, flags) in kern.items():
         sig = {a: "*fp32" for a in ptrs}
-        sig.update({a: "i32" for a in ints})
+        sig.update({a: "i32" for a in params[name]})
         const = {**flags, **blocks}
         sig.update({a: "constexpr" for a in const})
         key = json.dumps([name, sig, const, cfg.num_warps], sort_keys=True, default=str)
@@ -105,17 +108,106 @@ def whole_pass_bytes(rec, sizes, in_bytes=2):
     return fused, glue, kern
 
 
+MEASURE = [  # interpreter-sized shapes (bench_backward_bytes.py's table 1), float32
+    ("linear_attn", {"batch": 1, "time": 512, "heads": 4, "key": 16, "value": 16}),
+    ("simple_gla", {"batch": 1, "time": 512, "heads": 4, "key": 16, "value": 16}),
+    ("mamba2", {"batch": 1, "time": 512, "heads": 4, "headdim": 16, "dstate": 16,
+                "groups": 1}),
+]
+
+
+def measure_bytes(name: str, dims: dict) -> dict:
+    """Measured bytes of one ``scancc.autograd.backward`` call on the chunked path: the
+    kernels' every executed load/store (``runtime.count_traffic``, Triton's interpreter) and
+    the torch glue's every aten op (inputs read + outputs written, views and allocations not
+    counted, a TorchDispatchMode), float32 inputs; and the fused minimum (float32: inputs, dy,
+    h0, dh_T read, input gradients and dh0 written)."""
+    import numpy as np
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+    import scancc
+    from scancc import autograd as ag
+    from scancc.backends.triton import chunked_backward as cb
+    from scancc.backends.triton import runtime
+    from scancc.testing import sample_inputs, sample_state
+    e = scancc.get(name)
+    rec = e.build(**({"D": True} if name == "mamba2" else {}))
+    sizes = sizes_of(rec, dims)
+    x = {k: torch.from_numpy(v).float() for k, v in sample_inputs(rec, sizes, 0, e.hints).items()}
+    h0 = {k: torch.from_numpy(v).float() for k, v in sample_state(rec, sizes, 1).items()}
+    rng = np.random.default_rng(2)
+    dy = {o.name: torch.from_numpy(rng.standard_normal(tuple(sizes[d] for d in o.dims))).float()
+          for o in rec.outputs}
+    dh = {s.name: torch.randn(tuple(sizes[d] for d in s.dims)) for s in rec.states}
+    skip = {"empty", "empty_strided", "zeros", "full", "empty_like", "new_empty"}
+
+    class Count(TorchDispatchMode):
+        moved = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.__name__.split(".")[0] in skip:
+                return out
+            ins = [a for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                   if isinstance(a, torch.Tensor)]
+            outs = [a for a in torch.utils._pytree.tree_leaves(out) if isinstance(a, torch.Tensor)]
+            ptrs = {a.untyped_storage().data_ptr() for a in ins}
+            if outs and all(o.untyped_storage().data_ptr() in ptrs for o in outs):
+                return out  # a view
+            Count.moved += sum(a.numel() * a.element_size() for a in ins + outs)
+            return out
+    real = cb.kernels()
+
+    class Launch:
+        def __init__(self, k):
+            self.k = k
+
+        def __getitem__(self, grid):
+            def call(*a, **kw):
+                with _disable_current_modes():
+                    return self.k[grid](*a, **kw)
+            return call
+    cb.kernels = lambda: tuple(Launch(k) for k in real)  # noqa: E731 - this process only
+    try:
+        with runtime.count_traffic() as tr, Count():
+            ag.backward(rec, x, dy, h0, dh, target="triton")
+    finally:
+        del cb.kernels
+    numel = lambda dims_: math.prod(sizes[d] for d in dims_)  # noqa: E731
+    ins = sum(numel(i.dims) for i in rec.inputs)
+    fused = 4 * (2 * ins + sum(numel(o.dims) for o in rec.outputs) +
+                 3 * sum(numel(s.dims) for s in rec.states))
+    return {"kernels": tr.loaded + tr.stored, "glue": Count.moved, "fused": fused,
+            "sizes": {d: sizes[d] for d in dims}}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-compile", action="store_true", help="bytes only")
+    ap.add_argument("--measure", action="store_true", help="only the interpreter-measured bytes")
+    ap.add_argument("--names", nargs="*", help="only these recurrences")
+    ap.add_argument("--num-warps", type=int, help="the num_warps option")
     args = ap.parse_args(argv)
+    if args.measure:
+        print("| recurrence | shape | fused minimum MB | glue MB | kernels MB | whole pass MB | "
+              "× minimum |")
+        print("|---|---|---|---|---|---|---|")
+        for name, dims in MEASURE:
+            m = measure_bytes(name, dims)
+            tot = m["glue"] + m["kernels"]
+            print(f"| {name} | {m['sizes']} | {m['fused'] / 1e6:.2f} | {m['glue'] / 1e6:.2f} | "
+                  f"{m['kernels'] / 1e6:.2f} | {tot / 1e6:.2f} | {tot / m['fused']:.1f} |")
+        return 0
     import scancc
     rows = []
     for name, label, dims in CASES:
+        if args.names and name not in args.names:
+            continue
         e = scancc.get(name)
         rec = e.build(**({"D": True} if name == "mamba2" else {}))
         sizes = sizes_of(rec, dims)
-        jobs, cfg = jobs_for(rec, sizes)
+        jobs, cfg = jobs_for(rec, sizes, {"num_warps": args.num_warps} if args.num_warps else {})
         rows.append((name, label, rec, sizes, jobs, cfg))
     res = {}
     if not args.no_compile:

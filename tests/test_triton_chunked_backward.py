@@ -123,8 +123,8 @@ def test_per_step_states_are_never_materialised(monkeypatch):
 
 
 def test_options_reach_the_launches(monkeypatch):
-    """num_warps, dot_precision and the time / key / value block sizes reach all four
-    launches; K and V of 20 in blocks of 16 split both (dg summed over the K-blocks)."""
+    """num_warps (times chunked_backward.WARPS), dot_precision and the time / key / value
+    block sizes reach all four launches; K and V of 20 in blocks of 16 split both (dg summed over the K-blocks)."""
     launched = []
     real = cb.kernels()
 
@@ -144,7 +144,7 @@ def test_options_reach_the_launches(monkeypatch):
     _compare(rec, x, h0, dy, dh, 37, opts, "simple_gla options")
     assert len(launched) == 4
     for name, grid, kw in launched:
-        assert kw["num_warps"] == 2 and kw["PREC"] == "ieee", name
+        assert kw["num_warps"] == 4 and kw["PREC"] == "ieee", name
         assert kw["BT"] == 16 and kw["BK"] == 16 and kw["BV"] == 16, name
     # value=20 in blocks of 16: two V-blocks; 37 steps in chunks of 16: three chunks
     assert [g for _, g, _ in launched] == [(4, 2, 2), (4, 2, 2), (4, 3, 2), (4, 3, 2)]

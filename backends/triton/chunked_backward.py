@@ -324,13 +324,18 @@ class Config:
     precision: str
 
 
+# warps per program as a multiple of the num_warps option (default 4): the kernels hold
+# several [64, 64] float32 tiles (as staged.Lowering.WARPS; ptxas: docs/performance/training.md)
+WARPS = 2
+
+
 def config(K: int, V: int, options: Mapping[str, Any]) -> Config:
     """Block sizes and warps of the kernels: chunks of 64 steps, K and V in blocks of at most
     64 (the ``block_sizes`` of the time, K and V dims and ``num_warps`` override; the keys
     "time", "K", "V" here). ``dot_precision`` "auto": tf32 when the call's inputs were 16-bit
     (``options["_inputs_16bit"]``), tf32x3 on float32 ones (as the forward)."""
     bs = dict(options.get("block_sizes") or {})
-    nw = options.get("num_warps") or 4
+    nw = min(WARPS * (options.get("num_warps") or 4), 32)
     mode = options.get("dot_precision", "auto") or "auto"
     prec = ("tf32" if options.get("_inputs_16bit") else "tf32x3") if mode == "auto" \
         else PRECISION[mode]

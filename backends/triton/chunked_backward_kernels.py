@@ -161,7 +161,7 @@ def bwd_dqk(q, k, v, g, do, hc, dhc, dq, dk, dg, T, K, V, NC, NK, HAS_G: tl.cons
     da = tl.zeros([BT, BT], dtype=tl.float32)
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     b_dkh = tl.zeros([BT, BK], dtype=tl.float32)
-    x_sdh = tl.zeros([BV, BK], dtype=tl.float32)
+    x_sdh = 0.0
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_tv = m_t[:, None] & (o_v[None, :] < V)
@@ -178,7 +178,7 @@ def bwd_dqk(q, k, v, g, do, hc, dhc, dq, dk, dg, T, K, V, NC, NK, HAS_G: tl.cons
         b_dq += tl.dot(b_do, b_st, input_precision=PREC)
         b_dkh += tl.dot(tl.trans(b_vt), b_dht, input_precision=PREC)
         if HAS_G:
-            x_sdh += b_st * b_dht
+            x_sdh += tl.sum(tl.sum(b_st * b_dht, 1), 0)
     da = da * seg
     b_q = tl.load(q + p_tk, mask=m_tk, other=0.0)
     b_k = tl.load(k + p_tk, mask=m_tk, other=0.0)
@@ -189,7 +189,7 @@ def bwd_dqk(q, k, v, g, do, hc, dhc, dq, dk, dg, T, K, V, NC, NK, HAS_G: tl.cons
     tl.store(dk + p_tk, b_dk, mask=m_tk)
     if HAS_G:
         d = tl.sum(b_q * b_dq, 1) - tl.sum(b_k * b_dk, 1)
-        x = e_l * tl.sum(tl.sum(x_sdh, 1), 0) + tl.sum(tl.sum(b_k * b_dkh, 1), 0)
+        x = e_l * x_sdh + tl.sum(tl.sum(b_k * b_dkh, 1), 0)
         rev = tl.sum(tl.where(o_t[None, :] >= o_t[:, None], d[None, :], 0.0), 1)
         b_g = tl.load(g + i_g * T + o_t, mask=m_t, other=0.0)
         tl.store(dg + (i_g * NK + i_k) * T + o_t, tl.where(b_g <= RESET, 0.0, rev + x),
