@@ -9,39 +9,41 @@ S_t = e^{g_t} S_{t-1} + k_t v_tᵀ, O_t = S_tᵀ q_t, and the outputs are elemen
 O and the inputs. Its backward, for chunks of BT steps (c the in-chunk cumulative log-decays,
 L the chunk's last step, S the state entering the chunk, dh = dL/dS leaving it), is:
 
-1. ``fwd_h`` (sequential over chunks, parallel over grid x V-blocks): the state entering each
-   chunk, [G, NC, K, V] float32 -- chunk boundaries only, never per step;
-2. ``bwd_dh`` (sequential over chunks in reverse): dh of each chunk,
+1. ``fwd_h`` (sequential over chunks, parallel over grid x K-blocks x V-blocks): the state
+   entering each chunk, [G, NC, K, V] float32 -- chunk boundaries only, never per step;
+2. ``bwd_dh`` (sequential over chunks in reverse, same grid): dh of each chunk,
    dh_{i-1} = e^{c_L} dh_i + (q ⊙ e^{c})ᵀ dO (tensor-core dots), and dh_{-1}, the gradient of
    the initial state;
-3. ``bwd_grads`` (parallel over grid x chunks): with A = (q kᵀ) ⊙ D and dA = (dO vᵀ) ⊙ D
-   (D_ts = e^{c_t - c_s}, t >= s):
+3. ``bwd_dv`` (grid x chunks x V-blocks) and ``bwd_dqk`` (grid x chunks x K-blocks), with
+   A = (q kᵀ) ⊙ D and dA = (dO vᵀ) ⊙ D (D_ts = e^{c_t - c_s}, t >= s):
 
        dq = dA k + e^{c} ⊙ (dO Sᵀ)
        dk = dAᵀ q + e^{c_L - c} ⊙ (v dhᵀ)
        dv = Aᵀ dO + (k ⊙ e^{c_L - c}) dh
-       dg_r = sum_{t >= r in the chunk} (q_t·dq_t - k_t·dk_t) + e^{c_L} <dh, S> + sum_s k_s·(e^{c_L-c_s} dh v_s)
+       dg_r = sum_{t >= r in the chunk} (q_t·dq_t - k_t·dk_t)
+              + e^{c_L} <dh, S> + sum_s k_s·(e^{c_L-c_s} dh v_s)
 
    the last line is the reverse cumulative-sum identity (as fla's chunk backward): dL/dc_t is
    q_t·dq_t - k_t·dk_t (every D_ts is e^{c_t - c_s}: it adds its weight to c_t and takes it from
    c_s), plus, at t = L, the two terms through which the state leaving the chunk reads c_L;
-   g_r enters every c_t with t >= r. Hard resets (log-decay <= RESET_LOG_DECAY, the forward's
-   edge rule) are counted, not summed: D_ts is 0 across one, and dg is 0 at one (the exact
-   identity gives 0 there; the reference's is a * dL/da, below 1.2e-38 |dL/da|).
-
+   g_r enters every c_t with t >= r. Each K-block writes its share (the identity is linear),
+   summed here. Hard resets (log-decay <= RESET_LOG_DECAY, the forward's edge rule) are
+   counted, not summed: D_ts is 0 across one, and dg is 0 at one (the exact identity gives 0
+   there; the reference's is a * dL/da, below 1.2e-38 |dL/da|). When an input's gradient
+   reads the contraction O itself (mamba2's z gate), ``bwd_dv`` also writes
+   O = A v + e^{c} ⊙ (q S).
 4. the chain rule from the factor gradients (dq, dk, dv, dg) and the output cotangents back to
    the recurrence's inputs through its let expressions: the elementwise VJPs of
    ``scancc.ir.passes.adjoint.vjp``, evaluated with torch ops on the inputs' device
    (``_TorchEval``); inputs without a time dim get their per-step contributions summed.
 
-So one backward call is: a few torch elementwise ops for the factors, three kernel launches,
+So one backward call is: a few torch elementwise ops for the factors, four kernel launches,
 a few torch elementwise ops for the chain rule -- a fixed number whatever T is.
 
 What it takes (``plan`` says why not, and ``scancc.autograd`` then keeps its generic path):
 one state, identity or scalar decay, the Triton chunked emitter's form (one contraction
-sum(S * q, K)), outputs whose VJP w.r.t. the contraction does not read the contraction itself
-(o * scale, y + D x, ...: not y * silu(z) of a gate applied to the contraction -- that VJP
-reads O), and ops the torch evaluator has.
+sum(S * q, K)), a cotangent of the contraction that does not read the contraction (an output
+gate's *input* gradient may read it: O is then recomputed), and ops the torch evaluator has.
 
 Not done here: the key-diagonal (gla) and householder kinds; recurrent edge semantics for
 non-finite *inputs* (a NaN in a factor spreads over its chunk's gradients rather than where
@@ -303,8 +305,8 @@ class _TorchEval:
 
 @lru_cache(maxsize=1)
 def kernels():
-    """(fwd_h, bwd_dh, bwd_dv, bwd_dqk) of ``chunked_backward_kernels``, imported on first use (after
-    the runtime chose the interpreter or the GPU)."""
+    """(fwd_h, bwd_dh, bwd_dv, bwd_dqk) of ``chunked_backward_kernels``, imported on first
+    use (after the runtime chose the interpreter or the GPU)."""
     from . import runtime
     runtime.prepare()
     from . import chunked_backward_kernels as m

@@ -19,30 +19,33 @@ def _decays(g, o_t, T, BT: tl.constexpr):
     last = tl.arange(0, BT) == BT - 1   # padded steps are g = 0: they change nothing
     return c, n, tl.sum(tl.where(last, c, 0.0), 0), tl.sum(tl.where(last, n, 0), 0)
 
+
 @triton.jit
 def fwd_h(k, v, g, h0, hc, T, K, V, NC, HAS_G: tl.constexpr, HAS_H0: tl.constexpr,
           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """The state entering each chunk: hc[i_g, i_c] ([K, V] float32), one [BK, BV] tile per
     program, sequential over chunks."""
     i_g, i_k, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    k, v, g = k + i_g * T * K, v + i_g * T * V, g + i_g * T  # this grid index's rows
+    h0, hc = h0 + i_g * K * V, hc + i_g * NC * K * V
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
     p_kv = o_k[:, None] * V + o_v[None, :]
     S = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
-        S += tl.load(h0 + i_g * K * V + p_kv, mask=m_kv, other=0.0)
+        S += tl.load(h0 + p_kv, mask=m_kv, other=0.0)
     for i_c in range(0, NC):
-        tl.store(hc + (i_g * NC + i_c) * K * V + p_kv, S, mask=m_kv)
+        tl.store(hc + i_c * K * V + p_kv, S, mask=m_kv)
         o_t = i_c * BT + tl.arange(0, BT)
         m_t = o_t < T
         # k read transposed: [BK, BT]
-        b_kt = tl.load(k + (i_g * T + o_t[None, :]) * K + o_k[:, None],
+        b_kt = tl.load(k + o_t[None, :] * K + o_k[:, None],
                        mask=m_t[None, :] & (o_k[:, None] < K), other=0.0)
-        b_v = tl.load(v + (i_g * T + o_t[:, None]) * V + o_v[None, :],
+        b_v = tl.load(v + o_t[:, None] * V + o_v[None, :],
                       mask=m_t[:, None] & (o_v[None, :] < V), other=0.0)
         if HAS_G:
-            b_g = tl.load(g + i_g * T + o_t, mask=m_t, other=0.0)
+            b_g = tl.load(g + o_t, mask=m_t, other=0.0)
             c, n, c_l, n_l = _decays(b_g, o_t, T, BT)
             to_end = tl.where(n == n_l, tl.exp(c_l - c), 0.0)
             S = S * tl.where(n_l == 0, tl.exp(c_l), 0.0) + tl.dot(
@@ -58,29 +61,31 @@ def bwd_dh(q, do, g, dht, dhc, dh0, T, K, V, NC, HAS_G: tl.constexpr,
     """dL/dS at the end of each chunk (dhc[i_g, i_c]), chunks in reverse, one [BK, BV] tile
     per program; dh0: the initial state's."""
     i_g, i_k, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    q, do, g = q + i_g * T * K, do + i_g * T * V, g + i_g * T  # this grid index's rows
+    dht, dhc, dh0 = dht + i_g * K * V, dhc + i_g * NC * K * V, dh0 + i_g * K * V
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
     p_kv = o_k[:, None] * V + o_v[None, :]
     dh = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DHT:
-        dh += tl.load(dht + i_g * K * V + p_kv, mask=m_kv, other=0.0)
+        dh += tl.load(dht + p_kv, mask=m_kv, other=0.0)
     for j in range(0, NC):
         i_c = NC - 1 - j
-        tl.store(dhc + (i_g * NC + i_c) * K * V + p_kv, dh, mask=m_kv)
+        tl.store(dhc + i_c * K * V + p_kv, dh, mask=m_kv)
         o_t = i_c * BT + tl.arange(0, BT)
         m_t = o_t < T
-        b_qt = tl.load(q + (i_g * T + o_t[None, :]) * K + o_k[:, None],
+        b_qt = tl.load(q + o_t[None, :] * K + o_k[:, None],
                        mask=m_t[None, :] & (o_k[:, None] < K), other=0.0)
-        b_do = tl.load(do + (i_g * T + o_t[:, None]) * V + o_v[None, :],
+        b_do = tl.load(do + o_t[:, None] * V + o_v[None, :],
                        mask=m_t[:, None] & (o_v[None, :] < V), other=0.0)
         if HAS_G:
-            b_g = tl.load(g + i_g * T + o_t, mask=m_t, other=0.0)
+            b_g = tl.load(g + o_t, mask=m_t, other=0.0)
             c, n, c_l, n_l = _decays(b_g, o_t, T, BT)
             b_qt = b_qt * tl.where(n == 0, tl.exp(c), 0.0)[None, :]
             dh = dh * tl.where(n_l == 0, tl.exp(c_l), 0.0)
         dh += tl.dot(b_qt, b_do, input_precision=PREC)
-    tl.store(dh0 + i_g * K * V + p_kv, dh, mask=m_kv)
+    tl.store(dh0 + p_kv, dh, mask=m_kv)
 
 
 @triton.jit
@@ -111,33 +116,37 @@ def bwd_dv(q, k, v, g, do, hc, dhc, dv, o, T, K, V, NC, HAS_G: tl.constexpr,
     """dv = (A ⊙ D)ᵀ dO + (k ⊙ e^{c_L - c}) dh of one chunk and V-block (A = q kᵀ over K
     blocks); with WANT_O also the contraction O = (A ⊙ D) v + e^{c} ⊙ (q S)."""
     i_g, i_c, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    q, k, v, do, o, dv = (q + i_g * T * K, k + i_g * T * K, v + i_g * T * V, do + i_g * T * V,
+                          o + i_g * T * V, dv + i_g * T * V)  # this grid index's rows
+    g, hc, dhc = g + i_g * T, hc + i_g * NC * K * V, dhc + i_g * NC * K * V
     o_t = i_c * BT + tl.arange(0, BT)
     m_t = o_t < T
     o_v = i_v * BV + tl.arange(0, BV)
     m_tv = m_t[:, None] & (o_v[None, :] < V)
-    p_tv = (i_g * T + o_t[:, None]) * V + o_v[None, :]
-    e_q, e_k, e_l, seg = _chunk(g + i_g * T, o_t, m_t, T, HAS_G, BT)
+    p_tv = o_t[:, None] * V + o_v[None, :]
     a = tl.zeros([BT, BT], dtype=tl.float32)
     b_dv = tl.zeros([BT, BV], dtype=tl.float32)
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_tk = m_t[:, None] & (o_k[None, :] < K)
-        p_tk = (i_g * T + o_t[:, None]) * K + o_k[None, :]
+        p_tk = o_t[:, None] * K + o_k[None, :]
         m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
-        p_kv = (i_g * NC + i_c) * K * V + o_k[:, None] * V + o_v[None, :]
+        p_kv = i_c * K * V + o_k[:, None] * V + o_v[None, :]
         b_q = tl.load(q + p_tk, mask=m_tk, other=0.0)
-        b_kt = tl.load(k + (i_g * T + o_t[None, :]) * K + o_k[:, None],
+        b_kt = tl.load(k + o_t[None, :] * K + o_k[:, None],
                        mask=m_t[None, :] & (o_k[:, None] < K), other=0.0)
         b_dh = tl.load(dhc + p_kv, mask=m_kv, other=0.0)
         a += tl.dot(b_q, b_kt, input_precision=PREC)
-        b_dv += tl.dot(tl.trans(b_kt * e_k[None, :]), b_dh, input_precision=PREC)
+        b_dv += tl.dot(tl.trans(b_kt), b_dh, input_precision=PREC)
         if WANT_O:
             b_s = tl.load(hc + p_kv, mask=m_kv, other=0.0)
             b_o += tl.dot(b_q, b_s, input_precision=PREC)
+    # the decays after the K loop: they scale rows, so nothing in the loop needs them live
+    e_q, e_k, e_l, seg = _chunk(g, o_t, m_t, T, HAS_G, BT)
     a = a * seg
     b_do = tl.load(do + p_tv, mask=m_tv, other=0.0)
-    b_dv += tl.dot(tl.trans(a), b_do, input_precision=PREC)
+    b_dv = b_dv * e_k[:, None] + tl.dot(tl.trans(a), b_do, input_precision=PREC)
     tl.store(dv + p_tv, b_dv, mask=m_tv)
     if WANT_O:
         b_v = tl.load(v + p_tv, mask=m_tv, other=0.0)
@@ -152,12 +161,15 @@ def bwd_dqk(q, k, v, g, do, hc, dhc, dq, dk, dg, T, K, V, NC, NK, HAS_G: tl.cons
     and K-block (dA = dO vᵀ over V blocks), and this K-block's share of dg (dg[i_g, i_k, t]:
     summed over the K-blocks by the caller: the reverse cumulative sum is linear)."""
     i_g, i_c, i_k = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    q, k, v, do, dq, dk = (q + i_g * T * K, k + i_g * T * K, v + i_g * T * V,
+                           do + i_g * T * V, dq + i_g * T * K, dk + i_g * T * K)
+    g, dg = g + i_g * T, dg + i_g * NK * T
+    hc, dhc = hc + i_g * NC * K * V, dhc + i_g * NC * K * V
     o_t = i_c * BT + tl.arange(0, BT)
     m_t = o_t < T
     o_k = i_k * BK + tl.arange(0, BK)
     m_tk = m_t[:, None] & (o_k[None, :] < K)
-    p_tk = (i_g * T + o_t[:, None]) * K + o_k[None, :]
-    e_q, e_k, e_l, seg = _chunk(g + i_g * T, o_t, m_t, T, HAS_G, BT)
+    p_tk = o_t[:, None] * K + o_k[None, :]
     da = tl.zeros([BT, BT], dtype=tl.float32)
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     b_dkh = tl.zeros([BT, BK], dtype=tl.float32)
@@ -165,11 +177,11 @@ def bwd_dqk(q, k, v, g, do, hc, dhc, dq, dk, dg, T, K, V, NC, NK, HAS_G: tl.cons
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_tv = m_t[:, None] & (o_v[None, :] < V)
-        p_tv = (i_g * T + o_t[:, None]) * V + o_v[None, :]
+        p_tv = o_t[:, None] * V + o_v[None, :]
         # the state tiles read transposed: [BV, BK]
         m_vk = (o_v[:, None] < V) & (o_k[None, :] < K)
-        p_vk = (i_g * NC + i_c) * K * V + o_k[None, :] * V + o_v[:, None]
-        b_vt = tl.load(v + (i_g * T + o_t[None, :]) * V + o_v[:, None],
+        p_vk = i_c * K * V + o_k[None, :] * V + o_v[:, None]
+        b_vt = tl.load(v + o_t[None, :] * V + o_v[:, None],
                        mask=m_t[None, :] & (o_v[:, None] < V), other=0.0)
         b_do = tl.load(do + p_tv, mask=m_tv, other=0.0)
         b_st = tl.load(hc + p_vk, mask=m_vk, other=0.0)
@@ -179,6 +191,7 @@ def bwd_dqk(q, k, v, g, do, hc, dhc, dq, dk, dg, T, K, V, NC, NK, HAS_G: tl.cons
         b_dkh += tl.dot(tl.trans(b_vt), b_dht, input_precision=PREC)
         if HAS_G:
             x_sdh += tl.sum(tl.sum(b_st * b_dht, 1), 0)
+    e_q, e_k, e_l, seg = _chunk(g, o_t, m_t, T, HAS_G, BT)  # after the V loop
     da = da * seg
     b_q = tl.load(q + p_tk, mask=m_tk, other=0.0)
     b_k = tl.load(k + p_tk, mask=m_tk, other=0.0)
@@ -191,6 +204,6 @@ def bwd_dqk(q, k, v, g, do, hc, dhc, dq, dk, dg, T, K, V, NC, NK, HAS_G: tl.cons
         d = tl.sum(b_q * b_dq, 1) - tl.sum(b_k * b_dk, 1)
         x = e_l * x_sdh + tl.sum(tl.sum(b_k * b_dkh, 1), 0)
         rev = tl.sum(tl.where(o_t[None, :] >= o_t[:, None], d[None, :], 0.0), 1)
-        b_g = tl.load(g + i_g * T + o_t, mask=m_t, other=0.0)
-        tl.store(dg + (i_g * NK + i_k) * T + o_t, tl.where(b_g <= RESET, 0.0, rev + x),
+        b_g = tl.load(g + o_t, mask=m_t, other=0.0)
+        tl.store(dg + i_k * T + o_t, tl.where(b_g <= RESET, 0.0, rev + x),
                  mask=m_t)
