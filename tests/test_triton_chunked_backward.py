@@ -1,5 +1,5 @@
 """The Triton chunked backward (backends/triton/chunked_backward.py, docs/training.md): the
-gradients of identity/scalar-decay recurrences from chunk-boundary states, a reverse dh pass
+gradients of identity, scalar and key-diagonal decay recurrences from chunk-boundary states, a reverse dh pass
 and per-chunk matmuls, against the reference backend's float64 derived adjoint (itself
 gradchecked in tests/test_autograd.py). Every buffer the kernels write starts NaN (POISON), so
 an element they leave unwritten fails the comparison."""
@@ -53,7 +53,7 @@ def _compare(rec, x, h0, dy, dh, T, options, what, dtype="float32"):
         assert_close(got0[k].double().numpy(), want0[k], dtype, f"{what} d{k}_0", T=T)
 
 
-CASES = [("linear_attn", {}, {}), ("retnet", {}, {}), ("simple_gla", {}, {}),
+CASES = [("linear_attn", {}, {}), ("retnet", {}, {}), ("simple_gla", {}, {}), ("gla", {}, {}),
          # every optional input (D, z gate, dt_bias) and dt_softplus: the gradient of z reads
          # the contraction, which bwd_grads then writes
          ("mamba2", None, {}),
@@ -62,7 +62,8 @@ CASES = [("linear_attn", {}, {}), ("retnet", {}, {}), ("simple_gla", {}, {}),
 
 
 @pytest.mark.parametrize("name, build, over", CASES,
-                         ids=["linear_attn", "retnet", "simple_gla", "mamba2", "mamba2_grouped"])
+                         ids=["linear_attn", "retnet", "simple_gla", "gla", "mamba2",
+                              "mamba2_grouped"])
 def test_gradients_match_the_reference(name, build, over):
     """T=37 in chunks of 16 (three chunks, the last partial), with an initial state and a
     final-state cotangent: every input's gradient and the initial state's."""
@@ -86,6 +87,16 @@ def test_hard_resets_match_the_reference():
     x["g"][:, 20, 0] = -200.0
     x["g"][:, 31] = -np.inf      # in the last chunk
     _compare(rec, x, h0, dy, dh, 37, SMALL, "simple_gla resets")
+
+
+def test_key_diagonal_resets_and_blocks():
+    """gla: per-column hard resets (-inf and -200 in some key columns only), K = V = 20 in
+    blocks of 16 (two K-blocks: each writes its own dg columns), default 16-step chunks."""
+    rec, sizes, x, h0, dy, dh = _case("gla", 37, seed=9, key=20, value=20)
+    x["g"][:, 5, :, 3] = -np.inf
+    x["g"][:, 17, 1, 18] = -200.0
+    x["g"][:, 33, :, :2] = -np.inf
+    _compare(rec, x, h0, dy, dh, 37, {"block_sizes": {"key": 16, "value": 16}}, "gla resets")
 
 
 def test_per_step_states_are_never_materialised(monkeypatch):
@@ -167,18 +178,19 @@ def test_bfloat16_gradients_at_the_bfloat16_tolerance():
 
 
 def test_what_takes_the_generic_path():
-    """gla (key-diagonal) and householder decays, and algorithm='recurrent', keep the derived
-    backward recurrence; the hard-reset threshold is the chunked analysis's."""
+    """householder transitions, a decay along V (mamba's S6), and algorithm='recurrent' keep
+    the derived backward recurrence; the hard-reset threshold is the chunked analysis's."""
     from scancc.backends import get
     from scancc.ir.passes.chunked import RESET_LOG_DECAY
     be = get("triton")
-    for name in ("gla", "delta_net", "mamba"):
+    for name in ("delta_net", "gated_delta_net", "mamba", "hgrn"):
         rec = scancc.get(name).build()
         ok, why = cb.applies(rec)
         assert not ok and why, name
         assert be.chunked_backward(rec, {}) is None
+    for name in ("linear_attn", "retnet", "simple_gla", "gla", "mamba2"):
+        assert be.chunked_backward(scancc.get(name).build(), {}) is cb.backward, name
     rec = scancc.get("simple_gla").build()
-    assert be.chunked_backward(rec, {}) is cb.backward
     assert be.chunked_backward(rec, {"algorithm": "staged"}) is cb.backward
     assert be.chunked_backward(rec, {"algorithm": "recurrent"}) is None
     from scancc.backends.triton import chunked_backward_kernels as kern

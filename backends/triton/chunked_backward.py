@@ -65,7 +65,7 @@ from scancc.ir.passes.rewrite import substitute
 
 from . import chunked
 
-KINDS = (Kind.IDENTITY, Kind.SCALAR)
+KINDS = (Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL)
 # set by tests: every buffer the kernels write starts NaN (an element left unwritten shows)
 POISON = False
 # the dot_precision option -> tl.dot input_precision of the backward's float32 operands
@@ -133,8 +133,8 @@ def _build(rec: Recurrence) -> Plan:
         raise NotSupported("needs exactly one state")
     F = chunked.analyze(rec)
     if F.kind not in KINDS:
-        raise NotSupported(f"decay kind {F.kind.value!r}: the chunked backward takes identity "
-                           "and scalar decays")
+        raise NotSupported(f"decay kind {F.kind.value!r}: the chunked backward takes identity, "
+                           "scalar and key-diagonal decays")
     s = rec.states[0]
     memo: dict = {}
     inl = lambda n: inline_lets_in(rec, n, memo)  # noqa: E731
@@ -305,12 +305,13 @@ class _TorchEval:
 
 @lru_cache(maxsize=1)
 def kernels():
-    """(fwd_h, bwd_dh, bwd_dv, bwd_dqk) of ``chunked_backward_kernels``, imported on first
-    use (after the runtime chose the interpreter or the GPU)."""
+    """(fwd_h, bwd_dh, bwd_dv, bwd_dqk, bwd_dv_diag, bwd_dqk_diag) of
+    ``chunked_backward_kernels``, imported on first use (after the runtime chose the
+    interpreter or the GPU)."""
     from . import runtime
     runtime.prepare()
     from . import chunked_backward_kernels as m
-    return m.fwd_h, m.bwd_dh, m.bwd_dv, m.bwd_dqk
+    return m.fwd_h, m.bwd_dh, m.bwd_dv, m.bwd_dqk, m.bwd_dv_diag, m.bwd_dqk_diag
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -331,8 +332,9 @@ class Config:
 WARPS = 2
 
 
-def config(K: int, V: int, options: Mapping[str, Any]) -> Config:
-    """Block sizes and warps of the kernels: chunks of 64 steps, K and V in blocks of at most
+def config(K: int, V: int, options: Mapping[str, Any], diag: bool = False) -> Config:
+    """Block sizes and warps of the kernels: chunks of 64 steps (16 for key-diagonal decays,
+    whose intra-chunk terms are [BT, BT, BK] products, as the forward's), K and V in blocks of at most
     64 (the ``block_sizes`` of the time, K and V dims and ``num_warps`` override; the keys
     "time", "K", "V" here). ``dot_precision`` "auto": tf32 when the call's inputs were 16-bit
     (``options["_inputs_16bit"]``), tf32x3 on float32 ones (as the forward)."""
@@ -341,15 +343,9 @@ def config(K: int, V: int, options: Mapping[str, Any]) -> Config:
     mode = options.get("dot_precision", "auto") or "auto"
     prec = ("tf32" if options.get("_inputs_16bit") else "tf32x3") if mode == "auto" \
         else PRECISION[mode]
-    return Config(max(16, bs.get("time", 64)), max(16, bs.get("K", min(_pow2(K), 64))),
+    return Config(max(16, bs.get("time", 16 if diag else 64)),
+                  max(16, bs.get("K", min(_pow2(K), 64))),
                   max(16, bs.get("V", min(_pow2(V), 64))), nw, prec)
-
-
-def launches(T: int, G: int, K: int, V: int, cfg: Config):
-    """The four launches as (kernel, grid): a fixed list whatever T is."""
-    nc, nk, nv = -(-T // cfg.BT), -(-K // cfg.BK), -(-V // cfg.BV)
-    return [("fwd_h", (G, nk, nv)), ("bwd_dh", (G, nk, nv)), ("bwd_dv", (G, nc, nv)),
-            ("bwd_dqk", (G, nc, nk))]
 
 
 def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any],
@@ -372,7 +368,8 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
     bs = dict(opts.get("block_sizes") or {})
     opts["block_sizes"] = {role: bs[d] for role, d in (("time", rec.time), ("K", F.K),
                                                        ("V", F.V)) if d in bs}
-    cfg = config(K, V, opts)
+    diag = F.kind is Kind.DIAGONAL
+    cfg = config(K, V, opts, diag)
 
     cots: dict = {}
 
@@ -418,7 +415,8 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
 
     fq, fk, fv = flat(ev.eval(p.q), F.K), flat(ev.eval(p.k), F.K), flat(ev.eval(p.v), F.V)
     fdo = flat(ev.eval(p.d_contraction), F.V)
-    fg = flat(ev.eval(p.g), None) if p.g is not None else None
+    fg = flat(ev.eval(p.g), F.K if F.kind is Kind.DIAGONAL else None) \
+        if p.g is not None else None
 
     def state_flat(x):
         x = x.to(f32).permute([s.dims.index(d) for d in grid] +
@@ -434,9 +432,9 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
         else (lambda *shape: torch.empty(shape, dtype=f32, device=dev))
     hc, dhc, dh0 = new(G, nc, K, V), new(G, nc, K, V), new(G, K, V)
     dq, dk, dv = new(G, T, K), new(G, T, K), new(G, T, V)
-    dgk = new(G, nk, T) if fg is not None else None
+    dgk = (new(G, T, K) if diag else new(G, nk, T)) if fg is not None else None
     fo = new(G, T, V) if p.needs_o else None
-    fwd_h, bwd_dh, bwd_dv, bwd_dqk = kernels()
+    fwd_h, bwd_dh, bwd_dv, bwd_dqk, bwd_dv_diag, bwd_dqk_diag = kernels()
     has_g = fg is not None
     gptr = fg if has_g else fq                     # not read without HAS_G
     kw = dict(BT=cfg.BT, BK=cfg.BK, BV=cfg.BV, PREC=cfg.precision, num_warps=cfg.num_warps)
@@ -445,25 +443,31 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
         import numpy as np
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             fwd_h[(G, nk, nv)](fk, fv, gptr, h0 if h0 is not None else fk, hc, T, K, V, nc,
-                               HAS_G=has_g, HAS_H0=h0 is not None, **kw)
+                               HAS_G=has_g, HAS_H0=h0 is not None, DIAG=diag, **kw)
             bwd_dh[(G, nk, nv)](fq, fdo, gptr, dht if dht is not None else fq, dhc, dh0, T, K,
-                                V, nc, HAS_G=has_g, HAS_DHT=dht is not None, **kw)
-            bwd_dv[(G, nc, nv)](fq, fk, fv, gptr, fdo, hc, dhc, dv,
-                                fo if fo is not None else dv, T, K, V, nc, HAS_G=has_g,
-                                WANT_O=fo is not None, **kw)
-            bwd_dqk[(G, nc, nk)](fq, fk, fv, gptr, fdo, hc, dhc, dq, dk,
-                                 dgk if has_g else dq, T, K, V, nc, nk, HAS_G=has_g, **kw)
+                                V, nc, HAS_G=has_g, HAS_DHT=dht is not None, DIAG=diag, **kw)
+            ov = fo if fo is not None else dv
+            if diag:
+                bwd_dv_diag[(G, nc, nv)](fq, fk, fv, gptr, fdo, hc, dhc, dv, ov, T, K, V, nc,
+                                         WANT_O=fo is not None, **kw)
+                bwd_dqk_diag[(G, nc, nk)](fq, fk, fv, gptr, fdo, hc, dhc, dq, dk, dgk, T, K, V,
+                                          nc, **kw)
+            else:
+                bwd_dv[(G, nc, nv)](fq, fk, fv, gptr, fdo, hc, dhc, dv, ov, T, K, V, nc,
+                                    HAS_G=has_g, WANT_O=fo is not None, **kw)
+                bwd_dqk[(G, nc, nk)](fq, fk, fv, gptr, fdo, hc, dhc, dq, dk,
+                                     dgk if has_g else dq, T, K, V, nc, nk, HAS_G=has_g, **kw)
         if has_g:
-            dg = dgk.sum(1)
+            dg = dgk if diag else dgk.sum(1)
     else:
         dh0 = dht if dht is not None else torch.zeros(G, K, V, dtype=f32, device=dev)
         if has_g:
-            dg = torch.zeros(G, 0, dtype=f32, device=dev)
+            dg = torch.zeros((G, 0, K) if diag else (G, 0), dtype=f32, device=dev)
     # the chain rule: factor cotangents in, input gradients out
     cots[p.fcot["q"]], cots[p.fcot["k"]] = unflat(dq, F.K), unflat(dk, F.K)
     cots[p.fcot["v"]] = unflat(dv, F.V)
     if has_g:
-        cots[p.fcot["g"]] = unflat(dg, None)
+        cots[p.fcot["g"]] = unflat(dg, F.K if diag else None)
     if fo is not None:
         cots[p.o_name] = unflat(fo, F.V) if T > 0 else \
             torch.zeros((0,) + ev.shape(rec.dims_of(p.form.contraction)), dtype=f32, device=dev)
@@ -486,5 +490,5 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
     return grads, {s.name: d0}
 
 
-__all__ = ["plan", "applies", "backward", "kernels", "config", "launches", "Plan",
+__all__ = ["plan", "applies", "backward", "kernels", "config", "Plan",
            "NotSupported", "KINDS"]
