@@ -31,6 +31,7 @@ CASES = [
     ("linear_attn", "H16 K=V=128", {"heads": 16, "key": 128, "value": 128}),
     ("simple_gla", "H16 K=V=128", {"heads": 16, "key": 128, "value": 128}),
     ("retnet", "H16 K=V=128", {"heads": 16, "key": 128, "value": 128}),
+    ("gla", "H16 K=V=128", {"heads": 16, "key": 128, "value": 128}),
     ("mamba2", "H80 P64 N128 (2.7B)", {"heads": 80, "headdim": 64, "dstate": 128,
                                         "groups": 1}),
 ]
@@ -54,19 +55,27 @@ def jobs_for(rec, sizes, options=None):
     p = cb.plan(rec)
     F = p.form
     K, V, T = sizes[F.K], sizes[F.V], sizes[rec.time]
-    cfg = cb.config(K, V, {"_inputs_16bit": True, **(options or {})})
+    diag = F.kind.value == "diagonal"
+    cfg = cb.config(K, V, {"_inputs_16bit": True, **(options or {})}, diag)
     has_g = p.g is not None
     ints = {"T": T, "K": K, "V": V, "NC": -(-T // cfg.BT), "NK": -(-K // cfg.BK)}
     blocks = {"BT": cfg.BT, "BK": cfg.BK, "BV": cfg.BV, "PREC": cfg.precision}
     kern = {
-        "fwd_h": (["k", "v", "g", "h0", "hc"], {"HAS_G": has_g, "HAS_H0": True}),
-        "bwd_dh": (["q", "do", "g", "dht", "dhc", "dh0"], {"HAS_G": has_g, "HAS_DHT": True}),
-        "bwd_dv": (["q", "k", "v", "g", "do", "hc", "dhc", "dv", "o"],
-                   {"HAS_G": has_g, "WANT_O": p.needs_o}),
-        "bwd_dqk": (["q", "k", "v", "g", "do", "hc", "dhc", "dq", "dk", "dg"], {"HAS_G": has_g}),
+        "fwd_h": (["k", "v", "g", "h0", "hc"], {"HAS_G": has_g, "HAS_H0": True, "DIAG": diag}),
+        "bwd_dh": (["q", "do", "g", "dht", "dhc", "dh0"],
+                   {"HAS_G": has_g, "HAS_DHT": True, "DIAG": diag}),
     }
-    params = {"fwd_h": ["T", "K", "V", "NC"], "bwd_dh": ["T", "K", "V", "NC"],
-              "bwd_dv": ["T", "K", "V", "NC"], "bwd_dqk": ["T", "K", "V", "NC", "NK"]}
+    if diag:
+        kern["bwd_dv_diag"] = (["q", "k", "v", "g", "do", "hc", "dhc", "dv", "o"],
+                               {"WANT_O": p.needs_o})
+        kern["bwd_dqk_diag"] = (["q", "k", "v", "g", "do", "hc", "dhc", "dq", "dk", "dg"], {})
+    else:
+        kern["bwd_dv"] = (["q", "k", "v", "g", "do", "hc", "dhc", "dv", "o"],
+                          {"HAS_G": has_g, "WANT_O": p.needs_o})
+        kern["bwd_dqk"] = (["q", "k", "v", "g", "do", "hc", "dhc", "dq", "dk", "dg"],
+                           {"HAS_G": has_g})
+    params = {n: ["T", "K", "V", "NC"] for n in kern}
+    params["bwd_dqk"] = ["T", "K", "V", "NC", "NK"]
     jobs = []
     for name, (ptrs, flags) in kern.items():
         sig = {a: "*fp32" for a in ptrs}
@@ -94,17 +103,19 @@ def whole_pass_bytes(rec, sizes, in_bytes=2):
     # initial state / its gradient and the final-state cotangent in float32
     fused = in_bytes * (2 * ins + outs) + 4 * 3 * states
     f4 = 4
-    nfac = G * T * (2 * K + 2 * V) + (G * T if p.g is not None else 0)  # q k v dO (g)
+    ng = 0 if p.g is None else G * T * (K if F.kind.value == "diagonal" else 1)
+    nfac = G * T * (2 * K + 2 * V) + ng  # q k v dO (g)
     # glue: the float32 cast of the inputs (read bf16, write f32), the factors written, the
     # chain rule reading the factor gradients and inputs, writing float32 grads, cast to bf16
     glue = ins * (in_bytes + f4) + nfac * f4 + (nfac * f4 + ins * f4 + outs * f4) + \
         ins * f4 + ins * (f4 + in_bytes)
-    NC = -(-T // 64)
+    NC = -(-T // (16 if F.kind.value == "diagonal" else 64))
     hbytes = G * NC * K * V * f4
     kern = (G * T * (K + V) * f4 + hbytes) + (G * T * (K + V) * f4 + hbytes) + \
         (nfac * f4 + 2 * hbytes + nfac * f4 + (G * T * V * f4 if p.needs_o else 0))
+    kern += 4 * ng * f4  # g read by the four kernels
     if p.g is not None:
-        kern += 2 * G * T * f4
+        kern += ng * f4 * (-(-K // 64) if F.kind.value != "diagonal" else 1)  # dg written
     return fused, glue, kern
 
 

@@ -115,14 +115,15 @@ def bwd_dh(q, do, g, dht, dhc, dh0, T, K, V, NC, HAS_G: tl.constexpr,
             b_gt = tl.load(g + o_t[None, :] * K + o_k[:, None],
                            mask=m_t[None, :] & (o_k[:, None] < K), other=0.0)
             c, n, c_l, n_l = _decays_t(b_gt, BT)
-            b_qt = b_qt * tl.where(n == 0, tl.exp(c), 0.0)
-            dh = dh * tl.where(n_l == 0, tl.exp(c_l), 0.0)[:, None]
+            dh = dh * tl.where(n_l == 0, tl.exp(c_l), 0.0)[:, None] + tl.dot(
+                b_qt * tl.where(n == 0, tl.exp(c), 0.0), b_do, input_precision=PREC)
         elif HAS_G:
             b_g = tl.load(g + o_t, mask=m_t, other=0.0)
             c, n, c_l, n_l = _decays(b_g, o_t, T, BT)
-            b_qt = b_qt * tl.where(n == 0, tl.exp(c), 0.0)[None, :]
-            dh = dh * tl.where(n_l == 0, tl.exp(c_l), 0.0)
-        dh += tl.dot(b_qt, b_do, input_precision=PREC)
+            dh = dh * tl.where(n_l == 0, tl.exp(c_l), 0.0) + tl.dot(
+                b_qt * tl.where(n == 0, tl.exp(c), 0.0)[None, :], b_do, input_precision=PREC)
+        else:
+            dh += tl.dot(b_qt, b_do, input_precision=PREC)
     tl.store(dh0 + p_kv, dh, mask=m_kv)
 
 
