@@ -109,20 +109,34 @@ def whole_pass_bytes(rec, sizes, in_bytes=2):
     # chain rule reading the factor gradients and inputs, writing float32 grads, cast to bf16
     glue = ins * (in_bytes + f4) + nfac * f4 + (nfac * f4 + ins * f4 + outs * f4) + \
         ins * f4 + ins * (f4 + in_bytes)
-    NC = -(-T // (16 if F.kind.value == "diagonal" else 64))
+    diag = F.kind.value == "diagonal"
+    NC = -(-T // (16 if diag else 64))
+    nk, nv = -(-K // 64), -(-V // 64)
+    # every tile each program loads or stores (chunked_backward_kernels.py), float32:
+    # fwd_h / bwd_dh over (G, nk, nv): k (q) read once per V-block, v (dO) once per K-block;
+    # bwd_dv over (G, NC, nv): q, k once per V-block, dO (and v, S if O is recomputed) once;
+    # bwd_dqk over (G, NC, nk): v, dO once per K-block, q, k, S, dh once
+    tk, tv = G * T * K, G * T * V
+    o = p.needs_o
+    kern = f4 * ((nv * tk + nk * tv) + (nv * tk + nk * tv)          # fwd_h, bwd_dh reads
+                 + (2 * nv * tk + tv + (tv if o else 0)) + (tv if o else 0)  # bwd_dv reads, o
+                 + (2 * nk * tv + 2 * tk) + tv + 2 * tk)             # bwd_dqk reads; dv dq dk
     hbytes = G * NC * K * V * f4
-    kern = (G * T * (K + V) * f4 + hbytes) + (G * T * (K + V) * f4 + hbytes) + \
-        (nfac * f4 + 2 * hbytes + nfac * f4 + (G * T * V * f4 if p.needs_o else 0))
-    kern += 4 * ng * f4  # g read by the four kernels
-    if p.g is not None:
-        kern += ng * f4 * (-(-K // 64) if F.kind.value != "diagonal" else 1)  # dg written
+    kern += hbytes * (2 + 1 + 2 + (1 if o else 0))  # hc, dhc written; hc, dhc x2 (+hc) read
+    kern += ng * f4 * (4 * (nv if not diag else 1) + (nk if not diag else 1))  # g read, dg
     return fused, glue, kern
 
 
 MEASURE = [  # interpreter-sized shapes (bench_backward_bytes.py's table 1), float32
     ("linear_attn", {"batch": 1, "time": 512, "heads": 4, "key": 16, "value": 16}),
     ("simple_gla", {"batch": 1, "time": 512, "heads": 4, "key": 16, "value": 16}),
+    ("gla", {"batch": 1, "time": 512, "heads": 4, "key": 16, "value": 16}),
     ("mamba2", {"batch": 1, "time": 512, "heads": 4, "headdim": 16, "dstate": 16,
+                "groups": 1}),
+    # bench_backward_bytes.py's table 2 shapes
+    ("linear_attn", {"batch": 1, "time": 512, "heads": 4, "key": 64, "value": 64}),
+    ("gla", {"batch": 1, "time": 512, "heads": 4, "key": 64, "value": 64}),
+    ("mamba2", {"batch": 1, "time": 512, "heads": 8, "headdim": 64, "dstate": 64,
                 "groups": 1}),
 ]
 
@@ -179,12 +193,13 @@ def measure_bytes(name: str, dims: dict) -> dict:
                 with _disable_current_modes():
                     return self.k[grid](*a, **kw)
             return call
+    orig = cb.kernels
     cb.kernels = lambda: tuple(Launch(k) for k in real)  # noqa: E731 - this process only
     try:
         with runtime.count_traffic() as tr, Count():
             ag.backward(rec, x, dy, h0, dh, target="triton")
     finally:
-        del cb.kernels
+        cb.kernels = orig
     numel = lambda dims_: math.prod(sizes[d] for d in dims_)  # noqa: E731
     ins = sum(numel(i.dims) for i in rec.inputs)
     fused = 4 * (2 * ins + sum(numel(o.dims) for o in rec.outputs) +
