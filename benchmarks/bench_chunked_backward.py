@@ -54,11 +54,10 @@ def jobs_for(rec, sizes, options=None):
     from scancc.backends.triton import chunked_backward as cb
     p = cb.plan(rec)
     F = p.form
-    K, V, T = sizes[F.K], sizes[F.V], sizes[rec.time]
+    K, V = sizes[F.K], sizes[F.V]
     diag = F.kind.value == "diagonal"
     cfg = cb.config(K, V, {"_inputs_16bit": True, **(options or {})}, diag)
     has_g = p.g is not None
-    ints = {"T": T, "K": K, "V": V, "NC": -(-T // cfg.BT), "NK": -(-K // cfg.BK)}
     blocks = {"BT": cfg.BT, "BK": cfg.BK, "BV": cfg.BV, "PREC": cfg.precision}
     kern = {
         "fwd_h": (["k", "v", "g", "h0", "hc"], {"HAS_G": has_g, "HAS_H0": True, "DIAG": diag}),

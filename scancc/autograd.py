@@ -353,12 +353,17 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
     d_out = {k: xp.cast(v, dt) for k, v in d_out.items()}
     sizes = fwd.sizes(tuple(tuple(inputs[n].shape) for n in fwd.input_names))
     T = sizes[rec.time]
-    chunked = _chunked_hook(fwd.backend, rec, opts.given) if xp.torch else None
+    chunked = _chunked_hook(fwd.backend, rec, opts.given)
     if chunked is not None:  # a fixed few launches, chunk-boundary states only
-        g, d_init = chunked(rec, inputs, d_out, sizes, initial_state, d_final_state,
+        # the backend takes torch tensors: NumPy arrays (scancc check) go through CPU tensors
+        tt = (lambda a: a) if xp.torch else _torch_of
+        g, d_init = chunked(rec, {k: tt(v) for k, v in inputs.items()},
+                            {k: tt(v) for k, v in d_out.items()}, sizes,
+                            {k: tt(v) for k, v in (initial_state or {}).items()},
+                            {k: tt(v) for k, v in (d_final_state or {}).items()},
                             {**opts.given, "_inputs_16bit": low})
-        return {k: xp.cast(v, dt).reshape(given[k]) for k, v in g.items()}, \
-            {k: xp.cast(v, dt) for k, v in d_init.items()}
+        return {k: xp.back(v, dt).reshape(given[k]) for k, v in g.items()}, \
+            {k: xp.back(v, dt) for k, v in d_init.items()}
     axes = _time_axes(rec)
     zeros = {s.name: xp.zeros(tuple(sizes[d] for d in s.dims), dt) for s in rec.states}
     h = {**zeros, **{k: xp.cast(v, dt) for k, v in (initial_state or {}).items()}}
@@ -412,6 +417,11 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
                 put(g, ax, t0, t1, gx, ri)
     d_init = {s.name: carry[adj.adjoint_state[s.name]] for s in rec.states}
     return {k: v.reshape(given[k]) for k, v in grads.items()}, d_init
+
+
+def _torch_of(a):
+    import torch
+    return torch.from_numpy(np.ascontiguousarray(a))
 
 
 def _full_layouts(rec: Recurrence, inputs: Mapping[str, Any]) -> dict:

@@ -195,3 +195,26 @@ def test_what_takes_the_generic_path():
     assert be.chunked_backward(rec, {"algorithm": "recurrent"}) is None
     from scancc.backends.triton import chunked_backward_kernels as kern
     assert kern.RESET.value == RESET_LOG_DECAY
+
+
+def test_numpy_arrays_take_the_chunked_path_too(monkeypatch):
+    """``scancc.autograd.backward`` with NumPy arrays on triton (``scancc check --backward``)
+    runs the chunked backward through CPU tensors and hands back NumPy gradients."""
+    launched = []
+    real = cb.backward
+
+    def spy(*a, **k):
+        launched.append(1)
+        return real(*a, **k)
+    monkeypatch.setattr(cb, "backward", spy)
+    from scancc.backends import get
+    monkeypatch.setattr(type(get("triton")), "chunked_backward",
+                        lambda self, rec, options: spy)
+    rec, sizes, x, h0, dy, dh = _case("linear_attn", 21, seed=11)
+    want, want0 = ag.backward(rec, x, dy, h0, dh)
+    got, got0 = ag.backward(rec, x, dy, h0, dh, target="triton", options=SMALL)
+    assert launched == [1]
+    for k in want:
+        assert isinstance(got[k], np.ndarray) and got[k].dtype == np.float32
+        assert_close(got[k], want[k], "float32", f"d{k}", T=21)
+    assert_close(got0["S"], want0["S"], "float32", "dS_0", T=21)

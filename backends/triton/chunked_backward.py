@@ -59,7 +59,6 @@ from typing import Any, Mapping
 
 from scancc.ir import Input, Kind, Node, Op, Recurrence
 from scancc.ir.passes.adjoint import _Ctx, vjp
-from scancc.ir.passes.chunked import RESET_LOG_DECAY
 from scancc.ir.passes.lets import inline_lets_in
 from scancc.ir.passes.rewrite import substitute
 
