@@ -255,3 +255,32 @@ def test_torch_compile_trains_through_the_chunked_backward(monkeypatch):
     want = torch.autograd.grad(layer(ref, x.double(), *p64), p64)
     for a, b in zip(got, want):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+
+
+def _custom():
+    """A user recurrence with the scalar chunked structure the library lacks: a decay written
+    as sigmoid(a) (not exp: the log-decay is log(sigmoid(a)), let-bound), a scale factor on
+    the injected term, a time-invariant per-head input in the readout, and a residual."""
+    from scancc.ir import Builder, dot, scalar, sigmoid
+    r = Builder("custom_scalar")
+    b, t, h = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("heads", "head")
+    k_, v_ = r.dim("key"), r.dim("value")
+    q, kk, vv = r.input("q", [b, t, h, k_]), r.input("k", [b, t, h, k_]), \
+        r.input("v", [b, t, h, v_])
+    a, beta, w = r.input("a", [b, t, h]), r.input("beta", [b, t, h]), r.input("w", [h])
+    gate = r.let("gate", sigmoid(a))
+    S = r.state("S", [b, h, k_, v_], scalar(gate), inject=kk * vv * beta)
+    r.output("o", [b, t, h, v_], dot(S, q, k_) * w + vv)
+    return r.build()
+
+
+def test_a_user_recurrence_with_the_structure():
+    rec = _custom()
+    assert cb.applies(rec) == (True, "")
+    sizes = default_sizes(rec, time=37, key=5, value=3, heads=2)
+    x = sample_inputs(rec, sizes, 13)
+    h0 = sample_state(rec, sizes, 14)
+    rng = np.random.default_rng(15)
+    dy = {"o": rng.standard_normal(tuple(sizes[d] for d in rec.outputs[0].dims))}
+    dh = {"S": rng.standard_normal(tuple(sizes[d] for d in rec.states[0].dims))}
+    _compare(rec, x, h0, dy, dh, 37, SMALL, "custom_scalar")
