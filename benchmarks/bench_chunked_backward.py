@@ -77,7 +77,7 @@ def jobs_for(rec, sizes, options=None):
     params["bwd_dqk"] = ["T", "K", "V", "NC", "NK"]
     jobs = []
     for name, (ptrs, flags) in kern.items():
-        sig = {a: "*fp32" for a in ptrs}
+        sig = {a: "*bf16" if a in ("hc", "dhc") else "*fp32" for a in ptrs}
         sig.update({a: "i32" for a in params[name]})
         const = {**flags, **blocks}
         sig.update({a: "constexpr" for a in const})
@@ -120,7 +120,7 @@ def whole_pass_bytes(rec, sizes, in_bytes=2):
     kern = f4 * ((nv * tk + nk * tv) + (nv * tk + nk * tv)          # fwd_h, bwd_dh reads
                  + (2 * nv * tk + tv + (tv if o else 0)) + (tv if o else 0)  # bwd_dv reads, o
                  + (2 * nk * tv + 2 * tk) + tv + 2 * tk)             # bwd_dqk reads; dv dq dk
-    hbytes = G * NC * K * V * f4
+    hbytes = G * NC * K * V * in_bytes  # bfloat16 for 16-bit calls
     kern += hbytes * (2 + 1 + 2 + (1 if o else 0))  # hc, dhc written; hc, dhc x2 (+hc) read
     kern += ng * f4 * (4 * (nv if not diag else 1) + (nk if not diag else 1))  # g read, dg
     return fused, glue, kern
@@ -207,13 +207,51 @@ def measure_bytes(name: str, dims: dict) -> dict:
             "sizes": {d: sizes[d] for d in dims}}
 
 
+def bf16_states_error(T: int = 200) -> list[str]:
+    """Measured: the rel-RMS error (vs the float64 reference on the same bf16-rounded inputs)
+    of the gradients with the chunk-boundary states kept in float32 and in bfloat16 (what a
+    16-bit call gets), dot_precision='ieee' so the states' rounding is all that differs."""
+    import numpy as np
+    import torch
+
+    import scancc
+    from scancc import autograd as ag
+    from scancc.backends.triton import chunked_backward as cb
+    from scancc.testing import default_sizes, sample_inputs, within
+    rows = []
+    for name in ("simple_gla", "gla"):
+        e = scancc.get(name)
+        rec = e.build()
+        sizes = default_sizes(rec, time=T, key=32, value=32, heads=2)
+        x = sample_inputs(rec, sizes, 7, e.hints)
+        dy = np.random.default_rng(1).standard_normal(tuple(sizes[d]
+                                                            for d in rec.outputs[0].dims))
+        bf = {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in x.items()}
+        want, _ = ag.backward(rec, {k: v.double().numpy() for k, v in bf.items()}, {"o": dy})
+        for low in (False, True):
+            got, _ = cb.backward(rec, {k: v.float() for k, v in bf.items()},
+                                 {"o": torch.from_numpy(dy).float()}, sizes, None, None,
+                                 {"_inputs_16bit": low, "dot_precision": "ieee",
+                                  "block_sizes": {"time": 16}})
+            rel = {k: within(got[k].double().numpy(), want[k], "bfloat16", T)[1] for k in want}
+            errs = ", ".join(f"d{k} {r:.2e}" for k, r in rel.items())
+            rows.append(f"{name} T={T} K=V=32, states in {'bfloat16' if low else 'float32'}: "
+                        f"rel-RMS {errs}")
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-compile", action="store_true", help="bytes only")
     ap.add_argument("--measure", action="store_true", help="only the interpreter-measured bytes")
     ap.add_argument("--names", nargs="*", help="only these recurrences")
+    ap.add_argument("--bf16-states", action="store_true",
+                    help="only the gradient error of bfloat16 chunk-boundary states")
     ap.add_argument("--num-warps", type=int, help="the num_warps option")
     args = ap.parse_args(argv)
+    if args.bf16_states:
+        print("\n".join(bf16_states_error()))
+        return 0
     if args.measure:
         print("| recurrence | shape | fused minimum MB | glue MB | kernels MB | whole pass MB | "
               "× minimum |")

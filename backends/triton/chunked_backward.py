@@ -427,9 +427,15 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
     dht = state_flat(dht) if dht is not None else None
 
     nc, nk, nv = -(-T // cfg.BT), -(-K // cfg.BK), -(-V // cfg.BV)
-    new = (lambda *shape: torch.full(shape, float("nan"), dtype=f32, device=dev)) if POISON \
-        else (lambda *shape: torch.empty(shape, dtype=f32, device=dev))
-    hc, dhc, dh0 = new(G, nc, K, V), new(G, nc, K, V), new(G, K, V)
+    def new(*shape, dtype=f32):
+        if POISON:
+            return torch.full(shape, float("nan"), dtype=dtype, device=dev)
+        return torch.empty(shape, dtype=dtype, device=dev)
+    # the chunk-boundary states and their gradients in bfloat16 for 16-bit calls (as fla
+    # keeps them in the input dtype): the passes carry them in float32, only the copies the
+    # per-chunk kernels read are rounded
+    sdt = torch.bfloat16 if opts.get("_inputs_16bit") else f32
+    hc, dhc, dh0 = new(G, nc, K, V, dtype=sdt), new(G, nc, K, V, dtype=sdt), new(G, K, V)
     dq, dk, dv = new(G, T, K), new(G, T, K), new(G, T, V)
     dgk = (new(G, T, K) if diag else new(G, nk, T)) if fg is not None else None
     fo = new(G, T, V) if p.needs_o else None

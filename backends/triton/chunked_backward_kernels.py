@@ -60,7 +60,7 @@ def fwd_h(k, v, g, h0, hc, T, K, V, NC, HAS_G: tl.constexpr, HAS_H0: tl.constexp
     if HAS_H0:
         S += tl.load(h0 + p_kv, mask=m_kv, other=0.0)
     for i_c in range(0, NC):
-        tl.store(hc + i_c * K * V + p_kv, S, mask=m_kv)
+        tl.store(hc + i_c * K * V + p_kv, S.to(hc.dtype.element_ty), mask=m_kv)
         o_t = i_c * BT + tl.arange(0, BT)
         m_t = o_t < T
         # k read transposed: [BK, BT]
@@ -104,7 +104,7 @@ def bwd_dh(q, do, g, dht, dhc, dh0, T, K, V, NC, HAS_G: tl.constexpr,
         dh += tl.load(dht + p_kv, mask=m_kv, other=0.0)
     for j in range(0, NC):
         i_c = NC - 1 - j
-        tl.store(dhc + i_c * K * V + p_kv, dh, mask=m_kv)
+        tl.store(dhc + i_c * K * V + p_kv, dh.to(dhc.dtype.element_ty), mask=m_kv)
         o_t = i_c * BT + tl.arange(0, BT)
         m_t = o_t < T
         b_qt = tl.load(q + o_t[None, :] * K + o_k[:, None],
@@ -175,11 +175,11 @@ def bwd_dv(q, k, v, g, do, hc, dhc, dv, o, T, K, V, NC, HAS_G: tl.constexpr,
         b_q = tl.load(q + p_tk, mask=m_tk, other=0.0)
         b_kt = tl.load(k + o_t[None, :] * K + o_k[:, None],
                        mask=m_t[None, :] & (o_k[:, None] < K), other=0.0)
-        b_dh = tl.load(dhc + p_kv, mask=m_kv, other=0.0)
+        b_dh = tl.load(dhc + p_kv, mask=m_kv, other=0.0).to(tl.float32)
         a += tl.dot(b_q, b_kt, input_precision=PREC)
         b_dv += tl.dot(tl.trans(b_kt), b_dh, input_precision=PREC)
         if WANT_O:
-            b_s = tl.load(hc + p_kv, mask=m_kv, other=0.0)
+            b_s = tl.load(hc + p_kv, mask=m_kv, other=0.0).to(tl.float32)
             b_o += tl.dot(b_q, b_s, input_precision=PREC)
     # the decays after the K loop: they scale rows, so nothing in the loop needs them live
     e_q, e_k, e_l, seg = _chunk(g, o_t, m_t, T, HAS_G, BT)
@@ -223,8 +223,8 @@ def bwd_dqk(q, k, v, g, do, hc, dhc, dq, dk, dg, T, K, V, NC, NK, HAS_G: tl.cons
         b_vt = tl.load(v + o_t[None, :] * V + o_v[:, None],
                        mask=m_t[None, :] & (o_v[:, None] < V), other=0.0)
         b_do = tl.load(do + p_tv, mask=m_tv, other=0.0)
-        b_st = tl.load(hc + p_vk, mask=m_vk, other=0.0)
-        b_dht = tl.load(dhc + p_vk, mask=m_vk, other=0.0)
+        b_st = tl.load(hc + p_vk, mask=m_vk, other=0.0).to(tl.float32)
+        b_dht = tl.load(dhc + p_vk, mask=m_vk, other=0.0).to(tl.float32)
         da += tl.dot(b_do, b_vt, input_precision=PREC)
         b_dq += tl.dot(b_do, b_st, input_precision=PREC)
         b_dkh += tl.dot(tl.trans(b_vt), b_dht, input_precision=PREC)
@@ -286,10 +286,10 @@ def bwd_dv_diag(q, k, v, g, do, hc, dhc, dv, o, T, K, V, NC, WANT_O: tl.constexp
         c, n, c_l, n_l = _decays_k(tl.load(g + p_tk, mask=m_tk, other=0.0), BT)
         a += tl.sum(b_q[:, None, :] * b_k[None, :, :] * _seg3(c, n, o_t), 2)
         e_k = tl.where(n == n_l[None, :], tl.exp(c_l[None, :] - c), 0.0)
-        b_dh = tl.load(dhc + p_kv, mask=m_kv, other=0.0)
+        b_dh = tl.load(dhc + p_kv, mask=m_kv, other=0.0).to(tl.float32)
         b_dv += tl.dot(b_k * e_k, b_dh, input_precision=PREC)
         if WANT_O:
-            b_s = tl.load(hc + p_kv, mask=m_kv, other=0.0)
+            b_s = tl.load(hc + p_kv, mask=m_kv, other=0.0).to(tl.float32)
             b_o += tl.dot(b_q * tl.where(n == 0, tl.exp(c), 0.0), b_s, input_precision=PREC)
     b_do = tl.load(do + p_tv, mask=m_tv, other=0.0)
     b_dv += tl.dot(tl.trans(a), b_do, input_precision=PREC)
@@ -329,8 +329,8 @@ def bwd_dqk_diag(q, k, v, g, do, hc, dhc, dq, dk, dg, T, K, V, NC, BT: tl.conste
         b_vt = tl.load(v + o_t[None, :] * V + o_v[:, None],
                        mask=m_t[None, :] & (o_v[:, None] < V), other=0.0)
         b_do = tl.load(do + p_tv, mask=m_tv, other=0.0)
-        b_st = tl.load(hc + p_vk, mask=m_vk, other=0.0)
-        b_dht = tl.load(dhc + p_vk, mask=m_vk, other=0.0)
+        b_st = tl.load(hc + p_vk, mask=m_vk, other=0.0).to(tl.float32)
+        b_dht = tl.load(dhc + p_vk, mask=m_vk, other=0.0).to(tl.float32)
         da += tl.dot(b_do, b_vt, input_precision=PREC)
         b_dq += tl.dot(b_do, b_st, input_precision=PREC)
         b_dkh += tl.dot(tl.trans(b_vt), b_dht, input_precision=PREC)
