@@ -10,7 +10,8 @@ O and the inputs. Its backward, for chunks of BT steps (c the in-chunk cumulativ
 L the chunk's last step, S the state entering the chunk, dh = dL/dS leaving it), is:
 
 1. ``fwd_h`` (sequential over chunks, parallel over grid x K-blocks x V-blocks): the state
-   entering each chunk, [G, NC, K, V] float32 -- chunk boundaries only, never per step;
+   entering each chunk, [G, NC, K, V] (float32; bfloat16 for a 16-bit call, the pass itself
+   in float32) -- chunk boundaries only, never per step;
 2. ``bwd_dh`` (sequential over chunks in reverse, same grid): dh of each chunk,
    dh_{i-1} = e^{c_L} dh_i + (q ⊙ e^{c})ᵀ dO (tensor-core dots), and dh_{-1}, the gradient of
    the initial state;
@@ -427,6 +428,7 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
     dht = state_flat(dht) if dht is not None else None
 
     nc, nk, nv = -(-T // cfg.BT), -(-K // cfg.BK), -(-V // cfg.BV)
+
     def new(*shape, dtype=f32):
         if POISON:
             return torch.full(shape, float("nan"), dtype=dtype, device=dev)
