@@ -254,21 +254,24 @@ def _run(rec: Recurrence, inputs: Mapping[str, Any], init: dict | None,
 _XP: dict = {}  # device (None: NumPy) -> _Arrays
 
 
-_TARGETS: dict[tuple, tuple[Recurrence, str]] = {}  # (backend, id(rec)) -> (rec, target)
+_TARGETS: dict[tuple, tuple[Recurrence, str]] = {}  # (backend, id(rec), algo) -> (rec, target)
 
 
 def backward_target(kernel, rec: Recurrence) -> str:
-    """The backend of ``kernel`` (anything with a ``.backend``: a Kernel, a Runner) if it lowers
-    the backward recurrence, else the reference."""
+    """The backend of ``kernel`` (anything with a ``.backend``: a Kernel, a Runner) if it has a
+    chunked backward of ``rec`` under the kernel's ``algorithm`` or lowers the backward
+    recurrence, else the reference."""
     be = kernel.backend
     if be.name == "reference":
         return "reference"
-    key = (be.name, id(rec))
+    algo = (getattr(kernel, "options", None) or {}).get("algorithm", "auto")
+    key = (be.name, id(rec), algo)
     hit = _TARGETS.get(key)
     if hit is not None and hit[0] is rec:
         return hit[1]
     target = be.name
-    if _chunked_hook(be, rec, {}) is not None:   # a chunked backward: no backward recurrence
+    # a chunked backward under the kernel's algorithm: no backward recurrence needed
+    if _chunked_hook(be, rec, {"algorithm": algo}) is not None:
         _TARGETS[key] = (rec, target)
         return target
     adj = adjoint(rec)
