@@ -223,7 +223,15 @@ class _TorchEval:
         a = arr.permute(src)
         if time not in layout:
             a = a.unsqueeze(0)
-        return a.reshape((a.shape[0],) + self.shape(present))
+        return self.spread(a, layout)
+
+    def spread(self, a, dims):
+        """(time, the canonical dims in ``dims``, in order) -> full rank: size-1 axes inserted
+        for the others (views, no copy)."""
+        for i, d in enumerate(self.canon):
+            if d not in dims:
+                a = a.unsqueeze(1 + i)
+        return a
 
     def from_canon(self, a, layout):
         """(time-led canonical) -> ``layout``; a time-free layout sums the time axis."""
@@ -410,8 +418,7 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
         x = x.reshape(tuple(sizes[d] for d in grid) + (T,) + ((sizes[feat],) if feat else ()))
         names = list(grid) + [rec.time] + ([feat] if feat else [])
         order = [rec.time] + [d for d in canon if d in names]
-        x = x.permute([names.index(d) for d in order])
-        return x.reshape((T,) + tuple(sizes[d] if d in names else 1 for d in canon))
+        return ev.spread(x.permute([names.index(d) for d in order]), names)
 
     fq, fk, fv = flat(ev.eval(p.q), F.K), flat(ev.eval(p.k), F.K), flat(ev.eval(p.v), F.V)
     fdo = flat(ev.eval(p.d_contraction), F.V)
