@@ -15,6 +15,11 @@ else on the reference backend.
 Every kernel call here (forward chunks, recomputation, backward recurrence) is a
 ``scancc._forward.Runner``, the forward path ``Kernel.__call__`` uses too; this module never
 imports ``scancc.api`` (api imports it).
+
+A backend may instead offer a chunked backward (``backend.chunked_backward(rec, options)``;
+Triton: ``scancc.backends.triton.chunked_backward``, identity and scalar decays): then, for
+torch tensors, the whole backward of one call is that function -- a fixed few launches that
+recompute the chunk-boundary states only, never the per-step state sequence.
 """
 from __future__ import annotations
 
@@ -249,21 +254,27 @@ def _run(rec: Recurrence, inputs: Mapping[str, Any], init: dict | None,
 _XP: dict = {}  # device (None: NumPy) -> _Arrays
 
 
-_TARGETS: dict[tuple, tuple[Recurrence, str]] = {}  # (backend, id(rec)) -> (rec, target)
+_TARGETS: dict[tuple, tuple[Recurrence, str]] = {}  # (backend, id(rec), algo) -> (rec, target)
 
 
 def backward_target(kernel, rec: Recurrence) -> str:
-    """The backend of ``kernel`` (anything with a ``.backend``: a Kernel, a Runner) if it lowers
-    the backward recurrence, else the reference."""
+    """The backend of ``kernel`` (anything with a ``.backend``: a Kernel, a Runner) if it has a
+    chunked backward of ``rec`` under the kernel's ``algorithm`` or lowers the backward
+    recurrence, else the reference."""
     be = kernel.backend
     if be.name == "reference":
         return "reference"
-    key = (be.name, id(rec))
+    algo = (getattr(kernel, "options", None) or {}).get("algorithm", "auto")
+    key = (be.name, id(rec), algo)
     hit = _TARGETS.get(key)
     if hit is not None and hit[0] is rec:
         return hit[1]
-    adj = adjoint(rec)
     target = be.name
+    # a chunked backward under the kernel's algorithm: no backward recurrence needed
+    if _chunked_hook(be, rec, {"algorithm": algo}) is not None:
+        _TARGETS[key] = (rec, target)
+        return target
+    adj = adjoint(rec)
     for r in (adj.backward, adj.states_view, rec):
         try:
             ok, _ = be.supports(r, {})
@@ -274,6 +285,19 @@ def backward_target(kernel, rec: Recurrence) -> str:
             break
     _TARGETS[key] = (rec, target)
     return target
+
+
+def _chunked_hook(be, rec: Recurrence, options: Mapping[str, Any]):
+    """The backend's chunked backward of ``rec`` under ``options`` (a function, see
+    ``scancc.backends.triton.chunked_backward.backward``), or None: the backend has none, the
+    options rule the chunked form out, or ``rec``'s structure is not one it takes."""
+    hook = getattr(be, "chunked_backward", None)
+    if hook is None:
+        return None
+    try:
+        return hook(rec, options)
+    except Exception:  # noqa: BLE001 - a backend that cannot look at the IR has none
+        return None
 
 
 _AXES: dict[int, tuple[Recurrence, dict[str, int | None]]] = {}
@@ -327,10 +351,22 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
     fwd = _kernel(rec, target, opts)
     dt = xp.float_dtype(64 if fwd.backend.computes_float64 else 32)
     given = {k: v.shape for k, v in inputs.items()}
+    low = xp.torch and any(v.dtype in (xp.t.bfloat16, xp.t.float16) for v in inputs.values())
     inputs = {k: xp.cast(v, dt) for k, v in _full_layouts(rec, inputs).items()}
     d_out = {k: xp.cast(v, dt) for k, v in d_out.items()}
     sizes = fwd.sizes(tuple(tuple(inputs[n].shape) for n in fwd.input_names))
     T = sizes[rec.time]
+    chunked = _chunked_hook(fwd.backend, rec, opts.given)
+    if chunked is not None:  # a fixed few launches, chunk-boundary states only
+        # the backend takes torch tensors: NumPy arrays (scancc check) go through CPU tensors
+        tt = (lambda a: a) if xp.torch else _torch_of
+        g, d_init = chunked(rec, {k: tt(v) for k, v in inputs.items()},
+                            {k: tt(v) for k, v in d_out.items()}, sizes,
+                            {k: tt(v) for k, v in (initial_state or {}).items()},
+                            {k: tt(v) for k, v in (d_final_state or {}).items()},
+                            {**opts.given, "_inputs_16bit": low})
+        return {k: xp.back(v, dt).reshape(given[k]) for k, v in g.items()}, \
+            {k: xp.back(v, dt) for k, v in d_init.items()}
     axes = _time_axes(rec)
     zeros = {s.name: xp.zeros(tuple(sizes[d] for d in s.dims), dt) for s in rec.states}
     h = {**zeros, **{k: xp.cast(v, dt) for k, v in (initial_state or {}).items()}}
@@ -384,6 +420,11 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
                 put(g, ax, t0, t1, gx, ri)
     d_init = {s.name: carry[adj.adjoint_state[s.name]] for s in rec.states}
     return {k: v.reshape(given[k]) for k, v in grads.items()}, d_init
+
+
+def _torch_of(a):
+    import torch
+    return torch.from_numpy(np.ascontiguousarray(a))
 
 
 def _full_layouts(rec: Recurrence, inputs: Mapping[str, Any]) -> dict:

@@ -203,6 +203,15 @@ class TritonBackend(Backend):
         return varlen.run(self, rec, inputs, sizes, initial_state, output_final_state,
                           options, cu)
 
+    def chunked_backward(self, rec: Recurrence, options: Mapping[str, Any]):
+        """The chunked backward of ``rec`` (chunked_backward.py: no per-step states) when the
+        ``algorithm`` option allows the chunked form and its structure is supported, else
+        None (``scancc.autograd`` then runs the derived backward recurrence)."""
+        if options.get("algorithm", "auto") not in ("auto", "chunked", "staged"):
+            return None
+        from . import chunked_backward
+        return chunked_backward.backward if chunked_backward.applies(rec)[0] else None
+
     def _last_compiled(self, rec: Recurrence, options: Mapping[str, Any], args: list):
         """``compiled`` for a call, through a last-hit memo keyed by the identity of the IR
         and of the options dict (a caller reusing both, as scancc's Runner does, skips even

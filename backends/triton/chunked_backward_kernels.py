@@ -1,0 +1,352 @@
+"""The chunked backward's three kernels (module doc of ``chunked_backward``): plain Triton,
+generic over the chunked form's factors laid out [G, T, K|V] (G the flattened grid), float32.
+Imported only through ``chunked_backward.kernels()``, after the runtime chose the interpreter
+or the GPU."""
+import triton
+import triton.language as tl
+
+# log(2**-126): a decay below float32's smallest normal number is a hard reset
+# (scancc.ir.passes.chunked.RESET_LOG_DECAY; the test checks they agree)
+RESET: tl.constexpr = tl.constexpr(-87.33654475055310898657)
+
+
+@triton.jit
+def _decays(g, o_t, T, BT: tl.constexpr):
+    """Cumulative log-decays of a chunk with hard resets counted: (c, n, c_L, n_L)."""
+    reset = g <= RESET
+    n = tl.cumsum(reset.to(tl.int32), 0)
+    c = tl.cumsum(tl.where(reset, 0.0, g), 0)
+    last = tl.arange(0, BT) == BT - 1   # padded steps are g = 0: they change nothing
+    return c, n, tl.sum(tl.where(last, c, 0.0), 0), tl.sum(tl.where(last, n, 0), 0)
+
+
+@triton.jit
+def _decays_t(g, BT: tl.constexpr):
+    """``_decays`` of log-decays along K, [BK, BT] (time along axis 1): (c, n) [BK, BT],
+    (c_L, n_L) [BK]."""
+    reset = g <= RESET
+    n = tl.cumsum(reset.to(tl.int32), 1)
+    c = tl.cumsum(tl.where(reset, 0.0, g), 1)
+    last = (tl.arange(0, BT) == BT - 1)[None, :]
+    return c, n, tl.sum(tl.where(last, c, 0.0), 1), tl.sum(tl.where(last, n, 0), 1)
+
+
+@triton.jit
+def _decays_k(g, BT: tl.constexpr):
+    """``_decays`` of log-decays along K, [BT, BK] (time along axis 0): (c, n) [BT, BK],
+    (c_L, n_L) [BK]."""
+    reset = g <= RESET
+    n = tl.cumsum(reset.to(tl.int32), 0)
+    c = tl.cumsum(tl.where(reset, 0.0, g), 0)
+    last = (tl.arange(0, BT) == BT - 1)[:, None]
+    return c, n, tl.sum(tl.where(last, c, 0.0), 0), tl.sum(tl.where(last, n, 0), 0)
+
+
+@triton.jit
+def fwd_h(k, v, g, h0, hc, T, K, V, NC, HAS_G: tl.constexpr, HAS_H0: tl.constexpr,
+          BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+          DIAG: tl.constexpr = False):
+    """The state entering each chunk: hc[i_g, i_c] ([K, V] float32), one [BK, BV] tile per
+    program, sequential over chunks."""
+    i_g, i_k, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    k, v = k + i_g * T * K, v + i_g * T * V  # this grid index's rows
+    g = g + i_g * T * K if DIAG else g + i_g * T
+    h0, hc = h0 + i_g * K * V, hc + i_g * NC * K * V
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
+    p_kv = o_k[:, None] * V + o_v[None, :]
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        S += tl.load(h0 + p_kv, mask=m_kv, other=0.0)
+    for i_c in range(0, NC):
+        tl.store(hc + i_c * K * V + p_kv, S.to(hc.dtype.element_ty), mask=m_kv)
+        o_t = i_c * BT + tl.arange(0, BT)
+        m_t = o_t < T
+        # k read transposed: [BK, BT]
+        b_kt = tl.load(k + o_t[None, :] * K + o_k[:, None],
+                       mask=m_t[None, :] & (o_k[:, None] < K), other=0.0)
+        b_v = tl.load(v + o_t[:, None] * V + o_v[None, :],
+                      mask=m_t[:, None] & (o_v[None, :] < V), other=0.0)
+        if DIAG:  # log-decays along K: [BK, BT], cumulated along time (axis 1)
+            b_gt = tl.load(g + o_t[None, :] * K + o_k[:, None],
+                           mask=m_t[None, :] & (o_k[:, None] < K), other=0.0)
+            c, n, c_l, n_l = _decays_t(b_gt, BT)
+            to_end = tl.where(n == n_l[:, None], tl.exp(c_l[:, None] - c), 0.0)
+            S = S * tl.where(n_l == 0, tl.exp(c_l), 0.0)[:, None] + tl.dot(
+                b_kt * to_end, b_v, input_precision=PREC)
+        elif HAS_G:
+            b_g = tl.load(g + o_t, mask=m_t, other=0.0)
+            c, n, c_l, n_l = _decays(b_g, o_t, T, BT)
+            to_end = tl.where(n == n_l, tl.exp(c_l - c), 0.0)
+            S = S * tl.where(n_l == 0, tl.exp(c_l), 0.0) + tl.dot(
+                b_kt * to_end[None, :], b_v, input_precision=PREC)
+        else:
+            S = S + tl.dot(b_kt, b_v, input_precision=PREC)
+
+
+@triton.jit
+def bwd_dh(q, do, g, dht, dhc, dh0, T, K, V, NC, HAS_G: tl.constexpr,
+           HAS_DHT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+           PREC: tl.constexpr, DIAG: tl.constexpr = False):
+    """dL/dS at the end of each chunk (dhc[i_g, i_c]), chunks in reverse, one [BK, BV] tile
+    per program; dh0: the initial state's."""
+    i_g, i_k, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    q, do = q + i_g * T * K, do + i_g * T * V  # this grid index's rows
+    g = g + i_g * T * K if DIAG else g + i_g * T
+    dht, dhc, dh0 = dht + i_g * K * V, dhc + i_g * NC * K * V, dh0 + i_g * K * V
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
+    p_kv = o_k[:, None] * V + o_v[None, :]
+    dh = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_DHT:
+        dh += tl.load(dht + p_kv, mask=m_kv, other=0.0)
+    for j in range(0, NC):
+        i_c = NC - 1 - j
+        tl.store(dhc + i_c * K * V + p_kv, dh.to(dhc.dtype.element_ty), mask=m_kv)
+        o_t = i_c * BT + tl.arange(0, BT)
+        m_t = o_t < T
+        b_qt = tl.load(q + o_t[None, :] * K + o_k[:, None],
+                       mask=m_t[None, :] & (o_k[:, None] < K), other=0.0)
+        b_do = tl.load(do + o_t[:, None] * V + o_v[None, :],
+                       mask=m_t[:, None] & (o_v[None, :] < V), other=0.0)
+        if DIAG:
+            b_gt = tl.load(g + o_t[None, :] * K + o_k[:, None],
+                           mask=m_t[None, :] & (o_k[:, None] < K), other=0.0)
+            c, n, c_l, n_l = _decays_t(b_gt, BT)
+            dh = dh * tl.where(n_l == 0, tl.exp(c_l), 0.0)[:, None] + tl.dot(
+                b_qt * tl.where(n == 0, tl.exp(c), 0.0), b_do, input_precision=PREC)
+        elif HAS_G:
+            b_g = tl.load(g + o_t, mask=m_t, other=0.0)
+            c, n, c_l, n_l = _decays(b_g, o_t, T, BT)
+            dh = dh * tl.where(n_l == 0, tl.exp(c_l), 0.0) + tl.dot(
+                b_qt * tl.where(n == 0, tl.exp(c), 0.0)[None, :], b_do, input_precision=PREC)
+        else:
+            dh += tl.dot(b_qt, b_do, input_precision=PREC)
+    tl.store(dh0 + p_kv, dh, mask=m_kv)
+
+
+@triton.jit
+def _chunk(g, o_t, m_t, T, HAS_G: tl.constexpr, BT: tl.constexpr):
+    """(e_q, e_k, e_l, seg) of a chunk: e^{c_t}, e^{c_L - c_t}, e^{c_L}, and D_ts = e^{c_t - c_s}
+    for t >= s (0 across a reset)."""
+    causal = o_t[:, None] >= o_t[None, :]
+    if HAS_G:
+        b_g = tl.load(g + o_t, mask=m_t, other=0.0)
+        c, n, c_l, n_l = _decays(b_g, o_t, T, BT)
+        e_q = tl.where(n == 0, tl.exp(c), 0.0)
+        e_k = tl.where(n == n_l, tl.exp(c_l - c), 0.0)
+        e_l = tl.where(n_l == 0, tl.exp(c_l), 0.0)
+        seg = tl.exp(tl.where(causal & (n[:, None] == n[None, :]),
+                              c[:, None] - c[None, :], float("-inf")))
+    else:
+        e_q = tl.full([BT], 1.0, tl.float32)
+        e_k = tl.full([BT], 1.0, tl.float32)
+        e_l = 1.0
+        seg = tl.where(causal, 1.0, 0.0)
+    return e_q, e_k, e_l, seg
+
+
+@triton.jit
+def bwd_dv(q, k, v, g, do, hc, dhc, dv, o, T, K, V, NC, HAS_G: tl.constexpr,
+           WANT_O: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+           PREC: tl.constexpr):
+    """dv = (A ⊙ D)ᵀ dO + (k ⊙ e^{c_L - c}) dh of one chunk and V-block (A = q kᵀ over K
+    blocks); with WANT_O also the contraction O = (A ⊙ D) v + e^{c} ⊙ (q S)."""
+    i_g, i_c, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    q, k, v, do, o, dv = (q + i_g * T * K, k + i_g * T * K, v + i_g * T * V, do + i_g * T * V,
+                          o + i_g * T * V, dv + i_g * T * V)  # this grid index's rows
+    g, hc, dhc = g + i_g * T, hc + i_g * NC * K * V, dhc + i_g * NC * K * V
+    o_t = i_c * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_tv = m_t[:, None] & (o_v[None, :] < V)
+    p_tv = o_t[:, None] * V + o_v[None, :]
+    a = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dv = tl.zeros([BT, BV], dtype=tl.float32)
+    b_o = tl.zeros([BT, BV], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_tk = m_t[:, None] & (o_k[None, :] < K)
+        p_tk = o_t[:, None] * K + o_k[None, :]
+        m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
+        p_kv = i_c * K * V + o_k[:, None] * V + o_v[None, :]
+        b_q = tl.load(q + p_tk, mask=m_tk, other=0.0)
+        b_kt = tl.load(k + o_t[None, :] * K + o_k[:, None],
+                       mask=m_t[None, :] & (o_k[:, None] < K), other=0.0)
+        b_dh = tl.load(dhc + p_kv, mask=m_kv, other=0.0).to(tl.float32)
+        a += tl.dot(b_q, b_kt, input_precision=PREC)
+        b_dv += tl.dot(tl.trans(b_kt), b_dh, input_precision=PREC)
+        if WANT_O:
+            b_s = tl.load(hc + p_kv, mask=m_kv, other=0.0).to(tl.float32)
+            b_o += tl.dot(b_q, b_s, input_precision=PREC)
+    # the decays after the K loop: they scale rows, so nothing in the loop needs them live
+    e_q, e_k, e_l, seg = _chunk(g, o_t, m_t, T, HAS_G, BT)
+    a = a * seg
+    b_do = tl.load(do + p_tv, mask=m_tv, other=0.0)
+    b_dv = b_dv * e_k[:, None] + tl.dot(tl.trans(a), b_do, input_precision=PREC)
+    tl.store(dv + p_tv, b_dv, mask=m_tv)
+    if WANT_O:
+        b_v = tl.load(v + p_tv, mask=m_tv, other=0.0)
+        b_o = b_o * e_q[:, None] + tl.dot(a, b_v, input_precision=PREC)
+        tl.store(o + p_tv, b_o, mask=m_tv)
+
+
+@triton.jit
+def bwd_dqk(q, k, v, g, do, hc, dhc, dq, dk, dg, T, K, V, NC, NK, HAS_G: tl.constexpr,
+            BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """dq = (dA ⊙ D) k + e^{c} ⊙ (dO Sᵀ), dk = (dA ⊙ D)ᵀ q + e^{c_L - c} ⊙ (v dhᵀ) of one chunk
+    and K-block (dA = dO vᵀ over V blocks), and this K-block's share of dg (dg[i_g, i_k, t]:
+    summed over the K-blocks by the caller: the reverse cumulative sum is linear)."""
+    i_g, i_c, i_k = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    q, k, v, do, dq, dk = (q + i_g * T * K, k + i_g * T * K, v + i_g * T * V,
+                           do + i_g * T * V, dq + i_g * T * K, dk + i_g * T * K)
+    g, dg = g + i_g * T, dg + i_g * NK * T
+    hc, dhc = hc + i_g * NC * K * V, dhc + i_g * NC * K * V
+    o_t = i_c * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_tk = m_t[:, None] & (o_k[None, :] < K)
+    p_tk = o_t[:, None] * K + o_k[None, :]
+    da = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dkh = tl.zeros([BT, BK], dtype=tl.float32)
+    x_sdh = 0.0
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v[None, :] < V)
+        p_tv = o_t[:, None] * V + o_v[None, :]
+        # the state tiles read transposed: [BV, BK]
+        m_vk = (o_v[:, None] < V) & (o_k[None, :] < K)
+        p_vk = i_c * K * V + o_k[None, :] * V + o_v[:, None]
+        b_vt = tl.load(v + o_t[None, :] * V + o_v[:, None],
+                       mask=m_t[None, :] & (o_v[:, None] < V), other=0.0)
+        b_do = tl.load(do + p_tv, mask=m_tv, other=0.0)
+        b_st = tl.load(hc + p_vk, mask=m_vk, other=0.0).to(tl.float32)
+        b_dht = tl.load(dhc + p_vk, mask=m_vk, other=0.0).to(tl.float32)
+        da += tl.dot(b_do, b_vt, input_precision=PREC)
+        b_dq += tl.dot(b_do, b_st, input_precision=PREC)
+        b_dkh += tl.dot(tl.trans(b_vt), b_dht, input_precision=PREC)
+        if HAS_G:
+            x_sdh += tl.sum(tl.sum(b_st * b_dht, 1), 0)
+    e_q, e_k, e_l, seg = _chunk(g, o_t, m_t, T, HAS_G, BT)  # after the V loop
+    da = da * seg
+    b_q = tl.load(q + p_tk, mask=m_tk, other=0.0)
+    b_k = tl.load(k + p_tk, mask=m_tk, other=0.0)
+    b_dq = b_dq * e_q[:, None] + tl.dot(da, b_k, input_precision=PREC)
+    b_dkh = b_dkh * e_k[:, None]
+    b_dk = b_dkh + tl.dot(tl.trans(da), b_q, input_precision=PREC)
+    tl.store(dq + p_tk, b_dq, mask=m_tk)
+    tl.store(dk + p_tk, b_dk, mask=m_tk)
+    if HAS_G:
+        d = tl.sum(b_q * b_dq, 1) - tl.sum(b_k * b_dk, 1)
+        x = e_l * x_sdh + tl.sum(tl.sum(b_k * b_dkh, 1), 0)
+        rev = tl.sum(tl.where(o_t[None, :] >= o_t[:, None], d[None, :], 0.0), 1)
+        b_g = tl.load(g + o_t, mask=m_t, other=0.0)
+        tl.store(dg + i_k * T + o_t, tl.where(b_g <= RESET, 0.0, rev + x),
+                 mask=m_t)
+
+
+# ---- key-diagonal decays (gla): the decay varies along K, so the intra-chunk terms are
+# [BT, BT, BK] broadcast products (as the forward's), chunks of 16 steps ----
+
+@triton.jit
+def _seg3(c, n, o_t):
+    """D_tsk = e^{c_tk - c_sk} for t >= s in the same reset segment of column k: [BT, BT, BK]."""
+    keep = (o_t[:, None] >= o_t[None, :])[:, :, None] & (n[:, None, :] == n[None, :, :])
+    return tl.exp(tl.where(keep, c[:, None, :] - c[None, :, :], float("-inf")))
+
+
+@triton.jit
+def bwd_dv_diag(q, k, v, g, do, hc, dhc, dv, o, T, K, V, NC, WANT_O: tl.constexpr,
+                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """``bwd_dv`` for key-diagonal decays: A_ts = sum_k q_tk k_sk D_tsk, dv = Aᵀ dO +
+    (k ⊙ e^{c_L - c}) dh, O = A v + (q ⊙ e^{c}) S."""
+    i_g, i_c, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    q, k, g = q + i_g * T * K, k + i_g * T * K, g + i_g * T * K  # this grid index's rows
+    v, do, o, dv = v + i_g * T * V, do + i_g * T * V, o + i_g * T * V, dv + i_g * T * V
+    hc, dhc = hc + i_g * NC * K * V, dhc + i_g * NC * K * V
+    o_t = i_c * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_tv = m_t[:, None] & (o_v[None, :] < V)
+    p_tv = o_t[:, None] * V + o_v[None, :]
+    a = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dv = tl.zeros([BT, BV], dtype=tl.float32)
+    b_o = tl.zeros([BT, BV], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_tk = m_t[:, None] & (o_k[None, :] < K)
+        p_tk = o_t[:, None] * K + o_k[None, :]
+        m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
+        p_kv = i_c * K * V + o_k[:, None] * V + o_v[None, :]
+        b_q = tl.load(q + p_tk, mask=m_tk, other=0.0)
+        b_k = tl.load(k + p_tk, mask=m_tk, other=0.0)
+        c, n, c_l, n_l = _decays_k(tl.load(g + p_tk, mask=m_tk, other=0.0), BT)
+        a += tl.sum(b_q[:, None, :] * b_k[None, :, :] * _seg3(c, n, o_t), 2)
+        e_k = tl.where(n == n_l[None, :], tl.exp(c_l[None, :] - c), 0.0)
+        b_dh = tl.load(dhc + p_kv, mask=m_kv, other=0.0).to(tl.float32)
+        b_dv += tl.dot(b_k * e_k, b_dh, input_precision=PREC)
+        if WANT_O:
+            b_s = tl.load(hc + p_kv, mask=m_kv, other=0.0).to(tl.float32)
+            b_o += tl.dot(b_q * tl.where(n == 0, tl.exp(c), 0.0), b_s, input_precision=PREC)
+    b_do = tl.load(do + p_tv, mask=m_tv, other=0.0)
+    b_dv += tl.dot(tl.trans(a), b_do, input_precision=PREC)
+    tl.store(dv + p_tv, b_dv, mask=m_tv)
+    if WANT_O:
+        b_v = tl.load(v + p_tv, mask=m_tv, other=0.0)
+        tl.store(o + p_tv, b_o + tl.dot(a, b_v, input_precision=PREC), mask=m_tv)
+
+
+@triton.jit
+def bwd_dqk_diag(q, k, v, g, do, hc, dhc, dq, dk, dg, T, K, V, NC, BT: tl.constexpr,
+                 BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """``bwd_dqk`` for key-diagonal decays, dg per K column ([G, T, K]):
+    dq_tk = sum_s dA_ts k_sk D_tsk + e^{c_tk} (dO Sᵀ)_tk, dk_sk = sum_t dA_ts q_tk D_tsk +
+    e^{c_Lk - c_sk} (v dhᵀ)_sk, dg = the reverse cumulative sum over the chunk of
+    q ⊙ dq - k ⊙ dk, plus e^{c_L} ⊙ sum_V(S ⊙ dh) + sum_s k_s ⊙ e^{c_L - c_s} ⊙ (v dhᵀ)_s."""
+    i_g, i_c, i_k = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    q, k, g = q + i_g * T * K, k + i_g * T * K, g + i_g * T * K  # this grid index's rows
+    dq, dk, dg = dq + i_g * T * K, dk + i_g * T * K, dg + i_g * T * K
+    v, do = v + i_g * T * V, do + i_g * T * V
+    hc, dhc = hc + i_g * NC * K * V, dhc + i_g * NC * K * V
+    o_t = i_c * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_tk = m_t[:, None] & (o_k[None, :] < K)
+    p_tk = o_t[:, None] * K + o_k[None, :]
+    da = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dkh = tl.zeros([BT, BK], dtype=tl.float32)
+    x_sdh = tl.zeros([BK], dtype=tl.float32)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v[None, :] < V)
+        p_tv = o_t[:, None] * V + o_v[None, :]
+        m_vk = (o_v[:, None] < V) & (o_k[None, :] < K)
+        p_vk = i_c * K * V + o_k[None, :] * V + o_v[:, None]
+        b_vt = tl.load(v + o_t[None, :] * V + o_v[:, None],
+                       mask=m_t[None, :] & (o_v[:, None] < V), other=0.0)
+        b_do = tl.load(do + p_tv, mask=m_tv, other=0.0)
+        b_st = tl.load(hc + p_vk, mask=m_vk, other=0.0).to(tl.float32)
+        b_dht = tl.load(dhc + p_vk, mask=m_vk, other=0.0).to(tl.float32)
+        da += tl.dot(b_do, b_vt, input_precision=PREC)
+        b_dq += tl.dot(b_do, b_st, input_precision=PREC)
+        b_dkh += tl.dot(tl.trans(b_vt), b_dht, input_precision=PREC)
+        x_sdh += tl.sum(b_st * b_dht, 0)
+    b_g = tl.load(g + p_tk, mask=m_tk, other=0.0)
+    c, n, c_l, n_l = _decays_k(b_g, BT)
+    seg = _seg3(c, n, o_t)
+    b_q = tl.load(q + p_tk, mask=m_tk, other=0.0)
+    b_k = tl.load(k + p_tk, mask=m_tk, other=0.0)
+    b_dq = b_dq * tl.where(n == 0, tl.exp(c), 0.0) + tl.sum(da[:, :, None] * b_k[None, :, :] *
+                                                            seg, 1)
+    b_dkh = b_dkh * tl.where(n == n_l[None, :], tl.exp(c_l[None, :] - c), 0.0)
+    b_dk = b_dkh + tl.sum(da[:, :, None] * b_q[:, None, :] * seg, 0)
+    tl.store(dq + p_tk, b_dq, mask=m_tk)
+    tl.store(dk + p_tk, b_dk, mask=m_tk)
+    d = b_q * b_dq - b_k * b_dk
+    x = tl.where(n_l == 0, tl.exp(c_l), 0.0) * x_sdh + tl.sum(b_k * b_dkh, 0)
+    rev = tl.sum(tl.where((o_t[None, :] >= o_t[:, None])[:, :, None], d[None, :, :], 0.0), 1)
+    tl.store(dg + p_tk, tl.where(b_g <= RESET, 0.0, rev + x[None, :]), mask=m_tk)

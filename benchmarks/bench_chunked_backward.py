@@ -1,0 +1,303 @@
+"""Offline sm_90 report of the Triton chunked backward's kernels (backends/triton/
+chunked_backward.py) and its whole-pass bytes, no GPU needed.
+
+1. **compile** (measured, by the compiler): each of the four kernels (``fwd_h``, ``bwd_dh``,
+   ``bwd_dv``, ``bwd_dqk``) for ``GPUTarget("cuda", 90, 32)`` with the signature and constexprs the
+   launcher passes at the shape (``chunked_backward.config``), through
+   ``bench_sm90.compile_all`` (ptxas-blackwell -v: registers, spill bytes; TTGIR: tensor
+   cores = warp_group_dot / nvidia_mma).
+2. **bytes** (modelled, by counting what the code reads and writes, float32 intermediates):
+   the whole training backward of one call (the chunk-boundary recompute + the backward),
+   split into the torch glue (the factor tensors q, k, v, g, dO built from the inputs, and
+   the chain rule from dq, dk, dv, dg back to the inputs) and the three kernels, against the
+   fused minimum: read the inputs and the output cotangents once, write the input gradients
+   once (at the inputs' dtype, bf16 here).
+
+    .venv/bin/python benchmarks/bench_chunked_backward.py            # all cases, B8 T2048
+    .venv/bin/python benchmarks/bench_chunked_backward.py --no-compile
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+# (recurrence, label, dims); B8 T2048 (shared/design PERFORMANCE.md "Realistic shapes")
+CASES = [
+    ("linear_attn", "H16 K=V=128", {"heads": 16, "key": 128, "value": 128}),
+    ("simple_gla", "H16 K=V=128", {"heads": 16, "key": 128, "value": 128}),
+    ("retnet", "H16 K=V=128", {"heads": 16, "key": 128, "value": 128}),
+    ("gla", "H16 K=V=128", {"heads": 16, "key": 128, "value": 128}),
+    ("mamba2", "H80 P64 N128 (2.7B)", {"heads": 80, "headdim": 64, "dstate": 128,
+                                        "groups": 1}),
+]
+SHAPE = {"batch": 8, "time": 2048}
+KERNELS = os.path.join(os.path.dirname(HERE), "backends", "triton",
+                       "chunked_backward_kernels.py")
+
+
+def sizes_of(rec, dims):
+    from scancc.ir import default_sizes
+    s = default_sizes(rec)
+    s.update({d: v for d, v in {**SHAPE, **dims}.items() if d in s})
+    return s
+
+
+def jobs_for(rec, sizes, options=None):
+    """The compile jobs of the three launches at ``sizes`` (bench_sm90.compile_all's format)."""
+    import json
+
+    from scancc.backends.triton import chunked_backward as cb
+    p = cb.plan(rec)
+    F = p.form
+    K, V = sizes[F.K], sizes[F.V]
+    diag = F.kind.value == "diagonal"
+    cfg = cb.config(K, V, {"_inputs_16bit": True, **(options or {})}, diag)
+    has_g = p.g is not None
+    blocks = {"BT": cfg.BT, "BK": cfg.BK, "BV": cfg.BV, "PREC": cfg.precision}
+    kern = {
+        "fwd_h": (["k", "v", "g", "h0", "hc"], {"HAS_G": has_g, "HAS_H0": True, "DIAG": diag}),
+        "bwd_dh": (["q", "do", "g", "dht", "dhc", "dh0"],
+                   {"HAS_G": has_g, "HAS_DHT": True, "DIAG": diag}),
+    }
+    if diag:
+        kern["bwd_dv_diag"] = (["q", "k", "v", "g", "do", "hc", "dhc", "dv", "o"],
+                               {"WANT_O": p.needs_o})
+        kern["bwd_dqk_diag"] = (["q", "k", "v", "g", "do", "hc", "dhc", "dq", "dk", "dg"], {})
+    else:
+        kern["bwd_dv"] = (["q", "k", "v", "g", "do", "hc", "dhc", "dv", "o"],
+                          {"HAS_G": has_g, "WANT_O": p.needs_o})
+        kern["bwd_dqk"] = (["q", "k", "v", "g", "do", "hc", "dhc", "dq", "dk", "dg"],
+                           {"HAS_G": has_g})
+    params = {n: ["T", "K", "V", "NC"] for n in kern}
+    params["bwd_dqk"] = ["T", "K", "V", "NC", "NK"]
+    jobs = []
+    for name, (ptrs, flags) in kern.items():
+        sig = {a: "*bf16" if a in ("hc", "dhc") else "*fp32" for a in ptrs}
+        sig.update({a: "i32" for a in params[name]})
+        const = {**flags, **blocks}
+        sig.update({a: "constexpr" for a in const})
+        key = json.dumps([name, sig, const, cfg.num_warps], sort_keys=True, default=str)
+        jobs.append({"key": key, "path": KERNELS, "kernel": name, "sig": sig, "const": const,
+                     "num_warps": cfg.num_warps, "num_stages": None, "label": name})
+    return jobs, cfg
+
+
+def whole_pass_bytes(rec, sizes, in_bytes=2):
+    """(fused minimum, glue, kernels) bytes of one backward call (module doc, modelled)."""
+    from scancc.backends.triton import chunked_backward as cb
+    p = cb.plan(rec)
+    F = p.form
+    T, K, V = sizes[rec.time], sizes[F.K], sizes[F.V]
+    G = math.prod(sizes[d] for d in F.grid)
+    numel = lambda dims: math.prod(sizes[d] for d in dims)  # noqa: E731
+    ins = sum(numel(x.dims) for x in rec.inputs)
+    outs = sum(numel(o.dims) for o in rec.outputs)
+    states = sum(numel(s.dims) for s in rec.states)
+    # fused minimum: inputs and output cotangents read, input gradients written (bf16); the
+    # initial state / its gradient and the final-state cotangent in float32
+    fused = in_bytes * (2 * ins + outs) + 4 * 3 * states
+    f4 = 4
+    ng = 0 if p.g is None else G * T * (K if F.kind.value == "diagonal" else 1)
+    nfac = G * T * (2 * K + 2 * V) + ng  # q k v dO (g)
+    # glue: the float32 cast of the inputs (read bf16, write f32), the factors written, the
+    # chain rule reading the factor gradients and inputs, writing float32 grads, cast to bf16
+    glue = ins * (in_bytes + f4) + nfac * f4 + (nfac * f4 + ins * f4 + outs * f4) + \
+        ins * f4 + ins * (f4 + in_bytes)
+    diag = F.kind.value == "diagonal"
+    NC = -(-T // (16 if diag else 64))
+    nk, nv = -(-K // 64), -(-V // 64)
+    # every tile each program loads or stores (chunked_backward_kernels.py), float32:
+    # fwd_h / bwd_dh over (G, nk, nv): k (q) read once per V-block, v (dO) once per K-block;
+    # bwd_dv over (G, NC, nv): q, k once per V-block, dO (and v, S if O is recomputed) once;
+    # bwd_dqk over (G, NC, nk): v, dO once per K-block, q, k, S, dh once
+    tk, tv = G * T * K, G * T * V
+    o = p.needs_o
+    kern = f4 * ((nv * tk + nk * tv) + (nv * tk + nk * tv)          # fwd_h, bwd_dh reads
+                 + (2 * nv * tk + tv + (tv if o else 0)) + (tv if o else 0)  # bwd_dv reads, o
+                 + (2 * nk * tv + 2 * tk) + tv + 2 * tk)             # bwd_dqk reads; dv dq dk
+    hbytes = G * NC * K * V * in_bytes  # bfloat16 for 16-bit calls
+    kern += hbytes * (2 + 1 + 2 + (1 if o else 0))  # hc, dhc written; hc, dhc x2 (+hc) read
+    kern += ng * f4 * (4 * (nv if not diag else 1) + (nk if not diag else 1))  # g read, dg
+    return fused, glue, kern
+
+
+MEASURE = [  # interpreter-sized shapes (bench_backward_bytes.py's table 1), float32
+    ("linear_attn", {"batch": 1, "time": 512, "heads": 4, "key": 16, "value": 16}),
+    ("simple_gla", {"batch": 1, "time": 512, "heads": 4, "key": 16, "value": 16}),
+    ("gla", {"batch": 1, "time": 512, "heads": 4, "key": 16, "value": 16}),
+    ("mamba2", {"batch": 1, "time": 512, "heads": 4, "headdim": 16, "dstate": 16,
+                "groups": 1}),
+    # bench_backward_bytes.py's table 2 shapes
+    ("linear_attn", {"batch": 1, "time": 512, "heads": 4, "key": 64, "value": 64}),
+    ("gla", {"batch": 1, "time": 512, "heads": 4, "key": 64, "value": 64}),
+    ("mamba2", {"batch": 1, "time": 512, "heads": 8, "headdim": 64, "dstate": 64,
+                "groups": 1}),
+]
+
+
+def measure_bytes(name: str, dims: dict) -> dict:
+    """Measured bytes of one ``scancc.autograd.backward`` call on the chunked path: the
+    kernels' every executed load/store (``runtime.count_traffic``, Triton's interpreter) and
+    the torch glue's every aten op (inputs read + outputs written, views and allocations not
+    counted, a TorchDispatchMode), float32 inputs; and the fused minimum (float32: inputs, dy,
+    h0, dh_T read, input gradients and dh0 written)."""
+    import numpy as np
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+    import scancc
+    from scancc import autograd as ag
+    from scancc.backends.triton import chunked_backward as cb
+    from scancc.backends.triton import runtime
+    from scancc.testing import sample_inputs, sample_state
+    e = scancc.get(name)
+    rec = e.build(**({"D": True} if name == "mamba2" else {}))
+    sizes = sizes_of(rec, dims)
+    x = {k: torch.from_numpy(v).float() for k, v in sample_inputs(rec, sizes, 0, e.hints).items()}
+    h0 = {k: torch.from_numpy(v).float() for k, v in sample_state(rec, sizes, 1).items()}
+    rng = np.random.default_rng(2)
+    dy = {o.name: torch.from_numpy(rng.standard_normal(tuple(sizes[d] for d in o.dims))).float()
+          for o in rec.outputs}
+    dh = {s.name: torch.randn(tuple(sizes[d] for d in s.dims)) for s in rec.states}
+    skip = {"empty", "empty_strided", "zeros", "full", "empty_like", "new_empty"}
+
+    class Count(TorchDispatchMode):
+        moved = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.__name__.split(".")[0] in skip:
+                return out
+            ins = [a for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                   if isinstance(a, torch.Tensor)]
+            outs = [a for a in torch.utils._pytree.tree_leaves(out) if isinstance(a, torch.Tensor)]
+            ptrs = {a.untyped_storage().data_ptr() for a in ins}
+            if outs and all(o.untyped_storage().data_ptr() in ptrs for o in outs):
+                return out  # a view
+            Count.moved += sum(a.numel() * a.element_size() for a in ins + outs)
+            return out
+    real = cb.kernels()
+
+    class Launch:
+        def __init__(self, k):
+            self.k = k
+
+        def __getitem__(self, grid):
+            def call(*a, **kw):
+                with _disable_current_modes():
+                    return self.k[grid](*a, **kw)
+            return call
+    orig = cb.kernels
+    cb.kernels = lambda: tuple(Launch(k) for k in real)  # noqa: E731 - this process only
+    try:
+        with runtime.count_traffic() as tr, Count():
+            ag.backward(rec, x, dy, h0, dh, target="triton")
+    finally:
+        cb.kernels = orig
+    numel = lambda dims_: math.prod(sizes[d] for d in dims_)  # noqa: E731
+    ins = sum(numel(i.dims) for i in rec.inputs)
+    fused = 4 * (2 * ins + sum(numel(o.dims) for o in rec.outputs) +
+                 3 * sum(numel(s.dims) for s in rec.states))
+    return {"kernels": tr.loaded + tr.stored, "glue": Count.moved, "fused": fused,
+            "sizes": {d: sizes[d] for d in dims}}
+
+
+def bf16_states_error(T: int = 200) -> list[str]:
+    """Measured: the rel-RMS error (vs the float64 reference on the same bf16-rounded inputs)
+    of the gradients with the chunk-boundary states kept in float32 and in bfloat16 (what a
+    16-bit call gets), dot_precision='ieee' so the states' rounding is all that differs."""
+    import numpy as np
+    import torch
+
+    import scancc
+    from scancc import autograd as ag
+    from scancc.backends.triton import chunked_backward as cb
+    from scancc.testing import default_sizes, sample_inputs, within
+    rows = []
+    for name in ("simple_gla", "gla"):
+        e = scancc.get(name)
+        rec = e.build()
+        sizes = default_sizes(rec, time=T, key=32, value=32, heads=2)
+        x = sample_inputs(rec, sizes, 7, e.hints)
+        dy = np.random.default_rng(1).standard_normal(tuple(sizes[d]
+                                                            for d in rec.outputs[0].dims))
+        bf = {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in x.items()}
+        want, _ = ag.backward(rec, {k: v.double().numpy() for k, v in bf.items()}, {"o": dy})
+        for low in (False, True):
+            got, _ = cb.backward(rec, {k: v.float() for k, v in bf.items()},
+                                 {"o": torch.from_numpy(dy).float()}, sizes, None, None,
+                                 {"_inputs_16bit": low, "dot_precision": "ieee",
+                                  "block_sizes": {"time": 16}})
+            rel = {k: within(got[k].double().numpy(), want[k], "bfloat16", T)[1] for k in want}
+            errs = ", ".join(f"d{k} {r:.2e}" for k, r in rel.items())
+            rows.append(f"{name} T={T} K=V=32, states in {'bfloat16' if low else 'float32'}: "
+                        f"rel-RMS {errs}")
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--no-compile", action="store_true", help="bytes only")
+    ap.add_argument("--measure", action="store_true", help="only the interpreter-measured bytes")
+    ap.add_argument("--names", nargs="*", help="only these recurrences")
+    ap.add_argument("--bf16-states", action="store_true",
+                    help="only the gradient error of bfloat16 chunk-boundary states")
+    ap.add_argument("--num-warps", type=int, help="the num_warps option")
+    args = ap.parse_args(argv)
+    if args.bf16_states:
+        print("\n".join(bf16_states_error()))
+        return 0
+    if args.measure:
+        print("| recurrence | shape | fused minimum MB | glue MB | kernels MB | whole pass MB | "
+              "× minimum |")
+        print("|---|---|---|---|---|---|---|")
+        for name, dims in MEASURE:
+            m = measure_bytes(name, dims)
+            tot = m["glue"] + m["kernels"]
+            print(f"| {name} | {m['sizes']} | {m['fused'] / 1e6:.2f} | {m['glue'] / 1e6:.2f} | "
+                  f"{m['kernels'] / 1e6:.2f} | {tot / 1e6:.2f} | {tot / m['fused']:.1f} |")
+        return 0
+    import scancc
+    rows = []
+    for name, label, dims in CASES:
+        if args.names and name not in args.names:
+            continue
+        e = scancc.get(name)
+        rec = e.build(**({"D": True} if name == "mamba2" else {}))
+        sizes = sizes_of(rec, dims)
+        jobs, cfg = jobs_for(rec, sizes, {"num_warps": args.num_warps} if args.num_warps else {})
+        rows.append((name, label, rec, sizes, jobs, cfg))
+    res = {}
+    if not args.no_compile:
+        import bench_sm90
+        res = bench_sm90.compile_all([j for r in rows for j in r[4]])
+    print("| recurrence | shape | kernel | BT BK BV warps | registers | spill st/ld B | "
+          "tensor cores | smem B |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, label, rec, sizes, jobs, cfg in rows:
+        for j in jobs:
+            c = res.get(j["key"], {})
+            if "error" in c:
+                print(f"| {name} | {label} | {j['kernel']} | error: {c['error'][:120]} |")
+                continue
+            print(f"| {name} | {label} | {j['kernel']} | {cfg.BT} {cfg.BK} {cfg.BV} "
+                  f"{cfg.num_warps} | {c.get('regs', '-')} | {c.get('spill_st', '-')}/"
+                  f"{c.get('spill_ld', '-')} | {c.get('tc', '-')} | {c.get('smem', '-')} |")
+    print()
+    print("| recurrence | shape (B8 T2048) | fused minimum GB | glue GB | kernels GB | "
+          "whole pass GB | × minimum |")
+    print("|---|---|---|---|---|---|---|")
+    for name, label, rec, sizes, jobs, cfg in rows:
+        fused, glue, kern = whole_pass_bytes(rec, sizes)
+        print(f"| {name} | {label} | {fused / 1e9:.3f} | {glue / 1e9:.3f} | {kern / 1e9:.3f} | "
+              f"{(glue + kern) / 1e9:.3f} | {(glue + kern) / fused:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,286 @@
+"""The Triton chunked backward (backends/triton/chunked_backward.py, docs/training.md): the
+gradients of identity, scalar and key-diagonal decay recurrences from chunk-boundary states, a reverse dh pass
+and per-chunk matmuls, against the reference backend's float64 derived adjoint (itself
+gradchecked in tests/test_autograd.py). Every buffer the kernels write starts NaN (POISON), so
+an element they leave unwritten fails the comparison."""
+import numpy as np
+import pytest
+import scancc
+from scancc import autograd as ag
+from scancc.testing import assert_close, default_sizes, sample_inputs, sample_state
+
+torch = pytest.importorskip("torch", reason="torch (the [triton] extra) is not installed")
+if not scancc.backends.get("triton").available()[0]:
+    pytest.skip("the Triton backend needs triton (scancc[triton])", allow_module_level=True)
+
+from scancc.backends.triton import chunked_backward as cb  # noqa: E402
+
+# chunks of 16 steps: T=37 crosses two chunk boundaries and is not a multiple of the chunk
+SMALL = {"block_sizes": {"time": 16}}
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setattr(cb, "POISON", True)
+
+
+def _case(name, T, seed=0, build=None, **over):
+    e = scancc.get(name)
+    rec = e.build(**(build if build is not None else {o: True for o in e.optional_inputs}))
+    sizes = default_sizes(rec, time=T, **{"key": 5, "value": 3, "heads": 2, "dstate": 3,
+                                          "headdim": 2, **over})
+    x = sample_inputs(rec, sizes, seed, e.hints)
+    h0 = sample_state(rec, sizes, seed + 1)
+    rng = np.random.default_rng(seed + 2)
+    dy = {o.name: rng.standard_normal(tuple(sizes[d] for d in o.dims)) for o in rec.outputs}
+    dh = {s.name: rng.standard_normal(tuple(sizes[d] for d in s.dims)) for s in rec.states}
+    return rec, sizes, x, h0, dy, dh
+
+
+def _t(a, dtype=torch.float32):
+    return {k: torch.from_numpy(np.asarray(v)).to(dtype) for k, v in a.items()}
+
+
+def _compare(rec, x, h0, dy, dh, T, options, what, dtype="float32"):
+    want, want0 = ag.backward(rec, x, dy, h0, dh)  # the reference: float64 derived adjoint
+    got, got0 = ag.backward(rec, _t(x), _t(dy), _t(h0) if h0 else None,
+                            _t(dh) if dh else None, target="triton", options=options)
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k].shape == tuple(np.shape(want[k])), k
+        assert_close(got[k].double().numpy(), want[k], dtype, f"{what} d{k}", T=T)
+    for k in want0:
+        assert_close(got0[k].double().numpy(), want0[k], dtype, f"{what} d{k}_0", T=T)
+
+
+CASES = [("linear_attn", {}, {}), ("retnet", {}, {}), ("simple_gla", {}, {}), ("gla", {}, {}),
+         # every optional input (D, z gate, dt_bias) and dt_softplus: the gradient of z reads
+         # the contraction, which bwd_grads then writes
+         ("mamba2", None, {}),
+         ("mamba2", {"dt_softplus": True, "D": True, "z": True, "dt_bias": True},
+          {"groups": 2, "heads": 4})]
+
+
+@pytest.mark.parametrize("name, build, over", CASES,
+                         ids=["linear_attn", "retnet", "simple_gla", "gla", "mamba2",
+                              "mamba2_grouped"])
+def test_gradients_match_the_reference(name, build, over):
+    """T=37 in chunks of 16 (three chunks, the last partial), with an initial state and a
+    final-state cotangent: every input's gradient and the initial state's."""
+    rec, sizes, x, h0, dy, dh = _case(name, 37, build=build, **over)
+    assert cb.applies(rec) == (True, "")
+    _compare(rec, x, h0, dy, dh, 37, SMALL, name)
+
+
+def test_default_chunk_and_no_state():
+    """The default chunk (64 steps) with T=70, no initial state, no final-state cotangent."""
+    rec, sizes, x, _, dy, _ = _case("simple_gla", 70, seed=3)
+    _compare(rec, x, None, dy, None, 70, {}, "simple_gla T=70")
+
+
+def test_hard_resets_match_the_reference():
+    """Log-decays of -inf and -200 (below float32's smallest normal decay): hard resets,
+    counted not summed (scancc.ir.passes.chunked "Edges"); dg there is 0, as the reference's
+    a * dL/da is below 1e-38."""
+    rec, sizes, x, h0, dy, dh = _case("simple_gla", 37, seed=5)
+    x["g"][:, 3] = -np.inf
+    x["g"][:, 20, 0] = -200.0
+    x["g"][:, 31] = -np.inf      # in the last chunk
+    _compare(rec, x, h0, dy, dh, 37, SMALL, "simple_gla resets")
+
+
+def test_key_diagonal_resets_and_blocks():
+    """gla: per-column hard resets (-inf and -200 in some key columns only), K = V = 20 in
+    blocks of 16 (two K-blocks: each writes its own dg columns), default 16-step chunks."""
+    rec, sizes, x, h0, dy, dh = _case("gla", 37, seed=9, key=20, value=20)
+    x["g"][:, 5, :, 3] = -np.inf
+    x["g"][:, 17, 1, 18] = -200.0
+    x["g"][:, 33, :, :2] = -np.inf
+    _compare(rec, x, h0, dy, dh, 37, {"block_sizes": {"key": 16, "value": 16}}, "gla resets")
+
+
+def test_per_step_states_are_never_materialised(monkeypatch):
+    """Through torch autograd: no runner of the forward, its states view or the derived
+    backward recurrence is called (ag._run raises), and the backward is exactly the four
+    kernel launches of the chunked form."""
+    def boom(rec, *a, **k):
+        raise AssertionError(f"the chunked path ran {rec.name} through autograd._run")
+    monkeypatch.setattr(ag, "_run", boom)
+    launched = []
+    real = cb.kernels()
+
+    class Spy:
+        def __init__(self, k):
+            self.k = k
+
+        def __getitem__(self, grid):
+            def call(*args, **kw):
+                launched.append((self.k.fn.__name__, grid, kw))
+                return self.k[grid](*args, **kw)
+            return call
+    monkeypatch.setattr(cb, "kernels", lambda: tuple(Spy(k) for k in real))
+    rec, sizes, x, h0, dy, dh = _case("mamba2", 37, build={"D": True})
+    ker = scancc.compile(rec, target="triton", **SMALL)
+    xs = {k: torch.from_numpy(v).float().requires_grad_() for k, v in x.items()}
+    y = ker(**xs)
+    assert ag.backward_target(ker, rec) == "triton"
+    w = torch.from_numpy(dy["y"]).float()
+    (y * w).sum().backward()
+    assert [n for n, _, _ in launched] == ["fwd_h", "bwd_dh", "bwd_dv", "bwd_dqk"]
+    monkeypatch.undo()  # the reference runs through ag._run
+    want, _ = ag.backward(rec, x, dy)
+    for k in want:
+        assert_close(xs[k].grad.double().numpy(), want[k], "float32", f"d{k}", T=37)
+
+
+def test_options_reach_the_launches(monkeypatch):
+    """num_warps (times chunked_backward.WARPS), dot_precision and the time / key / value
+    block sizes reach all four launches; K and V of 20 in blocks of 16 split both (dg summed over the K-blocks)."""
+    launched = []
+    real = cb.kernels()
+
+    class Spy:
+        def __init__(self, k):
+            self.k = k
+
+        def __getitem__(self, grid):
+            def call(*args, **kw):
+                launched.append((self.k.fn.__name__, grid, kw))
+                return self.k[grid](*args, **kw)
+            return call
+    monkeypatch.setattr(cb, "kernels", lambda: tuple(Spy(k) for k in real))
+    rec, sizes, x, h0, dy, dh = _case("simple_gla", 37, key=20, value=20)
+    opts = {"num_warps": 2, "dot_precision": "ieee",
+            "block_sizes": {"time": 16, "key": 16, "value": 16}}
+    _compare(rec, x, h0, dy, dh, 37, opts, "simple_gla options")
+    assert len(launched) == 4
+    for name, grid, kw in launched:
+        assert kw["num_warps"] == 4 and kw["PREC"] == "ieee", name
+        assert kw["BT"] == 16 and kw["BK"] == 16 and kw["BV"] == 16, name
+    # value=20 in blocks of 16: two V-blocks; 37 steps in chunks of 16: three chunks
+    assert [g for _, g, _ in launched] == [(4, 2, 2), (4, 2, 2), (4, 3, 2), (4, 3, 2)]
+
+
+def test_bfloat16_gradients_at_the_bfloat16_tolerance():
+    """bfloat16 tensors through torch autograd: the backward computes in float32 from the
+    bfloat16 inputs; gradients (bfloat16) within the bfloat16 tolerance of the float64
+    reference on the same rounded inputs."""
+    rec, sizes, x, h0, dy, dh = _case("simple_gla", 37, seed=7)
+    bf = {k: torch.from_numpy(v).to(torch.bfloat16).requires_grad_() for k, v in x.items()}
+    ref = {k: v.detach().double().numpy() for k, v in bf.items()}
+    w = torch.from_numpy(dy["o"])
+    y = scancc.compile(rec, target="triton", **SMALL)(**bf)
+    (y.double() * w).sum().backward()
+    want, _ = ag.backward(rec, ref, dy)
+    for k in want:
+        assert bf[k].grad.dtype == torch.bfloat16
+        assert_close(bf[k].grad.double().numpy(), want[k], "bfloat16", f"d{k}", T=37)
+
+
+def test_what_takes_the_generic_path():
+    """householder transitions, a decay along V (mamba's S6), and algorithm='recurrent' keep
+    the derived backward recurrence; the hard-reset threshold is the chunked analysis's."""
+    from scancc.backends import get
+    from scancc.ir.passes.chunked import RESET_LOG_DECAY
+    be = get("triton")
+    for name in ("delta_net", "gated_delta_net", "mamba", "hgrn"):
+        rec = scancc.get(name).build()
+        ok, why = cb.applies(rec)
+        assert not ok and why, name
+        assert be.chunked_backward(rec, {}) is None
+    for name in ("linear_attn", "retnet", "simple_gla", "gla", "mamba2"):
+        assert be.chunked_backward(scancc.get(name).build(), {}) is cb.backward, name
+    rec = scancc.get("simple_gla").build()
+    assert be.chunked_backward(rec, {"algorithm": "staged"}) is cb.backward
+    assert be.chunked_backward(rec, {"algorithm": "recurrent"}) is None
+    from scancc.backends.triton import chunked_backward_kernels as kern
+    assert kern.RESET.value == RESET_LOG_DECAY
+
+
+def test_numpy_arrays_take_the_chunked_path_too(monkeypatch):
+    """``scancc.autograd.backward`` with NumPy arrays on triton (``scancc check --backward``)
+    runs the chunked backward through CPU tensors and hands back NumPy gradients."""
+    launched = []
+    real = cb.backward
+
+    def spy(*a, **k):
+        launched.append(1)
+        return real(*a, **k)
+    monkeypatch.setattr(cb, "backward", spy)
+    from scancc.backends import get
+    monkeypatch.setattr(type(get("triton")), "chunked_backward",
+                        lambda self, rec, options: spy)
+    rec, sizes, x, h0, dy, dh = _case("linear_attn", 21, seed=11)
+    want, want0 = ag.backward(rec, x, dy, h0, dh)
+    got, got0 = ag.backward(rec, x, dy, h0, dh, target="triton", options=SMALL)
+    assert launched == [1]
+    for k in want:
+        assert isinstance(got[k], np.ndarray) and got[k].dtype == np.float32
+        assert_close(got[k], want[k], "float32", f"d{k}", T=21)
+    assert_close(got0["S"], want0["S"], "float32", "dS_0", T=21)
+
+
+def test_torch_compile_trains_through_the_chunked_backward(monkeypatch):
+    """torch.compile (fullgraph, aot_eager) of a layer calling a Triton simple_gla kernel with
+    non-contiguous (view) inputs: one graph, its backward runs the chunked kernels (spied), and
+    the gradients equal the float64 reference's."""
+    import torch.nn.functional as F
+    launched = []
+    real = cb.backward
+
+    def spy(*a, **k):
+        launched.append(1)
+        return real(*a, **k)
+    from scancc.backends import get
+    monkeypatch.setattr(type(get("triton")), "chunked_backward",
+                        lambda self, rec, options: spy)
+    ker = scancc.compile("simple_gla", target="triton", block_sizes={"time": 16})
+    ref = scancc.compile("simple_gla")
+
+    def layer(k_, x, Wq, Wk, Wv, Wg, h0):
+        B, T, _ = x.shape
+        q, k, v = ((x @ W).view(B, T, 2, 3) for W in (Wq, Wk, Wv))
+        o, h = k_(q, k, v, F.logsigmoid(x @ Wg), initial_state=h0, output_final_state=True)
+        return o.pow(2).sum() + h.sum()
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 21, 5, generator=g)
+    params = [torch.randn(5, 6, generator=g, requires_grad=True) for _ in range(3)] + \
+        [torch.randn(5, 2, generator=g, requires_grad=True),
+         torch.randn(2, 2, 3, 3, generator=g, requires_grad=True)]
+    compiled = torch.compile(lambda *a: layer(ker, *a), fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(x, *params), params)
+    assert launched, "the compiled backward did not take the chunked path"
+    p64 = [p.detach().double().requires_grad_() for p in params]
+    want = torch.autograd.grad(layer(ref, x.double(), *p64), p64)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+
+
+def _custom():
+    """A user recurrence with the scalar chunked structure the library lacks: a decay written
+    as sigmoid(a) (not exp: the log-decay is log(sigmoid(a)), let-bound), a scale factor on
+    the injected term, a time-invariant per-head input in the readout, and a residual."""
+    from scancc.ir import Builder, dot, scalar, sigmoid
+    r = Builder("custom_scalar")
+    b, t, h = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("heads", "head")
+    k_, v_ = r.dim("key"), r.dim("value")
+    q, kk, vv = r.input("q", [b, t, h, k_]), r.input("k", [b, t, h, k_]), \
+        r.input("v", [b, t, h, v_])
+    a, beta, w = r.input("a", [b, t, h]), r.input("beta", [b, t, h]), r.input("w", [h])
+    gate = r.let("gate", sigmoid(a))
+    S = r.state("S", [b, h, k_, v_], scalar(gate), inject=kk * vv * beta)
+    r.output("o", [b, t, h, v_], dot(S, q, k_) * w + vv)
+    return r.build()
+
+
+def test_a_user_recurrence_with_the_structure():
+    rec = _custom()
+    assert cb.applies(rec) == (True, "")
+    sizes = default_sizes(rec, time=37, key=5, value=3, heads=2)
+    x = sample_inputs(rec, sizes, 13)
+    h0 = sample_state(rec, sizes, 14)
+    rng = np.random.default_rng(15)
+    dy = {"o": rng.standard_normal(tuple(sizes[d] for d in rec.outputs[0].dims))}
+    dh = {"S": rng.standard_normal(tuple(sizes[d] for d in rec.states[0].dims))}
+    _compare(rec, x, h0, dy, dh, 37, SMALL, "custom_scalar")
