@@ -236,3 +236,24 @@ def test_tiled_gradients_through_autograd(name, sizes, blocks):
         assert_close(got[n].numpy(), want[n], "float32", f"{name} grad {n}")
     for n in want0:
         assert_close(got0[n].numpy(), want0[n], "float32", f"{name} grad init {n}")
+
+
+@pytest.mark.parametrize("name, sizes, blocks", [(c[0], c[1], c[2]) for c in TILED
+                                                  if c[0] in ("gla", "mamba2", "mamba")],
+                         ids=["gla", "mamba2", "mamba"])
+def test_tiled_backward_scan_algorithm(name, sizes, blocks):
+    """The scan algorithm (what "auto" picks for these backward recurrences on a GPU) lowers
+    stages 1 and 3 with the same plan: chunks of 4 steps, several blocks, B > 1."""
+    _, b, _, x, h0 = _tiled_case(name, sizes, 11, 8)
+    want_y, want_h = scancc.compile(b)(**x, initial_state=h0, output_final_state=True)
+    k = scancc.compile(b, target="triton", algorithm="scan",
+                       block_sizes={**blocks, "time": 4})
+    xs = {n: torch.from_numpy(v).float() for n, v in x.items()}
+    hs = {n: torch.from_numpy(v).float() for n, v in h0.items()}
+    got_y, got_h = k(**xs, initial_state=hs, output_final_state=True)
+    for n in want_y:
+        assert_close(got_y[n], want_y[n], "float32", f"{name} scan backward {n}")
+    want_h = want_h if isinstance(want_h, dict) else {b.states[0].name: want_h}
+    got_h = got_h if isinstance(got_h, dict) else {b.states[0].name: got_h}
+    for n in want_h:
+        assert_close(got_h[n], want_h[n], "float32", f"{name} scan backward final {n}")
