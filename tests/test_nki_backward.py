@@ -374,19 +374,21 @@ def _tight_chip(monkeypatch, budget):
     monkeypatch.setattr(get("nki"), "_cache", {})
 
 
-@pytest.mark.parametrize("budget, pd, summed", [(6000, "dstate", ("batch", "headdim")),
-                                                (5000, "batch", ("headdim", "dstate"))])
-@pytest.mark.parametrize("init", [False, True], ids=["zero", "init"])
+@pytest.mark.parametrize("budget, pd, summed, init", [
+    (5000, "batch", ("headdim",), True),
+    pytest.param(5000, "batch", ("headdim",), False, marks=pytest.mark.slow),
+    pytest.param(3000, "batch", ("headdim", "dstate"), True, marks=pytest.mark.slow),
+    pytest.param(3000, "batch", ("headdim", "dstate"), False, marks=pytest.mark.slow)])
 def test_summed_outer_split_matches_reference(monkeypatch, budget, pd, summed, init):
     """A budget no layout fits as is (the smallest, dstate on the partitions at time tile 1,
-    needs 6760 B): the plan loops over summed outer dims, storing the first outer index's
-    part of the outputs that lack them and adding the others' (grad_A over batch, grad_dt,
-    grad_B and grad_C over headdim, grad_x over dstate), and the gradients equal the
+    needs 5832 B): the plan loops over summed outer dims, storing the first outer index's
+    part of the outputs that lack them and adding the others' (grad_dt, grad_A, grad_B and
+    grad_C over headdim; grad_x, grad_dt, grad_A over dstate), and the gradients equal the
     reference's."""
     from scancc.backends.nki.lowering import plan_and_render
     entry = registry.get("mamba2")
     b = adjoint(entry.build()).backward
-    sizes = default_sizes(b, time=20, batch=2, heads=2, headdim=16, dstate=32, groups=1)
+    sizes = default_sizes(b, time=12, batch=2, heads=2, headdim=8, dstate=16, groups=1)
     _tight_chip(monkeypatch, budget)
     src, plan = plan_and_render(b, sizes, init, True, "trn1")
     assert (plan.pd, plan.summed) == (pd, summed)

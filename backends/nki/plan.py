@@ -364,6 +364,9 @@ def plan_spaces(rec: Recurrence, sizes: Mapping[str, int], chip: str = DEFAULT_C
                 good.append((key, len(good), ss))
                 break
     out = fitting + [x[2] for x in sorted(good)] + [x[2] for x in sorted(small)]
+    # past the first: only layouts with the partition dim in every state (a state without it
+    # is one row, which the per-step rules lower only for the layout the plan prefers)
+    out = out[:1] + [sp for sp in out[1:] if all(sp.pd in s.dims for s in rec.states)]
     return out or spaces[:1]
 
 
