@@ -192,7 +192,7 @@ def test_tiled_backward_plan(name, sizes, blocks, grid, split):
         assert f"{TILE_ELEMENTS} //" in src.split(f'{L.block[d]} = ')[1].splitlines()[0]
 
 
-@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("with_state", [pytest.param(False, marks=pytest.mark.slow), True])
 @pytest.mark.parametrize("name, sizes, blocks, grid, split", TILED,
                          ids=[c[0] for c in TILED])
 def test_tiled_backward_recurrence_matches_reference(name, sizes, blocks, grid, split,
@@ -215,9 +215,9 @@ def test_tiled_backward_recurrence_matches_reference(name, sizes, blocks, grid, 
         assert_close(got_h[n], want_h[n], "float32", f"{name} backward final {n}")
 
 
-@pytest.mark.parametrize("name, sizes, blocks", [(c[0], c[1], c[2]) for c in TILED
-                                                  if c[0] in ("gla", "mamba2")],
-                         ids=["gla", "mamba2"])
+@pytest.mark.parametrize("name, sizes, blocks", [
+    pytest.param(*c[:3], marks=[pytest.mark.slow] if c[0] == "mamba2" else [], id=c[0])
+    for c in TILED if c[0] in ("gla", "mamba2")])
 def test_tiled_gradients_through_autograd(name, sizes, blocks):
     """The whole training path (forward chunks, recompute, tiled backward; T crossing a chunk
     boundary) on Triton with the forced blocks, against the reference's float64 gradients."""
@@ -238,9 +238,9 @@ def test_tiled_gradients_through_autograd(name, sizes, blocks):
         assert_close(got0[n].numpy(), want0[n], "float32", f"{name} grad init {n}")
 
 
-@pytest.mark.parametrize("name, sizes, blocks", [(c[0], c[1], c[2]) for c in TILED
-                                                  if c[0] in ("gla", "mamba2", "mamba")],
-                         ids=["gla", "mamba2", "mamba"])
+@pytest.mark.parametrize("name, sizes, blocks", [
+    pytest.param(*c[:3], marks=[pytest.mark.slow] if c[0] == "mamba2" else [], id=c[0])
+    for c in TILED if c[0] in ("gla", "mamba2", "mamba")])
 def test_tiled_backward_scan_algorithm(name, sizes, blocks):
     """The scan algorithm (what "auto" picks for these backward recurrences on a GPU) lowers
     stages 1 and 3 with the same plan: chunks of 4 steps, several blocks, B > 1."""
