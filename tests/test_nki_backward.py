@@ -408,3 +408,18 @@ def test_plan_error_names_the_budget_when_nothing_fits(monkeypatch):
     with pytest.raises(PlanError, match=r"no tile plan fits.*trn1 budget is 1000 B \(shape "
                                         r"time=20, batch=2, heads=2, headdim=16"):
         plan_and_render(b, sizes, False, True, "trn1")
+
+
+def test_summed_outer_split_of_a_forward_readout(monkeypatch):
+    """Not only backwards: gla's readout sum(q * S, key) over a key too long for the budget
+    loops over key outside the partition tile (o accumulated over it) and equals the
+    reference (with an initial state, final states too)."""
+    from scancc.backends.nki.lowering import plan_and_render
+    entry = registry.get("gla")
+    rec = entry.build()
+    sizes = default_sizes(rec, time=6, batch=1, heads=2, key=256, value=8)
+    _tight_chip(monkeypatch, 4000)
+    _, plan = plan_and_render(rec, sizes, True, True, "trn1")
+    assert (plan.pd, plan.summed) == ("value", ("key",))
+    x = sample_inputs(rec, sizes, seed=2, hints=entry.hints)
+    check_close(rec, x, sample_state(rec, sizes))
