@@ -7,7 +7,10 @@ is plain Triton broadcasting, as in the reference interpreter.
 - a dim that no op mixes (no reduction, transition axis, softmax, flip over it) is
   *parallel*: a batch/head/group dim becomes one program per index (a scalar index), a
   feature dim is split into blocks of registers across programs;
-- every other dim is held whole in registers (padded to a power of two, masked).
+- every other dim is held whole in registers (padded to a power of two, masked), except a
+  dim that only output sums mix, linearly (``partial_dims``: a backward's gradient summed
+  over batch or over one of a K x V state's feature dims): it is placed as if parallel, and
+  each program adds its part of those outputs atomically (``Plan.partial``).
 """
 from __future__ import annotations
 
