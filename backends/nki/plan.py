@@ -349,6 +349,8 @@ def plan_spaces(rec: Recurrence, sizes: Mapping[str, int], chip: str = DEFAULT_C
         fail(problem)
     good, small = [], []
     for sp in spaces if algorithm != "chunked" else ():
+        if not all(sp.pd in s.dims for s in rec.states):
+            continue  # a state without the partition dim is one row: not split further
         extra, cost, found = [], 0, False
         for d, c in summed_candidates(sp.rec, sizes, sp.pd, sp.outer, costs=True):
             extra.append(d)
@@ -363,10 +365,10 @@ def plan_spaces(rec: Recurrence, sizes: Mapping[str, int], chip: str = DEFAULT_C
             if _fits(ss, min(sp.tiles[0], GOOD_TILE)):
                 good.append((key, len(good), ss))
                 break
-    out = fitting + [x[2] for x in sorted(good)] + [x[2] for x in sorted(small)]
-    # past the first: only layouts with the partition dim in every state (a state without it
-    # is one row, which the per-step rules lower only for the layout the plan prefers)
-    out = out[:1] + [sp for sp in out[1:] if all(sp.pd in s.dims for s in rec.states)]
+    # past the first fitting layout (the one plan before candidates were tried in turn),
+    # only layouts with the partition dim in every state
+    out = fitting[:1] + [sp for sp in fitting[1:] if all(sp.pd in s.dims for s in rec.states)]
+    out += [x[2] for x in sorted(good)] + [x[2] for x in sorted(small)]
     return out or spaces[:1]
 
 
