@@ -886,12 +886,11 @@ def selective_scan_model(B: int, D: int, T: int, N: int) -> float:
 # BACKWARD_CHUNK steps: the states view (recomputes a chunk's per-step states) and the derived
 # backward recurrence, in float32 (the backward's compute dtype on Triton)
 BACKWARD_CHUNK = 64
+# every library recurrence of CASES at its forward shape (the attention family at H16 only),
+# mamba at D5120 (Mamba-2.8B's inner width) instead of D2048
 BACKWARD_CASES: list[tuple[str, str, dict]] = [
-    ("gla", "H16 K=V=128", {"heads": 16, "key": 128, "value": 128}),
-    ("gated_delta_net", "H16 K=V=128", {"heads": 16, "key": 128, "value": 128}),
-    ("mamba2", "H80 P64 N128 (2.7B)", {"heads": 80, "headdim": 64, "dstate": 128, "groups": 1}),
-    ("mamba", "D5120 N16", {"chan": 5120, "dstate": 16, "groups": 1}),
-]
+    c if c[0] != "mamba" else ("mamba", "D5120 N16", {"chan": 5120, "dstate": 16, "groups": 1})
+    for c in CASES if not (c[0] in ATTN and c[2]["heads"] != 16)]
 
 
 def backward_recs(name: str, backward: bool) -> list:
@@ -914,7 +913,7 @@ def run(names: list[str] | None, shapes: list[str], dtype: str, out=sys.stdout,
     rows, jobs = [], []
     cases = [(n, lab, d, r) for n, lab, d in (BACKWARD_CASES if backward else CASES)
              for r in backward_recs(n, backward) if not names or n in names]
-    for case, label, dims, (name, rec) in cases:
+    for _, label, dims, (name, rec) in cases:
         for sh in shapes:
             shape = dict(SHAPES[sh])
             if backward:  # one chunk of the training path: registers do not depend on T
@@ -1022,7 +1021,7 @@ def run(names: list[str] | None, shapes: list[str], dtype: str, out=sys.stdout,
             continue
         _, _, _, algo, tot, spills, tc, par_ok, nk, errs = s
         anchor = None
-        if not backward:
+        if not backward:  # anchors model the forward only
             dims = next(c[2] for c in CASES if c[0] == name and c[1] == label)
             sizes = case_sizes(registry.get(name).build(), dict(dims), SHAPES[sh])
         if backward:
