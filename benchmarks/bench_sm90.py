@@ -882,18 +882,43 @@ def selective_scan_model(B: int, D: int, T: int, N: int) -> float:
 
 # ---------------------------------------------------------------------------------------
 
+# --backward: the kernels the training path (scancc/autograd.py) launches per chunk of
+# BACKWARD_CHUNK steps: the states view (recomputes a chunk's per-step states) and the derived
+# backward recurrence, in float32 (the backward's compute dtype on Triton)
+BACKWARD_CHUNK = 64
+# every library recurrence of CASES at its forward shape (the attention family at H16 only),
+# mamba at D5120 (Mamba-2.8B's inner width) instead of D2048
+BACKWARD_CASES: list[tuple[str, str, dict]] = [
+    c if c[0] != "mamba" else ("mamba", "D5120 N16", {"chan": 5120, "dstate": 16, "groups": 1})
+    for c in CASES if not (c[0] in ATTN and c[2]["heads"] != 16)]
+
+
+def backward_recs(name: str, backward: bool) -> list:
+    """(row name, recurrence) of the kernels a case compiles: the forward, or (``backward``)
+    the states view and the backward recurrence the training path launches."""
+    from scancc import registry
+    rec = registry.get(name).build()
+    if not backward:
+        return [(name, rec)]
+    from scancc.autograd import adjoint
+    adj = adjoint(rec)
+    return [(f"{name} states", adj.states_view), (f"{name} bwd", adj.backward)]
+
+
 def run(names: list[str] | None, shapes: list[str], dtype: str, out=sys.stdout,
-        algorithm: str = "auto") -> int:
+        algorithm: str = "auto", backward: bool = False) -> int:
     from scancc import registry
     t0 = time.time()
     tmp = tempfile.mkdtemp(prefix="scancc_sm90_")
     rows, jobs = [], []
-    for name, label, dims in CASES:
-        if names and name not in names:
-            continue
-        rec = registry.get(name).build()
+    cases = [(n, lab, d, r) for n, lab, d in (BACKWARD_CASES if backward else CASES)
+             for r in backward_recs(n, backward) if not names or n in names]
+    for _, label, dims, (name, rec) in cases:
         for sh in shapes:
-            sizes = case_sizes(rec, dims, SHAPES[sh])
+            shape = dict(SHAPES[sh])
+            if backward:  # one chunk of the training path: registers do not depend on T
+                shape["time"] = BACKWARD_CHUNK
+            sizes = case_sizes(rec, dims, shape)
             try:
                 alg = gpu_algorithm(rec) if algorithm == "auto" else algorithm
                 with gpu_rules():  # "auto" itself: the launcher's own fused/staged rule
@@ -995,10 +1020,13 @@ def run(names: list[str] | None, shapes: list[str], dtype: str, out=sys.stdout,
             print(f"| {name} | {label} | {sh} | failed | | | | | | | |", file=out)
             continue
         _, _, _, algo, tot, spills, tc, par_ok, nk, errs = s
-        dims = next(c[2] for c in CASES if c[0] == name and c[1] == label)
-        sizes = case_sizes(registry.get(name).build(), dict(dims), SHAPES[sh])
         anchor = None
-        if name in ATTN:
+        if not backward:  # anchors model the forward only
+            dims = next(c[2] for c in CASES if c[0] == name and c[1] == label)
+            sizes = case_sizes(registry.get(name).build(), dict(dims), SHAPES[sh])
+        if backward:
+            pass
+        elif name in ATTN:
             anchor = fla_chunk_model(name, sizes["batch"], sizes["time"], sizes["heads"],
                                      sizes["key"], sizes["value"])
         elif name == "mamba2":
@@ -1024,16 +1052,23 @@ def main(argv=None) -> int:
                                  "iterations) with a modelled H100 time.")
     ap.add_argument("--names", nargs="*", help="recurrences (default: all library ones)")
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default=None,
+                    help="input dtype (default bfloat16; float32 with --backward, the "
+                    "backward's compute dtype)")
+    ap.add_argument("--backward", action="store_true",
+                    help="the training path's kernels instead: per library recurrence of "
+                    "BACKWARD_CASES, the states view and the derived backward recurrence, "
+                    f"at time={BACKWARD_CHUNK} (one chunk) and the shapes' batch")
     ap.add_argument("--algorithm", default="auto",
                     help="the Triton algorithm option (auto: what auto picks on a GPU)")
     ap.add_argument("--list", action="store_true", help="print the cases and exit")
     a = ap.parse_args(argv)
     if a.list:
-        for n, label, dims in CASES:
+        for n, label, dims in (BACKWARD_CASES if a.backward else CASES):
             print(n, label, dims)
         return 0
-    return run(a.names, a.shapes, a.dtype, algorithm=a.algorithm)
+    dtype = a.dtype or ("float32" if a.backward else "bfloat16")
+    return run(a.names, a.shapes, dtype, algorithm=a.algorithm, backward=a.backward)
 
 
 if __name__ == "__main__":

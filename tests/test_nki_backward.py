@@ -331,3 +331,95 @@ def test_mamba2_backward_plans_at_a_common_shape_on_trn1():
             assert plan_space(b, sizes, chip="trn1").pd != "batch"
         x = sample_inputs(b, sizes, seed=1, hints=entry.hints)
         check_close(b, x, sample_state(b, sizes), time_tile=8)
+
+
+# ---- plans that split tiles (issue 12): summed outer dims ----
+
+REALISTIC = [  # (recurrence, dims) at the realistic shapes of shared/design PERFORMANCE.md
+    ("gla", dict(batch=8, heads=16, key=128, value=128)),
+    ("gated_delta_net", dict(batch=8, heads=16, key=128, value=128)),
+    ("mamba2", dict(batch=8, heads=80, headdim=64, dstate=128, groups=1)),
+    ("mamba2", dict(batch=1, heads=8, headdim=64, dstate=64, groups=1)),
+    ("mamba2", dict(batch=8, heads=8, headdim=64, dstate=64, groups=1)),
+    ("mamba", dict(batch=8, chan=5120, dstate=16, groups=1)),
+]
+
+
+@pytest.mark.parametrize("name, dims", REALISTIC,
+                         ids=[f"{n}-" + "-".join(f"{k}{v}" for k, v in d.items())
+                              for n, d in REALISTIC])
+def test_backward_plans_at_realistic_shapes_on_trn1(name, dims):
+    """The backward recurrence (and the states view the training path recomputes with) of
+    every chunk of 64 steps plans on trn1 within its SBUF budget. mamba2 at H=80 P=64 N=128
+    failed before (13 MB per partition at time tile 1): dstate on the partitions, batch and
+    headdim summed outer loops."""
+    from scancc.backends.nki.hardware import CHIPS
+    from scancc.backends.nki.lowering import plan_and_render
+    adj = adjoint(registry.get(name).build())
+    for r in (adj.backward, adj.states_view):
+        sizes = default_sizes(r, time=64, **dims)
+        src, plan = plan_and_render(r, sizes, True, True, "trn1")
+        assert plan.sbuf_bytes <= CHIPS["trn1"].sbuf_bytes
+        assert "nki.jit" in src
+        if name == "mamba2" and dims["heads"] == 80 and r is adj.backward:
+            assert plan.summed and set(plan.summed) <= set(plan.outer)
+            assert plan.tt >= 32, plan
+
+
+def _tight_chip(monkeypatch, budget):
+    """trn1 with ``budget`` B of SBUF per partition, for the plan and the emulator alike."""
+    from scancc.backends.nki.hardware import CHIPS, Chip
+    monkeypatch.setitem(CHIPS, "trn1", Chip("trn1", sbuf_bytes=budget))
+    monkeypatch.setitem(E.SBUF_BYTES, "trn1", budget)
+    monkeypatch.setattr(get("nki"), "_cache", {})
+
+
+@pytest.mark.parametrize("budget, pd, summed, init", [
+    (5000, "batch", ("headdim",), True),
+    pytest.param(5000, "batch", ("headdim",), False, marks=pytest.mark.slow),
+    pytest.param(3000, "batch", ("headdim", "dstate"), True, marks=pytest.mark.slow),
+    pytest.param(3000, "batch", ("headdim", "dstate"), False, marks=pytest.mark.slow)])
+def test_summed_outer_split_matches_reference(monkeypatch, budget, pd, summed, init):
+    """A budget no layout fits as is (the smallest, dstate on the partitions at time tile 1,
+    needs 5832 B): the plan loops over summed outer dims, storing the first outer index's
+    part of the outputs that lack them and adding the others' (grad_dt, grad_A, grad_B and
+    grad_C over headdim; grad_x, grad_dt, grad_A over dstate), and the gradients equal the
+    reference's."""
+    from scancc.backends.nki.lowering import plan_and_render
+    entry = registry.get("mamba2")
+    b = adjoint(entry.build()).backward
+    sizes = default_sizes(b, time=12, batch=2, heads=2, headdim=8, dstate=16, groups=1)
+    _tight_chip(monkeypatch, budget)
+    src, plan = plan_and_render(b, sizes, init, True, "trn1")
+    assert (plan.pd, plan.summed) == (pd, summed)
+    assert "else:" in src and "nl.add)" in src
+    x = sample_inputs(b, sizes, seed=7, hints=entry.hints)
+    check_close(b, x, sample_state(b, sizes) if init else None)
+
+
+def test_plan_error_names_the_budget_when_nothing_fits(monkeypatch):
+    """Only when no layout fits, not even with every summed outer dim: a PlanError that
+    names the budget and the shape."""
+    from scancc.backends.nki.lowering import plan_and_render
+    from scancc.backends.nki.plan import PlanError
+    b = adjoint(registry.get("mamba2").build()).backward
+    sizes = default_sizes(b, time=20, batch=2, heads=2, headdim=16, dstate=32, groups=1)
+    _tight_chip(monkeypatch, 1000)
+    with pytest.raises(PlanError, match=r"no tile plan fits.*trn1 budget is 1000 B \(shape "
+                                        r"time=20, batch=2, heads=2, headdim=16"):
+        plan_and_render(b, sizes, False, True, "trn1")
+
+
+def test_summed_outer_split_of_a_forward_readout(monkeypatch):
+    """Not only backwards: gla's readout sum(q * S, key) over a key too long for the budget
+    loops over key outside the partition tile (o accumulated over it) and equals the
+    reference (with an initial state, final states too)."""
+    from scancc.backends.nki.lowering import plan_and_render
+    entry = registry.get("gla")
+    rec = entry.build()
+    sizes = default_sizes(rec, time=6, batch=1, heads=2, key=256, value=8)
+    _tight_chip(monkeypatch, 4000)
+    _, plan = plan_and_render(rec, sizes, True, True, "trn1")
+    assert (plan.pd, plan.summed) == ("value", ("key",))
+    x = sample_inputs(rec, sizes, seed=2, hints=entry.hints)
+    check_close(rec, x, sample_state(rec, sizes))

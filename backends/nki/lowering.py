@@ -27,7 +27,7 @@ from scancc.ir import Node, Op, Recurrence, format_recurrence
 
 from ..base import UnsupportedError
 from .chunked import ChunkedMixin
-from .plan import Plan, Resources, Space, choose, plan_space
+from .plan import Plan, PlanError, Resources, Space, choose, plan_spaces
 from .rules import ALU, ANALYSIS_RULES, OP_RULES, PY_BINARY, TRANSITION_RULES
 from .values import BIG, KIND, NAME, Idx, Scope, V, fmt
 
@@ -54,6 +54,7 @@ class Renderer(ChunkedMixin):
         self.time = rec.time
         self.T = self.sizes[self.time]
         self.pd, self.outer = space.pd, space.outer
+        self.summed = set(space.summed)  # outer dims the outputs that lack them sum over
         self.npd = self.sizes[self.pd]
         self.npt = -(-self.npd // 128)
         self.pe = min(self.npd, 128)                    # partitions of a typical tile
@@ -193,6 +194,12 @@ class Renderer(ChunkedMixin):
         return r
 
     def _analyze(self, node: Node, env: dict):
+        if node.op is Op.SUM and self.summed & set(node.arg):
+            # a sum over a summed outer dim is this outer index's part (``reduce``)
+            rest = tuple(d for d in node.arg if d not in self.summed)
+            if not rest:
+                return self.analyze(node.src[0], env)
+            node = Node(Op.SUM, node.src, rest)
         return ANALYSIS_RULES.lookup(node.op, self.rec.name)(self, node, env)
 
     def gathers(self, node: Node, env: dict) -> bool:
@@ -396,6 +403,8 @@ class Renderer(ChunkedMixin):
     def reduce(self, node: Node, env: dict, sc: Scope, info) -> V:
         op, dims = node.op, node.arg
         alu = "add" if op is Op.SUM else "maximum"
+        if op is Op.SUM:  # over a summed outer dim: this outer index's part, added in store()
+            dims = tuple(d for d in dims if d not in self.summed)
         loop_dims = [d for d in dims if d != self.pd]
         p, t, c, _ = info
         src_info = self.analyze(node.src[0], {**env, **{d: Idx("?", frozenset())
@@ -616,13 +625,33 @@ class Renderer(ChunkedMixin):
         self.emit(loop, f"nisa.tensor_copy({out.view('c0:c1')}, {ps}[0:P, 0:c1 - c0])")
         self.close(loop)
 
+    def accumulate(self, o, env: dict, src: str, dst: str, sc: Scope, elems: int,
+                   shape: tuple, sl: str) -> None:
+        """Store the tile view ``src`` into ``dst``; when ``o`` lacks a summed outer dim,
+        only the first outer index stores, the others add their part to what is there (a DMA
+        back into a ``shape`` tile, viewed ``[sl]``, one add)."""
+        acc = [d for d in self.rec.canonical if d in self.summed and d not in o.dims]
+        if not acc:
+            self.dma(sc, f"nisa.dma_copy({dst}, {src})", elems)
+            return
+        first = " and ".join(f"{env[d].expr} == 0" for d in acc)
+        yes = self.open(sc, f"if {first}:", 1, "")
+        self.dma(yes, f"nisa.dma_copy({dst}, {src})", elems)
+        self.close(yes)
+        no = self.open(sc, "else:", 1, "")
+        part = f"{self.alloc(no, shape, 4 * shape[1], 'part')}[{sl}]"
+        self.dma(no, f"nisa.dma_copy({part}, {dst})", elems)
+        self.emit(no, f"nisa.tensor_tensor({part}, {part}, {src}, nl.add)")
+        self.dma(no, f"nisa.dma_copy({dst}, {part})", elems)
+        self.close(no)
+
     def store(self, o, env: dict, v: V, sc: Scope) -> None:
         if self.pd not in o.dims:  # a row: the partition dim was reduced in this one tile
             if v.kind in ("col", "full"):
                 self.fail(f"output {o.name!r} varies along the partition dim {self.pd!r}")
             v = self.sbuf(self.to_kind(v, "row", sc), sc)
             dst = f"out_{o.name}[{self.hbm_index(o.dims, env, '', 't0:t1')}]"
-            self.dma(sc, f"nisa.dma_copy({dst}, {v.view()})", self.twe)
+            self.accumulate(o, env, v.view(), dst, sc, self.twe, (1, self.tt), "0:1, 0:tw")
             return
         v = self.sbuf(self.to_kind(v, "full", sc), sc)
         dst = f"out_{o.name}[{self.hbm_index(o.dims, env, 'p0:p1', 't0:t1')}]"
@@ -634,11 +663,12 @@ class Renderer(ChunkedMixin):
             stage = self.alloc(loop, (128, 128), 512, "stage")
             self.emit(loop, f"nisa.tensor_copy({stage}[0:c1 - c0, 0:P], {ps}[0:c1 - c0, 0:P])")
             dst = f"out_{o.name}[{self.hbm_index(o.dims, env, 'p0:p1', 't0 + c0:t0 + c1')}]"
-            self.dma(loop, f"nisa.dma_copy({dst}, {stage}[0:c1 - c0, 0:P])",
-                     self.pe * min(128, self.twe))
+            self.accumulate(o, env, f"{stage}[0:c1 - c0, 0:P]", dst, loop,
+                            self.pe * min(128, self.twe), (128, 128), "0:c1 - c0, 0:P")
             self.close(loop)
         else:
-            self.dma(sc, f"nisa.dma_copy({dst}, {v.view()})", self.pe * self.twe)
+            self.accumulate(o, env, v.view(), dst, sc, self.pe * self.twe, (128, self.tt),
+                            "0:P, 0:tw")
 
     # ---- states ----
     def inner_dims(self, s) -> tuple[str, ...]:
@@ -955,15 +985,21 @@ def plan_and_render(rec: Recurrence, sizes: Mapping[str, int], initial_state: bo
                     final_state: bool, chip: str = "trn1", tt: int | None = None,
                     algorithm: str = "auto", loop_order: str = "auto",
                     cu: tuple[int, ...] | None = None) -> tuple[str, Plan]:
-    """The plan (``plan.plan_space``: layout, algorithm per state, tile candidates, budget),
+    """The plan (``plan.plan_spaces``: layout, algorithm per state, tile candidates, budget),
     then the kernel: the largest time tile that fits the chip and, at that tile, the loop
-    order that moves the fewest DMA bytes (``plan.choose``)."""
-    space = plan_space(rec, sizes, chip, tt, algorithm, loop_order)
+    order that moves the fewest DMA bytes (``plan.choose``), for the first candidate layout
+    where something fits; else the first candidate's PlanError (it names the budget)."""
+    error = None
+    for space in plan_spaces(rec, sizes, chip, tt, algorithm, loop_order):
+        def measure(c: int, time_outer: bool, space=space):
+            r = Renderer(space, c, initial_state, final_state, time_outer, cu)
+            src = r.render()
+            return r.resources(), src
 
-    def measure(c: int, time_outer: bool):
-        r = Renderer(space, c, initial_state, final_state, time_outer, cu)
-        src = r.render()
-        return r.resources(), src
-
-    plan, src = choose(space, measure)
-    return src, plan
+        try:
+            plan, src = choose(space, measure)
+        except PlanError as e:  # the temporaries do not fit either: the next candidate
+            error = error or e
+            continue
+        return src, plan
+    raise error

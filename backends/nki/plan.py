@@ -60,6 +60,7 @@ class Plan:
     dma_bytes: int = 0              # the count the loop order was chosen by
     chip: str = DEFAULT_CHIP
     algorithms: dict = field(default_factory=dict)  # state -> "recurrent" | "chunked"
+    summed: tuple[str, ...] = ()    # outer dims some outputs are summed over (Space.summed)
 
 
 @dataclass
@@ -76,6 +77,9 @@ class Space:
     tiles: tuple[int, ...]          # time-tile candidates, largest first
     orders: tuple[bool, ...]        # loop orders (time tile outermost?)
     source: Recurrence | None = None
+    # outer dims that some outputs lack and sum over (``summed_candidates``): each outer
+    # iteration adds its part into those outputs (the first stores, the others accumulate)
+    summed: tuple[str, ...] = ()
 
     @property
     def algorithms(self) -> dict[str, str]:
@@ -237,6 +241,54 @@ def layouts(rec: Recurrence, sizes: Mapping[str, int]) -> list[tuple[str, tuple[
     return out
 
 
+def _touches(rec: Recurrence, node, d: str) -> bool:
+    return any(n.op is Op.PARAM or d in rec.dims_of(n) for n in node.walk())
+
+
+def _linear_sum(rec: Recurrence, node, d: str) -> bool:
+    """True if ``node`` is a linear combination of sums over ``d`` with coefficients that do
+    not vary along ``d``: the parts computed at each index of ``d`` add up to it."""
+    op = node.op
+    if op is Op.SUM and d in node.arg:
+        return not any(n.op is Op.PARAM or (n.op in (Op.SUM, Op.MAX) and d in n.arg)
+                       or (n.op in (Op.L2NORM, Op.SOFTMAX, Op.FLIP) and n.arg == d)
+                       or (n.op is Op.UNGROUP and d in n.arg) for n in node.src[0].walk())
+    if op in (Op.SUM, Op.NEG) or (op is Op.UNGROUP and d not in node.arg):
+        return _linear_sum(rec, node.src[0], d)
+    if op in (Op.ADD, Op.SUB):
+        return all(_linear_sum(rec, x, d) for x in node.src)
+    if op is Op.MUL:
+        a, b = node.src
+        return ((_linear_sum(rec, a, d) and not _touches(rec, b, d))
+                or (_linear_sum(rec, b, d) and not _touches(rec, a, d)))
+    if op is Op.DIV:
+        return _linear_sum(rec, node.src[0], d) and not _touches(rec, node.src[1], d)
+    return False
+
+
+def summed_candidates(rec: Recurrence, sizes: Mapping[str, int], pd: str,
+                      outer: tuple[str, ...], costs: bool = False) -> list:
+    """Dims that could be outer loops although some outputs lack them: in every state, not
+    the partition dim, a transition axis or an ungroup's dim, and every output that lacks one
+    sums over it linearly (``_linear_sum``; a backward's gradient of a time-invariant input
+    summed over batch, grad_x summed over dstate). Cheapest first: the elements of the
+    outputs that accumulate over the dim, times its size (``costs``: (dim, cost) pairs)."""
+    axes = {s.transition.axis for s in rec.states} | {s.transition.col for s in rec.states}
+    ungrouped = {a for _, r in rec.exprs() for n in r.walk() if n.op is Op.UNGROUP
+                 for a in n.arg}
+    out = []
+    for d in rec.canonical:
+        if d == pd or d in outer or d in axes or d in ungrouped:
+            continue
+        if not all(d in s.dims for s in rec.states):
+            continue
+        lacking = [o for o in rec.outputs if d not in o.dims]
+        if all(_linear_sum(rec, o.expr, d) for o in lacking):
+            cost = sizes[d] * sum(math.prod(sizes[e] for e in o.dims) for o in lacking)
+            out.append((cost, rec.canonical.index(d), d))
+    return [(d, c) if costs else d for c, _, d in sorted(out)]
+
+
 def choose_layout(rec: Recurrence, sizes: Mapping[str, int]) -> tuple[str, tuple[str, ...]]:
     """The preferred layout (``layouts``' first)."""
     return layouts(rec, sizes)[0]
@@ -246,7 +298,27 @@ def plan_space(rec: Recurrence, sizes: Mapping[str, int], chip: str = DEFAULT_CH
                tt: int | None = None, algorithm: str = "auto",
                loop_order: str = "auto") -> Space:
     """The static plan: layout, algorithm per state, time-tile candidates, loop orders and
-    budget, from the IR, the sizes and the hardware table (nothing is emitted)."""
+    budget, from the IR, the sizes and the hardware table (nothing is emitted). The first of
+    ``plan_spaces``."""
+    return plan_spaces(rec, sizes, chip, tt, algorithm, loop_order)[0]
+
+
+def plan_spaces(rec: Recurrence, sizes: Mapping[str, int], chip: str = DEFAULT_CHIP,
+                tt: int | None = None, algorithm: str = "auto",
+                loop_order: str = "auto") -> list[Space]:
+    """The static plans worth emitting, preferred first (``plan_and_render`` takes the first
+    that ``choose`` fits):
+
+    1. the layouts (``layouts``) whose fixed tiles fit the chip at some time tile, in order
+       (a backward whose preferred partition dim is the batch holds every other dim per
+       partition: mamba2's at H=8 P=64 N=64 needs 656 KB; on heads, 49 KB);
+    2. the layouts with summed outer dims (``summed_candidates``, cheapest first, as few as
+       give a time tile of GOOD_TILE steps), cheapest accumulation first: mamba2's backward
+       at H=80 P=64 N=128 holds batch x headdim x dstate per partition, 13 MB at time tile 1;
+       with one batch and one headdim at a time, dstate on the partitions, 140 KB at 64;
+    3. the same with as few summed dims as fit at time tile 1.
+
+    Nothing fits: the preferred layout alone (``choose`` names the budget and the shape)."""
     def fail(what: str, cls=UnsupportedError):
         raise cls(NAME, rec.name, what)
 
@@ -259,10 +331,7 @@ def plan_space(rec: Recurrence, sizes: Mapping[str, int], chip: str = DEFAULT_CH
     hw = CHIPS[chip]
     sizes = dict(sizes)
     source, rec = rec, canonicalize(rec)
-    # the preferred layout whose smallest kernel fits the chip; others when it does not (a
-    # backward whose preferred partition dim is the batch holds every other dim per
-    # partition: mamba2's at H=8 P=64 N=64 needs 656 KB; on heads, 49 KB)
-    first, problem = None, None
+    fitting, spaces, problem = [], [], None
     for pd, outer in layouts(rec, sizes):
         lacking = [o.name for o in rec.outputs if pd not in o.dims]
         if lacking and sizes[pd] > hw.partitions:
@@ -287,13 +356,44 @@ def plan_space(rec: Recurrence, sizes: Mapping[str, int], chip: str = DEFAULT_CH
         else:
             tiles = tuple(sorted({min(c, T, top) for c in TT_CANDIDATES}, reverse=True))
         sp = Space(rec, sizes, hw, pd, outer, chunks, tiles, LOOP_ORDERS[loop_order], source)
-        first = first or sp
-        if any(sum(f) + max(f) <= hw.sbuf_bytes
-               for f in (sp.storage(tiles[-1], o) for o in sp.orders)):
-            return sp
-    if first is None:
+        spaces.append(sp)
+        if _fits(sp, tiles[-1]):
+            fitting.append(sp)
+    if not spaces:
         fail(problem)
-    return first  # nothing fits: choose() names the budget and the shape
+    good, small = [], []
+    for sp in spaces if algorithm != "chunked" else ():
+        if not all(sp.pd in s.dims for s in rec.states):
+            continue  # a state without the partition dim is one row: not split further
+        extra, cost, found = [], 0, False
+        for d, c in summed_candidates(sp.rec, sizes, sp.pd, sp.outer, costs=True):
+            extra.append(d)
+            cost += c
+            outer = tuple(e for e in rec.canonical if e in sp.outer or e in extra)
+            ss = Space(rec, sizes, hw, sp.pd, outer, {}, sp.tiles, sp.orders, source,
+                       tuple(e for e in rec.canonical if e in extra))
+            key = (cost, -min(sizes[sp.pd], hw.partitions))  # then the most partitions
+            if not found and _fits(ss, sp.tiles[-1]):
+                small.append((key, len(small), ss))
+                found = True
+            if _fits(ss, min(sp.tiles[0], GOOD_TILE)):
+                good.append((key, len(good), ss))
+                break
+    # past the first fitting layout (the one plan before candidates were tried in turn),
+    # only layouts with the partition dim in every state
+    out = fitting[:1] + [sp for sp in fitting[1:] if all(sp.pd in s.dims for s in rec.states)]
+    out += [x[2] for x in sorted(good)] + [x[2] for x in sorted(small)]
+    return out or spaces[:1]
+
+
+# with summed outer dims, add them until the fixed tiles fit at a time tile of this many steps
+GOOD_TILE = 32
+
+
+def _fits(sp: Space, tile: int) -> bool:
+    """The fixed tiles of ``sp`` fit the chip at time tile ``tile`` in some loop order."""
+    return any(sum(f) + max(f) <= sp.chip.sbuf_bytes
+               for f in (sp.storage(tile, o) for o in sp.orders))
 
 
 def choose(space: Space, measure: Callable[[int, bool], tuple[Resources, Any]]
@@ -320,7 +420,7 @@ def choose(space: Space, measure: Callable[[int, bool], tuple[Resources, Any]]
             dma, time_outer, res, art = min(fits, key=lambda f: (f[0], f[1]))
             return Plan(space.pd, space.outer, c, res.sbuf_bytes, res.psum_banks,
                         tuple(space.chunks), "time" if time_outer else "outer", dma,
-                        hw.name, space.algorithms), art
+                        hw.name, space.algorithms, space.summed), art
     shape = ", ".join(f"{d}={space.sizes[d]}" for d in (rec.time,) + rec.canonical)
     raise PlanError(NAME, rec.name, f"no tile plan fits: at time tile {need[0]} the kernel needs "
                     f"{need[2]}{need[1]} B of SBUF per partition, the {hw.name} budget is "
@@ -328,4 +428,4 @@ def choose(space: Space, measure: Callable[[int, bool], tuple[Resources, Any]]
 
 
 __all__ = ["ALGORITHMS", "LOOP_ORDERS", "Plan", "PlanError", "Resources", "Space", "choose",
-           "choose_layout", "layouts", "plan_space"]
+           "choose_layout", "layouts", "plan_space", "plan_spaces", "summed_candidates"]

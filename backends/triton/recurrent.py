@@ -17,7 +17,7 @@ from scancc.ir.printer import format_expr, format_transition
 from ..base import UnsupportedError
 from .emit import Env, Idx, atomic, number, par, pow2, prune_dead, simple
 from .names import Names
-from .plan import Plan, plan, unsupported
+from .plan import TILE_ELEMENTS, Plan, plan, unsupported
 from .rules import NEED, OP_RULES, TRANSITION_RULES
 
 __all__ = ["Lowering", "Env", "Idx", "atomic", "number", "par", "pow2", "module_header"]
@@ -87,6 +87,11 @@ class Lowering:
         # outputs ungroup(x, d, g): each program adds its sum over its d indices into its group
         # (atomically: the programs of one group add into the same elements), in float32
         self.summed = {o.name for o in rec.outputs if o.expr.op is Op.UNGROUP}
+        # outputs summed over a partial dim (plan.partial): each program adds its part, the
+        # same way
+        part = set(self.plan.partial)
+        self.summed |= {o.name for o in rec.outputs if any(
+            n.op is Op.SUM and part & set(n.arg) for n in o.expr.walk())}
         self.parents = self._count_parents()
 
     def make_names(self) -> Names:
@@ -320,6 +325,8 @@ class Lowering:
         return f"tl.where({' & '.join(masks)}, {x}, {fill})"
 
     def reduce(self, fn: str, x: str, dims, env: Env, fill: str) -> str:
+        # a grid dim reduced (a partial dim of the plan): this program's one index is its part
+        dims = [d for d in dims if d in self.plan.regs]
         x = self.masked(x, dims, env, fill)
         for d in sorted(dims, key=self.axis_of):
             x = f"tl.{fn}({x}, axis={self.axis_of(d)}, keep_dims=True)"
@@ -409,7 +416,7 @@ class Lowering:
             self.body.append(f"# {o.name} = {format_expr(given.expr)}")
             oenv = env
             v = self.value(o.expr, env)
-            if o.name in self.summed:  # this program's part, added into its group's element
+            if o.expr.op is Op.UNGROUP:  # this program's part, added into its group's element
                 d, g = o.expr.arg
                 first = f"{self.pid[d]} * {self.block[d]}" if d in P.split else self.pid[d]
                 oenv = env.with_(g, Idx(f"{first} // ({self.size[d]} // {self.size[g]})",
@@ -483,6 +490,12 @@ class Lowering:
     def block_size(self, d: str, n: int, sizes: dict | None = None) -> int:
         """The launcher's block for register dim ``d`` of size ``n`` (``sizes``: all dims)."""
         b = min(pow2(n), 64) if d in self.plan.split else pow2(n)
+        if d in self.plan.split and self.plan.partial and sizes is not None:
+            whole = 1
+            for e in self.plan.regs:
+                if e not in self.plan.split:
+                    whole *= pow2(sizes[e])
+            b = min(b, max(1, TILE_ELEMENTS // whole))
         for g in self.grouped.get(d, []):
             per = n // sizes[g]
             b = min(b, per & -per)
@@ -493,7 +506,13 @@ class Lowering:
         # plain int arithmetic: triton.next_power_of_2 / triton.cdiv are constexpr functions,
         # whose host-side call costs ~10 us each (per launch, docs/performance/host-overhead.md)
         npow = f"1 << ({self.size[d]} - 1).bit_length()"
-        return f"min({npow}, 64)" if d in self.plan.split else npow
+        if d not in self.plan.split:
+            return npow
+        whole = [f"(1 << ({self.size[e]} - 1).bit_length())" for e in self.plan.regs
+                 if e not in self.plan.split]
+        if self.plan.partial and whole:  # a state tile of at most TILE_ELEMENTS elements
+            return f"min({npow}, 64, max(1, {TILE_ELEMENTS} // ({' * '.join(whole)})))"
+        return f"min({npow}, 64)"
 
     def compile_args(self, sizes: dict, dtype: str) -> tuple[dict, dict]:
         """(signature, constexprs) for compiling the kernel ahead of time with
