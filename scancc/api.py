@@ -169,7 +169,10 @@ class Kernel:
         return runner(self.backend, rec, self.backend_options)
 
     def __call__(self, *args: Any, initial_state: Any = None, output_final_state: bool = False,
-                 **kwargs: Any):
+                 cp_group: Any = None, **kwargs: Any):
+        if cp_group is not None:  # context parallel over the time shards of a process group
+            from .distributed import cp_call
+            return cp_call(self, args, kwargs, initial_state, bool(output_final_state), cp_group)
         if _compiling():  # inside torch.compile: only constant planning, then the op
             return self._traced_call(args, kwargs, initial_state, output_final_state)
         # the fast path: a call with the structure of an earlier one (which inputs are given

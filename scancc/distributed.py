@@ -1,0 +1,264 @@
+"""Context parallelism over ``torch.distributed``: ``kernel(*local_inputs, cp_group=group)``.
+
+Each rank of ``group`` holds a contiguous shard of the time dim, in rank order. The scan over
+the whole sequence is split as a prefix fold of per-rank affine maps, one per state:
+
+    h_end(r) = M_r h_enter(r) + F_r
+
+where ``F_r`` is the rank's final state scanned from zero and ``M_r`` the product of its
+transitions. ``M_r`` is derived from the IR, never written per recurrence: the *summary
+recurrence* (``summary_recurrence``) is the homogeneous recurrence (inject 0) of each state,
+kept only over the dims the transition's operands vary along, and run from the identity:
+
+- identity: ``M = I``, nothing to compute or send;
+- scalar, diagonal: started from ones, the state ends as the elementwise product of the
+  decays, over the decay's dims only (a scalar per head, a vector per head, ...);
+- shift, companion, householder, dense: a matrix over the transition axis, as a state with
+  one extra dim ``cp_col`` (the axis' size) started from the identity over (axis, cp_col),
+  over the operands' other dims only (delta nets: ``[B, H, K, K]``, not ``[B, H, K, V, K]``).
+
+One all-gather of every rank's (summaries, local final states), packed in one flat tensor,
+then every rank folds the prefix ``E_{r+1} = M_r E_r + F_r`` (``E_0``: the initial state)
+and reruns its shard from its entering state ``E_r`` (rank 0 needs no rerun). The global
+final state ``E_P`` is known on every rank. Backward: every piece is differentiable (the
+``scancc::scan`` op has gradients w.r.t. inputs and initial states, the fold is torch
+arithmetic, ``torch.distributed.nn.functional.all_gather`` has autograd), so the reverse fold
+of dh comes from autograd; inputs without the time dim (replicated, e.g. mamba's ``A``) get
+per-rank partial gradients, which the caller all-reduces like any replicated parameter.
+
+This module imports the IR and ``torch`` lazily; ``api`` imports it only when ``cp_group`` is
+given.
+"""
+from __future__ import annotations
+
+import string
+from dataclasses import replace
+from typing import Any, Mapping
+
+from scancc.ir import Dim, Kind, Node, Op, Output, Recurrence, State, const
+from scancc.ir import reduce_sum
+from scancc.ir.recurrence import AXIS_KINDS
+from scancc.ir.verify import verify
+
+COL = "cp_col"            # the extra dim of a matrix summary (the axis' columns)
+_PROBE_OUT = "cp_probe"   # the summary recurrence's (unused) output
+
+# kinds whose product is the elementwise product of their decays (started from ones)
+_ELEMENTWISE = (Kind.SCALAR, Kind.DIAGONAL)
+
+
+def summary_dims(rec: Recurrence, s: State) -> tuple[str, ...]:
+    """The state's dims the summary of its transition product varies along: the dims of the
+    transition's operands (and the axis), in the state's order; others broadcast."""
+    t = s.transition
+    used = set()
+    for _, op in t.operands:
+        used |= set(rec.dims_of(op))
+    if t.axis is not None:
+        used.add(t.axis)
+    return tuple(d for d in s.dims if d in used)
+
+
+def summary_recurrence(rec: Recurrence, sizes: Mapping[str, int]) -> Recurrence | None:
+    """The homogeneous recurrence whose final state, started from the identity (``identity``),
+    is the product of the transitions of every non-identity state of ``rec`` (None when every
+    state is an identity). ``sizes``: the size of every non-time dim, fixed in the summary
+    recurrence (the ``cp_col`` dim of a matrix summary takes the axis' size), so every dim
+    stays sized in its derived backward too, whatever inputs that reads. Inputs and lets are
+    kept as they are; an output ``cp_probe[time] = 0 * sum(inputs)`` keeps every input used
+    (it is never read)."""
+    states = []
+    dims = [d if d.role == "time" else replace(d, size=int(sizes[d.name])) for d in rec.dims]
+    for s in rec.states:
+        t = s.transition
+        if t.kind is Kind.IDENTITY:
+            continue
+        if t.kind not in _ELEMENTWISE and t.kind not in AXIS_KINDS:
+            raise NotImplementedError(f"context parallelism: no summary for a {t.kind.value} "
+                                      "transition")
+        sd = summary_dims(rec, s)
+        if t.kind in AXIS_KINDS:
+            col = f"{COL}_{s.name}"
+            dims.append(Dim(col, "feature", int(sizes[t.axis])))
+            sd = sd + (col,)
+        elif not sd:  # a constant decay: keep one batch-like dim so the state has a shape
+            sd = s.dims[:1]
+        states.append(State(s.name, sd, t, const(0.0)))
+    if not states:
+        return None
+    probe = None
+    for inp in rec.inputs:
+        x = Node(Op.INPUT, (), inp.name)
+        ds = tuple(d for d in inp.dims if d != rec.time)
+        term = reduce_sum(x, ds) if ds else x
+        probe = term if probe is None else probe + term
+    out = Output(_PROBE_OUT, (rec.time,), const(0.0) * probe)
+    return verify(replace(rec, name=f"{rec.name}_cp_summary", dims=tuple(dims),
+                          states=tuple(states), outputs=(out,)))
+
+
+def identity_state(torch, summ: Recurrence, sizes: Mapping[str, int], dtype, device) -> dict:
+    """The initial state of the summary recurrence: ones (elementwise kinds), the identity
+    over (axis, cp_col) broadcast over the other dims (matrix kinds)."""
+    out = {}
+    for s in summ.states:
+        shape = [sizes[d] for d in s.dims]
+        if s.transition.kind in _ELEMENTWISE:
+            out[s.name] = torch.ones(shape, dtype=dtype, device=device)
+            continue
+        ax, col = s.dims.index(s.transition.axis), len(s.dims) - 1
+        n = sizes[s.transition.axis]
+        view = [1] * len(shape)
+        view[ax] = view[col] = n
+        eye = torch.eye(n, dtype=dtype, device=device)
+        if ax > col:
+            eye = eye.t()
+        out[s.name] = eye.reshape(view).expand(shape).contiguous()
+    return out
+
+
+def apply_summary(torch, s: State, sdims: tuple[str, ...], m, h):
+    """``M h`` for state ``s`` (dims ``s.dims``) and its summary ``m`` (dims ``sdims``)."""
+    if s.transition.kind in _ELEMENTWISE:
+        view = [m.shape[sdims.index(d)] if d in sdims else 1 for d in s.dims]
+        perm = [sdims.index(d) for d in s.dims if d in sdims]
+        return m.permute(perm).reshape(view) * h
+    # matrix: out[.., i, ..] = sum_j m[.., i, .., j] h[.., j, ..]
+    letters = dict(zip(s.dims, string.ascii_letters))
+    j = string.ascii_letters[len(s.dims)]
+    ax = s.transition.axis
+    ms = "".join(letters[d] for d in sdims[:-1]) + j
+    hs = "".join(j if d == ax else letters[d] for d in s.dims)
+    os_ = "".join(letters[d] for d in s.dims)
+    return torch.einsum(f"{ms},{hs}->{os_}", m, h)
+
+
+class _Plan:
+    """What a context-parallel call of one variant needs: its summary kernel and shapes."""
+
+    def __init__(self, kernel, rec: Recurrence, sizes: Mapping[str, int]):
+        from .api import Kernel
+        self.rec = rec
+        self.summ = summary_recurrence(rec, sizes)
+        self.skernel = None
+        self.ssizes = dict(sizes)
+        if self.summ is not None:
+            self.ssizes.update({d.name: d.size for d in self.summ.dims if d.size is not None})
+            backend = kernel.backend
+            ok, _ = backend.supports(self.summ, kernel.backend_options)
+            if ok:
+                self.skernel = Kernel(None, self.summ, backend, {}, kernel.backend_options)
+            else:  # the reference interprets every IR
+                from scancc import backends
+                self.skernel = Kernel(None, self.summ, backends.get("reference"), {}, {})
+        self.sdims = {s.name: s.dims for s in (self.summ.states if self.summ else ())}
+        self.state_shapes = {s.name: tuple(sizes[d] for d in s.dims) for s in rec.states}
+        self.summary_shapes = {s.name: tuple(self.ssizes[d] for d in s.dims)
+                               for s in (self.summ.states if self.summ else ())}
+
+    def summary_numel(self) -> int:
+        """Elements of this rank's summaries (what the all-gather adds to the final states)."""
+        return sum(_prod(v) for v in self.summary_shapes.values())
+
+
+def _prod(shape) -> int:
+    n = 1
+    for x in shape:
+        n *= x
+    return n
+
+
+def _gather(torch, dist, flat, group):
+    """All-gather one flat tensor per rank (differentiable when grad is on)."""
+    if torch.is_grad_enabled():  # the same branch on every rank: the backward is collective
+        from torch.distributed.nn.functional import all_gather
+        return list(all_gather(flat, group=group))
+    out = [torch.empty_like(flat) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, flat.contiguous(), group=group)
+    return out
+
+
+def cp_call(kernel, args: tuple, kwargs: dict, initial_state: Any, output_final_state: bool,
+            group) -> Any:
+    """``kernel(*args, **kwargs)`` over the time shards of ``group`` (see the module doc)."""
+    import torch
+    import torch.distributed as dist
+
+    from .api import InputError
+    plan = kernel._plan_call(args, {k: v for k, v in kwargs.items()}, initial_state)
+    if plan.kind != "torch":
+        raise InputError("cp_group: context parallelism takes torch tensors")
+    rec = plan.rec
+    run = plan.runner
+    inputs = dict(zip(run.input_names, plan._inputs(args, kwargs)))
+    sizes = run.sizes(tuple(tuple(v.shape) for v in inputs.values()))
+    cache = kernel.__dict__.setdefault("_cp_plans", {})
+    key = (id(rec), tuple(sorted((k, v) for k, v in sizes.items() if k != rec.time)))
+    cp = cache.get(key)
+    if cp is None:
+        cp = cache[key] = _Plan(kernel, rec, sizes)
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    ref = inputs[rec.inputs[0].name]
+    sdt = torch.float64 if ref.dtype == torch.float64 else torch.float32
+    names = [s.name for s in rec.states]
+    init = None
+    if initial_state is not None:
+        init = initial_state if isinstance(initial_state, Mapping) else {names[0]: initial_state}
+        init = {k: torch.as_tensor(v).to(device=ref.device, dtype=sdt) for k, v in init.items()}
+
+    # 1. the local scan: rank 0 from the initial state (its outputs are final), others from 0
+    out0, fin0 = kernel(*args, initial_state=init if rank == 0 else None,
+                        output_final_state=True, **kwargs)
+    fin0 = fin0 if isinstance(fin0, Mapping) else {names[0]: fin0}
+    # 2. the summary of this shard's transition product (rank 0's is never used)
+    summ = {}
+    if cp.summ is not None:
+        if rank == 0:
+            summ = {k: torch.zeros(v, dtype=sdt, device=ref.device)
+                    for k, v in cp.summary_shapes.items()}
+        else:
+            ident = identity_state(torch, cp.summ, cp.ssizes, sdt, ref.device)
+            _, summ = cp.skernel(**inputs, initial_state=ident, output_final_state=True)
+            summ = summ if isinstance(summ, Mapping) else {cp.summ.states[0].name: summ}
+            summ = {k: v.to(sdt) for k, v in summ.items()}
+    # 3. one all-gather of (summaries, final states), packed flat
+    parts = [summ[k].reshape(-1) for k in cp.summary_shapes] + \
+        [fin0[k].to(sdt).reshape(-1) for k in names]
+    flat = torch.cat(parts)
+    gathered = _gather(torch, dist, flat, group)
+    # 4. fold the prefix: E_{r+1} = M_r E_r + F_r, E_1 = F_0 (rank 0 scanned from E_0)
+    enter, final = {}, {}
+    for k in names:
+        s = rec.state(k)
+        off = sum(_prod(v) for v in cp.summary_shapes.values())
+        for k2 in names[:names.index(k)]:
+            off += _prod(cp.state_shapes[k2])
+        shape = cp.state_shapes[k]
+        soff = 0
+        if k in cp.summary_shapes:
+            for k2 in list(cp.summary_shapes)[:list(cp.summary_shapes).index(k)]:
+                soff += _prod(cp.summary_shapes[k2])
+        e = None
+        for r in range(world):
+            if r == rank:
+                enter[k] = e
+            f = gathered[r][off:off + _prod(shape)].reshape(shape)
+            if e is None:
+                e = f
+            elif k in cp.summary_shapes:
+                m = gathered[r][soff:soff + _prod(cp.summary_shapes[k])]
+                e = apply_summary(torch, s, cp.sdims[k], m.reshape(cp.summary_shapes[k]), e) + f
+            else:  # identity
+                e = e + f
+        final[k] = e
+    # 5. rerun this shard from its entering state (rank 0's first scan is already right)
+    if rank == 0:
+        out = out0
+    else:
+        out = kernel(*args, initial_state=enter, output_final_state=False, **kwargs)
+    if not output_final_state:
+        return out
+    return out, (final[names[0]] if len(names) == 1 else final)
+
+
+__all__ = ["cp_call", "summary_recurrence", "summary_dims", "identity_state", "apply_summary"]
