@@ -193,6 +193,14 @@ class Kernel:
         self._last = plan.runner
         return plan.run(args, kwargs, initial_state, bool(output_final_state))
 
+    def step(self, *args: Any, state: Any, state_indices: Any = None, **kwargs: Any):
+        """One decode step: each input without its time dim, ``state`` as
+        ``output_final_state=True`` returns it (updated in place); returns the outputs without
+        the time dim. ``state_indices`` (int ``[B]``): the rows of a larger state pool the B
+        inputs step (continuous batching). No gradients. See scancc/_step.py, docs/serving.md."""
+        from ._step import step
+        return step(self, args, kwargs, state, state_indices)
+
     def _plan_call(self, args, kwargs, initial_state) -> "_CallPlan":
         """Everything about a call that depends only on its structure, checked in full."""
         entry_opts = set(self.entry.defaults) if self.entry else set()

@@ -194,6 +194,11 @@ class TritonBackend(Backend):
             outs, finals = c.launcher(*args, h0, keep, bs, nw)
         return RunResult(outs, finals, dict(c.counters))
 
+    def step_launcher(self, rec: Recurrence, options: Mapping[str, Any], dtypes=()):
+        """The decode step's launcher (step.py): one step, the states updated in place."""
+        from .step import step_launcher
+        return step_launcher(rec, options, tuple(dtypes))
+
     def _last_compiled(self, rec: Recurrence, options: Mapping[str, Any], args: list):
         """``compiled`` for a call, through a last-hit memo keyed by the identity of the IR
         and of the options dict (a caller reusing both, as scancc's Runner does, skips even
