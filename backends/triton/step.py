@@ -40,8 +40,12 @@ class StepLowering(Lowering):
         lines = [f"def {self.launcher_name}({', '.join(ins)}, "
                  f"{', '.join(states.values())}, {blocks}=None, {warps}=4):",
                  f'    """One step of {self.kernel_name}: inputs in their declared layouts with',
-                 "    a time dim of size 1, contiguous; each state a contiguous float32 tensor,",
-                 '    updated in place. Returns the outputs by name (time dim of size 1)."""']
+                 "    a time dim of size 1; each state a contiguous float32 tensor, updated in",
+                 '    place. Returns the outputs by name (time dim of size 1)."""']
+        if len(ins) == 1:
+            lines.append(f"    {first} = {first}.contiguous()")
+        else:
+            lines.append(f"    {', '.join(ins)} = " + ", ".join(f"{x}.contiguous()" for x in ins))
         known: set[str] = set()
         for d in rec.dims:
             if d.size is not None:
@@ -109,6 +113,18 @@ class StepLowering(Lowering):
         return self._source
 
 
+def _quiet(fn):
+    import functools
+
+    import numpy as np
+
+    @functools.wraps(fn)
+    def launcher(*args, **kwargs):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            return fn(*args, **kwargs)
+    return launcher
+
+
 _LAUNCHERS: dict[tuple, tuple[Recurrence, Any]] = {}
 
 
@@ -128,6 +144,8 @@ def step_launcher(rec: Recurrence, options: Mapping[str, Any], dtypes: tuple[str
     mod = runtime.load(runtime.cache_key(format_recurrence(rec), low.algorithm, src_opts,
                                          tuple(dtypes)), source)
     fn = getattr(mod, low.launcher_name)
+    if not runtime.has_gpu():  # padded lanes may compute 0/0 in the interpreter (as run())
+        fn = _quiet(fn)
     if len(_LAUNCHERS) >= 1024:
         _LAUNCHERS.clear()
     _LAUNCHERS[key] = (rec, fn)
