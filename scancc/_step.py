@@ -128,7 +128,12 @@ class StepPlan:
                            for x in cp._inputs(t_args, t_kw))
             opts = {k: v for k, v in kernel.backend_options.items()
                     if k in ("block_sizes", "num_warps")}
-            self.launcher = hook(cp.rec, opts, dtypes)
+            self.indexed = state_indices is not None
+            try:  # state pools picked inside the kernel
+                self.launcher = hook(cp.rec, opts, dtypes, self.indexed)
+            except ValueError:  # not one program per batch row: gather/scatter the rows here
+                self.indexed = False
+                self.launcher = hook(cp.rec, opts, dtypes)
             self.block_sizes = opts.get("block_sizes")
             self.num_warps = opts.get("num_warps") or 4
             self.order = [x.name for x in cp.rec.inputs]
@@ -179,6 +184,8 @@ class StepPlan:
         if self.launcher is not None:
             if state_indices is None:
                 sts = [states[s] for s in self.s_names]
+            elif self.indexed:
+                sts = [states[s] for s in self.s_names] + [state_indices]
             else:
                 sts = [states[s].index_select(0, state_indices) for s in self.s_names]
             given = dict(zip(self.order, t_args))
@@ -190,7 +197,7 @@ class StepPlan:
                     for a in axes:
                         ins[i] = ins[i].unsqueeze(a)
             outs = self.launcher(*ins, *sts, self.block_sizes, self.num_warps)
-            if state_indices is not None:
+            if state_indices is not None and not self.indexed:
                 for s, v in zip(self.s_names, sts):
                     states[s].index_copy_(0, state_indices, v)
             return self._squeeze(outs)

@@ -194,10 +194,12 @@ class TritonBackend(Backend):
             outs, finals = c.launcher(*args, h0, keep, bs, nw)
         return RunResult(outs, finals, dict(c.counters))
 
-    def step_launcher(self, rec: Recurrence, options: Mapping[str, Any], dtypes=()):
-        """The decode step's launcher (step.py): one step, the states updated in place."""
+    def step_launcher(self, rec: Recurrence, options: Mapping[str, Any], dtypes=(),
+                      indexed: bool = False):
+        """The decode step's launcher (step.py): one step, the states updated in place
+        (``indexed``: rows of state pools picked by ``state_indices``)."""
         from .step import step_launcher
-        return step_launcher(rec, options, tuple(dtypes))
+        return step_launcher(rec, options, tuple(dtypes), indexed)
 
     def _last_compiled(self, rec: Recurrence, options: Mapping[str, Any], args: list):
         """``compiled`` for a call, through a last-hit memo keyed by the identity of the IR
