@@ -29,11 +29,16 @@ OPTS = {"mamba": {"D": True, "z": True, "delta_bias": True, "delta_softplus": Tr
         "fir": {"bias": True, "activation": "silu"}}
 
 
-def _case(name, seed=0, T=12):
+# the Triton interpreter runs every program in Python: a smaller case keeps it fast
+SMALL = {"batch": 1, "time": 6, "heads": 1}
+
+
+def _case(name, seed=0, T=12, small=False):
     k = scancc.compile(name, **OPTS.get(name, {}))
     rec = k.ir
-    sizes = {d.name: d.size or SIZES.get(d.name, 2) for d in rec.dims}
-    sizes[rec.time] = T
+    over = SMALL if small else {}
+    sizes = {d.name: d.size or over.get(d.name, SIZES.get(d.name, 2)) for d in rec.dims}
+    sizes[rec.time] = over.get("time", T)
     e = registry.get(name)
     x = sample_inputs(rec, sizes, seed, e.hints)
     h0 = sample_state(rec, sizes, seed + 1)
@@ -84,7 +89,7 @@ def _run(name, target, dtype, x, h0, wy, wf, rank=None, world=None, group=None):
             {s: v.detach().double().numpy() for s, v in fin.items()}, grads)
 
 
-def _worker(rank, world, port, target, names, dtype_name, outdir):
+def _worker(rank, world, port, target, names, dtype_name, outdir, small):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -92,7 +97,7 @@ def _worker(rank, world, port, target, names, dtype_name, outdir):
         dtype = getattr(torch, dtype_name)
         res = {}
         for name in names:
-            _, x, h0, wy, wf = _case(name)
+            _, x, h0, wy, wf = _case(name, small=small)
             res[name] = _run(name, target, dtype, x, h0, wy, wf, rank, world, dist.group.WORLD)
         torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
     finally:
@@ -105,20 +110,43 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _spawn(world, target, names, dtype_name):
+def _warm(names, small):
+    """Derive the backward of each summary recurrence here, before the ranks fork, so they
+    inherit it (the derivation is cached per IR: scancc.autograd.adjoint)."""
+    from scancc.autograd import adjoint
+    for name in names:
+        rec, x, _, _, _ = _case(name, small=small)
+        sizes = scancc.compile(name, **OPTS.get(name, {}))._plan_call(
+            (), dict(x), None).runner.sizes(tuple(v.shape for v in x.values()))
+        summ = summary_recurrence(rec, sizes)
+        if summ is not None:
+            adjoint(summ)
+
+
+def _spawn(world, target, names, dtype_name, small):
+    """Run ``world`` ranks; forked (the parent warmed the compiled kernels and derived
+    backwards, which the ranks inherit) where the platform can, else spawned."""
+    import multiprocessing
+
     import torch.multiprocessing as mp
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(world, _free_port(), target, names, dtype_name, d),
-                 nprocs=world, join=True)
+        mp.start_processes(_worker, args=(world, _free_port(), target, names, dtype_name, d, small),
+                           nprocs=world, join=True, start_method=method)
         return [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False)
                 for r in range(world)]
 
 
-def _check(world, target, names, dtype_name, rtol, atol):
-    ranks = _spawn(world, target, names, dtype_name)
+def _check(world, target, names, dtype_name, rtol, atol, small=False):
+    truth = {}
+    for name in names:  # the single-process truth first (it warms the caches ranks inherit)
+        rec, x, h0, wy, wf = _case(name, small=small)
+        truth[name] = _run(name, "reference", torch.float64, x, h0, wy, wf)
+    _warm(names, small)
+    ranks = _spawn(world, target, names, dtype_name, small)
     for name in names:
-        rec, x, h0, wy, wf = _case(name)
-        out, fin, grads = _run(name, "reference", torch.float64, x, h0, wy, wf)
+        rec = _case(name, small=small)[0]
+        out, fin, grads = truth[name]
         for o, v in out.items():  # each rank's outputs are its shard of the whole
             ax = _odims(rec, o).index(rec.time)
             got = np.concatenate([ranks[r][name][0][o] for r in range(world)], axis=ax)
@@ -148,7 +176,7 @@ def test_context_parallel_every_library_recurrence_reference(world):
 def test_context_parallel_triton_interpreter():
     """Two recurrences on the Triton backend (interpreter): a diagonal and a householder."""
     pytest.importorskip("triton")
-    _check(2, "triton", ["gla", "delta_net"], "float32", 2e-4, 2e-4)
+    _check(2, "triton", ["gla", "delta_net"], "float32", 2e-4, 2e-4, small=True)
 
 
 @pytest.mark.slow
