@@ -64,9 +64,10 @@ def summary_recurrence(rec: Recurrence, sizes: Mapping[str, int]) -> Recurrence 
     is the product of the transitions of every non-identity state of ``rec`` (None when every
     state is an identity). ``sizes``: the size of every non-time dim, fixed in the summary
     recurrence (the ``cp_col`` dim of a matrix summary takes the axis' size), so every dim
-    stays sized in its derived backward too, whatever inputs that reads. Inputs and lets are
-    kept as they are; an output ``cp_probe[time] = 0 * sum(inputs)`` keeps every input used
-    (it is never read)."""
+    stays sized in its derived backward too, whatever inputs that reads. It keeps only the
+    inputs and lets the transitions read; its one output ``cp_probe[time] = 0 * sum(inputs)``
+    (never read) keeps them used, and where none has the time dim it reads the smallest
+    input that has (the ``probe``: iir's feedback is time-invariant)."""
     states = []
     dims = [d if d.role == "time" else replace(d, size=int(sizes[d.name])) for d in rec.dims]
     for s in rec.states:
@@ -86,15 +87,34 @@ def summary_recurrence(rec: Recurrence, sizes: Mapping[str, int]) -> Recurrence 
         states.append(State(s.name, sd, t, const(0.0)))
     if not states:
         return None
+    # only what the transitions read: their inputs and lets (a let may read earlier lets)
+    need = set()
+
+    def reads(node):
+        for n in node.walk():
+            if n.op is Op.INPUT:
+                need.add(("input", n.arg))
+            elif n.op is Op.PARAM and ("let", n.arg) not in need:
+                need.add(("let", n.arg))
+                reads(rec.let(n.arg).expr)
+    for st in states:
+        for _, op in st.transition.operands:
+            reads(op)
+    inputs = [i for i in rec.inputs if ("input", i.name) in need]
+    lets = tuple(x for x in rec.lets if ("let", x.name) in need)
+    if not any(rec.time in i.dims for i in inputs):  # the probe sizes the time dim
+        inputs.append(min((i for i in rec.inputs if rec.time in i.dims),
+                          key=lambda i: len(i.dims)))
     probe = None
-    for inp in rec.inputs:
+    for inp in inputs:
         x = Node(Op.INPUT, (), inp.name)
         ds = tuple(d for d in inp.dims if d != rec.time)
         term = reduce_sum(x, ds) if ds else x
         probe = term if probe is None else probe + term
     out = Output(_PROBE_OUT, (rec.time,), const(0.0) * probe)
     return verify(replace(rec, name=f"{rec.name}_cp_summary", dims=tuple(dims),
-                          states=tuple(states), outputs=(out,)))
+                          inputs=tuple(inputs), lets=lets, states=tuple(states),
+                          outputs=(out,)))
 
 
 def identity_state(torch, summ: Recurrence, sizes: Mapping[str, int], dtype, device) -> dict:
@@ -151,6 +171,7 @@ class _Plan:
             else:  # the reference interprets every IR
                 from scancc import backends
                 self.skernel = Kernel(None, self.summ, backends.get("reference"), {}, {})
+        self.s_inputs = [i.name for i in self.summ.inputs] if self.summ else []
         self.sdims = {s.name: s.dims for s in (self.summ.states if self.summ else ())}
         self.state_shapes = {s.name: tuple(sizes[d] for d in s.dims) for s in rec.states}
         self.summary_shapes = {s.name: tuple(self.ssizes[d] for d in s.dims)
@@ -218,7 +239,8 @@ def cp_call(kernel, args: tuple, kwargs: dict, initial_state: Any, output_final_
                     for k, v in cp.summary_shapes.items()}
         else:
             ident = identity_state(torch, cp.summ, cp.ssizes, sdt, ref.device)
-            _, summ = cp.skernel(**inputs, initial_state=ident, output_final_state=True)
+            _, summ = cp.skernel(**{k: inputs[k] for k in cp.s_inputs}, initial_state=ident,
+                                 output_final_state=True)
             summ = summ if isinstance(summ, Mapping) else {cp.summ.states[0].name: summ}
             summ = {k: v.to(sdt) for k, v in summ.items()}
     # 3. one all-gather of (summaries, final states), packed flat

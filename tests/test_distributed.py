@@ -206,7 +206,7 @@ def test_summary_recurrence_is_the_transition_product(name):
     if summ is not None:
         ss = {**sizes, **{d.name: d.size for d in summ.dims if d.size is not None}}
         sk = scancc.compile(summ)
-        _, ms = sk(**xt, initial_state=identity_state(torch, summ, ss, torch.float64, "cpu"),
+        _, ms = sk(**{i.name: xt[i.name] for i in summ.inputs}, initial_state=identity_state(torch, summ, ss, torch.float64, "cpu"),
                    output_final_state=True)
         ms = ms if isinstance(ms, dict) else {summ.states[0].name: ms}
     for s in rec.states:
