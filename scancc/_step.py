@@ -31,7 +31,10 @@ def _sig(x):
     return type(x), x.dtype, tuple(shape), str(getattr(x, "device", ""))
 
 
-def step(kernel, args: tuple, kwargs: dict, state: Any, state_indices: Any):
+def step(kernel, args: tuple, kwargs: dict, state: Any, state_indices: Any, error, kind):
+    """``kernel.step``; ``error``: the exception class of input errors (api.InputError),
+    ``kind``: the array-kind function (api._kind): passed in, so this module never imports
+    ``api``, which imports it."""
     plans = kernel.__dict__.setdefault("_step_plans", {})
     try:
         key = (tuple(map(_sig, args)), tuple((k, _sig(v)) for k, v in kwargs.items()),
@@ -41,7 +44,7 @@ def step(kernel, args: tuple, kwargs: dict, state: Any, state_indices: Any):
     except TypeError:  # an unhashable option value: plan every call
         key = plan = None
     if plan is None:
-        plan = StepPlan(kernel, args, kwargs, state, state_indices)
+        plan = StepPlan(kernel, args, kwargs, state, state_indices, error, kind)
         if key is not None:
             if len(plans) >= _MAX_PLANS:
                 plans.clear()
@@ -52,8 +55,9 @@ def step(kernel, args: tuple, kwargs: dict, state: Any, state_indices: Any):
 class StepPlan:
     """One call structure of ``Kernel.step``, checked in full once."""
 
-    def __init__(self, kernel, args, kwargs, state, state_indices):
-        from .api import InputError, _kind
+    def __init__(self, kernel, args, kwargs, state, state_indices, error, kind):
+        InputError, _kind = error, kind
+        self.error = error
         self.kernel = kernel
         entry = kernel.entry
         entry_opts = set(entry.defaults) if entry else set()
@@ -160,7 +164,7 @@ class StepPlan:
         return t_args, t_kw
 
     def _states(self, state) -> dict:
-        from .api import InputError
+        InputError = self.error
         if isinstance(state, Mapping):
             missing = [s for s in self.s_names if s not in state]
             if missing:

@@ -172,7 +172,8 @@ class Kernel:
                  cp_group: Any = None, **kwargs: Any):
         if cp_group is not None:  # context parallel over the time shards of a process group
             from .distributed import cp_call
-            return cp_call(self, args, kwargs, initial_state, bool(output_final_state), cp_group)
+            return cp_call(self, args, kwargs, initial_state, bool(output_final_state), cp_group,
+                           InputError)
         if _compiling():  # inside torch.compile: only constant planning, then the op
             return self._traced_call(args, kwargs, initial_state, output_final_state)
         # the fast path: a call with the structure of an earlier one (which inputs are given
@@ -199,7 +200,7 @@ class Kernel:
         the time dim. ``state_indices`` (int ``[B]``): the rows of a larger state pool the B
         inputs step (continuous batching). No gradients. See scancc/_step.py, docs/serving.md."""
         from ._step import step
-        return step(self, args, kwargs, state, state_indices)
+        return step(self, args, kwargs, state, state_indices, InputError, _kind)
 
     def _plan_call(self, args, kwargs, initial_state) -> "_CallPlan":
         """Everything about a call that depends only on its structure, checked in full."""

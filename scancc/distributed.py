@@ -157,7 +157,7 @@ class _Plan:
     """What a context-parallel call of one variant needs: its summary kernel and shapes."""
 
     def __init__(self, kernel, rec: Recurrence, sizes: Mapping[str, int]):
-        from .api import Kernel
+        Kernel = type(kernel)  # api.Kernel (this module never imports api, which imports it)
         self.rec = rec
         self.summ = summary_recurrence(rec, sizes)
         self.skernel = None
@@ -200,12 +200,13 @@ def _gather(torch, dist, flat, group):
 
 
 def cp_call(kernel, args: tuple, kwargs: dict, initial_state: Any, output_final_state: bool,
-            group) -> Any:
-    """``kernel(*args, **kwargs)`` over the time shards of ``group`` (see the module doc)."""
+            group, error=ValueError) -> Any:
+    """``kernel(*args, **kwargs)`` over the time shards of ``group`` (see the module doc);
+    ``error``: the exception class of input errors (api.InputError)."""
     import torch
     import torch.distributed as dist
 
-    from .api import InputError
+    InputError = error
     plan = kernel._plan_call(args, {k: v for k, v in kwargs.items()}, initial_state)
     if plan.kind != "torch":
         raise InputError("cp_group: context parallelism takes torch tensors")
