@@ -33,14 +33,36 @@ OPTS = {"mamba": {"D": True, "z": True, "delta_bias": True, "delta_softplus": Tr
 SMALL = {"batch": 1, "time": 6, "heads": 1}
 
 
+def _dense_rec():
+    """A dense transition (no library recurrence has one): tests/test_autograd.py's."""
+    from scancc.ir import Builder, dense, reduce_sum, sigmoid, silu
+    r = Builder("cp_test_dense")
+    b, t, h, n, c = (r.dim("batch", "batch"), r.dim("time", "time"), r.dim("heads", "head"),
+                     r.dim("n"), r.dim("c"))
+    x, g = r.input("x", [b, t, h, n]), r.input("g", [b, t, h])
+    m = r.input("m", [h, n, c])
+    s = r.state("s", [b, h, n], dense(n, c, m * sigmoid(g)), inject=silu(x))
+    r.output("y", [b, t, h, n], s * x + reduce_sum(s * s, n))
+    return r.build()
+
+
+def _compile(name, target="reference"):
+    if name == "cp_test_dense":
+        return scancc.compile(_dense_rec(), target)
+    return scancc.compile(name, target, **OPTS.get(name, {}))
+
+
+def _hints(name):
+    return {"m": "small"} if name == "cp_test_dense" else registry.get(name).hints
+
+
 def _case(name, seed=0, T=12, small=False):
-    k = scancc.compile(name, **OPTS.get(name, {}))
+    k = _compile(name)
     rec = k.ir
     over = SMALL if small else {}
     sizes = {d.name: d.size or over.get(d.name, SIZES.get(d.name, 2)) for d in rec.dims}
     sizes[rec.time] = over.get("time", T)
-    e = registry.get(name)
-    x = sample_inputs(rec, sizes, seed, e.hints)
+    x = sample_inputs(rec, sizes, seed, _hints(name))
     h0 = sample_state(rec, sizes, seed + 1)
     wy = {o.name: np.random.default_rng(seed + 2).standard_normal(
         tuple(sizes[d] for d in o.dims)) for o in rec.outputs}
@@ -66,7 +88,7 @@ def _t(v, dtype, grad=True):
 
 def _run(name, target, dtype, x, h0, wy, wf, rank=None, world=None, group=None):
     """Outputs, final states and gradients of one run (a shard when ``group`` is given)."""
-    k = scancc.compile(name, target, **OPTS.get(name, {}))
+    k = _compile(name, target)
     rec = k.ir
     if group is not None:
         x = {n: _shard(rec, n, v, rank, world) for n, v in x.items()}
@@ -116,7 +138,7 @@ def _warm(names, small):
     from scancc.autograd import adjoint
     for name in names:
         rec, x, _, _, _ = _case(name, small=small)
-        sizes = scancc.compile(name, **OPTS.get(name, {}))._plan_call(
+        sizes = _compile(name)._plan_call(
             (), dict(x), None).runner.sizes(tuple(v.shape for v in x.values()))
         summ = summary_recurrence(rec, sizes)
         if summ is not None:
@@ -170,7 +192,9 @@ def _check(world, target, names, dtype_name, rtol, atol, small=False):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_context_parallel_every_library_recurrence_reference(world):
-    _check(world, "reference", LIBRARY, "float64", 1e-9, 1e-9)
+    """Every library recurrence, and a dense transition (the one kind no library entry
+    has)."""
+    _check(world, "reference", LIBRARY + ["cp_test_dense"], "float64", 1e-9, 1e-9)
 
 
 def test_context_parallel_triton_interpreter():
@@ -186,13 +210,13 @@ def test_context_parallel_every_library_recurrence_triton(world):
     _check(world, "triton", LIBRARY, "float32", 2e-4, 2e-4)
 
 
-@pytest.mark.parametrize("name", LIBRARY)
+@pytest.mark.parametrize("name", LIBRARY + ["cp_test_dense"])
 def test_summary_recurrence_is_the_transition_product(name):
     """Closed form, one process: for T steps, the summary's final state applied to a random
     h0, plus the zero-start final state, equals the scan from h0 (the fold of one rank)."""
     from scancc.distributed import apply_summary, identity_state
     rec, x, h0, _, _ = _case(name, seed=5, T=7)
-    k = scancc.compile(name, **OPTS.get(name, {}))
+    k = _compile(name)
     sizes = k._plan_call((), {n: v for n, v in x.items()}, None).runner.sizes(
         tuple(v.shape for v in x.values()))
     summ = summary_recurrence(rec, sizes)
@@ -217,3 +241,10 @@ def test_summary_recurrence_is_the_transition_product(name):
                                    atol=1e-10, err_msg=f"{name} state {s.name}")
         if s.name in ms:  # the summary is not the trivial identity/ones: the test can fail
             assert ms[s.name].numel() > 0
+
+
+def test_context_parallel_takes_torch_tensors_only():
+    k = scancc.compile("hgrn")
+    x = np.zeros((1, 4, 3))
+    with pytest.raises(scancc.api.InputError, match="torch tensors"):
+        k(x, x, cp_group=object())
