@@ -214,3 +214,28 @@ def test_one_triton_step_with_split_value_blocks():
         y, st = _one_step("gated_delta_net", "triton", torch.float32, {"value": 80}, pool)
         y0, st0 = _one_step("gated_delta_net", "reference", torch.float64, {"value": 80}, pool)
         _compare("gated_delta_net", {"o": y}, st, {"o": y0}, st0, TOL["float32"])
+
+
+@pytest.mark.parametrize("name", ["hgrn", "gated_delta_net", "iir"])
+def test_nki_steps_through_its_t1_scan(name):
+    """NKI (the emulator) has no dedicated step kernel: it steps through its T=1 scan."""
+    rec, sizes, x, h0 = _case(name)
+    x = {n: v.astype(np.float32).astype(np.float64) for n, v in x.items()}
+    out, fin = _scan_truth(name, x, h0)
+    got, state = _step_all(name, "nki", torch.float32, x, h0, torch.float32)
+    _compare(name, got, state, out, fin, TOL["float32"])
+
+
+def test_numpy_state_is_updated_in_place():
+    """NumPy arrays (reference): the state array is written in place, outputs are NumPy."""
+    name = "mamba2"
+    rec, sizes, x, h0 = _case(name)
+    out, fin = _scan_truth(name, x, h0)
+    k = scancc.compile(name, **OPTS.get(name, {}))
+    state = h0["h"].copy()
+    ys = [k.step(**{n: np.take(v, t, axis=rec.input(n).dims.index(rec.time))
+                    if rec.time in rec.input(n).dims else v for n, v in x.items()}, state=state)
+          for t in range(sizes[rec.time])]
+    assert all(isinstance(y, np.ndarray) for y in ys)
+    np.testing.assert_allclose(np.stack(ys, 1), out["y"].numpy(), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(state, fin["h"].numpy(), rtol=1e-10, atol=1e-10)
