@@ -177,6 +177,18 @@ class _Plan:
         self.summary_shapes = {s.name: tuple(self.ssizes[d] for d in s.dims)
                                for s in (self.summ.states if self.summ else ())}
 
+        # the flat tensor each rank contributes: summaries, then final states, by state
+        self.offsets, at = {}, 0
+        for what, shapes in (("summary", self.summary_shapes), ("final", self.state_shapes)):
+            for k, shape in shapes.items():
+                self.offsets[what, k] = (at, shape)
+                at += _prod(shape)
+
+    def unpack(self, flat, what: str, state: str):
+        """The ``what`` ("summary" or "final") of ``state`` in a rank's flat tensor."""
+        at, shape = self.offsets[what, state]
+        return flat[at:at + _prod(shape)].reshape(shape)
+
     def summary_numel(self) -> int:
         """Elements of this rank's summaries (what the all-gather adds to the final states)."""
         return sum(_prod(v) for v in self.summary_shapes.values())
@@ -253,25 +265,17 @@ def cp_call(kernel, args: tuple, kwargs: dict, initial_state: Any, output_final_
     enter, final = {}, {}
     for k in names:
         s = rec.state(k)
-        off = sum(_prod(v) for v in cp.summary_shapes.values())
-        for k2 in names[:names.index(k)]:
-            off += _prod(cp.state_shapes[k2])
-        shape = cp.state_shapes[k]
-        soff = 0
-        if k in cp.summary_shapes:
-            for k2 in list(cp.summary_shapes)[:list(cp.summary_shapes).index(k)]:
-                soff += _prod(cp.summary_shapes[k2])
         e = None
         for r in range(world):
             if r == rank:
                 enter[k] = e
-            f = gathered[r][off:off + _prod(shape)].reshape(shape)
+            f = cp.unpack(gathered[r], "final", k)
             if e is None:
                 e = f
             elif k in cp.summary_shapes:
-                m = gathered[r][soff:soff + _prod(cp.summary_shapes[k])]
-                e = apply_summary(torch, s, cp.sdims[k], m.reshape(cp.summary_shapes[k]), e) + f
-            else:  # identity
+                e = apply_summary(torch, s, cp.sdims[k], cp.unpack(gathered[r], "summary", k),
+                                  e) + f
+            else:  # identity: M = I
                 e = e + f
         final[k] = e
     # 5. rerun this shard from its entering state (rank 0's first scan is already right)
