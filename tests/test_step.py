@@ -239,3 +239,24 @@ def test_numpy_state_is_updated_in_place():
     assert all(isinstance(y, np.ndarray) for y in ys)
     np.testing.assert_allclose(np.stack(ys, 1), out["y"].numpy(), rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(state, fin["h"].numpy(), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("target", ["reference", "triton"])
+def test_step_with_an_optional_dim_left_out(target):
+    """mamba's B and C without their groups dim ([B, N] per step)."""
+    if target == "triton":
+        pytest.importorskip("triton")
+    rec, sizes, x, h0 = _case("mamba")
+    x = {n: v.astype(np.float32).astype(np.float64) for n, v in x.items()}
+    out, fin = _scan_truth("mamba", x, h0)
+    dtype = torch.float64 if target == "reference" else torch.float32
+    k = scancc.compile("mamba", target, **OPTS["mamba"])
+    state = torch.tensor(h0["x"], dtype=dtype)
+    ys = []
+    for t in range(sizes[rec.time]):
+        xt = {n: torch.tensor(v, dtype=dtype) for n, v in x.items()}
+        step = {n: _time_slice(rec, n, v, t) for n, v in xt.items()}
+        step["B"], step["C"] = step["B"][:, 0], step["C"][:, 0]  # groups = 1, left out
+        ys.append(k.step(**step, state=state))
+    _compare("mamba", {"y": torch.stack(ys, 2)}, {"x": state}, out, fin,
+             TOL["float64" if target == "reference" else "float32"])
