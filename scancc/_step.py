@@ -31,6 +31,12 @@ def _sig(x):
     return type(x), x.dtype, tuple(shape), str(getattr(x, "device", ""))
 
 
+def _state_sig(x):
+    """A state's key: also whether it is contiguous (the step kernel writes it in place)."""
+    contiguous = getattr(x, "is_contiguous", None)
+    return _sig(x), contiguous() if contiguous is not None else x.flags.c_contiguous
+
+
 def step(kernel, args: tuple, kwargs: dict, state: Any, state_indices: Any, error, kind):
     """``kernel.step``; ``error``: the exception class of input errors (api.InputError),
     ``kind``: the array-kind function (api._kind): passed in, so this module never imports
@@ -38,8 +44,8 @@ def step(kernel, args: tuple, kwargs: dict, state: Any, state_indices: Any, erro
     plans = kernel.__dict__.setdefault("_step_plans", {})
     try:
         key = (tuple(map(_sig, args)), tuple((k, _sig(v)) for k, v in kwargs.items()),
-               tuple((k, _sig(v)) for k, v in state.items()) if isinstance(state, Mapping)
-               else _sig(state), _sig(state_indices) if state_indices is not None else None)
+               tuple((k, _state_sig(v)) for k, v in state.items()) if isinstance(state, Mapping)
+               else _state_sig(state), _sig(state_indices) if state_indices is not None else None)
         plan = plans.get(key)
     except TypeError:  # an unhashable option value: plan every call
         key = plan = None
@@ -122,6 +128,10 @@ class StepPlan:
             if _kind(states[s.name]) != self.kind:
                 raise InputError(f"step: state {s.name!r} is not a {self.kind} array like "
                                  "the inputs")
+            first = next(iter(given.values()))
+            if self.kind == "torch" and states[s.name].device != first.device:
+                raise InputError(f"step: state {s.name!r} is on {states[s.name].device}, the "
+                                 f"inputs on {first.device}")
         # the dedicated step kernel: Triton, torch tensors, float32 contiguous states
         self.launcher = None
         hook = getattr(kernel.backend, "step_launcher", None)
