@@ -59,7 +59,11 @@ def summary_dims(rec: Recurrence, s: State) -> tuple[str, ...]:
     return tuple(d for d in s.dims if d in used)
 
 
-def summary_recurrence(rec: Recurrence, sizes: Mapping[str, int]) -> Recurrence | None:
+SUMMARY = "cp_M_"         # a summary state's name prefix where the states are carried too
+
+
+def summary_recurrence(rec: Recurrence, sizes: Mapping[str, int],
+                       carry: bool = False) -> Recurrence | None:
     """The homogeneous recurrence whose final state, started from the identity (``identity``),
     is the product of the transitions of every non-identity state of ``rec`` (None when every
     state is an identity). ``sizes``: the size of every non-time dim, fixed in the summary
@@ -67,7 +71,12 @@ def summary_recurrence(rec: Recurrence, sizes: Mapping[str, int]) -> Recurrence 
     stays sized in its derived backward too, whatever inputs that reads. It keeps only the
     inputs and lets the transitions read; its one output ``cp_probe[time] = 0 * sum(inputs)``
     (never read) keeps them used, and where none has the time dim it reads the smallest
-    input that has (the ``probe``: iir's feedback is time-invariant)."""
+    input that has (the ``probe``: iir's feedback is time-invariant).
+
+    ``carry``: the recurrence's own states are kept too (as they are, injects included), and
+    the summaries are named ``cp_M_<state>``: one scan from zero then gives a rank both its
+    local final states and its summaries, without evaluating any readout (the ranks'
+    first scan, ``cp_call``)."""
     states = []
     dims = [d if d.role == "time" else replace(d, size=int(sizes[d.name])) for d in rec.dims]
     for s in rec.states:
@@ -84,7 +93,9 @@ def summary_recurrence(rec: Recurrence, sizes: Mapping[str, int]) -> Recurrence 
             sd = sd + (col,)
         elif not sd:  # a constant decay: keep one batch-like dim so the state has a shape
             sd = s.dims[:1]
-        states.append(State(s.name, sd, t, const(0.0)))
+        states.append(State(SUMMARY + s.name if carry else s.name, sd, t, const(0.0)))
+    if carry:
+        states = list(rec.states) + states
     if not states:
         return None
     # only what the transitions read: their inputs and lets (a let may read earlier lets)
@@ -100,6 +111,7 @@ def summary_recurrence(rec: Recurrence, sizes: Mapping[str, int]) -> Recurrence 
     for st in states:
         for _, op in st.transition.operands:
             reads(op)
+        reads(st.inject)
     inputs = [i for i in rec.inputs if ("input", i.name) in need]
     lets = tuple(x for x in rec.lets if ("let", x.name) in need)
     if not any(rec.time in i.dims for i in inputs):  # the probe sizes the time dim
@@ -117,11 +129,15 @@ def summary_recurrence(rec: Recurrence, sizes: Mapping[str, int]) -> Recurrence 
                           outputs=(out,)))
 
 
-def identity_state(torch, summ: Recurrence, sizes: Mapping[str, int], dtype, device) -> dict:
+def identity_state(torch, summ: Recurrence, sizes: Mapping[str, int], dtype, device,
+                   only=None) -> dict:
     """The initial state of the summary recurrence: ones (elementwise kinds), the identity
-    over (axis, cp_col) broadcast over the other dims (matrix kinds)."""
+    over (axis, cp_col) broadcast over the other dims (matrix kinds); ``only``: of those
+    states (the summaries of a carrying summary recurrence; its carried states start at 0)."""
     out = {}
     for s in summ.states:
+        if only is not None and s.name not in only:
+            continue
         shape = [sizes[d] for d in s.dims]
         if s.transition.kind in _ELEMENTWISE:
             out[s.name] = torch.ones(shape, dtype=dtype, device=device)
@@ -159,24 +175,26 @@ class _Plan:
     def __init__(self, kernel, rec: Recurrence, sizes: Mapping[str, int]):
         Kernel = type(kernel)  # api.Kernel (this module never imports api, which imports it)
         self.rec = rec
-        self.summ = summary_recurrence(rec, sizes)
-        self.skernel = None
+        # the ranks' first scan: the states from zero and the summaries, no readout
+        self.summ = summary_recurrence(rec, sizes, carry=True)
         self.ssizes = dict(sizes)
-        if self.summ is not None:
-            self.ssizes.update({d.name: d.size for d in self.summ.dims if d.size is not None})
-            backend = kernel.backend
-            ok, _ = backend.supports(self.summ, kernel.backend_options)
-            if ok:
-                self.skernel = Kernel(None, self.summ, backend, {}, kernel.backend_options)
-            else:  # the reference interprets every IR
-                from scancc import backends
-                self.skernel = Kernel(None, self.summ, backends.get("reference"), {}, {})
-        self.s_inputs = [i.name for i in self.summ.inputs] if self.summ else []
-        self.sdims = {s.name: s.dims for s in (self.summ.states if self.summ else ())}
+        self.ssizes.update({d.name: d.size for d in self.summ.dims if d.size is not None})
+        backend = kernel.backend
+        ok, _ = backend.supports(self.summ, kernel.backend_options)
+        if ok:
+            self.skernel = Kernel(None, self.summ, backend, {}, kernel.backend_options)
+        else:  # the reference interprets every IR
+            from scancc import backends
+            self.skernel = Kernel(None, self.summ, backends.get("reference"), {}, {})
+        self.s_inputs = [i.name for i in self.summ.inputs]
+        names = {s.name for s in rec.states}
+        # summaries by the state they summarize (identity states have none)
+        summaries = [s for s in self.summ.states if s.name not in names]
+        self.sname = {s.name[len(SUMMARY):]: s.name for s in summaries}
+        self.sdims = {s.name[len(SUMMARY):]: s.dims for s in summaries}
         self.state_shapes = {s.name: tuple(sizes[d] for d in s.dims) for s in rec.states}
-        self.summary_shapes = {s.name: tuple(self.ssizes[d] for d in s.dims)
-                               for s in (self.summ.states if self.summ else ())}
-
+        self.summary_shapes = {s.name[len(SUMMARY):]: tuple(self.ssizes[d] for d in s.dims)
+                               for s in summaries}
         # the flat tensor each rank contributes: summaries, then final states, by state
         self.offsets, at = {}, 0
         for what, shapes in (("summary", self.summary_shapes), ("final", self.state_shapes)):
@@ -240,22 +258,22 @@ def cp_call(kernel, args: tuple, kwargs: dict, initial_state: Any, output_final_
         init = initial_state if isinstance(initial_state, Mapping) else {names[0]: initial_state}
         init = {k: torch.as_tensor(v).to(device=ref.device, dtype=sdt) for k, v in init.items()}
 
-    # 1. the local scan: rank 0 from the initial state (its outputs are final), others from 0
-    out0, fin0 = kernel(*args, initial_state=init if rank == 0 else None,
-                        output_final_state=True, **kwargs)
-    fin0 = fin0 if isinstance(fin0, Mapping) else {names[0]: fin0}
-    # 2. the summary of this shard's transition product (rank 0's is never used)
-    summ = {}
-    if cp.summ is not None:
-        if rank == 0:
-            summ = {k: torch.zeros(v, dtype=sdt, device=ref.device)
-                    for k, v in cp.summary_shapes.items()}
-        else:
-            ident = identity_state(torch, cp.summ, cp.ssizes, sdt, ref.device)
-            _, summ = cp.skernel(**{k: inputs[k] for k in cp.s_inputs}, initial_state=ident,
-                                 output_final_state=True)
-            summ = summ if isinstance(summ, Mapping) else {cp.summ.states[0].name: summ}
-            summ = {k: v.to(sdt) for k, v in summ.items()}
+    # 1. the local scan. Rank 0: the kernel from the initial state (its outputs are final).
+    # 2. Others: the carrying summary recurrence from zero states and identity summaries:
+    # the local final states F_r and the summaries M_r in one scan, no readout
+    if rank == 0:
+        out0, fin0 = kernel(*args, initial_state=init, output_final_state=True, **kwargs)
+        fin0 = fin0 if isinstance(fin0, Mapping) else {names[0]: fin0}
+        summ = {k: torch.zeros(v, dtype=sdt, device=ref.device)
+                for k, v in cp.summary_shapes.items()}
+    else:
+        ident = identity_state(torch, cp.summ, cp.ssizes, sdt, ref.device,
+                               only=set(cp.sname.values()))
+        _, fin = cp.skernel(**{k: inputs[k] for k in cp.s_inputs},
+                            initial_state=ident or None, output_final_state=True)
+        fin = fin if isinstance(fin, Mapping) else {cp.summ.states[0].name: fin}
+        fin0 = {k: fin[k] for k in names}
+        summ = {k: fin[m].to(sdt) for k, m in cp.sname.items()}
     # 3. one all-gather of (summaries, final states), packed flat
     parts = [summ[k].reshape(-1) for k in cp.summary_shapes] + \
         [fin0[k].to(sdt).reshape(-1) for k in names]
