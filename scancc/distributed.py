@@ -17,9 +17,12 @@ kept only over the dims the transition's operands vary along, and run from the i
   one extra dim ``cp_col`` (the axis' size) started from the identity over (axis, cp_col),
   over the operands' other dims only (delta nets: ``[B, H, K, K]``, not ``[B, H, K, V, K]``).
 
-One all-gather of every rank's (summaries, local final states), packed in one flat tensor,
-then every rank folds the prefix ``E_{r+1} = M_r E_r + F_r`` (``E_0``: the initial state)
-and reruns its shard from its entering state ``E_r`` (rank 0 needs no rerun). The global
+Rank 0 runs the kernel from the initial state (its outputs are final); every other rank runs
+the summary recurrence with ``carry=True`` (its own states next to the summaries, no
+readout) once from zero: ``F_r`` and ``M_r`` in one scan. One all-gather of every rank's
+(summaries, local final states), packed in one flat tensor, then every rank folds the prefix
+``E_1 = F_0``, ``E_{r+1} = M_r E_r + F_r`` and reruns its shard from its entering state
+``E_r`` with the kernel (rank 0 needs no rerun). The global
 final state ``E_P`` is known on every rank. Backward: every piece is differentiable (the
 ``scancc::scan`` op has gradients w.r.t. inputs and initial states, the fold is torch
 arithmetic, ``torch.distributed.nn.functional.all_gather`` has autograd), so the reverse fold
