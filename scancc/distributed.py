@@ -29,7 +29,7 @@ arithmetic, ``torch.distributed.nn.functional.all_gather`` has autograd), so the
 of dh comes from autograd; inputs without the time dim (replicated, e.g. mamba's ``A``) get
 per-rank partial gradients, which the caller all-reduces like any replicated parameter.
 
-This module imports the IR and ``torch`` lazily; ``api`` imports it only when ``cp_group`` is
+This module imports ``torch`` lazily; ``api`` imports it only when ``cp_group`` is
 given.
 """
 from __future__ import annotations
