@@ -124,6 +124,13 @@ def _worker(rank, world, port, target, names, dtype_name, outdir, small):
         for name in names:
             _, x, h0, wy, wf = _case(name, small=small)
             res[name] = _run(name, target, dtype, x, h0, wy, wf, rank, world, dist.group.WORLD)
+        if PLAIN in names:  # no initial state, no final state, no gradients
+            rec, x, _, _, _ = _case(PLAIN, small=small)
+            k = _compile(PLAIN, target)
+            with torch.no_grad():
+                y = k(**{n: torch.tensor(_shard(rec, n, v, rank, world), dtype=dtype)
+                         for n, v in x.items()}, cp_group=dist.group.WORLD)
+            res["plain"] = y.double().numpy()
         torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -160,6 +167,9 @@ def _spawn(world, target, names, dtype_name, small):
                 for r in range(world)]
 
 
+PLAIN = "gated_delta_net"
+
+
 def _check(world, target, names, dtype_name, rtol, atol, small=False):
     truth = {}
     for name in names:  # the single-process truth first (it warms the caches ranks inherit)
@@ -167,6 +177,12 @@ def _check(world, target, names, dtype_name, rtol, atol, small=False):
         truth[name] = _run(name, "reference", torch.float64, x, h0, wy, wf)
     _warm(names, small)
     ranks = _spawn(world, target, names, dtype_name, small)
+    if PLAIN in names:
+        rec, x, _, _, _ = _case(PLAIN, small=small)
+        y = _compile(PLAIN)(**{n: torch.tensor(v) for n, v in x.items()}).numpy()
+        ax = _odims(rec, rec.outputs[0].name).index(rec.time)
+        np.testing.assert_allclose(np.concatenate([r["plain"] for r in ranks], axis=ax), y,
+                                   rtol=rtol, atol=atol, err_msg="no initial/final state")
     for name in names:
         rec = _case(name, small=small)[0]
         out, fin, grads = truth[name]
