@@ -169,10 +169,19 @@ class Kernel:
         return runner(self.backend, rec, self.backend_options)
 
     def __call__(self, *args: Any, initial_state: Any = None, output_final_state: bool = False,
-                 cu_seqlens: Any = None, **kwargs: Any):
+                 cu_seqlens: Any = None, cp_group: Any = None, **kwargs: Any):
         """``cu_seqlens``: a packed variable-length batch (batch 1, ``[N+1]`` int64
         boundaries along time, as fla; docs/serving.md): every state resets at each boundary,
-        ``initial_state`` and the final state carry N in place of the batch dim."""
+        ``initial_state`` and the final state carry N in place of the batch dim.
+        ``cp_group``: context parallel over the time shards of a torch.distributed process
+        group (docs/distributed.md)."""
+        if cp_group is not None:
+            if cu_seqlens is not None:
+                raise InputError("cu_seqlens with cp_group: packed batches are not split "
+                                 "across ranks yet; pass one of the two")
+            from .distributed import cp_call
+            return cp_call(self, args, kwargs, initial_state, bool(output_final_state), cp_group,
+                           InputError)
         if _compiling():  # inside torch.compile: only constant planning, then the op
             if cu_seqlens is not None:
                 raise InputError("cu_seqlens: packed batches are not traceable by "
@@ -199,6 +208,14 @@ class Kernel:
         self._last = plan.runner
         cu = None if cu_seqlens is None else plan.check_cu(cu_seqlens)
         return plan.run(args, kwargs, initial_state, bool(output_final_state), cu)
+
+    def step(self, *args: Any, state: Any, state_indices: Any = None, **kwargs: Any):
+        """One decode step: each input without its time dim, ``state`` as
+        ``output_final_state=True`` returns it (updated in place); returns the outputs without
+        the time dim. ``state_indices`` (int ``[B]``): the rows of a larger state pool the B
+        inputs step (continuous batching). No gradients. See scancc/_step.py, docs/serving.md."""
+        from ._step import step
+        return step(self, args, kwargs, state, state_indices, InputError, _kind)
 
     def _plan_call(self, args, kwargs, initial_state, n_seq: int | None = None) -> "_CallPlan":
         """Everything about a call that depends only on its structure, checked in full."""

@@ -212,6 +212,13 @@ class TritonBackend(Backend):
         from . import chunked_backward
         return chunked_backward.backward if chunked_backward.applies(rec)[0] else None
 
+    def step_launcher(self, rec: Recurrence, options: Mapping[str, Any], dtypes=(),
+                      indexed: bool = False):
+        """The decode step's launcher (step.py): one step, the states updated in place
+        (``indexed``: rows of state pools picked by ``state_indices``)."""
+        from .step import step_launcher
+        return step_launcher(rec, options, tuple(dtypes), indexed)
+
     def _last_compiled(self, rec: Recurrence, options: Mapping[str, Any], args: list):
         """``compiled`` for a call, through a last-hit memo keyed by the identity of the IR
         and of the options dict (a caller reusing both, as scancc's Runner does, skips even

@@ -1,0 +1,267 @@
+"""Context parallelism (scancc/distributed.py): 2 and 4 gloo processes on CPU, spawned by the
+test, each holding a contiguous time shard, against one single-process run of the whole
+sequence: outputs, the global final state (on every rank), and gradients w.r.t. every input
+and the initial state (replicated inputs: the sum of the ranks' partial gradients). T=13:
+the shards are uneven (np.array_split: 7+6 on 2 ranks, 4+3+3+3 on 4). The ranks are forked
+(spawned where fork is unavailable) after the parent computed the single-process truth, so
+they inherit its compiled kernels and derived backwards."""
+import os
+import socket
+import tempfile
+
+import numpy as np
+import pytest
+
+import scancc
+from scancc import registry
+from scancc.distributed import summary_recurrence
+from scancc.testing import sample_inputs, sample_state
+
+torch = pytest.importorskip("torch", reason="torch (the [triton] extra) is not installed")
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+
+LIBRARY = [n for n in registry.names() if registry.get(n).origin == "library"]
+SIZES = {"batch": 2, "time": 13, "heads": 2, "key": 3, "value": 2, "chan": 3, "dstate": 2,
+         "headdim": 2, "groups": 1, "width": 3, "order": 3}
+# every optional input given, nonlinear options on (as tests/test_autograd.py)
+OPTS = {"mamba": {"D": True, "z": True, "delta_bias": True, "delta_softplus": True},
+        "mamba2": {"D": True, "z": True, "dt_bias": True, "dt_softplus": True,
+                   "dt_limit": None},
+        "fir": {"bias": True, "activation": "silu"}}
+
+
+# the Triton interpreter runs every program in Python: a smaller case keeps it fast
+SMALL = {"batch": 1, "time": 6, "heads": 1}
+
+
+def _dense_rec():
+    """A dense transition (no library recurrence has one): tests/test_autograd.py's."""
+    from scancc.ir import Builder, dense, reduce_sum, sigmoid, silu
+    r = Builder("cp_test_dense")
+    b, t, h, n, c = (r.dim("batch", "batch"), r.dim("time", "time"), r.dim("heads", "head"),
+                     r.dim("n"), r.dim("c"))
+    x, g = r.input("x", [b, t, h, n]), r.input("g", [b, t, h])
+    m = r.input("m", [h, n, c])
+    s = r.state("s", [b, h, n], dense(n, c, m * sigmoid(g)), inject=silu(x))
+    r.output("y", [b, t, h, n], s * x + reduce_sum(s * s, n))
+    return r.build()
+
+
+def _compile(name, target="reference"):
+    if name == "cp_test_dense":
+        return scancc.compile(_dense_rec(), target)
+    return scancc.compile(name, target, **OPTS.get(name, {}))
+
+
+def _hints(name):
+    return {"m": "small"} if name == "cp_test_dense" else registry.get(name).hints
+
+
+def _case(name, seed=0, T=13, small=False):  # uneven shards: 7+6, 4+3+3+3
+    k = _compile(name)
+    rec = k.ir
+    over = SMALL if small else {}
+    sizes = {d.name: d.size or over.get(d.name, SIZES.get(d.name, 2)) for d in rec.dims}
+    sizes[rec.time] = over.get("time", T)
+    x = sample_inputs(rec, sizes, seed, _hints(name))
+    h0 = sample_state(rec, sizes, seed + 1)
+    wy = {o.name: np.random.default_rng(seed + 2).standard_normal(
+        tuple(sizes[d] for d in o.dims)) for o in rec.outputs}
+    wf = {s: np.random.default_rng(seed + 3).standard_normal(v.shape) for s, v in h0.items()}
+    return rec, x, h0, wy, wf
+
+
+def _odims(rec, o):
+    return next(x.dims for x in rec.outputs if x.name == o)
+
+
+def _shard(rec, name, v, rank, world):
+    dims = rec.input(name).dims
+    if rec.time not in dims:
+        return v
+    ax = dims.index(rec.time)
+    return np.array_split(v, world, axis=ax)[rank]
+
+
+def _t(v, dtype, grad=True):
+    return torch.tensor(v, dtype=dtype).requires_grad_(grad)
+
+
+def _run(name, target, dtype, x, h0, wy, wf, rank=None, world=None, group=None):
+    """Outputs, final states and gradients of one run (a shard when ``group`` is given)."""
+    k = _compile(name, target)
+    rec = k.ir
+    if group is not None:
+        x = {n: _shard(rec, n, v, rank, world) for n, v in x.items()}
+        wy = {o: np.array_split(v, world, axis=_odims(rec, o).index(rec.time))[rank]
+              for o, v in wy.items()}
+    xt = {n: _t(v, dtype) for n, v in x.items()}
+    ht = {n: _t(v, dtype) for n, v in h0.items()}
+    kw = {} if group is None else {"cp_group": group}
+    out, fin = k(**xt, initial_state=ht, output_final_state=True, **kw)
+    out = out if isinstance(out, dict) else {rec.outputs[0].name: out}
+    fin = fin if isinstance(fin, dict) else {rec.states[0].name: fin}
+    loss = sum((out[o] * torch.tensor(w, dtype=out[o].dtype)).sum() for o, w in wy.items())
+    if rank in (None, 0):  # the final-state term counted once (every rank holds it)
+        loss = loss + sum((fin[s] * torch.tensor(w, dtype=fin[s].dtype)).sum()
+                          for s, w in wf.items())
+    loss.backward()
+    grads = {n: v.grad.detach().double().numpy() if v.grad is not None else None
+             for n, v in {**xt, **{"h0:" + s: t for s, t in ht.items()}}.items()}
+    return ({o: v.detach().double().numpy() for o, v in out.items()},
+            {s: v.detach().double().numpy() for s, v in fin.items()}, grads)
+
+
+def _worker(rank, world, port, target, names, dtype_name, outdir, small):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        dtype = getattr(torch, dtype_name)
+        res = {}
+        for name in names:
+            _, x, h0, wy, wf = _case(name, small=small)
+            res[name] = _run(name, target, dtype, x, h0, wy, wf, rank, world, dist.group.WORLD)
+        if PLAIN in names:  # no initial state, no final state, no gradients
+            rec, x, _, _, _ = _case(PLAIN, small=small)
+            k = _compile(PLAIN, target)
+            with torch.no_grad():
+                y = k(**{n: torch.tensor(_shard(rec, n, v, rank, world), dtype=dtype)
+                         for n, v in x.items()}, cp_group=dist.group.WORLD)
+            res["plain"] = y.double().numpy()
+        torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _warm(names, small):
+    """Derive the backward of each summary recurrence here, before the ranks fork, so they
+    inherit it (the derivation is cached per IR: scancc.autograd.adjoint)."""
+    from scancc.autograd import adjoint
+    for name in names:
+        rec, x, _, _, _ = _case(name, small=small)
+        sizes = _compile(name)._plan_call(
+            (), dict(x), None).runner.sizes(tuple(v.shape for v in x.values()))
+        adjoint(summary_recurrence(rec, sizes, carry=True))  # what the ranks run
+
+
+def _spawn(world, target, names, dtype_name, small):
+    """Run ``world`` ranks; forked (the parent warmed the compiled kernels and derived
+    backwards, which the ranks inherit) where the platform can, else spawned."""
+    import multiprocessing
+
+    import torch.multiprocessing as mp
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with tempfile.TemporaryDirectory() as d:
+        mp.start_processes(_worker, args=(world, _free_port(), target, names, dtype_name, d, small),
+                           nprocs=world, join=True, start_method=method)
+        return [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False)
+                for r in range(world)]
+
+
+PLAIN = "gated_delta_net"
+
+
+def _check(world, target, names, dtype_name, rtol, atol, small=False):
+    truth = {}
+    for name in names:  # the single-process truth first (it warms the caches ranks inherit)
+        rec, x, h0, wy, wf = _case(name, small=small)
+        truth[name] = _run(name, "reference", torch.float64, x, h0, wy, wf)
+    _warm(names, small)
+    ranks = _spawn(world, target, names, dtype_name, small)
+    if PLAIN in names:
+        rec, x, _, _, _ = _case(PLAIN, small=small)
+        y = _compile(PLAIN)(**{n: torch.tensor(v) for n, v in x.items()}).numpy()
+        ax = _odims(rec, rec.outputs[0].name).index(rec.time)
+        np.testing.assert_allclose(np.concatenate([r["plain"] for r in ranks], axis=ax), y,
+                                   rtol=rtol, atol=atol, err_msg="no initial/final state")
+    for name in names:
+        rec = _case(name, small=small)[0]
+        out, fin, grads = truth[name]
+        for o, v in out.items():  # each rank's outputs are its shard of the whole
+            ax = _odims(rec, o).index(rec.time)
+            got = np.concatenate([ranks[r][name][0][o] for r in range(world)], axis=ax)
+            np.testing.assert_allclose(got, v, rtol=rtol, atol=atol, err_msg=f"{name} {o}")
+        for r in range(world):  # every rank holds the global final state
+            for s, v in fin.items():
+                np.testing.assert_allclose(ranks[r][name][1][s], v, rtol=rtol, atol=atol,
+                                           err_msg=f"{name} final {s} on rank {r}")
+        for n, g in grads.items():
+            if n.startswith("h0:"):  # the initial state is read on rank 0 only
+                got = ranks[0][name][2][n]
+            elif rec.time in rec.input(n).dims:
+                ax = rec.input(n).dims.index(rec.time)
+                got = np.concatenate([ranks[r][name][2][n] for r in range(world)], axis=ax)
+            else:  # replicated: the ranks' partial gradients add up (an all-reduce)
+                got = sum(ranks[r][name][2][n] for r in range(world))
+            assert np.all(np.isfinite(got)), (name, n)
+            np.testing.assert_allclose(got, g, rtol=rtol, atol=atol,
+                                       err_msg=f"{name} grad {n} ({world} ranks)")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_context_parallel_every_library_recurrence_reference(world):
+    """Every library recurrence, and a dense transition (the one kind no library entry
+    has)."""
+    _check(world, "reference", LIBRARY + ["cp_test_dense"], "float64", 1e-9, 1e-9)
+
+
+def test_context_parallel_triton_interpreter():
+    """Two recurrences on the Triton backend (interpreter): a diagonal and a householder."""
+    pytest.importorskip("triton")
+    _check(2, "triton", ["gla", "delta_net"], "float32", 2e-4, 2e-4, small=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_context_parallel_every_library_recurrence_triton(world):
+    pytest.importorskip("triton")
+    _check(world, "triton", LIBRARY, "float32", 2e-4, 2e-4)
+
+
+@pytest.mark.parametrize("name", LIBRARY + ["cp_test_dense"])
+def test_summary_recurrence_is_the_transition_product(name):
+    """Closed form, one process: for T steps, the summary's final state applied to a random
+    h0, plus the zero-start final state, equals the scan from h0 (the fold of one rank)."""
+    from scancc.distributed import apply_summary, identity_state
+    rec, x, h0, _, _ = _case(name, seed=5, T=7)
+    k = _compile(name)
+    sizes = k._plan_call((), {n: v for n, v in x.items()}, None).runner.sizes(
+        tuple(v.shape for v in x.values()))
+    summ = summary_recurrence(rec, sizes)
+    xt = {n: torch.tensor(v) for n, v in x.items()}
+    _, f0 = k(**xt, output_final_state=True)
+    _, fh = k(**xt, initial_state={s: torch.tensor(v) for s, v in h0.items()},
+              output_final_state=True)
+    f0 = f0 if isinstance(f0, dict) else {rec.states[0].name: f0}
+    fh = fh if isinstance(fh, dict) else {rec.states[0].name: fh}
+    ms = {}
+    if summ is not None:
+        ss = {**sizes, **{d.name: d.size for d in summ.dims if d.size is not None}}
+        sk = scancc.compile(summ)
+        _, ms = sk(**{i.name: xt[i.name] for i in summ.inputs}, initial_state=identity_state(torch, summ, ss, torch.float64, "cpu"),
+                   output_final_state=True)
+        ms = ms if isinstance(ms, dict) else {summ.states[0].name: ms}
+    for s in rec.states:
+        h = torch.tensor(h0[s.name])
+        mh = h if s.name not in ms else apply_summary(torch, s, summ.state(s.name).dims,
+                                                      ms[s.name], h)
+        np.testing.assert_allclose((mh + f0[s.name]).numpy(), fh[s.name].numpy(), rtol=1e-10,
+                                   atol=1e-10, err_msg=f"{name} state {s.name}")
+        if s.name in ms:  # the summary is not the trivial identity/ones: the test can fail
+            assert ms[s.name].numel() > 0
+
+
+def test_context_parallel_takes_torch_tensors_only():
+    k = scancc.compile("hgrn")
+    x = np.zeros((1, 4, 3))
+    with pytest.raises(scancc.api.InputError, match="torch tensors"):
+        k(x, x, cp_group=object())
