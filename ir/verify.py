@@ -16,7 +16,7 @@ _ARITY = {**{op: 1 for op in UNARY}, **{op: 2 for op in BINARY},
 
 # keywords of ``Kernel.__call__`` (scancc/api.py) and its ``self``: an input, state or output
 # of that name could not be passed by keyword
-CALL_KEYWORDS = frozenset({"self", "initial_state", "output_final_state", "cu_seqlens"})
+CALL_KEYWORDS = frozenset({"self", "initial_state", "output_final_state", "cu_seqlens", "cp_group"})
 
 
 def verify(rec: Recurrence) -> Recurrence:
