@@ -1,0 +1,262 @@
+"""The torch backend's rules: the PyTorch text of each IR op and each transition kind.
+
+Two registries (``backends/rules.py``), with the same names in every backend:
+
+- ``OP_RULES[op](L, node, src) -> str``: a torch expression for ``node`` from the expressions
+  of its operands ``src`` (names or number literals). Values are full-rank tensors in the
+  recurrence's canonical dim order with a leading time axis (size n or 1), as the reference's
+  are, so the axis of dim d is ``L.ax(d)``; a literal stays a Python number until an op needs
+  a tensor (``L.tensor``).
+- ``TRANSITION_RULES[kind](L, h, b, ops, axis, col) -> str``: a torch expression for one step
+  of a state from the names of ``h = h_{t-1}``, the injected term ``b`` and the operands
+  ``ops`` at the step (no time axis: the axis of dim d is ``L.step_ax(d)``). A rule that needs a
+  helper function asks ``L.helper(name)`` (the helpers below, emitted into the module once).
+"""
+from __future__ import annotations
+
+from scancc.ir import Kind, Op
+from scancc.ir.expr import L2NORM_EPS
+
+from ..rules import Rules
+
+OP_RULES = Rules("torch", "op")
+TRANSITION_RULES = Rules("torch", "transition")
+
+
+def _num(v: float) -> str:
+    s = repr(float(v))
+    if s in ("inf", "-inf", "nan"):
+        return f'float("{s}")'
+    return f"({s})" if s.startswith("-") else s
+
+
+# ---- leaves ----
+
+@OP_RULES.register(Op.INPUT, Op.STATE, Op.PREV)
+def _leaf_rule(L, node, src):
+    return L.leaf(node)
+
+
+@OP_RULES.register(Op.PARAM)
+def _param_rule(L, node, src):
+    return L.let(node.arg)
+
+
+@OP_RULES.register(Op.CONST)
+def _const_rule(L, node, src):
+    return _num(node.arg)
+
+
+@OP_RULES.register(Op.SIZE)
+def _size_rule(L, node, src):
+    return f"float({L.sz(node.arg)})"
+
+
+@OP_RULES.register(Op.IOTA)
+def _iota_rule(L, node, src):
+    d = node.arg
+    shape = ", ".join("-1" if c == d else "1" for c in ("<t>",) + L.canon)
+    return f"torch.arange({L.sz(d)}, dtype=acc, device=dev).reshape({shape})"
+
+
+# ---- elementwise ----
+
+_UNARY = {
+    Op.EXP: "torch.exp({})", Op.EXPM1: "torch.expm1({})", Op.LOG: "torch.log({})",
+    Op.SOFTPLUS: "torch.logaddexp({}, torch.zeros((), dtype=acc, device=dev))",
+    Op.SIGMOID: "torch.sigmoid({})", Op.LOGSIGMOID: "torch.nn.functional.logsigmoid({})",
+    Op.SILU: "torch.nn.functional.silu({})", Op.SQRT: "torch.sqrt({})",
+    Op.RSQRT: "torch.rsqrt({})", Op.STEP: "({} >= 0).to(acc)",
+}
+
+
+def _unary(fmt: str):
+    def rule(L, node, src):
+        return fmt.format(L.tensor(src[0]))
+    return rule
+
+
+for _op, _fmt in _UNARY.items():
+    OP_RULES.add([_op], _unary(_fmt))
+
+
+@OP_RULES.register(Op.NEG)
+def _neg_rule(L, node, src):
+    return f"-{L.par(src[0])}"
+
+
+_INFIX = {Op.ADD: "+", Op.SUB: "-", Op.MUL: "*", Op.DIV: "/"}
+
+
+@OP_RULES.register(*_INFIX)
+def _infix_rule(L, node, src):
+    a, b = src
+    return f"{L.par(a)} {_INFIX[node.op]} {L.par(b)}"
+
+
+@OP_RULES.register(Op.MAXIMUM, Op.MINIMUM)
+def _minmax_rule(L, node, src):
+    f = "maximum" if node.op is Op.MAXIMUM else "minimum"
+    return f"torch.{f}({L.tensor(src[0])}, {L.tensor(src[1])})"
+
+
+@OP_RULES.register(Op.CLAMP)
+def _clamp_rule(L, node, src):
+    lo, hi = node.arg
+    args = "".join(f", {k}={_num(v)}" for k, v in (("min", lo), ("max", hi)) if v is not None)
+    return f"torch.clamp({L.tensor(src[0])}{args})"
+
+
+# ---- dim-structured ----
+
+def _axes(L, dims) -> str:
+    ax = [L.ax(d) for d in dims]
+    return str(ax[0]) if len(ax) == 1 else "(" + ", ".join(map(str, ax)) + ")"
+
+
+@OP_RULES.register(Op.SUM)
+def _sum_rule(L, node, src):
+    return f"{L.par(L.tensor(src[0]))}.sum({_axes(L, node.arg)}, keepdim=True)"
+
+
+@OP_RULES.register(Op.MAX)
+def _max_rule(L, node, src):
+    return f"{L.par(L.tensor(src[0]))}.amax({_axes(L, node.arg)}, keepdim=True)"
+
+
+@OP_RULES.register(Op.L2NORM)
+def _l2norm_rule(L, node, src):
+    x = L.bind(L.tensor(src[0]))
+    return f"{x} / torch.sqrt(({x} * {x}).sum({L.ax(node.arg)}, keepdim=True) + {L2NORM_EPS!r})"
+
+
+@OP_RULES.register(Op.FLIP)
+def _flip_rule(L, node, src):
+    return f"torch.flip({L.tensor(src[0])}, ({L.ax(node.arg)},))"
+
+
+@OP_RULES.register(Op.GROUP)
+def _group_rule(L, node, src):
+    g, d = node.arg
+    ag, ad = L.ax(g), L.ax(d)
+    rep = f"{L.sz(d)} // {L.sz(g)}"
+    return f"torch.repeat_interleave({L.tensor(src[0])}, {rep}, dim={ag}).transpose({ag}, {ad})"
+
+
+@OP_RULES.register(Op.UNGROUP)
+def _ungroup_rule(L, node, src):
+    d, g = node.arg
+    ad, ag = L.ax(d), L.ax(g)
+    return (f"{L.par(L.tensor(src[0]))}.unflatten({ad}, ({L.sz(g)}, -1)).sum({ad + 1})"
+            f".transpose({ad}, {ag})")
+
+
+@OP_RULES.register(Op.SOFTMAX)
+def _softmax_rule(L, node, src):
+    L.helper("softmax")
+    mask = L.tensor(src[1]) if len(src) > 1 else "None"
+    return f"_masked_softmax({L.tensor(src[0])}, {mask}, {L.ax(node.arg)})"
+
+
+# ---- transitions: h_t = A_t(h_{t-1}) + b_t, one rule per structure ----
+
+@TRANSITION_RULES.register(Kind.IDENTITY)
+def _identity_rule(L, h, b, ops, axis, col):
+    return f"{h} + {L.par(b)}"
+
+
+@TRANSITION_RULES.register(Kind.SCALAR, Kind.DIAGONAL)
+def _decay_rule(L, h, b, ops, axis, col):
+    return f"{L.par(ops['decay'])} * {h} + {L.par(b)}"
+
+
+@TRANSITION_RULES.register(Kind.SHIFT)
+def _shift_rule(L, h, b, ops, axis, col):
+    L.helper("shift_in")
+    return f"_shift_in({h}, {L.step_ax(axis)}, {L.tensor(b)})"
+
+
+@TRANSITION_RULES.register(Kind.COMPANION)
+def _companion_rule(L, h, b, ops, axis, col):
+    L.helper("shift_in")
+    ax = L.step_ax(axis)
+    zero = "torch.zeros((), dtype=acc, device=dev)"
+    new = f"({L.par(ops['feedback'])} * _shift_in({h}, {ax}, {zero})).sum({ax}, keepdim=True)"
+    return f"_shift_in({h}, {ax}, {new} + {L.par(b)})"
+
+
+@TRANSITION_RULES.register(Kind.HOUSEHOLDER)
+def _householder_rule(L, h, b, ops, axis, col):
+    k = L.par(ops["k"])
+    out = f"{h} - {L.par(ops['beta'])} * {k} * ({k} * {h}).sum({L.step_ax(axis)}, keepdim=True)"
+    if "alpha" in ops:
+        out = f"{L.par(ops['alpha'])} * ({out})"
+    return f"{out} + {L.par(b)}"
+
+
+@TRANSITION_RULES.register(Kind.DENSE)
+def _dense_rule(L, h, b, ops, axis, col):
+    a, c = L.step_ax(axis), L.step_ax(col)
+    return (f"({L.par(ops['matrix'])} * {h}.transpose({a}, {c})).sum({c}, keepdim=True) "
+            f"+ {L.par(b)}")
+
+
+# adjoint steps: h_t = A_t^T (h_{t-1} + b_t)
+
+@TRANSITION_RULES.register(Kind.SHIFT_ADJOINT)
+def _shift_adjoint_rule(L, h, b, ops, axis, col):
+    L.helper("shift_out")
+    return f"_shift_out({h} + {L.par(b)}, {L.step_ax(axis)})"
+
+
+@TRANSITION_RULES.register(Kind.COMPANION_ADJOINT)
+def _companion_adjoint_rule(L, h, b, ops, axis, col):
+    L.helper("shift_out")
+    ax = L.step_ax(axis)
+    x = L.bind(f"{h} + {L.par(b)}")
+    return f"_shift_out({x} + {L.par(ops['feedback'])} * {x}.narrow({ax}, -1, 1), {ax})"
+
+
+@TRANSITION_RULES.register(Kind.DENSE_ADJOINT)
+def _dense_adjoint_rule(L, h, b, ops, axis, col):
+    a, c = L.step_ax(axis), L.step_ax(col)
+    return (f"({L.par(ops['matrix'])} * ({h} + {L.par(b)})).sum({a}, keepdim=True)"
+            f".transpose({a}, {c})")
+
+
+# ---- helper functions a rule may ask for (emitted into the module once, in this order) ----
+
+HELPERS = {
+    "shift_in": '''def _shift_in(h, ax, new):
+    """Drop the oldest slot of ``h`` along ``ax`` and append ``new`` as the newest."""
+    slot = list(h.shape)
+    slot[ax] = 1
+    return torch.cat([h.narrow(ax, 1, h.shape[ax] - 1), new.expand(slot)], ax)''',
+    "shift_out": '''def _shift_out(x, ax):
+    """The transpose of a shift: slot i takes slot i - 1, the oldest slot becomes 0."""
+    return torch.cat([torch.zeros_like(x.narrow(ax, 0, 1)), x.narrow(ax, 0, x.shape[ax] - 1)],
+                     ax)''',
+    "softmax": '''def _masked_softmax(logits, mask, ax):
+    """Softmax along ``ax``; weight 0 where ``mask`` == 0 (a fully masked row reads nothing)."""
+    keep = torch.ones_like(logits, dtype=torch.bool) if mask is None else (mask != 0)
+    logits, keep = torch.broadcast_tensors(logits, keep)
+    masked = torch.where(keep, logits, float("-inf"))
+    m = masked.amax(ax, keepdim=True)
+    p = torch.where(keep, torch.exp(masked - torch.where(torch.isfinite(m), m, 0.0)), 0.0)
+    s = p.sum(ax, keepdim=True)
+    return p / torch.where(s == 0, 1.0, s)''',
+    "linear_scan": '''def _linear_scan(a, b):
+    """h_t = a_t h_{t-1} + b_t along dim 0 from h = 0, as a parallel prefix scan (log2(n)
+    doubling steps, each one vectorised over the chunk): returns (a_t ... a_1, h_t)."""
+    n = b.shape[0]
+    shape = torch.broadcast_shapes(a.shape, b.shape)
+    a, b = a.expand(n, *a.shape[1:]), b.expand(shape)
+    k = 1
+    while k < n:
+        b = torch.cat([b[:k], a[k:] * b[:-k] + b[k:]])
+        a = torch.cat([a[:k], a[k:] * a[:-k]])
+        k *= 2
+    return a, b''',
+}
+
+__all__ = ["OP_RULES", "TRANSITION_RULES", "HELPERS"]
