@@ -1,15 +1,200 @@
-"""The chunked lowering (placeholder: the prefix scan only)."""
+"""The chunked lowering: states of the shared chunked-form analysis
+(``scancc.ir.passes.chunked``) as batched matmuls per chunk, carried across chunks.
+
+For a state S [grid..., K, V] with injected term k_s v_s (k along K, v along V, scale factors
+folded into v), log decay g_s (per grid index, or along K) and a readout contraction
+``sum(S * q, K)``, with c the in-chunk cumulative sums of g (module doc of the analysis)::
+
+    o_t   = sum_{s<=t} (q_t . (k_s * e^{c_t - c_s})) v_s  +  (q_t * e^{c_t}) S
+    S_new = e^{c_last} * S  +  sum_s (k_s * e^{c_last - c_s}) v_s^T
+
+- identity / scalar decay (linear attention, RetNet, simple GLA, Mamba2): SSD, the decay
+  matrix ``exp(c_t - c_s)`` masked to s <= t ("segsum" in log space) times ``q k^T``, then
+  ``@ v``; two matmuls per chunk plus two for the state;
+- key-diagonal decay (GLA): the pairwise decay tensor ``exp(c_t - c_s)`` [n, n, K] for
+  s <= t (exact: no reference point, no exp of a positive cumulative sum).
+
+Edges (the analysis' module doc): a log decay at or below ``RESET_LOG_DECAY`` is a hard reset:
+it never enters a cumulative sum; the decay between s < t is 0 when a reset lies in (s, t]
+(counted by a cumulative count of resets). Masks are selects (``torch.where``), never
+multiplications by 0, so a non-finite factor reaches the outputs of the steps at or after it.
+
+Other identity/scalar/diagonal states (a state axis: mamba, s4d, hgrn) use the parallel
+prefix scan of recurrent.py; any other state keeps the step loop.
+"""
 from __future__ import annotations
+
+from scancc.ir import Kind
+from scancc.ir.passes.chunked import RESET_LOG_DECAY, analyze, product
 
 from .recurrent import SCAN_KINDS, ScanLowering
 
+MATMUL_KINDS = (Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL)
 
-def applies(rec):
-    if any(s.transition.kind in SCAN_KINDS for s in rec.states):
+
+def _matmul_states(rec) -> dict:
+    """The states the matmul form takes: analysed chunkable, a supported kind, and every
+    factor within the state's dims."""
+    out = {}
+    for name, cs in analyze(rec).states.items():
+        if cs.kind not in MATMUL_KINDS:
+            continue
+        s = next(x for x in rec.states if x.name == name)
+        dims = set(s.dims)
+        if all(set(rec.dims_of(c.q)) <= dims for c in cs.contractions):
+            out[name] = cs
+    return out
+
+
+def applies(rec) -> tuple[bool, str]:
+    if _matmul_states(rec) or any(s.transition.kind in SCAN_KINDS for s in rec.states):
         return True, ""
-    return False, "no identity, scalar or diagonal state (the prefix scan) and no state the " \
-                  "chunked-form analysis accepts"
+    reasons = "; ".join(f"{k}: {v}" for k, v in analyze(rec).reasons.items())
+    return False, ("no identity, scalar or diagonal state (the prefix scan) and no state the "
+                   f"matmul form takes ({reasons})")
 
 
 def lowering(rec, options):
-    return ScanLowering(rec, options)
+    return ChunkedLowering(rec, options)
+
+
+class ChunkedLowering(ScanLowering):
+    algorithm = "chunked"
+
+    def __init__(self, rec, options):
+        super().__init__(rec, options)
+        self.mm = _matmul_states(self.rec)
+        self.S = {s: self.names.ir("S_", s) for s in self.mm}
+
+    # ---- layouts: canonical [n|1, canon...] <-> matmul [grid..., n, feature] ----
+    def _split(self, cs):
+        state = next(x for x in self.rec.states if x.name == cs.state)
+        G = [self.ax(d) for d in cs.grid]
+        X = [self.ax(d) for d in self.canon if d not in state.dims]
+        return G, X
+
+    def rows(self, cs, v: str, feat: str, other: str | None, time: bool = True) -> str:
+        """A canonical chunk value as [grid..., n, |feat|] (``other`` dropped: size 1), or
+        [grid..., n] when ``feat`` is None."""
+        G, X = self._split(cs)
+        drop = [self.ax(d) for d in (cs.K, cs.V) if d != feat]
+        perm = G + X + [0] + ([self.ax(feat)] if feat else []) + drop
+        idx = [":"] * len(G) + ["0"] * len(X) + [":"] + ([":"] if feat else []) + \
+            ["0"] * len(drop)
+        sizes = ["-1"] * len(G) + [self.n] + ([self.size[feat]] if feat else [])
+        return (f"{self.par(self.tensor(v))}.permute({', '.join(map(str, perm))})"
+                f"[{', '.join(idx)}].expand({', '.join(sizes)})")
+
+    def state_to_mm(self, cs, h: str) -> str:
+        G, X = self._split(cs)
+        perm = [g - 1 for g in G] + [x - 1 for x in X] + [self.ax(cs.K) - 1, self.ax(cs.V) - 1]
+        idx = [":"] * len(G) + ["0"] * len(X) + [":", ":"]
+        return f"{h}.permute({', '.join(map(str, perm))})[{', '.join(idx)}].contiguous()"
+
+    def state_from_mm(self, cs, S: str) -> str:
+        G, X = self._split(cs)
+        labels = [a - 1 for a in G] + [self.ax(cs.K) - 1, self.ax(cs.V) - 1] + \
+            [a - 1 for a in X]
+        idx = ", ".join(["..."] + ["None"] * len(X))
+        perm = [labels.index(a) for a in range(len(self.canon))]
+        v = f"{S}[{idx}]" if X else S
+        return f"{v}.permute({', '.join(map(str, perm))})"
+
+    def out_to_canon(self, cs, o: str) -> str:
+        """[grid..., n, V] -> canonical [n, canon...] (K and the other dims of size 1)."""
+        G, X = self._split(cs)
+        labels = G + [0, self.ax(cs.V), self.ax(cs.K)] + X
+        idx = ", ".join(["..."] + ["None"] * (1 + len(X)))
+        perm = [labels.index(a) for a in range(len(self.canon) + 1)]
+        return f"{o}[{idx}].permute({', '.join(map(str, perm))})"
+
+    # ---- the states over a chunk ----
+    def state_chunk(self, s) -> None:
+        cs = self.mm.get(s.name)
+        if cs is None:
+            return super().state_chunk(s)
+        B, nm, S = self._body, self.names.new, self.S[s.name]
+        kv = self.emit(product(cs.k_side))
+        vv = self.emit(product(cs.v_side + cs.scale_side))
+        k, v = nm("k"), nm("v")
+        B.append(f"        # {s.name}: {cs.kind.value} decay, chunked as matmuls "
+                 f"(K={cs.K}, V={cs.V}, grid {', '.join(cs.grid) or '-'})")
+        B.append(f"        {k} = {self.rows(cs, kv, cs.K, cs.V)}")
+        B.append(f"        {v} = {self.rows(cs, vv, cs.V, cs.K)}")
+        qs = []
+        for c in cs.contractions:
+            q = nm("q")
+            B.append(f"        {q} = {self.rows(cs, self.emit(c.q), cs.K, cs.V)}")
+            qs.append(q)
+        causal = nm("causal")
+        B.append(f"        {causal} = torch.ones({self.n}, {self.n}, dtype=torch.bool, "
+                 "device=dev).tril()")
+        diag = cs.kind is Kind.DIAGONAL
+        if cs.kind is Kind.IDENTITY:
+            w_in = w_end = decay_S = None
+            D = nm("D")
+            B.append(f"        {D} = {causal}.to(acc)")
+        else:
+            g, r, c, R = nm("g"), nm("reset"), nm("c"), nm("R")
+            gv = self.emit(cs.log_decay)
+            B.append(f"        {g} = {self.rows(cs, gv, cs.K if diag else None, cs.V)}")
+            B.append(f"        {r} = {g} <= {RESET_LOG_DECAY!r}  # hard resets")
+            tax = -2 if diag else -1
+            B.append(f"        {c} = torch.where({r}, 0.0, {g}).cumsum({tax})  "
+                     "# log-space cumulative decay")
+            B.append(f"        {R} = {r}.to(torch.int32).cumsum({tax})  # resets up to t")
+            last = "[..., -1:, :]" if diag else "[..., -1:]"
+            D, keep, seg = nm("D"), nm("keep"), nm("seg")
+            if diag:
+                B.append(f"        {keep} = {causal}[:, :, None] & ({R}[..., :, None, :] == "
+                         f"{R}[..., None, :, :])")
+                B.append(f"        {seg} = {c}[..., :, None, :] - {c}[..., None, :, :]")
+            else:
+                B.append(f"        {keep} = {causal} & ({R}[..., :, None] == {R}[..., None, :])")
+                B.append(f"        {seg} = {c}[..., :, None] - {c}[..., None, :]")
+            B.append(f"        {D} = torch.where({keep}, torch.exp(torch.where({keep}, {seg}, "
+                     "0.0)), 0.0)  # decay from s to t")
+            w_in, w_end, decay_S = nm("w_in"), nm("w_end"), nm("decay_S")
+            B.append(f"        {w_in} = torch.where({R} == 0, torch.exp({c}), 0.0)  "
+                     "# decay of the entering state to t")
+            B.append(f"        {w_end} = torch.where({R}{last} == {R}, torch.exp({c}{last} - "
+                     f"{c}), 0.0)  # decay from s to the chunk's end")
+            B.append(f"        {decay_S} = {w_in}{last}")
+        for cn, q in zip(cs.contractions, qs):
+            o = nm("o")
+            if diag:
+                B.append(f"        {o} = ({q}[..., :, None, :] * {k}[..., None, :, :] * {D})"
+                         f".sum(-1) @ {v} + ({q} * {w_in}) @ {S}")
+            elif w_in is None:
+                B.append(f"        {o} = ({q} @ {k}.transpose(-1, -2) * {D}) @ {v} + {q} @ {S}")
+            else:
+                B.append(f"        {o} = ({q} @ {k}.transpose(-1, -2) * {D}) @ {v} + "
+                         f"{w_in}[..., None] * ({q} @ {S})")
+            out = nm("y_" + s.name)
+            B.append(f"        {out} = {self.out_to_canon(cs, o)}")
+            self._memo[cn.node] = out
+        if w_in is None:
+            B.append(f"        {S} = {S} + {k}.transpose(-1, -2) @ {v}")
+        elif diag:
+            B.append(f"        {S} = {decay_S}.transpose(-1, -2) * {S} + "
+                     f"({k} * {w_end}).transpose(-1, -2) @ {v}")
+        else:
+            B.append(f"        {S} = {decay_S}[..., None] * {S} + "
+                     f"({k} * {w_end}[..., None]).transpose(-1, -2) @ {v}")
+
+    def render_function(self) -> str:
+        text = super().render_function()
+        if not self.mm:
+            return text
+        lines = text.split("\n")
+        loop = next(i for i, ln in enumerate(lines) if ln.startswith(f"    for {self.t0} in "))
+        end = next(i for i, ln in enumerate(lines) if ln == "    if not output_final_state:")
+        cs_of = {s: self.mm[s] for s in self.mm}
+        before = [f"    {self.S[s]} = {self.state_to_mm(cs, self.state_var[s])}  "
+                  "# [grid..., K, V]" for s, cs in cs_of.items()]
+        after = [f"    {self.state_var[s]} = {self.state_from_mm(cs, self.S[s])}"
+                 for s, cs in cs_of.items()]
+        return "\n".join(lines[:loop] + before + lines[loop:end] + after + lines[end:])
+
+
+__all__ = ["ChunkedLowering", "applies", "lowering", "MATMUL_KINDS"]
