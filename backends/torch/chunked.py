@@ -121,11 +121,20 @@ class ChunkedLowering(ScanLowering):
                  f"(K={cs.K}, V={cs.V}, grid {', '.join(cs.grid) or '-'})")
         B.append(f"        {k} = {self.rows(cs, kv, cs.K, cs.V)}")
         B.append(f"        {v} = {self.rows(cs, vv, cs.V, cs.K)}")
-        qs = []
+        # non-finite factors: the matmuls see 0, the poison is added back where the
+        # recurrence puts it (steps at or after the factor; its rows / columns of the state)
+        kbad, vbad = nm("k_bad"), nm("v_bad")
+        B.append(f"        {kbad}, {vbad} = ~torch.isfinite({k}), ~torch.isfinite({v})")
+        B.append(f"        {k} = torch.where({kbad}, 0.0, {k})")
+        B.append(f"        {v} = torch.where({vbad}, 0.0, {v})")
+        qs, qbads = [], []
         for c in cs.contractions:
-            q = nm("q")
+            q, qbad = nm("q"), nm("q_bad")
             B.append(f"        {q} = {self.rows(cs, self.emit(c.q), cs.K, cs.V)}")
+            B.append(f"        {qbad} = (~torch.isfinite({q})).any(-1)")
+            B.append(f"        {q} = torch.where(torch.isfinite({q}), {q}, 0.0)")
             qs.append(q)
+            qbads.append(qbad)
         causal = nm("causal")
         B.append(f"        {causal} = torch.ones({self.n}, {self.n}, dtype=torch.bool, "
                  "device=dev).tril()")
@@ -139,6 +148,9 @@ class ChunkedLowering(ScanLowering):
             gv = self.emit(cs.log_decay)
             B.append(f"        {g} = {self.rows(cs, gv, cs.K if diag else None, cs.V)}")
             B.append(f"        {r} = {g} <= {RESET_LOG_DECAY!r}  # hard resets")
+            gbad = nm("g_bad")
+            B.append(f"        {gbad} = torch.isnan({g}) | ({g} == float(\"inf\"))")
+            B.append(f"        {g} = torch.where({gbad}, 0.0, {g})")
             tax = -2 if diag else -1
             B.append(f"        {c} = torch.where({r}, 0.0, {g}).cumsum({tax})  "
                      "# log-space cumulative decay")
@@ -160,7 +172,18 @@ class ChunkedLowering(ScanLowering):
             B.append(f"        {w_end} = torch.where({R}{last} == {R}, torch.exp({c}{last} - "
                      f"{c}), 0.0)  # decay from s to the chunk's end")
             B.append(f"        {decay_S} = {w_in}{last}")
-        for cn, q in zip(cs.contractions, qs):
+        rows_bad, cols_bad = nm("rows_bad"), nm("cols_bad")
+        if cs.kind is Kind.IDENTITY:
+            B.append(f"        {rows_bad} = {kbad}.cumsum(-2) > 0  # [grid, n, K]: poisoned rows")
+        elif diag:
+            B.append(f"        {rows_bad} = ({kbad} | {gbad}).cumsum(-2) > 0  "
+                     "# [grid, n, K]: poisoned rows")
+        else:
+            B.append(f"        {rows_bad} = ({kbad} | {gbad}[..., None]).cumsum(-2) > 0  "
+                     "# [grid, n, K]: poisoned rows")
+            B.append(f"        {rows_bad} = {rows_bad} | ({gbad}.cumsum(-1) > 0)[..., None]")
+        B.append(f"        {cols_bad} = {vbad}.cumsum(-2) > 0  # [grid, n, V]: poisoned columns")
+        for cn, q, qbad in zip(cs.contractions, qs, qbads):
             o = nm("o")
             if diag:
                 B.append(f"        {o} = ({q}[..., :, None, :] * {k}[..., None, :, :] * {D})"
@@ -170,6 +193,8 @@ class ChunkedLowering(ScanLowering):
             else:
                 B.append(f"        {o} = ({q} @ {k}.transpose(-1, -2) * {D}) @ {v} + "
                          f"{w_in}[..., None] * ({q} @ {S})")
+            B.append(f"        {o} = torch.where({rows_bad}.any(-1, keepdim=True) | {cols_bad} | "
+                     f"{qbad}[..., None], float(\"nan\"), {o})")
             out = nm("y_" + s.name)
             B.append(f"        {out} = {self.out_to_canon(cs, o)}")
             self._memo[cn.node] = out
@@ -181,6 +206,11 @@ class ChunkedLowering(ScanLowering):
         else:
             B.append(f"        {S} = {decay_S}[..., None] * {S} + "
                      f"({k} * {w_end}[..., None]).transpose(-1, -2) @ {v}")
+        B.append(self._poison_state(S, rows_bad, cols_bad))
+
+    def _poison_state(self, S: str, rows_bad: str, cols_bad: str) -> str:
+        return (f"        {S} = torch.where({rows_bad}[..., -1, :, None] | "
+                f"{cols_bad}[..., -1, None, :], float(\"nan\"), {S})")
 
     def render_function(self) -> str:
         text = super().render_function()
