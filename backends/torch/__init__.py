@@ -7,6 +7,7 @@ Algorithms (``algorithm=`` option; ``"auto"`` picks ``chunked`` where it applies
 - ``recurrent`` (recurrent.py): every transition kind and op; a Python loop over the time
   steps of each chunk, each step one vectorised torch expression over every other dim.
 - ``chunked``: parallel in time within each chunk of ``chunk`` steps, carried across chunks.
+  ``auto`` picks it when some state takes the matmul form, else ``recurrent``.
   States the shared chunked-form analysis (``scancc.ir.passes.chunked``) accepts become
   batched matmuls (chunked.py: SSD with log-space segment sums for identity/scalar decays,
   the pairwise decay tensor for key-diagonal decays); other identity/scalar/diagonal states
@@ -31,7 +32,8 @@ def _chunk_rule(v, rec) -> Problem | None:
 
 
 OPTIONS = {o.name: o for o in (
-    Option("algorithm", "auto: chunked where it applies to some state, else recurrent", "auto",
+    Option("algorithm", "auto: chunked where some state takes the matmul form, else recurrent",
+           "auto",
            (str,), ALGORITHMS),
     Option("chunk", "time steps per chunk (None: 64; the matmul forms' chunk length, the "
            "prefix scan's length and the step loop's block of states)", None, (int,),
@@ -48,10 +50,15 @@ def _lowering(rec: Recurrence, options: Mapping[str, Any]):
     if algo == "recurrent":
         return recurrent.Lowering(rec, options)
     ok, why = chunked.applies(rec)
-    if ok:
-        return chunked.lowering(rec, options)
     if algo == "chunked":
-        raise UnsupportedError("torch", rec.name, f"algorithm='chunked': {why}")
+        if not ok:
+            raise UnsupportedError("torch", rec.name, f"algorithm='chunked': {why}")
+        return chunked.lowering(rec, options)
+    # auto: the matmul form where some state takes it; a recurrence whose only parallel form
+    # is the prefix scan keeps the step loop, which does ~3x less work per step (measured on
+    # CPU: docs/performance/torch.md); algorithm="chunked" selects the scan explicitly
+    if chunked.matmul_states(rec):
+        return chunked.lowering(rec, options)
     return recurrent.Lowering(rec, options)
 
 

@@ -32,7 +32,7 @@ from .recurrent import SCAN_KINDS, ScanLowering
 MATMUL_KINDS = (Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL)
 
 
-def _matmul_states(rec) -> dict:
+def matmul_states(rec) -> dict:
     """The states the matmul form takes: analysed chunkable, a supported kind, and every
     factor within the state's dims."""
     out = {}
@@ -47,7 +47,7 @@ def _matmul_states(rec) -> dict:
 
 
 def applies(rec) -> tuple[bool, str]:
-    if _matmul_states(rec) or any(s.transition.kind in SCAN_KINDS for s in rec.states):
+    if matmul_states(rec) or any(s.transition.kind in SCAN_KINDS for s in rec.states):
         return True, ""
     reasons = "; ".join(f"{k}: {v}" for k, v in analyze(rec).reasons.items())
     return False, ("no identity, scalar or diagonal state (the prefix scan) and no state the "
@@ -63,7 +63,7 @@ class ChunkedLowering(ScanLowering):
 
     def __init__(self, rec, options):
         super().__init__(rec, options)
-        self.mm = _matmul_states(self.rec)
+        self.mm = matmul_states(self.rec)
         self.S = {s: self.names.ir("S_", s) for s in self.mm}
 
     # ---- layouts: canonical [n|1, canon...] <-> matmul [grid..., n, feature] ----
@@ -227,4 +227,4 @@ class ChunkedLowering(ScanLowering):
         return "\n".join(lines[:loop] + before + lines[loop:end] + after + lines[end:])
 
 
-__all__ = ["ChunkedLowering", "applies", "lowering", "MATMUL_KINDS"]
+__all__ = ["ChunkedLowering", "applies", "lowering", "matmul_states", "MATMUL_KINDS"]

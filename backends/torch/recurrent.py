@@ -332,7 +332,7 @@ class Lowering:
         for inp in rec.inputs:
             if self.time in inp.dims:
                 B.append(f"        {self.chunk_in[inp.name]} = "
-                         f"{self.arg[inp.name]}[{self.t0}:{self.t1}].to(acc)")
+                         f"{self.arg[inp.name]}[{self.t0}:{self.t1}].to(acc).contiguous()")
         if any(n.op is Op.PREV for o in rec.outputs for n in o.expr.walk()):
             B += [f"        {self.h_in[s.name]} = {self.state_var[s.name]}" for s in rec.states]
         for s in rec.states:

@@ -246,16 +246,24 @@ HELPERS = {
     s = p.sum(ax, keepdim=True)
     return p / torch.where(s == 0, 1.0, s)''',
     "linear_scan": '''def _linear_scan(a, b):
-    """h_t = a_t h_{t-1} + b_t along dim 0 from h = 0, as a parallel prefix scan (log2(n)
-    doubling steps, each one vectorised over the chunk): returns (a_t ... a_1, h_t)."""
+    """h_t = a_t h_(t-1) + b_t along dim 0 from h = 0, as a parallel prefix scan (Brent-Kung:
+    an up-sweep and a down-sweep of log2(n) vectorised steps each, about 2n combines in all):
+    returns (a_t ... a_1, h_t)."""
     n = b.shape[0]
-    shape = torch.broadcast_shapes(a.shape, b.shape)
-    a, b = a.expand(n, *a.shape[1:]), b.expand(shape)
-    k = 1
-    while k < n:
-        b = torch.cat([b[:k], a[k:] * b[:-k] + b[k:]])
-        a = torch.cat([a[:k], a[k:] * a[:-k]])
-        k *= 2
+    a = a.expand(n, *a.shape[1:]).clone()
+    b = b.expand((n,) + torch.broadcast_shapes(a.shape[1:], b.shape[1:])).clone()
+    s = 1
+    while s < n:  # up-sweep: step 2s-1 of each block of 2s composes the whole block
+        m = len(range(2 * s - 1, n, 2 * s))
+        b[2 * s - 1::2 * s] += a[2 * s - 1::2 * s] * b[s - 1::2 * s][:m]
+        a[2 * s - 1::2 * s] *= a[s - 1::2 * s][:m]
+        s *= 2
+    s //= 2
+    while s >= 1:  # down-sweep: the steps between complete prefixes
+        m = len(range(3 * s - 1, n, 2 * s))
+        b[3 * s - 1::2 * s] += a[3 * s - 1::2 * s] * b[2 * s - 1::2 * s][:m]
+        a[3 * s - 1::2 * s] *= a[2 * s - 1::2 * s][:m]
+        s //= 2
     return a, b''',
 }
 
