@@ -27,7 +27,7 @@ from scancc.ir.printer import format_expr
 
 from .rules import HELPERS, OP_RULES, TRANSITION_RULES
 
-SCAN_KINDS = (Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL)
+SCAN_KINDS = (Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL, Kind.SHIFT)
 _INFIX = {Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.NEG}
 _TAKEN = {"torch", "sizes", "initial_state", "output_final_state", "chunk", "acc", "dev",
           "float", "min", "max", "range", "None", "True", "False", "dict"}
@@ -215,6 +215,17 @@ class Lowering:
         b = self.emit(s.inject)
         ops = {k: self.emit(v) for k, v in t.operands}
         B = self._body
+        if t.kind is Kind.SHIFT and self.scan_state(s):
+            ax = self.step_ax(t.axis)
+            seq, W = self.names.new("seq"), self.size[t.axis]
+            B.append(f"        # {s.name}: a shift register: the state after step i is the "
+                     f"window of the last {W} values")
+            B.append(f"        {seq} = torch.cat([{h}.unsqueeze(0).transpose(0, {ax + 1}), "
+                     f"{self.tensor(b)}.expand({self.n}, *{h}.narrow({ax}, 0, 1).shape)], 0)")
+            B.append(f"        {hs} = {seq}.unfold(0, {W}, 1)[1:].movedim(-1, {ax + 1})"
+                     f".squeeze({ax + 2})")
+            B.append(f"        {h} = {hs}[-1]")
+            return
         if self.scan_state(s):
             self.helper("linear_scan")
             B.append(f"        # {s.name}: h_t = a_t h_(t-1) + b_t over the chunk, a parallel "
