@@ -89,7 +89,11 @@ class ChunkedLowering(ScanLowering):
         G, X = self._split(cs)
         perm = [g - 1 for g in G] + [x - 1 for x in X] + [self.ax(cs.K) - 1, self.ax(cs.V) - 1]
         idx = [":"] * len(G) + ["0"] * len(X) + [":", ":"]
-        return f"{h}.permute({', '.join(map(str, perm))})[{', '.join(idx)}].contiguous()"
+        if perm != sorted(perm):
+            h = f"{h}.permute({', '.join(map(str, perm))})"
+        if X:
+            h = f"{h}[{', '.join(idx)}]"
+        return f"{h}.contiguous()"
 
     def state_from_mm(self, cs, S: str) -> str:
         G, X = self._split(cs)
@@ -98,7 +102,7 @@ class ChunkedLowering(ScanLowering):
         idx = ", ".join(["..."] + ["None"] * len(X))
         perm = [labels.index(a) for a in range(len(self.canon))]
         v = f"{S}[{idx}]" if X else S
-        return f"{v}.permute({', '.join(map(str, perm))})"
+        return v if perm == sorted(perm) else f"{v}.permute({', '.join(map(str, perm))})"
 
     def out_to_canon(self, cs, o: str) -> str:
         """[grid..., n, V] -> canonical [n, canon...] (K and the other dims of size 1)."""

@@ -307,7 +307,7 @@ class Lowering:
         L = [f"def {self.fn_name}({sig}, sizes, initial_state=None, output_final_state=False,",
              f"        chunk={self.DEFAULT_CHUNK}):",
              f'    """{rec.name} over all time steps: ({{output: tensor}}, {{state: final '
-             'state}} or None).',
+             'state} or None).',
              "",
              "    ``sizes``: {dim: size}; ``initial_state``: {state: tensor} (zeros where "
              "absent);",
