@@ -217,18 +217,13 @@ class ChunkedLowering(ScanLowering):
                 f"{cols_bad}[..., -1, None, :], float(\"nan\"), {S})")
 
     def render_function(self) -> str:
-        text = super().render_function()
-        if not self.mm:
-            return text
-        lines = text.split("\n")
-        loop = next(i for i, ln in enumerate(lines) if ln.startswith(f"    for {self.t0} in "))
-        end = next(i for i, ln in enumerate(lines) if ln == "    if not output_final_state:")
-        cs_of = {s: self.mm[s] for s in self.mm}
-        before = [f"    {self.S[s]} = {self.state_to_mm(cs, self.state_var[s])}  "
-                  "# [grid..., K, V]" for s, cs in cs_of.items()]
-        after = [f"    {self.state_var[s]} = {self.state_from_mm(cs, self.S[s])}"
-                 for s, cs in cs_of.items()]
-        return "\n".join(lines[:loop] + before + lines[loop:end] + after + lines[end:])
+        for name, cs in self.mm.items():  # the state lives in the matmul layout in the loop
+            self._before_loop.append(f"    {self.S[name]} = "
+                                     f"{self.state_to_mm(cs, self.state_var[name])}  "
+                                     "# [grid..., K, V]")
+            self._after_loop.append(f"    {self.state_var[name]} = "
+                                    f"{self.state_from_mm(cs, self.S[name])}")
+        return super().render_function()
 
 
 __all__ = ["ChunkedLowering", "applies", "lowering", "matmul_states", "MATMUL_KINDS"]

@@ -93,6 +93,9 @@ class Lowering:
         self._scalars: set[str] = set()
         self._hp_made: set[str] = set()
         self._step = False  # emitting one step (values without the time axis)
+        self._read_inputs: set[str] = set()
+        self._before_loop: list[str] = []  # lines between the set-up and the loop over chunks
+        self._after_loop: list[str] = []   # lines after it (before the return)
         self._pre: list[str] = []
         self._body: list[str] = []
         self._target, self._indent = self._body, 2
@@ -130,7 +133,10 @@ class Lowering:
 
     def leaf(self, node: Node) -> str:
         if node.op is Op.INPUT:
-            return self.chunk_in[node.arg] if self.tvar(node) else self.arg[node.arg]
+            if not self.tvar(node):
+                return self.arg[node.arg]
+            self._read_inputs.add(node.arg)
+            return self.chunk_in[node.arg]
         if node.op is Op.STATE:
             return self.hs[node.arg]
         hs, hp = self.hs[node.arg], self.hp[node.arg]
@@ -340,24 +346,24 @@ class Lowering:
                      f"dtype={first}.dtype, device=dev)")
         # the chunk body first: it fills self._pre with the time-invariant values
         B = self._body
-        for inp in rec.inputs:
-            if self.time in inp.dims:
-                B.append(f"        {self.chunk_in[inp.name]} = "
-                         f"{self.arg[inp.name]}[{self.t0}:{self.t1}].to(acc).contiguous()")
         if any(n.op is Op.PREV for o in rec.outputs for n in o.expr.walk()):
             B += [f"        {self.h_in[s.name]} = {self.state_var[s.name]}" for s in rec.states]
         for s in rec.states:
             self.state_chunk(s)
         self.readouts()
-        used = "\n".join(B)
-        B[:] = [ln for ln in B if not _unused_chunk_input(ln, used, self.chunk_in)]
+        # the chunk's slice of each time-varying input some value read (leaf() records them)
+        B[:0] = [f"        {self.chunk_in[i.name]} = "
+                 f"{self.arg[i.name]}[{self.t0}:{self.t1}].to(acc).contiguous()"
+                 for i in rec.inputs if i.name in self._read_inputs]
         if self._pre:
             L.append("    # time-invariant values")
             L += self._pre
+        L += self._before_loop
         L.append(f"    for {self.t0} in range(0, {self.size[self.time]}, chunk):")
         L.append(f"        {self.t1} = min({self.t0} + chunk, {self.size[self.time]})")
         L.append(f"        {self.n} = {self.t1} - {self.t0}")
         L += B
+        L += self._after_loop
         outs = ", ".join(f"{o.name!r}: {self.out_var[o.name]}" for o in rec.outputs)
         fins = ", ".join(f"{s.name!r}: {self.final(s)}" for s in rec.states)
         L.append("    if not output_final_state:")
@@ -386,15 +392,6 @@ class Lowering:
     @property
     def launcher_name(self) -> str:
         return self.fn_name
-
-
-def _unused_chunk_input(line: str, text: str, chunk_in: dict) -> bool:
-    """A chunk slice of an input no chunk value reads (a readout may use only some)."""
-    import re
-    for name in chunk_in.values():
-        if line.strip().startswith(f"{name} = ") and len(re.findall(rf"\b{name}\b", text)) == 1:
-            return True
-    return False
 
 
 def _atomic(s: str) -> bool:
