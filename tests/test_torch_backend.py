@@ -234,3 +234,10 @@ def test_long_sequences_chunked(name):
     (gy, wy), (gh, wh), _ = _run_both(name, "chunked", "float32", T=700, chunk=64)
     for n, w in wy.items():
         assert_close(gy[n].double().numpy(), w, "float32", f"{name} {n}", T=700)
+
+
+def test_rule_registries_cover_every_entry_of_the_reference():
+    from scancc.backends.reference import rules as ref
+    from scancc.backends.torch import rules
+    assert rules.OP_RULES.names() == ref.OP_RULES.names()
+    assert rules.TRANSITION_RULES.names() == ref.TRANSITION_RULES.names()
