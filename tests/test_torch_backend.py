@@ -173,9 +173,10 @@ def test_hard_reset_forgets_the_past():
 
 def test_auto_algorithms():
     pick = {n: BE.algorithm(scancc.get(n).build(), {}) for n in scancc.names()}
-    for n in ("linear_attn", "retnet", "simple_gla", "gla", "mamba2", "fir", "swa"):
+    for n in ("linear_attn", "retnet", "simple_gla", "gla", "mamba2", "fir", "swa", "delta_net",
+              "gated_delta_net"):
         assert pick[n] == "chunked", n
-    for n in ("iir", "delta_net", "gated_delta_net", "mamba"):
+    for n in ("iir", "mamba", "s4d", "hgrn"):
         assert pick[n] == "recurrent", n
     assert not BE.supports(scancc.get("iir").build(), {"algorithm": "chunked"})[0]
     with pytest.raises(scancc.OptionError if hasattr(scancc, "OptionError") else Exception):

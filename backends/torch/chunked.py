@@ -29,7 +29,7 @@ from scancc.ir.passes.chunked import RESET_LOG_DECAY, analyze, product
 
 from .recurrent import SCAN_KINDS, ScanLowering
 
-MATMUL_KINDS = (Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL)
+MATMUL_KINDS = (Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL, Kind.HOUSEHOLDER)
 
 
 def matmul_states(rec) -> dict:
@@ -139,11 +139,26 @@ class ChunkedLowering(ScanLowering):
             B.append(f"        {q} = torch.where(torch.isfinite({q}), {q}, 0.0)")
             qs.append(q)
             qbads.append(qbad)
+        hh = cs.kind is Kind.HOUSEHOLDER
+        if hh:  # the reflections h_s (along K) and beta_s: sanitized, poison added back below
+            hk, beta, hbad = nm("hk"), nm("beta"), nm("h_bad")
+            B.append(f"        {hk} = {self.rows(cs, self.emit(cs.hk), cs.K, cs.V)}")
+            B.append(f"        {beta} = {self.rows(cs, self.emit(cs.beta), None, cs.V)}")
+            B.append(f"        {hbad} = (~torch.isfinite({hk})).any(-1) | "
+                     f"~torch.isfinite({beta})")
+            B.append(f"        {hk} = torch.where(torch.isfinite({hk}), {hk}, 0.0)")
+            B.append(f"        {beta} = torch.where(torch.isfinite({beta}), {beta}, 0.0)")
         causal = nm("causal")
         B.append(f"        {causal} = torch.ones({self.n}, {self.n}, dtype=torch.bool, "
                  "device=dev).tril()")
         diag = cs.kind is Kind.DIAGONAL
-        if cs.kind is Kind.IDENTITY:
+        if cs.decay is None and hh:  # no alpha: the decays are 1
+            D, w_in, w_end, decay_S = nm("D"), nm("w_in"), nm("w_end"), nm("decay_S")
+            B.append(f"        {D} = {causal}.to(acc)")
+            B.append(f"        {w_in} = torch.ones_like({beta})")
+            B.append(f"        {w_end}, {decay_S} = {w_in}, {w_in}[..., -1:]")
+            gbad = None
+        elif cs.kind is Kind.IDENTITY:
             w_in = w_end = decay_S = None
             D = nm("D")
             B.append(f"        {D} = {causal}.to(acc)")
@@ -177,7 +192,11 @@ class ChunkedLowering(ScanLowering):
                      f"{c}), 0.0)  # decay from s to the chunk's end")
             B.append(f"        {decay_S} = {w_in}{last}")
         rows_bad, cols_bad = nm("rows_bad"), nm("cols_bad")
-        if cs.kind is Kind.IDENTITY:
+        if hh:  # a non-finite k, reflection, beta or alpha poisons the whole state
+            all_bad = f"{kbad}.any(-1) | {hbad}" + ("" if gbad is None else f" | {gbad}")
+            B.append(f"        {rows_bad} = (({all_bad}).cumsum(-1) > 0)[..., None]  "
+                     "# [grid, n, 1]: poisoned rows (all)")
+        elif cs.kind is Kind.IDENTITY:
             B.append(f"        {rows_bad} = {kbad}.cumsum(-2) > 0  # [grid, n, K]: poisoned rows")
         elif diag:
             B.append(f"        {rows_bad} = ({kbad} | {gbad}).cumsum(-2) > 0  "
@@ -187,9 +206,24 @@ class ChunkedLowering(ScanLowering):
                      "# [grid, n, K]: poisoned rows")
             B.append(f"        {rows_bad} = {rows_bad} | ({gbad}.cumsum(-1) > 0)[..., None]")
         B.append(f"        {cols_bad} = {vbad}.cumsum(-2) > 0  # [grid, n, V]: poisoned columns")
+        if hh:
+            strict, M, N, rho = nm("strict"), nm("M"), nm("N"), nm("rho")
+            B.append(f"        # the UT form: rho_t = beta_t h_t . S_(t-1) (times alpha_t) for all t "
+                     "of the chunk at once,")
+            B.append("        # (I + M) rho = beta (e^c_t h_t S_0 + N v), M and N strictly lower (UT)")
+            B.append(f"        {strict} = torch.where({causal}, {D}, 0.0).tril(-1)")
+            B.append(f"        {M} = {beta}[..., None] * ({hk} @ {hk}.transpose(-1, -2)) * {strict}")
+            B.append(f"        {N} = ({hk} @ {k}.transpose(-1, -2)) * {strict}")
+            B.append(f"        {rho} = torch.linalg.solve_triangular({M}, {beta}[..., None] * "
+                     f"({w_in}[..., None] * ({hk} @ {S}) + {N} @ {v}), upper=False, "
+                     "unitriangular=True)")
         for cn, q, qbad in zip(cs.contractions, qs, qbads):
             o = nm("o")
-            if diag:
+            if hh:
+                B.append(f"        {o} = ({q} @ {k}.transpose(-1, -2) * {D}) @ {v} - "
+                         f"({q} @ {hk}.transpose(-1, -2) * {D}) @ {rho} + "
+                         f"{w_in}[..., None] * ({q} @ {S})")
+            elif diag:
                 B.append(f"        {o} = ({q}[..., :, None, :] * {k}[..., None, :, :] * {D})"
                          f".sum(-1) @ {v} + ({q} * {w_in}) @ {S}")
             elif w_in is None:
@@ -202,7 +236,11 @@ class ChunkedLowering(ScanLowering):
             out = nm("y_" + s.name)
             B.append(f"        {out} = {self.out_to_canon(cs, o)}")
             self._memo[cn.node] = out
-        if w_in is None:
+        if hh:
+            B.append(f"        {S} = {decay_S}[..., None] * {S} + ({k} * {w_end}[..., None])"
+                     f".transpose(-1, -2) @ {v} - ({hk} * {w_end}[..., None]).transpose(-1, -2)"
+                     f" @ {rho}")
+        elif w_in is None:
             B.append(f"        {S} = {S} + {k}.transpose(-1, -2) @ {v}")
         elif diag:
             B.append(f"        {S} = {decay_S}.transpose(-1, -2) * {S} + "

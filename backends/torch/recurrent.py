@@ -317,7 +317,7 @@ class Lowering:
              "",
              "    ``sizes``: {dim: size}; ``initial_state``: {state: tensor} (zeros where "
              "absent);",
-             f"    ``chunk``: time steps per chunk (memory: one chunk of states).\n    \"\"\"",
+             "    ``chunk``: time steps per chunk (memory: one chunk of states).\n    \"\"\"",
              f"    acc = torch.promote_types({first}.dtype, torch.float32)  # float32 "
              "accumulation",
              f"    dev = {first}.device"]
