@@ -242,3 +242,14 @@ def test_rule_registries_cover_every_entry_of_the_reference():
     from scancc.backends.torch import rules
     assert rules.OP_RULES.names() == ref.OP_RULES.names()
     assert rules.TRANSITION_RULES.names() == ref.TRANSITION_RULES.names()
+
+
+@pytest.mark.parametrize("name", ["gla", "gated_delta_net", "mamba2"])
+def test_chunks_longer_than_a_sub_chunk_are_exact(name):
+    """chunk 40 (GLA: sub-chunks of 16, 16, 8, the later ones reading the earlier through the
+    factored decay) at T=77 with float64 inputs: the reference to rounding."""
+    (gy, wy), (gh, wh), _ = _run_both(name, "chunked", "float64", T=77, chunk=40)
+    for got, want in ((gy, wy), (gh, wh)):
+        for n, w in want.items():
+            np.testing.assert_allclose(got[n].numpy(), w, rtol=1e-9,
+                                       atol=1e-9 * max(1.0, np.abs(w).max()))

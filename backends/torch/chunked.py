@@ -60,6 +60,7 @@ def lowering(rec, options):
 
 class ChunkedLowering(ScanLowering):
     algorithm = "chunked"
+    SUB = 16  # key-diagonal decays: steps per sub-chunk of the pairwise decay tensor
 
     def __init__(self, rec, options):
         super().__init__(rec, options)
@@ -148,10 +149,11 @@ class ChunkedLowering(ScanLowering):
                      f"~torch.isfinite({beta})")
             B.append(f"        {hk} = torch.where(torch.isfinite({hk}), {hk}, 0.0)")
             B.append(f"        {beta} = torch.where(torch.isfinite({beta}), {beta}, 0.0)")
-        causal = nm("causal")
-        B.append(f"        {causal} = torch.ones({self.n}, {self.n}, dtype=torch.bool, "
-                 "device=dev).tril()")
         diag = cs.kind is Kind.DIAGONAL
+        causal = nm("causal")
+        if not diag:
+            B.append(f"        {causal} = torch.ones({self.n}, {self.n}, dtype=torch.bool, "
+                     "device=dev).tril()")
         if cs.decay is None and hh:  # no alpha: the decays are 1
             D, w_in, w_end, decay_S = nm("D"), nm("w_in"), nm("w_end"), nm("decay_S")
             B.append(f"        {D} = {causal}.to(acc)")
@@ -176,15 +178,13 @@ class ChunkedLowering(ScanLowering):
             B.append(f"        {R} = {r}.to(torch.int32).cumsum({tax})  # resets up to t")
             last = "[..., -1:, :]" if diag else "[..., -1:]"
             D, keep, seg = nm("D"), nm("keep"), nm("seg")
-            if diag:
-                B.append(f"        {keep} = {causal}[:, :, None] & ({R}[..., :, None, :] == "
-                         f"{R}[..., None, :, :])")
-                B.append(f"        {seg} = {c}[..., :, None, :] - {c}[..., None, :, :]")
+            if diag:  # the decays of each pair of steps: inside _diag_decay_scores
+                self.helper("diag_scores")
             else:
                 B.append(f"        {keep} = {causal} & ({R}[..., :, None] == {R}[..., None, :])")
                 B.append(f"        {seg} = {c}[..., :, None] - {c}[..., None, :]")
-            B.append(f"        {D} = torch.where({keep}, torch.exp(torch.where({keep}, {seg}, "
-                     "0.0)), 0.0)  # decay from s to t")
+                B.append(f"        {D} = torch.where({keep}, torch.exp(torch.where({keep}, "
+                         f"{seg}, 0.0)), 0.0)  # decay from s to t")
             w_in, w_end, decay_S = nm("w_in"), nm("w_end"), nm("decay_S")
             B.append(f"        {w_in} = torch.where({R} == 0, torch.exp({c}), 0.0)  "
                      "# decay of the entering state to t")
@@ -224,8 +224,8 @@ class ChunkedLowering(ScanLowering):
                          f"({q} @ {hk}.transpose(-1, -2) * {D}) @ {rho} + "
                          f"{w_in}[..., None] * ({q} @ {S})")
             elif diag:
-                B.append(f"        {o} = ({q}[..., :, None, :] * {k}[..., None, :, :] * {D})"
-                         f".sum(-1) @ {v} + ({q} * {w_in}) @ {S}")
+                B.append(f"        {o} = _diag_decay_scores({q}, {k}, {c}, {R}, {self.SUB}) @ {v}"
+                         f" + ({q} * {w_in}) @ {S}")
             elif w_in is None:
                 B.append(f"        {o} = ({q} @ {k}.transpose(-1, -2) * {D}) @ {v} + {q} @ {S}")
             else:

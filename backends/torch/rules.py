@@ -265,6 +265,30 @@ HELPERS = {
         a[3 * s - 1::2 * s] *= a[2 * s - 1::2 * s][:m]
         s //= 2
     return a, b''',
+    "diag_scores": '''def _diag_decay_scores(q, k, c, R, sub):
+    """scores[t, s] = sum_K q_t k_s exp(c_t - c_s) for s <= t with no reset in (s, t] (else 0):
+    [..., n, K] -> [..., n, n]. Within a sub-chunk of ``sub`` steps, the pairwise [sub, sub, K]
+    decays; a step s of an earlier sub-chunk reaches t through the end e of its own sub-chunk,
+    exp(c_t - c_e) exp(c_e - c_s), a matmul whose two exponents are <= 0 for decays <= 1."""
+    n = q.shape[-2]
+    out = q.new_zeros(q.shape[:-1] + (n,))
+    for s0 in range(0, n, sub):
+        s1 = min(s0 + sub, n)
+        ck, rk = c[..., s0:s1, :], R[..., s0:s1, :]
+        keep = torch.ones(s1 - s0, s1 - s0, dtype=torch.bool, device=q.device).tril()[:, :, None] \\
+            & (rk[..., :, None, :] == rk[..., None, :, :])
+        dec = torch.where(keep, torch.exp(torch.where(keep, ck[..., :, None, :] - ck[..., None, :, :],
+                                                      0.0)), 0.0)
+        out[..., s0:s1, s0:s1] = (q[..., s0:s1, None, :] * k[..., None, s0:s1, :] * dec).sum(-1)
+        if s1 < n:
+            ce, re = c[..., s1 - 1:s1, :], R[..., s1 - 1:s1, :]
+            ks = torch.where(re == rk, k[..., s0:s1, :] * torch.exp(torch.where(re == rk, ce - ck,
+                                                                              0.0)), 0.0)
+            same = R[..., s1:, :] == re
+            qs = torch.where(same, q[..., s1:, :] * torch.exp(torch.where(same, c[..., s1:, :] - ce,
+                                                                            0.0)), 0.0)
+            out[..., s1:, s0:s1] = qs @ ks.transpose(-1, -2)
+    return out''',
 }
 
 __all__ = ["OP_RULES", "TRANSITION_RULES", "HELPERS"]

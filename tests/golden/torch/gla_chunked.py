@@ -21,6 +21,32 @@ import torch
 
 
 
+def _diag_decay_scores(q, k, c, R, sub):
+    """scores[t, s] = sum_K q_t k_s exp(c_t - c_s) for s <= t with no reset in (s, t] (else 0):
+    [..., n, K] -> [..., n, n]. Within a sub-chunk of ``sub`` steps, the pairwise [sub, sub, K]
+    decays; a step s of an earlier sub-chunk reaches t through the end e of its own sub-chunk,
+    exp(c_t - c_e) exp(c_e - c_s), a matmul whose two exponents are <= 0 for decays <= 1."""
+    n = q.shape[-2]
+    out = q.new_zeros(q.shape[:-1] + (n,))
+    for s0 in range(0, n, sub):
+        s1 = min(s0 + sub, n)
+        ck, rk = c[..., s0:s1, :], R[..., s0:s1, :]
+        keep = torch.ones(s1 - s0, s1 - s0, dtype=torch.bool, device=q.device).tril()[:, :, None] \
+            & (rk[..., :, None, :] == rk[..., None, :, :])
+        dec = torch.where(keep, torch.exp(torch.where(keep, ck[..., :, None, :] - ck[..., None, :, :],
+                                                      0.0)), 0.0)
+        out[..., s0:s1, s0:s1] = (q[..., s0:s1, None, :] * k[..., None, s0:s1, :] * dec).sum(-1)
+        if s1 < n:
+            ce, re = c[..., s1 - 1:s1, :], R[..., s1 - 1:s1, :]
+            ks = torch.where(re == rk, k[..., s0:s1, :] * torch.exp(torch.where(re == rk, ce - ck,
+                                                                              0.0)), 0.0)
+            same = R[..., s1:, :] == re
+            qs = torch.where(same, q[..., s1:, :] * torch.exp(torch.where(same, c[..., s1:, :] - ce,
+                                                                            0.0)), 0.0)
+            out[..., s1:, s0:s1] = qs @ ks.transpose(-1, -2)
+    return out
+
+
 def gla_chunked_fwd(q, k, v, g, sizes, initial_state=None, output_final_state=False,
         chunk=64):
     """gla over all time steps: ({output: tensor}, {state: final state} or None).
@@ -65,22 +91,18 @@ def gla_chunked_fwd(q, k, v, g, sizes, initial_state=None, output_final_state=Fa
         q_1 = q_c.permute(1, 2, 0, 3, 4)[:, :, :, :, 0].expand(-1, -1, n, KEY)
         q_bad = (~torch.isfinite(q_1)).any(-1)
         q_1 = torch.where(torch.isfinite(q_1), q_1, 0.0)
-        causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
         g_1 = g_c.permute(1, 2, 0, 3, 4)[:, :, :, :, 0].expand(-1, -1, n, KEY)
         reset = g_1 <= -87.3365447505531  # hard resets
         g_bad = torch.isnan(g_1) | (g_1 == float("inf"))
         g_1 = torch.where(g_bad, 0.0, g_1)
         c = torch.where(reset, 0.0, g_1).cumsum(-2)  # log-space cumulative decay
         R = reset.to(torch.int32).cumsum(-2)  # resets up to t
-        keep = causal[:, :, None] & (R[..., :, None, :] == R[..., None, :, :])
-        seg = c[..., :, None, :] - c[..., None, :, :]
-        D = torch.where(keep, torch.exp(torch.where(keep, seg, 0.0)), 0.0)  # decay from s to t
         w_in = torch.where(R == 0, torch.exp(c), 0.0)  # decay of the entering state to t
         w_end = torch.where(R[..., -1:, :] == R, torch.exp(c[..., -1:, :] - c), 0.0)  # decay from s to the chunk's end
         decay_S = w_in[..., -1:, :]
         rows_bad = (k_bad | g_bad).cumsum(-2) > 0  # [grid, n, K]: poisoned rows
         cols_bad = v_bad.cumsum(-2) > 0  # [grid, n, V]: poisoned columns
-        o_1 = (q_1[..., :, None, :] * k_1[..., None, :, :] * D).sum(-1) @ v_1 + (q_1 * w_in) @ S_S
+        o_1 = _diag_decay_scores(q_1, k_1, c, R, 16) @ v_1 + (q_1 * w_in) @ S_S
         o_1 = torch.where(rows_bad.any(-1, keepdim=True) | cols_bad | q_bad[..., None], float("nan"), o_1)
         y_S = o_1[..., None].permute(2, 0, 1, 4, 3)
         S_S = decay_S.transpose(-1, -2) * S_S + (k_1 * w_end).transpose(-1, -2) @ v_1
