@@ -253,3 +253,13 @@ def test_chunks_longer_than_a_sub_chunk_are_exact(name):
         for n, w in want.items():
             np.testing.assert_allclose(got[n].numpy(), w, rtol=1e-9,
                                        atol=1e-9 * max(1.0, np.abs(w).max()))
+
+
+@pytest.mark.parametrize("name", ["fir", "swa", "delta_net"])
+def test_scancc_check_backward_on_torch(name):
+    """`scancc check --backward --targets torch`: gradients of every input and initial state
+    with T crossing the orchestrator's chunks (a one-step last chunk for fir and swa: flipped
+    NumPy views of one step reach the backend)."""
+    from scancc.check import check_backward
+    row = check_backward(name, "torch")
+    assert row.ok, row.note

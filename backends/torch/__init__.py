@@ -116,13 +116,14 @@ class TorchBackend(Backend):
     def run(self, rec: Recurrence, inputs: Mapping[str, Any], sizes: Mapping[str, int],
             initial_state: Mapping[str, Any] | None, output_final_state: bool,
             options: Mapping[str, Any]) -> RunResult:
+        import numpy as np
         import torch
         fn, algo = self.compiled(rec, options)
         args = []
         for x in rec.inputs:
             a = inputs[x.name]
-            if not isinstance(a, torch.Tensor):
-                a = torch.as_tensor(a)
+            if not isinstance(a, torch.Tensor):  # NumPy (any strides, e.g. a flipped view)
+                a = torch.from_numpy(np.ascontiguousarray(a))
             if a.dim() != len(x.dims):  # optional dims left out: size-1 axes
                 for ax, d in enumerate(x.dims):
                     if d in x.optional_dims:
@@ -131,6 +132,10 @@ class TorchBackend(Backend):
                 raise UnsupportedError(self.name, rec.name, f"input {x.name!r} has dtype "
                                        f"{a.dtype}; this backend takes {', '.join(self.dtypes)}")
             args.append(a)
+        if initial_state:
+            initial_state = {k: v if isinstance(v, torch.Tensor) else
+                             torch.from_numpy(np.ascontiguousarray(v))
+                             for k, v in initial_state.items()}
         chunk = options.get("chunk") or 64
         with torch.no_grad():
             outs, finals = fn(*args, dict(sizes), initial_state or None,
