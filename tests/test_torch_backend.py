@@ -173,12 +173,12 @@ def test_hard_reset_forgets_the_past():
 
 def test_auto_algorithms():
     pick = {n: BE.algorithm(scancc.get(n).build(), {}) for n in scancc.names()}
-    for n in ("linear_attn", "retnet", "simple_gla", "gla", "mamba2", "fir", "swa", "delta_net",
-              "gated_delta_net"):
+    for n in ("linear_attn", "retnet", "simple_gla", "gla", "mamba2", "fir", "swa", "iir",
+              "delta_net", "gated_delta_net"):
         assert pick[n] == "chunked", n
-    for n in ("iir", "mamba", "s4d", "hgrn"):
+    for n in ("mamba", "s4d", "hgrn"):
         assert pick[n] == "recurrent", n
-    assert not BE.supports(scancc.get("iir").build(), {"algorithm": "chunked"})[0]
+    assert BE.supports(scancc.get("iir").build(), {"algorithm": "chunked"})[0]
     with pytest.raises(scancc.OptionError if hasattr(scancc, "OptionError") else Exception):
         BE.check_options(scancc.get("mamba").build(), {"chunk": 0})
 
@@ -263,3 +263,19 @@ def test_scancc_check_backward_on_torch(name):
     from scancc.check import check_backward
     row = check_backward(name, "torch")
     assert row.ok, row.note
+
+
+@pytest.mark.parametrize("chunk", [2, 8, 64])
+def test_iir_chunked_equals_scipy_lfilter(chunk):
+    """iir (time-invariant coefficients: the chunk's slots by one triangular solve) against
+    scipy.signal.lfilter, per channel, float64, chunks shorter and longer than the order."""
+    signal = pytest.importorskip("scipy.signal")
+    rec = scancc.get("iir").build()
+    sizes = default_sizes(rec, time=45)
+    x = sample_inputs(rec, sizes, 4, scancc.get("iir").hints)
+    x["a"][:, 0] = 1.0
+    k = scancc.compile("iir", "torch", options={"algorithm": "chunked", "chunk": chunk})
+    y = k(**{a: torch.from_numpy(v.astype(np.float64)) for a, v in x.items()}).numpy()
+    want = np.stack([signal.lfilter(x["b"][c], x["a"][c], x["x"][:, :, c], axis=1)
+                     for c in range(x["x"].shape[2])], axis=2)
+    np.testing.assert_allclose(y, want, rtol=1e-9, atol=1e-9 * np.abs(want).max())

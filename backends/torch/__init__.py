@@ -57,7 +57,7 @@ def _lowering(rec: Recurrence, options: Mapping[str, Any]):
     # auto: the matmul form where some state takes it; a recurrence whose only parallel form
     # is the prefix scan keeps the step loop, which does ~3x less work per step (measured on
     # CPU: docs/performance/torch.md); algorithm="chunked" selects the scan explicitly
-    if chunked.matmul_states(rec) or any(s.transition.kind.value == "shift" for s in rec.states):
+    if chunked.matmul_states(rec) or chunked.window_states(rec):
         return chunked.lowering(rec, options)
     return recurrent.Lowering(rec, options)
 

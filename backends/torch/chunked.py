@@ -46,8 +46,21 @@ def matmul_states(rec) -> dict:
     return out
 
 
+def scan_states(rec) -> list[str]:
+    """The states the prefix scan or the window forms take (identity/scalar/diagonal, shift,
+    companion with time-invariant feedback)."""
+    low = ScanLowering(rec, {})
+    return [s.name for s in low.rec.states if low.scan_state(s)]
+
+
+def window_states(rec) -> list[str]:
+    """Shift states and companion states with time-invariant feedback."""
+    kinds = {s.name: s.transition.kind for s in rec.states}
+    return [n for n in scan_states(rec) if kinds[n] not in SCAN_KINDS[:3]]
+
+
 def applies(rec) -> tuple[bool, str]:
-    if matmul_states(rec) or any(s.transition.kind in SCAN_KINDS for s in rec.states):
+    if matmul_states(rec) or scan_states(rec):
         return True, ""
     reasons = "; ".join(f"{k}: {v}" for k, v in analyze(rec).reasons.items())
     return False, ("no identity, scalar or diagonal state (the prefix scan) and no state the "
@@ -264,4 +277,5 @@ class ChunkedLowering(ScanLowering):
         return super().render_function()
 
 
-__all__ = ["ChunkedLowering", "applies", "lowering", "matmul_states", "MATMUL_KINDS"]
+__all__ = ["ChunkedLowering", "applies", "lowering", "matmul_states", "scan_states",
+           "window_states", "MATMUL_KINDS"]

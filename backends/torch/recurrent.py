@@ -221,7 +221,17 @@ class Lowering:
         b = self.emit(s.inject)
         ops = {k: self.emit(v) for k, v in t.operands}
         B = self._body
-        if t.kind is Kind.SHIFT and self.scan_state(s):
+        companion = t.kind is Kind.COMPANION and self.scan_state(s)
+        if companion:  # time-invariant feedback: the chunk's new slots by one triangular solve
+            self.helper("companion_chunk")
+            wn = self.names.new("w_new")
+            B.append(f"        # {s.name}: companion with time-invariant feedback: the slots it "
+                     "appends over the chunk")
+            B.append(f"        {wn} = _companion_chunk({h}, {self.tensor(b)}.expand({self.n}, "
+                     f"*{h}.narrow({self.step_ax(t.axis)}, 0, 1).shape), "
+                     f"{self.tensor(ops['feedback'])}[0], {self.step_ax(t.axis)})")
+            b = wn
+        if (t.kind is Kind.SHIFT or companion) and self.scan_state(s):
             ax = self.step_ax(t.axis)
             seq, W = self.names.new("seq"), self.size[t.axis]
             B.append(f"        # {s.name}: a shift register: the state after step i is the "
@@ -417,7 +427,10 @@ class ScanLowering(Lowering):
     algorithm = "chunked"
 
     def scan_state(self, s) -> bool:
-        return s.transition.kind in SCAN_KINDS
+        t = s.transition
+        if t.kind is Kind.COMPANION:  # time-invariant feedback only
+            return not self.tvar(t.operand("feedback"))
+        return t.kind in SCAN_KINDS
 
 
 __all__ = ["Lowering", "ScanLowering", "module_header", "SCAN_KINDS"]

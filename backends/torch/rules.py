@@ -289,6 +289,26 @@ HELPERS = {
                                                                             0.0)), 0.0)
             out[..., s1:, s0:s1] = qs @ ks.transpose(-1, -2)
     return out''',
+    "companion_chunk": '''def _companion_chunk(h, b, f, ax):
+    """The newest slots w_0..w_(n-1) a companion state with time-invariant feedback ``f``
+    appends over a chunk, [n, ...] with size 1 along ``ax``: w_t = b_t + sum_{L=1}^{W-1}
+    f[W-1-L] w_(t-L), the window ``h`` holding the w before the chunk, as one unit
+    lower-triangular (banded Toeplitz) solve: forward substitution, the recurrence's order."""
+    n, W = b.shape[0], h.shape[ax]
+    hm, fl = h.movedim(ax, -1), f.movedim(ax, -1).flip(-1)   # fl[..., L] = f[W-1-L]
+    bm = b.movedim(ax + 1, -1)[..., 0]
+    shape = torch.broadcast_shapes(hm.shape[:-1], fl.shape[:-1], bm.shape[1:])
+    hm, fl, bm = hm.expand(*shape, W), fl.expand(*shape, W), bm.expand(n, *shape)
+    rhs = bm.movedim(0, -1).clone()                          # [..., n]
+    for L in range(1, min(W, n + W - 1)):                    # the steps before the chunk
+        m = min(L, n)
+        rhs[..., :m] += fl[..., L:L + 1] * hm[..., W - L:W - L + m]
+    lag = torch.arange(n, device=b.device)[:, None] - torch.arange(n, device=b.device)[None, :]
+    band = (lag >= 1) & (lag <= W - 1)
+    coef = torch.cat([fl, torch.zeros_like(fl[..., :1])], -1)[..., lag.clamp(0, W)]
+    A = -torch.where(band, coef, 0.0)                      # unit diagonal: unitriangular
+    w = torch.linalg.solve_triangular(A, rhs[..., None], upper=False, unitriangular=True)
+    return w[..., 0].movedim(-1, 0).unsqueeze(ax + 1)''',
 }
 
 __all__ = ["OP_RULES", "TRANSITION_RULES", "HELPERS"]
