@@ -303,10 +303,9 @@ HELPERS = {
     for L in range(1, min(W, n + W - 1)):                    # the steps before the chunk
         m = min(L, n)
         rhs[..., :m] += fl[..., L:L + 1] * hm[..., W - L:W - L + m]
-    lag = torch.arange(n, device=b.device)[:, None] - torch.arange(n, device=b.device)[None, :]
-    band = (lag >= 1) & (lag <= W - 1)
-    coef = torch.cat([fl, torch.zeros_like(fl[..., :1])], -1)[..., lag.clamp(0, W)]
-    A = -torch.where(band, coef, 0.0)                      # unit diagonal: unitriangular
+    A = rhs.new_zeros(*shape, n, n)  # -f on the sub-diagonals 1..W-1; the unit diagonal implied
+    for L in range(1, min(W, n)):
+        A.diagonal(-L, -2, -1).copy_(-fl[..., L:L + 1].expand(*shape, n - L))
     w = torch.linalg.solve_triangular(A, rhs[..., None], upper=False, unitriangular=True)
     return w[..., 0].movedim(-1, 0).unsqueeze(ax + 1)''',
 }
