@@ -221,7 +221,7 @@ class ChunkedLowering(ScanLowering):
         B.append(f"        {cols_bad} = {vbad}.cumsum(-2) > 0  # [grid, n, V]: poisoned columns")
         if hh:
             strict, M, N, rho = nm("strict"), nm("M"), nm("N"), nm("rho")
-            B.append(f"        # the UT form: rho_t = beta_t h_t . S_(t-1) (times alpha_t) for all t "
+            B.append("        # the UT form: rho_t = beta_t h_t . S_(t-1) (times alpha_t) for all t "
                      "of the chunk at once,")
             B.append("        # (I + M) rho = beta (e^c_t h_t S_0 + N v), M and N strictly lower (UT)")
             B.append(f"        {strict} = torch.where({causal}, {D}, 0.0).tril(-1)")
