@@ -15,6 +15,7 @@ _BACKENDS = {
     "reference": ("scancc.backends.reference", "ReferenceBackend"),
     "nki": ("scancc.backends.nki", "NkiBackend"),
     "triton": ("scancc.backends.triton", "TritonBackend"),
+    "torch": ("scancc.backends.torch", "TorchBackend"),
 }
 _instances: dict = {}
 

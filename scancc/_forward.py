@@ -68,7 +68,10 @@ class Runner:
             return x.detach().to("cpu", torch.float64).numpy()
         if isinstance(x, np.ndarray):
             import torch
-            return torch.from_numpy(np.ascontiguousarray(x))
+            # a size-1 axis with a negative stride (a flipped one-step chunk) is "contiguous"
+            # to NumPy but not to torch: copy such an array
+            x = np.ascontiguousarray(x)
+            return torch.from_numpy(x if min(x.strides, default=0) >= 0 else x.copy())
         return x
 
     def __call__(self, inputs: Sequence[Any], init: Mapping[str, Any] | None,

@@ -54,7 +54,7 @@ HINTS = {n: scancc.get(n).hints for n in RECS if n in scancc.names()}
 def _cases():
     out = []
     for n, rec in RECS.items():
-        for b in ("triton", "nki"):
+        for b in ("triton", "nki", "torch"):
             be = backends.get(b)
             if not be.available()[0]:
                 continue

@@ -70,7 +70,7 @@ def test_every_source_backend_has_goldens_for_both_algorithms():
     by_backend: dict[str, set] = {}
     for b, name, algo in CASES:
         by_backend.setdefault(b, set()).add((name, algo))
-    assert set(by_backend) == {"triton", "nki"}
+    assert set(by_backend) == {"triton", "nki", "torch"}
     for b, got in by_backend.items():
         assert {(n, "recurrent") for n in _library()} <= got, b
         assert any(a == "chunked" for _, a in got), b
@@ -79,7 +79,7 @@ def test_every_source_backend_has_goldens_for_both_algorithms():
 def test_no_stale_golden_files():
     """A golden file no case renders is stale (a renamed recurrence or algorithm)."""
     want = {_path(*c) for c in CASES}
-    have = {p for b in ("triton", "nki") for p in (GOLDEN / b).glob("*.py")}
+    have = {p for b in ("triton", "nki", "torch") for p in (GOLDEN / b).glob("*.py")}
     stale = sorted(str(p.relative_to(GOLDEN)) for p in have - want)
     if REGEN:
         for p in stale:

@@ -1,0 +1,313 @@
+"""The torch backend's rules: the PyTorch text of each IR op and each transition kind.
+
+Two registries (``backends/rules.py``), with the same names in every backend:
+
+- ``OP_RULES[op](L, node, src) -> str``: a torch expression for ``node`` from the expressions
+  of its operands ``src`` (names or number literals). Values are full-rank tensors in the
+  recurrence's canonical dim order with a leading time axis (size n or 1), as the reference's
+  are, so the axis of dim d is ``L.ax(d)``; a literal stays a Python number until an op needs
+  a tensor (``L.tensor``).
+- ``TRANSITION_RULES[kind](L, h, b, ops, axis, col) -> str``: a torch expression for one step
+  of a state from the names of ``h = h_{t-1}``, the injected term ``b`` and the operands
+  ``ops`` at the step (no time axis: the axis of dim d is ``L.step_ax(d)``). A rule that needs a
+  helper function asks ``L.helper(name)`` (the helpers below, emitted into the module once).
+"""
+from __future__ import annotations
+
+from scancc.ir import Kind, Op
+from scancc.ir.expr import L2NORM_EPS
+
+from ..rules import Rules
+
+OP_RULES = Rules("torch", "op")
+TRANSITION_RULES = Rules("torch", "transition")
+
+
+def _num(v: float) -> str:
+    s = repr(float(v))
+    if s in ("inf", "-inf", "nan"):
+        return f'float("{s}")'
+    return f"({s})" if s.startswith("-") else s
+
+
+# ---- leaves ----
+
+@OP_RULES.register(Op.INPUT, Op.STATE, Op.PREV)
+def _leaf_rule(L, node, src):
+    return L.leaf(node)
+
+
+@OP_RULES.register(Op.PARAM)
+def _param_rule(L, node, src):
+    return L.let(node.arg)
+
+
+@OP_RULES.register(Op.CONST)
+def _const_rule(L, node, src):
+    return _num(node.arg)
+
+
+@OP_RULES.register(Op.SIZE)
+def _size_rule(L, node, src):
+    return f"float({L.sz(node.arg)})"
+
+
+@OP_RULES.register(Op.IOTA)
+def _iota_rule(L, node, src):
+    d = node.arg
+    shape = ", ".join("-1" if c == d else "1" for c in ("<t>",) + L.canon)
+    return f"torch.arange({L.sz(d)}, dtype=acc, device=dev).reshape({shape})"
+
+
+# ---- elementwise ----
+
+_UNARY = {
+    Op.EXP: "torch.exp({})", Op.EXPM1: "torch.expm1({})", Op.LOG: "torch.log({})",
+    Op.SOFTPLUS: "torch.logaddexp({}, torch.zeros((), dtype=acc, device=dev))",
+    Op.SIGMOID: "torch.sigmoid({})", Op.LOGSIGMOID: "torch.nn.functional.logsigmoid({})",
+    Op.SILU: "torch.nn.functional.silu({})", Op.SQRT: "torch.sqrt({})",
+    Op.RSQRT: "torch.rsqrt({})", Op.STEP: "({} >= 0).to(acc)",
+}
+
+
+def _unary(fmt: str):
+    def rule(L, node, src):
+        return fmt.format(L.tensor(src[0]))
+    return rule
+
+
+for _op, _fmt in _UNARY.items():
+    OP_RULES.add([_op], _unary(_fmt))
+
+
+@OP_RULES.register(Op.NEG)
+def _neg_rule(L, node, src):
+    return f"-{L.par(src[0])}"
+
+
+_INFIX = {Op.ADD: "+", Op.SUB: "-", Op.MUL: "*", Op.DIV: "/"}
+
+
+@OP_RULES.register(*_INFIX)
+def _infix_rule(L, node, src):
+    a, b = src
+    return f"{L.par(a)} {_INFIX[node.op]} {L.par(b)}"
+
+
+@OP_RULES.register(Op.MAXIMUM, Op.MINIMUM)
+def _minmax_rule(L, node, src):
+    f = "maximum" if node.op is Op.MAXIMUM else "minimum"
+    return f"torch.{f}({L.tensor(src[0])}, {L.tensor(src[1])})"
+
+
+@OP_RULES.register(Op.CLAMP)
+def _clamp_rule(L, node, src):
+    lo, hi = node.arg
+    args = "".join(f", {k}={_num(v)}" for k, v in (("min", lo), ("max", hi)) if v is not None)
+    return f"torch.clamp({L.tensor(src[0])}{args})"
+
+
+# ---- dim-structured ----
+
+def _axes(L, dims) -> str:
+    ax = [L.ax(d) for d in dims]
+    return str(ax[0]) if len(ax) == 1 else "(" + ", ".join(map(str, ax)) + ")"
+
+
+@OP_RULES.register(Op.SUM)
+def _sum_rule(L, node, src):
+    return f"{L.par(L.tensor(src[0]))}.sum({_axes(L, node.arg)}, keepdim=True)"
+
+
+@OP_RULES.register(Op.MAX)
+def _max_rule(L, node, src):
+    return f"{L.par(L.tensor(src[0]))}.amax({_axes(L, node.arg)}, keepdim=True)"
+
+
+@OP_RULES.register(Op.L2NORM)
+def _l2norm_rule(L, node, src):
+    x = L.bind(L.tensor(src[0]))
+    return f"{x} / torch.sqrt(({x} * {x}).sum({L.ax(node.arg)}, keepdim=True) + {L2NORM_EPS!r})"
+
+
+@OP_RULES.register(Op.FLIP)
+def _flip_rule(L, node, src):
+    return f"torch.flip({L.tensor(src[0])}, ({L.ax(node.arg)},))"
+
+
+@OP_RULES.register(Op.GROUP)
+def _group_rule(L, node, src):
+    g, d = node.arg
+    ag, ad = L.ax(g), L.ax(d)
+    rep = f"{L.sz(d)} // {L.sz(g)}"
+    return f"torch.repeat_interleave({L.tensor(src[0])}, {rep}, dim={ag}).transpose({ag}, {ad})"
+
+
+@OP_RULES.register(Op.UNGROUP)
+def _ungroup_rule(L, node, src):
+    d, g = node.arg
+    ad, ag = L.ax(d), L.ax(g)
+    return (f"{L.par(L.tensor(src[0]))}.unflatten({ad}, ({L.sz(g)}, -1)).sum({ad + 1})"
+            f".transpose({ad}, {ag})")
+
+
+@OP_RULES.register(Op.SOFTMAX)
+def _softmax_rule(L, node, src):
+    L.helper("softmax")
+    mask = L.tensor(src[1]) if len(src) > 1 else "None"
+    return f"_masked_softmax({L.tensor(src[0])}, {mask}, {L.ax(node.arg)})"
+
+
+# ---- transitions: h_t = A_t(h_{t-1}) + b_t, one rule per structure ----
+
+@TRANSITION_RULES.register(Kind.IDENTITY)
+def _identity_rule(L, h, b, ops, axis, col):
+    return f"{h} + {L.par(b)}"
+
+
+@TRANSITION_RULES.register(Kind.SCALAR, Kind.DIAGONAL)
+def _decay_rule(L, h, b, ops, axis, col):
+    return f"{L.par(ops['decay'])} * {h} + {L.par(b)}"
+
+
+@TRANSITION_RULES.register(Kind.SHIFT)
+def _shift_rule(L, h, b, ops, axis, col):
+    L.helper("shift_in")
+    return f"_shift_in({h}, {L.step_ax(axis)}, {L.tensor(b)})"
+
+
+@TRANSITION_RULES.register(Kind.COMPANION)
+def _companion_rule(L, h, b, ops, axis, col):
+    L.helper("shift_in")
+    ax = L.step_ax(axis)
+    zero = "torch.zeros((), dtype=acc, device=dev)"
+    new = f"({L.par(ops['feedback'])} * _shift_in({h}, {ax}, {zero})).sum({ax}, keepdim=True)"
+    return f"_shift_in({h}, {ax}, {new} + {L.par(b)})"
+
+
+@TRANSITION_RULES.register(Kind.HOUSEHOLDER)
+def _householder_rule(L, h, b, ops, axis, col):
+    k = L.par(ops["k"])
+    out = f"{h} - {L.par(ops['beta'])} * {k} * ({k} * {h}).sum({L.step_ax(axis)}, keepdim=True)"
+    if "alpha" in ops:
+        out = f"{L.par(ops['alpha'])} * ({out})"
+    return f"{out} + {L.par(b)}"
+
+
+@TRANSITION_RULES.register(Kind.DENSE)
+def _dense_rule(L, h, b, ops, axis, col):
+    a, c = L.step_ax(axis), L.step_ax(col)
+    return (f"({L.par(ops['matrix'])} * {h}.transpose({a}, {c})).sum({c}, keepdim=True) "
+            f"+ {L.par(b)}")
+
+
+# adjoint steps: h_t = A_t^T (h_{t-1} + b_t)
+
+@TRANSITION_RULES.register(Kind.SHIFT_ADJOINT)
+def _shift_adjoint_rule(L, h, b, ops, axis, col):
+    L.helper("shift_out")
+    return f"_shift_out({h} + {L.par(b)}, {L.step_ax(axis)})"
+
+
+@TRANSITION_RULES.register(Kind.COMPANION_ADJOINT)
+def _companion_adjoint_rule(L, h, b, ops, axis, col):
+    L.helper("shift_out")
+    ax = L.step_ax(axis)
+    x = L.bind(f"{h} + {L.par(b)}")
+    return f"_shift_out({x} + {L.par(ops['feedback'])} * {x}.narrow({ax}, -1, 1), {ax})"
+
+
+@TRANSITION_RULES.register(Kind.DENSE_ADJOINT)
+def _dense_adjoint_rule(L, h, b, ops, axis, col):
+    a, c = L.step_ax(axis), L.step_ax(col)
+    return (f"({L.par(ops['matrix'])} * ({h} + {L.par(b)})).sum({a}, keepdim=True)"
+            f".transpose({a}, {c})")
+
+
+# ---- helper functions a rule may ask for (emitted into the module once, in this order) ----
+
+HELPERS = {
+    "shift_in": '''def _shift_in(h, ax, new):
+    """Drop the oldest slot of ``h`` along ``ax`` and append ``new`` as the newest."""
+    slot = list(h.shape)
+    slot[ax] = 1
+    return torch.cat([h.narrow(ax, 1, h.shape[ax] - 1), new.expand(slot)], ax)''',
+    "shift_out": '''def _shift_out(x, ax):
+    """The transpose of a shift: slot i takes slot i - 1, the oldest slot becomes 0."""
+    return torch.cat([torch.zeros_like(x.narrow(ax, 0, 1)), x.narrow(ax, 0, x.shape[ax] - 1)],
+                     ax)''',
+    "softmax": '''def _masked_softmax(logits, mask, ax):
+    """Softmax along ``ax``; weight 0 where ``mask`` == 0 (a fully masked row reads nothing)."""
+    keep = torch.ones_like(logits, dtype=torch.bool) if mask is None else (mask != 0)
+    logits, keep = torch.broadcast_tensors(logits, keep)
+    masked = torch.where(keep, logits, float("-inf"))
+    m = masked.amax(ax, keepdim=True)
+    p = torch.where(keep, torch.exp(masked - torch.where(torch.isfinite(m), m, 0.0)), 0.0)
+    s = p.sum(ax, keepdim=True)
+    return p / torch.where(s == 0, 1.0, s)''',
+    "linear_scan": '''def _linear_scan(a, b):
+    """h_t = a_t h_(t-1) + b_t along dim 0 from h = 0, as a parallel prefix scan (Brent-Kung:
+    an up-sweep and a down-sweep of log2(n) vectorised steps each, about 2n combines in all):
+    returns (a_t ... a_1, h_t)."""
+    n = b.shape[0]
+    a = a.expand(n, *a.shape[1:]).clone()
+    b = b.expand((n,) + torch.broadcast_shapes(a.shape[1:], b.shape[1:])).clone()
+    s = 1
+    while s < n:  # up-sweep: step 2s-1 of each block of 2s composes the whole block
+        m = len(range(2 * s - 1, n, 2 * s))
+        b[2 * s - 1::2 * s] += a[2 * s - 1::2 * s] * b[s - 1::2 * s][:m]
+        a[2 * s - 1::2 * s] *= a[s - 1::2 * s][:m]
+        s *= 2
+    s //= 2
+    while s >= 1:  # down-sweep: the steps between complete prefixes
+        m = len(range(3 * s - 1, n, 2 * s))
+        b[3 * s - 1::2 * s] += a[3 * s - 1::2 * s] * b[2 * s - 1::2 * s][:m]
+        a[3 * s - 1::2 * s] *= a[2 * s - 1::2 * s][:m]
+        s //= 2
+    return a, b''',
+    "diag_scores": '''def _diag_decay_scores(q, k, c, R, sub):
+    """scores[t, s] = sum_K q_t k_s exp(c_t - c_s) for s <= t with no reset in (s, t] (else 0):
+    [..., n, K] -> [..., n, n]. Within a sub-chunk of ``sub`` steps, the pairwise [sub, sub, K]
+    decays; a step s of an earlier sub-chunk reaches t through the end e of its own sub-chunk,
+    exp(c_t - c_e) exp(c_e - c_s), a matmul whose two exponents are <= 0 for decays <= 1."""
+    n = q.shape[-2]
+    out = q.new_zeros(q.shape[:-1] + (n,))
+    for s0 in range(0, n, sub):
+        s1 = min(s0 + sub, n)
+        ck, rk = c[..., s0:s1, :], R[..., s0:s1, :]
+        keep = torch.ones(s1 - s0, s1 - s0, dtype=torch.bool, device=q.device).tril()[:, :, None] \\
+            & (rk[..., :, None, :] == rk[..., None, :, :])
+        dec = torch.where(keep, torch.exp(torch.where(keep, ck[..., :, None, :] - ck[..., None, :, :],
+                                                      0.0)), 0.0)
+        out[..., s0:s1, s0:s1] = (q[..., s0:s1, None, :] * k[..., None, s0:s1, :] * dec).sum(-1)
+        if s1 < n:
+            ce, re = c[..., s1 - 1:s1, :], R[..., s1 - 1:s1, :]
+            ks = torch.where(re == rk, k[..., s0:s1, :] * torch.exp(torch.where(re == rk, ce - ck,
+                                                                              0.0)), 0.0)
+            same = R[..., s1:, :] == re
+            qs = torch.where(same, q[..., s1:, :] * torch.exp(torch.where(same, c[..., s1:, :] - ce,
+                                                                            0.0)), 0.0)
+            out[..., s1:, s0:s1] = qs @ ks.transpose(-1, -2)
+    return out''',
+    "companion_chunk": '''def _companion_chunk(h, b, f, ax):
+    """The newest slots w_0..w_(n-1) a companion state with time-invariant feedback ``f``
+    appends over a chunk, [n, ...] with size 1 along ``ax``: w_t = b_t + sum_{L=1}^{W-1}
+    f[W-1-L] w_(t-L), the window ``h`` holding the w before the chunk, as one unit
+    lower-triangular (banded Toeplitz) solve: forward substitution, the recurrence's order."""
+    n, W = b.shape[0], h.shape[ax]
+    hm, fl = h.movedim(ax, -1), f.movedim(ax, -1).flip(-1)   # fl[..., L] = f[W-1-L]
+    bm = b.movedim(ax + 1, -1)[..., 0]
+    shape = torch.broadcast_shapes(hm.shape[:-1], fl.shape[:-1], bm.shape[1:])
+    hm, fl, bm = hm.expand(*shape, W), fl.expand(*shape, W), bm.expand(n, *shape)
+    rhs = bm.movedim(0, -1).clone()                          # [..., n]
+    for L in range(1, min(W, n + W - 1)):                    # the steps before the chunk
+        m = min(L, n)
+        rhs[..., :m] += fl[..., L:L + 1] * hm[..., W - L:W - L + m]
+    A = rhs.new_zeros(*shape, n, n)  # -f on the sub-diagonals 1..W-1; the unit diagonal implied
+    for L in range(1, min(W, n)):
+        A.diagonal(-L, -2, -1).copy_(-fl[..., L:L + 1].expand(*shape, n - L))
+    w = torch.linalg.solve_triangular(A, rhs[..., None], upper=False, unitriangular=True)
+    return w[..., 0].movedim(-1, 0).unsqueeze(ax + 1)''',
+}
+
+__all__ = ["OP_RULES", "TRANSITION_RULES", "HELPERS"]
