@@ -67,6 +67,8 @@ _UNARY = {
     Op.SIGMOID: "torch.sigmoid({})", Op.LOGSIGMOID: "torch.nn.functional.logsigmoid({})",
     Op.SILU: "torch.nn.functional.silu({})", Op.SQRT: "torch.sqrt({})",
     Op.RSQRT: "torch.rsqrt({})", Op.STEP: "({} >= 0).to(acc)",
+    Op.COS: "torch.cos({})", Op.SIN: "torch.sin({})", Op.ABS: "torch.abs({})",
+    Op.TANH: "torch.tanh({})",
 }
 
 
@@ -192,6 +194,14 @@ def _householder_rule(L, h, b, ops, axis, col):
     if "alpha" in ops:
         out = f"{L.par(ops['alpha'])} * ({out})"
     return f"{out} + {L.par(b)}"
+
+
+@TRANSITION_RULES.register(Kind.DPLR)
+def _dplr_rule(L, h, b, ops, axis, col):
+    # (Diag(w) + a b^T) h along the axis: w * h + a * (b . h), then the inject
+    low = f"{L.par(ops['a'])} * ({L.par(ops['b'])} * {h}).sum({L.step_ax(axis)}, keepdim=True)"
+    diag = f"{L.par(ops['w'])} * {h}" if "w" in ops else h
+    return f"{diag} + {low} + {L.par(b)}"
 
 
 @TRANSITION_RULES.register(Kind.DENSE)
