@@ -42,13 +42,16 @@ def _resolve(what: Any) -> tuple[Entry | None, Recurrence | None, dict]:
                     f"got {type(what).__name__}")
 
 
-def compile(what: Any, target: str = "reference", *, options: Mapping[str, Any] | None = None,
+def compile(what: Any, target: str = "auto", *, options: Mapping[str, Any] | None = None,
             **kwargs: Any) -> "Kernel":  # noqa: A001
     """Compile a recurrence for a backend.
 
     Args:
         what: a registered name (``"mamba2"``), a path to a YAML spec, or a ``Recurrence``.
-        target: a backend name: ``reference``, ``triton`` or ``nki`` (see ``scancc backends``).
+        target: a backend name: ``reference``, ``torch``, ``triton`` or ``nki`` (see
+            ``scancc backends``), or ``auto`` (the default): per call, by the inputs
+            (``default_target``): the reference for NumPy arrays, Triton for CUDA tensors, the
+            torch backend for other torch tensors.
         options: backend options of ``target`` (``{"chip": "trn2"}``), or backend options by
             backend name (``{"nki": {"chip": "trn2"}, "triton": {"num_warps": 8}}``: those of
             ``target`` apply, so one mapping serves several targets).
@@ -59,8 +62,24 @@ def compile(what: Any, target: str = "reference", *, options: Mapping[str, Any] 
         a ``Kernel``: call it with the inputs; ``.ir`` is its IR, ``.source`` its code.
     """
     entry, rec, spec_opts = _resolve(what)
+    if target == AUTO:
+        return AutoKernel(entry, rec, {**spec_opts, **kwargs}, options)
     backend = backends.get(target)
     return Kernel(entry, rec, backend, {**spec_opts, **kwargs}, _backend_options(options, target))
+
+
+AUTO = "auto"
+
+
+def default_target(x: Any) -> str:
+    """The backend ``target="auto"`` runs a call on, from its first array: the reference for
+    NumPy arrays (it defines the semantics), Triton for CUDA tensors where Triton imports, the
+    torch backend for any other torch tensor (CPU, MPS, XPU, or CUDA without Triton)."""
+    if not type(x).__module__.startswith("torch"):
+        return "reference"
+    if x.device.type == "cuda" and backends.get("triton").available()[0]:
+        return "triton"
+    return "torch"
 
 
 def _backend_options(options: Mapping[str, Any] | None, target: str) -> dict:
@@ -276,6 +295,73 @@ class Kernel:
 
 
 _MAX_PLANS = 256
+
+
+class AutoKernel(Kernel):
+    """``compile(..., target="auto")``: one kernel per backend, built on first use, each call
+    run on ``default_target`` of its first array. Its ``ir``, options and checks are the
+    reference's; ``source`` and ``backend`` name the backend of the last call."""
+
+    def __init__(self, entry: Entry | None, rec: Recurrence | None, options: dict,
+                 backend_options: Mapping[str, Any] | None):
+        if backend_options is not None and (
+                not isinstance(backend_options, Mapping) or
+                any(k not in backends.names() for k in backend_options)):
+            raise InputError("options: with target='auto', give backend options by backend "
+                             "name ({'triton': {'num_warps': 8}, 'torch': {...}}), or compile "
+                             "for one target")
+        super().__init__(entry, rec, backends.get("reference"), options)
+        self._by_backend = dict(backend_options or {})
+        self._kernels: dict[str, Kernel] = {"reference": self._as_plain("reference")}
+        self._current = self._kernels["reference"]
+
+    def _as_plain(self, target: str) -> Kernel:
+        if target == "reference":
+            return Kernel(self.entry, self._fixed, self.backend, self.options,
+                          self._by_backend.get("reference"))
+        return Kernel(self.entry, self._fixed, backends.get(target), self.options,
+                      self._by_backend.get(target))
+
+    def kernel_for(self, x: Any) -> Kernel:
+        """The kernel a call whose first array is ``x`` runs (see ``default_target``)."""
+        target = default_target(x)
+        k = self._kernels.get(target)
+        if k is None:
+            try:
+                k = self._as_plain(target)
+            except UnsupportedError:   # that backend cannot lower it: the definition runs
+                k = self._kernels["reference"]
+            self._kernels[target] = k
+        self._current = k
+        return k
+
+    def _first(self, args, kwargs):
+        for x in (*args, *kwargs.values()):
+            if isinstance(x, np.ndarray) or type(x).__module__.startswith("torch"):
+                return x
+        return None
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        return self.kernel_for(self._first(args, kwargs))(*args, **kwargs)
+
+    def step(self, *args: Any, **kwargs: Any):
+        return self.kernel_for(self._first(args, kwargs)).step(*args, **kwargs)
+
+    @property
+    def source(self) -> str | None:
+        return self._current.source
+
+    @property
+    def target(self) -> str:
+        """The backend of the last call (the reference before any call)."""
+        return self._current.backend.name
+
+    @property
+    def last_run(self):
+        return self._current.last_run
+
+    def __repr__(self) -> str:
+        return f"Kernel({self.name!r}, target='auto', options={self.options})"
 
 
 def _sig(x):
