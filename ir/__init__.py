@@ -8,6 +8,7 @@ from .errors import IRError, ParseError, VerifyError
 from .expr import (Node, Op, check_ident, clamp, const, dot, exp, expm1, flip, group, iota, l2norm,
                    log, logsigmoid, maximum, minimum, prev, rsqrt, sigmoid, silu, size,
                    softmax, softplus, sqrt, step, ungroup)
+from .expr import joint_softmax
 from .expr import max as reduce_max
 from .expr import sum as reduce_sum
 from .printer import ExprParser, format_expr, format_recurrence, parse_recurrence
@@ -26,3 +27,4 @@ __all__ = [
     "dense", "diagonal", "householder", "identity", "scalar", "shift", "DEFAULT_SIZES",
     "ROLE_SIZES", "default_sizes",
 ]
+__all__ += ["joint_softmax"]

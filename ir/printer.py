@@ -224,6 +224,19 @@ class ExprParser:
                 ts.take("op", "=")
                 src = (x, self.expr(ts))
             node = Node(op, src, d)
+        elif op is Op.JSOFTMAX:  # joint_softmax(part, logits_0, dim_0, mask_0, logits_1, ...)
+            pt = ts.take("num")
+            if not pt[1].isdigit():
+                ts.fail(f"joint_softmax() takes a part index first, got {pt[1]!r}", pt)
+            src, ds = [], []
+            while ts.at(","):
+                ts.take()
+                src.append(self.expr(ts))
+                ts.take("op", ",")
+                ds.append(self.dim(ts))
+                ts.take("op", ",")
+                src.append(self.expr(ts))
+            node = Node(op, tuple(src), (int(pt[1]), tuple(ds)))
         elif op is Op.CLAMP:
             x = self.expr(ts)
             bounds = {"lo": None, "hi": None}

@@ -234,6 +234,10 @@ class Recurrence:
         elif op is Op.UNGROUP:
             d, g = a
             out = self.order((set(self.dims_of(node.src[0])) - {d}) | {g})
+        elif op is Op.JSOFTMAX:  # part k keeps its key dim; the other parts' are reduced
+            k, ds = a
+            out = self.order(set().union(*(set(self.dims_of(s)) - ({ds[i // 2]} - {ds[k]})
+                                           for i, s in enumerate(node.src))))
         else:  # elementwise and dim-preserving ops: union of the operands
             out = self.order(set().union(*(self.dims_of(s) for s in node.src)))
         cache[node] = out

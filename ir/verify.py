@@ -103,7 +103,8 @@ def verify(rec: Recurrence) -> Recurrence:
             fail(where, f"expression nested too deeply (depth over {MAX_DEPTH}): split it "
                         "with lets", label)
         for n in root.walk():
-            if n.op not in LEAVES and n.op not in (Op.SOFTMAX,) and len(n.src) != _ARITY[n.op]:
+            if n.op not in LEAVES and n.op not in (Op.SOFTMAX, Op.JSOFTMAX) \
+                    and len(n.src) != _ARITY[n.op]:
                 fail_at(n, f"takes {_ARITY[n.op]} operand(s), got {len(n.src)}")
             if n.op is Op.INPUT and n.arg not in names["input"]:
                 fail_at(n, f"reads unknown input {n.arg!r}")
@@ -154,6 +155,8 @@ def verify(rec: Recurrence) -> Recurrence:
             if n.op in (Op.L2NORM, Op.FLIP) and n.arg not in rec.dims_of(n.src[0]):
                 fail_at(n, f"dim {n.arg!r} is not a dim of its operand "
                            f"{list(rec.dims_of(n.src[0]))}")
+            if n.op is Op.JSOFTMAX:
+                _check_joint_softmax(rec, n, fail_at, dims, time)
             if n.op is Op.SOFTMAX:
                 if len(n.src) not in (1, 2):
                     fail_at(n, "takes logits and an optional mask")
@@ -256,3 +259,30 @@ def verify(rec: Recurrence) -> Recurrence:
     if time not in sized:
         fail(("dim", time), "the time dim must appear in at least one input")
     return rec
+
+
+def _check_joint_softmax(rec: Recurrence, n: Node, fail_at, dims, time) -> None:
+    """joint_softmax(part, (logits_i, dim_i, mask_i)...): well-formed parts (see expr.py)."""
+    arg = n.arg
+    if not (isinstance(arg, tuple) and len(arg) == 2 and isinstance(arg[1], tuple)
+            and type(arg[0]) is int):
+        fail_at(n, "joint_softmax takes (part, (dim, ...)) as its argument")
+    k, ds = arg
+    if not ds or len(n.src) != 2 * len(ds):
+        fail_at(n, f"joint_softmax takes a (logits, dim, mask) triple per part: {len(ds)} "
+                   f"dim(s) but {len(n.src)} logits/masks")
+    if not 0 <= k < len(ds):
+        fail_at(n, f"joint_softmax part {k} out of range (it has {len(ds)} parts)")
+    if len(set(ds)) != len(ds):
+        fail_at(n, f"joint_softmax key dims {list(ds)} repeat a dim: each part needs its own")
+    for i, d in enumerate(ds):
+        if d not in dims or d == time:
+            fail_at(n, f"joint_softmax part {i}: dim {d!r} is not a declared non-time dim")
+        if d not in rec.dims_of(n.src[2 * i]):
+            fail_at(n, f"joint_softmax part {i}: dim {d!r} is not a dim of its logits "
+                       f"{list(rec.dims_of(n.src[2 * i]))}")
+        for j, s in enumerate(n.src):
+            if j // 2 != i and d in rec.dims_of(s):
+                fail_at(n, f"joint_softmax part {i}'s key dim {d!r} appears in part {j // 2} "
+                           f"({'mask' if j % 2 else 'logits'} dims "
+                           f"{list(rec.dims_of(s))}): a key dim belongs to one part")

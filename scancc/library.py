@@ -11,6 +11,7 @@ import math
 from scancc.ir import (companion, const, diagonal, dot, exp, flip, group, householder,
                        identity, iota, l2norm, rsqrt, scalar, shift, silu, size, softmax,
                        softplus, clamp)
+from scancc.ir import joint_softmax, step
 
 from .registry import register
 
@@ -215,3 +216,34 @@ def swa(r, window=4, scale=None):
     valid = r.state("valid", [b, w], shift(w), inject=const(1.0))
     logits = dot(q, kw, k) * _scale(scale, k)
     r.output("o", [b, t, h, v], dot(softmax(logits, w, mask=valid), vw, w))
+
+
+# ---- B'MOJO: eidetic and fading memory in one recurrence (docs/bmojo.md) ----
+
+def _window_arg(name, window):
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"{name}: window must be a positive integer, got {window!r}")
+    return window
+
+
+@register("bmojo_f", origin="library")
+def bmojo_f(r, window=4, scale=None):
+    """B'MOJO-F: one softmax of scale*q_t over the keys of a window {(k_j, v_j): t-W < j <= t}
+    and a fading window {(kf_j, vf_j): t-2W < j <= t-W} (j >= 0). kf/vf (the fading tokens,
+    an SSM's output in the layer) ride a 2W shift register whose older half is read."""
+    W = _window_arg("bmojo_f", window)
+    b, t, h, k, v = _attn_dims(r)
+    w, f = r.dim("window", size=W), r.dim("fading", size=2 * W)
+    q, kk, vv = _qkv(r, b, t, h, k, v)
+    kf, vf = r.input("kf", [b, t, h, k]), r.input("vf", [b, t, h, v])
+    kw = r.state("kw", [b, h, w, k], shift(w), inject=kk)
+    vw = r.state("vw", [b, h, w, v], shift(w), inject=vv)
+    valid = r.state("valid", [b, w], shift(w), inject=const(1.0))
+    kfw = r.state("kf_win", [b, h, f, k], shift(f), inject=kf)
+    vfw = r.state("vf_win", [b, h, f, v], shift(f), inject=vf)
+    validf = r.state("valid_f", [b, f], shift(f), inject=const(1.0))
+    sc = _scale(scale, k)
+    older = step((W - 1.0) - iota(f))  # slots 0..W-1 of the 2W register: t-2W < j <= t-W
+    pw, pf = joint_softmax([(dot(q, kw, k) * sc, w, valid),
+                            (dot(q, kfw, k) * sc, f, validf * older)])
+    r.output("o", [b, t, h, v], dot(pw, vw, w) + dot(pf, vfw, f))

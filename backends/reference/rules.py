@@ -13,6 +13,7 @@ Two registries (``backends/rules.py``), with the same names in every backend:
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import numpy as np
@@ -143,6 +144,22 @@ def _softmax_rule(ev, node, src):
     p = np.where(keep, np.exp(masked - np.where(np.isfinite(m), m, 0.0)), 0.0)
     s = np.sum(p, axis=ax, keepdims=True)
     return p / np.where(s == 0, 1.0, s)  # a fully masked row reads nothing: weights 0
+
+
+@OP_RULES.register(Op.JSOFTMAX)
+def _joint_softmax_rule(ev, node, src):
+    """The weights of one part of a softmax over the union of every part's keys."""
+    k, ds = node.arg
+    parts = []
+    for i, d in enumerate(ds):
+        logits, keep = np.broadcast_arrays(src[2 * i], src[2 * i + 1] != 0)
+        parts.append((np.where(keep, logits, -np.inf), keep, ev.I.ax(d)))
+    m = functools.reduce(np.maximum, [np.max(z, axis=ax, keepdims=True) for z, _, ax in parts])
+    m = np.where(np.isfinite(m), m, 0.0)
+    p = [np.where(keep, np.exp(z - m), 0.0) for z, keep, _ in parts]
+    s = functools.reduce(np.add, [np.sum(pi, axis=ax, keepdims=True)
+                                  for pi, (_, _, ax) in zip(p, parts)])
+    return p[k] / np.where(s == 0, 1.0, s)  # every key masked: weights 0
 
 
 # ---- transitions: h_t = A_t(h_{t-1}) + b_t, one rule per structure ----

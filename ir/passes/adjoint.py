@@ -137,6 +137,11 @@ def _local_vjp(n: Node, c: Node) -> list[tuple[Node, Node]]:
         return [(s[0], (c - n * rsum(c * n, n.arg)) / r)]
     if op is Op.SOFTMAX:
         return [(s[0], n * (c - rsum(n * c, n.arg)))]  # a mask has no gradient
+    if op is Op.JSOFTMAX:  # w_k = joint weights of part k: dl_i = [i = k] w_k c - w_i r
+        k, ds = n.arg
+        r = rsum(n * c, ds[k])
+        return [(s[2 * i], n * c - n * r if i == k else -(Node(Op.JSOFTMAX, s, (i, ds)) * r))
+                for i in range(len(ds))]  # the masks have no gradient
     if op is Op.FLIP:
         return [(s[0], Node(Op.FLIP, (c,), n.arg))]
     if op is Op.GROUP:
