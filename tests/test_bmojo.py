@@ -1,0 +1,198 @@
+"""B'MOJO (issue 13): the joint softmax, bmojo_f, and (below) cascaded states, the selection
+kind and bmojo, each against truth written here from the definitions: explicit masked-softmax
+attention over the union of the windows, the two-attention + log-sum-exp merge of
+hybrid-model-factory's B'MOJO-F, plain Python loops."""
+import dataclasses
+import re
+
+import numpy as np
+import pytest
+
+import scancc
+from scancc.ir import (Builder, VerifyError, const, dot, identity, joint_softmax,
+                       parse_recurrence, shift)
+from scancc.ir.expr import Node, Op
+from scancc.ir.passes.softmax import desugar_joint_softmax
+from scancc.testing import nan_poisoned
+
+rng = np.random.default_rng(13)
+
+
+def _attn_inputs(B=2, T=11, H=2, K=4, V=3, seed=0):
+    g = np.random.default_rng(seed)
+    q, k, kf = (g.standard_normal((B, T, H, K)) for _ in range(3))
+    v, vf = (g.standard_normal((B, T, H, V)) for _ in range(2))
+    return q, k, v, kf, vf
+
+
+def _keys_bmojo_f(t, W):
+    """(source, j) of every key o_t attends to: the window and the fading window."""
+    return [("w", j) for j in range(max(0, t - W + 1), t + 1)] + \
+        [("f", j) for j in range(max(0, t - 2 * W + 1), t - W + 1)]
+
+
+def _masked_softmax_attention(q, k, v, kf, vf, keys_of, scale=None):
+    """o_t = softmax(scale q_t . key) over an explicit list of keys, per batch and head."""
+    B, T, H, K = q.shape
+    scale = K ** -0.5 if scale is None else scale
+    o = np.full(v.shape, np.nan)
+    src = {"w": (k, v), "f": (kf, vf)}
+    for t in range(T):
+        keys = keys_of(t)
+        kk = np.stack([src[s][0][:, j] for s, j in keys], -2)   # [B, H, n, K]
+        vv = np.stack([src[s][1][:, j] for s, j in keys], -2)   # [B, H, n, V]
+        logit = np.einsum("bhk,bhnk->bhn", q[:, t], kk) * scale
+        p = np.exp(logit - logit.max(-1, keepdims=True))
+        o[:, t] = np.einsum("bhn,bhnv->bhv", p / p.sum(-1, keepdims=True), vv)
+    return o
+
+
+def _lse_merge(q, k, v, kf, vf, W, scale=None):
+    """hybrid-model-factory's B'MOJO-F: a sliding-window attention over (k, v) and one over the
+    fading tokens delayed by W, merged by their log-sum-exps."""
+    B, T, H, K = q.shape
+    scale = K ** -0.5 if scale is None else scale
+    o = np.full(v.shape, np.nan)
+    for t in range(T):
+        parts = []
+        for kk, vv, js in ((k, v, range(max(0, t - W + 1), t + 1)),
+                           (kf, vf, range(max(0, t - 2 * W + 1), t - W + 1))):
+            js = list(js)
+            if not js:
+                continue
+            logit = np.einsum("bhk,bjhk->bhj", q[:, t], kk[:, js]) * scale
+            m = logit.max(-1, keepdims=True)
+            lse = np.log(np.exp(logit - m).sum(-1)) + m[..., 0]
+            att = np.einsum("bhj,bjhv->bhv", np.exp(logit - lse[..., None]), vv[:, js])
+            parts.append((att, lse))
+        if len(parts) == 1:
+            o[:, t] = parts[0][0]
+        else:
+            (a1, l1), (a2, l2) = parts
+            lse = np.logaddexp(l1, l2)
+            o[:, t] = a1 * np.exp(l1 - lse)[..., None] + a2 * np.exp(l2 - lse)[..., None]
+    return o
+
+
+def _out(r):
+    return np.asarray(r[0] if isinstance(r, tuple) else r, dtype=np.float64)
+
+
+# ---------------------------------------------------------------- joint softmax (IR)
+
+def _jsm_rec(mask_w=True):
+    r = Builder("jsm")
+    b, t, w, f = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("w", size=3), \
+        r.dim("f", size=2)
+    x, y = r.input("x", [b, t, w]), r.input("y", [b, t, f])
+    m = r.input("m", [b, t, w])
+    r.state("acc", [b, w], identity(), inject=x)  # a recurrence needs a state
+    pw, pf = joint_softmax([(x, w, m if mask_w else 1.0), (y, f)])
+    r.output("ow", [b, t, w], pw)
+    r.output("of", [b, t, f], pf)
+    return r.build()
+
+
+def test_joint_softmax_is_one_normalization_over_the_union():
+    rec = _jsm_rec()
+    x, y = rng.standard_normal((2, 5, 3)) * 3, rng.standard_normal((2, 5, 2)) * 3
+    m = (rng.random((2, 5, 3)) > 0.4).astype(float)
+    m[0, 0] = 0.0
+    z = np.concatenate([np.where(m != 0, x, -np.inf), y], -1)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    for r in (rec, desugar_joint_softmax(rec)):
+        ker = scancc.compile(r, "reference")
+        out = ker(x=x, y=y, m=m)
+        ow, of = out["ow"], out["of"]
+        np.testing.assert_allclose(np.asarray(ow), p[..., :3], rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(np.asarray(of), p[..., 3:], rtol=1e-12, atol=1e-14)
+    assert desugar_joint_softmax(rec) != rec
+    assert not any(n.op is Op.JSOFTMAX for _, e in desugar_joint_softmax(rec).exprs()
+                   for n in e.walk())
+
+
+def test_joint_softmax_with_every_key_masked_reads_nothing():
+    r = Builder("jsm0")
+    b, t, w, f = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("w", size=3), \
+        r.dim("f", size=2)
+    x, y = r.input("x", [b, t, w]), r.input("y", [b, t, f])
+    r.state("acc", [b, w], identity(), inject=x)
+    pw, pf = joint_softmax([(x, w, 0.0), (y, f, 0.0)])
+    r.output("o", [b, t], dot(pw, x, w) + dot(pf, y, f))
+    rec = r.build()
+    x, y = rng.standard_normal((1, 4, 3)), rng.standard_normal((1, 4, 2))
+    for rr in (rec, desugar_joint_softmax(rec)):
+        assert np.all(np.asarray(scancc.compile(rr, "reference")(x=x, y=y)) == 0.0)
+
+
+def test_joint_softmax_text_form_round_trips():
+    rec = _jsm_rec()
+    text = str(rec)
+    assert "joint_softmax(0, x, w, m, y, f, 1.0)" in text
+    assert parse_recurrence(text) == rec
+    bf = scancc.get("bmojo_f").build(window=2)
+    assert parse_recurrence(str(bf)) == bf
+
+
+def _with_output(rec, expr):
+    return dataclasses.replace(rec, outputs=(dataclasses.replace(rec.outputs[0], expr=expr),
+                                             *rec.outputs[1:]))
+
+
+@pytest.mark.parametrize("make,msg", [
+    (lambda x, y, m: Node(Op.JSOFTMAX, (x, m, y, const(1.0)), (0, ("w", "w"))), "repeat a dim"),
+    (lambda x, y, m: Node(Op.JSOFTMAX, (x, m, y, const(1.0)), (2, ("w", "f"))), "out of range"),
+    (lambda x, y, m: Node(Op.JSOFTMAX, (x, m, y), (0, ("w", "f"))), "a (logits, dim, mask)"),
+    (lambda x, y, m: Node(Op.JSOFTMAX, (y, const(1.0), y, const(1.0)), (0, ("w", "f"))),
+     "part 0: dim 'w' is not a dim of its logits"),
+    (lambda x, y, m: Node(Op.JSOFTMAX, (x, m, y * x, const(1.0)), (0, ("w", "f"))),
+     "a key dim belongs to one part"),
+    (lambda x, y, m: Node(Op.JSOFTMAX, (x, m, y, const(1.0)), (0, ("w", "time"))),
+     "not a declared non-time dim"),
+])
+def test_joint_softmax_verifier_errors(make, msg):
+    rec = _jsm_rec()
+    x, y, m = (Node(Op.INPUT, (), n) for n in ("x", "y", "m"))
+    with pytest.raises(VerifyError, match=re.escape(msg)):
+        from scancc.ir.verify import verify
+        verify(_with_output(rec, make(x, y, m)))
+
+
+# ---------------------------------------------------------------- bmojo_f
+
+@pytest.mark.parametrize("W", [1, 3])
+def test_bmojo_f_reference_matches_masked_attention_and_lse_merge(W):
+    q, k, v, kf, vf = _attn_inputs(T=9)
+    ker = scancc.compile("bmojo_f", "reference", window=W)
+    o = _out(ker(q, k, v, kf, vf))
+    truth = _masked_softmax_attention(q, k, v, kf, vf, lambda t: _keys_bmojo_f(t, W))
+    np.testing.assert_allclose(o, truth, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(o, _lse_merge(q, k, v, kf, vf, W), rtol=1e-10, atol=1e-12)
+
+
+def test_bmojo_f_scale_is_passed_on():
+    q, k, v, kf, vf = _attn_inputs(T=6)
+    o = _out(scancc.compile("bmojo_f", "reference", window=2, scale=0.3)(q, k, v, kf, vf))
+    truth = _masked_softmax_attention(q, k, v, kf, vf, lambda t: _keys_bmojo_f(t, 2), 0.3)
+    np.testing.assert_allclose(o, truth, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("target", ["triton", "nki"])
+def test_bmojo_f_backends_match_masked_attention(target):
+    q, k, v, kf, vf = (np.float32(a) for a in _attn_inputs(T=10))
+    o = _out(scancc.compile("bmojo_f", target, window=3)(q, k, v, kf, vf))
+    truth = _masked_softmax_attention(*(np.float64(a) for a in (q, k, v, kf, vf)),
+                                      lambda t: _keys_bmojo_f(t, 3))
+    np.testing.assert_allclose(o, truth, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("target", ["reference", "triton"])
+def test_bmojo_f_split_run_with_final_state_equals_one_run(target):
+    q, k, v, kf, vf = (np.float32(a) for a in _attn_inputs(T=10))
+    ker = scancc.compile("bmojo_f", target, window=3)
+    whole = _out(ker(q, k, v, kf, vf))
+    o1, h = ker(*(a[:, :4] for a in (q, k, v, kf, vf)), output_final_state=True)
+    o2 = ker(*(a[:, 4:] for a in (q, k, v, kf, vf)), initial_state=h)
+    np.testing.assert_allclose(np.concatenate([_out(o1), _out(o2)], 1), whole,
+                               rtol=1e-6, atol=1e-6)
