@@ -22,7 +22,7 @@ IDENT = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")  # used with fullmatch: no "\n
 RESERVED = frozenset(
     "recurrence dim input let state output numerics end initial_state final_state "
     "identity scalar diagonal shift companion householder dense "
-    "shift_adjoint companion_adjoint dense_adjoint".split())
+    "shift_adjoint companion_adjoint dense_adjoint".split()) | {"selection"}
 
 
 def check_ident(name: Any, what: str) -> str:

@@ -9,7 +9,8 @@ import math
 
 from .errors import IRError, VerifyError
 from .expr import BINARY, LEAVES, MAX_DEPTH, UNARY, Node, Op, check_ident, depth
-from .recurrence import (AXIS_KINDS, COL_KINDS, OPERANDS, ROLES, SLOT_KINDS, Kind, Recurrence)
+from .recurrence import (AXIS_KINDS, COL_KINDS, ITEM_KINDS, OPERANDS, ROLES, Kind,
+                         Recurrence)
 
 _ARITY = {**{op: 1 for op in UNARY}, **{op: 2 for op in BINARY},
           Op.SUM: 1, Op.MAX: 1, Op.L2NORM: 1, Op.FLIP: 1, Op.GROUP: 1, Op.UNGROUP: 1}
@@ -95,7 +96,10 @@ def verify(rec: Recurrence) -> Recurrence:
     names = {"input": {i.name for i in rec.inputs}, "state": {s.name for s in rec.states}}
     lets_so_far: set[str] = set()
 
-    def check_expr(where: tuple[str, ...], label: str, root: Node, allow_state: bool):
+    def check_expr(where: tuple[str, ...], label: str, root: Node, allow_state):
+        # allow_state: True (a readout), False (a let), or the names of the states declared
+        # before (a transition operand or injected term: a cascade reads state(s) of those,
+        # and prev(s) of any state)
         def fail_at(node: Node, msg: str):  # the label names the offending node's op too
             fail(where, msg, f"{label}, node {node.op.value}")
 
@@ -113,9 +117,13 @@ def verify(rec: Recurrence) -> Recurrence:
             elif n.op in (Op.STATE, Op.PREV):
                 if n.arg not in names["state"]:
                     fail_at(n, f"reads unknown state {n.arg!r}")
-                if not allow_state:
-                    fail_at(n, f"reads state {n.arg!r}: only outputs may read states "
-                               "(transitions and injected terms must be linear in the state)")
+                if allow_state is False:
+                    fail_at(n, f"reads state {n.arg!r}: a let may not read states")
+                elif allow_state is not True and n.op is Op.STATE \
+                        and n.arg not in allow_state:
+                    fail_at(n, f"reads state {n.arg!r}, which is not declared before this state "
+                               "(a cascade reads the current value of earlier states only; "
+                               f"prev({n.arg}) reads its value entering the step)")
             elif n.op is Op.CONST and (type(n.arg) is not float or not math.isfinite(n.arg)):
                 fail_at(n, "constant must be a finite float, got "
                         + (repr(n.arg) if type(n.arg) is float else type(n.arg).__name__))
@@ -174,6 +182,7 @@ def verify(rec: Recurrence) -> Recurrence:
         if extra:
             fail(where, f"{what} has dims {list(have)}; {extra} not among {list(allowed)}", label)
 
+    earlier: set[str] = set()
     for s in rec.states:
         w, wl = ("state", s.name), decl(("state", s.name))
         wt = w + ("transition",)
@@ -199,8 +208,9 @@ def verify(rec: Recurrence) -> Recurrence:
         if (t.col is not None) != (t.kind in COL_KINDS):
             fail(wt, "only a dense transition has a column dim, and it needs one", wl)
         for k, n in t.operands:
-            check_expr(wt + (k,), f"{wl} ({t.kind.value} {k})", n, allow_state=False)
-        check_expr(w + ("inject",), f"{wl} (inject)", s.inject, allow_state=False)
+            check_expr(wt + (k,), f"{wl} ({t.kind.value} {k})", n, allow_state=frozenset(earlier))
+        check_expr(w + ("inject",), f"{wl} (inject)", s.inject, allow_state=frozenset(earlier))
+        earlier.add(s.name)
         sd = set(s.dims)
         feats = {d for d in s.dims if dims[d].role == "feature"}
         ops = dict(t.operands)
@@ -233,9 +243,15 @@ def verify(rec: Recurrence) -> Recurrence:
                      wl)
             subset(wt + ("matrix",), f"{wl} (dense matrix)", ops["matrix"], sd | {t.col},
                    "the matrix")
-        inj_allowed = sd - {t.axis} if t.kind in SLOT_KINDS else sd
+        elif t.kind is Kind.SELECTION:
+            for k in ("score", "valid"):
+                subset(wt + (k,), f"{wl} (selection {k})", ops[k], sd - {t.axis},
+                       f"the incoming item's {k} (one item: no axis)")
+            for k in ("keys", "filled"):
+                subset(wt + (k,), f"{wl} (selection {k})", ops[k], sd, f"the stored {k}")
+        inj_allowed = sd - {t.axis} if t.kind in ITEM_KINDS else sd
         subset(w + ("inject",), f"{wl} (inject)", s.inject, inj_allowed,
-               "the injected term" + (" (one slot of the axis)" if t.kind in SLOT_KINDS else ""))
+               "the injected term" + (" (one slot of the axis)" if t.kind in ITEM_KINDS else ""))
 
     for o in rec.outputs:
         w, wl = ("output", o.name), decl(("output", o.name))

@@ -11,7 +11,8 @@ import math
 from scancc.ir import (companion, const, diagonal, dot, exp, flip, group, householder,
                        identity, iota, l2norm, rsqrt, scalar, shift, silu, size, softmax,
                        softplus, clamp)
-from scancc.ir import joint_softmax, step
+from scancc.ir import joint_softmax, prev, step
+from scancc.ir.recurrence import selection
 
 from .registry import register
 
@@ -247,3 +248,48 @@ def bmojo_f(r, window=4, scale=None):
     pw, pf = joint_softmax([(dot(q, kw, k) * sc, w, valid),
                             (dot(q, kfw, k) * sc, f, validf * older)])
     r.output("o", [b, t, h, v], dot(pw, vw, w) + dot(pf, vfw, f))
+
+
+@register("bmojo", origin="library")
+def bmojo(r, window=4, memory=4, predictor=2, scale=None):
+    """B'MOJO: bmojo_f plus an eidetic memory of m tokens. The token j = t-W leaving the
+    window enters the memory (selection state) with its innovation score
+    s_j = sum_v (y_j - mean(y_{j-1..j-P}))^2 (y before time 0 is 0): into a free slot, else
+    replacing the lowest slot with the smallest score if s_j is larger. o_t is one softmax of
+    scale*q_t over the window, the fading window and the memory."""
+    W = _window_arg("bmojo", window)
+    m, P = _window_arg("bmojo (memory)", memory), _window_arg("bmojo (predictor)", predictor)
+    b, t, h, k, v = _attn_dims(r)
+    w, f = r.dim("window", size=W), r.dim("fading", size=2 * W)
+    mem, yd = r.dim("memory", size=m), r.dim("ypast", size=W + P)
+    q, kk, vv = _qkv(r, b, t, h, k, v)
+    kf, vf = r.input("kf", [b, t, h, k]), r.input("vf", [b, t, h, v])
+    y = r.input("y", [b, t, h, v])
+    kw = r.state("kw", [b, h, w, k], shift(w), inject=kk)
+    vw = r.state("vw", [b, h, w, v], shift(w), inject=vv)
+    valid = r.state("valid", [b, w], shift(w), inject=const(1.0))
+    kfw = r.state("kf_win", [b, h, f, k], shift(f), inject=kf)
+    vfw = r.state("vf_win", [b, h, f, v], shift(f), inject=vf)
+    validf = r.state("valid_f", [b, f], shift(f), inject=const(1.0))
+    ys = r.state("ys", [b, h, yd, v], shift(yd), inject=y)
+    # the cascade: prev(ys) holds y_{t-W-P} .. y_{t-1}; slot P is y_j (j = t-W), slots 0..P-1
+    # its predictor window; prev(kw), prev(vw) slot 0 is the token j leaving the window
+    i = iota(yd)
+    y_j = dot(prev("ys"), step(i - P) * step(P - i), yd)
+    y_hat = dot(prev("ys"), step((P - 1.0) - i), yd) * (1.0 / P)
+    err = y_j - y_hat
+    score = dot(err, err, v)
+    oldest = step(-iota(w))
+    leaving = dot(prev("valid"), oldest, w)
+    sel = selection(mem, score, leaving, prev("mem_score"), prev("mem_filled"))
+    ms = r.state("mem_score", [b, h, mem], sel, inject=score)
+    mf = r.state("mem_filled", [b, h, mem], sel, inject=const(1.0))
+    mk = r.state("mem_k", [b, h, mem, k], sel, inject=dot(prev("kw"), oldest, w))
+    mv = r.state("mem_v", [b, h, mem, v], sel, inject=dot(prev("vw"), oldest, w))
+    del ys, ms
+    sc = _scale(scale, k)
+    older = step((W - 1.0) - iota(f))
+    pw, pf, pm = joint_softmax([(dot(q, kw, k) * sc, w, valid),
+                                (dot(q, kfw, k) * sc, f, validf * older),
+                                (dot(q, mk, k) * sc, mem, mf)])
+    r.output("o", [b, t, h, v], dot(pw, vw, w) + dot(pf, vfw, f) + dot(pm, mv, mem))

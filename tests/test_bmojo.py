@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import scancc
-from scancc.ir import (Builder, VerifyError, const, dot, identity, joint_softmax,
-                       parse_recurrence, shift)
+from scancc.ir import (Builder, VerifyError, const, diagonal, dot, identity, joint_softmax,
+                       parse_recurrence, prev)
 from scancc.ir.expr import Node, Op
 from scancc.ir.passes.softmax import desugar_joint_softmax
 from scancc.testing import nan_poisoned
@@ -196,3 +196,133 @@ def test_bmojo_f_split_run_with_final_state_equals_one_run(target):
     o2 = ker(*(a[:, 4:] for a in (q, k, v, kf, vf)), initial_state=h)
     np.testing.assert_allclose(np.concatenate([_out(o1), _out(o2)], 1), whole,
                                rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- bmojo (cascade + selection)
+
+def _bmojo_loop(q, k, v, kf, vf, y, W, m, P, scale=None):
+    """B'MOJO from the issue's definitions, one (batch, head) and one step at a time."""
+    B, T, H, K = q.shape
+    scale = K ** -0.5 if scale is None else scale
+    o = np.full(v.shape, np.nan)
+    for b in range(B):
+        for h in range(H):
+            slots = [None] * m   # (score, j) per slot
+            for t in range(T):
+                j = t - W
+                if j >= 0:
+                    y_hat = sum(y[b, j - i, h] if j - i >= 0 else 0.0 for i in range(1, P + 1)) / P
+                    s = float(np.sum((y[b, j, h] - y_hat) ** 2))
+                    free = [i for i in range(m) if slots[i] is None]
+                    if free:
+                        slots[free[0]] = (s, j)
+                    else:
+                        i = min(range(m), key=lambda i: (slots[i][0], i))
+                        if s > slots[i][0]:
+                            slots[i] = (s, j)
+                keys = [(k[b, i, h], v[b, i, h]) for i in range(max(0, t - W + 1), t + 1)]
+                keys += [(kf[b, i, h], vf[b, i, h]) for i in range(max(0, t - 2 * W + 1), j + 1)]
+                keys += [(k[b, sl[1], h], v[b, sl[1], h]) for sl in slots if sl is not None]
+                logit = np.array([q[b, t, h] @ kk for kk, _ in keys]) * scale
+                p = np.exp(logit - logit.max())
+                o[b, t, h] = (p / p.sum()) @ np.stack([vv for _, vv in keys])
+    return o
+
+
+def _bmojo_inputs(B=2, T=12, H=2, K=3, V=2, seed=1):
+    g = np.random.default_rng(seed)
+    q, k, kf = (g.standard_normal((B, T, H, K)) for _ in range(3))
+    v, vf, y = (g.standard_normal((B, T, H, V)) for _ in range(3))
+    return q, k, v, kf, vf, y
+
+
+@pytest.mark.parametrize("W,m,P", [(1, 1, 1), (2, 3, 2), (3, 2, 3), (2, 20, 1)])
+def test_bmojo_reference_matches_the_plain_loop(W, m, P):
+    x = _bmojo_inputs()
+    o = _out(scancc.compile("bmojo", "reference", window=W, memory=m, predictor=P)(*x))
+    np.testing.assert_allclose(o, _bmojo_loop(*x, W, m, P), rtol=1e-10, atol=1e-12)
+
+
+def test_bmojo_split_run_with_final_state_equals_one_run():
+    x = _bmojo_inputs(T=13)
+    ker = scancc.compile("bmojo", "reference", window=2, memory=3, predictor=2)
+    whole, hw = ker(*x, output_final_state=True)
+    o1, h = ker(*(a[:, :6] for a in x), output_final_state=True)
+    o2, h2 = ker(*(a[:, 6:] for a in x), initial_state=h, output_final_state=True)
+    np.testing.assert_allclose(np.concatenate([_out(o1), _out(o2)], 1), _out(whole),
+                               rtol=1e-12, atol=1e-12)
+    for name in hw:
+        np.testing.assert_allclose(h2[name], hw[name], rtol=1e-12, atol=1e-12)
+
+
+def _memory_after(scores, m):
+    """Run bmojo (W=1, P=1, one value) on tokens whose innovation scores are ``scores``
+    (y_j = y_{j-1} + sqrt(s_j), so s_j = (y_j - y_{j-1})^2); k_j = j identifies token j.
+    Returns the final (stored scores, stored token ids, filled) of the one head."""
+    n = len(scores)
+    T = n + 1  # token j leaves the window (W=1) at step j+1
+    y = np.zeros((1, T, 1, 1))
+    y[0, :n, 0, 0] = np.cumsum(np.sqrt(scores))
+    k = np.arange(T, dtype=float).reshape(1, T, 1, 1)
+    q, v, kf, vf = (rng.standard_normal((1, T, 1, 1)) for _ in range(4))
+    ker = scancc.compile("bmojo", "reference", window=1, memory=m, predictor=1)
+    _, h = ker(q, k, v, kf, vf, y, output_final_state=True)
+    return h["mem_score"][0, 0], h["mem_k"][0, 0, :, 0], h["mem_filled"][0, 0]
+
+
+@pytest.mark.parametrize("scores,m,want_scores,want_tokens,want_filled", [
+    # perfect squares: y has integer steps, so the scores are exact (ties are ties)
+    ([1, 4, 9, 16, 25], 2, [25, 16], [4, 3], [1, 1]),    # rising: the newest replace the oldest
+    ([25, 16, 9, 4, 1], 2, [25, 16], [0, 1], [1, 1]),    # falling: the first two stay
+    ([4, 4, 4], 2, [4, 4], [0, 1], [1, 1]),              # a tie with the smallest: no replace
+    ([1, 1, 25], 2, [25, 1], [2, 1], [1, 1]),            # tied smallest: the lowest slot goes
+    ([9, 1, 1, 4], 2, [9, 4], [0, 3], [1, 1]),
+    ([16, 81, 1], 5, [16, 81, 1, 0, 0], [0, 1, 2, 0, 0], [1, 1, 1, 0, 0]),   # m > tokens
+])
+def test_bmojo_memory_contents_on_hand_made_sequences(scores, m, want_scores, want_tokens,
+                                                      want_filled):
+    s, tok, filled = _memory_after(np.array(scores, float), m)
+    np.testing.assert_allclose(s, want_scores, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(tok, want_tokens)
+    np.testing.assert_array_equal(filled, want_filled)
+
+
+def test_cascade_verifier_rejects_forward_and_self_reads():
+    def build(inject_of_a):
+        r = Builder("casc")
+        b, t, d = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("chan")
+        x = r.input("x", [b, t, d])
+        r.state("a", [b, d], identity(), inject=inject_of_a(x))
+        r.state("c", [b, d], identity(), inject=x)
+        r.output("o", [b, t, d], Node(Op.STATE, (), "a"))
+        return r.build()
+    with pytest.raises(VerifyError, match="not declared before this state"):
+        build(lambda x: x * Node(Op.STATE, (), "c"))
+    with pytest.raises(VerifyError, match="not declared before this state"):
+        build(lambda x: x * Node(Op.STATE, (), "a"))
+    rec = build(lambda x: x * prev("c"))   # prev() of any state is allowed
+    assert rec.cascaded == ("a",)
+
+
+def test_cascade_reads_the_current_value_of_an_earlier_state():
+    r = Builder("casc2")
+    b, t, d = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("chan")
+    x, g = r.input("x", [b, t, d]), r.input("g", [b, t, d])
+    a = r.state("a", [b, d], diagonal(g), inject=x)
+    c = r.state("c", [b, d], identity(), inject=a * a)   # c_t = c_{t-1} + a_t^2
+    r.output("o", [b, t, d], c)
+    rec = r.build()
+    assert parse_recurrence(str(rec)) == rec
+    xs, gs = rng.standard_normal((2, 7, 3)), rng.random((2, 7, 3))
+    o = np.asarray(scancc.compile(rec, "reference")(x=xs, g=gs))
+    aa, cc, want = np.zeros((2, 3)), np.zeros((2, 3)), np.zeros((2, 7, 3))
+    for i in range(7):
+        aa = gs[:, i] * aa + xs[:, i]
+        cc = cc + aa * aa
+        want[:, i] = cc
+    np.testing.assert_allclose(o, want, rtol=1e-12)
+    from scancc.ir.passes import chunked
+    assert not chunked.analyze(rec).states   # a cascade runs recurrently
+    from scancc.ir.passes import derive
+    with pytest.raises(Exception, match="cascaded states"):
+        derive(rec)

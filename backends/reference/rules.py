@@ -197,6 +197,24 @@ def _shift_rule(I, h, b, ops, axis, col):
     return _shift_in(h, I.axis[axis], b)
 
 
+@TRANSITION_RULES.register(Kind.SELECTION)
+def _selection_rule(I, h, b, ops, axis, col):
+    """Bounded memory: the incoming item b goes into the lowest free slot, else replaces the
+    lowest slot with the smallest stored score if its score is larger; nothing if not valid."""
+    ax = I.axis[axis]
+    score, valid, keys, filled = (ops[k] for k in ("score", "valid", "keys", "filled"))
+    shape = np.broadcast_shapes(h.shape, np.shape(b), np.shape(score), np.shape(valid),
+                                np.shape(keys), np.shape(filled))
+    free = np.broadcast_to(filled == 0, shape)
+    keys = np.broadcast_to(keys, shape)
+    any_free = free.any(axis=ax, keepdims=True)
+    idx = np.where(any_free, np.argmax(free, axis=ax, keepdims=True),
+                   np.argmin(keys, axis=ax, keepdims=True))  # argmin/argmax: the lowest slot
+    write = (valid != 0) & (any_free | (score > np.min(keys, axis=ax, keepdims=True)))
+    slot = np.arange(shape[ax]).reshape([-1 if i == ax else 1 for i in range(len(shape))])
+    return np.where((slot == idx) & write, b, h)
+
+
 @TRANSITION_RULES.register(Kind.COMPANION)
 def _companion_rule(I, h, b, ops, axis, col):
     ax = I.axis[axis]

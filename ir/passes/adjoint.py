@@ -215,6 +215,10 @@ def step_expr(t: Transition, ops: dict[str, Node], inject: Node, h_now: Node, h_
 
 def derive(rec: Recurrence) -> Adjoint:
     """The backward recurrence of ``rec`` (see the module docstring)."""
+    if rec.cascaded:
+        raise IRError(f"recurrence {rec.name!r}: the adjoint of cascaded states "
+                      f"({', '.join(rec.cascaded)} read states) is not derived yet (it needs "
+                      "the cotangent of each state's reads carried into the earlier states)")
     for s in rec.states:
         if s.transition.kind not in DERIVED:
             raise IRError(f"recurrence {rec.name!r}, state {s.name!r}: the adjoint of a "
