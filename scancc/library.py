@@ -6,6 +6,7 @@ SSD ``[B, L, H, P]``), so a kernel is a drop-in for code written against them.
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 from scancc.ir import (companion, const, diagonal, dot, exp, flip, group, householder,
@@ -250,8 +251,17 @@ def bmojo_f(r, window=4, scale=None):
     r.output("o", [b, t, h, v], dot(pw, vw, w) + dot(pf, vfw, f))
 
 
-@register("bmojo", origin="library")
-def bmojo(r, window=4, memory=4, predictor=2, scale=None):
+def bmojo(window=4, memory=4, predictor=2, scale=None):
+    """The B'MOJO recurrence (see ``_bmojo``), reference backend only for now: it is not
+    registered (every registered recurrence must lower on every backend, and the Triton and
+    NKI rules for the selection kind and cascaded states do not exist yet)."""
+    from scancc.ir import Builder
+    r = Builder("bmojo", doc=inspect.cleandoc(_bmojo.__doc__))
+    _bmojo(r, window, memory, predictor, scale)
+    return r.build()
+
+
+def _bmojo(r, window=4, memory=4, predictor=2, scale=None):
     """B'MOJO: bmojo_f plus an eidetic memory of m tokens. The token j = t-W leaving the
     window enters the memory (selection state) with its innovation score
     s_j = sum_v (y_j - mean(y_{j-1..j-P}))^2 (y before time 0 is 0): into a free slot, else

@@ -13,7 +13,7 @@ from scancc.ir import (Builder, VerifyError, const, diagonal, dot, identity, joi
                        parse_recurrence, prev)
 from scancc.ir.expr import Node, Op
 from scancc.ir.passes.softmax import desugar_joint_softmax
-from scancc.testing import nan_poisoned
+from scancc.library import bmojo
 
 rng = np.random.default_rng(13)
 
@@ -239,13 +239,13 @@ def _bmojo_inputs(B=2, T=12, H=2, K=3, V=2, seed=1):
 @pytest.mark.parametrize("W,m,P", [(1, 1, 1), (2, 3, 2), (3, 2, 3), (2, 20, 1)])
 def test_bmojo_reference_matches_the_plain_loop(W, m, P):
     x = _bmojo_inputs()
-    o = _out(scancc.compile("bmojo", "reference", window=W, memory=m, predictor=P)(*x))
+    o = _out(scancc.compile(bmojo(window=W, memory=m, predictor=P), "reference")(*x))
     np.testing.assert_allclose(o, _bmojo_loop(*x, W, m, P), rtol=1e-10, atol=1e-12)
 
 
 def test_bmojo_split_run_with_final_state_equals_one_run():
     x = _bmojo_inputs(T=13)
-    ker = scancc.compile("bmojo", "reference", window=2, memory=3, predictor=2)
+    ker = scancc.compile(bmojo(window=2, memory=3, predictor=2), "reference")
     whole, hw = ker(*x, output_final_state=True)
     o1, h = ker(*(a[:, :6] for a in x), output_final_state=True)
     o2, h2 = ker(*(a[:, 6:] for a in x), initial_state=h, output_final_state=True)
@@ -265,7 +265,7 @@ def _memory_after(scores, m):
     y[0, :n, 0, 0] = np.cumsum(np.sqrt(scores))
     k = np.arange(T, dtype=float).reshape(1, T, 1, 1)
     q, v, kf, vf = (rng.standard_normal((1, T, 1, 1)) for _ in range(4))
-    ker = scancc.compile("bmojo", "reference", window=1, memory=m, predictor=1)
+    ker = scancc.compile(bmojo(window=1, memory=m, predictor=1), "reference")
     _, h = ker(q, k, v, kf, vf, y, output_final_state=True)
     return h["mem_score"][0, 0], h["mem_k"][0, 0, :, 0], h["mem_filled"][0, 0]
 
@@ -326,3 +326,9 @@ def test_cascade_reads_the_current_value_of_an_earlier_state():
     from scancc.ir.passes import derive
     with pytest.raises(Exception, match="cascaded states"):
         derive(rec)
+
+
+def test_bmojo_text_form_round_trips():
+    rec = bmojo(window=2, memory=3, predictor=2)
+    assert parse_recurrence(str(rec)) == rec
+    assert rec.cascaded == ("mem_score", "mem_filled", "mem_k", "mem_v")
