@@ -270,36 +270,34 @@ def _bmojo(r, window=4, memory=4, predictor=2, scale=None):
     W = _window_arg("bmojo", window)
     m, P = _window_arg("bmojo (memory)", memory), _window_arg("bmojo (predictor)", predictor)
     b, t, h, k, v = _attn_dims(r)
-    w, f = r.dim("window", size=W), r.dim("fading", size=2 * W)
-    mem, yd = r.dim("memory", size=m), r.dim("ypast", size=W + P)
+    # x: the window plus the token leaving it (slot 0, j = t-W); f: the fading window (as in
+    # bmojo_f); ypast: y_{t-W-P} .. y_t (slot P is y_j, slots 0..P-1 its predictor window)
+    x, f = r.dim("window", size=W + 1), r.dim("fading", size=2 * W)
+    mem, yd = r.dim("memory", size=m), r.dim("ypast", size=W + P + 1)
     q, kk, vv = _qkv(r, b, t, h, k, v)
     kf, vf = r.input("kf", [b, t, h, k]), r.input("vf", [b, t, h, v])
     y = r.input("y", [b, t, h, v])
-    kw = r.state("kw", [b, h, w, k], shift(w), inject=kk)
-    vw = r.state("vw", [b, h, w, v], shift(w), inject=vv)
-    valid = r.state("valid", [b, w], shift(w), inject=const(1.0))
+    kx = r.state("kw", [b, h, x, k], shift(x), inject=kk)
+    vx = r.state("vw", [b, h, x, v], shift(x), inject=vv)
+    valid = r.state("valid", [b, x], shift(x), inject=const(1.0))
     kfw = r.state("kf_win", [b, h, f, k], shift(f), inject=kf)
     vfw = r.state("vf_win", [b, h, f, v], shift(f), inject=vf)
     validf = r.state("valid_f", [b, f], shift(f), inject=const(1.0))
     ys = r.state("ys", [b, h, yd, v], shift(yd), inject=y)
-    # the cascade: prev(ys) holds y_{t-W-P} .. y_{t-1}; slot P is y_j (j = t-W), slots 0..P-1
-    # its predictor window; prev(kw), prev(vw) slot 0 is the token j leaving the window
+    # the cascade: the memory reads the current shift registers (declared before it)
     i = iota(yd)
-    y_j = dot(prev("ys"), step(i - P) * step(P - i), yd)
-    y_hat = dot(prev("ys"), step((P - 1.0) - i), yd) * (1.0 / P)
-    err = y_j - y_hat
+    err = dot(ys, step(i - P) * step(P - i), yd) - dot(ys, step((P - 1.0) - i), yd) * (1.0 / P)
     score = dot(err, err, v)
-    oldest = step(-iota(w))
-    leaving = dot(prev("valid"), oldest, w)
-    sel = selection(mem, score, leaving, prev("mem_score"), prev("mem_filled"))
-    ms = r.state("mem_score", [b, h, mem], sel, inject=score)
+    oldest = step(-iota(x))
+    sel = selection(mem, score, dot(valid, oldest, x), prev("mem_score"), prev("mem_filled"))
+    r.state("mem_score", [b, h, mem], sel, inject=score)
     mf = r.state("mem_filled", [b, h, mem], sel, inject=const(1.0))
-    mk = r.state("mem_k", [b, h, mem, k], sel, inject=dot(prev("kw"), oldest, w))
-    mv = r.state("mem_v", [b, h, mem, v], sel, inject=dot(prev("vw"), oldest, w))
-    del ys, ms
+    mk = r.state("mem_k", [b, h, mem, k], sel, inject=dot(kx, oldest, x))
+    mv = r.state("mem_v", [b, h, mem, v], sel, inject=dot(vx, oldest, x))
     sc = _scale(scale, k)
-    older = step((W - 1.0) - iota(f))
-    pw, pf, pm = joint_softmax([(dot(q, kw, k) * sc, w, valid),
+    window = valid * step(iota(x) - 1.0)     # slots 1..W: t-W < j <= t
+    older = step((W - 1.0) - iota(f))         # slots 0..W-1: t-2W < j <= t-W
+    pw, pf, pm = joint_softmax([(dot(q, kx, k) * sc, x, window),
                                 (dot(q, kfw, k) * sc, f, validf * older),
                                 (dot(q, mk, k) * sc, mem, mf)])
-    r.output("o", [b, t, h, v], dot(pw, vw, w) + dot(pf, vfw, f) + dot(pm, mv, mem))
+    r.output("o", [b, t, h, v], dot(pw, vx, x) + dot(pf, vfw, f) + dot(pm, mv, mem))

@@ -24,6 +24,7 @@ import math
 
 from scancc.ir import Kind, Node, Op
 from scancc.ir.passes.canonical import l2norm_expr
+from scancc.ir.passes.softmax import joint_softmax_expr
 
 from ..rules import Rules
 from .values import Idx, V, fmt
@@ -160,6 +161,12 @@ def _l2norm_analysis(R, node, env):
     return R.analyze(l2norm_expr(node.src[0], node.arg), env)
 
 
+@ANALYSIS_RULES.register(Op.JSOFTMAX)
+def _joint_softmax_analysis(R, node, env):
+    """As its expansion (the plan's canonicalize desugars it; the rule lowers that)."""
+    return R.analyze(joint_softmax_expr(node), env)
+
+
 @ANALYSIS_RULES.register(*UNARY_LINES, *ALU, Op.EXPM1, Op.SOFTMAX)
 def _elementwise_analysis(R, node, env):
     """What any source varies along; constant if all are."""
@@ -175,6 +182,13 @@ def _l2norm_rule(R, node, env, sc, info) -> V:
     """``l2norm(x, d)`` as ``x * rsqrt(sum(x * x, d) + L2NORM_EPS)``: the expansion of
     ``scancc.ir.passes.canonical.l2norm_expr`` (one epsilon), lowered by the rules of its ops."""
     return R.value(l2norm_expr(node.src[0], node.arg), env, sc)
+
+
+@OP_RULES.register(Op.JSOFTMAX)
+def _joint_softmax_rule(R, node, env, sc, info) -> V:
+    """``joint_softmax`` as ``scancc.ir.passes.softmax.joint_softmax_expr`` (masked max, exp,
+    sums), lowered by the rules of its ops (canonicalize desugars it before planning)."""
+    return R.value(joint_softmax_expr(node), env, sc)
 
 
 @OP_RULES.register(Op.CONST)
