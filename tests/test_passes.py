@@ -293,6 +293,7 @@ CHUNKED = {
     "fir": (None, False, False),
     "iir": (None, False, False),
     "swa": (None, False, False),
+    "bmojo_f": (None, False, False),
 }
 
 

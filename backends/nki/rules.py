@@ -419,6 +419,16 @@ def _shift_rule(R, s, env, sc) -> None:
     R.close(last)
 
 
+@TRANSITION_RULES.register(Kind.SELECTION)
+def _selection_rule(R, s, env, sc) -> None:
+    """Not lowered yet: a selection state reads its stored scores as they entered each step
+    (prev of itself and of its sibling states), which the tile-at-a-time trajectories here do
+    not give (docs/bmojo.md). The plan stops before this with "no storage rule"; this entry
+    says why if it is reached."""
+    R.fail(f"selection state {s.name!r}: the selection kind is not lowered on NKI yet "
+           "(reference and triton run it)")
+
+
 class _Step:
     """What the per-step rules (companion, householder, dense) share: the trajectory column
     ``new`` written at step t from the carry ``cur``, and a (P, 1) accumulator ``col``."""
