@@ -332,3 +332,55 @@ def test_bmojo_text_form_round_trips():
     rec = bmojo(window=2, memory=3, predictor=2)
     assert parse_recurrence(str(rec)) == rec
     assert rec.cascaded == ("mem_score", "mem_filled", "mem_k", "mem_v")
+
+
+# ---------------------------------------------------------------- scancc.nn layers
+
+def _torch():
+    return pytest.importorskip("torch", reason="torch (the [triton] extra) is not installed")
+
+
+def test_bmojo_f_layer_is_the_attention_of_its_branches_and_trains():
+    torch = _torch()
+    from scancc.nn import BMojoF
+    torch.manual_seed(0)
+    layer = BMojoF(8, 2, window=3, d_state=4).double()
+    u = torch.randn(2, 10, 8, dtype=torch.float64)
+    with torch.no_grad():
+        x = {k: t.numpy() for k, t in layer.branches(u).items()}
+        o = _masked_softmax_attention(x["q"], x["k"], x["v"], x["kf"], x["vf"],
+                                      lambda t: _keys_bmojo_f(t, 3))
+        want = layer.o_proj(torch.from_numpy(o).reshape(2, 10, -1))
+        np.testing.assert_allclose(layer(u).numpy(), want.numpy(), rtol=1e-10, atol=1e-12)
+    # a few Adam steps on "recall the token W+1 back" (the fading window reaches it)
+    target = torch.roll(u, 4, dims=1)
+    before = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    opt = torch.optim.Adam(layer.parameters(), lr=0.02)
+    losses = []
+    for _ in range(10):
+        loss = (layer(u) - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        for n, p in layer.named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all(), n
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+    for n, p in layer.named_parameters():
+        assert not torch.equal(p, before[n]), f"{n} did not move"
+
+
+def test_bmojo_layer_is_the_plain_loop_of_its_branches_and_says_it_has_no_backward():
+    torch = _torch()
+    from scancc.ir import IRError
+    from scancc.nn import BMojo
+    torch.manual_seed(1)
+    layer = BMojo(8, 2, window=2, d_state=4, memory=3, predictor=2).double()
+    u = torch.randn(2, 11, 8, dtype=torch.float64)
+    with torch.no_grad():
+        x = {k: t.numpy() for k, t in layer.branches(u).items()}
+        o = _bmojo_loop(x["q"], x["k"], x["v"], x["kf"], x["vf"], x["y"], 2, 3, 2)
+        want = layer.o_proj(torch.from_numpy(o).reshape(2, 11, -1))
+        np.testing.assert_allclose(layer(u).numpy(), want.numpy(), rtol=1e-10, atol=1e-12)
+    with pytest.raises(IRError, match="adjoint of cascaded states"):
+        layer(u)
