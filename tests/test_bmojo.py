@@ -384,3 +384,79 @@ def test_bmojo_layer_is_the_plain_loop_of_its_branches_and_says_it_has_no_backwa
         np.testing.assert_allclose(layer(u).numpy(), want.numpy(), rtol=1e-10, atol=1e-12)
     with pytest.raises(IRError, match="adjoint of cascaded states"):
         layer(u)
+
+
+def _selection_rec(score=None, inject_on_axis=False):
+    from scancc.ir import iota
+    from scancc.ir.recurrence import selection
+    r = Builder("mem")
+    b, t, m, k = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("memory", size=3), \
+        r.dim("key")
+    x, s = r.input("x", [b, t, k]), r.input("s", [b, t])
+    sc = s if score is None else score(s, iota(m))
+    sel = selection(m, sc, 1.0, prev("mem_s"), prev("mem_f"))
+    r.state("mem_s", [b, m], sel, inject=s)
+    r.state("mem_f", [b, m], sel, inject=const(1.0))
+    r.state("mem_x", [b, m, k], sel, inject=x * iota(m) if inject_on_axis else x)
+    r.output("o", [b, t], dot(dot(Node(Op.STATE, (), "mem_x"), x, k), Node(Op.STATE, (), "mem_f"),
+                              m))
+    return r.build()
+
+
+def test_selection_verifier_errors_and_text_form():
+    rec = _selection_rec()
+    assert "selection(axis=memory, score=s, valid=1.0, keys=prev(mem_s), " \
+           "filled=prev(mem_f))" in str(rec)
+    assert parse_recurrence(str(rec)) == rec
+    with pytest.raises(VerifyError, match=re.escape(
+            "state 'mem_s' (selection score): the incoming item's score (one item: no axis) "
+            "has dims ['batch', 'memory']")):
+        _selection_rec(score=lambda s, i: s * i)
+    with pytest.raises(VerifyError, match=re.escape(
+            "state 'mem_x' (inject): the injected term (one slot of the axis)")):
+        _selection_rec(inject_on_axis=True)
+
+
+@pytest.mark.parametrize("target", ["reference", "triton"])
+def test_selection_kind_keeps_the_top_scores_of_a_stream(target):
+    """A memory of 3 slots over a stream of 8 scored items (some invalid: score < 0 here means
+    not valid): after each step it holds the 3 best valid items so far, as the loop says."""
+    from scancc.ir import iota, maximum, step
+    from scancc.ir.recurrence import selection
+    r = Builder("topm")
+    b, t, m = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("memory", size=3)
+    s, x = r.input("s", [b, t]), r.input("x", [b, t])
+    sel = selection(m, s, step(s), prev("mem_s"), prev("mem_f"))
+    r.state("mem_s", [b, m], sel, inject=s)
+    r.state("mem_f", [b, m], sel, inject=const(1.0))
+    r.state("mem_x", [b, m], sel, inject=x)
+    r.output("o", [b, t, m], Node(Op.STATE, (), "mem_x") + 0.0 * maximum(iota(m), 0.0))
+    rec = r.build()
+    S = np.array([[3., 1., -1., 4., 1., 5., -9., 2.], [2., 2., 2., 0., 3., 3., 1., 7.]],
+                 np.float32)
+    X = np.arange(16, dtype=np.float32).reshape(2, 8) + 100
+    o = np.asarray(scancc.compile(rec, target)(s=S, x=X), dtype=np.float64)
+    for bi in range(2):
+        slots = [None] * 3
+        for ti in range(8):
+            if S[bi, ti] >= 0:
+                free = [i for i in range(3) if slots[i] is None]
+                if free:
+                    slots[free[0]] = (S[bi, ti], X[bi, ti])
+                else:
+                    i = min(range(3), key=lambda i: (slots[i][0], i))
+                    if S[bi, ti] > slots[i][0]:
+                        slots[i] = (S[bi, ti], X[bi, ti])
+            want = [0.0 if sl is None else sl[1] for sl in slots]
+            np.testing.assert_array_equal(o[bi, ti], want)
+
+
+def test_bmojo_triton_matches_the_plain_loop_and_splits():
+    x = tuple(np.float32(a) for a in _bmojo_inputs(T=12))
+    ker = scancc.compile(bmojo(window=2, memory=3, predictor=2), "triton")
+    o = _out(ker(*x))
+    np.testing.assert_allclose(o, _bmojo_loop(*(np.float64(a) for a in x), 2, 3, 2),
+                               rtol=1e-5, atol=1e-5)
+    o1, h = ker(*(a[:, :5] for a in x), output_final_state=True)
+    o2 = ker(*(a[:, 5:] for a in x), initial_state=h)
+    np.testing.assert_allclose(np.concatenate([_out(o1), _out(o2)], 1), o, rtol=1e-6, atol=1e-6)

@@ -192,7 +192,8 @@ def _selection_rule(L, s, env):
     slot = L.bind(True, f"b_{s.name}_slot", f"tl.where({free} < {n}, {free}, tl.where("
                   f"{val['score']} > {kmin}, {low}, {n}))")
     b = L.value(s.inject, env)
-    L.body.append(f"{h} = tl.where(({off} == {slot}) & ({val['valid']} != 0.0), {b}, {h})")
+    L.body.append(f"{h} = tl.where({val['valid']} != 0.0, tl.where({off} == {slot}, {b}, {h}), "
+                  f"{h})")
 
 
 @TRANSITION_RULES.register(Kind.COMPANION)
