@@ -417,18 +417,25 @@ def test_selection_verifier_errors_and_text_form():
         _selection_rec(inject_on_axis=True)
 
 
-@pytest.mark.parametrize("target", ["reference", "triton"])
-def test_selection_kind_keeps_the_top_scores_of_a_stream(target):
-    """A memory of 3 slots over a stream of 8 scored items (some invalid: score < 0 here means
-    not valid): after each step it holds the 3 best valid items so far, as the loop says."""
+@pytest.mark.parametrize("target,one_key", [("reference", False), ("triton", False),
+                                            ("reference", True), ("triton", True),
+                                            ("nki", True)])
+def test_selection_kind_keeps_the_top_scores_of_a_stream(target, one_key):
+    """A memory of 3 slots over a stream of 8 scored items (score < 0: not valid): after each
+    step it holds the 3 best valid items so far, as the loop says. ``one_key``: the stored key
+    is score + 1 (> 0), so keys and occupancy are one state (the form NKI lowers)."""
     from scancc.ir import iota, maximum, step
     from scancc.ir.recurrence import selection
     r = Builder("topm")
     b, t, m = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("memory", size=3)
     s, x = r.input("s", [b, t]), r.input("x", [b, t])
-    sel = selection(m, s, step(s), prev("mem_s"), prev("mem_f"))
-    r.state("mem_s", [b, m], sel, inject=s)
-    r.state("mem_f", [b, m], sel, inject=const(1.0))
+    if one_key:
+        sel = selection(m, s + 1.0, step(s), prev("mem_s"), prev("mem_s"))
+        r.state("mem_s", [b, m], sel, inject=s + 1.0)
+    else:
+        sel = selection(m, s, step(s), prev("mem_s"), prev("mem_f"))
+        r.state("mem_s", [b, m], sel, inject=s)
+        r.state("mem_f", [b, m], sel, inject=const(1.0))
     r.state("mem_x", [b, m], sel, inject=x)
     r.output("o", [b, t, m], Node(Op.STATE, (), "mem_x") + 0.0 * maximum(iota(m), 0.0))
     rec = r.build()
