@@ -6,7 +6,6 @@ SSD ``[B, L, H, P]``), so a kernel is a drop-in for code written against them.
 """
 from __future__ import annotations
 
-import inspect
 import math
 
 from scancc.ir import (companion, const, diagonal, dot, exp, flip, group, householder,
@@ -252,15 +251,12 @@ def bmojo_f(r, window=4, scale=None):
 
 
 def bmojo(window=4, memory=4, predictor=2, scale=None):
-    """The B'MOJO recurrence (see ``_bmojo``), reference backend only for now: it is not
-    registered (every registered recurrence must lower on every backend, and the Triton and
-    NKI rules for the selection kind and cascaded states do not exist yet)."""
-    from scancc.ir import Builder
-    r = Builder("bmojo", doc=inspect.cleandoc(_bmojo.__doc__))
-    _bmojo(r, window, memory, predictor, scale)
-    return r.build()
+    """The B'MOJO recurrence (the registered ``bmojo``) with these options."""
+    from .registry import get
+    return get("bmojo").build(window=window, memory=memory, predictor=predictor, scale=scale)
 
 
+@register("bmojo", origin="library")
 def _bmojo(r, window=4, memory=4, predictor=2, scale=None):
     """B'MOJO: bmojo_f plus an eidetic memory of m tokens. The token j = t-W leaving the
     window enters the memory (selection state) with its innovation score
@@ -289,9 +285,11 @@ def _bmojo(r, window=4, memory=4, predictor=2, scale=None):
     err = dot(ys, step(i - P) * step(P - i), yd) - dot(ys, step((P - 1.0) - i), yd) * (1.0 / P)
     score = dot(err, err, v)
     oldest = step(-iota(x))
-    sel = selection(mem, score, dot(valid, oldest, x), prev("mem_score"), prev("mem_filled"))
-    r.state("mem_score", [b, h, mem], sel, inject=score)
-    mf = r.state("mem_filled", [b, h, mem], sel, inject=const(1.0))
+    # the stored key is s_j + 1 (> 0, as s_j >= 0): 0 marks a free slot, so keys and occupancy
+    # are one state (every backend's selection rule reads them from one earlier state)
+    key = score + 1.0
+    sel = selection(mem, key, dot(valid, oldest, x), prev("mem_key"), prev("mem_key"))
+    mf = r.state("mem_key", [b, h, mem], sel, inject=key)
     mk = r.state("mem_k", [b, h, mem, k], sel, inject=dot(kx, oldest, x))
     mv = r.state("mem_v", [b, h, mem, v], sel, inject=dot(vx, oldest, x))
     sc = _scale(scale, k)

@@ -267,7 +267,8 @@ def _memory_after(scores, m):
     q, v, kf, vf = (rng.standard_normal((1, T, 1, 1)) for _ in range(4))
     ker = scancc.compile(bmojo(window=1, memory=m, predictor=1), "reference")
     _, h = ker(q, k, v, kf, vf, y, output_final_state=True)
-    return h["mem_score"][0, 0], h["mem_k"][0, 0, :, 0], h["mem_filled"][0, 0]
+    key = h["mem_key"][0, 0]   # s_j + 1 in a filled slot, 0 in a free one
+    return np.where(key != 0, key - 1.0, 0.0), h["mem_k"][0, 0, :, 0], (key != 0).astype(float)
 
 
 @pytest.mark.parametrize("scores,m,want_scores,want_tokens,want_filled", [
@@ -331,7 +332,7 @@ def test_cascade_reads_the_current_value_of_an_earlier_state():
 def test_bmojo_text_form_round_trips():
     rec = bmojo(window=2, memory=3, predictor=2)
     assert parse_recurrence(str(rec)) == rec
-    assert rec.cascaded == ("mem_score", "mem_filled", "mem_k", "mem_v")
+    assert rec.cascaded == ("mem_key", "mem_k", "mem_v")
 
 
 # ---------------------------------------------------------------- scancc.nn layers

@@ -294,6 +294,7 @@ CHUNKED = {
     "iir": (None, False, False),
     "swa": (None, False, False),
     "bmojo_f": (None, False, False),
+    "bmojo": (None, False, False),
 }
 
 

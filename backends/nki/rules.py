@@ -116,7 +116,10 @@ def _leaf_analysis(R, node, env):
     dims = R.rec.input(node.arg).dims if is_input else R.rec.state(node.arg).dims
     deps = frozenset().union(*(env[d].deps for d in dims if d in env))
     haspd, hast = R.pd in dims, not is_input or R.time in dims
-    return haspd, hast, False, deps | (frozenset({R.pd_scope.sid}) if haspd else frozenset()) \
+    # a state is written inside the partition loop (even one without the partition dim): a
+    # value read from it is placed there too
+    return haspd, hast, False, deps | (frozenset({R.pd_scope.sid}) if haspd or not is_input
+                                       else frozenset()) \
         | (frozenset({R.time_scope.sid}) if hast else frozenset())
 
 
