@@ -459,9 +459,10 @@ def test_selection_kind_keeps_the_top_scores_of_a_stream(target, one_key):
             np.testing.assert_array_equal(o[bi, ti], want)
 
 
-def test_bmojo_triton_matches_the_plain_loop_and_splits():
+@pytest.mark.parametrize("target", ["triton", "nki"])
+def test_bmojo_backend_matches_the_plain_loop_and_splits(target):
     x = tuple(np.float32(a) for a in _bmojo_inputs(T=12))
-    ker = scancc.compile(bmojo(window=2, memory=3, predictor=2), "triton")
+    ker = scancc.compile(bmojo(window=2, memory=3, predictor=2), target)
     o = _out(ker(*x))
     np.testing.assert_allclose(o, _bmojo_loop(*(np.float64(a) for a in x), 2, 3, 2),
                                rtol=1e-5, atol=1e-5)
