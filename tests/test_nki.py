@@ -21,7 +21,7 @@ LIBRARY = [n for n in registry.names() if registry.get(n).origin == "library"]
 PARTITION_DIM = {"linear_attn": "value", "retnet": "value", "simple_gla": "value",
                  "gla": "value", "hgrn": "chan", "delta_net": "value", "gated_delta_net": "value",
                  "mamba": "chan", "mamba2": "headdim", "s4d": "heads", "fir": "chan",
-                 "iir": "chan", "swa": "heads"}
+                 "iir": "chan", "swa": "heads", "bmojo_f": "heads", "bmojo": "heads"}
 
 
 def test_partition_dim_table_covers_the_library():
