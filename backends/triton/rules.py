@@ -183,14 +183,16 @@ def _selection_rule(L, s, env):
     h, ax, t = L.state_var[s.name], s.transition.axis, s.transition
     off, n = L.off[ax], L.size[ax]
     val = {k: L.par(L.value(t.operand(k), env), 1) for k in ("score", "valid", "keys", "filled")}
-    free = L.bind(True, f"b_{s.name}_free", L.reduce(
-        "min", f"tl.where({val['filled']} == 0.0, {off}, {n})", [ax], env, n))
-    kmin = L.bind(True, f"b_{s.name}_kmin", L.reduce("min", val["keys"], [ax], env,
-                                                      'float("inf")'))
-    low = L.bind(True, f"b_{s.name}_low", L.reduce(
-        "min", f"tl.where({val['keys']} == {kmin}, {off}, {n})", [ax], env, n))
-    slot = L.bind(True, f"b_{s.name}_slot", f"tl.where({free} < {n}, {free}, tl.where("
-                  f"{val['score']} > {kmin}, {low}, {n}))")
+    key = ("selection", ax, t.operands, env.key)  # states sharing the operands share the slot
+    if key not in L._memo:
+        free = L.bind(True, "b_free", L.reduce(
+            "min", f"tl.where({val['filled']} == 0.0, {off}, {n})", [ax], env, n))
+        kmin = L.bind(True, "b_kmin", L.reduce("min", val["keys"], [ax], env, 'float("inf")'))
+        low = L.bind(True, "b_low", L.reduce(
+            "min", f"tl.where({val['keys']} == {kmin}, {off}, {n})", [ax], env, n))
+        L._memo[key] = L.bind(True, "b_slot", f"tl.where({free} < {n}, {free}, tl.where("
+                              f"{val['score']} > {kmin}, {low}, {n}))")
+    slot = L._memo[key]
     b = L.value(s.inject, env)
     L.body.append(f"{h} = tl.where({val['valid']} != 0.0, tl.where({off} == {slot}, {b}, {h}), "
                   f"{h})")
