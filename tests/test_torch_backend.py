@@ -279,3 +279,13 @@ def test_iir_chunked_equals_scipy_lfilter(chunk):
     want = np.stack([signal.lfilter(x["b"][c], x["a"][c], x["x"][:, :, c], axis=1)
                      for c in range(x["x"].shape[2])], axis=2)
     np.testing.assert_allclose(y, want, rtol=1e-9, atol=1e-9 * np.abs(want).max())
+
+
+def test_cascaded_states_are_refused_by_name_and_auto_falls_back_to_the_reference():
+    """bmojo's memory reads states in its operands (a cascade): the torch backend says so by
+    name, and compile()'s auto target runs such a recurrence on the reference instead."""
+    import scancc
+    from scancc.backends import UnsupportedError
+    with pytest.raises(UnsupportedError, match=r"cascaded states \['mem_key', 'mem_k', 'mem_v'\]"):
+        scancc.compile("bmojo", "torch")
+    assert scancc.compile("bmojo").kernel_for(torch.zeros(1)).backend.name == "reference"
