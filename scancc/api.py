@@ -298,9 +298,11 @@ _MAX_PLANS = 256
 
 
 class AutoKernel(Kernel):
-    """``compile(..., target="auto")``: one kernel per backend, built on first use, each call
-    run on ``default_target`` of its first array. Its ``ir``, options and checks are the
-    reference's; ``source`` and ``backend`` name the backend of the last call."""
+    """``compile(..., target="auto")``: each call runs on ``default_target`` of its first
+    array. The kernel itself is the reference's (NumPy calls run here, as with
+    ``target="reference"``); another backend's kernel is built on first use. ``ir``, options
+    and checks are the reference's; ``target`` and ``source`` name the backend of the last
+    call."""
 
     def __init__(self, entry: Entry | None, rec: Recurrence | None, options: dict,
                  backend_options: Mapping[str, Any] | None):
@@ -310,17 +312,11 @@ class AutoKernel(Kernel):
             raise InputError("options: with target='auto', give backend options by backend "
                              "name ({'triton': {'num_warps': 8}, 'torch': {...}}), or compile "
                              "for one target")
-        super().__init__(entry, rec, backends.get("reference"), options)
         self._by_backend = dict(backend_options or {})
-        self._kernels: dict[str, Kernel] = {"reference": self._as_plain("reference")}
-        self._current = self._kernels["reference"]
-
-    def _as_plain(self, target: str) -> Kernel:
-        if target == "reference":
-            return Kernel(self.entry, self._fixed, self.backend, self.options,
-                          self._by_backend.get("reference"))
-        return Kernel(self.entry, self._fixed, backends.get(target), self.options,
-                      self._by_backend.get(target))
+        super().__init__(entry, rec, backends.get("reference"), options,
+                         self._by_backend.get("reference"))
+        self._kernels: dict[str, Kernel] = {"reference": self}
+        self._current: Kernel = self
 
     def kernel_for(self, x: Any) -> Kernel:
         """The kernel a call whose first array is ``x`` runs (see ``default_target``)."""
@@ -328,28 +324,32 @@ class AutoKernel(Kernel):
         k = self._kernels.get(target)
         if k is None:
             try:
-                k = self._as_plain(target)
+                k = Kernel(self.entry, self._fixed, backends.get(target), self.options,
+                           self._by_backend.get(target))
             except UnsupportedError:   # that backend cannot lower it: the definition runs
-                k = self._kernels["reference"]
+                k = self
             self._kernels[target] = k
         self._current = k
         return k
 
-    def _first(self, args, kwargs):
+    @staticmethod
+    def _first(args, kwargs):
         for x in (*args, *kwargs.values()):
             if isinstance(x, np.ndarray) or type(x).__module__.startswith("torch"):
                 return x
         return None
 
     def __call__(self, *args: Any, **kwargs: Any):
-        return self.kernel_for(self._first(args, kwargs))(*args, **kwargs)
+        k = self.kernel_for(self._first(args, kwargs))
+        return super().__call__(*args, **kwargs) if k is self else k(*args, **kwargs)
 
     def step(self, *args: Any, **kwargs: Any):
-        return self.kernel_for(self._first(args, kwargs)).step(*args, **kwargs)
+        k = self.kernel_for(self._first(args, kwargs))
+        return super().step(*args, **kwargs) if k is self else k.step(*args, **kwargs)
 
     @property
     def source(self) -> str | None:
-        return self._current.source
+        return super().source if self._current is self else self._current.source
 
     @property
     def target(self) -> str:
@@ -358,7 +358,7 @@ class AutoKernel(Kernel):
 
     @property
     def last_run(self):
-        return self._current.last_run
+        return super().last_run if self._current is self else self._current.last_run
 
     def __repr__(self) -> str:
         return f"Kernel({self.name!r}, target='auto', options={self.options})"
