@@ -1,4 +1,5 @@
-"""The chunked backward: gradients of a chunkable recurrence (identity or scalar decay) without
+"""The chunked backward: gradients of a chunkable recurrence (identity, scalar, key-diagonal or
+householder decay) without
 the per-step state sequence ever reaching memory.
 
 Derived from the chunked-form analysis (``scancc.ir.passes.chunked`` through ``chunked.analyze``),
@@ -46,7 +47,11 @@ one state, identity or scalar decay, the Triton chunked emitter's form (one cont
 sum(S * q, K)), a cotangent of the contraction that does not read the contraction (an output
 gate's *input* gradient may read it: O is then recomputed), and ops the torch evaluator has.
 
-Not done here: the key-diagonal (gla) and householder kinds; recurrent edge semantics for
+Householder transitions (delta_net, gated_delta_net) take ``chunked_backward_householder``
+(the WY/UT form, hand-derived, in torch ops -- not kernels yet) with the same chain rule; the
+plan then has the extra factors hk (the reflection's k) and beta.
+
+Not done here: the dplr kind; recurrent edge semantics for
 non-finite *inputs* (a NaN in a factor spreads over its chunk's gradients rather than where
 the reference puts it); the factors are materialised as float32 [G, T, K|V] tensors (bytes:
 docs/performance/training.md).
