@@ -79,16 +79,17 @@ def _chunk_terms(torch, q, k, u, w, beta, g, BT):
         seg = torch.where(causal, one, 0.0).expand(q.shape[:-2] + (BT, BT))
         e_prev = e_now = to_end = torch.ones(q.shape[:-1], dtype=f32, device=dev)
         e_last = torch.ones(q.shape[:-2] + (1,), dtype=f32, device=dev)
-    kt = k.transpose(-1, -2)
-    M = (k @ kt) * seg_prev * ab[..., None, :]
-    N = (k @ u.transpose(-1, -2)) * seg_prev
+    kt, ut = k.transpose(-1, -2), u.transpose(-1, -2)
+    KK, KU, QK, QU = k @ kt, k @ ut, q @ kt, q @ ut
+    M = KK * seg_prev * ab[..., None, :]
+    N = KU * seg_prev
     eye = torch.eye(BT, dtype=f32, device=dev)
-    A_qk = (q @ kt) * seg * ab[..., None, :]
-    A_qu = (q @ u.transpose(-1, -2)) * seg
+    A_qk = QK * seg * ab[..., None, :]
+    A_qu = QU * seg
     return dict(M=M, N=N, Tm=eye + M, A_qk=A_qk, A_qu=A_qu, ab=ab, e_prev=e_prev,
                 e_now=e_now, e_last=e_last, to_end=to_end, seg=seg, seg_prev=seg_prev,
                 alpha=alpha if g is not None else None,
-                reset=reset if g is not None else None)
+                reset=reset if g is not None else None, KK=KK, KU=KU, QK=QK, QU=QU)
 
 
 def _solve(torch, Tm, X):
@@ -124,7 +125,7 @@ def _local_grads(torch, q, k, u, w, beta, g, S, dh, dO, t):
         + dkd * kd_s[..., None]
     du = tr(dKU) @ k + tr(dQU) @ q + dud * to_end[..., None]
     dw = tr(t["A_qu"]) @ dO + tr(t["N"]) @ dX + (u * to_end[..., None]) @ dh
-    KK, KU, QK, QU = k @ tr(k), k @ tr(u), q @ tr(k), q @ tr(u)
+    KK, KU, QK, QU = t["KK"], t["KU"], t["QK"], t["QU"]
     kdk = (dkd * k).sum(-1)
     dab = (dM * KK * segp).sum(-2) + (dA_qk * QK * seg).sum(-2) + kdk * to_end
     O = e_now[..., None] * qS - t["A_qk"] @ R + t["A_qu"] @ w
