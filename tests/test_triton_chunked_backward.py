@@ -381,3 +381,10 @@ def test_a_user_householder_recurrence():
     dy = {"o": rng.standard_normal(tuple(sizes[d] for d in rec.outputs[0].dims))}
     dh = {"S": rng.standard_normal(tuple(sizes[d] for d in rec.states[0].dims))}
     _compare(rec, x, h0, dy, dh, 37, SMALL, "custom_householder")
+
+
+def test_householder_zero_steps():
+    """T = 0: no chunk; the initial state's gradient is the final-state cotangent and the
+    input gradients are empty, as the reference's."""
+    rec, sizes, x, h0, dy, dh = _case("gated_delta_net", 0, seed=28)
+    _compare(rec, x, h0, dy, dh, 0, SMALL, "gated_delta_net T=0")
