@@ -17,6 +17,9 @@ from scancc.backends.triton import chunked_backward as cb  # noqa: E402
 
 # chunks of 16 steps: T=37 crosses two chunk boundaries and is not a multiple of the chunk
 SMALL = {"block_sizes": {"time": 16}}
+# householder decays take the chunked backward only when asked (auto keeps the derived
+# backward recurrence, which moves fewer bytes today: docs/training.md)
+HH = {**SMALL, "algorithm": "chunked"}
 
 
 @pytest.fixture(autouse=True)
@@ -73,7 +76,7 @@ def test_gradients_match_the_reference(name, build, over):
     final-state cotangent: every input's gradient and the initial state's."""
     rec, sizes, x, h0, dy, dh = _case(name, 37, build=build, **over)
     assert cb.applies(rec) == (True, "")
-    _compare(rec, x, h0, dy, dh, 37, SMALL, name)
+    _compare(rec, x, h0, dy, dh, 37, HH if "delta" in name else SMALL, name)
 
 
 def test_default_chunk_and_no_state():
@@ -194,7 +197,8 @@ def test_what_takes_the_generic_path():
         assert be.chunked_backward(rec, {}) is None
     for name in ("linear_attn", "retnet", "simple_gla", "gla", "mamba2", "delta_net",
                  "gated_delta_net"):
-        assert be.chunked_backward(scancc.get(name).build(), {}) is cb.backward, name
+        opts = {"algorithm": "chunked"} if "delta" in name else {}
+        assert be.chunked_backward(scancc.get(name).build(), opts) is cb.backward, name
     rec = scancc.get("simple_gla").build()
     assert be.chunked_backward(rec, {"algorithm": "staged"}) is cb.backward
     assert be.chunked_backward(rec, {"algorithm": "recurrent"}) is None
@@ -303,9 +307,9 @@ def test_householder_resets_and_default_chunk():
     x["g"][:, 3] = -np.inf
     x["g"][:, 16, 0] = -200.0
     x["g"][:, 35] = -np.inf
-    _compare(rec, x, h0, dy, dh, 37, SMALL, "gated_delta_net resets")
+    _compare(rec, x, h0, dy, dh, 37, HH, "gated_delta_net resets")
     rec, sizes, x, _, dy, _ = _case("delta_net", 70, seed=22)
-    _compare(rec, x, None, dy, None, 70, {}, "delta_net T=70")
+    _compare(rec, x, None, dy, None, 70, {"algorithm": "chunked"}, "delta_net T=70")
 
 
 def test_householder_never_runs_the_state_sequence(monkeypatch):
@@ -325,7 +329,7 @@ def test_householder_never_runs_the_state_sequence(monkeypatch):
         return real(*a, **k)
     monkeypatch.setattr(hh, "backward", spy)
     rec, sizes, x, h0, dy, dh = _case("gated_delta_net", 37, seed=23)
-    ker = scancc.compile(rec, target="triton", **SMALL)
+    ker = scancc.compile(rec, target="triton", **HH)
     xs = {k: torch.from_numpy(v).float().requires_grad_() for k, v in x.items()}
     y = ker(**xs)
     assert ag.backward_target(ker, rec) == "triton"
@@ -344,7 +348,7 @@ def test_householder_bfloat16_gradients():
     rec, sizes, x, h0, dy, dh = _case("gated_delta_net", 37, seed=24)
     bf = {k: torch.from_numpy(v).to(torch.bfloat16).requires_grad_() for k, v in x.items()}
     ref = {k: v.detach().double().numpy() for k, v in bf.items()}
-    y = scancc.compile(rec, target="triton", **SMALL)(**bf)
+    y = scancc.compile(rec, target="triton", **HH)(**bf)
     (y.double() * torch.from_numpy(dy["o"])).sum().backward()
     want, _ = ag.backward(rec, ref, dy)
     for k in want:
@@ -380,11 +384,22 @@ def test_a_user_householder_recurrence():
     h0 = sample_state(rec, sizes, 27)
     dy = {"o": rng.standard_normal(tuple(sizes[d] for d in rec.outputs[0].dims))}
     dh = {"S": rng.standard_normal(tuple(sizes[d] for d in rec.states[0].dims))}
-    _compare(rec, x, h0, dy, dh, 37, SMALL, "custom_householder")
+    _compare(rec, x, h0, dy, dh, 37, HH, "custom_householder")
 
 
 def test_householder_zero_steps():
     """T = 0: no chunk; the initial state's gradient is the final-state cotangent and the
     input gradients are empty, as the reference's."""
     rec, sizes, x, h0, dy, dh = _case("gated_delta_net", 0, seed=28)
-    _compare(rec, x, h0, dy, dh, 0, SMALL, "gated_delta_net T=0")
+    _compare(rec, x, h0, dy, dh, 0, HH, "gated_delta_net T=0")
+
+
+def test_auto_keeps_the_derived_backward_for_householder_decays():
+    """algorithm='auto' runs householder decays through the derived backward recurrence
+    (fewer bytes today); 'chunked' and 'staged' take the chunked backward."""
+    be = scancc.backends.get("triton")
+    rec = scancc.get("gated_delta_net").build()
+    assert be.chunked_backward(rec, {}) is None
+    assert be.chunked_backward(rec, {"algorithm": "chunked"}) is cb.backward
+    assert be.chunked_backward(rec, {"algorithm": "staged"}) is cb.backward
+    assert be.chunked_backward(scancc.get("simple_gla").build(), {}) is cb.backward
