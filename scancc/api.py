@@ -176,9 +176,10 @@ class Kernel:
         ``cp_group``: context parallel over the time shards of a torch.distributed process
         group (docs/distributed.md)."""
         if cp_group is not None:
-            if cu_seqlens is not None:
-                raise InputError("cu_seqlens with cp_group: packed batches are not split "
-                                 "across ranks yet; pass one of the two")
+            if cu_seqlens is not None:  # a packed batch whose sequences may span ranks
+                from .distributed import cp_varlen_call
+                return cp_varlen_call(self, args, kwargs, cu_seqlens, initial_state,
+                                      bool(output_final_state), cp_group, InputError)
             from .distributed import cp_call
             return cp_call(self, args, kwargs, initial_state, bool(output_final_state), cp_group,
                            InputError)
