@@ -485,7 +485,7 @@ def cp_varlen_call(kernel, args: tuple, kwargs: dict, cu_seqlens: Any, initial_s
         [tail[k].to(sdt).reshape(-1) for k in names]
     gathered = _gather(torch, dist, torch.cat(parts), group)
     # the fold up to this rank: E_r = init (a start) or M'_{r-1} E_{r-1} + F_{r-1}
-    enter = None
+    enter = None  # E_r of the rank r the loop is at (E_{r-1} when it starts rank r)
     for r in range(rank + 1):
         if offs[r] in cuset:
             e = None  # not needed: rank r's tail is exact (M'_r = 0)
@@ -496,10 +496,9 @@ def cp_varlen_call(kernel, args: tuple, kwargs: dict, cu_seqlens: Any, initial_s
                 if prop[r - 1]:
                     m = cp.unpack(gathered[r - 1], "summary", k) \
                         if k in cp.summary_shapes else None
-                    e[k] = _fold_one(torch, rec.state(k), cp, m, prev[k], f)
+                    e[k] = _fold_one(torch, rec.state(k), cp, m, enter[k], f)
                 else:
                     e[k] = f
-        prev = e
         enter = e
     if out is None:  # rerun from the entering state
         if len(segs) > 1:
