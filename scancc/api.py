@@ -146,6 +146,8 @@ class Kernel:
         if "torch" in sys.modules:  # ready the torch ops before torch.compile may trace a call
             from . import _torch_plan  # noqa: F401
             _constant_plan()
+            from .varlen import torch_varlen_traced_op  # the packed call's traced op too
+            torch_varlen_traced_op()
         ok, why = backend.supports(self.ir, self.backend_options)
         if not ok:
             prefix = f"backend {backend.name!r} cannot lower recurrence {self.ir.name!r}: "
@@ -195,18 +197,16 @@ class Kernel:
         ``cp_group``: context parallel over the time shards of a torch.distributed process
         group (docs/distributed.md)."""
         if cp_group is not None:
-            if cu_seqlens is not None:
-                raise InputError("cu_seqlens with cp_group: packed batches are not split "
-                                 "across ranks yet; pass one of the two")
+            if cu_seqlens is not None:  # a packed batch whose sequences may span ranks
+                from .distributed import cp_varlen_call
+                return cp_varlen_call(self, args, kwargs, cu_seqlens, initial_state,
+                                      bool(output_final_state), cp_group, InputError)
             from .distributed import cp_call
             return cp_call(self, args, kwargs, initial_state, bool(output_final_state), cp_group,
                            InputError)
         if _compiling():  # inside torch.compile: only constant planning, then the op
-            if cu_seqlens is not None:
-                raise InputError("cu_seqlens: packed batches are not traceable by "
-                                 "torch.compile yet; call the kernel outside the compiled "
-                                 "region")
-            return self._traced_call(args, kwargs, initial_state, output_final_state)
+            return self._traced_call(args, kwargs, initial_state, output_final_state,
+                                     cu_seqlens)
         # the fast path: a call with the structure of an earlier one (which inputs are given
         # and how, option values, array kinds, dtypes and shapes) reuses that call's plan, so
         # binding, checks and variant selection are done once per structure
@@ -267,7 +267,7 @@ class Kernel:
             plan.packed(n_seq)
         return plan
 
-    def _traced_call(self, args, kwargs, initial_state, output_final_state):
+    def _traced_call(self, args, kwargs, initial_state, output_final_state, cu_seqlens=None):
         """The call while torch.compile traces: planning is a constant function of the
         call's structure (evaluated once at trace time), shape checks run in the op's fake."""
         from .autograd import torch_ops
@@ -286,7 +286,19 @@ class Kernel:
         given.update({k: kwargs[k] for k in named})
         tensors = [given[n] for n in order]
         states = [] if init is None else [init.get(s, init.get("")) for s in snames]
-        res = torch_ops()(key, tensors, states, output_final_state)
+        if cu_seqlens is None:
+            res = torch_ops()(key, tensors, states, output_final_state)
+        else:  # a packed call: cu_seqlens a tensor input of the op (values read when it runs)
+            import torch
+
+            from .varlen import torch_varlen_traced_op
+            cu = cu_seqlens if isinstance(cu_seqlens, torch.Tensor) else \
+                torch.tensor(list(cu_seqlens), dtype=torch.int64)
+            if cu.dtype.is_floating_point or cu.dtype.is_complex or cu.dtype == torch.bool \
+                    or cu.dim() != 1:
+                raise InputError(f"cu_seqlens: expected an int64 tensor [N+1], got dtype "
+                                 f"{cu.dtype} shape {tuple(cu.shape)}")
+            res = torch_varlen_traced_op()(key, tensors, states, cu, output_final_state)
         out = res[0] if len(onames) == 1 else dict(zip(onames, res))
         if not output_final_state:
             return out
