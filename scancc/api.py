@@ -329,19 +329,24 @@ class AutoKernel(Kernel):
                          self._by_backend.get("reference"))
         self._kernels: dict[str, Kernel] = {"reference": self}
         self._current: Kernel = self
+        if "torch" in sys.modules:  # built now: a first call may come inside torch.compile
+            import torch
+            self._build("triton" if torch.cuda.is_available() else "torch")
 
     def kernel_for(self, x: Any) -> Kernel:
         """The kernel a call whose first array is ``x`` runs (see ``default_target``)."""
         target = default_target(x)
-        k = self._kernels.get(target)
-        if k is None:
-            try:
-                k = Kernel(self.entry, self._fixed, backends.get(target), self.options,
-                           self._by_backend.get(target))
-            except UnsupportedError:   # that backend cannot lower it: the definition runs
-                k = self
-            self._kernels[target] = k
+        k = self._kernels.get(target) or self._build(target)
         self._current = k
+        return k
+
+    def _build(self, target: str) -> Kernel:
+        try:
+            k = Kernel(self.entry, self._fixed, backends.get(target), self.options,
+                       self._by_backend.get(target))
+        except UnsupportedError:   # that backend cannot lower it: the definition runs
+            k = self
+        self._kernels[target] = k
         return k
 
     @staticmethod

@@ -9,8 +9,9 @@ the short convolution, activations, normalization, output gating) is left to the
     y = core(x, dt, B, C)                               # x [B, L, H, P] -> y [B, L, H, P]
     y, h = core(x, dt, B, C, output_final_state=True)   # h [B, H, P, N], float32
 
-``target`` picks the backend ("reference" by default: NumPy, float64, any device's tensors
-round-trip through the CPU; "triton"; "nki"); other keyword arguments go to
+``target`` picks the backend ("auto" by default, as ``scancc.compile``: Triton for CUDA tensors,
+the generated PyTorch code of the torch backend for other tensors; "reference": NumPy, float64,
+any device's tensors round-trip through the CPU; "torch"; "triton"; "nki"); other keyword arguments go to
 ``scancc.compile`` as backend options (e.g. Triton's ``algorithm``). Calls are differentiable
 (``scancc::scan`` custom op, docs/training.md). Parameters are float32; inputs may be any float
 dtype the backend takes, and the output has the dtype of the first input. See docs/layers.md.
@@ -57,7 +58,7 @@ def _init_dt_bias(p: Tensor, dt_min: float, dt_max: float, dt_init_floor: float)
 class ScanLayer(nn.Module):
     """A compiled scancc recurrence as a module, with no parameters of its own.
 
-    ``ScanLayer(recurrence, target="reference", **options)`` compiles ``recurrence`` (a library
+    ``ScanLayer(recurrence, target="auto", **options)`` compiles ``recurrence`` (a library
     name such as ``"retnet"``, a YAML spec path or a ``Recurrence``) with
     ``scancc.compile(recurrence, target, **options)``; ``forward`` is the kernel call
     (inputs by position or name, ``initial_state``, ``output_final_state``). The named cores
@@ -66,12 +67,13 @@ class ScanLayer(nn.Module):
 
     kernel: Kernel
 
-    def __init__(self, recurrence: Any, target: str = "reference", **options: Any):
+    def __init__(self, recurrence: Any, target: str = "auto", **options: Any):
         super().__init__()
         self.recurrence, self.target, self.options = recurrence, target, dict(options)
-        ok, why = backends.get(target).available()  # readies its toolchain (Triton: CPU mode)
-        if not ok:
-            raise backends.UnsupportedError(target, str(recurrence), why)
+        if target != "auto":
+            ok, why = backends.get(target).available()  # readies its toolchain (Triton: CPU)
+            if not ok:
+                raise backends.UnsupportedError(target, str(recurrence), why)
         self.kernel = compile(recurrence, target=target, **options)
 
     def forward(self, *inputs: Tensor, initial_state: Any = None,
@@ -112,7 +114,7 @@ class Mamba2Core(ScanLayer):
     def __init__(self, nheads: int, *, A_init_range: tuple[float, float] = (1.0, 16.0),
                  dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
                  dt_limit: tuple[float, float] | None = (0.0, math.inf),
-                 target: str = "reference", device: Any = None, **backend_options: Any):
+                 target: str = "auto", device: Any = None, **backend_options: Any):
         super().__init__("mamba2", target, dt_softplus=True,
                          dt_limit=None if dt_limit is None else tuple(dt_limit),
                          **backend_options)
@@ -160,7 +162,7 @@ class MambaCore(ScanLayer):
     """
 
     def __init__(self, d_inner: int, d_state: int = 16, *, dt_min: float = 0.001,
-                 dt_max: float = 0.1, dt_init_floor: float = 1e-4, target: str = "reference",
+                 dt_max: float = 0.1, dt_init_floor: float = 1e-4, target: str = "auto",
                  device: Any = None, **backend_options: Any):
         super().__init__("mamba", target, delta_softplus=True, **backend_options)
         self.d_inner, self.d_state = d_inner, d_state
@@ -200,7 +202,7 @@ class GLACore(ScanLayer):
     state [batch, H, K, V]. Not here: the q/k/v/gk/g projections, the gated norm, o_proj.
     """
 
-    def __init__(self, scale: float | None = None, *, target: str = "reference",
+    def __init__(self, scale: float | None = None, *, target: str = "auto",
                  **backend_options: Any):
         super().__init__("gla", target, scale=scale, **backend_options)
 
@@ -224,7 +226,7 @@ class DeltaNetCore(ScanLayer):
     """
 
     def __init__(self, scale: float | None = None, *, use_qk_l2norm_in_kernel: bool = True,
-                 target: str = "reference", **backend_options: Any):
+                 target: str = "auto", **backend_options: Any):
         super().__init__("delta_net", target, scale=scale,
                          use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **backend_options)
 
@@ -252,7 +254,7 @@ class GatedDeltaNetCore(ScanLayer):
     def __init__(self, num_heads: int, scale: float | None = None, *,
                  use_qk_l2norm_in_kernel: bool = True,
                  A_init_range: tuple[float, float] = (0.0, 16.0), dt_min: float = 0.001,
-                 dt_max: float = 0.1, dt_init_floor: float = 1e-4, target: str = "reference",
+                 dt_max: float = 0.1, dt_init_floor: float = 1e-4, target: str = "auto",
                  device: Any = None, **backend_options: Any):
         super().__init__("gated_delta_net", target, scale=scale,
                          use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **backend_options)
@@ -311,7 +313,7 @@ class BMojoF(nn.Module):
 
     def __init__(self, d_model: int, nheads: int, headdim: int | None = None, *,
                  window: int = 64, d_state: int = 16, scale: float | None = None,
-                 target: str = "reference", device: Any = None, dtype: Any = None,
+                 target: str = "auto", device: Any = None, dtype: Any = None,
                  **backend_options: Any):
         super().__init__()
         K = headdim or d_model // nheads
