@@ -159,6 +159,7 @@ class Backend:
     generates_source: bool = False
     dtypes: tuple[str, ...] = ("float64", "float32", "float16")
     computes_float64: bool = False     # arithmetic in float64 (else float32 accumulation)
+    float64_inputs: bool = False       # float64 inputs computed in float64 (torch backend)
     varlen: bool = False               # run_varlen resets states in its kernels (else: N runs)
     options: Mapping[str, Option] = {}  # backend options compile() accepts, by name
 

@@ -197,9 +197,9 @@ class _Call:
     __slots__ = ("dt", "dts", "k", "plain", "xp")
 
     def __init__(self, rec: Recurrence, target: str, xp: _Arrays,
-                 options: Options = NO_OPTIONS):
+                 options: Options = NO_OPTIONS, f64_inputs: bool = False):
         k = self.k = _kernel(rec, target, options)
-        f64 = k.backend.computes_float64
+        f64 = computes_float64(k.backend, f64_inputs)
         self.xp, self.dt = xp, xp.float_dtype(64 if f64 else 32)  # Triton/NKI: float32
         self.dts = "float64" if f64 else "float32"
         # Runner.to_native is the identity for the backend's own kind of array
@@ -241,14 +241,25 @@ def _run(rec: Recurrence, inputs: Mapping[str, Any], init: dict | None,
     """(outputs by name, final states by name) of ``rec`` on ``target``; arrays of the kind
     given (NumPy or torch), float64 where the backend computes in float64, else float32."""
     first = next(iter(inputs.values()))
+    f64 = _is_float64(first)
     key = (id(rec), target, None if isinstance(first, np.ndarray) else first.device,
-           options.key)
+           options.key, f64)
     c = _CALLS.get(key)
     if c is None or c.k.rec is not rec:
         if len(_CALLS) >= 256:
             _CALLS.clear()
-        c = _CALLS[key] = _Call(rec, target, _Arrays.like(first), options)
+        c = _CALLS[key] = _Call(rec, target, _Arrays.like(first), options, f64)
     return c(inputs, init)
+
+
+def _is_float64(x) -> bool:
+    return str(x.dtype) in ("float64", "torch.float64")
+
+
+def computes_float64(backend, f64_inputs: bool) -> bool:
+    """Whether ``backend`` computes in float64: always (the reference), or for float64 inputs
+    where it follows them (the torch backend); else float32 accumulation."""
+    return backend.computes_float64 or (backend.float64_inputs and f64_inputs)
 
 
 _XP: dict = {}  # device (None: NumPy) -> _Arrays
@@ -349,7 +360,8 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
     opts = options if isinstance(options, Options) else Options(options)
     xp = _Arrays(next(iter(inputs.values())))
     fwd = _kernel(rec, target, opts)
-    dt = xp.float_dtype(64 if fwd.backend.computes_float64 else 32)
+    f64 = computes_float64(fwd.backend, any(_is_float64(v) for v in inputs.values()))
+    dt = xp.float_dtype(64 if f64 else 32)
     given = {k: v.shape for k, v in inputs.items()}
     low = xp.torch and any(v.dtype in (xp.t.bfloat16, xp.t.float16) for v in inputs.values())
     inputs = {k: xp.cast(v, dt) for k, v in _full_layouts(rec, inputs).items()}

@@ -20,7 +20,8 @@ import numpy as np
 from scancc.ir import Recurrence
 from scancc.ir.segments import as_cu, reversed_cu
 
-from .autograd import DEFAULT_CHUNK, Options, _Arrays, _full_layouts, _kernel, _to_torch, adjoint
+from .autograd import (DEFAULT_CHUNK, Options, _Arrays, _full_layouts, _is_float64, _kernel,
+                       _to_torch, adjoint, computes_float64)
 from ._forward import by_slot
 
 
@@ -98,7 +99,7 @@ def backward_varlen(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[s
     opts = options if isinstance(options, Options) else Options(options)
     xp = _Arrays(next(iter(inputs.values())))
     fwd = _kernel(rec, target, opts)
-    f64 = fwd.backend.computes_float64
+    f64 = computes_float64(fwd.backend, any(_is_float64(v) for v in inputs.values()))
     dt = xp.float_dtype(64 if f64 else 32)
     dts = "float64" if f64 else "float32"
     given = {k: v.shape for k, v in inputs.items()}

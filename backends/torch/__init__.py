@@ -69,6 +69,7 @@ def _lowering(rec: Recurrence, options: Mapping[str, Any]):
 class TorchBackend(Backend):
     name = "torch"
     array = "torch"
+    float64_inputs = True  # float64 inputs run (and their backward) in float64
     generates_source = True
     dtypes = ("float32", "float16", "bfloat16", "float64")
     options = OPTIONS
