@@ -7,7 +7,8 @@ three launches. With c the in-chunk cumulative log-decays and n the reset counts
 2. the state pass, sequential over chunks only, parallel over (grid, V-blocks):
    S_i = decay_i ⊙ S_{i-1} + dS_i, storing the state entering each chunk over dS_i (one float32
    buffer [grid, chunks, K, V]) and the final state;
-3. outputs, parallel over (grid, V-blocks, chunks): o = intra-chunk term + (q ⊙ e^{c}) S_in.
+3. outputs, parallel over (grid, V-blocks, chunks): o = intra-chunk term + (q ⊙ e^{c}) S_in;
+   for a readout of prev(S) (RWKV-6) the strictly causal mask and e^{c_(t-1)} (chunked.py).
 
 Householder transitions (S = alpha (I - beta k kᵀ) S + u wᵀ; the UT form and its names M, N,
 R, Kd, Ud: ``chunked.Lowering._householder_chunk``), where R = (I + M)^-1 (e^{c_(t-1)} K S + N W):
@@ -41,7 +42,7 @@ STAGED_KINDS = (Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL, Kind.HOUSEHOLDER)
 
 
 def analyze(rec: Recurrence) -> chunked.Form:
-    F = chunked.analyze(rec)
+    F = chunked.analyze(rec, prev=True)
     if F.kind not in STAGED_KINDS:
         raise NotChunkable(f"transition kind {F.kind.value!r}: the staged form takes identity, "
                            "scalar, key-diagonal and householder transitions")
@@ -257,24 +258,26 @@ class Lowering(chunked.Lowering):
         p, h = self.names.new("p_hc"), self.names.new("b_S_in")
         b += [f"{p} = {ptr}", f"{h} = tl.load({p}, mask={mask}, other=0.0)"]
         causal = f"({self.off[T]} >= tl.trans({self.off[T]}))"
+        rmask = self._readout_mask(causal)  # t > s for a readout of prev(S)
         if F.kind is Kind.IDENTITY:
-            a = self.bind(True, "b_A", f"tl.where({causal}, {dot(qf, f'tl.trans({kf})')}, 0.0)")
+            a = self.bind(True, "b_A", f"tl.where({rmask}, {dot(qf, f'tl.trans({kf})')}, 0.0)")
             o = self.bind(True, "b_o", f"{dot(a, vf)} + {dot(qf, h, 'read')}")
         else:
             gm = qk if F.kind is Kind.DIAGONAL else self.msk[T]
             g, g_ok, gc, gn, gl, gnl = self._log_decay(env, gm)
             steps.append(self._bad(g_ok, 1))
+            gq, nq = self._readout_cumsums(g, gc, gn)  # c_t, n_t (prev(S): c_{t-1}, n_{t-1})
             if F.kind is Kind.SCALAR:
-                seg = (f"tl.exp(tl.where({causal} & ({gn} == tl.trans({gn})), "
-                       f"{gc} - tl.trans({gc}), float(\"-inf\")))")
+                seg = (f"tl.exp(tl.where({rmask} & ({nq} == tl.trans({gn})), "
+                       f"{gq} - tl.trans({gc}), float(\"-inf\")))")
                 a = self.bind(True, "b_A", f"{dot(qf, f'tl.trans({kf})')} * {seg}")
             else:
-                same = f"({gn}[:, None, :] == {gn}[None, :, :])"
-                seg = (f"tl.exp(tl.where({causal}[:, :, None] & {same}, "
-                       f"{gc}[:, None, :] - {gc}[None, :, :], float(\"-inf\")))")
+                same = f"({nq}[:, None, :] == {gn}[None, :, :])"
+                seg = (f"tl.exp(tl.where({rmask}[:, :, None] & {same}, "
+                       f"{gq}[:, None, :] - {gc}[None, :, :], float(\"-inf\")))")
                 a = self.bind(True, "b_A", f"tl.sum({qf}[:, None, :] * {kf}[None, :, :] * "
                               f"{seg}, axis=2)")
-            e_now = f"tl.where({gn} == 0, tl.exp({gc}), 0.0)"
+            e_now = f"tl.where({nq} == 0, tl.exp({gq}), 0.0)"
             o = self.bind(True, "b_o", f"{dot(a, vf)} + {dot(f'({qf} * {e_now})', h, 'read')}")
         vbad = self.bind(True, "b_bad_v", self._bad(v_ok, None))
         self._poison_output(o, steps, self._bad(q_ok, 1), vbad)
