@@ -29,11 +29,10 @@ HOUSEHOLDER = [n for n in STAGED
 
 def test_staged_covers_every_chunked_kind():
     kinds = {chunked.analyze(scancc.get(n).build(), prev=True).only().kind.value for n in STAGED}
-    assert kinds == {"identity", "scalar", "diagonal", "householder"}
-    # dplr (rwkv7, kda) has a chunked form and no staged one yet (docs/ir.md)
-    dplr = {n for n in CHUNKED
-            if chunked.analyze(scancc.get(n).build(), prev=True).only().kind.value == "dplr"}
-    assert set(STAGED) == set(CHUNKED) - dplr
+    assert kinds == {"identity", "scalar", "diagonal", "householder", "dplr"}
+    # every chunked recurrence has a staged form (dplr: rwkv7, kda, since issue 15)
+    assert set(STAGED) == set(CHUNKED)
+    assert {"rwkv7", "kda"} <= set(STAGED)
     assert {"delta_net", "gated_delta_net"} <= set(HOUSEHOLDER)
 
 
