@@ -21,6 +21,13 @@ R, Kd, Ud: ``chunked.Lowering._householder_chunk``), where R = (I + M)^-1 (e^{c_
 3. outputs, parallel over (grid, V-blocks, chunks): the fused kernel's output tile from the
    stored S_in and R.
 
+Dplr transitions (S = (Diag(w) + a bᵀ) S + u w'ᵀ: rwkv7, kda; the names of
+``chunked.Lowering._dplr_chunk``), where R = (I - M)^-1 ((b ⊙ e^{c_(t-1)}) S + N W'), the same
+three stages with gla's per-K transports: stage 1 A = (I - M)^-1 (``_ut_inverse`` of -M),
+P = A (b ⊙ e^{c_(t-1)}) into ``pc``, Q = A N W' into ``rc``; stage 2 R = P S + Q,
+S = e^{c_L} ⊙ S + (a ⊙ e^{c_L - c})ᵀ R + (u ⊙ e^{c_L - c})ᵀ W'; stage 3 the fused kernel's
+output tile from S_in and R. Chunks of 16 steps (the [BT, BT, BK] transports, as gla).
+
 The three stages are the branches of one kernel on a constexpr ``STAGE`` (Triton compiles one
 kernel per stage), launched in order by one launcher, which also allocates the buffers. The
 launches are what make the stages wait for each other; no stage reads what a concurrent
