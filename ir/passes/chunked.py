@@ -11,8 +11,9 @@ along which chunks are independent) is chunkable when
         | diag_K(w_t) + a_t b_tᵀ (dplr along K; w, a, b free of V)
 
 and the readouts read S only through contractions ``sum(S * q, K)`` with q free of V (and
-never through prev(S), unless the caller asks ``prev=True``: see "Readouts of prev(S)"). With log decays g_t (a_t = exp(g_t)) and their in-chunk cumulative
-sums c, a chunk then is a few matmuls (see the backends' chunked.py):
+never through prev(S), unless the caller asks ``prev=True``: see "Readouts of prev(S)").
+With log decays g_t (a_t = exp(g_t)) and their in-chunk cumulative sums c, a chunk then is a
+few matmuls (see the backends' chunked.py):
 
     o_t   = sum_{s<=t} (q_t · (k_s ⊙ e^{c_t - c_s})) v_s  +  (q_t ⊙ e^{c_t}) S
     S_new = e^{c_last} ⊙ S  +  sum_s (k_s ⊙ e^{c_last - c_s}) v_sᵀ
