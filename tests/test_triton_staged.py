@@ -24,7 +24,8 @@ CHUNKED = [n for n in scancc.names()
 
 
 HOUSEHOLDER = [n for n in STAGED
-               if chunked.analyze(scancc.get(n).build(), prev=True).only().kind.value == "householder"]
+               if chunked.analyze(scancc.get(n).build(), prev=True).only().kind.value
+               == "householder"]
 
 
 def test_staged_covers_every_chunked_kind():
