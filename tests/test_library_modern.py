@@ -326,3 +326,116 @@ def test_nki_dense_with_another_looped_dim(per_column):
         output_final_state=True)
     assert_close(got_y, want_y, "float32", T=45)
     assert_close(got_h, want_h, "float32", "final state", T=45)
+
+
+# ---- RWKV-6's chunked forms (the prev(S) readout rule) -----------------------------------------
+
+_RWKV6_KER: dict = {}
+
+
+def _rwkv6_triton(algorithm, **options):
+    """The rwkv6 Triton kernel of one algorithm (cached: the interpreter compiles per source)."""
+    key = (algorithm, tuple(sorted(options.items())))
+    if key not in _RWKV6_KER:
+        _RWKV6_KER[key] = scancc.compile("rwkv6", target="triton", algorithm=algorithm,
+                                         **options)
+    return _RWKV6_KER[key]
+
+
+def test_rwkv6_takes_the_chunked_prev_rule():
+    """The shared analysis accepts rwkv6's prev(S) readout only when asked (prev=True); the
+    Triton forward lowers it, the consumers that do not (NKI, the chunked backward) see
+    NotChunkable as before."""
+    from scancc.backends.triton import chunked as triton_chunked
+    from scancc.backends.triton import chunked_backward, staged
+    from scancc.ir.passes import chunked
+    rec = scancc.get("rwkv6").build()
+    assert not chunked.analyze(rec).states
+    cs = chunked.analyze(rec, prev=True).only()
+    assert cs.kind.value == "diagonal" and cs.reads_prev
+    assert triton_chunked.applies(rec)[0] and staged.applies(rec)[0]
+    assert not chunked_backward.applies(rec)[0]
+
+
+@pytest.mark.parametrize("algorithm", ["chunked", "staged"])
+@pytest.mark.parametrize("T,init", [(37, True), (16, False), (50, True)])
+def test_rwkv6_chunked_matches_fla_naive(fla, algorithm, T, init):
+    """rwkv6 on Triton's chunked forms (16-step chunks: T = 37, 50 cross two and three chunk
+    boundaries, T = 16 is one full chunk) against fla's naive rwkv6 and the reference, at
+    exact float32 dots ("ieee") and the default tensor-core precision ("auto")."""
+    _, rwkv6 = fla
+    r = rng_for("rwkv6-chunked", T, init)
+    B, H, K, V = 2, 2, 5, 6
+    rr, k = randn(r, "float32", B, T, H, K), randn(r, "float32", B, T, H, K)
+    v, w = randn(r, "float32", B, T, H, V), log_gate(r, "float32", B, T, H, K)
+    u = randn(r, "float32", H, K)
+    S0 = randn(r, "float32", B, H, K, V) if init else None
+    want_o, want_S = rwkv6(th(rr), th(k), th(v), th(w), u, initial_state=S0,
+                           output_final_state=True)
+    want_o = th(want_o).double().numpy()
+    x = {n: t.numpy() for n, t in dict(r=rr, k=k, v=v, w=w, u=u).items()}
+    ref_o = np.asarray(scancc.compile("rwkv6")(
+        **{n: a.astype(np.float64) for n, a in x.items()},
+        initial_state=None if S0 is None else S0.double().numpy()))
+    assert_close(ref_o, want_o, "float32", T=T)
+    for prec in ("ieee", "auto"):
+        o, S = _rwkv6_triton(algorithm, dot_precision=prec)(
+            **x, initial_state=None if S0 is None else S0.numpy(), output_final_state=True)
+        o, S = np.asarray(o, np.float64), np.asarray(S, np.float64)
+        assert np.isfinite(o).all()
+        assert_close(o, want_o, "float32", f"{algorithm}/{prec} output", T=T)
+        assert_close(S, want_S.double().numpy(), "float32", f"{algorithm}/{prec} state", T=T)
+        if prec == "ieee":  # exact dots: as close to the reference as the recurrent kernel
+            np.testing.assert_allclose(o, ref_o, rtol=0, atol=2e-5 * np.abs(ref_o).max())
+    # the bonus u is in the kernel's output: perturbed, it misses the truth
+    got = np.asarray(_rwkv6_triton(algorithm, dot_precision="ieee")(
+        **{**x, "u": x["u"] + 1.0}, initial_state=None if S0 is None else S0.numpy()))
+    assert_misses(got, want_o, "float32", "rwkv6 chunked with u + 1")
+
+
+def _rwkv6_edge_inputs(seed, T=40):
+    r = np.random.default_rng(seed)
+    B, H, K, V = 1, 2, 5, 6
+    x = dict(r=r.standard_normal((B, T, H, K)), k=r.standard_normal((B, T, H, K)),
+             v=r.standard_normal((B, T, H, V)),
+             w=-np.logaddexp(0.0, -(r.standard_normal((B, T, H, K)) + 2.0)),
+             u=r.standard_normal((H, K)))
+    return {n: a.astype(np.float32) for n, a in x.items()}, r
+
+
+@pytest.mark.parametrize("algorithm", ["chunked", "staged"])
+@pytest.mark.parametrize("name,step", [("k", 5), ("k", 15), ("v", 16), ("w", 20), ("r", 31),
+                                       ("w", 0)])
+def test_rwkv6_chunked_nan_placement(algorithm, name, step):
+    """A NaN in one element of k, v, w or r at one step: the chunked output is non-finite
+    exactly where the reference's is (prev(S): k, v, w at step s poison steps > s through the
+    state, and step s itself only through the bonus term (k, v) or the readout's r)."""
+    x, r = _rwkv6_edge_inputs(step)
+    a = x[name].copy()
+    idx = (0, step, int(r.integers(2))) + tuple(int(r.integers(n)) for n in a.shape[3:])
+    a[idx] = np.nan
+    x[name] = a
+    ref = np.asarray(scancc.compile("rwkv6")(**{n: v.astype(np.float64) for n, v in x.items()}))
+    got = np.asarray(_rwkv6_triton(algorithm, dot_precision="ieee")(**x), np.float64)
+    fin = np.isfinite(ref)
+    assert not fin.all(), "the NaN reaches no output"
+    np.testing.assert_array_equal(np.isfinite(got), fin)
+    np.testing.assert_allclose(got[fin], ref[fin], rtol=0, atol=2e-5 * np.abs(ref[fin]).max())
+
+
+@pytest.mark.parametrize("algorithm", ["chunked", "staged"])
+@pytest.mark.parametrize("gate", [-np.inf, -200.0])
+def test_rwkv6_chunked_hard_resets(algorithm, gate):
+    """Log-decays of -inf (a decay of exactly 0) and -200 (below float32's smallest normal)
+    at steps 0, 7, 16 (a chunk's first step) and 31 (its last) in some key rows: finite and
+    within the float32 table against the reference, with an entering state."""
+    x, r = _rwkv6_edge_inputs(7)
+    S0 = r.standard_normal((1, 2, 5, 6)).astype(np.float32)
+    for t in (0, 7, 16, 31):
+        x["w"][0, t, int(r.integers(2)), r.integers(5, size=2)] = gate
+    ref = np.asarray(scancc.compile("rwkv6")(**{n: v.astype(np.float64) for n, v in x.items()},
+                                             initial_state=S0.astype(np.float64)))
+    got = np.asarray(_rwkv6_triton(algorithm, dot_precision="ieee")(**x, initial_state=S0),
+                     np.float64)
+    assert np.isfinite(ref).all() and np.isfinite(got).all()
+    assert_close(got, ref, "float32", T=40)

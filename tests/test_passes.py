@@ -294,7 +294,9 @@ CHUNKED = {
     "iir": (None, False, False),
     "swa": (None, False, False),
     "hgrn2": ("diagonal", True, False),
-    "rwkv6": (None, False, False),     # a readout of prev(S)
+    # a readout of prev(S): the shared analysis only with prev=True (diagonal, reads_prev:
+    # test_chunked_prev_readouts); Triton's forward lowers it, NKI does not
+    "rwkv6": (None, True, False),
     "mamba3": (None, False, False),    # dense
     # dplr transitions: Triton's chunked WY form (per-K decay pair tiles), NKI recurrent
     "rwkv7": ("dplr", True, False),
@@ -532,3 +534,41 @@ def test_passes_keep_semantics_of_random_expressions(e):
     for _, root in canonicalize(rec).exprs():
         for n in root.walk():
             assert not (n.op is Op.SUB and n.src[1] == const(1.0) and n.src[0].op is Op.EXP)
+
+
+@pytest.mark.parametrize("kind,transition", [
+    ("identity", None),
+    ("scalar", lambda e: scalar(exp(e["g"]))),
+    ("diagonal", lambda e: diagonal(exp(e["gk"]))),
+])
+def test_chunked_prev_readouts(kind, transition):
+    """A readout of prev(S) (plus a term that reads no state) is chunkable only when asked
+    (prev=True), with ``reads_prev`` and the prev() contraction; the default says why not."""
+    P = Node(Op.PREV, (), "S")
+    rec = _attn(transition=transition,
+                outputs=lambda e: {"o": reduce_sum(P * e["q"], "key")
+                                   + reduce_sum(e["q"] * e["k"], "key") * e["v"]})
+    form = cf.analyze(rec)
+    assert not form.states and "prev" in form.reasons["S"]
+    cs = cf.analyze(rec, prev=True).only()
+    assert cs.kind.value == kind and cs.reads_prev
+    assert [c.node for c in cs.contractions] == [reduce_sum(P * Node(Op.INPUT, (), "q"), "key")]
+    # a readout of S has reads_prev False under prev=True as well
+    assert not cf.analyze(_attn(transition=transition), prev=True).only().reads_prev
+
+
+@pytest.mark.parametrize("case,why", [
+    (dict(outputs=lambda e: {"o": reduce_sum(e["S"] * e["q"], "key")
+                             + reduce_sum(Node(Op.PREV, (), "S") * e["q"], "key")}),
+     "both S and prev(S)"),
+    (dict(transition=lambda e: householder("key", e["k"], e["g"]),
+          outputs=lambda e: {"o": reduce_sum(Node(Op.PREV, (), "S") * e["q"], "key")}),
+     "prev(S) of a householder"),
+    (dict(outputs=lambda e: {"o": reduce_sum(Node(Op.PREV, (), "S") * e["q"], "key")
+                             + reduce_sum(exp(Node(Op.PREV, (), "S")), "key")}),
+     "outside a contraction"),
+])
+def test_chunked_prev_not_chunkable_says_why(case, why):
+    import re
+    with pytest.raises(cf.NotChunkable, match=re.escape(why)):
+        cf.analyze(_attn(**case), prev=True).only()

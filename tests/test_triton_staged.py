@@ -24,15 +24,16 @@ CHUNKED = [n for n in scancc.names()
 
 
 HOUSEHOLDER = [n for n in STAGED
-               if chunked.analyze(scancc.get(n).build()).only().kind.value == "householder"]
+               if chunked.analyze(scancc.get(n).build(), prev=True).only().kind.value
+               == "householder"]
 
 
 def test_staged_covers_every_chunked_kind():
-    kinds = {chunked.analyze(scancc.get(n).build()).only().kind.value for n in STAGED}
-    assert kinds == {"identity", "scalar", "diagonal", "householder"}
-    # dplr (rwkv7, kda) has a chunked form and no staged one yet (docs/ir.md)
-    dplr = {n for n in CHUNKED if chunked.analyze(scancc.get(n).build()).only().kind.value == "dplr"}
-    assert set(STAGED) == set(CHUNKED) - dplr
+    kinds = {chunked.analyze(scancc.get(n).build(), prev=True).only().kind.value for n in STAGED}
+    assert kinds == {"identity", "scalar", "diagonal", "householder", "dplr"}
+    # every chunked recurrence has a staged form (dplr: rwkv7, kda, since issue 15)
+    assert set(STAGED) == set(CHUNKED)
+    assert {"rwkv7", "kda"} <= set(STAGED)
     assert {"delta_net", "gated_delta_net"} <= set(HOUSEHOLDER)
 
 
@@ -69,7 +70,7 @@ def test_staged_matches_the_reference_with_initial_and_final_state(name):
     h0 = {s.name: np.random.default_rng(1).standard_normal(
         [sizes[d] for d in s.dims]).astype(np.float32)}
     o, ht = _run(rec, sizes, x, h0, {"algorithm": "staged", "dot_precision": "ieee",
-                                     "block_sizes": {chunked.analyze(rec).only().V: 16}})
+                                     "block_sizes": {chunked.analyze(rec, prev=True).only().V: 16}})
     ro, rht = _ref(rec, sizes, x, h0)
     testing.assert_close(o, ro, "float32", f"{name} staged output")
     testing.assert_close(ht, rht, "float32", f"{name} staged final state")
@@ -90,7 +91,7 @@ def test_staged_and_fused_agree():
 
 
 def _gate(rec):
-    cs = chunked.analyze(rec).only()
+    cs = chunked.analyze(rec, prev=True).only()
     if cs.decay is None:
         return None
     node = cs.log_decay if cs.decay_is_exp else cs.decay
@@ -166,7 +167,7 @@ def test_staged_householder_matches_the_reference(name, T):
     h0 = {s.name: np.random.default_rng(4).standard_normal(
         [sizes[d] for d in s.dims]).astype(np.float32)}
     ro, rht = _ref(rec, sizes, x, h0)
-    V = chunked.analyze(rec).only().V
+    V = chunked.analyze(rec, prev=True).only().V
     for bt in ((None, 16, 64) if T in (63, 64, 65) else (None,)):
         blocks = {V: 16} if bt is None else {V: 16, rec.time: bt}
         o, ht = _run(rec, sizes, x, h0, {"algorithm": "staged", "dot_precision": "ieee",
@@ -200,9 +201,9 @@ def test_auto_launcher_rule_fused_with_many_programs_else_staged(name, heads):
     explicit algorithm's (same kernel code, same chunking), and both match the reference."""
     e = scancc.get(name)
     rec = e.build()
-    V = chunked.analyze(rec).only().V
+    V = chunked.analyze(rec, prev=True).only().V
     sizes = testing.default_sizes(rec, time=40)
-    sizes.update({"batch": 1, "heads": heads, chunked.analyze(rec).only().K: 16, V: 16})
+    sizes.update({"batch": 1, "heads": heads, chunked.analyze(rec, prev=True).only().K: 16, V: 16})
     x = {k: np.asarray(v, dtype=np.float32)
          for k, v in testing.sample_inputs(rec, sizes, 7, e.hints).items()}
     want = "chunked" if heads >= 132 else "staged"
@@ -212,3 +213,46 @@ def test_auto_launcher_rule_fused_with_many_programs_else_staged(name, heads):
     np.testing.assert_array_equal(auto, same)
     ro, _ = _ref(rec, sizes, x, None)
     testing.assert_close(auto, ro, "float32", f"{name} auto ({want})")
+
+
+def _prev_readout(kind):
+    """A [b, h, k, v] state read as RWKV-6 reads it, o = sum(prev(S) * q, k) + (q . k) v (a
+    bonus term that reads no state), with an identity, scalar or key-diagonal decay."""
+    from scancc.ir import Builder, diagonal, exp, identity, prev, reduce_sum, scalar
+    r = Builder(f"prev_{kind}")
+    b, t, h = r.dim("b", "batch"), r.dim("t", "time"), r.dim("h", "head")
+    k, v = r.dim("key"), r.dim("value")
+    q, kk, vv = r.input("q", [b, t, h, k]), r.input("k", [b, t, h, k]), r.input("v", [b, t, h, v])
+    tr = identity()
+    if kind == "scalar":
+        tr = scalar(exp(r.input("g", [b, t, h])))
+    elif kind == "diagonal":
+        tr = diagonal(exp(r.input("g", [b, t, h, k])))
+    r.state("S", [b, h, k, v], tr, inject=kk * vv)
+    r.output("o", [b, t, h, v], reduce_sum(prev("S") * q, k) + reduce_sum(q * kk, k) * vv)
+    return r.build()
+
+
+@pytest.mark.parametrize("kind", ["identity", "scalar", "diagonal"])
+@pytest.mark.parametrize("algorithm", ["chunked", "staged"])
+def test_prev_readout_matches_the_reference(kind, algorithm):
+    """The prev(S) readout rule (strict mask, e^{c_(t-1)}) on each decay kind, fused and
+    staged, T = 150 (partial last chunk), value blocks of 16 over two programs, with an
+    initial state and a hard reset (a log-decay of -inf) at step 70, against the reference."""
+    rec = _prev_readout(kind)
+    sizes = {"b": 2, "t": 150, "h": 2, "key": 8, "value": 24}
+    rng = np.random.default_rng(3)
+    x = {"q": rng.standard_normal((2, 150, 2, 8)), "k": rng.standard_normal((2, 150, 2, 8)) / 3,
+         "v": rng.standard_normal((2, 150, 2, 24))}
+    if kind != "identity":
+        shape = (2, 150, 2) + ((8,) if kind == "diagonal" else ())
+        x["g"] = -np.logaddexp(0.0, -(rng.standard_normal(shape) + 2.0))
+        x["g"][0, 70] = -np.inf
+    x = {n: a.astype(np.float32) for n, a in x.items()}
+    h0 = {"S": rng.standard_normal((2, 2, 8, 24)).astype(np.float32)}
+    o, ht = _run(rec, sizes, x, h0, {"algorithm": algorithm, "dot_precision": "ieee",
+                                     "block_sizes": {"value": 16}})
+    ro, rht = _ref(rec, sizes, x, h0)
+    assert np.isfinite(o).all()
+    testing.assert_close(o, ro, "float32", f"prev {kind} {algorithm} output", T=150)
+    testing.assert_close(ht, rht, "float32", f"prev {kind} {algorithm} final state", T=150)

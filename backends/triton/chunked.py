@@ -13,7 +13,11 @@ chunk and S the state before it:
     o_t   = sum_{s<=t} (q_t · (k_s ⊙ e^{c_t - c_s})) v_s  +  (q_t ⊙ e^{c_t}) S
     S_new = e^{c_last} ⊙ S  +  sum_s (k_s ⊙ e^{c_last - c_s}) v_sᵀ
 
-Every exponent is c_t - c_s with t >= s, so <= 0 (docs/numerics.md). The K-diagonal
+Every exponent is c_t - c_s with t >= s, so <= 0 (docs/numerics.md). A readout of the state
+entering the step, ``sum(prev(S) * q, K)`` (RWKV-6; ``Form.prev``), takes the strictly causal
+mask (s < t) and c_{t-1} = c_t - g_t in place of c_t in o_t (its reset count n_{t-1} =
+n_t - [g_t is a reset]); the state update is the same, and the poison moves one step later
+(``scancc.ir.passes.chunked``, "Readouts of prev(S)"). The K-diagonal
 intra-chunk term needs a per-K exponent, so it is a broadcast product over [BT, BT, BK]
 rather than a tl.dot; the inter-chunk terms and the state update are tl.dot for every kind.
 Option ``dot_precision`` (default "auto": tensor cores, float32 accumulation): on 16-bit inputs
@@ -60,18 +64,21 @@ class Form:
     beta: Node | None = None
     la: Node | None = None     # DPLR: the rank-1 term's a and b (along K)
     lb: Node | None = None
+    prev: bool = False         # the readout reads prev(S) (the state entering the step)
 
 
 class NotChunkable(Exception):
     pass
 
 
-def analyze(rec: Recurrence) -> Form:
+def analyze(rec: Recurrence, prev: bool = False) -> Form:
     """The shared chunked-form analysis (``scancc.ir.passes.chunked``) of the one state, and
     what this emitter supports: one state, K and V register axes and the other state dims
-    program ids, one contraction ``sum(S * q, K)`` read into outputs along the grid and V."""
+    program ids, one contraction ``sum(S * q, K)`` read into outputs along the grid and V.
+    ``prev``: also a contraction ``sum(prev(S) * q, K)`` (the forward kernels lower it; the
+    default leaves it NotChunkable for the consumers that do not, e.g. chunked_backward)."""
     try:
-        cs = shared.analyze(rec).only()
+        cs = shared.analyze(rec, prev).only()
     except shared.NotChunkable as e:
         raise NotChunkable(str(e)) from None
     s = rec.state(cs.state)
@@ -100,12 +107,13 @@ def analyze(rec: Recurrence) -> Form:
     log_of = cs.decay is not None and not cs.decay_is_exp
     g = cs.decay if log_of else cs.log_decay
     return Form(K, V, P.grid, cs.kind, g, log_of, cs.k_side, v_side, q_side, csum,
-                cs.hk, cs.beta, cs.la, cs.lb)
+                cs.hk, cs.beta, cs.la, cs.lb, cs.reads_prev)
 
 
 def applies(rec: Recurrence) -> tuple[bool, str]:
+    """Whether the forward chunked kernel takes ``rec`` (readouts of prev(S) included)."""
     try:
-        analyze(rec)
+        analyze(rec, prev=True)
     except NotChunkable as e:
         return False, str(e)
     return True, ""
@@ -116,7 +124,7 @@ class Lowering(recurrent.Lowering):
     scalar_groups = False
 
     def make_plan(self) -> Plan:
-        self.form = analyze(self.rec)
+        self.form = analyze(self.rec, prev=True)
         f = self.form
         return Plan(f.grid, (f.V,), (self.rec.time, f.K, f.V), ())
 
@@ -199,6 +207,8 @@ class Lowering(recurrent.Lowering):
         qf, q_ok = self._factor("b_qf", self.product(F.q_side, env), qk)
         dot = self._dot
         causal = f"({self.off[T]} >= tl.trans({self.off[T]}))"
+        # the readout's mask: t >= s, or t > s for a readout of prev(S)
+        rmask = self._readout_mask(causal)
         # non-finite counts: per step (rows, poisoning that step and the later ones) and per
         # state row (K); ``whole``: those that poison the whole state
         rows, krows, whole = [self._bad(k_ok, 1)], [self._bad(k_ok, 0)], []
@@ -211,7 +221,7 @@ class Lowering(recurrent.Lowering):
             rows += hx
             whole = ["step"]  # the rank-1 term mixes the rows
         elif F.kind is Kind.IDENTITY:
-            a = self.bind(True, "b_A", f"tl.where({causal}, "
+            a = self.bind(True, "b_A", f"tl.where({rmask}, "
                           + dot(qf, f"tl.trans({kf})") + ", 0.0)")
             o = self.bind(True, "b_o", dot(a, vf)
                           + " + " + dot(qf, h, "read"))
@@ -220,10 +230,11 @@ class Lowering(recurrent.Lowering):
             gm = qk if F.kind is Kind.DIAGONAL else self.msk[T]
             g, g_ok, gc, gn, gl, gnl = self._log_decay(env, gm)
             rows.append(self._bad(g_ok, 1))
+            gq, nq = self._readout_cumsums(g, gc, gn)  # c_t, n_t (prev(S): c_{t-1}, n_{t-1})
             if F.kind is Kind.SCALAR:
                 whole = [self._bad(g_ok, 0)]
-                same = f"({gn} == tl.trans({gn}))"
-                seg = (f"tl.exp(tl.where({causal} & {same}, {gc} - tl.trans({gc}), "
+                same = f"({nq} == tl.trans({gn}))"
+                seg = (f"tl.exp(tl.where({rmask} & {same}, {gq} - tl.trans({gc}), "
                        f"float(\"-inf\")))")
                 a = self.bind(True, "b_A", dot(qf, f"tl.trans({kf})")
                               + f" * {seg}")
@@ -232,13 +243,13 @@ class Lowering(recurrent.Lowering):
                 krows.append(self._bad(g_ok, 0))
                 # per-K exponents c_t - c_s, t >= s, no reset in (s, t]: a [BT, BT, BK]
                 # product, summed over K
-                same = f"({gn}[:, None, :] == {gn}[None, :, :])"
-                seg = (f"tl.exp(tl.where({causal}[:, :, None] & {same}, "
-                       f"{gc}[:, None, :] - {gc}[None, :, :], float(\"-inf\")))")
+                same = f"({nq}[:, None, :] == {gn}[None, :, :])"
+                seg = (f"tl.exp(tl.where({rmask}[:, :, None] & {same}, "
+                       f"{gq}[:, None, :] - {gc}[None, :, :], float(\"-inf\")))")
                 a = self.bind(True, "b_A", f"tl.sum({qf}[:, None, :] * {kf}[None, :, :] * "
                               f"{seg}, axis=2)")
                 decay_S = f"tl.trans(tl.where({gnl} == 0, tl.exp({gl}), 0.0))"
-            e_now = f"tl.where({gn} == 0, tl.exp({gc}), 0.0)"
+            e_now = f"tl.where({nq} == 0, tl.exp({gq}), 0.0)"
             o = self.bind(True, "b_o", dot(a, vf) + " + "
                           + dot(f"({qf} * {e_now})", h, "read"))
             kd = f"({kf} * tl.where({gn} == {gnl}, tl.exp({gl} - {gc}), 0.0))"
@@ -398,6 +409,24 @@ class Lowering(recurrent.Lowering):
         return dict(kh=kh, beta=beta, bad=bad, ab=ab, seg_prev=seg_prev, seg=seg,
                     e_prev=e_prev, e_now=e_now, e_last=e_last, to_end=to_end)
 
+    def _readout_mask(self, causal: str) -> str:
+        """The intra-chunk mask of the readout: ``causal`` (t >= s), or for a readout of
+        prev(S) the strictly causal t > s."""
+        if not self.form.prev:
+            return causal
+        T = self.rec.time
+        return f"({self.off[T]} > tl.trans({self.off[T]}))"
+
+    def _readout_cumsums(self, g: str, gc: str, gn: str) -> tuple[str, str]:
+        """The cumulative log-decay and reset count the readout at t sees: (c_t, n_t), or for a
+        readout of prev(S) (c_{t-1}, n_{t-1}) = (c_t - g_t, n_t - [g_t is a reset]) (g is 0
+        at a reset, so c_{t-1} needs no select)."""
+        if not self.form.prev:
+            return gc, gn
+        gq = self.bind(True, "b_gc_prev", f"{gc} - {g}")
+        nq = self.bind(True, "b_gn_prev", f"{gn} - {g}_reset.to(tl.int32)")
+        return gq, nq
+
     def _poison(self, o: str, h: str, rows: list[str], krows: list[str], whole: list[str],
                 qbad: str, vbad: str):
         """Adds NaN back where the recurrence puts it (module doc of scancc.ir.passes.chunked),
@@ -411,8 +440,11 @@ class Lowering(recurrent.Lowering):
         counts), and columns at and after a non-finite v-side factor (``vbad``: the [BT, BV]
         tile of 0/1). Returns the name of the per-step counts."""
         step = self.bind(True, "b_bad_step", " + ".join(rows))
-        prow = self.bind(True, "b_prow", f"(tl.cumsum({step}, axis=0) > 0) | ({qbad} > 0)")
-        pcol = self.bind(True, "b_pcol", f"tl.cumsum({vbad}, axis=0) > 0")
+        # prev(S): a bad factor at step s poisons the outputs from s + 1 on (exclusive sums)
+        ex = lambda x: f" - {x}" if self.form.prev else ""  # noqa: E731
+        prow = self.bind(True, "b_prow", f"(tl.cumsum({step}, axis=0){ex(step)} > 0) | "
+                         f"({qbad} > 0)")
+        pcol = self.bind(True, "b_pcol", f"tl.cumsum({vbad}, axis=0){ex(vbad)} > 0")
         self.body.append(f"{o} += tl.where({prow} | {pcol}, float(\"nan\"), 0.0)")
         return step
 

@@ -7,7 +7,8 @@ three launches. With c the in-chunk cumulative log-decays and n the reset counts
 2. the state pass, sequential over chunks only, parallel over (grid, V-blocks):
    S_i = decay_i ⊙ S_{i-1} + dS_i, storing the state entering each chunk over dS_i (one float32
    buffer [grid, chunks, K, V]) and the final state;
-3. outputs, parallel over (grid, V-blocks, chunks): o = intra-chunk term + (q ⊙ e^{c}) S_in.
+3. outputs, parallel over (grid, V-blocks, chunks): o = intra-chunk term + (q ⊙ e^{c}) S_in;
+   for a readout of prev(S) (RWKV-6) the strictly causal mask and e^{c_(t-1)} (chunked.py).
 
 Householder transitions (S = alpha (I - beta k kᵀ) S + u wᵀ; the UT form and its names M, N,
 R, Kd, Ud: ``chunked.Lowering._householder_chunk``), where R = (I + M)^-1 (e^{c_(t-1)} K S + N W):
@@ -19,6 +20,13 @@ R, Kd, Ud: ``chunked.Lowering._householder_chunk``), where R = (I + M)^-1 (e^{c_
    over Q), S = e^{c_L} S - Kdᵀ R + Udᵀ W, the state entering each chunk into ``hc``;
 3. outputs, parallel over (grid, V-blocks, chunks): the fused kernel's output tile from the
    stored S_in and R.
+
+Dplr transitions (S = (Diag(w) + a bᵀ) S + u w'ᵀ: rwkv7, kda; the names of
+``chunked.Lowering._dplr_chunk``), where R = (I - M)^-1 ((b ⊙ e^{c_(t-1)}) S + N W'), the same
+three stages with gla's per-K transports: stage 1 A = (I - M)^-1 (``_ut_inverse`` of -M),
+P = A (b ⊙ e^{c_(t-1)}) into ``pc``, Q = A N W' into ``rc``; stage 2 R = P S + Q,
+S = e^{c_L} ⊙ S + (a ⊙ e^{c_L - c})ᵀ R + (u ⊙ e^{c_L - c})ᵀ W'; stage 3 the fused kernel's
+output tile from S_in and R. Chunks of 16 steps (the [BT, BT, BK] transports, as gla).
 
 The three stages are the branches of one kernel on a constexpr ``STAGE`` (Triton compiles one
 kernel per stage), launched in order by one launcher, which also allocates the buffers. The
@@ -37,14 +45,14 @@ from . import chunked
 from .chunked import NotChunkable
 from .recurrent import Env
 
-STAGED_KINDS = (Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL, Kind.HOUSEHOLDER)
+STAGED_KINDS = (Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL, Kind.HOUSEHOLDER, Kind.DPLR)
 
 
 def analyze(rec: Recurrence) -> chunked.Form:
-    F = chunked.analyze(rec)
+    F = chunked.analyze(rec, prev=True)
     if F.kind not in STAGED_KINDS:
         raise NotChunkable(f"transition kind {F.kind.value!r}: the staged form takes identity, "
-                           "scalar, key-diagonal and householder transitions")
+                           "scalar, key-diagonal, householder and dplr transitions")
     return F
 
 
@@ -80,7 +88,7 @@ class Lowering(chunked.Lowering):
             self.algorithm = "chunked"
         super().__init__(rec, options)
         self.hc = self.names.new("hc")          # per-chunk states (float32)
-        self.hh = self.form.kind is Kind.HOUSEHOLDER
+        self.hh = self.form.kind in (Kind.HOUSEHOLDER, Kind.DPLR)  # the UT form's buffers
         if self.hh:
             self.pc = self.names.new("pc")      # per-chunk P = A e^{c_(t-1)} K (float32)
             self.rc = self.names.new("rc")      # per-chunk Q = A N W, then R (float32)
@@ -93,7 +101,7 @@ class Lowering(chunked.Lowering):
     def block_size(self, d: str, n: int, sizes: dict | None = None) -> int:
         if d == self.rec.time:
             return {Kind.IDENTITY: 64, Kind.SCALAR: 64,
-                    Kind.HOUSEHOLDER: self.HOUSEHOLDER_BT}.get(self.form.kind, 16)
+                    Kind.HOUSEHOLDER: self.HOUSEHOLDER_BT}.get(self.form.kind, 16)  # dplr: 16
         return super().block_size(d, n, sizes)
 
     def signature(self) -> tuple[list[str], list[str]]:
@@ -139,7 +147,13 @@ class Lowering(chunked.Lowering):
                   ("the state pass: S_i = decay_i S_(i-1) + dS_i, sequential over chunks",
                    self._stage_states),
                   ("outputs, one program per chunk", self._stage_outputs))
-        if self.hh:
+        if self.form.kind is Kind.DPLR:
+            stages = (("the factors P = A (b e^c_(t-1)), Q = A N W' with A = (I - M)^-1, one "
+                       "program per chunk", self._dplr_stage_factors),
+                      ("the state pass: R_i = P_i S + Q_i, S = e^c S + Ad^T R_i + Ud^T W', "
+                       "sequential over chunks", self._dplr_stage_states),
+                      ("outputs, one program per chunk", self._dplr_stage_outputs))
+        elif self.hh:
             stages = (("the UT factors P = A e^c K, Q = A N W with A = (I + M)^-1, one program "
                        "per chunk", self._hh_stage_factors),
                       ("the state pass: R_i = P_i S + Q_i, S = e^c S - Kd^T R_i + Ud^T W, "
@@ -257,24 +271,26 @@ class Lowering(chunked.Lowering):
         p, h = self.names.new("p_hc"), self.names.new("b_S_in")
         b += [f"{p} = {ptr}", f"{h} = tl.load({p}, mask={mask}, other=0.0)"]
         causal = f"({self.off[T]} >= tl.trans({self.off[T]}))"
+        rmask = self._readout_mask(causal)  # t > s for a readout of prev(S)
         if F.kind is Kind.IDENTITY:
-            a = self.bind(True, "b_A", f"tl.where({causal}, {dot(qf, f'tl.trans({kf})')}, 0.0)")
+            a = self.bind(True, "b_A", f"tl.where({rmask}, {dot(qf, f'tl.trans({kf})')}, 0.0)")
             o = self.bind(True, "b_o", f"{dot(a, vf)} + {dot(qf, h, 'read')}")
         else:
             gm = qk if F.kind is Kind.DIAGONAL else self.msk[T]
             g, g_ok, gc, gn, gl, gnl = self._log_decay(env, gm)
             steps.append(self._bad(g_ok, 1))
+            gq, nq = self._readout_cumsums(g, gc, gn)  # c_t, n_t (prev(S): c_{t-1}, n_{t-1})
             if F.kind is Kind.SCALAR:
-                seg = (f"tl.exp(tl.where({causal} & ({gn} == tl.trans({gn})), "
-                       f"{gc} - tl.trans({gc}), float(\"-inf\")))")
+                seg = (f"tl.exp(tl.where({rmask} & ({nq} == tl.trans({gn})), "
+                       f"{gq} - tl.trans({gc}), float(\"-inf\")))")
                 a = self.bind(True, "b_A", f"{dot(qf, f'tl.trans({kf})')} * {seg}")
             else:
-                same = f"({gn}[:, None, :] == {gn}[None, :, :])"
-                seg = (f"tl.exp(tl.where({causal}[:, :, None] & {same}, "
-                       f"{gc}[:, None, :] - {gc}[None, :, :], float(\"-inf\")))")
+                same = f"({nq}[:, None, :] == {gn}[None, :, :])"
+                seg = (f"tl.exp(tl.where({rmask}[:, :, None] & {same}, "
+                       f"{gq}[:, None, :] - {gc}[None, :, :], float(\"-inf\")))")
                 a = self.bind(True, "b_A", f"tl.sum({qf}[:, None, :] * {kf}[None, :, :] * "
                               f"{seg}, axis=2)")
-            e_now = f"tl.where({gn} == 0, tl.exp({gc}), 0.0)"
+            e_now = f"tl.where({nq} == 0, tl.exp({gq}), 0.0)"
             o = self.bind(True, "b_o", f"{dot(a, vf)} + {dot(f'({qf} * {e_now})', h, 'read')}")
         vbad = self.bind(True, "b_bad_v", self._bad(v_ok, None))
         self._poison_output(o, steps, self._bad(q_ok, 1), vbad)
@@ -428,6 +444,138 @@ class Lowering(chunked.Lowering):
                       f"{dot(qkm, r, 'read')} + {dot(qum, wf)}")
         vbad = self.bind(True, "b_bad_v", self._bad(w_ok, None))
         self._poison_output(o, [self._bad(u_ok, 1)] + t["bad"], self._bad(q_ok, 1), vbad)
+        self._memo[(F.contraction, env.key)] = o
+        for out in rec.outputs:
+            b.append(f"# {out.name} = {format_expr(out.expr)}")
+            v = self.value(out.expr, env)
+            ptr, mask = self.pointer(self.arg[out.name], out.dims, env, None, time_env=True)
+            po = self.names.ir("p_", out.name)
+            b.append(f"{po} = {ptr}")
+            b.append(f"tl.store({po}, {self.par(v, 4)}.to({po}.dtype.element_ty), mask={mask})")
+        return self.pro + rows + self.body
+
+    # ---- dplr transitions ----
+    def _dplr_tiles(self, env: Env, q: bool, pairs: str | None):
+        """The chunk's dplr tiles as ``chunked.Lowering._dplr_chunk`` takes them: factor tiles
+        u (k-side), w' (v-side), a, b (and q), the log-decay tiles, and the [BT, BT, BK]
+        transports ``pairs`` asks ("prev": e^{c_(t-1)-c_i}, i < t; "now": e^{c_t-c_i},
+        i <= t; None: none). Returns a dict; ``bad``: the per-step non-finite counts of a, b
+        and the decay (``_dplr_chunk``'s)."""
+        F, T, K, V = self.form, self.rec.time, self.form.K, self.form.V
+        qk, tv = f"{self.msk[T]} & {self.msk[K]}", f"{self.msk[T]} & {self.msk[V]}"
+        t = {}
+        t["uf"], t["u_ok"] = self._factor("b_kf", self.product(F.k_side, env), qk)
+        t["wf"], t["w_ok"] = self._factor("b_vf", self.product(F.v_side, env), tv)
+        if q:
+            self.body.append(f"# {format_expr(F.contraction)}")
+            t["qf"], t["q_ok"] = self._factor("b_qf", self.product(F.q_side, env), qk)
+        t["af"], a_ok = self._factor("b_la", self.value(F.la, env), qk)
+        t["bf"], b_ok = self._factor("b_lb", self.value(F.lb, env), qk)
+        g, g_ok, gc, gn, gl, gnl = self._log_decay(env, qk)
+        t["bad"] = [self._bad(a_ok, 1), self._bad(b_ok, 1), self._bad(g_ok, 1)]
+        gn_prev = self.bind(True, "b_gn_prev", f"{gn} - {g}_reset.to(tl.int32)")
+        gc_prev = f"({gc} - {g})"
+        if pairs == "prev":
+            strict = f"({self.off[T]} > tl.trans({self.off[T]}))"
+            t["d"] = self.bind(True, "b_d_prev", f"tl.exp(tl.where({strict}[:, :, None] & "
+                               f"({gn_prev}[:, None, :] == {gn}[None, :, :]), "
+                               f"{gc_prev}[:, None, :] - {gc}[None, :, :], float(\"-inf\")))")
+        elif pairs == "now":
+            causal = f"({self.off[T]} >= tl.trans({self.off[T]}))"
+            t["d"] = self.bind(True, "b_d_now", f"tl.exp(tl.where({causal}[:, :, None] & "
+                               f"({gn}[:, None, :] == {gn}[None, :, :]), "
+                               f"{gc}[:, None, :] - {gc}[None, :, :], float(\"-inf\")))")
+        t["e_prev"] = f"tl.where({gn_prev} == 0, tl.exp({gc_prev}), 0.0)"
+        t["e_now"] = f"tl.where({gn} == 0, tl.exp({gc}), 0.0)"
+        t["e_last"] = f"tl.trans(tl.where({gnl} == 0, tl.exp({gl}), 0.0))"
+        t["to_end"] = f"tl.where({gn} == {gnl}, tl.exp({gl} - {gc}), 0.0)"
+        return t
+
+    def _dplr_stage_factors(self) -> list[str]:
+        env = self._begin()
+        F, dot, b = self.form, self._dot, self.body
+        rows = self._chunk_rows()
+        t = self._dplr_tiles(env, False, "prev")
+        bf, af, uf, d = t["bf"], t["af"], t["uf"], t["d"]
+        # (I - M) R = (b e^{c_(t-1)}) S + N W': A = (I + (-M))^-1 by the blocked solve
+        m = self.bind(True, "b_M", f"tl.sum({bf}[:, None, :] * {af}[None, :, :] * {d}, axis=2)")
+        n = self.bind(True, "b_N", f"tl.sum({bf}[:, None, :] * {uf}[None, :, :] * {d}, axis=2)")
+        a = self._ut_inverse(f"(-{m})")
+        p = self.bind(True, "b_P", self._dot_inv(a, f"({bf} * {t['e_prev']})"))
+        q = self.bind(True, "b_Q", self._dot_inv(a, dot(n, t["wf"], "solve")))
+        for buf, dd, x in ((self.pc, F.K, p), (self.rc, F.V, q)):
+            ptr, mask = self._buf_rows(buf, self.i_c, dd)
+            pp = self.names.new(f"p_{buf}")
+            b += [f"{pp} = {ptr}", f"tl.store({pp}, {x}, mask={mask})"]
+        return self.pro + rows + self.body
+
+    def _dplr_stage_states(self) -> list[str]:
+        F, env = self.form, self._begin()
+        T, b, dot = self.rec.time, self.body, self._dot
+        s = self.rec.states[0]
+        h = self.state_var[s.name]
+        BT, BK, BV = self.block[T], self.block[F.K], self.block[F.V]
+        kv_env = self._kv_env(Env(env.base))
+        out = [f"{h} = tl.zeros([{BK}, {BV}], dtype=tl.float32)"]
+        ptr, mask = self.pointer(self.h0[s.name], s.dims, kv_env, None)
+        p0 = self.names.ir("p_", self.h0[s.name])
+        out += [f"if {self.use_h0[s.name]}:", f"    {p0} = {ptr}",
+                f"    {h} += tl.load({p0}, mask={mask}, other=0.0).to(tl.float32)"]
+        i_c = self.names.new("i_c")
+        b += [f"{self.off[T]} = {i_c} * {BT} + tl.arange(0, {BT})[:, None].to(tl.int64)",
+              f"{self.msk[T]} = {self.off[T]} < {self.size[T]}"]
+        t = self._dplr_tiles(env, False, None)
+        ptr, mask = self._hc(i_c)
+        p = self.names.new("p_hc")
+        b += [f"{p} = {ptr}", f"tl.store({p}, {h}, mask={mask})  # the state entering chunk {i_c}"]
+        pp, pr = self.names.new("p_pc"), self.names.new("p_rc")
+        ptr, mask = self._buf_rows(self.pc, i_c, F.K)
+        b.append(f"{pp} = {ptr}")
+        pt = self.bind(True, "b_P", f"tl.load({pp}, mask={mask}, other=0.0)")
+        ptr, mask = self._buf_rows(self.rc, i_c, F.V)
+        b.append(f"{pr} = {ptr}")
+        r = self.bind(True, "b_R", f"{dot(pt, h, 'read')} + tl.load({pr}, mask={mask}, "
+                      "other=0.0)")
+        b.append(f"tl.store({pr}, {r}, mask={mask})  # R of chunk {i_c}, over its Q")
+        af, uf, wf = t["af"], t["uf"], t["wf"]
+        to_end = self.bind(True, "b_to_end", t["to_end"])
+        b.append(f"{h} = {h} * {t['e_last']} + {dot(f'tl.trans({af} * {to_end})', r, 'update')} + "
+                 f"{dot(f'tl.trans({uf} * {to_end})', wf, 'update')}")
+        step = self.bind(True, "b_bad_step", " + ".join([self._bad(t["u_ok"], 1)] + t["bad"]))
+        vbad = self.bind(True, "b_bad_v", self._bad(t["w_ok"], None))
+        # the rank-1 term mixes the rows: any non-finite step poisons the whole state
+        self._poison_state(h, [self._bad(t["u_ok"], 0)], ["step"], step, vbad)
+        out += self.pro
+        out.append(f"for {i_c} in range(0, {self.nc}):")
+        out += ["    " + ln for ln in b]
+        ptr, mask = self.pointer(self.ht[s.name], s.dims, kv_env, None)
+        pt = self.names.ir("p_", self.ht[s.name])
+        out += [f"if {self.store_ht}:", f"    {pt} = {ptr}",
+                f"    tl.store({pt}, {h}, mask={mask})"]
+        return out
+
+    def _dplr_stage_outputs(self) -> list[str]:
+        rec, F, env = self.rec, self.form, self._begin()
+        b, dot = self.body, self._dot
+        rows = self._chunk_rows()
+        t = self._dplr_tiles(env, True, "now")
+        qf, af, uf, d = t["qf"], t["af"], t["uf"], t["d"]
+        ptr, mask = self._hc(self.i_c)
+        p, h = self.names.new("p_hc"), self.names.new("b_S_in")
+        b += [f"{p} = {ptr}", f"{h} = tl.load({p}, mask={mask}, other=0.0)"]
+        ptr, mask = self._buf_rows(self.rc, self.i_c, F.V)
+        pr = self.names.new("p_rc")
+        b.append(f"{pr} = {ptr}")
+        r = self.bind(True, "b_R", f"tl.load({pr}, mask={mask}, other=0.0)")
+        qa = self.bind(True, "b_QA", f"tl.sum({qf}[:, None, :] * {af}[None, :, :] * {d}, axis=2)")
+        qu = self.bind(True, "b_QU", f"tl.sum({qf}[:, None, :] * {uf}[None, :, :] * {d}, axis=2)")
+        # R read at the state's precision, as householder's stage 3
+        e_now = t["e_now"]
+        o = self.bind(True, "b_o", f"{dot(f'({qf} * {e_now})', h, 'read')} + "
+                      f"{dot(qa, r, 'read')} + {dot(qu, t['wf'])}")
+        vbad = self.bind(True, "b_bad_v", self._bad(t["w_ok"], None))
+        self._poison_output(o, [self._bad(t["u_ok"], 1)] + t["bad"], self._bad(t["q_ok"], 1),
+                            vbad)
         self._memo[(F.contraction, env.key)] = o
         for out in rec.outputs:
             b.append(f"# {out.name} = {format_expr(out.expr)}")

@@ -11,8 +11,9 @@ along which chunks are independent) is chunkable when
         | diag_K(w_t) + a_t b_tᵀ (dplr along K; w, a, b free of V)
 
 and the readouts read S only through contractions ``sum(S * q, K)`` with q free of V (and
-never through prev(S)). With log decays g_t (a_t = exp(g_t)) and their in-chunk cumulative
-sums c, a chunk then is a few matmuls (see the backends' chunked.py):
+never through prev(S), unless the caller asks ``prev=True``: see "Readouts of prev(S)").
+With log decays g_t (a_t = exp(g_t)) and their in-chunk cumulative sums c, a chunk then is a
+few matmuls (see the backends' chunked.py):
 
     o_t   = sum_{s<=t} (q_t · (k_s ⊙ e^{c_t - c_s})) v_s  +  (q_t ⊙ e^{c_t}) S
     S_new = e^{c_last} ⊙ S  +  sum_s (k_s ⊙ e^{c_last - c_s}) v_sᵀ
@@ -20,6 +21,22 @@ sums c, a chunk then is a few matmuls (see the backends' chunked.py):
 ``analyze(rec)`` returns a ``ChunkedForm``: per chunkable state a ``ChunkedState`` (the IR
 facts above), per other state the reason it is not chunkable. ``analyze_state`` raises
 ``NotChunkable`` with the reason.
+
+**Readouts of prev(S)** (``analyze(rec, prev=True)``; RWKV-6). Where every readout of S
+reads the state entering the step, ``sum(prev(S) * q, K)``, and the decay is identity, scalar
+or key-diagonal, the chunk's output reads S_{t-1}:
+
+    o_t = sum_{s<t} (q_t · (k_s ⊙ e^{c_{t-1} - c_s})) v_s  +  (q_t ⊙ e^{c_{t-1}}) S
+
+the strictly causal mask (t > s) and c_{t-1} = c_t - g_t in place of c_t (every exponent still
+<= 0; a reset in (s, t-1] zeroes the term). The state update is unchanged. Terms of the
+readout that read no state (RWKV-6's bonus (q_t · (u ⊙ k_t)) v_t) are elementwise terms of the
+output expression, evaluated as any other. ``ChunkedState.reads_prev`` says which form; a
+consumer that does not lower it calls ``analyze(rec)`` (the default, ``prev=False``), where
+such a state is NotChunkable as before. A readout reading both S and prev(S), and prev() of a
+householder or dplr state, stay NotChunkable. At the edges the poison moves one step: a
+non-finite k-side, v-side or decay factor at step s poisons the outputs from s + 1 on (the
+q-side at t still poisons t).
 
 **Edges.** Every chunked emitter keeps the recurrent semantics where the matmul form would not
 (docs/numerics.md, "Chunked forms at the edges"; tests/test_chunked_edges.py):
@@ -95,6 +112,7 @@ class ChunkedState:
     alpha: Node | None = None
     la: Node | None = None          # DPLR: the rank-1 term's a and b (along K, not V); the
     lb: Node | None = None          # decay is w (along K or not)
+    reads_prev: bool = False        # the readouts read prev(S), the state entering the step
 
 
 @dataclass(frozen=True)
@@ -133,19 +151,21 @@ def product(fs) -> Node:
     return out
 
 
-def analyze(rec: Recurrence) -> ChunkedForm:
-    """The chunked form of every state of ``rec`` that has one, and why the others do not."""
+def analyze(rec: Recurrence, prev: bool = False) -> ChunkedForm:
+    """The chunked form of every state of ``rec`` that has one, and why the others do not.
+    ``prev``: also states read through prev(S) (module doc, "Readouts of prev(S)")."""
     states, reasons = {}, {}
     for s in rec.states:
         try:
-            states[s.name] = analyze_state(rec, s)
+            states[s.name] = analyze_state(rec, s, prev)
         except NotChunkable as e:
             reasons[s.name] = str(e)
     return ChunkedForm(rec, states, reasons)
 
 
-def analyze_state(rec: Recurrence, s: State) -> ChunkedState:
-    """The chunked form of state ``s``; raises NotChunkable saying why there is none."""
+def analyze_state(rec: Recurrence, s: State, prev: bool = False) -> ChunkedState:
+    """The chunked form of state ``s``; raises NotChunkable saying why there is none.
+    ``prev``: a state read only through prev(S) is chunkable too (module doc)."""
     t = s.transition
     if rec.cascaded:  # conservative: a cascade reads h_t of other states at every step
         raise NotChunkable(f"a cascade (state(s) {', '.join(rec.cascaded)} read states): "
@@ -153,14 +173,22 @@ def analyze_state(rec: Recurrence, s: State) -> ChunkedState:
     if t.kind not in CHUNKED_KINDS:
         raise NotChunkable(f"transition {t.kind.value!r} (needs identity, scalar, diagonal, "
                            "householder or dplr)")
-    if any(n.op is Op.PREV and n.arg == s.name for o in rec.outputs for n in o.expr.walk()):
+    reads_prev = any(n.op is Op.PREV and n.arg == s.name
+                     for o in rec.outputs for n in o.expr.walk())
+    if reads_prev and not prev:
         raise NotChunkable(f"a readout reads prev({s.name}): the state entering each step")
+    if reads_prev and any(n.op is Op.STATE and n.arg == s.name
+                          for o in rec.outputs for n in o.expr.walk()):
+        raise NotChunkable(f"the readouts read both {s.name} and prev({s.name})")
+    if reads_prev and t.kind in (Kind.HOUSEHOLDER, Kind.DPLR):
+        raise NotChunkable(f"a readout reads prev({s.name}) of a {t.kind.value} transition (the "
+                           "prev() rule takes identity, scalar and diagonal decays)")
     role = {d.name: d.role for d in rec.dims}
     feats = [d for d in s.dims if role[d] == "feature"]
     if len(feats) != 2:
         raise NotChunkable(f"state dims {list(s.dims)}: needs exactly two feature dims (K, V), "
                            "the others batch/head/group")
-    K, V, contractions = _contractions(rec, s, feats)
+    K, V, contractions = _contractions(rec, s, feats, reads_prev)
     grid = rec.order(d for d in s.dims if d not in (K, V))
     dims = lambda n: set(rec.dims_of(n))  # noqa: E731
 
@@ -204,12 +232,13 @@ def analyze_state(rec: Recurrence, s: State) -> ChunkedState:
         is_exp = e.op is Op.EXP
         log_decay = e.src[0] if is_exp else Node(Op.LOG, (decay,))
     return ChunkedState(s.name, K, V, grid, kind, decay, log_decay, is_exp, inject, k_side,
-                        v_side, scale_side, contractions, hk, beta, alpha, la, lb)
+                        v_side, scale_side, contractions, hk, beta, alpha, la, lb, reads_prev)
 
 
-def _contractions(rec: Recurrence, s: State, feats: list[str]):
-    """(K, V, contractions): the readouts must read ``s`` only through ``sum(S * q, K)``."""
-    me = Node(Op.STATE, (), s.name)
+def _contractions(rec: Recurrence, s: State, feats: list[str], reads_prev: bool = False):
+    """(K, V, contractions): the readouts must read ``s`` only through ``sum(S * q, K)`` (with
+    ``reads_prev``, ``sum(prev(S) * q, K)``)."""
+    me = Node(Op.PREV if reads_prev else Op.STATE, (), s.name)
     found: list[Contraction] = []
     for o in rec.outputs:
         for n in o.expr.walk():
