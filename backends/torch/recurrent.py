@@ -12,7 +12,10 @@ interpreter, so broadcasting by dim name is plain torch broadcasting. The genera
 - a state is stepped by a Python loop over the chunk's steps, each step one vectorised torch
   expression over every other dim (``recurrent``), or, for identity/scalar/diagonal
   transitions with ``algorithm="chunked"``, by a parallel prefix scan over the chunk
-  (``_linear_scan``: log2(chunk) doubling steps) carried across chunks.
+  (``_linear_scan``: log2(chunk) doubling steps) carried across chunks;
+- cascaded states (an inject or operand reads ``state(x)``/``prev(x)``) come after the others:
+  one loop over the chunk's steps updates them in declaration order, each inject and operand
+  evaluated at the step (``cascade_chunk``).
 
 Memory: the inputs, the outputs and one chunk of states (never T x state).
 """
