@@ -420,7 +420,7 @@ def test_selection_verifier_errors_and_text_form():
 
 @pytest.mark.parametrize("target,one_key", [("reference", False), ("triton", False),
                                             ("reference", True), ("triton", True),
-                                            ("nki", True)])
+                                            ("nki", True), ("torch", False), ("torch", True)])
 def test_selection_kind_keeps_the_top_scores_of_a_stream(target, one_key):
     """A memory of 3 slots over a stream of 8 scored items (score < 0: not valid): after each
     step it holds the 3 best valid items so far, as the loop says. ``one_key``: the stored key

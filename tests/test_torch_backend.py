@@ -281,14 +281,34 @@ def test_iir_chunked_equals_scipy_lfilter(chunk):
     np.testing.assert_allclose(y, want, rtol=1e-9, atol=1e-9 * np.abs(want).max())
 
 
-def test_cascaded_states_are_refused_by_name_and_auto_falls_back_to_the_reference():
-    """bmojo's memory reads states in its operands (a cascade): the torch backend says so by
-    name, and compile()'s auto target runs such a recurrence on the reference instead."""
+@pytest.mark.parametrize("algorithm", ["recurrent", "chunked"])
+def test_cascaded_states_bmojo_equals_the_reference(algorithm):
+    """bmojo's eidetic memory reads states in its operands (a cascade: mem_key, mem_k, mem_v
+    read the shift registers' h_t and prev(mem_key)): on torch (float64, chunks of 5 steps so
+    the loop crosses chunk boundaries, a call split in two through the final state) it equals
+    the float64 reference, outputs and every final state, and the memory does fill and
+    replace (it is not all zeros)."""
     import scancc
-    from scancc.backends import UnsupportedError
-    with pytest.raises(UnsupportedError, match=r"cascaded states \['mem_key', 'mem_k', 'mem_v'\]"):
-        scancc.compile("bmojo", "torch")
-    assert scancc.compile("bmojo").kernel_for(torch.zeros(1)).backend.name == "reference"
+    from scancc.ir import default_sizes
+    from scancc.sampling import sample_inputs
+    ker = scancc.compile("bmojo", "torch", options={"algorithm": algorithm, "chunk": 5})
+    ref = scancc.compile("bmojo", "reference")
+    sizes = default_sizes(ker.ir, **{ker.ir.time: 23})
+    x = sample_inputs(ker.ir, sizes, seed=3, hints=scancc.get("bmojo").hints)
+    xt = {n: torch.tensor(v, dtype=torch.float64) for n, v in x.items()}
+    y, f = ker(**xt, output_final_state=True)
+    yr, fr = ref(**x, output_final_state=True)
+    np.testing.assert_allclose(y.numpy(), yr, rtol=1e-12, atol=1e-12)
+    assert set(f) == set(fr)
+    for s in fr:
+        np.testing.assert_allclose(f[s].numpy(), fr[s], rtol=1e-12, atol=1e-12, err_msg=s)
+    assert (fr["mem_key"] > 0).all() and np.abs(fr["mem_k"]).max() > 0
+    t = ker.ir.time
+    first = {n: v[:, :9] if t in ker.ir.input(n).dims else v for n, v in xt.items()}
+    rest = {n: v[:, 9:] if t in ker.ir.input(n).dims else v for n, v in xt.items()}
+    _, h = ker(**first, output_final_state=True)
+    y2 = ker(**rest, initial_state=h)
+    np.testing.assert_allclose(y2.numpy(), yr[:, 9:], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", ["gated_delta_net", "mamba2", "fir"])
@@ -321,3 +341,34 @@ def test_packed_batches_and_decode_steps_on_torch(name):
     want = ref(**{n: sl(n, v, 0, 15) for n, v in x.items()})
     o_ax = k.ir.outputs[0].dims.index(k.ir.time)
     assert_close(torch.stack(outs, o_ax), want.narrow(o_ax, 10, 5), "float32", T=15)
+
+
+@pytest.mark.parametrize("algorithm", ["recurrent", "chunked"])
+def test_cascades_read_current_earlier_and_previous_later_states(algorithm):
+    """A hand-made cascade: c reads state(a) (h_t of an earlier, scanned state) and prev(e)
+    (h_{t-1} of a later, non-cascaded state), e2 reads prev of itself through its decay and
+    state(c) of a cascaded one; torch (float64, chunks of 4) equals the float64 reference,
+    outputs and final states, from a given initial state."""
+    from scancc.ir import Builder, Node, Op, diagonal, identity, prev, sigmoid
+    r = Builder("casc_t")
+    b, t, d = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("chan")
+    x, g = r.input("x", [b, t, d]), r.input("g", [b, t, d])
+    a = r.state("a", [b, d], diagonal(g), inject=x)
+    c = r.state("c", [b, d], identity(), inject=a * a - prev("e"))
+    r.state("e2", [b, d], diagonal(sigmoid(prev("e2"))), inject=c * x)
+    e = r.state("e", [b, d], diagonal(g), inject=x * 0.5)
+    r.output("o", [b, t, d], c + Node(Op.STATE, (), "e2") + e)
+    rec = r.build()
+    assert rec.cascaded == ("c", "e2")
+    rng = np.random.default_rng(4)
+    xs, gs = rng.standard_normal((2, 11, 3)), rng.random((2, 11, 3))
+    h0 = {s: rng.standard_normal((2, 3)) for s in ("a", "c", "e2", "e")}
+    ker = scancc.compile(rec, "torch", options={"algorithm": algorithm, "chunk": 4})
+    y, f = ker(x=torch.from_numpy(xs), g=torch.from_numpy(gs),
+               initial_state={k: torch.from_numpy(v) for k, v in h0.items()},
+               output_final_state=True)
+    yr, fr = scancc.compile(rec, "reference")(x=xs, g=gs, initial_state=h0,
+                                             output_final_state=True)
+    np.testing.assert_allclose(y.numpy(), yr, rtol=1e-12, atol=1e-12)
+    for s in fr:
+        np.testing.assert_allclose(f[s].numpy(), fr[s], rtol=1e-12, atol=1e-12, err_msg=s)

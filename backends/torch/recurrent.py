@@ -12,7 +12,10 @@ interpreter, so broadcasting by dim name is plain torch broadcasting. The genera
 - a state is stepped by a Python loop over the chunk's steps, each step one vectorised torch
   expression over every other dim (``recurrent``), or, for identity/scalar/diagonal
   transitions with ``algorithm="chunked"``, by a parallel prefix scan over the chunk
-  (``_linear_scan``: log2(chunk) doubling steps) carried across chunks.
+  (``_linear_scan``: log2(chunk) doubling steps) carried across chunks;
+- cascaded states (an inject or operand reads ``state(x)``/``prev(x)``) come after the others:
+  one loop over the chunk's steps updates them in declaration order, each inject and operand
+  evaluated at the step (``cascade_chunk``).
 
 Memory: the inputs, the outputs and one chunk of states (never T x state).
 """
@@ -272,6 +275,108 @@ class Lowering:
         B.append(f"            {h} = {step}")
         B.append(f"            {hs}[{self.i}] = {h}")
 
+    # ---- cascaded states: injects and operands that read states, evaluated per step ----
+    def _cascade_roots(self):
+        return [(s, [s.inject] + [v for _, v in s.transition.operands])
+                for s in self.rec.states if s.name in set(self.rec.cascaded)]
+
+    def _cascade_prevs(self) -> list[str]:
+        """The states whose prev() a cascaded state's inject or operands read."""
+        out: list[str] = []
+
+        def walk(node):
+            for n in node.walk():
+                if n.op is Op.PREV and n.arg not in out:
+                    out.append(n.arg)
+                elif n.op is Op.PARAM:
+                    walk(self.rec.let(n.arg).expr)
+        for _, roots in self._cascade_roots():
+            for r in roots:
+                walk(r)
+        return out
+
+    def _free_parts(self, node: Node) -> None:
+        """Emit the state-free subtrees of ``node`` over the whole chunk (before the loop)."""
+        if not self.rec.uses_state(node):
+            self.emit(node)
+        elif node.op is Op.PARAM:
+            self._free_parts(self.rec.let(node.arg).expr)
+        else:
+            for x in node.src:
+                self._free_parts(x)
+
+    def step_emit(self, node: Node) -> str:
+        """``node``'s value at step i of the chunk (a leading time axis of size 1), its lines
+        inside the step loop; state-free parts come from their chunk values."""
+        if node in self._smemo:
+            return self._smemo[node]
+        i = self.i
+        if not self.rec.uses_state(node):
+            v = self._memo[node]
+            out = v if v in self._scalars or not self.tvar(node) else f"{v}[{i}:{i} + 1]"
+        elif node.op is Op.STATE:
+            x = node.arg
+            out = f"{self.state_var[x]}[None]" if x in self._cascaded else \
+                f"{self.hs[x]}[{i}:{i} + 1]"
+        elif node.op is Op.PREV:
+            out = f"{self._pv[node.arg]}[None]"
+        elif node.op is Op.PARAM:
+            out = self.step_emit(self.rec.let(node.arg).expr)
+        else:
+            src = [self.step_emit(x) for x in node.src]
+            text = OP_RULES.lookup(node.op, self.rec.name)(self, node, src)
+            out = self.names.new("v")
+            comment = f"  # {format_expr(node)}" if len(format_expr(node)) <= 60 else ""
+            self._target.append("    " * self._indent + f"{out} = {text}{comment}")
+        self._smemo[node] = out
+        return out
+
+    def cascade_chunk(self) -> None:
+        """The cascaded states (an inject or operand reads a state), after the other states of
+        the chunk: one loop over its steps that updates them in declaration order, each inject
+        and operand evaluated at the step (``state(x)``: h_t of an earlier state, ``prev(x)``:
+        h_(t-1))."""
+        B, i = self._body, self.i
+        roots = self._cascade_roots()
+        self._cascaded = {s.name for s, _ in roots}
+        for _, rs in roots:  # the state-free parts over the whole chunk, before the loop
+            for r in rs:
+                self._free_parts(r)
+        names = ", ".join(s.name for s, _ in roots)
+        B.append(f"        # cascaded states {names}: one step at a time, in declaration order "
+                 "(their injects and operands read states)")
+        for s, _ in roots:
+            B.append(f"        {self.hs[s.name]} = torch.empty(({self.n},) + "
+                     f"tuple({self.state_var[s.name]}.shape), dtype=acc, device=dev)")
+        B.append(f"        for {i} in range({self.n}):")
+        self._pv = {x: self.names.ir("prev_", x) for x in self._cascade_prevs()}
+        for x, pv in self._pv.items():  # the states entering the step
+            if x in self._cascaded:
+                B.append(f"            {pv} = {self.state_var[x]}")
+            else:
+                B.append(f"            {pv} = {self.hs[x]}[{i} - 1] if {i} else {self.h_in[x]}")
+        self._smemo: dict[Node, str] = {}
+        for s, _ in roots:
+            t, h = s.transition, self.state_var[s.name]
+            B.append(f"            # {s.name}: {t.kind.value}")
+            self._target, self._indent = B, 3
+            b = self.step_emit(s.inject)
+            ops = {k: self.step_emit(v) for k, v in t.operands}
+            one = f"[{i}:{i} + 1]"
+
+            def at(v: str) -> str:  # the value at the step, without the time axis
+                if v in self._scalars:
+                    return v
+                if v.endswith("[None]"):
+                    return v[:-len("[None]")]
+                return f"{v[:-len(one)]}[{i}]" if v.endswith(one) else f"{v}[0]"
+            self._step = True
+            step = TRANSITION_RULES.lookup(t.kind, self.rec.name)(
+                self, h, at(b), {k: at(v) for k, v in ops.items()}, t.axis, t.col)
+            self._target, self._indent, self._step = B, 2, False
+            B.append(f"            {h} = {step}")
+            B.append(f"            {self.hs[s.name]}[{i}] = {h}")
+
     # ---- layouts ----
     def canon_index(self, dims) -> str:
         return ", ".join(":" if d in dims else "None" for d in self.canon)
@@ -358,8 +463,16 @@ class Lowering:
         B = self._body
         if any(n.op is Op.PREV for o in rec.outputs for n in o.expr.walk()):
             B += [f"        {self.h_in[s.name]} = {self.state_var[s.name]}" for s in rec.states]
+        cascaded = set(rec.cascaded)
+        if cascaded:  # the values entering the chunk of the states a cascade reads prev() of
+            have = {ln.split(" = ")[0].strip() for ln in B}
+            B += [f"        {self.h_in[x]} = {self.state_var[x]}" for x in self._cascade_prevs()
+                  if x not in cascaded and self.h_in[x] not in have]
         for s in rec.states:
-            self.state_chunk(s)
+            if s.name not in cascaded:
+                self.state_chunk(s)
+        if cascaded:
+            self.cascade_chunk()
         self.readouts()
         # the chunk's slice of each time-varying input some value read (leaf() records them)
         B[:0] = [f"        {self.chunk_in[i.name]} = "

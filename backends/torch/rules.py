@@ -211,6 +211,15 @@ def _dense_rule(L, h, b, ops, axis, col):
             f"+ {L.par(b)}")
 
 
+@TRANSITION_RULES.register(Kind.SELECTION)
+def _selection_rule(L, h, b, ops, axis, col):
+    # bounded memory: the item b into the lowest free slot, else over the lowest slot with the
+    # smallest key if its score is larger; nothing where not valid
+    L.helper("select_slot")
+    args = ", ".join(L.tensor(ops[k]) for k in ("score", "valid", "keys", "filled"))
+    return f"_select_slot({h}, {L.tensor(b)}, {args}, {L.step_ax(axis)})"
+
+
 # adjoint steps: h_t = A_t^T (h_{t-1} + b_t)
 
 @TRANSITION_RULES.register(Kind.SHIFT_ADJOINT)
@@ -246,6 +255,23 @@ HELPERS = {
     """The transpose of a shift: slot i takes slot i - 1, the oldest slot becomes 0."""
     return torch.cat([torch.zeros_like(x.narrow(ax, 0, 1)), x.narrow(ax, 0, x.shape[ax] - 1)],
                      ax)''',
+    "select_slot": '''def _select_slot(h, b, score, valid, keys, filled, ax):
+    """One step of a bounded memory along ``ax``: the item ``b`` goes into the lowest free slot
+    (``filled`` == 0), else replaces the lowest slot holding the smallest of ``keys`` if its
+    ``score`` is larger; ``h`` is kept where ``valid`` == 0."""
+    shape = torch.broadcast_shapes(h.shape, b.shape, score.shape, valid.shape, keys.shape,
+                                   filled.shape)
+    free, keys = (filled == 0).expand(shape), keys.expand(shape)
+    slot = torch.arange(shape[ax], device=h.device).reshape(
+        [-1 if i == ax else 1 for i in range(len(shape))])
+    none = shape[ax]  # past the last slot
+    first_free = torch.where(free, slot, none).amin(ax, keepdim=True)
+    kmin = keys.amin(ax, keepdim=True)
+    first_min = torch.where(keys == kmin, slot, none).amin(ax, keepdim=True)
+    any_free = first_free < none
+    idx = torch.where(any_free, first_free, first_min)
+    write = (valid != 0) & (any_free | (score > kmin))
+    return torch.where((slot == idx) & write, b, h)''',
     "softmax": '''def _masked_softmax(logits, mask, ax):
     """Softmax along ``ax``; weight 0 where ``mask`` == 0 (a fully masked row reads nothing)."""
     keep = torch.ones_like(logits, dtype=torch.bool) if mask is None else (mask != 0)
