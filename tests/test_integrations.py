@@ -306,3 +306,121 @@ def test_mamba2_step_falls_back_on_per_headdim_parameters():
     assert rel_rms(got, want) <= TOL and rel_rms(s2, s1) <= TOL
     st.unpatch(model)
     assert math.isfinite(rel_rms(s2, s1))
+
+
+# ---- scancc.integrations.fla: fla's op functions routed to the library recurrences ----
+
+@pytest.fixture
+def fla_patched():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pytest.importorskip("fla")
+        import fla.ops  # noqa: F401
+    from scancc.integrations import fla as sf
+    sf.calls.clear()
+    replaced = sf.patch("reference")
+    yield sf, replaced
+    sf.unpatch()
+
+
+def _naive():
+    from fla.ops.delta_rule.naive import delta_rule_recurrence
+    from fla.ops.gated_delta_rule import naive_recurrent_gated_delta_rule
+    from fla.ops.gla.naive import naive_recurrent_gla
+    from fla.ops.hgrn.naive import naive_recurrent_hgrn
+    from fla.ops.simple_gla.naive import naive_recurrent_simple_gla
+    return dict(gla=naive_recurrent_gla, simple_gla=naive_recurrent_simple_gla,
+                gdn=naive_recurrent_gated_delta_rule, delta=delta_rule_recurrence,
+                hgrn=naive_recurrent_hgrn)
+
+
+def test_fla_functions_run_on_scancc_with_fla_argument_names(fla_patched):
+    """fla's public functions, called by fla's argument names after patch(), against fla's own
+    naive torch recurrences (independent of scancc), initial state and final state included."""
+    import fla.ops.gated_delta_rule as fgd
+    import fla.ops.gla as fgla
+    import fla.ops.hgrn as fh
+    import fla.ops.simple_gla as fsg
+    import fla.ops.delta_rule as fd
+    sf, replaced = fla_patched
+    assert ("fla.ops.gla", "chunk_gla") in replaced
+    nv = _naive()
+    g = torch.Generator().manual_seed(0)
+    B, T, H, K, V = 2, 9, 2, 4, 3
+    q, k = torch.randn(B, T, H, K, generator=g), torch.randn(B, T, H, K, generator=g)
+    v = torch.randn(B, T, H, V, generator=g)
+    S0 = torch.randn(B, H, K, V, generator=g)
+    gk = torch.nn.functional.logsigmoid(torch.randn(B, T, H, K, generator=g))
+    gs = torch.nn.functional.logsigmoid(torch.randn(B, T, H, generator=g))
+    beta = torch.rand(B, T, H, generator=g)
+
+    for fn in (fgla.chunk_gla, fgla.fused_recurrent_gla):
+        gname = "g" if fn is fgla.chunk_gla else "gk"
+        o, S = fn(q=q, k=k, v=v, **{gname: gk}, initial_state=S0, output_final_state=True)
+        wo, wS = nv["gla"](q, k, v, gk, initial_state=S0, output_final_state=True)
+        assert rel_rms(o, wo) <= TOL and rel_rms(S, wS) <= TOL, fn.__name__
+
+    o, S = fsg.chunk_simple_gla(q, k, v, g=gs, scale=0.5, initial_state=S0,
+                                output_final_state=True)
+    wo, wS = nv["simple_gla"](q, k, v, gs, scale=0.5, initial_state=S0, output_final_state=True)
+    assert rel_rms(o, wo) <= TOL and rel_rms(S, wS) <= TOL
+
+    qn, kn = (torch.nn.functional.normalize(t, dim=-1) for t in (q, k))
+    for fn in (fgd.chunk_gated_delta_rule, fgd.fused_recurrent_gated_delta_rule):
+        o, S = fn(q=qn, k=kn, v=v, g=gs, beta=beta, initial_state=S0, output_final_state=True)
+        wo, wS = nv["gdn"](qn, kn, v, beta, gs, initial_state=S0, output_final_state=True)
+        assert rel_rms(o, wo) <= TOL and rel_rms(S, wS) <= TOL, fn.__name__
+    # use_qk_l2norm_in_kernel normalizes inside
+    o, _ = fgd.chunk_gated_delta_rule(q, k, v, gs, beta, use_qk_l2norm_in_kernel=True)
+    wo, _ = nv["gdn"](qn, kn, v, beta, gs)
+    assert rel_rms(o, wo) <= TOL
+
+    o, S = fd.chunk_delta_rule(qn, kn, v, beta, initial_state=S0, output_final_state=True)
+    th = lambda x: x.transpose(1, 2)  # noqa: E731 - delta_rule_recurrence is head-major
+    wo, wS = nv["delta"](th(qn), th(kn), th(v), th(beta), initial_state=S0)
+    assert rel_rms(o, th(wo)) <= TOL and rel_rms(S, wS) <= TOL
+
+    x, gh = torch.randn(B, T, 5, generator=g), torch.nn.functional.logsigmoid(
+        torch.randn(B, T, 5, generator=g))
+    o, S = fh.fused_recurrent_hgrn(x, gh, output_final_state=True)
+    wo, wS = nv["hgrn"](x, gh, output_final_state=True)
+    assert rel_rms(o, wo) <= TOL and rel_rms(S, wS) <= TOL
+
+    assert sf.calls["chunk_gla"] == 1 and sf.calls["chunk_gated_delta_rule"] == 2
+    assert not any(c.endswith("fallback") for c in sf.calls)
+
+
+def test_fla_patch_routes_packed_batches_and_falls_back_on_unmapped_arguments(fla_patched):
+    import fla.ops.gla as fgla
+    sf, _ = fla_patched
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(1, 7, 2, 4, generator=g), torch.randn(1, 7, 2, 4, generator=g)
+    v = torch.randn(1, 7, 2, 3, generator=g)
+    gk = torch.nn.functional.logsigmoid(torch.randn(1, 7, 2, 4, generator=g))
+    cu = torch.tensor([0, 3, 7])
+    o, S = fgla.chunk_gla(q, k, v, gk, cu_seqlens=cu, output_final_state=True)
+    nv = _naive()["gla"]
+    for n in range(2):
+        sl = slice(int(cu[n]), int(cu[n + 1]))
+        wo, wS = nv(q[:, sl], k[:, sl], v[:, sl], gk[:, sl], output_final_state=True)
+        assert rel_rms(o[:, sl], wo) <= TOL and rel_rms(S[n:n + 1], wS) <= TOL
+    # reverse=True has no scancc mapping: fla's own function runs (counted), not a wrong answer
+    with pytest.raises(Exception):   # fla's Triton kernels need a GPU here
+        fgla.fused_recurrent_gla(q, k, v, gk, reverse=True)
+    assert sf.calls["fused_recurrent_gla.fallback"] == 1
+
+
+def test_fla_unpatch_restores_every_name():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pytest.importorskip("fla")
+        import fla.ops
+        import fla.ops.gla as fgla
+    from scancc.integrations import fla as sf
+    before_pkg, before_top = fgla.chunk_gla, getattr(fla.ops, "chunk_gla", None)
+    sf.patch("reference")
+    assert fgla.chunk_gla is not before_pkg
+    if before_top is not None:
+        assert fla.ops.chunk_gla is not before_top
+    sf.unpatch()
+    assert fgla.chunk_gla is before_pkg and getattr(fla.ops, "chunk_gla", None) is before_top
