@@ -60,9 +60,9 @@ ARCHS = {
                   dict(SMALL, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_n_groups=2,
                        mamba_d_state=4, mamba_chunk_size=8, head_dim=8), "mamba2"),
 }
-# Triton runs in its CPU interpreter here: the pure SSM models in the default run, the hybrids
-# (same two scan functions, same dispatch) under -m slow
-FAST_TRITON = {"mamba", "mamba2"}
+# Triton runs in its CPU interpreter here: the pure SSM models on every backend in the default
+# run, the hybrids on the reference (the other backends under -m slow)
+FAST_BACKENDS = {"mamba", "mamba2"}
 # scan calls per mixer forward: Zamba's mixer runs one scan per mamba head (n_mamba_heads=2)
 CALLS_PER_MIXER = {"zamba": 2}
 _KEEP = ("A_log", "D", "dt_bias", "dt_proj.bias")   # the SSM's own parametrization
@@ -71,15 +71,23 @@ _KEEP = ("A_log", "D", "dt_bias", "dt_proj.bias")   # the SSM's own parametrizat
 def _targets():
     import scancc.backends
     names = [n for n, ok, _ in scancc.backends.report() if ok]
-    return [t for t in ("reference", "torch", "triton") if t in names]
+    return [t for t in ("reference", "torch", "triton", "nki") if t in names]
 
 
-def _cases():
+def _cases(nki_fast=False):
+    """Every architecture on the reference in the default run; torch and Triton on the pure
+    SSM models by default and on the hybrids (the same two functions, the same dispatch)
+    under -m slow, to keep the default run short; NKI (its emulator) on Mamba and Mamba2 only,
+    in the default run for the prefill test (``nki_fast``), else under -m slow."""
     out = []
     for arch in ARCHS:
         for target in _targets():
-            marks = [pytest.mark.slow] if target == "triton" and arch not in FAST_TRITON else []
-            out.append(pytest.param(arch, target, marks=marks, id=f"{arch}-{target}"))
+            if target == "nki" and arch not in FAST_BACKENDS:
+                continue
+            slow = (target != "reference" and arch not in FAST_BACKENDS) or \
+                (target == "nki" and not nki_fast)
+            out.append(pytest.param(arch, target, marks=[pytest.mark.slow] if slow else [],
+                                    id=f"{arch}-{target}"))
     return out
 
 
@@ -127,7 +135,7 @@ def _patch(model, target):
     return rep
 
 
-@pytest.mark.parametrize("arch,target", _cases())
+@pytest.mark.parametrize("arch,target", _cases(nki_fast=True))
 def test_prefill_logits_match_the_models_torch_path(arch, target):
     model = build(arch)
     ids = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(3))
@@ -184,17 +192,7 @@ def _grads(model, ids):
                                if p.grad is not None}
 
 
-def _train_cases():
-    out = []
-    for arch in ARCHS:
-        for target in _targets():
-            slow = arch not in FAST_TRITON and target == "triton"
-            out.append(pytest.param(arch, target, id=f"{arch}-{target}",
-                                    marks=[pytest.mark.slow] if slow else []))
-    return out
-
-
-@pytest.mark.parametrize("arch,target", _train_cases())
+@pytest.mark.parametrize("arch,target", _cases())
 def test_training_step_gives_the_same_gradients(arch, target):
     model = build(arch)
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(5))
