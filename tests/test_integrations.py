@@ -59,7 +59,26 @@ ARCHS = {
     "falcon_h1": ("FalconH1Config", "FalconH1ForCausalLM",
                   dict(SMALL, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_n_groups=2,
                        mamba_d_state=4, mamba_chunk_size=8, head_dim=8), "mamba2"),
+    # gated delta net with grouped value heads (2 value heads per key head)
+    "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM",
+                   dict(SMALL, linear_num_value_heads=2, linear_num_key_heads=1,
+                        linear_key_head_dim=8, linear_value_head_dim=8, num_experts=2,
+                        num_experts_per_tok=1, moe_intermediate_size=16,
+                        shared_expert_intermediate_size=16,
+                        layer_types=["linear_attention", "full_attention"], head_dim=8),
+                   "gated_delta_net"),
 }
+
+
+@pytest.fixture(autouse=True)
+def qwen3_next_torch_path(monkeypatch):
+    """With fla installed, transformers routes Qwen3-Next's gated delta rule to fla's Triton
+    kernels (GPU only): the unpatched model's *torch* path is the decorated functions'
+    ``__wrapped__`` torch code, installed here for every test (restored after)."""
+    import transformers.models.qwen3_next.modeling_qwen3_next as q3
+    for n in ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule"):
+        fn = getattr(q3, n)
+        monkeypatch.setattr(q3, n, getattr(fn, "__wrapped__", fn))
 # Triton runs in its CPU interpreter here: the pure SSM models on every backend in the default
 # run, the hybrids on the reference (the other backends under -m slow)
 FAST_BACKENDS = {"mamba", "mamba2"}
@@ -208,8 +227,12 @@ def test_training_step_gives_the_same_gradients(arch, target):
     ssm = [n for n in g0 if n.endswith(("A_log", ".D", "dt_bias", "dt_proj.bias"))]
     assert ssm, "the SSM parameters must receive gradients"
     for n in g0:
-        if g0[n].norm() > 0:
-            assert rel_rms(g1[n], g0[n]) <= TOL, n
+        if g0[n].norm() < 1e-6:
+            # zero up to rounding (a top-1 MoE router's weight: its normalized gate is 1);
+            # a relative error of rounding noise means nothing: both must be that small
+            assert g1[n].norm() < 1e-5, (n, g1[n].norm().item())
+            continue
+        assert rel_rms(g1[n], g0[n]) <= TOL, (n, rel_rms(g1[n], g0[n]), g0[n].norm().item())
 
 
 def test_unpatch_restores_the_models_own_code():
@@ -250,19 +273,19 @@ def test_an_unpatched_model_of_the_same_file_runs_the_original_function():
 
 
 def test_an_unsupported_mixer_is_reported_by_name():
-    cfg = transformers.Qwen3NextConfig(
-        **SMALL, linear_num_value_heads=2, linear_num_key_heads=1, linear_key_head_dim=8,
-        linear_value_head_dim=8, num_experts=2, num_experts_per_tok=1,
-        moe_intermediate_size=16, shared_expert_intermediate_size=16,
-        layer_types=["linear_attention", "full_attention"], head_dim=8)
-    model = transformers.Qwen3NextForCausalLM(cfg)
-    with pytest.warns(UserWarning, match=r"model\.layers\.0\.linear_attn \(Qwen3NextGatedDeltaNet\)"):
+    """Kimi-Linear's KDA mixer (its recurrence has no mapping yet) is reported, by module path
+    and class, with a warning; the module is not touched."""
+    from transformers.models.kimi_linear.modeling_kimi_linear import KimiLinearDeltaAttention
+    kda = KimiLinearDeltaAttention.__new__(KimiLinearDeltaAttention)
+    torch.nn.Module.__init__(kda)                     # the class as is, without its weights
+    model = torch.nn.ModuleDict({"linear_attn": kda})
+    with pytest.warns(UserWarning, match=r"linear_attn \(KimiLinearDeltaAttention\)"):
         rep = st.patch(model, "reference")
-    names = [n for n, _, _ in rep.unsupported]
-    assert "model.layers.0.linear_attn" in names
-    assert any(c == "Qwen3NextGatedDeltaNet" for _, c, _ in rep.unsupported)
-    assert "Qwen3NextForCausalLM" in names             # no supported mixer at all
-    assert not rep.patched
+    by_name = {n: (c, why) for n, c, why in rep.unsupported}
+    assert by_name["linear_attn"][0] == "KimiLinearDeltaAttention"
+    assert "kimi_delta_attention" in by_name["linear_attn"][1]
+    assert "ModuleDict" in by_name                     # no supported mixer at all
+    assert not rep.patched and "forward" not in kda.__dict__
     st.unpatch(model)
 
 

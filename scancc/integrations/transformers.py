@@ -38,6 +38,8 @@ SUPPORTED_FUNCTIONS = {
     "mamba_selective_state_update": ("mamba", "step"),
     "mamba2_chunk_scan": ("mamba2", "scan"),
     "mamba2_selective_state_update": ("mamba2", "step"),
+    "torch_chunk_gated_delta_rule": ("gated_delta_net", "scan"),
+    "torch_recurrent_gated_delta_rule": ("gated_delta_net", "step"),
 }
 
 # names of module-level functions that are a sequence mixer's recurrence (for reporting what
@@ -199,7 +201,57 @@ def _mamba2_step(cfg, original, state, hidden_states, dt, A, B, C, D=None, dt_bi
     return out.to(hidden_states.dtype)
 
 
-_IMPLS = {"mamba_selective_scan": _mamba_scan, "mamba_selective_state_update": _mamba_step,
+def _gdn_inputs(query, key, value, g, beta):
+    """fla layout [B, T, H, K]; grouped value heads: each q/k head serves Hv / Hk consecutive
+    value heads (repeat_interleave, as transformers' torch functions)."""
+    import torch
+    hk, hv = key.shape[2], value.shape[2]
+    if hk != hv:
+        query = query.repeat_interleave(hv // hk, dim=2)
+        key = key.repeat_interleave(hv // hk, dim=2)
+    ft = torch.float64 if value.dtype == torch.float64 else torch.float32
+    return [t.to(ft).contiguous() for t in (query, key, value, g, beta)], ft
+
+
+def _gdn_scan(cfg, original, query, key, value, g, beta, chunk_size=64, initial_state=None,
+              output_final_state=False, use_qk_l2norm_in_kernel=False, **kwargs):
+    """torch_chunk_gated_delta_rule (Qwen3-Next): q, k [B, T, Hk, K], v [B, T, Hv, V],
+    g, beta [B, T, Hv]; scale K^-1/2; returns (o, final state [B, Hv, K, V] or None)."""
+    cu = kwargs.get("cu_seqlens")
+    ins, ft = _gdn_inputs(query, key, value, g, beta)
+    k = cfg.kernel("gated_delta_net", use_qk_l2norm_in_kernel=bool(use_qk_l2norm_in_kernel))
+    extra = {} if cu is None else {"cu_seqlens": cu}
+    h0 = None if initial_state is None else initial_state.to(ft)
+    o, S = k(*ins, initial_state=h0, output_final_state=True, **extra)
+    cfg.report.calls["gated_delta_net.scan"] += 1
+    return o.to(query.dtype), (S if output_final_state else None)
+
+
+def _gdn_step(cfg, original, query, key, value, g, beta, initial_state=None,
+              output_final_state=False, use_qk_l2norm_in_kernel=False, **kwargs):
+    """torch_recurrent_gated_delta_rule at T = 1 (decode): kernel.step on a float copy of the
+    cache's state, returned as the new state (transformers stores it with
+    update_recurrent_state)."""
+    import torch
+    if query.shape[1] != 1 or kwargs.get("cu_seqlens") is not None:
+        return _gdn_scan(cfg, original, query, key, value, g, beta, initial_state=initial_state,
+                         output_final_state=output_final_state,
+                         use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **kwargs)
+    ins, ft = _gdn_inputs(query, key, value, g, beta)
+    B, _, H, K = ins[0].shape
+    V = ins[2].shape[-1]
+    state = torch.zeros(B, H, K, V, dtype=ft, device=value.device) if initial_state is None \
+        else initial_state.to(ft).clone().contiguous()
+    k = cfg.kernel("gated_delta_net", use_qk_l2norm_in_kernel=bool(use_qk_l2norm_in_kernel))
+    with torch.no_grad():
+        o = k.step(*(t[:, 0] for t in ins), state=state)
+    cfg.report.calls["gated_delta_net.step"] += 1
+    return o[:, None].to(query.dtype), (state if output_final_state else None)
+
+
+_IMPLS = {"torch_chunk_gated_delta_rule": _gdn_scan,
+          "torch_recurrent_gated_delta_rule": _gdn_step,
+          "mamba_selective_scan": _mamba_scan, "mamba_selective_state_update": _mamba_step,
           "mamba2_chunk_scan": _mamba2_scan, "mamba2_selective_state_update": _mamba2_step}
 
 
