@@ -445,3 +445,17 @@ def test_fla_unpatch_restores_every_name():
         assert fla.ops.chunk_gla is not before_top
     sf.unpatch()
     assert fgla.chunk_gla is before_pkg and getattr(fla.ops, "chunk_gla", None) is before_top
+
+
+def test_example_script_prints_matching_side_by_side(capsys):
+    """examples/patch_transformers.py (run in-process on the reference: a few seconds)."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "examples" / "patch_transformers.py"
+    spec = importlib.util.spec_from_file_location("patch_transformers_example", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--target", "reference", "--tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "OK" in out and "greedy generation of 8 tokens" in out
+    assert "mamba2.step" in out

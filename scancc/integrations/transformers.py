@@ -7,7 +7,9 @@ mamba_ssm's contracts, copied verbatim into every model file that uses them:
   ``mamba_selective_state_update`` (decode) — in mamba, falcon_mamba, jamba, zamba;
 - the Mamba2 (SSD) family — ``mamba2_chunk_scan`` (prefill) and
   ``mamba2_selective_state_update`` (decode) — in mamba2, bamba, granitemoehybrid, zamba2,
-  nemotron_h, falcon_h1.
+  nemotron_h, falcon_h1;
+- the gated delta rule — ``torch_chunk_gated_delta_rule`` / ``torch_recurrent_gated_delta_rule``
+  — in qwen3_next.
 
 ``patch`` replaces those module globals by dispatchers (once per model file) and wraps each
 supported mixer's ``forward`` (an instance attribute) so that, while *that* mixer runs, the
