@@ -137,6 +137,10 @@ MEASURE = [  # interpreter-sized shapes (bench_backward_bytes.py's table 1), flo
     ("gla", {"batch": 1, "time": 512, "heads": 4, "key": 64, "value": 64}),
     ("mamba2", {"batch": 1, "time": 512, "heads": 8, "headdim": 64, "dstate": 64,
                 "groups": 1}),
+    # householder (torch glue only: chunked_backward_householder.py, no kernels yet)
+    ("delta_net", {"batch": 1, "time": 512, "heads": 4, "key": 16, "value": 16}),
+    ("gated_delta_net", {"batch": 1, "time": 512, "heads": 4, "key": 16, "value": 16}),
+    ("gated_delta_net", {"batch": 1, "time": 512, "heads": 4, "key": 64, "value": 64}),
 ]
 
 
@@ -257,6 +261,8 @@ def main(argv=None) -> int:
               "× minimum |")
         print("|---|---|---|---|---|---|---|")
         for name, dims in MEASURE:
+            if args.names and name not in args.names:
+                continue
             m = measure_bytes(name, dims)
             tot = m["glue"] + m["kernels"]
             print(f"| {name} | {m['sizes']} | {m['fused'] / 1e6:.2f} | {m['glue'] / 1e6:.2f} | "

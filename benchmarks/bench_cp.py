@@ -105,13 +105,84 @@ def _prod(shape):
     return n
 
 
+def _median_ms(fn, reps):
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e3
+
+
+def split(names, T, reps, target):
+    """One process, rank 1's work of 2 ranks (T/2 steps): (a) the carrying summary scan
+    (states + summaries, no readout), (b) the rerun from an entering state (the kernel with
+    its readouts), and, for the linear-readout case a rerun-free scheme would use instead of
+    (b), (c) the closed-form carried term where it is one contraction (hand-written torch,
+    not generated: identity ``q_t . E``; scalar/diagonal decays ``(q_t * prod_{s<=t}
+    a_s) . E``): a modelled lower bound of the correction. Measured, forward only."""
+    import torch
+
+    from scancc.distributed import _Plan, identity_state
+    rows = []
+    for name in names:
+        k, rec, x = _inputs(name, T, target)
+        local = _shard(rec, x, 1, 2)
+        run = k._plan_call((), dict(local), None).runner
+        sizes = run.sizes(tuple(v.shape for v in local.values()))
+        cp = _Plan(k, rec, sizes)
+        ident = identity_state(torch, cp.summ, cp.ssizes, torch.float32, "cpu",
+                               only=set(cp.sname.values()))
+        enter = {s.name: torch.randn(cp.state_shapes[s.name]) for s in rec.states}
+        with torch.no_grad():
+            a = _median_ms(lambda: cp.skernel(**{n: local[n] for n in cp.s_inputs},
+                                              initial_state=ident or None,
+                                              output_final_state=True), reps)
+            b = _median_ms(lambda: k(**local, initial_state=enter), reps)
+            c = None
+            if name in ("linear_attn", "gla", "simple_gla", "retnet"):
+                q = local["q"]
+                E = enter[rec.states[0].name]
+                if name == "linear_attn":
+                    f = lambda: torch.einsum("bthk,bhkv->bthv", q, E)  # noqa: E731
+                else:
+                    g = local.get("g", local.get("gk"))
+                    if g is None:  # retnet: a per-head constant decay
+                        g = torch.full(q.shape[:3] + (1,), -0.1)
+                    if g.dim() == 3:
+                        g = g[..., None]
+                    f = lambda: torch.einsum(  # noqa: E731
+                        "bthk,bhkv->bthv", q * torch.exp(torch.cumsum(g, 1)), E)
+                c = _median_ms(f, reps)
+        rows.append((name, a, b, c))
+    print(f"rank 1 of 2 (T/2 = {T // 2} steps), {target} backend, float32, median of {reps} "
+          "(measured)\n")
+    print("| recurrence | (a) carrying summary scan ms | (b) rerun ms | (c) closed-form "
+          "carried term ms | (b)/((a)+(b)) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, a, b, c in rows:
+        cs = "—" if c is None else f"{c:.2f}"
+        print(f"| {name} | {a:.1f} | {b:.1f} | {cs} | {b / (a + b):.2f} |")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("names", nargs="*")
     ap.add_argument("--time", type=int, default=2048)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--target", default="reference")
+    ap.add_argument("--split", action="store_true",
+                    help="one process: the per-rank pieces (summary scan, rerun, carried term)")
     a = ap.parse_args(argv)
+    if a.split:
+        from scancc import library  # noqa: F401
+        from scancc import registry
+        names = a.names or [n for n in registry.names() if registry.get(n).origin == "library"]
+        import torch
+        torch.set_num_threads(1)
+        split(names, a.time, a.reps, a.target)
+        return 0
     import torch
     import torch.multiprocessing as mp
     torch.set_num_threads(1)

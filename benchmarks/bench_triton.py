@@ -35,6 +35,7 @@ SHAPES = {
     "linear_attn": ATTN, "retnet": ATTN, "simple_gla": ATTN, "gla": ATTN,
     "delta_net": ATTN, "gated_delta_net": ATTN,
     "swa": ATTN,
+    "bmojo_f": ATTN, "bmojo": ATTN,   # window 4 (bmojo: memory 4, predictor 2), the defaults
     "hgrn": {"batch": 1, "time": 512, "chan": 1024},
     "mamba": {"batch": 1, "chan": 256, "time": 512, "groups": 1, "dstate": 16},
     "mamba2": {"batch": 1, "time": 512, "heads": 8, "headdim": 64, "groups": 1, "dstate": 64},

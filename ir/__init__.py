@@ -9,6 +9,7 @@ from .expr import (Node, Op, check_ident, clamp, const, dot, exp, expm1, flip, g
                    log, logsigmoid, maximum, minimum, prev, rsqrt, sigmoid, silu, size,
                    softmax, softplus, sqrt, step, ungroup)
 from .expr import abs, cos, sin, tanh  # noqa: A004 - the IR ops are called so
+from .expr import joint_softmax
 from .expr import max as reduce_max
 from .expr import sum as reduce_sum
 from .printer import ExprParser, format_expr, format_recurrence, parse_recurrence
@@ -27,3 +28,4 @@ __all__ = [
     "dense", "diagonal", "dplr", "householder", "identity", "scalar", "shift", "DEFAULT_SIZES",
     "ROLE_SIZES", "default_sizes", "abs", "cos", "sin", "tanh",
 ]
+__all__ += ["joint_softmax"]

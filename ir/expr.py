@@ -22,7 +22,7 @@ IDENT = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")  # used with fullmatch: no "\n
 RESERVED = frozenset(
     "recurrence dim input let state output numerics end initial_state final_state "
     "identity scalar diagonal shift companion householder dense "
-    "shift_adjoint companion_adjoint dense_adjoint".split())
+    "shift_adjoint companion_adjoint dense_adjoint".split()) | {"selection"}
 
 
 def check_ident(name: Any, what: str) -> str:
@@ -103,6 +103,11 @@ class Op(enum.Enum):
     FLIP = "flip"        # arg: dim; reverse the order along dim
     GROUP = "group"      # arg: (group_dim, dim); element i of dim reads group i // (|dim|/|groups|)
     UNGROUP = "ungroup"  # arg: (dim, group_dim); group j sums the elements of dim that read it
+    # one softmax over the union of several key dims (several windows/states): src
+    # (logits_0, mask_0, logits_1, mask_1, ...), arg (part, (dim_0, dim_1, ...)); the node is
+    # the weights of part ``part`` (along dim_part): exp(l_part) / (sum over every part's keys
+    # of exp(l)), weight 0 where a mask == 0 (see joint_softmax below)
+    JSOFTMAX = "joint_softmax"
 
 
 LEAVES = {Op.INPUT, Op.PARAM, Op.STATE, Op.PREV, Op.CONST, Op.IOTA, Op.SIZE}
@@ -114,7 +119,8 @@ L2NORM_EPS = 1e-6  # the epsilon of l2norm, one number for every backend and the
 
 # the function-call spelling of ops in the text form: name -> op
 FUNCTIONS = {op.value: op for op in (UNARY | {Op.MAXIMUM, Op.MINIMUM} | REDUCE
-                                     | {Op.L2NORM, Op.SOFTMAX, Op.FLIP, Op.GROUP, Op.UNGROUP,
+                                     | {Op.L2NORM, Op.SOFTMAX, Op.JSOFTMAX, Op.FLIP, Op.GROUP,
+                                        Op.UNGROUP,
                                         Op.IOTA, Op.SIZE, Op.PREV})
              if op is not Op.NEG}
 INFIX = {Op.ADD: "+", Op.SUB: "-", Op.MUL: "*", Op.DIV: "/"}
@@ -206,6 +212,10 @@ def format_expr(n: Node, names: Callable[[Node], str] | None = None) -> str:
     if op is Op.SOFTMAX:
         mask = f", mask={f(n.src[1])}" if len(n.src) > 1 else ""
         return f"softmax({f(n.src[0])}, {n.arg}{mask})"
+    if op is Op.JSOFTMAX:  # joint_softmax(part, logits_0, dim_0, mask_0, logits_1, ...)
+        part, ds = n.arg
+        parts = [f"{f(n.src[2 * i])}, {d}, {f(n.src[2 * i + 1])}" for i, d in enumerate(ds)]
+        return f"joint_softmax({part}, {', '.join(parts)})"
     return f"{op.value}({', '.join(f(s) for s in n.src)})"
 
 
@@ -284,6 +294,20 @@ def prev(state: str) -> Node: return Node(Op.PREV, (), state)
 def softmax(logits, dim: str, mask=None) -> Node:
     src = (lift(logits),) if mask is None else (lift(logits), lift(mask))
     return Node(Op.SOFTMAX, src, dim)
+
+
+def joint_softmax(parts) -> list[Node]:
+    """One softmax over the union of the keys of several parts: ``parts`` is a sequence of
+    ``(logits, dim)`` or ``(logits, dim, mask)``; returns the weights of each part (along its
+    dim), which sum to 1 over all parts together (0 where a mask == 0; all 0 when every key is
+    masked). ``sum_i dot(w_i, v_i, dim_i)`` is attention over the union of the parts' keys."""
+    parts = [tuple(p) for p in parts]
+    if not parts or any(len(p) not in (2, 3) for p in parts):
+        raise IRError("joint_softmax: expected (logits, dim) or (logits, dim, mask) parts, got "
+                      f"{parts!r}")
+    src = tuple(x for p in parts for x in (lift(p[0]), lift(p[2] if len(p) == 3 else 1.0)))
+    dims = tuple(p[1] for p in parts)
+    return [Node(Op.JSOFTMAX, src, (i, dims)) for i in range(len(parts))]
 
 
 def dot(a, b, dims) -> Node:

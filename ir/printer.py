@@ -81,6 +81,7 @@ class ExprParser:
 
     def __init__(self, resolve: Callable[[str], Node | None], dims: set[str]):
         self.resolve, self.dims = resolve, dims
+        self.prev_states: set[str] = set()  # prev() may name any state, even a later one
 
     def parse(self, text: str, line: int | None = None, col0: int = 0) -> Node:
         if not isinstance(text, str):
@@ -189,7 +190,7 @@ class ExprParser:
         elif op is Op.PREV:
             t = ts.take("name")
             ref = self.resolve(t[1])
-            if ref is None or ref.op is not Op.STATE:
+            if (ref is None or ref.op is not Op.STATE) and t[1] not in self.prev_states:
                 ts.fail(f"prev() takes a state name, got {t[1]!r}", t)
             node = Node(op, (), t[1])
         elif op in (Op.SUM, Op.MAX):
@@ -224,6 +225,19 @@ class ExprParser:
                 ts.take("op", "=")
                 src = (x, self.expr(ts))
             node = Node(op, src, d)
+        elif op is Op.JSOFTMAX:  # joint_softmax(part, logits_0, dim_0, mask_0, logits_1, ...)
+            pt = ts.take("num")
+            if not pt[1].isdigit():
+                ts.fail(f"joint_softmax() takes a part index first, got {pt[1]!r}", pt)
+            src, ds = [], []
+            while ts.at(","):
+                ts.take()
+                src.append(self.expr(ts))
+                ts.take("op", ",")
+                ds.append(self.dim(ts))
+                ts.take("op", ",")
+                src.append(self.expr(ts))
+            node = Node(op, tuple(src), (int(pt[1]), tuple(ds)))
         elif op is Op.CLAMP:
             x = self.expr(ts)
             bounds = {"lo": None, "hi": None}
@@ -261,6 +275,8 @@ def parse_recurrence(text: str) -> Recurrence:
     numerics = Numerics()
     symbols: dict[str, Node] = {}
     parser = ExprParser(symbols.get, set())
+    # a cascade's prev(x) may read a state declared later (its value entering the step)
+    parser.prev_states = {m[1] for m in re.finditer(r"(?m)^\s*state\s+(\w+)\s*:", text)}
     ended = False
     for ln, raw in enumerate(lines, 1):
         s = raw.strip()

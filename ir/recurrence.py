@@ -2,10 +2,17 @@
 structure, and readouts.
 
 Semantics (defined by the reference backend, ``scancc.backends.reference``): for each time
-step t, every state updates as ``h_t = A_t(h_{t-1}) + inject_t``, all states at once (block
-diagonal composition), and then every output is evaluated with ``STATE`` nodes reading h_t.
-Transition operands and injected terms read inputs and lets only, never a state: that is what
-keeps a recurrence linear in its state, which the chunked algorithms and the adjoint rely on.
+step t, every state updates as ``h_t = A_t(h_{t-1}) + inject_t``, in declaration order, and
+then every output is evaluated with ``STATE`` nodes reading h_t.
+
+Transition operands and injected terms read inputs and lets, and may also read states in a
+*cascade* (block lower-triangular composition): ``state(s)`` of a state ``s`` declared
+*before* (its value h_t, already updated this step), and ``prev(s)`` of any state (its
+h_{t-1}). A recurrence with no such read is block diagonal and linear in its state, which the
+chunked algorithms and the adjoint rely on; a cascade is run recurrently
+(``passes.chunked`` finds no chunked form for a state that reads a state, nor for the states
+it reads) and its adjoint is not derived. ``Recurrence.cascaded`` names the states that read
+states.
 """
 from __future__ import annotations
 
@@ -32,6 +39,10 @@ class Kind(enum.Enum):
     SCALAR = "scalar"            # a * h + b, a constant over the state's feature dims
     DIAGONAL = "diagonal"        # a ⊙ h + b, a may vary along feature dims (broadcast elsewhere)
     SHIFT = "shift"              # drop the oldest slot along `axis`, append b as the newest
+    # bounded memory of `axis` slots: if valid != 0, the incoming item b goes into the lowest
+    # free slot (filled == 0), else into the lowest slot with the smallest stored score (keys)
+    # if score > that score, else nowhere (nonlinear: see docs/bmojo.md)
+    SELECTION = "selection"
     COMPANION = "companion"      # shift, then newest slot = sum(feedback * shifted h, axis) + b
     HOUSEHOLDER = "householder"  # alpha * (h - beta * k * sum(k * h, axis)) + b
     DENSE = "dense"              # sum(matrix[axis, col] * h[col], col) + b
@@ -51,6 +62,7 @@ OPERANDS: dict[Kind, tuple[tuple[str, ...], tuple[str, ...]]] = {
     Kind.SCALAR: (("decay",), ()),
     Kind.DIAGONAL: (("decay",), ()),
     Kind.SHIFT: ((), ()),
+    Kind.SELECTION: (("score", "valid", "keys", "filled"), ()),
     Kind.COMPANION: (("feedback",), ()),
     Kind.HOUSEHOLDER: (("k", "beta"), ("alpha",)),
     Kind.DENSE: (("matrix",), ()),
@@ -63,9 +75,12 @@ OPERANDS: dict[Kind, tuple[tuple[str, ...], tuple[str, ...]]] = {
 ADJOINT_KIND = {Kind.SHIFT: Kind.SHIFT_ADJOINT, Kind.COMPANION: Kind.COMPANION_ADJOINT,
                 Kind.DENSE: Kind.DENSE_ADJOINT}
 AXIS_KINDS = {Kind.SHIFT, Kind.COMPANION, Kind.HOUSEHOLDER, Kind.DENSE, Kind.DPLR,
-              *ADJOINT_KIND.values()}
+              *ADJOINT_KIND.values(), Kind.SELECTION}
 # kinds whose injected term fills one slot of `axis` (so it has no `axis` dim)
 SLOT_KINDS = {Kind.SHIFT, Kind.COMPANION}
+# the injected term of a selection state is one item too (no `axis` dim); kept apart from
+# SLOT_KINDS, which the backends read as "a ring buffer"
+ITEM_KINDS = {Kind.SHIFT, Kind.COMPANION, Kind.SELECTION}
 # kinds with a column dim (the matrix's second dim, the same size as the axis)
 COL_KINDS = {Kind.DENSE, Kind.DENSE_ADJOINT}
 
@@ -145,6 +160,17 @@ def transpose(t: Transition) -> Transition:
     ops["a"], ops["b"] = ops["b"], ops["a"]
     return Transition(t.kind, t.axis, tuple((k, ops[k]) for k in ("w", "a", "b") if k in ops),
                       t.col)
+
+
+def selection(axis: str, score: Node | float, valid: Node | float, keys: Node | float,
+              filled: Node | float) -> Transition:
+    """Bounded memory along ``axis`` (see Kind.SELECTION): ``score``/``valid`` are the incoming
+    item's score and flag (no axis), ``keys``/``filled`` the stored scores and occupancy along
+    the axis (typically ``prev`` of the states that hold them). States sharing these operands
+    make the same choice, so items, scores and occupancy can live in separate states."""
+    ops = tuple((k, _operand("selection", k, x)) for k, x in
+                (("score", score), ("valid", valid), ("keys", keys), ("filled", filled)))
+    return Transition(Kind.SELECTION, _axis("selection", "axis", axis), ops)
 
 
 def adjoint_step(t: Transition) -> Transition:
@@ -261,6 +287,10 @@ class Recurrence:
         elif op is Op.UNGROUP:
             d, g = a
             out = self.order((set(self.dims_of(node.src[0])) - {d}) | {g})
+        elif op is Op.JSOFTMAX:  # part k keeps its key dim; the other parts' are reduced
+            k, ds = a
+            out = self.order(set().union(*(set(self.dims_of(s)) - ({ds[i // 2]} - {ds[k]})
+                                           for i, s in enumerate(node.src))))
         else:  # elementwise and dim-preserving ops: union of the operands
             out = self.order(set().union(*(self.dims_of(s) for s in node.src)))
         cache[node] = out
@@ -276,6 +306,13 @@ class Recurrence:
             yield f"state {s.name} (inject)", s.inject
         for o in self.outputs:
             yield f"output {o.name}", o.expr
+
+    @property
+    def cascaded(self) -> tuple[str, ...]:
+        """The states whose transition operands or injected term read a state (a cascade)."""
+        return tuple(s.name for s in self.states
+                     if any(self.uses_state(n) for _, n in s.transition.operands)
+                     or self.uses_state(s.inject))
 
     def uses_state(self, node: Node) -> bool:
         return any(n.op in (Op.STATE, Op.PREV) for n in node.walk()) or any(

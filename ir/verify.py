@@ -9,7 +9,8 @@ import math
 
 from .errors import IRError, VerifyError
 from .expr import BINARY, LEAVES, MAX_DEPTH, UNARY, Node, Op, check_ident, depth
-from .recurrence import (AXIS_KINDS, COL_KINDS, OPERANDS, ROLES, SLOT_KINDS, Kind, Recurrence)
+from .recurrence import (AXIS_KINDS, COL_KINDS, ITEM_KINDS, OPERANDS, ROLES, Kind,
+                         Recurrence)
 
 _ARITY = {**{op: 1 for op in UNARY}, **{op: 2 for op in BINARY},
           Op.SUM: 1, Op.MAX: 1, Op.L2NORM: 1, Op.FLIP: 1, Op.GROUP: 1, Op.UNGROUP: 1}
@@ -95,7 +96,10 @@ def verify(rec: Recurrence) -> Recurrence:
     names = {"input": {i.name for i in rec.inputs}, "state": {s.name for s in rec.states}}
     lets_so_far: set[str] = set()
 
-    def check_expr(where: tuple[str, ...], label: str, root: Node, allow_state: bool):
+    def check_expr(where: tuple[str, ...], label: str, root: Node, allow_state):
+        # allow_state: True (a readout), False (a let), or the names of the states declared
+        # before (a transition operand or injected term: a cascade reads state(s) of those,
+        # and prev(s) of any state)
         def fail_at(node: Node, msg: str):  # the label names the offending node's op too
             fail(where, msg, f"{label}, node {node.op.value}")
 
@@ -103,7 +107,8 @@ def verify(rec: Recurrence) -> Recurrence:
             fail(where, f"expression nested too deeply (depth over {MAX_DEPTH}): split it "
                         "with lets", label)
         for n in root.walk():
-            if n.op not in LEAVES and n.op not in (Op.SOFTMAX,) and len(n.src) != _ARITY[n.op]:
+            if n.op not in LEAVES and n.op not in (Op.SOFTMAX, Op.JSOFTMAX) \
+                    and len(n.src) != _ARITY[n.op]:
                 fail_at(n, f"takes {_ARITY[n.op]} operand(s), got {len(n.src)}")
             if n.op is Op.INPUT and n.arg not in names["input"]:
                 fail_at(n, f"reads unknown input {n.arg!r}")
@@ -112,9 +117,13 @@ def verify(rec: Recurrence) -> Recurrence:
             elif n.op in (Op.STATE, Op.PREV):
                 if n.arg not in names["state"]:
                     fail_at(n, f"reads unknown state {n.arg!r}")
-                if not allow_state:
-                    fail_at(n, f"reads state {n.arg!r}: only outputs may read states "
-                               "(transitions and injected terms must be linear in the state)")
+                if allow_state is False:
+                    fail_at(n, f"reads state {n.arg!r}: a let may not read states")
+                elif allow_state is not True and n.op is Op.STATE \
+                        and n.arg not in allow_state:
+                    fail_at(n, f"reads state {n.arg!r}, which is not declared before this state "
+                               "(a cascade reads the current value of earlier states only; "
+                               f"prev({n.arg}) reads its value entering the step)")
             elif n.op is Op.CONST and (type(n.arg) is not float or not math.isfinite(n.arg)):
                 fail_at(n, "constant must be a finite float, got "
                         + (repr(n.arg) if type(n.arg) is float else type(n.arg).__name__))
@@ -154,6 +163,8 @@ def verify(rec: Recurrence) -> Recurrence:
             if n.op in (Op.L2NORM, Op.FLIP) and n.arg not in rec.dims_of(n.src[0]):
                 fail_at(n, f"dim {n.arg!r} is not a dim of its operand "
                            f"{list(rec.dims_of(n.src[0]))}")
+            if n.op is Op.JSOFTMAX:
+                _check_joint_softmax(rec, n, fail_at, dims, time)
             if n.op is Op.SOFTMAX:
                 if len(n.src) not in (1, 2):
                     fail_at(n, "takes logits and an optional mask")
@@ -171,6 +182,7 @@ def verify(rec: Recurrence) -> Recurrence:
         if extra:
             fail(where, f"{what} has dims {list(have)}; {extra} not among {list(allowed)}", label)
 
+    earlier: set[str] = set()
     for s in rec.states:
         w, wl = ("state", s.name), decl(("state", s.name))
         wt = w + ("transition",)
@@ -196,8 +208,9 @@ def verify(rec: Recurrence) -> Recurrence:
         if (t.col is not None) != (t.kind in COL_KINDS):
             fail(wt, "only a dense transition has a column dim, and it needs one", wl)
         for k, n in t.operands:
-            check_expr(wt + (k,), f"{wl} ({t.kind.value} {k})", n, allow_state=False)
-        check_expr(w + ("inject",), f"{wl} (inject)", s.inject, allow_state=False)
+            check_expr(wt + (k,), f"{wl} ({t.kind.value} {k})", n, allow_state=frozenset(earlier))
+        check_expr(w + ("inject",), f"{wl} (inject)", s.inject, allow_state=frozenset(earlier))
+        earlier.add(s.name)
         sd = set(s.dims)
         feats = {d for d in s.dims if dims[d].role == "feature"}
         ops = dict(t.operands)
@@ -239,9 +252,15 @@ def verify(rec: Recurrence) -> Recurrence:
                      wl)
             subset(wt + ("matrix",), f"{wl} (dense matrix)", ops["matrix"], sd | {t.col},
                    "the matrix")
-        inj_allowed = sd - {t.axis} if t.kind in SLOT_KINDS else sd
+        elif t.kind is Kind.SELECTION:
+            for k in ("score", "valid"):
+                subset(wt + (k,), f"{wl} (selection {k})", ops[k], sd - {t.axis},
+                       f"the incoming item's {k} (one item: no axis)")
+            for k in ("keys", "filled"):
+                subset(wt + (k,), f"{wl} (selection {k})", ops[k], sd, f"the stored {k}")
+        inj_allowed = sd - {t.axis} if t.kind in ITEM_KINDS else sd
         subset(w + ("inject",), f"{wl} (inject)", s.inject, inj_allowed,
-               "the injected term" + (" (one slot of the axis)" if t.kind in SLOT_KINDS else ""))
+               "the injected term" + (" (one slot of the axis)" if t.kind in ITEM_KINDS else ""))
 
     for o in rec.outputs:
         w, wl = ("output", o.name), decl(("output", o.name))
@@ -265,3 +284,30 @@ def verify(rec: Recurrence) -> Recurrence:
     if time not in sized:
         fail(("dim", time), "the time dim must appear in at least one input")
     return rec
+
+
+def _check_joint_softmax(rec: Recurrence, n: Node, fail_at, dims, time) -> None:
+    """joint_softmax(part, (logits_i, dim_i, mask_i)...): well-formed parts (see expr.py)."""
+    arg = n.arg
+    if not (isinstance(arg, tuple) and len(arg) == 2 and isinstance(arg[1], tuple)
+            and type(arg[0]) is int):
+        fail_at(n, "joint_softmax takes (part, (dim, ...)) as its argument")
+    k, ds = arg
+    if not ds or len(n.src) != 2 * len(ds):
+        fail_at(n, f"joint_softmax takes a (logits, dim, mask) triple per part: {len(ds)} "
+                   f"dim(s) but {len(n.src)} logits/masks")
+    if not 0 <= k < len(ds):
+        fail_at(n, f"joint_softmax part {k} out of range (it has {len(ds)} parts)")
+    if len(set(ds)) != len(ds):
+        fail_at(n, f"joint_softmax key dims {list(ds)} repeat a dim: each part needs its own")
+    for i, d in enumerate(ds):
+        if d not in dims or d == time:
+            fail_at(n, f"joint_softmax part {i}: dim {d!r} is not a declared non-time dim")
+        if d not in rec.dims_of(n.src[2 * i]):
+            fail_at(n, f"joint_softmax part {i}: dim {d!r} is not a dim of its logits "
+                       f"{list(rec.dims_of(n.src[2 * i]))}")
+        for j, s in enumerate(n.src):
+            if j // 2 != i and d in rec.dims_of(s):
+                fail_at(n, f"joint_softmax part {i}'s key dim {d!r} appears in part {j // 2} "
+                           f"({'mask' if j % 2 else 'logits'} dims "
+                           f"{list(rec.dims_of(s))}): a key dim belongs to one part")

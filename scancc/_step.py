@@ -155,6 +155,56 @@ class StepPlan:
             self.optional = [(self.order.index(n), self.opt_axes[i]) for n, i in pos.items()
                              if self.opt_axes[i]]
 
+    own_step = True  # the backend's dedicated step kernel (run_step), until it cannot render
+
+    def _run_backend_step(self, t_args, t_kw, states, state_indices):
+        """The backend's dedicated step kernel on NumPy arrays (NKI: backends/nki/step.py),
+        the new states copied into ``states`` (in place); None where it cannot be rendered
+        (then, and for every later call of this plan, the T=1 scan)."""
+        from scancc.backends.base import UnsupportedError
+        names = [x.name for x in self.rec.inputs]
+        given = dict(zip(names, t_args))
+        given.update({k: t_kw[k] for k in self.by_name})
+        torch_kind = self.kind == "torch"
+
+        def native(v):
+            return v.detach().cpu().numpy() if torch_kind else np.asarray(v)
+        if state_indices is None:
+            init = {k: native(v) for k, v in states.items()}
+        else:
+            idx = native(state_indices).astype(np.int64)
+            init = {k: native(v)[idx] for k, v in states.items()}
+        try:
+            res = self.kernel.backend.run_step(self.rec, {k: native(v) for k, v in given.items()},
+                                               self.sizes, init, self.kernel.backend_options)
+        except UnsupportedError:
+            self.own_step = False
+            return None
+        first = next(iter(given.values()))
+        outs = {}
+        for o in self.o_names:
+            y = np.asarray(res.outputs[o])
+            if torch_kind:
+                import torch
+                outs[o] = torch.from_numpy(y.copy()).to(dtype=first.dtype, device=first.device)
+            else:
+                outs[o] = y.astype(first.dtype if first.dtype.kind == "f" else np.float32)
+        for k, v in states.items():
+            f = np.asarray(res.final_states[k])
+            if torch_kind:
+                import torch
+                f = torch.from_numpy(f.copy()).to(dtype=v.dtype, device=v.device)
+                if state_indices is None:
+                    v.copy_(f)
+                else:
+                    v.index_copy_(0, state_indices, f)
+            elif state_indices is None:
+                np.copyto(v, f)
+            else:
+                v[np.asarray(state_indices)] = f
+        self.kernel.__dict__["_last_step_counters"] = res.counters
+        return self._squeeze(outs)
+
     def _with_time(self, args, kwargs):
         ax = self.t_axis
         n = len(args)
@@ -215,6 +265,10 @@ class StepPlan:
                 for s, v in zip(self.s_names, sts):
                     states[s].index_copy_(0, state_indices, v)
             return self._squeeze(outs)
+        if getattr(self.kernel.backend, "run_step", None) is not None and self.own_step:
+            res = self._run_backend_step(t_args, t_kw, states, state_indices)
+            if res is not None:
+                return res
         # the T=1 scan of the kernel's backend
         if state_indices is None:
             init = states

@@ -42,13 +42,16 @@ def _resolve(what: Any) -> tuple[Entry | None, Recurrence | None, dict]:
                     f"got {type(what).__name__}")
 
 
-def compile(what: Any, target: str = "reference", *, options: Mapping[str, Any] | None = None,
+def compile(what: Any, target: str = "auto", *, options: Mapping[str, Any] | None = None,
             **kwargs: Any) -> "Kernel":  # noqa: A001
     """Compile a recurrence for a backend.
 
     Args:
         what: a registered name (``"mamba2"``), a path to a YAML spec, or a ``Recurrence``.
-        target: a backend name: ``reference``, ``triton`` or ``nki`` (see ``scancc backends``).
+        target: a backend name: ``reference``, ``torch``, ``triton`` or ``nki`` (see
+            ``scancc backends``), or ``auto`` (the default): per call, by the inputs
+            (``default_target``): the reference for NumPy arrays, Triton for CUDA tensors, the
+            torch backend for other torch tensors.
         options: backend options of ``target`` (``{"chip": "trn2"}``), or backend options by
             backend name (``{"nki": {"chip": "trn2"}, "triton": {"num_warps": 8}}``: those of
             ``target`` apply, so one mapping serves several targets).
@@ -59,8 +62,24 @@ def compile(what: Any, target: str = "reference", *, options: Mapping[str, Any] 
         a ``Kernel``: call it with the inputs; ``.ir`` is its IR, ``.source`` its code.
     """
     entry, rec, spec_opts = _resolve(what)
+    if target == AUTO:
+        return AutoKernel(entry, rec, {**spec_opts, **kwargs}, options)
     backend = backends.get(target)
     return Kernel(entry, rec, backend, {**spec_opts, **kwargs}, _backend_options(options, target))
+
+
+AUTO = "auto"
+
+
+def default_target(x: Any) -> str:
+    """The backend ``target="auto"`` runs a call on, from its first array: the reference for
+    NumPy arrays (it defines the semantics), Triton for CUDA tensors where Triton imports, the
+    torch backend for any other torch tensor (CPU, MPS, XPU, or CUDA without Triton)."""
+    if not type(x).__module__.startswith("torch"):
+        return "reference"
+    if x.device.type == "cuda" and backends.get("triton").available()[0]:
+        return "triton"
+    return "torch"
 
 
 def _backend_options(options: Mapping[str, Any] | None, target: str) -> dict:
@@ -127,6 +146,8 @@ class Kernel:
         if "torch" in sys.modules:  # ready the torch ops before torch.compile may trace a call
             from . import _torch_plan  # noqa: F401
             _constant_plan()
+            from .varlen import torch_varlen_traced_op  # the packed call's traced op too
+            torch_varlen_traced_op()
         ok, why = backend.supports(self.ir, self.backend_options)
         if not ok:
             prefix = f"backend {backend.name!r} cannot lower recurrence {self.ir.name!r}: "
@@ -176,18 +197,16 @@ class Kernel:
         ``cp_group``: context parallel over the time shards of a torch.distributed process
         group (docs/distributed.md)."""
         if cp_group is not None:
-            if cu_seqlens is not None:
-                raise InputError("cu_seqlens with cp_group: packed batches are not split "
-                                 "across ranks yet; pass one of the two")
+            if cu_seqlens is not None:  # a packed batch whose sequences may span ranks
+                from .distributed import cp_varlen_call
+                return cp_varlen_call(self, args, kwargs, cu_seqlens, initial_state,
+                                      bool(output_final_state), cp_group, InputError)
             from .distributed import cp_call
             return cp_call(self, args, kwargs, initial_state, bool(output_final_state), cp_group,
                            InputError)
         if _compiling():  # inside torch.compile: only constant planning, then the op
-            if cu_seqlens is not None:
-                raise InputError("cu_seqlens: packed batches are not traceable by "
-                                 "torch.compile yet; call the kernel outside the compiled "
-                                 "region")
-            return self._traced_call(args, kwargs, initial_state, output_final_state)
+            return self._traced_call(args, kwargs, initial_state, output_final_state,
+                                     cu_seqlens)
         # the fast path: a call with the structure of an earlier one (which inputs are given
         # and how, option values, array kinds, dtypes and shapes) reuses that call's plan, so
         # binding, checks and variant selection are done once per structure
@@ -248,7 +267,7 @@ class Kernel:
             plan.packed(n_seq)
         return plan
 
-    def _traced_call(self, args, kwargs, initial_state, output_final_state):
+    def _traced_call(self, args, kwargs, initial_state, output_final_state, cu_seqlens=None):
         """The call while torch.compile traces: planning is a constant function of the
         call's structure (evaluated once at trace time), shape checks run in the op's fake."""
         from .autograd import torch_ops
@@ -267,7 +286,19 @@ class Kernel:
         given.update({k: kwargs[k] for k in named})
         tensors = [given[n] for n in order]
         states = [] if init is None else [init.get(s, init.get("")) for s in snames]
-        res = torch_ops()(key, tensors, states, output_final_state)
+        if cu_seqlens is None:
+            res = torch_ops()(key, tensors, states, output_final_state)
+        else:  # a packed call: cu_seqlens a tensor input of the op (values read when it runs)
+            import torch
+
+            from .varlen import torch_varlen_traced_op
+            cu = cu_seqlens if isinstance(cu_seqlens, torch.Tensor) else \
+                torch.tensor(list(cu_seqlens), dtype=torch.int64)
+            if cu.dtype.is_floating_point or cu.dtype.is_complex or cu.dtype == torch.bool \
+                    or cu.dim() != 1:
+                raise InputError(f"cu_seqlens: expected an int64 tensor [N+1], got dtype "
+                                 f"{cu.dtype} shape {tuple(cu.shape)}")
+            res = torch_varlen_traced_op()(key, tensors, states, cu, output_final_state)
         out = res[0] if len(onames) == 1 else dict(zip(onames, res))
         if not output_final_state:
             return out
@@ -276,6 +307,78 @@ class Kernel:
 
 
 _MAX_PLANS = 256
+
+
+class AutoKernel(Kernel):
+    """``compile(..., target="auto")``: each call runs on ``default_target`` of its first
+    array. The kernel itself is the reference's (NumPy calls run here, as with
+    ``target="reference"``); another backend's kernel is built on first use. ``ir``, options
+    and checks are the reference's; ``target`` and ``source`` name the backend of the last
+    call."""
+
+    def __init__(self, entry: Entry | None, rec: Recurrence | None, options: dict,
+                 backend_options: Mapping[str, Any] | None):
+        if backend_options is not None and (
+                not isinstance(backend_options, Mapping) or
+                any(k not in backends.names() for k in backend_options)):
+            raise InputError("options: with target='auto', give backend options by backend "
+                             "name ({'triton': {'num_warps': 8}, 'torch': {...}}), or compile "
+                             "for one target")
+        self._by_backend = dict(backend_options or {})
+        super().__init__(entry, rec, backends.get("reference"), options,
+                         self._by_backend.get("reference"))
+        self._kernels: dict[str, Kernel] = {"reference": self}
+        self._current: Kernel = self
+        if "torch" in sys.modules:  # built now: a first call may come inside torch.compile
+            import torch
+            self._build("triton" if torch.cuda.is_available() else "torch")
+
+    def kernel_for(self, x: Any) -> Kernel:
+        """The kernel a call whose first array is ``x`` runs (see ``default_target``)."""
+        target = default_target(x)
+        k = self._kernels.get(target) or self._build(target)
+        self._current = k
+        return k
+
+    def _build(self, target: str) -> Kernel:
+        try:
+            k = Kernel(self.entry, self._fixed, backends.get(target), self.options,
+                       self._by_backend.get(target))
+        except UnsupportedError:   # that backend cannot lower it: the definition runs
+            k = self
+        self._kernels[target] = k
+        return k
+
+    @staticmethod
+    def _first(args, kwargs):
+        for x in (*args, *kwargs.values()):
+            if isinstance(x, np.ndarray) or type(x).__module__.startswith("torch"):
+                return x
+        return None
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        k = self.kernel_for(self._first(args, kwargs))
+        return super().__call__(*args, **kwargs) if k is self else k(*args, **kwargs)
+
+    def step(self, *args: Any, **kwargs: Any):
+        k = self.kernel_for(self._first(args, kwargs))
+        return super().step(*args, **kwargs) if k is self else k.step(*args, **kwargs)
+
+    @property
+    def source(self) -> str | None:
+        return super().source if self._current is self else self._current.source
+
+    @property
+    def target(self) -> str:
+        """The backend of the last call (the reference before any call)."""
+        return self._current.backend.name
+
+    @property
+    def last_run(self):
+        return super().last_run if self._current is self else self._current.last_run
+
+    def __repr__(self) -> str:
+        return f"Kernel({self.name!r}, target='auto', options={self.options})"
 
 
 def _sig(x):

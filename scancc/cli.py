@@ -266,12 +266,19 @@ def cmd_backends(a) -> int:
         if a.options:  # the declared backend options: name, what it accepts (default), doc
             for o in backends.get(n).options.values():
                 print(f"    {o.name:<14} {o.expected()} (default {o.default!r}): {o.doc}")
+    try:
+        import torch
+        here = "a GPU here" if torch.cuda.is_available() else "no GPU here: torch tensors run on torch"
+    except ImportError:
+        here = "torch not installed"
+    print(f"default (compile's target='auto'): reference for NumPy arrays, triton for CUDA "
+          f"tensors, torch for other torch tensors ({here})")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scancc", description="A compiler for state-space scans: "
-                                "one IR, lowered to NumPy (reference), Triton and NKI.")
+                                "one IR, lowered to NumPy (reference), PyTorch, Triton and NKI.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def common(sp, what=True, nargs=None, backend_opts=False):

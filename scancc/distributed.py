@@ -232,6 +232,45 @@ def _gather(torch, dist, flat, group):
     return out
 
 
+def _cached_plan(kernel, rec: Recurrence, sizes: Mapping[str, int]) -> _Plan:
+    cache = kernel.__dict__.setdefault("_cp_plans", {})
+    key = (id(rec), tuple(sorted((k, v) for k, v in sizes.items() if k != rec.time)))
+    cp = cache.get(key)
+    if cp is None:
+        cp = cache[key] = _Plan(kernel, rec, sizes)
+    return cp
+
+
+_TIE = None
+
+
+def _tie(torch, x, deps):
+    """``x`` unchanged, with ``deps`` (gathered tensors) in its autograd graph: their
+    backward (a collective) then runs on every rank, even where ``x`` does not read them
+    (rank 0 never folds), and after every use of ``x``'s own graph. A zero gradient."""
+    global _TIE
+    if not torch.is_grad_enabled() or not any(d.requires_grad for d in deps):
+        return x
+    if _TIE is None:
+        class Tie(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x, *deps):
+                ctx.shapes = [(d.shape, d.dtype, d.device) for d in deps]
+                return x.view_as(x)
+
+            @staticmethod
+            def backward(ctx, g):
+                return (g, *(torch.zeros(s, dtype=t, device=v) for s, t, v in ctx.shapes))
+        _TIE = Tie
+    return _TIE.apply(x, *deps)
+
+
+def _tie_out(torch, out, deps):
+    if isinstance(out, Mapping):
+        return {k: _tie(torch, v, deps) for k, v in out.items()}
+    return _tie(torch, out, deps)
+
+
 def cp_call(kernel, args: tuple, kwargs: dict, initial_state: Any, output_final_state: bool,
             group, error=ValueError) -> Any:
     """``kernel(*args, **kwargs)`` over the time shards of ``group`` (see the module doc);
@@ -247,11 +286,7 @@ def cp_call(kernel, args: tuple, kwargs: dict, initial_state: Any, output_final_
     run = plan.runner
     inputs = dict(zip(run.input_names, plan._inputs(args, kwargs)))
     sizes = run.sizes(tuple(tuple(v.shape) for v in inputs.values()))
-    cache = kernel.__dict__.setdefault("_cp_plans", {})
-    key = (id(rec), tuple(sorted((k, v) for k, v in sizes.items() if k != rec.time)))
-    cp = cache.get(key)
-    if cp is None:
-        cp = cache[key] = _Plan(kernel, rec, sizes)
+    cp = _cached_plan(kernel, rec, sizes)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     ref = inputs[rec.inputs[0].name]
     sdt = torch.float64 if ref.dtype == torch.float64 else torch.float32
@@ -300,8 +335,8 @@ def cp_call(kernel, args: tuple, kwargs: dict, initial_state: Any, output_final_
                 e = e + f
         final[k] = e
     # 5. rerun this shard from its entering state (rank 0's first scan is already right)
-    if rank == 0:
-        out = out0
+    if rank == 0:  # tied: the gather's backward (collective) runs on rank 0 too
+        out = _tie_out(torch, out0, gathered)
     else:
         out = kernel(*args, initial_state=enter, output_final_state=False, **kwargs)
     if not output_final_state:
@@ -309,4 +344,196 @@ def cp_call(kernel, args: tuple, kwargs: dict, initial_state: Any, output_final_
     return out, (final[names[0]] if len(names) == 1 else final)
 
 
-__all__ = ["cp_call", "summary_recurrence", "summary_dims", "identity_state", "apply_summary"]
+def _fold_one(torch, s: State, cp: _Plan, m, e, f):
+    """``M e + f`` for state ``s`` (``m`` None: an identity transition)."""
+    if m is None:
+        return e + f
+    return apply_summary(torch, s, cp.sdims[s.name], m, e) + f
+
+
+def cp_varlen_call(kernel, args: tuple, kwargs: dict, cu_seqlens: Any, initial_state: Any,
+                   output_final_state: bool, group, error=ValueError) -> Any:
+    """``kernel(*args, cu_seqlens=cu, **kwargs)`` over the time shards of ``group``: a packed
+    batch (batch 1) whose sequences may span ranks. ``cu_seqlens`` is the **global** one
+    (boundaries on the whole packed time axis, the same on every rank); ``initial_state``
+    the global ``[N, ...]`` one, passed on every rank (each rank reads the rows of the
+    sequences it starts). Per rank (docs/distributed.md, "Packed sequences"):
+
+    - the shard starts at a boundary (rank 0 always): one local packed call from the
+      sequences' initial states is exact; its tail does not depend on earlier ranks;
+    - it has a boundary inside: the entering state stops at the first boundary (a zero
+      transition for the fold); its tail segment's final state comes from a scan of that
+      segment alone; after the fold, a local packed rerun with the head from the entering
+      state;
+    - no boundary: as the unpacked case (the carrying summary scan gives ``F_r`` and
+      ``M_r``; after the fold, a rerun from the entering state).
+
+    One small all-gather of the shard lengths (the offsets), one of (summaries, tail final
+    states) and, with ``output_final_state``, one of the ``[N, ...]`` final states (each
+    sequence's placed by the rank where it ends; summed)."""
+    import bisect
+
+    import torch
+    import torch.distributed as dist
+
+    from .varlen import batch_axis, check_cu_seqlens
+
+    InputError = error
+    plan = kernel._plan_call(args, dict(kwargs), None)
+    if plan.kind != "torch":
+        raise InputError("cp_group: context parallelism takes torch tensors")
+    rec, run = plan.rec, plan.runner
+    inputs = dict(zip(run.input_names, plan._inputs(args, kwargs)))
+    opts = {k: v for k, v in kwargs.items() if k not in inputs}
+    sizes = run.sizes(tuple(tuple(v.shape) for v in inputs.values()))
+    batch = next((d.name for d in rec.dims if d.role == "batch"), None)
+    if batch is not None and sizes[batch] != 1:
+        raise InputError(f"recurrence {rec.name!r}: cu_seqlens: packed sequences take batch 1 "
+                         f"(the sequences concatenated along time), got batch {sizes[batch]}")
+    cp = _cached_plan(kernel, rec, sizes)
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    ref = inputs[rec.inputs[0].name]
+    sdt = torch.float64 if ref.dtype == torch.float64 else torch.float32
+    names = [s.name for s in rec.states]
+
+    # the offsets: one all-gather of the shard lengths
+    n_loc = int(sizes[rec.time])
+    lens = [torch.zeros(1, dtype=torch.int64, device=ref.device) for _ in range(world)]
+    dist.all_gather(lens, torch.tensor([n_loc], dtype=torch.int64, device=ref.device),
+                    group=group)
+    lens = [int(v.item()) for v in lens]
+    if min(lens) < 1:
+        raise InputError("cu_seqlens with cp_group: every rank's shard must hold at least "
+                         f"one step, got shard lengths {lens}")
+    offs = [sum(lens[:r]) for r in range(world)]
+    try:
+        cu = check_cu_seqlens(cu_seqlens, sum(lens), None, rec.inputs[0].name)
+    except ValueError as e:
+        raise InputError(f"recurrence {rec.name!r}: {e} (with cp_group: the global "
+                         f"cu_seqlens over the {world} ranks' shards)") from None
+    n_seq, cuset = len(cu) - 1, set(cu)
+
+    def seq_at(p):  # the sequence global step p belongs to
+        return bisect.bisect_right(cu, p) - 1
+
+    def inner(r):  # boundaries strictly inside rank r's shard, local
+        return sorted({b - offs[r] for b in cu if offs[r] < b < offs[r] + lens[r]})
+
+    # does rank r's entering state reach its end (no boundary at its start or inside)?
+    prop = [offs[r] not in cuset and not inner(r) for r in range(world)]
+
+    init = None
+    if initial_state is not None:
+        init = initial_state if isinstance(initial_state, Mapping) else {names[0]: initial_state}
+        init = {k: torch.as_tensor(v).to(device=ref.device, dtype=sdt) for k, v in init.items()}
+
+    def row(k, x, i):  # sequence i's state (batch 1) of a packed [N, ...] state
+        ax = batch_axis(rec, rec.state(k).dims)
+        return x[i] if ax is None else x.narrow(ax, i, 1)
+
+    def stack(k, rows):  # rows (batch 1) -> a packed [N, ...] state
+        ax = batch_axis(rec, rec.state(k).dims)
+        return torch.stack(rows) if ax is None else torch.cat(rows, ax)
+
+    def zero(k):
+        return torch.zeros(cp.state_shapes[k], dtype=sdt, device=ref.device)
+
+    def init_row(k, i):
+        return row(k, init[k], i) if init is not None and k in init else zero(k)
+
+    def sliced(t0, t1):  # the named inputs over local steps [t0, t1)
+        out = {}
+        for n, v in inputs.items():
+            dims = rec.input(n).dims
+            out[n] = v.narrow(dims.index(rec.time), t0, t1 - t0) if rec.time in dims else v
+        return out
+
+    def as_dict(fin):
+        return fin if isinstance(fin, Mapping) else {names[0]: fin}
+
+    bounds = [0] + inner(rank) + [n_loc]
+    segs = [seq_at(offs[rank] + b) for b in bounds[:-1]]  # each local segment's sequence
+    local_cu = torch.tensor(bounds, dtype=torch.int64)
+
+    def packed_call(head):  # the local packed call, the head segment from ``head``
+        st = {k: stack(k, [head[k]] + [init_row(k, i) for i in segs[1:]]) for k in names}
+        out, fin = kernel(**inputs, **opts, cu_seqlens=local_cu, initial_state=st,
+                          output_final_state=True)
+        fin = as_dict(fin)
+        return out, [{k: row(k, fin[k], j) for k in names} for j in range(len(segs))]
+
+    summ = {k: torch.zeros(v, dtype=sdt, device=ref.device)
+            for k, v in cp.summary_shapes.items()}
+    out = local = None
+    if offs[rank] in cuset:  # exact from the start: no rerun
+        out, local = packed_call({k: init_row(k, segs[0]) for k in names})
+        tail = local[-1]
+    elif len(segs) > 1:  # the tail segment alone, from its sequence's initial state
+        _, fin = kernel(**sliced(bounds[-2], n_loc), **opts,
+                        initial_state={k: init_row(k, segs[-1]) for k in names},
+                        output_final_state=True)
+        tail = as_dict(fin)
+    else:  # one segment continuing the previous rank's: F_r and M_r in one scan
+        ident = identity_state(torch, cp.summ, cp.ssizes, sdt, ref.device,
+                               only=set(cp.sname.values()))
+        _, fin = cp.skernel(**{k: inputs[k] for k in cp.s_inputs},
+                            initial_state=ident or None, output_final_state=True)
+        fin = as_dict(fin)
+        tail = {k: fin[k] for k in names}
+        summ = {k: fin[m].to(sdt) for k, m in cp.sname.items()}
+    parts = [summ[k].reshape(-1) for k in cp.summary_shapes] + \
+        [tail[k].to(sdt).reshape(-1) for k in names]
+    gathered = _gather(torch, dist, torch.cat(parts), group)
+    # the fold up to this rank: E_r = init (a start) or M'_{r-1} E_{r-1} + F_{r-1}
+    enter = None  # E_r of the rank r the loop is at (E_{r-1} when it starts rank r)
+    for r in range(rank + 1):
+        if offs[r] in cuset:
+            e = None  # not needed: rank r's tail is exact (M'_r = 0)
+        else:
+            e = {}
+            for k in names:
+                f = cp.unpack(gathered[r - 1], "final", k)
+                if prop[r - 1]:
+                    m = cp.unpack(gathered[r - 1], "summary", k) \
+                        if k in cp.summary_shapes else None
+                    e[k] = _fold_one(torch, rec.state(k), cp, m, enter[k], f)
+                else:
+                    e[k] = f
+        enter = e
+    if out is None:  # rerun from the entering state
+        if len(segs) > 1:
+            out, local = packed_call(enter)
+        else:
+            out, fin = kernel(**inputs, **opts, initial_state=enter, output_final_state=True)
+            local = [as_dict(fin)]
+    if not output_final_state:  # tied: the gather's backward runs on every rank
+        return _tie_out(torch, out, gathered)
+    # each sequence's final state from the rank where it ends; zero-length ones on rank 0
+    ends = {segs[j]: j for j in range(len(segs))
+            if offs[rank] + bounds[j + 1] in cuset}
+    rows = {k: [] for k in names}
+    for i in range(n_seq):
+        for k in names:
+            if i in ends:
+                rows[k].append(local[ends[i]][k].to(sdt))
+            elif rank == 0 and cu[i] == cu[i + 1]:
+                rows[k].append(init_row(k, i))
+            else:
+                rows[k].append(zero(k))
+    # tied to the first gather: its backward (collective) runs after this one's, everywhere
+    flat = _tie(torch, torch.cat([stack(k, rows[k]).reshape(-1) for k in names]), gathered)
+    gathered2 = _gather(torch, dist, flat, group)
+    total = sum(gathered2)
+    # the outputs tied to the second gather: on every rank, whichever of the outputs and
+    # final states the loss reads, both backward collectives run, the second's first
+    out = _tie_out(torch, out, gathered2)
+    final, at = {}, 0
+    for k in names:
+        shape = stack(k, [zero(k)] * n_seq).shape
+        n = _prod(shape)
+        final[k] = total[at:at + n].reshape(shape)
+        at += n
+    return out, (final[names[0]] if len(names) == 1 else final)
+
+
+__all__ = ["cp_call", "cp_varlen_call", "summary_recurrence", "summary_dims", "identity_state", "apply_summary"]

@@ -11,7 +11,8 @@ import math
 from scancc.ir import (companion, const, diagonal, dot, exp, flip, group, householder,
                        identity, iota, l2norm, rsqrt, scalar, shift, silu, size, softmax,
                        softplus, clamp)
-from scancc.ir import cos, dense, expm1, prev, sigmoid, sin, step, tanh
+from scancc.ir import cos, dense, expm1, joint_softmax, prev, sigmoid, sin, step, tanh
+from scancc.ir.recurrence import selection
 
 from .registry import register
 
@@ -343,3 +344,85 @@ def kda(r, scale=None, use_qk_l2norm_in_kernel=False):
     tr = dplr(k, a=-(beta * kk), b=decay * kk, w=decay)
     S = r.state("S", [b, h, k, v], tr, inject=beta * kk * vv)
     r.output("o", [b, t, h, v], dot(S, q, k) * _scale(scale, k))
+
+
+# ---- B'MOJO: eidetic and fading memory in one recurrence (docs/bmojo.md) ----
+
+def _window_arg(name, window):
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"{name}: window must be a positive integer, got {window!r}")
+    return window
+
+
+@register("bmojo_f", origin="library")
+def bmojo_f(r, window=4, scale=None):
+    """B'MOJO-F: one softmax of scale*q_t over the keys of a window {(k_j, v_j): t-W < j <= t}
+    and a fading window {(kf_j, vf_j): t-2W < j <= t-W} (j >= 0). kf/vf (the fading tokens,
+    an SSM's output in the layer) ride a 2W shift register whose older half is read."""
+    W = _window_arg("bmojo_f", window)
+    b, t, h, k, v = _attn_dims(r)
+    w, f = r.dim("window", size=W), r.dim("fading", size=2 * W)
+    q, kk, vv = _qkv(r, b, t, h, k, v)
+    kf, vf = r.input("kf", [b, t, h, k]), r.input("vf", [b, t, h, v])
+    kw = r.state("kw", [b, h, w, k], shift(w), inject=kk)
+    vw = r.state("vw", [b, h, w, v], shift(w), inject=vv)
+    valid = r.state("valid", [b, w], shift(w), inject=const(1.0))
+    kfw = r.state("kf_win", [b, h, f, k], shift(f), inject=kf)
+    vfw = r.state("vf_win", [b, h, f, v], shift(f), inject=vf)
+    validf = r.state("valid_f", [b, f], shift(f), inject=const(1.0))
+    sc = _scale(scale, k)
+    older = step((W - 1.0) - iota(f))  # slots 0..W-1 of the 2W register: t-2W < j <= t-W
+    pw, pf = joint_softmax([(dot(q, kw, k) * sc, w, valid),
+                            (dot(q, kfw, k) * sc, f, validf * older)])
+    r.output("o", [b, t, h, v], dot(pw, vw, w) + dot(pf, vfw, f))
+
+
+def bmojo(window=4, memory=4, predictor=2, scale=None):
+    """The B'MOJO recurrence (the registered ``bmojo``) with these options."""
+    from .registry import get
+    return get("bmojo").build(window=window, memory=memory, predictor=predictor, scale=scale)
+
+
+@register("bmojo", origin="library")
+def _bmojo(r, window=4, memory=4, predictor=2, scale=None):
+    """B'MOJO: bmojo_f plus an eidetic memory of m tokens. The token j = t-W leaving the
+    window enters the memory (selection state) with its innovation score
+    s_j = sum_v (y_j - mean(y_{j-1..j-P}))^2 (y before time 0 is 0): into a free slot, else
+    replacing the lowest slot with the smallest score if s_j is larger. o_t is one softmax of
+    scale*q_t over the window, the fading window and the memory."""
+    W = _window_arg("bmojo", window)
+    m, P = _window_arg("bmojo (memory)", memory), _window_arg("bmojo (predictor)", predictor)
+    b, t, h, k, v = _attn_dims(r)
+    # x: the window plus the token leaving it (slot 0, j = t-W); f: the fading window (as in
+    # bmojo_f); ypast: y_{t-W-P} .. y_t (slot P is y_j, slots 0..P-1 its predictor window)
+    x, f = r.dim("window", size=W + 1), r.dim("fading", size=2 * W)
+    mem, yd = r.dim("memory", size=m), r.dim("ypast", size=W + P + 1)
+    q, kk, vv = _qkv(r, b, t, h, k, v)
+    kf, vf = r.input("kf", [b, t, h, k]), r.input("vf", [b, t, h, v])
+    y = r.input("y", [b, t, h, v])
+    kx = r.state("kw", [b, h, x, k], shift(x), inject=kk)
+    vx = r.state("vw", [b, h, x, v], shift(x), inject=vv)
+    valid = r.state("valid", [b, x], shift(x), inject=const(1.0))
+    kfw = r.state("kf_win", [b, h, f, k], shift(f), inject=kf)
+    vfw = r.state("vf_win", [b, h, f, v], shift(f), inject=vf)
+    validf = r.state("valid_f", [b, f], shift(f), inject=const(1.0))
+    ys = r.state("ys", [b, h, yd, v], shift(yd), inject=y)
+    # the cascade: the memory reads the current shift registers (declared before it)
+    i = iota(yd)
+    err = dot(ys, step(i - P) * step(P - i), yd) - dot(ys, step((P - 1.0) - i), yd) * (1.0 / P)
+    score = dot(err, err, v)
+    oldest = step(-iota(x))
+    # the stored key is s_j + 1 (> 0, as s_j >= 0): 0 marks a free slot, so keys and occupancy
+    # are one state (every backend's selection rule reads them from one earlier state)
+    key = score + 1.0
+    sel = selection(mem, key, dot(valid, oldest, x), prev("mem_key"), prev("mem_key"))
+    mf = r.state("mem_key", [b, h, mem], sel, inject=key)
+    mk = r.state("mem_k", [b, h, mem, k], sel, inject=dot(kx, oldest, x))
+    mv = r.state("mem_v", [b, h, mem, v], sel, inject=dot(vx, oldest, x))
+    sc = _scale(scale, k)
+    window = valid * step(iota(x) - 1.0)     # slots 1..W: t-W < j <= t
+    older = step((W - 1.0) - iota(f))         # slots 0..W-1: t-2W < j <= t-W
+    pw, pf, pm = joint_softmax([(dot(q, kx, k) * sc, x, window),
+                                (dot(q, kfw, k) * sc, f, validf * older),
+                                (dot(q, mk, k) * sc, mem, mf)])
+    r.output("o", [b, t, h, v], dot(pw, vx, x) + dot(pf, vfw, f) + dot(pm, mv, mem))

@@ -9,8 +9,9 @@ the short convolution, activations, normalization, output gating) is left to the
     y = core(x, dt, B, C)                               # x [B, L, H, P] -> y [B, L, H, P]
     y, h = core(x, dt, B, C, output_final_state=True)   # h [B, H, P, N], float32
 
-``target`` picks the backend ("reference" by default: NumPy, float64, any device's tensors
-round-trip through the CPU; "triton"; "nki"); other keyword arguments go to
+``target`` picks the backend ("auto" by default, as ``scancc.compile``: Triton for CUDA tensors,
+the generated PyTorch code of the torch backend for other tensors; "reference": NumPy, float64,
+any device's tensors round-trip through the CPU; "torch"; "triton"; "nki"); other keyword arguments go to
 ``scancc.compile`` as backend options (e.g. Triton's ``algorithm``). Calls are differentiable
 (``scancc::scan`` custom op, docs/training.md). Parameters are float32; inputs may be any float
 dtype the backend takes, and the output has the dtype of the first input. See docs/layers.md.
@@ -30,6 +31,7 @@ from .api import InputError, Kernel, compile
 
 __all__ = ["ScanLayer", "Mamba2Core", "MambaCore", "GLACore", "DeltaNetCore",
            "GatedDeltaNetCore"]
+__all__ += ["BMojoF", "BMojo"]
 
 
 def _f32(p: Tensor) -> Tensor:
@@ -56,7 +58,7 @@ def _init_dt_bias(p: Tensor, dt_min: float, dt_max: float, dt_init_floor: float)
 class ScanLayer(nn.Module):
     """A compiled scancc recurrence as a module, with no parameters of its own.
 
-    ``ScanLayer(recurrence, target="reference", **options)`` compiles ``recurrence`` (a library
+    ``ScanLayer(recurrence, target="auto", **options)`` compiles ``recurrence`` (a library
     name such as ``"retnet"``, a YAML spec path or a ``Recurrence``) with
     ``scancc.compile(recurrence, target, **options)``; ``forward`` is the kernel call
     (inputs by position or name, ``initial_state``, ``output_final_state``). The named cores
@@ -65,12 +67,13 @@ class ScanLayer(nn.Module):
 
     kernel: Kernel
 
-    def __init__(self, recurrence: Any, target: str = "reference", **options: Any):
+    def __init__(self, recurrence: Any, target: str = "auto", **options: Any):
         super().__init__()
         self.recurrence, self.target, self.options = recurrence, target, dict(options)
-        ok, why = backends.get(target).available()  # readies its toolchain (Triton: CPU mode)
-        if not ok:
-            raise backends.UnsupportedError(target, str(recurrence), why)
+        if target != "auto":
+            ok, why = backends.get(target).available()  # readies its toolchain (Triton: CPU)
+            if not ok:
+                raise backends.UnsupportedError(target, str(recurrence), why)
         self.kernel = compile(recurrence, target=target, **options)
 
     def forward(self, *inputs: Tensor, initial_state: Any = None,
@@ -111,7 +114,7 @@ class Mamba2Core(ScanLayer):
     def __init__(self, nheads: int, *, A_init_range: tuple[float, float] = (1.0, 16.0),
                  dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
                  dt_limit: tuple[float, float] | None = (0.0, math.inf),
-                 target: str = "reference", device: Any = None, **backend_options: Any):
+                 target: str = "auto", device: Any = None, **backend_options: Any):
         super().__init__("mamba2", target, dt_softplus=True,
                          dt_limit=None if dt_limit is None else tuple(dt_limit),
                          **backend_options)
@@ -159,7 +162,7 @@ class MambaCore(ScanLayer):
     """
 
     def __init__(self, d_inner: int, d_state: int = 16, *, dt_min: float = 0.001,
-                 dt_max: float = 0.1, dt_init_floor: float = 1e-4, target: str = "reference",
+                 dt_max: float = 0.1, dt_init_floor: float = 1e-4, target: str = "auto",
                  device: Any = None, **backend_options: Any):
         super().__init__("mamba", target, delta_softplus=True, **backend_options)
         self.d_inner, self.d_state = d_inner, d_state
@@ -199,7 +202,7 @@ class GLACore(ScanLayer):
     state [batch, H, K, V]. Not here: the q/k/v/gk/g projections, the gated norm, o_proj.
     """
 
-    def __init__(self, scale: float | None = None, *, target: str = "reference",
+    def __init__(self, scale: float | None = None, *, target: str = "auto",
                  **backend_options: Any):
         super().__init__("gla", target, scale=scale, **backend_options)
 
@@ -223,7 +226,7 @@ class DeltaNetCore(ScanLayer):
     """
 
     def __init__(self, scale: float | None = None, *, use_qk_l2norm_in_kernel: bool = True,
-                 target: str = "reference", **backend_options: Any):
+                 target: str = "auto", **backend_options: Any):
         super().__init__("delta_net", target, scale=scale,
                          use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **backend_options)
 
@@ -251,7 +254,7 @@ class GatedDeltaNetCore(ScanLayer):
     def __init__(self, num_heads: int, scale: float | None = None, *,
                  use_qk_l2norm_in_kernel: bool = True,
                  A_init_range: tuple[float, float] = (0.0, 16.0), dt_min: float = 0.001,
-                 dt_max: float = 0.1, dt_init_floor: float = 1e-4, target: str = "reference",
+                 dt_max: float = 0.1, dt_init_floor: float = 1e-4, target: str = "auto",
                  device: Any = None, **backend_options: Any):
         super().__init__("gated_delta_net", target, scale=scale,
                          use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **backend_options)
@@ -284,3 +287,104 @@ class GatedDeltaNetCore(ScanLayer):
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, target={self.target!r}"
+
+
+# ---- B'MOJO: full layers (docs/bmojo.md) ----
+
+class BMojoF(nn.Module):
+    """A B'MOJO-F layer, as hybrid-model-factory's BMojoLayer: a Mamba2 core produces the
+    fading tokens, the layer's own (tied) k/v projections map them to fading keys/values, and
+    the ``bmojo_f`` kernel does one softmax attention over the window and the fading window.
+
+    ``u`` [batch, L, d_model] -> [batch, L, d_model]::
+
+        q, k, v = q_proj(u), k_proj(u), v_proj(u)              # [batch, L, H, K]
+        x, B, C, dt = ssm_in(u)                                # Mamba2 inputs, one group
+        y = Mamba2Core(x, dt, B, C)                            # [batch, L, H, K]
+        kf, vf = k_proj(ssm_out(y)), v_proj(ssm_out(y))        # the fading tokens, tied
+        o = bmojo_f(q, k, v, kf, vf; window)                   # [batch, L, H, K]
+        out = o_proj(o)
+
+    Layer parts beyond hybrid-model-factory's are left out (no rotary embedding, no norm, no
+    short conv in the SSM branch). Gradients flow to every parameter (the kernel's backward is
+    the derived adjoint of the ``bmojo_f`` recurrence)."""
+
+    kernel_name = "bmojo_f"
+
+    def __init__(self, d_model: int, nheads: int, headdim: int | None = None, *,
+                 window: int = 64, d_state: int = 16, scale: float | None = None,
+                 target: str = "auto", device: Any = None, dtype: Any = None,
+                 **backend_options: Any):
+        super().__init__()
+        K = headdim or d_model // nheads
+        if K < 1:
+            raise ValueError(f"headdim must be positive, got {K}")
+        self.d_model, self.nheads, self.headdim, self.d_state = d_model, nheads, K, d_state
+        self.window, self.scale = window, scale
+        kw = dict(device=device, dtype=dtype)
+        self.q_proj = nn.Linear(d_model, nheads * K, bias=False, **kw)
+        self.k_proj = nn.Linear(d_model, nheads * K, bias=False, **kw)
+        self.v_proj = nn.Linear(d_model, nheads * K, bias=False, **kw)
+        self.ssm_in = nn.Linear(d_model, nheads * K + 2 * d_state + nheads, **kw)
+        self.ssm = Mamba2Core(nheads, target=target, device=device, **backend_options)
+        self.ssm_out = nn.Linear(nheads * K, d_model, bias=False, **kw)
+        self.o_proj = nn.Linear(nheads * K, d_model, bias=False, **kw)
+        self.attn = ScanLayer(self._recurrence(), target, **self._options(scale),
+                              **backend_options)
+
+    def _recurrence(self):
+        return self.kernel_name
+
+    def _options(self, scale):
+        return dict(window=self.window, scale=scale)
+
+    def heads(self, t: Tensor) -> Tensor:
+        return t.reshape(*t.shape[:2], self.nheads, self.headdim)
+
+    def branches(self, u: Tensor) -> dict[str, Tensor]:
+        """The kernel's inputs for ``u``: q, k, v, kf, vf (and y, the SSM output)."""
+        H, K, N = self.nheads, self.headdim, self.d_state
+        x, B, C, dt = self.ssm_in(u).split([H * K, N, N, H], -1)
+        b, L = u.shape[:2]
+        y = self.ssm(self.heads(x), dt, B.reshape(b, L, 1, N), C.reshape(b, L, 1, N))
+        fading = self.ssm_out(y.reshape(b, L, H * K))
+        return dict(q=self.heads(self.q_proj(u)), k=self.heads(self.k_proj(u)),
+                    v=self.heads(self.v_proj(u)), kf=self.heads(self.k_proj(fading)),
+                    vf=self.heads(self.v_proj(fading)), y=y)
+
+    def forward(self, u: Tensor) -> Tensor:
+        x = self.branches(u)
+        o = self.attn(x["q"], x["k"], x["v"], x["kf"], x["vf"])
+        return self.o_proj(o.reshape(*u.shape[:2], -1))
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, nheads={self.nheads}, headdim={self.headdim}, "
+                f"window={self.window}")
+
+
+class BMojo(BMojoF):
+    """A B'MOJO layer: ``BMojoF`` plus the eidetic memory of ``memory`` tokens, chosen by the
+    innovation of the SSM output y over a ``predictor`` window (the ``bmojo`` recurrence,
+    ``scancc.library.bmojo``). Forward only for now: the adjoint of cascaded and selection
+    states is not derived, so a backward through the kernel raises (docs/bmojo.md)."""
+
+    def __init__(self, d_model: int, nheads: int, headdim: int | None = None, *,
+                 window: int = 64, memory: int = 16, predictor: int = 4, **kw: Any):
+        self.memory, self.predictor = memory, predictor
+        super().__init__(d_model, nheads, headdim, window=window, **kw)
+
+    def _recurrence(self):
+        from .library import bmojo
+        return bmojo(window=self.window, memory=self.memory, predictor=self.predictor,
+                     scale=self.scale)
+
+    def _options(self, scale):
+        return {}
+
+    def forward(self, u: Tensor) -> Tensor:
+        x = self.branches(u)
+        o = self.attn(x["q"], x["k"], x["v"], x["kf"], x["vf"], x["y"])
+        return self.o_proj(o.reshape(*u.shape[:2], -1))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", memory={self.memory}, predictor={self.predictor}"

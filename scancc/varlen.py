@@ -314,4 +314,113 @@ def torch_varlen_op():
     return _OP
 
 
-__all__ = ["check_cu_seqlens", "backward_varlen", "torch_varlen_op", "batch_axis"]
+_OP_T = None
+
+
+def torch_varlen_traced_op():
+    """The packed call as torch.compile traces it: ``scancc::scan_varlen_cu`` takes
+    ``cu_seqlens`` as a **tensor** input (its values are read, and checked, only when the op
+    runs; the fake needs only its length N+1), with a backward op of the same form, so a
+    compiled region (``fullgraph=True``) holds the packed scan and its gradients without a
+    graph break. A bad ``cu_seqlens`` raises ValueError when the op runs."""
+    global _OP_T
+    if _OP_T is not None:
+        return _OP_T
+    import torch
+
+    from .autograd import _shapes, backward_target
+
+    def state_dtype(ref):
+        return torch.float64 if ref.dtype == torch.float64 else torch.float32
+
+    def cu_of(run, inputs, cu):
+        rec = run.rec
+        sizes = _shapes(rec, inputs)
+        batch = next((d.name for d in rec.dims if d.role == "batch"), None)
+        return check_cu_seqlens(cu, sizes[rec.time], sizes[batch] if batch else None,
+                                rec.inputs[0].name)
+
+    def state_shape(rec, s, sizes, n):
+        shape = [sizes[d] for d in s.dims]
+        ax = batch_axis(rec, s.dims)
+        return tuple(shape[:ax] + [n] + shape[ax + 1:] if ax is not None else [n] + shape)
+
+    @torch.library.custom_op("scancc::scan_varlen_cu", mutates_args=(), schema=(
+        "(str key, Tensor[] inputs, Tensor[] init, Tensor cu, bool want_final) -> Tensor[]"))
+    def scan_varlen_cu(key: str, inputs: list[torch.Tensor], init: list[torch.Tensor],
+                       cu: torch.Tensor, want_final: bool) -> list[torch.Tensor]:
+        run = by_slot(key)
+        cut = cu_of(run, inputs, cu)
+        native = [run.to_native(t) for t in inputs]
+        ninit = {s: run.to_native(t) for s, t in zip(run.state_names, init)} if init else None
+        ref = inputs[0]
+        res = run(native, ninit, want_final, str(ref.dtype).replace("torch.", ""),
+                  cu_seqlens=cut)
+        outs = [_to_torch(res.outputs[o], ref, ref.dtype) for o in run.output_names]
+        if want_final:
+            sdt = state_dtype(ref)
+            outs += [_to_torch(res.final_states[s], ref, sdt) for s in run.state_names]
+        return [o.contiguous() for o in outs]
+
+    @scan_varlen_cu.register_fake
+    def _(key, inputs, init, cu, want_final):
+        rec = by_slot(key).rec
+        sizes, ref = _shapes(rec, inputs), inputs[0]
+        outs = [ref.new_empty(tuple(sizes[d] for d in o.dims)) for o in rec.outputs]
+        if want_final:
+            outs += [ref.new_empty(state_shape(rec, s, sizes, cu.shape[0] - 1),
+                                   dtype=state_dtype(ref)) for s in rec.states]
+        return outs
+
+    @torch.library.custom_op("scancc::scan_varlen_cu_backward", mutates_args=(), schema=(
+        "(str key, Tensor[] inputs, Tensor[] init, Tensor cu, Tensor[] grads, "
+        "bool want_final) -> Tensor[]"))
+    def scan_varlen_cu_backward(key: str, inputs: list[torch.Tensor],
+                                init: list[torch.Tensor], cu: torch.Tensor,
+                                grads: list[torch.Tensor], want_final: bool
+                                ) -> list[torch.Tensor]:
+        run = by_slot(key)
+        rec = run.rec
+        cut = cu_of(run, inputs, cu)
+        no = len(rec.outputs)
+        x = {i.name: t.detach() for i, t in zip(rec.inputs, inputs)}
+        h0 = {s.name: t.detach() for s, t in zip(rec.states, init)} if init else None
+        d_out = {o.name: g.detach() for o, g in zip(rec.outputs, grads[:no])}
+        d_fin = {s.name: g.detach() for s, g in zip(rec.states, grads[no:])} \
+            if want_final else None
+        target = backward_target(run, rec)
+        gin, ginit = backward_varlen(rec, x, d_out, h0, d_fin, cut, target,
+                                     run.options if target == run.backend.name else None)
+        res = [_to_torch(gin[i.name], t, t.dtype) for i, t in zip(rec.inputs, inputs)]
+        res += [_to_torch(ginit[s.name], t, t.dtype) for s, t in zip(rec.states, init)]
+        given = {t.untyped_storage().data_ptr() for t in [*inputs, *init, *grads]
+                 if t.numel()}
+        return [r.clone(memory_format=torch.contiguous_format)
+                if r.numel() and r.untyped_storage().data_ptr() in given else r.contiguous()
+                for r in res]
+
+    @scan_varlen_cu_backward.register_fake
+    def _(key, inputs, init, cu, grads, want_final):
+        return [t.new_empty(t.shape) for t in list(inputs) + list(init)]
+
+    def setup_context(ctx, inputs, output):
+        key, xs, init, cu, want_final = inputs
+        ctx.key, ctx.want_final, ctx.n_in = key, want_final, len(xs)
+        ctx.save_for_backward(*xs, *init, cu, *output)
+
+    def backward_rule(ctx, grads):
+        saved = ctx.saved_tensors
+        n_init = len(saved) - ctx.n_in - 1 - len(grads)
+        xs, init = saved[:ctx.n_in], saved[ctx.n_in:ctx.n_in + n_init]
+        cu, outs = saved[ctx.n_in + n_init], saved[ctx.n_in + n_init + 1:]
+        grads = [torch.zeros_like(o) if g is None else g for g, o in zip(grads, outs)]
+        g = scan_varlen_cu_backward(ctx.key, list(xs), list(init), cu, grads, ctx.want_final)
+        return None, g[:ctx.n_in], g[ctx.n_in:], None, None
+
+    scan_varlen_cu.register_autograd(backward_rule, setup_context=setup_context)
+    _OP_T = scan_varlen_cu
+    return _OP_T
+
+
+__all__ = ["check_cu_seqlens", "backward_varlen", "torch_varlen_op", "torch_varlen_traced_op",
+           "batch_axis"]

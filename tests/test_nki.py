@@ -22,7 +22,8 @@ PARTITION_DIM = {"linear_attn": "value", "retnet": "value", "simple_gla": "value
                  "gla": "value", "hgrn": "chan", "delta_net": "value", "gated_delta_net": "value",
                  "mamba": "chan", "mamba2": "headdim", "s4d": "heads", "fir": "chan",
                  "iir": "chan", "swa": "heads",
-                 "hgrn2": "value", "rwkv6": "value", "mamba3": "headdim"}
+                 "hgrn2": "value", "rwkv6": "value", "mamba3": "headdim",
+                 "bmojo_f": "heads", "bmojo": "heads"}
 
 
 def test_partition_dim_table_covers_the_library():

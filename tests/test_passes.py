@@ -299,6 +299,8 @@ CHUNKED = {
     # dplr transitions: Triton's chunked WY form (per-K decay pair tiles), NKI recurrent
     "rwkv7": ("dplr", True, False),
     "kda": ("dplr", True, False),
+    "bmojo_f": (None, False, False),
+    "bmojo": (None, False, False),
 }
 
 

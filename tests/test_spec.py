@@ -515,7 +515,7 @@ def test_expression_of_the_wrong_type(tmp_path, value, frag):
     # scalar decay with a feature dim: the verifier's message, at the transition line
     ("transition: diagonal(decay=decay)", "transition: scalar(decay=decay)", "transition:",
      "a scalar decay"),
-    ("    inject: x", "    inject: x * h", "inject: x * h", "only outputs may read states"),
+    ("    inject: x", "    inject: x * h", "inject: x * h", "not declared before this state"),
     ("dims: [batch, time, chan]\n    expr", "dims: [batch, time]\n    expr", "expr:",
      "the readout has dims"),
     ("dims: [batch, chan]", "dims: [batch, time, chan]", "dims: [batch, time", "time dim"),

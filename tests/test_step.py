@@ -49,8 +49,8 @@ def _scan_truth(name, x, h0):
     return out, fin
 
 
-def _step_all(name, target, dtype, x, h0, state_dtype):
-    k = scancc.compile(name, target, **OPTS.get(name, {}))
+def _step_all(name, target, dtype, x, h0, state_dtype, k=None):
+    k = k or scancc.compile(name, target, **OPTS.get(name, {}))
     rec = k.ir
     T = next(v.shape[rec.input(n).dims.index(rec.time)] for n, v in x.items()
              if rec.time in rec.input(n).dims)
@@ -216,14 +216,53 @@ def test_one_triton_step_with_split_value_blocks():
         _compare("gated_delta_net", {"o": y}, st, {"o": y0}, st0, TOL["float32"])
 
 
-@pytest.mark.parametrize("name", ["hgrn", "gated_delta_net", "iir"])
-def test_nki_steps_through_its_t1_scan(name):
-    """NKI (the emulator) has no dedicated step kernel: it steps through its T=1 scan."""
-    rec, sizes, x, h0 = _case(name)
+NKI_SIZES = {"batch": 1, "time": 3, "heads": 1, "key": 3, "value": 2, "chan": 2, "dstate": 2,
+             "headdim": 2, "groups": 1, "width": 2, "order": 2}  # fast shapes (emulator)
+
+
+@pytest.mark.parametrize("name", LIBRARY)
+def test_nki_steps_through_its_dedicated_step_kernel(name):
+    """NKI (the emulator): stepping T times through the dedicated single-step kernel
+    (backends/nki/step.py: no time loop in its source) equals one reference scan, for every
+    library recurrence; the state is updated in place."""
+    k = scancc.compile(name, **OPTS.get(name, {}))
+    rec = k.ir
+    sizes = {d.name: d.size or NKI_SIZES.get(d.name, 2) for d in rec.dims}
+    x = sample_inputs(rec, sizes, 0, registry.get(name).hints)
     x = {n: v.astype(np.float32).astype(np.float64) for n, v in x.items()}
+    h0 = {s: v.astype(np.float32).astype(np.float64)
+          for s, v in sample_state(rec, sizes, 1).items()}
     out, fin = _scan_truth(name, x, h0)
-    got, state = _step_all(name, "nki", torch.float32, x, h0, torch.float32)
+    kn = scancc.compile(name, "nki", **OPTS.get(name, {}))
+    got, state = _step_all(name, "nki", torch.float32, x, h0, torch.float32, kn)
     _compare(name, got, state, out, fin, TOL["float32"])
+    assert kn.__dict__.get("_last_step_counters", {}).get("step") == "dedicated kernel"
+    one = dict(sizes, **{rec.time: 1})
+    var = next(iter(kn._step_plans.values())).rec
+    src = kn.backend._render(var, one, True, True, kn.backend_options, None, step=True)[0]
+    assert "for t0 in" not in src and "for t in range" not in src, src
+    assert "for t0 in" in kn.backend._render(var, one, True, True, kn.backend_options)[0]
+
+
+def test_nki_step_kernel_with_state_indices():
+    """A state pool on NKI: the picked rows step through the step kernel, the others stay."""
+    name = "gla"
+    rec, sizes, x, h0 = _case(name)
+    k = scancc.compile(name, "nki")
+    kr = scancc.compile(name)
+    B = sizes["batch"]
+    pool = np.random.default_rng(5).standard_normal((5,) + h0["S"].shape[1:]).astype(np.float32)
+    idx = torch.tensor([3, 1][:B])
+    xt = {n: _time_slice(rec, n, torch.tensor(v, dtype=torch.float32), 0) for n, v in x.items()}
+    st = torch.tensor(pool)
+    y = k.step(**xt, state=st, state_indices=idx)
+    assert k.__dict__["_last_step_counters"]["step"] == "dedicated kernel"
+    yr, fr = kr(**{n: v.double().unsqueeze(1) for n, v in xt.items()},
+                initial_state=torch.tensor(pool[idx.numpy()]).double(), output_final_state=True)
+    np.testing.assert_allclose(y.double().numpy(), yr[:, 0].numpy(), rtol=2e-5, atol=2e-5)
+    want = pool.copy()
+    want[idx.numpy()] = fr.numpy()
+    np.testing.assert_allclose(st.numpy(), want, rtol=2e-5, atol=2e-5)
 
 
 def test_numpy_state_is_updated_in_place():

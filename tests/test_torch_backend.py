@@ -279,3 +279,45 @@ def test_iir_chunked_equals_scipy_lfilter(chunk):
     want = np.stack([signal.lfilter(x["b"][c], x["a"][c], x["x"][:, :, c], axis=1)
                      for c in range(x["x"].shape[2])], axis=2)
     np.testing.assert_allclose(y, want, rtol=1e-9, atol=1e-9 * np.abs(want).max())
+
+
+def test_cascaded_states_are_refused_by_name_and_auto_falls_back_to_the_reference():
+    """bmojo's memory reads states in its operands (a cascade): the torch backend says so by
+    name, and compile()'s auto target runs such a recurrence on the reference instead."""
+    import scancc
+    from scancc.backends import UnsupportedError
+    with pytest.raises(UnsupportedError, match=r"cascaded states \['mem_key', 'mem_k', 'mem_v'\]"):
+        scancc.compile("bmojo", "torch")
+    assert scancc.compile("bmojo").kernel_for(torch.zeros(1)).backend.name == "reference"
+
+
+@pytest.mark.parametrize("name", ["gated_delta_net", "mamba2", "fir"])
+def test_packed_batches_and_decode_steps_on_torch(name):
+    """cu_seqlens (one call per sequence, the backends' default) and kernel.step (the T=1 scan)
+    on the torch backend equal the float64 reference's packed call and scan."""
+    import scancc
+    from scancc.sampling import sample_inputs
+    from scancc.testing import assert_close
+    k, ref = scancc.compile(name, "torch"), scancc.compile(name, "reference")
+    from scancc.ir import default_sizes
+    sizes = default_sizes(k.ir, **{k.ir.time: 30, "batch": 1})
+    x = {n: torch.tensor(v, dtype=torch.float32)
+         for n, v in sample_inputs(k.ir, sizes, seed=5).items()}
+    cu = torch.tensor([0, 7, 8, 30])
+    y, f = k(**x, cu_seqlens=cu, output_final_state=True)
+    yr, fr = ref(**x, cu_seqlens=cu, output_final_state=True)
+    assert_close(y, yr, "float32", T=30)
+    for s in (f if isinstance(f, dict) else {"": f}):
+        a, b = (f[s], fr[s]) if s else (f, fr)
+        assert a.shape[0] == 3 and torch.isfinite(a).all()
+        assert_close(a, b, "float32", T=30)
+    # decode: prefill 10 steps, then 5 steps, against one 15-step scan of the reference
+    t_ax = {i.name: (i.dims.index(k.ir.time) if k.ir.time in i.dims else None) for i in k.ir.inputs}
+    def sl(n, v, a, b):
+        return v if t_ax[n] is None else v.narrow(t_ax[n], a, b - a)
+    _, state = k(**{n: sl(n, v, 0, 10) for n, v in x.items()}, output_final_state=True)
+    outs = [k.step(**{n: v if t_ax[n] is None else v.select(t_ax[n], 10 + i)
+                      for n, v in x.items()}, state=state) for i in range(5)]
+    want = ref(**{n: sl(n, v, 0, 15) for n, v in x.items()})
+    o_ax = k.ir.outputs[0].dims.index(k.ir.time)
+    assert_close(torch.stack(outs, o_ax), want.narrow(o_ax, 10, 5), "float32", T=15)

@@ -16,7 +16,8 @@ if not scancc.backends.get("triton").available()[0]:
     pytest.skip("the Triton backend needs triton (scancc[triton])", allow_module_level=True)
 
 # every library recurrence
-LOWERED = [n for n in registry.names() if registry.get(n).origin == "library"]
+LOWERED = [n for n in registry.names() if registry.get(n).origin == "library"
+           and n != "bmojo"]  # cascades/selection: no derived adjoint yet (docs/bmojo.md)
 
 
 def _case(name, T=19, seed=0):

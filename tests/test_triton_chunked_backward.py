@@ -17,6 +17,9 @@ from scancc.backends.triton import chunked_backward as cb  # noqa: E402
 
 # chunks of 16 steps: T=37 crosses two chunk boundaries and is not a multiple of the chunk
 SMALL = {"block_sizes": {"time": 16}}
+# householder decays take the chunked backward only when asked (auto keeps the derived
+# backward recurrence, which moves fewer bytes today: docs/training.md)
+HH = {**SMALL, "algorithm": "chunked"}
 
 
 @pytest.fixture(autouse=True)
@@ -58,18 +61,22 @@ CASES = [("linear_attn", {}, {}), ("retnet", {}, {}), ("simple_gla", {}, {}), ("
          # the contraction, which bwd_grads then writes
          ("mamba2", None, {}),
          ("mamba2", {"dt_softplus": True, "D": True, "z": True, "dt_bias": True},
-          {"groups": 2, "heads": 4})]
+          {"groups": 2, "heads": 4}),
+         # householder (torch glue, chunked_backward_householder.py); the l2norm'd q/k lets
+         ("delta_net", {}, {}), ("gated_delta_net", {}, {}),
+         ("gated_delta_net", {"use_qk_l2norm_in_kernel": True}, {})]
 
 
 @pytest.mark.parametrize("name, build, over", CASES,
                          ids=["linear_attn", "retnet", "simple_gla", "gla", "mamba2",
-                              "mamba2_grouped"])
+                              "mamba2_grouped", "delta_net", "gated_delta_net",
+                              "gated_delta_net_l2norm"])
 def test_gradients_match_the_reference(name, build, over):
     """T=37 in chunks of 16 (three chunks, the last partial), with an initial state and a
     final-state cotangent: every input's gradient and the initial state's."""
     rec, sizes, x, h0, dy, dh = _case(name, 37, build=build, **over)
     assert cb.applies(rec) == (True, "")
-    _compare(rec, x, h0, dy, dh, 37, SMALL, name)
+    _compare(rec, x, h0, dy, dh, 37, HH if "delta" in name else SMALL, name)
 
 
 def test_default_chunk_and_no_state():
@@ -178,23 +185,27 @@ def test_bfloat16_gradients_at_the_bfloat16_tolerance():
 
 
 def test_what_takes_the_generic_path():
-    """householder transitions, a decay along V (mamba's S6), and algorithm='recurrent' keep
+    """dplr transitions (rwkv7, kda), a decay along V (mamba's S6), and algorithm='recurrent' keep
     the derived backward recurrence; the hard-reset threshold is the chunked analysis's."""
     from scancc.backends import get
     from scancc.ir.passes.chunked import RESET_LOG_DECAY
     be = get("triton")
-    for name in ("delta_net", "gated_delta_net", "mamba", "hgrn"):
+    for name in ("rwkv7", "kda", "mamba", "hgrn"):
         rec = scancc.get(name).build()
         ok, why = cb.applies(rec)
         assert not ok and why, name
         assert be.chunked_backward(rec, {}) is None
-    for name in ("linear_attn", "retnet", "simple_gla", "gla", "mamba2"):
-        assert be.chunked_backward(scancc.get(name).build(), {}) is cb.backward, name
+    for name in ("linear_attn", "retnet", "simple_gla", "gla", "mamba2", "delta_net",
+                 "gated_delta_net"):
+        opts = {"algorithm": "chunked"} if "delta" in name else {}
+        assert be.chunked_backward(scancc.get(name).build(), opts) is cb.backward, name
     rec = scancc.get("simple_gla").build()
     assert be.chunked_backward(rec, {"algorithm": "staged"}) is cb.backward
     assert be.chunked_backward(rec, {"algorithm": "recurrent"}) is None
     from scancc.backends.triton import chunked_backward_kernels as kern
     assert kern.RESET.value == RESET_LOG_DECAY
+    from scancc.backends.triton import chunked_backward_householder as hh
+    assert hh.RESET_LOG_DECAY == RESET_LOG_DECAY
 
 
 def test_numpy_arrays_take_the_chunked_path_too(monkeypatch):
@@ -284,3 +295,111 @@ def test_a_user_recurrence_with_the_structure():
     dy = {"o": rng.standard_normal(tuple(sizes[d] for d in rec.outputs[0].dims))}
     dh = {"S": rng.standard_normal(tuple(sizes[d] for d in rec.states[0].dims))}
     _compare(rec, x, h0, dy, dh, 37, SMALL, "custom_scalar")
+
+
+# ---- householder transitions (chunked_backward_householder.py: torch ops in the WY/UT form)
+
+def test_householder_resets_and_default_chunk():
+    """gated_delta_net with hard resets (-inf, -200) inside chunks and on a chunk's first
+    step, in chunks of 16; then delta_net with the default 64-step chunk at T=70 and neither an
+    initial state nor a final-state cotangent."""
+    rec, sizes, x, h0, dy, dh = _case("gated_delta_net", 37, seed=21)
+    x["g"][:, 3] = -np.inf
+    x["g"][:, 16, 0] = -200.0
+    x["g"][:, 35] = -np.inf
+    _compare(rec, x, h0, dy, dh, 37, HH, "gated_delta_net resets")
+    rec, sizes, x, _, dy, _ = _case("delta_net", 70, seed=22)
+    _compare(rec, x, None, dy, None, 70, {"algorithm": "chunked"}, "delta_net T=70")
+
+
+def test_householder_never_runs_the_state_sequence(monkeypatch):
+    """Through torch autograd on gated_delta_net: no runner of the forward, its states view
+    or the derived backward recurrence is called (ag._run raises); the householder chunked
+    backward runs once; gradients equal the float64 reference's."""
+    from scancc.backends.triton import chunked_backward_householder as hh
+
+    def boom(rec, *a, **k):
+        raise AssertionError(f"the chunked path ran {rec.name} through autograd._run")
+    monkeypatch.setattr(ag, "_run", boom)
+    calls = []
+    real = hh.backward
+
+    def spy(*a, **k):
+        calls.append(a[-2])            # BT
+        return real(*a, **k)
+    monkeypatch.setattr(hh, "backward", spy)
+    rec, sizes, x, h0, dy, dh = _case("gated_delta_net", 37, seed=23)
+    ker = scancc.compile(rec, target="triton", **HH)
+    xs = {k: torch.from_numpy(v).float().requires_grad_() for k, v in x.items()}
+    y = ker(**xs)
+    assert ag.backward_target(ker, rec) == "triton"
+    (y * torch.from_numpy(dy["o"]).float()).sum().backward()
+    assert calls == [16]
+    monkeypatch.undo()
+    want, _ = ag.backward(rec, x, dy)
+    for k in want:
+        assert_close(xs[k].grad.double().numpy(), want[k], "float32", f"d{k}", T=37)
+
+
+def test_householder_bfloat16_gradients():
+    """gated_delta_net in bfloat16 through torch autograd: the backward computes in float32
+    from the bfloat16 inputs; gradients within the bfloat16 tolerance of the float64
+    reference on the same rounded inputs."""
+    rec, sizes, x, h0, dy, dh = _case("gated_delta_net", 37, seed=24)
+    bf = {k: torch.from_numpy(v).to(torch.bfloat16).requires_grad_() for k, v in x.items()}
+    ref = {k: v.detach().double().numpy() for k, v in bf.items()}
+    y = scancc.compile(rec, target="triton", **HH)(**bf)
+    (y.double() * torch.from_numpy(dy["o"])).sum().backward()
+    want, _ = ag.backward(rec, ref, dy)
+    for k in want:
+        assert bf[k].grad.dtype == torch.bfloat16
+        assert_close(bf[k].grad.double().numpy(), want[k], "bfloat16", f"d{k}", T=37)
+
+
+def _custom_householder():
+    """A user recurrence of the householder structure the library lacks: the decay written
+    as sigmoid(a) (its log let-bound by the analysis), beta = sigmoid(b) as a let, an injected
+    term with a separate u (not beta k) and a time-invariant per-head output scale."""
+    from scancc.ir import Builder, dot, householder, sigmoid
+    r = Builder("custom_householder")
+    b, t, h = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("heads", "head")
+    k_, v_ = r.dim("key"), r.dim("value")
+    q, kk, vv = r.input("q", [b, t, h, k_]), r.input("k", [b, t, h, k_]), \
+        r.input("v", [b, t, h, v_])
+    u = r.input("u", [b, t, h, k_])
+    a, bb, w = r.input("a", [b, t, h]), r.input("b", [b, t, h]), r.input("w", [h])
+    beta = r.let("beta", sigmoid(bb))
+    S = r.state("S", [b, h, k_, v_], householder(k_, kk, beta, sigmoid(a)), inject=u * vv)
+    r.output("o", [b, t, h, v_], dot(S, q, k_) * w)
+    return r.build()
+
+
+def test_a_user_householder_recurrence():
+    rec = _custom_householder()
+    assert cb.applies(rec) == (True, "")
+    sizes = default_sizes(rec, time=37, key=5, value=3, heads=2)
+    x = sample_inputs(rec, sizes, 25)
+    rng = np.random.default_rng(26)
+    x["k"] = x["k"] / np.linalg.norm(x["k"], axis=-1, keepdims=True)
+    h0 = sample_state(rec, sizes, 27)
+    dy = {"o": rng.standard_normal(tuple(sizes[d] for d in rec.outputs[0].dims))}
+    dh = {"S": rng.standard_normal(tuple(sizes[d] for d in rec.states[0].dims))}
+    _compare(rec, x, h0, dy, dh, 37, HH, "custom_householder")
+
+
+def test_householder_zero_steps():
+    """T = 0: no chunk; the initial state's gradient is the final-state cotangent and the
+    input gradients are empty, as the reference's."""
+    rec, sizes, x, h0, dy, dh = _case("gated_delta_net", 0, seed=28)
+    _compare(rec, x, h0, dy, dh, 0, HH, "gated_delta_net T=0")
+
+
+def test_auto_keeps_the_derived_backward_for_householder_decays():
+    """algorithm='auto' runs householder decays through the derived backward recurrence
+    (fewer bytes today); 'chunked' and 'staged' take the chunked backward."""
+    be = scancc.backends.get("triton")
+    rec = scancc.get("gated_delta_net").build()
+    assert be.chunked_backward(rec, {}) is None
+    assert be.chunked_backward(rec, {"algorithm": "chunked"}) is cb.backward
+    assert be.chunked_backward(rec, {"algorithm": "staged"}) is cb.backward
+    assert be.chunked_backward(scancc.get("simple_gla").build(), {}) is cb.backward

@@ -188,7 +188,9 @@ def test_op_rules_cover_every_op_the_lowering_meets():
         if e.origin != "library":
             continue
         rec = e.build(**{o: True for o in e.optional_inputs})
-        for r in (rec, adjoint(rec).backward, adjoint(rec).states_view):
+        # (a cascade, bmojo's, has no derived backward yet: docs/bmojo.md)
+        for r in (rec,) if rec.cascaded else (rec, adjoint(rec).backward,
+                                              adjoint(rec).states_view):
             seen |= {n.op for _, root in r.exprs() for n in root.walk()}
     missing = {op.value for op in seen if op not in OP_RULES}
     assert not missing

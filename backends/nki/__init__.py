@@ -142,22 +142,31 @@ class NkiBackend(Backend):
                             bool(options.get("final_state", False)), options)[0]
 
     def _render(self, rec, sizes, init: bool, final: bool, options,
-                cu: tuple[int, ...] | None = None) -> tuple[str, Plan]:
+                cu: tuple[int, ...] | None = None, step: bool = False) -> tuple[str, Plan]:
         chip = options.get("chip") or DEFAULT_CHIP
         tt = options.get("time_tile")
         algo = options.get("algorithm") or "auto"
         order = options.get("loop_order", "auto")
-        key = (rec, tuple(sorted(sizes.items())), init, final, chip, tt, algo, order, cu)
+        if step:  # the decode step kernel (step.py): one step, the recurrent form
+            tt, algo = 1, "recurrent"
+        key = (rec, tuple(sorted(sizes.items())), init, final, chip, tt, algo, order, cu, step)
         # packed kernels are specialized on cu_seqlens: a serving loop renders many, so
         # they are kept apart, at most VARLEN_CACHE of them
         cache = self._cache if cu is None else self._varlen_cache
         if key not in cache:
             if cu is not None and len(cache) >= self.VARLEN_CACHE:
                 cache.clear()
-            cache[key] = plan_and_render(rec, sizes, init, final, chip, tt, algo, order, cu)
+            cache[key] = plan_and_render(rec, sizes, init, final, chip, tt, algo, order, cu,
+                                         step)
         return cache[key]
 
     VARLEN_CACHE = 64
+
+    def run_step(self, rec: Recurrence, inputs: Mapping[str, Any], sizes: Mapping[str, int],
+                 state: Mapping[str, Any], options: Mapping[str, Any]) -> RunResult:
+        """The decode step's dedicated kernel (step.py): one step, no time loop."""
+        from .step import run_step
+        return run_step(self, rec, inputs, sizes, state, options)
 
     varlen = True  # packed batches: time tiles end at the boundaries, carries reset there
 
@@ -191,11 +200,12 @@ class NkiBackend(Backend):
 
     def run(self, rec: Recurrence, inputs: Mapping[str, Any], sizes: Mapping[str, int],
             initial_state: Mapping[str, Any] | None, output_final_state: bool,
-            options: Mapping[str, Any], cu: tuple[int, ...] | None = None) -> RunResult:
+            options: Mapping[str, Any], cu: tuple[int, ...] | None = None,
+            step: bool = False) -> RunResult:
         if 0 in sizes.values():
             return self._run_empty(rec, inputs, sizes, initial_state, output_final_state)
         init = initial_state is not None
-        src, plan = self._render(rec, dict(sizes), init, output_final_state, options, cu)
+        src, plan = self._render(rec, dict(sizes), init, output_final_state, options, cu, step)
         self.last_plan = plan
         dtype = options.get("dtype") or (rec.numerics.input if rec.numerics.input
                                           in emulator.DTYPES else None)

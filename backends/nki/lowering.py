@@ -38,8 +38,11 @@ class Renderer(ChunkedMixin):
     ``tt`` and loop order, recording what it allocates and transfers as data."""
 
     def __init__(self, space: Space, tt: int, initial_state: bool, final_state: bool,
-                 time_outer: bool = False, cu: tuple[int, ...] | None = None):
+                 time_outer: bool = False, cu: tuple[int, ...] | None = None,
+                 step: bool = False):
         rec = space.rec
+        # a decode step (step.py): one time step, no time loop (T must be 1)
+        self.step = step
         # a packed variable-length batch (scancc/ir/segments.py): time tiles end at the
         # boundaries; every state resets at a sequence's first tile (varlen_reset)
         self.cu = cu
@@ -115,6 +118,10 @@ class Renderer(ChunkedMixin):
 
     def step_loop(self, scope: Scope) -> Scope:
         """The loop over the steps of the time tile (per-step transitions)."""
+        if self.step:  # one decode step: no loop
+            sc = self.open(scope, "if True:  # the one step", 1, "t")
+            self.emit(sc, "t = 0")
+            return sc
         return self.open(scope, "for t in range(tw):", 1, "t")
 
     def dma(self, scope: Scope, line: str, elems: int) -> None:
@@ -856,6 +863,12 @@ class Renderer(ChunkedMixin):
         return pdl, env, scopes
 
     def time_loop(self, sc: Scope) -> Scope:
+        if self.step:  # a decode step: one step, no time loop
+            tl = self.open(sc, "if True:  # one decode step: no time loop", 1, "t0")
+            self.emit(tl, "t0 = 0")
+            self.emit(tl, "t1 = 1")
+            self.emit(tl, "tw = 1")
+            return tl
         if self.cu is not None:  # tiles of at most tt steps that never cross a boundary
             tiles = self.varlen_tiles()
             self.emit(self.root, f"TILES = {tiles!r}  # (t0, t1, sequence starting at t0 or "
@@ -984,7 +997,8 @@ class Renderer(ChunkedMixin):
 def plan_and_render(rec: Recurrence, sizes: Mapping[str, int], initial_state: bool,
                     final_state: bool, chip: str = "trn1", tt: int | None = None,
                     algorithm: str = "auto", loop_order: str = "auto",
-                    cu: tuple[int, ...] | None = None) -> tuple[str, Plan]:
+                    cu: tuple[int, ...] | None = None, step: bool = False
+                    ) -> tuple[str, Plan]:
     """The plan (``plan.plan_spaces``: layout, algorithm per state, tile candidates, budget),
     then the kernel: the largest time tile that fits the chip and, at that tile, the loop
     order that moves the fewest DMA bytes (``plan.choose``), for the first candidate layout
@@ -992,7 +1006,7 @@ def plan_and_render(rec: Recurrence, sizes: Mapping[str, int], initial_state: bo
     error = None
     for space in plan_spaces(rec, sizes, chip, tt, algorithm, loop_order):
         def measure(c: int, time_outer: bool, space=space):
-            r = Renderer(space, c, initial_state, final_state, time_outer, cu)
+            r = Renderer(space, c, initial_state, final_state, time_outer, cu, step)
             src = r.render()
             return r.resources(), src
 

@@ -90,6 +90,7 @@ class Space:
     def prevs(self) -> set[str]:
         """States read through prev(S): their trajectory keeps the entering state in column 0."""
         exprs = [o.expr for o in self.rec.outputs] + [lt.expr for lt in self.rec.lets]
+        exprs += [e for _, e in self.rec.exprs()]  # a cascade's prev() reads too
         return {n.arg for e in exprs for n in e.walk() if n.op is Op.PREV}
 
     def inner_dims(self, s) -> tuple[str, ...]:
@@ -161,6 +162,13 @@ def _shift_storage(sp: Space, s, tt: int) -> list[int]:
 def _companion_storage(sp: Space, s, tt: int) -> list[int]:
     n = sp.n_inner(s)
     return [_traj(sp, s, tt), 4, 4 * n * tt, 4 * n * tt, 4 * n]
+
+
+@STORAGE.register(Kind.SELECTION)
+def _selection_storage(sp: Space, s, tt: int) -> list[int]:
+    m = sp.sizes[s.transition.axis]
+    rest = sp.n_inner(s) // m
+    return [_traj(sp, s, tt)] + [4 * rest * tt] * 3 + [4 * m] * 4 + [4] * 7 + [4 * rest]
 
 
 @STORAGE.register(Kind.HOUSEHOLDER)

@@ -24,6 +24,7 @@ import math
 
 from scancc.ir import Kind, Node, Op
 from scancc.ir.passes.canonical import l2norm_expr
+from scancc.ir.passes.softmax import joint_softmax_expr
 
 from ..rules import Rules
 from .values import Idx, V, fmt
@@ -118,7 +119,10 @@ def _leaf_analysis(R, node, env):
     dims = R.rec.input(node.arg).dims if is_input else R.rec.state(node.arg).dims
     deps = frozenset().union(*(env[d].deps for d in dims if d in env))
     haspd, hast = R.pd in dims, not is_input or R.time in dims
-    return haspd, hast, False, deps | (frozenset({R.pd_scope.sid}) if haspd else frozenset()) \
+    # a state is written inside the partition loop (even one without the partition dim): a
+    # value read from it is placed there too
+    return haspd, hast, False, deps | (frozenset({R.pd_scope.sid}) if haspd or not is_input
+                                       else frozenset()) \
         | (frozenset({R.time_scope.sid}) if hast else frozenset())
 
 
@@ -163,6 +167,12 @@ def _l2norm_analysis(R, node, env):
     return R.analyze(l2norm_expr(node.src[0], node.arg), env)
 
 
+@ANALYSIS_RULES.register(Op.JSOFTMAX)
+def _joint_softmax_analysis(R, node, env):
+    """As its expansion (the plan's canonicalize desugars it; the rule lowers that)."""
+    return R.analyze(joint_softmax_expr(node), env)
+
+
 @ANALYSIS_RULES.register(*UNARY_LINES, *ALU, Op.EXPM1, Op.SOFTMAX)
 def _elementwise_analysis(R, node, env):
     """What any source varies along; constant if all are."""
@@ -178,6 +188,13 @@ def _l2norm_rule(R, node, env, sc, info) -> V:
     """``l2norm(x, d)`` as ``x * rsqrt(sum(x * x, d) + L2NORM_EPS)``: the expansion of
     ``scancc.ir.passes.canonical.l2norm_expr`` (one epsilon), lowered by the rules of its ops."""
     return R.value(l2norm_expr(node.src[0], node.arg), env, sc)
+
+
+@OP_RULES.register(Op.JSOFTMAX)
+def _joint_softmax_rule(R, node, env, sc, info) -> V:
+    """``joint_softmax`` as ``scancc.ir.passes.softmax.joint_softmax_expr`` (masked max, exp,
+    sums), lowered by the rules of its ops (canonicalize desugars it before planning)."""
+    return R.value(joint_softmax_expr(node), env, sc)
 
 
 @OP_RULES.register(Op.CONST)
@@ -406,6 +423,105 @@ def _shift_rule(R, s, env, sc) -> None:
     R.emit(last, f"nisa.tensor_copy({cy}[0:{r}, {R.slot}, j * {rest}:(j + 1) * "
                  f"{rest}], {hist}[0:{r}, 0:{rest}, tw - 1 + j])")
     R.close(last)
+
+
+def selection_reads(R, s) -> dict[str, str]:
+    """The states a selection's ``keys`` and ``filled`` read: each must be ``prev(X)`` of a
+    selection state X over the same axis alone (inner dims exactly the axis), X this state or
+    one declared before it (its trajectory is complete when this one steps)."""
+    t, names = s.transition, [st.name for st in R.rec.states]
+    out = {}
+    for k in ("keys", "filled"):
+        n = t.operand(k)
+        x = R.rec.state(n.arg) if n.op is Op.PREV else None
+        if x is None or x.transition.kind is not Kind.SELECTION or \
+                R.inner_dims(x) != (t.axis,) or R.rows(x) != R.rows(s) or \
+                names.index(x.name) > names.index(s.name):
+            R.fail(f"selection state {s.name!r}: its {k} must be prev() of a selection state "
+                   f"along {t.axis!r} alone, itself or one declared before it")
+        out[k] = x.name
+    return out
+
+
+@TRANSITION_RULES.register(Kind.SELECTION)
+def _selection_rule(R, s, env, sc) -> None:
+    """Per step, on (rows, m) tiles: the lowest free slot (filled == 0), else the lowest slot
+    with the smallest key if score > that key, else none (index m); a one-hot e of it; then
+    slot j becomes h_j + e_j (b - h_j) for the item b. keys/filled come from the carry (this
+    state) or the trajectory column of the state entering step t (an earlier state)."""
+    t = s.transition
+    reads = selection_reads(R, s)
+    R.trajectory(s, sc)
+    R.emit(sc, f"# state {s.name}: selection along {t.axis}, stepped through time")
+    dims, r, n = R.inner_dims(s), R.rows(s), R.n_inner(s)
+    m = R.sizes[t.axis]
+    rest_dims, rest = dims[1:], n // m
+    for k in ("score", "valid"):
+        if set(R.rec.dims_of(t.operand(k))) & set(rest_dims):
+            R.fail(f"selection state {s.name!r}: its {k} varies along {list(rest_dims)}")
+    tc = "t + 1" if s.name in R.prevs else "t"
+    if s.name in R.prevs:
+        R.emit(sc, f"nisa.tensor_copy(traj_{s.name}[0:{r}, 0:{n}, 0], "
+                   f"carry_{s.name}[0:{r}, {R.slot}, 0:{n}])")
+    inj, score, valid = R.materialize([s.inject, t.operand("score"), t.operand("valid")],
+                                      rest_dims, env, sc, r)
+    big = fmt(float(m))   # "no slot": exact in fp32 (a large number would swallow the index)
+    row = lambda p: R.alloc(sc, (128, m), 4 * m, p, storage=True)  # noqa: E731
+    col = lambda p: R.alloc(sc, (128, 1), 4, p, storage=True)  # noqa: E731
+    idx, free, cand, e = row("idx"), row("free"), row("cand"), row("e")
+    anyf, first, kmin, low, gt, tmp, slot = (col(p) for p in
+                                             ("anyf", "first", "kmin", "low", "gt", "tmp", "slot"))
+    diff = R.alloc(sc, (128, rest), 4 * rest, "diff", storage=True)
+    R.emit(sc, f"nisa.iota({idx}[0:{r}, 0:{m}], [[1, {m}]], offset=0, channel_multiplier=0)")
+
+    def stored(x: str) -> str:
+        return (f"carry_{x}[0:{r}, {R.slot}, 0:{m}]" if x == s.name
+                else f"traj_{x}[0:{r}, 0:{m}, t]")     # column t: the state entering step t
+    step = R.step_loop(sc)
+    em = lambda line: R.emit(step, line)  # noqa: E731
+    c = lambda x: f"{x}[0:{r}, 0:1]"  # noqa: E731
+    w = lambda x: f"{x}[0:{r}, 0:{m}]"  # noqa: E731
+    # the lowest free slot: min over slots of idx (free) or BIG + idx (filled)
+    em(f"nisa.tensor_scalar({w(free)}, {stored(reads['filled'])}, nl.equal, 0.0)")
+    em(f"nisa.tensor_reduce({c(anyf)}, nl.maximum, {w(free)}, axis=1, keepdims=True)")
+    em(f"nisa.tensor_scalar({w(cand)}, {w(free)}, nl.multiply, -{big}, op1=nl.add, "
+       f"operand1={big})")
+    em(f"nisa.tensor_tensor({w(cand)}, {w(cand)}, {w(idx)}, nl.add)")
+    em(f"nisa.tensor_reduce({c(first)}, nl.minimum, {w(cand)}, axis=1, keepdims=True)")
+    # the lowest slot with the smallest key
+    em(f"nisa.tensor_reduce({c(kmin)}, nl.minimum, {stored(reads['keys'])}, axis=1, "
+       "keepdims=True)")
+    em(f"nisa.tensor_scalar({w(cand)}, {stored(reads['keys'])}, nl.equal, {c(kmin)})")
+    em(f"nisa.tensor_scalar({w(cand)}, {w(cand)}, nl.multiply, -{big}, op1=nl.add, "
+       f"operand1={big})")
+    em(f"nisa.tensor_tensor({w(cand)}, {w(cand)}, {w(idx)}, nl.add)")
+    em(f"nisa.tensor_reduce({c(low)}, nl.minimum, {w(cand)}, axis=1, keepdims=True)")
+    # slot = valid ? (any free ? first : (kmin < score ? low : BIG)) : BIG
+    em(f"nisa.tensor_tensor({c(gt)}, {c(kmin)}, {score}[0:{r}, 0:1, t], nl.less)")
+    em(f"nisa.tensor_scalar({c(tmp)}, {c(low)}, nl.subtract, {big})")
+    em(f"nisa.tensor_tensor({c(tmp)}, {c(tmp)}, {c(gt)}, nl.multiply)")
+    em(f"nisa.tensor_scalar({c(tmp)}, {c(tmp)}, nl.add, {big})")
+    em(f"nisa.tensor_tensor({c(slot)}, {c(first)}, {c(tmp)}, nl.subtract)")
+    em(f"nisa.tensor_tensor({c(slot)}, {c(slot)}, {c(anyf)}, nl.multiply)")
+    em(f"nisa.tensor_tensor({c(slot)}, {c(slot)}, {c(tmp)}, nl.add)")
+    em(f"nisa.tensor_scalar({c(gt)}, {valid}[0:{r}, 0:1, t], nl.not_equal, 0.0)")
+    em(f"nisa.tensor_scalar({c(slot)}, {c(slot)}, nl.subtract, {big})")
+    em(f"nisa.tensor_tensor({c(slot)}, {c(slot)}, {c(gt)}, nl.multiply)")
+    em(f"nisa.tensor_scalar({c(slot)}, {c(slot)}, nl.add, {big})")
+    em(f"nisa.tensor_scalar({w(e)}, {w(idx)}, nl.equal, {c(slot)})")
+    # slot j: h_j + e_j (b - h_j)
+    js = R.loop(step, "j", m)
+    cur = f"carry_{s.name}[0:{r}, {R.slot}, j * {rest}:(j + 1) * {rest}]"
+    R.emit(js, f"nisa.tensor_tensor({diff}[0:{r}, 0:{rest}], {inj}[0:{r}, 0:{rest}, t], {cur}, "
+               "nl.subtract)")
+    R.emit(js, f"nisa.tensor_scalar({diff}[0:{r}, 0:{rest}], {diff}[0:{r}, 0:{rest}], "
+               f"nl.multiply, {e}[0:{r}, j:j + 1])")
+    R.emit(js, f"nisa.tensor_tensor(traj_{s.name}[0:{r}, j * {rest}:(j + 1) * {rest}, {tc}], "
+               f"{cur}, {diff}[0:{r}, 0:{rest}], nl.add)")
+    R.close(js)
+    em(f"nisa.tensor_copy(carry_{s.name}[0:{r}, {R.slot}, 0:{n}], "
+       f"traj_{s.name}[0:{r}, 0:{n}, {tc}])")
+    R.close(step)
 
 
 class _Step:

@@ -117,6 +117,7 @@ class Interpreter:
         # works along time: the verifier allows no time dim as an op's dim), so memory holds one
         # block of them (an inject has the state's dims), never all T steps
         block = self.time_block(T)
+        cascaded = set(rec.cascaded)
         for t0 in range(0, T, block):
             bmemo: dict = {}
 
@@ -124,15 +125,20 @@ class Interpreter:
                 a = canon_in[m.arg]
                 return a[t0:t0 + block] if a.shape[0] > 1 else a
             blk = lambda n: self.eval(n, sliced, bmemo)  # noqa: E731
-            plans = [(s, blk(s.inject), {k: blk(v) for k, v in s.transition.operands})
+            # a cascaded state (its inject/operands read states) is evaluated step by step
+            plans = [(s, None, None) if s.name in cascaded else
+                     (s, blk(s.inject), {k: blk(v) for k, v in s.transition.operands})
                      for s in rec.states]
             for i in range(t0, min(T, t0 + block)):
                 j = i - t0
                 if i in starts:  # the reset: a select of the sequence's initial state
                     states = dict(seq_init(starts[i]))
                 new = {}
-                for s, b, ops in plans:
+                for s, b, ops in plans:  # in declaration order: a cascade reads earlier h_t
                     t = s.transition
+                    if b is None:
+                        b, ops = self._cascade_terms(s, i, new, states, canon_in)
+                        b, ops = b[None], {k: v[None] for k, v in ops.items()}
                     h = self.step(t.kind, states[s.name], at(b, j),
                                   {k: at(v, j) for k, v in ops.items()}, t.axis, t.col)
                     new[s.name] = np.broadcast_to(h, states[s.name].shape)
@@ -181,6 +187,20 @@ class Interpreter:
             ax = self._batch_axis(s)
             out[s.name] = np.stack(per) if ax is None else np.concatenate(per, axis=ax)
         return out
+
+    def _cascade_terms(self, s, i: int, new: dict, states: dict, canon_in: dict):
+        """The injected term and operands of cascaded state ``s`` at step ``i`` (no time axis):
+        ``state(x)`` reads h_i of an earlier state (in ``new``), ``prev(x)`` h_{i-1}."""
+        def leaf(n: Node):
+            if n.op is Op.STATE:
+                return new[n.arg][None]
+            if n.op is Op.PREV:
+                return states[n.arg][None]
+            a = canon_in[n.arg]
+            return a[i:i + 1] if a.shape[0] > 1 else a
+        memo: dict = {}
+        ev = lambda n: self.eval(n, leaf, memo)[0]  # noqa: E731
+        return ev(s.inject), {k: ev(v) for k, v in s.transition.operands}
 
     def time_block(self, T: int) -> int:
         """Steps per block of injected terms and operands: about ``BLOCK_ELEMS`` float64

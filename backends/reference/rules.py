@@ -13,6 +13,7 @@ Two registries (``backends/rules.py``), with the same names in every backend:
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import numpy as np
@@ -146,6 +147,22 @@ def _softmax_rule(ev, node, src):
     return p / np.where(s == 0, 1.0, s)  # a fully masked row reads nothing: weights 0
 
 
+@OP_RULES.register(Op.JSOFTMAX)
+def _joint_softmax_rule(ev, node, src):
+    """The weights of one part of a softmax over the union of every part's keys."""
+    k, ds = node.arg
+    parts = []
+    for i, d in enumerate(ds):
+        logits, keep = np.broadcast_arrays(src[2 * i], src[2 * i + 1] != 0)
+        parts.append((np.where(keep, logits, -np.inf), keep, ev.I.ax(d)))
+    m = functools.reduce(np.maximum, [np.max(z, axis=ax, keepdims=True) for z, _, ax in parts])
+    m = np.where(np.isfinite(m), m, 0.0)
+    p = [np.where(keep, np.exp(z - m), 0.0) for z, keep, _ in parts]
+    s = functools.reduce(np.add, [np.sum(pi, axis=ax, keepdims=True)
+                                  for pi, (_, _, ax) in zip(p, parts)])
+    return p[k] / np.where(s == 0, 1.0, s)  # every key masked: weights 0
+
+
 # ---- transitions: h_t = A_t(h_{t-1}) + b_t, one rule per structure ----
 
 def _shift_in(h: np.ndarray, ax: int, new) -> np.ndarray:
@@ -179,6 +196,24 @@ def _diagonal_rule(I, h, b, ops, axis, col):
 @TRANSITION_RULES.register(Kind.SHIFT)
 def _shift_rule(I, h, b, ops, axis, col):
     return _shift_in(h, I.axis[axis], b)
+
+
+@TRANSITION_RULES.register(Kind.SELECTION)
+def _selection_rule(I, h, b, ops, axis, col):
+    """Bounded memory: the incoming item b goes into the lowest free slot, else replaces the
+    lowest slot with the smallest stored score if its score is larger; nothing if not valid."""
+    ax = I.axis[axis]
+    score, valid, keys, filled = (ops[k] for k in ("score", "valid", "keys", "filled"))
+    shape = np.broadcast_shapes(h.shape, np.shape(b), np.shape(score), np.shape(valid),
+                                np.shape(keys), np.shape(filled))
+    free = np.broadcast_to(filled == 0, shape)
+    keys = np.broadcast_to(keys, shape)
+    any_free = free.any(axis=ax, keepdims=True)
+    idx = np.where(any_free, np.argmax(free, axis=ax, keepdims=True),
+                   np.argmin(keys, axis=ax, keepdims=True))  # argmin/argmax: the lowest slot
+    write = (valid != 0) & (any_free | (score > np.min(keys, axis=ax, keepdims=True)))
+    slot = np.arange(shape[ax]).reshape([-1 if i == ax else 1 for i in range(len(shape))])
+    return np.where((slot == idx) & write, b, h)
 
 
 @TRANSITION_RULES.register(Kind.COMPANION)

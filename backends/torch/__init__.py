@@ -47,6 +47,10 @@ def _lowering(rec: Recurrence, options: Mapping[str, Any]):
     if algo not in ALGORITHMS:
         raise UnsupportedError("torch", rec.name, f"option algorithm={algo!r}: expected one of "
                                f"{', '.join(ALGORITHMS)}")
+    if rec.cascaded:  # its step loop evaluates injects per chunk, before any state updates
+        raise UnsupportedError("torch", rec.name, f"cascaded states {list(rec.cascaded)} (an "
+                               "inject or operand reads a state): not lowered by the torch "
+                               "backend yet; run it on the reference, triton or nki")
     if algo == "recurrent":
         return recurrent.Lowering(rec, options)
     ok, why = chunked.applies(rec)

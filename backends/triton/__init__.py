@@ -207,10 +207,20 @@ class TritonBackend(Backend):
         """The chunked backward of ``rec`` (chunked_backward.py: no per-step states) when the
         ``algorithm`` option allows the chunked form and its structure is supported, else
         None (``scancc.autograd`` then runs the derived backward recurrence)."""
-        if options.get("algorithm", "auto") not in ("auto", "chunked", "staged"):
+        algorithm = options.get("algorithm", "auto")
+        if algorithm not in ("auto", "chunked", "staged"):
             return None
         from . import chunked_backward
-        return chunked_backward.backward if chunked_backward.applies(rec)[0] else None
+        plan = chunked_backward._plan(rec)
+        if isinstance(plan, str):
+            return None
+        if plan.hk is not None and algorithm == "auto":
+            # householder decays: the chunked backward is torch glue (chunked_backward_
+            # householder.py), measured at 50-103x the fused minimum's bytes against 6-18x for
+            # the derived backward recurrence (docs/performance/training.md), so ``auto`` keeps
+            # the derived backward; algorithm="chunked"/"staged" asks for the chunked one
+            return None
+        return chunked_backward.backward
 
     def step_launcher(self, rec: Recurrence, options: Mapping[str, Any], dtypes=(),
                       indexed: bool = False):

@@ -1,4 +1,5 @@
-"""The chunked backward: gradients of a chunkable recurrence (identity or scalar decay) without
+"""The chunked backward: gradients of a chunkable recurrence (identity, scalar, key-diagonal or
+householder decay) without
 the per-step state sequence ever reaching memory.
 
 Derived from the chunked-form analysis (``scancc.ir.passes.chunked`` through ``chunked.analyze``),
@@ -46,7 +47,11 @@ one state, identity or scalar decay, the Triton chunked emitter's form (one cont
 sum(S * q, K)), a cotangent of the contraction that does not read the contraction (an output
 gate's *input* gradient may read it: O is then recomputed), and ops the torch evaluator has.
 
-Not done here: the key-diagonal (gla) and householder kinds; recurrent edge semantics for
+Householder transitions (delta_net, gated_delta_net) take ``chunked_backward_householder``
+(the WY/UT form, hand-derived, in torch ops -- not kernels yet) with the same chain rule; the
+plan then has the extra factors hk (the reflection's k) and beta.
+
+Not done here: the dplr kind; recurrent edge semantics for
 non-finite *inputs* (a NaN in a factor spreads over its chunk's gradients rather than where
 the reference puts it); the factors are materialised as float32 [G, T, K|V] tensors (bytes:
 docs/performance/training.md).
@@ -65,7 +70,7 @@ from scancc.ir.passes.rewrite import substitute
 
 from . import chunked
 
-KINDS = (Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL)
+KINDS = (Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL, Kind.HOUSEHOLDER)
 # set by tests: every buffer the kernels write starts NaN (an element left unwritten shows)
 POISON = False
 # the dot_precision option -> tl.dot input_precision of the backward's float32 operands
@@ -74,7 +79,7 @@ PRECISION = {"auto": "tf32x3", "ieee": "ieee", "tf32x3": "tf32x3", "tf32": "tf32
 SUPPORTED_OPS = {Op.INPUT, Op.PARAM, Op.CONST, Op.IOTA, Op.SIZE, Op.NEG, Op.EXP, Op.EXPM1, Op.LOG,
                  Op.SOFTPLUS, Op.SIGMOID, Op.LOGSIGMOID, Op.SILU, Op.SQRT, Op.RSQRT, Op.CLAMP,
                  Op.STEP, Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.MAXIMUM, Op.MINIMUM, Op.SUM,
-                 Op.MAX, Op.GROUP, Op.UNGROUP, Op.FLIP}
+                 Op.MAX, Op.GROUP, Op.UNGROUP, Op.FLIP, Op.L2NORM}
 
 
 class NotSupported(Exception):
@@ -91,6 +96,8 @@ class Plan:
     k: Node
     v: Node
     g: Node | None              # the log-decay (None: identity)
+    hk: Node | None             # HOUSEHOLDER: the reflection's k (along K) and beta (grid)
+    beta: Node | None
     d_contraction: Node         # dL/dO from the output cotangents (no O in it)
     grads: dict                 # input name -> its gradient expression
     cot: dict                   # output name -> placeholder input of its cotangent
@@ -134,15 +141,19 @@ def _build(rec: Recurrence) -> Plan:
     F = chunked.analyze(rec)
     if F.kind not in KINDS:
         raise NotSupported(f"decay kind {F.kind.value!r}: the chunked backward takes identity, "
-                           "scalar and key-diagonal decays")
+                           "scalar, key-diagonal and householder decays")
     s = rec.states[0]
     memo: dict = {}
     inl = lambda n: inline_lets_in(rec, n, memo)  # noqa: E731
     from scancc.ir.passes.chunked import product
     q, k, v = inl(product(F.q_side)), inl(product(F.k_side)), inl(product(F.v_side))
-    g = None
-    if F.kind is not Kind.IDENTITY:
+    g = hk = beta = None
+    if F.kind is not Kind.IDENTITY and F.log_decay is not None:
         g = inl(Node(Op.LOG, (F.log_decay,)) if F.log_of else F.log_decay)
+    if F.kind is Kind.HOUSEHOLDER:
+        hk, beta = inl(F.hk), inl(F.beta)
+        if set(rec.dims_of(beta)) - set(F.grid) - {rec.time}:
+            raise NotSupported("the householder beta varies along a state dim")
     taken = {d.name for d in rec.dims} | {x.name for x in rec.inputs} | \
         {o.name for o in rec.outputs} | {l.name for l in rec.lets} | {s.name}
 
@@ -161,7 +172,8 @@ def _build(rec: Recurrence) -> Plan:
         cot[o.name] = fresh(f"d_{o.name}")
         placeholders.append(Input(cot[o.name], o.dims))
     fcot = {}
-    for name, e in (("q", q), ("k", k), ("v", v), ("g", g)):
+    factors = (("q", q), ("k", k), ("v", v), ("g", g), ("hk", hk), ("beta", beta))
+    for name, e in factors:
         if e is None:
             continue
         fcot[name] = fresh(f"d{name}_factor")
@@ -170,7 +182,7 @@ def _build(rec: Recurrence) -> Plan:
     O = Node(Op.INPUT, (), o_name)
     outs = []
     for o in rec.outputs:
-        e = substitute(inl(o.expr), {F.contraction: O}, {})
+        e = substitute(inl(o.expr), {inl(F.contraction): O}, {})
         if any(n.op is Op.STATE or n.op is Op.PREV for n in e.walk()):
             raise NotSupported(f"output {o.name!r} reads the state outside its contraction")
         outs.append((e, Node(Op.INPUT, (), cot[o.name])))
@@ -182,8 +194,7 @@ def _build(rec: Recurrence) -> Plan:
                            "(e.g. a gate applied to it): the chunked backward does not "
                            "recompute it")
     roots = list(outs) + [(e, Node(Op.INPUT, (), fcot[name]))
-                          for name, e in (("q", q), ("k", k), ("v", v), ("g", g))
-                          if e is not None]
+                          for name, e in factors if e is not None]
     leaves = {Node(Op.INPUT, (), x.name) for x in rec.inputs}
     gx = vjp(ctx, roots, leaves)
     grads, needs_o = {}, False
@@ -193,10 +204,10 @@ def _build(rec: Recurrence) -> Plan:
             needs_o = needs_o or any(n == O for n in e.walk())
             _check_ops(e, f"the gradient of {x.name!r}")
         grads[x.name] = e
-    for what, e in (("q", q), ("k", k), ("v", v), ("g", g), ("dO", dO)):
+    for what, e in factors + (("dO", dO),):
         if e is not None:
             _check_ops(e, f"factor {what}")
-    return Plan(rec, F, s.name, q, k, v, g, dO, grads, cot, fcot, o_name, needs_o, ctx.rec)
+    return Plan(rec, F, s.name, q, k, v, g, hk, beta, dO, grads, cot, fcot, o_name, needs_o, ctx.rec)
 
 
 # ---- torch evaluation of state-free expressions (the reference interpreter's layout) ----
@@ -295,6 +306,10 @@ class _TorchEval:
             return s[0].amax(dim=tuple(self.axis[d] for d in n.arg), keepdim=True)
         if op is Op.FLIP:
             return s[0].flip(self.axis[n.arg])
+        if op is Op.L2NORM:
+            from scancc.ir.expr import L2NORM_EPS
+            x = s[0]
+            return x / t.sqrt((x * x).sum(dim=self.axis[n.arg], keepdim=True) + L2NORM_EPS)
         if op is Op.GROUP:
             g, d = n.arg
             rep = self.sizes[d] // self.sizes[g]
@@ -440,6 +455,9 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
         if POISON:
             return torch.full(shape, float("nan"), dtype=dtype, device=dev)
         return torch.empty(shape, dtype=dtype, device=dev)
+    if F.kind is Kind.HOUSEHOLDER:
+        return _householder(p, ev, cots, flat, unflat, fq, fk, fv, fdo, fg, h0, dht, cfg, new,
+                            sizes, dev)
     # the chunk-boundary states and their gradients in bfloat16 for 16-bit calls (as fla
     # keeps them in the input dtype): the passes carry them in float32, only the copies the
     # per-chunk kernels read are rounded
@@ -485,6 +503,46 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
     if fo is not None:
         cots[p.o_name] = unflat(fo, F.V) if T > 0 else \
             torch.zeros((0,) + ev.shape(rec.dims_of(p.form.contraction)), dtype=f32, device=dev)
+    return _chain(p, ev, sizes, dh0, dev)
+
+
+def _householder(p, ev, cots, flat, unflat, fq, fk, fv, fdo, fg, h0, dht, cfg, new, sizes,
+                 dev):
+    """The householder kind (``chunked_backward_householder``: torch ops, WY/UT form)."""
+    import torch
+    from . import chunked_backward_householder as hh
+    F, rec = p.form, p.rec
+    T, K, V = sizes[rec.time], sizes[F.K], sizes[F.V]
+    f32 = torch.float32
+    fhk, fbeta = flat(ev.eval(p.hk), F.K), flat(ev.eval(p.beta), None)
+    G = fq.shape[0]
+    if T > 0:
+        dq, dhk, du, dw, dbeta, dg, dh0, fo = hh.backward(fq, fhk, fk, fv, fbeta, fg, fdo, h0,
+                                                          dht, cfg.BT, new)
+    else:
+        dq, dhk, du = (torch.zeros(G, 0, K, dtype=f32, device=dev) for _ in range(3))
+        dw, dbeta = torch.zeros(G, 0, V, dtype=f32, device=dev), \
+            torch.zeros(G, 0, dtype=f32, device=dev)
+        dg = torch.zeros(G, 0, dtype=f32, device=dev) if fg is not None else None
+        fo = torch.zeros(G, 0, V, dtype=f32, device=dev)
+        dh0 = dht if dht is not None else torch.zeros(G, K, V, dtype=f32, device=dev)
+    cots[p.fcot["q"]], cots[p.fcot["k"]] = unflat(dq, F.K), unflat(du, F.K)
+    cots[p.fcot["v"]], cots[p.fcot["hk"]] = unflat(dw, F.V), unflat(dhk, F.K)
+    cots[p.fcot["beta"]] = unflat(dbeta, None)
+    if fg is not None:
+        cots[p.fcot["g"]] = unflat(dg, None)
+    if p.needs_o:
+        cots[p.o_name] = unflat(fo, F.V)
+    return _chain(p, ev, sizes, dh0, dev)
+
+
+def _chain(p, ev, sizes, dh0, dev):
+    """Input gradients from the factor cotangents (set in ``ev``'s leaves) and dh0."""
+    import torch
+    rec, F, s = p.rec, p.form, p.rec.state(p.state)
+    T, K, V = sizes[rec.time], sizes[F.K], sizes[F.V]
+    f32 = torch.float32
+    grid = rec.order(F.grid)
     grads = {}
     for x in rec.inputs:
         e = p.grads[x.name]

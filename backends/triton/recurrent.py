@@ -65,8 +65,9 @@ class Lowering:
         self.size = Sizes({d.name: self.names.ir("", d.name, upper=True) for d in rec.dims})
         self.block = {d: self.names.ir("BLOCK_", d, upper=True) for d in self.plan.regs}
         self.state_var = {s.name: self.names.ir("b_", s.name) for s in rec.states}
-        # states a readout reads as they entered the step (prev): a register copy per step
-        read_prev = {n.arg for o in rec.outputs for n in o.expr.walk() if n.op is Op.PREV}
+        # states a readout (or a cascade) reads as they entered the step (prev): a register
+        # copy per step
+        read_prev = {n.arg for _, e in rec.exprs() for n in e.walk() if n.op is Op.PREV}
         self.prev_var = {s.name: self.names.ir("b_prev_", s.name) for s in rec.states
                          if s.name in read_prev}
         # per dim: program index, offsets and mask (allocated: IR names may look like them)
@@ -113,7 +114,7 @@ class Lowering:
                     OP_RULES.lookup(n.op, self.rec.name)
                 except UnsupportedError as e:
                     raise unsupported(self.rec, f"{where}: {e.feature}") from None
-        read_prev = {n.arg for o in self.rec.outputs for n in o.expr.walk() if n.op is Op.PREV}
+        read_prev = {n.arg for _, e in self.rec.exprs() for n in e.walk() if n.op is Op.PREV}
         for s in self.rec.states:
             if s.name in read_prev and s.transition.kind in (Kind.SHIFT, Kind.COMPANION):
                 raise unsupported(self.rec, f"prev({s.name}): the state is a ring buffer "

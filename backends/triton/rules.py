@@ -10,6 +10,7 @@ The same registry names exist in every backend (backends/rules.py); a missing en
 from __future__ import annotations
 
 from scancc.ir import Kind, Node, Op
+from scancc.ir.passes.softmax import joint_softmax_expr
 
 from ..rules import Rules
 from .emit import number, par, simple
@@ -193,6 +194,28 @@ def _shift_rule(L, s, env):
     L.body.append(f"{h} = tl.where({L.off[w]} == i_t % {L.size[w]}, {b}, {h})")
 
 
+@TRANSITION_RULES.register(Kind.SELECTION)
+def _selection_rule(L, s, env):
+    """Bounded memory: the item goes into the lowest free slot, else into the lowest slot with
+    the smallest score if its score is larger (slot index SIZE: nowhere)."""
+    h, ax, t = L.state_var[s.name], s.transition.axis, s.transition
+    off, n = L.off[ax], L.size[ax]
+    val = {k: L.par(L.value(t.operand(k), env), 1) for k in ("score", "valid", "keys", "filled")}
+    key = ("selection", ax, t.operands, env.key)  # states sharing the operands share the slot
+    if key not in L._memo:
+        free = L.bind(True, "b_free", L.reduce(
+            "min", f"tl.where({val['filled']} == 0.0, {off}, {n})", [ax], env, n))
+        kmin = L.bind(True, "b_kmin", L.reduce("min", val["keys"], [ax], env, 'float("inf")'))
+        low = L.bind(True, "b_low", L.reduce(
+            "min", f"tl.where({val['keys']} == {kmin}, {off}, {n})", [ax], env, n))
+        L._memo[key] = L.bind(True, "b_slot", f"tl.where({free} < {n}, {free}, tl.where("
+                              f"{val['score']} > {kmin}, {low}, {n}))")
+    slot = L._memo[key]
+    b = L.value(s.inject, env)
+    L.body.append(f"{h} = tl.where({val['valid']} != 0.0, tl.where({off} == {slot}, {b}, {h}), "
+                  f"{h})")
+
+
 @TRANSITION_RULES.register(Kind.COMPANION)
 def _companion_rule(L, s, env):
     h, w = L.state_var[s.name], s.transition.axis
@@ -314,6 +337,13 @@ def _l2norm_rule(L, node: Node, env, tv: bool) -> str:
         x = L.bind(tv, "b_x", x)
     ss = L.reduce("sum", f"{x} * {x}", [node.arg], env, "0.0")
     return L.bind(tv, "b_l2norm", f"{x} / tl.sqrt({ss} + 1e-06)")
+
+
+@OP_RULES.register(Op.JSOFTMAX)
+def _joint_softmax_rule(L, node: Node, env, tv: bool) -> str:
+    """``joint_softmax`` lowered as its expansion (masked max, exp, sums; the lowering's
+    canonicalize desugars it first, so this serves a caller that skipped that)."""
+    return L.value(joint_softmax_expr(node), env)
 
 
 @OP_RULES.register(Op.SOFTMAX)

@@ -162,6 +162,11 @@ def _local_vjp(n: Node, c: Node) -> list[tuple[Node, Node]]:
         return [(s[0], (c - n * rsum(c * n, n.arg)) / r)]
     if op is Op.SOFTMAX:
         return [(s[0], n * (c - rsum(n * c, n.arg)))]  # a mask has no gradient
+    if op is Op.JSOFTMAX:  # w_k = joint weights of part k: dl_i = [i = k] w_k c - w_i r
+        k, ds = n.arg
+        r = rsum(n * c, ds[k])
+        return [(s[2 * i], n * c - n * r if i == k else -(Node(Op.JSOFTMAX, s, (i, ds)) * r))
+                for i in range(len(ds))]  # the masks have no gradient
     if op is Op.FLIP:
         return [(s[0], Node(Op.FLIP, (c,), n.arg))]
     if op is Op.GROUP:
@@ -239,6 +244,10 @@ def step_expr(t: Transition, ops: dict[str, Node], inject: Node, h_now: Node, h_
 
 def derive(rec: Recurrence) -> Adjoint:
     """The backward recurrence of ``rec`` (see the module docstring)."""
+    if rec.cascaded:
+        raise IRError(f"recurrence {rec.name!r}: the adjoint of cascaded states "
+                      f"({', '.join(rec.cascaded)} read states) is not derived yet (it needs "
+                      "the cotangent of each state's reads carried into the earlier states)")
     for s in rec.states:
         if s.transition.kind not in DERIVED:
             raise IRError(f"recurrence {rec.name!r}, state {s.name!r}: the adjoint of a "

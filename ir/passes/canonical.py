@@ -13,6 +13,7 @@ from __future__ import annotations
 from ..expr import L2NORM_EPS, Node, Op
 from ..recurrence import Recurrence
 from .rewrite import bottom_up, map_exprs
+from .softmax import desugar_joint_softmax
 
 _ONE = Node(Op.CONST, (), 1.0)
 _MINUS_ONE = Node(Op.CONST, (), -1.0)
@@ -25,7 +26,9 @@ def _rewrite(rec: Recurrence, rule) -> Recurrence:
 
 def canonicalize(rec: Recurrence) -> Recurrence:
     """``rec`` with every ``exp(x) - 1`` written ``expm1(x)`` (lets, transition operands,
-    injected terms, readouts). Returns ``rec`` itself when there is nothing to rewrite."""
+    injected terms, readouts), and every ``joint_softmax`` desugared (softmax.py). Returns
+    ``rec`` itself when there is nothing to rewrite."""
+    rec = desugar_joint_softmax(rec)
     lets = {l.name: l.expr for l in rec.lets}
 
     def exp_arg(n: Node) -> Node | None:

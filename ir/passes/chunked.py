@@ -147,6 +147,9 @@ def analyze(rec: Recurrence) -> ChunkedForm:
 def analyze_state(rec: Recurrence, s: State) -> ChunkedState:
     """The chunked form of state ``s``; raises NotChunkable saying why there is none."""
     t = s.transition
+    if rec.cascaded:  # conservative: a cascade reads h_t of other states at every step
+        raise NotChunkable(f"a cascade (state(s) {', '.join(rec.cascaded)} read states): "
+                           "the recurrence runs recurrently")
     if t.kind not in CHUNKED_KINDS:
         raise NotChunkable(f"transition {t.kind.value!r} (needs identity, scalar, diagonal, "
                            "householder or dplr)")
