@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from scancc.ir import Kind, Op
 from scancc.ir.expr import L2NORM_EPS
+from scancc.ir.passes.softmax import joint_softmax_expr
 
 from ..rules import Rules
 
@@ -151,6 +152,13 @@ def _ungroup_rule(L, node, src):
     ad, ag = L.ax(d), L.ax(g)
     return (f"{L.par(L.tensor(src[0]))}.unflatten({ad}, ({L.sz(g)}, -1)).sum({ad + 1})"
             f".transpose({ad}, {ag})")
+
+
+@OP_RULES.register(Op.JSOFTMAX)
+def _joint_softmax_rule(L, node, src):
+    """``joint_softmax`` as its expansion (masked max, exp, sums); the lowering's canonicalize
+    desugars it first, so this serves a caller that skipped that."""
+    return L.emit(joint_softmax_expr(node))
 
 
 @OP_RULES.register(Op.SOFTMAX)
