@@ -23,7 +23,7 @@ PARTITION_DIM = {"linear_attn": "value", "retnet": "value", "simple_gla": "value
                  "mamba": "chan", "mamba2": "headdim", "s4d": "heads", "fir": "chan",
                  "iir": "chan", "swa": "heads",
                  "hgrn2": "value", "rwkv6": "value", "mamba3": "headdim",
-                 "bmojo_f": "heads", "bmojo": "heads"}
+                 "bmojo_f": "heads", "bmojo": "heads", "rwkv7": "value", "kda": "value"}
 
 
 def test_partition_dim_table_covers_the_library():
