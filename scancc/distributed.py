@@ -286,7 +286,6 @@ def cp_call(kernel, args: tuple, kwargs: dict, initial_state: Any, output_final_
     run = plan.runner
     inputs = dict(zip(run.input_names, plan._inputs(args, kwargs)))
     sizes = run.sizes(tuple(tuple(v.shape) for v in inputs.values()))
-    cp = _cached_plan(kernel, rec, sizes)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     ref = inputs[rec.inputs[0].name]
     sdt = torch.float64 if ref.dtype == torch.float64 else torch.float32
@@ -295,6 +294,10 @@ def cp_call(kernel, args: tuple, kwargs: dict, initial_state: Any, output_final_
     if initial_state is not None:
         init = initial_state if isinstance(initial_state, Mapping) else {names[0]: initial_state}
         init = {k: torch.as_tensor(v).to(device=ref.device, dtype=sdt) for k, v in init.items()}
+    if not has_summary(rec):
+        return _relay(kernel, args, kwargs, init, output_final_state, group, rec, sizes, sdt,
+                      ref.device)
+    cp = _cached_plan(kernel, rec, sizes)
 
     # 1. the local scan. Rank 0: the kernel from the initial state (its outputs are final).
     # 2. Others: the carrying summary recurrence from zero states and identity summaries:
@@ -344,6 +347,46 @@ def cp_call(kernel, args: tuple, kwargs: dict, initial_state: Any, output_final_
     return out, (final[names[0]] if len(names) == 1 else final)
 
 
+def has_summary(rec: Recurrence) -> bool:
+    """Whether the states' transition product over a shard is a linear map (a summary the
+    fold composes): not for a selection (bounded memory: the choice depends on the stored
+    scores) nor a cascade (a state's update reads another state)."""
+    return not rec.cascaded and all(s.transition.kind is not Kind.SELECTION for s in rec.states)
+
+
+def _relay(kernel, args, kwargs, init, output_final_state, group, rec, sizes, sdt, device):
+    """Context parallel for a recurrence without a linear summary (``has_summary``): the
+    shards run one after another, each from the state the rank before it ended with (P
+    all-gathers of the final states, P sequential scans: exact for any recurrence, no
+    parallel speed-up)."""
+    import torch
+    import torch.distributed as dist
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    names = [s.name for s in rec.states]
+    shapes = {s.name: tuple(sizes[d] for d in s.dims) for s in rec.states}
+    numel = sum(_prod(v) for v in shapes.values())
+    entering, out, gathered = init, None, []
+    for r in range(world):
+        if r == rank:
+            out, fin = kernel(*args, initial_state=entering, output_final_state=True, **kwargs)
+            fin = fin if isinstance(fin, Mapping) else {names[0]: fin}
+            flat = torch.cat([fin[k].to(sdt).reshape(-1) for k in names])
+        else:
+            flat = torch.zeros(numel, dtype=sdt, device=device)
+        g = _gather(torch, dist, flat, group)
+        gathered += g
+        parts, at = {}, 0
+        for k in names:
+            n = _prod(shapes[k])
+            parts[k] = g[r][at:at + n].reshape(shapes[k])
+            at += n
+        entering = parts
+    out = _tie_out(torch, out, gathered)
+    if not output_final_state:
+        return out
+    return out, (entering[names[0]] if len(names) == 1 else entering)
+
+
 def _fold_one(torch, s: State, cp: _Plan, m, e, f):
     """``M e + f`` for state ``s`` (``m`` None: an identity transition)."""
     if m is None:
@@ -375,6 +418,11 @@ def cp_varlen_call(kernel, args: tuple, kwargs: dict, cu_seqlens: Any, initial_s
 
     import torch
     import torch.distributed as dist
+    rec = kernel.ir
+    if not has_summary(rec):
+        raise error(f"cp_group with cu_seqlens: recurrence {rec.name!r} has no linear summary "
+                    "(a selection or cascaded state): packed context parallel is not built for "
+                    "it yet; pass one of the two")
 
     from .varlen import batch_axis, check_cu_seqlens
 

@@ -14,7 +14,9 @@ import pytest
 
 import scancc
 from scancc import registry
-from scancc.distributed import summary_recurrence
+from scancc.autograd import adjoint
+from scancc.distributed import has_summary, summary_recurrence
+from scancc.ir.errors import IRError
 from scancc.testing import sample_inputs, sample_state
 
 torch = pytest.importorskip("torch", reason="torch (the [triton] extra) is not installed")
@@ -22,7 +24,21 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
-LIBRARY = [n for n in registry.names() if registry.get(n).origin == "library"]
+LIBRARY_ALL = [n for n in registry.names() if registry.get(n).origin == "library"]
+
+
+def _derived(name):
+    try:
+        adjoint(registry.get(name).build())
+        return True
+    except IRError:
+        return False
+
+
+# the fold (summaries, one all-gather) with gradients: recurrences with a linear summary and a
+# derived adjoint; the others (bmojo: selection + cascade) relay states: test_relay_*
+LIBRARY = [n for n in LIBRARY_ALL if has_summary(registry.get(n).build()) and _derived(n)]
+RELAYED = [n for n in LIBRARY_ALL if not has_summary(registry.get(n).build())]
 SIZES = {"batch": 2, "time": 13, "heads": 2, "key": 3, "value": 2, "chan": 3, "dstate": 2,
          "headdim": 2, "groups": 1, "width": 3, "order": 3}
 # every optional input given, nonlinear options on (as tests/test_autograd.py)
@@ -258,6 +274,63 @@ def test_context_parallel_triton_interpreter():
 def test_context_parallel_every_library_recurrence_triton(world):
     pytest.importorskip("triton")
     _check(world, "triton", LIBRARY, "float32", 2e-4, 2e-4)
+
+
+def _relay_worker(rank, world, port, names, outdir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        res = {}
+        for name in names:
+            rec, x, h0, _, _ = _case(name)
+            k = _compile(name)
+            xs = {n: torch.tensor(_shard(rec, n, v, rank, world)) for n, v in x.items()}
+            out, fin = k(**xs, initial_state={s: torch.tensor(v) for s, v in h0.items()},
+                         output_final_state=True, cp_group=dist.group.WORLD)
+            res[name] = ({o: v.numpy() for o, v in (out if isinstance(out, dict) else
+                                                     {rec.outputs[0].name: out}).items()},
+                         {s: v.numpy() for s, v in (fin if isinstance(fin, dict) else
+                                                    {rec.states[0].name: fin}).items()})
+        torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_relay_without_a_linear_summary(world):
+    """bmojo's eidetic memory (a selection state read by cascaded states) has no linear
+    transition summary: each shard runs from the state the rank before it ended with. Outputs
+    and the global final state equal one single-process run (forward: bmojo has no adjoint)."""
+    import multiprocessing
+
+    import torch.multiprocessing as mp
+    assert RELAYED == ["bmojo"]
+    truth = {}
+    for name in RELAYED:
+        rec, x, h0, _, _ = _case(name)
+        out, fin = _compile(name)(**{n: torch.tensor(v) for n, v in x.items()},
+                                  initial_state={s: torch.tensor(v) for s, v in h0.items()},
+                                  output_final_state=True)
+        truth[name] = (out if isinstance(out, dict) else {rec.outputs[0].name: out}, fin)
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with tempfile.TemporaryDirectory() as d:
+        mp.start_processes(_relay_worker, args=(world, _free_port(), RELAYED, d), nprocs=world,
+                           join=True, start_method=method)
+        ranks = [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False)
+                 for r in range(world)]
+    for name in RELAYED:
+        rec = _compile(name).ir
+        out, fin = truth[name]
+        for o, v in out.items():
+            ax = _odims(rec, o).index(rec.time)
+            got = np.concatenate([ranks[r][name][0][o] for r in range(world)], axis=ax)
+            assert np.all(np.isfinite(got))
+            np.testing.assert_allclose(got, v.numpy(), rtol=1e-12, atol=1e-12, err_msg=name)
+        for r in range(world):
+            for s, v in fin.items():
+                np.testing.assert_allclose(ranks[r][name][1][s], v.numpy(), rtol=1e-12,
+                                           atol=1e-12, err_msg=f"{name} {s} rank {r}")
 
 
 @pytest.mark.parametrize("name", LIBRARY + ["cp_test_dense"])
