@@ -162,8 +162,10 @@ def test_triton_backend_works_after_a_torch_call_of_another_backend():
 
 
 def test_count_traffic_counts_atomic_adds():
-    """mamba2's backward sums grad_B/grad_C over a group's heads with tl.atomic_add: one
-    float32 add per element per head program."""
+    """mamba2's backward sums grad_B/grad_C over a group's heads with tl.atomic_add (one
+    float32 add per element per head program), and, since its headdim is a split dim the
+    outputs sum over (plan.partial), grad_dt and the per-step grad_A over headdim blocks too
+    (one block of 2 here: one add per element per head)."""
     import torch
     from scancc.autograd import adjoint
     b = adjoint(registry.get("mamba2").build()).backward
@@ -172,7 +174,9 @@ def test_count_traffic_counts_atomic_adds():
     k = scancc.compile(b, target="triton")
     with runtime.count_traffic() as tr:
         k(**{n: torch.from_numpy(v).float() for n, v in x.items()})
-    assert tr.atomic == 4 * 1 * 5 * 3 * 2 * 4   # heads x batch x time x dstate x (B, C) x 4 B
+    bc = 4 * 1 * 5 * 3 * 2      # heads x batch x time x dstate x (B, C)
+    dt_a = 4 * 1 * 5 * 2        # heads x batch x time x (dt, A's per-step gradient)
+    assert tr.atomic == (bc + dt_a) * 4   # float32 adds, 4 B each
 
 
 def test_a_repeated_call_does_not_lower_or_render_again(monkeypatch):
