@@ -144,6 +144,9 @@ def test_unknown_backend_option_lists_the_known_ones():
     with pytest.raises(OptionError, match="no nki backend option 'chips' .*options: chip,"):
         scancc.compile("hgrn", target="nki", options={"chips": "trn2"})
     with pytest.raises(OptionError, match="no reference backend option 'chip'"):
+        scancc.compile("hgrn", "reference", options={"chip": "trn2"})
+    with pytest.raises(scancc.InputError, match="with target='auto', give backend options by "
+                                                "backend name"):
         scancc.compile("hgrn", options={"chip": "trn2"})
 
 
