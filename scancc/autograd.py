@@ -30,7 +30,7 @@ import numpy as np
 
 from scancc import backends
 from scancc.backends.base import freeze
-from scancc.ir import Recurrence, bind_sizes
+from scancc.ir import IRError, Recurrence, bind_sizes
 from scancc.ir.passes.adjoint import Adjoint, derive
 
 from ._forward import Runner, by_slot, runner
@@ -41,6 +41,16 @@ DEFAULT_CHUNK = 64
 @lru_cache(maxsize=64)
 def adjoint(rec: Recurrence) -> Adjoint:
     return derive(rec)
+
+
+def has_adjoint(rec: Recurrence) -> bool:
+    """Whether ``rec``'s backward is derived (not yet for cascaded states or the selection
+    kind: bmojo, docs/bmojo.md); ``adjoint(rec)`` raises the IRError that says why."""
+    try:
+        adjoint(rec)
+    except IRError:
+        return False
+    return True
 
 
 _KERNELS: dict[tuple, Runner] = {}

@@ -14,9 +14,8 @@ import pytest
 
 import scancc
 from scancc import registry
-from scancc.autograd import adjoint
+from scancc.autograd import has_adjoint
 from scancc.distributed import has_summary, summary_recurrence
-from scancc.ir.errors import IRError
 from scancc.testing import sample_inputs, sample_state
 
 torch = pytest.importorskip("torch", reason="torch (the [triton] extra) is not installed")
@@ -27,17 +26,10 @@ if not dist.is_available() or not dist.is_gloo_available():
 LIBRARY_ALL = [n for n in registry.names() if registry.get(n).origin == "library"]
 
 
-def _derived(name):
-    try:
-        adjoint(registry.get(name).build())
-        return True
-    except IRError:
-        return False
-
-
 # the fold (summaries, one all-gather) with gradients: recurrences with a linear summary and a
 # derived adjoint; the others (bmojo: selection + cascade) relay states: test_relay_*
-LIBRARY = [n for n in LIBRARY_ALL if has_summary(registry.get(n).build()) and _derived(n)]
+LIBRARY = [n for n in LIBRARY_ALL if has_summary(registry.get(n).build())
+           and has_adjoint(registry.get(n).build())]
 RELAYED = [n for n in LIBRARY_ALL if not has_summary(registry.get(n).build())]
 SIZES = {"batch": 2, "time": 13, "heads": 2, "key": 3, "value": 2, "chan": 3, "dstate": 2,
          "headdim": 2, "groups": 1, "width": 3, "order": 3}

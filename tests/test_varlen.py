@@ -11,23 +11,14 @@ import pytest
 import scancc
 from scancc import registry
 from scancc.api import InputError
+from scancc.autograd import has_adjoint
 from scancc.testing import assert_close, default_sizes, sample_inputs, sample_state
 
 NAMES = registry.names()
 
 
-def _derived(name):
-    from scancc.autograd import adjoint
-    from scancc.ir.errors import IRError
-    try:
-        adjoint(registry.get(name).build())
-        return True
-    except IRError:   # bmojo: cascades and the selection kind have no derived adjoint yet
-        return False
-
-
-# gradients: the recurrences with a derived adjoint
-GRAD_NAMES = [n for n in NAMES if _derived(n)]
+# gradients: the recurrences with a derived adjoint (not bmojo's cascades/selection yet)
+GRAD_NAMES = [n for n in NAMES if has_adjoint(registry.get(n).build())]
 # the NKI emulator on B'MOJO's windows takes 20-45 s a case here: `-m slow`
 NKI_NAMES = [pytest.param(n, marks=pytest.mark.slow) if n.startswith("bmojo") else n
              for n in NAMES]
