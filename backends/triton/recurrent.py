@@ -548,21 +548,15 @@ class Lowering:
         out += ["):"] + ["    " + ln for ln in body]
         return "\n".join(out) + "\n"
 
-    def render_launcher(self) -> str:
-        rec, P, N = self.rec, self.plan, self.names
-        ins = [self.arg[i.name] for i in rec.inputs]
-        init, final = N.new("initial_state"), N.new("output_final_state")
-        blocks, warps = N.new("block_sizes"), N.new("num_warps")
-        first = ins[0]
-        lines = [f"def {self.launcher_name}({', '.join(ins)}, {init}=None, {final}=False, "
-                 f"{blocks}=None, {warps}=4):",
-                 f'    """Run {self.kernel_name}: inputs in their declared layouts (every dim',
-                 "    present), initial states by name; returns (outputs by name, final states",
-                 '    by name or None)."""']
+
+    def launcher_prologue(self, ins: list[str], blocks: str) -> list[str]:
+        """The launcher's first lines: contiguous inputs, each dim's size (fixed, or read from
+        the first input that has it), the block-size mapping."""
+        rec, first = self.rec, ins[0]
         if len(ins) == 1:
-            lines.append(f"    {first} = {first}.contiguous()")
+            lines = [f"    {first} = {first}.contiguous()"]
         else:
-            lines.append(f"    {', '.join(ins)} = " + ", ".join(f"{x}.contiguous()" for x in ins))
+            lines = [f"    {', '.join(ins)} = " + ", ".join(f"{x}.contiguous()" for x in ins)]
         known: set[str] = set()
         for d in rec.dims:
             if d.size is not None:
@@ -581,6 +575,19 @@ class Lowering:
                     lines.append(f"    {self.size[d]} = {self.arg[i.name]}.shape[{pos}]")
             known |= set(new)
         lines.append(f"    {blocks} = {blocks} or {{}}")
+        return lines
+    def render_launcher(self) -> str:
+        rec, P, N = self.rec, self.plan, self.names
+        ins = [self.arg[i.name] for i in rec.inputs]
+        init, final = N.new("initial_state"), N.new("output_final_state")
+        blocks, warps = N.new("block_sizes"), N.new("num_warps")
+        first = ins[0]
+        lines = [f"def {self.launcher_name}({', '.join(ins)}, {init}=None, {final}=False, "
+                 f"{blocks}=None, {warps}=4):",
+                 f'    """Run {self.kernel_name}: inputs in their declared layouts (every dim',
+                 "    present), initial states by name; returns (outputs by name, final states",
+                 '    by name or None)."""']
+        lines += self.launcher_prologue(ins, blocks)
         self.names_blocks = blocks
         for d in P.regs:
             if d in P.split:

@@ -96,28 +96,7 @@ class StepLowering(Lowering):
                  '    place. Returns the outputs by name (time dim of size 1)."""']
         if self.indexed:
             lines[3:3] = ["    The states are pools: batch row b steps pool row state_indices[b]."]
-        if len(ins) == 1:
-            lines.append(f"    {first} = {first}.contiguous()")
-        else:
-            lines.append(f"    {', '.join(ins)} = " + ", ".join(f"{x}.contiguous()" for x in ins))
-        known: set[str] = set()
-        for d in rec.dims:
-            if d.size is not None:
-                lines.append(f"    {self.size[d.name]} = {int(d.size)}")
-                known.add(d.name)
-        for i in rec.inputs:
-            new = [d for d in i.dims if d not in known]
-            if not new:
-                continue
-            if len(new) == len(i.dims):
-                lines.append(f"    {', '.join(self.size[d] for d in i.dims)}"
-                             f"{',' if len(i.dims) == 1 else ''} = {self.arg[i.name]}.shape")
-            else:
-                for d in new:
-                    lines.append(f"    {self.size[d]} = "
-                                 f"{self.arg[i.name]}.shape[{i.dims.index(d)}]")
-            known |= set(new)
-        lines.append(f"    {blocks} = {blocks} or {{}}")
+        lines += self.launcher_prologue(ins, blocks)
         for d in P.regs:
             if d in P.split:
                 lines.append(f'    {self.block[d]} = {blocks}.get("{d}", '
