@@ -61,6 +61,13 @@ CASES += [
     ("fir", "D2048 W4", {"chan": 2048, "width": 4}),
     ("iir", "D2048 order3", {"chan": 2048, "order": 3}),
     ("swa", "H16 K=V=128 W4", {"heads": 16, "key": 128, "value": 128}),
+    # the modern family (issue 15) and B'MOJO (issue 13)
+    ("hgrn2", "H16 K=V=128", {"heads": 16, "key": 128, "value": 128}),
+    ("rwkv6", "H16 K=V=128", {"heads": 16, "key": 128, "value": 128}),
+    ("rwkv7", "H16 K=V=128", {"heads": 16, "key": 128, "value": 128}),
+    ("kda", "H16 K=V=128", {"heads": 16, "key": 128, "value": 128}),
+    ("mamba3", "H16 P64 N128", {"heads": 16, "headdim": 64, "pairs": 64, "groups": 1}),
+    ("bmojo_f", "H16 K=V=128 W4", {"heads": 16, "key": 128, "value": 128}),
 ]
 
 # ---------------------------------------------------------------------------------------
