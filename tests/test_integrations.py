@@ -67,24 +67,41 @@ ARCHS = {
                         shared_expert_intermediate_size=16,
                         layer_types=["linear_attention", "full_attention"], head_dim=8),
                    "gated_delta_net"),
+    # Kimi Delta Attention (per-key decay), one KDA layer and one MLA attention layer
+    "kimi_linear": ("KimiLinearConfig", "KimiLinearForCausalLM",
+                    dict(SMALL, num_key_value_heads=2, moe_intermediate_size=16, kv_lora_rank=8,
+                         q_lora_rank=None, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
+                         num_local_experts=2, num_experts_per_tok=1, linear_head_dim=8,
+                         linear_num_heads=2, layer_types=["linear_attention", "full_attention"],
+                         mlp_layer_types=["dense", "sparse"], pad_token_id=0, bos_token_id=1,
+                         eos_token_id=2), "kda"),
 }
 
 
+# model file -> its fla-routed functions (transformers' use_kernel_func_from_hub_with_fallback)
+FLA_ROUTED = {"qwen3_next": ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule"),
+              "kimi_linear": ("chunk_kimi_delta_attention", "recurrent_kimi_delta_attention")}
+
+
 @pytest.fixture(autouse=True)
-def qwen3_next_torch_path(monkeypatch):
-    """With fla installed, transformers routes Qwen3-Next's gated delta rule to fla's Triton
-    kernels (GPU only): the unpatched model's *torch* path is the decorated functions'
-    ``__wrapped__`` torch code, installed here for every test (restored after)."""
-    import transformers.models.qwen3_next.modeling_qwen3_next as q3
-    for n in ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule"):
-        fn = getattr(q3, n)
-        monkeypatch.setattr(q3, n, getattr(fn, "__wrapped__", fn))
+def fla_routed_torch_path(monkeypatch):
+    """With fla installed, transformers routes Qwen3-Next's gated delta rule and Kimi-Linear's
+    KDA to fla's Triton kernels (``chunk_gated_delta_rule``, ``chunk_kda``, ...: GPU only): the
+    unpatched model's *torch* path is the decorated functions' ``__wrapped__`` torch code,
+    installed here for every test (restored after)."""
+    import importlib
+    for arch, names in FLA_ROUTED.items():
+        mod = importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")
+        for n in names:
+            fn = getattr(mod, n)
+            monkeypatch.setattr(mod, n, getattr(fn, "__wrapped__", fn))
 # Triton runs in its CPU interpreter here: the pure SSM models on every backend in the default
 # run, the hybrids on the reference (the other backends under -m slow)
-FAST_BACKENDS = {"mamba", "mamba2"}
+FAST_BACKENDS = {"mamba", "mamba2", "kimi_linear"}
+NKI_ARCHS = {"mamba", "mamba2"}
 # scan calls per mixer forward: Zamba's mixer runs one scan per mamba head (n_mamba_heads=2)
 CALLS_PER_MIXER = {"zamba": 2}
-_KEEP = ("A_log", "D", "dt_bias", "dt_proj.bias")   # the SSM's own parametrization
+_KEEP = ("A_log", "D", "dt_bias", "dt_proj.bias")   # the SSM's (and KDA's gate) own parametrization
 
 
 def _targets():
@@ -101,7 +118,7 @@ def _cases(nki_fast=False):
     out = []
     for arch in ARCHS:
         for target in _targets():
-            if target == "nki" and arch not in FAST_BACKENDS:
+            if target == "nki" and arch not in NKI_ARCHS:
                 continue
             slow = (target != "reference" and arch not in FAST_BACKENDS) or \
                 (target == "nki" and not nki_fast)
@@ -273,20 +290,30 @@ def test_an_unpatched_model_of_the_same_file_runs_the_original_function():
 
 
 def test_an_unsupported_mixer_is_reported_by_name():
-    """Kimi-Linear's KDA mixer (its recurrence has no mapping yet) is reported, by module path
-    and class, with a warning; the module is not touched."""
-    from transformers.models.kimi_linear.modeling_kimi_linear import KimiLinearDeltaAttention
-    kda = KimiLinearDeltaAttention.__new__(KimiLinearDeltaAttention)
-    torch.nn.Module.__init__(kda)                     # the class as is, without its weights
-    model = torch.nn.ModuleDict({"linear_attn": kda})
-    with pytest.warns(UserWarning, match=r"linear_attn \(KimiLinearDeltaAttention\)"):
+    """RWKV-4's attention (its recurrence ``rwkv_linear_attention`` has no mapping) is
+    reported, by module path and class, with a warning; the module is not touched. The same
+    model with a supported mixer beside it patches that one and still reports the other."""
+    from transformers.models.rwkv.modeling_rwkv import RwkvSelfAttention
+    rwkv = RwkvSelfAttention.__new__(RwkvSelfAttention)
+    torch.nn.Module.__init__(rwkv)                    # the class as is, without its weights
+    model = torch.nn.ModuleDict({"attention": rwkv})
+    with pytest.warns(UserWarning, match=r"attention \(RwkvSelfAttention\)"):
         rep = st.patch(model, "reference")
     by_name = {n: (c, why) for n, c, why in rep.unsupported}
-    assert by_name["linear_attn"][0] == "KimiLinearDeltaAttention"
-    assert "kimi_delta_attention" in by_name["linear_attn"][1]
+    assert by_name["attention"][0] == "RwkvSelfAttention"
+    assert "rwkv_linear_attention" in by_name["attention"][1]
     assert "ModuleDict" in by_name                     # no supported mixer at all
-    assert not rep.patched and "forward" not in kda.__dict__
+    assert not rep.patched and "forward" not in rwkv.__dict__
     st.unpatch(model)
+    both = torch.nn.ModuleDict({"attention": rwkv, "lm": build("kimi_linear")})
+    with pytest.warns(UserWarning, match=r"attention \(RwkvSelfAttention\)"):
+        rep = st.patch(both, "reference")
+    try:
+        assert rep.patched == [("lm.model.layers.0.self_attn", "KimiLinearDeltaAttention",
+                                "kda")]
+        assert [n for n, _, _ in rep.unsupported] == ["attention"]
+    finally:
+        st.unpatch(both)
 
 
 def test_a_model_without_mixers_is_reported():

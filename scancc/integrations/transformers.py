@@ -9,7 +9,9 @@ mamba_ssm's contracts, copied verbatim into every model file that uses them:
   ``mamba2_selective_state_update`` (decode) — in mamba2, bamba, granitemoehybrid, zamba2,
   nemotron_h, falcon_h1;
 - the gated delta rule — ``torch_chunk_gated_delta_rule`` / ``torch_recurrent_gated_delta_rule``
-  — in qwen3_next.
+  — in qwen3_next;
+- Kimi Delta Attention — ``chunk_kimi_delta_attention`` / ``recurrent_kimi_delta_attention``
+  (fla's ``chunk_kda`` / ``fused_recurrent_kda`` contract) — in kimi_linear.
 
 ``patch`` replaces those module globals by dispatchers (once per model file) and wraps each
 supported mixer's ``forward`` (an instance attribute) so that, while *that* mixer runs, the
@@ -42,6 +44,8 @@ SUPPORTED_FUNCTIONS = {
     "mamba2_selective_state_update": ("mamba2", "step"),
     "torch_chunk_gated_delta_rule": ("gated_delta_net", "scan"),
     "torch_recurrent_gated_delta_rule": ("gated_delta_net", "step"),
+    "chunk_kimi_delta_attention": ("kda", "scan"),
+    "recurrent_kimi_delta_attention": ("kda", "step"),
 }
 
 # names of module-level functions that are a sequence mixer's recurrence (for reporting what
@@ -251,7 +255,76 @@ def _gdn_step(cfg, original, query, key, value, g, beta, initial_state=None,
     return o[:, None].to(query.dtype), (state if output_final_state else None)
 
 
-_IMPLS = {"torch_chunk_gated_delta_rule": _gdn_scan,
+def _kda_inputs(query, key, value, g, beta):
+    """fla's KDA layout, as transformers' torch functions take it: q, k, g [B, T, H, K] (g a
+    per-key log decay), v [B, T, H, V], beta [B, T, H] (already a sigmoid); float32 compute
+    (float64 for float64 inputs), as the torch functions cast to float32 first."""
+    import torch
+    if not (query.shape == key.shape == g.shape and value.shape[:3] == query.shape[:3]
+            and beta.shape == query.shape[:3]):
+        return None, None
+    ft = torch.float64 if value.dtype == torch.float64 else torch.float32
+    return [t.to(ft).contiguous() for t in (query, key, value, g, beta)], ft
+
+
+def _kda_scan(cfg, original, query, key, value, g, beta, chunk_size=64, initial_state=None,
+              output_final_state=False, use_qk_l2norm_in_kernel=False, **kwargs):
+    """chunk_kimi_delta_attention (Kimi-Linear; fla's chunk_kda): returns (o [B, T, H, V] in
+    the query's dtype, final state [B, H, K, V] or None). Scale K^-1/2 (the torch function's and
+    the library's default); l2norm x / sqrt(sum x^2 + 1e-6), the same in both. ``cu_seqlens``
+    (fla's packed batch) goes to scancc's varlen path."""
+    ins, ft = _kda_inputs(query, key, value, g, beta)
+    scale = kwargs.get("scale")
+    if ins is None or kwargs.get("A_log") is not None or kwargs.get("use_gate_in_kernel"):
+        cfg.report.calls["kda.scan.fallback"] += 1
+        return original(query, key, value, g, beta, chunk_size=chunk_size,
+                        initial_state=initial_state, output_final_state=output_final_state,
+                        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **kwargs)
+    cu = kwargs.get("cu_seqlens")
+    k = cfg.kernel("kda", use_qk_l2norm_in_kernel=bool(use_qk_l2norm_in_kernel),
+                   **({} if scale is None else {"scale": float(scale)}))
+    extra = {} if cu is None else {"cu_seqlens": cu}
+    h0 = None if initial_state is None else initial_state.to(ft)
+    o, S = k(*ins, initial_state=h0, output_final_state=True, **extra)
+    cfg.report.calls["kda.scan"] += 1
+    return o.to(query.dtype), (S if output_final_state else None)
+
+
+def _kda_step(cfg, original, query, key, value, g, beta, initial_state=None,
+              output_final_state=False, use_qk_l2norm_in_kernel=False, **kwargs):
+    """recurrent_kimi_delta_attention at T = 1 (decode): ``kernel.step`` on the cache's
+    recurrent state itself, in place (a float32 contiguous tensor, as the cache keeps it; else
+    through a float copy written back), which is also returned as the new state: the model's
+    ``update_recurrent_state`` then copies it onto itself. Longer calls go through the scan."""
+    import torch
+    ins, ft = _kda_inputs(query, key, value, g, beta)
+    if ins is None or query.shape[1] != 1 or kwargs.get("cu_seqlens") is not None \
+            or kwargs.get("scale") is not None:
+        if ins is None:
+            cfg.report.calls["kda.step.fallback"] += 1
+            return original(query, key, value, g, beta, initial_state=initial_state,
+                            output_final_state=output_final_state,
+                            use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **kwargs)
+        return _kda_scan(cfg, original, query, key, value, g, beta,
+                         initial_state=initial_state, output_final_state=output_final_state,
+                         use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **kwargs)
+    B, _, H, K = ins[0].shape
+    k = cfg.kernel("kda", use_qk_l2norm_in_kernel=bool(use_qk_l2norm_in_kernel))
+    step_in = [t[:, 0] for t in ins]
+    with torch.no_grad():
+        if initial_state is None:
+            state = torch.zeros(B, H, K, ins[2].shape[-1], dtype=ft, device=value.device)
+            o = k.step(*step_in, state=state)
+        else:
+            state = initial_state
+            o = _step_state(k, state, ft, *step_in)
+    cfg.report.calls["kda.step"] += 1
+    return o[:, None].to(query.dtype), (state if output_final_state else None)
+
+
+_IMPLS = {"chunk_kimi_delta_attention": _kda_scan,
+          "recurrent_kimi_delta_attention": _kda_step,
+"torch_chunk_gated_delta_rule": _gdn_scan,
           "torch_recurrent_gated_delta_rule": _gdn_step,
           "mamba_selective_scan": _mamba_scan, "mamba_selective_state_update": _mamba_step,
           "mamba2_chunk_scan": _mamba2_scan, "mamba2_selective_state_update": _mamba2_step}
