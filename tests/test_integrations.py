@@ -486,3 +486,157 @@ def test_example_script_prints_matching_side_by_side(capsys):
     out = capsys.readouterr().out
     assert "OK" in out and "greedy generation of 8 tokens" in out
     assert "mamba2.step" in out
+
+
+# ---- packed prefill: the model's packing keywords routed to scancc's varlen path ----
+
+# the hybrids whose mixers receive the model's packing keywords (transformers 5.23: the pure
+# Mamba / Mamba2 / FalconMamba models and Jamba / Zamba do not forward them to the mixer)
+PACKED_ARCHS = ("bamba", "granitemoehybrid", "zamba2", "nemotron_h", "falcon_h1", "qwen3_next",
+                "kimi_linear")
+# GraniteMoeHybrid's attention mask ignores the packing (position_ids restart, no cu_seq_lens
+# for sdpa): its logits mix the sequences in the *attention* layer, unpatched or not, so only
+# its mixers' outputs are compared
+MIXERS_ONLY = {"granitemoehybrid"}
+LENS = (4, 7)
+
+
+def _packing_kwargs(form):
+    cu = torch.tensor([0, LENS[0], sum(LENS)], dtype=torch.int32)
+    if form == "cu_seq_lens_q":        # what DataCollatorWithFlattening emits
+        return dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(LENS),
+                    max_length_k=max(LENS))
+    return dict(seq_idx=torch.repeat_interleave(torch.arange(len(LENS), dtype=torch.int32),
+                                                torch.tensor(LENS))[None])
+
+
+def _packed_cases():
+    out = []
+    for arch in PACKED_ARCHS:
+        for target in _targets():
+            if target == "nki":
+                continue
+            for form in ("cu_seq_lens_q", "seq_idx"):
+                slow = target != "reference" and (arch not in ("bamba", "kimi_linear")
+                                                  or form == "seq_idx")
+                out.append(pytest.param(arch, target, form,
+                                        marks=[pytest.mark.slow] if slow else [],
+                                        id=f"{arch}-{target}-{form}"))
+    return out
+
+
+def _separate(model, ids, **kw):
+    """The unpatched model on each sequence alone (batch 1): logits and mixer outputs,
+    concatenated along time."""
+    cu = [0, LENS[0], sum(LENS)]
+    parts = [mixer_outputs(model, ids[:, a:b], use_cache=False, **kw)
+             for a, b in zip(cu[:-1], cu[1:])]
+    logits = torch.cat([p[0] for p in parts], 1)
+    mix = {n: torch.cat([p[1][n] for p in parts], 1) for n in parts[0][1]}
+    return logits, mix
+
+
+@pytest.mark.parametrize("arch,target,form", _packed_cases())
+def test_packed_prefill_equals_the_sequences_run_separately(arch, target, form):
+    """Two sequences packed into one row (batch 1; position_ids restart; the packing as
+    cu_seq_lens_q or seq_idx) through the patched model == each sequence alone through the
+    unpatched model. The conv and the scan both keep the sequences apart (unpatched, the same
+    packed row mixes them: checked, so the comparison can fail)."""
+    model = build(arch)
+    ids = torch.randint(0, 64, (1, sum(LENS)), generator=torch.Generator().manual_seed(7))
+    pos = torch.cat([torch.arange(n) for n in LENS])[None]
+    kw = _packing_kwargs(form)
+    with torch.no_grad():
+        want, want_mix = _separate(model, ids)
+        if form == "cu_seq_lens_q":      # the model's own code ignores it: sequences mix
+            _, leak = mixer_outputs(model, ids, position_ids=pos, use_cache=False, **kw)
+            assert max(rel_rms(leak[n], want_mix[n]) for n in leak) > 1e-2
+    rep = _patch(model, target)
+    try:
+        with torch.no_grad():
+            logits, mix = mixer_outputs(model, ids, position_ids=pos, use_cache=False, **kw)
+    finally:
+        st.unpatch(model)
+    rec = ARCHS[arch][3]
+    n = len(rep.patched) * CALLS_PER_MIXER.get(arch, 1)
+    assert rep.calls[f"{rec}.scan.packed"] == n and rep.calls["conv.packed"] == n, \
+        dict(rep.calls)
+    assert not any(k.endswith("fallback") for k in rep.calls), dict(rep.calls)
+    assert set(mix) == set(want_mix) and mix
+    for name in mix:
+        assert rel_rms(mix[name], want_mix[name]) <= TOL, name
+    if arch not in MIXERS_ONLY:
+        assert rel_rms(logits, want) <= TOL
+
+
+@pytest.mark.parametrize("arch,target", [
+    pytest.param(a, t, id=f"{a}-{t}", marks=[pytest.mark.slow] if t == "triton" else [])
+    for a in ("bamba", "qwen3_next", "kimi_linear") for t in ("reference", "torch", "triton")])
+def test_packed_training_step_gives_the_separate_sequences_gradients(arch, target):
+    """Gradients of a fixed linear functional of the packed logits (patched: the varlen
+    backward and the packed conv) == those of the same functional over the sequences run
+    separately through the unpatched model."""
+    if target not in _targets():
+        pytest.skip(f"{target} unavailable")
+    model = build(arch)
+    ids = torch.randint(0, 64, (1, sum(LENS)), generator=torch.Generator().manual_seed(8))
+    pos = torch.cat([torch.arange(n) for n in LENS])[None]
+    w = torch.randn(1, sum(LENS), 64, generator=torch.Generator().manual_seed(9))
+
+    def grads(packed):
+        model.train()
+        model.zero_grad(set_to_none=True)
+        if packed:
+            logits = model(ids, position_ids=pos, use_cache=False,
+                           **_packing_kwargs("cu_seq_lens_q")).logits
+        else:
+            logits = torch.cat([model(ids[:, a:b], use_cache=False).logits
+                                for a, b in ((0, LENS[0]), (LENS[0], sum(LENS)))], 1)
+        (logits * w).sum().backward()
+        return {n: p.grad.detach().clone() for n, p in model.named_parameters()
+                if p.grad is not None}
+
+    g0 = grads(False)
+    rep = _patch(model, target)
+    try:
+        g1 = grads(True)
+    finally:
+        st.unpatch(model)
+    assert rep.calls[f"{ARCHS[arch][3]}.scan.packed"] >= 1, dict(rep.calls)
+    assert set(g1) == set(g0)
+    assert any(n.endswith("A_log") for n in g0)
+    for n in g0:
+        if g0[n].norm() < 1e-6:
+            assert g1[n].norm() < 1e-5, (n, g1[n].norm().item())
+            continue
+        assert rel_rms(g1[n], g0[n]) <= TOL, (n, rel_rms(g1[n], g0[n]))
+
+
+def test_seq_idx_becomes_cu_seqlens_only_when_it_is_a_contiguous_segment_id():
+    T = 7
+    assert st._seq_idx_to_cu(torch.tensor([[0, 0, 1, 1, 1, 2, 2]]), T).tolist() == [0, 2, 5, 7]
+    assert st._seq_idx_to_cu(torch.tensor([[5, 5, 5, 5, 5, 5, 5]]), T).tolist() == [0, 7]
+    assert st._seq_idx_to_cu(torch.tensor([[0, 0, 1, 1, 0, 0, 0]]), T) is None   # id 0 returns
+    cu, ok = st._packing({"seq_idx": torch.tensor([[0, 0, 1, 1, 1, 2, 2]])}, T, 1)
+    assert ok and cu.tolist() == [0, 2, 5, 7]
+    assert st._packing({}, T, 3) == (None, True)
+    assert st._packing({"seq_idx": torch.zeros(2, T, dtype=torch.int32)}, T, 2) == (None, False)
+    assert st._packing({"cu_seq_lens_q": torch.tensor([0, 3, 6])}, T, 1) == (None, False)
+    # cu_seq_lens_q and seq_idx that disagree
+    assert st._packing({"cu_seq_lens_q": torch.tensor([0, 3, 7]),
+                        "seq_idx": torch.tensor([[0, 0, 1, 1, 1, 2, 2]])}, T, 1) == (None, False)
+
+
+def test_packing_scancc_cannot_take_runs_the_models_own_function():
+    """A non-contiguous seq_idx: the model's own conv runs (counted as a fallback); without
+    causal_conv1d it refuses packed sequences, as the unpatched model does."""
+    model = build("bamba")
+    ids = torch.randint(0, 64, (1, 6))
+    seq_idx = torch.tensor([[0, 0, 1, 1, 0, 0]], dtype=torch.int32)
+    rep = _patch(model, "reference")
+    try:
+        with pytest.raises(ValueError, match="packed sequences"), torch.no_grad():
+            model(ids, use_cache=False, seq_idx=seq_idx)
+    finally:
+        st.unpatch(model)
+    assert rep.calls["conv.fallback"] == 1 and not rep.calls["mamba2.scan.packed"]

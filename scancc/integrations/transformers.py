@@ -92,6 +92,93 @@ class _Config:
         return k
 
 
+
+# ---- packed batches: the model's packing keywords -> scancc's cu_seqlens ----
+
+# the keywords a transformers model forwards to its mixer functions for a packed batch:
+# mamba_ssm's ``seq_idx`` [B, L] (segment ids), flash-attention's ``cu_seq_lens_q`` [N+1]
+# (what DataCollatorWithFlattening emits) and fla's ``cu_seqlens`` (Qwen3-Next passes its
+# cu_seq_lens_q under that name)
+_PACKING_KEYS = ("cu_seqlens", "cu_seq_lens_q", "seq_idx")
+
+
+def _seq_idx_to_cu(seq_idx, T):
+    """mamba_ssm's ``seq_idx`` [1, T] -> cu_seqlens [N+1] (int64, on the host), or None when
+    it is not a contiguous segment id (an id that comes back after another one: mamba_ssm's
+    kernels give that no clean meaning)."""
+    import torch
+    s = seq_idx.reshape(-1).to("cpu", torch.int64)
+    if s.numel() != T:
+        return None
+    starts = (torch.nonzero(s[1:] != s[:-1]).reshape(-1) + 1).tolist()
+    ids = [int(s[0])] + [int(s[i]) for i in starts]
+    if len(set(ids)) != len(ids):
+        return None
+    return torch.tensor([0] + starts + [T], dtype=torch.int64)
+
+
+def _packing(kwargs, T, batch):
+    """(cu_seqlens or None, ok): the packed batch a mixer function was given, as scancc's
+    ``cu_seqlens``; ok False when there is packing information scancc cannot take (batch > 1,
+    a non-contiguous seq_idx, an inconsistent cu), which the caller routes to the model's own
+    function (counted as a fallback)."""
+    import torch
+    given = {k: kwargs.get(k) for k in _PACKING_KEYS if kwargs.get(k) is not None}
+    if not given:
+        return None, True
+    if batch != 1:
+        return None, False
+    cu = None
+    for k in ("cu_seqlens", "cu_seq_lens_q"):
+        if k in given:
+            cu = given[k].reshape(-1).to("cpu", torch.int64)
+            break
+    if "seq_idx" in given:
+        from_idx = _seq_idx_to_cu(given["seq_idx"], T)
+        if from_idx is None or (cu is not None and not torch.equal(cu, from_idx)):
+            return None, False
+        cu = from_idx
+    if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != T or bool((cu[1:] < cu[:-1]).any()):
+        return None, False
+    return cu, True
+
+
+def _segment_ids(cu, T, device):
+    """cu_seqlens [N+1] -> the segment id of each of the T positions."""
+    import torch
+    return torch.repeat_interleave(torch.arange(len(cu) - 1),
+                                   (cu[1:] - cu[:-1]).to(torch.int64)).to(device)
+
+
+def _conv(cfg, original, hidden_states, weight, bias=None, activation=None, **kwargs):
+    """causal_conv1d_fn (the model's depthwise causal conv before the scan) for a packed
+    batch: each tap reads only positions of the same sequence (causal_conv1d's ``seq_idx``
+    semantics: zero padding at every sequence start). Without packing information, or outside
+    a patched mixer, the model's own function runs unchanged. x [B, C, L], weight [C, W]."""
+    import torch
+    import torch.nn.functional as F
+    B, C, L = hidden_states.shape
+    cu, ok = _packing(kwargs, L, B)
+    if cu is None or not ok:
+        if not ok:
+            cfg.report.calls["conv.fallback"] += 1
+        return original(hidden_states, weight, bias, activation=activation, **kwargs)
+    W = weight.shape[-1]
+    seg = _segment_ids(cu, L, hidden_states.device)
+    x = F.pad(hidden_states.to(weight.dtype), (W - 1, 0))
+    win = x.unfold(-1, W, 1)                                   # [B, C, L, W]
+    seg_p = F.pad(seg, (W - 1, 0), value=-1).unfold(0, W, 1)   # [L, W]
+    mask = (seg_p == seg[:, None]).to(weight.dtype)
+    out = (win * mask * weight[None, :, None, :]).sum(-1)
+    if bias is not None:
+        out = out + bias[None, :, None]
+    if activation is not None:
+        from transformers.activations import ACT2FN
+        out = ACT2FN[activation](out)
+    cfg.report.calls["conv.packed"] += 1
+    return out.to(hidden_states.dtype)
+
+
 # ---- the replacements: same arguments as transformers' torch functions ----
 
 def _float(t, ft):
@@ -158,7 +245,8 @@ def _mamba2_scan(cfg, original, hidden_states, dt, A, B, C, chunk_size=None, D=N
     """mamba2_chunk_scan: x [B, L, H, P], dt [B, L, H], A [H], B, C [B, L, G, N], D, dt_bias
     [H], initial_states [B, H, P, N]. dt = clamp(softplus(dt + dt_bias), *dt_limit). A ``z``
     keyword is ignored, as the torch function ignores it (the gated norm applies z outside)."""
-    if kwargs.get("cu_seqlens") is not None or kwargs.get("seq_idx") is not None:
+    cu, ok = _packing(kwargs, hidden_states.shape[1], hidden_states.shape[0])
+    if not ok or (cu is not None and initial_states is not None):
         cfg.report.calls["mamba2.scan.fallback"] += 1
         return original(hidden_states, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias,
                         initial_states=initial_states, dt_softplus=dt_softplus,
@@ -167,6 +255,13 @@ def _mamba2_scan(cfg, original, hidden_states, dt, A, B, C, chunk_size=None, D=N
     lo, hi = (float(v) for v in dt_limit)
     k = cfg.kernel("mamba2", dt_softplus=bool(dt_softplus), dt_limit=(lo, hi))
     f = functools.partial(_float, ft=ft)
+    if cu is not None:
+        # packed: every sequence from a zero state; the final state is the last sequence's,
+        # as mamba_ssm's chunk scan with seq_idx returns it
+        y, S = k(f(hidden_states), f(dt), f(A), f(B), f(C), D=f(D), dt_bias=f(dt_bias),
+                 cu_seqlens=cu, output_final_state=True)
+        cfg.report.calls["mamba2.scan.packed"] += 1
+        return (y, S[-1:]) if return_final_states else y
     res = k(f(hidden_states), f(dt), f(A), f(B), f(C), D=f(D), dt_bias=f(dt_bias),
             initial_state=f(initial_states), output_final_state=bool(return_final_states))
     cfg.report.calls["mamba2.scan"] += 1
@@ -223,13 +318,18 @@ def _gdn_scan(cfg, original, query, key, value, g, beta, chunk_size=64, initial_
               output_final_state=False, use_qk_l2norm_in_kernel=False, **kwargs):
     """torch_chunk_gated_delta_rule (Qwen3-Next): q, k [B, T, Hk, K], v [B, T, Hv, V],
     g, beta [B, T, Hv]; scale K^-1/2; returns (o, final state [B, Hv, K, V] or None)."""
-    cu = kwargs.get("cu_seqlens")
+    cu, ok = _packing(kwargs, query.shape[1], query.shape[0])
+    if not ok:
+        cfg.report.calls["gated_delta_net.scan.fallback"] += 1
+        return original(query, key, value, g, beta, chunk_size=chunk_size,
+                        initial_state=initial_state, output_final_state=output_final_state,
+                        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **kwargs)
     ins, ft = _gdn_inputs(query, key, value, g, beta)
     k = cfg.kernel("gated_delta_net", use_qk_l2norm_in_kernel=bool(use_qk_l2norm_in_kernel))
     extra = {} if cu is None else {"cu_seqlens": cu}
     h0 = None if initial_state is None else initial_state.to(ft)
     o, S = k(*ins, initial_state=h0, output_final_state=True, **extra)
-    cfg.report.calls["gated_delta_net.scan"] += 1
+    cfg.report.calls["gated_delta_net.scan" + (".packed" if cu is not None else "")] += 1
     return o.to(query.dtype), (S if output_final_state else None)
 
 
@@ -239,7 +339,7 @@ def _gdn_step(cfg, original, query, key, value, g, beta, initial_state=None,
     cache's state, returned as the new state (transformers stores it with
     update_recurrent_state)."""
     import torch
-    if query.shape[1] != 1 or kwargs.get("cu_seqlens") is not None:
+    if query.shape[1] != 1 or any(kwargs.get(n) is not None for n in _PACKING_KEYS):
         return _gdn_scan(cfg, original, query, key, value, g, beta, initial_state=initial_state,
                          output_final_state=output_final_state,
                          use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **kwargs)
@@ -280,13 +380,18 @@ def _kda_scan(cfg, original, query, key, value, g, beta, chunk_size=64, initial_
         return original(query, key, value, g, beta, chunk_size=chunk_size,
                         initial_state=initial_state, output_final_state=output_final_state,
                         use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **kwargs)
-    cu = kwargs.get("cu_seqlens")
+    cu, ok = _packing(kwargs, query.shape[1], query.shape[0])
+    if not ok:
+        cfg.report.calls["kda.scan.fallback"] += 1
+        return original(query, key, value, g, beta, chunk_size=chunk_size,
+                        initial_state=initial_state, output_final_state=output_final_state,
+                        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **kwargs)
     k = cfg.kernel("kda", use_qk_l2norm_in_kernel=bool(use_qk_l2norm_in_kernel),
                    **({} if scale is None else {"scale": float(scale)}))
     extra = {} if cu is None else {"cu_seqlens": cu}
     h0 = None if initial_state is None else initial_state.to(ft)
     o, S = k(*ins, initial_state=h0, output_final_state=True, **extra)
-    cfg.report.calls["kda.scan"] += 1
+    cfg.report.calls["kda.scan" + (".packed" if cu is not None else "")] += 1
     return o.to(query.dtype), (S if output_final_state else None)
 
 
@@ -298,8 +403,8 @@ def _kda_step(cfg, original, query, key, value, g, beta, initial_state=None,
     ``update_recurrent_state`` then copies it onto itself. Longer calls go through the scan."""
     import torch
     ins, ft = _kda_inputs(query, key, value, g, beta)
-    if ins is None or query.shape[1] != 1 or kwargs.get("cu_seqlens") is not None \
-            or kwargs.get("scale") is not None:
+    if ins is None or query.shape[1] != 1 or kwargs.get("scale") is not None \
+            or any(kwargs.get(n) is not None for n in _PACKING_KEYS):
         if ins is None:
             cfg.report.calls["kda.step.fallback"] += 1
             return original(query, key, value, g, beta, initial_state=initial_state,
@@ -322,7 +427,12 @@ def _kda_step(cfg, original, query, key, value, g, beta, initial_state=None,
     return o[:, None].to(query.dtype), (state if output_final_state else None)
 
 
-_IMPLS = {"chunk_kimi_delta_attention": _kda_scan,
+# the model's own functions around the scan that a packed batch also needs scancc's help with
+# (installed in the same files; not what makes a mixer "supported")
+HELPER_FUNCTIONS = {"causal_conv1d_fn": "conv"}
+
+_IMPLS = {"causal_conv1d_fn": _conv,
+          "chunk_kimi_delta_attention": _kda_scan,
           "recurrent_kimi_delta_attention": _kda_step,
 "torch_chunk_gated_delta_rule": _gdn_scan,
           "torch_recurrent_gated_delta_rule": _gdn_step,
@@ -354,7 +464,7 @@ def _install(modname):
     if entry is None:
         mod = sys.modules[modname]
         originals = {}
-        for fn in SUPPORTED_FUNCTIONS:
+        for fn in (*SUPPORTED_FUNCTIONS, *HELPER_FUNCTIONS):
             cur = getattr(mod, fn, None)
             if cur is not None and callable(cur):
                 originals[fn] = cur
