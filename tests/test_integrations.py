@@ -486,6 +486,10 @@ def test_example_script_prints_matching_side_by_side(capsys):
     out = capsys.readouterr().out
     assert "OK" in out and "greedy generation of 8 tokens" in out
     assert "mamba2.step" in out
+    # Kimi-Linear: the KDA mixer (kda.scan, then kda.step on the cache)
+    assert mod.main(["--target", "reference", "--tokens", "8", "--arch", "kimi_linear"]) == 0
+    out = capsys.readouterr().out
+    assert "OK" in out and "kda.step" in out and "KimiLinearDeltaAttention" in out
 
 
 # ---- packed prefill: the model's packing keywords routed to scancc's varlen path ----
