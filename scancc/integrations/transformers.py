@@ -155,7 +155,6 @@ def _conv(cfg, original, hidden_states, weight, bias=None, activation=None, **kw
     batch: each tap reads only positions of the same sequence (causal_conv1d's ``seq_idx``
     semantics: zero padding at every sequence start). Without packing information, or outside
     a patched mixer, the model's own function runs unchanged. x [B, C, L], weight [C, W]."""
-    import torch
     import torch.nn.functional as F
     B, C, L = hidden_states.shape
     cu, ok = _packing(kwargs, L, B)
