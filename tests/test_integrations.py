@@ -434,6 +434,20 @@ def test_fla_functions_run_on_scancc_with_fla_argument_names(fla_patched):
     wo, wS = nv["hgrn"](x, gh, output_final_state=True)
     assert rel_rms(o, wo) <= TOL and rel_rms(S, wS) <= TOL
 
+    # KDA: per-key log decay g, fla's naive_recurrent_kda (l2-normalized q, k as the model
+    # passes them), the in-kernel l2norm against normalized inputs
+    from fla.ops.kda.naive import naive_recurrent_kda
+    import fla.ops.kda as fkda
+    for fn in (fkda.chunk_kda, fkda.fused_recurrent_kda):
+        o, S = fn(q=qn, k=kn, v=v, g=gk, beta=beta, initial_state=S0, output_final_state=True)
+        wo, wS = naive_recurrent_kda(qn, kn, v, gk, beta, initial_state=S0,
+                                     output_final_state=True)
+        assert rel_rms(o, wo) <= TOL and rel_rms(S, wS) <= TOL, fn.__name__
+    o, _ = fkda.chunk_kda(q, k, v, gk, beta, scale=0.5, use_qk_l2norm_in_kernel=True)
+    wo, _ = naive_recurrent_kda(qn, kn, v, gk, beta, scale=0.5)
+    assert rel_rms(o, wo) <= TOL
+    assert sf.calls["chunk_kda"] == 2 and sf.calls["fused_recurrent_kda"] == 1
+
     assert sf.calls["chunk_gla"] == 1 and sf.calls["chunk_gated_delta_rule"] == 2
     assert not any(c.endswith("fallback") for c in sf.calls)
 

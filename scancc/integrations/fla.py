@@ -32,6 +32,7 @@ FUNCTIONS = {
     "chunk_retention": "fla.ops.retention", "fused_recurrent_retention": "fla.ops.retention",
     "chunk_linear_attn": "fla.ops.linear_attn",
     "fused_recurrent_linear_attn": "fla.ops.linear_attn",
+    "chunk_kda": "fla.ops.kda", "fused_recurrent_kda": "fla.ops.kda",
 }
 
 calls: Counter = Counter()       # "<function>" scancc calls, "<function>.fallback" fla's own
@@ -149,7 +150,24 @@ def _linear_attn(a, normalize_default):
                 a.get("cu_seqlens"), scale=_scale(a.get("scale")))
 
 
+def _kda(a):
+    """chunk_kda / fused_recurrent_kda: g the per-key log decay, beta already a sigmoid, one
+    value head per key head (fla's grouped HV > H, the in-kernel gate / beta sigmoid, negative
+    eigenvalues, the safe-gate lower bound and v-first states fall back)."""
+    q, v = a["q"], a["v"]
+    _need(v.shape[2] == q.shape[2] and not a.get("use_gate_in_kernel")
+          and not a.get("use_beta_sigmoid_in_kernel") and not a.get("allow_neg_eigval")
+          and not a.get("safe_gate") and a.get("lower_bound") is None
+          and a.get("A_log") is None and not a.get("state_v_first")
+          and not a.get("return_intermediate_states") and a.get("cp_context") is None)
+    q, k, v, g, beta = _f32(q, a["k"], v, a["g"], a["beta"])
+    return _run("kda", (q, k, v, g, beta), a.get("initial_state"), a.get("output_final_state"),
+                a.get("cu_seqlens"), scale=_scale(a.get("scale")),
+                use_qk_l2norm_in_kernel=bool(a.get("use_qk_l2norm_in_kernel")))
+
+
 _IMPLS = {
+    "chunk_kda": _kda, "fused_recurrent_kda": _kda,
     "chunk_gla": _gla, "fused_recurrent_gla": _gla,
     "chunk_simple_gla": _simple_gla, "fused_recurrent_simple_gla": _simple_gla,
     "chunk_gated_delta_rule": _gated_delta, "fused_recurrent_gated_delta_rule": _gated_delta,
