@@ -20,6 +20,11 @@ model's cache tensor for decode). Everything else — projections, conv1d and it
 gated norm, the cache classes, ``generate()``, weights and state-dict names — stays the
 model's own code. Models not patched (or unpatched) call the original functions unchanged.
 Anything that looks like a sequence mixer but is not supported is reported by name.
+
+Packed batches: the packing keywords a model forwards to these functions (``cu_seq_lens_q``,
+mamba_ssm's ``seq_idx``, fla's ``cu_seqlens``) become scancc's ``cu_seqlens`` (varlen), and
+the model's ``causal_conv1d_fn`` — dispatched the same way — keeps the packed sequences apart
+too (docs/integrations.md, "Packed prefill").
 """
 from __future__ import annotations
 
