@@ -658,3 +658,28 @@ def test_packing_scancc_cannot_take_runs_the_models_own_function():
     finally:
         st.unpatch(model)
     assert rep.calls["conv.fallback"] == 1 and not rep.calls["mamba2.scan.packed"]
+
+
+@pytest.mark.parametrize("target", ["reference", "torch"])
+def test_kda_decode_steps_the_cache_state_in_place(target):
+    """recurrent_kimi_delta_attention at T = 1: the cache's float32 state tensor itself is
+    stepped (same storage) and returned; output and state equal the model's torch function."""
+    import transformers.models.kimi_linear.modeling_kimi_linear as km
+    torch_fn = km.recurrent_kimi_delta_attention          # the fixture's torch path
+    rep = st.PatchReport(target=target)
+    cfg = st._Config(target, {}, rep)
+    g = torch.Generator().manual_seed(2)
+    B, H, K, V = 2, 3, 4, 5
+    q, k = torch.randn(B, 1, H, K, generator=g), torch.randn(B, 1, H, K, generator=g)
+    v = torch.randn(B, 1, H, V, generator=g)
+    gk = torch.nn.functional.logsigmoid(torch.randn(B, 1, H, K, generator=g))
+    beta = torch.rand(B, 1, H, generator=g)
+    cache = torch.randn(B, H, K, V, generator=g)
+    want_o, want_S = torch_fn(q, k, v, g=gk, beta=beta, initial_state=cache.clone(),
+                              output_final_state=True, use_qk_l2norm_in_kernel=True)
+    ptr = cache.data_ptr()
+    o, S = st._kda_step(cfg, torch_fn, q, k, v, g=gk, beta=beta, initial_state=cache,
+                        output_final_state=True, use_qk_l2norm_in_kernel=True)
+    assert rep.calls["kda.step"] == 1 and not rep.calls["kda.step.fallback"]
+    assert S is cache and cache.data_ptr() == ptr
+    assert rel_rms(o, want_o) <= TOL and rel_rms(cache, want_S) <= TOL
