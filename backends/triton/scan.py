@@ -103,7 +103,8 @@ class _Chunked(recurrent.Lowering):
     def __init__(self, rec: Recurrence, options):
         super().__init__(rec, options)
         self.chunk = self.names.new("CHUNK")
-        self.t_first = self.names.new("t_start")
+        self.t_start = self.names.new("t_start")
+        self.t_first = self.t_start  # where walking pointers start (window.py: earlier)
         self.t_last = self.names.new("t_end")
 
     def make_names(self) -> Names:
@@ -114,12 +115,12 @@ class _Chunked(recurrent.Lowering):
     def _program_ids(self) -> list[str]:
         return super()._program_ids() + [
             "i_c = tl.program_id(2).to(tl.int64)",
-            f"{self.t_first} = i_c * {self.chunk}",
-            f"{self.t_last} = tl.minimum({self.t_first} + {self.chunk}, "
+            f"{self.t_start} = i_c * {self.chunk}",
+            f"{self.t_last} = tl.minimum({self.t_start} + {self.chunk}, "
             f"{self.size[self.rec.time]})"]
 
     def time_loop(self) -> str:
-        return f"for i_t in range({self.t_first}, {self.t_last}):"
+        return f"for i_t in range({self.t_start}, {self.t_last}):"
 
     def chunk_offset(self, s) -> str:
         """Offset of chunk i_c's slice of a [NC, *state dims] buffer of state ``s``."""
