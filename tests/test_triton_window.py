@@ -221,13 +221,15 @@ def test_auto_picks_window_on_a_gpu_only(monkeypatch):
 
 
 def test_block_length_rule():
-    # B1 D2048 fir: 32 programs per block; 8 x 132 programs need >= 33 blocks: 512 steps
-    assert window.block_length(32, 32768, 3) == 512
-    assert 32 * (32768 // window.block_length(32, 32768, 3)) >= 8 * 132
+    # B1 D2048 fir: 32 programs per block; 4 x 132 programs need >= 17 blocks: 1024 steps
+    assert window.block_length(32, 32768, 3) == 1024
+    assert 32 * (32768 // window.block_length(32, 32768, 3)) >= 4 * 132
+    assert window.block_length(256, 2048, 3) == 512  # B8 D2048: 4 blocks, 1024 programs
     # a grid that fills the GPU (decode, large batch): one block, the recurrent kernel
     assert window.block_length(264, 32768, 3) == 32768
     assert window.block_length(264, 1, 3) == 1
     # the halo is at most a quarter of a block
-    assert window.block_length(32, 32768, 100) == 512
+    assert window.block_length(32, 32768, 300) == 2048
+    assert window.block_length(32, 4096, 3) == 128
     assert window.block_length(1, 40, 3) == 16
     assert window.block_length(32, 64, 0) == 16
