@@ -55,7 +55,7 @@ def _lowering(rec: Recurrence, options: Mapping[str, Any]):
         return chunked.Lowering(rec, options)
     if algo == "window" or (algo == "auto" and window.auto(rec)):  # shift registers only
         return window.lowering(rec, options)
-    if algo == "scan" or (algo == "auto" and scan.applies(rec)[0] and scan.on_gpu()):
+    if algo == "scan" or (algo == "auto" and scan.auto(rec)):
         ok, why = scan.applies(rec)
         if not ok:
             raise UnsupportedError("triton", rec.name, f"algorithm='scan': {why}")

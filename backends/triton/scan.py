@@ -93,6 +93,14 @@ def applies(rec: Recurrence) -> tuple[bool, str]:
     return True, ""
 
 
+def auto(rec: Recurrence) -> bool:
+    """Whether ``"auto"`` picks the scan: where it applies, on a GPU, and with no companion
+    state (their chunk products amplify float32 rounding past the tolerance table on some
+    filters, docs/triton.md: ``algorithm="scan"`` asks for it)."""
+    return applies(rec)[0] and on_gpu() and not any(
+        s.transition.kind is Kind.COMPANION for s in rec.states)
+
+
 def _module_names(rec: Recurrence) -> dict[str, str]:
     """The module-level names of the scan module (reserved in every kernel's namespace)."""
     return {"local": f"{rec.name}_scan_local_kernel", "carry": f"{rec.name}_scan_carry_kernel",
@@ -481,4 +489,4 @@ def on_gpu() -> bool:
     return runtime.has_gpu()
 
 
-__all__ = ["Lowering", "applies", "chunk_length", "on_gpu", "CHUNK_RULE", "KINDS"]
+__all__ = ["Lowering", "applies", "auto", "chunk_length", "on_gpu", "CHUNK_RULE", "KINDS"]
