@@ -86,7 +86,7 @@ def window_block_length(programs, steps, halo, device):
     block over ``steps`` steps, each block replaying the ``halo`` steps before it: all steps
     in one block (the recurrent kernel) when that grid already has >= 2 programs per SM;
     else the largest power of two in [max(16, 4 * halo), max(1024, 4 * halo)] that still
-    gives >= 8 programs per SM (132 SMs assumed without a GPU: the CPU interpreter)."""
+    gives >= 4 programs per SM (132 SMs assumed without a GPU: the CPU interpreter)."""
     sms = _WINDOW_SMS.get(device)
     if sms is None:
         sms = (torch.cuda.get_device_properties(device).multi_processor_count
@@ -96,7 +96,7 @@ def window_block_length(programs, steps, halo, device):
         return max(steps, 1)
     low = max(16, 1 << (4 * halo - 1).bit_length()) if halo > 0 else 16
     block = max(1024, low)
-    while block > low and programs * -(-steps // block) < 8 * sms:
+    while block > low and programs * -(-steps // block) < 4 * sms:
         block //= 2
     return block
 
