@@ -152,7 +152,7 @@ class Lowering(scan._Chunked):
     def render_kernel(self) -> list[str]:
         lines = super().render_kernel()
         i = lines.index(self.time_loop())
-        warm = [f"# warm-up: the halo steps before the block, states only (from h0 at t = 0)",
+        warm = ["# warm-up: the halo steps before the block, states only (from h0 at t = 0)",
                 f"for i_t in range({self.t_warm}, {self.t_start}):"]
         warm += ["    " + ln for ln in self.body[:self._n_transition] + self.step]
         return lines[:i] + warm + ["# the block: states and outputs"] + lines[i:]
