@@ -75,8 +75,8 @@ def _block_sizes_rule(bs: Mapping, rec: Recurrence | None) -> Problem | None:
 
 
 OPTIONS = {o.name: o for o in (
-    Option("algorithm", "auto: chunked where it applies, else scan on a GPU where it applies, "
-           "else recurrent", "auto",
+    Option("algorithm", "auto: chunked where it applies, else window or scan on a GPU where "
+           "they apply, else recurrent", "auto",
            (str,), ALGORITHMS),
     Option("block_sizes", "register block per dim, {dim: power of two} (None: the plan's)",
            None, (dict,), rule=_block_sizes_rule),
