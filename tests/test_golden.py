@@ -20,7 +20,7 @@ from scancc import backends, registry
 
 GOLDEN = Path(__file__).parent / "golden"
 REGEN = os.environ.get("SCANCC_REGEN_GOLDEN") == "1"
-ALGORITHMS = ("recurrent", "chunked", "staged", "scan")
+ALGORITHMS = ("recurrent", "chunked", "staged", "scan", "window")
 
 
 def _library() -> list[str]:

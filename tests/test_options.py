@@ -186,7 +186,7 @@ def test_check_options_without_a_recurrence():
         "block_sizes": {"anything": 8}}
     with pytest.raises(OptionError, match="recurrence 'mamba'.*block_sizes\\['x'\\]=3"):
         tb.check_options("mamba", {"block_sizes": {"x": 3}})
-    assert tb.algorithms() == ("recurrent", "chunked", "staged", "scan")
+    assert tb.algorithms() == ("recurrent", "chunked", "staged", "scan", "window")
     assert backends.get("nki").algorithms() == ("recurrent", "chunked")
     assert backends.get("reference").algorithms() == ()
 

@@ -15,6 +15,9 @@ Algorithms (``algorithm=`` option; ``"auto"`` picks from the transition structur
 - ``scan`` (scan.py): the recurrent kernel parallel in time by chunks, for identity/scalar/
   diagonal transitions; ``"auto"`` picks it only on a GPU where chunked does not apply, and
   its launcher may still run one chunk (scan.CHUNK_RULE, scan.AUTO_MIN_STEPS).
+- ``window`` (window.py): parallel in time for recurrences of shift registers only (fir, swa,
+  bmojo_f): time blocks that replay a halo of W - 1 steps; ``"auto"`` picks it on a GPU, and
+  its launcher runs one block when the grid already fills the GPU (window.BLOCK_RULE).
 """
 from __future__ import annotations
 
@@ -28,12 +31,12 @@ from ..base import Backend, Option, Problem, RunResult, UnsupportedError
 if TYPE_CHECKING:  # the runtime imports torch: only when a kernel runs
     from .runtime import Compiled
 
-ALGORITHMS = ("auto", "recurrent", "chunked", "staged", "scan")
+ALGORITHMS = ("auto", "recurrent", "chunked", "staged", "scan", "window")
 DOT_PRECISIONS = ("auto", "ieee", "tf32x3", "tf32", "input")
 
 
 def _lowering(rec: Recurrence, options: Mapping[str, Any]):
-    from . import chunked, recurrent, scan, staged
+    from . import chunked, recurrent, scan, staged, window
     algo = options.get("algorithm", "auto")
     if algo not in ALGORITHMS:
         raise UnsupportedError("triton", rec.name, f"option algorithm={algo!r}: expected one of "
@@ -50,7 +53,9 @@ def _lowering(rec: Recurrence, options: Mapping[str, Any]):
         if not ok:
             raise UnsupportedError("triton", rec.name, f"algorithm='chunked': {why}")
         return chunked.Lowering(rec, options)
-    if algo == "scan" or (algo == "auto" and scan.applies(rec)[0] and scan.on_gpu()):
+    if algo == "window" or (algo == "auto" and window.auto(rec)):  # shift registers only
+        return window.lowering(rec, options)
+    if algo == "scan" or (algo == "auto" and scan.auto(rec)):
         ok, why = scan.applies(rec)
         if not ok:
             raise UnsupportedError("triton", rec.name, f"algorithm='scan': {why}")
@@ -70,8 +75,8 @@ def _block_sizes_rule(bs: Mapping, rec: Recurrence | None) -> Problem | None:
 
 
 OPTIONS = {o.name: o for o in (
-    Option("algorithm", "auto: chunked where it applies, else scan on a GPU where it applies, "
-           "else recurrent", "auto",
+    Option("algorithm", "auto: chunked where it applies, else window or scan on a GPU where "
+           "they apply, else recurrent", "auto",
            (str,), ALGORITHMS),
     Option("block_sizes", "register block per dim, {dim: power of two} (None: the plan's)",
            None, (dict,), rule=_block_sizes_rule),

@@ -38,7 +38,7 @@ from . import recurrent
 from .emit import Env, simple
 from .names import Names
 
-KINDS = (Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL)
+KINDS = (Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL, Kind.COMPANION)
 
 # the launcher's rule for the chunk length, emitted verbatim into the generated module (so a
 # cached module runs alone) and executed here for the tests (``chunk_length``)
@@ -85,13 +85,26 @@ def applies(rec: Recurrence) -> tuple[bool, str]:
     for s in rec.states:
         if s.transition.kind not in KINDS:
             return False, (f"state {s.name!r} has a {s.transition.kind.value} transition (the scan "
-                           "composes identity, scalar and diagonal transitions only)")
+                           "composes identity, scalar, diagonal and companion transitions only)")
+        if s.transition.kind is Kind.COMPANION and any(
+                rec.uses_state(n) for _, n in s.transition.operands):
+            return False, (f"state {s.name!r}: its companion feedback reads a state (the chunk's "
+                           "transition product would depend on the state)")
     return True, ""
+
+
+def auto(rec: Recurrence) -> bool:
+    """Whether ``"auto"`` picks the scan: where it applies, on a GPU, and with no companion
+    state (their chunk products amplify float32 rounding past the tolerance table on some
+    filters, docs/triton.md: ``algorithm="scan"`` asks for it)."""
+    return applies(rec)[0] and on_gpu() and not any(
+        s.transition.kind is Kind.COMPANION for s in rec.states)
 
 
 def _module_names(rec: Recurrence) -> dict[str, str]:
     """The module-level names of the scan module (reserved in every kernel's namespace)."""
     return {"local": f"{rec.name}_scan_local_kernel", "carry": f"{rec.name}_scan_carry_kernel",
+            "matrix_carry": f"{rec.name}_scan_matrix_carry_kernel",
             "rule": "scan_chunk_length", "sms": "_SCAN_SMS"}
 
 
@@ -103,7 +116,8 @@ class _Chunked(recurrent.Lowering):
     def __init__(self, rec: Recurrence, options):
         super().__init__(rec, options)
         self.chunk = self.names.new("CHUNK")
-        self.t_first = self.names.new("t_start")
+        self.t_start = self.names.new("t_start")
+        self.t_first = self.t_start  # where walking pointers start (window.py: earlier)
         self.t_last = self.names.new("t_end")
 
     def make_names(self) -> Names:
@@ -114,12 +128,12 @@ class _Chunked(recurrent.Lowering):
     def _program_ids(self) -> list[str]:
         return super()._program_ids() + [
             "i_c = tl.program_id(2).to(tl.int64)",
-            f"{self.t_first} = i_c * {self.chunk}",
-            f"{self.t_last} = tl.minimum({self.t_first} + {self.chunk}, "
+            f"{self.t_start} = i_c * {self.chunk}",
+            f"{self.t_last} = tl.minimum({self.t_start} + {self.chunk}, "
             f"{self.size[self.rec.time]})"]
 
     def time_loop(self) -> str:
-        return f"for i_t in range({self.t_first}, {self.t_last}):"
+        return f"for i_t in range({self.t_start}, {self.t_last}):"
 
     def chunk_offset(self, s) -> str:
         """Offset of chunk i_c's slice of a [NC, *state dims] buffer of state ``s``."""
@@ -142,6 +156,12 @@ class Lowering(_Chunked):
     def initial_buffer(self, s) -> str:
         """The state entering chunk i_c: h_in[i_c] (h0 when the launcher runs one chunk)."""
         return f"{self.h0[s.name]} + {self.chunk_offset(s)}"
+
+    def init_states(self, base: Env) -> list[str]:
+        # ring buffers (companion): h_in[i_c] is in logical order, loaded at the physical
+        # slots of step t_start (slot t % W is written at step t)
+        return super().init_states(self._ring_env(base, self.t_start, False)
+                                   if self.plan.rings else base)
 
     def launch(self, g0: str, g1: str, final: str, warps: str) -> list[str]:
         rec, P, N = self.rec, self.plan, self.names
@@ -171,9 +191,12 @@ class Lowering(_Chunked):
         prod = {s: N.ir("decay_", s) for s in loc.prod}
         for s in rec.states:
             shape = ", ".join([nc] + [self.size[d] for d in s.dims])
-            for buf in (hloc[s.name], prod.get(s.name)):
+            # a companion state's transition product: [NC, W (its column), *state dims]
+            pshape = ", ".join([nc, self.size[s.transition.axis]] + [
+                self.size[d] for d in s.dims]) if s.transition.kind is Kind.COMPANION else shape
+            for buf, sh in ((hloc[s.name], shape), (prod.get(s.name), pshape)):
                 if buf:
-                    lines.append(f"    {buf} = torch.empty(({shape}), dtype=torch.float32, "
+                    lines.append(f"    {buf} = torch.empty(({sh}), dtype=torch.float32, "
                                  f"device={dev})")
         largs = [self.arg[i.name] for i in rec.inputs] + list(hloc.values()) + list(prod.values())
         largs += [self.size[d] for d in loc.runtime_sizes()] + [chunk] + sizes
@@ -184,6 +207,9 @@ class Lowering(_Chunked):
         for s in rec.states:
             numel = " * ".join(self.size[d] for d in s.dims)
             dec = prod.get(s.name, hloc[s.name])
+            if s.transition.kind is Kind.COMPANION:
+                lines += self._launch_matrix_carry(s, dec, hloc[s.name], numel, nc, final)
+                continue
             lines.append(f"    {self.module['carry']}[(-(-{numel} // 256),)](")
             lines += [f"        {a}," for a in (
                 dec, hloc[s.name], self.h0[s.name], self.ht[s.name], numel, nc, 256,
@@ -198,6 +224,20 @@ class Lowering(_Chunked):
         lines += [f"        {a}," for a in args]
         lines += [f"        num_warps={warps},", "    )"]
         return lines
+
+    def _launch_matrix_carry(self, s, dec: str, hloc: str, numel: str, nc: str,
+                             final: str) -> list[str]:
+        """Stage 2 of a companion state: ``h_in[c + 1] = M[c] h_in[c] + hloc[c]`` along its
+        axis, one program per 64 of the other state elements."""
+        w = s.transition.axis
+        i = s.dims.index(w)
+        inner = " * ".join(self.size[d] for d in s.dims[i + 1:]) or "1"
+        W = self.size[w]
+        lines = [f"    {self.module['matrix_carry']}[(-(-({numel} // {W}) // 64),)]("]
+        lines += [f"        {a}," for a in (
+            dec, hloc, self.h0[s.name], self.ht[s.name], numel, inner, nc, W, 64,
+            f"1 << ({W} - 1).bit_length()", f"{self.h0[s.name]} is not None", final)]
+        return lines + ["        num_warps=4,", "    )"]
 
     def compile_args(self, sizes: dict, dtype: str) -> tuple[dict, dict]:
         sig, const = super().compile_args(sizes, dtype)
@@ -242,9 +282,13 @@ class Lowering(_Chunked):
         local = self.local.render_kernel_def()
         fwd = self.render_kernel_def()
         launcher = self.render_launcher()
+        kinds = {s.transition.kind for s in self.rec.states}
+        carries = [_carry_kernel(self.module["carry"])] if kinds - {Kind.COMPANION} else []
+        if Kind.COMPANION in kinds:
+            carries.append(_matrix_carry_kernel(self.module["matrix_carry"]))
         self._source = "\n\n".join([
-            recurrent.module_header(self.ir, self.algorithm), local,
-            _carry_kernel(self.module["carry"]), fwd, CHUNK_RULE, launcher])
+            recurrent.module_header(self.ir, self.algorithm), local, *carries, fwd,
+            CHUNK_RULE, launcher])
         return self._source
 
 
@@ -267,17 +311,48 @@ class _Local(_Chunked):
         n.used |= {f"{self.ir.name}_scan_fwd_kernel", f"{self.ir.name}_scan_fwd"}
         return n
 
+    # a companion state's transition product M is the state's register tile with one more
+    # axis, last: its column (M's row axis is the ring axis, in the ring's physical order)
+    def _col(self, w: str) -> str:
+        return f"tl.arange(0, {self.block[w]})[{', '.join(['None'] * len(self.plan.regs))}, :]"
+
+    def _x3(self, v: str) -> str:
+        """A register tile ``v`` with the column axis appended (size 1)."""
+        return f"{self.par(v, 4)}[{', '.join([':'] * len(self.plan.regs))}, None]"
+
     def init_states(self, base: Env) -> list[str]:
         lines = []
         for s in self.rec.states:
             shape = ", ".join(self.block[d] if d in s.dims else "1" for d in self.plan.regs)
             lines.append(f"{self.state_var[s.name]} = tl.zeros([{shape}], dtype=tl.float32)")
-            if s.name in self.prod:
+            if s.name in self.prod and s.transition.kind is Kind.COMPANION:
+                # the identity, in logical order at step t_start: physical slot p holds the
+                # logical slot (p - t_start) mod W
+                w = s.transition.axis
+                logical = self._ring_env(base, self.t_start, False)[w].expr
+                lines.append(f"{self.prod_var[s.name]} = tl.zeros([{shape}, {self.block[w]}], "
+                             f"dtype=tl.float32) + tl.where({self._x3(logical)} == "
+                             f"{self._col(w)}, 1.0, 0.0)")
+            elif s.name in self.prod:
                 lines.append(f"{self.prod_var[s.name]} = tl.full([{shape}], 1.0, "
                              "dtype=tl.float32)")
         return lines
 
+    def _companion_product(self, s, env: Env) -> None:
+        """M <- A_t M for the step's companion matrix A_t (the rule of recurrent.py on every
+        column of M, with no injected term)."""
+        w, M = s.transition.axis, self.prod_var[s.name]
+        f = self.value(s.transition.operand("feedback"), env)
+        slot = self.bind(True, f"m_{s.name}_slot", f"{self._x3(self.off[w])} == i_t % "
+                         f"{self.size[w]}")
+        fb = self.reduce("sum", f"{self._x3(f)} * tl.where({slot}, 0.0, {M})", [w],
+                         env, "0.0").replace(self.msk[w], self._x3(self.msk[w]), 1)
+        self.body.append(f"{M} = tl.where({slot}, {fb}, {M})")
+
     def emit_transition(self, s, env: Env) -> None:
+        if s.transition.kind is Kind.COMPANION:
+            super().emit_transition(s, env)
+            return self._companion_product(s, env)
         if s.transition.kind is Kind.IDENTITY:
             return super().emit_transition(s, env)
         decay = s.transition.operand("decay")
@@ -293,10 +368,15 @@ class _Local(_Chunked):
 
     def final_states(self, fenv: Env) -> list[str]:
         lines = []
+        if self.plan.rings:  # stored in logical order as of the chunk's last step
+            fenv = self._ring_env(Env(self._base_env()), self.t_last, False)
         for s in self.rec.states:
             for buf, v in [(self.hloc[s.name], self.state_var[s.name]),
                            (self.prod.get(s.name), self.prod_var.get(s.name))]:
                 if buf is None:
+                    continue
+                if s.transition.kind is Kind.COMPANION and buf == self.prod.get(s.name):
+                    lines += self._store_product(s, buf, v, fenv)
                     continue
                 ptr, mask = self.pointer(f"{buf} + {self.chunk_offset(s)}", s.dims, fenv, None,
                                          block=True)
@@ -304,6 +384,18 @@ class _Local(_Chunked):
                 lines.append(f"{p} = {ptr}")
                 lines.append(f"tl.store({p}, {v}{f', mask={mask}' if mask else ''})")
         return lines
+
+    def _store_product(self, s, buf: str, v: str, fenv: Env) -> list[str]:
+        """M of chunk i_c into its [NC, W (column), *state dims] buffer, rows logical."""
+        w = s.transition.axis
+        off, mask = self.pointer("0", s.dims, fenv, None, block=True)
+        numel = " * ".join(self.size[d] for d in s.dims)
+        col = self._col(w)
+        p = self.names.new(f"p_{buf}")
+        m = f"({col} < {self.size[w]})" + (f" & {self._x3(mask)}" if mask else "")
+        return [f"{p} = {buf} + (i_c * {self.size[w]} + {col}) * {numel} + "
+                f"{self._x3(off[4:])}",
+                f"tl.store({p}, {v}, mask={m})"]
 
     def signature(self) -> tuple[list[str], list[str]]:
         rec = self.rec
@@ -351,10 +443,50 @@ def {name}(
 '''
 
 
+def _matrix_carry_kernel(name: str) -> str:
+    """Stage 2 for one companion state: per element of its other dims (``NUMEL / WIDTH`` of
+    them, the axis of stride INNER), a WIDTH x WIDTH matrix-vector product per chunk."""
+    return f'''@triton.jit
+def {name}(
+    decay,
+    hloc,
+    h0,
+    ht,
+    NUMEL,
+    INNER,
+    N_CHUNKS,
+    WIDTH: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr,
+    STORE_FINAL_STATE: tl.constexpr,
+):
+    # h_in[0] = h0, h_in[c + 1] = M[c] h_in[c] + hloc[c] (M[c]: [WIDTH (column), *state]);
+    # h_in[c] replaces hloc[c]
+    q = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)[:, None]
+    o_i = tl.arange(0, BLOCK_W)[None, :]
+    o_j = tl.arange(0, BLOCK_W)[None, None, :]
+    m = (q < NUMEL // WIDTH) & (o_i < WIDTH)
+    o = (q // INNER) * WIDTH * INNER + q % INNER + o_i * INNER
+    m_mat = m[:, :, None] & (o_j < WIDTH)
+    b_h = tl.zeros([BLOCK, BLOCK_W], dtype=tl.float32)
+    if USE_INITIAL_STATE:
+        b_h += tl.load(h0 + o, mask=m, other=0.0).to(tl.float32)
+    for i_c in range(0, N_CHUNKS):
+        p_hloc = hloc + i_c * NUMEL + o
+        b_hloc = tl.load(p_hloc, mask=m, other=0.0)
+        tl.store(p_hloc, b_h, mask=m)
+        b_m = tl.load(decay + (i_c * WIDTH + o_j) * NUMEL + o[:, :, None], mask=m_mat, other=0.0)
+        b_h = tl.sum(b_m * b_h[:, None, :], axis=2) + b_hloc
+    if STORE_FINAL_STATE:
+        tl.store(ht + o, b_h, mask=m)
+'''
+
+
 def on_gpu() -> bool:
     """Whether kernels run on a GPU (``"auto"`` picks the scan only there)."""
     from . import runtime
     return runtime.has_gpu()
 
 
-__all__ = ["Lowering", "applies", "chunk_length", "on_gpu", "CHUNK_RULE", "KINDS"]
+__all__ = ["Lowering", "applies", "auto", "chunk_length", "on_gpu", "CHUNK_RULE", "KINDS"]
