@@ -70,6 +70,10 @@ class Lowering(chunked.Lowering):
     # stages 1 and 3 hold [64, K] chunk tiles, stage 2 two [K, BV] states (ptxas: see
     # docs/performance/triton.md)
     WARPS = {1: 2, 2: 2, 3: 2}
+    # dplr: stages 1 and 3 hold the [BT, BT, BK] transport (16 x 16 x 128 floats at K=128):
+    # 16 warps at the default num_warps 4 keep it in registers (issue 15, ptxas:
+    # docs/performance/triton.md)
+    DPLR_WARPS = {1: 4, 2: 2, 3: 4}
 
     def stage_warps(self, stage: int, num_warps: int) -> int:
         return self.WARPS[stage] * num_warps
@@ -82,8 +86,12 @@ class Lowering(chunked.Lowering):
     HOUSEHOLDER_BT = 32
 
     def __init__(self, rec: Recurrence, options, choose: bool = False):
-        analyze(rec)  # NotChunkable before any name is allocated
-        self.choose = choose
+        F = analyze(rec)  # NotChunkable before any name is allocated
+        # dplr: no fused branch (the fused kernel keeps both transports and the forward
+        # substitution on its sequential path and spills at K=128: issue 15)
+        self.choose = choose and F.kind is not Kind.DPLR
+        if F.kind is Kind.DPLR:
+            self.WARPS = self.DPLR_WARPS
         if choose:  # the chunked form, fused or staged as the launcher decides
             self.algorithm = "chunked"
         super().__init__(rec, options)
@@ -475,6 +483,7 @@ class Lowering(chunked.Lowering):
         t["bad"] = [self._bad(a_ok, 1), self._bad(b_ok, 1), self._bad(g_ok, 1)]
         gn_prev = self.bind(True, "b_gn_prev", f"{gn} - {g}_reset.to(tl.int32)")
         gc_prev = f"({gc} - {g})"
+        t.update(gc=gc, gn=gn, gc_prev=gc_prev, gn_prev=gn_prev)
         if pairs == "prev":
             strict = f"({self.off[T]} > tl.trans({self.off[T]}))"
             t["d"] = self.bind(True, "b_d_prev", f"tl.exp(tl.where({strict}[:, :, None] & "
@@ -491,15 +500,41 @@ class Lowering(chunked.Lowering):
         t["to_end"] = f"tl.where({gn} == {gnl}, tl.exp({gl} - {gc}), 0.0)"
         return t
 
+    def _dplr_pairs(self, x: str, ys: list[str], c_row: str, n_row: str, c_col: str,
+                    n_col: str, strict: bool, names: list[str]) -> list[str]:
+        """[BT, BT] pair tiles P[t, i] = sum_k x[t, k] y[i, k] e^{c_row[t, k] - c_col[i, k]}
+        (0 where n_row[t, k] != n_col[i, k], a reset between; i < t if ``strict``, else
+        i <= t), one per y of ``ys``, built one row t at a time: each row is [BT, BK] tiles
+        (the [BT, BT, BK] transport of ``chunked.Lowering._dplr_chunk`` would be 32K floats at
+        K=128 and spills: issue 15). The same exponents and masks, summed in the same order."""
+        b, BT = self.body, self.block[self.rec.time]
+        row = self.bind(True, "o_row", f"tl.arange(0, {BT})[:, None]")
+        accs = [self.bind(True, nm, f"tl.zeros([{BT}, {BT}], dtype=tl.float32)") for nm in names]
+        j = self.names.new("i_j")
+        xj, cj, nj, dj = (self.names.new(v) for v in ("b_x_j", "b_c_j", "b_n_j", "b_d_j"))
+        pick = f"tl.where({row} == {j}, {{}}, 0{{}})"
+        before = "<" if strict else "<="
+        b.append(f"for {j} in range(0, {BT}):  # row {j} of the pair tiles")
+        b.append(f"    {xj} = tl.sum({pick.format(x, '.0')}, axis=0, keep_dims=True)")
+        b.append(f"    {cj} = tl.sum({pick.format(c_row, '.0')}, axis=0, keep_dims=True)")
+        b.append(f"    {nj} = tl.sum({pick.format(n_row, '')}, axis=0, keep_dims=True)")
+        b.append(f"    {dj} = tl.exp(tl.where(({row} {before} {j}) & ({nj} == {n_col}), "
+                 f"{cj} - {c_col}, float(\"-inf\")))")
+        for acc, y in zip(accs, ys):
+            b.append(f"    {acc} = tl.where({row} == {j}, tl.trans(tl.sum({xj} * {y} * {dj}, "
+                     f"axis=1, keep_dims=True)), {acc})")
+        return accs
+
     def _dplr_stage_factors(self) -> list[str]:
         env = self._begin()
         F, dot, b = self.form, self._dot, self.body
         rows = self._chunk_rows()
-        t = self._dplr_tiles(env, False, "prev")
-        bf, af, uf, d = t["bf"], t["af"], t["uf"], t["d"]
-        # (I - M) R = (b e^{c_(t-1)}) S + N W': A = (I + (-M))^-1 by the blocked solve
-        m = self.bind(True, "b_M", f"tl.sum({bf}[:, None, :] * {af}[None, :, :] * {d}, axis=2)")
-        n = self.bind(True, "b_N", f"tl.sum({bf}[:, None, :] * {uf}[None, :, :] * {d}, axis=2)")
+        t = self._dplr_tiles(env, False, None)
+        bf, af, uf = t["bf"], t["af"], t["uf"]
+        # (I - M) R = (b e^{c_(t-1)}) S + N W': A = (I + (-M))^-1 by the blocked solve;
+        # M[t, i] = sum_k b_t a_i e^{c_(t-1) - c_i}, N the same with u (i < t)
+        m, n = self._dplr_pairs(bf, [af, uf], t["gc_prev"], t["gn_prev"], t["gc"], t["gn"],
+                                True, ["b_M", "b_N"])
         a = self._ut_inverse(f"(-{m})")
         p = self.bind(True, "b_P", self._dot_inv(a, f"({bf} * {t['e_prev']})"))
         q = self.bind(True, "b_Q", self._dot_inv(a, dot(n, t["wf"], "solve")))
@@ -558,8 +593,8 @@ class Lowering(chunked.Lowering):
         rec, F, env = self.rec, self.form, self._begin()
         b, dot = self.body, self._dot
         rows = self._chunk_rows()
-        t = self._dplr_tiles(env, True, "now")
-        qf, af, uf, d = t["qf"], t["af"], t["uf"], t["d"]
+        t = self._dplr_tiles(env, True, None)
+        qf, af, uf = t["qf"], t["af"], t["uf"]
         ptr, mask = self._hc(self.i_c)
         p, h = self.names.new("p_hc"), self.names.new("b_S_in")
         b += [f"{p} = {ptr}", f"{h} = tl.load({p}, mask={mask}, other=0.0)"]
@@ -567,8 +602,9 @@ class Lowering(chunked.Lowering):
         pr = self.names.new("p_rc")
         b.append(f"{pr} = {ptr}")
         r = self.bind(True, "b_R", f"tl.load({pr}, mask={mask}, other=0.0)")
-        qa = self.bind(True, "b_QA", f"tl.sum({qf}[:, None, :] * {af}[None, :, :] * {d}, axis=2)")
-        qu = self.bind(True, "b_QU", f"tl.sum({qf}[:, None, :] * {uf}[None, :, :] * {d}, axis=2)")
+        # QA[t, i] = sum_k q_t a_i e^{c_t - c_i}, QU the same with u (i <= t)
+        qa, qu = self._dplr_pairs(qf, [af, uf], t["gc"], t["gn"], t["gc"], t["gn"], False,
+                                  ["b_QA", "b_QU"])
         # R read at the state's precision, as householder's stage 3
         e_now = t["e_now"]
         o = self.bind(True, "b_o", f"{dot(f'({qf} * {e_now})', h, 'read')} + "
