@@ -26,7 +26,11 @@ Dplr transitions (S = (Diag(w) + a bᵀ) S + u w'ᵀ: rwkv7, kda; the names of
 three stages with gla's per-K transports: stage 1 A = (I - M)^-1 (``_ut_inverse`` of -M),
 P = A (b ⊙ e^{c_(t-1)}) into ``pc``, Q = A N W' into ``rc``; stage 2 R = P S + Q,
 S = e^{c_L} ⊙ S + (a ⊙ e^{c_L - c})ᵀ R + (u ⊙ e^{c_L - c})ᵀ W'; stage 3 the fused kernel's
-output tile from S_in and R. Chunks of 16 steps (the [BT, BT, BK] transports, as gla).
+output tile from S_in and R. Chunks of 16 steps; the pair tiles M, N, QA, QU are built one
+row at a time (``chunked.Lowering._dplr_pairs``: no [BT, BT, BK] transport, zero spills at
+K=V=128). Under ``auto`` a dplr transition always takes the three stages (no fused branch):
+the fused kernel keeps the forward substitution and the pair tiles on its sequential path
+(modelled slower at every realistic shape, docs/performance/triton.md, issue 15).
 
 The three stages are the branches of one kernel on a constexpr ``STAGE`` (Triton compiles one
 kernel per stage), launched in order by one launcher, which also allocates the buffers. The
@@ -70,10 +74,6 @@ class Lowering(chunked.Lowering):
     # stages 1 and 3 hold [64, K] chunk tiles, stage 2 two [K, BV] states (ptxas: see
     # docs/performance/triton.md)
     WARPS = {1: 2, 2: 2, 3: 2}
-    # dplr: stages 1 and 3 hold the [BT, BT, BK] transport (16 x 16 x 128 floats at K=128):
-    # 16 warps at the default num_warps 4 keep it in registers (issue 15, ptxas:
-    # docs/performance/triton.md)
-    DPLR_WARPS = {1: 4, 2: 2, 3: 4}
 
     def stage_warps(self, stage: int, num_warps: int) -> int:
         return self.WARPS[stage] * num_warps
@@ -87,11 +87,8 @@ class Lowering(chunked.Lowering):
 
     def __init__(self, rec: Recurrence, options, choose: bool = False):
         F = analyze(rec)  # NotChunkable before any name is allocated
-        # dplr: no fused branch (the fused kernel keeps both transports and the forward
-        # substitution on its sequential path and spills at K=128: issue 15)
+        # dplr: no fused branch under auto, always the stages (the module doc: issue 15)
         self.choose = choose and F.kind is not Kind.DPLR
-        if F.kind is Kind.DPLR:
-            self.WARPS = self.DPLR_WARPS
         if choose:  # the chunked form, fused or staged as the launcher decides
             self.algorithm = "chunked"
         super().__init__(rec, options)
@@ -463,12 +460,11 @@ class Lowering(chunked.Lowering):
         return self.pro + rows + self.body
 
     # ---- dplr transitions ----
-    def _dplr_tiles(self, env: Env, q: bool, pairs: str | None):
+    def _dplr_tiles(self, env: Env, q: bool):
         """The chunk's dplr tiles as ``chunked.Lowering._dplr_chunk`` takes them: factor tiles
-        u (k-side), w' (v-side), a, b (and q), the log-decay tiles, and the [BT, BT, BK]
-        transports ``pairs`` asks ("prev": e^{c_(t-1)-c_i}, i < t; "now": e^{c_t-c_i},
-        i <= t; None: none). Returns a dict; ``bad``: the per-step non-finite counts of a, b
-        and the decay (``_dplr_chunk``'s)."""
+        u (k-side), w' (v-side), a, b (and q) and the log-decay tiles (gc, gn: c_t, n_t;
+        gc_prev, gn_prev: c_(t-1), n_(t-1)), for the pair tiles of ``_dplr_pairs``. Returns a
+        dict; ``bad``: the per-step non-finite counts of a, b and the decay (``_dplr_chunk``'s)."""
         F, T, K, V = self.form, self.rec.time, self.form.K, self.form.V
         qk, tv = f"{self.msk[T]} & {self.msk[K]}", f"{self.msk[T]} & {self.msk[V]}"
         t = {}
@@ -484,52 +480,17 @@ class Lowering(chunked.Lowering):
         gn_prev = self.bind(True, "b_gn_prev", f"{gn} - {g}_reset.to(tl.int32)")
         gc_prev = f"({gc} - {g})"
         t.update(gc=gc, gn=gn, gc_prev=gc_prev, gn_prev=gn_prev)
-        if pairs == "prev":
-            strict = f"({self.off[T]} > tl.trans({self.off[T]}))"
-            t["d"] = self.bind(True, "b_d_prev", f"tl.exp(tl.where({strict}[:, :, None] & "
-                               f"({gn_prev}[:, None, :] == {gn}[None, :, :]), "
-                               f"{gc_prev}[:, None, :] - {gc}[None, :, :], float(\"-inf\")))")
-        elif pairs == "now":
-            causal = f"({self.off[T]} >= tl.trans({self.off[T]}))"
-            t["d"] = self.bind(True, "b_d_now", f"tl.exp(tl.where({causal}[:, :, None] & "
-                               f"({gn}[:, None, :] == {gn}[None, :, :]), "
-                               f"{gc}[:, None, :] - {gc}[None, :, :], float(\"-inf\")))")
         t["e_prev"] = f"tl.where({gn_prev} == 0, tl.exp({gc_prev}), 0.0)"
         t["e_now"] = f"tl.where({gn} == 0, tl.exp({gc}), 0.0)"
         t["e_last"] = f"tl.trans(tl.where({gnl} == 0, tl.exp({gl}), 0.0))"
         t["to_end"] = f"tl.where({gn} == {gnl}, tl.exp({gl} - {gc}), 0.0)"
         return t
 
-    def _dplr_pairs(self, x: str, ys: list[str], c_row: str, n_row: str, c_col: str,
-                    n_col: str, strict: bool, names: list[str]) -> list[str]:
-        """[BT, BT] pair tiles P[t, i] = sum_k x[t, k] y[i, k] e^{c_row[t, k] - c_col[i, k]}
-        (0 where n_row[t, k] != n_col[i, k], a reset between; i < t if ``strict``, else
-        i <= t), one per y of ``ys``, built one row t at a time: each row is [BT, BK] tiles
-        (the [BT, BT, BK] transport of ``chunked.Lowering._dplr_chunk`` would be 32K floats at
-        K=128 and spills: issue 15). The same exponents and masks, summed in the same order."""
-        b, BT = self.body, self.block[self.rec.time]
-        row = self.bind(True, "o_row", f"tl.arange(0, {BT})[:, None]")
-        accs = [self.bind(True, nm, f"tl.zeros([{BT}, {BT}], dtype=tl.float32)") for nm in names]
-        j = self.names.new("i_j")
-        xj, cj, nj, dj = (self.names.new(v) for v in ("b_x_j", "b_c_j", "b_n_j", "b_d_j"))
-        pick = f"tl.where({row} == {j}, {{}}, 0{{}})"
-        before = "<" if strict else "<="
-        b.append(f"for {j} in range(0, {BT}):  # row {j} of the pair tiles")
-        b.append(f"    {xj} = tl.sum({pick.format(x, '.0')}, axis=0, keep_dims=True)")
-        b.append(f"    {cj} = tl.sum({pick.format(c_row, '.0')}, axis=0, keep_dims=True)")
-        b.append(f"    {nj} = tl.sum({pick.format(n_row, '')}, axis=0, keep_dims=True)")
-        b.append(f"    {dj} = tl.exp(tl.where(({row} {before} {j}) & ({nj} == {n_col}), "
-                 f"{cj} - {c_col}, float(\"-inf\")))")
-        for acc, y in zip(accs, ys):
-            b.append(f"    {acc} = tl.where({row} == {j}, tl.trans(tl.sum({xj} * {y} * {dj}, "
-                     f"axis=1, keep_dims=True)), {acc})")
-        return accs
-
     def _dplr_stage_factors(self) -> list[str]:
         env = self._begin()
         F, dot, b = self.form, self._dot, self.body
         rows = self._chunk_rows()
-        t = self._dplr_tiles(env, False, None)
+        t = self._dplr_tiles(env, False)
         bf, af, uf = t["bf"], t["af"], t["uf"]
         # (I - M) R = (b e^{c_(t-1)}) S + N W': A = (I + (-M))^-1 by the blocked solve;
         # M[t, i] = sum_k b_t a_i e^{c_(t-1) - c_i}, N the same with u (i < t)
@@ -559,7 +520,7 @@ class Lowering(chunked.Lowering):
         i_c = self.names.new("i_c")
         b += [f"{self.off[T]} = {i_c} * {BT} + tl.arange(0, {BT})[:, None].to(tl.int64)",
               f"{self.msk[T]} = {self.off[T]} < {self.size[T]}"]
-        t = self._dplr_tiles(env, False, None)
+        t = self._dplr_tiles(env, False)
         ptr, mask = self._hc(i_c)
         p = self.names.new("p_hc")
         b += [f"{p} = {ptr}", f"tl.store({p}, {h}, mask={mask})  # the state entering chunk {i_c}"]
@@ -593,7 +554,7 @@ class Lowering(chunked.Lowering):
         rec, F, env = self.rec, self.form, self._begin()
         b, dot = self.body, self._dot
         rows = self._chunk_rows()
-        t = self._dplr_tiles(env, True, None)
+        t = self._dplr_tiles(env, True)
         qf, af, uf = t["qf"], t["af"], t["uf"]
         ptr, mask = self._hc(self.i_c)
         p, h = self.names.new("p_hc"), self.names.new("b_S_in")

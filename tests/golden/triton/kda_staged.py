@@ -259,7 +259,7 @@ def kda_staged_fwd(q, k, v, g, beta, initial_state=None, output_final_state=Fals
     hc = torch.empty((BATCH * HEADS, n_chunks_1, KEY, VALUE), dtype=torch.float32, device=q.device)
     pc = torch.empty((BATCH * HEADS, n_chunks_1, BLOCK_TIME, KEY), dtype=torch.float32, device=q.device)
     rc = torch.empty((BATCH * HEADS, n_chunks_1, BLOCK_TIME, VALUE), dtype=torch.float32, device=q.device)
-    for STAGE, grid, warps in ((1, (BATCH * HEADS, -(-VALUE // BLOCK_VALUE), n_chunks_1), min(4 * num_warps, 32)), (2, (BATCH * HEADS, -(-VALUE // BLOCK_VALUE), 1), min(2 * num_warps, 32)), (3, (BATCH * HEADS, -(-VALUE // BLOCK_VALUE), n_chunks_1), min(4 * num_warps, 32))):
+    for STAGE, grid, warps in ((1, (BATCH * HEADS, -(-VALUE // BLOCK_VALUE), n_chunks_1), min(2 * num_warps, 32)), (2, (BATCH * HEADS, -(-VALUE // BLOCK_VALUE), 1), min(2 * num_warps, 32)), (3, (BATCH * HEADS, -(-VALUE // BLOCK_VALUE), n_chunks_1), min(2 * num_warps, 32))):
         kda_staged_fwd_kernel[grid](
             q,
             k,

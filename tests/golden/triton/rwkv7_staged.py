@@ -261,7 +261,7 @@ def rwkv7_staged_fwd(r, w, k, v, a, b, initial_state=None, output_final_state=Fa
     hc = torch.empty((BATCH * HEADS, n_chunks_1, KEY, VALUE), dtype=torch.float32, device=r.device)
     pc = torch.empty((BATCH * HEADS, n_chunks_1, BLOCK_TIME, KEY), dtype=torch.float32, device=r.device)
     rc = torch.empty((BATCH * HEADS, n_chunks_1, BLOCK_TIME, VALUE), dtype=torch.float32, device=r.device)
-    for STAGE, grid, warps in ((1, (BATCH * HEADS, -(-VALUE // BLOCK_VALUE), n_chunks_1), min(4 * num_warps, 32)), (2, (BATCH * HEADS, -(-VALUE // BLOCK_VALUE), 1), min(2 * num_warps, 32)), (3, (BATCH * HEADS, -(-VALUE // BLOCK_VALUE), n_chunks_1), min(4 * num_warps, 32))):
+    for STAGE, grid, warps in ((1, (BATCH * HEADS, -(-VALUE // BLOCK_VALUE), n_chunks_1), min(2 * num_warps, 32)), (2, (BATCH * HEADS, -(-VALUE // BLOCK_VALUE), 1), min(2 * num_warps, 32)), (3, (BATCH * HEADS, -(-VALUE // BLOCK_VALUE), n_chunks_1), min(2 * num_warps, 32))):
         rwkv7_staged_fwd_kernel[grid](
             r,
             w,
