@@ -50,7 +50,7 @@ def test_other_recurrent_kernels_keep_their_blocks():
     assert L.block_size(L.plan.split[0], 128, sizes) == 64
 
 
-@pytest.mark.parametrize("T", [1, 63, 64, 257])
+@pytest.mark.parametrize("T", [1, 63, 64, pytest.param(257, marks=pytest.mark.slow)])
 def test_mamba3_split_headdim_matches_its_definition(T):
     """headdim 5 in blocks of 2 (three programs per head, the last one masked), with an
     entering state and the final state, against the loop from mamba3's definition."""
@@ -68,3 +68,78 @@ def test_mamba3_split_headdim_matches_its_definition(T):
     assert np.isfinite(y).all() and np.isfinite(X).all()
     assert_close(y, want_y, "float32", T=T)
     assert_close(X, to_frame(S, theta, U), "float32", "final state", T=T)
+
+
+# ---- dplr (rwkv7, kda): the row-at-a-time pair tiles, fused and staged ----
+
+torch = pytest.importorskip("torch")
+
+
+def _dplr_case(name, T, heads=2, key=6, value=5, resets=True):
+    from scancc.testing import sample_inputs, sample_state
+    e = scancc.get(name)
+    rec = e.build()
+    sizes = {"batch": 1, "time": T, "heads": heads, "key": key, "value": value}
+    x = sample_inputs(rec, sizes, T + 3, e.hints)
+    g = "g" if name == "kda" else "w"
+    if resets and T > 20:  # a hard reset of one key element inside a chunk, of all at a start
+        x[g][0, 20, 1 % heads, 3] = -np.inf
+        x[g][0, 16] = -np.inf
+    x = {k: v.astype(np.float32).astype(np.float64) for k, v in x.items()}
+    S0 = sample_state(rec, sizes, 9)["S"].astype(np.float32).astype(np.float64)
+    return rec, sizes, x, S0
+
+
+def _triton(rec, sizes, x, S0, opts):
+    from scancc.backends import get
+    tx = {k: torch.from_numpy(v.astype(np.float32)) for k, v in x.items()}
+    return get("triton").run(rec, tx, sizes, {"S": torch.from_numpy(S0.astype(np.float32))},
+                             True, opts)
+
+
+def _reference(rec, sizes, x, S0):
+    from scancc.backends import get
+    return get("reference").run(rec, x, sizes, {"S": S0}, True, {})
+
+
+@pytest.mark.parametrize("T", [1, 63, 64, pytest.param(257, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("algorithm", ["chunked", "staged"])
+@pytest.mark.parametrize("name", ["rwkv7", "kda"])
+def test_dplr_chunked_forms_match_the_reference(name, algorithm, T):
+    """Fused and staged dplr kernels (pair tiles one row at a time) against the reference,
+    float32 inputs, exact float32 dots, an initial and the final state, hard resets."""
+    rec, sizes, x, S0 = _dplr_case(name, T)
+    ref = _reference(rec, sizes, x, S0)
+    res = _triton(rec, sizes, x, S0, {"algorithm": algorithm, "dot_precision": "ieee"})
+    assert res.counters["algorithm"] == algorithm
+    o = res.outputs["o"].numpy()
+    assert np.isfinite(o).all()
+    assert_close(o, ref.outputs["o"], "float32", f"{algorithm} output", T=T)
+    assert_close(res.final_states["S"].numpy(), ref.final_states["S"], "float32",
+                 f"{algorithm} final state", T=T)
+
+
+@pytest.mark.parametrize("name,fused", [("rwkv7", False), ("kda", False), ("gla", True),
+                                        ("delta_net", True)])
+def test_auto_module_has_a_fused_branch_except_for_dplr(name, fused):
+    """The dplr rule under auto: the module has no fused branch (STAGE == 0) and its launcher
+    no B·H·⌈V/BV⌉ >= 132 test, so every shape runs the three stages; the other chunked kinds
+    keep both (tests/test_triton_staged.py checks which one runs for them)."""
+    from scancc.backends.triton import TritonBackend
+    rec = registry.get(name).build()
+    c = TritonBackend().compiled(rec, {}, tuple(["float32"] * len(rec.inputs)))
+    assert ("== 0:  # fused" in c.source) is fused
+    assert ("enough programs: the fused kernel" in c.source) is fused
+    assert "== 3:  # outputs" in c.source
+
+
+def test_dplr_auto_runs_the_stages():
+    """auto equals algorithm="staged" bit-for-bit on rwkv7 (and matches the reference)."""
+    rec, sizes, x, S0 = _dplr_case("rwkv7", 20, resets=False)
+    auto = _triton(rec, sizes, x, S0, {"dot_precision": "ieee"})
+    staged = _triton(rec, sizes, x, S0, {"algorithm": "staged", "dot_precision": "ieee"})
+    np.testing.assert_array_equal(auto.outputs["o"].numpy(), staged.outputs["o"].numpy())
+    np.testing.assert_array_equal(auto.final_states["S"].numpy(),
+                                  staged.final_states["S"].numpy())
+    ref = _reference(rec, sizes, x, S0)
+    assert_close(auto.outputs["o"].numpy(), ref.outputs["o"], "float32", "auto output", T=20)
