@@ -326,8 +326,8 @@ class Lowering(recurrent.Lowering):
           o_t = (q_t ⊙ e^{c_t})ᵀ S + sum_{i<=t} (q_t·(a_i ⊙ e^{c_t-c_i})) r_i
                                             + (q_t·(u_i ⊙ e^{c_t-c_i})) w'_i
           S'  = e^{c_L} ⊙ S + sum_i (a_i ⊙ e^{c_L-c_i}) r_iᵀ + (u_i ⊙ e^{c_L-c_i}) w'_iᵀ
-        The pair tiles are [BT, BT, BK] products summed over K (gla's A tile); R by forward
-        substitution, one row per step. Returns (the output tile, the per-step non-finite
+        The pair tiles are sums over K built one row t at a time (``_dplr_pairs``); R by
+        forward substitution, one row per step. Returns (the output tile, the per-step non-finite
         counts of a, b and the decay)."""
         F, T, b, dot = self.form, self.rec.time, self.body, self._dot
         h = self.state_var[self.rec.states[0].name]
@@ -339,16 +339,8 @@ class Lowering(recurrent.Lowering):
         reset = f"{g}_reset"
         gn_prev = self.bind(True, "b_gn_prev", f"{gn} - {reset}.to(tl.int32)")
         gc_prev = f"({gc} - {g})"
-        strict = f"({self.off[T]} > tl.trans({self.off[T]}))"
-        # [BT, BT, BK] transports: from after step i to before step t (i < t), to after t (i <= t)
-        d_prev = self.bind(True, "b_d_prev", f"tl.exp(tl.where({strict}[:, :, None] & "
-                           f"({gn_prev}[:, None, :] == {gn}[None, :, :]), "
-                           f"{gc_prev}[:, None, :] - {gc}[None, :, :], float(\"-inf\")))")
-        d_now = self.bind(True, "b_d_now", f"tl.exp(tl.where({causal}[:, :, None] & "
-                          f"({gn}[:, None, :] == {gn}[None, :, :]), "
-                          f"{gc}[:, None, :] - {gc}[None, :, :], float(\"-inf\")))")
-        m = self.bind(True, "b_M", f"tl.sum({bf}[:, None, :] * {af}[None, :, :] * {d_prev}, axis=2)")
-        n = self.bind(True, "b_N", f"tl.sum({bf}[:, None, :] * {uf}[None, :, :] * {d_prev}, axis=2)")
+        # pair tiles over the transports from after step i to before step t (i < t)
+        m, n = self._dplr_pairs(bf, [af, uf], gc_prev, gn_prev, gc, gn, True, ["b_M", "b_N"])
         e_prev = f"tl.where({gn_prev} == 0, tl.exp({gc_prev}), 0.0)"
         r = self.bind(True, "b_R", f"{dot(f'({bf} * {e_prev})', h, 'read')} + {dot(n, wf, 'solve')}")
         rows = self.bind(True, "o_row", f"tl.arange(0, {BT})[:, None]")
@@ -357,8 +349,8 @@ class Lowering(recurrent.Lowering):
         b.append(f"    {mr} = tl.sum(tl.where({rows} == {i}, {m}, 0.0), axis=0, keep_dims=True)")
         b.append(f"    {upd} = tl.sum(tl.trans({mr}) * {r}, axis=0, keep_dims=True)")
         b.append(f"    {r} = tl.where({rows} == {i}, {r} + {upd}, {r})")
-        qa = self.bind(True, "b_QA", f"tl.sum({qf}[:, None, :] * {af}[None, :, :] * {d_now}, axis=2)")
-        qu = self.bind(True, "b_QU", f"tl.sum({qf}[:, None, :] * {uf}[None, :, :] * {d_now}, axis=2)")
+        # and to after step t (i <= t)
+        qa, qu = self._dplr_pairs(qf, [af, uf], gc, gn, gc, gn, False, ["b_QA", "b_QU"])
         e_now = f"tl.where({gn} == 0, tl.exp({gc}), 0.0)"
         o = self.bind(True, "b_o", f"{dot(f'({qf} * {e_now})', h, 'read')} + {dot(qa, r, 'solve')} + "
                       f"{dot(qu, wf)}")
@@ -367,6 +359,32 @@ class Lowering(recurrent.Lowering):
         b.append(f"{h} = {h} * {e_last} + {dot(f'tl.trans({af} * {to_end})', r, 'update')} + "
                  f"{dot(f'tl.trans({uf} * {to_end})', wf, 'update')}")
         return o, bad
+
+    def _dplr_pairs(self, x: str, ys: list[str], c_row: str, n_row: str, c_col: str,
+                    n_col: str, strict: bool, names: list[str]) -> list[str]:
+        """[BT, BT] pair tiles P[t, i] = sum_k x[t, k] y[i, k] e^{c_row[t, k] - c_col[i, k]}
+        (0 where n_row[t, k] != n_col[i, k], a reset between; i < t if ``strict``, else
+        i <= t), one per y of ``ys``, built one row t at a time from [BT, BK] tiles: the whole
+        [BT, BT, BK] transport would be 32K floats at K=128 and spilled (issue 15, ptxas:
+        docs/performance/triton.md). The exponents are those of the whole transport (each
+        <= 0), the masks the same; shared with the staged form (staged.py)."""
+        b, BT = self.body, self.block[self.rec.time]
+        row = self.bind(True, "o_row", f"tl.arange(0, {BT})[:, None]")
+        accs = [self.bind(True, nm, f"tl.zeros([{BT}, {BT}], dtype=tl.float32)") for nm in names]
+        j = self.names.new("i_j")
+        xj, cj, nj, dj = (self.names.new(v) for v in ("b_x_j", "b_c_j", "b_n_j", "b_d_j"))
+        pick = f"tl.where({row} == {j}, {{}}, 0{{}})"
+        before = "<" if strict else "<="
+        b.append(f"for {j} in range(0, {BT}):  # row {j} of the pair tiles")
+        b.append(f"    {xj} = tl.sum({pick.format(x, '.0')}, axis=0, keep_dims=True)")
+        b.append(f"    {cj} = tl.sum({pick.format(c_row, '.0')}, axis=0, keep_dims=True)")
+        b.append(f"    {nj} = tl.sum({pick.format(n_row, '')}, axis=0, keep_dims=True)")
+        b.append(f"    {dj} = tl.exp(tl.where(({row} {before} {j}) & ({nj} == {n_col}), "
+                 f"{cj} - {c_col}, float(\"-inf\")))")
+        for acc, y in zip(accs, ys):
+            b.append(f"    {acc} = tl.where({row} == {j}, tl.trans(tl.sum({xj} * {y} * {dj}, "
+                     f"axis=1, keep_dims=True)), {acc})")
+        return accs
 
     @staticmethod
     def _scaled(x: str, e: str | None) -> str:

@@ -41,6 +41,12 @@ class Plan:
 # registers: measured zero spills at the realistic shapes with ptxas, see
 # docs/performance/triton.md "Backward kernels")
 TILE_ELEMENTS = 2048
+# a split dim of a plan with a state whose transition has a column dim (dense, dense adjoint)
+# gets blocks of at most this many register elements, counted over every register dim (the
+# rule materializes [state x column] products): mamba3's [headdim, pairs, comp, slot, slot_in]
+# = [4, 64, 2, 4, 4] (issue 15: 19 KB of spill stores at the 64-wide block, none at 4;
+# ptxas, docs/performance/triton.md)
+DENSE_TILE_ELEMENTS = 8192
 
 
 def unsupported(rec: Recurrence, feature: str) -> UnsupportedError:

@@ -17,7 +17,7 @@ from scancc.ir.printer import format_expr, format_transition
 from ..base import UnsupportedError
 from .emit import Env, Idx, atomic, number, par, pow2, prune_dead, simple
 from .names import Names
-from .plan import TILE_ELEMENTS, Plan, plan, unsupported
+from .plan import DENSE_TILE_ELEMENTS, TILE_ELEMENTS, Plan, plan, unsupported
 from .rules import NEED, OP_RULES, TRANSITION_RULES
 
 __all__ = ["Lowering", "Env", "Idx", "atomic", "number", "par", "pow2", "module_header"]
@@ -491,12 +491,13 @@ class Lowering:
     def block_size(self, d: str, n: int, sizes: dict | None = None) -> int:
         """The launcher's block for register dim ``d`` of size ``n`` (``sizes``: all dims)."""
         b = min(pow2(n), 64) if d in self.plan.split else pow2(n)
-        if d in self.plan.split and self.plan.partial and sizes is not None:
+        cap = self.tile_cap()
+        if d in self.plan.split and cap and sizes is not None:
             whole = 1
             for e in self.plan.regs:
                 if e not in self.plan.split:
                     whole *= pow2(sizes[e])
-            b = min(b, max(1, TILE_ELEMENTS // whole))
+            b = min(b, max(1, cap // whole))
         for g in self.grouped.get(d, []):
             per = n // sizes[g]
             b = min(b, per & -per)
@@ -511,9 +512,19 @@ class Lowering:
             return npow
         whole = [f"(1 << ({self.size[e]} - 1).bit_length())" for e in self.plan.regs
                  if e not in self.plan.split]
-        if self.plan.partial and whole:  # a state tile of at most TILE_ELEMENTS elements
-            return f"min({npow}, 64, max(1, {TILE_ELEMENTS} // ({' * '.join(whole)})))"
+        cap = self.tile_cap()
+        if cap and whole:  # a tile of at most TILE_ELEMENTS / DENSE_TILE_ELEMENTS elements
+            return f"min({npow}, 64, max(1, {cap} // ({' * '.join(whole)})))"
         return f"min({npow}, 64)"
+
+    def tile_cap(self) -> int | None:
+        """The most elements a split dim's block may make of the register dims' blocks
+        (plan.py): TILE_ELEMENTS with partial dims, DENSE_TILE_ELEMENTS with a state whose
+        transition has a column dim, else None (blocks of up to 64)."""
+        caps = [TILE_ELEMENTS] if self.plan.partial else []
+        if any(s.transition.col is not None for s in self.rec.states):
+            caps.append(DENSE_TILE_ELEMENTS)
+        return min(caps) if caps else None
 
     def compile_args(self, sizes: dict, dtype: str) -> tuple[dict, dict]:
         """(signature, constexprs) for compiling the kernel ahead of time with

@@ -26,7 +26,11 @@ Dplr transitions (S = (Diag(w) + a bᵀ) S + u w'ᵀ: rwkv7, kda; the names of
 three stages with gla's per-K transports: stage 1 A = (I - M)^-1 (``_ut_inverse`` of -M),
 P = A (b ⊙ e^{c_(t-1)}) into ``pc``, Q = A N W' into ``rc``; stage 2 R = P S + Q,
 S = e^{c_L} ⊙ S + (a ⊙ e^{c_L - c})ᵀ R + (u ⊙ e^{c_L - c})ᵀ W'; stage 3 the fused kernel's
-output tile from S_in and R. Chunks of 16 steps (the [BT, BT, BK] transports, as gla).
+output tile from S_in and R. Chunks of 16 steps; the pair tiles M, N, QA, QU are built one
+row at a time (``chunked.Lowering._dplr_pairs``: no [BT, BT, BK] transport, zero spills at
+K=V=128). Under ``auto`` a dplr transition always takes the three stages (no fused branch):
+the fused kernel keeps the forward substitution and the pair tiles on its sequential path
+(modelled slower at every realistic shape, docs/performance/triton.md, issue 15).
 
 The three stages are the branches of one kernel on a constexpr ``STAGE`` (Triton compiles one
 kernel per stage), launched in order by one launcher, which also allocates the buffers. The
@@ -82,8 +86,9 @@ class Lowering(chunked.Lowering):
     HOUSEHOLDER_BT = 32
 
     def __init__(self, rec: Recurrence, options, choose: bool = False):
-        analyze(rec)  # NotChunkable before any name is allocated
-        self.choose = choose
+        F = analyze(rec)  # NotChunkable before any name is allocated
+        # dplr: no fused branch under auto, always the stages (the module doc: issue 15)
+        self.choose = choose and F.kind is not Kind.DPLR
         if choose:  # the chunked form, fused or staged as the launcher decides
             self.algorithm = "chunked"
         super().__init__(rec, options)
@@ -455,12 +460,11 @@ class Lowering(chunked.Lowering):
         return self.pro + rows + self.body
 
     # ---- dplr transitions ----
-    def _dplr_tiles(self, env: Env, q: bool, pairs: str | None):
+    def _dplr_tiles(self, env: Env, q: bool):
         """The chunk's dplr tiles as ``chunked.Lowering._dplr_chunk`` takes them: factor tiles
-        u (k-side), w' (v-side), a, b (and q), the log-decay tiles, and the [BT, BT, BK]
-        transports ``pairs`` asks ("prev": e^{c_(t-1)-c_i}, i < t; "now": e^{c_t-c_i},
-        i <= t; None: none). Returns a dict; ``bad``: the per-step non-finite counts of a, b
-        and the decay (``_dplr_chunk``'s)."""
+        u (k-side), w' (v-side), a, b (and q) and the log-decay tiles (gc, gn: c_t, n_t;
+        gc_prev, gn_prev: c_(t-1), n_(t-1)), for the pair tiles of ``_dplr_pairs``. Returns a
+        dict; ``bad``: the per-step non-finite counts of a, b and the decay (``_dplr_chunk``'s)."""
         F, T, K, V = self.form, self.rec.time, self.form.K, self.form.V
         qk, tv = f"{self.msk[T]} & {self.msk[K]}", f"{self.msk[T]} & {self.msk[V]}"
         t = {}
@@ -475,16 +479,7 @@ class Lowering(chunked.Lowering):
         t["bad"] = [self._bad(a_ok, 1), self._bad(b_ok, 1), self._bad(g_ok, 1)]
         gn_prev = self.bind(True, "b_gn_prev", f"{gn} - {g}_reset.to(tl.int32)")
         gc_prev = f"({gc} - {g})"
-        if pairs == "prev":
-            strict = f"({self.off[T]} > tl.trans({self.off[T]}))"
-            t["d"] = self.bind(True, "b_d_prev", f"tl.exp(tl.where({strict}[:, :, None] & "
-                               f"({gn_prev}[:, None, :] == {gn}[None, :, :]), "
-                               f"{gc_prev}[:, None, :] - {gc}[None, :, :], float(\"-inf\")))")
-        elif pairs == "now":
-            causal = f"({self.off[T]} >= tl.trans({self.off[T]}))"
-            t["d"] = self.bind(True, "b_d_now", f"tl.exp(tl.where({causal}[:, :, None] & "
-                               f"({gn}[:, None, :] == {gn}[None, :, :]), "
-                               f"{gc}[:, None, :] - {gc}[None, :, :], float(\"-inf\")))")
+        t.update(gc=gc, gn=gn, gc_prev=gc_prev, gn_prev=gn_prev)
         t["e_prev"] = f"tl.where({gn_prev} == 0, tl.exp({gc_prev}), 0.0)"
         t["e_now"] = f"tl.where({gn} == 0, tl.exp({gc}), 0.0)"
         t["e_last"] = f"tl.trans(tl.where({gnl} == 0, tl.exp({gl}), 0.0))"
@@ -495,11 +490,12 @@ class Lowering(chunked.Lowering):
         env = self._begin()
         F, dot, b = self.form, self._dot, self.body
         rows = self._chunk_rows()
-        t = self._dplr_tiles(env, False, "prev")
-        bf, af, uf, d = t["bf"], t["af"], t["uf"], t["d"]
-        # (I - M) R = (b e^{c_(t-1)}) S + N W': A = (I + (-M))^-1 by the blocked solve
-        m = self.bind(True, "b_M", f"tl.sum({bf}[:, None, :] * {af}[None, :, :] * {d}, axis=2)")
-        n = self.bind(True, "b_N", f"tl.sum({bf}[:, None, :] * {uf}[None, :, :] * {d}, axis=2)")
+        t = self._dplr_tiles(env, False)
+        bf, af, uf = t["bf"], t["af"], t["uf"]
+        # (I - M) R = (b e^{c_(t-1)}) S + N W': A = (I + (-M))^-1 by the blocked solve;
+        # M[t, i] = sum_k b_t a_i e^{c_(t-1) - c_i}, N the same with u (i < t)
+        m, n = self._dplr_pairs(bf, [af, uf], t["gc_prev"], t["gn_prev"], t["gc"], t["gn"],
+                                True, ["b_M", "b_N"])
         a = self._ut_inverse(f"(-{m})")
         p = self.bind(True, "b_P", self._dot_inv(a, f"({bf} * {t['e_prev']})"))
         q = self.bind(True, "b_Q", self._dot_inv(a, dot(n, t["wf"], "solve")))
@@ -524,7 +520,7 @@ class Lowering(chunked.Lowering):
         i_c = self.names.new("i_c")
         b += [f"{self.off[T]} = {i_c} * {BT} + tl.arange(0, {BT})[:, None].to(tl.int64)",
               f"{self.msk[T]} = {self.off[T]} < {self.size[T]}"]
-        t = self._dplr_tiles(env, False, None)
+        t = self._dplr_tiles(env, False)
         ptr, mask = self._hc(i_c)
         p = self.names.new("p_hc")
         b += [f"{p} = {ptr}", f"tl.store({p}, {h}, mask={mask})  # the state entering chunk {i_c}"]
@@ -558,8 +554,8 @@ class Lowering(chunked.Lowering):
         rec, F, env = self.rec, self.form, self._begin()
         b, dot = self.body, self._dot
         rows = self._chunk_rows()
-        t = self._dplr_tiles(env, True, "now")
-        qf, af, uf, d = t["qf"], t["af"], t["uf"], t["d"]
+        t = self._dplr_tiles(env, True)
+        qf, af, uf = t["qf"], t["af"], t["uf"]
         ptr, mask = self._hc(self.i_c)
         p, h = self.names.new("p_hc"), self.names.new("b_S_in")
         b += [f"{p} = {ptr}", f"{h} = tl.load({p}, mask={mask}, other=0.0)"]
@@ -567,8 +563,9 @@ class Lowering(chunked.Lowering):
         pr = self.names.new("p_rc")
         b.append(f"{pr} = {ptr}")
         r = self.bind(True, "b_R", f"tl.load({pr}, mask={mask}, other=0.0)")
-        qa = self.bind(True, "b_QA", f"tl.sum({qf}[:, None, :] * {af}[None, :, :] * {d}, axis=2)")
-        qu = self.bind(True, "b_QU", f"tl.sum({qf}[:, None, :] * {uf}[None, :, :] * {d}, axis=2)")
+        # QA[t, i] = sum_k q_t a_i e^{c_t - c_i}, QU the same with u (i <= t)
+        qa, qu = self._dplr_pairs(qf, [af, uf], t["gc"], t["gn"], t["gc"], t["gn"], False,
+                                  ["b_QA", "b_QU"])
         # R read at the state's precision, as householder's stage 3
         e_now = t["e_now"]
         o = self.bind(True, "b_o", f"{dot(f'({qf} * {e_now})', h, 'read')} + "

@@ -94,19 +94,26 @@ def kda_staged_fwd_kernel(
         b_gc = tl.cumsum(b_g_1, axis=0)
         b_gn = tl.cumsum(b_g_1_reset.to(tl.int32), axis=0)
         b_gn_prev = b_gn - b_g_1_reset.to(tl.int32)
-        b_d_prev = tl.exp(tl.where((o_time > tl.trans(o_time))[:, :, None] & (b_gn_prev[:, None, :] == b_gn[None, :, :]), (b_gc - b_g_1)[:, None, :] - b_gc[None, :, :], float("-inf")))
-        b_M = tl.sum(b_lb[:, None, :] * b_la[None, :, :] * b_d_prev, axis=2)
-        b_N = tl.sum(b_lb[:, None, :] * b_kf[None, :, :] * b_d_prev, axis=2)
         o_row = tl.arange(0, BLOCK_TIME)[:, None]
-        b_blk = (o_row // 16) == (tl.arange(0, BLOCK_TIME)[None, :] // 16)  # in a diagonal block
+        b_M = tl.zeros([BLOCK_TIME, BLOCK_TIME], dtype=tl.float32)
+        b_N = tl.zeros([BLOCK_TIME, BLOCK_TIME], dtype=tl.float32)
+        for i_j in range(0, BLOCK_TIME):  # row i_j of the pair tiles
+            b_x_j = tl.sum(tl.where(o_row == i_j, b_lb, 0.0), axis=0, keep_dims=True)
+            b_c_j = tl.sum(tl.where(o_row == i_j, (b_gc - b_g_1), 0.0), axis=0, keep_dims=True)
+            b_n_j = tl.sum(tl.where(o_row == i_j, b_gn_prev, 0), axis=0, keep_dims=True)
+            b_d_j = tl.exp(tl.where((o_row < i_j) & (b_n_j == b_gn), b_c_j - b_gc, float("-inf")))
+            b_M = tl.where(o_row == i_j, tl.trans(tl.sum(b_x_j * b_la * b_d_j, axis=1, keep_dims=True)), b_M)
+            b_N = tl.where(o_row == i_j, tl.trans(tl.sum(b_x_j * b_kf * b_d_j, axis=1, keep_dims=True)), b_N)
+        o_row_1 = tl.arange(0, BLOCK_TIME)[:, None]
+        b_blk = (o_row_1 // 16) == (tl.arange(0, BLOCK_TIME)[None, :] // 16)  # in a diagonal block
         b_Md = tl.where(b_blk, (-b_M), 0.0)
-        b_A = tl.where(o_row == tl.arange(0, BLOCK_TIME)[None, :], 1.0, 0.0)
+        b_A = tl.where(o_row_1 == tl.arange(0, BLOCK_TIME)[None, :], 1.0, 0.0)
         for i_r in range(1, 16):  # row i_r of every diagonal block
-            b_A = tl.where(o_row % 16 == i_r, b_A - tl.dot(tl.where(o_row % 16 == i_r, b_Md, 0.0), b_A, input_precision="tf32x3"), b_A)
+            b_A = tl.where(o_row_1 % 16 == i_r, b_A - tl.dot(tl.where(o_row_1 % 16 == i_r, b_Md, 0.0), b_A, input_precision="tf32x3"), b_A)
         b_Ad = b_A
         b_Mo = tl.where(b_blk, 0.0, (-b_M))
         for i_b in range(1, BLOCK_TIME // 16):  # block row i_b
-            b_A = b_A - tl.dot(b_Ad, tl.dot(tl.where(o_row // 16 == i_b, b_Mo, 0.0), b_A, input_precision="tf32x3"), input_precision="tf32x3")
+            b_A = b_A - tl.dot(b_Ad, tl.dot(tl.where(o_row_1 // 16 == i_b, b_Mo, 0.0), b_A, input_precision="tf32x3"), input_precision="tf32x3")
         b_P = tl.dot(b_A, (b_lb * tl.where(b_gn_prev == 0, tl.exp((b_gc - b_g_1)), 0.0)), input_precision="tf32x3")
         b_Q = tl.dot(b_A, tl.dot(b_N.to(q.dtype.element_ty), b_vf.to(q.dtype.element_ty), input_precision=DOT_F32), input_precision="tf32x3")
         p_pc = pc + ((i_g * n_chunks + i_c_1) * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None]) * KEY + o_key
@@ -204,13 +211,20 @@ def kda_staged_fwd_kernel(
         b_g_5 = tl.where(b_g_5_ok & ~b_g_5_reset, b_g_5, 0.0)
         b_gc_2 = tl.cumsum(b_g_5, axis=0)
         b_gn_2 = tl.cumsum(b_g_5_reset.to(tl.int32), axis=0)
-        b_d_now = tl.exp(tl.where((o_time >= tl.trans(o_time))[:, :, None] & (b_gn_2[:, None, :] == b_gn_2[None, :, :]), b_gc_2[:, None, :] - b_gc_2[None, :, :], float("-inf")))
         p_hc_1 = hc + (i_g * n_chunks + i_c_3) * KEY * VALUE + tl.trans(o_key) * VALUE + o_value
         b_S_in = tl.load(p_hc_1, mask=tl.trans(m_key) & m_value, other=0.0)
         p_rc_2 = rc + ((i_g * n_chunks + i_c_3) * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None]) * VALUE + o_value
         b_R_1 = tl.load(p_rc_2, mask=m_value, other=0.0)
-        b_QA = tl.sum(b_qf[:, None, :] * b_la_2[None, :, :] * b_d_now, axis=2)
-        b_QU = tl.sum(b_qf[:, None, :] * b_kf_2[None, :, :] * b_d_now, axis=2)
+        o_row_2 = tl.arange(0, BLOCK_TIME)[:, None]
+        b_QA = tl.zeros([BLOCK_TIME, BLOCK_TIME], dtype=tl.float32)
+        b_QU = tl.zeros([BLOCK_TIME, BLOCK_TIME], dtype=tl.float32)
+        for i_j_1 in range(0, BLOCK_TIME):  # row i_j_1 of the pair tiles
+            b_x_j_1 = tl.sum(tl.where(o_row_2 == i_j_1, b_qf, 0.0), axis=0, keep_dims=True)
+            b_c_j_1 = tl.sum(tl.where(o_row_2 == i_j_1, b_gc_2, 0.0), axis=0, keep_dims=True)
+            b_n_j_1 = tl.sum(tl.where(o_row_2 == i_j_1, b_gn_2, 0), axis=0, keep_dims=True)
+            b_d_j_1 = tl.exp(tl.where((o_row_2 <= i_j_1) & (b_n_j_1 == b_gn_2), b_c_j_1 - b_gc_2, float("-inf")))
+            b_QA = tl.where(o_row_2 == i_j_1, tl.trans(tl.sum(b_x_j_1 * b_la_2 * b_d_j_1, axis=1, keep_dims=True)), b_QA)
+            b_QU = tl.where(o_row_2 == i_j_1, tl.trans(tl.sum(b_x_j_1 * b_kf_2 * b_d_j_1, axis=1, keep_dims=True)), b_QU)
         b_o = tl.dot((b_qf * tl.where(b_gn_2 == 0, tl.exp(b_gc_2), 0.0)), b_S_in, input_precision=DOT_F32) + tl.dot(b_QA, b_R_1, input_precision=DOT_F32) + tl.dot(b_QU.to(q.dtype.element_ty), b_vf_2.to(q.dtype.element_ty), input_precision=DOT_F32)
         b_bad_v_1 = tl.where(b_vf_2_ok, 0, 1)
         b_bad_step_1 = tl.sum(tl.where(b_kf_2_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_la_2_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_lb_2_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_g_5_ok, 0, 1), axis=1, keep_dims=True)

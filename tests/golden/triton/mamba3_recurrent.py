@@ -170,7 +170,7 @@ def mamba3_recurrent_fwd(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, initial
     HEADS = V.shape[2]
     HEADDIM = V.shape[3]
     block_sizes = block_sizes or {}
-    BLOCK_HEADDIM = block_sizes.get("headdim", min(1 << (HEADDIM - 1).bit_length(), 64))
+    BLOCK_HEADDIM = block_sizes.get("headdim", min(1 << (HEADDIM - 1).bit_length(), 64, max(1, 8192 // ((1 << (PAIRS - 1).bit_length()) * (1 << (COMP - 1).bit_length()) * (1 << (SLOT - 1).bit_length()) * (1 << (SLOT_IN - 1).bit_length())))))
     BLOCK_PAIRS = 1 << (PAIRS - 1).bit_length()
     BLOCK_COMP = 1 << (COMP - 1).bit_length()
     BLOCK_SLOT = 1 << (SLOT - 1).bit_length()
