@@ -15,6 +15,8 @@ mamba2 on the torch backend at two lengths (each in a fresh process): memory lin
 
     .venv/bin/python benchmarks/bench_torch_cpu.py            # small sizes (a minute)
     .venv/bin/python benchmarks/bench_torch_cpu.py --full     # issue 16's sizes (long)
+    .venv/bin/python benchmarks/bench_torch_cpu.py --rows iir,fir --compile iir,fir
+                                         # + torch.compile'd generated code (compile timed apart)
 
 torch uses --threads intra-op threads (default 1: the same for every contender).
 """
@@ -104,7 +106,33 @@ def _first(y):
     return next(iter(y.values())) if isinstance(y, dict) else y
 
 
-def row(name: str, T: int, repeat: int, reference: bool) -> dict:
+def _compiled_row(name: str, x: dict, repeat: int, y) -> dict:
+    """torch.compile (inductor, fullgraph: a graph break fails) of the generated function:
+    the first call (tracing + compiling) timed separately, then the best of ``repeat``."""
+    be = scancc.backends.get("torch")
+    rec = scancc.get(name).build()
+    fn, _ = be.compiled(rec, {})
+    sizes = {}
+    for i in rec.inputs:
+        sizes.update(zip(i.dims, x[i.name].shape))
+    for d in rec.dims:
+        sizes.setdefault(d.name, 1)
+    args = [x[i.name] for i in rec.inputs]
+    torch._dynamo.reset()
+    cf = torch.compile(fn, fullgraph=True, dynamic=False)
+
+    def call():
+        with torch.no_grad():
+            return _first(cf(*args, dict(sizes), None, False)[0])
+    t0 = time.perf_counter()
+    yc = call()
+    first = time.perf_counter() - t0
+    best, yc = _best(call, repeat)
+    diff = float((yc.float() - y.float()).abs().max() / y.float().abs().max().clamp_min(1e-30))
+    return dict(compile_first=first, compiled=best, compiled_diff=diff)
+
+
+def row(name: str, T: int, repeat: int, reference: bool, compile_: bool = False) -> dict:
     x = _inputs(name, T)
     k = scancc.compile(name, "torch")
     k(**_inputs(name, 8))  # render + load once, outside the timing
@@ -115,6 +143,8 @@ def row(name: str, T: int, repeat: int, reference: bool) -> dict:
     diff = float((y.float() - yb).abs().max() / yb.abs().max().clamp_min(1e-30))
     out = dict(name=name, T=T, torch=t_torch, baseline=t_base, diff=diff,
                algorithm=scancc.backends.get("torch").algorithm(k.ir, {}))
+    if compile_:
+        out.update(_compiled_row(name, x, repeat, y))
     if reference:
         ref = scancc.compile(name, "reference")
         xr = {a: v.double().numpy() for a, v in x.items()}
@@ -161,6 +191,10 @@ def main() -> None:
                     help="lengths for the mamba2 peak-RSS check (default 4096,16384; --full: "
                          "16384,65536)")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
+    ap.add_argument("--compile", default="",
+                    help="comma-separated rows also run through torch.compile (inductor, "
+                         "fullgraph) of the generated function: first call (compile) and "
+                         "best-of-repeat time, in a second table")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     table = FULL if a.full else SMALL
@@ -172,7 +206,7 @@ def main() -> None:
     rows = []
     for name in a.rows.split(","):
         for T in table[name]:
-            r = row(name, T, a.repeat, not a.no_reference)
+            r = row(name, T, a.repeat, not a.no_reference, name in a.compile.split(","))
             rows.append(r)
             ref = r.get("reference")
             ref_s = "-" if ref is None else f"{ref:.3f}"
@@ -180,6 +214,16 @@ def main() -> None:
             print(f"| {name} | {T} | {ref_s} | {BASELINE[name]} | {r['baseline']:.3f} | "
                   f"{r['torch']:.3f} | {r['algorithm']} | {r['baseline'] / r['torch']:.2f}x | "
                   f"{ref_x} | {r['diff']:.1e} |", flush=True)
+    if a.compile:
+        print("\ntorch.compile (inductor, fullgraph) of the generated function, same inputs")
+        print("| layer | T | eager torch backend (s) | first call: trace + compile (s) | "
+              "compiled (s) | eager / compiled | max diff vs eager |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            if "compiled" in r:
+                print(f"| {r['name']} | {r['T']} | {r['torch']:.3f} | {r['compile_first']:.1f} |"
+                      f" {r['compiled']:.3f} | {r['torch'] / r['compiled']:.2f}x | "
+                      f"{r['compiled_diff']:.1e} |", flush=True)
     Ts = [int(t) for t in (a.memory_T or ("16384,65536" if a.full else "4096,16384")).split(",")]
     print("\nmamba2 (H24 P64 N128) on the torch backend, chunk 64: peak RSS of a fresh process")
     print("| T | RSS before the call (MiB) | peak RSS (MiB) | inputs (MiB) | output (MiB) | "
