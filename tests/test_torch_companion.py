@@ -97,3 +97,20 @@ def test_helper_equals_a_loop_with_tiny_poles():
             want.append(w)
         want = torch.stack(want)
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_poisons_its_step_and_later_only(bad):
+    """A non-finite x at a step in the middle of a block: outputs before it stay finite and
+    equal the reference, it and every later output of that channel are non-finite (the
+    recurrence's propagation), other channels untouched; the final state is non-finite."""
+    rec, x, h0 = _iir_case(100, seed=7)
+    x["x"][1, 40, 2] = bad  # batch 1, step 40 (block 1 of 32-step blocks), channel 2
+    ref = scancc.compile("iir", "reference")
+    wy = ref(**{k: v.astype(np.float64) for k, v in x.items()})
+    k = scancc.compile("iir", "torch", options={"algorithm": "chunked"})
+    gy = k(**{a: torch.from_numpy(v.astype(np.float64)) for a, v in x.items()}).numpy()
+    assert (np.isfinite(gy) == np.isfinite(wy)).all()
+    assert not np.isfinite(gy[1, 40:, 2]).any() and np.isfinite(gy[1, :40, 2]).all()
+    ok = np.isfinite(wy)
+    np.testing.assert_allclose(gy[ok], wy[ok], rtol=1e-10, atol=1e-10 * np.abs(wy[ok]).max())

@@ -358,6 +358,10 @@ HELPERS = {
     nb = -(-n // Lb)                                         # blocks (the last one zero-padded)
     # time last, a row per block: one 2-D transposing copy (fast), then the zero padding
     Bk = bm.expand(n, *shape).reshape(n, -1).t().contiguous().reshape(*shape, n)
+    # a non-finite input poisons its step and every later one (as the recurrence does), not
+    # the block's earlier steps (the matmul would): 0 into the matmul, NaN added back after
+    poison = torch.cumsum(Bk - Bk, -1)                       # 0, NaN from the first bad step
+    Bk = torch.nan_to_num(Bk, nan=0.0, posinf=0.0, neginf=0.0)
     if nb * Lb != n:
         Bk = torch.nn.functional.pad(Bk, (0, nb * Lb - n))
     Bk = Bk.reshape(*shape, nb, Lb)
@@ -386,7 +390,7 @@ HELPERS = {
             e = torch.cat([e[..., :d, :], e[..., d:, :] + e[..., :nb - d, :] @ Mt], -2)
             Mt, d = _flush_subnormal(Mt @ Mt), 2 * d
         s0 = torch.cat([s0, e[..., :nb - 1, :]], -2)          # [..., nb, p]: entering windows
-    w = (Z + s0 @ Gt).reshape(*shape, nb * Lb)[..., :n]
+    w = (Z + s0 @ Gt).reshape(*shape, nb * Lb)[..., :n] + poison
     return w.movedim(-1, 0).unsqueeze(ax + 1)''',
 }
 
