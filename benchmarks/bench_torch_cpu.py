@@ -9,12 +9,15 @@ One run measures, per row, on the same float32 inputs:
 - ``torch``: scancc's torch backend (``algorithm=auto``; its first call, which renders and
   loads the module, is made before timing);
 
-and prints seconds (best of --repeat), the ratios and the largest difference of the torch
+and prints wall-clock seconds (best of --repeat; also the best process CPU seconds: on a
+loaded machine a process waits for a core, wall > CPU), the ratios and the largest difference of the torch
 backend from the baseline relative to the baseline's largest magnitude. Then the peak RSS of
 mamba2 on the torch backend at two lengths (each in a fresh process): memory linear in T.
 
     .venv/bin/python benchmarks/bench_torch_cpu.py            # small sizes (a minute)
     .venv/bin/python benchmarks/bench_torch_cpu.py --full     # issue 16's sizes (long)
+    .venv/bin/python benchmarks/bench_torch_cpu.py --rows iir,fir --compile iir,fir
+                                         # + torch.compile'd generated code (compile timed apart)
 
 torch uses --threads intra-op threads (default 1: the same for every contender).
 """
@@ -91,12 +94,19 @@ def _inputs(name: str, T: int) -> dict:
     return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in x.items()}
 
 
+_CPU: list[float] = []  # the best process CPU time of the last _best call
+
+
 def _best(fn, repeat: int) -> tuple[float, object]:
-    best, out = float("inf"), None
+    """(best wall-clock seconds, the output); the best process CPU seconds go to _CPU[-1]
+    (on a loaded machine the process waits for a core: wall > CPU)."""
+    best, cpu, out = float("inf"), float("inf"), None
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
         best = min(best, time.perf_counter() - t0)
+        cpu = min(cpu, time.process_time() - c0)
+    _CPU.append(cpu)
     return best, out
 
 
@@ -104,17 +114,48 @@ def _first(y):
     return next(iter(y.values())) if isinstance(y, dict) else y
 
 
-def row(name: str, T: int, repeat: int, reference: bool) -> dict:
+def _compiled_row(name: str, x: dict, repeat: int, y) -> dict:
+    """torch.compile (inductor, fullgraph: a graph break fails) of the generated function:
+    the first call (tracing + compiling) timed separately, then the best of ``repeat``."""
+    be = scancc.backends.get("torch")
+    rec = scancc.get(name).build()
+    fn, _ = be.compiled(rec, {})
+    sizes = {}
+    for i in rec.inputs:
+        sizes.update(zip(i.dims, x[i.name].shape))
+    for d in rec.dims:
+        sizes.setdefault(d.name, 1)
+    args = [x[i.name] for i in rec.inputs]
+    torch._dynamo.reset()
+    cf = torch.compile(fn, fullgraph=True, dynamic=False)
+
+    def call():
+        with torch.no_grad():
+            return _first(cf(*args, dict(sizes), None, False)[0])
+    t0 = time.perf_counter()
+    yc = call()
+    first = time.perf_counter() - t0
+    best, yc = _best(call, repeat)
+    diff = float((yc.float() - y.float()).abs().max() / y.float().abs().max().clamp_min(1e-30))
+    return dict(compile_first=first, compiled=best, compiled_diff=diff)
+
+
+def row(name: str, T: int, repeat: int, reference: bool, compile_: bool = False) -> dict:
     x = _inputs(name, T)
     k = scancc.compile(name, "torch")
     k(**_inputs(name, 8))  # render + load once, outside the timing
     t_torch, y = _best(lambda: _first(k(**x)), repeat)
+    c_torch = _CPU[-1]
     _baseline(name, _inputs(name, 8))  # imports and first-call set-up, outside the timing
     t_base, yb = _best(lambda: _baseline(name, x), repeat)
+    c_base = _CPU[-1]
     yb = yb.float()
     diff = float((y.float() - yb).abs().max() / yb.abs().max().clamp_min(1e-30))
-    out = dict(name=name, T=T, torch=t_torch, baseline=t_base, diff=diff,
+    out = dict(name=name, T=T, torch=t_torch, baseline=t_base, diff=diff, torch_cpu=c_torch,
+               baseline_cpu=c_base,
                algorithm=scancc.backends.get("torch").algorithm(k.ir, {}))
+    if compile_:
+        out.update(_compiled_row(name, x, repeat, y))
     if reference:
         ref = scancc.compile(name, "reference")
         xr = {a: v.double().numpy() for a, v in x.items()}
@@ -161,25 +202,41 @@ def main() -> None:
                     help="lengths for the mamba2 peak-RSS check (default 4096,16384; --full: "
                          "16384,65536)")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
+    ap.add_argument("--compile", default="",
+                    help="comma-separated rows also run through torch.compile (inductor, "
+                         "fullgraph) of the generated function: first call (compile) and "
+                         "best-of-repeat time, in a second table")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     table = FULL if a.full else SMALL
     print(f"# {platform.processor() or platform.machine()}, {platform.system()}, torch "
           f"{torch.__version__}, {torch.get_num_threads()} intra-op thread(s), float32 inputs")
     print("| layer | T | scancc reference (s) | baseline | baseline (s) | torch backend (s) "
-          "| algorithm | baseline / torch | reference / torch | max diff vs baseline |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| algorithm | baseline / torch | reference / torch | max diff vs baseline "
+          "| CPU s: baseline / torch (ratio) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for name in a.rows.split(","):
         for T in table[name]:
-            r = row(name, T, a.repeat, not a.no_reference)
+            r = row(name, T, a.repeat, not a.no_reference, name in a.compile.split(","))
             rows.append(r)
             ref = r.get("reference")
             ref_s = "-" if ref is None else f"{ref:.3f}"
             ref_x = "-" if ref is None else f"{ref / r['torch']:.1f}x"
             print(f"| {name} | {T} | {ref_s} | {BASELINE[name]} | {r['baseline']:.3f} | "
                   f"{r['torch']:.3f} | {r['algorithm']} | {r['baseline'] / r['torch']:.2f}x | "
-                  f"{ref_x} | {r['diff']:.1e} |", flush=True)
+                  f"{ref_x} | {r['diff']:.1e} | {r['baseline_cpu']:.3f} / {r['torch_cpu']:.3f}"
+                  f" ({r['baseline_cpu'] / max(r['torch_cpu'], 1e-9):.2f}x) |", flush=True)
+    if a.compile:
+        print("\ntorch.compile (inductor, fullgraph) of the generated function, same inputs")
+        print("| layer | T | eager torch backend (s) | first call: trace + compile (s) | "
+              "compiled (s) | eager / compiled | max diff vs eager |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            if "compiled" in r:
+                print(f"| {r['name']} | {r['T']} | {r['torch']:.3f} | {r['compile_first']:.1f} |"
+                      f" {r['compiled']:.3f} | {r['torch'] / r['compiled']:.2f}x | "
+                      f"{r['compiled_diff']:.1e} |", flush=True)
     Ts = [int(t) for t in (a.memory_T or ("16384,65536" if a.full else "4096,16384")).split(",")]
     print("\nmamba2 (H24 P64 N128) on the torch backend, chunk 64: peak RSS of a fresh process")
     print("| T | RSS before the call (MiB) | peak RSS (MiB) | inputs (MiB) | output (MiB) | "

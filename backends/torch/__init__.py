@@ -35,7 +35,8 @@ OPTIONS = {o.name: o for o in (
     Option("algorithm", "auto: chunked where some state takes the matmul form, else recurrent",
            "auto",
            (str,), ALGORITHMS),
-    Option("chunk", "time steps per chunk (None: 64; the matmul forms' chunk length, the "
+    Option("chunk", "time steps per chunk (None: 64, or 2**22 state elements' worth where every"
+           " state is a shift or companion window state; the matmul forms' chunk length, the "
            "prefix scan's length and the step loop's block of states)", None, (int,),
            rule=_chunk_rule),
 )}
@@ -137,10 +138,12 @@ class TorchBackend(Backend):
             initial_state = {k: v if isinstance(v, torch.Tensor) else
                              torch.from_numpy(np.ascontiguousarray(v))
                              for k, v in initial_state.items()}
-        chunk = options.get("chunk") or 64
+        # no chunk option: the generated function's default (64; where every state is a window
+        # state, 2**22 state elements' worth: recurrent.ScanLowering.default_chunk)
+        kw = {"chunk": options["chunk"]} if options.get("chunk") else {}
         with torch.no_grad():
             outs, finals = fn(*args, dict(sizes), initial_state or None,
-                              bool(output_final_state), chunk=chunk)
+                              bool(output_final_state), **kw)
         return RunResult(outs, finals, {"algorithm": algo})
 
 

@@ -33,6 +33,7 @@ from .rules import HELPERS, OP_RULES, TRANSITION_RULES
 SCAN_KINDS = (Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL, Kind.SHIFT)
 _INFIX = {Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.NEG}
 _TAKEN = {"torch", "sizes", "initial_state", "output_final_state", "chunk", "acc", "dev",
+          "n_state", "sum",
           "float", "min", "max", "range", "None", "True", "False", "dict"}
 
 
@@ -102,6 +103,11 @@ class Lowering:
         self._pre: list[str] = []
         self._body: list[str] = []
         self._target, self._indent = self._body, 2
+
+    def default_chunk(self) -> int | None:
+        """The generated function's default ``chunk`` (the ``chunk`` option overrides it;
+        None: sized by the generated function from its states, ScanLowering)."""
+        return self.DEFAULT_CHUNK
 
     # ---- what the rules see ----
     def ax(self, d: str) -> int:
@@ -226,6 +232,7 @@ class Lowering:
         B = self._body
         companion = t.kind is Kind.COMPANION and self.scan_state(s)
         if companion:  # time-invariant feedback: the chunk's new slots by one triangular solve
+            self.helper("flush_subnormal")
             self.helper("companion_chunk")
             wn = self.names.new("w_new")
             B.append(f"        # {s.name}: companion with time-invariant feedback: the slots it "
@@ -426,7 +433,7 @@ class Lowering:
         first = self.arg[rec.inputs[0].name]
         sig = ", ".join(self.arg[i.name] for i in rec.inputs)
         L = [f"def {self.fn_name}({sig}, sizes, initial_state=None, output_final_state=False,",
-             f"        chunk={self.DEFAULT_CHUNK}):",
+             f"        chunk={self.default_chunk()}):",
              f'    """{rec.name} over all time steps: ({{output: tensor}}, {{state: final '
              'state} or None).',
              "",
@@ -455,6 +462,15 @@ class Lowering:
             L.append(f"        {h} = {self.to_canon(f'initial_state[{s.name!r}]', s.dims, False)}"
                      ".to(device=dev, dtype=acc)")
             L.append(f"        {h} = {h}.expand({shape})")
+        if self.default_chunk() is None:
+            hs = [self.state_var[s.name] for s in rec.states]
+            numel = f"{hs[0]}.numel()" if len(hs) == 1 else \
+                f"sum(x.numel() for x in ({', '.join(hs)}))"
+            L.append(f"    if chunk is None:  # window states: one chunk of states is at most "
+                     f"{self.WINDOW_BUDGET} elements")
+            L.append(f"        n_state = {numel}")
+            L.append(f"        chunk = max({self.DEFAULT_CHUNK}, {self.WINDOW_BUDGET} // "
+                     "max(1, n_state))")
         for o in rec.outputs:
             shape = ", ".join(self.size[d] for d in o.dims)
             L.append(f"    {self.out_var[o.name]} = torch.full(({shape},), float(\"nan\"), "
@@ -538,12 +554,24 @@ class ScanLowering(Lowering):
     """``chunked`` where only the prefix scan applies: identity/scalar/diagonal states by the
     scan, the others by the step loop."""
     algorithm = "chunked"
+    WINDOW_BUDGET = 1 << 22  # window states: elements in one chunk of states (16 MiB float32)
 
     def scan_state(self, s) -> bool:
         t = s.transition
         if t.kind is Kind.COMPANION:  # time-invariant feedback only
             return not self.tvar(t.operand("feedback"))
         return t.kind in SCAN_KINDS
+
+    def default_chunk(self) -> int | None:
+        """None (the generated function sizes the chunk) where every state is a window state
+        (shift, or companion with time-invariant feedback): their work per chunk is a fixed
+        number of ops (an unfold; the blocked closed form of ``_companion_chunk``), so long
+        chunks save Python overhead; a chunk is then WINDOW_BUDGET state elements (at least
+        DEFAULT_CHUNK steps): one chunk of states stays bounded, independent of T."""
+        if self.rec.states and all(self.scan_state(s) and s.transition.kind in (
+                Kind.SHIFT, Kind.COMPANION) for s in self.rec.states):
+            return None
+        return self.DEFAULT_CHUNK
 
 
 __all__ = ["Lowering", "ScanLowering", "module_header", "SCAN_KINDS"]

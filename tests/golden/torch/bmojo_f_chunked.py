@@ -32,7 +32,7 @@ import torch
 
 
 def bmojo_f_chunked_fwd(q, k, v, kf, vf, sizes, initial_state=None, output_final_state=False,
-        chunk=64):
+        chunk=None):
     """bmojo_f over all time steps: ({output: tensor}, {state: final state} or None).
 
     ``sizes``: {dim: size}; ``initial_state``: {state: tensor} (zeros where absent);
@@ -78,6 +78,9 @@ def bmojo_f_chunked_fwd(q, k, v, kf, vf, sizes, initial_state=None, output_final
     if initial_state is not None and 'valid_f' in initial_state:
         valid_f = initial_state['valid_f'][:, None, None, None, None, :].to(device=dev, dtype=acc)
         valid_f = valid_f.expand(BATCH, 1, 1, 1, 1, FADING)
+    if chunk is None:  # window states: one chunk of states is at most 4194304 elements
+        n_state = sum(x.numel() for x in (kw, vw, valid, kf_win, vf_win, valid_f))
+        chunk = max(64, 4194304 // max(1, n_state))
     o = torch.full((BATCH, TIME, HEADS, VALUE,), float("nan"), dtype=q.dtype, device=dev)
     # time-invariant values
     v_3 = torch.rsqrt(torch.full((1, 1, 1, 1, 1, 1, 1,), float(KEY), dtype=acc, device=dev))  # rsqrt(size(key))

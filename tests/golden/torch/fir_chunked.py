@@ -20,7 +20,7 @@ import torch
 
 
 def fir_chunked_fwd(x, weight, sizes, initial_state=None, output_final_state=False,
-        chunk=64):
+        chunk=None):
     """fir over all time steps: ({output: tensor}, {state: final state} or None).
 
     ``sizes``: {dim: size}; ``initial_state``: {state: tensor} (zeros where absent);
@@ -40,6 +40,9 @@ def fir_chunked_fwd(x, weight, sizes, initial_state=None, output_final_state=Fal
     if initial_state is not None and 'win' in initial_state:
         win = initial_state['win'].to(device=dev, dtype=acc)
         win = win.expand(BATCH, CHAN, WIDTH)
+    if chunk is None:  # window states: one chunk of states is at most 4194304 elements
+        n_state = win.numel()
+        chunk = max(64, 4194304 // max(1, n_state))
     y = torch.full((BATCH, TIME, CHAN,), float("nan"), dtype=x.dtype, device=dev)
     for t0 in range(0, TIME, chunk):
         t1 = min(t0 + chunk, TIME)

@@ -33,16 +33,14 @@ def _diag_decay_scores(q, k, c, R, sub):
         ck, rk = c[..., s0:s1, :], R[..., s0:s1, :]
         keep = torch.ones(s1 - s0, s1 - s0, dtype=torch.bool, device=q.device).tril()[:, :, None] \
             & (rk[..., :, None, :] == rk[..., None, :, :])
-        dec = torch.where(keep, torch.exp(torch.where(keep, ck[..., :, None, :] - ck[..., None, :, :],
-                                                      0.0)), 0.0)
+        # exp of a dropped pair (s > t, or across a reset) may overflow: where() drops it
+        dec = torch.where(keep, torch.exp(ck[..., :, None, :] - ck[..., None, :, :]), 0.0)
         out[..., s0:s1, s0:s1] = (q[..., s0:s1, None, :] * k[..., None, s0:s1, :] * dec).sum(-1)
         if s1 < n:
             ce, re = c[..., s1 - 1:s1, :], R[..., s1 - 1:s1, :]
-            ks = torch.where(re == rk, k[..., s0:s1, :] * torch.exp(torch.where(re == rk, ce - ck,
-                                                                              0.0)), 0.0)
+            ks = torch.where(re == rk, k[..., s0:s1, :] * torch.exp(ce - ck), 0.0)
             same = R[..., s1:, :] == re
-            qs = torch.where(same, q[..., s1:, :] * torch.exp(torch.where(same, c[..., s1:, :] - ce,
-                                                                            0.0)), 0.0)
+            qs = torch.where(same, q[..., s1:, :] * torch.exp(c[..., s1:, :] - ce), 0.0)
             out[..., s1:, s0:s1] = qs @ ks.transpose(-1, -2)
     return out
 

@@ -21,29 +21,73 @@ import torch
 
 
 
-def _companion_chunk(h, b, f, ax):
+def _flush_subnormal(x):
+    """``x`` with its subnormal entries (|x| < the dtype's smallest normal) set to 0: powers
+    of a stable filter's transition decay into them, and subnormal arithmetic is ~100x slower
+    on x86 CPUs; the change is below the smallest normal number."""
+    return x.masked_fill(x.abs() < torch.finfo(x.dtype).tiny, 0)
+
+
+def _companion_chunk(h, b, f, ax, block=32):
     """The newest slots w_0..w_(n-1) a companion state with time-invariant feedback ``f``
-    appends over a chunk, [n, ...] with size 1 along ``ax``: w_t = b_t + sum_{L=1}^{W-1}
-    f[W-1-L] w_(t-L), the window ``h`` holding the w before the chunk, as one unit
-    lower-triangular (banded Toeplitz) solve: forward substitution, the recurrence's order."""
+    appends over a chunk, [n, ...] with size 1 along ``ax``: w_t = b_t + sum_{L=1}^{p}
+    c_L w_(t-L), c_L = f[W-1-L], p = W-1, the window ``h`` holding the w before the chunk.
+    Closed form in blocks of ``block`` steps, a fixed number of big ops for any n:
+    - one unit lower-triangular (banded Toeplitz) solve gives, for every block at once, its
+      slots from a zero state (forward substitution: the recurrence's order), and G [block, p],
+      a block's slots from a unit entering window (its zero-input response);
+    - the windows entering the blocks, s_(k+1) = M s_k + z_k (M = G's last p rows, z_k the
+      last p zero-state slots of block k), by a log-depth doubling scan over the blocks;
+    - every block's slots: its zero-state slots + G s_k, one batched matmul."""
     n, W = b.shape[0], h.shape[ax]
-    hm, fl = h.movedim(ax, -1), f.movedim(ax, -1).flip(-1)   # fl[..., L] = f[W-1-L]
-    bm = b.movedim(ax + 1, -1)[..., 0]
+    p = W - 1
+    if p == 0:
+        return b
+    hm, fl = h.movedim(ax, -1), f.movedim(ax, -1).flip(-1)   # fl[..., L] = c_L
+    bm = b.movedim(ax + 1, -1)[..., 0]                       # [n, ...]
     shape = torch.broadcast_shapes(hm.shape[:-1], fl.shape[:-1], bm.shape[1:])
-    hm, fl, bm = hm.expand(*shape, W), fl.expand(*shape, W), bm.expand(n, *shape)
-    rhs = bm.movedim(0, -1).clone()                          # [..., n]
-    for L in range(1, min(W, n + W - 1)):                    # the steps before the chunk
-        m = min(L, n)
-        rhs[..., :m] += fl[..., L:L + 1] * hm[..., W - L:W - L + m]
-    A = rhs.new_zeros(*shape, n, n)  # -f on the sub-diagonals 1..W-1; the unit diagonal implied
-    for L in range(1, min(W, n)):
-        A.diagonal(-L, -2, -1).copy_(-fl[..., L:L + 1].expand(*shape, n - L))
-    w = torch.linalg.solve_triangular(A, rhs[..., None], upper=False, unitriangular=True)
-    return w[..., 0].movedim(-1, 0).unsqueeze(ax + 1)
+    Lb = max(min(n, block), p)                               # block length (>= p)
+    nb = -(-n // Lb)                                         # blocks (the last one zero-padded)
+    # time last, a row per block: one 2-D transposing copy (fast), then the zero padding
+    Bk = bm.expand(n, *shape).reshape(n, -1).t().contiguous().reshape(*shape, n)
+    # a non-finite input poisons its step and every later one (as the recurrence does), not
+    # the block's earlier steps (the matmul would): 0 into the matmul, NaN added back after
+    poison = torch.cumsum(Bk - Bk, -1)                       # 0, NaN from the first bad step
+    Bk = torch.nan_to_num(Bk, nan=0.0, posinf=0.0, neginf=0.0)
+    if nb * Lb != n:
+        Bk = torch.nn.functional.pad(Bk, (0, nb * Lb - n))
+    Bk = Bk.reshape(*shape, nb, Lb)
+    # the impulse response g of the all-pole filter over a block (forward substitution, the
+    # recurrence's order; subnormals flushed), then Toeplitz matrices as flipped sliding
+    # windows (unfold): Ti[s, t] = g_(t-s), the transposed inverse of the unit lower-triangular
+    # band A; R[t, j] = c_(t+p-j) (0 past lag p): step t of a block reads slot j of the
+    # entering window (w_(j-p)) at lag t+p-j
+    a = torch.cat([torch.ones_like(fl[..., :1]), -fl[..., 1:]], -1)
+    a = torch.nn.functional.pad(a, (Lb - 1, max(Lb - W, 0)))[..., :2 * Lb - 1]
+    A = a.unfold(-1, Lb, 1).flip(-1)                          # [*, Lb, Lb]: A[t, j] = a_(t-j)
+    e0 = torch.zeros(Lb, 1, dtype=A.dtype, device=A.device)
+    e0[0] = 1
+    g = torch.linalg.solve_triangular(A, e0, upper=False, unitriangular=True)[..., 0]
+    g = torch.nn.functional.pad(_flush_subnormal(g), (Lb - 1, 0))
+    Ti = g.unfold(-1, Lb, 1).flip(-2)                        # [*, Lb, Lb]: Ti[s, t] = g_(t-s)
+    R = torch.nn.functional.pad(fl[..., 1:], (0, Lb - 1)).unfold(-1, p, 1).flip(-1)
+    Z = Bk @ Ti                                              # [..., nb, Lb]: zero-state slots
+    Gt = _flush_subnormal(R.transpose(-1, -2) @ Ti)          # [*, p, Lb]: from a unit window
+    s0 = hm[..., 1:].expand(*shape, p)[..., None, :]          # the window entering the chunk
+    if nb > 1:  # the windows leaving each block: e_k = e_(k-1) M^T + z_k, e_(-1) = s0
+        Mt = Gt[..., Lb - p:]
+        e = Z[..., Lb - p:] + torch.nn.functional.pad(s0 @ Mt, (0, 0, 0, nb - 1))
+        d = 1
+        while d < nb:                                          # doubling (Hillis-Steele) scan
+            e = torch.cat([e[..., :d, :], e[..., d:, :] + e[..., :nb - d, :] @ Mt], -2)
+            Mt, d = _flush_subnormal(Mt @ Mt), 2 * d
+        s0 = torch.cat([s0, e[..., :nb - 1, :]], -2)          # [..., nb, p]: entering windows
+    w = (Z + s0 @ Gt).reshape(*shape, nb * Lb)[..., :n] + poison
+    return w.movedim(-1, 0).unsqueeze(ax + 1)
 
 
 def iir_chunked_fwd(x, b, a, sizes, initial_state=None, output_final_state=False,
-        chunk=64):
+        chunk=None):
     """iir over all time steps: ({output: tensor}, {state: final state} or None).
 
     ``sizes``: {dim: size}; ``initial_state``: {state: tensor} (zeros where absent);
@@ -64,6 +108,9 @@ def iir_chunked_fwd(x, b, a, sizes, initial_state=None, output_final_state=False
     if initial_state is not None and 'w' in initial_state:
         w = initial_state['w'].to(device=dev, dtype=acc)
         w = w.expand(BATCH, CHAN, ORDER)
+    if chunk is None:  # window states: one chunk of states is at most 4194304 elements
+        n_state = w.numel()
+        chunk = max(64, 4194304 // max(1, n_state))
     y = torch.full((BATCH, TIME, CHAN,), float("nan"), dtype=x.dtype, device=dev)
     # time-invariant values
     v = torch.flip(a, (3,))  # flip(a, order)

@@ -36,7 +36,7 @@ def _masked_softmax(logits, mask, ax):
 
 
 def swa_chunked_fwd(q, k, v, sizes, initial_state=None, output_final_state=False,
-        chunk=64):
+        chunk=None):
     """swa over all time steps: ({output: tensor}, {state: final state} or None).
 
     ``sizes``: {dim: size}; ``initial_state``: {state: tensor} (zeros where absent);
@@ -67,6 +67,9 @@ def swa_chunked_fwd(q, k, v, sizes, initial_state=None, output_final_state=False
     if initial_state is not None and 'valid' in initial_state:
         valid = initial_state['valid'][:, None, None, None, :].to(device=dev, dtype=acc)
         valid = valid.expand(BATCH, 1, 1, 1, WINDOW)
+    if chunk is None:  # window states: one chunk of states is at most 4194304 elements
+        n_state = sum(x.numel() for x in (kw, vw, valid))
+        chunk = max(64, 4194304 // max(1, n_state))
     o = torch.full((BATCH, TIME, HEADS, VALUE,), float("nan"), dtype=q.dtype, device=dev)
     # time-invariant values
     v_3 = torch.rsqrt(torch.full((1, 1, 1, 1, 1, 1,), float(KEY), dtype=acc, device=dev))  # rsqrt(size(key))
