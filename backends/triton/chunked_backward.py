@@ -371,6 +371,78 @@ def config(K: int, V: int, options: Mapping[str, Any], diag: bool = False) -> Co
                   max(16, bs.get("V", min(_pow2(V), 64))), nw, prec)
 
 
+_SCALE_OPS = {Op.CONST, Op.SIZE, Op.NEG, Op.EXP, Op.LOG, Op.SQRT, Op.RSQRT, Op.ADD, Op.SUB,
+              Op.MUL, Op.DIV}
+
+
+@dataclass
+class _Factor:
+    """A tensor the kernels address through strides (``chunked_backward_kernels``'s doc): the
+    grid index's outer and inner strides and group ratios, then time's and the feature's
+    (stride 0: the tensor lacks that dim and is read broadcast along it)."""
+    t: Any
+    s0: int
+    s1: int
+    r0: int = 1
+    r1: int = 1
+    st: int = 0
+    sf: int = 0
+
+    def read(self) -> list:
+        return [self.t, self.s0, self.s1, self.r0, self.r1, self.st, self.sf]
+
+    def write(self) -> list:
+        return [self.t, self.s0, self.s1, self.st, self.sf]
+
+
+def _flat_factor(x, N1: int) -> _Factor:
+    """A contiguous [G, T] or [G, T, F] tensor (G = outer x N1)."""
+    G, T = x.shape[0], x.shape[1]
+    f = x.shape[2] if x.dim() == 3 else 1
+    return _Factor(x, N1 * T * f, T * f, 1, 1, f, 1 if x.dim() == 3 else 0)
+
+
+def _direct(rec: Recurrence, grid, sizes, e: Node, feat, tensors) -> tuple[_Factor, str] | None:
+    """``e`` read straight from one input (or output cotangent) where it lies, when it is that
+    tensor (maybe grouped: ``group(B, groups, heads)`` reads B per group) over at most the
+    grid, time and ``feat`` dims: (its strided factor, the tensor's name), else None.
+    ``tensors``: name -> (tensor, its dims)."""
+    if len(grid) > 2:
+        return None
+    groups = {}
+    while e.op is Op.GROUP:
+        g, d = e.arg
+        groups[d] = g
+        e = e.src[0]
+    if e.op is not Op.INPUT or e.arg not in tensors:
+        return None
+    x, dims = tensors[e.arg]
+    allowed = set(grid) | {rec.time} | ({feat} if feat else set()) | set(groups.values())
+    if set(dims) - allowed or any(g not in dims for g in groups.values()):
+        return None
+
+    def at(d):
+        if d in groups:
+            g = groups[d]
+            return x.stride(dims.index(g)), sizes[d] // sizes[g]
+        return (x.stride(dims.index(d)), 1) if d in dims else (0, 1)
+    (s0, r0) = at(grid[0]) if len(grid) >= 1 else (0, 1)
+    (s1, r1) = at(grid[1]) if len(grid) == 2 else (0, 1)
+    st = at(rec.time)[0]
+    sf = at(feat)[0] if feat else 0
+    return _Factor(x, s0, s1, r0, r1, st, sf), e.arg
+
+
+def _scaled(e: Node) -> tuple[Node, Node | None]:
+    """``e`` as (x, scale) when it is x times a constant expression (the cotangent of a
+    contraction scaled by rsqrt(size(key)), say), else (e, None)."""
+    if e.op is Op.MUL:
+        for a, b in ((e.src[0], e.src[1]), (e.src[1], e.src[0])):
+            if all(n.op in _SCALE_OPS for n in b.walk()):
+                return a, b
+    return e, None
+
+
 def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any],
              sizes: Mapping[str, int], initial_state: Mapping[str, Any] | None,
              d_final_state: Mapping[str, Any] | None,
@@ -435,10 +507,34 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
         order = [rec.time] + [d for d in canon if d in names]
         return ev.spread(x.permute([names.index(d) for d in order]), names)
 
-    fq, fk, fv = flat(ev.eval(p.q), F.K), flat(ev.eval(p.k), F.K), flat(ev.eval(p.v), F.V)
-    fdo = flat(ev.eval(p.d_contraction), F.V)
-    fg = flat(ev.eval(p.g), F.K if F.kind is Kind.DIAGONAL else None) \
-        if p.g is not None else None
+    N1 = sizes[grid[1]] if len(grid) == 2 else 1
+    tensors = {x.name: (inputs[x.name], x.dims) for x in rec.inputs}
+    tensors.update({p.cot[o.name]: (d_out[o.name], o.dims) for o in rec.outputs
+                    if d_out.get(o.name) is not None})
+    direct = {} if F.kind is Kind.HOUSEHOLDER else {
+        "q": _direct(rec, grid, sizes, p.q, F.K, tensors),
+        "k": _direct(rec, grid, sizes, p.k, F.K, tensors),
+        "v": _direct(rec, grid, sizes, p.v, F.V, tensors),
+        "g": _direct(rec, grid, sizes, p.g, F.K if diag else None, tensors)
+        if p.g is not None else None}
+    do_e, do_scale = _scaled(p.d_contraction)
+    if F.kind is not Kind.HOUSEHOLDER:
+        direct["do"] = _direct(rec, grid, sizes, do_e, F.V, tensors)
+    do_scale = float(ev.eval(do_scale).reshape(-1)[0]) \
+        if do_scale is not None and direct.get("do") is not None else 1.0
+
+    def factor(name, e, feat):
+        """The kernels' view of factor ``name``: straight from its input, else materialised."""
+        d = direct.get(name)
+        return d[0] if d is not None else _flat_factor(flat(ev.eval(e), feat), N1)
+    if F.kind is Kind.HOUSEHOLDER:
+        fq, fk, fv = flat(ev.eval(p.q), F.K), flat(ev.eval(p.k), F.K), flat(ev.eval(p.v), F.V)
+        fdo = flat(ev.eval(p.d_contraction), F.V)
+        fg = flat(ev.eval(p.g), None) if p.g is not None else None
+    else:
+        fq, fk, fv = factor("q", p.q, F.K), factor("k", p.k, F.K), factor("v", p.v, F.V)
+        fdo = factor("do", p.d_contraction, F.V)
+        fg = factor("g", p.g, F.K if diag else None) if p.g is not None else None
 
     def state_flat(x):
         x = x.to(f32).permute([s.dims.index(d) for d in grid] +
@@ -463,47 +559,80 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
     # per-chunk kernels read are rounded
     sdt = torch.bfloat16 if opts.get("_inputs_16bit") else f32
     hc, dhc, dh0 = new(G, nc, K, V, dtype=sdt), new(G, nc, K, V, dtype=sdt), new(G, K, V)
-    dq, dk, dv = new(G, T, K), new(G, T, K), new(G, T, V)
-    dgk = (new(G, T, K) if diag else new(G, nk, T)) if fg is not None else None
-    fo = new(G, T, V) if p.needs_o else None
-    fwd_h, bwd_dh, bwd_dv, bwd_dqk, bwd_dv_diag, bwd_dqk_diag = kernels()
     has_g = fg is not None
-    gptr = fg if has_g else fq                     # not read without HAS_G
+    done: dict = {}   # input name -> its gradient, written by the kernels in its layout
+
+    def grad_out(name, feat, flat_shape):
+        """Where the kernels write factor ``name``'s gradient: straight into its input's
+        gradient when that is exactly this factor's cotangent (the chain rule's identity, e.g.
+        linear_attn's q), else a float32 [G, T, F] tensor the chain rule reads."""
+        d = direct.get(name)
+        if d is not None and d[0].r0 == d[0].r1 == 1 and d[0].st and (feat is None or d[0].sf):
+            x = rec.input(d[1]) if d[1] in {i.name for i in rec.inputs} else None
+            if x is not None and p.grads[x.name] == Node(Op.INPUT, (), p.fcot[name]) and \
+                    set(x.dims) == set(grid) | {rec.time} | ({feat} if feat else set()):
+                out = new(*(sizes[d_] for d_ in x.dims))
+                done[x.name] = out
+                got = _direct(rec, grid, sizes, Node(Op.INPUT, (), x.name), feat,
+                              {x.name: (out, x.dims)})
+                return got[0], ev.to_canon(out, x.dims)
+        out = new(*flat_shape)
+        return _flat_factor(out, N1), None
+    dq, cq = grad_out("q", F.K, (G, T, K))
+    dk, ck = grad_out("k", F.K, (G, T, K))
+    dv, cv = grad_out("v", F.V, (G, T, V))
+    dgk = cg = None
+    if has_g:
+        if diag or nk == 1:
+            dgk, cg = grad_out("g", F.K if diag else None, (G, T, K) if diag else (G, T))
+        else:  # each K-block's share, summed below: [G, nk, T]
+            x = new(G, nk, T)
+            dgk = _Factor(x, N1 * nk * T, nk * T, 1, 1, 1, T)
+    fo = _flat_factor(new(G, T, V), N1) if p.needs_o else None
+    fwd_h, bwd_dh, bwd_dv, bwd_dqk, bwd_dv_diag, bwd_dqk_diag = kernels()
+    gf = fg if has_g else fq                       # not read without HAS_G
     kw = dict(BT=cfg.BT, BK=cfg.BK, BV=cfg.BV, PREC=cfg.precision, num_warps=cfg.num_warps)
     dg = None
     if T > 0:
         import numpy as np
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            fwd_h[(G, nk, nv)](fk, fv, gptr, h0 if h0 is not None else fk, hc, T, K, V, nc,
+            fwd_h[(G, nk, nv)](*fk.read(), *fv.read(), *gf.read(),
+                               h0 if h0 is not None else fk.t, hc, T, K, V, nc, N1,
                                HAS_G=has_g, HAS_H0=h0 is not None, DIAG=diag, **kw)
-            bwd_dh[(G, nk, nv)](fq, fdo, gptr, dht if dht is not None else fq, dhc, dh0, T, K,
-                                V, nc, HAS_G=has_g, HAS_DHT=dht is not None, DIAG=diag, **kw)
+            bwd_dh[(G, nk, nv)](*fq.read(), *fdo.read(), *gf.read(), do_scale,
+                                dht if dht is not None else fq.t, dhc, dh0, T, K, V, nc, N1,
+                                HAS_G=has_g, HAS_DHT=dht is not None, DIAG=diag, **kw)
             ov = fo if fo is not None else dv
+            factors = [*fq.read(), *fk.read(), *fv.read(), *gf.read(), *fdo.read(), do_scale,
+                       hc, dhc]
             if diag:
-                bwd_dv_diag[(G, nc, nv)](fq, fk, fv, gptr, fdo, hc, dhc, dv, ov, T, K, V, nc,
+                bwd_dv_diag[(G, nc, nv)](*factors, *dv.write(), *ov.write(), T, K, V, nc, N1,
                                          WANT_O=fo is not None, **kw)
-                bwd_dqk_diag[(G, nc, nk)](fq, fk, fv, gptr, fdo, hc, dhc, dq, dk, dgk, T, K, V,
-                                          nc, **kw)
+                bwd_dqk_diag[(G, nc, nk)](*factors, *dq.write(), *dk.write(), *dgk.write(),
+                                          T, K, V, nc, N1, **kw)
             else:
-                bwd_dv[(G, nc, nv)](fq, fk, fv, gptr, fdo, hc, dhc, dv, ov, T, K, V, nc,
+                bwd_dv[(G, nc, nv)](*factors, *dv.write(), *ov.write(), T, K, V, nc, N1,
                                     HAS_G=has_g, WANT_O=fo is not None, **kw)
-                bwd_dqk[(G, nc, nk)](fq, fk, fv, gptr, fdo, hc, dhc, dq, dk,
-                                     dgk if has_g else dq, T, K, V, nc, nk, HAS_G=has_g, **kw)
+                bwd_dqk[(G, nc, nk)](*factors, *dq.write(), *dk.write(),
+                                     *(dgk if has_g else dq).write(), T, K, V, nc, N1,
+                                     HAS_G=has_g, **kw)
         if has_g:
-            dg = dgk if diag else dgk.sum(1)
+            dg = dgk.t if (diag or nk == 1) else dgk.t.sum(1)
     else:
         dh0 = dht if dht is not None else torch.zeros(G, K, V, dtype=f32, device=dev)
         if has_g:
-            dg = torch.zeros((G, 0, K) if diag else (G, 0), dtype=f32, device=dev)
+            dg = dgk.t if cg is not None else \
+                torch.zeros((G, 0, K) if diag else (G, 0), dtype=f32, device=dev)
     # the chain rule: factor cotangents in, input gradients out
-    cots[p.fcot["q"]], cots[p.fcot["k"]] = unflat(dq, F.K), unflat(dk, F.K)
-    cots[p.fcot["v"]] = unflat(dv, F.V)
+    cots[p.fcot["q"]] = cq if cq is not None else unflat(dq.t, F.K)
+    cots[p.fcot["k"]] = ck if ck is not None else unflat(dk.t, F.K)
+    cots[p.fcot["v"]] = cv if cv is not None else unflat(dv.t, F.V)
     if has_g:
-        cots[p.fcot["g"]] = unflat(dg, F.K if diag else None)
+        cots[p.fcot["g"]] = cg if cg is not None else unflat(dg, F.K if diag else None)
     if fo is not None:
-        cots[p.o_name] = unflat(fo, F.V) if T > 0 else \
+        cots[p.o_name] = unflat(fo.t, F.V) if T > 0 else \
             torch.zeros((0,) + ev.shape(rec.dims_of(p.form.contraction)), dtype=f32, device=dev)
-    return _chain(p, ev, sizes, dh0, dev)
+    return _chain(p, ev, sizes, dh0, dev, done)
 
 
 def _householder(p, ev, cots, flat, unflat, fq, fk, fv, fdo, fg, h0, dht, cfg, new, sizes,
@@ -536,8 +665,9 @@ def _householder(p, ev, cots, flat, unflat, fq, fk, fv, fdo, fg, h0, dht, cfg, n
     return _chain(p, ev, sizes, dh0, dev)
 
 
-def _chain(p, ev, sizes, dh0, dev):
-    """Input gradients from the factor cotangents (set in ``ev``'s leaves) and dh0."""
+def _chain(p, ev, sizes, dh0, dev, done=None):
+    """Input gradients from the factor cotangents (set in ``ev``'s leaves) and dh0; ``done``:
+    those the kernels wrote already."""
     import torch
     rec, F, s = p.rec, p.form, p.rec.state(p.state)
     T, K, V = sizes[rec.time], sizes[F.K], sizes[F.V]
@@ -547,6 +677,9 @@ def _chain(p, ev, sizes, dh0, dev):
     for x in rec.inputs:
         e = p.grads[x.name]
         shape = tuple(sizes[d] for d in x.dims)
+        if done and x.name in done:
+            grads[x.name] = done[x.name]
+            continue
         if e is None:
             grads[x.name] = torch.zeros(shape, dtype=f32, device=dev)
             continue
