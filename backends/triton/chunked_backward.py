@@ -247,6 +247,10 @@ class _TorchEval:
     def from_canon(self, a, layout):
         """(time-led canonical) -> ``layout``; a time-free layout sums the time axis."""
         time = self.rec.time
+        # a value along a dim the layout lacks (a factor broadcast over it): summed
+        extra = [self.axis[d] for d in self.canon if d not in layout and a.shape[self.axis[d]] > 1]
+        if extra:
+            a = a.sum(dim=extra, keepdim=True)
         if time not in layout:
             a = a.sum(0)
             full = self.shape(layout)
