@@ -108,7 +108,7 @@ def test_mamba2_B_and_C_are_read_per_group(launches):
     k = args[7:14]
     assert q[0].data_ptr() == xs["C"].data_ptr() and k[0].data_ptr() == xs["B"].data_ptr()
     assert (q[3], q[4]) == (1, 2) and (k[3], k[4]) == (1, 2)  # heads // 2 -> the group
-    assert args[28].data_ptr() == ys["y"].data_ptr()          # dO is dy, read in place
+    assert args[35].data_ptr() == ys["y"].data_ptr()          # dO (after q k v g w) is dy
 
 
 def test_bfloat16_inputs_read_in_their_dtype(launches):

@@ -105,6 +105,7 @@ class Plan:
     o_name: str                 # placeholder input of the contraction O
     needs_o: bool               # some input gradient reads O (bwd_grads then writes it)
     ctx_rec: Recurrence         # dims_of for the placeholders too
+    w: Node | None = None       # the injected term's per-step scalar (v is then w * v)
 
 
 def _check_ops(n: Node, what: str) -> None:
@@ -147,7 +148,12 @@ def _build(rec: Recurrence) -> Plan:
     inl = lambda n: inline_lets_in(rec, n, memo)  # noqa: E731
     from scancc.ir.passes.chunked import product
     q, k, v = inl(product(F.q_side)), inl(product(F.k_side)), inl(product(F.v_side))
-    g = hk = beta = None
+    g = hk = beta = w = None
+    if F.kind is not Kind.HOUSEHOLDER:
+        k, wk = _split_scale(rec, k, F.grid)
+        v, wv = _split_scale(rec, v, F.grid)
+        ws = [x for x in (wk, wv) if x is not None]
+        w = product(ws) if ws else None
     if F.kind is not Kind.IDENTITY and F.log_decay is not None:
         g = inl(Node(Op.LOG, (F.log_decay,)) if F.log_of else F.log_decay)
     if F.kind is Kind.HOUSEHOLDER:
@@ -172,7 +178,7 @@ def _build(rec: Recurrence) -> Plan:
         cot[o.name] = fresh(f"d_{o.name}")
         placeholders.append(Input(cot[o.name], o.dims))
     fcot = {}
-    factors = (("q", q), ("k", k), ("v", v), ("g", g), ("hk", hk), ("beta", beta))
+    factors = (("q", q), ("k", k), ("v", v), ("g", g), ("hk", hk), ("beta", beta), ("w", w))
     for name, e in factors:
         if e is None:
             continue
@@ -207,7 +213,35 @@ def _build(rec: Recurrence) -> Plan:
     for what, e in factors + (("dO", dO),):
         if e is not None:
             _check_ops(e, f"factor {what}")
-    return Plan(rec, F, s.name, q, k, v, g, hk, beta, dO, grads, cot, fcot, o_name, needs_o, ctx.rec)
+    return Plan(rec, F, s.name, q, k, v, g, hk, beta, dO, grads, cot, fcot, o_name, needs_o,
+                ctx.rec, w)
+
+
+def _split_scale(rec: Recurrence, e: Node, grid) -> tuple[Node, Node | None]:
+    """A K- or V-side factor ``e`` as (x, w): x one input (maybe grouped) the kernels can read
+    where it lies, w the product of its other factors when they vary along nothing but time
+    and the grid (a per-step scalar: mamba2's v = clamp(dt) * x). The injected term k vᵀ
+    then has w on its V side whichever side it came from (a scalar commutes), which the
+    kernels apply on load and whose gradient terms they write (kernels' module doc).
+    (e, None) when ``e`` is not of that form."""
+    parts, stack = [], [e]
+    while stack:
+        n = stack.pop()
+        if n.op is Op.MUL:
+            stack.extend(reversed(n.src))
+        else:
+            parts.append(n)
+    scal = [n for n in parts if not set(rec.dims_of(n)) - set(grid) - {rec.time}]
+    rest = [n for n in parts if n not in scal]
+    if not scal or len(rest) != 1:
+        return e, None
+    x = rest[0]
+    while x.op is Op.GROUP:
+        x = x.src[0]
+    if x.op is not Op.INPUT:
+        return e, None
+    from scancc.ir.passes.chunked import product
+    return rest[0], product(scal)
 
 
 # ---- torch evaluation of state-free expressions (the reference interpreter's layout) ----
@@ -520,7 +554,8 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
         "k": _direct(rec, grid, sizes, p.k, F.K, tensors),
         "v": _direct(rec, grid, sizes, p.v, F.V, tensors),
         "g": _direct(rec, grid, sizes, p.g, F.K if diag else None, tensors)
-        if p.g is not None else None}
+        if p.g is not None else None,
+        "w": _direct(rec, grid, sizes, p.w, None, tensors) if p.w is not None else None}
     do_e, do_scale = _scaled(p.d_contraction)
     if F.kind is not Kind.HOUSEHOLDER:
         direct["do"] = _direct(rec, grid, sizes, do_e, F.V, tensors)
@@ -539,6 +574,7 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
         fq, fk, fv = factor("q", p.q, F.K), factor("k", p.k, F.K), factor("v", p.v, F.V)
         fdo = factor("do", p.d_contraction, F.V)
         fg = factor("g", p.g, F.K if diag else None) if p.g is not None else None
+        fw = factor("w", p.w, None) if p.w is not None else None
 
     def state_flat(x):
         x = x.to(f32).permute([s.dims.index(d) for d in grid] +
@@ -593,6 +629,11 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
             x = new(G, nk, T)
             dgk = _Factor(x, N1 * nk * T, nk * T, 1, 1, 1, T)
     fo = _flat_factor(new(G, T, V), N1) if p.needs_o else None
+    has_w = fw is not None
+    # dL/dw: each V-block's share ([G, nv, T], summed below; [G, T] with one V-block)
+    dw = (_flat_factor(new(G, T), N1) if nv == 1 else
+          _Factor(new(G, nv, T), N1 * nv * T, nv * T, 1, 1, 1, T)) if has_w else None
+    wf, dwf = (fw, dw) if has_w else (fq, dv)     # not read / written without HAS_W
     fwd_h, bwd_dh, bwd_dv, bwd_dqk, bwd_dv_diag, bwd_dqk_diag = kernels()
     gf = fg if has_g else fq                       # not read without HAS_G
     kw = dict(BT=cfg.BT, BK=cfg.BK, BV=cfg.BV, PREC=cfg.precision, num_warps=cfg.num_warps)
@@ -601,25 +642,25 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
         import numpy as np
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             fwd_h[(G, nk, nv)](*fk.read(), *fv.read(), *gf.read(),
-                               h0 if h0 is not None else fk.t, hc, T, K, V, nc, N1,
-                               HAS_G=has_g, HAS_H0=h0 is not None, DIAG=diag, **kw)
+                               *wf.read(), h0 if h0 is not None else fk.t, hc, T, K, V,
+                               nc, N1, HAS_W=has_w, HAS_G=has_g, HAS_H0=h0 is not None, DIAG=diag, **kw)
             bwd_dh[(G, nk, nv)](*fq.read(), *fdo.read(), *gf.read(), do_scale,
                                 dht if dht is not None else fq.t, dhc, dh0, T, K, V, nc, N1,
                                 HAS_G=has_g, HAS_DHT=dht is not None, DIAG=diag, **kw)
             ov = fo if fo is not None else dv
-            factors = [*fq.read(), *fk.read(), *fv.read(), *gf.read(), *fdo.read(), do_scale,
-                       hc, dhc]
+            qkvg = [*fq.read(), *fk.read(), *fv.read(), *gf.read()]
+            rest = [*fdo.read(), do_scale, hc, dhc]
+            dv_args = [*qkvg, *rest, *dv.write(), *ov.write(), *wf.read(), *dwf.write(), T, K,
+                       V, nc, N1]
+            dqk_args = [*qkvg, *wf.read(), *rest, *dq.write(), *dk.write(),
+                        *(dgk if has_g else dq).write(), T, K, V, nc, N1]
             if diag:
-                bwd_dv_diag[(G, nc, nv)](*factors, *dv.write(), *ov.write(), T, K, V, nc, N1,
-                                         WANT_O=fo is not None, **kw)
-                bwd_dqk_diag[(G, nc, nk)](*factors, *dq.write(), *dk.write(), *dgk.write(),
-                                          T, K, V, nc, N1, **kw)
+                bwd_dv_diag[(G, nc, nv)](*dv_args, HAS_W=has_w, WANT_O=fo is not None, **kw)
+                bwd_dqk_diag[(G, nc, nk)](*dqk_args, HAS_W=has_w, **kw)
             else:
-                bwd_dv[(G, nc, nv)](*factors, *dv.write(), *ov.write(), T, K, V, nc, N1,
-                                    HAS_G=has_g, WANT_O=fo is not None, **kw)
-                bwd_dqk[(G, nc, nk)](*factors, *dq.write(), *dk.write(),
-                                     *(dgk if has_g else dq).write(), T, K, V, nc, N1,
-                                     HAS_G=has_g, **kw)
+                bwd_dv[(G, nc, nv)](*dv_args, HAS_W=has_w, HAS_G=has_g, WANT_O=fo is not None,
+                                    **kw)
+                bwd_dqk[(G, nc, nk)](*dqk_args, HAS_G=has_g, HAS_W=has_w, **kw)
         if has_g:
             dg = dgk.t if (diag or nk == 1) else dgk.t.sum(1)
     else:
@@ -633,6 +674,9 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
     cots[p.fcot["v"]] = cv if cv is not None else unflat(dv.t, F.V)
     if has_g:
         cots[p.fcot["g"]] = cg if cg is not None else unflat(dg, F.K if diag else None)
+    if has_w:
+        cots[p.fcot["w"]] = unflat(dw.t if nv == 1 or T == 0 else dw.t.sum(1), None) \
+            if T > 0 else torch.zeros((0,) + ev.shape(grid), dtype=f32, device=dev)
     if fo is not None:
         cots[p.o_name] = unflat(fo.t, F.V) if T > 0 else \
             torch.zeros((0,) + ev.shape(rec.dims_of(p.form.contraction)), dtype=f32, device=dev)

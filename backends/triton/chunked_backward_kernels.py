@@ -7,7 +7,12 @@ inputs is read where it lies, in its dtype (``chunked_backward._Factor``): the f
 index i_g splits into (i_g // N1, i_g % N1) (the outer and inner grid dims), each divided by
 its group ratio (mamba2's B and C: heads -> groups, read per group, never copied per head),
 times its stride; then time and the feature dim (K or V) by theirs. A materialised factor is
-the same with the strides of a contiguous [G, T, F] tensor. The chunk-boundary states and
+the same with the strides of a contiguous [G, T, F] tensor.
+
+With HAS_W the V-side factor is v_t = w_t x_t: a per-step scalar w (its own strided
+[grid, T] factor) times x, the ``v`` the kernels read (mamba2: v = dt x). ``bwd_dv`` then
+writes the chain rule's two terms in its epilogue, w ⊙ dL/dv (dL/dx) in ``dv`` and each
+V-block's share of sum_V(dL/dv ⊙ x) (dL/dw) in ``dw``, instead of dL/dv. The chunk-boundary states and
 their gradients (hc, dhc: [G, NC, K, V]) and h0 / dht / dh0 ([G, K, V]) stay contiguous.
 Imported only through ``chunked_backward.kernels()``, after the runtime chose the interpreter
 or the GPU."""
@@ -60,7 +65,8 @@ def _decays_k(g, BT: tl.constexpr):
 
 @triton.jit
 def fwd_h(k, k_s0, k_s1, k_r0, k_r1, k_st, k_sf, v, v_s0, v_s1, v_r0, v_r1, v_st, v_sf,
-          g, g_s0, g_s1, g_r0, g_r1, g_st, g_sf, h0, hc, T, K, V, NC, N1, HAS_G: tl.constexpr, HAS_H0: tl.constexpr,
+          g, g_s0, g_s1, g_r0, g_r1, g_st, g_sf, w, w_s0, w_s1, w_r0, w_r1, w_st, w_sf, h0, hc, T, K, V, NC, N1,
+          HAS_W: tl.constexpr, HAS_G: tl.constexpr, HAS_H0: tl.constexpr,
           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
           DIAG: tl.constexpr = False):
     """The state entering each chunk: hc[i_g, i_c] ([K, V] float32), one [BK, BV] tile per
@@ -69,6 +75,7 @@ def fwd_h(k, k_s0, k_s1, k_r0, k_r1, k_st, k_sf, v, v_s0, v_s1, v_r0, v_r1, v_st
     k = _rows(k, i_g, N1, k_s0, k_s1, k_r0, k_r1)  # this grid index's rows
     v = _rows(v, i_g, N1, v_s0, v_s1, v_r0, v_r1)
     g = _rows(g, i_g, N1, g_s0, g_s1, g_r0, g_r1)
+    w = _rows(w, i_g, N1, w_s0, w_s1, w_r0, w_r1)
     h0, hc = h0 + i_g * K * V, hc + i_g * NC * K * V
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -86,6 +93,8 @@ def fwd_h(k, k_s0, k_s1, k_r0, k_r1, k_st, k_sf, v, v_s0, v_s1, v_r0, v_r1, v_st
                        mask=m_t[None, :] & (o_k[:, None] < K), other=0.0).to(tl.float32)
         b_v = tl.load(v + o_t[:, None] * v_st + o_v[None, :] * v_sf,
                       mask=m_t[:, None] & (o_v[None, :] < V), other=0.0).to(tl.float32)
+        if HAS_W:
+            b_v = b_v * tl.load(w + o_t * w_st, mask=m_t, other=0.0).to(tl.float32)[:, None]
         if DIAG:  # log-decays along K: [BK, BT], cumulated along time (axis 1)
             b_gt = tl.load(g + o_t[None, :] * g_st + o_k[:, None] * g_sf,
                            mask=m_t[None, :] & (o_k[:, None] < K), other=0.0).to(tl.float32)
@@ -171,10 +180,21 @@ def _chunk(g, g_st, o_t, m_t, T, HAS_G: tl.constexpr, BT: tl.constexpr):
 
 
 @triton.jit
+def _scaled_v(b_x, b_dv, w, w_st, dw, dw_st, dw_sf, i_v, o_t, m_t):
+    """v = w ⊙ x (HAS_W): this V-block's share of dL/dw = sum_V(dL/dv ⊙ x) stored (dw_sf:
+    the stride between V-blocks' shares), and (v, dL/dx = w ⊙ dL/dv)."""
+    b_w = tl.load(w + o_t * w_st, mask=m_t, other=0.0).to(tl.float32)
+    tl.store(dw + i_v * dw_sf + o_t * dw_st, tl.sum(b_dv * b_x, 1).to(dw.dtype.element_ty),
+             mask=m_t)
+    return b_x * b_w[:, None], b_dv * b_w[:, None]
+
+
+@triton.jit
 def bwd_dv(q, q_s0, q_s1, q_r0, q_r1, q_st, q_sf, k, k_s0, k_s1, k_r0, k_r1, k_st, k_sf,
            v, v_s0, v_s1, v_r0, v_r1, v_st, v_sf, g, g_s0, g_s1, g_r0, g_r1, g_st, g_sf,
            do, do_s0, do_s1, do_r0, do_r1, do_st, do_sf, do_scale, hc, dhc,
-           dv, dv_s0, dv_s1, dv_st, dv_sf, o, o_s0, o_s1, o_st, o_sf, T, K, V, NC, N1,
+           dv, dv_s0, dv_s1, dv_st, dv_sf, o, o_s0, o_s1, o_st, o_sf, w, w_s0, w_s1, w_r0, w_r1, w_st, w_sf,
+           dw, dw_s0, dw_s1, dw_st, dw_sf, T, K, V, NC, N1, HAS_W: tl.constexpr,
            HAS_G: tl.constexpr,
            WANT_O: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
            PREC: tl.constexpr):
@@ -188,6 +208,8 @@ def bwd_dv(q, q_s0, q_s1, q_r0, q_r1, q_st, q_sf, k, k_s0, k_s1, k_r0, k_r1, k_s
     do = _rows(do, i_g, N1, do_s0, do_s1, do_r0, do_r1)
     dv = _rows(dv, i_g, N1, dv_s0, dv_s1, 1, 1)
     o = _rows(o, i_g, N1, o_s0, o_s1, 1, 1)
+    w = _rows(w, i_g, N1, w_s0, w_s1, w_r0, w_r1)
+    dw = _rows(dw, i_g, N1, dw_s0, dw_s1, 1, 1)
     hc, dhc = hc + i_g * NC * K * V, dhc + i_g * NC * K * V
     o_t = i_c * BT + tl.arange(0, BT)
     m_t = o_t < T
@@ -217,11 +239,14 @@ def bwd_dv(q, q_s0, q_s1, q_r0, q_r1, q_st, q_sf, k, k_s0, k_s1, k_r0, k_r1, k_s
     b_do = tl.load(do + o_t[:, None] * do_st + o_v[None, :] * do_sf, mask=m_tv,
                    other=0.0).to(tl.float32) * do_scale
     b_dv = b_dv * e_k[:, None] + tl.dot(tl.trans(a), b_do, input_precision=PREC)
+    if HAS_W or WANT_O:
+        b_v = tl.load(v + o_t[:, None] * v_st + o_v[None, :] * v_sf, mask=m_tv,
+                      other=0.0).to(tl.float32)
+    if HAS_W:
+        b_v, b_dv = _scaled_v(b_v, b_dv, w, w_st, dw, dw_st, dw_sf, i_v, o_t, m_t)
     tl.store(dv + o_t[:, None] * dv_st + o_v[None, :] * dv_sf,
              b_dv.to(dv.dtype.element_ty), mask=m_tv)
     if WANT_O:
-        b_v = tl.load(v + o_t[:, None] * v_st + o_v[None, :] * v_sf, mask=m_tv,
-                      other=0.0).to(tl.float32)
         b_o = b_o * e_q[:, None] + tl.dot(a, b_v, input_precision=PREC)
         tl.store(o + o_t[:, None] * o_st + o_v[None, :] * o_sf, b_o.to(o.dtype.element_ty),
                  mask=m_tv)
@@ -229,11 +254,11 @@ def bwd_dv(q, q_s0, q_s1, q_r0, q_r1, q_st, q_sf, k, k_s0, k_s1, k_r0, k_r1, k_s
 
 @triton.jit
 def bwd_dqk(q, q_s0, q_s1, q_r0, q_r1, q_st, q_sf, k, k_s0, k_s1, k_r0, k_r1, k_st, k_sf,
-            v, v_s0, v_s1, v_r0, v_r1, v_st, v_sf, g, g_s0, g_s1, g_r0, g_r1, g_st, g_sf,
+            v, v_s0, v_s1, v_r0, v_r1, v_st, v_sf, g, g_s0, g_s1, g_r0, g_r1, g_st, g_sf, w, w_s0, w_s1, w_r0, w_r1, w_st, w_sf,
             do, do_s0, do_s1, do_r0, do_r1, do_st, do_sf, do_scale, hc, dhc,
             dq, dq_s0, dq_s1, dq_st, dq_sf, dk, dk_s0, dk_s1, dk_st, dk_sf,
             dg, dg_s0, dg_s1, dg_st, dg_sf, T, K, V, NC, N1, HAS_G: tl.constexpr,
-            BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+            HAS_W: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """dq = (dA ⊙ D) k + e^{c} ⊙ (dO Sᵀ), dk = (dA ⊙ D)ᵀ q + e^{c_L - c} ⊙ (v dhᵀ) of one chunk
     and K-block (dA = dO vᵀ over V blocks), and this K-block's share of dg (dg[i_g, i_k, t]:
     summed over the K-blocks by the caller: the reverse cumulative sum is linear)."""
@@ -246,6 +271,7 @@ def bwd_dqk(q, q_s0, q_s1, q_r0, q_r1, q_st, q_sf, k, k_s0, k_s1, k_r0, k_r1, k_
     dq = _rows(dq, i_g, N1, dq_s0, dq_s1, 1, 1)
     dk = _rows(dk, i_g, N1, dk_s0, dk_s1, 1, 1)
     dg = _rows(dg, i_g, N1, dg_s0, dg_s1, 1, 1)
+    w = _rows(w, i_g, N1, w_s0, w_s1, w_r0, w_r1)
     hc, dhc = hc + i_g * NC * K * V, dhc + i_g * NC * K * V
     o_t = i_c * BT + tl.arange(0, BT)
     m_t = o_t < T
@@ -263,6 +289,8 @@ def bwd_dqk(q, q_s0, q_s1, q_r0, q_r1, q_st, q_sf, k, k_s0, k_s1, k_r0, k_r1, k_
         p_vk = i_c * K * V + o_k[None, :] * V + o_v[:, None]
         b_vt = tl.load(v + o_t[None, :] * v_st + o_v[:, None] * v_sf,
                        mask=m_t[None, :] & (o_v[:, None] < V), other=0.0).to(tl.float32)
+        if HAS_W:
+            b_vt = b_vt * tl.load(w + o_t * w_st, mask=m_t, other=0.0).to(tl.float32)[None, :]
         b_do = tl.load(do + o_t[:, None] * do_st + o_v[None, :] * do_sf, mask=m_tv,
                        other=0.0).to(tl.float32) * do_scale
         b_st = tl.load(hc + p_vk, mask=m_vk, other=0.0).to(tl.float32)
@@ -309,7 +337,8 @@ def _seg3(c, n, o_t):
 def bwd_dv_diag(q, q_s0, q_s1, q_r0, q_r1, q_st, q_sf, k, k_s0, k_s1, k_r0, k_r1, k_st, k_sf,
                 v, v_s0, v_s1, v_r0, v_r1, v_st, v_sf, g, g_s0, g_s1, g_r0, g_r1, g_st, g_sf,
                 do, do_s0, do_s1, do_r0, do_r1, do_st, do_sf, do_scale, hc, dhc,
-                dv, dv_s0, dv_s1, dv_st, dv_sf, o, o_s0, o_s1, o_st, o_sf, T, K, V, NC, N1,
+                dv, dv_s0, dv_s1, dv_st, dv_sf, o, o_s0, o_s1, o_st, o_sf, w, w_s0, w_s1, w_r0, w_r1, w_st, w_sf,
+                dw, dw_s0, dw_s1, dw_st, dw_sf, T, K, V, NC, N1, HAS_W: tl.constexpr,
                 WANT_O: tl.constexpr,
                 BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """``bwd_dv`` for key-diagonal decays: A_ts = sum_k q_tk k_sk D_tsk, dv = Aᵀ dO +
@@ -322,6 +351,8 @@ def bwd_dv_diag(q, q_s0, q_s1, q_r0, q_r1, q_st, q_sf, k, k_s0, k_s1, k_r0, k_r1
     do = _rows(do, i_g, N1, do_s0, do_s1, do_r0, do_r1)
     dv = _rows(dv, i_g, N1, dv_s0, dv_s1, 1, 1)
     o = _rows(o, i_g, N1, o_s0, o_s1, 1, 1)
+    w = _rows(w, i_g, N1, w_s0, w_s1, w_r0, w_r1)
+    dw = _rows(dw, i_g, N1, dw_s0, dw_s1, 1, 1)
     hc, dhc = hc + i_g * NC * K * V, dhc + i_g * NC * K * V
     o_t = i_c * BT + tl.arange(0, BT)
     m_t = o_t < T
@@ -351,11 +382,14 @@ def bwd_dv_diag(q, q_s0, q_s1, q_r0, q_r1, q_st, q_sf, k, k_s0, k_s1, k_r0, k_r1
     b_do = tl.load(do + o_t[:, None] * do_st + o_v[None, :] * do_sf, mask=m_tv,
                    other=0.0).to(tl.float32) * do_scale
     b_dv += tl.dot(tl.trans(a), b_do, input_precision=PREC)
+    if HAS_W or WANT_O:
+        b_v = tl.load(v + o_t[:, None] * v_st + o_v[None, :] * v_sf, mask=m_tv,
+                      other=0.0).to(tl.float32)
+    if HAS_W:
+        b_v, b_dv = _scaled_v(b_v, b_dv, w, w_st, dw, dw_st, dw_sf, i_v, o_t, m_t)
     tl.store(dv + o_t[:, None] * dv_st + o_v[None, :] * dv_sf, b_dv.to(dv.dtype.element_ty),
              mask=m_tv)
     if WANT_O:
-        b_v = tl.load(v + o_t[:, None] * v_st + o_v[None, :] * v_sf, mask=m_tv,
-                      other=0.0).to(tl.float32)
         b_o = b_o + tl.dot(a, b_v, input_precision=PREC)
         tl.store(o + o_t[:, None] * o_st + o_v[None, :] * o_sf, b_o.to(o.dtype.element_ty),
                  mask=m_tv)
@@ -363,11 +397,11 @@ def bwd_dv_diag(q, q_s0, q_s1, q_r0, q_r1, q_st, q_sf, k, k_s0, k_s1, k_r0, k_r1
 
 @triton.jit
 def bwd_dqk_diag(q, q_s0, q_s1, q_r0, q_r1, q_st, q_sf, k, k_s0, k_s1, k_r0, k_r1, k_st, k_sf,
-                 v, v_s0, v_s1, v_r0, v_r1, v_st, v_sf, g, g_s0, g_s1, g_r0, g_r1, g_st, g_sf,
+                 v, v_s0, v_s1, v_r0, v_r1, v_st, v_sf, g, g_s0, g_s1, g_r0, g_r1, g_st, g_sf, w, w_s0, w_s1, w_r0, w_r1, w_st, w_sf,
                  do, do_s0, do_s1, do_r0, do_r1, do_st, do_sf, do_scale, hc, dhc,
                  dq, dq_s0, dq_s1, dq_st, dq_sf, dk, dk_s0, dk_s1, dk_st, dk_sf,
-                 dg, dg_s0, dg_s1, dg_st, dg_sf, T, K, V, NC, N1, BT: tl.constexpr,
-                 BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+                 dg, dg_s0, dg_s1, dg_st, dg_sf, T, K, V, NC, N1, HAS_W: tl.constexpr,
+                 BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """``bwd_dqk`` for key-diagonal decays, dg per K column ([G, T, K]):
     dq_tk = sum_s dA_ts k_sk D_tsk + e^{c_tk} (dO Sᵀ)_tk, dk_sk = sum_t dA_ts q_tk D_tsk +
     e^{c_Lk - c_sk} (v dhᵀ)_sk, dg = the reverse cumulative sum over the chunk of
@@ -381,6 +415,7 @@ def bwd_dqk_diag(q, q_s0, q_s1, q_r0, q_r1, q_st, q_sf, k, k_s0, k_s1, k_r0, k_r
     dq = _rows(dq, i_g, N1, dq_s0, dq_s1, 1, 1)
     dk = _rows(dk, i_g, N1, dk_s0, dk_s1, 1, 1)
     dg = _rows(dg, i_g, N1, dg_s0, dg_s1, 1, 1)
+    w = _rows(w, i_g, N1, w_s0, w_s1, w_r0, w_r1)
     hc, dhc = hc + i_g * NC * K * V, dhc + i_g * NC * K * V
     o_t = i_c * BT + tl.arange(0, BT)
     m_t = o_t < T
@@ -397,6 +432,8 @@ def bwd_dqk_diag(q, q_s0, q_s1, q_r0, q_r1, q_st, q_sf, k, k_s0, k_s1, k_r0, k_r
         p_vk = i_c * K * V + o_k[None, :] * V + o_v[:, None]
         b_vt = tl.load(v + o_t[None, :] * v_st + o_v[:, None] * v_sf,
                        mask=m_t[None, :] & (o_v[:, None] < V), other=0.0).to(tl.float32)
+        if HAS_W:
+            b_vt = b_vt * tl.load(w + o_t * w_st, mask=m_t, other=0.0).to(tl.float32)[None, :]
         b_do = tl.load(do + o_t[:, None] * do_st + o_v[None, :] * do_sf, mask=m_tv,
                        other=0.0).to(tl.float32) * do_scale
         b_st = tl.load(hc + p_vk, mask=m_vk, other=0.0).to(tl.float32)
