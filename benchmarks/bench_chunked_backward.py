@@ -6,12 +6,13 @@ chunked_backward.py) and its whole-pass bytes, no GPU needed.
    launcher passes at the shape (``chunked_backward.config``), through
    ``bench_sm90.compile_all`` (ptxas-blackwell -v: registers, spill bytes; TTGIR: tensor
    cores = warp_group_dot / nvidia_mma).
-2. **bytes** (modelled, by counting what the code reads and writes, float32 intermediates):
-   the whole training backward of one call (the chunk-boundary recompute + the backward),
-   split into the torch glue (the factor tensors q, k, v, g, dO built from the inputs, and
-   the chain rule from dq, dk, dv, dg back to the inputs) and the three kernels, against the
-   fused minimum: read the inputs and the output cotangents once, write the input gradients
-   once (at the inputs' dtype, bf16 here).
+2. **bytes** of the whole training backward of one call (the chunk-boundary recompute + the
+   backward), split into the torch glue (the factors the kernels cannot read from the inputs
+   where they lie, the chain rule's ops the kernels do not do; counted on CPU with the
+   kernels stubbed, ``glue_bytes``, plus autograd's float32 casts of a 16-bit call) and the
+   kernels (modelled: every tile each program loads or stores), against the fused minimum:
+   read the inputs and the output cotangents once, write the input gradients once (at the
+   inputs' dtype, bf16 here).
 
     .venv/bin/python benchmarks/bench_chunked_backward.py            # all cases, B8 T2048
     .venv/bin/python benchmarks/bench_chunked_backward.py --no-compile
@@ -47,9 +48,54 @@ def sizes_of(rec, dims):
     return s
 
 
+def _params(kernel: str) -> list[tuple[str, bool]]:
+    """(name, is constexpr) of ``kernel``'s parameters, read from KERNELS' source (no import:
+    the runtime would choose the interpreter for this process and its compile child)."""
+    import ast
+    tree = ast.parse(open(KERNELS).read())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == kernel)
+    return [(a.arg, a.annotation is not None) for a in fn.args.args]
+
+
+def capture(rec, sizes, options=None):
+    """The launches (kernel name, positional args, keyword args) ``chunked_backward.backward``
+    makes for ``rec`` on a 16-bit call (the chunk-boundary states in bfloat16), the kernels
+    stubbed, at ``sizes`` with batch 2 and two chunks of time (the strides and flags are
+    those of the realistic shape; only which integers are 1 matters to the compile)."""
+    import torch
+
+    from scancc.backends.triton import chunked_backward as cb
+    from scancc.testing import sample_inputs, sample_state
+    small = dict(sizes, batch=2, time=2 * cb.config(1, 1, {}, False).BT)
+    x = {k: torch.from_numpy(v).float() for k, v in sample_inputs(rec, small, 0).items()}
+    h0 = {k: torch.from_numpy(v).float() for k, v in sample_state(rec, small, 1).items()}
+    dy = {o.name: torch.zeros(tuple(small[d] for d in o.dims)) for o in rec.outputs}
+    names = ["fwd_h", "bwd_dh", "bwd_dv", "bwd_dqk", "bwd_dv_diag", "bwd_dqk_diag"]
+    seen = []
+
+    class Stub:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: seen.append((self.name, a, kw))
+    orig = cb.kernels
+    cb.kernels = lambda: tuple(Stub(n) for n in names)  # noqa: E731 - this process only
+    try:
+        cb.backward(rec, x, dy, small, h0, h0, {"_inputs_16bit": True, **(options or {})})
+    finally:
+        cb.kernels = orig
+    return seen
+
+
 def jobs_for(rec, sizes, options=None):
-    """The compile jobs of the three launches at ``sizes`` (bench_sm90.compile_all's format)."""
+    """The compile jobs of the four launches at ``sizes`` (bench_sm90.compile_all's format):
+    the signature from the arguments the launcher passes (``capture``), integers equal to 1
+    as constexprs (as Triton specialises them: a contiguous feature dim, a group ratio of
+    1), the block sizes of ``chunked_backward.config`` at ``sizes``."""
     import json
+
+    import torch
 
     from scancc.backends.triton import chunked_backward as cb
     p = cb.plan(rec)
@@ -57,38 +103,61 @@ def jobs_for(rec, sizes, options=None):
     K, V = sizes[F.K], sizes[F.V]
     diag = F.kind.value == "diagonal"
     cfg = cb.config(K, V, {"_inputs_16bit": True, **(options or {})}, diag)
-    has_g = p.g is not None
     blocks = {"BT": cfg.BT, "BK": cfg.BK, "BV": cfg.BV, "PREC": cfg.precision}
-    kern = {
-        "fwd_h": (["k", "v", "g", "h0", "hc"], {"HAS_G": has_g, "HAS_H0": True, "DIAG": diag}),
-        "bwd_dh": (["q", "do", "g", "dht", "dhc", "dh0"],
-                   {"HAS_G": has_g, "HAS_DHT": True, "DIAG": diag}),
-    }
-    if diag:
-        kern["bwd_dv_diag"] = (["q", "k", "v", "g", "do", "hc", "dhc", "dv", "o"],
-                               {"WANT_O": p.needs_o})
-        kern["bwd_dqk_diag"] = (["q", "k", "v", "g", "do", "hc", "dhc", "dq", "dk", "dg"], {})
-    else:
-        kern["bwd_dv"] = (["q", "k", "v", "g", "do", "hc", "dhc", "dv", "o"],
-                          {"HAS_G": has_g, "WANT_O": p.needs_o})
-        kern["bwd_dqk"] = (["q", "k", "v", "g", "do", "hc", "dhc", "dq", "dk", "dg"],
-                           {"HAS_G": has_g})
-    params = {n: ["T", "K", "V", "NC"] for n in kern}
-    params["bwd_dqk"] = ["T", "K", "V", "NC", "NK"]
+    dtypes = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
     jobs = []
-    for name, (ptrs, flags) in kern.items():
-        sig = {a: "*bf16" if a in ("hc", "dhc") else "*fp32" for a in ptrs}
-        sig.update({a: "i32" for a in params[name]})
-        const = {**flags, **blocks}
-        sig.update({a: "constexpr" for a in const})
+    for name, args, kw in capture(rec, sizes, options):
+        params = _params(name)
+        sig, const = {}, {}
+        for (a, _), v in zip(params, args):
+            if isinstance(v, torch.Tensor):
+                sig[a] = dtypes[v.dtype]
+            elif isinstance(v, float):
+                sig[a] = "fp32"
+            elif v == 1:
+                sig[a], const[a] = "constexpr", 1
+            else:
+                sig[a] = "i32" if -2**31 <= v < 2**31 else "i64"
+        for a, is_const in params[len(args):]:
+            if a in blocks or a in kw:
+                sig[a], const[a] = "constexpr", blocks.get(a, kw.get(a))
         key = json.dumps([name, sig, const, cfg.num_warps], sort_keys=True, default=str)
         jobs.append({"key": key, "path": KERNELS, "kernel": name, "sig": sig, "const": const,
                      "num_warps": cfg.num_warps, "num_stages": None, "label": name})
     return jobs, cfg
 
 
+def glue_bytes(rec, sizes) -> int:
+    """Bytes the torch glue of one ``chunked_backward.backward`` call moves at ``sizes``,
+    counted (every aten op's inputs read and outputs written, ``_Count``) on CPU with the
+    kernels stubbed, float32 inputs (as ``scancc.autograd`` hands them over), at batch 1 and
+    scaled by the batch (the glue is elementwise over batch, its reductions too)."""
+    import torch
+
+    from scancc.backends.triton import chunked_backward as cb
+    from scancc.testing import sample_inputs, sample_state
+    one = dict(sizes, batch=1)
+    x = {k: torch.from_numpy(v).float() for k, v in sample_inputs(rec, one, 0).items()}
+    h0 = {k: torch.from_numpy(v).float() for k, v in sample_state(rec, one, 1).items()}
+    dy = {o.name: torch.zeros(tuple(one[d] for d in o.dims)) for o in rec.outputs}
+
+    class Stub:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: None
+    orig = cb.kernels
+    cb.kernels = lambda: tuple(Stub() for _ in range(6))  # noqa: E731 - this process only
+    try:
+        with _Count() as c:
+            cb.backward(rec, x, dy, one, h0, h0, {"_inputs_16bit": True})
+    finally:
+        cb.kernels = orig
+    return c.moved * sizes.get("batch", 1)
+
+
 def whole_pass_bytes(rec, sizes, in_bytes=2):
-    """(fused minimum, glue, kernels) bytes of one backward call (module doc, modelled)."""
+    """(fused minimum, glue, kernels) bytes of one backward call: the glue counted
+    (``glue_bytes``) plus the float32 casts ``scancc.autograd`` makes of a 16-bit call's
+    inputs and gradients; the kernels modelled (every tile each program loads or stores)."""
     from scancc.backends.triton import chunked_backward as cb
     p = cb.plan(rec)
     F = p.form
@@ -102,90 +171,38 @@ def whole_pass_bytes(rec, sizes, in_bytes=2):
     # initial state / its gradient and the final-state cotangent in float32
     fused = in_bytes * (2 * ins + outs) + 4 * 3 * states
     f4 = 4
-    ng = 0 if p.g is None else G * T * (K if F.kind.value == "diagonal" else 1)
-    nfac = G * T * (2 * K + 2 * V) + ng  # q k v dO (g)
-    # glue: the float32 cast of the inputs (read bf16, write f32), the factors written, the
-    # chain rule reading the factor gradients and inputs, writing float32 grads, cast to bf16
-    glue = ins * (in_bytes + f4) + nfac * f4 + (nfac * f4 + ins * f4 + outs * f4) + \
-        ins * f4 + ins * (f4 + in_bytes)
     diag = F.kind.value == "diagonal"
+    ng = 0 if p.g is None else G * T * (K if diag else 1)
+    nw = 0 if p.w is None else G * T
+    # autograd's casts of a 16-bit call: inputs and cotangents to float32, gradients back
+    glue = glue_bytes(rec, sizes) + (ins + outs) * (in_bytes + f4) + ins * (f4 + in_bytes)
     NC = -(-T // (16 if diag else 64))
     nk, nv = -(-K // 64), -(-V // 64)
     # every tile each program loads or stores (chunked_backward_kernels.py), float32:
     # fwd_h / bwd_dh over (G, nk, nv): k (q) read once per V-block, v (dO) once per K-block;
-    # bwd_dv over (G, NC, nv): q, k once per V-block, dO (and v, S if O is recomputed) once;
-    # bwd_dqk over (G, NC, nk): v, dO once per K-block, q, k, S, dh once
+    # bwd_dv over (G, NC, nv): q, k once per V-block, dO (and v if O is recomputed or v is
+    # w * x) once; bwd_dqk over (G, NC, nk): v, dO once per K-block, q, k, S, dh once
     tk, tv = G * T * K, G * T * V
     o = p.needs_o
+    rv = o or p.w is not None
     kern = f4 * ((nv * tk + nk * tv) + (nv * tk + nk * tv)          # fwd_h, bwd_dh reads
-                 + (2 * nv * tk + tv + (tv if o else 0)) + (tv if o else 0)  # bwd_dv reads, o
+                 + (2 * nv * tk + tv + (tv if rv else 0)) + (tv if o else 0)  # bwd_dv reads, o
                  + (2 * nk * tv + 2 * tk) + tv + 2 * tk)             # bwd_dqk reads; dv dq dk
     hbytes = G * NC * K * V * in_bytes  # bfloat16 for 16-bit calls
     kern += hbytes * (2 + 1 + 2 + (1 if o else 0))  # hc, dhc written; hc, dhc x2 (+hc) read
     kern += ng * f4 * (4 * (nv if not diag else 1) + (nk if not diag else 1))  # g read, dg
+    kern += nw * f4 * (nk + 2 * nv + nk * nv + nv)  # w read (fwd_h, bwd_dv x2, bwd_dqk), dw
     return fused, glue, kern
 
 
-MEASURE = [  # interpreter-sized shapes (bench_backward_bytes.py's table 1), float32
-    ("linear_attn", {"batch": 1, "time": 512, "heads": 4, "key": 16, "value": 16}),
-    ("simple_gla", {"batch": 1, "time": 512, "heads": 4, "key": 16, "value": 16}),
-    ("gla", {"batch": 1, "time": 512, "heads": 4, "key": 16, "value": 16}),
-    ("mamba2", {"batch": 1, "time": 512, "heads": 4, "headdim": 16, "dstate": 16,
-                "groups": 1}),
-    # bench_backward_bytes.py's table 2 shapes
-    ("linear_attn", {"batch": 1, "time": 512, "heads": 4, "key": 64, "value": 64}),
-    ("gla", {"batch": 1, "time": 512, "heads": 4, "key": 64, "value": 64}),
-    ("mamba2", {"batch": 1, "time": 512, "heads": 8, "headdim": 64, "dstate": 64,
-                "groups": 1}),
-    # householder (torch glue only: chunked_backward_householder.py, no kernels yet)
-    ("delta_net", {"batch": 1, "time": 512, "heads": 4, "key": 16, "value": 16}),
-    ("gated_delta_net", {"batch": 1, "time": 512, "heads": 4, "key": 16, "value": 16}),
-    ("gated_delta_net", {"batch": 1, "time": 512, "heads": 4, "key": 64, "value": 64}),
-]
+class _Count:
+    """Bytes every aten op reads and writes (its tensor inputs and outputs), views and
+    allocations not counted: a TorchDispatchMode, ``moved`` after the ``with``."""
 
-
-def measure_bytes(name: str, dims: dict) -> dict:
-    """Measured bytes of one ``scancc.autograd.backward`` call on the chunked path: the
-    kernels' every executed load/store (``runtime.count_traffic``, Triton's interpreter) and
-    the torch glue's every aten op (inputs read + outputs written, views and allocations not
-    counted, a TorchDispatchMode), float32 inputs; and the fused minimum (float32: inputs, dy,
-    h0, dh_T read, input gradients and dh0 written)."""
-    import numpy as np
-    import torch
-    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
-
-    import scancc
-    from scancc import autograd as ag
-    from scancc.backends.triton import chunked_backward as cb
-    from scancc.backends.triton import runtime
-    from scancc.testing import sample_inputs, sample_state
-    e = scancc.get(name)
-    rec = e.build(**({"D": True} if name == "mamba2" else {}))
-    sizes = sizes_of(rec, dims)
-    x = {k: torch.from_numpy(v).float() for k, v in sample_inputs(rec, sizes, 0, e.hints).items()}
-    h0 = {k: torch.from_numpy(v).float() for k, v in sample_state(rec, sizes, 1).items()}
-    rng = np.random.default_rng(2)
-    dy = {o.name: torch.from_numpy(rng.standard_normal(tuple(sizes[d] for d in o.dims))).float()
-          for o in rec.outputs}
-    dh = {s.name: torch.randn(tuple(sizes[d] for d in s.dims)) for s in rec.states}
-    skip = {"empty", "empty_strided", "zeros", "full", "empty_like", "new_empty"}
-
-    class Count(TorchDispatchMode):
-        moved = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func.__name__.split(".")[0] in skip:
-                return out
-            ins = [a for a in torch.utils._pytree.tree_leaves((args, kwargs))
-                   if isinstance(a, torch.Tensor)]
-            outs = [a for a in torch.utils._pytree.tree_leaves(out) if isinstance(a, torch.Tensor)]
-            ptrs = {a.untyped_storage().data_ptr() for a in ins}
-            if outs and all(o.untyped_storage().data_ptr() in ptrs for o in outs):
-                return out  # a view
-            Count.moved += sum(a.numel() * a.element_size() for a in ins + outs)
-            return out
-    real = cb.kernels()
+    def __enter__(self):
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+        real = cb.kernels()
 
     class Launch:
         def __init__(self, k):
@@ -199,7 +216,7 @@ def measure_bytes(name: str, dims: dict) -> dict:
     orig = cb.kernels
     cb.kernels = lambda: tuple(Launch(k) for k in real)  # noqa: E731 - this process only
     try:
-        with runtime.count_traffic() as tr, Count():
+        with runtime.count_traffic() as tr, _Count() as count:
             ag.backward(rec, x, dy, h0, dh, target="triton")
     finally:
         cb.kernels = orig
@@ -207,7 +224,7 @@ def measure_bytes(name: str, dims: dict) -> dict:
     ins = sum(numel(i.dims) for i in rec.inputs)
     fused = 4 * (2 * ins + sum(numel(o.dims) for o in rec.outputs) +
                  3 * sum(numel(s.dims) for s in rec.states))
-    return {"kernels": tr.loaded + tr.stored, "glue": Count.moved, "fused": fused,
+    return {"kernels": tr.loaded + tr.stored, "glue": count.moved, "fused": fused,
             "sizes": {d: sizes[d] for d in dims}}
 
 

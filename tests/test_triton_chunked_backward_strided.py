@@ -146,3 +146,19 @@ def test_a_factor_broadcast_along_a_grid_dim():
     dh = {"S": rng.standard_normal(tuple(sizes[d] for d in rec.states[0].dims))}
     _, _, got = _run(rec, sizes, x, h0, dy, dh)
     _check(rec, x, h0, dy, dh, got, 37, "shared_k")
+
+
+def test_mamba2_scaled_v_in_several_blocks():
+    """mamba2 (z gate, dt_softplus, dt_bias) with headdim and dstate of 20 in blocks of 16:
+    two V-blocks each write their share of dL/dw (w = dt, the injected term's per-step
+    scalar, summed over the blocks) and two K-blocks their share of dg; grouped B and C."""
+    rec, sizes, x, h0, dy, dh = _case(
+        "mamba2", 37, {"dt_softplus": True, "D": True, "z": True, "dt_bias": True}, seed=9,
+        groups=2, heads=4, headdim=20, dstate=20)
+    assert cb.plan(rec).w is not None
+    opts = {"block_sizes": {"time": 16, "headdim": 16, "dstate": 16}}
+    xs = {k: _strided(v) for k, v in x.items()}
+    got = cb.backward(rec, xs, {k: _strided(v) for k, v in dy.items()}, sizes,
+                      {k: torch.from_numpy(v).float() for k, v in h0.items()},
+                      {k: torch.from_numpy(v).float() for k, v in dh.items()}, opts)
+    _check(rec, x, h0, dy, dh, got, 37, "mamba2 blocks")
