@@ -202,7 +202,74 @@ class _Count:
     def __enter__(self):
         import torch
         from torch.utils._python_dispatch import TorchDispatchMode
-        real = cb.kernels()
+        skip = {"empty", "empty_strided", "zeros", "full", "empty_like", "new_empty"}
+        outer = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if func.__name__.split(".")[0] in skip:
+                    return out
+                leaves = torch.utils._pytree.tree_leaves
+                ins = [a for a in leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+                outs = [a for a in leaves(out) if isinstance(a, torch.Tensor)]
+                ptrs = {a.untyped_storage().data_ptr() for a in ins}
+                if outs and all(o.untyped_storage().data_ptr() in ptrs for o in outs):
+                    return out  # a view
+                outer.moved += sum(a.numel() * a.element_size() for a in ins + outs)
+                return out
+        self.moved = 0
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+MEASURE = [  # interpreter-sized shapes (bench_backward_bytes.py's table 1), float32
+    ("linear_attn", {"batch": 1, "time": 512, "heads": 4, "key": 16, "value": 16}),
+    ("simple_gla", {"batch": 1, "time": 512, "heads": 4, "key": 16, "value": 16}),
+    ("gla", {"batch": 1, "time": 512, "heads": 4, "key": 16, "value": 16}),
+    ("mamba2", {"batch": 1, "time": 512, "heads": 4, "headdim": 16, "dstate": 16,
+                "groups": 1}),
+    # bench_backward_bytes.py's table 2 shapes
+    ("linear_attn", {"batch": 1, "time": 512, "heads": 4, "key": 64, "value": 64}),
+    ("gla", {"batch": 1, "time": 512, "heads": 4, "key": 64, "value": 64}),
+    ("mamba2", {"batch": 1, "time": 512, "heads": 8, "headdim": 64, "dstate": 64,
+                "groups": 1}),
+    # householder (torch glue only: chunked_backward_householder.py, no kernels yet)
+    ("delta_net", {"batch": 1, "time": 512, "heads": 4, "key": 16, "value": 16}),
+    ("gated_delta_net", {"batch": 1, "time": 512, "heads": 4, "key": 16, "value": 16}),
+    ("gated_delta_net", {"batch": 1, "time": 512, "heads": 4, "key": 64, "value": 64}),
+]
+
+
+def measure_bytes(name: str, dims: dict) -> dict:
+    """Measured bytes of one ``scancc.autograd.backward`` call on the chunked path: the
+    kernels' every executed load/store (``runtime.count_traffic``, Triton's interpreter) and
+    the torch glue's every aten op (inputs read + outputs written, views and allocations not
+    counted, a TorchDispatchMode), float32 inputs; and the fused minimum (float32: inputs, dy,
+    h0, dh_T read, input gradients and dh0 written)."""
+    import numpy as np
+    import torch
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    import scancc
+    from scancc import autograd as ag
+    from scancc.backends.triton import chunked_backward as cb
+    from scancc.backends.triton import runtime
+    from scancc.testing import sample_inputs, sample_state
+    e = scancc.get(name)
+    rec = e.build(**({"D": True} if name == "mamba2" else {}))
+    sizes = sizes_of(rec, dims)
+    x = {k: torch.from_numpy(v).float() for k, v in sample_inputs(rec, sizes, 0, e.hints).items()}
+    h0 = {k: torch.from_numpy(v).float() for k, v in sample_state(rec, sizes, 1).items()}
+    rng = np.random.default_rng(2)
+    dy = {o.name: torch.from_numpy(rng.standard_normal(tuple(sizes[d] for d in o.dims))).float()
+          for o in rec.outputs}
+    dh = {s.name: torch.randn(tuple(sizes[d] for d in s.dims)) for s in rec.states}
+    real = cb.kernels()
 
     class Launch:
         def __init__(self, k):

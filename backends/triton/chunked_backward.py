@@ -435,7 +435,7 @@ class _Factor:
 
 def _flat_factor(x, N1: int) -> _Factor:
     """A contiguous [G, T] or [G, T, F] tensor (G = outer x N1)."""
-    G, T = x.shape[0], x.shape[1]
+    T = x.shape[1]
     f = x.shape[2] if x.dim() == 3 else 1
     return _Factor(x, N1 * T * f, T * f, 1, 1, f, 1 if x.dim() == 3 else 0)
 
