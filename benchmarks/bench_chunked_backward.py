@@ -103,7 +103,6 @@ def jobs_for(rec, sizes, options=None):
     K, V = sizes[F.K], sizes[F.V]
     diag = F.kind.value == "diagonal"
     cfg = cb.config(K, V, {"_inputs_16bit": True, **(options or {})}, diag)
-    blocks = {"BT": cfg.BT, "BK": cfg.BK, "BV": cfg.BV, "PREC": cfg.precision}
     dtypes = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
     jobs = []
     for name, args, kw in capture(rec, sizes, options):
@@ -118,12 +117,13 @@ def jobs_for(rec, sizes, options=None):
                 sig[a], const[a] = "constexpr", 1
             else:
                 sig[a] = "i32" if -2**31 <= v < 2**31 else "i64"
-        for a, is_const in params[len(args):]:
-            if a in blocks or a in kw:
-                sig[a], const[a] = "constexpr", blocks.get(a, kw.get(a))
-        key = json.dumps([name, sig, const, cfg.num_warps], sort_keys=True, default=str)
+        for a, _ in params[len(args):]:
+            if a in kw:                  # the flags and the block sizes the launcher chose
+                sig[a], const[a] = "constexpr", kw[a]
+        key = json.dumps([name, sig, const, kw["num_warps"]], sort_keys=True, default=str)
         jobs.append({"key": key, "path": KERNELS, "kernel": name, "sig": sig, "const": const,
-                     "num_warps": cfg.num_warps, "num_stages": None, "label": name})
+                     "num_warps": kw["num_warps"], "num_stages": None, "label": name,
+                     "blocks": f"{kw['BT']} {kw['BK']} {kw['BV']} {kw['num_warps']}"})
     return jobs, cfg
 
 
@@ -177,21 +177,23 @@ def whole_pass_bytes(rec, sizes, in_bytes=2):
     # autograd's casts of a 16-bit call: inputs and cotangents to float32, gradients back
     glue = glue_bytes(rec, sizes) + (ins + outs) * (in_bytes + f4) + ins * (f4 + in_bytes)
     NC = -(-T // (16 if diag else 64))
-    nk, nv = -(-K // 64), -(-V // 64)
+    cfg = cb.config(K, V, {"_inputs_16bit": True}, diag)
+    nk, nv, nvs = -(-K // cfg.BK), -(-V // cfg.BV), -(-V // cfg.BVS)
     # every tile each program loads or stores (chunked_backward_kernels.py), float32:
-    # fwd_h / bwd_dh over (G, nk, nv): k (q) read once per V-block, v (dO) once per K-block;
+    # fwd_h / bwd_dh over (G, nk, nvs): k (q) read once per V-block, v (dO) once per K-block;
     # bwd_dv over (G, NC, nv): q, k once per V-block, dO (and v if O is recomputed or v is
     # w * x) once; bwd_dqk over (G, NC, nk): v, dO once per K-block, q, k, S, dh once
     tk, tv = G * T * K, G * T * V
     o = p.needs_o
     rv = o or p.w is not None
-    kern = f4 * ((nv * tk + nk * tv) + (nv * tk + nk * tv)          # fwd_h, bwd_dh reads
+    kern = f4 * ((nvs * tk + nk * tv) + (nvs * tk + nk * tv)        # fwd_h, bwd_dh reads
                  + (2 * nv * tk + tv + (tv if rv else 0)) + (tv if o else 0)  # bwd_dv reads, o
                  + (2 * nk * tv + 2 * tk) + tv + 2 * tk)             # bwd_dqk reads; dv dq dk
     hbytes = G * NC * K * V * in_bytes  # bfloat16 for 16-bit calls
     kern += hbytes * (2 + 1 + 2 + (1 if o else 0))  # hc, dhc written; hc, dhc x2 (+hc) read
-    kern += ng * f4 * (4 * (nv if not diag else 1) + (nk if not diag else 1))  # g read, dg
-    kern += nw * f4 * (nk + 2 * nv + nk * nv + nv)  # w read (fwd_h, bwd_dv x2, bwd_dqk), dw
+    # g read (fwd_h, bwd_dh per K x V-block, bwd_dv per V-, bwd_dqk per K-block), dg
+    kern += ng * f4 * ((2 * nk * nvs + nv + 3 * nk) if not diag else 2 * nvs + nv + 2)
+    kern += nw * f4 * (nk * nvs + nv + nk * nv + nv)  # w read (fwd_h, bwd_dv, bwd_dqk), dw
     return fused, glue, kern
 
 
@@ -375,8 +377,8 @@ def main(argv=None) -> int:
             if "error" in c:
                 print(f"| {name} | {label} | {j['kernel']} | error: {c['error'][:120]} |")
                 continue
-            print(f"| {name} | {label} | {j['kernel']} | {cfg.BT} {cfg.BK} {cfg.BV} "
-                  f"{cfg.num_warps} | {c.get('regs', '-')} | {c.get('spill_st', '-')}/"
+            print(f"| {name} | {label} | {j['kernel']} | {j['blocks']} "
+                  f"| {c.get('regs', '-')} | {c.get('spill_st', '-')}/"
                   f"{c.get('spill_ld', '-')} | {c.get('tc', '-')} | {c.get('smem', '-')} |")
     print()
     print("| recurrence | shape (B8 T2048) | fused minimum GB | glue GB | kernels GB | "

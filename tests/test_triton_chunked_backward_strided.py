@@ -162,3 +162,32 @@ def test_mamba2_scaled_v_in_several_blocks():
                       {k: torch.from_numpy(v).float() for k, v in h0.items()},
                       {k: torch.from_numpy(v).float() for k, v in dh.items()}, opts)
     _check(rec, x, h0, dy, dh, got, 37, "mamba2 blocks")
+
+
+def test_sequential_passes_take_wider_v_tiles(monkeypatch):
+    """Default blocks at V = 100: fwd_h and bwd_dh walk the chunks with one 128-wide V tile
+    (chunked_backward.SEQ_BV), the per-chunk kernels with two of 64; gradients equal the
+    reference's."""
+    grids = []
+    real = cb.kernels()
+
+    class Spy:
+        def __init__(self, k):
+            self.k = k
+
+        def __getitem__(self, grid):
+            def call(*args, **kw):
+                grids.append((self.k.fn.__name__, grid, kw["BV"]))
+                return self.k[grid](*args, **kw)
+            return call
+    monkeypatch.setattr(cb, "kernels", lambda: tuple(Spy(k) for k in real))
+    rec, sizes, x, h0, dy, dh = _case("simple_gla", 37, {}, seed=17, value=100, heads=1)
+    got = cb.backward(rec, {k: torch.from_numpy(v).float() for k, v in x.items()},
+                      {k: torch.from_numpy(v).float() for k, v in dy.items()}, sizes,
+                      {k: torch.from_numpy(v).float() for k, v in h0.items()},
+                      {k: torch.from_numpy(v).float() for k, v in dh.items()}, {})
+    _check(rec, x, h0, dy, dh, got, 37, "simple_gla V=100")
+    G, bvs = sizes["batch"], cb.SEQ_BV
+    nvs = -(-100 // bvs)
+    assert grids == [("fwd_h", (G, 1, nvs), bvs), ("bwd_dh", (G, 1, nvs), bvs),
+                     ("bwd_dv", (G, 1, 2), 64), ("bwd_dqk", (G, 1, 1), 64)]

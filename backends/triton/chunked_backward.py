@@ -386,6 +386,7 @@ class Config:
     BV: int
     num_warps: int
     precision: str
+    BVS: int = 0    # the V tile of the sequential passes fwd_h and bwd_dh (0: BV)
 
 
 # warps per program as a multiple of the num_warps option (default 4): the kernels hold
@@ -393,11 +394,18 @@ class Config:
 WARPS = 2
 
 
+# the V tile of the sequential passes (fwd_h, bwd_dh): 128 wide, each K tile of k / q is
+# then read once per 128 columns of V rather than per 64 (ptxas at K=V=128, 8 warps: zero
+# spills; docs/performance/training.md)
+SEQ_BV = 128
+
+
 def config(K: int, V: int, options: Mapping[str, Any], diag: bool = False) -> Config:
     """Block sizes and warps of the kernels: chunks of 64 steps (16 for key-diagonal decays,
     whose intra-chunk terms are [BT, BT, BK] products, as the forward's), K and V in blocks of at most
     64 (the ``block_sizes`` of the time, K and V dims and ``num_warps`` override; the keys
-    "time", "K", "V" here). ``dot_precision`` "auto": tf32 when the call's inputs were 16-bit
+    "time", "K", "V" here); the sequential passes take V in blocks of up to ``SEQ_BV``
+    unless the V block is given. ``dot_precision`` "auto": tf32 when the call's inputs were 16-bit
     (``options["_inputs_16bit"]``), tf32x3 on float32 ones (as the forward)."""
     bs = dict(options.get("block_sizes") or {})
     nw = min(WARPS * (options.get("num_warps") or 4), 32)
@@ -406,7 +414,8 @@ def config(K: int, V: int, options: Mapping[str, Any], diag: bool = False) -> Co
         else PRECISION[mode]
     return Config(max(16, bs.get("time", 16 if diag else 64)),
                   max(16, bs.get("K", min(_pow2(K), 64))),
-                  max(16, bs.get("V", min(_pow2(V), 64))), nw, prec)
+                  max(16, bs.get("V", min(_pow2(V), 64))), nw, prec,
+                  max(16, bs.get("V", min(_pow2(V), SEQ_BV))))
 
 
 _SCALE_OPS = {Op.CONST, Op.SIZE, Op.NEG, Op.EXP, Op.LOG, Op.SQRT, Op.RSQRT, Op.ADD, Op.SUB,
@@ -641,12 +650,15 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
     if T > 0:
         import numpy as np
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            fwd_h[(G, nk, nv)](*fk.read(), *fv.read(), *gf.read(),
+            nvs = -(-V // cfg.BVS)
+            seq = dict(kw, BV=cfg.BVS)
+            fwd_h[(G, nk, nvs)](*fk.read(), *fv.read(), *gf.read(),
                                *wf.read(), h0 if h0 is not None else fk.t, hc, T, K, V,
-                               nc, N1, HAS_W=has_w, HAS_G=has_g, HAS_H0=h0 is not None, DIAG=diag, **kw)
-            bwd_dh[(G, nk, nv)](*fq.read(), *fdo.read(), *gf.read(), do_scale,
-                                dht if dht is not None else fq.t, dhc, dh0, T, K, V, nc, N1,
-                                HAS_G=has_g, HAS_DHT=dht is not None, DIAG=diag, **kw)
+                               nc, N1, HAS_W=has_w, HAS_G=has_g, HAS_H0=h0 is not None,
+                               DIAG=diag, **seq)
+            bwd_dh[(G, nk, nvs)](*fq.read(), *fdo.read(), *gf.read(), do_scale,
+                                 dht if dht is not None else fq.t, dhc, dh0, T, K, V, nc, N1,
+                                 HAS_G=has_g, HAS_DHT=dht is not None, DIAG=diag, **seq)
             ov = fo if fo is not None else dv
             qkvg = [*fq.read(), *fk.read(), *fv.read(), *gf.read()]
             rest = [*fdo.read(), do_scale, hc, dhc]
