@@ -612,16 +612,20 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
     done: dict = {}   # input name -> its gradient, written by the kernels in its layout
 
     def grad_out(name, feat, flat_shape):
-        """Where the kernels write factor ``name``'s gradient: straight into its input's
-        gradient when that is exactly this factor's cotangent (the chain rule's identity, e.g.
-        linear_attn's q), else a float32 [G, T, F] tensor the chain rule reads."""
+        """Where the kernels write factor ``name``'s gradient: when the factor is read from
+        an input of exactly its dims, a tensor in that input's layout -- its gradient itself
+        when that is exactly this factor's cotangent (the chain rule's identity, e.g.
+        linear_attn's q), else one the chain rule's torch ops then read in the layout their
+        result takes (mamba2's dL/dx + dy D: no transposing copy); else a float32 [G, T, F]
+        tensor."""
         d = direct.get(name)
         if d is not None and d[0].r0 == d[0].r1 == 1 and d[0].st and (feat is None or d[0].sf):
             x = rec.input(d[1]) if d[1] in {i.name for i in rec.inputs} else None
-            if x is not None and p.grads[x.name] == Node(Op.INPUT, (), p.fcot[name]) and \
+            if x is not None and \
                     set(x.dims) == set(grid) | {rec.time} | ({feat} if feat else set()):
                 out = new(*(sizes[d_] for d_ in x.dims))
-                done[x.name] = out
+                if p.grads[x.name] == Node(Op.INPUT, (), p.fcot[name]):
+                    done[x.name] = out
                 got = _direct(rec, grid, sizes, Node(Op.INPUT, (), x.name), feat,
                               {x.name: (out, x.dims)})
                 return got[0], ev.to_canon(out, x.dims)
