@@ -42,6 +42,15 @@ L the chunk's last step, S the state entering the chunk, dh = dL/dS leaving it),
 So one backward call is: a few torch elementwise ops for the factors, four kernel launches,
 a few torch elementwise ops for the chain rule -- a fixed number whatever T is.
 
+What the kernels take over from the torch ops (derived from the factor expressions, no
+per-recurrence case): a factor that is one input (maybe ``group``-ed, maybe lacking a grid
+dim) or an output cotangent times a constant is read in place through strides (``_direct``,
+``_Factor``; mamba2's B and C per group); a per-step scalar w on the injected term
+(``_split_scale``: v = w x, mamba2's dt) is applied on load and bwd_dv's epilogue writes
+dL/dx = w dL/dv and dL/dw = sum_V(dL/dv x); a gradient that is exactly a factor's cotangent
+is written by the kernels into the input's gradient (linear_attn, simple_gla, gla: no torch
+op), and other factor gradients of an input-read factor in that input's layout.
+
 What it takes (``plan`` says why not, and ``scancc.autograd`` then keeps its generic path):
 one state, identity or scalar decay, the Triton chunked emitter's form (one contraction
 sum(S * q, K)), a cotangent of the contraction that does not read the contraction (an output
@@ -53,7 +62,9 @@ plan then has the extra factors hk (the reflection's k) and beta.
 
 Not done here: the dplr kind; recurrent edge semantics for
 non-finite *inputs* (a NaN in a factor spreads over its chunk's gradients rather than where
-the reference puts it); the factors are materialised as float32 [G, T, K|V] tensors (bytes:
+the reference puts it); factors that are not one input (mamba2's g = dt A, a z-gated dO) are
+still materialised as float32 [G, T, K|V] tensors, and the rest of the chain rule (mamba2's
+dx = dL/dx + dy D, the ungroup sums of dB and dC, dD) is torch ops (bytes:
 docs/performance/training.md).
 """
 from __future__ import annotations
