@@ -59,7 +59,8 @@ def _params(kernel: str) -> list[tuple[str, bool]]:
 
 def capture(rec, sizes, options=None):
     """The launches (kernel name, positional args, keyword args) ``chunked_backward.backward``
-    makes for ``rec`` on a 16-bit call (the chunk-boundary states in bfloat16), the kernels
+    makes for ``rec`` on a 16-bit call (bfloat16 inputs and cotangents; the chunk-boundary
+    states in bfloat16), the kernels
     stubbed, at ``sizes`` with batch 2 and two chunks of time (the strides and flags are
     those of the realistic shape; only which integers are 1 matters to the compile)."""
     import torch
@@ -67,9 +68,10 @@ def capture(rec, sizes, options=None):
     from scancc.backends.triton import chunked_backward as cb
     from scancc.testing import sample_inputs, sample_state
     small = dict(sizes, batch=2, time=2 * cb.config(1, 1, {}, False).BT)
-    x = {k: torch.from_numpy(v).float() for k, v in sample_inputs(rec, small, 0).items()}
+    bf = torch.bfloat16         # a 16-bit call: autograd hands the inputs over as they are
+    x = {k: torch.from_numpy(v).to(bf) for k, v in sample_inputs(rec, small, 0).items()}
     h0 = {k: torch.from_numpy(v).float() for k, v in sample_state(rec, small, 1).items()}
-    dy = {o.name: torch.zeros(tuple(small[d] for d in o.dims)) for o in rec.outputs}
+    dy = {o.name: torch.zeros(tuple(small[d] for d in o.dims), dtype=bf) for o in rec.outputs}
     names = ["fwd_h", "bwd_dh", "bwd_dv", "bwd_dqk", "bwd_dv_diag", "bwd_dqk_diag"]
     seen = []
 
@@ -127,37 +129,48 @@ def jobs_for(rec, sizes, options=None):
     return jobs, cfg
 
 
-def glue_bytes(rec, sizes) -> int:
+def glue_bytes(rec, sizes) -> tuple[int, dict]:
     """Bytes the torch glue of one ``chunked_backward.backward`` call moves at ``sizes``,
     counted (every aten op's inputs read and outputs written, ``_Count``) on CPU with the
-    kernels stubbed, float32 inputs (as ``scancc.autograd`` hands them over), at batch 1 and
-    scaled by the batch (the glue is elementwise over batch, its reductions too)."""
+    kernels stubbed, bfloat16 inputs and cotangents (as ``scancc.autograd`` hands a 16-bit
+    call's over), at batch 1 and scaled by the batch (the glue is elementwise over batch, its
+    reductions too); and the element size of each factor the kernels read (bwd_dqk's q, k,
+    v, g, w, do: 2 where read from the bfloat16 inputs, 4 where materialised)."""
     import torch
 
     from scancc.backends.triton import chunked_backward as cb
     from scancc.testing import sample_inputs, sample_state
     one = dict(sizes, batch=1)
-    x = {k: torch.from_numpy(v).float() for k, v in sample_inputs(rec, one, 0).items()}
+    bf = torch.bfloat16
+    x = {k: torch.from_numpy(v).to(bf) for k, v in sample_inputs(rec, one, 0).items()}
     h0 = {k: torch.from_numpy(v).float() for k, v in sample_state(rec, one, 1).items()}
-    dy = {o.name: torch.zeros(tuple(one[d] for d in o.dims)) for o in rec.outputs}
+    dy = {o.name: torch.zeros(tuple(one[d] for d in o.dims), dtype=bf) for o in rec.outputs}
+    seen = {}
 
     class Stub:
+        def __init__(self, name):
+            self.name = name
+
         def __getitem__(self, grid):
-            return lambda *a, **kw: None
+            return lambda *a, **kw: seen.setdefault(self.name, a)
+    names = ["fwd_h", "bwd_dh", "bwd_dv", "bwd_dqk", "bwd_dv_diag", "bwd_dqk_diag"]
     orig = cb.kernels
-    cb.kernels = lambda: tuple(Stub() for _ in range(6))  # noqa: E731 - this process only
+    cb.kernels = lambda: tuple(Stub(n) for n in names)  # noqa: E731 - this process only
     try:
         with _Count() as c:
             cb.backward(rec, x, dy, one, h0, h0, {"_inputs_16bit": True})
     finally:
         cb.kernels = orig
-    return c.moved * sizes.get("batch", 1)
+    name = "bwd_dqk" if "bwd_dqk" in seen else "bwd_dqk_diag"
+    args = dict(zip([a for a, _ in _params(name)], seen[name]))
+    return c.moved * sizes.get("batch", 1), \
+        {f: args[f].element_size() for f in ("q", "k", "v", "g", "w", "do")}
 
 
 def whole_pass_bytes(rec, sizes, in_bytes=2):
     """(fused minimum, glue, kernels) bytes of one backward call: the glue counted
-    (``glue_bytes``) plus the float32 casts ``scancc.autograd`` makes of a 16-bit call's
-    inputs and gradients; the kernels modelled (every tile each program loads or stores)."""
+    (``glue_bytes``) plus the float32 -> bfloat16 cast of the gradients ``scancc.autograd``
+    makes; the kernels modelled (every tile each program loads or stores)."""
     from scancc.backends.triton import chunked_backward as cb
     p = cb.plan(rec)
     F = p.form
@@ -174,26 +187,30 @@ def whole_pass_bytes(rec, sizes, in_bytes=2):
     diag = F.kind.value == "diagonal"
     ng = 0 if p.g is None else G * T * (K if diag else 1)
     nw = 0 if p.w is None else G * T
-    # autograd's casts of a 16-bit call: inputs and cotangents to float32, gradients back
-    glue = glue_bytes(rec, sizes) + (ins + outs) * (in_bytes + f4) + ins * (f4 + in_bytes)
+    counted, e = glue_bytes(rec, sizes)
+    glue = counted + ins * (f4 + in_bytes)   # the float32 gradients cast to the inputs' dtype
     NC = -(-T // (16 if diag else 64))
     cfg = cb.config(K, V, {"_inputs_16bit": True}, diag)
     nk, nv, nvs = -(-K // cfg.BK), -(-V // cfg.BV), -(-V // cfg.BVS)
-    # every tile each program loads or stores (chunked_backward_kernels.py), float32:
+    # every tile each program loads or stores (chunked_backward_kernels.py), each factor at
+    # its element size e[...]; the gradients written float32:
     # fwd_h / bwd_dh over (G, nk, nvs): k (q) read once per V-block, v (dO) once per K-block;
     # bwd_dv over (G, NC, nv): q, k once per V-block, dO (and v if O is recomputed or v is
     # w * x) once; bwd_dqk over (G, NC, nk): v, dO once per K-block, q, k, S, dh once
     tk, tv = G * T * K, G * T * V
     o = p.needs_o
     rv = o or p.w is not None
-    kern = f4 * ((nvs * tk + nk * tv) + (nvs * tk + nk * tv)        # fwd_h, bwd_dh reads
-                 + (2 * nv * tk + tv + (tv if rv else 0)) + (tv if o else 0)  # bwd_dv reads, o
-                 + (2 * nk * tv + 2 * tk) + tv + 2 * tk)             # bwd_dqk reads; dv dq dk
+    kern = (e["k"] * nvs * tk + e["v"] * nk * tv) + (e["q"] * nvs * tk + e["do"] * nk * tv) \
+        + ((e["q"] + e["k"]) * nv * tk + e["do"] * tv + (e["v"] * tv if rv else 0)) \
+        + (f4 * tv if o else 0) \
+        + ((e["v"] + e["do"]) * nk * tv + (e["q"] + e["k"]) * tk) + f4 * (tv + 2 * tk)
     hbytes = G * NC * K * V * in_bytes  # bfloat16 for 16-bit calls
     kern += hbytes * (2 + 1 + 2 + (1 if o else 0))  # hc, dhc written; hc, dhc x2 (+hc) read
-    # g read (fwd_h, bwd_dh per K x V-block, bwd_dv per V-, bwd_dqk per K-block), dg
-    kern += ng * f4 * ((2 * nk * nvs + nv + 3 * nk) if not diag else 2 * nvs + nv + 2)
-    kern += nw * f4 * (nk * nvs + nv + nk * nv + nv)  # w read (fwd_h, bwd_dv, bwd_dqk), dw
+    # g read (fwd_h, bwd_dh per K x V-block, bwd_dv per V-, bwd_dqk per K-block), dg written
+    kern += ng * (e["g"] * ((2 * nk * nvs + nv + 2 * nk) if not diag else 2 * nvs + nv + 1)
+                  + f4 * (nk if not diag else 1))
+    # w read (fwd_h, bwd_dv, bwd_dqk), dw written
+    kern += nw * (e["w"] * (nk * nvs + nv + nk * nv) + f4 * nv)
     return fused, glue, kern
 
 

@@ -191,3 +191,28 @@ def test_sequential_passes_take_wider_v_tiles(monkeypatch):
     nvs = -(-100 // bvs)
     assert grids == [("fwd_h", (G, 1, nvs), bvs), ("bwd_dh", (G, 1, nvs), bvs),
                      ("bwd_dv", (G, 1, 2), 64), ("bwd_dqk", (G, 1, 1), 64)]
+
+
+def test_autograd_hands_16bit_inputs_over_uncast(monkeypatch):
+    """``scancc.autograd.backward`` gives the chunked backward bfloat16 tensors as they are
+    (no float32 copy of every input first); the gradients come back float32 within the
+    bfloat16 tolerance of the reference on the same rounded values."""
+    seen = []
+    real = cb.backward
+
+    def spy(rec, inputs, d_out, *a, **k):
+        seen.append({v.dtype for v in list(inputs.values()) + list(d_out.values())})
+        return real(rec, inputs, d_out, *a, **k)
+    from scancc.backends import get
+    monkeypatch.setattr(type(get("triton")), "chunked_backward",
+                        lambda self, rec, options: spy)
+    rec, sizes, x, h0, dy, dh = _case("linear_attn", 21, {}, seed=19)
+    bf = {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in x.items()}
+    bdy = {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in dy.items()}
+    got = ag.backward(rec, bf, bdy, target="triton", options=SMALL)
+    assert seen == [{torch.bfloat16}]
+    want, _ = ag.backward(rec, {k: v.double().numpy() for k, v in bf.items()},
+                          {k: v.double().numpy() for k, v in bdy.items()})
+    for k in want:
+        assert got[0][k].dtype == torch.float32
+        assert_close(got[0][k].double().numpy(), want[k], "bfloat16", f"d{k}", T=21)

@@ -525,20 +525,24 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
     cfg = config(K, V, opts, diag)
 
     cots: dict = {}
+    # the output cotangents, converted to float32 only when a torch op reads them (the
+    # kernels read a cotangent that is dO in place)
+    raw = {p.cot[o.name]: (o, d_out.get(o.name)) for o in rec.outputs}
 
     def leaf(name):
         if name in cots:
+            return cots[name]
+        if name in raw:
+            o, d = raw[name]
+            if d is None:
+                d = torch.zeros(tuple(sizes[x] for x in o.dims), dtype=f32, device=dev)
+            cots[name] = ev.to_canon(d.to(f32), o.dims)
             return cots[name]
         if name in inputs:
             return ev.to_canon(inputs[name].to(f32), rec.input(name).dims)
         raise KeyError(name)
     ev = _TorchEval(rec, p.ctx_rec, sizes, leaf)
     ev.device = dev
-    for o in rec.outputs:
-        d = d_out.get(o.name)
-        if d is None:
-            d = torch.zeros(tuple(sizes[x] for x in o.dims), dtype=f32, device=dev)
-        cots[p.cot[o.name]] = ev.to_canon(d.to(f32), o.dims)
 
     canon = rec.canonical
     ax = {d: 1 + i for i, d in enumerate(canon)}

@@ -93,8 +93,8 @@ def fwd_h(k, k_s0, k_s1, k_r0, k_r1, k_st, k_sf, v, v_s0, v_s1, v_r0, v_r1, v_st
                        mask=m_t[None, :] & (o_k[:, None] < K), other=0.0).to(tl.float32)
         b_v = tl.load(v + o_t[:, None] * v_st + o_v[None, :] * v_sf,
                       mask=m_t[:, None] & (o_v[None, :] < V), other=0.0).to(tl.float32)
-        if HAS_W:
-            b_v = b_v * tl.load(w + o_t * w_st, mask=m_t, other=0.0).to(tl.float32)[:, None]
+        if HAS_W:  # v = w ⊙ x: w scales k's columns ([BK, BT], the narrower tile)
+            b_kt = b_kt * tl.load(w + o_t * w_st, mask=m_t, other=0.0).to(tl.float32)[None, :]
         if DIAG:  # log-decays along K: [BK, BT], cumulated along time (axis 1)
             b_gt = tl.load(g + o_t[None, :] * g_st + o_k[:, None] * g_sf,
                            mask=m_t[None, :] & (o_k[:, None] < K), other=0.0).to(tl.float32)
@@ -289,8 +289,6 @@ def bwd_dqk(q, q_s0, q_s1, q_r0, q_r1, q_st, q_sf, k, k_s0, k_s1, k_r0, k_r1, k_
         p_vk = i_c * K * V + o_k[None, :] * V + o_v[:, None]
         b_vt = tl.load(v + o_t[None, :] * v_st + o_v[:, None] * v_sf,
                        mask=m_t[None, :] & (o_v[:, None] < V), other=0.0).to(tl.float32)
-        if HAS_W:
-            b_vt = b_vt * tl.load(w + o_t * w_st, mask=m_t, other=0.0).to(tl.float32)[None, :]
         b_do = tl.load(do + o_t[:, None] * do_st + o_v[None, :] * do_sf, mask=m_tv,
                        other=0.0).to(tl.float32) * do_scale
         b_st = tl.load(hc + p_vk, mask=m_vk, other=0.0).to(tl.float32)
@@ -300,6 +298,10 @@ def bwd_dqk(q, q_s0, q_s1, q_r0, q_r1, q_st, q_sf, k, k_s0, k_s1, k_r0, k_r1, k_
         b_dkh += tl.dot(tl.trans(b_vt), b_dht, input_precision=PREC)
         if HAS_G:
             x_sdh += tl.sum(tl.sum(b_st * b_dht, 1), 0)
+    if HAS_W:  # v = w ⊙ x scales dA's columns and (v dhᵀ)'s rows: once, after the V loop
+        b_w = tl.load(w + o_t * w_st, mask=m_t, other=0.0).to(tl.float32)
+        da = da * b_w[None, :]
+        b_dkh = b_dkh * b_w[:, None]
     e_q, e_k, e_l, seg = _chunk(g, g_st, o_t, m_t, T, HAS_G, BT)  # after the V loop
     da = da * seg
     b_q = tl.load(q + o_t[:, None] * q_st + o_k[None, :] * q_sf, mask=m_tk,
@@ -432,8 +434,6 @@ def bwd_dqk_diag(q, q_s0, q_s1, q_r0, q_r1, q_st, q_sf, k, k_s0, k_s1, k_r0, k_r
         p_vk = i_c * K * V + o_k[None, :] * V + o_v[:, None]
         b_vt = tl.load(v + o_t[None, :] * v_st + o_v[:, None] * v_sf,
                        mask=m_t[None, :] & (o_v[:, None] < V), other=0.0).to(tl.float32)
-        if HAS_W:
-            b_vt = b_vt * tl.load(w + o_t * w_st, mask=m_t, other=0.0).to(tl.float32)[None, :]
         b_do = tl.load(do + o_t[:, None] * do_st + o_v[None, :] * do_sf, mask=m_tv,
                        other=0.0).to(tl.float32) * do_scale
         b_st = tl.load(hc + p_vk, mask=m_vk, other=0.0).to(tl.float32)
@@ -442,6 +442,10 @@ def bwd_dqk_diag(q, q_s0, q_s1, q_r0, q_r1, q_st, q_sf, k, k_s0, k_s1, k_r0, k_r
         b_dq += tl.dot(b_do, b_st, input_precision=PREC)
         b_dkh += tl.dot(tl.trans(b_vt), b_dht, input_precision=PREC)
         x_sdh += tl.sum(b_st * b_dht, 0)
+    if HAS_W:  # v = w ⊙ x scales dA's columns and (v dhᵀ)'s rows: once, after the V loop
+        b_w = tl.load(w + o_t * w_st, mask=m_t, other=0.0).to(tl.float32)
+        da = da * b_w[None, :]
+        b_dkh = b_dkh * b_w[:, None]
     b_g = tl.load(g + o_t[:, None] * g_st + o_k[None, :] * g_sf, mask=m_tk,
                   other=0.0).to(tl.float32)
     c, n, c_l, n_l = _decays_k(b_g, BT)
