@@ -216,3 +216,34 @@ def test_autograd_hands_16bit_inputs_over_uncast(monkeypatch):
     for k in want:
         assert got[0][k].dtype == torch.float32
         assert_close(got[0][k].double().numpy(), want[k], "bfloat16", f"d{k}", T=21)
+
+
+# which gradients get exactly the reference's NaN entries for one NaN in an input factor at
+# step 20 (T=37, 16-step chunks); the others (the products over time inside tensor-core dots,
+# 0 * NaN, and dg's reverse cumulative sum) get a superset, within the NaN's chunk
+EXACT_NAN = {("gla", "q"): "qkvg", ("gla", "k"): "qkv", ("gla", "v"): "qkv",
+             ("simple_gla", "q"): "qv", ("simple_gla", "k"): "kv",
+             ("simple_gla", "v"): "qkv"}
+
+
+@pytest.mark.parametrize("name, which", sorted(EXACT_NAN))
+def test_a_nan_input_reaches_the_gradients_the_reference_does(name, which):
+    """A NaN in one element of q, k or v: the causal masks select rather than multiply, so
+    the NaN stays out of the steps the recurrence does not reach from it (the gradients in
+    EXACT_NAN match the float64 reference's NaN entries exactly); every other gradient's
+    NaN entries include the reference's (none is lost)."""
+    rec, sizes, x, h0, dy, dh = _case(name, 37, {}, seed=23)
+    x[which][0, 20, 1, 1] = np.nan
+    want, _ = ag.backward(rec, x, dy)
+    got, _ = cb.backward(rec, {k: torch.from_numpy(v).float() for k, v in x.items()},
+                         {k: torch.from_numpy(v).float() for k, v in dy.items()}, sizes, None,
+                         None, SMALL)
+    for k in want:
+        ref, mine = np.isnan(want[k]), torch.isnan(got[k]).numpy()
+        assert ref.any() or k == which, k
+        if k in EXACT_NAN[(name, which)]:
+            assert (ref == mine).all(), f"d{k}: {mine.sum()} NaN, the reference {ref.sum()}"
+            ok = ~ref
+            assert_close(got[k].double().numpy()[ok], want[k][ok], "float32", f"d{k}", T=37)
+        else:
+            assert (mine >= ref).all(), f"d{k} lost NaN entries"

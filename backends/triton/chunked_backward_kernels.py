@@ -235,7 +235,9 @@ def bwd_dv(q, q_s0, q_s1, q_r0, q_r1, q_st, q_sf, k, k_s0, k_s1, k_r0, k_r1, k_s
             b_o += tl.dot(b_q, b_s, input_precision=PREC)
     # the decays after the K loop: they scale rows, so nothing in the loop needs them live
     e_q, e_k, e_l, seg = _chunk(g, g_st, o_t, m_t, T, HAS_G, BT)
-    a = a * seg
+    # the causal mask selects (tl.where), not multiplies: a non-finite product at t stays out
+    # of s > t, as in the recurrence (D_ts is 0 there, and NaN * 0 is NaN)
+    a = tl.where(o_t[:, None] >= o_t[None, :], a * seg, 0.0)
     b_do = tl.load(do + o_t[:, None] * do_st + o_v[None, :] * do_sf, mask=m_tv,
                    other=0.0).to(tl.float32) * do_scale
     b_dv = b_dv * e_k[:, None] + tl.dot(tl.trans(a), b_do, input_precision=PREC)
@@ -303,7 +305,7 @@ def bwd_dqk(q, q_s0, q_s1, q_r0, q_r1, q_st, q_sf, k, k_s0, k_s1, k_r0, k_r1, k_
         da = da * b_w[None, :]
         b_dkh = b_dkh * b_w[:, None]
     e_q, e_k, e_l, seg = _chunk(g, g_st, o_t, m_t, T, HAS_G, BT)  # after the V loop
-    da = da * seg
+    da = tl.where(o_t[:, None] >= o_t[None, :], da * seg, 0.0)  # selected (bwd_dv)
     b_q = tl.load(q + o_t[:, None] * q_st + o_k[None, :] * q_sf, mask=m_tk,
                   other=0.0).to(tl.float32)
     b_k = tl.load(k + o_t[:, None] * k_st + o_k[None, :] * k_sf, mask=m_tk,
@@ -327,6 +329,12 @@ def bwd_dqk(q, q_s0, q_s1, q_r0, q_r1, q_st, q_sf, k, k_s0, k_s1, k_r0, k_r1, k_
 
 # ---- key-diagonal decays (gla): the decay varies along K, so the intra-chunk terms are
 # [BT, BT, BK] broadcast products (as the forward's), chunks of 16 steps ----
+
+@triton.jit
+def _causal3(x, o_t):
+    """x [BT, BT, BK] with t < s selected out (not multiplied: bwd_dv's comment)."""
+    return tl.where((o_t[:, None] >= o_t[None, :])[:, :, None], x, 0.0)
+
 
 @triton.jit
 def _seg3(c, n, o_t):
@@ -374,7 +382,7 @@ def bwd_dv_diag(q, q_s0, q_s1, q_r0, q_r1, q_st, q_sf, k, k_s0, k_s1, k_r0, k_r1
                       other=0.0).to(tl.float32)
         c, n, c_l, n_l = _decays_k(tl.load(g + o_t[:, None] * g_st + o_k[None, :] * g_sf,
                                            mask=m_tk, other=0.0).to(tl.float32), BT)
-        a += tl.sum(b_q[:, None, :] * b_k[None, :, :] * _seg3(c, n, o_t), 2)
+        a += tl.sum(_causal3(b_q[:, None, :] * b_k[None, :, :] * _seg3(c, n, o_t), o_t), 2)
         e_k = tl.where(n == n_l[None, :], tl.exp(c_l[None, :] - c), 0.0)
         b_dh = tl.load(dhc + p_kv, mask=m_kv, other=0.0).to(tl.float32)
         b_dv += tl.dot(b_k * e_k, b_dh, input_precision=PREC)
@@ -454,10 +462,10 @@ def bwd_dqk_diag(q, q_s0, q_s1, q_r0, q_r1, q_st, q_sf, k, k_s0, k_s1, k_r0, k_r
                   other=0.0).to(tl.float32)
     b_k = tl.load(k + o_t[:, None] * k_st + o_k[None, :] * k_sf, mask=m_tk,
                   other=0.0).to(tl.float32)
-    b_dq = b_dq * tl.where(n == 0, tl.exp(c), 0.0) + tl.sum(da[:, :, None] * b_k[None, :, :] *
-                                                            seg, 1)
+    b_dq = b_dq * tl.where(n == 0, tl.exp(c), 0.0) + tl.sum(
+        _causal3(da[:, :, None] * b_k[None, :, :] * seg, o_t), 1)
     b_dkh = b_dkh * tl.where(n == n_l[None, :], tl.exp(c_l[None, :] - c), 0.0)
-    b_dk = b_dkh + tl.sum(da[:, :, None] * b_q[:, None, :] * seg, 0)
+    b_dk = b_dkh + tl.sum(_causal3(da[:, :, None] * b_q[:, None, :] * seg, o_t), 0)
     tl.store(dq + o_t[:, None] * dq_st + o_k[None, :] * dq_sf, b_dq.to(dq.dtype.element_ty),
              mask=m_tk)
     tl.store(dk + o_t[:, None] * dk_st + o_k[None, :] * dk_sf, b_dk.to(dk.dtype.element_ty),
