@@ -61,8 +61,9 @@ Householder transitions (delta_net, gated_delta_net) take ``chunked_backward_hou
 plan then has the extra factors hk (the reflection's k) and beta.
 
 Not done here: the dplr kind; recurrent edge semantics for
-non-finite *inputs* (a NaN in a factor spreads over its chunk's gradients rather than where
-the reference puts it); factors that are not one input (mamba2's g = dt A, a z-gated dO) are
+non-finite *inputs* everywhere (the causal masks select, so a NaN at step t stays out of the
+intra-chunk products of later steps, but products over time inside a dot and dg's reverse
+cumulative sum still carry it over its chunk: docs/training.md); factors that are not one input (mamba2's g = dt A, a z-gated dO) are
 still materialised as float32 [G, T, K|V] tensors, and the rest of the chain rule (mamba2's
 dx = dL/dx + dy D, the ungroup sums of dB and dC, dD) is torch ops (bytes:
 docs/performance/training.md).
