@@ -7,13 +7,13 @@ inputs is read where it lies, in its dtype (``chunked_backward._Factor``): the f
 index i_g splits into (i_g // N1, i_g % N1) (the outer and inner grid dims), each divided by
 its group ratio (mamba2's B and C: heads -> groups, read per group, never copied per head),
 times its stride; then time and the feature dim (K or V) by theirs. A materialised factor is
-the same with the strides of a contiguous [G, T, F] tensor.
+the same with the strides of a contiguous [G, T, F] tensor. The chunk-boundary states and
+their gradients (hc, dhc: [G, NC, K, V]) and h0 / dht / dh0 ([G, K, V]) stay contiguous.
 
 With HAS_W the V-side factor is v_t = w_t x_t: a per-step scalar w (its own strided
 [grid, T] factor) times x, the ``v`` the kernels read (mamba2: v = dt x). ``bwd_dv`` then
 writes the chain rule's two terms in its epilogue, w ⊙ dL/dv (dL/dx) in ``dv`` and each
-V-block's share of sum_V(dL/dv ⊙ x) (dL/dw) in ``dw``, instead of dL/dv. The chunk-boundary states and
-their gradients (hc, dhc: [G, NC, K, V]) and h0 / dht / dh0 ([G, K, V]) stay contiguous.
+V-block's share of sum_V(dL/dv ⊙ x) (dL/dw) in ``dw``, instead of dL/dv.
 Imported only through ``chunked_backward.kernels()``, after the runtime chose the interpreter
 or the GPU."""
 import triton
@@ -64,11 +64,10 @@ def _decays_k(g, BT: tl.constexpr):
 
 
 @triton.jit
-def fwd_h(k, k_s0, k_s1, k_r0, k_r1, k_st, k_sf, v, v_s0, v_s1, v_r0, v_r1, v_st, v_sf,
-          g, g_s0, g_s1, g_r0, g_r1, g_st, g_sf, w, w_s0, w_s1, w_r0, w_r1, w_st, w_sf, h0, hc, T, K, V, NC, N1,
-          HAS_W: tl.constexpr, HAS_G: tl.constexpr, HAS_H0: tl.constexpr,
-          BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-          DIAG: tl.constexpr = False):
+def fwd_h(k, k_s0, k_s1, k_r0, k_r1, k_st, k_sf, v, v_s0, v_s1, v_r0, v_r1, v_st, v_sf, g, g_s0,
+          g_s1, g_r0, g_r1, g_st, g_sf, w, w_s0, w_s1, w_r0, w_r1, w_st, w_sf, h0, hc, T, K, V, NC,
+          N1, HAS_W: tl.constexpr, HAS_G: tl.constexpr, HAS_H0: tl.constexpr, BT: tl.constexpr,
+          BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, DIAG: tl.constexpr = False):
     """The state entering each chunk: hc[i_g, i_c] ([K, V] float32), one [BK, BV] tile per
     program, sequential over chunks."""
     i_g, i_k, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
@@ -113,11 +112,10 @@ def fwd_h(k, k_s0, k_s1, k_r0, k_r1, k_st, k_sf, v, v_s0, v_s1, v_r0, v_r1, v_st
 
 
 @triton.jit
-def bwd_dh(q, q_s0, q_s1, q_r0, q_r1, q_st, q_sf, do, do_s0, do_s1, do_r0, do_r1, do_st, do_sf,
-           g, g_s0, g_s1, g_r0, g_r1, g_st, g_sf, do_scale, dht, dhc, dh0, T, K, V, NC, N1,
-           HAS_G: tl.constexpr,
-           HAS_DHT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-           PREC: tl.constexpr, DIAG: tl.constexpr = False):
+def bwd_dh(q, q_s0, q_s1, q_r0, q_r1, q_st, q_sf, do, do_s0, do_s1, do_r0, do_r1, do_st, do_sf, g,
+           g_s0, g_s1, g_r0, g_r1, g_st, g_sf, do_scale, dht, dhc, dh0, T, K, V, NC, N1,
+           HAS_G: tl.constexpr, HAS_DHT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+           BV: tl.constexpr, PREC: tl.constexpr, DIAG: tl.constexpr = False):
     """dL/dS at the end of each chunk (dhc[i_g, i_c]), chunks in reverse, one [BK, BV] tile
     per program; dh0: the initial state's."""
     i_g, i_k, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
@@ -190,14 +188,12 @@ def _scaled_v(b_x, b_dv, w, w_st, dw, dw_st, dw_sf, i_v, o_t, m_t):
 
 
 @triton.jit
-def bwd_dv(q, q_s0, q_s1, q_r0, q_r1, q_st, q_sf, k, k_s0, k_s1, k_r0, k_r1, k_st, k_sf,
-           v, v_s0, v_s1, v_r0, v_r1, v_st, v_sf, g, g_s0, g_s1, g_r0, g_r1, g_st, g_sf,
-           do, do_s0, do_s1, do_r0, do_r1, do_st, do_sf, do_scale, hc, dhc,
-           dv, dv_s0, dv_s1, dv_st, dv_sf, o, o_s0, o_s1, o_st, o_sf, w, w_s0, w_s1, w_r0, w_r1, w_st, w_sf,
-           dw, dw_s0, dw_s1, dw_st, dw_sf, T, K, V, NC, N1, HAS_W: tl.constexpr,
-           HAS_G: tl.constexpr,
-           WANT_O: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-           PREC: tl.constexpr):
+def bwd_dv(q, q_s0, q_s1, q_r0, q_r1, q_st, q_sf, k, k_s0, k_s1, k_r0, k_r1, k_st, k_sf, v, v_s0,
+           v_s1, v_r0, v_r1, v_st, v_sf, g, g_s0, g_s1, g_r0, g_r1, g_st, g_sf, do, do_s0, do_s1,
+           do_r0, do_r1, do_st, do_sf, do_scale, hc, dhc, dv, dv_s0, dv_s1, dv_st, dv_sf, o, o_s0,
+           o_s1, o_st, o_sf, w, w_s0, w_s1, w_r0, w_r1, w_st, w_sf, dw, dw_s0, dw_s1, dw_st, dw_sf,
+           T, K, V, NC, N1, HAS_W: tl.constexpr, HAS_G: tl.constexpr, WANT_O: tl.constexpr,
+           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """dv = (A ⊙ D)ᵀ dO + (k ⊙ e^{c_L - c}) dh of one chunk and V-block (A = q kᵀ over K
     blocks); with WANT_O also the contraction O = (A ⊙ D) v + e^{c} ⊙ (q S)."""
     i_g, i_c, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
@@ -255,12 +251,12 @@ def bwd_dv(q, q_s0, q_s1, q_r0, q_r1, q_st, q_sf, k, k_s0, k_s1, k_r0, k_r1, k_s
 
 
 @triton.jit
-def bwd_dqk(q, q_s0, q_s1, q_r0, q_r1, q_st, q_sf, k, k_s0, k_s1, k_r0, k_r1, k_st, k_sf,
-            v, v_s0, v_s1, v_r0, v_r1, v_st, v_sf, g, g_s0, g_s1, g_r0, g_r1, g_st, g_sf, w, w_s0, w_s1, w_r0, w_r1, w_st, w_sf,
-            do, do_s0, do_s1, do_r0, do_r1, do_st, do_sf, do_scale, hc, dhc,
-            dq, dq_s0, dq_s1, dq_st, dq_sf, dk, dk_s0, dk_s1, dk_st, dk_sf,
-            dg, dg_s0, dg_s1, dg_st, dg_sf, T, K, V, NC, N1, HAS_G: tl.constexpr,
-            HAS_W: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+def bwd_dqk(q, q_s0, q_s1, q_r0, q_r1, q_st, q_sf, k, k_s0, k_s1, k_r0, k_r1, k_st, k_sf, v, v_s0,
+            v_s1, v_r0, v_r1, v_st, v_sf, g, g_s0, g_s1, g_r0, g_r1, g_st, g_sf, w, w_s0, w_s1,
+            w_r0, w_r1, w_st, w_sf, do, do_s0, do_s1, do_r0, do_r1, do_st, do_sf, do_scale, hc,
+            dhc, dq, dq_s0, dq_s1, dq_st, dq_sf, dk, dk_s0, dk_s1, dk_st, dk_sf, dg, dg_s0, dg_s1,
+            dg_st, dg_sf, T, K, V, NC, N1, HAS_G: tl.constexpr, HAS_W: tl.constexpr,
+            BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """dq = (dA ⊙ D) k + e^{c} ⊙ (dO Sᵀ), dk = (dA ⊙ D)ᵀ q + e^{c_L - c} ⊙ (v dhᵀ) of one chunk
     and K-block (dA = dO vᵀ over V blocks), and this K-block's share of dg (dg[i_g, i_k, t]:
     summed over the K-blocks by the caller: the reverse cumulative sum is linear)."""
@@ -344,13 +340,13 @@ def _seg3(c, n, o_t):
 
 
 @triton.jit
-def bwd_dv_diag(q, q_s0, q_s1, q_r0, q_r1, q_st, q_sf, k, k_s0, k_s1, k_r0, k_r1, k_st, k_sf,
-                v, v_s0, v_s1, v_r0, v_r1, v_st, v_sf, g, g_s0, g_s1, g_r0, g_r1, g_st, g_sf,
-                do, do_s0, do_s1, do_r0, do_r1, do_st, do_sf, do_scale, hc, dhc,
-                dv, dv_s0, dv_s1, dv_st, dv_sf, o, o_s0, o_s1, o_st, o_sf, w, w_s0, w_s1, w_r0, w_r1, w_st, w_sf,
-                dw, dw_s0, dw_s1, dw_st, dw_sf, T, K, V, NC, N1, HAS_W: tl.constexpr,
-                WANT_O: tl.constexpr,
-                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+def bwd_dv_diag(q, q_s0, q_s1, q_r0, q_r1, q_st, q_sf, k, k_s0, k_s1, k_r0, k_r1, k_st, k_sf, v,
+                v_s0, v_s1, v_r0, v_r1, v_st, v_sf, g, g_s0, g_s1, g_r0, g_r1, g_st, g_sf, do,
+                do_s0, do_s1, do_r0, do_r1, do_st, do_sf, do_scale, hc, dhc, dv, dv_s0, dv_s1,
+                dv_st, dv_sf, o, o_s0, o_s1, o_st, o_sf, w, w_s0, w_s1, w_r0, w_r1, w_st, w_sf, dw,
+                dw_s0, dw_s1, dw_st, dw_sf, T, K, V, NC, N1, HAS_W: tl.constexpr,
+                WANT_O: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                PREC: tl.constexpr):
     """``bwd_dv`` for key-diagonal decays: A_ts = sum_k q_tk k_sk D_tsk, dv = Aᵀ dO +
     (k ⊙ e^{c_L - c}) dh, O = A v + (q ⊙ e^{c}) S."""
     i_g, i_c, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
@@ -406,10 +402,10 @@ def bwd_dv_diag(q, q_s0, q_s1, q_r0, q_r1, q_st, q_sf, k, k_s0, k_s1, k_r0, k_r1
 
 
 @triton.jit
-def bwd_dqk_diag(q, q_s0, q_s1, q_r0, q_r1, q_st, q_sf, k, k_s0, k_s1, k_r0, k_r1, k_st, k_sf,
-                 v, v_s0, v_s1, v_r0, v_r1, v_st, v_sf, g, g_s0, g_s1, g_r0, g_r1, g_st, g_sf, w, w_s0, w_s1, w_r0, w_r1, w_st, w_sf,
-                 do, do_s0, do_s1, do_r0, do_r1, do_st, do_sf, do_scale, hc, dhc,
-                 dq, dq_s0, dq_s1, dq_st, dq_sf, dk, dk_s0, dk_s1, dk_st, dk_sf,
+def bwd_dqk_diag(q, q_s0, q_s1, q_r0, q_r1, q_st, q_sf, k, k_s0, k_s1, k_r0, k_r1, k_st, k_sf, v,
+                 v_s0, v_s1, v_r0, v_r1, v_st, v_sf, g, g_s0, g_s1, g_r0, g_r1, g_st, g_sf, w,
+                 w_s0, w_s1, w_r0, w_r1, w_st, w_sf, do, do_s0, do_s1, do_r0, do_r1, do_st, do_sf,
+                 do_scale, hc, dhc, dq, dq_s0, dq_s1, dq_st, dq_sf, dk, dk_s0, dk_s1, dk_st, dk_sf,
                  dg, dg_s0, dg_s1, dg_st, dg_sf, T, K, V, NC, N1, HAS_W: tl.constexpr,
                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """``bwd_dqk`` for key-diagonal decays, dg per K column ([G, T, K]):
