@@ -6,12 +6,13 @@ chunked_backward.py) and its whole-pass bytes, no GPU needed.
    launcher passes at the shape (``chunked_backward.config``), through
    ``bench_sm90.compile_all`` (ptxas-blackwell -v: registers, spill bytes; TTGIR: tensor
    cores = warp_group_dot / nvidia_mma).
-2. **bytes** (modelled, by counting what the code reads and writes, float32 intermediates):
-   the whole training backward of one call (the chunk-boundary recompute + the backward),
-   split into the torch glue (the factor tensors q, k, v, g, dO built from the inputs, and
-   the chain rule from dq, dk, dv, dg back to the inputs) and the three kernels, against the
-   fused minimum: read the inputs and the output cotangents once, write the input gradients
-   once (at the inputs' dtype, bf16 here).
+2. **bytes** of the whole training backward of one call (the chunk-boundary recompute + the
+   backward), split into the torch glue (the factors the kernels cannot read from the inputs
+   where they lie, the chain rule's ops the kernels do not do; counted on CPU with the
+   kernels stubbed, ``glue_bytes``, plus autograd's float32 casts of a 16-bit call) and the
+   kernels (modelled: every tile each program loads or stores), against the fused minimum:
+   read the inputs and the output cotangents once, write the input gradients once (at the
+   inputs' dtype, bf16 here).
 
     .venv/bin/python benchmarks/bench_chunked_backward.py            # all cases, B8 T2048
     .venv/bin/python benchmarks/bench_chunked_backward.py --no-compile
@@ -47,9 +48,56 @@ def sizes_of(rec, dims):
     return s
 
 
+def _params(kernel: str) -> list[tuple[str, bool]]:
+    """(name, is constexpr) of ``kernel``'s parameters, read from KERNELS' source (no import:
+    the runtime would choose the interpreter for this process and its compile child)."""
+    import ast
+    tree = ast.parse(open(KERNELS).read())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == kernel)
+    return [(a.arg, a.annotation is not None) for a in fn.args.args]
+
+
+def capture(rec, sizes, options=None):
+    """The launches (kernel name, positional args, keyword args) ``chunked_backward.backward``
+    makes for ``rec`` on a 16-bit call (bfloat16 inputs and cotangents; the chunk-boundary
+    states in bfloat16), the kernels
+    stubbed, at ``sizes`` with batch 2 and two chunks of time (the strides and flags are
+    those of the realistic shape; only which integers are 1 matters to the compile)."""
+    import torch
+
+    from scancc.backends.triton import chunked_backward as cb
+    from scancc.testing import sample_inputs, sample_state
+    small = dict(sizes, batch=2, time=2 * cb.config(1, 1, {}, False).BT)
+    bf = torch.bfloat16         # a 16-bit call: autograd hands the inputs over as they are
+    x = {k: torch.from_numpy(v).to(bf) for k, v in sample_inputs(rec, small, 0).items()}
+    h0 = {k: torch.from_numpy(v).float() for k, v in sample_state(rec, small, 1).items()}
+    dy = {o.name: torch.zeros(tuple(small[d] for d in o.dims), dtype=bf) for o in rec.outputs}
+    names = ["fwd_h", "bwd_dh", "bwd_dv", "bwd_dqk", "bwd_dv_diag", "bwd_dqk_diag"]
+    seen = []
+
+    class Stub:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: seen.append((self.name, a, kw))
+    orig = cb.kernels
+    cb.kernels = lambda: tuple(Stub(n) for n in names)  # noqa: E731 - this process only
+    try:
+        cb.backward(rec, x, dy, small, h0, h0, {"_inputs_16bit": True, **(options or {})})
+    finally:
+        cb.kernels = orig
+    return seen
+
+
 def jobs_for(rec, sizes, options=None):
-    """The compile jobs of the three launches at ``sizes`` (bench_sm90.compile_all's format)."""
+    """The compile jobs of the four launches at ``sizes`` (bench_sm90.compile_all's format):
+    the signature from the arguments the launcher passes (``capture``), integers equal to 1
+    as constexprs (as Triton specialises them: a contiguous feature dim, a group ratio of
+    1), the block sizes of ``chunked_backward.config`` at ``sizes``."""
     import json
+
+    import torch
 
     from scancc.backends.triton import chunked_backward as cb
     p = cb.plan(rec)
@@ -57,38 +105,72 @@ def jobs_for(rec, sizes, options=None):
     K, V = sizes[F.K], sizes[F.V]
     diag = F.kind.value == "diagonal"
     cfg = cb.config(K, V, {"_inputs_16bit": True, **(options or {})}, diag)
-    has_g = p.g is not None
-    blocks = {"BT": cfg.BT, "BK": cfg.BK, "BV": cfg.BV, "PREC": cfg.precision}
-    kern = {
-        "fwd_h": (["k", "v", "g", "h0", "hc"], {"HAS_G": has_g, "HAS_H0": True, "DIAG": diag}),
-        "bwd_dh": (["q", "do", "g", "dht", "dhc", "dh0"],
-                   {"HAS_G": has_g, "HAS_DHT": True, "DIAG": diag}),
-    }
-    if diag:
-        kern["bwd_dv_diag"] = (["q", "k", "v", "g", "do", "hc", "dhc", "dv", "o"],
-                               {"WANT_O": p.needs_o})
-        kern["bwd_dqk_diag"] = (["q", "k", "v", "g", "do", "hc", "dhc", "dq", "dk", "dg"], {})
-    else:
-        kern["bwd_dv"] = (["q", "k", "v", "g", "do", "hc", "dhc", "dv", "o"],
-                          {"HAS_G": has_g, "WANT_O": p.needs_o})
-        kern["bwd_dqk"] = (["q", "k", "v", "g", "do", "hc", "dhc", "dq", "dk", "dg"],
-                           {"HAS_G": has_g})
-    params = {n: ["T", "K", "V", "NC"] for n in kern}
-    params["bwd_dqk"] = ["T", "K", "V", "NC", "NK"]
+    dtypes = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
     jobs = []
-    for name, (ptrs, flags) in kern.items():
-        sig = {a: "*bf16" if a in ("hc", "dhc") else "*fp32" for a in ptrs}
-        sig.update({a: "i32" for a in params[name]})
-        const = {**flags, **blocks}
-        sig.update({a: "constexpr" for a in const})
-        key = json.dumps([name, sig, const, cfg.num_warps], sort_keys=True, default=str)
+    for name, args, kw in capture(rec, sizes, options):
+        params = _params(name)
+        sig, const = {}, {}
+        for (a, _), v in zip(params, args):
+            if isinstance(v, torch.Tensor):
+                sig[a] = dtypes[v.dtype]
+            elif isinstance(v, float):
+                sig[a] = "fp32"
+            elif v == 1:
+                sig[a], const[a] = "constexpr", 1
+            else:
+                sig[a] = "i32" if -2**31 <= v < 2**31 else "i64"
+        for a, _ in params[len(args):]:
+            if a in kw:                  # the flags and the block sizes the launcher chose
+                sig[a], const[a] = "constexpr", kw[a]
+        key = json.dumps([name, sig, const, kw["num_warps"]], sort_keys=True, default=str)
         jobs.append({"key": key, "path": KERNELS, "kernel": name, "sig": sig, "const": const,
-                     "num_warps": cfg.num_warps, "num_stages": None, "label": name})
+                     "num_warps": kw["num_warps"], "num_stages": None, "label": name,
+                     "blocks": f"{kw['BT']} {kw['BK']} {kw['BV']} {kw['num_warps']}"})
     return jobs, cfg
 
 
+def glue_bytes(rec, sizes) -> tuple[int, dict]:
+    """Bytes the torch glue of one ``chunked_backward.backward`` call moves at ``sizes``,
+    counted (every aten op's inputs read and outputs written, ``_Count``) on CPU with the
+    kernels stubbed, bfloat16 inputs and cotangents (as ``scancc.autograd`` hands a 16-bit
+    call's over), at batch 1 and scaled by the batch (the glue is elementwise over batch, its
+    reductions too); and the element size of each factor the kernels read (bwd_dqk's q, k,
+    v, g, w, do: 2 where read from the bfloat16 inputs, 4 where materialised)."""
+    import torch
+
+    from scancc.backends.triton import chunked_backward as cb
+    from scancc.testing import sample_inputs, sample_state
+    one = dict(sizes, batch=1)
+    bf = torch.bfloat16
+    x = {k: torch.from_numpy(v).to(bf) for k, v in sample_inputs(rec, one, 0).items()}
+    h0 = {k: torch.from_numpy(v).float() for k, v in sample_state(rec, one, 1).items()}
+    dy = {o.name: torch.zeros(tuple(one[d] for d in o.dims), dtype=bf) for o in rec.outputs}
+    seen = {}
+
+    class Stub:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: seen.setdefault(self.name, a)
+    names = ["fwd_h", "bwd_dh", "bwd_dv", "bwd_dqk", "bwd_dv_diag", "bwd_dqk_diag"]
+    orig = cb.kernels
+    cb.kernels = lambda: tuple(Stub(n) for n in names)  # noqa: E731 - this process only
+    try:
+        with _Count() as c:
+            cb.backward(rec, x, dy, one, h0, h0, {"_inputs_16bit": True})
+    finally:
+        cb.kernels = orig
+    name = "bwd_dqk" if "bwd_dqk" in seen else "bwd_dqk_diag"
+    args = dict(zip([a for a, _ in _params(name)], seen[name]))
+    return c.moved * sizes.get("batch", 1), \
+        {f: args[f].element_size() for f in ("q", "k", "v", "g", "w", "do")}
+
+
 def whole_pass_bytes(rec, sizes, in_bytes=2):
-    """(fused minimum, glue, kernels) bytes of one backward call (module doc, modelled)."""
+    """(fused minimum, glue, kernels) bytes of one backward call: the glue counted
+    (``glue_bytes``) plus the float32 -> bfloat16 cast of the gradients ``scancc.autograd``
+    makes; the kernels modelled (every tile each program loads or stores)."""
     from scancc.backends.triton import chunked_backward as cb
     p = cb.plan(rec)
     F = p.form
@@ -102,28 +184,66 @@ def whole_pass_bytes(rec, sizes, in_bytes=2):
     # initial state / its gradient and the final-state cotangent in float32
     fused = in_bytes * (2 * ins + outs) + 4 * 3 * states
     f4 = 4
-    ng = 0 if p.g is None else G * T * (K if F.kind.value == "diagonal" else 1)
-    nfac = G * T * (2 * K + 2 * V) + ng  # q k v dO (g)
-    # glue: the float32 cast of the inputs (read bf16, write f32), the factors written, the
-    # chain rule reading the factor gradients and inputs, writing float32 grads, cast to bf16
-    glue = ins * (in_bytes + f4) + nfac * f4 + (nfac * f4 + ins * f4 + outs * f4) + \
-        ins * f4 + ins * (f4 + in_bytes)
     diag = F.kind.value == "diagonal"
+    ng = 0 if p.g is None else G * T * (K if diag else 1)
+    nw = 0 if p.w is None else G * T
+    counted, e = glue_bytes(rec, sizes)
+    glue = counted + ins * (f4 + in_bytes)   # the float32 gradients cast to the inputs' dtype
     NC = -(-T // (16 if diag else 64))
-    nk, nv = -(-K // 64), -(-V // 64)
-    # every tile each program loads or stores (chunked_backward_kernels.py), float32:
-    # fwd_h / bwd_dh over (G, nk, nv): k (q) read once per V-block, v (dO) once per K-block;
-    # bwd_dv over (G, NC, nv): q, k once per V-block, dO (and v, S if O is recomputed) once;
-    # bwd_dqk over (G, NC, nk): v, dO once per K-block, q, k, S, dh once
+    cfg = cb.config(K, V, {"_inputs_16bit": True}, diag)
+    nk, nv, nvs = -(-K // cfg.BK), -(-V // cfg.BV), -(-V // cfg.BVS)
+    # every tile each program loads or stores (chunked_backward_kernels.py), each factor at
+    # its element size e[...]; the gradients written float32:
+    # fwd_h / bwd_dh over (G, nk, nvs): k (q) read once per V-block, v (dO) once per K-block;
+    # bwd_dv over (G, NC, nv): q, k once per V-block, dO (and v if O is recomputed or v is
+    # w * x) once; bwd_dqk over (G, NC, nk): v, dO once per K-block, q, k, S, dh once
     tk, tv = G * T * K, G * T * V
     o = p.needs_o
-    kern = f4 * ((nv * tk + nk * tv) + (nv * tk + nk * tv)          # fwd_h, bwd_dh reads
-                 + (2 * nv * tk + tv + (tv if o else 0)) + (tv if o else 0)  # bwd_dv reads, o
-                 + (2 * nk * tv + 2 * tk) + tv + 2 * tk)             # bwd_dqk reads; dv dq dk
+    rv = o or p.w is not None
+    kern = (e["k"] * nvs * tk + e["v"] * nk * tv) + (e["q"] * nvs * tk + e["do"] * nk * tv) \
+        + ((e["q"] + e["k"]) * nv * tk + e["do"] * tv + (e["v"] * tv if rv else 0)) \
+        + (f4 * tv if o else 0) \
+        + ((e["v"] + e["do"]) * nk * tv + (e["q"] + e["k"]) * tk) + f4 * (tv + 2 * tk)
     hbytes = G * NC * K * V * in_bytes  # bfloat16 for 16-bit calls
     kern += hbytes * (2 + 1 + 2 + (1 if o else 0))  # hc, dhc written; hc, dhc x2 (+hc) read
-    kern += ng * f4 * (4 * (nv if not diag else 1) + (nk if not diag else 1))  # g read, dg
+    # g read (fwd_h, bwd_dh per K x V-block, bwd_dv per V-, bwd_dqk per K-block), dg written
+    kern += ng * (e["g"] * ((2 * nk * nvs + nv + 2 * nk) if not diag else 2 * nvs + nv + 1)
+                  + f4 * (nk if not diag else 1))
+    # w read (fwd_h, bwd_dv, bwd_dqk), dw written
+    kern += nw * (e["w"] * (nk * nvs + nv + nk * nv) + f4 * nv)
     return fused, glue, kern
+
+
+class _Count:
+    """Bytes every aten op reads and writes (its tensor inputs and outputs), views and
+    allocations not counted: a TorchDispatchMode, ``moved`` after the ``with``."""
+
+    def __enter__(self):
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+        skip = {"empty", "empty_strided", "zeros", "full", "empty_like", "new_empty"}
+        outer = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if func.__name__.split(".")[0] in skip:
+                    return out
+                leaves = torch.utils._pytree.tree_leaves
+                ins = [a for a in leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+                outs = [a for a in leaves(out) if isinstance(a, torch.Tensor)]
+                ptrs = {a.untyped_storage().data_ptr() for a in ins}
+                if outs and all(o.untyped_storage().data_ptr() in ptrs for o in outs):
+                    return out  # a view
+                outer.moved += sum(a.numel() * a.element_size() for a in ins + outs)
+                return out
+        self.moved = 0
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
 
 
 MEASURE = [  # interpreter-sized shapes (bench_backward_bytes.py's table 1), float32
@@ -152,7 +272,7 @@ def measure_bytes(name: str, dims: dict) -> dict:
     h0, dh_T read, input gradients and dh0 written)."""
     import numpy as np
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+    from torch.utils._python_dispatch import _disable_current_modes
 
     import scancc
     from scancc import autograd as ag
@@ -168,23 +288,6 @@ def measure_bytes(name: str, dims: dict) -> dict:
     dy = {o.name: torch.from_numpy(rng.standard_normal(tuple(sizes[d] for d in o.dims))).float()
           for o in rec.outputs}
     dh = {s.name: torch.randn(tuple(sizes[d] for d in s.dims)) for s in rec.states}
-    skip = {"empty", "empty_strided", "zeros", "full", "empty_like", "new_empty"}
-
-    class Count(TorchDispatchMode):
-        moved = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func.__name__.split(".")[0] in skip:
-                return out
-            ins = [a for a in torch.utils._pytree.tree_leaves((args, kwargs))
-                   if isinstance(a, torch.Tensor)]
-            outs = [a for a in torch.utils._pytree.tree_leaves(out) if isinstance(a, torch.Tensor)]
-            ptrs = {a.untyped_storage().data_ptr() for a in ins}
-            if outs and all(o.untyped_storage().data_ptr() in ptrs for o in outs):
-                return out  # a view
-            Count.moved += sum(a.numel() * a.element_size() for a in ins + outs)
-            return out
     real = cb.kernels()
 
     class Launch:
@@ -199,7 +302,7 @@ def measure_bytes(name: str, dims: dict) -> dict:
     orig = cb.kernels
     cb.kernels = lambda: tuple(Launch(k) for k in real)  # noqa: E731 - this process only
     try:
-        with runtime.count_traffic() as tr, Count():
+        with runtime.count_traffic() as tr, _Count() as count:
             ag.backward(rec, x, dy, h0, dh, target="triton")
     finally:
         cb.kernels = orig
@@ -207,7 +310,7 @@ def measure_bytes(name: str, dims: dict) -> dict:
     ins = sum(numel(i.dims) for i in rec.inputs)
     fused = 4 * (2 * ins + sum(numel(o.dims) for o in rec.outputs) +
                  3 * sum(numel(s.dims) for s in rec.states))
-    return {"kernels": tr.loaded + tr.stored, "glue": Count.moved, "fused": fused,
+    return {"kernels": tr.loaded + tr.stored, "glue": count.moved, "fused": fused,
             "sizes": {d: sizes[d] for d in dims}}
 
 
@@ -291,8 +394,8 @@ def main(argv=None) -> int:
             if "error" in c:
                 print(f"| {name} | {label} | {j['kernel']} | error: {c['error'][:120]} |")
                 continue
-            print(f"| {name} | {label} | {j['kernel']} | {cfg.BT} {cfg.BK} {cfg.BV} "
-                  f"{cfg.num_warps} | {c.get('regs', '-')} | {c.get('spill_st', '-')}/"
+            print(f"| {name} | {label} | {j['kernel']} | {j['blocks']} "
+                  f"| {c.get('regs', '-')} | {c.get('spill_st', '-')}/"
                   f"{c.get('spill_ld', '-')} | {c.get('tc', '-')} | {c.get('smem', '-')} |")
     print()
     print("| recurrence | shape (B8 T2048) | fused minimum GB | glue GB | kernels GB | "

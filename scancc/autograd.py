@@ -374,21 +374,23 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
     dt = xp.float_dtype(64 if f64 else 32)
     given = {k: v.shape for k, v in inputs.items()}
     low = xp.torch and any(v.dtype in (xp.t.bfloat16, xp.t.float16) for v in inputs.values())
-    inputs = {k: xp.cast(v, dt) for k, v in _full_layouts(rec, inputs).items()}
-    d_out = {k: xp.cast(v, dt) for k, v in d_out.items()}
-    sizes = fwd.sizes(tuple(tuple(inputs[n].shape) for n in fwd.input_names))
+    full = _full_layouts(rec, inputs)
+    sizes = fwd.sizes(tuple(tuple(full[n].shape) for n in fwd.input_names))
     T = sizes[rec.time]
     chunked = _chunked_hook(fwd.backend, rec, opts.given)
     if chunked is not None:  # a fixed few launches, chunk-boundary states only
-        # the backend takes torch tensors: NumPy arrays (scancc check) go through CPU tensors
-        tt = (lambda a: a) if xp.torch else _torch_of
-        g, d_init = chunked(rec, {k: tt(v) for k, v in inputs.items()},
+        # the backend takes torch tensors in their dtype (its kernels convert on load): NumPy
+        # arrays (scancc check) go through CPU tensors
+        tt = (lambda a: a) if xp.torch else (lambda a: _torch_of(xp.cast(a, dt)))
+        g, d_init = chunked(rec, {k: tt(v) for k, v in full.items()},
                             {k: tt(v) for k, v in d_out.items()}, sizes,
                             {k: tt(v) for k, v in (initial_state or {}).items()},
                             {k: tt(v) for k, v in (d_final_state or {}).items()},
                             {**opts.given, "_inputs_16bit": low})
         return {k: xp.back(v, dt).reshape(given[k]) for k, v in g.items()}, \
             {k: xp.back(v, dt) for k, v in d_init.items()}
+    inputs = {k: xp.cast(v, dt) for k, v in full.items()}
+    d_out = {k: xp.cast(v, dt) for k, v in d_out.items()}
     axes = _time_axes(rec)
     zeros = {s.name: xp.zeros(tuple(sizes[d] for d in s.dims), dt) for s in rec.states}
     h = {**zeros, **{k: xp.cast(v, dt) for k, v in (initial_state or {}).items()}}

@@ -42,6 +42,15 @@ L the chunk's last step, S the state entering the chunk, dh = dL/dS leaving it),
 So one backward call is: a few torch elementwise ops for the factors, four kernel launches,
 a few torch elementwise ops for the chain rule -- a fixed number whatever T is.
 
+What the kernels take over from the torch ops (derived from the factor expressions, no
+per-recurrence case): a factor that is one input (maybe ``group``-ed, maybe lacking a grid
+dim) or an output cotangent times a constant is read in place through strides (``_direct``,
+``_Factor``; mamba2's B and C per group); a per-step scalar w on the injected term
+(``_split_scale``: v = w x, mamba2's dt) is applied on load and bwd_dv's epilogue writes
+dL/dx = w dL/dv and dL/dw = sum_V(dL/dv x); a gradient that is exactly a factor's cotangent
+is written by the kernels into the input's gradient (linear_attn, simple_gla, gla: no torch
+op), and other factor gradients of an input-read factor in that input's layout.
+
 What it takes (``plan`` says why not, and ``scancc.autograd`` then keeps its generic path):
 one state, identity or scalar decay, the Triton chunked emitter's form (one contraction
 sum(S * q, K)), a cotangent of the contraction that does not read the contraction (an output
@@ -52,8 +61,11 @@ Householder transitions (delta_net, gated_delta_net) take ``chunked_backward_hou
 plan then has the extra factors hk (the reflection's k) and beta.
 
 Not done here: the dplr kind; recurrent edge semantics for
-non-finite *inputs* (a NaN in a factor spreads over its chunk's gradients rather than where
-the reference puts it); the factors are materialised as float32 [G, T, K|V] tensors (bytes:
+non-finite *inputs* everywhere (the causal masks select, so a NaN at step t stays out of the
+intra-chunk products of later steps, but products over time inside a dot and dg's reverse
+cumulative sum still carry it over its chunk: docs/training.md); factors that are not one input (mamba2's g = dt A, a z-gated dO) are
+still materialised as float32 [G, T, K|V] tensors, and the rest of the chain rule (mamba2's
+dx = dL/dx + dy D, the ungroup sums of dB and dC, dD) is torch ops (bytes:
 docs/performance/training.md).
 """
 from __future__ import annotations
@@ -105,6 +117,7 @@ class Plan:
     o_name: str                 # placeholder input of the contraction O
     needs_o: bool               # some input gradient reads O (bwd_grads then writes it)
     ctx_rec: Recurrence         # dims_of for the placeholders too
+    w: Node | None = None       # the injected term's per-step scalar (v is then w * v)
 
 
 def _check_ops(n: Node, what: str) -> None:
@@ -147,7 +160,12 @@ def _build(rec: Recurrence) -> Plan:
     inl = lambda n: inline_lets_in(rec, n, memo)  # noqa: E731
     from scancc.ir.passes.chunked import product
     q, k, v = inl(product(F.q_side)), inl(product(F.k_side)), inl(product(F.v_side))
-    g = hk = beta = None
+    g = hk = beta = w = None
+    if F.kind is not Kind.HOUSEHOLDER:
+        k, wk = _split_scale(rec, k, F.grid)
+        v, wv = _split_scale(rec, v, F.grid)
+        ws = [x for x in (wk, wv) if x is not None]
+        w = product(ws) if ws else None
     if F.kind is not Kind.IDENTITY and F.log_decay is not None:
         g = inl(Node(Op.LOG, (F.log_decay,)) if F.log_of else F.log_decay)
     if F.kind is Kind.HOUSEHOLDER:
@@ -172,7 +190,7 @@ def _build(rec: Recurrence) -> Plan:
         cot[o.name] = fresh(f"d_{o.name}")
         placeholders.append(Input(cot[o.name], o.dims))
     fcot = {}
-    factors = (("q", q), ("k", k), ("v", v), ("g", g), ("hk", hk), ("beta", beta))
+    factors = (("q", q), ("k", k), ("v", v), ("g", g), ("hk", hk), ("beta", beta), ("w", w))
     for name, e in factors:
         if e is None:
             continue
@@ -207,7 +225,35 @@ def _build(rec: Recurrence) -> Plan:
     for what, e in factors + (("dO", dO),):
         if e is not None:
             _check_ops(e, f"factor {what}")
-    return Plan(rec, F, s.name, q, k, v, g, hk, beta, dO, grads, cot, fcot, o_name, needs_o, ctx.rec)
+    return Plan(rec, F, s.name, q, k, v, g, hk, beta, dO, grads, cot, fcot, o_name, needs_o,
+                ctx.rec, w)
+
+
+def _split_scale(rec: Recurrence, e: Node, grid) -> tuple[Node, Node | None]:
+    """A K- or V-side factor ``e`` as (x, w): x one input (maybe grouped) the kernels can read
+    where it lies, w the product of its other factors when they vary along nothing but time
+    and the grid (a per-step scalar: mamba2's v = clamp(dt) * x). The injected term k vᵀ
+    then has w on its V side whichever side it came from (a scalar commutes), which the
+    kernels apply on load and whose gradient terms they write (kernels' module doc).
+    (e, None) when ``e`` is not of that form."""
+    parts, stack = [], [e]
+    while stack:
+        n = stack.pop()
+        if n.op is Op.MUL:
+            stack.extend(reversed(n.src))
+        else:
+            parts.append(n)
+    scal = [n for n in parts if not set(rec.dims_of(n)) - set(grid) - {rec.time}]
+    rest = [n for n in parts if n not in scal]
+    if not scal or len(rest) != 1:
+        return e, None
+    x = rest[0]
+    while x.op is Op.GROUP:
+        x = x.src[0]
+    if x.op is not Op.INPUT:
+        return e, None
+    from scancc.ir.passes.chunked import product
+    return rest[0], product(scal)
 
 
 # ---- torch evaluation of state-free expressions (the reference interpreter's layout) ----
@@ -247,6 +293,10 @@ class _TorchEval:
     def from_canon(self, a, layout):
         """(time-led canonical) -> ``layout``; a time-free layout sums the time axis."""
         time = self.rec.time
+        # a value along a dim the layout lacks (a factor broadcast over it): summed
+        extra = [self.axis[d] for d in self.canon if d not in layout and a.shape[self.axis[d]] > 1]
+        if extra:
+            a = a.sum(dim=extra, keepdim=True)
         if time not in layout:
             a = a.sum(0)
             full = self.shape(layout)
@@ -348,6 +398,7 @@ class Config:
     BV: int
     num_warps: int
     precision: str
+    BVS: int = 0    # the V tile of the sequential passes fwd_h and bwd_dh (0: BV)
 
 
 # warps per program as a multiple of the num_warps option (default 4): the kernels hold
@@ -355,11 +406,18 @@ class Config:
 WARPS = 2
 
 
+# the V tile of the sequential passes (fwd_h, bwd_dh): 128 wide, each K tile of k / q is
+# then read once per 128 columns of V rather than per 64 (ptxas at K=V=128, 8 warps: zero
+# spills; docs/performance/training.md)
+SEQ_BV = 128
+
+
 def config(K: int, V: int, options: Mapping[str, Any], diag: bool = False) -> Config:
     """Block sizes and warps of the kernels: chunks of 64 steps (16 for key-diagonal decays,
     whose intra-chunk terms are [BT, BT, BK] products, as the forward's), K and V in blocks of at most
     64 (the ``block_sizes`` of the time, K and V dims and ``num_warps`` override; the keys
-    "time", "K", "V" here). ``dot_precision`` "auto": tf32 when the call's inputs were 16-bit
+    "time", "K", "V" here); the sequential passes take V in blocks of up to ``SEQ_BV``
+    unless the V block is given. ``dot_precision`` "auto": tf32 when the call's inputs were 16-bit
     (``options["_inputs_16bit"]``), tf32x3 on float32 ones (as the forward)."""
     bs = dict(options.get("block_sizes") or {})
     nw = min(WARPS * (options.get("num_warps") or 4), 32)
@@ -368,7 +426,80 @@ def config(K: int, V: int, options: Mapping[str, Any], diag: bool = False) -> Co
         else PRECISION[mode]
     return Config(max(16, bs.get("time", 16 if diag else 64)),
                   max(16, bs.get("K", min(_pow2(K), 64))),
-                  max(16, bs.get("V", min(_pow2(V), 64))), nw, prec)
+                  max(16, bs.get("V", min(_pow2(V), 64))), nw, prec,
+                  max(16, bs.get("V", min(_pow2(V), SEQ_BV))))
+
+
+_SCALE_OPS = {Op.CONST, Op.SIZE, Op.NEG, Op.EXP, Op.LOG, Op.SQRT, Op.RSQRT, Op.ADD, Op.SUB,
+              Op.MUL, Op.DIV}
+
+
+@dataclass
+class _Factor:
+    """A tensor the kernels address through strides (``chunked_backward_kernels``'s doc): the
+    grid index's outer and inner strides and group ratios, then time's and the feature's
+    (stride 0: the tensor lacks that dim and is read broadcast along it)."""
+    t: Any
+    s0: int
+    s1: int
+    r0: int = 1
+    r1: int = 1
+    st: int = 0
+    sf: int = 0
+
+    def read(self) -> list:
+        return [self.t, self.s0, self.s1, self.r0, self.r1, self.st, self.sf]
+
+    def write(self) -> list:
+        return [self.t, self.s0, self.s1, self.st, self.sf]
+
+
+def _flat_factor(x, N1: int) -> _Factor:
+    """A contiguous [G, T] or [G, T, F] tensor (G = outer x N1)."""
+    T = x.shape[1]
+    f = x.shape[2] if x.dim() == 3 else 1
+    return _Factor(x, N1 * T * f, T * f, 1, 1, f, 1 if x.dim() == 3 else 0)
+
+
+def _direct(rec: Recurrence, grid, sizes, e: Node, feat, tensors) -> tuple[_Factor, str] | None:
+    """``e`` read straight from one input (or output cotangent) where it lies, when it is that
+    tensor (maybe grouped: ``group(B, groups, heads)`` reads B per group) over at most the
+    grid, time and ``feat`` dims: (its strided factor, the tensor's name), else None.
+    ``tensors``: name -> (tensor, its dims)."""
+    if len(grid) > 2:
+        return None
+    groups = {}
+    while e.op is Op.GROUP:
+        g, d = e.arg
+        groups[d] = g
+        e = e.src[0]
+    if e.op is not Op.INPUT or e.arg not in tensors:
+        return None
+    x, dims = tensors[e.arg]
+    allowed = set(grid) | {rec.time} | ({feat} if feat else set()) | set(groups.values())
+    if set(dims) - allowed or any(g not in dims for g in groups.values()):
+        return None
+
+    def at(d):
+        if d in groups:
+            g = groups[d]
+            return x.stride(dims.index(g)), sizes[d] // sizes[g]
+        return (x.stride(dims.index(d)), 1) if d in dims else (0, 1)
+    (s0, r0) = at(grid[0]) if len(grid) >= 1 else (0, 1)
+    (s1, r1) = at(grid[1]) if len(grid) == 2 else (0, 1)
+    st = at(rec.time)[0]
+    sf = at(feat)[0] if feat else 0
+    return _Factor(x, s0, s1, r0, r1, st, sf), e.arg
+
+
+def _scaled(e: Node) -> tuple[Node, Node | None]:
+    """``e`` as (x, scale) when it is x times a constant expression (the cotangent of a
+    contraction scaled by rsqrt(size(key)), say), else (e, None)."""
+    if e.op is Op.MUL:
+        for a, b in ((e.src[0], e.src[1]), (e.src[1], e.src[0])):
+            if all(n.op in _SCALE_OPS for n in b.walk()):
+                return a, b
+    return e, None
 
 
 def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any],
@@ -395,20 +526,24 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
     cfg = config(K, V, opts, diag)
 
     cots: dict = {}
+    # the output cotangents, converted to float32 only when a torch op reads them (the
+    # kernels read a cotangent that is dO in place)
+    raw = {p.cot[o.name]: (o, d_out.get(o.name)) for o in rec.outputs}
 
     def leaf(name):
         if name in cots:
+            return cots[name]
+        if name in raw:
+            o, d = raw[name]
+            if d is None:
+                d = torch.zeros(tuple(sizes[x] for x in o.dims), dtype=f32, device=dev)
+            cots[name] = ev.to_canon(d.to(f32), o.dims)
             return cots[name]
         if name in inputs:
             return ev.to_canon(inputs[name].to(f32), rec.input(name).dims)
         raise KeyError(name)
     ev = _TorchEval(rec, p.ctx_rec, sizes, leaf)
     ev.device = dev
-    for o in rec.outputs:
-        d = d_out.get(o.name)
-        if d is None:
-            d = torch.zeros(tuple(sizes[x] for x in o.dims), dtype=f32, device=dev)
-        cots[p.cot[o.name]] = ev.to_canon(d.to(f32), o.dims)
 
     canon = rec.canonical
     ax = {d: 1 + i for i, d in enumerate(canon)}
@@ -435,10 +570,36 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
         order = [rec.time] + [d for d in canon if d in names]
         return ev.spread(x.permute([names.index(d) for d in order]), names)
 
-    fq, fk, fv = flat(ev.eval(p.q), F.K), flat(ev.eval(p.k), F.K), flat(ev.eval(p.v), F.V)
-    fdo = flat(ev.eval(p.d_contraction), F.V)
-    fg = flat(ev.eval(p.g), F.K if F.kind is Kind.DIAGONAL else None) \
-        if p.g is not None else None
+    N1 = sizes[grid[1]] if len(grid) == 2 else 1
+    tensors = {x.name: (inputs[x.name], x.dims) for x in rec.inputs}
+    tensors.update({p.cot[o.name]: (d_out[o.name], o.dims) for o in rec.outputs
+                    if d_out.get(o.name) is not None})
+    direct = {} if F.kind is Kind.HOUSEHOLDER else {
+        "q": _direct(rec, grid, sizes, p.q, F.K, tensors),
+        "k": _direct(rec, grid, sizes, p.k, F.K, tensors),
+        "v": _direct(rec, grid, sizes, p.v, F.V, tensors),
+        "g": _direct(rec, grid, sizes, p.g, F.K if diag else None, tensors)
+        if p.g is not None else None,
+        "w": _direct(rec, grid, sizes, p.w, None, tensors) if p.w is not None else None}
+    do_e, do_scale = _scaled(p.d_contraction)
+    if F.kind is not Kind.HOUSEHOLDER:
+        direct["do"] = _direct(rec, grid, sizes, do_e, F.V, tensors)
+    do_scale = float(ev.eval(do_scale).reshape(-1)[0]) \
+        if do_scale is not None and direct.get("do") is not None else 1.0
+
+    def factor(name, e, feat):
+        """The kernels' view of factor ``name``: straight from its input, else materialised."""
+        d = direct.get(name)
+        return d[0] if d is not None else _flat_factor(flat(ev.eval(e), feat), N1)
+    if F.kind is Kind.HOUSEHOLDER:
+        fq, fk, fv = flat(ev.eval(p.q), F.K), flat(ev.eval(p.k), F.K), flat(ev.eval(p.v), F.V)
+        fdo = flat(ev.eval(p.d_contraction), F.V)
+        fg = flat(ev.eval(p.g), None) if p.g is not None else None
+    else:
+        fq, fk, fv = factor("q", p.q, F.K), factor("k", p.k, F.K), factor("v", p.v, F.V)
+        fdo = factor("do", p.d_contraction, F.V)
+        fg = factor("g", p.g, F.K if diag else None) if p.g is not None else None
+        fw = factor("w", p.w, None) if p.w is not None else None
 
     def state_flat(x):
         x = x.to(f32).permute([s.dims.index(d) for d in grid] +
@@ -463,47 +624,95 @@ def backward(rec: Recurrence, inputs: Mapping[str, Any], d_out: Mapping[str, Any
     # per-chunk kernels read are rounded
     sdt = torch.bfloat16 if opts.get("_inputs_16bit") else f32
     hc, dhc, dh0 = new(G, nc, K, V, dtype=sdt), new(G, nc, K, V, dtype=sdt), new(G, K, V)
-    dq, dk, dv = new(G, T, K), new(G, T, K), new(G, T, V)
-    dgk = (new(G, T, K) if diag else new(G, nk, T)) if fg is not None else None
-    fo = new(G, T, V) if p.needs_o else None
-    fwd_h, bwd_dh, bwd_dv, bwd_dqk, bwd_dv_diag, bwd_dqk_diag = kernels()
     has_g = fg is not None
-    gptr = fg if has_g else fq                     # not read without HAS_G
+    done: dict = {}   # input name -> its gradient, written by the kernels in its layout
+
+    def grad_out(name, feat, flat_shape):
+        """Where the kernels write factor ``name``'s gradient: when the factor is read from
+        an input of exactly its dims, a tensor in that input's layout -- its gradient itself
+        when that is exactly this factor's cotangent (the chain rule's identity, e.g.
+        linear_attn's q), else one the chain rule's torch ops then read in the layout their
+        result takes (mamba2's dL/dx + dy D: no transposing copy); else a float32 [G, T, F]
+        tensor."""
+        d = direct.get(name)
+        if d is not None and d[0].r0 == d[0].r1 == 1 and d[0].st and (feat is None or d[0].sf):
+            x = rec.input(d[1]) if d[1] in {i.name for i in rec.inputs} else None
+            if x is not None and \
+                    set(x.dims) == set(grid) | {rec.time} | ({feat} if feat else set()):
+                out = new(*(sizes[d_] for d_ in x.dims))
+                if p.grads[x.name] == Node(Op.INPUT, (), p.fcot[name]):
+                    done[x.name] = out
+                got = _direct(rec, grid, sizes, Node(Op.INPUT, (), x.name), feat,
+                              {x.name: (out, x.dims)})
+                return got[0], ev.to_canon(out, x.dims)
+        out = new(*flat_shape)
+        return _flat_factor(out, N1), None
+    dq, cq = grad_out("q", F.K, (G, T, K))
+    dk, ck = grad_out("k", F.K, (G, T, K))
+    dv, cv = grad_out("v", F.V, (G, T, V))
+    dgk = cg = None
+    if has_g:
+        if diag or nk == 1:
+            dgk, cg = grad_out("g", F.K if diag else None, (G, T, K) if diag else (G, T))
+        else:  # each K-block's share, summed below: [G, nk, T]
+            x = new(G, nk, T)
+            dgk = _Factor(x, N1 * nk * T, nk * T, 1, 1, 1, T)
+    fo = _flat_factor(new(G, T, V), N1) if p.needs_o else None
+    has_w = fw is not None
+    # dL/dw: each V-block's share ([G, nv, T], summed below; [G, T] with one V-block)
+    dw = (_flat_factor(new(G, T), N1) if nv == 1 else
+          _Factor(new(G, nv, T), N1 * nv * T, nv * T, 1, 1, 1, T)) if has_w else None
+    wf, dwf = (fw, dw) if has_w else (fq, dv)     # not read / written without HAS_W
+    fwd_h, bwd_dh, bwd_dv, bwd_dqk, bwd_dv_diag, bwd_dqk_diag = kernels()
+    gf = fg if has_g else fq                       # not read without HAS_G
     kw = dict(BT=cfg.BT, BK=cfg.BK, BV=cfg.BV, PREC=cfg.precision, num_warps=cfg.num_warps)
     dg = None
     if T > 0:
         import numpy as np
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            fwd_h[(G, nk, nv)](fk, fv, gptr, h0 if h0 is not None else fk, hc, T, K, V, nc,
-                               HAS_G=has_g, HAS_H0=h0 is not None, DIAG=diag, **kw)
-            bwd_dh[(G, nk, nv)](fq, fdo, gptr, dht if dht is not None else fq, dhc, dh0, T, K,
-                                V, nc, HAS_G=has_g, HAS_DHT=dht is not None, DIAG=diag, **kw)
+            nvs = -(-V // cfg.BVS)
+            seq = dict(kw, BV=cfg.BVS)
+            fwd_h[(G, nk, nvs)](*fk.read(), *fv.read(), *gf.read(),
+                               *wf.read(), h0 if h0 is not None else fk.t, hc, T, K, V,
+                               nc, N1, HAS_W=has_w, HAS_G=has_g, HAS_H0=h0 is not None,
+                               DIAG=diag, **seq)
+            bwd_dh[(G, nk, nvs)](*fq.read(), *fdo.read(), *gf.read(), do_scale,
+                                 dht if dht is not None else fq.t, dhc, dh0, T, K, V, nc, N1,
+                                 HAS_G=has_g, HAS_DHT=dht is not None, DIAG=diag, **seq)
             ov = fo if fo is not None else dv
+            qkvg = [*fq.read(), *fk.read(), *fv.read(), *gf.read()]
+            rest = [*fdo.read(), do_scale, hc, dhc]
+            dv_args = [*qkvg, *rest, *dv.write(), *ov.write(), *wf.read(), *dwf.write(), T, K,
+                       V, nc, N1]
+            dqk_args = [*qkvg, *wf.read(), *rest, *dq.write(), *dk.write(),
+                        *(dgk if has_g else dq).write(), T, K, V, nc, N1]
             if diag:
-                bwd_dv_diag[(G, nc, nv)](fq, fk, fv, gptr, fdo, hc, dhc, dv, ov, T, K, V, nc,
-                                         WANT_O=fo is not None, **kw)
-                bwd_dqk_diag[(G, nc, nk)](fq, fk, fv, gptr, fdo, hc, dhc, dq, dk, dgk, T, K, V,
-                                          nc, **kw)
+                bwd_dv_diag[(G, nc, nv)](*dv_args, HAS_W=has_w, WANT_O=fo is not None, **kw)
+                bwd_dqk_diag[(G, nc, nk)](*dqk_args, HAS_W=has_w, **kw)
             else:
-                bwd_dv[(G, nc, nv)](fq, fk, fv, gptr, fdo, hc, dhc, dv, ov, T, K, V, nc,
-                                    HAS_G=has_g, WANT_O=fo is not None, **kw)
-                bwd_dqk[(G, nc, nk)](fq, fk, fv, gptr, fdo, hc, dhc, dq, dk,
-                                     dgk if has_g else dq, T, K, V, nc, nk, HAS_G=has_g, **kw)
+                bwd_dv[(G, nc, nv)](*dv_args, HAS_W=has_w, HAS_G=has_g, WANT_O=fo is not None,
+                                    **kw)
+                bwd_dqk[(G, nc, nk)](*dqk_args, HAS_G=has_g, HAS_W=has_w, **kw)
         if has_g:
-            dg = dgk if diag else dgk.sum(1)
+            dg = dgk.t if (diag or nk == 1) else dgk.t.sum(1)
     else:
         dh0 = dht if dht is not None else torch.zeros(G, K, V, dtype=f32, device=dev)
         if has_g:
-            dg = torch.zeros((G, 0, K) if diag else (G, 0), dtype=f32, device=dev)
+            dg = dgk.t if cg is not None else \
+                torch.zeros((G, 0, K) if diag else (G, 0), dtype=f32, device=dev)
     # the chain rule: factor cotangents in, input gradients out
-    cots[p.fcot["q"]], cots[p.fcot["k"]] = unflat(dq, F.K), unflat(dk, F.K)
-    cots[p.fcot["v"]] = unflat(dv, F.V)
+    cots[p.fcot["q"]] = cq if cq is not None else unflat(dq.t, F.K)
+    cots[p.fcot["k"]] = ck if ck is not None else unflat(dk.t, F.K)
+    cots[p.fcot["v"]] = cv if cv is not None else unflat(dv.t, F.V)
     if has_g:
-        cots[p.fcot["g"]] = unflat(dg, F.K if diag else None)
+        cots[p.fcot["g"]] = cg if cg is not None else unflat(dg, F.K if diag else None)
+    if has_w:
+        cots[p.fcot["w"]] = unflat(dw.t if nv == 1 or T == 0 else dw.t.sum(1), None) \
+            if T > 0 else torch.zeros((0,) + ev.shape(grid), dtype=f32, device=dev)
     if fo is not None:
-        cots[p.o_name] = unflat(fo, F.V) if T > 0 else \
+        cots[p.o_name] = unflat(fo.t, F.V) if T > 0 else \
             torch.zeros((0,) + ev.shape(rec.dims_of(p.form.contraction)), dtype=f32, device=dev)
-    return _chain(p, ev, sizes, dh0, dev)
+    return _chain(p, ev, sizes, dh0, dev, done)
 
 
 def _householder(p, ev, cots, flat, unflat, fq, fk, fv, fdo, fg, h0, dht, cfg, new, sizes,
@@ -536,8 +745,9 @@ def _householder(p, ev, cots, flat, unflat, fq, fk, fv, fdo, fg, h0, dht, cfg, n
     return _chain(p, ev, sizes, dh0, dev)
 
 
-def _chain(p, ev, sizes, dh0, dev):
-    """Input gradients from the factor cotangents (set in ``ev``'s leaves) and dh0."""
+def _chain(p, ev, sizes, dh0, dev, done=None):
+    """Input gradients from the factor cotangents (set in ``ev``'s leaves) and dh0; ``done``:
+    those the kernels wrote already."""
     import torch
     rec, F, s = p.rec, p.form, p.rec.state(p.state)
     T, K, V = sizes[rec.time], sizes[F.K], sizes[F.V]
@@ -547,6 +757,9 @@ def _chain(p, ev, sizes, dh0, dev):
     for x in rec.inputs:
         e = p.grads[x.name]
         shape = tuple(sizes[d] for d in x.dims)
+        if done and x.name in done:
+            grads[x.name] = done[x.name]
+            continue
         if e is None:
             grads[x.name] = torch.zeros(shape, dtype=f32, device=dev)
             continue
