@@ -80,6 +80,9 @@ class Lowering(chunked.Lowering):
     SMS = 132
     # householder chunks (the [BT, BT] triangular inverse of stage 1): see the module doc
     HOUSEHOLDER_BT = 32
+    # identity/scalar/key-diagonal state pass: [K, V] sub-blocks of the state per program
+    # (fla's chunk_fwd_h grid (K/BK, V/BV, B·H)); modelled in docs/performance/triton.md
+    STATE_BLOCK = (32, 32)
 
     def __init__(self, rec: Recurrence, options, choose: bool = False):
         analyze(rec)  # NotChunkable before any name is allocated
@@ -93,9 +96,11 @@ class Lowering(chunked.Lowering):
             self.pc = self.names.new("pc")      # per-chunk P = A e^{c_(t-1)} K (float32)
             self.rc = self.names.new("rc")      # per-chunk Q = A N W, then R (float32)
             self.buffers = [self.hc, self.pc, self.rc]
-        else:
-            self.dc = self.names.new("dc")      # per-chunk total decays (float32)
-            self.buffers = [self.hc, self.dc]
+        else:  # the state pass computes each chunk's contribution: no per-chunk buffer but hc
+            self.buffers = [self.hc]
+            # the state pass's [BKS, BVS] sub-blocks of the [BK, BV] state (constexprs)
+            self.bks = self.names.new(f"{self.block[self.form.K]}_STATE")
+            self.bvs = self.names.new(f"{self.block[self.form.V]}_STATE")
         self.stage = self.names.new("STAGE")
 
     def block_size(self, d: str, n: int, sizes: dict | None = None) -> int:
@@ -106,13 +111,18 @@ class Lowering(chunked.Lowering):
 
     def signature(self) -> tuple[list[str], list[str]]:
         params, consts = super().signature()
-        return params + self.buffers, consts + [self.stage]
+        split = [] if self.hh else [self.bks, self.bvs]
+        return params + self.buffers, consts + [self.stage] + split
 
     def compile_args(self, sizes: dict, dtype: str, stage: int = 1) -> tuple[dict, dict]:
         sig, const = super().compile_args(sizes, dtype)
         for buf in self.buffers:
             sig[buf] = "*fp32"
         const[self.stage] = stage
+        if not self.hh:  # hc in the input dtype for 16-bit inputs (the launcher's rule)
+            sig[self.hc] = {"bfloat16": "*bf16", "float16": "*fp16"}.get(dtype, "*fp32")
+            const[self.bks] = min(const[self.block[self.form.K]], self.STATE_BLOCK[0])
+            const[self.bvs] = min(const[self.block[self.form.V]], self.STATE_BLOCK[1])
         return sig, const
 
     # ---- the kernel ----
@@ -142,10 +152,9 @@ class Lowering(chunked.Lowering):
         if self.choose:
             lines.append(f"if {self.stage} == 0:  # fused: each program walks every chunk")
             lines += ["    " + ln for ln in fused]
-        stages = (("chunk states dS_i and decays, one program per chunk",
-                   self._stage_chunk_states),
-                  ("the state pass: S_i = decay_i S_(i-1) + dS_i, sequential over chunks",
-                   self._stage_states),
+        stages = ((None, None),  # no stage 1: the state pass computes each chunk's dS_i
+                  ("the state pass: S_i = decay_i S_(i-1) + dS_i with dS_i computed in the "
+                   "loop, sequential over chunks", self._stage_states),
                   ("outputs, one program per chunk", self._stage_outputs))
         if self.form.kind is Kind.DPLR:
             stages = (("the factors P = A (b e^c_(t-1)), Q = A N W' with A = (I - M)^-1, one "
@@ -159,10 +168,13 @@ class Lowering(chunked.Lowering):
                       ("the state pass: R_i = P_i S + Q_i, S = e^c S - Kd^T R_i + Ud^T W, "
                        "sequential over chunks", self._hh_stage_states),
                       ("outputs, one program per chunk", self._hh_stage_outputs))
+        first = not self.choose
         for i, (what, fn) in enumerate(stages, 1):
-            first = i == 1 and not self.choose
+            if fn is None:
+                continue
             lines.append(f"{'if' if first else 'elif'} {self.stage} == {i}:  # {what}")
             lines += ["    " + ln for ln in fn()]
+            first = False
         return lines
 
     def _begin(self) -> Env:
@@ -185,17 +197,39 @@ class Lowering(chunked.Lowering):
                f" + tl.trans({self.off[K]}) * {self.size[V]} + {self.off[V]}")
         return ptr, f"tl.trans({self.msk[K]}) & {self.msk[V]}"
 
-    def _dc(self, i_c: str) -> tuple[str, str]:
-        """(pointers, mask) of chunk ``i_c``'s [1, BK] row of the per-chunk decay buffer."""
-        K = self.form.K
-        return (f"{self.dc} + ({self.i_g} * {self.nc} + {i_c}) * {self.size[K]} + "
-                f"{self.off[K]}", self.msk[K])
-
-    def _stage_chunk_states(self) -> list[str]:
+    def _stage_states(self) -> list[str]:
+        """Identity, scalar and key-diagonal decays: the state pass with each chunk's own
+        contribution computed in the loop (fla's chunk_fwd_h), one program per (grid, V-block,
+        [BKS, BVS] sub-block of the state): S_i = decay_i ⊙ S_(i-1) + dS_i with
+        dS_i = (k ⊙ e^{c_last - c})ᵀ v, the state entering each chunk stored into ``hc`` (in
+        the input dtype for 16-bit inputs). The K rows of S only need the same K columns of k
+        and of the decay, so the split over K is exact."""
         F, env = self.form, self._begin()
-        T, K, V = self.rec.time, F.K, F.V
-        b, dot = self.body, self._dot
-        rows = self._chunk_rows()
+        rec, b, dot = self.rec, self.body, self._dot
+        T, K, V = rec.time, F.K, F.V
+        s = rec.states[0]
+        h = self.state_var[s.name]
+        BT, BV, KS, VS = self.block[T], self.block[V], self.bks, self.bvs
+        i_s, nvs = self.names.new("i_s"), f"({BV} // {VS})"
+        out = [f"{i_s} = tl.program_id(2)  # the [{KS}, {VS}] sub-block of the state",
+               f"{self.off[K]} = ({i_s} // {nvs}) * {KS} + tl.arange(0, {KS})[None, :]",
+               f"{self.off[V]} = {self.pid[V]} * {BV} + ({i_s} % {nvs}) * {VS} + "
+               f"tl.arange(0, {VS})[None, :]",
+               f"{self.msk[K]} = {self.off[K]} < {self.size[K]}",
+               f"{self.msk[V]} = {self.off[V]} < {self.size[V]}"]
+        kv_env = self._kv_env(Env(env.base))
+        out.append(f"{h} = tl.zeros([{KS}, {VS}], dtype=tl.float32)")
+        ptr, mask = self.pointer(self.h0[s.name], s.dims, kv_env, None)
+        p0 = self.names.ir("p_", self.h0[s.name])
+        out += [f"if {self.use_h0[s.name]}:", f"    {p0} = {ptr}",
+                f"    {h} += tl.load({p0}, mask={mask}, other=0.0).to(tl.float32)"]
+        i_c = self.names.new("i_c")
+        b += [f"{self.off[T]} = {i_c} * {BT} + tl.arange(0, {BT})[:, None].to(tl.int64)",
+              f"{self.msk[T]} = {self.off[T]} < {self.size[T]}"]
+        ptr, mask = self._hc(i_c)
+        p = self.names.new("p_hc")
+        b += [f"{p} = {ptr}", f"tl.store({p}, {h}.to({p}.dtype.element_ty), mask={mask})  "
+              f"# the state entering chunk {i_c}"]
         qk, tv = f"{self.msk[T]} & {self.msk[K]}", f"{self.msk[T]} & {self.msk[V]}"
         kf, k_ok = self._factor("b_kf", self.product(F.k_side, env), qk)
         vf, v_ok = self._factor("b_vf", self.product(F.v_side, env), tv)
@@ -203,6 +237,7 @@ class Lowering(chunked.Lowering):
         ds = self.names.new("b_dS")
         if F.kind is Kind.IDENTITY:
             b.append(f"{ds} = {dot(f'tl.trans({kf})', vf, 'update')}")
+            dec = None
         else:
             gm = qk if F.kind is Kind.DIAGONAL else self.msk[T]
             g, g_ok, gc, gn, gl, gnl = self._log_decay(env, gm)
@@ -212,45 +247,14 @@ class Lowering(chunked.Lowering):
                 krows.append(self._bad(g_ok, 0))
             kd = f"({kf} * tl.where({gn} == {gnl}, tl.exp({gl} - {gc}), 0.0))"
             b.append(f"{ds} = {dot(f'tl.trans{kd}', vf, 'update')}")
-            # the chunk's total decay, 0 after a reset (every V-block stores the same row)
-            dptr, dmask = self._dc(self.i_c)
-            pd = self.names.new("p_dc")
-            b.append(f"{pd} = {dptr}")
-            zero = f"tl.zeros([1, {self.block[K]}], dtype=tl.float32)"
-            b.append(f"tl.store({pd}, {zero} + tl.where({gnl} == 0, tl.exp({gl}), 0.0), "
-                     f"mask={dmask})")
+            # the chunk's total decay, 0 after a reset
+            dec = f"tl.trans(tl.where({gnl} == 0, tl.exp({gl}), 0.0))"
         self._poison_state(ds, krows, whole, "", self._bad(v_ok, 0))
-        ptr, mask = self._hc(self.i_c)
-        p = self.names.new("p_hc")
-        b += [f"{p} = {ptr}", f"tl.store({p}, {ds}, mask={mask})"]
-        return self.pro + rows + self.body
-
-    def _stage_states(self) -> list[str]:
-        F, env = self.form, self._begin()
-        s = self.rec.states[0]
-        h = self.state_var[s.name]
-        BK, BV = self.block[F.K], self.block[F.V]
-        kv_env = self._kv_env(Env(env.base))
-        out = [f"{h} = tl.zeros([{BK}, {BV}], dtype=tl.float32)"]
-        ptr, mask = self.pointer(self.h0[s.name], s.dims, kv_env, None)
-        p0 = self.names.ir("p_", self.h0[s.name])
-        out += [f"if {self.use_h0[s.name]}:", f"    {p0} = {ptr}",
-                f"    {h} += tl.load({p0}, mask={mask}, other=0.0).to(tl.float32)"]
-        i_c = self.names.new("i_c")
-        ptr, mask = self._hc(i_c)
-        p, ds = self.names.new("p_hc"), self.names.new("b_dS")
-        loop = [f"{p} = {ptr}", f"{ds} = tl.load({p}, mask={mask}, other=0.0)",
-                f"tl.store({p}, {h}, mask={mask})  # the state entering chunk {i_c}"]
-        if F.kind is Kind.IDENTITY:
-            loop.append(f"{h} = {h} + {ds}")
-        else:
-            dptr, dmask = self._dc(i_c)
-            pd, dec = self.names.new("p_dc"), self.names.new("b_decay")
-            # a multiplication, never a select: a NaN state stays NaN through a reset
-            loop += [f"{pd} = {dptr}", f"{dec} = tl.load({pd}, mask={dmask}, other=0.0)",
-                     f"{h} = {h} * tl.trans({dec}) + {ds}"]
+        # a multiplication, never a select: a NaN state stays NaN through a reset
+        b.append(f"{h} = {h} + {ds}" if dec is None else f"{h} = {h} * {dec} + {ds}")
+        out += self.pro
         out.append(f"for {i_c} in range(0, {self.nc}):")
-        out += ["    " + ln for ln in loop]
+        out += ["    " + ln for ln in b]
         ptr, mask = self.pointer(self.ht[s.name], s.dims, kv_env, None)
         pt = self.names.ir("p_", self.ht[s.name])
         out += [f"if {self.store_ht}:", f"    {pt} = {ptr}", f"    tl.store({pt}, {h}, mask={mask})"]
@@ -269,7 +273,7 @@ class Lowering(chunked.Lowering):
         steps = [self._bad(k_ok, 1)]
         ptr, mask = self._hc(self.i_c)
         p, h = self.names.new("p_hc"), self.names.new("b_S_in")
-        b += [f"{p} = {ptr}", f"{h} = tl.load({p}, mask={mask}, other=0.0)"]
+        b += [f"{p} = {ptr}", f"{h} = tl.load({p}, mask={mask}, other=0.0).to(tl.float32)"]
         causal = f"({self.off[T]} >= tl.trans({self.off[T]}))"
         rmask = self._readout_mask(causal)  # t > s for a readout of prev(S)
         if F.kind is Kind.IDENTITY:
@@ -603,6 +607,11 @@ class Lowering(chunked.Lowering):
         # the recurrent launcher's arguments (the buffers among them: ``signature``), STAGE last
         call_args = [ln.strip().rstrip(",") for ln in call[1:-2]] + [self.stage]
         new = []
+        if not self.hh:  # the state pass's sub-blocks of the state (constexprs after STAGE)
+            call_args += [self.bks, self.bvs]
+            ks, vs = self.STATE_BLOCK
+            new += [f"    {self.bks} = min({self.block[F.K]}, {ks})  # the state pass's sub-blocks",
+                    f"    {self.bvs} = min({self.block[F.V]}, {vs})"]
         if self.choose:
             bt = self.block[T]
             fbt = self.names.new("BLOCK_TIME_FUSED")
@@ -614,23 +623,30 @@ class Lowering(chunked.Lowering):
                     f"        {call[0].strip()[:-len('[grid](')]}[({g0}, {g1}, 1)]("]
             new += [f"            {a}," for a in fargs]
             new += [f"            num_warps={nw},", "        )", "    " + lines[end]]
-        new += [f"    {nc} = -(-{self.size[T]} // {self.block[T]})",
-               "    # per chunk: " + ("P, Q (stage 1), then R over Q and the state entering it "
-                                 "(stage 2)" if self.hh else
-                                 "its state contribution, then (stage 2) the state entering it"),
-               f"    {self.hc} = torch.empty(({g0}, {nc}, {self.size[F.K]}, {self.size[F.V]}), "
-               f"dtype=torch.float32, device={dev})",
-               ] + ([
-               f"    {self.pc} = torch.empty(({g0}, {nc}, {self.block[T]}, {self.size[F.K]}), "
-               f"dtype=torch.float32, device={dev})",
-               f"    {self.rc} = torch.empty(({g0}, {nc}, {self.block[T]}, {self.size[F.V]}), "
-               f"dtype=torch.float32, device={dev})"] if self.hh else [
-               f"    {self.dc} = torch.empty(({g0}, {nc}, {self.size[F.K]}), "
-               f"dtype=torch.float32, device={dev})"]) + [
-               f"    for {self.stage}, grid, {warps} in "
-               f"((1, ({g0}, {g1}, {nc}), min({self.WARPS[1]} * {nw}, 32)), "
-               f"(2, ({g0}, {g1}, 1), min({self.WARPS[2]} * {nw}, 32)), "
-               f"(3, ({g0}, {g1}, {nc}), min({self.WARPS[3]} * {nw}, 32))):"]
+        new += [f"    {nc} = -(-{self.size[T]} // {self.block[T]})"]
+        w = [f"min({self.WARPS[i]} * {nw}, 32)" for i in (1, 2, 3)]
+        if self.hh:
+            new += ["    # per chunk: P, Q (stage 1), then R over Q and the state entering it "
+                    "(stage 2)",
+                    f"    {self.hc} = torch.empty(({g0}, {nc}, {self.size[F.K]}, "
+                    f"{self.size[F.V]}), dtype=torch.float32, device={dev})",
+                    f"    {self.pc} = torch.empty(({g0}, {nc}, {self.block[T]}, "
+                    f"{self.size[F.K]}), dtype=torch.float32, device={dev})",
+                    f"    {self.rc} = torch.empty(({g0}, {nc}, {self.block[T]}, "
+                    f"{self.size[F.V]}), dtype=torch.float32, device={dev})",
+                    f"    for {self.stage}, grid, {warps} in "
+                    f"((1, ({g0}, {g1}, {nc}), {w[0]}), (2, ({g0}, {g1}, 1), {w[1]}), "
+                    f"(3, ({g0}, {g1}, {nc}), {w[2]})):"]
+        else:
+            BV = self.block[F.V]
+            new += ["    # the state entering each chunk (stage 2), in the input dtype for "
+                    "16-bit inputs (float32 sums in registers)",
+                    f"    {self.hc} = torch.empty(({g0}, {nc}, {self.size[F.K]}, "
+                    f"{self.size[F.V]}), dtype={first}.dtype if {first}.dtype in "
+                    f"(torch.bfloat16, torch.float16) else torch.float32, device={dev})",
+                    f"    for {self.stage}, grid, {warps} in "
+                    f"((2, ({g0}, {g1}, -(-{self.size[F.K]} // {self.bks}) * ({BV} // {self.bvs})), "
+                    f"{w[1]}), (3, ({g0}, {g1}, {nc}), {w[2]})):"]
         new.append("    " + call[0])
         new += [f"            {a}," for a in call_args]
         new += [f"            num_warps={warps},", "    " + call[-1]]
