@@ -72,7 +72,9 @@ class Lowering(chunked.Lowering):
     WARPS = {1: 2, 2: 2, 3: 2}
 
     def stage_warps(self, stage: int, num_warps: int) -> int:
-        return self.WARPS[stage] * num_warps
+        if stage == 2 and not self.hh:
+            return min(self.STATE_WARPS * num_warps, 32)
+        return min(self.WARPS[stage] * num_warps, 32)
 
     # the launcher's rule with ``choose`` (algorithm="auto"): the fused kernel (chunked.py) when
     # the (grid, V-block) programs alone fill the GPU (B·H·⌈V/BV⌉ >= SMS, H100/H200: 132
@@ -82,7 +84,10 @@ class Lowering(chunked.Lowering):
     HOUSEHOLDER_BT = 32
     # identity/scalar/key-diagonal state pass: [K, V] sub-blocks of the state per program
     # (fla's chunk_fwd_h grid (K/BK, V/BV, B·H)); modelled in docs/performance/triton.md
-    STATE_BLOCK = (32, 32)
+    STATE_BLOCK = (32, 64)
+    # and its warps, as a multiple of num_warps: 4 warps on a [32, 64] sub-block, 255
+    # registers, no spills (8 warps: 153 registers, modelled 15% slower: more instructions)
+    STATE_WARPS = 1
 
     def __init__(self, rec: Recurrence, options, choose: bool = False):
         analyze(rec)  # NotChunkable before any name is allocated
@@ -273,12 +278,19 @@ class Lowering(chunked.Lowering):
         steps = [self._bad(k_ok, 1)]
         ptr, mask = self._hc(self.i_c)
         p, h = self.names.new("p_hc"), self.names.new("b_S_in")
-        b += [f"{p} = {ptr}", f"{h} = tl.load({p}, mask={mask}, other=0.0).to(tl.float32)"]
+        b += [f"{p} = {ptr}", f"{h} = tl.load({p}, mask={mask}, other=0.0)"]
+        # q S_in with S_in in hc's dtype (16-bit for 16-bit inputs: q, exact in it, meets it on
+        # bf16/f16 tensor cores; float32: the "read" precision); a scalar decay scales the rows
+        # after the dot, a key-diagonal one scales q first (float32 S_in, "read")
+        hdt = f"{self.hc}.dtype.element_ty"
+        mode = self.options.get("dot_precision", "auto")
+        prec = self.dot_f32 or ('"ieee"' if mode == "input" else f'"{mode}"')
+        qs = f"tl.dot({qf}.to({hdt}), {h}, input_precision={prec})"
         causal = f"({self.off[T]} >= tl.trans({self.off[T]}))"
         rmask = self._readout_mask(causal)  # t > s for a readout of prev(S)
         if F.kind is Kind.IDENTITY:
             a = self.bind(True, "b_A", f"tl.where({rmask}, {dot(qf, f'tl.trans({kf})')}, 0.0)")
-            o = self.bind(True, "b_o", f"{dot(a, vf)} + {dot(qf, h, 'read')}")
+            o = self.bind(True, "b_o", f"{dot(a, vf)} + {qs}")
         else:
             gm = qk if F.kind is Kind.DIAGONAL else self.msk[T]
             g, g_ok, gc, gn, gl, gnl = self._log_decay(env, gm)
@@ -295,7 +307,11 @@ class Lowering(chunked.Lowering):
                 a = self.bind(True, "b_A", f"tl.sum({qf}[:, None, :] * {kf}[None, :, :] * "
                               f"{seg}, axis=2)")
             e_now = f"tl.where({nq} == 0, tl.exp({gq}), 0.0)"
-            o = self.bind(True, "b_o", f"{dot(a, vf)} + {dot(f'({qf} * {e_now})', h, 'read')}")
+            if F.kind is Kind.SCALAR:
+                o = self.bind(True, "b_o", f"{dot(a, vf)} + {qs} * {e_now}")
+            else:
+                o = self.bind(True, "b_o", f"{dot(a, vf)} + "
+                              f"{dot(f'({qf} * {e_now})', f'{h}.to(tl.float32)', 'read')}")
         vbad = self.bind(True, "b_bad_v", self._bad(v_ok, None))
         self._poison_output(o, steps, self._bad(q_ok, 1), vbad)
         self._memo[(F.contraction, env.key)] = o
@@ -646,7 +662,7 @@ class Lowering(chunked.Lowering):
                     f"(torch.bfloat16, torch.float16) else torch.float32, device={dev})",
                     f"    for {self.stage}, grid, {warps} in "
                     f"((2, ({g0}, {g1}, -(-{self.size[F.K]} // {self.bks}) * ({BV} // {self.bvs})), "
-                    f"{w[1]}), (3, ({g0}, {g1}, {nc}), {w[2]})):"]
+                    f"min({self.STATE_WARPS} * {nw}, 32)), (3, ({g0}, {g1}, {nc}), {w[2]})):"]
         new.append("    " + call[0])
         new += [f"            {a}," for a in call_args]
         new += [f"            num_warps={warps},", "    " + call[-1]]
