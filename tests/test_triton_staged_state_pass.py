@@ -84,3 +84,20 @@ def test_bf16_chunk_states_within_the_bf16_table(name):
     s = rec.states[0].name
     testing.assert_close(r.final_states[s].numpy(), ref.final_states[s], "bfloat16",
                          f"{name} staged bf16 final state")
+
+
+@pytest.mark.parametrize("T", [1, 63, 65])
+def test_f16_chunk_states_short_and_partial_chunks(T):
+    """float16 inputs (hc in float16), T of one step, one partial chunk, a full chunk and one
+    step: output and final state against the float64 reference on the rounded inputs."""
+    rec, sizes, x, h0 = _case("simple_gla", T, 40, 72, seed=5)
+    tx = {k: torch.from_numpy(v).to(torch.float16) for k, v in x.items()}
+    xr = {k: v.double().numpy() for k, v in tx.items()}
+    r = TRI.run(rec, tx, sizes, {k: torch.from_numpy(v) for k, v in h0.items()}, True,
+                {"algorithm": "staged"})
+    ref = REF.run(rec, xr, sizes, {k: v.astype(np.float64) for k, v in h0.items()}, True, {})
+    o, s = rec.outputs[0].name, rec.states[0].name
+    testing.assert_close(r.outputs[o].float().numpy(), ref.outputs[o], "float16",
+                         f"simple_gla staged f16 output, T={T}")
+    testing.assert_close(r.final_states[s].numpy(), ref.final_states[s], "float16",
+                         f"simple_gla staged f16 final state, T={T}")
