@@ -1,14 +1,19 @@
-"""The staged chunked algorithm: the chunked form (chunked.py) as a parallel decomposition in
-three launches. With c the in-chunk cumulative log-decays and n the reset counts (edges:
-``scancc.ir.passes.chunked``), for chunk i, identity, scalar and key-diagonal decays:
+"""The staged chunked algorithm: the chunked form (chunked.py) as a parallel decomposition. With c
+the in-chunk cumulative log-decays and n the reset counts (edges: ``scancc.ir.passes.chunked``),
+for chunk i, identity, scalar and key-diagonal decays, two launches (fla's chunk_fwd_h and
+chunk_fwd_o):
 
-1. chunk states, parallel over (grid, V-blocks, chunks): the chunk's own contribution
-   dS_i = sum_s (k_s e^{c_last - c_s}) v_sᵀ and its total decay e^{c_last} (0 after a reset);
-2. the state pass, sequential over chunks only, parallel over (grid, V-blocks):
-   S_i = decay_i ⊙ S_{i-1} + dS_i, storing the state entering each chunk over dS_i (one float32
-   buffer [grid, chunks, K, V]) and the final state;
+2. the state pass, sequential over chunks only, parallel over (grid, V-blocks, [BKS, BVS]
+   sub-blocks of the state: ``STATE_BLOCK``): each chunk's own contribution
+   dS_i = sum_s (k_s e^{c_last - c_s}) v_sᵀ computed in the loop, S_i = decay_i ⊙ S_{i-1} + dS_i
+   (decay_i = e^{c_last}, 0 after a reset), storing the state entering each chunk (buffer
+   ``hc`` [grid, chunks, K, V], in the input dtype for 16-bit inputs) and the final state; the
+   K rows of S need only the same K columns of k and of the decay, so the split is exact;
 3. outputs, parallel over (grid, V-blocks, chunks): o = intra-chunk term + (q ⊙ e^{c}) S_in;
    for a readout of prev(S) (RWKV-6) the strictly causal mask and e^{c_(t-1)} (chunked.py).
+
+(Stage 1, the chunk states in a float32 buffer, was folded into the state pass: one pass over
+k, v instead of a write and a read of every dS_i.)
 
 Householder transitions (S = alpha (I - beta k kᵀ) S + u wᵀ; the UT form and its names M, N,
 R, Kd, Ud: ``chunked.Lowering._householder_chunk``), where R = (I + M)^-1 (e^{c_(t-1)} K S + N W):
@@ -28,7 +33,7 @@ P = A (b ⊙ e^{c_(t-1)}) into ``pc``, Q = A N W' into ``rc``; stage 2 R = P S +
 S = e^{c_L} ⊙ S + (a ⊙ e^{c_L - c})ᵀ R + (u ⊙ e^{c_L - c})ᵀ W'; stage 3 the fused kernel's
 output tile from S_in and R. Chunks of 16 steps (the [BT, BT, BK] transports, as gla).
 
-The three stages are the branches of one kernel on a constexpr ``STAGE`` (Triton compiles one
+The stages are the branches of one kernel on a constexpr ``STAGE`` (Triton compiles one
 kernel per stage), launched in order by one launcher, which also allocates the buffers. The
 launches are what make the stages wait for each other; no stage reads what a concurrent
 program of its own launch writes (stage 1's V-block programs write the same P tile). Chunks of
