@@ -101,3 +101,24 @@ def test_f16_chunk_states_short_and_partial_chunks(T):
                          f"simple_gla staged f16 output, T={T}")
     testing.assert_close(r.final_states[s].numpy(), ref.final_states[s], "float16",
                          f"simple_gla staged f16 final state, T={T}")
+
+
+@pytest.mark.parametrize("name", ["delta_net", "gated_delta_net"])
+def test_householder_state_pass_split_over_value_blocks(name):
+    """Householder: stage 2 split over V sub-blocks of HOUSEHOLDER_STATE_BV columns (value 40:
+    three sub-blocks, the last partial, and one fully masked), a NaN in one v element (its
+    state column and the outputs after it), initial and final states, float32 "ieee"."""
+    assert 40 > 2 * staged.Lowering.HOUSEHOLDER_STATE_BV
+    rec, sizes, x, h0 = _case(name, 70, 24, 40, seed=7)
+    x["v"][0, 40, 0, 17] = np.nan
+    tx = {k: torch.from_numpy(v) for k, v in x.items()}
+    th = {k: torch.from_numpy(v) for k, v in h0.items()}
+    r = TRI.run(rec, tx, sizes, th, True, {"algorithm": "staged", "dot_precision": "ieee"})
+    ro, rht = _ref(rec, sizes, x, h0)
+    for got, want, what in ((r.outputs[rec.outputs[0].name].numpy(), ro, "output"),
+                            (r.final_states[rec.states[0].name].numpy(), rht, "final state")):
+        np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want), err_msg=what)
+        fin = np.isfinite(want)
+        assert fin.any() and not fin.all()
+        testing.assert_close(np.where(fin, got, 0.0), np.where(fin, want, 0.0), "float32",
+                             f"{name} staged {what}, V-split state pass")

@@ -93,6 +93,8 @@ class Lowering(chunked.Lowering):
     # and its warps, as a multiple of num_warps: 4 warps on a [32, 64] sub-block, 255
     # registers, no spills (8 warps: 153 registers, modelled 15% slower: more instructions)
     STATE_WARPS = 1
+    # householder state pass: V sub-blocks of this width per program (exact: column-wise)
+    HOUSEHOLDER_STATE_BV = 16
 
     def __init__(self, rec: Recurrence, options, choose: bool = False):
         analyze(rec)  # NotChunkable before any name is allocated
@@ -106,6 +108,8 @@ class Lowering(chunked.Lowering):
             self.pc = self.names.new("pc")      # per-chunk P = A e^{c_(t-1)} K (float32)
             self.rc = self.names.new("rc")      # per-chunk Q = A N W, then R (float32)
             self.buffers = [self.hc, self.pc, self.rc]
+            if self.form.kind is Kind.HOUSEHOLDER:  # stage 2 split over V sub-blocks only
+                self.bvs = self.names.new(f"{self.block[self.form.V]}_STATE")
         else:  # the state pass computes each chunk's contribution: no per-chunk buffer but hc
             self.buffers = [self.hc]
             # the state pass's [BKS, BVS] sub-blocks of the [BK, BV] state (constexprs)
@@ -121,8 +125,14 @@ class Lowering(chunked.Lowering):
 
     def signature(self) -> tuple[list[str], list[str]]:
         params, consts = super().signature()
-        split = [] if self.hh else [self.bks, self.bvs]
-        return params + self.buffers, consts + [self.stage] + split
+        return params + self.buffers, consts + [self.stage] + self._split_consts()
+
+    def _split_consts(self) -> list[str]:
+        """The state pass's sub-block constexprs: K and V (identity/scalar/key-diagonal), V
+        (householder: R = P S + Q and the update are column-wise in V, not in K), none (dplr)."""
+        if not self.hh:
+            return [self.bks, self.bvs]
+        return [self.bvs] if self.form.kind is Kind.HOUSEHOLDER else []
 
     def compile_args(self, sizes: dict, dtype: str, stage: int = 1) -> tuple[dict, dict]:
         sig, const = super().compile_args(sizes, dtype)
@@ -133,6 +143,8 @@ class Lowering(chunked.Lowering):
             sig[self.hc] = {"bfloat16": "*bf16", "float16": "*fp16"}.get(dtype, "*fp32")
             const[self.bks] = min(const[self.block[self.form.K]], self.STATE_BLOCK[0])
             const[self.bvs] = min(const[self.block[self.form.V]], self.STATE_BLOCK[1])
+        elif self.form.kind is Kind.HOUSEHOLDER:
+            const[self.bvs] = min(const[self.block[self.form.V]], self.HOUSEHOLDER_STATE_BV)
         return sig, const
 
     # ---- the kernel ----
@@ -407,9 +419,17 @@ class Lowering(chunked.Lowering):
         T, b, dot = self.rec.time, self.body, self._dot
         s = self.rec.states[0]
         h = self.state_var[s.name]
-        BT, BK, BV = self.block[T], self.block[F.K], self.block[F.V]
+        BT, BK, BV, VS = self.block[T], self.block[F.K], self.block[F.V], self.bvs
+        V = F.V
+        i_s = self.names.new("i_s")
+        # one program per [BK, VS] column block of the state: R = P S + Q and the update act on
+        # the columns (V) independently
+        out = [f"{i_s} = tl.program_id(2)  # the [{BK}, {VS}] column block of the state",
+               f"{self.off[V]} = {self.pid[V]} * {BV} + {i_s} * {VS} + "
+               f"tl.arange(0, {VS})[None, :]",
+               f"{self.msk[V]} = {self.off[V]} < {self.size[V]}"]
         kv_env = self._kv_env(Env(env.base))
-        out = [f"{h} = tl.zeros([{BK}, {BV}], dtype=tl.float32)"]
+        out.append(f"{h} = tl.zeros([{BK}, {VS}], dtype=tl.float32)")
         ptr, mask = self.pointer(self.h0[s.name], s.dims, kv_env, None)
         p0 = self.names.ir("p_", self.h0[s.name])
         out += [f"if {self.use_h0[s.name]}:", f"    {p0} = {ptr}",
@@ -628,11 +648,14 @@ class Lowering(chunked.Lowering):
         # the recurrent launcher's arguments (the buffers among them: ``signature``), STAGE last
         call_args = [ln.strip().rstrip(",") for ln in call[1:-2]] + [self.stage]
         new = []
-        if not self.hh:  # the state pass's sub-blocks of the state (constexprs after STAGE)
-            call_args += [self.bks, self.bvs]
+        call_args += self._split_consts()  # the state pass's sub-blocks (constexprs after STAGE)
+        if not self.hh:
             ks, vs = self.STATE_BLOCK
             new += [f"    {self.bks} = min({self.block[F.K]}, {ks})  # the state pass's sub-blocks",
                     f"    {self.bvs} = min({self.block[F.V]}, {vs})"]
+        elif self.form.kind is Kind.HOUSEHOLDER:
+            new += [f"    {self.bvs} = min({self.block[F.V]}, {self.HOUSEHOLDER_STATE_BV})  "
+                    "# the state pass's V sub-blocks"]
         if self.choose:
             bt = self.block[T]
             fbt = self.names.new("BLOCK_TIME_FUSED")
@@ -647,6 +670,8 @@ class Lowering(chunked.Lowering):
         new += [f"    {nc} = -(-{self.size[T]} // {self.block[T]})"]
         w = [f"min({self.WARPS[i]} * {nw}, 32)" for i in (1, 2, 3)]
         if self.hh:
+            split = (f"{self.block[F.V]} // {self.bvs}" if self.form.kind is Kind.HOUSEHOLDER
+                     else "1")
             new += ["    # per chunk: P, Q (stage 1), then R over Q and the state entering it "
                     "(stage 2)",
                     f"    {self.hc} = torch.empty(({g0}, {nc}, {self.size[F.K]}, "
@@ -656,7 +681,7 @@ class Lowering(chunked.Lowering):
                     f"    {self.rc} = torch.empty(({g0}, {nc}, {self.block[T]}, "
                     f"{self.size[F.V]}), dtype=torch.float32, device={dev})",
                     f"    for {self.stage}, grid, {warps} in "
-                    f"((1, ({g0}, {g1}, {nc}), {w[0]}), (2, ({g0}, {g1}, 1), {w[1]}), "
+                    f"((1, ({g0}, {g1}, {nc}), {w[0]}), (2, ({g0}, {g1}, {split}), {w[1]}), "
                     f"(3, ({g0}, {g1}, {nc}), {w[2]})):"]
         else:
             BV = self.block[F.V]
