@@ -21,8 +21,10 @@ R, Kd, Ud: ``chunked.Lowering._householder_chunk``), where R = (I + M)^-1 (e^{c_
 1. the factors that do not depend on the incoming state, parallel over (grid, V-blocks,
    chunks): A = (I + M)^-1 by a blocked triangular solve (``_ut_inverse``), P = A e^{c_(t-1)} K
    ([BT, K], buffer ``pc``) and Q = A N W ([BT, BV], buffer ``rc``), float32;
-2. the state pass, sequential over chunks, parallel over (grid, V-blocks): R = P S + Q (stored
-   over Q), S = e^{c_L} S - Kdᵀ R + Udᵀ W, the state entering each chunk into ``hc``;
+2. the state pass, sequential over chunks, parallel over (grid, V-blocks, V sub-blocks of
+   ``HOUSEHOLDER_STATE_BV`` columns: every step acts on the columns of S independently):
+   R = P S + Q (stored over Q), S = e^{c_L} S - Kdᵀ R + Udᵀ W, the state entering each chunk
+   into ``hc``;
 3. outputs, parallel over (grid, V-blocks, chunks): the fused kernel's output tile from the
    stored S_in and R.
 
