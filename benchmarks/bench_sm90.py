@@ -101,8 +101,10 @@ Projected H100 time per kernel (**modelled**; no GPU was used):
     time       = max(throughput, issue)
     kernels of one call run one after another: the call's time is their sum
 
-bytes = every tensor argument of the launch moved once (inputs read once, outputs and
-state buffers written once: the shape's minimum; re-reads served by L2 are free);
+bytes = every tensor argument the compiled kernel uses moved once per direction (read by a
+tt.load, written by a tt.store, both: twice; an argument the kernel never touches, e.g. in
+a staged kernel's other stages: 0), from the TTGIR: the shape's minimum; re-reads served
+by L2 are free;
 dot FLOP = 2*M*N*K of each tl.dot in the TTGIR x its loop multiplier x programs;
 other FLOP = elements of each float add/sub/mul/div/min/max/exp/log/sqrt in the TTGIR
 (fma = 2) x loop multiplier x programs (reductions not counted). A loop multiplier is the
@@ -587,7 +589,8 @@ for job in json.load(sys.stdin):
         dots, ew = ttgir_ops(ttgir)
         (n_sass, spans), _ = sass_stats(c.asm["cubin"], nvdisasm)
         out[key] = {"regs": regs, "spill_st": st, "spill_ld": ld, "smem": smem, "tc": tc,
-                    "dots": dots, "ew": ew, "sass": n_sass, "spans": spans}
+                    "dots": dots, "ew": ew, "sass": n_sass, "spans": spans,
+                    "arg_use": _bench.ttgir_arg_use(ttgir)}
     except Exception as e:
         out[key] = {"error": f"{type(e).__name__}: {str(e)[-400:]}"}
 print("@@JSON@@" + json.dumps(out))
@@ -608,6 +611,48 @@ def _numel(dims):
     for x in dims.strip("x").split("x"):
         n *= int(x)
     return n
+
+
+_PTR_OPS = ("tt.addptr", "tt.splat", "tt.broadcast", "tt.expand_dims", "tt.reshape",
+            "tt.trans", "ttg.convert_layout", "arith.select")
+
+
+def ttgir_arg_use(ttgir: str) -> dict:
+    """{pointer argument: [loaded, stored]} of a TTGIR text: which of the kernel's pointer
+    arguments the compiled kernel reads (``tt.load``) and writes (``tt.store``), following
+    the pointer values derived from each (addptr/splat/broadcast/..., ``scf.for`` iter_args).
+    A branch pruned on a constexpr (one stage of a staged kernel) leaves its arguments unused."""
+    head = re.search(r"tt\.func public @\w+\((.*?)\)\s*(?:attributes|\{)", ttgir, re.S)
+    if not head:
+        return {}
+    args = re.findall(r"%([\w.]+):\s*!tt\.ptr", head.group(1))
+    owner = {a: a for a in args}
+    use = {a: [False, False] for a in args}
+    tok = re.compile(r"%([\w.#]+)")
+    for line in ttgir.splitlines():
+        m = re.match(r"\s*(%[\w.:#]+(?:\s*,\s*%[\w.:#]+)*)\s*=\s*([\w.]+)\s+(.*)", line)
+        if m:
+            res, op, rest = m.groups()
+            if op == "scf.for":
+                for a, b in re.findall(r"%([\w.]+)\s*=\s*%([\w.]+)", rest.split("iter_args", 1)[-1]):
+                    if b in owner:
+                        owner[a] = owner[b]
+                continue
+            if op in _PTR_OPS:
+                src = [t for t in tok.findall(rest) if t in owner]
+                if src:
+                    for r in tok.findall(res):
+                        owner[r.split(":")[0]] = owner[src[0]]
+                continue
+            if op == "tt.load":
+                t = tok.findall(rest)
+                if t and t[0] in owner:
+                    use[owner[t[0]]][0] = True
+            continue
+        m = re.match(r"\s*tt\.store\s+%([\w.]+)", line)
+        if m and m.group(1) in owner:
+            use[owner[m.group(1)]][1] = True
+    return use
 
 
 def ttgir_ops(ttgir: str):
@@ -801,7 +846,11 @@ def model(launch: Launch, c: dict, iters: int | None, mult: list[int],
           loops: list | None = None) -> dict:
     P = launch.programs
     occ = occupancy(c["regs"], c["smem"], launch.num_warps)
-    nbytes = sum(a.nbytes for a in launch.args if a.kind == "tensor")
+    use = c.get("arg_use") or {}
+    # each tensor argument moved once per direction the compiled kernel uses it (read, write,
+    # both: twice); unused (a pruned stage's): 0; pointer arguments not found: once
+    nbytes = sum(a.nbytes * (sum(use[a.name]) if a.name in use else 1)
+                 for a in launch.args if a.kind == "tensor")
     dot_flop = {"bf16": 0.0, "tf32": 0.0, "fma": 0.0}
     for op, M, N, K, ety, prec, depth in c["dots"]:
         f = 2.0 * M * N * K * mult[min(depth, len(mult) - 1)] * P

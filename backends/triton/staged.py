@@ -1,14 +1,19 @@
-"""The staged chunked algorithm: the chunked form (chunked.py) as a parallel decomposition in
-three launches. With c the in-chunk cumulative log-decays and n the reset counts (edges:
-``scancc.ir.passes.chunked``), for chunk i, identity, scalar and key-diagonal decays:
+"""The staged chunked algorithm: the chunked form (chunked.py) as a parallel decomposition. With c
+the in-chunk cumulative log-decays and n the reset counts (edges: ``scancc.ir.passes.chunked``),
+for chunk i, identity, scalar and key-diagonal decays, two launches (fla's chunk_fwd_h and
+chunk_fwd_o):
 
-1. chunk states, parallel over (grid, V-blocks, chunks): the chunk's own contribution
-   dS_i = sum_s (k_s e^{c_last - c_s}) v_sᵀ and its total decay e^{c_last} (0 after a reset);
-2. the state pass, sequential over chunks only, parallel over (grid, V-blocks):
-   S_i = decay_i ⊙ S_{i-1} + dS_i, storing the state entering each chunk over dS_i (one float32
-   buffer [grid, chunks, K, V]) and the final state;
+2. the state pass, sequential over chunks only, parallel over (grid, V-blocks, [BKS, BVS]
+   sub-blocks of the state: ``STATE_BLOCK``): each chunk's own contribution
+   dS_i = sum_s (k_s e^{c_last - c_s}) v_sᵀ computed in the loop, S_i = decay_i ⊙ S_{i-1} + dS_i
+   (decay_i = e^{c_last}, 0 after a reset), storing the state entering each chunk (buffer
+   ``hc`` [grid, chunks, K, V], in the input dtype for 16-bit inputs) and the final state; the
+   K rows of S need only the same K columns of k and of the decay, so the split is exact;
 3. outputs, parallel over (grid, V-blocks, chunks): o = intra-chunk term + (q ⊙ e^{c}) S_in;
    for a readout of prev(S) (RWKV-6) the strictly causal mask and e^{c_(t-1)} (chunked.py).
+
+(Stage 1, the chunk states in a float32 buffer, was folded into the state pass: one pass over
+k, v instead of a write and a read of every dS_i.)
 
 Householder transitions (S = alpha (I - beta k kᵀ) S + u wᵀ; the UT form and its names M, N,
 R, Kd, Ud: ``chunked.Lowering._householder_chunk``), where R = (I + M)^-1 (e^{c_(t-1)} K S + N W):
@@ -16,8 +21,10 @@ R, Kd, Ud: ``chunked.Lowering._householder_chunk``), where R = (I + M)^-1 (e^{c_
 1. the factors that do not depend on the incoming state, parallel over (grid, V-blocks,
    chunks): A = (I + M)^-1 by a blocked triangular solve (``_ut_inverse``), P = A e^{c_(t-1)} K
    ([BT, K], buffer ``pc``) and Q = A N W ([BT, BV], buffer ``rc``), float32;
-2. the state pass, sequential over chunks, parallel over (grid, V-blocks): R = P S + Q (stored
-   over Q), S = e^{c_L} S - Kdᵀ R + Udᵀ W, the state entering each chunk into ``hc``;
+2. the state pass, sequential over chunks, parallel over (grid, V-blocks, V sub-blocks of
+   ``HOUSEHOLDER_STATE_BV`` columns: every step acts on the columns of S independently):
+   R = P S + Q (stored over Q), S = e^{c_L} S - Kdᵀ R + Udᵀ W, the state entering each chunk
+   into ``hc``;
 3. outputs, parallel over (grid, V-blocks, chunks): the fused kernel's output tile from the
    stored S_in and R.
 
@@ -32,7 +39,7 @@ K=V=128). Under ``auto`` a dplr transition always takes the three stages (no fus
 the fused kernel keeps the forward substitution and the pair tiles on its sequential path
 (modelled slower at every realistic shape, docs/performance/triton.md, issue 15).
 
-The three stages are the branches of one kernel on a constexpr ``STAGE`` (Triton compiles one
+The stages are the branches of one kernel on a constexpr ``STAGE`` (Triton compiles one
 kernel per stage), launched in order by one launcher, which also allocates the buffers. The
 launches are what make the stages wait for each other; no stage reads what a concurrent
 program of its own launch writes (stage 1's V-block programs write the same P tile). Chunks of
@@ -76,7 +83,9 @@ class Lowering(chunked.Lowering):
     WARPS = {1: 2, 2: 2, 3: 2}
 
     def stage_warps(self, stage: int, num_warps: int) -> int:
-        return self.WARPS[stage] * num_warps
+        if stage == 2 and not self.hh:
+            return min(self.STATE_WARPS * num_warps, 32)
+        return min(self.WARPS[stage] * num_warps, 32)
 
     # the launcher's rule with ``choose`` (algorithm="auto"): the fused kernel (chunked.py) when
     # the (grid, V-block) programs alone fill the GPU (B·H·⌈V/BV⌉ >= SMS, H100/H200: 132
@@ -84,6 +93,14 @@ class Lowering(chunked.Lowering):
     SMS = 132
     # householder chunks (the [BT, BT] triangular inverse of stage 1): see the module doc
     HOUSEHOLDER_BT = 32
+    # identity/scalar/key-diagonal state pass: [K, V] sub-blocks of the state per program
+    # (fla's chunk_fwd_h grid (K/BK, V/BV, B·H)); modelled in docs/performance/triton.md
+    STATE_BLOCK = (32, 64)
+    # and its warps, as a multiple of num_warps: 4 warps on a [32, 64] sub-block, 255
+    # registers, no spills (8 warps: 153 registers, modelled 15% slower: more instructions)
+    STATE_WARPS = 1
+    # householder state pass: V sub-blocks of this width per program (exact: column-wise)
+    HOUSEHOLDER_STATE_BV = 16
 
     def __init__(self, rec: Recurrence, options, choose: bool = False):
         F = analyze(rec)  # NotChunkable before any name is allocated
@@ -98,9 +115,13 @@ class Lowering(chunked.Lowering):
             self.pc = self.names.new("pc")      # per-chunk P = A e^{c_(t-1)} K (float32)
             self.rc = self.names.new("rc")      # per-chunk Q = A N W, then R (float32)
             self.buffers = [self.hc, self.pc, self.rc]
-        else:
-            self.dc = self.names.new("dc")      # per-chunk total decays (float32)
-            self.buffers = [self.hc, self.dc]
+            if self.form.kind is Kind.HOUSEHOLDER:  # stage 2 split over V sub-blocks only
+                self.bvs = self.names.new(f"{self.block[self.form.V]}_STATE")
+        else:  # the state pass computes each chunk's contribution: no per-chunk buffer but hc
+            self.buffers = [self.hc]
+            # the state pass's [BKS, BVS] sub-blocks of the [BK, BV] state (constexprs)
+            self.bks = self.names.new(f"{self.block[self.form.K]}_STATE")
+            self.bvs = self.names.new(f"{self.block[self.form.V]}_STATE")
         self.stage = self.names.new("STAGE")
 
     def block_size(self, d: str, n: int, sizes: dict | None = None) -> int:
@@ -111,13 +132,26 @@ class Lowering(chunked.Lowering):
 
     def signature(self) -> tuple[list[str], list[str]]:
         params, consts = super().signature()
-        return params + self.buffers, consts + [self.stage]
+        return params + self.buffers, consts + [self.stage] + self._split_consts()
+
+    def _split_consts(self) -> list[str]:
+        """The state pass's sub-block constexprs: K and V (identity/scalar/key-diagonal), V
+        (householder: R = P S + Q and the update are column-wise in V, not in K), none (dplr)."""
+        if not self.hh:
+            return [self.bks, self.bvs]
+        return [self.bvs] if self.form.kind is Kind.HOUSEHOLDER else []
 
     def compile_args(self, sizes: dict, dtype: str, stage: int = 1) -> tuple[dict, dict]:
         sig, const = super().compile_args(sizes, dtype)
         for buf in self.buffers:
             sig[buf] = "*fp32"
         const[self.stage] = stage
+        if not self.hh:  # hc in the input dtype for 16-bit inputs (the launcher's rule)
+            sig[self.hc] = {"bfloat16": "*bf16", "float16": "*fp16"}.get(dtype, "*fp32")
+            const[self.bks] = min(const[self.block[self.form.K]], self.STATE_BLOCK[0])
+            const[self.bvs] = min(const[self.block[self.form.V]], self.STATE_BLOCK[1])
+        elif self.form.kind is Kind.HOUSEHOLDER:
+            const[self.bvs] = min(const[self.block[self.form.V]], self.HOUSEHOLDER_STATE_BV)
         return sig, const
 
     # ---- the kernel ----
@@ -147,10 +181,9 @@ class Lowering(chunked.Lowering):
         if self.choose:
             lines.append(f"if {self.stage} == 0:  # fused: each program walks every chunk")
             lines += ["    " + ln for ln in fused]
-        stages = (("chunk states dS_i and decays, one program per chunk",
-                   self._stage_chunk_states),
-                  ("the state pass: S_i = decay_i S_(i-1) + dS_i, sequential over chunks",
-                   self._stage_states),
+        stages = ((None, None),  # no stage 1: the state pass computes each chunk's dS_i
+                  ("the state pass: S_i = decay_i S_(i-1) + dS_i with dS_i computed in the "
+                   "loop, sequential over chunks", self._stage_states),
                   ("outputs, one program per chunk", self._stage_outputs))
         if self.form.kind is Kind.DPLR:
             stages = (("the factors P = A (b e^c_(t-1)), Q = A N W' with A = (I - M)^-1, one "
@@ -164,10 +197,13 @@ class Lowering(chunked.Lowering):
                       ("the state pass: R_i = P_i S + Q_i, S = e^c S - Kd^T R_i + Ud^T W, "
                        "sequential over chunks", self._hh_stage_states),
                       ("outputs, one program per chunk", self._hh_stage_outputs))
+        first = not self.choose
         for i, (what, fn) in enumerate(stages, 1):
-            first = i == 1 and not self.choose
+            if fn is None:
+                continue
             lines.append(f"{'if' if first else 'elif'} {self.stage} == {i}:  # {what}")
             lines += ["    " + ln for ln in fn()]
+            first = False
         return lines
 
     def _begin(self) -> Env:
@@ -190,17 +226,39 @@ class Lowering(chunked.Lowering):
                f" + tl.trans({self.off[K]}) * {self.size[V]} + {self.off[V]}")
         return ptr, f"tl.trans({self.msk[K]}) & {self.msk[V]}"
 
-    def _dc(self, i_c: str) -> tuple[str, str]:
-        """(pointers, mask) of chunk ``i_c``'s [1, BK] row of the per-chunk decay buffer."""
-        K = self.form.K
-        return (f"{self.dc} + ({self.i_g} * {self.nc} + {i_c}) * {self.size[K]} + "
-                f"{self.off[K]}", self.msk[K])
-
-    def _stage_chunk_states(self) -> list[str]:
+    def _stage_states(self) -> list[str]:
+        """Identity, scalar and key-diagonal decays: the state pass with each chunk's own
+        contribution computed in the loop (fla's chunk_fwd_h), one program per (grid, V-block,
+        [BKS, BVS] sub-block of the state): S_i = decay_i ⊙ S_(i-1) + dS_i with
+        dS_i = (k ⊙ e^{c_last - c})ᵀ v, the state entering each chunk stored into ``hc`` (in
+        the input dtype for 16-bit inputs). The K rows of S only need the same K columns of k
+        and of the decay, so the split over K is exact."""
         F, env = self.form, self._begin()
-        T, K, V = self.rec.time, F.K, F.V
-        b, dot = self.body, self._dot
-        rows = self._chunk_rows()
+        rec, b, dot = self.rec, self.body, self._dot
+        T, K, V = rec.time, F.K, F.V
+        s = rec.states[0]
+        h = self.state_var[s.name]
+        BT, BV, KS, VS = self.block[T], self.block[V], self.bks, self.bvs
+        i_s, nvs = self.names.new("i_s"), f"({BV} // {VS})"
+        out = [f"{i_s} = tl.program_id(2)  # the [{KS}, {VS}] sub-block of the state",
+               f"{self.off[K]} = ({i_s} // {nvs}) * {KS} + tl.arange(0, {KS})[None, :]",
+               f"{self.off[V]} = {self.pid[V]} * {BV} + ({i_s} % {nvs}) * {VS} + "
+               f"tl.arange(0, {VS})[None, :]",
+               f"{self.msk[K]} = {self.off[K]} < {self.size[K]}",
+               f"{self.msk[V]} = {self.off[V]} < {self.size[V]}"]
+        kv_env = self._kv_env(Env(env.base))
+        out.append(f"{h} = tl.zeros([{KS}, {VS}], dtype=tl.float32)")
+        ptr, mask = self.pointer(self.h0[s.name], s.dims, kv_env, None)
+        p0 = self.names.ir("p_", self.h0[s.name])
+        out += [f"if {self.use_h0[s.name]}:", f"    {p0} = {ptr}",
+                f"    {h} += tl.load({p0}, mask={mask}, other=0.0).to(tl.float32)"]
+        i_c = self.names.new("i_c")
+        b += [f"{self.off[T]} = {i_c} * {BT} + tl.arange(0, {BT})[:, None].to(tl.int64)",
+              f"{self.msk[T]} = {self.off[T]} < {self.size[T]}"]
+        ptr, mask = self._hc(i_c)
+        p = self.names.new("p_hc")
+        b += [f"{p} = {ptr}", f"tl.store({p}, {h}.to({p}.dtype.element_ty), mask={mask})  "
+              f"# the state entering chunk {i_c}"]
         qk, tv = f"{self.msk[T]} & {self.msk[K]}", f"{self.msk[T]} & {self.msk[V]}"
         kf, k_ok = self._factor("b_kf", self.product(F.k_side, env), qk)
         vf, v_ok = self._factor("b_vf", self.product(F.v_side, env), tv)
@@ -208,6 +266,7 @@ class Lowering(chunked.Lowering):
         ds = self.names.new("b_dS")
         if F.kind is Kind.IDENTITY:
             b.append(f"{ds} = {dot(f'tl.trans({kf})', vf, 'update')}")
+            dec = None
         else:
             gm = qk if F.kind is Kind.DIAGONAL else self.msk[T]
             g, g_ok, gc, gn, gl, gnl = self._log_decay(env, gm)
@@ -217,45 +276,14 @@ class Lowering(chunked.Lowering):
                 krows.append(self._bad(g_ok, 0))
             kd = f"({kf} * tl.where({gn} == {gnl}, tl.exp({gl} - {gc}), 0.0))"
             b.append(f"{ds} = {dot(f'tl.trans{kd}', vf, 'update')}")
-            # the chunk's total decay, 0 after a reset (every V-block stores the same row)
-            dptr, dmask = self._dc(self.i_c)
-            pd = self.names.new("p_dc")
-            b.append(f"{pd} = {dptr}")
-            zero = f"tl.zeros([1, {self.block[K]}], dtype=tl.float32)"
-            b.append(f"tl.store({pd}, {zero} + tl.where({gnl} == 0, tl.exp({gl}), 0.0), "
-                     f"mask={dmask})")
+            # the chunk's total decay, 0 after a reset
+            dec = f"tl.trans(tl.where({gnl} == 0, tl.exp({gl}), 0.0))"
         self._poison_state(ds, krows, whole, "", self._bad(v_ok, 0))
-        ptr, mask = self._hc(self.i_c)
-        p = self.names.new("p_hc")
-        b += [f"{p} = {ptr}", f"tl.store({p}, {ds}, mask={mask})"]
-        return self.pro + rows + self.body
-
-    def _stage_states(self) -> list[str]:
-        F, env = self.form, self._begin()
-        s = self.rec.states[0]
-        h = self.state_var[s.name]
-        BK, BV = self.block[F.K], self.block[F.V]
-        kv_env = self._kv_env(Env(env.base))
-        out = [f"{h} = tl.zeros([{BK}, {BV}], dtype=tl.float32)"]
-        ptr, mask = self.pointer(self.h0[s.name], s.dims, kv_env, None)
-        p0 = self.names.ir("p_", self.h0[s.name])
-        out += [f"if {self.use_h0[s.name]}:", f"    {p0} = {ptr}",
-                f"    {h} += tl.load({p0}, mask={mask}, other=0.0).to(tl.float32)"]
-        i_c = self.names.new("i_c")
-        ptr, mask = self._hc(i_c)
-        p, ds = self.names.new("p_hc"), self.names.new("b_dS")
-        loop = [f"{p} = {ptr}", f"{ds} = tl.load({p}, mask={mask}, other=0.0)",
-                f"tl.store({p}, {h}, mask={mask})  # the state entering chunk {i_c}"]
-        if F.kind is Kind.IDENTITY:
-            loop.append(f"{h} = {h} + {ds}")
-        else:
-            dptr, dmask = self._dc(i_c)
-            pd, dec = self.names.new("p_dc"), self.names.new("b_decay")
-            # a multiplication, never a select: a NaN state stays NaN through a reset
-            loop += [f"{pd} = {dptr}", f"{dec} = tl.load({pd}, mask={dmask}, other=0.0)",
-                     f"{h} = {h} * tl.trans({dec}) + {ds}"]
+        # a multiplication, never a select: a NaN state stays NaN through a reset
+        b.append(f"{h} = {h} + {ds}" if dec is None else f"{h} = {h} * {dec} + {ds}")
+        out += self.pro
         out.append(f"for {i_c} in range(0, {self.nc}):")
-        out += ["    " + ln for ln in loop]
+        out += ["    " + ln for ln in b]
         ptr, mask = self.pointer(self.ht[s.name], s.dims, kv_env, None)
         pt = self.names.ir("p_", self.ht[s.name])
         out += [f"if {self.store_ht}:", f"    {pt} = {ptr}", f"    tl.store({pt}, {h}, mask={mask})"]
@@ -275,11 +303,18 @@ class Lowering(chunked.Lowering):
         ptr, mask = self._hc(self.i_c)
         p, h = self.names.new("p_hc"), self.names.new("b_S_in")
         b += [f"{p} = {ptr}", f"{h} = tl.load({p}, mask={mask}, other=0.0)"]
+        # q S_in with S_in in hc's dtype (16-bit for 16-bit inputs: q, exact in it, meets it on
+        # bf16/f16 tensor cores; float32: the "read" precision); a scalar decay scales the rows
+        # after the dot, a key-diagonal one scales q first (float32 S_in, "read")
+        hdt = f"{self.hc}.dtype.element_ty"
+        mode = self.options.get("dot_precision", "auto")
+        prec = self.dot_f32 or ('"ieee"' if mode == "input" else f'"{mode}"')
+        qs = f"tl.dot({qf}.to({hdt}), {h}, input_precision={prec})"
         causal = f"({self.off[T]} >= tl.trans({self.off[T]}))"
         rmask = self._readout_mask(causal)  # t > s for a readout of prev(S)
         if F.kind is Kind.IDENTITY:
             a = self.bind(True, "b_A", f"tl.where({rmask}, {dot(qf, f'tl.trans({kf})')}, 0.0)")
-            o = self.bind(True, "b_o", f"{dot(a, vf)} + {dot(qf, h, 'read')}")
+            o = self.bind(True, "b_o", f"{dot(a, vf)} + {qs}")
         else:
             gm = qk if F.kind is Kind.DIAGONAL else self.msk[T]
             g, g_ok, gc, gn, gl, gnl = self._log_decay(env, gm)
@@ -296,7 +331,11 @@ class Lowering(chunked.Lowering):
                 a = self.bind(True, "b_A", f"tl.sum({qf}[:, None, :] * {kf}[None, :, :] * "
                               f"{seg}, axis=2)")
             e_now = f"tl.where({nq} == 0, tl.exp({gq}), 0.0)"
-            o = self.bind(True, "b_o", f"{dot(a, vf)} + {dot(f'({qf} * {e_now})', h, 'read')}")
+            if F.kind is Kind.SCALAR:
+                o = self.bind(True, "b_o", f"{dot(a, vf)} + {qs} * {e_now}")
+            else:
+                o = self.bind(True, "b_o", f"{dot(a, vf)} + "
+                              f"{dot(f'({qf} * {e_now})', f'{h}.to(tl.float32)', 'read')}")
         vbad = self.bind(True, "b_bad_v", self._bad(v_ok, None))
         self._poison_output(o, steps, self._bad(q_ok, 1), vbad)
         self._memo[(F.contraction, env.key)] = o
@@ -387,9 +426,17 @@ class Lowering(chunked.Lowering):
         T, b, dot = self.rec.time, self.body, self._dot
         s = self.rec.states[0]
         h = self.state_var[s.name]
-        BT, BK, BV = self.block[T], self.block[F.K], self.block[F.V]
+        BT, BK, BV, VS = self.block[T], self.block[F.K], self.block[F.V], self.bvs
+        V = F.V
+        i_s = self.names.new("i_s")
+        # one program per [BK, VS] column block of the state: R = P S + Q and the update act on
+        # the columns (V) independently
+        out = [f"{i_s} = tl.program_id(2)  # the [{BK}, {VS}] column block of the state",
+               f"{self.off[V]} = {self.pid[V]} * {BV} + {i_s} * {VS} + "
+               f"tl.arange(0, {VS})[None, :]",
+               f"{self.msk[V]} = {self.off[V]} < {self.size[V]}"]
         kv_env = self._kv_env(Env(env.base))
-        out = [f"{h} = tl.zeros([{BK}, {BV}], dtype=tl.float32)"]
+        out.append(f"{h} = tl.zeros([{BK}, {VS}], dtype=tl.float32)")
         ptr, mask = self.pointer(self.h0[s.name], s.dims, kv_env, None)
         p0 = self.names.ir("p_", self.h0[s.name])
         out += [f"if {self.use_h0[s.name]}:", f"    {p0} = {ptr}",
@@ -600,6 +647,14 @@ class Lowering(chunked.Lowering):
         # the recurrent launcher's arguments (the buffers among them: ``signature``), STAGE last
         call_args = [ln.strip().rstrip(",") for ln in call[1:-2]] + [self.stage]
         new = []
+        call_args += self._split_consts()  # the state pass's sub-blocks (constexprs after STAGE)
+        if not self.hh:
+            ks, vs = self.STATE_BLOCK
+            new += [f"    {self.bks} = min({self.block[F.K]}, {ks})  # the state pass's sub-blocks",
+                    f"    {self.bvs} = min({self.block[F.V]}, {vs})"]
+        elif self.form.kind is Kind.HOUSEHOLDER:
+            new += [f"    {self.bvs} = min({self.block[F.V]}, {self.HOUSEHOLDER_STATE_BV})  "
+                    "# the state pass's V sub-blocks"]
         if self.choose:
             bt = self.block[T]
             fbt = self.names.new("BLOCK_TIME_FUSED")
@@ -611,23 +666,32 @@ class Lowering(chunked.Lowering):
                     f"        {call[0].strip()[:-len('[grid](')]}[({g0}, {g1}, 1)]("]
             new += [f"            {a}," for a in fargs]
             new += [f"            num_warps={nw},", "        )", "    " + lines[end]]
-        new += [f"    {nc} = -(-{self.size[T]} // {self.block[T]})",
-               "    # per chunk: " + ("P, Q (stage 1), then R over Q and the state entering it "
-                                 "(stage 2)" if self.hh else
-                                 "its state contribution, then (stage 2) the state entering it"),
-               f"    {self.hc} = torch.empty(({g0}, {nc}, {self.size[F.K]}, {self.size[F.V]}), "
-               f"dtype=torch.float32, device={dev})",
-               ] + ([
-               f"    {self.pc} = torch.empty(({g0}, {nc}, {self.block[T]}, {self.size[F.K]}), "
-               f"dtype=torch.float32, device={dev})",
-               f"    {self.rc} = torch.empty(({g0}, {nc}, {self.block[T]}, {self.size[F.V]}), "
-               f"dtype=torch.float32, device={dev})"] if self.hh else [
-               f"    {self.dc} = torch.empty(({g0}, {nc}, {self.size[F.K]}), "
-               f"dtype=torch.float32, device={dev})"]) + [
-               f"    for {self.stage}, grid, {warps} in "
-               f"((1, ({g0}, {g1}, {nc}), min({self.WARPS[1]} * {nw}, 32)), "
-               f"(2, ({g0}, {g1}, 1), min({self.WARPS[2]} * {nw}, 32)), "
-               f"(3, ({g0}, {g1}, {nc}), min({self.WARPS[3]} * {nw}, 32))):"]
+        new += [f"    {nc} = -(-{self.size[T]} // {self.block[T]})"]
+        w = [f"min({self.WARPS[i]} * {nw}, 32)" for i in (1, 2, 3)]
+        if self.hh:
+            split = (f"{self.block[F.V]} // {self.bvs}" if self.form.kind is Kind.HOUSEHOLDER
+                     else "1")
+            new += ["    # per chunk: P, Q (stage 1), then R over Q and the state entering it "
+                    "(stage 2)",
+                    f"    {self.hc} = torch.empty(({g0}, {nc}, {self.size[F.K]}, "
+                    f"{self.size[F.V]}), dtype=torch.float32, device={dev})",
+                    f"    {self.pc} = torch.empty(({g0}, {nc}, {self.block[T]}, "
+                    f"{self.size[F.K]}), dtype=torch.float32, device={dev})",
+                    f"    {self.rc} = torch.empty(({g0}, {nc}, {self.block[T]}, "
+                    f"{self.size[F.V]}), dtype=torch.float32, device={dev})",
+                    f"    for {self.stage}, grid, {warps} in "
+                    f"((1, ({g0}, {g1}, {nc}), {w[0]}), (2, ({g0}, {g1}, {split}), {w[1]}), "
+                    f"(3, ({g0}, {g1}, {nc}), {w[2]})):"]
+        else:
+            BV = self.block[F.V]
+            new += ["    # the state entering each chunk (stage 2), in the input dtype for "
+                    "16-bit inputs (float32 sums in registers)",
+                    f"    {self.hc} = torch.empty(({g0}, {nc}, {self.size[F.K]}, "
+                    f"{self.size[F.V]}), dtype={first}.dtype if {first}.dtype in "
+                    f"(torch.bfloat16, torch.float16) else torch.float32, device={dev})",
+                    f"    for {self.stage}, grid, {warps} in "
+                    f"((2, ({g0}, {g1}, -(-{self.size[F.K]} // {self.bks}) * ({BV} // {self.bvs})), "
+                    f"min({self.STATE_WARPS} * {nw}, 32)), (3, ({g0}, {g1}, {nc}), {w[2]})):"]
         new.append("    " + call[0])
         new += [f"            {a}," for a in call_args]
         new += [f"            num_warps={warps},", "    " + call[-1]]

@@ -46,6 +46,7 @@ def gated_delta_net_staged_fwd_kernel(
     STORE_FINAL_STATE: tl.constexpr,
     DOT_F32: tl.constexpr,
     STAGE: tl.constexpr,
+    BLOCK_VALUE_STATE: tl.constexpr,
 ):
     i_batch_heads = tl.program_id(0).to(tl.int64)
     i_batch = i_batch_heads // HEADS
@@ -109,7 +110,10 @@ def gated_delta_net_staged_fwd_kernel(
         p_rc = rc + ((i_g * n_chunks + i_c_1) * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None]) * VALUE + o_value
         tl.store(p_rc, b_Q, mask=m_value)
     elif STAGE == 2:  # the state pass: R_i = P_i S + Q_i, S = e^c S - Kd^T R_i + Ud^T W, sequential over chunks
-        b_S = tl.zeros([BLOCK_KEY, BLOCK_VALUE], dtype=tl.float32)
+        i_s = tl.program_id(2)  # the [BLOCK_KEY, BLOCK_VALUE_STATE] column block of the state
+        o_value = i_value * BLOCK_VALUE + i_s * BLOCK_VALUE_STATE + tl.arange(0, BLOCK_VALUE_STATE)[None, :]
+        m_value = o_value < VALUE
+        b_S = tl.zeros([BLOCK_KEY, BLOCK_VALUE_STATE], dtype=tl.float32)
         if USE_INITIAL_STATE:
             p_h0 = h0 + i_batch * HEADS * KEY * VALUE + i_heads * KEY * VALUE + tl.trans(o_key) * VALUE + o_value
             b_S += tl.load(p_h0, mask=tl.trans(m_key) & m_value, other=0.0).to(tl.float32)
@@ -232,12 +236,13 @@ def gated_delta_net_staged_fwd(q, k, v, g, beta, initial_state=None, output_fina
         h0 = h0.to(device=q.device, dtype=torch.float32).contiguous()
     ht = torch.full((BATCH, HEADS, KEY, VALUE), float("nan"), dtype=torch.float32, device=q.device) if output_final_state else None
     DOT_F32 = "tf32x3" if q.dtype == torch.float32 else "tf32"  # float32 dot operands (dot_precision="auto")
+    BLOCK_VALUE_STATE = min(BLOCK_VALUE, 16)  # the state pass's V sub-blocks
     n_chunks_1 = -(-TIME // BLOCK_TIME)
     # per chunk: P, Q (stage 1), then R over Q and the state entering it (stage 2)
     hc = torch.empty((BATCH * HEADS, n_chunks_1, KEY, VALUE), dtype=torch.float32, device=q.device)
     pc = torch.empty((BATCH * HEADS, n_chunks_1, BLOCK_TIME, KEY), dtype=torch.float32, device=q.device)
     rc = torch.empty((BATCH * HEADS, n_chunks_1, BLOCK_TIME, VALUE), dtype=torch.float32, device=q.device)
-    for STAGE, grid, warps in ((1, (BATCH * HEADS, -(-VALUE // BLOCK_VALUE), n_chunks_1), min(2 * num_warps, 32)), (2, (BATCH * HEADS, -(-VALUE // BLOCK_VALUE), 1), min(2 * num_warps, 32)), (3, (BATCH * HEADS, -(-VALUE // BLOCK_VALUE), n_chunks_1), min(2 * num_warps, 32))):
+    for STAGE, grid, warps in ((1, (BATCH * HEADS, -(-VALUE // BLOCK_VALUE), n_chunks_1), min(2 * num_warps, 32)), (2, (BATCH * HEADS, -(-VALUE // BLOCK_VALUE), BLOCK_VALUE // BLOCK_VALUE_STATE), min(2 * num_warps, 32)), (3, (BATCH * HEADS, -(-VALUE // BLOCK_VALUE), n_chunks_1), min(2 * num_warps, 32))):
         gated_delta_net_staged_fwd_kernel[grid](
             q,
             k,
@@ -261,6 +266,7 @@ def gated_delta_net_staged_fwd(q, k, v, g, beta, initial_state=None, output_fina
             output_final_state,
             DOT_F32,
             STAGE,
+            BLOCK_VALUE_STATE,
             num_warps=warps,
         )
     return {"o": o}, ({"S": ht} if output_final_state else None)

@@ -39,7 +39,6 @@ def mamba2_staged_fwd_kernel(
     HEADS,
     GROUPS,
     hc,
-    dc,
     DSTATE: tl.constexpr,
     HEADDIM: tl.constexpr,
     BLOCK_TIME: tl.constexpr,
@@ -49,6 +48,8 @@ def mamba2_staged_fwd_kernel(
     STORE_FINAL_STATE: tl.constexpr,
     DOT_F32: tl.constexpr,
     STAGE: tl.constexpr,
+    BLOCK_DSTATE_STATE: tl.constexpr,
+    BLOCK_HEADDIM_STATE: tl.constexpr,
 ):
     i_batch_heads = tl.program_id(0).to(tl.int64)
     i_batch = i_batch_heads // HEADS
@@ -61,59 +62,55 @@ def mamba2_staged_fwd_kernel(
     i_g = i_batch * HEADS + i_heads  # the grid index, flattened
     n_chunks = tl.cdiv(TIME, BLOCK_TIME)
     # h: scalar(decay=exp(dt_ * A)) + dt_ * x * group(B, groups, heads)
-    if STAGE == 1:  # chunk states dS_i and decays, one program per chunk
-        p_A = A + i_heads
-        b_A = tl.load(p_A).to(tl.float32)
-        i_c_1 = tl.program_id(2).to(tl.int64)
-        o_time = i_c_1 * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None].to(tl.int64)
-        m_time = o_time < TIME
-        p_B = B + i_batch * TIME * GROUPS * DSTATE + o_time * GROUPS * DSTATE + (i_heads // (HEADS // GROUPS)) * DSTATE + o_dstate
-        b_B = tl.load(p_B, mask=m_time & m_dstate, other=0.0).to(tl.float32)
-        b_kf = tl.where(m_time & m_dstate, b_B, 0.0)
-        b_kf_ok = tl.abs(b_kf) < float("inf")
-        b_kf = tl.where(b_kf_ok, b_kf, 0.0)
-        p_dt = dt + i_batch * TIME * HEADS + o_time * HEADS + i_heads
-        b_dt = tl.load(p_dt, mask=m_time, other=0.0).to(tl.float32)
-        b_dt_ = tl.maximum(b_dt, 0.0, propagate_nan=tl.PropagateNan.ALL)
-        p_x = x + i_batch * TIME * HEADS * HEADDIM + o_time * HEADS * HEADDIM + i_heads * HEADDIM + o_headdim
-        b_x = tl.load(p_x, mask=m_time & m_headdim, other=0.0).to(tl.float32)
-        b_vf = tl.where(m_time & m_headdim, b_dt_ * b_x, 0.0)
-        b_vf_ok = tl.abs(b_vf) < float("inf")
-        b_vf = tl.where(b_vf_ok, b_vf, 0.0)
-        b_g = tl.where(m_time, b_dt_ * b_A, 0.0)
-        b_g_ok = b_g < float("inf")
-        b_g_reset = b_g <= -87.3365447505531
-        b_g = tl.where(b_g_ok & ~b_g_reset, b_g, 0.0)
-        b_gc = tl.cumsum(b_g, axis=0)
-        b_gn = tl.cumsum(b_g_reset.to(tl.int32), axis=0)
-        b_glast = tl.sum(b_g, axis=0, keep_dims=True)
-        b_gnlast = tl.sum(b_g_reset.to(tl.int32), axis=0, keep_dims=True)
-        b_dS = tl.dot(tl.trans(b_kf * tl.where(b_gn == b_gnlast, tl.exp(b_glast - b_gc), 0.0)), b_vf, input_precision=DOT_F32)
-        p_dc = dc + (i_g * n_chunks + i_c_1) * DSTATE + o_dstate
-        tl.store(p_dc, tl.zeros([1, BLOCK_DSTATE], dtype=tl.float32) + tl.where(b_gnlast == 0, tl.exp(b_glast), 0.0), mask=m_dstate)
-        b_dS += tl.where((tl.trans(tl.sum(tl.where(b_kf_ok, 0, 1), axis=0, keep_dims=True)) > 0) | (tl.sum(tl.sum(tl.where(b_g_ok, 0, 1), axis=0, keep_dims=True)) > 0) | (tl.sum(tl.sum(tl.where(b_vf_ok, 0, 1), axis=0, keep_dims=True), axis=0, keep_dims=True) > 0), float("nan"), 0.0)
-        p_hc = hc + (i_g * n_chunks + i_c_1) * DSTATE * HEADDIM + tl.trans(o_dstate) * HEADDIM + o_headdim
-        tl.store(p_hc, b_dS, mask=tl.trans(m_dstate) & m_headdim)
-    elif STAGE == 2:  # the state pass: S_i = decay_i S_(i-1) + dS_i, sequential over chunks
-        b_h = tl.zeros([BLOCK_DSTATE, BLOCK_HEADDIM], dtype=tl.float32)
+    if STAGE == 2:  # the state pass: S_i = decay_i S_(i-1) + dS_i with dS_i computed in the loop, sequential over chunks
+        i_s = tl.program_id(2)  # the [BLOCK_DSTATE_STATE, BLOCK_HEADDIM_STATE] sub-block of the state
+        o_dstate = (i_s // (BLOCK_HEADDIM // BLOCK_HEADDIM_STATE)) * BLOCK_DSTATE_STATE + tl.arange(0, BLOCK_DSTATE_STATE)[None, :]
+        o_headdim = i_headdim * BLOCK_HEADDIM + (i_s % (BLOCK_HEADDIM // BLOCK_HEADDIM_STATE)) * BLOCK_HEADDIM_STATE + tl.arange(0, BLOCK_HEADDIM_STATE)[None, :]
+        m_dstate = o_dstate < DSTATE
+        m_headdim = o_headdim < HEADDIM
+        b_h = tl.zeros([BLOCK_DSTATE_STATE, BLOCK_HEADDIM_STATE], dtype=tl.float32)
         if USE_INITIAL_STATE:
             p_h0 = h0 + i_batch * HEADS * HEADDIM * DSTATE + i_heads * HEADDIM * DSTATE + o_headdim * DSTATE + tl.trans(o_dstate)
             b_h += tl.load(p_h0, mask=m_headdim & tl.trans(m_dstate), other=0.0).to(tl.float32)
-        for i_c_2 in range(0, n_chunks):
-            p_hc_1 = hc + (i_g * n_chunks + i_c_2) * DSTATE * HEADDIM + tl.trans(o_dstate) * HEADDIM + o_headdim
-            b_dS_1 = tl.load(p_hc_1, mask=tl.trans(m_dstate) & m_headdim, other=0.0)
-            tl.store(p_hc_1, b_h, mask=tl.trans(m_dstate) & m_headdim)  # the state entering chunk i_c_2
-            p_dc_1 = dc + (i_g * n_chunks + i_c_2) * DSTATE + o_dstate
-            b_decay = tl.load(p_dc_1, mask=m_dstate, other=0.0)
-            b_h = b_h * tl.trans(b_decay) + b_dS_1
+        p_A = A + i_heads
+        b_A = tl.load(p_A).to(tl.float32)
+        for i_c_1 in range(0, n_chunks):
+            o_time = i_c_1 * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None].to(tl.int64)
+            m_time = o_time < TIME
+            p_hc = hc + (i_g * n_chunks + i_c_1) * DSTATE * HEADDIM + tl.trans(o_dstate) * HEADDIM + o_headdim
+            tl.store(p_hc, b_h.to(p_hc.dtype.element_ty), mask=tl.trans(m_dstate) & m_headdim)  # the state entering chunk i_c_1
+            p_B = B + i_batch * TIME * GROUPS * DSTATE + o_time * GROUPS * DSTATE + (i_heads // (HEADS // GROUPS)) * DSTATE + o_dstate
+            b_B = tl.load(p_B, mask=m_time & m_dstate, other=0.0).to(tl.float32)
+            b_kf = tl.where(m_time & m_dstate, b_B, 0.0)
+            b_kf_ok = tl.abs(b_kf) < float("inf")
+            b_kf = tl.where(b_kf_ok, b_kf, 0.0)
+            p_dt = dt + i_batch * TIME * HEADS + o_time * HEADS + i_heads
+            b_dt = tl.load(p_dt, mask=m_time, other=0.0).to(tl.float32)
+            b_dt_ = tl.maximum(b_dt, 0.0, propagate_nan=tl.PropagateNan.ALL)
+            p_x = x + i_batch * TIME * HEADS * HEADDIM + o_time * HEADS * HEADDIM + i_heads * HEADDIM + o_headdim
+            b_x = tl.load(p_x, mask=m_time & m_headdim, other=0.0).to(tl.float32)
+            b_vf = tl.where(m_time & m_headdim, b_dt_ * b_x, 0.0)
+            b_vf_ok = tl.abs(b_vf) < float("inf")
+            b_vf = tl.where(b_vf_ok, b_vf, 0.0)
+            b_g = tl.where(m_time, b_dt_ * b_A, 0.0)
+            b_g_ok = b_g < float("inf")
+            b_g_reset = b_g <= -87.3365447505531
+            b_g = tl.where(b_g_ok & ~b_g_reset, b_g, 0.0)
+            b_gc = tl.cumsum(b_g, axis=0)
+            b_gn = tl.cumsum(b_g_reset.to(tl.int32), axis=0)
+            b_glast = tl.sum(b_g, axis=0, keep_dims=True)
+            b_gnlast = tl.sum(b_g_reset.to(tl.int32), axis=0, keep_dims=True)
+            b_dS = tl.dot(tl.trans(b_kf * tl.where(b_gn == b_gnlast, tl.exp(b_glast - b_gc), 0.0)), b_vf, input_precision=DOT_F32)
+            b_dS += tl.where((tl.trans(tl.sum(tl.where(b_kf_ok, 0, 1), axis=0, keep_dims=True)) > 0) | (tl.sum(tl.sum(tl.where(b_g_ok, 0, 1), axis=0, keep_dims=True)) > 0) | (tl.sum(tl.sum(tl.where(b_vf_ok, 0, 1), axis=0, keep_dims=True), axis=0, keep_dims=True) > 0), float("nan"), 0.0)
+            b_h = b_h * tl.trans(tl.where(b_gnlast == 0, tl.exp(b_glast), 0.0)) + b_dS
         if STORE_FINAL_STATE:
             p_ht = ht + i_batch * HEADS * HEADDIM * DSTATE + i_heads * HEADDIM * DSTATE + o_headdim * DSTATE + tl.trans(o_dstate)
             tl.store(p_ht, b_h, mask=m_headdim & tl.trans(m_dstate))
     elif STAGE == 3:  # outputs, one program per chunk
         p_A_1 = A + i_heads
         b_A_1 = tl.load(p_A_1).to(tl.float32)
-        i_c_3 = tl.program_id(2).to(tl.int64)
-        o_time = i_c_3 * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None].to(tl.int64)
+        i_c_2 = tl.program_id(2).to(tl.int64)
+        o_time = i_c_2 * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None].to(tl.int64)
         m_time = o_time < TIME
         p_B_1 = B + i_batch * TIME * GROUPS * DSTATE + o_time * GROUPS * DSTATE + (i_heads // (HEADS // GROUPS)) * DSTATE + o_dstate
         b_B_1 = tl.load(p_B_1, mask=m_time & m_dstate, other=0.0).to(tl.float32)
@@ -134,8 +131,8 @@ def mamba2_staged_fwd_kernel(
         b_qf = tl.where(m_time & m_dstate, b_C, 0.0)
         b_qf_ok = tl.abs(b_qf) < float("inf")
         b_qf = tl.where(b_qf_ok, b_qf, 0.0)
-        p_hc_2 = hc + (i_g * n_chunks + i_c_3) * DSTATE * HEADDIM + tl.trans(o_dstate) * HEADDIM + o_headdim
-        b_S_in = tl.load(p_hc_2, mask=tl.trans(m_dstate) & m_headdim, other=0.0)
+        p_hc_1 = hc + (i_g * n_chunks + i_c_2) * DSTATE * HEADDIM + tl.trans(o_dstate) * HEADDIM + o_headdim
+        b_S_in = tl.load(p_hc_1, mask=tl.trans(m_dstate) & m_headdim, other=0.0)
         b_g_1 = tl.where(m_time, b_dt__1 * b_A_1, 0.0)
         b_g_1_ok = b_g_1 < float("inf")
         b_g_1_reset = b_g_1 <= -87.3365447505531
@@ -143,7 +140,7 @@ def mamba2_staged_fwd_kernel(
         b_gc_1 = tl.cumsum(b_g_1, axis=0)
         b_gn_1 = tl.cumsum(b_g_1_reset.to(tl.int32), axis=0)
         b_A_2 = tl.dot(b_qf.to(x.dtype.element_ty), tl.trans(b_kf_1).to(x.dtype.element_ty), input_precision=DOT_F32) * tl.exp(tl.where((o_time >= tl.trans(o_time)) & (b_gn_1 == tl.trans(b_gn_1)), b_gc_1 - tl.trans(b_gc_1), float("-inf")))
-        b_o = tl.dot(b_A_2.to(x.dtype.element_ty), b_vf_1.to(x.dtype.element_ty), input_precision=DOT_F32) + tl.dot((b_qf * tl.where(b_gn_1 == 0, tl.exp(b_gc_1), 0.0)), b_S_in, input_precision=DOT_F32)
+        b_o = tl.dot(b_A_2.to(x.dtype.element_ty), b_vf_1.to(x.dtype.element_ty), input_precision=DOT_F32) + tl.dot(b_qf.to(hc.dtype.element_ty), b_S_in, input_precision=DOT_F32) * tl.where(b_gn_1 == 0, tl.exp(b_gc_1), 0.0)
         b_bad_v = tl.where(b_vf_1_ok, 0, 1)
         b_bad_step = tl.sum(tl.where(b_kf_1_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_g_1_ok, 0, 1), axis=1, keep_dims=True)
         b_prow = (tl.cumsum(b_bad_step, axis=0) > 0) | (tl.sum(tl.where(b_qf_ok, 0, 1), axis=1, keep_dims=True) > 0)
@@ -173,11 +170,12 @@ def mamba2_staged_fwd(x, dt, A, B, C, initial_state=None, output_final_state=Fal
         h0 = h0.to(device=x.device, dtype=torch.float32).contiguous()
     ht = torch.full((BATCH, HEADS, HEADDIM, DSTATE), float("nan"), dtype=torch.float32, device=x.device) if output_final_state else None
     DOT_F32 = "tf32x3" if x.dtype == torch.float32 else "tf32"  # float32 dot operands (dot_precision="auto")
+    BLOCK_DSTATE_STATE = min(BLOCK_DSTATE, 32)  # the state pass's sub-blocks
+    BLOCK_HEADDIM_STATE = min(BLOCK_HEADDIM, 64)
     n_chunks_1 = -(-TIME // BLOCK_TIME)
-    # per chunk: its state contribution, then (stage 2) the state entering it
-    hc = torch.empty((BATCH * HEADS, n_chunks_1, DSTATE, HEADDIM), dtype=torch.float32, device=x.device)
-    dc = torch.empty((BATCH * HEADS, n_chunks_1, DSTATE), dtype=torch.float32, device=x.device)
-    for STAGE, grid, warps in ((1, (BATCH * HEADS, -(-HEADDIM // BLOCK_HEADDIM), n_chunks_1), min(2 * num_warps, 32)), (2, (BATCH * HEADS, -(-HEADDIM // BLOCK_HEADDIM), 1), min(2 * num_warps, 32)), (3, (BATCH * HEADS, -(-HEADDIM // BLOCK_HEADDIM), n_chunks_1), min(2 * num_warps, 32))):
+    # the state entering each chunk (stage 2), in the input dtype for 16-bit inputs (float32 sums in registers)
+    hc = torch.empty((BATCH * HEADS, n_chunks_1, DSTATE, HEADDIM), dtype=x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32, device=x.device)
+    for STAGE, grid, warps in ((2, (BATCH * HEADS, -(-HEADDIM // BLOCK_HEADDIM), -(-DSTATE // BLOCK_DSTATE_STATE) * (BLOCK_HEADDIM // BLOCK_HEADDIM_STATE)), min(1 * num_warps, 32)), (3, (BATCH * HEADS, -(-HEADDIM // BLOCK_HEADDIM), n_chunks_1), min(2 * num_warps, 32))):
         mamba2_staged_fwd_kernel[grid](
             x,
             dt,
@@ -191,7 +189,6 @@ def mamba2_staged_fwd(x, dt, A, B, C, initial_state=None, output_final_state=Fal
             HEADS,
             GROUPS,
             hc,
-            dc,
             DSTATE,
             HEADDIM,
             BLOCK_TIME,
@@ -201,6 +198,8 @@ def mamba2_staged_fwd(x, dt, A, B, C, initial_state=None, output_final_state=Fal
             output_final_state,
             DOT_F32,
             STAGE,
+            BLOCK_DSTATE_STATE,
+            BLOCK_HEADDIM_STATE,
             num_warps=warps,
         )
     return {"y": y}, ({"h": ht} if output_final_state else None)

@@ -38,7 +38,6 @@ def rwkv6_staged_fwd_kernel(
     TIME,
     HEADS,
     hc,
-    dc,
     KEY: tl.constexpr,
     VALUE: tl.constexpr,
     BLOCK_TIME: tl.constexpr,
@@ -48,6 +47,8 @@ def rwkv6_staged_fwd_kernel(
     STORE_FINAL_STATE: tl.constexpr,
     DOT_F32: tl.constexpr,
     STAGE: tl.constexpr,
+    BLOCK_KEY_STATE: tl.constexpr,
+    BLOCK_VALUE_STATE: tl.constexpr,
 ):
     i_batch_heads = tl.program_id(0).to(tl.int64)
     i_batch = i_batch_heads // HEADS
@@ -60,56 +61,52 @@ def rwkv6_staged_fwd_kernel(
     i_g = i_batch * HEADS + i_heads  # the grid index, flattened
     n_chunks = tl.cdiv(TIME, BLOCK_TIME)
     # S: diagonal(decay=exp(w)) + k * v
-    if STAGE == 1:  # chunk states dS_i and decays, one program per chunk
-        i_c_1 = tl.program_id(2).to(tl.int64)
-        o_time = i_c_1 * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None].to(tl.int64)
-        m_time = o_time < TIME
-        p_k = k + i_batch * TIME * HEADS * KEY + o_time * HEADS * KEY + i_heads * KEY + o_key
-        b_k = tl.load(p_k, mask=m_time & m_key, other=0.0).to(tl.float32)
-        b_kf = tl.where(m_time & m_key, b_k, 0.0)
-        b_kf_ok = tl.abs(b_kf) < float("inf")
-        b_kf = tl.where(b_kf_ok, b_kf, 0.0)
-        p_v = v + i_batch * TIME * HEADS * VALUE + o_time * HEADS * VALUE + i_heads * VALUE + o_value
-        b_v = tl.load(p_v, mask=m_time & m_value, other=0.0).to(tl.float32)
-        b_vf = tl.where(m_time & m_value, b_v, 0.0)
-        b_vf_ok = tl.abs(b_vf) < float("inf")
-        b_vf = tl.where(b_vf_ok, b_vf, 0.0)
-        p_w = w + i_batch * TIME * HEADS * KEY + o_time * HEADS * KEY + i_heads * KEY + o_key
-        b_w = tl.load(p_w, mask=m_time & m_key, other=0.0).to(tl.float32)
-        b_g = tl.where(m_time & m_key, b_w, 0.0)
-        b_g_ok = b_g < float("inf")
-        b_g_reset = b_g <= -87.3365447505531
-        b_g = tl.where(b_g_ok & ~b_g_reset, b_g, 0.0)
-        b_gc = tl.cumsum(b_g, axis=0)
-        b_gn = tl.cumsum(b_g_reset.to(tl.int32), axis=0)
-        b_glast = tl.sum(b_g, axis=0, keep_dims=True)
-        b_gnlast = tl.sum(b_g_reset.to(tl.int32), axis=0, keep_dims=True)
-        b_dS = tl.dot(tl.trans(b_kf * tl.where(b_gn == b_gnlast, tl.exp(b_glast - b_gc), 0.0)), b_vf, input_precision=DOT_F32)
-        p_dc = dc + (i_g * n_chunks + i_c_1) * KEY + o_key
-        tl.store(p_dc, tl.zeros([1, BLOCK_KEY], dtype=tl.float32) + tl.where(b_gnlast == 0, tl.exp(b_glast), 0.0), mask=m_key)
-        b_dS += tl.where((tl.trans(tl.sum(tl.where(b_kf_ok, 0, 1), axis=0, keep_dims=True) + tl.sum(tl.where(b_g_ok, 0, 1), axis=0, keep_dims=True)) > 0) | (tl.sum(tl.sum(tl.where(b_vf_ok, 0, 1), axis=0, keep_dims=True), axis=0, keep_dims=True) > 0), float("nan"), 0.0)
-        p_hc = hc + (i_g * n_chunks + i_c_1) * KEY * VALUE + tl.trans(o_key) * VALUE + o_value
-        tl.store(p_hc, b_dS, mask=tl.trans(m_key) & m_value)
-    elif STAGE == 2:  # the state pass: S_i = decay_i S_(i-1) + dS_i, sequential over chunks
-        b_S = tl.zeros([BLOCK_KEY, BLOCK_VALUE], dtype=tl.float32)
+    if STAGE == 2:  # the state pass: S_i = decay_i S_(i-1) + dS_i with dS_i computed in the loop, sequential over chunks
+        i_s = tl.program_id(2)  # the [BLOCK_KEY_STATE, BLOCK_VALUE_STATE] sub-block of the state
+        o_key = (i_s // (BLOCK_VALUE // BLOCK_VALUE_STATE)) * BLOCK_KEY_STATE + tl.arange(0, BLOCK_KEY_STATE)[None, :]
+        o_value = i_value * BLOCK_VALUE + (i_s % (BLOCK_VALUE // BLOCK_VALUE_STATE)) * BLOCK_VALUE_STATE + tl.arange(0, BLOCK_VALUE_STATE)[None, :]
+        m_key = o_key < KEY
+        m_value = o_value < VALUE
+        b_S = tl.zeros([BLOCK_KEY_STATE, BLOCK_VALUE_STATE], dtype=tl.float32)
         if USE_INITIAL_STATE:
             p_h0 = h0 + i_batch * HEADS * KEY * VALUE + i_heads * KEY * VALUE + tl.trans(o_key) * VALUE + o_value
             b_S += tl.load(p_h0, mask=tl.trans(m_key) & m_value, other=0.0).to(tl.float32)
-        for i_c_2 in range(0, n_chunks):
-            p_hc_1 = hc + (i_g * n_chunks + i_c_2) * KEY * VALUE + tl.trans(o_key) * VALUE + o_value
-            b_dS_1 = tl.load(p_hc_1, mask=tl.trans(m_key) & m_value, other=0.0)
-            tl.store(p_hc_1, b_S, mask=tl.trans(m_key) & m_value)  # the state entering chunk i_c_2
-            p_dc_1 = dc + (i_g * n_chunks + i_c_2) * KEY + o_key
-            b_decay = tl.load(p_dc_1, mask=m_key, other=0.0)
-            b_S = b_S * tl.trans(b_decay) + b_dS_1
+        for i_c_1 in range(0, n_chunks):
+            o_time = i_c_1 * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None].to(tl.int64)
+            m_time = o_time < TIME
+            p_hc = hc + (i_g * n_chunks + i_c_1) * KEY * VALUE + tl.trans(o_key) * VALUE + o_value
+            tl.store(p_hc, b_S.to(p_hc.dtype.element_ty), mask=tl.trans(m_key) & m_value)  # the state entering chunk i_c_1
+            p_k = k + i_batch * TIME * HEADS * KEY + o_time * HEADS * KEY + i_heads * KEY + o_key
+            b_k = tl.load(p_k, mask=m_time & m_key, other=0.0).to(tl.float32)
+            b_kf = tl.where(m_time & m_key, b_k, 0.0)
+            b_kf_ok = tl.abs(b_kf) < float("inf")
+            b_kf = tl.where(b_kf_ok, b_kf, 0.0)
+            p_v = v + i_batch * TIME * HEADS * VALUE + o_time * HEADS * VALUE + i_heads * VALUE + o_value
+            b_v = tl.load(p_v, mask=m_time & m_value, other=0.0).to(tl.float32)
+            b_vf = tl.where(m_time & m_value, b_v, 0.0)
+            b_vf_ok = tl.abs(b_vf) < float("inf")
+            b_vf = tl.where(b_vf_ok, b_vf, 0.0)
+            p_w = w + i_batch * TIME * HEADS * KEY + o_time * HEADS * KEY + i_heads * KEY + o_key
+            b_w = tl.load(p_w, mask=m_time & m_key, other=0.0).to(tl.float32)
+            b_g = tl.where(m_time & m_key, b_w, 0.0)
+            b_g_ok = b_g < float("inf")
+            b_g_reset = b_g <= -87.3365447505531
+            b_g = tl.where(b_g_ok & ~b_g_reset, b_g, 0.0)
+            b_gc = tl.cumsum(b_g, axis=0)
+            b_gn = tl.cumsum(b_g_reset.to(tl.int32), axis=0)
+            b_glast = tl.sum(b_g, axis=0, keep_dims=True)
+            b_gnlast = tl.sum(b_g_reset.to(tl.int32), axis=0, keep_dims=True)
+            b_dS = tl.dot(tl.trans(b_kf * tl.where(b_gn == b_gnlast, tl.exp(b_glast - b_gc), 0.0)), b_vf, input_precision=DOT_F32)
+            b_dS += tl.where((tl.trans(tl.sum(tl.where(b_kf_ok, 0, 1), axis=0, keep_dims=True) + tl.sum(tl.where(b_g_ok, 0, 1), axis=0, keep_dims=True)) > 0) | (tl.sum(tl.sum(tl.where(b_vf_ok, 0, 1), axis=0, keep_dims=True), axis=0, keep_dims=True) > 0), float("nan"), 0.0)
+            b_S = b_S * tl.trans(tl.where(b_gnlast == 0, tl.exp(b_glast), 0.0)) + b_dS
         if STORE_FINAL_STATE:
             p_ht = ht + i_batch * HEADS * KEY * VALUE + i_heads * KEY * VALUE + tl.trans(o_key) * VALUE + o_value
             tl.store(p_ht, b_S, mask=tl.trans(m_key) & m_value)
     elif STAGE == 3:  # outputs, one program per chunk
         p_u = u + i_heads * KEY + o_key
         b_u = tl.load(p_u, mask=m_key, other=0.0).to(tl.float32)
-        i_c_3 = tl.program_id(2).to(tl.int64)
-        o_time = i_c_3 * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None].to(tl.int64)
+        i_c_2 = tl.program_id(2).to(tl.int64)
+        o_time = i_c_2 * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None].to(tl.int64)
         m_time = o_time < TIME
         p_k_1 = k + i_batch * TIME * HEADS * KEY + o_time * HEADS * KEY + i_heads * KEY + o_key
         b_k_1 = tl.load(p_k_1, mask=m_time & m_key, other=0.0).to(tl.float32)
@@ -127,8 +124,8 @@ def rwkv6_staged_fwd_kernel(
         b_qf = tl.where(m_time & m_key, b_r, 0.0)
         b_qf_ok = tl.abs(b_qf) < float("inf")
         b_qf = tl.where(b_qf_ok, b_qf, 0.0)
-        p_hc_2 = hc + (i_g * n_chunks + i_c_3) * KEY * VALUE + tl.trans(o_key) * VALUE + o_value
-        b_S_in = tl.load(p_hc_2, mask=tl.trans(m_key) & m_value, other=0.0)
+        p_hc_1 = hc + (i_g * n_chunks + i_c_2) * KEY * VALUE + tl.trans(o_key) * VALUE + o_value
+        b_S_in = tl.load(p_hc_1, mask=tl.trans(m_key) & m_value, other=0.0)
         p_w_1 = w + i_batch * TIME * HEADS * KEY + o_time * HEADS * KEY + i_heads * KEY + o_key
         b_w_1 = tl.load(p_w_1, mask=m_time & m_key, other=0.0).to(tl.float32)
         b_g_1 = tl.where(m_time & m_key, b_w_1, 0.0)
@@ -140,7 +137,7 @@ def rwkv6_staged_fwd_kernel(
         b_gc_prev = b_gc_1 - b_g_1
         b_gn_prev = b_gn_1 - b_g_1_reset.to(tl.int32)
         b_A = tl.sum(b_qf[:, None, :] * b_kf_1[None, :, :] * tl.exp(tl.where((o_time > tl.trans(o_time))[:, :, None] & (b_gn_prev[:, None, :] == b_gn_1[None, :, :]), b_gc_prev[:, None, :] - b_gc_1[None, :, :], float("-inf"))), axis=2)
-        b_o = tl.dot(b_A.to(r.dtype.element_ty), b_vf_1.to(r.dtype.element_ty), input_precision=DOT_F32) + tl.dot((b_qf * tl.where(b_gn_prev == 0, tl.exp(b_gc_prev), 0.0)), b_S_in, input_precision=DOT_F32)
+        b_o = tl.dot(b_A.to(r.dtype.element_ty), b_vf_1.to(r.dtype.element_ty), input_precision=DOT_F32) + tl.dot((b_qf * tl.where(b_gn_prev == 0, tl.exp(b_gc_prev), 0.0)), b_S_in.to(tl.float32), input_precision=DOT_F32)
         b_bad_v = tl.where(b_vf_1_ok, 0, 1)
         b_bad_step = tl.sum(tl.where(b_kf_1_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_g_1_ok, 0, 1), axis=1, keep_dims=True)
         b_prow = (tl.cumsum(b_bad_step, axis=0) - b_bad_step > 0) | (tl.sum(tl.where(b_qf_ok, 0, 1), axis=1, keep_dims=True) > 0)
@@ -170,11 +167,12 @@ def rwkv6_staged_fwd(r, k, v, w, u, initial_state=None, output_final_state=False
         h0 = h0.to(device=r.device, dtype=torch.float32).contiguous()
     ht = torch.full((BATCH, HEADS, KEY, VALUE), float("nan"), dtype=torch.float32, device=r.device) if output_final_state else None
     DOT_F32 = "tf32x3" if r.dtype == torch.float32 else "tf32"  # float32 dot operands (dot_precision="auto")
+    BLOCK_KEY_STATE = min(BLOCK_KEY, 32)  # the state pass's sub-blocks
+    BLOCK_VALUE_STATE = min(BLOCK_VALUE, 64)
     n_chunks_1 = -(-TIME // BLOCK_TIME)
-    # per chunk: its state contribution, then (stage 2) the state entering it
-    hc = torch.empty((BATCH * HEADS, n_chunks_1, KEY, VALUE), dtype=torch.float32, device=r.device)
-    dc = torch.empty((BATCH * HEADS, n_chunks_1, KEY), dtype=torch.float32, device=r.device)
-    for STAGE, grid, warps in ((1, (BATCH * HEADS, -(-VALUE // BLOCK_VALUE), n_chunks_1), min(2 * num_warps, 32)), (2, (BATCH * HEADS, -(-VALUE // BLOCK_VALUE), 1), min(2 * num_warps, 32)), (3, (BATCH * HEADS, -(-VALUE // BLOCK_VALUE), n_chunks_1), min(2 * num_warps, 32))):
+    # the state entering each chunk (stage 2), in the input dtype for 16-bit inputs (float32 sums in registers)
+    hc = torch.empty((BATCH * HEADS, n_chunks_1, KEY, VALUE), dtype=r.dtype if r.dtype in (torch.bfloat16, torch.float16) else torch.float32, device=r.device)
+    for STAGE, grid, warps in ((2, (BATCH * HEADS, -(-VALUE // BLOCK_VALUE), -(-KEY // BLOCK_KEY_STATE) * (BLOCK_VALUE // BLOCK_VALUE_STATE)), min(1 * num_warps, 32)), (3, (BATCH * HEADS, -(-VALUE // BLOCK_VALUE), n_chunks_1), min(2 * num_warps, 32))):
         rwkv6_staged_fwd_kernel[grid](
             r,
             k,
@@ -187,7 +185,6 @@ def rwkv6_staged_fwd(r, k, v, w, u, initial_state=None, output_final_state=False
             TIME,
             HEADS,
             hc,
-            dc,
             KEY,
             VALUE,
             BLOCK_TIME,
@@ -197,6 +194,8 @@ def rwkv6_staged_fwd(r, k, v, w, u, initial_state=None, output_final_state=False
             output_final_state,
             DOT_F32,
             STAGE,
+            BLOCK_KEY_STATE,
+            BLOCK_VALUE_STATE,
             num_warps=warps,
         )
     return {"o": o}, ({"S": ht} if output_final_state else None)
