@@ -44,7 +44,7 @@ from ..expr import (L2NORM_EPS, Node, Op, const, cos, exp, iota, sigmoid, sin, s
                     ungroup)
 from ..expr import sum as rsum
 from ..expr import max as rmax
-from ..recurrence import (ADJOINT_KIND, Input, Kind, Output, Recurrence, State, Transition,
+from ..recurrence import (ADJOINT_KIND, Input, Kind, Let, Output, Recurrence, State, Transition,
                           adjoint_step, diagonal, identity)
 from .flips import sink_flips_in
 from .lets import inline_lets_in
@@ -92,8 +92,8 @@ def _mul(a, b):
 class _Ctx:
     """dims_of for nodes of the backward recurrence while it is being built."""
 
-    def __init__(self, dims, inputs, states):
-        self.rec = Recurrence("adjoint_ctx", dims, tuple(inputs), (),
+    def __init__(self, dims, inputs, states, lets=()):
+        self.rec = Recurrence("adjoint_ctx", dims, tuple(inputs), tuple(lets),
                               tuple(State(s, d, identity(), const(0.0)) for s, d in states), ())
 
     def dims(self, n: Node):
@@ -181,6 +181,8 @@ def _local_vjp(n: Node, c: Node) -> list[tuple[Node, Node]]:
         d, g = n.arg
         return [(s[0], Node(Op.GROUP, (c,), (g, d)))]
     if op in (Op.CONST, Op.IOTA, Op.SIZE):
+        return []
+    if op is Op.PARAM:  # only a backward's own let (a selection's choice): no gradient
         return []
     raise IRError(f"adjoint: no VJP rule for op {op.value!r}")
 
@@ -336,12 +338,24 @@ def derive(rec: Recurrence) -> Adjoint:
 
     # the operands and injected terms, their state reads (a cascade) on the state sequences
     ops, inj, choice = {}, {}, {}
+    choice_of: dict = {}
+    choice_lets: list[Let] = []
     for s in rec.states:
         t = s.transition
         ops[s.name] = {k: substitute(inl(v), reads) for k, v in t.operands}
         inj[s.name] = substitute(inl(s.inject), reads)
         if t.kind is Kind.SELECTION:
-            choice[s.name] = selection_choice(t.axis, ops[s.name])
+            # one let per choice (the states that share the operands share it): the
+            # backward reads it like a constant (no gradient through the choice)
+            key = (t.axis, tuple(sorted(ops[s.name].items(), key=lambda kv: kv[0])))
+            if key not in choice_of:
+                name = fresh(f"choice_{s.name}")
+                choice_lets.append(Let(name, selection_choice(t.axis, ops[s.name])))
+                choice_of[key] = Node(Op.PARAM, (), name)
+            choice[s.name] = choice_of[key]
+    if choice_lets:
+        ctx = _Ctx(rec.dims, list(rec.inputs) + extra_inputs + placeholders, ctx_states,
+                   choice_lets)
 
     def step_root(s: State, hp: Node) -> tuple[Node, Node]:
         """(h_t as an expression of what the step reads, its cotangent lambda_t): a
@@ -428,6 +442,7 @@ def derive(rec: Recurrence) -> Adjoint:
         return Transition(t.kind, t.axis, tuple((k, finish(e)) for k, e in t.operands), t.col)
 
     states = [State(st.name, st.dims, finish_transition(st), finish(st.inject)) for st in states]
+    lets = tuple(Let(l.name, finish(l.expr)) for l in choice_lets)
     for x in rec.inputs:
         gx = grads.get(Node(Op.INPUT, (), x.name), const(0.0))
         gx = _unbroadcast(ctx, gx, Node(Op.INPUT, (), x.name))
@@ -436,10 +451,10 @@ def derive(rec: Recurrence) -> Adjoint:
         outputs.append(Output(grad[x.name], x.dims if has_time[x.name] else (time,) + x.dims,
                               finish(gx)))
     exprs = [st.inject for st in states] + [o.expr for o in outputs] + \
-        [n for st in states for _, n in st.transition.operands]
+        [n for st in states for _, n in st.transition.operands] + [l.expr for l in lets]
     used = {n.arg for r in exprs for n in r.walk() if n.op is Op.INPUT}
     inputs = tuple(x for x in list(rec.inputs) + extra_inputs if x.name in used)
-    backward = verify(Recurrence(f"{rec.name}_bwd", rec.dims, inputs, (), tuple(states),
+    backward = verify(Recurrence(f"{rec.name}_bwd", rec.dims, inputs, lets, tuple(states),
                                  tuple(outputs), rec.numerics,
                                  f"backward of {rec.name} (run on time-reversed sequences)"))
     # the forward outputs stay, so every input is still used (and the IR verifies)
