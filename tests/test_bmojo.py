@@ -324,9 +324,20 @@ def test_cascade_reads_the_current_value_of_an_earlier_state():
     np.testing.assert_allclose(o, want, rtol=1e-12)
     from scancc.ir.passes import chunked
     assert not chunked.analyze(rec).states   # a cascade runs recurrently
-    from scancc.ir.passes import derive
-    with pytest.raises(Exception, match="cascaded states"):
-        derive(rec)
+    # its adjoint is derived (tests/test_bmojo_grad.py): gradients equal the loop's in torch
+    torch = _torch()
+    xt, gt = (torch.tensor(a, requires_grad=True) for a in (xs, gs))
+    at, ct, outs = torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, 3, dtype=torch.float64), []
+    for i in range(7):
+        at = gt[:, i] * at + xt[:, i]
+        ct = ct + at * at
+        outs.append(ct)
+    w = torch.tensor(rng.standard_normal((2, 7, 3)))
+    (torch.stack(outs, 1) * w).sum().backward()
+    xk, gk = (torch.tensor(a, requires_grad=True) for a in (xs, gs))
+    (scancc.compile(rec, "reference")(x=xk, g=gk) * w).sum().backward()
+    np.testing.assert_allclose(xk.grad.numpy(), xt.grad.numpy(), rtol=1e-10)
+    np.testing.assert_allclose(gk.grad.numpy(), gt.grad.numpy(), rtol=1e-10)
 
 
 def test_bmojo_text_form_round_trips():
