@@ -280,3 +280,21 @@ def test_cascade_with_prev_reads_matches_torch_autograd_through_its_loop(monkeyp
         assert v.grad.abs().max() > 0
         np.testing.assert_allclose(u.grad.numpy(), v.grad.numpy(), rtol=1e-10, atol=1e-12,
                                    err_msg=name)
+
+
+def test_prev_of_a_shift_state_read_by_a_cascade_has_no_derived_adjoint():
+    """nu_{t-1} of a shift state is A^T (nu_t + g_t): a cotangent for h_{t-1} cannot be added
+    after the transposed transition, so derive names the read (docs/ir.md)."""
+    from scancc.ir import Builder, IRError, identity, prev, shift, dot, iota, step
+    r = Builder("casc_shift")
+    b, t, w, d = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("w", size=3), \
+        r.dim("chan")
+    x = r.input("x", [b, t, d])
+    r.state("win", [b, w, d], shift(w), inject=x)
+    c = r.state("c", [b, d], identity(), inject=dot(prev("win"), step(-iota(w)), w))
+    r.output("o", [b, t, d], c)
+    rec = r.build()
+    assert not has_adjoint(rec)
+    with pytest.raises(IRError, match=r"state 'win': the adjoint of a read of prev\(win\) by a "
+                                      r"cascaded state of a shift state is not derived yet"):
+        adjoint(rec)
