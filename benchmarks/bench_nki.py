@@ -38,6 +38,10 @@ CASES = [
     ("fir", {}, dict(batch=1, time=2048, chan=1024, width=4)),
     ("iir", {}, dict(batch=1, time=2048, chan=1024, order=3)),
     ("swa", {"window": 8}, dict(batch=1, time=512, heads=8, key=64, value=64)),
+    # B'MOJO (docs/bmojo.md): the shapes of the Triton rows (docs/performance/triton.md)
+    ("bmojo_f", {"window": 4}, dict(batch=1, time=512, heads=4, key=64, value=64)),
+    ("bmojo", {"window": 4, "memory": 4, "predictor": 2},
+     dict(batch=1, time=512, heads=4, key=64, value=64)),
 ]
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
