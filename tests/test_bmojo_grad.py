@@ -245,7 +245,6 @@ def test_cascade_with_prev_reads_matches_torch_autograd_through_its_loop(monkeyp
     Gradients of every input, both initial states (and through both final states) against
     torch autograd through that loop, in chunks of 2 (the backward crosses chunk boundaries)."""
     from scancc.ir import Builder, diagonal, prev, sigmoid
-    from scancc.ir.expr import Node, Op
     r = Builder("casc_grad")
     b, t, d = r.dim("batch", "batch"), r.dim("time", "time"), r.dim("chan")
     x, g = r.input("x", [b, t, d]), r.input("g", [b, t, d])
