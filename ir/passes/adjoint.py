@@ -28,6 +28,16 @@ companion and dense are not symmetric: their backward state uses the adjoint-ste
 (``shift_adjoint``, ``companion_adjoint``, ``dense_adjoint``: h_t = A_t^T (h_{t-1} + b_t)) with
 the injected term g_t, so nu_{t-1} = A_t^T (nu_t + g_t) needs no expression for A^T g.
 
+Cascades (a state's inject/operands read state(j) of an earlier state or prev(j) of any):
+the composed step is block lower-triangular, so its transpose runs the other way: the
+cotangent lambda^k_t of a state flows, by the VJP of its step, into lambda^j_t of each state
+whose state(j) it read and into nu^j_{t-1} of each state whose prev(j) it read; the lambdas
+are built last state first and the backward states (which then read prev(nu^k)) are declared
+in reverse order. A selection state, its choice e_t held fixed (piecewise constant: no
+gradient through score/valid/keys/filled), is the diagonal h_t = (1 - e_t) h_{t-1} + e_t b_t;
+its backward state is diagonal(1 - e_t), the item written gets sum_axis e_t lambda_t, and e_t
+is recomputed from the forward states (``selection_choice``, one let of the backward).
+
 Packed variable-length batches (ir/segments.py) need nothing here: the forward's reset at a
 sequence's first step cuts h_{t-1} from the transition, so nu crossing the boundary in
 reverse time is cut too. The caller (scancc/varlen.py) runs this backward as a packed call
