@@ -38,6 +38,11 @@ CASES = [
     ("fir", {}, dict(batch=1, time=2048, chan=1024, width=4)),
     ("iir", {}, dict(batch=1, time=2048, chan=1024, order=3)),
     ("swa", {"window": 8}, dict(batch=1, time=512, heads=8, key=64, value=64)),
+    # B'MOJO (docs/bmojo.md): the Triton rows' widths (docs/performance/triton.md), T = 128
+    # (at T = 512 the two did not finish within 15 min on this shared 2-core machine)
+    ("bmojo_f", {"window": 4}, dict(batch=1, time=128, heads=4, key=64, value=64)),
+    ("bmojo", {"window": 4, "memory": 4, "predictor": 2},
+     dict(batch=1, time=128, heads=4, key=64, value=64)),
 ]
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 

@@ -44,8 +44,10 @@ def adjoint(rec: Recurrence) -> Adjoint:
 
 
 def has_adjoint(rec: Recurrence) -> bool:
-    """Whether ``rec``'s backward is derived (not yet for cascaded states or the selection
-    kind: bmojo, docs/bmojo.md); ``adjoint(rec)`` raises the IRError that says why."""
+    """Whether ``rec``'s backward is derived (every library recurrence's is, bmojo's cascades
+    and selection included: docs/bmojo.md); where not, ``adjoint(rec)`` raises the IRError
+    that says why (e.g. a kind without an adjoint, or a read of prev() of a shift state by a
+    cascade)."""
     try:
         adjoint(rec)
     except IRError:

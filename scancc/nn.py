@@ -365,8 +365,10 @@ class BMojoF(nn.Module):
 class BMojo(BMojoF):
     """A B'MOJO layer: ``BMojoF`` plus the eidetic memory of ``memory`` tokens, chosen by the
     innovation of the SSM output y over a ``predictor`` window (the ``bmojo`` recurrence,
-    ``scancc.library.bmojo``). Forward only for now: the adjoint of cascaded and selection
-    states is not derived, so a backward through the kernel raises (docs/bmojo.md)."""
+    ``scancc.library.bmojo``). Trains through the derived adjoint: gradients flow to the
+    tokens the memory stores (their k, v) and through the windows; which tokens it stores is
+    piecewise constant, so none flow through the innovation scores (y reaches the loss
+    through the fading tokens kf, vf; docs/bmojo.md, "Gradients")."""
 
     def __init__(self, d_model: int, nheads: int, headdim: int | None = None, *,
                  window: int = 64, memory: int = 16, predictor: int = 4, **kw: Any):

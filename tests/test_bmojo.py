@@ -324,9 +324,20 @@ def test_cascade_reads_the_current_value_of_an_earlier_state():
     np.testing.assert_allclose(o, want, rtol=1e-12)
     from scancc.ir.passes import chunked
     assert not chunked.analyze(rec).states   # a cascade runs recurrently
-    from scancc.ir.passes import derive
-    with pytest.raises(Exception, match="cascaded states"):
-        derive(rec)
+    # its adjoint is derived (tests/test_bmojo_grad.py): gradients equal the loop's in torch
+    torch = _torch()
+    xt, gt = (torch.tensor(a, requires_grad=True) for a in (xs, gs))
+    at, ct, outs = torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, 3, dtype=torch.float64), []
+    for i in range(7):
+        at = gt[:, i] * at + xt[:, i]
+        ct = ct + at * at
+        outs.append(ct)
+    w = torch.tensor(rng.standard_normal((2, 7, 3)))
+    (torch.stack(outs, 1) * w).sum().backward()
+    xk, gk = (torch.tensor(a, requires_grad=True) for a in (xs, gs))
+    (scancc.compile(rec, "reference")(x=xk, g=gk) * w).sum().backward()
+    np.testing.assert_allclose(xk.grad.numpy(), xt.grad.numpy(), rtol=1e-10)
+    np.testing.assert_allclose(gk.grad.numpy(), gt.grad.numpy(), rtol=1e-10)
 
 
 def test_bmojo_text_form_round_trips():
@@ -371,9 +382,8 @@ def test_bmojo_f_layer_is_the_attention_of_its_branches_and_trains():
         assert not torch.equal(p, before[n]), f"{n} did not move"
 
 
-def test_bmojo_layer_is_the_plain_loop_of_its_branches_and_says_it_has_no_backward():
+def test_bmojo_layer_is_the_plain_loop_of_its_branches_and_trains():
     torch = _torch()
-    from scancc.ir import IRError
     from scancc.nn import BMojo
     torch.manual_seed(1)
     layer = BMojo(8, 2, window=2, d_state=4, memory=3, predictor=2).double()
@@ -383,8 +393,23 @@ def test_bmojo_layer_is_the_plain_loop_of_its_branches_and_says_it_has_no_backwa
         o = _bmojo_loop(x["q"], x["k"], x["v"], x["kf"], x["vf"], x["y"], 2, 3, 2)
         want = layer.o_proj(torch.from_numpy(o).reshape(2, 11, -1))
         np.testing.assert_allclose(layer(u).numpy(), want.numpy(), rtol=1e-10, atol=1e-12)
-    with pytest.raises(IRError, match="adjoint of cascaded states"):
-        layer(u)
+    # a few Adam steps on "recall the token 5 back" (beyond the window of 2 and the fading
+    # window: the eidetic memory can hold it); gradients through the derived adjoint
+    target = torch.roll(u, 5, dims=1)
+    before = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    opt = torch.optim.Adam(layer.parameters(), lr=0.02)
+    losses = []
+    for _ in range(8):
+        loss = (layer(u) - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        for n, p in layer.named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all(), n
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+    for n, p in layer.named_parameters():
+        assert not torch.equal(p, before[n]), f"{n} did not move"
 
 
 def _selection_rec(score=None, inject_on_axis=False):

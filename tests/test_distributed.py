@@ -27,7 +27,8 @@ LIBRARY_ALL = [n for n in registry.names() if registry.get(n).origin == "library
 
 
 # the fold (summaries, one all-gather) with gradients: recurrences with a linear summary and a
-# derived adjoint; the others (bmojo: selection + cascade) relay states: test_relay_*
+# derived adjoint; the others (bmojo: selection + cascade, no linear summary) relay states:
+# test_relay_*
 LIBRARY = [n for n in LIBRARY_ALL if has_summary(registry.get(n).build())
            and has_adjoint(registry.get(n).build())]
 RELAYED = [n for n in LIBRARY_ALL if not has_summary(registry.get(n).build())]
@@ -293,7 +294,7 @@ def _relay_worker(rank, world, port, names, outdir):
 def test_relay_without_a_linear_summary(world):
     """bmojo's eidetic memory (a selection state read by cascaded states) has no linear
     transition summary: each shard runs from the state the rank before it ended with. Outputs
-    and the global final state equal one single-process run (forward: bmojo has no adjoint)."""
+    and the global final state equal one single-process run (forward only here)."""
     import multiprocessing
 
     import torch.multiprocessing as mp

@@ -16,9 +16,10 @@ torch = pytest.importorskip("torch", reason="torch (the [triton] extra) is not i
 if not scancc.backends.get("triton").available()[0]:
     pytest.skip("the Triton backend needs triton (scancc[triton])", allow_module_level=True)
 
-# every library recurrence
-# (bmojo's cascades/selection have no derived adjoint yet: docs/bmojo.md)
-LOWERED = [n for n in registry.names() if registry.get(n).origin == "library"
+# every library recurrence (bmojo's backward, ~100 s a case in the interpreter: `-m slow`;
+# tests/test_bmojo_grad.py runs its Triton gradients in the default run)
+LOWERED = [pytest.param(n, marks=pytest.mark.slow) if n == "bmojo" else n
+           for n in registry.names() if registry.get(n).origin == "library"
            and has_adjoint(registry.get(n).build())]
 
 

@@ -17,7 +17,7 @@ from scancc.testing import assert_close, default_sizes, sample_inputs, sample_st
 NAMES = registry.names()
 
 
-# gradients: the recurrences with a derived adjoint (not bmojo's cascades/selection yet)
+# gradients: the recurrences with a derived adjoint (all of them, bmojo included)
 GRAD_NAMES = [n for n in NAMES if has_adjoint(registry.get(n).build())]
 # the NKI emulator on B'MOJO's windows takes 20-45 s a case here: `-m slow`
 NKI_NAMES = [pytest.param(n, marks=pytest.mark.slow) if n.startswith("bmojo") else n

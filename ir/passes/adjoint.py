@@ -28,6 +28,16 @@ companion and dense are not symmetric: their backward state uses the adjoint-ste
 (``shift_adjoint``, ``companion_adjoint``, ``dense_adjoint``: h_t = A_t^T (h_{t-1} + b_t)) with
 the injected term g_t, so nu_{t-1} = A_t^T (nu_t + g_t) needs no expression for A^T g.
 
+Cascades (a state's inject/operands read state(j) of an earlier state or prev(j) of any):
+the composed step is block lower-triangular, so its transpose runs the other way: the
+cotangent lambda^k_t of a state flows, by the VJP of its step, into lambda^j_t of each state
+whose state(j) it read and into nu^j_{t-1} of each state whose prev(j) it read; the lambdas
+are built last state first and the backward states (which then read prev(nu^k)) are declared
+in reverse order. A selection state, its choice e_t held fixed (piecewise constant: no
+gradient through score/valid/keys/filled), is the diagonal h_t = (1 - e_t) h_{t-1} + e_t b_t;
+its backward state is diagonal(1 - e_t), the item written gets sum_axis e_t lambda_t, and e_t
+is recomputed from the forward states (``selection_choice``, one let of the backward).
+
 Packed variable-length batches (ir/segments.py) need nothing here: the forward's reset at a
 sequence's first step cuts h_{t-1} from the transition, so nu crossing the boundary in
 reverse time is cut too. The caller (scancc/varlen.py) runs this backward as a packed call
@@ -43,8 +53,9 @@ from ..errors import IRError
 from ..expr import (L2NORM_EPS, Node, Op, const, cos, exp, iota, sigmoid, sin, size, sqrt, step,
                     ungroup)
 from ..expr import sum as rsum
-from ..recurrence import (ADJOINT_KIND, Input, Kind, Output, Recurrence, State, Transition,
-                          adjoint_step, identity)
+from ..expr import max as rmax
+from ..recurrence import (ADJOINT_KIND, Input, Kind, Let, Output, Recurrence, State, Transition,
+                          adjoint_step, diagonal, identity)
 from .flips import sink_flips_in
 from .lets import inline_lets_in
 from .rewrite import substitute
@@ -54,7 +65,11 @@ SYMMETRIC = {Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL, Kind.HOUSEHOLDER}
 # kinds whose A h is an expression (h_t is recomputed from h_{t-1}) and whose transpose is a
 # transition of a kind in this set (inject-after adjoint: nu_{t-1} = A^T nu_t + A^T g_t)
 EXPRESSED = SYMMETRIC | {Kind.DPLR}
-DERIVED = EXPRESSED | set(ADJOINT_KIND)   # kinds whose adjoint is derived
+# selection: with the choice held fixed, h_t = (1 - e_t) h_{t-1} + e_t b_t (e_t one-hot along
+# the axis, or 0), a diagonal transition; its adjoint is that diagonal, e_t recomputed from the
+# forward states (``selection_choice``), and no gradient through the choice
+DERIVED = EXPRESSED | set(ADJOINT_KIND) | {Kind.SELECTION}   # kinds whose adjoint is derived
+AFTER = EXPRESSED | {Kind.SELECTION}   # backward in the inject-after form (nu_{t-1} = A^T ... + p)
 
 
 @dataclass(frozen=True)
@@ -87,8 +102,8 @@ def _mul(a, b):
 class _Ctx:
     """dims_of for nodes of the backward recurrence while it is being built."""
 
-    def __init__(self, dims, inputs, states):
-        self.rec = Recurrence("adjoint_ctx", dims, tuple(inputs), (),
+    def __init__(self, dims, inputs, states, lets=()):
+        self.rec = Recurrence("adjoint_ctx", dims, tuple(inputs), tuple(lets),
                               tuple(State(s, d, identity(), const(0.0)) for s, d in states), ())
 
     def dims(self, n: Node):
@@ -177,6 +192,8 @@ def _local_vjp(n: Node, c: Node) -> list[tuple[Node, Node]]:
         return [(s[0], Node(Op.GROUP, (c,), (g, d)))]
     if op in (Op.CONST, Op.IOTA, Op.SIZE):
         return []
+    if op is Op.PARAM:  # only a backward's own let (a selection's choice): no gradient
+        return []
     raise IRError(f"adjoint: no VJP rule for op {op.value!r}")
 
 
@@ -242,12 +259,34 @@ def step_expr(t: Transition, ops: dict[str, Node], inject: Node, h_now: Node, h_
     raise IRError(f"the adjoint of a {t.kind.value} transition is not derived")
 
 
+def _is_zero(x: Node) -> Node:
+    """1 where x == 0, else 0 (step(x) = [x >= 0])."""
+    return step(x) * step(-x)
+
+
+def _first(mask: Node, axis: str) -> Node:
+    """One-hot of the lowest slot along ``axis`` where the 0/1 ``mask`` is 1 (0 if none)."""
+    rank = mask * (size(axis) - iota(axis))          # m - i at the masked slots: the lowest wins
+    return mask * step(rank - rmax(rank, (axis,)))
+
+
+def selection_choice(axis: str, ops: dict[str, Node]) -> Node:
+    """e_t, the selection's choice as an expression (1 at the slot the incoming item fills,
+    0 elsewhere; all 0 if it fills none) of its operands, exactly the rule of Kind.SELECTION:
+    the lowest free slot (filled == 0), else, if score > the smallest stored key, the lowest
+    slot holding it; nothing when valid == 0. Built of step/max/iota only (every backend
+    lowers them; all exact in floating point), so the backward recomputes it from the forward
+    states it reads and no backend needs a rule for it."""
+    free = _is_zero(ops["filled"])
+    low = -rmax(-ops["keys"], (axis,))                # the smallest stored key
+    replace = 1.0 - step(low - ops["score"])          # score > low
+    at_low = step(low - ops["keys"])                  # keys == low
+    pick = _first(free, axis) + (1.0 - rmax(free, (axis,))) * replace * _first(at_low, axis)
+    return (1.0 - _is_zero(ops["valid"])) * pick
+
+
 def derive(rec: Recurrence) -> Adjoint:
     """The backward recurrence of ``rec`` (see the module docstring)."""
-    if rec.cascaded:
-        raise IRError(f"recurrence {rec.name!r}: the adjoint of cascaded states "
-                      f"({', '.join(rec.cascaded)} read states) is not derived yet (it needs "
-                      "the cotangent of each state's reads carried into the earlier states)")
     for s in rec.states:
         if s.transition.kind not in DERIVED:
             raise IRError(f"recurrence {rec.name!r}, state {s.name!r}: the adjoint of a "
@@ -255,11 +294,11 @@ def derive(rec: Recurrence) -> Adjoint:
                           f"{', '.join(sorted(k.value for k in DERIVED))})")
     # readouts of prev(S) (the state entering the step): their VJP p_t (w.r.t. h_{t-1}) is
     # added after the transposed transition, nu_{t-1} = A_t^T (nu_t + g_t) + p_t: an
-    # expression for the symmetric kinds, not derived for the adjoint-step kinds
+    # expression for the symmetric kinds (and selection), not derived for the adjoint-step kinds
     read_prev = {n.arg for o in rec.outputs for n in inline_lets_in(rec, o.expr, {}).walk()
                  if n.op is Op.PREV}
     for s in rec.states:
-        if s.name in read_prev and s.transition.kind not in EXPRESSED:
+        if s.name in read_prev and s.transition.kind not in AFTER:
             raise IRError(f"recurrence {rec.name!r}, state {s.name!r}: the adjoint of a "
                           f"readout of prev({s.name}) of a {s.transition.kind.value} state is "
                           "not derived yet")
@@ -288,54 +327,132 @@ def derive(rec: Recurrence) -> Adjoint:
         before = tuple(t.col if t.kind is Kind.DENSE and d == t.axis else d for d in s.dims)
         extra_inputs += [Input(seq[s.name][0], (time,) + s.dims),
                          Input(seq[s.name][1], (time,) + before)]
+    # a cascaded state's own h_{t-1} in its step, kept apart from its reads of prev() while
+    # the cotangents of those reads are taken (a placeholder, substituted back)
+    own_prev = {s: fresh(f"own_{s}") for s in rec.cascaded}
+    before_dims = {x.name: x.dims for x in extra_inputs}
+    placeholders = [Input(own_prev[s], before_dims[seq[s][1]]) for s in own_prev]
     ctx_states = [(nu[s.name], s.dims) for s in rec.states]
-    ctx = _Ctx(rec.dims, list(rec.inputs) + extra_inputs, ctx_states)
+    ctx = _Ctx(rec.dims, list(rec.inputs) + extra_inputs + placeholders, ctx_states)
 
     memo: dict = {}
     inl = lambda n: inline_lets_in(rec, n, memo)  # noqa: E731
     h_now = {Node(Op.STATE, (), s.name): Node(Op.INPUT, (), seq[s.name][0]) for s in rec.states}
     h_prev = {Node(Op.PREV, (), s.name): Node(Op.INPUT, (), seq[s.name][1]) for s in rec.states}
-    outs = [(substitute(inl(o.expr), {**h_now, **h_prev}), Node(Op.INPUT, (), cot[o.name]))
+    reads = {**h_now, **h_prev}   # a state read (readouts, cascades) -> the recomputed sequence
+    outs = [(substitute(inl(o.expr), reads), Node(Op.INPUT, (), cot[o.name]))
             for o in rec.outputs]
     g = vjp(ctx, outs, set(h_now.values()) | set(h_prev.values()))
+    now_in = {s.name: Node(Op.INPUT, (), seq[s.name][0]) for s in rec.states}
+    prev_in = {s.name: Node(Op.INPUT, (), seq[s.name][1]) for s in rec.states}
 
-    roots = list(outs)
-    states, lam = [], {}
+    # the operands and injected terms, their state reads (a cascade) on the state sequences
+    ops, inj, choice = {}, {}, {}
+    choice_of: dict = {}
+    choice_lets: list[Let] = []
     for s in rec.states:
         t = s.transition
-        ops = {k: inl(v) for k, v in t.operands}
-        gs = g.get(h_now[Node(Op.STATE, (), s.name)])
-        lam[s.name] = _add(Node(Op.PREV, (), nu[s.name]), gs)
-        hp = Node(Op.INPUT, (), seq[s.name][1])
-        roots.append((step_expr(t, ops, inl(s.inject), Node(Op.INPUT, (), seq[s.name][0]), hp),
-                      lam[s.name]))
-        bt = adjoint_step(Transition(t.kind, t.axis, tuple((k, ops[k]) for k, _ in t.operands),
-                                     t.col))
-        if t.kind in EXPRESSED:   # nu_{t-1} = A^T nu_t + A^T g_t, with A^T g_t an expression
-            inject = apply_transition(bt, gs, dict(bt.operands)) if gs is not None \
-                else const(0.0)
-            ps = g.get(h_prev[Node(Op.PREV, (), s.name)])
-            if ps is not None:    # + p_t, the VJP of the readouts of prev(S)
-                inject = _add(inject, ps) if gs is not None else ps
+        ops[s.name] = {k: substitute(inl(v), reads) for k, v in t.operands}
+        inj[s.name] = substitute(inl(s.inject), reads)
+        if t.kind is Kind.SELECTION:
+            # one let per choice (the states that share the operands share it): the
+            # backward reads it like a constant (no gradient through the choice)
+            key = (t.axis, tuple(sorted(ops[s.name].items(), key=lambda kv: kv[0])))
+            if key not in choice_of:
+                name = fresh(f"choice_{s.name}")
+                choice_lets.append(Let(name, selection_choice(t.axis, ops[s.name])))
+                choice_of[key] = Node(Op.PARAM, (), name)
+            choice[s.name] = choice_of[key]
+    if choice_lets:
+        ctx = _Ctx(rec.dims, list(rec.inputs) + extra_inputs + placeholders, ctx_states,
+                   choice_lets)
+
+    def step_root(s: State, hp: Node) -> tuple[Node, Node]:
+        """(h_t as an expression of what the step reads, its cotangent lambda_t): a
+        selection's only differentiable path is its item, written at e_t (the choice, held
+        fixed: no root through score/valid/keys/filled)."""
+        t = s.transition
+        if t.kind is Kind.SELECTION:   # the item's cotangent: sum over the axis of e_t lambda_t
+            return inj[s.name], _mul(choice[s.name], lam[s.name])
+        return step_expr(t, ops[s.name], inj[s.name], now_in[s.name], hp), lam[s.name]
+
+    # Cascades (block lower-triangular A): lambda^j_t = nu^j_t + g^j_t + c^j_t, where c^j_t is
+    # the cotangent from the later states' steps that read state(j) (their lambda^k_t, k > j),
+    # and nu^j_{t-1} gets q^j_t, the cotangent from the steps that read prev(j). The lambdas
+    # are built last state first, so each c^j is complete when lambda^j is built; the
+    # backward state nu^j reads prev(nu^k) of the states k that read it.
+    cascaded = set(rec.cascaded)
+    c: dict[str, Node] = {}
+    q: dict[str, Node] = {}
+    lam: dict[str, Node] = {}
+    gsum: dict[str, Node | None] = {}
+    for s in reversed(rec.states):
+        gsum[s.name] = _add(g.get(now_in[s.name]), c.get(s.name))
+        lam[s.name] = _add(Node(Op.PREV, (), nu[s.name]), gsum[s.name])
+        if s.name not in cascaded:
+            continue
+        # the state's own h_{t-1} (its transition) stands apart from its reads of prev(S)
+        own = Node(Op.INPUT, (), own_prev[s.name])
+        root = step_root(s, own)
+        wrt = {now_in[r.name] for r in rec.states if r.name != s.name} | set(prev_in.values())
+        cross = vjp(ctx, [root], wrt)
+        for r in rec.states:
+            if now_in[r.name] in cross:
+                c[r.name] = _add(c.get(r.name), substitute(cross[now_in[r.name]],
+                                                           {own: prev_in[s.name]}))
+            if prev_in[r.name] in cross:
+                q[r.name] = _add(q.get(r.name), substitute(cross[prev_in[r.name]],
+                                                           {own: prev_in[s.name]}))
+
+    roots = list(outs)
+    states = []
+    for s in rec.states:
+        t = s.transition
+        roots.append(step_root(s, prev_in[s.name]))
+        gs = gsum[s.name]
+        ps = _add(g.get(prev_in[s.name]), q.get(s.name))   # + p_t: the VJP w.r.t. prev(S)
+        if t.kind is Kind.SELECTION:   # nu_{t-1} = (1 - e_t) (nu_t + g_t) + p_t
+            keep = 1.0 - choice[s.name]
+            bt = diagonal(keep)
+            inject = _add(keep * gs if gs is not None else None, ps)
+        elif t.kind in EXPRESSED:   # nu_{t-1} = A^T nu_t + A^T g_t, with A^T g_t an expression
+            bt = adjoint_step(Transition(t.kind, t.axis, tuple((k, ops[s.name][k])
+                                                               for k, _ in t.operands), t.col))
+            inject = apply_transition(bt, gs, dict(bt.operands)) if gs is not None else None
+            inject = _add(inject, ps)
         else:                     # the adjoint step adds g_t first: A^T (nu_t + g_t)
-            inject = gs if gs is not None else const(0.0)
-        states.append(State(nu[s.name], s.dims, bt, inject))
+            if ps is not None:
+                raise IRError(f"recurrence {rec.name!r}, state {s.name!r}: the adjoint of a "
+                              f"read of prev({s.name}) by a cascaded state of a "
+                              f"{t.kind.value} state is not derived yet")
+            bt = adjoint_step(Transition(t.kind, t.axis, tuple((k, ops[s.name][k])
+                                                               for k, _ in t.operands), t.col))
+            inject = gs
+        states.append(State(nu[s.name], s.dims, bt, const(0.0) if inject is None else inject))
+    if cascaded:   # nu^j reads prev(nu^k) of the later states k: declare those first
+        states.reverse()
     leaves = {Node(Op.INPUT, (), x.name) for x in rec.inputs}
     grads = vjp(ctx, roots, leaves)
 
     # h_t of a symmetric (or dplr) state is recomputed from h_{t-1} in the backward (A_t h_{t-1} + b_t,
     # elementwise or one reduction), so the backward reads one state sequence, not two
-    recompute = {Node(Op.INPUT, (), seq[s.name][0]):
-                 apply_transition(s.transition, Node(Op.INPUT, (), seq[s.name][1]),
-                                  {k: inl(v) for k, v in s.transition.operands}) + inl(s.inject)
-                 for s in rec.states if s.transition.kind in EXPRESSED}
+    recompute = {now_in[s.name]: apply_transition(s.transition, prev_in[s.name], ops[s.name])
+                 + inj[s.name]
+                 for s in rec.states if s.transition.kind in EXPRESSED and s.name not in cascaded}
     smemo: dict = {}
     outputs, flips = [], {}
 
     def finish(n: Node) -> Node:
         return sink_flips_in(ctx.dims, substitute(n, recompute, smemo), flips)
 
-    states = [State(st.name, st.dims, st.transition, finish(st.inject)) for st in states]
+    def finish_transition(st: State) -> Transition:
+        t = st.transition
+        if not any(n.op is Op.INPUT and n in recompute for _, e in t.operands for n in e.walk()):
+            return t
+        return Transition(t.kind, t.axis, tuple((k, finish(e)) for k, e in t.operands), t.col)
+
+    states = [State(st.name, st.dims, finish_transition(st), finish(st.inject)) for st in states]
+    lets = tuple(Let(l.name, finish(l.expr)) for l in choice_lets)
     for x in rec.inputs:
         gx = grads.get(Node(Op.INPUT, (), x.name), const(0.0))
         gx = _unbroadcast(ctx, gx, Node(Op.INPUT, (), x.name))
@@ -344,10 +461,10 @@ def derive(rec: Recurrence) -> Adjoint:
         outputs.append(Output(grad[x.name], x.dims if has_time[x.name] else (time,) + x.dims,
                               finish(gx)))
     exprs = [st.inject for st in states] + [o.expr for o in outputs] + \
-        [n for st in states for _, n in st.transition.operands]
+        [n for st in states for _, n in st.transition.operands] + [l.expr for l in lets]
     used = {n.arg for r in exprs for n in r.walk() if n.op is Op.INPUT}
     inputs = tuple(x for x in list(rec.inputs) + extra_inputs if x.name in used)
-    backward = verify(Recurrence(f"{rec.name}_bwd", rec.dims, inputs, (), tuple(states),
+    backward = verify(Recurrence(f"{rec.name}_bwd", rec.dims, inputs, lets, tuple(states),
                                  tuple(outputs), rec.numerics,
                                  f"backward of {rec.name} (run on time-reversed sequences)"))
     # the forward outputs stay, so every input is still used (and the IR verifies)
@@ -358,5 +475,5 @@ def derive(rec: Recurrence) -> Adjoint:
     return Adjoint(rec, backward, states_view, cot, seq, nu, grad)
 
 
-__all__ = ["Adjoint", "derive", "vjp", "apply_transition", "step_expr", "SYMMETRIC", "EXPRESSED",
-           "DERIVED"]
+__all__ = ["Adjoint", "derive", "vjp", "apply_transition", "step_expr", "selection_choice",
+           "SYMMETRIC", "EXPRESSED", "DERIVED", "AFTER"]
