@@ -11,8 +11,9 @@ Transition operands and injected terms read inputs and lets, and may also read s
 h_{t-1}). A recurrence with no such read is block diagonal and linear in its state, which the
 chunked algorithms and the adjoint rely on; a cascade is run recurrently
 (``passes.chunked`` finds no chunked form for a state that reads a state, nor for the states
-it reads) and its adjoint is not derived. ``Recurrence.cascaded`` names the states that read
-states.
+it reads); its adjoint is derived with the transposed coupling (ir/passes/adjoint.py,
+docs/design-adjoint.md), except for a ``prev()`` read of a shift, companion or dense state.
+``Recurrence.cascaded`` names the states that read states.
 """
 from __future__ import annotations
 
