@@ -2,7 +2,10 @@
 per compiled kernel (the staged form: one per stage). Same toolchain as bench_sm90.py
 (Triton's compiler for ``GPUTarget("cuda", 90, 32)``, ``ptxas-blackwell -v -arch=sm_90a``,
 tensor cores = ``warp_group_dot``/``nvidia_mma`` in the TTGIR); everything *measured* by the
-compiler toolchain, nothing is a timing.
+compiler toolchain, nothing is a timing. A quick per-stage view: it compiles each stage with
+the Lowering's compile arguments (not the launcher's recorded ones) and its "programs" column
+is the plan's grid x blocks (x chunks for stages 1 and 3; the state pass's K/V sub-blocks are
+not counted); ``bench_sm90.py`` records the real launches and is the report of record.
 
     .venv/bin/python benchmarks/bench_sm90_stages.py [--dtype bfloat16] \
         [--algorithms chunked,staged] [--precisions auto,ieee] [--shape B1T32768] [names ...]
@@ -46,15 +49,19 @@ def main() -> int:
                     continue
                 low = tb._lowering_for(rec, opts)
                 path = os.path.join(tmp, f"{name}_{algo}_{prec}.py")
+                src = low.render()
                 with open(path, "w") as f:
-                    f.write(low.render())
+                    f.write(src)
                 progs = 1
                 for d in low.plan.grid:
                     progs *= sizes[d]
                 for d in low.plan.split:
                     progs *= -(-sizes[d] // low.block_size(d, sizes[d], sizes))
                 chunks = -(-sizes[rec.time] // low.block_size(rec.time, sizes[rec.time]))
-                stages = (1, 2, 3) if algo == "staged" else (None,)
+                # the stages the kernel has (identity/scalar/key-diagonal kinds: no stage 1,
+                # the state pass computes each chunk's contribution itself)
+                stages = (tuple(st for st in (1, 2, 3) if f"== {st}:  # " in src)
+                          if algo == "staged" else (None,))
                 for st in stages:
                     sig, const = (low.compile_args(sizes, a.dtype, st) if st
                                   else low.compile_args(sizes, a.dtype))
