@@ -94,7 +94,7 @@ def run(name, target, x, S0, **kw):
                  for t in (o, S))
 
 
-def check(fla, name, target, T, init, dtype="float32", l2=False):
+def check(fla, name, target, T, init, dtype="float32", l2=False, bump=True):
     x, S0 = inputs(name, T, init, 0, dtype, l2)
     scale = 0.3 if init else None   # a non-default scale rides on the runs with a state
     kw = dict(scale=scale, use_qk_l2norm_in_kernel=l2)
@@ -104,8 +104,9 @@ def check(fla, name, target, T, init, dtype="float32", l2=False):
     assert o.shape == want_o.shape and S.shape == want_S.shape
     assert_close(o, want_o, "float32", f"{name} {target} output", T=T)
     assert_close(S, want_S, "float32", f"{name} {target} final state", T=T)
-    LT.assert_misses(run(name, target, {**x, "v": LT.bump_last(x["v"], 1)}, S0, **kw)[0],
-                     want_o, "float32", f"{name} {target} bumped v")
+    if bump:
+        LT.assert_misses(run(name, target, {**x, "v": LT.bump_last(x["v"], 1)}, S0, **kw)[0],
+                         want_o, "float32", f"{name} {target} bumped v")
     if T > 1 or init:   # the head map is repeat_interleave: tiled q/k heads miss
         tiled_o, tiled_S = truth(fla, name, x, S0, scale, l2, head_map="tile")
         LT.assert_misses(o, tiled_o, "float32", f"{name} {target} against the tiled head map")
@@ -130,9 +131,11 @@ def test_grouped_value_heads_float64_and_in_kernel_l2norm(fla, name):
 
 @pytest.mark.parametrize("name", ["kda", "gated_delta_net"])
 def test_grouped_value_heads_match_fla_on_triton(fla, name):
-    """The Triton interpreter at T = 70 (a full chunk and a ragged tail) with a state, the
-    algorithm its planner picks (chunked for kda: checked by hand at T = 41)."""
-    check(fla, name, "triton", 70, True)
+    """The Triton interpreter at T = 20 (kda's chunked form has chunks of 16: a full one and a
+    ragged tail) with a state, the algorithm its planner picks (chunked for kda: checked by
+    hand at T = 41); the tiled head map must miss (no bumped run: the interpreter is slow,
+    measured ~130 s for kda at T = 70 with it)."""
+    check(fla, name, "triton", 20, True, bump=False)
 
 
 @pytest.mark.slow
