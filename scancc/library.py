@@ -113,10 +113,11 @@ def delta_net(r, scale=None, use_qk_l2norm_in_kernel=False):
 @register("gated_delta_net", origin="library",
           hints={"q": "unit_rows", "k": "unit_rows", "beta": "unit_interval", "g": "logsigmoid"})
 def gated_delta_net(r, scale=None, use_qk_l2norm_in_kernel=False, grouped_value_heads=False):
-    """Gated delta rule: S = exp(g) (I - beta k k^T) S + beta k v^T, g [B, T, H] log space.
-    With grouped_value_heads (fla's GVA, HV = G * H value heads, as chunk_gated_delta_rule):
-    q, k [B, T, H, K] (dim ``qk_heads``); v [B, T, HV, V], g, beta [B, T, HV], the state
-    [B, HV, K, V] and o [B, T, HV, V] (dim ``heads``); value head i reads q/k head i // G."""
+    # grouped_value_heads (fla's GVA, HV = G * H value heads, as chunk_gated_delta_rule): q, k
+    # [B, T, H, K] (dim qk_heads); v [B, T, HV, V], g, beta [B, T, HV], the state [B, HV, K, V]
+    # and o [B, T, HV, V] (dim heads); value head i reads q/k head i // G. (A comment, not the
+    # docstring: the docstring heads every generated kernel, goldens included.)
+    """Gated delta rule: S = exp(g) (I - beta k k^T) S + beta k v^T, g [B, T, H] log space."""
     _delta(r, True, scale, use_qk_l2norm_in_kernel, grouped_value_heads)
 
 
@@ -344,12 +345,13 @@ def rwkv7(r, scale=None):
 @register("kda", origin="library",
           hints={"q": "unit_rows", "k": "unit_rows", "beta": "unit_interval", "g": "logsigmoid"})
 def kda(r, scale=None, use_qk_l2norm_in_kernel=False, grouped_value_heads=False):
-    """Kimi Delta Attention (fla's naive_recurrent_kda):
+    # grouped_value_heads (fla's GVA, HV = G * H value heads, as naive_recurrent_kda): q, k
+    # [B, T, H, K] (dim qk_heads); v [B, T, HV, V], g [B, T, HV, K], beta [B, T, HV], the state
+    # [B, HV, K, V] and o [B, T, HV, V] (dim heads); value head i reads q/k head i // G (fla's
+    # repeat_interleave). Off by default: one value head per key head, as the docstring says.
+    """Kimi Delta Attention (fla's naive_recurrent_kda, one value head per key head):
     S = (I - beta k k^T) Diag(exp(g_t)) S + beta k v^T, o = scale * S^T q; q, k, g [B, T, H, K]
-    (g a per-key log decay), v [B, T, H, V], beta [B, T, H]. With grouped_value_heads (fla's
-    GVA, HV = G * H value heads): q, k [B, T, H, K] (dim ``qk_heads``); v [B, T, HV, V], g
-    [B, T, HV, K], beta [B, T, HV], the state [B, HV, K, V] and o [B, T, HV, V] (dim ``heads``);
-    value head i reads q/k head i // G (fla's repeat_interleave)."""
+    (g a per-key log decay), v [B, T, H, V], beta [B, T, H]."""
     from scancc.ir import dplr
     b, t, h, k, v = _attn_dims(r)
     q, kk, vv, hq = _gva_qkv(r, b, t, h, k, v, grouped_value_heads)
