@@ -79,17 +79,28 @@ def hgrn(r):
     r.output("o", [b, t, d], hh)
 
 
-def _delta(r, gated: bool, scale, use_qk_l2norm_in_kernel: bool):
+def _delta(r, gated: bool, scale, use_qk_l2norm_in_kernel: bool, grouped_value_heads=False):
     b, t, h, k, v = _attn_dims(r)
-    q, kk, vv = _qkv(r, b, t, h, k, v)
+    q, kk, vv, hq = _gva_qkv(r, b, t, h, k, v, grouped_value_heads)
     if gated:
         g = r.input("g", [b, t, h])
     beta = r.input("beta", [b, t, h])
     if use_qk_l2norm_in_kernel:
         q, kk = r.let("qn", l2norm(q, k)), r.let("kn", l2norm(kk, k))
+    if grouped_value_heads:
+        q, kk = group(q, hq, h), group(kk, hq, h)   # value head i reads q/k head i // G
     tr = householder(k, kk, beta, exp(g) if gated else None)
     S = r.state("S", [b, h, k, v], tr, inject=beta * kk * vv)
     r.output("o", [b, t, h, v], dot(S, q, k) * _scale(scale, k))
+
+
+def _gva_qkv(r, b, t, h, k, v, grouped_value_heads):
+    """q, k, v and the q/k heads dim. fla's grouped value attention (GVA, ``HV = G * H``):
+    q, k keep H heads (dim ``qk_heads``) while v, the gates, beta, the state and o have HV
+    (dim ``heads``); without it both are ``heads``."""
+    hq = r.dim("qk_heads", "group") if grouped_value_heads else h
+    return r.input("q", [b, t, hq, k]), r.input("k", [b, t, hq, k]), \
+        r.input("v", [b, t, h, v]), hq
 
 
 @register("delta_net", origin="library",
@@ -101,9 +112,13 @@ def delta_net(r, scale=None, use_qk_l2norm_in_kernel=False):
 
 @register("gated_delta_net", origin="library",
           hints={"q": "unit_rows", "k": "unit_rows", "beta": "unit_interval", "g": "logsigmoid"})
-def gated_delta_net(r, scale=None, use_qk_l2norm_in_kernel=False):
+def gated_delta_net(r, scale=None, use_qk_l2norm_in_kernel=False, grouped_value_heads=False):
+    # grouped_value_heads (fla's GVA, HV = G * H value heads, as chunk_gated_delta_rule): q, k
+    # [B, T, H, K] (dim qk_heads); v [B, T, HV, V], g, beta [B, T, HV], the state [B, HV, K, V]
+    # and o [B, T, HV, V] (dim heads); value head i reads q/k head i // G. (A comment, not the
+    # docstring: the docstring heads every generated kernel, goldens included.)
     """Gated delta rule: S = exp(g) (I - beta k k^T) S + beta k v^T, g [B, T, H] log space."""
-    _delta(r, True, scale, use_qk_l2norm_in_kernel)
+    _delta(r, True, scale, use_qk_l2norm_in_kernel, grouped_value_heads)
 
 
 @register("mamba", optional_inputs=("D", "z", "delta_bias"), origin="library",
@@ -329,16 +344,22 @@ def rwkv7(r, scale=None):
 
 @register("kda", origin="library",
           hints={"q": "unit_rows", "k": "unit_rows", "beta": "unit_interval", "g": "logsigmoid"})
-def kda(r, scale=None, use_qk_l2norm_in_kernel=False):
+def kda(r, scale=None, use_qk_l2norm_in_kernel=False, grouped_value_heads=False):
+    # grouped_value_heads (fla's GVA, HV = G * H value heads, as naive_recurrent_kda): q, k
+    # [B, T, H, K] (dim qk_heads); v [B, T, HV, V], g [B, T, HV, K], beta [B, T, HV], the state
+    # [B, HV, K, V] and o [B, T, HV, V] (dim heads); value head i reads q/k head i // G (fla's
+    # repeat_interleave). Off by default: one value head per key head, as the docstring says.
     """Kimi Delta Attention (fla's naive_recurrent_kda, one value head per key head):
     S = (I - beta k k^T) Diag(exp(g_t)) S + beta k v^T, o = scale * S^T q; q, k, g [B, T, H, K]
     (g a per-key log decay), v [B, T, H, V], beta [B, T, H]."""
     from scancc.ir import dplr
     b, t, h, k, v = _attn_dims(r)
-    q, kk, vv = _qkv(r, b, t, h, k, v)
+    q, kk, vv, hq = _gva_qkv(r, b, t, h, k, v, grouped_value_heads)
     g, beta = r.input("g", [b, t, h, k]), r.input("beta", [b, t, h])
     if use_qk_l2norm_in_kernel:
         q, kk = r.let("qn", l2norm(q, k)), r.let("kn", l2norm(kk, k))
+    if grouped_value_heads:
+        q, kk = group(q, hq, h), group(kk, hq, h)   # value head i reads q/k head i // G
     decay = r.let("decay", exp(g))
     # (I - beta k k^T) Diag(d) = Diag(d) + (-beta k) (d k)^T
     tr = dplr(k, a=-(beta * kk), b=decay * kk, w=decay)

@@ -452,6 +452,44 @@ def test_fla_functions_run_on_scancc_with_fla_argument_names(fla_patched):
     assert not any(c.endswith("fallback") for c in sf.calls)
 
 
+def test_fla_grouped_value_heads_run_on_scancc(fla_patched):
+    """chunk_kda / fused_recurrent_kda and the gated delta rule with fla's grouped value heads
+    (v, g, beta, state with HV = 2 H heads; q, k with H) run on scancc, not fla's function,
+    against fla's naive recurrences (naive_recurrent_kda takes HV itself; the naive gated delta
+    rule gets q, k repeat_interleave'd, the head map of fla's kernels)."""
+    from fla.ops.kda.naive import naive_recurrent_kda
+    import fla.ops.gated_delta_rule as fgd
+    import fla.ops.kda as fkda
+    sf, _ = fla_patched
+    g = torch.Generator().manual_seed(2)
+    B, T, H, HV, K, V = 1, 9, 2, 4, 4, 3
+    q, k = (torch.nn.functional.normalize(torch.randn(B, T, H, K, generator=g), dim=-1)
+            for _ in range(2))
+    v, S0 = torch.randn(B, T, HV, V, generator=g), torch.randn(B, HV, K, V, generator=g)
+    gk = torch.nn.functional.logsigmoid(torch.randn(B, T, HV, K, generator=g))
+    gs = torch.nn.functional.logsigmoid(torch.randn(B, T, HV, generator=g))
+    beta = torch.rand(B, T, HV, generator=g)
+    for fn in (fkda.chunk_kda, fkda.fused_recurrent_kda):
+        o, S = fn(q=q, k=k, v=v, g=gk, beta=beta, initial_state=S0, output_final_state=True)
+        wo, wS = naive_recurrent_kda(q, k, v, gk, beta, initial_state=S0,
+                                     output_final_state=True)
+        assert o.shape == (B, T, HV, V) and S.shape == (B, HV, K, V), fn.__name__
+        assert rel_rms(o, wo) <= TOL and rel_rms(S, wS) <= TOL, fn.__name__
+        # q/k head i // 2, not i % 2: the tiled map is another answer
+        to, _ = naive_recurrent_kda(q.repeat(1, 1, 2, 1), k.repeat(1, 1, 2, 1), v, gk, beta,
+                                    initial_state=S0)
+        assert rel_rms(o, to) > 10 * TOL, fn.__name__
+    qi, ki = q.repeat_interleave(2, dim=2), k.repeat_interleave(2, dim=2)
+    for fn in (fgd.chunk_gated_delta_rule, fgd.fused_recurrent_gated_delta_rule):
+        o, S = fn(q=q, k=k, v=v, g=gs, beta=beta, initial_state=S0, output_final_state=True)
+        wo, wS = _naive()["gdn"](qi, ki, v, beta, gs, initial_state=S0, output_final_state=True)
+        assert rel_rms(o, wo) <= TOL and rel_rms(S, wS) <= TOL, fn.__name__
+    assert sf.calls["chunk_kda"] == 1 and sf.calls["fused_recurrent_kda"] == 1
+    assert sf.calls["chunk_gated_delta_rule"] == 1
+    assert sf.calls["fused_recurrent_gated_delta_rule"] == 1
+    assert not any(c.endswith("fallback") for c in sf.calls)
+
+
 def test_fla_patch_routes_packed_batches_and_falls_back_on_unmapped_arguments(fla_patched):
     import fla.ops.gla as fgla
     sf, _ = fla_patched

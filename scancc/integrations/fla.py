@@ -112,10 +112,19 @@ def _gated_delta(a):
           and not a.get("use_gate_in_kernel") and not a.get("use_beta_sigmoid_in_kernel")
           and not a.get("allow_neg_eigval") and not a.get("state_v_first")
           and a.get("cp_context") is None)
+    _need(a.get("beta") is not None and a["beta"].dim() == 3)   # not a headwise [B, T, HV, V]
     q, k, v, g, beta = _f32(a["q"], a["k"], a["v"], a["g"], a["beta"])
     return _run("gated_delta_net", (q, k, v, g, beta), a.get("initial_state"),
                 a.get("output_final_state"), a.get("cu_seqlens"), scale=_scale(a.get("scale")),
-                use_qk_l2norm_in_kernel=bool(a.get("use_qk_l2norm_in_kernel")))
+                use_qk_l2norm_in_kernel=bool(a.get("use_qk_l2norm_in_kernel")),
+                **_gva(q, v))
+
+
+def _gva(q, v):
+    """fla's grouped value attention: v with HV = G * H heads while q, k have H (fla raises
+    unless H divides HV; scancc's shape check does too). The option only when HV != H, so an
+    ungrouped call compiles the same kernel as before."""
+    return {"grouped_value_heads": True} if v.shape[2] != q.shape[2] else {}
 
 
 def _delta(a):
@@ -151,11 +160,11 @@ def _linear_attn(a, normalize_default):
 
 
 def _kda(a):
-    """chunk_kda / fused_recurrent_kda: g the per-key log decay, beta already a sigmoid, one
-    value head per key head (fla's grouped HV > H, the in-kernel gate / beta sigmoid, negative
-    eigenvalues, the safe-gate lower bound and v-first states fall back)."""
+    """chunk_kda / fused_recurrent_kda: g the per-key log decay, beta already a sigmoid [B, T,
+    HV], grouped value heads (HV = G * H) or not (the in-kernel gate / beta sigmoid, a headwise
+    beta, negative eigenvalues, the safe-gate lower bound and v-first states fall back)."""
     q, v = a["q"], a["v"]
-    _need(v.shape[2] == q.shape[2] and not a.get("use_gate_in_kernel")
+    _need(a["beta"].dim() == 3 and not a.get("use_gate_in_kernel")
           and not a.get("use_beta_sigmoid_in_kernel") and not a.get("allow_neg_eigval")
           and not a.get("safe_gate") and a.get("lower_bound") is None
           and a.get("A_log") is None and not a.get("state_v_first")
@@ -163,7 +172,7 @@ def _kda(a):
     q, k, v, g, beta = _f32(q, a["k"], v, a["g"], a["beta"])
     return _run("kda", (q, k, v, g, beta), a.get("initial_state"), a.get("output_final_state"),
                 a.get("cu_seqlens"), scale=_scale(a.get("scale")),
-                use_qk_l2norm_in_kernel=bool(a.get("use_qk_l2norm_in_kernel")))
+                use_qk_l2norm_in_kernel=bool(a.get("use_qk_l2norm_in_kernel")), **_gva(q, v))
 
 
 _IMPLS = {
