@@ -74,11 +74,19 @@ def lowering(rec, options):
 
 class ChunkedLowering(ScanLowering):
     algorithm = "chunked"
+    DIAG_CHUNK = 128  # default chunk where a state has a key-diagonal decay (GLA): its scores
+    # cost O(n K log n) elementwise work per chunk (halving), so longer chunks mostly save
+    # per-chunk Python overhead (measured: docs/performance/torch.md)
 
     def __init__(self, rec, options):
         super().__init__(rec, options)
         self.mm = matmul_states(self.rec)
         self.S = {s: self.names.ir("S_", s) for s in self.mm}
+
+    def default_chunk(self) -> int | None:
+        if any(cs.kind is Kind.DIAGONAL for cs in self.mm.values()):
+            return self.DIAG_CHUNK
+        return super().default_chunk()
 
     # ---- layouts: canonical [n|1, canon...] <-> matmul [grid..., n, feature] ----
     def _split(self, cs):

@@ -58,7 +58,7 @@ def _diag_decay_scores(q, k, c, R):
 
 
 def hgrn2_chunked_fwd(q, v, g, sizes, initial_state=None, output_final_state=False,
-        chunk=64):
+        chunk=128):
     """hgrn2 over all time steps: ({output: tensor}, {state: final state} or None).
 
     ``sizes``: {dim: size}; ``initial_state``: {state: tensor} (zeros where absent);
