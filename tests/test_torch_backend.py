@@ -246,13 +246,46 @@ def test_rule_registries_cover_every_entry_of_the_reference():
 
 @pytest.mark.parametrize("name", ["gla", "gated_delta_net", "mamba2"])
 def test_chunks_longer_than_a_sub_chunk_are_exact(name):
-    """chunk 40 (GLA: sub-chunks of 16, 16, 8, the later ones reading the earlier through the
+    """chunk 40 (GLA: the halving scores padded to 64 steps, pairs across halves through the
     factored decay) at T=77 with float64 inputs: the reference to rounding."""
     (gy, wy), (gh, wh), _ = _run_both(name, "chunked", "float64", T=77, chunk=40)
     for got, want in ((gy, wy), (gh, wh)):
         for n, w in want.items():
             np.testing.assert_allclose(got[n].numpy(), w, rtol=1e-9,
                                        atol=1e-9 * max(1.0, np.abs(w).max()))
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 16, 50, 64])
+@pytest.mark.parametrize("resets", [False, True])
+def test_diag_decay_scores_equal_the_pairwise_sum(n, resets):
+    """``_diag_decay_scores`` (halving: pairs across the halves of a block through the first
+    half's end) against the definition, sum_K q_t k_s exp(c_t - c_s) over s <= t with no
+    reset in (s, t], summed pair by pair in float64; decays in (e^-3, e^0.5] (some > 1) and,
+    with resets, hard resets (log decay <= RESET_LOG_DECAY) at ~10% of the entries."""
+    import torch
+
+    from scancc.backends.torch.rules import HELPERS
+    from scancc.ir.passes.chunked import RESET_LOG_DECAY
+    ns = {"torch": torch}
+    exec(HELPERS["diag_scores"], ns)
+    gen = torch.Generator().manual_seed(n)
+    q, k = (torch.randn(2, 3, n, 5, dtype=torch.float64, generator=gen) for _ in range(2))
+    g = torch.rand(2, 3, n, 5, dtype=torch.float64, generator=gen) * 3.5 - 3.0
+    if resets:
+        g[torch.rand(g.shape, generator=gen) < 0.1] = RESET_LOG_DECAY - 1.0
+    r = g <= RESET_LOG_DECAY
+    c = torch.where(r, 0.0, g).cumsum(-2)
+    R = r.to(torch.int32).cumsum(-2)
+    got = ns["_diag_decay_scores"](q, k, c, R)
+    want = torch.full_like(got, float("nan"))
+    for t in range(n):
+        for s in range(n):
+            keep = (s <= t) & (R[..., t, :] == R[..., s, :])
+            dec = torch.where(keep, torch.exp(c[..., t, :] - c[..., s, :]), 0.0)
+            want[..., t, s] = (q[..., t, :] * k[..., s, :] * dec).sum(-1)
+    if resets and n >= 16:
+        assert (r.any(-1)).any()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", ["fir", "swa", "delta_net"])

@@ -35,8 +35,9 @@ OPTIONS = {o.name: o for o in (
     Option("algorithm", "auto: chunked where some state takes the matmul form, else recurrent",
            "auto",
            (str,), ALGORITHMS),
-    Option("chunk", "time steps per chunk (None: 64, or 2**22 state elements' worth where every"
-           " state is a shift or companion window state; the matmul forms' chunk length, the "
+    Option("chunk", "time steps per chunk (None: 64; 128 with a key-diagonal decay (GLA); "
+           "2**22 state elements' worth where every state is a shift or companion window "
+           "state; the matmul forms' chunk length, the "
            "prefix scan's length and the step loop's block of states)", None, (int,),
            rule=_chunk_rule),
 )}

@@ -11,8 +11,9 @@ folded into v), log decay g_s (per grid index, or along K) and a readout contrac
 - identity / scalar decay (linear attention, RetNet, simple GLA, Mamba2): SSD, the decay
   matrix ``exp(c_t - c_s)`` masked to s <= t ("segsum" in log space) times ``q k^T``, then
   ``@ v``; two matmuls per chunk plus two for the state;
-- key-diagonal decay (GLA): the pairwise decay tensor ``exp(c_t - c_s)`` [n, n, K] for
-  s <= t (exact: no reference point, no exp of a positive cumulative sum).
+- key-diagonal decay (GLA): the scores ``sum_K q_t k_s exp(c_t - c_s)`` for s <= t by halving
+  (rules.py ``_diag_decay_scores``: a pair across the halves of a block goes through the first
+  half's last step, a batched matmul per block size; no exp of a positive cumulative sum).
 
 Edges (the analysis' module doc): a log decay at or below ``RESET_LOG_DECAY`` is a hard reset:
 it never enters a cumulative sum; the decay between s < t is 0 when a reset lies in (s, t]
@@ -73,12 +74,19 @@ def lowering(rec, options):
 
 class ChunkedLowering(ScanLowering):
     algorithm = "chunked"
-    SUB = 16  # key-diagonal decays: steps per sub-chunk of the pairwise decay tensor
+    DIAG_CHUNK = 128  # default chunk where a state has a key-diagonal decay (GLA): its scores
+    # cost O(n K log n) elementwise work per chunk (halving), so longer chunks mostly save
+    # per-chunk Python overhead (measured: docs/performance/torch.md)
 
     def __init__(self, rec, options):
         super().__init__(rec, options)
         self.mm = matmul_states(self.rec)
         self.S = {s: self.names.ir("S_", s) for s in self.mm}
+
+    def default_chunk(self) -> int | None:
+        if any(cs.kind is Kind.DIAGONAL for cs in self.mm.values()):
+            return self.DIAG_CHUNK
+        return super().default_chunk()
 
     # ---- layouts: canonical [n|1, canon...] <-> matmul [grid..., n, feature] ----
     def _split(self, cs):
@@ -237,7 +245,7 @@ class ChunkedLowering(ScanLowering):
                          f"({q} @ {hk}.transpose(-1, -2) * {D}) @ {rho} + "
                          f"{w_in}[..., None] * ({q} @ {S})")
             elif diag:
-                B.append(f"        {o} = _diag_decay_scores({q}, {k}, {c}, {R}, {self.SUB}) @ {v}"
+                B.append(f"        {o} = _diag_decay_scores({q}, {k}, {c}, {R}) @ {v}"
                          f" + ({q} * {w_in}) @ {S}")
             elif w_in is None:
                 B.append(f"        {o} = ({q} @ {k}.transpose(-1, -2) * {D}) @ {v} + {q} @ {S}")

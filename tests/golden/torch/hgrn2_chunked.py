@@ -23,32 +23,42 @@ import torch
 
 
 
-def _diag_decay_scores(q, k, c, R, sub):
+def _diag_decay_scores(q, k, c, R):
     """scores[t, s] = sum_K q_t k_s exp(c_t - c_s) for s <= t with no reset in (s, t] (else 0):
-    [..., n, K] -> [..., n, n]. Within a sub-chunk of ``sub`` steps, the pairwise [sub, sub, K]
-    decays; a step s of an earlier sub-chunk reaches t through the end e of its own sub-chunk,
-    exp(c_t - c_e) exp(c_e - c_s), a matmul whose two exponents are <= 0 for decays <= 1."""
-    n = q.shape[-2]
-    out = q.new_zeros(q.shape[:-1] + (n,))
-    for s0 in range(0, n, sub):
-        s1 = min(s0 + sub, n)
-        ck, rk = c[..., s0:s1, :], R[..., s0:s1, :]
-        keep = torch.ones(s1 - s0, s1 - s0, dtype=torch.bool, device=q.device).tril()[:, :, None] \
-            & (rk[..., :, None, :] == rk[..., None, :, :])
-        # exp of a dropped pair (s > t, or across a reset) may overflow: where() drops it
-        dec = torch.where(keep, torch.exp(ck[..., :, None, :] - ck[..., None, :, :]), 0.0)
-        out[..., s0:s1, s0:s1] = (q[..., s0:s1, None, :] * k[..., None, s0:s1, :] * dec).sum(-1)
-        if s1 < n:
-            ce, re = c[..., s1 - 1:s1, :], R[..., s1 - 1:s1, :]
-            ks = torch.where(re == rk, k[..., s0:s1, :] * torch.exp(ce - ck), 0.0)
-            same = R[..., s1:, :] == re
-            qs = torch.where(same, q[..., s1:, :] * torch.exp(c[..., s1:, :] - ce), 0.0)
-            out[..., s1:, s0:s1] = qs @ ks.transpose(-1, -2)
-    return out
+    [..., n, K] -> [..., n, n], by halving (n padded to a power of two N): for every block of
+    2h steps (h = 1, 2, 4, ..., N/2), all blocks at once, a step s of its first half reaches a
+    step t of its second half through the first half's last step m, exp(c_t - c_m) exp(c_m -
+    c_s): one batched matmul per h, both exponents <= 0 for decays <= 1 (no exp of a positive
+    cumulative sum; exact up to rounding); the pairs s = t are q_t . k_t. A reset in (s, t]
+    lies in (s, m] or (m, t]: the factor of that side is dropped (a select: its exp may
+    overflow). Elementwise work O(n K log n), not the O(n^2 K) of pairwise decays."""
+    n, K = q.shape[-2], q.shape[-1]
+    lead = q.shape[:-2]
+    N = 1 << max(n - 1, 0).bit_length()
+    if N != n:  # padded steps come after every real one (only padded rows read them)
+        p = N - n
+        q, k = (torch.nn.functional.pad(x, (0, 0, 0, p)) for x in (q, k))
+        c, R = (torch.cat([x, x[..., -1:, :].expand(*lead, p, K)], -2) for x in (c, R))
+    out = q.new_zeros(*lead, N, N)
+    out.diagonal(dim1=-2, dim2=-1).copy_((q * k).sum(-1))
+    h = 1
+    while h < N:
+        nb = N // (2 * h)
+        qb, kb, cb, Rb = (x.reshape(*lead, nb, 2, h, K) for x in (q, k, c, R))
+        cm, Rm = cb[..., 0, -1:, :], Rb[..., 0, -1:, :]  # [..., nb, 1, K]: first half's end
+        qs = torch.where(Rb[..., 1, :, :] == Rm,
+                         qb[..., 1, :, :] * torch.exp(cb[..., 1, :, :] - cm), 0.0)
+        ks = torch.where(Rb[..., 0, :, :] == Rm,
+                         kb[..., 0, :, :] * torch.exp(cm - cb[..., 0, :, :]), 0.0)
+        # out[block b: second half rows, first half columns] for every b (a strided view)
+        blk = out.view(*lead, nb, 2, h, nb, 2, h)[..., :, 1, :, :, 0, :]
+        blk.diagonal(dim1=-4, dim2=-2).copy_((qs @ ks.transpose(-1, -2)).movedim(-3, -1))
+        h *= 2
+    return out[..., :n, :n] if N != n else out
 
 
 def hgrn2_chunked_fwd(q, v, g, sizes, initial_state=None, output_final_state=False,
-        chunk=64):
+        chunk=128):
     """hgrn2 over all time steps: ({output: tensor}, {state: final state} or None).
 
     ``sizes``: {dim: size}; ``initial_state``: {state: tensor} (zeros where absent);
@@ -102,7 +112,7 @@ def hgrn2_chunked_fwd(q, v, g, sizes, initial_state=None, output_final_state=Fal
         decay_S = w_in[..., -1:, :]
         rows_bad = (k_bad | g_bad).cumsum(-2) > 0  # [grid, n, K]: poisoned rows
         cols_bad = v_bad.cumsum(-2) > 0  # [grid, n, V]: poisoned columns
-        o_1 = _diag_decay_scores(q_1, k_1, c, R, 16) @ v_2 + (q_1 * w_in) @ S_S
+        o_1 = _diag_decay_scores(q_1, k_1, c, R) @ v_2 + (q_1 * w_in) @ S_S
         o_1 = torch.where(rows_bad.any(-1, keepdim=True) | cols_bad | q_bad[..., None], float("nan"), o_1)
         y_S = o_1[..., None].permute(2, 0, 1, 4, 3)
         S_S = decay_S.transpose(-1, -2) * S_S + (k_1 * w_end).transpose(-1, -2) @ v_2
