@@ -134,9 +134,16 @@ class Lowering(recurrent.Lowering):
     def const_sizes(self) -> list[str]:
         return [self.form.K, self.form.V]
 
+    # the fused kernel's chunk (steps), every kind (block_sizes={"time": ...} overrides it)
+    FUSED_BT = 16
+
     def block_size(self, d: str, n: int, sizes: dict | None = None) -> int:
         if d == self.rec.time:
-            return 32 if self.form.kind in (Kind.IDENTITY, Kind.SCALAR) else 16
+            # chunks of 16 steps for every kind (identity/scalar decays had 32): the [BT, K]
+            # tiles held beside the [K, BV] state halve; sm_90, K=V=128, 4 warps: spill stores
+            # 972 -> 40 B (linear_attn), 1296 -> 252 (simple_gla), 1180 -> 316 (retnet), 1460
+            # -> 264 (mamba2) per thread at a modelled +0.1 / +4.0 / +9.0 / +0.5 % (docs/triton.md)
+            return self.FUSED_BT
         return max(16, super().block_size(d, n, sizes))  # tl.dot needs >= 16 on a GPU
 
     def block_default(self, d: str) -> str:
