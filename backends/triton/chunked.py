@@ -537,9 +537,20 @@ class Lowering(recurrent.Lowering):
             const[self.dot_f32] = "tf32x3" if dtype == "float32" else "tf32"
         return sig, const
 
+    def fused_warps(self, nw: str) -> str:
+        """The fused kernel's warps (an expression) from the launcher's ``num_warps`` ``nw``:
+        twice as many for identity decays (no decay tiles: at 8 warps, chunks of 16, K=V=128,
+        no spills for a modelled +7.1 %; scalar decays stay at ``nw``: zero spills at 8 warps
+        cost them +17 %; docs/triton.md "the fused kernel's chunk and warps")."""
+        return f"min(2 * {nw}, 32)" if self.form.kind is Kind.IDENTITY else nw
+
     def render_launcher(self) -> str:
         """The recurrent launcher, plus the DOT_F32 argument under "auto"."""
         text = super().render_launcher()
+        if type(self).render_launcher is Lowering.render_launcher:  # the fused kernel alone
+            w = self.fused_warps("num_warps")
+            if w != "num_warps":
+                text = text.replace("        num_warps=num_warps,\n", f"        num_warps={w},\n")
         if not self.dot_f32:
             return text
         lines = text.splitlines()
