@@ -539,10 +539,11 @@ class Lowering(recurrent.Lowering):
 
     def fused_warps(self, nw: str) -> str:
         """The fused kernel's warps (an expression) from the launcher's ``num_warps`` ``nw``:
-        twice as many for identity decays (no decay tiles: at 8 warps, chunks of 16, K=V=128,
-        no spills for a modelled +7.1 %; scalar decays stay at ``nw``: zero spills at 8 warps
-        cost them +17 %; docs/triton.md "the fused kernel's chunk and warps")."""
-        return f"min(2 * {nw}, 32)" if self.form.kind is Kind.IDENTITY else nw
+        twice as many for identity and K-diagonal decays (sm_90, chunks of 16, K=V=128: no
+        spills for a modelled +7.1 % (linear_attn); gla 3284 -> 96 B and -1.8 %); scalar
+        decays and householder transitions stay at ``nw`` (zero spills at 8 warps cost them
+        +17 % / +120 %); docs/triton.md "the fused kernel's chunk and warps")."""
+        return f"min(2 * {nw}, 32)" if self.form.kind in (Kind.IDENTITY, Kind.DIAGONAL) else nw
 
     def render_launcher(self) -> str:
         """The recurrent launcher, plus the DOT_F32 argument under "auto"."""
