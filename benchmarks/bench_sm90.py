@@ -962,7 +962,10 @@ def backward_recs(name: str, backward: bool) -> list:
 
 
 def run(names: list[str] | None, shapes: list[str], dtype: str, out=sys.stdout,
-        algorithm: str = "auto", backward: bool = False) -> int:
+        algorithm: str = "auto", backward: bool = False, options: dict | None = None) -> int:
+    """``options``: extra Triton options for every call (``block_sizes``, ``num_warps``: the
+    launcher's arguments; anything else the backend's compile options), for config sweeps."""
+    options = dict(options or {})
     from scancc import registry
     t0 = time.time()
     tmp = tempfile.mkdtemp(prefix="scancc_sm90_")
@@ -978,7 +981,8 @@ def run(names: list[str] | None, shapes: list[str], dtype: str, out=sys.stdout,
             try:
                 alg = gpu_algorithm(rec) if algorithm == "auto" else algorithm
                 with gpu_rules():  # "auto" itself: the launcher's own fused/staged rule
-                    launches, algo, dev = record(rec, sizes, dtype, {"algorithm": algorithm})
+                    launches, algo, dev = record(rec, sizes, dtype,
+                                                 {**options, "algorithm": algorithm})
             except Exception as e:  # noqa: BLE001 - a row that says why
                 rows.append((name, label, sh, None, str(e)[:200], [], sizes))
                 continue
@@ -988,7 +992,7 @@ def run(names: list[str] | None, shapes: list[str], dtype: str, out=sys.stdout,
                 with open(path, "w") as f:
                     f.write(launches[0].module_source)
             per = []
-            walks = time_walking(rec, sizes, dtype, {"algorithm": alg}, launches)
+            walks = time_walking(rec, sizes, dtype, {**options, "algorithm": alg}, launches)
             for ln, walk in zip(launches, walks):
                 try:
                     loops = parse_loops(ln.source or ln.module_source, ln.kernel, ln.values(),
@@ -1003,7 +1007,8 @@ def run(names: list[str] | None, shapes: list[str], dtype: str, out=sys.stdout,
     compiled = compile_all(jobs) if jobs else {}
     t_all = time.time() - t0
 
-    print(f"sm_90 report: {dtype} inputs, default options, algorithm {algorithm!r} (auto: as "
+    print(f"sm_90 report: {dtype} inputs, "
+          f"{'options ' + json.dumps(options) if options else 'default options'}, algorithm {algorithm!r} (auto: as "
           f"resolved on a GPU); toolchain figures *measured* "
           f"(triton.compile + ptxas-blackwell -v -arch=sm_90a + nvdisasm), times *modelled* "
           f"(MODEL below). Record {t_rec:.0f} s, total {t_all:.0f} s.\n", file=out)
@@ -1117,6 +1122,9 @@ def main(argv=None) -> int:
                     f"at time={BACKWARD_CHUNK} (one chunk) and the shapes' batch")
     ap.add_argument("--algorithm", default="auto",
                     help="the Triton algorithm option (auto: what auto picks on a GPU)")
+    ap.add_argument("--options", default=None, metavar="JSON",
+                    help='extra options for every call, e.g. \'{"num_warps": 8, "block_sizes": '
+                    '{"value": 32, "time": 64}}\' (block_sizes and num_warps go to the launcher)')
     ap.add_argument("--list", action="store_true", help="print the cases and exit")
     a = ap.parse_args(argv)
     if a.list:
@@ -1124,7 +1132,8 @@ def main(argv=None) -> int:
             print(n, label, dims)
         return 0
     dtype = a.dtype or ("float32" if a.backward else "bfloat16")
-    return run(a.names, a.shapes, dtype, algorithm=a.algorithm, backward=a.backward)
+    return run(a.names, a.shapes, dtype, algorithm=a.algorithm, backward=a.backward,
+               options=json.loads(a.options) if a.options else None)
 
 
 if __name__ == "__main__":

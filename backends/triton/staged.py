@@ -665,7 +665,7 @@ class Lowering(chunked.Lowering):
                     f"{chunked.Lowering.block_size(self, T, 0)})",
                     f"        {call[0].strip()[:-len('[grid](')]}[({g0}, {g1}, 1)]("]
             new += [f"            {a}," for a in fargs]
-            new += [f"            num_warps={nw},", "        )", "    " + lines[end]]
+            new += [f"            num_warps={self.fused_warps(nw)},", "        )", "    " + lines[end]]
         new += [f"    {nc} = -(-{self.size[T]} // {self.block[T]})"]
         w = [f"min({self.WARPS[i]} * {nw}, 32)" for i in (1, 2, 3)]
         if self.hh:

@@ -138,6 +138,6 @@ def gla_chunked_fwd(q, k, v, g, initial_state=None, output_final_state=False, bl
         h0 is not None,
         output_final_state,
         DOT_F32,
-        num_warps=num_warps,
+        num_warps=min(2 * num_warps, 32),
     )
     return {"o": o}, ({"S": ht} if output_final_state else None)

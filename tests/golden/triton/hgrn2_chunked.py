@@ -139,6 +139,6 @@ def hgrn2_chunked_fwd(q, v, g, initial_state=None, output_final_state=False, blo
         h0 is not None,
         output_final_state,
         DOT_F32,
-        num_warps=num_warps,
+        num_warps=min(2 * num_warps, 32),
     )
     return {"o": o}, ({"S": ht} if output_final_state else None)

@@ -97,7 +97,7 @@ def linear_attn_chunked_fwd(q, k, v, initial_state=None, output_final_state=Fals
     BATCH, TIME, HEADS, KEY = q.shape
     VALUE = v.shape[3]
     block_sizes = block_sizes or {}
-    BLOCK_TIME = block_sizes.get("time", 32)
+    BLOCK_TIME = block_sizes.get("time", 16)
     BLOCK_KEY = max(16, 1 << (KEY - 1).bit_length())
     BLOCK_VALUE = block_sizes.get("value", max(16, min(1 << (VALUE - 1).bit_length(), 64)))
     o = torch.full((BATCH, TIME, HEADS, VALUE), float("nan"), dtype=q.dtype, device=q.device)
@@ -125,6 +125,6 @@ def linear_attn_chunked_fwd(q, k, v, initial_state=None, output_final_state=Fals
         h0 is not None,
         output_final_state,
         DOT_F32,
-        num_warps=num_warps,
+        num_warps=min(2 * num_warps, 32),
     )
     return {"o": o}, ({"S": ht} if output_final_state else None)

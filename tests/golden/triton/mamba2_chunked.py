@@ -119,7 +119,7 @@ def mamba2_chunked_fwd(x, dt, A, B, C, initial_state=None, output_final_state=Fa
     GROUPS = B.shape[2]
     DSTATE = B.shape[3]
     block_sizes = block_sizes or {}
-    BLOCK_TIME = block_sizes.get("time", 32)
+    BLOCK_TIME = block_sizes.get("time", 16)
     BLOCK_DSTATE = max(16, 1 << (DSTATE - 1).bit_length())
     BLOCK_HEADDIM = block_sizes.get("headdim", max(16, min(1 << (HEADDIM - 1).bit_length(), 64)))
     y = torch.full((BATCH, TIME, HEADS, HEADDIM), float("nan"), dtype=x.dtype, device=x.device)

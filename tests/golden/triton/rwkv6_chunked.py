@@ -149,6 +149,6 @@ def rwkv6_chunked_fwd(r, k, v, w, u, initial_state=None, output_final_state=Fals
         h0 is not None,
         output_final_state,
         DOT_F32,
-        num_warps=num_warps,
+        num_warps=min(2 * num_warps, 32),
     )
     return {"o": o}, ({"S": ht} if output_final_state else None)

@@ -109,7 +109,7 @@ def simple_gla_chunked_fwd(q, k, v, g, initial_state=None, output_final_state=Fa
     BATCH, TIME, HEADS, KEY = q.shape
     VALUE = v.shape[3]
     block_sizes = block_sizes or {}
-    BLOCK_TIME = block_sizes.get("time", 32)
+    BLOCK_TIME = block_sizes.get("time", 16)
     BLOCK_KEY = max(16, 1 << (KEY - 1).bit_length())
     BLOCK_VALUE = block_sizes.get("value", max(16, min(1 << (VALUE - 1).bit_length(), 64)))
     o = torch.full((BATCH, TIME, HEADS, VALUE), float("nan"), dtype=q.dtype, device=q.device)
