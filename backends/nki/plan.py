@@ -477,4 +477,5 @@ def choose(space: Space, measure: Callable[[int, bool], tuple[Resources, Any]]
 
 
 __all__ = ["ALGORITHMS", "LOOP_ORDERS", "Plan", "PlanError", "Resources", "Space", "choose",
-           "choose_layout", "layout_problem", "layouts", "plan_space", "plan_spaces", "summed_candidates"]
+           "choose_layout", "layout_problem", "layouts", "plan_space", "plan_spaces",
+           "summed_candidates"]
