@@ -10,7 +10,8 @@ matrix.
 Kernels called with torch tensors that require grad are differentiable through this path
 (``Kernel.__call__`` calls the ``scancc::scan`` custom op for torch inputs). The backward runs on
 the kernel's own backend when that backend lowers the backward recurrence (``backward_target``),
-else on the reference backend.
+else on the reference backend, with a ``BackwardFallbackWarning`` naming the piece that does
+not lower and why.
 
 Every kernel call here (forward chunks, recomputation, backward recurrence) is a
 ``scancc._forward.Runner``, the forward path ``Kernel.__call__`` uses too; this module never
@@ -23,6 +24,7 @@ recompute the chunk-boundary states only, never the per-step state sequence.
 """
 from __future__ import annotations
 
+import warnings
 from functools import lru_cache
 from typing import Any, Mapping
 
@@ -300,14 +302,24 @@ def backward_target(kernel, rec: Recurrence) -> str:
     adj = adjoint(rec)
     for r in (adj.backward, adj.states_view, rec):
         try:
-            ok, _ = be.supports(r, {})
-        except Exception:  # a backend that cannot even look at the IR does not lower it
-            ok = False
+            ok, why = be.supports(r, {})
+        except Exception as e:  # a backend that cannot even look at the IR does not lower it
+            ok, why = False, f"{type(e).__name__}: {e}"
         if not ok:
             target = "reference"
+            # never silent: say which piece does not lower and why (once per recurrence)
+            warnings.warn(BackwardFallbackWarning(
+                f"the gradients of {rec.name!r} through a {be.name} kernel run on the "
+                f"reference backend: {be.name} does not lower {r.name!r} ({why})"),
+                stacklevel=2)
             break
     _TARGETS[key] = (rec, target)
     return target
+
+
+class BackwardFallbackWarning(UserWarning):
+    """A kernel's gradients run on the reference backend because its own backend does not
+    lower a piece of the backward (``backward_target``); the message names the piece."""
 
 
 def _chunked_hook(be, rec: Recurrence, options: Mapping[str, Any]):

@@ -196,12 +196,53 @@ def test_triton_gradients_match_the_reference():
                                    atol=1e-5, err_msg=n)
 
 
+@pytest.mark.parametrize("name", [
+    "bmojo_f",
+    pytest.param("bmojo", marks=pytest.mark.slow),   # ~80 s here: rendering bmojo_bwd
+])
+def test_nki_gradients_match_the_reference(name, monkeypatch):
+    """Gradients through an NKI kernel call run on NKI itself: its forward chunks, the states
+    view that recomputes every state sequence (bmojo's has h_valid without heads: the layout
+    search puts heads on the partitions, the selection rule's memory axis alone per
+    partition) and the backward recurrence all run on the NKI emulator (recorded here; the
+    reference backend runs nothing), without a fallback warning; they equal the reference's
+    gradients in float64."""
+    import warnings
+    from scancc.registry import get
+    monkeypatch.setattr(ag, "DEFAULT_CHUNK", 4)   # chunks crossing: T = 7 in two
+    rec = get("bmojo_f").build(window=2) if name == "bmojo_f" else \
+        bmojo(window=2, memory=2, predictor=2)
+    names = [i.name for i in rec.inputs]
+    x = {n: a for n, a in _inputs(B=2, T=7, H=2, K=3, V=2).items() if n in names}
+    do = np.random.default_rng(2).standard_normal(x["v"].shape)
+    ran = {"nki": [], "reference": []}
+    for target in ran:
+        be = scancc.backends.get(target)
+        monkeypatch.setattr(be, "run", (lambda f, log: lambda r, *a, **k: (
+            log.append(r.name), f(r, *a, **k))[1])(be.run, ran[target]))
+    grads = {}
+    for target, dt in (("reference", torch.float64), ("nki", torch.float32)):
+        ker = scancc.compile(rec, target)
+        ran["reference"].clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ag.BackwardFallbackWarning)
+            if target == "nki":
+                assert backward_target(ker, rec) == "nki"
+            t = {n: torch.tensor(a, dtype=dt, requires_grad=True) for n, a in x.items()}
+            (_out(ker(*t.values())).double() * torch.tensor(do)).sum().backward()
+        grads[target] = {n: t[n].grad.double().numpy() for n in names}
+    assert ran["reference"] == []   # the NKI pass ran nothing on the reference
+    assert {f"{name}_states", f"{name}_bwd", name} <= set(ran["nki"])
+    for n in names:   # float32 kernels
+        np.testing.assert_allclose(grads["nki"][n], grads["reference"][n], rtol=1e-5,
+                                   atol=1e-5, err_msg=n)
+    assert not np.allclose(grads["nki"]["k"], 0.0)
+
+
 @pytest.mark.slow
 def test_nki_runs_the_derived_backward_recurrence_like_the_reference():
     """The backward recurrence itself on the NKI emulator, fed the reference's recomputed
-    states (NKI does not lower bmojo's states view, the forward with every state sequence as
-    an output: its layout search puts the batch dim on the partitions, where the selection rule
-    needs the memory axis alone; so through a kernel, NKI gradients come from the reference)."""
+    states (the whole path through a kernel call: test_nki_gradients_match_the_reference)."""
     rec = bmojo(window=2, memory=2, predictor=1)
     adj = adjoint(rec)
     x = _inputs(T=6, H=2, K=2, V=2)

@@ -27,7 +27,8 @@ def _recurrences():
     out = []
     for name in LIBRARY:
         rec = registry.get(name).build()
-        # (a cascade, bmojo's, has no derived backward yet: docs/bmojo.md)
+        # a cascade's backward (bmojo's) is left out here: rendering it takes about a
+        # minute (docs/bmojo.md); tests/test_bmojo_grad.py runs it on NKI
         out += [rec] + ([] if rec.cascaded else [adjoint(rec).backward])
     return [canonicalize(r) for r in out]
 

@@ -215,11 +215,51 @@ def _adjoint_storage(sp: Space, s, tt: int) -> list[int]:
     return sites + [4 * math.prod(sp.sizes[d] for d in lead + own) * tt, 4 * na]
 
 
+# ---- per-kind layout requirements: what a transition rule (rules.py) needs of the layout ----
+
+LAYOUT = Rules("nki", "layout")  # a kind without an entry lowers under any layout
+
+
+@LAYOUT.register(Kind.SELECTION)
+def _selection_layout(rec: Recurrence, s, pd: str, outer: tuple[str, ...]) -> str | None:
+    """The selection rule (``rules.selection_reads``) steps on (rows, m) tiles: the states its
+    ``keys`` and ``filled`` read through prev() must hold the selection axis alone per
+    partition (their other dims on the partitions or outer loops), with the partition dim
+    in both or in neither. Why not, else None."""
+    t = s.transition
+    for k in ("keys", "filled"):
+        n = t.operand(k)
+        if n is None or n.op is not Op.PREV:
+            continue  # not a layout question: the rule names what is wrong
+        x = rec.state(n.arg)
+        rest = [d for d in x.dims if d != t.axis and d != pd and d not in outer]
+        if rest:
+            return (f"selection state {s.name!r} reads its {k} from {x.name!r}, which would "
+                    f"hold {rest} besides {t.axis!r} per partition")
+        if (pd in x.dims) != (pd in s.dims):
+            return (f"selection state {s.name!r} and its {k} {x.name!r} differ in the "
+                    f"partition dim {pd!r}")
+    return None
+
+
+def layout_problem(rec: Recurrence, pd: str, outer: tuple[str, ...]) -> str | None:
+    """Why a transition rule cannot lower ``rec`` with ``pd`` on the partitions and ``outer``
+    as outer loops (``LAYOUT``), or None."""
+    for s in rec.states:
+        if s.transition.kind in LAYOUT:
+            why = LAYOUT.lookup(s.transition.kind, rec.name)(rec, s, pd, outer)
+            if why:
+                return why
+    return None
+
+
 def layouts(rec: Recurrence, sizes: Mapping[str, int]) -> list[tuple[str, tuple[str, ...]]]:
     """Every admissible (partition dim, outer dims), preferred first: the partition dim in
     every output, not a per-step axis; most states, then largest, non-batch preferred (or, for
     a backward whose outputs lack a common dim, the dim in the most outputs first); the outer
-    dims are the others in every state and output."""
+    dims are the others in every state and output. A layout a transition rule cannot lower
+    under (``layout_problem``: a selection state's keys with a dim besides the memory axis per
+    partition) is left out, unless every layout is (then the rule names the problem)."""
     axes = {s.transition.axis for s in rec.states} | {s.transition.col for s in rec.states}
     role = {d.name: d.role for d in rec.dims}
 
@@ -246,7 +286,8 @@ def layouts(rec: Recurrence, sizes: Mapping[str, int]) -> list[tuple[str, tuple[
                       and all(d in s.dims for s in rec.states)
                       and all(d in o.dims for o in rec.outputs))
         out.append((pd, outer))
-    return out
+    admitted = [(pd, outer) for pd, outer in out if layout_problem(rec, pd, outer) is None]
+    return admitted or out
 
 
 def _touches(rec: Recurrence, node, d: str) -> bool:
@@ -436,4 +477,5 @@ def choose(space: Space, measure: Callable[[int, bool], tuple[Resources, Any]]
 
 
 __all__ = ["ALGORITHMS", "LOOP_ORDERS", "Plan", "PlanError", "Resources", "Space", "choose",
-           "choose_layout", "layouts", "plan_space", "plan_spaces", "summed_candidates"]
+           "choose_layout", "layout_problem", "layouts", "plan_space", "plan_spaces",
+           "summed_candidates"]
