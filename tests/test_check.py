@@ -74,3 +74,23 @@ def test_binary_sampler_draws_zero_one_flags(two_outputs):
 def test_a_builder_error_in_a_row_names_the_options():
     row = check_one("gla", "reference", "float64", T=4, scale="abc")
     assert not row.ok and "(options: scale='abc')" in row.note
+
+
+def test_check_skips_a_dtype_the_backend_does_not_take(two_outputs, capsys):
+    """Triton takes no float64 inputs: the row is skipped (named), not run and not failed."""
+    row = check_one(two_outputs, "triton", "float64", T=5)
+    assert row.skipped and not row.ok and "triton takes no float64 inputs" in row.note
+    assert main(["check", "fir", "--targets", "triton", "--dtypes", "float64", "--T", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped: triton takes no float64" in out and "0 passed, 0 failed, 1 skipped" in out
+
+
+def test_check_judges_nki_float64_at_float32_tolerance(two_outputs, monkeypatch):
+    """NKI runs float64 arrays in float32 (no float64 on the hardware): the row is judged at
+    float32's tolerance and says so; an error over float32's tolerance still fails."""
+    row = check_one(two_outputs, "nki", "float64", T=9)
+    assert row.ok and "nki computes float64 inputs in float32" in row.note, row.note
+    from scancc import check
+    monkeypatch.setattr(check, "errors", lambda got, want: (1e-3, 1e-3))
+    row = check_one(two_outputs, "nki", "float64", T=9)
+    assert not row.ok and "over tolerance" in row.note
