@@ -194,7 +194,8 @@ def test_staged_householder_bf16_default_dots(name):
 
 
 @pytest.mark.parametrize("name,heads", [("simple_gla", 132), ("gla", 8),
-                                        ("delta_net", 132), ("gated_delta_net", 8)])
+                                        pytest.param("delta_net", 132, marks=pytest.mark.slow),
+                                        ("gated_delta_net", 8)])  # delta_net-132: ~60 s
 def test_auto_launcher_rule_fused_with_many_programs_else_staged(name, heads):
     """algorithm="auto": B·H·⌈V/BV⌉ >= 132 programs run the fused kernel, fewer the three
     stages (staged.Lowering.SMS). Which one ran is seen bit-for-bit: the result equals the
