@@ -144,6 +144,42 @@ class Node:
     def __rtruediv__(self, o): return Node(Op.DIV, (lift(o), self))
     def __neg__(self): return Node(Op.NEG, (self,))
 
+    # Nodes are dict keys all over the passes and backends, and derived expressions (a
+    # backward's softmax VJP) are large DAGs sharing subtrees: the dataclass hash would walk
+    # the whole tree on every lookup (exponential in the sharing). The hash is computed once
+    # per node (children's hashes are cached in turn) and kept out of pickles, because str
+    # hashes differ between processes.
+    def __hash__(self) -> int:
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash((self.op, self.src, self.arg))
+            object.__setattr__(self, "_hash", h)
+        return h
+
+    def __eq__(self, o) -> bool:
+        if self is o:
+            return True
+        if not isinstance(o, Node):
+            return NotImplemented
+        if hash(self) != hash(o) or self.op is not o.op:
+            return False
+        # structural equality, each pair of nodes compared once (no recursion per path)
+        same: set[tuple[int, int]] = set()
+        stack = [(self, o)]
+        while stack:
+            a, b = stack.pop()
+            if a is b or (id(a), id(b)) in same:
+                continue
+            if (hash(a) != hash(b) or a.op is not b.op or len(a.src) != len(b.src)
+                    or a.arg != b.arg):
+                return False
+            same.add((id(a), id(b)))
+            stack.extend(zip(a.src, b.src))
+        return True
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
+
     def __repr__(self) -> str:
         return f"Node<{format_expr(self)}>"
 
