@@ -196,10 +196,7 @@ def test_triton_gradients_match_the_reference():
                                    atol=1e-5, err_msg=n)
 
 
-@pytest.mark.parametrize("name", [
-    "bmojo_f",
-    pytest.param("bmojo", marks=pytest.mark.slow),   # ~80 s here: rendering bmojo_bwd
-])
+@pytest.mark.parametrize("name", ["bmojo_f", "bmojo"])
 def test_nki_gradients_match_the_reference(name, monkeypatch):
     """Gradients through an NKI kernel call run on NKI itself: its forward chunks, the states
     view that recomputes every state sequence (bmojo's has h_valid without heads: the layout
