@@ -66,6 +66,8 @@ CASES += [
     ("rwkv6", "H16 K=V=128", {"heads": 16, "key": 128, "value": 128}),
     ("rwkv7", "H16 K=V=128", {"heads": 16, "key": 128, "value": 128}),
     ("kda", "H16 K=V=128", {"heads": 16, "key": 128, "value": 128}),
+    ("rwkv7", "H96 K=V=128", {"heads": 96, "key": 128, "value": 128}),
+    ("kda", "H96 K=V=128", {"heads": 96, "key": 128, "value": 128}),
     ("mamba3", "H16 P64 N128", {"heads": 16, "headdim": 64, "pairs": 64, "groups": 1}),
     ("bmojo_f", "H16 K=V=128 W4", {"heads": 16, "key": 128, "value": 128}),
 ]
@@ -436,8 +438,22 @@ def _walk(stmts, env: dict, grid: tuple, src: str, consts: set) -> list[Loop]:
     loops: list[Loop] = []
     for s in stmts:
         ev = _Eval(env, grid)
+        if (isinstance(s, ast.Assign) and len(s.targets) == 1
+                and isinstance(s.targets[0], ast.Tuple) and isinstance(s.value, ast.Tuple)
+                and len(s.targets[0].elts) == len(s.value.elts)):
+            # a, b = x, y (fla's kernels: bos, eos = ..; NT, NS = ..): element-wise
+            _walk([ast.Assign([t], v, lineno=s.lineno) for t, v in
+                   zip(s.targets[0].elts, s.value.elts)], env, grid, src, consts)
+            continue
         if isinstance(s, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
             targets = s.targets if isinstance(s, ast.Assign) else [s.target]
+            if isinstance(s, ast.Assign):  # other tuple targets: unknown values
+                for t in targets:
+                    if isinstance(t, ast.Tuple):
+                        for e in t.elts:
+                            if isinstance(e, ast.Name):
+                                env[e.id] = None
+                                consts.discard(e.id)
             for t in targets:
                 if isinstance(t, ast.Name):
                     try:
@@ -558,13 +574,22 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 ptxas, nvdisasm = os.path.join(bindir, "ptxas-blackwell"), os.path.join(bindir, "nvdisasm")
-out = {}
+out, _preludes = {}, set()
 for job in json.load(sys.stdin):
     key = job["key"]
     try:
-        spec = importlib.util.spec_from_file_location("m_" + str(abs(hash(key))), job["path"])
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
+        if job.get("prelude") and job["prelude"] not in _preludes:
+            _ps = importlib.util.spec_from_file_location("_anchor_prelude", job["prelude"])
+            _pm = importlib.util.module_from_spec(_ps)
+            _ps.loader.exec_module(_pm)
+            _pm.prelude()
+            _preludes.add(job["prelude"])
+        if job.get("module"):  # an installed package's kernel (the anchors)
+            mod = importlib.import_module(job["module"])
+        else:
+            spec = importlib.util.spec_from_file_location("m_" + str(abs(hash(key))), job["path"])
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
         fn = getattr(mod, job["kernel"])
         while not isinstance(fn, triton.runtime.jit.JITFunction) and hasattr(fn, "fn"):
             fn = fn.fn
@@ -731,7 +756,11 @@ def sass_loops(txt: str) -> tuple[int, list]:
     return len(addr), [list(x) for x in sorted(spans, key=lambda x: (x[0], -x[1]))]
 
 
-def compile_job(launch: Launch, path: str) -> dict:
+def compile_job(launch: Launch, path: str, module: str | None = None,
+                prelude: str | None = None) -> dict:
+    """The child's job for ``launch``: the kernel is ``launch.kernel`` of the module file
+    ``path``, or (``module``) of that importable module, after ``prelude()`` of the file
+    ``prelude`` (the anchors: pretend H100 before fla is imported, see anchors_sm90.py)."""
     sig, const = {}, {}
     for a in launch.args:
         if a.constexpr:
@@ -753,9 +782,13 @@ def compile_job(launch: Launch, path: str) -> dict:
             sig[a.name] = "constexpr"
             const[a.name] = a.value
     key = json.dumps([launch.kernel, launch.source, sig, const, launch.num_warps,
-                      launch.num_stages], sort_keys=True, default=str)
-    return {"key": key, "path": path, "kernel": launch.kernel, "sig": sig, "const": const,
-            "num_warps": launch.num_warps, "num_stages": launch.num_stages}
+                      launch.num_stages] + ([module] if module else []),
+                     sort_keys=True, default=str)
+    job = {"key": key, "path": path, "kernel": launch.kernel, "sig": sig, "const": const,
+           "num_warps": launch.num_warps, "num_stages": launch.num_stages}
+    if module:
+        job.update(module=module, prelude=prelude)
+    return job
 
 
 def compile_all(jobs: list[dict], timeout: int = 3000) -> dict:
