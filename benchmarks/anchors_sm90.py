@@ -34,6 +34,8 @@ How:
 
     .venv/bin/python benchmarks/anchors_sm90.py --fetch-mamba-ssm   # once: the sdist
     .venv/bin/python benchmarks/bench_sm90.py --names gla mamba2    # the report uses this file
+    .venv/bin/python benchmarks/anchors_sm90.py --names retnet gla gated_delta_net \
+        --batch 1 --time 8192 --heads 96                            # one shape, anchors only
 """
 from __future__ import annotations
 
@@ -250,12 +252,13 @@ class AnchorRecorder:
         def launch(*args, **kw):
             import inspect
             b = _bench()
-            base = {p.name: (p.default if p.default is not inspect.Parameter.empty else None)
-                    for p in self.params}
-            for p, v in zip(self.params, args):
-                base[p.name] = v
-            base.update({k: v for k, v in kw.items() if k in base})
-            extra = {k: v for k, v in kw.items() if k not in base}
+            names = {p.name for p in self.params}
+            defaults = {p.name: (p.default if p.default is not inspect.Parameter.empty else None)
+                        for p in self.params}
+            # as Triton's wrappers: a heuristic sees the arguments given (not the defaults)
+            base = {p.name: v for p, v in zip(self.params, args)}
+            base.update({k: v for k, v in kw.items() if k in names})
+            extra = {k: v for k, v in kw.items() if k not in names}
             tune = next((ly for ly in self.layers if ly[0] == "tune"), None)
             configs = tune[1] if tune else [None]
             cands = []
@@ -271,6 +274,7 @@ class AnchorRecorder:
                             ex.setdefault("num_warps", cfg.num_warps)
                         if cfg.num_stages is not None:
                             ex.setdefault("num_stages", cfg.num_stages)
+                bound = {**defaults, **bound}
                 g = grid(dict(bound)) if callable(grid) else grid
                 g = tuple(int(x) for x in (g if isinstance(g, (tuple, list)) else (g,)))
                 rec = b.Recorder.__new__(b.Recorder)
@@ -395,8 +399,8 @@ def record_child(cases: list) -> list:
 
 def compile_cache() -> str:
     """bench_sm90's compile results of the anchors' jobs, by job key (the key holds the
-    kernel source, signature, constexprs, warps and stages; a different Triton or fla gives
-    other keys... except the toolchain version: delete the file after upgrading Triton)."""
+    kernel's source, signature, constexprs, warps and stages; the file name the Triton
+    version; ptxas/nvdisasm ship with Triton)."""
     import triton
     return os.path.join(CACHE, f"compiled-triton{triton.__version__}.json")
 
@@ -494,7 +498,33 @@ def main(argv=None) -> int:
     ap.add_argument("--record", action="store_true", help="(child) record cases from stdin")
     ap.add_argument("--fetch-mamba-ssm", action="store_true",
                     help=f"download the mamba_ssm {MAMBA_SSM_VERSION} sdist into {CACHE}")
+    ap.add_argument("--names", nargs="*", help="print the compiled anchors of these "
+                    "recurrences at one shape (--batch, --time, --heads; K = V = 128)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--time", type=int, default=8192)
+    ap.add_argument("--heads", type=int, default=96)
     a = ap.parse_args(argv)
+    if a.names:
+        b = _bench()
+        cases = []
+        for n in a.names:
+            sizes = {"batch": a.batch, "time": a.time, "heads": a.heads, "key": 128, "value": 128}
+            if n == "mamba2":
+                sizes = {"batch": a.batch, "time": a.time, "heads": a.heads, "headdim": 64,
+                         "dstate": 128, "groups": 1}
+            cases.append([n, sizes])
+        res = record(cases)
+        comp = b.compile_all(jobs_for(res), timeout=7200, cache=compile_cache())
+        for (n, sizes), r in zip(cases, res):
+            m = modelled(r, comp)
+            t = "failed: " + str(m.get("error")) if m["time"] is None else f"{m['time'] * 1e6:.1f} us"
+            print(f"{n} {ANCHORS[n][0]}.{ANCHORS[n][1]} {sizes}: {t} (modelled, H100)")
+            for kern, ln, mm, tried, total, _ in m["kernels"]:
+                if mm:
+                    print(f"    {kern}: {mm['time'] * 1e6:.1f} us {mm['bound']}, grid {ln.grid}, "
+                          f"{ln.num_warps} warps, regs {mm['regs']}, spill {mm['spill']} B, "
+                          f"configs {tried}/{total or 1}")
+        return 0
     if a.record:
         cases = json.load(sys.stdin)
         print("@@JSON@@" + json.dumps(record_child(cases), default=str))
