@@ -593,6 +593,10 @@ for job in json.load(sys.stdin):
         fn = getattr(mod, job["kernel"])
         while not isinstance(fn, triton.runtime.jit.JITFunction) and hasattr(fn, "fn"):
             fn = fn.fn
+        for _k, _v in list(job["const"].items()):  # a tl.dtype constexpr, recorded as its repr
+            _m = isinstance(_v, str) and re.fullmatch(r"triton\.language\.(\w+)", _v)
+            if _m and isinstance(getattr(triton.language, _m.group(1), None), triton.language.dtype):
+                job["const"][_k] = getattr(triton.language, _m.group(1))
         opts = {"num_warps": job["num_warps"]}
         if job.get("num_stages"):
             opts["num_stages"] = job["num_stages"]
