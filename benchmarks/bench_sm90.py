@@ -22,6 +22,11 @@ How (no GPU needed):
    elementwise float ops with their loop depth; ``nvdisasm`` of the cubin the SASS
    instruction count and loop bodies (backward branches).
 4. **model** (*modelled*, not a timing; see MODEL below).
+5. **anchors**: the anchors' own Triton kernels (fla's chunked forwards, mamba_ssm's SSD)
+   recorded, compiled and modelled the same way (anchors_sm90.py; the autotune config with
+   the lowest modelled time; ``--no-compiled-anchors`` skips them), next to the older
+   throughput-only anchor models (fla_chunk_model, ssd_model, selective_scan_model) and, for
+   mamba's CUDA selective scan, selective_scan_floor.
 
     .venv/bin/python benchmarks/bench_sm90.py                      # everything
     .venv/bin/python benchmarks/bench_sm90.py --names gla mamba2 --shapes B1T32768
