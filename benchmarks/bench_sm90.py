@@ -22,6 +22,11 @@ How (no GPU needed):
    elementwise float ops with their loop depth; ``nvdisasm`` of the cubin the SASS
    instruction count and loop bodies (backward branches).
 4. **model** (*modelled*, not a timing; see MODEL below).
+5. **anchors**: the anchors' own Triton kernels (fla's chunked forwards, mamba_ssm's SSD)
+   recorded, compiled and modelled the same way (anchors_sm90.py; the autotune config with
+   the lowest modelled time; ``--no-compiled-anchors`` skips them), next to the older
+   throughput-only anchor models (fla_chunk_model, ssd_model, selective_scan_model) and, for
+   mamba's CUDA selective scan, selective_scan_floor.
 
     .venv/bin/python benchmarks/bench_sm90.py                      # everything
     .venv/bin/python benchmarks/bench_sm90.py --names gla mamba2 --shapes B1T32768
@@ -66,6 +71,8 @@ CASES += [
     ("rwkv6", "H16 K=V=128", {"heads": 16, "key": 128, "value": 128}),
     ("rwkv7", "H16 K=V=128", {"heads": 16, "key": 128, "value": 128}),
     ("kda", "H16 K=V=128", {"heads": 16, "key": 128, "value": 128}),
+    ("rwkv7", "H96 K=V=128", {"heads": 96, "key": 128, "value": 128}),
+    ("kda", "H96 K=V=128", {"heads": 96, "key": 128, "value": 128}),
     ("mamba3", "H16 P64 N128", {"heads": 16, "headdim": 64, "pairs": 64, "groups": 1}),
     ("bmojo_f", "H16 K=V=128 W4", {"heads": 16, "key": 128, "value": 128}),
 ]
@@ -436,8 +443,22 @@ def _walk(stmts, env: dict, grid: tuple, src: str, consts: set) -> list[Loop]:
     loops: list[Loop] = []
     for s in stmts:
         ev = _Eval(env, grid)
+        if (isinstance(s, ast.Assign) and len(s.targets) == 1
+                and isinstance(s.targets[0], ast.Tuple) and isinstance(s.value, ast.Tuple)
+                and len(s.targets[0].elts) == len(s.value.elts)):
+            # a, b = x, y (fla's kernels: bos, eos = ..; NT, NS = ..): element-wise
+            _walk([ast.Assign([t], v, lineno=s.lineno) for t, v in
+                   zip(s.targets[0].elts, s.value.elts)], env, grid, src, consts)
+            continue
         if isinstance(s, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
             targets = s.targets if isinstance(s, ast.Assign) else [s.target]
+            if isinstance(s, ast.Assign):  # other tuple targets: unknown values
+                for t in targets:
+                    if isinstance(t, ast.Tuple):
+                        for e in t.elts:
+                            if isinstance(e, ast.Name):
+                                env[e.id] = None
+                                consts.discard(e.id)
             for t in targets:
                 if isinstance(t, ast.Name):
                     try:
@@ -558,16 +579,29 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 ptxas, nvdisasm = os.path.join(bindir, "ptxas-blackwell"), os.path.join(bindir, "nvdisasm")
-out = {}
+out, _preludes = {}, set()
 for job in json.load(sys.stdin):
     key = job["key"]
     try:
-        spec = importlib.util.spec_from_file_location("m_" + str(abs(hash(key))), job["path"])
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
+        if job.get("prelude") and job["prelude"] not in _preludes:
+            _ps = importlib.util.spec_from_file_location("_anchor_prelude", job["prelude"])
+            _pm = importlib.util.module_from_spec(_ps)
+            _ps.loader.exec_module(_pm)
+            _pm.prelude()
+            _preludes.add(job["prelude"])
+        if job.get("module"):  # an installed package's kernel (the anchors)
+            mod = importlib.import_module(job["module"])
+        else:
+            spec = importlib.util.spec_from_file_location("m_" + str(abs(hash(key))), job["path"])
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
         fn = getattr(mod, job["kernel"])
         while not isinstance(fn, triton.runtime.jit.JITFunction) and hasattr(fn, "fn"):
             fn = fn.fn
+        for _k, _v in list(job["const"].items()):  # a tl.dtype constexpr, recorded as its repr
+            _m = isinstance(_v, str) and re.fullmatch(r"triton\.language\.(\w+)", _v)
+            if _m and isinstance(getattr(triton.language, _m.group(1), None), triton.language.dtype):
+                job["const"][_k] = getattr(triton.language, _m.group(1))
         opts = {"num_warps": job["num_warps"]}
         if job.get("num_stages"):
             opts["num_stages"] = job["num_stages"]
@@ -593,6 +627,7 @@ for job in json.load(sys.stdin):
                     "arg_use": _bench.ttgir_arg_use(ttgir)}
     except Exception as e:
         out[key] = {"error": f"{type(e).__name__}: {str(e)[-400:]}"}
+    print("@@ONE@@" + json.dumps({key: out[key]}), flush=True)
 print("@@JSON@@" + json.dumps(out))
 '''
 
@@ -731,7 +766,11 @@ def sass_loops(txt: str) -> tuple[int, list]:
     return len(addr), [list(x) for x in sorted(spans, key=lambda x: (x[0], -x[1]))]
 
 
-def compile_job(launch: Launch, path: str) -> dict:
+def compile_job(launch: Launch, path: str, module: str | None = None,
+                prelude: str | None = None) -> dict:
+    """The child's job for ``launch``: the kernel is ``launch.kernel`` of the module file
+    ``path``, or (``module``) of that importable module, after ``prelude()`` of the file
+    ``prelude`` (the anchors: pretend H100 before fla is imported, see anchors_sm90.py)."""
     sig, const = {}, {}
     for a in launch.args:
         if a.constexpr:
@@ -753,21 +792,64 @@ def compile_job(launch: Launch, path: str) -> dict:
             sig[a.name] = "constexpr"
             const[a.name] = a.value
     key = json.dumps([launch.kernel, launch.source, sig, const, launch.num_warps,
-                      launch.num_stages], sort_keys=True, default=str)
-    return {"key": key, "path": path, "kernel": launch.kernel, "sig": sig, "const": const,
-            "num_warps": launch.num_warps, "num_stages": launch.num_stages}
+                      launch.num_stages] + ([module] if module else []),
+                     sort_keys=True, default=str)
+    job = {"key": key, "path": path, "kernel": launch.kernel, "sig": sig, "const": const,
+           "num_warps": launch.num_warps, "num_stages": launch.num_stages}
+    if module:
+        job.update(module=module, prelude=prelude)
+    return job
 
 
-def compile_all(jobs: list[dict], timeout: int = 3000) -> dict:
+def compile_all(jobs: list[dict], timeout: int = 3000, cache: str | None = None) -> dict:
+    """Compile every distinct job in one child process. ``cache``: a JSON file of earlier
+    results by job key (the anchors' many autotune configs: a re-run compiles only what is
+    new); each result is added as the child reports it, so an interrupted run keeps them."""
     uniq = list({j["key"]: j for j in jobs}.values())
+    done: dict = {}
+    if cache and os.path.exists(cache):
+        try:
+            with open(cache) as f:
+                done = json.load(f)
+        except (OSError, ValueError):
+            done = {}
+    todo = [j for j in uniq if j["key"] not in done or "error" in done[j["key"]]]
+    results = {j["key"]: done[j["key"]] for j in uniq if j["key"] in done}
+    if not todo:
+        return results
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     child = _CHILD.replace("BENCH_FILE", repr(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", child], input=json.dumps(uniq), env=env,
-                       capture_output=True, text=True, timeout=timeout)
-    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("@@JSON@@")), None)
-    if r.returncode or line is None:
-        raise RuntimeError(f"compile child failed (rc {r.returncode}): {r.stderr[-3000:]}")
-    return json.loads(line[len("@@JSON@@"):])
+    t_end = time.time() + timeout
+
+    def save():
+        if cache:
+            os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
+            with open(cache + ".tmp", "w") as f:
+                json.dump({**done, **results}, f)
+            os.replace(cache + ".tmp", cache)
+    with tempfile.TemporaryFile("w+") as err:
+        pr = subprocess.Popen([sys.executable, "-c", child], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=err, env=env, text=True)
+        pr.stdin.write(json.dumps(todo))
+        pr.stdin.close()
+        final = None
+        for n, line in enumerate(pr.stdout):
+            if line.startswith("@@ONE@@"):
+                results.update(json.loads(line[len("@@ONE@@"):]))
+                if n % 10 == 9:
+                    save()
+            elif line.startswith("@@JSON@@"):
+                final = json.loads(line[len("@@JSON@@"):])
+            if time.time() > t_end:
+                pr.kill()
+                break
+        rc = pr.wait()
+        save()
+        if rc or final is None:
+            err.seek(0)
+            raise RuntimeError(f"compile child failed (rc {rc}): {err.read()[-3000:]}")
+    results.update(final)
+    return results
 
 
 # ---------------------------------------------------------------------------------------
@@ -936,6 +1018,23 @@ def selective_scan_model(B: int, D: int, T: int, N: int) -> float:
     return max(nbytes / HBM_BPS, 8.0 * B * D * T * N / PEAK["fma"])
 
 
+SFU_PER_SM_CLK = 16     # MUFU (exp2/log2/rcp/rsqrt/sin/cos) results per SM per clock, cc 9.0
+SELECTIVE_SCAN_ISSUE = 5  # warp instructions per (b, d, t, n): FMUL dt*A, MUFU.EX2, FMUL B*(dt*u),
+#                           FFMA h = dA*h + dBu, FFMA y += C*h
+
+
+def selective_scan_floor(B: int, D: int, T: int, N: int) -> float:
+    """selective_scan_model plus the floors its own algorithm needs (the old anchor had
+    neither): one exp per state element per step on the SFU, B*T*D*N / (132 SMs x 16 per
+    clock x 1.98 GHz), and the issue of SELECTIVE_SCAN_ISSUE warp instructions per element,
+    5*B*T*D*N / (132 x 4 schedulers x 32 lanes x 1.98 GHz) (the cross-thread part of the
+    block scan, shuffles and the prefix combine, not counted: a floor). Seconds."""
+    n = B * D * T * N
+    sfu = n / (SMS * SFU_PER_SM_CLK * CLOCK)
+    issue = SELECTIVE_SCAN_ISSUE * n / (SMS * 4 * 32 * CLOCK)
+    return max(selective_scan_model(B, D, T, N), sfu, issue)
+
+
 # ---------------------------------------------------------------------------------------
 
 # --backward: the kernels the training path (scancc/autograd.py) launches per chunk of
@@ -961,10 +1060,51 @@ def backward_recs(name: str, backward: bool) -> list:
     return [(f"{name} states", adj.states_view), (f"{name} bwd", adj.backward)]
 
 
+def _anchors_module():
+    import importlib.util
+    here = os.path.dirname(os.path.abspath(__file__))
+    if "anchors_sm90" in sys.modules:
+        return sys.modules["anchors_sm90"]
+    spec = importlib.util.spec_from_file_location("anchors_sm90",
+                                                  os.path.join(here, "anchors_sm90.py"))
+    m = importlib.util.module_from_spec(spec)
+    sys.modules["anchors_sm90"] = m
+    sys.modules.setdefault("bench_sm90", sys.modules.get(__name__))
+    spec.loader.exec_module(m)
+    return m
+
+
+def _record_anchors(rows):
+    """The compiled anchors of the report's rows (anchors_sm90.py): recorded in a child,
+    returned with their compile jobs (compiled together with ours)."""
+    A = _anchors_module()
+    want, why = [], {}
+    for name, label, sh, algo, _dev, _per, sizes in rows:
+        if name not in A.ANCHORS:
+            continue
+        reason = A.available(name)
+        if reason:
+            why[name] = reason
+            continue
+        want.append(((name, label, sh), sizes))
+    out = {}
+    if want:
+        res = A.record([[k[0], s] for k, s in want])
+        jobs = A.jobs_for(res)
+        out = {k: r for (k, _), r in zip(want, res)}
+    else:
+        jobs = []
+    note = "; ".join(f"{n}: {w}" for n, w in why.items())
+    return out, note, jobs
+
+
 def run(names: list[str] | None, shapes: list[str], dtype: str, out=sys.stdout,
-        algorithm: str = "auto", backward: bool = False, options: dict | None = None) -> int:
+        algorithm: str = "auto", backward: bool = False, options: dict | None = None,
+        compiled_anchors: bool = True) -> int:
     """``options``: extra Triton options for every call (``block_sizes``, ``num_warps``: the
-    launcher's arguments; anything else the backend's compile options), for config sweeps."""
+    launcher's arguments; anything else the backend's compile options), for config sweeps.
+    ``compiled_anchors``: also record, compile and model the anchors' own kernels
+    (anchors_sm90.py; forward only)."""
     options = dict(options or {})
     from scancc import registry
     t0 = time.time()
@@ -1003,8 +1143,24 @@ def run(names: list[str] | None, shapes: list[str], dtype: str, out=sys.stdout,
                 jobs.append(job)
                 per.append((ln, loops, job["key"], walk))
             rows.append((name, label, sh, algo, dev, per, sizes))
+    anchor_rows = {}  # (name, label, shape) -> recorded anchor call (compiled_anchors)
+    anchor_note = ""
+    if compiled_anchors and not backward:
+        try:
+            anchor_rows, anchor_note, ajobs = _record_anchors(rows)
+            jobs += ajobs
+        except Exception as e:  # noqa: BLE001 - the report says why, ours still runs
+            anchor_note = f"compiled anchors failed: {type(e).__name__}: {str(e)[-300:]}"
     t_rec = time.time() - t0
-    compiled = compile_all(jobs) if jobs else {}
+    ours = [j for j in jobs if "module" not in j]
+    theirs = [j for j in jobs if "module" in j]
+    compiled = compile_all(ours) if ours else {}
+    if theirs:  # the anchors' configs: kept between runs (anchors_sm90.CACHE)
+        try:
+            compiled.update(compile_all(theirs, timeout=7200,
+                                        cache=_anchors_module().compile_cache()))
+        except Exception as e:  # noqa: BLE001 - ours stand; the anchor rows say why
+            anchor_note = (anchor_note + "; " if anchor_note else "") + f"compile: {str(e)[-300:]}"
     t_all = time.time() - t0
 
     print(f"sm_90 report: {dtype} inputs, "
@@ -1066,22 +1222,62 @@ def run(names: list[str] | None, shapes: list[str], dtype: str, out=sys.stdout,
                 kind = "walks all of time" if walk else "parallel in time"
                 print(f"- {name} {label} {sh} `{ln.kernel}` ({kind}): "
                       f"{loop_text(loops) or 'no loop'}", file=out)
+    A = _anchors_module() if anchor_rows else None
+    amod = {k: A.modelled(r, compiled) for k, r in anchor_rows.items()} if A else {}
+    if amod:
+        print("\n## Compiled anchors (the anchors' own Triton kernels, same pipeline)\n",
+              file=out)
+        print("Recorded under a pretend-H100 driver (anchors_sm90.py), compiled and modelled "
+              "like ours; per launch the autotune config with the lowest *modelled* time "
+              f"among at most {A.MAX_CONFIGS} tried (`tried/total`; autotune on a GPU times "
+              "them instead). `?` iterations: a loop bound the source evaluation could not "
+              "resolve (its SASS loop then counts one trip: the issue term is low).\n", file=out)
+        print("| recurrence | shape | B,T | anchor op | kernel | grid | warps | stages "
+              "| block constexprs | configs tried/total | iterations | regs | spill B "
+              "| smem B | occ | modelled us | bound |", file=out)
+        print("|---|---|---|---|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---|",
+              file=out)
+        for (name, label, sh), m in amod.items():
+            op = A.ANCHORS[name][0] + "." + A.ANCHORS[name][1]
+            if m.get("error") and not m["kernels"]:
+                print(f"| {name} | {label} | {sh} | {op} | failed: {m['error'][:150]} |"
+                      + " |" * 12, file=out)
+                continue
+            for kern, ln, mm, tried, total, errs in m["kernels"]:
+                if ln is None:
+                    print(f"| {name} | {label} | {sh} | {op} | {kern} | compile failed: "
+                          f"{(errs or ['?'])[0][:120]} |" + " |" * 11, file=out)
+                    continue
+                blocks = ", ".join(f"{x.name}={x.value}" for x in ln.args
+                                   if x.constexpr and x.name.startswith("B")
+                                   and isinstance(x.value, int) and not isinstance(x.value, bool))
+                print(f"| {name} | {label} | {sh} | {op} | {kern} | {ln.grid} | {ln.num_warps} "
+                      f"| {ln.num_stages or '-'} | {blocks} | {tried}/{total or 1} "
+                      f"| {mm['iters'] if mm['iters'] is not None else '?'} | {mm['regs']} "
+                      f"| {mm['spill']} | {mm['smem']} | {mm['occ']} | {mm['time'] * 1e6:.1f} "
+                      f"| {mm['bound']} |", file=out)
     print("\n## Targets (issue 11)\n", file=out)
-    print("anchors (*modelled*, throughput part of the same model applied to the anchor's "
-          "decomposition; published figures in docs/performance/triton.md): attention family = "
-          "fla's chunked forward (fla_chunk_model), mamba2 = mamba_ssm mamba_chunk_scan_combined "
-          "(ssd_model), mamba = mamba_ssm selective_scan_fn (selective_scan_model).\n", file=out)
-    print("| recurrence | shape | B,T | algorithm | kernels | zero spills | tensor cores (chunked) "
-          "| >=132 programs (parallel stages, B1T32768) | modelled us | anchor modelled us "
-          "| vs anchor |", file=out)
-    print("|---|---|---|---|---:|---|---|---|---:|---:|---|", file=out)
+    print("anchors: `anchor thr-only us` = the older column, the throughput part of the model "
+          "applied to the anchor's published decomposition (fla_chunk_model, ssd_model, "
+          "selective_scan_model; no issue term). `anchor us` = the anchor's own kernels "
+          "compiled for sm_90 and modelled with the full model (fla 0.6.0 / mamba_ssm "
+          "2.3.2.post1 Triton, see the table above; source `compiled`), or for mamba "
+          "(selective_scan_fn, CUDA C++, not compilable here) selective_scan_floor (source "
+          "`model+floor`: the throughput model plus its SFU exp and FMA-issue floors). "
+          "All *modelled*.", file=out)
+    if anchor_note:
+        print(f"Compiled anchors not available: {anchor_note}.", file=out)
+    print("\n| recurrence | shape | B,T | algorithm | kernels | zero spills | tensor cores (chunked) "
+          "| >=132 programs (parallel stages, B1T32768) | modelled us | anchor thr-only us "
+          "| vs thr-only | anchor us | anchor source | vs anchor (target <= 1.5x) |", file=out)
+    print("|---|---|---|---|---:|---|---|---|---:|---:|---|---:|---|---|", file=out)
     for s in summary:
         name, label, sh = s[0], s[1], s[2]
         if s[3] is None:
-            print(f"| {name} | {label} | {sh} | failed | | | | | | | |", file=out)
+            print(f"| {name} | {label} | {sh} | failed | | | | | | | | | | |", file=out)
             continue
         _, _, _, algo, tot, spills, tc, par_ok, nk, errs = s
-        anchor = None
+        anchor, anchor2, src2 = None, None, "-"
         if not backward:  # anchors model the forward only
             dims = next(c[2] for c in CASES if c[0] == name and c[1] == label)
             sizes = case_sizes(registry.get(name).build(), dict(dims), SHAPES[sh])
@@ -1096,13 +1292,25 @@ def run(names: list[str] | None, shapes: list[str], dtype: str, out=sys.stdout,
         elif name == "mamba":
             anchor = selective_scan_model(sizes["batch"], sizes["chan"], sizes["time"],
                                           sizes["dstate"])
+            anchor2 = selective_scan_floor(sizes["batch"], sizes["chan"], sizes["time"],
+                                           sizes["dstate"])
+            src2 = "model+floor"
+        m = amod.get((name, label, sh))
+        if m is not None:
+            if m["time"] is not None:
+                anchor2, src2 = m["time"], "compiled"
+            else:
+                src2 = f"failed: {str(m.get('error'))[:60]}"
         pf = lambda ok: "PASS" if ok else "FAIL"  # noqa: E731
         tcs = "n/a" if algo == "recurrent" else ("no dot" if tc is None else pf(tc))
         par = pf(par_ok) if sh == "B1T32768" else "n/a"
         vs = "n/a" if anchor is None else f"{pf(tot <= anchor)} ({tot / anchor:.1f}x)"
+        vs2 = "n/a" if anchor2 is None else f"{pf(tot <= 1.5 * anchor2)} ({tot / anchor2:.2f}x)"
         print(f"| {name} | {label} | {sh} | {algo} | {nk} | {pf(spills == 0)} | {tcs} | {par} "
               f"| {tot * 1e6:.1f}{' (errors)' if errs else ''} "
-              f"| {'-' if anchor is None else f'{anchor * 1e6:.1f}'} | {vs} |", file=out)
+              f"| {'-' if anchor is None else f'{anchor * 1e6:.1f}'} | {vs} "
+              f"| {'-' if anchor2 is None else f'{anchor2 * 1e6:.1f}'} | {src2} | {vs2} |",
+              file=out)
     print("\n" + MODEL, file=out)
     return 0
 
@@ -1125,6 +1333,9 @@ def main(argv=None) -> int:
     ap.add_argument("--options", default=None, metavar="JSON",
                     help='extra options for every call, e.g. \'{"num_warps": 8, "block_sizes": '
                     '{"value": 32, "time": 64}}\' (block_sizes and num_warps go to the launcher)')
+    ap.add_argument("--no-compiled-anchors", action="store_true",
+                    help="skip recording/compiling the anchors' own kernels (fla, mamba_ssm; "
+                    "anchors_sm90.py): the compiled-anchor column then says '-'")
     ap.add_argument("--list", action="store_true", help="print the cases and exit")
     a = ap.parse_args(argv)
     if a.list:
@@ -1133,7 +1344,8 @@ def main(argv=None) -> int:
         return 0
     dtype = a.dtype or ("float32" if a.backward else "bfloat16")
     return run(a.names, a.shapes, dtype, algorithm=a.algorithm, backward=a.backward,
-               options=json.loads(a.options) if a.options else None)
+               options=json.loads(a.options) if a.options else None,
+               compiled_anchors=not a.no_compiled_anchors)
 
 
 if __name__ == "__main__":

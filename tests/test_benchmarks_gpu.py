@@ -155,6 +155,112 @@ def k(x, T):
     assert "?" in sm90.loop_text(loops)
 
 
+def test_loop_parser_evaluates_tuple_assignments_element_wise():
+    # fla's kernels set the sequence bounds and chunk counts with tuple assignments
+    src = '''
+def k(x, T, BT: tl.constexpr, BS: tl.constexpr, IS_VARLEN: tl.constexpr):
+    i_n = tl.program_id(1)
+    if IS_VARLEN:
+        bos, eos = tl.load(x + i_n), tl.load(x + i_n + 1)
+        T = eos - bos
+        NT, NS = tl.cdiv(T, BT), tl.cdiv(T, BS)
+    else:
+        bos, eos = i_n * T, i_n * T + T
+        NT, NS = tl.cdiv(T, BT), tl.cdiv(T, BS)
+    for i_t in range(NT):
+        pass
+    for i_s in range(NS):
+        pass
+    a, b = divmod(T, 3)
+    for j in range(a):
+        pass
+'''
+    loops = sm90.parse_loops(src, "k", {"T": 2048, "BT": 64, "BS": 128, "IS_VARLEN": False},
+                             (1, 4))
+    # cdiv(2048, 64) = 32, cdiv(2048, 128) = 16; a from a call returning a tuple: unknown
+    assert [lp.trips for lp in loops] == [32, 16, None]
+    assert sm90.iterations(loops[:2]) == 48
+
+
+def test_selective_scan_floor_closed_form():
+    B, D, T, N = 8, 2048, 2048, 16
+    n = B * D * T * N
+    sfu = n / (132 * 16 * 1.98e9)          # one exp per state element per step on the MUFU
+    issue = 5 * n / (132 * 4 * 32 * 1.98e9)
+    old = sm90.selective_scan_model(B, D, T, N)
+    assert sfu > issue > 0 and sfu > old    # the exp floor binds at this shape
+    assert sm90.selective_scan_floor(B, D, T, N) == pytest.approx(sfu, rel=1e-12)
+    assert sm90.selective_scan_floor(B, D, T, N) == pytest.approx(128.4e-6, rel=1e-3)
+    # N = 1: the bytes bind again (u, delta, y: 3 x B x D x T bf16 + A + B, C)
+    assert sm90.selective_scan_floor(B, D, T, 1) == pytest.approx(
+        sm90.selective_scan_model(B, D, T, 1), rel=1e-12)
+
+
+def _anchor_kernel_module(tmp_path, order):
+    """A module with one kernel wrapped in triton.heuristics and triton.autotune, in
+    ``order`` (outer first)."""
+    heur = ('@triton.heuristics({"HAS_Y": lambda a: a["y"] is not None, '
+            '"EVEN": lambda a: a["n"] % a["BLOCK"] == 0 if "BLOCK" in a else None})')
+    tune = ('@triton.autotune(configs=[triton.Config({"BLOCK": b}, num_warps=w, num_stages=s) '
+            'for b in (32, 96) for w in (2, 4) for s in (1, 2, 3)], key=["n"])')
+    decos = "\n".join([heur, tune] if order == "heur_outer" else [tune, heur])
+    src = f'''
+import triton
+import triton.language as tl
+
+{decos}
+@triton.jit
+def kern(x, y, n, BLOCK: tl.constexpr, EVEN: tl.constexpr, HAS_Y: tl.constexpr):
+    pid = tl.program_id(0)
+    for i in range(tl.cdiv(n, BLOCK)):
+        pass
+
+
+def call(x, y, n):
+    kern[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](x, y, n)
+'''
+    path = tmp_path / f"anchor_mod_{order}.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location(f"anchor_mod_{order}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("order", ["heur_outer", "tune_outer"])
+def test_anchor_recorder_resolves_autotune_configs_and_heuristics(tmp_path, order):
+    import torch
+    anchors = _load("anchors_sm90")
+    mod = _anchor_kernel_module(tmp_path, order)
+    log = []
+    mod.kern = anchors.AnchorRecorder("kern", mod.kern, mod.__name__, log)
+    mod.call(torch.zeros(4), None, 384)
+    (entry,) = log
+    assert entry["configs"] == 12 and entry["module"] == mod.__name__
+    # thinned: one config per (BLOCK, num_warps) with num_stages closest to 2 (4 groups),
+    # then an even spread of MAX_CONFIGS = 3 over them: groups 0, 2 (round(1.5)), 3
+    assert anchors.MAX_CONFIGS == 3
+    got = [(ln.values()["BLOCK"], ln.num_warps, ln.num_stages, ln.grid)
+           for ln in entry["candidates"]]
+    assert got == [(32, 2, 2, (12,)), (96, 2, 2, (4,)), (96, 4, 2, (4,))]
+    for ln in entry["candidates"]:
+        v = ln.values()
+        assert v["HAS_Y"] is False and v["n"] == 384
+        # an outer heuristic sees only the call's arguments; an inner one also the config's
+        assert v["EVEN"] is (None if order == "heur_outer" else (384 % v["BLOCK"] == 0))
+        loops = sm90.parse_loops(ln.source, "kern", v, ln.grid, ln.constexprs())
+        assert loops[0].trips == -(-384 // v["BLOCK"])
+
+
+def test_compile_all_returns_cached_results_without_compiling(tmp_path):
+    cache = tmp_path / "c.json"
+    jobs = [{"key": "a", "kernel": "k"}, {"key": "b", "kernel": "k"}, {"key": "a", "kernel": "k"}]
+    cache.write_text('{"a": {"regs": 1}, "b": {"regs": 2}, "c": {"regs": 3}}')
+    # every key cached: no child is started (it would fail on these jobs)
+    assert sm90.compile_all(jobs, cache=str(cache)) == {"a": {"regs": 1}, "b": {"regs": 2}}
+
+
 # --- compiler-output parsers and the model -----------------------------------------------
 
 TTGIR = '''
