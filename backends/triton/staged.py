@@ -100,6 +100,10 @@ class Lowering(chunked.Lowering):
     # and its warps, as a multiple of num_warps: 4 warps on a [32, 64] sub-block, 255
     # registers, no spills (8 warps: 153 registers, modelled 15% slower: more instructions)
     STATE_WARPS = 1
+    # the state pass's chunk-relative addressing (``_split_rows``) for these kinds: identity
+    # only (sm_90, K=V=128: 749K -> 671K instructions per program, no spills); for scalar
+    # decays the hoisted 32-bit offsets spill (retnet 8 B, simple_gla 244 B, mamba2 640 B)
+    STATE_SPLIT = (Kind.IDENTITY,)
     # householder state pass: V sub-blocks of this width per program (exact: column-wise)
     HOUSEHOLDER_STATE_BV = 16
 
@@ -298,7 +302,8 @@ class Lowering(chunked.Lowering):
         out = [f"{i_s} = tl.program_id(2)  # the [{KS}, {VS}] sub-block of the state",
                f"{self.off[K]} = ({i_s} // {nvs}) * {KS} + tl.arange(0, {KS})[None, :]"]
         vcols = f"({i_s} % {nvs}) * {VS} + tl.arange(0, {VS})[None, :]"
-        if self._splits():  # the V columns in the block (32-bit) and the block's first column
+        split = self._splits() and F.kind in self.STATE_SPLIT
+        if split:  # the V columns in the block (32-bit) and the block's first column
             self._vrel = self.names.new(f"{self.off[V]}_in")
             out.append(f"{self._vrel} = {vcols}")
             vcols = self._vrel
@@ -312,7 +317,7 @@ class Lowering(chunked.Lowering):
         out += [f"if {self.use_h0[s.name]}:", f"    {p0} = {ptr}",
                 f"    {h} += tl.load({p0}, mask={mask}, other=0.0).to(tl.float32)"]
         i_c = self.names.new("i_c")
-        if self._splits():
+        if split:
             b += self._split_rows(i_c)
         else:
             b += [f"{self.off[T]} = {i_c} * {BT} + tl.arange(0, {BT})[:, None].to(tl.int64)",
