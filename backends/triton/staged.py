@@ -43,7 +43,7 @@ The stages are the branches of one kernel on a constexpr ``STAGE`` (Triton compi
 kernel per stage), launched in order by one launcher, which also allocates the buffers. The
 launches are what make the stages wait for each other; no stage reads what a concurrent
 program of its own launch writes (stage 1's V-block programs write the same P tile). Chunks of
-64 steps for identity/scalar decays, 16 for key-diagonal ones (whose intra-chunk term is the
+64 steps for identity decays, 32 for scalar ones, 16 for key-diagonal ones (whose intra-chunk term is the
 [BT, BT, BK] product of the fused kernel), 32 for householder transitions (64 spills in every
 stage, ptxas: docs/performance/triton.md).
 """
@@ -94,6 +94,8 @@ class Lowering(chunked.Lowering):
     SMS = 132
     # householder chunks (the [BT, BT] triangular inverse of stage 1): see the module doc
     HOUSEHOLDER_BT = 32
+    # scalar-decay chunks of the stages (``block_size``)
+    SCALAR_BT = 32
     # identity/scalar/key-diagonal state pass: [K, V] sub-blocks of the state per program
     # (fla's chunk_fwd_h grid (K/BK, V/BV, B·H)); modelled in docs/performance/triton.md
     STATE_BLOCK = (32, 64)
@@ -131,7 +133,10 @@ class Lowering(chunked.Lowering):
 
     def block_size(self, d: str, n: int, sizes: dict | None = None) -> int:
         if d == self.rec.time:
-            return {Kind.IDENTITY: 64, Kind.SCALAR: 64,
+            # scalar decays: 32 (sm_90, K=V=128, 8-warp stage 3: 64 spilled 64-116 B, 32
+            # spills none, modelled -2.7 % (mamba2) to +8.8 % (simple_gla) for both stages:
+            # docs/performance/triton.md, "scalar" section)
+            return {Kind.IDENTITY: 64, Kind.SCALAR: self.SCALAR_BT,
                     Kind.HOUSEHOLDER: self.HOUSEHOLDER_BT}.get(self.form.kind, 16)  # dplr: 16
         return super().block_size(d, n, sizes)
 
