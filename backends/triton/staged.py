@@ -238,15 +238,17 @@ class Lowering(chunked.Lowering):
             if idx.mask and idx.mask not in masks:
                 masks.append(idx.mask)
             stride = " * ".join(self.size[e] for e in dims[i + 1:])
-            # the stride's product first: one multiplication per element of a tile
-            mul = (lambda x: f"{par(x)} * {par(stride)}") if stride else (lambda x: x)  # noqa: E731
+            # scalars: left to right from the 64-bit index (no 32-bit product of sizes); tiles:
+            # the stride's product first, one 32-bit multiplication per element
+            smul = (lambda x: f"{par(x)} * {stride}") if stride else (lambda x: x)  # noqa: E731
+            tmul = (lambda x: f"{par(x)} * {par(stride)}") if stride else (lambda x: x)  # noqa: E731
             if d in sp and idx.expr == sp[d][0]:  # (the offsets' name, scalar, in-tile)
-                scal.append(mul(sp[d][1]))
-                tile.append(mul(sp[d][2]))
+                scal.append(smul(sp[d][1]))
+                tile.append(tmul(sp[d][2]))
             elif idx.axis is None:
-                scal.append(mul(idx.expr))
+                scal.append(smul(idx.expr))
             else:
-                tile.append(mul(idx.expr))
+                tile.append(tmul(idx.expr))
         off = f"({' + '.join(scal) or '0'}) + ({' + '.join(tile) or '0'})"
         return f"{arr} + {off}", (" & ".join(masks) if masks else None)
 
