@@ -43,7 +43,7 @@ The stages are the branches of one kernel on a constexpr ``STAGE`` (Triton compi
 kernel per stage), launched in order by one launcher, which also allocates the buffers. The
 launches are what make the stages wait for each other; no stage reads what a concurrent
 program of its own launch writes (stage 1's V-block programs write the same P tile). Chunks of
-64 steps for identity/scalar decays, 16 for key-diagonal ones (whose intra-chunk term is the
+64 steps for identity decays, 32 for scalar ones, 16 for key-diagonal ones (whose intra-chunk term is the
 [BT, BT, BK] product of the fused kernel), 32 for householder transitions (64 spills in every
 stage, ptxas: docs/performance/triton.md).
 """
@@ -54,6 +54,7 @@ from scancc.ir.printer import format_expr, format_transition
 
 from . import chunked
 from .chunked import NotChunkable
+from .emit import par
 from .recurrent import Env
 
 STAGED_KINDS = (Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL, Kind.HOUSEHOLDER, Kind.DPLR)
@@ -93,12 +94,18 @@ class Lowering(chunked.Lowering):
     SMS = 132
     # householder chunks (the [BT, BT] triangular inverse of stage 1): see the module doc
     HOUSEHOLDER_BT = 32
+    # scalar-decay chunks of the stages (``block_size``)
+    SCALAR_BT = 32
     # identity/scalar/key-diagonal state pass: [K, V] sub-blocks of the state per program
     # (fla's chunk_fwd_h grid (K/BK, V/BV, B·H)); modelled in docs/performance/triton.md
     STATE_BLOCK = (32, 64)
     # and its warps, as a multiple of num_warps: 4 warps on a [32, 64] sub-block, 255
     # registers, no spills (8 warps: 153 registers, modelled 15% slower: more instructions)
     STATE_WARPS = 1
+    # the state pass's chunk-relative addressing (``_split_rows``) for these kinds: identity
+    # only (sm_90, K=V=128: 749K -> 671K instructions per program, no spills); for scalar
+    # decays the hoisted 32-bit offsets spill (retnet 8 B, simple_gla 244 B, mamba2 640 B)
+    STATE_SPLIT = (Kind.IDENTITY,)
     # householder state pass: V sub-blocks of this width per program (exact: column-wise)
     HOUSEHOLDER_STATE_BV = 16
 
@@ -126,7 +133,10 @@ class Lowering(chunked.Lowering):
 
     def block_size(self, d: str, n: int, sizes: dict | None = None) -> int:
         if d == self.rec.time:
-            return {Kind.IDENTITY: 64, Kind.SCALAR: 64,
+            # scalar decays: 32 (sm_90, K=V=128, 8-warp stage 3: 64 spilled 64-116 B, 32
+            # spills none, modelled -2.7 % (mamba2) to +8.8 % (simple_gla) for both stages:
+            # docs/performance/triton.md, "scalar" section)
+            return {Kind.IDENTITY: 64, Kind.SCALAR: self.SCALAR_BT,
                     Kind.HOUSEHOLDER: self.HOUSEHOLDER_BT}.get(self.form.kind, 16)  # dplr: 16
         return super().block_size(d, n, sizes)
 
@@ -206,9 +216,60 @@ class Lowering(chunked.Lowering):
             first = False
         return lines
 
+    # ---- identity/scalar decays: chunk-relative addressing ----
+    # The stages of identity and scalar decays address a chunk's tiles as a 64-bit scalar base
+    # (the program's grid indices, the chunk's first step, the V block's first column) plus
+    # 32-bit in-tile offsets (rows of the chunk times the time stride, K and V columns): the
+    # int64 per-element products of ``o_time * stride`` (a chunk's rows as absolute steps) are
+    # what filled the state pass's loop (sm_90 SASS: docs/performance/triton.md,
+    # "scalar" section). The in-tile offsets are < BT times the time stride: a [BT, ...] tile
+    # of a tensor with under 2^31 / BT elements per step (2^25 at BT = 64).
+    def _splits(self) -> bool:
+        return self.form.kind in (Kind.IDENTITY, Kind.SCALAR)
+
+    def pointer(self, arr: str, dims, env: Env, t_index, block: bool = False,
+                time_env: bool = False):
+        sp = getattr(self, "_split", None)
+        if not sp or not time_env or self.rec.time not in dims:
+            return super().pointer(arr, dims, env, t_index, block, time_env)
+        scal, tile, masks = [], [], []
+        for i, d in enumerate(dims):
+            idx = env[d]
+            if idx.mask and idx.mask not in masks:
+                masks.append(idx.mask)
+            stride = " * ".join(self.size[e] for e in dims[i + 1:])
+            # scalars: left to right from the 64-bit index (no 32-bit product of sizes); tiles:
+            # the stride's product first, one 32-bit multiplication per element
+            smul = (lambda x: f"{par(x)} * {stride}") if stride else (lambda x: x)  # noqa: E731
+            tmul = (lambda x: f"{par(x)} * {par(stride)}") if stride else (lambda x: x)  # noqa: E731
+            if d in sp and idx.expr == sp[d][0]:  # (the offsets' name, scalar, in-tile)
+                scal.append(smul(sp[d][1]))
+                tile.append(tmul(sp[d][2]))
+            elif idx.axis is None:
+                scal.append(smul(idx.expr))
+            else:
+                tile.append(tmul(idx.expr))
+        off = f"({' + '.join(scal) or '0'}) + ({' + '.join(tile) or '0'})"
+        return f"{arr} + {off}", (" & ".join(masks) if masks else None)
+
+    def _split_rows(self, i_c: str) -> list[str]:
+        """The chunk's time offsets as its first step ``t0`` (32-bit, a scalar: i_c * BT <=
+        T; 64-bit in the pointers' bases) and 32-bit rows; sets ``_split`` (time, and V when
+        its offsets are ``pid * BV + {_vrel}``). The row mask compares 32-bit rows."""
+        T, V, BT = self.rec.time, self.form.V, self.block[self.rec.time]
+        t0, rows = self.names.new("t0"), self.names.new("r_time")
+        self._split = {T: (self.off[T], f"tl.cast({t0}, tl.int64)", rows)}
+        if self._vrel is not None:
+            self._split[V] = (self.off[V], f"{self.pid[V]} * {self.block[V]}", self._vrel)
+        return [f"{t0} = {i_c} * {BT}  # the chunk's first step",
+                f"{rows} = tl.arange(0, {BT})[:, None]",
+                f"{self.off[T]} = {t0} + {rows}.to(tl.int64)",
+                f"{self.msk[T]} = {rows} < {self.size[T]} - {t0}"]
+
     def _begin(self) -> Env:
         self.pro, self.body, self.step = [], [], []
         self._memo, self._varies, self._prec = {}, {}, {}
+        self._split, self._vrel = None, None
         return Env(self._base_env())
 
     def _chunk_rows(self) -> list[str]:
@@ -222,6 +283,11 @@ class Lowering(chunked.Lowering):
     def _hc(self, i_c: str) -> tuple[str, str]:
         """(pointers, mask) of chunk ``i_c``'s [BK, BV] tile of the per-chunk state buffer."""
         K, V = self.form.K, self.form.V
+        sp = getattr(self, "_split", None)
+        if sp and V in sp:  # a 64-bit base and 32-bit in-tile offsets (``_split_rows``)
+            return (f"{self.hc} + (({self.i_g} * {self.nc} + {i_c}) * {self.size[K]} * "
+                    f"{self.size[V]} + {sp[V][1]}) + (tl.trans({self.off[K]}) * {self.size[V]} + "
+                    f"{sp[V][2]})", f"tl.trans({self.msk[K]}) & {self.msk[V]}")
         ptr = (f"{self.hc} + ({self.i_g} * {self.nc} + {i_c}) * {self.size[K]} * {self.size[V]}"
                f" + tl.trans({self.off[K]}) * {self.size[V]} + {self.off[V]}")
         return ptr, f"tl.trans({self.msk[K]}) & {self.msk[V]}"
@@ -241,11 +307,16 @@ class Lowering(chunked.Lowering):
         BT, BV, KS, VS = self.block[T], self.block[V], self.bks, self.bvs
         i_s, nvs = self.names.new("i_s"), f"({BV} // {VS})"
         out = [f"{i_s} = tl.program_id(2)  # the [{KS}, {VS}] sub-block of the state",
-               f"{self.off[K]} = ({i_s} // {nvs}) * {KS} + tl.arange(0, {KS})[None, :]",
-               f"{self.off[V]} = {self.pid[V]} * {BV} + ({i_s} % {nvs}) * {VS} + "
-               f"tl.arange(0, {VS})[None, :]",
-               f"{self.msk[K]} = {self.off[K]} < {self.size[K]}",
-               f"{self.msk[V]} = {self.off[V]} < {self.size[V]}"]
+               f"{self.off[K]} = ({i_s} // {nvs}) * {KS} + tl.arange(0, {KS})[None, :]"]
+        vcols = f"({i_s} % {nvs}) * {VS} + tl.arange(0, {VS})[None, :]"
+        split = self._splits() and F.kind in self.STATE_SPLIT
+        if split:  # the V columns in the block (32-bit) and the block's first column
+            self._vrel = self.names.new(f"{self.off[V]}_in")
+            out.append(f"{self._vrel} = {vcols}")
+            vcols = self._vrel
+        out += [f"{self.off[V]} = {self.pid[V]} * {BV} + {vcols}",
+                f"{self.msk[K]} = {self.off[K]} < {self.size[K]}",
+                f"{self.msk[V]} = {self.off[V]} < {self.size[V]}"]
         kv_env = self._kv_env(Env(env.base))
         out.append(f"{h} = tl.zeros([{KS}, {VS}], dtype=tl.float32)")
         ptr, mask = self.pointer(self.h0[s.name], s.dims, kv_env, None)
@@ -253,8 +324,11 @@ class Lowering(chunked.Lowering):
         out += [f"if {self.use_h0[s.name]}:", f"    {p0} = {ptr}",
                 f"    {h} += tl.load({p0}, mask={mask}, other=0.0).to(tl.float32)"]
         i_c = self.names.new("i_c")
-        b += [f"{self.off[T]} = {i_c} * {BT} + tl.arange(0, {BT})[:, None].to(tl.int64)",
-              f"{self.msk[T]} = {self.off[T]} < {self.size[T]}"]
+        if split:
+            b += self._split_rows(i_c)
+        else:
+            b += [f"{self.off[T]} = {i_c} * {BT} + tl.arange(0, {BT})[:, None].to(tl.int64)",
+                  f"{self.msk[T]} = {self.off[T]} < {self.size[T]}"]
         ptr, mask = self._hc(i_c)
         p = self.names.new("p_hc")
         b += [f"{p} = {ptr}", f"tl.store({p}, {h}.to({p}.dtype.element_ty), mask={mask})  "
@@ -293,7 +367,12 @@ class Lowering(chunked.Lowering):
         rec, F, env = self.rec, self.form, self._begin()
         T, K, V = rec.time, F.K, F.V
         b, dot = self.body, self._dot
-        rows = self._chunk_rows()
+        if self._splits():  # the head's V offsets: pid * BV + tl.arange (render_kernel)
+            self._vrel = f"tl.arange(0, {self.block[V]})[None, :]"
+            self.i_c = self.names.new("i_c")
+            rows = [f"{self.i_c} = tl.program_id(2)"] + self._split_rows(self.i_c)
+        else:
+            rows = self._chunk_rows()
         qk, tv = f"{self.msk[T]} & {self.msk[K]}", f"{self.msk[T]} & {self.msk[V]}"
         kf, k_ok = self._factor("b_kf", self.product(F.k_side, env), qk)
         vf, v_ok = self._factor("b_vf", self.product(F.v_side, env), tv)

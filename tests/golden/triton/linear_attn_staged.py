@@ -57,7 +57,8 @@ def linear_attn_staged_fwd_kernel(
     if STAGE == 2:  # the state pass: S_i = decay_i S_(i-1) + dS_i with dS_i computed in the loop, sequential over chunks
         i_s = tl.program_id(2)  # the [BLOCK_KEY_STATE, BLOCK_VALUE_STATE] sub-block of the state
         o_key = (i_s // (BLOCK_VALUE // BLOCK_VALUE_STATE)) * BLOCK_KEY_STATE + tl.arange(0, BLOCK_KEY_STATE)[None, :]
-        o_value = i_value * BLOCK_VALUE + (i_s % (BLOCK_VALUE // BLOCK_VALUE_STATE)) * BLOCK_VALUE_STATE + tl.arange(0, BLOCK_VALUE_STATE)[None, :]
+        o_value_in = (i_s % (BLOCK_VALUE // BLOCK_VALUE_STATE)) * BLOCK_VALUE_STATE + tl.arange(0, BLOCK_VALUE_STATE)[None, :]
+        o_value = i_value * BLOCK_VALUE + o_value_in
         m_key = o_key < KEY
         m_value = o_value < VALUE
         b_S = tl.zeros([BLOCK_KEY_STATE, BLOCK_VALUE_STATE], dtype=tl.float32)
@@ -65,16 +66,18 @@ def linear_attn_staged_fwd_kernel(
             p_h0 = h0 + i_batch * HEADS * KEY * VALUE + i_heads * KEY * VALUE + tl.trans(o_key) * VALUE + o_value
             b_S += tl.load(p_h0, mask=tl.trans(m_key) & m_value, other=0.0).to(tl.float32)
         for i_c_1 in range(0, n_chunks):
-            o_time = i_c_1 * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None].to(tl.int64)
-            m_time = o_time < TIME
-            p_hc = hc + (i_g * n_chunks + i_c_1) * KEY * VALUE + tl.trans(o_key) * VALUE + o_value
+            t0 = i_c_1 * BLOCK_TIME  # the chunk's first step
+            r_time = tl.arange(0, BLOCK_TIME)[:, None]
+            o_time = t0 + r_time.to(tl.int64)
+            m_time = r_time < TIME - t0
+            p_hc = hc + ((i_g * n_chunks + i_c_1) * KEY * VALUE + i_value * BLOCK_VALUE) + (tl.trans(o_key) * VALUE + o_value_in)
             tl.store(p_hc, b_S.to(p_hc.dtype.element_ty), mask=tl.trans(m_key) & m_value)  # the state entering chunk i_c_1
-            p_k = k + i_batch * TIME * HEADS * KEY + o_time * HEADS * KEY + i_heads * KEY + o_key
+            p_k = k + (i_batch * TIME * HEADS * KEY + tl.cast(t0, tl.int64) * HEADS * KEY + i_heads * KEY) + (r_time * (HEADS * KEY) + o_key)
             b_k = tl.load(p_k, mask=m_time & m_key, other=0.0).to(tl.float32)
             b_kf = tl.where(m_time & m_key, b_k, 0.0)
             b_kf_ok = tl.abs(b_kf) < float("inf")
             b_kf = tl.where(b_kf_ok, b_kf, 0.0)
-            p_v = v + i_batch * TIME * HEADS * VALUE + o_time * HEADS * VALUE + i_heads * VALUE + o_value
+            p_v = v + (i_batch * TIME * HEADS * VALUE + tl.cast(t0, tl.int64) * HEADS * VALUE + i_heads * VALUE + i_value * BLOCK_VALUE) + (r_time * (HEADS * VALUE) + o_value_in)
             b_v = tl.load(p_v, mask=m_time & m_value, other=0.0).to(tl.float32)
             b_vf = tl.where(m_time & m_value, b_v, 0.0)
             b_vf_ok = tl.abs(b_vf) < float("inf")
@@ -86,26 +89,28 @@ def linear_attn_staged_fwd_kernel(
             p_ht = ht + i_batch * HEADS * KEY * VALUE + i_heads * KEY * VALUE + tl.trans(o_key) * VALUE + o_value
             tl.store(p_ht, b_S, mask=tl.trans(m_key) & m_value)
     elif STAGE == 3:  # outputs, one program per chunk
-        i_c_2 = tl.program_id(2).to(tl.int64)
-        o_time = i_c_2 * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None].to(tl.int64)
-        m_time = o_time < TIME
-        p_k_1 = k + i_batch * TIME * HEADS * KEY + o_time * HEADS * KEY + i_heads * KEY + o_key
+        i_c_2 = tl.program_id(2)
+        t0_1 = i_c_2 * BLOCK_TIME  # the chunk's first step
+        r_time_1 = tl.arange(0, BLOCK_TIME)[:, None]
+        o_time = t0_1 + r_time_1.to(tl.int64)
+        m_time = r_time_1 < TIME - t0_1
+        p_k_1 = k + (i_batch * TIME * HEADS * KEY + tl.cast(t0_1, tl.int64) * HEADS * KEY + i_heads * KEY) + (r_time_1 * (HEADS * KEY) + o_key)
         b_k_1 = tl.load(p_k_1, mask=m_time & m_key, other=0.0).to(tl.float32)
         b_kf_1 = tl.where(m_time & m_key, b_k_1, 0.0)
         b_kf_1_ok = tl.abs(b_kf_1) < float("inf")
         b_kf_1 = tl.where(b_kf_1_ok, b_kf_1, 0.0)
-        p_v_1 = v + i_batch * TIME * HEADS * VALUE + o_time * HEADS * VALUE + i_heads * VALUE + o_value
+        p_v_1 = v + (i_batch * TIME * HEADS * VALUE + tl.cast(t0_1, tl.int64) * HEADS * VALUE + i_heads * VALUE + i_value * BLOCK_VALUE) + (r_time_1 * (HEADS * VALUE) + tl.arange(0, BLOCK_VALUE)[None, :])
         b_v_1 = tl.load(p_v_1, mask=m_time & m_value, other=0.0).to(tl.float32)
         b_vf_1 = tl.where(m_time & m_value, b_v_1, 0.0)
         b_vf_1_ok = tl.abs(b_vf_1) < float("inf")
         b_vf_1 = tl.where(b_vf_1_ok, b_vf_1, 0.0)
         # sum(S * q, key)
-        p_q = q + i_batch * TIME * HEADS * KEY + o_time * HEADS * KEY + i_heads * KEY + o_key
+        p_q = q + (i_batch * TIME * HEADS * KEY + tl.cast(t0_1, tl.int64) * HEADS * KEY + i_heads * KEY) + (r_time_1 * (HEADS * KEY) + o_key)
         b_q = tl.load(p_q, mask=m_time & m_key, other=0.0).to(tl.float32)
         b_qf = tl.where(m_time & m_key, b_q, 0.0)
         b_qf_ok = tl.abs(b_qf) < float("inf")
         b_qf = tl.where(b_qf_ok, b_qf, 0.0)
-        p_hc_1 = hc + (i_g * n_chunks + i_c_2) * KEY * VALUE + tl.trans(o_key) * VALUE + o_value
+        p_hc_1 = hc + ((i_g * n_chunks + i_c_2) * KEY * VALUE + i_value * BLOCK_VALUE) + (tl.trans(o_key) * VALUE + tl.arange(0, BLOCK_VALUE)[None, :])
         b_S_in = tl.load(p_hc_1, mask=tl.trans(m_key) & m_value, other=0.0)
         b_A = tl.where((o_time >= tl.trans(o_time)), tl.dot(b_qf.to(q.dtype.element_ty), tl.trans(b_kf_1).to(q.dtype.element_ty), input_precision=DOT_F32), 0.0)
         b_o = tl.dot(b_A.to(q.dtype.element_ty), b_vf_1.to(q.dtype.element_ty), input_precision=DOT_F32) + tl.dot(b_qf.to(hc.dtype.element_ty), b_S_in, input_precision=DOT_F32)
@@ -115,7 +120,7 @@ def linear_attn_staged_fwd_kernel(
         b_pcol = tl.cumsum(b_bad_v, axis=0) > 0
         b_o += tl.where(b_prow | b_pcol, float("nan"), 0.0)
         # o = sum(S * q, key) * rsqrt(size(key))
-        p_o = o + i_batch * TIME * HEADS * VALUE + o_time * HEADS * VALUE + i_heads * VALUE + o_value
+        p_o = o + (i_batch * TIME * HEADS * VALUE + tl.cast(t0_1, tl.int64) * HEADS * VALUE + i_heads * VALUE + i_value * BLOCK_VALUE) + (r_time_1 * (HEADS * VALUE) + tl.arange(0, BLOCK_VALUE)[None, :])
         tl.store(p_o, (b_o * tl.rsqrt(KEY * 1.0)).to(p_o.dtype.element_ty), mask=m_time & m_value)
 
 

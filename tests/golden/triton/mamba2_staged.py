@@ -109,29 +109,31 @@ def mamba2_staged_fwd_kernel(
     elif STAGE == 3:  # outputs, one program per chunk
         p_A_1 = A + i_heads
         b_A_1 = tl.load(p_A_1).to(tl.float32)
-        i_c_2 = tl.program_id(2).to(tl.int64)
-        o_time = i_c_2 * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None].to(tl.int64)
-        m_time = o_time < TIME
-        p_B_1 = B + i_batch * TIME * GROUPS * DSTATE + o_time * GROUPS * DSTATE + (i_heads // (HEADS // GROUPS)) * DSTATE + o_dstate
+        i_c_2 = tl.program_id(2)
+        t0 = i_c_2 * BLOCK_TIME  # the chunk's first step
+        r_time = tl.arange(0, BLOCK_TIME)[:, None]
+        o_time = t0 + r_time.to(tl.int64)
+        m_time = r_time < TIME - t0
+        p_B_1 = B + (i_batch * TIME * GROUPS * DSTATE + tl.cast(t0, tl.int64) * GROUPS * DSTATE + (i_heads // (HEADS // GROUPS)) * DSTATE) + (r_time * (GROUPS * DSTATE) + o_dstate)
         b_B_1 = tl.load(p_B_1, mask=m_time & m_dstate, other=0.0).to(tl.float32)
         b_kf_1 = tl.where(m_time & m_dstate, b_B_1, 0.0)
         b_kf_1_ok = tl.abs(b_kf_1) < float("inf")
         b_kf_1 = tl.where(b_kf_1_ok, b_kf_1, 0.0)
-        p_dt_1 = dt + i_batch * TIME * HEADS + o_time * HEADS + i_heads
+        p_dt_1 = dt + (i_batch * TIME * HEADS + tl.cast(t0, tl.int64) * HEADS + i_heads) + (r_time * HEADS)
         b_dt_1 = tl.load(p_dt_1, mask=m_time, other=0.0).to(tl.float32)
         b_dt__1 = tl.maximum(b_dt_1, 0.0, propagate_nan=tl.PropagateNan.ALL)
-        p_x_1 = x + i_batch * TIME * HEADS * HEADDIM + o_time * HEADS * HEADDIM + i_heads * HEADDIM + o_headdim
+        p_x_1 = x + (i_batch * TIME * HEADS * HEADDIM + tl.cast(t0, tl.int64) * HEADS * HEADDIM + i_heads * HEADDIM + i_headdim * BLOCK_HEADDIM) + (r_time * (HEADS * HEADDIM) + tl.arange(0, BLOCK_HEADDIM)[None, :])
         b_x_1 = tl.load(p_x_1, mask=m_time & m_headdim, other=0.0).to(tl.float32)
         b_vf_1 = tl.where(m_time & m_headdim, b_dt__1 * b_x_1, 0.0)
         b_vf_1_ok = tl.abs(b_vf_1) < float("inf")
         b_vf_1 = tl.where(b_vf_1_ok, b_vf_1, 0.0)
         # sum(h * group(C, groups, heads), dstate)
-        p_C = C + i_batch * TIME * GROUPS * DSTATE + o_time * GROUPS * DSTATE + (i_heads // (HEADS // GROUPS)) * DSTATE + o_dstate
+        p_C = C + (i_batch * TIME * GROUPS * DSTATE + tl.cast(t0, tl.int64) * GROUPS * DSTATE + (i_heads // (HEADS // GROUPS)) * DSTATE) + (r_time * (GROUPS * DSTATE) + o_dstate)
         b_C = tl.load(p_C, mask=m_time & m_dstate, other=0.0).to(tl.float32)
         b_qf = tl.where(m_time & m_dstate, b_C, 0.0)
         b_qf_ok = tl.abs(b_qf) < float("inf")
         b_qf = tl.where(b_qf_ok, b_qf, 0.0)
-        p_hc_1 = hc + (i_g * n_chunks + i_c_2) * DSTATE * HEADDIM + tl.trans(o_dstate) * HEADDIM + o_headdim
+        p_hc_1 = hc + ((i_g * n_chunks + i_c_2) * DSTATE * HEADDIM + i_headdim * BLOCK_HEADDIM) + (tl.trans(o_dstate) * HEADDIM + tl.arange(0, BLOCK_HEADDIM)[None, :])
         b_S_in = tl.load(p_hc_1, mask=tl.trans(m_dstate) & m_headdim, other=0.0)
         b_g_1 = tl.where(m_time, b_dt__1 * b_A_1, 0.0)
         b_g_1_ok = b_g_1 < float("inf")
@@ -147,7 +149,7 @@ def mamba2_staged_fwd_kernel(
         b_pcol = tl.cumsum(b_bad_v, axis=0) > 0
         b_o += tl.where(b_prow | b_pcol, float("nan"), 0.0)
         # y = sum(h * group(C, groups, heads), dstate)
-        p_y = y + i_batch * TIME * HEADS * HEADDIM + o_time * HEADS * HEADDIM + i_heads * HEADDIM + o_headdim
+        p_y = y + (i_batch * TIME * HEADS * HEADDIM + tl.cast(t0, tl.int64) * HEADS * HEADDIM + i_heads * HEADDIM + i_headdim * BLOCK_HEADDIM) + (r_time * (HEADS * HEADDIM) + tl.arange(0, BLOCK_HEADDIM)[None, :])
         tl.store(p_y, b_o.to(p_y.dtype.element_ty), mask=m_time & m_headdim)
 
 
@@ -160,7 +162,7 @@ def mamba2_staged_fwd(x, dt, A, B, C, initial_state=None, output_final_state=Fal
     GROUPS = B.shape[2]
     DSTATE = B.shape[3]
     block_sizes = block_sizes or {}
-    BLOCK_TIME = block_sizes.get("time", 64)
+    BLOCK_TIME = block_sizes.get("time", 32)
     BLOCK_DSTATE = max(16, 1 << (DSTATE - 1).bit_length())
     BLOCK_HEADDIM = block_sizes.get("headdim", max(16, min(1 << (HEADDIM - 1).bit_length(), 64)))
     y = torch.full((BATCH, TIME, HEADS, HEADDIM), float("nan"), dtype=x.dtype, device=x.device)

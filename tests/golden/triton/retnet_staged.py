@@ -97,26 +97,28 @@ def retnet_staged_fwd_kernel(
             tl.store(p_ht, b_S, mask=tl.trans(m_key) & m_value)
     elif STAGE == 3:  # outputs, one program per chunk
         b_gamma_1 = 1.0 - tl.exp((((-5.0)) - i_heads.to(tl.float32)) * 0.6931471805599453)
-        i_c_2 = tl.program_id(2).to(tl.int64)
-        o_time = i_c_2 * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None].to(tl.int64)
-        m_time = o_time < TIME
-        p_k_1 = k + i_batch * TIME * HEADS * KEY + o_time * HEADS * KEY + i_heads * KEY + o_key
+        i_c_2 = tl.program_id(2)
+        t0 = i_c_2 * BLOCK_TIME  # the chunk's first step
+        r_time = tl.arange(0, BLOCK_TIME)[:, None]
+        o_time = t0 + r_time.to(tl.int64)
+        m_time = r_time < TIME - t0
+        p_k_1 = k + (i_batch * TIME * HEADS * KEY + tl.cast(t0, tl.int64) * HEADS * KEY + i_heads * KEY) + (r_time * (HEADS * KEY) + o_key)
         b_k_1 = tl.load(p_k_1, mask=m_time & m_key, other=0.0).to(tl.float32)
         b_kf_1 = tl.where(m_time & m_key, b_k_1, 0.0)
         b_kf_1_ok = tl.abs(b_kf_1) < float("inf")
         b_kf_1 = tl.where(b_kf_1_ok, b_kf_1, 0.0)
-        p_v_1 = v + i_batch * TIME * HEADS * VALUE + o_time * HEADS * VALUE + i_heads * VALUE + o_value
+        p_v_1 = v + (i_batch * TIME * HEADS * VALUE + tl.cast(t0, tl.int64) * HEADS * VALUE + i_heads * VALUE + i_value * BLOCK_VALUE) + (r_time * (HEADS * VALUE) + tl.arange(0, BLOCK_VALUE)[None, :])
         b_v_1 = tl.load(p_v_1, mask=m_time & m_value, other=0.0).to(tl.float32)
         b_vf_1 = tl.where(m_time & m_value, b_v_1, 0.0)
         b_vf_1_ok = tl.abs(b_vf_1) < float("inf")
         b_vf_1 = tl.where(b_vf_1_ok, b_vf_1, 0.0)
         # sum(S * q, key)
-        p_q = q + i_batch * TIME * HEADS * KEY + o_time * HEADS * KEY + i_heads * KEY + o_key
+        p_q = q + (i_batch * TIME * HEADS * KEY + tl.cast(t0, tl.int64) * HEADS * KEY + i_heads * KEY) + (r_time * (HEADS * KEY) + o_key)
         b_q = tl.load(p_q, mask=m_time & m_key, other=0.0).to(tl.float32)
         b_qf = tl.where(m_time & m_key, b_q, 0.0)
         b_qf_ok = tl.abs(b_qf) < float("inf")
         b_qf = tl.where(b_qf_ok, b_qf, 0.0)
-        p_hc_1 = hc + (i_g * n_chunks + i_c_2) * KEY * VALUE + tl.trans(o_key) * VALUE + o_value
+        p_hc_1 = hc + ((i_g * n_chunks + i_c_2) * KEY * VALUE + i_value * BLOCK_VALUE) + (tl.trans(o_key) * VALUE + tl.arange(0, BLOCK_VALUE)[None, :])
         b_S_in = tl.load(p_hc_1, mask=tl.trans(m_key) & m_value, other=0.0)
         b_g_1 = tl.where(m_time, tl.log(b_gamma_1), 0.0)
         b_g_1_ok = b_g_1 < float("inf")
@@ -132,7 +134,7 @@ def retnet_staged_fwd_kernel(
         b_pcol = tl.cumsum(b_bad_v, axis=0) > 0
         b_o += tl.where(b_prow | b_pcol, float("nan"), 0.0)
         # o = sum(S * q, key) * rsqrt(size(key))
-        p_o = o + i_batch * TIME * HEADS * VALUE + o_time * HEADS * VALUE + i_heads * VALUE + o_value
+        p_o = o + (i_batch * TIME * HEADS * VALUE + tl.cast(t0, tl.int64) * HEADS * VALUE + i_heads * VALUE + i_value * BLOCK_VALUE) + (r_time * (HEADS * VALUE) + tl.arange(0, BLOCK_VALUE)[None, :])
         tl.store(p_o, (b_o * tl.rsqrt(KEY * 1.0)).to(p_o.dtype.element_ty), mask=m_time & m_value)
 
 
@@ -144,7 +146,7 @@ def retnet_staged_fwd(q, k, v, initial_state=None, output_final_state=False, blo
     BATCH, TIME, HEADS, KEY = q.shape
     VALUE = v.shape[3]
     block_sizes = block_sizes or {}
-    BLOCK_TIME = block_sizes.get("time", 64)
+    BLOCK_TIME = block_sizes.get("time", 32)
     BLOCK_KEY = max(16, 1 << (KEY - 1).bit_length())
     BLOCK_VALUE = block_sizes.get("value", max(16, min(1 << (VALUE - 1).bit_length(), 64)))
     o = torch.full((BATCH, TIME, HEADS, VALUE), float("nan"), dtype=q.dtype, device=q.device)
