@@ -248,13 +248,8 @@ class Lowering(recurrent.Lowering):
                 decay_S = f"tl.where({gnl} == 0, tl.exp({gl}), 0.0)"
             else:
                 krows.append(self._bad(g_ok, 0))
-                # per-K exponents c_t - c_s, t >= s, no reset in (s, t]: a [BT, BT, BK]
-                # product, summed over K
-                same = f"({nq}[:, None, :] == {gn}[None, :, :])"
-                seg = (f"tl.exp(tl.where({rmask}[:, :, None] & {same}, "
-                       f"{gq}[:, None, :] - {gc}[None, :, :], float(\"-inf\")))")
-                a = self.bind(True, "b_A", f"tl.sum({qf}[:, None, :] * {kf}[None, :, :] * "
-                              f"{seg}, axis=2)")
+                # per-K exponents c_t - c_s, t >= s, no reset in (s, t]: sub-chunks
+                a = self._diagonal_pairs(qf, kf, gq, nq, gc, gn)
                 decay_S = f"tl.trans(tl.where({gnl} == 0, tl.exp({gl}), 0.0))"
             e_now = f"tl.where({nq} == 0, tl.exp({gq}), 0.0)"
             o = self.bind(True, "b_o", dot(a, vf) + " + "
@@ -392,6 +387,63 @@ class Lowering(recurrent.Lowering):
             b.append(f"    {acc} = tl.where({row} == {j}, tl.trans(tl.sum({xj} * {y} * {dj}, "
                      f"axis=1, keep_dims=True)), {acc})")
         return accs
+
+    # key-diagonal decays: the intra-chunk pair tile in sub-chunks of (at most) this many steps
+    SUB_CHUNK = 16
+
+    def _diagonal_pairs(self, qf: str, kf: str, gq: str, nq: str, gc: str, gn: str) -> str:
+        """The key-diagonal intra-chunk pair tile A[t, s] = sum_k q_t k_s e^{c'_t - c_s} (s <= t,
+        or s < t for a readout of prev(S); 0 where n'_t != n_s: a reset between; c'_t, n'_t:
+        ``gq``, ``nq``, the readout's cumulative sums), by sub-chunks of BC = SUB_CHUNK steps
+        (NC = BT / BC of them; BT < BC: one of BT steps). Shared with the staged form.
+
+        Off-diagonal blocks (column sub-chunk j, rows in later sub-chunks) are one tl.dot per
+        j: (q ⊙ e^{c'_t - c_e}) (k ⊙ e^{c_e - c_s})ᵀ with c_e = c at the last step e of
+        sub-chunk j, so s <= e < t: both exponents <= 0 (e <= t - 1 for prev(S) too), their
+        product the exact e^{c'_t - c_s}; a reset between s and t puts one of n'_t != n_e,
+        n_e != n_s (n does not decrease), which zeroes that factor's exponent to -inf. The
+        diagonal blocks keep the exact per-K exponents, one column position j of every
+        sub-chunk at a time ([NC, BC, BK] tiles): no [BT, BT, BK] product in registers."""
+        b, T, K = self.body, self.rec.time, self.form.K
+        BT, BK = self.block[T], self.block[K]
+        sub = self.SUB_CHUNK
+        nc, bc = self.names.new("NC"), self.names.new("BC")
+        b.append(f"{nc}: tl.constexpr = ({BT} + {sub - 1}) // {sub}  # sub-chunks per chunk")
+        b.append(f"{bc}: tl.constexpr = {BT} // {nc}  # steps per sub-chunk")
+        row = self.bind(True, "o_row", f"tl.arange(0, {BT})[:, None]")
+        blk = self.bind(True, "o_blk", f"{row} // {bc}  # the sub-chunk of each step")
+        a = self.bind(True, "b_A", f"tl.zeros([{BT}, {BT}], dtype=tl.float32)")
+        j = self.names.new("i_j")
+        ce, ne, qs, ks = (self.names.new(v) for v in ("b_c_e", "b_n_e", "b_q_e", "b_k_e"))
+        last = f"({row} == {j} * {bc} + {bc} - 1)"
+        ninf = 'float("-inf")'
+        b.append(f"for {j} in range(0, {nc} - 1):  # off-diagonal blocks: column sub-chunk {j}")
+        b.append(f"    {ce} = tl.sum(tl.where({last}, {gc}, 0.0), axis=0, keep_dims=True)")
+        b.append(f"    {ne} = tl.sum(tl.where({last}, {gn}, 0), axis=0, keep_dims=True)")
+        b.append(f"    {qs} = {qf} * tl.exp(tl.where(({blk} > {j}) & ({nq} == {ne}), "
+                 f"{gq} - {ce}, {ninf}))")
+        b.append(f"    {ks} = {kf} * tl.exp(tl.where(({blk} == {j}) & ({gn} == {ne}), "
+                 f"{ce} - {gc}, {ninf}))")
+        b.append(f"    {a} += {self._dot(qs, f'tl.trans({ks})')}")
+        # the diagonal blocks: [NC, BC, BK] views, column j of every block at once
+        shape = f"[{nc}, {bc}, {BK}]"
+        q3, k3, cq3, nq3, c3, n3 = (self.bind(True, nm, f"tl.reshape({x}, {shape})") for nm, x in
+                                   (("b_q3", qf), ("b_k3", kf), ("b_cq3", gq), ("b_nq3", nq),
+                                    ("b_c3", gc), ("b_n3", gn)))
+        pos = self.bind(True, "o_pos3", f"tl.arange(0, {bc})[None, :, None]  # step in sub-chunk")
+        col = f"tl.arange(0, {BT})[None, :]"
+        before = "<" if self.form.prev else "<="
+        kj, cj, nj, vj = (self.names.new(v) for v in ("b_k_j", "b_c_j", "b_n_j", "b_a_j"))
+        pick = f"tl.where({pos} == {j}, {{}}, 0{{}})"
+        b.append(f"for {j} in range(0, {bc}):  # diagonal blocks: column {j} of each")
+        b.append(f"    {kj} = tl.sum({pick.format(k3, '.0')}, axis=1, keep_dims=True)")
+        b.append(f"    {cj} = tl.sum({pick.format(c3, '.0')}, axis=1, keep_dims=True)")
+        b.append(f"    {nj} = tl.sum({pick.format(n3, '')}, axis=1, keep_dims=True)")
+        b.append(f"    {vj} = tl.sum({q3} * {kj} * tl.exp(tl.where(({j} {before} {pos}) & "
+                 f"({nq3} == {nj}), {cq3} - {cj}, {ninf})), axis=2)")
+        b.append(f"    {a} = tl.where({col} == {blk} * {bc} + {j}, "
+                 f"tl.reshape({vj}, [{BT}, 1]), {a})")
+        return a
 
     @staticmethod
     def _scaled(x: str, e: str | None) -> str:

@@ -91,6 +91,8 @@ class Lowering(chunked.Lowering):
     # the (grid, V-block) programs alone fill the GPU (B·H·⌈V/BV⌉ >= SMS, H100/H200: 132
     # SMs), else the three stages, which add ⌈T/BT⌉ programs per (grid, V-block)
     SMS = 132
+    # key-diagonal chunks: sub-chunks of 16 (chunked.Lowering._diagonal_pairs); see module doc
+    DIAGONAL_BT = 64
     # householder chunks (the [BT, BT] triangular inverse of stage 1): see the module doc
     HOUSEHOLDER_BT = 32
     # identity/scalar/key-diagonal state pass: [K, V] sub-blocks of the state per program
@@ -126,7 +128,7 @@ class Lowering(chunked.Lowering):
 
     def block_size(self, d: str, n: int, sizes: dict | None = None) -> int:
         if d == self.rec.time:
-            return {Kind.IDENTITY: 64, Kind.SCALAR: 64,
+            return {Kind.IDENTITY: 64, Kind.SCALAR: 64, Kind.DIAGONAL: self.DIAGONAL_BT,
                     Kind.HOUSEHOLDER: self.HOUSEHOLDER_BT}.get(self.form.kind, 16)  # dplr: 16
         return super().block_size(d, n, sizes)
 
@@ -324,12 +326,8 @@ class Lowering(chunked.Lowering):
                 seg = (f"tl.exp(tl.where({rmask} & ({nq} == tl.trans({gn})), "
                        f"{gq} - tl.trans({gc}), float(\"-inf\")))")
                 a = self.bind(True, "b_A", f"{dot(qf, f'tl.trans({kf})')} * {seg}")
-            else:
-                same = f"({nq}[:, None, :] == {gn}[None, :, :])"
-                seg = (f"tl.exp(tl.where({rmask}[:, :, None] & {same}, "
-                       f"{gq}[:, None, :] - {gc}[None, :, :], float(\"-inf\")))")
-                a = self.bind(True, "b_A", f"tl.sum({qf}[:, None, :] * {kf}[None, :, :] * "
-                              f"{seg}, axis=2)")
+            else:  # sub-chunks: off-diagonal blocks as tl.dot (chunked.py)
+                a = self._diagonal_pairs(qf, kf, gq, nq, gc, gn)
             e_now = f"tl.where({nq} == 0, tl.exp({gq}), 0.0)"
             if F.kind is Kind.SCALAR:
                 o = self.bind(True, "b_o", f"{dot(a, vf)} + {qs} * {e_now}")
