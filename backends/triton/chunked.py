@@ -248,8 +248,8 @@ class Lowering(recurrent.Lowering):
                 decay_S = f"tl.where({gnl} == 0, tl.exp({gl}), 0.0)"
             else:
                 krows.append(self._bad(g_ok, 0))
-                # per-K exponents c_t - c_s, t >= s, no reset in (s, t]: sub-chunks
-                a = self._diagonal_pairs(qf, kf, gq, nq, gc, gn)
+                # per-K exponents c_t - c_s, t >= s, no reset in (s, t]
+                a = self._diagonal_tile(qf, kf, g, gq, nq, gc, gn)
                 decay_S = f"tl.trans(tl.where({gnl} == 0, tl.exp({gl}), 0.0))"
             e_now = f"tl.where({nq} == 0, tl.exp({gq}), 0.0)"
             o = self.bind(True, "b_o", dot(a, vf) + " + "
@@ -443,6 +443,64 @@ class Lowering(recurrent.Lowering):
                  f"({nq3} == {nj}), {cq3} - {cj}, {ninf})), axis=2)")
         b.append(f"    {a} = tl.where({col} == {blk} * {bc} + {j}, "
                  f"tl.reshape({vj}, [{BT}, 1]), {a})")
+        return a
+
+    # how the key-diagonal pair tile is built: "levels" (_diagonal_levels) or "sub" (_diagonal_pairs)
+    DIAGONAL_PAIRS = "levels"
+
+    def _diagonal_tile(self, qf, kf, g, gq, nq, gc, gn) -> str:
+        if self.DIAGONAL_PAIRS == "levels":
+            return self._diagonal_levels(qf, kf, g)
+        return self._diagonal_pairs(qf, kf, gq, nq, gc, gn)
+
+    # the largest chunk _diagonal_levels takes (its levels are emitted for halves up to BT / 2)
+    MAX_DIAGONAL_BT = 256
+
+    def _diagonal_levels(self, qf: str, kf: str, g: str) -> str:
+        """The key-diagonal intra-chunk pair tile A[t, s] = sum_k q_t k_s e^{c'_t - c_s} (as
+        ``_diagonal_pairs``) by halving: every pair s < t of the chunk lies in one block of
+        2b steps (b = BT/2, BT/4, ..., 1) with s in its left half and t in its right half
+        (b: the highest bit where s and t differ); with e the last step of the left half,
+        e^{c'_t - c_s} = e^{c'_t - c_e} e^{c_e - c_s}, both exponents <= 0 (s <= e < t, and
+        e <= t - 1 for prev(S)). One tl.dot per level: (q ⊙ e^{c'_t - c_e}) (k ⊙ e^{c_e - c_s})ᵀ
+        over the whole chunk, the q rows of left halves and k rows of right halves 0, the pairs
+        of different blocks masked. c'_t - c_e and c_e - c_s are sums of g within a half
+        (segmented scans), a reset in (s, t] a count > 0 in one of them (exponent -inf). The
+        diagonal s = t is q_t · k_t (exponent 0; none for prev(S))."""
+        b, T, K = self.body, self.rec.time, self.form.K
+        BT, BK = self.block[T], self.block[K]
+        row = self.bind(True, "o_row", f"tl.arange(0, {BT})[:, None]")
+        col = self.bind(True, "o_col", f"tl.arange(0, {BT})[None, :]")
+        reset = self.bind(True, "b_r", f"{g}_reset.to(tl.int32)")
+        ninf = 'float("-inf")'
+        if self.form.prev:
+            a = self.bind(True, "b_A", f"tl.zeros([{BT}, {BT}], dtype=tl.float32)")
+        else:
+            a = self.bind(True, "b_A", f"tl.where({row} == {col}, tl.sum({qf} * {kf}, axis=1, "
+                          "keep_dims=True), 0.0)  # s = t")
+        h = 1
+        while h < self.MAX_DIAGONAL_BT:
+            ns = self.names.new(f"N_{h}")
+            sh = f"[{ns}, {h}, {BK}]"
+            x = {v: self.names.new(f"b_{v}_{h}") for v in ("cq", "nq", "ck", "nk", "qe", "ke")}
+            seg = lambda t, rev=False: (f"tl.reshape(tl.cumsum(tl.reshape({t}, {sh}), axis=1"  # noqa: E731
+                                        f"{', reverse=True' if rev else ''}), [{BT}, {BK}])")
+            # q side: g summed over (e, t] (prev(S): (e, t - 1]); k side: over (s, e]
+            ex = (lambda t: f" - {t}") if self.form.prev else (lambda t: "")  # noqa: E731
+            lines = [f"{ns}: tl.constexpr = {BT} // {h}",
+                     f"{x['cq']} = {seg(g)}{ex(g)}",
+                     f"{x['nq']} = {seg(reset)}{ex(reset)}",
+                     f"{x['ck']} = {seg(g, True)} - {g}",
+                     f"{x['nk']} = {seg(reset, True)} - {reset}",
+                     f"{x['qe']} = {qf} * tl.exp(tl.where(({row} // {h} % 2 == 1) & "
+                     f"({x['nq']} == 0), {x['cq']}, {ninf}))",
+                     f"{x['ke']} = {kf} * tl.exp(tl.where(({row} // {h} % 2 == 0) & "
+                     f"({x['nk']} == 0), {x['ck']}, {ninf}))",
+                     f"{a} += tl.where({row} // {2 * h} == {col} // {2 * h}, "
+                     f"{self._dot(x['qe'], 'tl.trans(' + x['ke'] + ')')}, 0.0)"]
+            b.append(f"if {BT} > {h}:  # pairs across the halves of blocks of {2 * h} steps")
+            b += ["    " + ln for ln in lines]
+            h *= 2
         return a
 
     @staticmethod

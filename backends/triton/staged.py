@@ -327,7 +327,7 @@ class Lowering(chunked.Lowering):
                        f"{gq} - tl.trans({gc}), float(\"-inf\")))")
                 a = self.bind(True, "b_A", f"{dot(qf, f'tl.trans({kf})')} * {seg}")
             else:  # sub-chunks: off-diagonal blocks as tl.dot (chunked.py)
-                a = self._diagonal_pairs(qf, kf, gq, nq, gc, gn)
+                a = self._diagonal_tile(qf, kf, g, gq, nq, gc, gn)
             e_now = f"tl.where({nq} == 0, tl.exp({gq}), 0.0)"
             if F.kind is Kind.SCALAR:
                 o = self.bind(True, "b_o", f"{dot(a, vf)} + {qs} * {e_now}")
