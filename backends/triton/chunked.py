@@ -390,6 +390,7 @@ class Lowering(recurrent.Lowering):
 
     # key-diagonal decays: the intra-chunk pair tile in sub-chunks of (at most) this many steps
     SUB_CHUNK = 16
+    STATIC_SUB = True
 
     def _diagonal_pairs(self, qf: str, kf: str, gq: str, nq: str, gc: str, gn: str) -> str:
         """The key-diagonal intra-chunk pair tile A[t, s] = sum_k q_t k_s e^{c'_t - c_s} (s <= t,
@@ -417,7 +418,8 @@ class Lowering(recurrent.Lowering):
         ce, ne, qs, ks = (self.names.new(v) for v in ("b_c_e", "b_n_e", "b_q_e", "b_k_e"))
         last = f"({row} == {j} * {bc} + {bc} - 1)"
         ninf = 'float("-inf")'
-        b.append(f"for {j} in range(0, {nc} - 1):  # off-diagonal blocks: column sub-chunk {j}")
+        rng = "tl.static_range" if self.STATIC_SUB else "range"
+        b.append(f"for {j} in {rng}(0, {nc} - 1):  # off-diagonal blocks: column sub-chunk {j}")
         b.append(f"    {ce} = tl.sum(tl.where({last}, {gc}, 0.0), axis=0, keep_dims=True)")
         b.append(f"    {ne} = tl.sum(tl.where({last}, {gn}, 0), axis=0, keep_dims=True)")
         b.append(f"    {qs} = {qf} * tl.exp(tl.where(({blk} > {j}) & ({nq} == {ne}), "
@@ -435,7 +437,7 @@ class Lowering(recurrent.Lowering):
         before = "<" if self.form.prev else "<="
         kj, cj, nj, vj = (self.names.new(v) for v in ("b_k_j", "b_c_j", "b_n_j", "b_a_j"))
         pick = f"tl.where({pos} == {j}, {{}}, 0{{}})"
-        b.append(f"for {j} in range(0, {bc}):  # diagonal blocks: column {j} of each")
+        b.append(f"for {j} in {rng}(0, {bc}):  # diagonal blocks: column {j} of each")
         b.append(f"    {kj} = tl.sum({pick.format(k3, '.0')}, axis=1, keep_dims=True)")
         b.append(f"    {cj} = tl.sum({pick.format(c3, '.0')}, axis=1, keep_dims=True)")
         b.append(f"    {nj} = tl.sum({pick.format(n3, '')}, axis=1, keep_dims=True)")
@@ -450,28 +452,30 @@ class Lowering(recurrent.Lowering):
 
     def _diagonal_tile(self, qf, kf, g, gq, nq, gc, gn) -> str:
         if self.DIAGONAL_PAIRS == "levels":
-            return self._diagonal_levels(qf, kf, g)
+            return self._diagonal_levels(qf, kf, gq, nq, gc, gn)
         return self._diagonal_pairs(qf, kf, gq, nq, gc, gn)
 
     # the largest chunk _diagonal_levels takes (its levels are emitted for halves up to BT / 2)
     MAX_DIAGONAL_BT = 256
 
-    def _diagonal_levels(self, qf: str, kf: str, g: str) -> str:
-        """The key-diagonal intra-chunk pair tile A[t, s] = sum_k q_t k_s e^{c'_t - c_s} (as
-        ``_diagonal_pairs``) by halving: every pair s < t of the chunk lies in one block of
-        2b steps (b = BT/2, BT/4, ..., 1) with s in its left half and t in its right half
-        (b: the highest bit where s and t differ); with e the last step of the left half,
-        e^{c'_t - c_s} = e^{c'_t - c_e} e^{c_e - c_s}, both exponents <= 0 (s <= e < t, and
-        e <= t - 1 for prev(S)). One tl.dot per level: (q ⊙ e^{c'_t - c_e}) (k ⊙ e^{c_e - c_s})ᵀ
-        over the whole chunk, the q rows of left halves and k rows of right halves 0, the pairs
-        of different blocks masked. c'_t - c_e and c_e - c_s are sums of g within a half
-        (segmented scans), a reset in (s, t] a count > 0 in one of them (exponent -inf). The
-        diagonal s = t is q_t · k_t (exponent 0; none for prev(S))."""
+    def _diagonal_levels(self, qf: str, kf: str, gq: str, nq: str, gc: str, gn: str) -> str:
+        """The key-diagonal intra-chunk pair tile A[t, s] = sum_k q_t k_s e^{c'_t - c_s} (s <= t,
+        or s < t for a readout of prev(S); 0 where n'_t != n_s, a reset between; c'_t, n'_t:
+        ``gq``, ``nq``, the readout's cumulative sums) by halving, with no [BT, BT, BK]
+        product: every pair s < t of the chunk lies in one block of 2h steps (h = BT/2,
+        BT/4, ..., 1: the highest bit where s and t differ) with s in its left half and t in
+        its right half. With e the last step of the left half, e^{c'_t - c_s} =
+        e^{c'_t - c_e} e^{c_e - c_s} and both exponents are <= 0 (s <= e < t, and e <= t - 1
+        for prev(S)); a reset in (s, t] is one in (s, e] or in (e, t] (n'_t != n_e or
+        n_e != n_s, n never decreases), which sets that factor's exponent to -inf. One tl.dot
+        per level over the whole chunk: (q ⊙ e^{c'_t - c_e}) (k ⊙ e^{c_e - c_s})ᵀ, the q rows
+        of left halves and the k rows of right halves 0, the pairs of different blocks masked;
+        c_e and n_e are picked from the [BT/2h, 2h, BK] view of c and n. The diagonal s = t is
+        q_t · k_t (exponent 0; none for prev(S)). Shared with the staged form."""
         b, T, K = self.body, self.rec.time, self.form.K
         BT, BK = self.block[T], self.block[K]
         row = self.bind(True, "o_row", f"tl.arange(0, {BT})[:, None]")
         col = self.bind(True, "o_col", f"tl.arange(0, {BT})[None, :]")
-        reset = self.bind(True, "b_r", f"{g}_reset.to(tl.int32)")
         ninf = 'float("-inf")'
         if self.form.prev:
             a = self.bind(True, "b_A", f"tl.zeros([{BT}, {BT}], dtype=tl.float32)")
@@ -480,25 +484,23 @@ class Lowering(recurrent.Lowering):
                           "keep_dims=True), 0.0)  # s = t")
         h = 1
         while h < self.MAX_DIAGONAL_BT:
-            ns = self.names.new(f"N_{h}")
-            sh = f"[{ns}, {h}, {BK}]"
-            x = {v: self.names.new(f"b_{v}_{h}") for v in ("cq", "nq", "ck", "nk", "qe", "ke")}
-            seg = lambda t, rev=False: (f"tl.reshape(tl.cumsum(tl.reshape({t}, {sh}), axis=1"  # noqa: E731
-                                        f"{', reverse=True' if rev else ''}), [{BT}, {BK}])")
-            # q side: g summed over (e, t] (prev(S): (e, t - 1]); k side: over (s, e]
-            ex = (lambda t: f" - {t}") if self.form.prev else (lambda t: "")  # noqa: E731
-            lines = [f"{ns}: tl.constexpr = {BT} // {h}",
-                     f"{x['cq']} = {seg(g)}{ex(g)}",
-                     f"{x['nq']} = {seg(reset)}{ex(reset)}",
-                     f"{x['ck']} = {seg(g, True)} - {g}",
-                     f"{x['nk']} = {seg(reset, True)} - {reset}",
-                     f"{x['qe']} = {qf} * tl.exp(tl.where(({row} // {h} % 2 == 1) & "
-                     f"({x['nq']} == 0), {x['cq']}, {ninf}))",
-                     f"{x['ke']} = {kf} * tl.exp(tl.where(({row} // {h} % 2 == 0) & "
-                     f"({x['nk']} == 0), {x['ck']}, {ninf}))",
+            nb = self.names.new(f"N_{2 * h}")
+            sh = f"[{nb}, {2 * h}, {BK}]"
+            x = {v: self.names.new(f"b_{v}_{h}") for v in ("ce", "ne", "qe", "ke")}
+            pos = f"tl.arange(0, {2 * h})[None, :, None] == {h - 1}"
+            pick = (lambda t, z: f"tl.reshape(tl.broadcast_to(tl.sum(tl.where({pos}, "  # noqa: E731
+                    f"tl.reshape({t}, {sh}), {z}), axis=1, keep_dims=True), {sh}), [{BT}, {BK}])")
+            right = f"({row} // {h} % 2 == 1)"
+            lines = [f"{nb}: tl.constexpr = {BT} // {2 * h}",
+                     f"{x['ce']} = {pick(gc, '0.0')}  # c and n at e, the left half's last step",
+                     f"{x['ne']} = {pick(gn, '0')}",
+                     f"{x['qe']} = {qf} * tl.exp(tl.where({right} & ({nq} == {x['ne']}), "
+                     f"{gq} - {x['ce']}, {ninf}))",
+                     f"{x['ke']} = {kf} * tl.exp(tl.where(~{right} & ({gn} == {x['ne']}), "
+                     f"{x['ce']} - {gc}, {ninf}))",
                      f"{a} += tl.where({row} // {2 * h} == {col} // {2 * h}, "
                      f"{self._dot(x['qe'], 'tl.trans(' + x['ke'] + ')')}, 0.0)"]
-            b.append(f"if {BT} > {h}:  # pairs across the halves of blocks of {2 * h} steps")
+            b.append(f"if {BT} > {h}:  # s in the left, t in the right half of {2 * h} steps")
             b += ["    " + ln for ln in lines]
             h *= 2
         return a
