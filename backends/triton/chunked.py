@@ -13,13 +13,19 @@ chunk and S the state before it:
     o_t   = sum_{s<=t} (q_t · (k_s ⊙ e^{c_t - c_s})) v_s  +  (q_t ⊙ e^{c_t}) S
     S_new = e^{c_last} ⊙ S  +  sum_s (k_s ⊙ e^{c_last - c_s}) v_sᵀ
 
-Every exponent is c_t - c_s with t >= s, so <= 0 (docs/numerics.md). A readout of the state
+Every exponent is c_t - c_s with t >= s, so <= 0 (docs/numerics.md); the key-diagonal
+intra-chunk term splits it at a step e with s <= e < t into two exponents <= 0 (below). A readout of the state
 entering the step, ``sum(prev(S) * q, K)`` (RWKV-6; ``Form.prev``), takes the strictly causal
 mask (s < t) and c_{t-1} = c_t - g_t in place of c_t in o_t (its reset count n_{t-1} =
 n_t - [g_t is a reset]); the state update is the same, and the poison moves one step later
 (``scancc.ir.passes.chunked``, "Readouts of prev(S)"). The K-diagonal
-intra-chunk term needs a per-K exponent, so it is a broadcast product over [BT, BT, BK]
-rather than a tl.dot; the inter-chunk terms and the state update are tl.dot for every kind.
+intra-chunk term needs a per-K exponent; it is built by halving (``_diagonal_pairs``): each
+pair s < t lies in exactly one block of 2h steps (h = BT/2, ..., 1) with s in the left half
+and t in the right one, and with e the left half's last step (s <= e < t),
+e^{c_t - c_s} = e^{c_t - c_e} e^{c_e - c_s}, both exponents <= 0, so the pairs of one level
+are one tl.dot of (q ⊙ e^{c_t - c_e}) and (k ⊙ e^{c_e - c_s}) (log2 BT dots, tensor cores)
+and the diagonal s = t is q_t · k_t; no [BT, BT, BK] product (docs/numerics.md). The
+inter-chunk terms and the state update are tl.dot for every kind.
 Option ``dot_precision`` (default "auto": tensor cores, float32 accumulation): on 16-bit inputs
 the intra-chunk dots take 16-bit operands and the dots that read or update the state float32
 operands at tf32; on float32 inputs every dot is tf32x3 (about float32 accuracy). ``"ieee"`` is
@@ -249,7 +255,7 @@ class Lowering(recurrent.Lowering):
             else:
                 krows.append(self._bad(g_ok, 0))
                 # per-K exponents c_t - c_s, t >= s, no reset in (s, t]
-                a = self._diagonal_tile(qf, kf, g, gq, nq, gc, gn)
+                a = self._diagonal_pairs(qf, kf, gq, nq, gc, gn)
                 decay_S = f"tl.trans(tl.where({gnl} == 0, tl.exp({gl}), 0.0))"
             e_now = f"tl.where({nq} == 0, tl.exp({gq}), 0.0)"
             o = self.bind(True, "b_o", dot(a, vf) + " + "
@@ -388,77 +394,10 @@ class Lowering(recurrent.Lowering):
                      f"axis=1, keep_dims=True)), {acc})")
         return accs
 
-    # key-diagonal decays: the intra-chunk pair tile in sub-chunks of (at most) this many steps
-    SUB_CHUNK = 16
-    STATIC_SUB = True
-
-    def _diagonal_pairs(self, qf: str, kf: str, gq: str, nq: str, gc: str, gn: str) -> str:
-        """The key-diagonal intra-chunk pair tile A[t, s] = sum_k q_t k_s e^{c'_t - c_s} (s <= t,
-        or s < t for a readout of prev(S); 0 where n'_t != n_s: a reset between; c'_t, n'_t:
-        ``gq``, ``nq``, the readout's cumulative sums), by sub-chunks of BC = SUB_CHUNK steps
-        (NC = BT / BC of them; BT < BC: one of BT steps). Shared with the staged form.
-
-        Off-diagonal blocks (column sub-chunk j, rows in later sub-chunks) are one tl.dot per
-        j: (q ⊙ e^{c'_t - c_e}) (k ⊙ e^{c_e - c_s})ᵀ with c_e = c at the last step e of
-        sub-chunk j, so s <= e < t: both exponents <= 0 (e <= t - 1 for prev(S) too), their
-        product the exact e^{c'_t - c_s}; a reset between s and t puts one of n'_t != n_e,
-        n_e != n_s (n does not decrease), which zeroes that factor's exponent to -inf. The
-        diagonal blocks keep the exact per-K exponents, one column position j of every
-        sub-chunk at a time ([NC, BC, BK] tiles): no [BT, BT, BK] product in registers."""
-        b, T, K = self.body, self.rec.time, self.form.K
-        BT, BK = self.block[T], self.block[K]
-        sub = self.SUB_CHUNK
-        nc, bc = self.names.new("NC"), self.names.new("BC")
-        b.append(f"{nc}: tl.constexpr = ({BT} + {sub - 1}) // {sub}  # sub-chunks per chunk")
-        b.append(f"{bc}: tl.constexpr = {BT} // {nc}  # steps per sub-chunk")
-        row = self.bind(True, "o_row", f"tl.arange(0, {BT})[:, None]")
-        blk = self.bind(True, "o_blk", f"{row} // {bc}  # the sub-chunk of each step")
-        a = self.bind(True, "b_A", f"tl.zeros([{BT}, {BT}], dtype=tl.float32)")
-        j = self.names.new("i_j")
-        ce, ne, qs, ks = (self.names.new(v) for v in ("b_c_e", "b_n_e", "b_q_e", "b_k_e"))
-        last = f"({row} == {j} * {bc} + {bc} - 1)"
-        ninf = 'float("-inf")'
-        rng = "tl.static_range" if self.STATIC_SUB else "range"
-        b.append(f"for {j} in {rng}(0, {nc} - 1):  # off-diagonal blocks: column sub-chunk {j}")
-        b.append(f"    {ce} = tl.sum(tl.where({last}, {gc}, 0.0), axis=0, keep_dims=True)")
-        b.append(f"    {ne} = tl.sum(tl.where({last}, {gn}, 0), axis=0, keep_dims=True)")
-        b.append(f"    {qs} = {qf} * tl.exp(tl.where(({blk} > {j}) & ({nq} == {ne}), "
-                 f"{gq} - {ce}, {ninf}))")
-        b.append(f"    {ks} = {kf} * tl.exp(tl.where(({blk} == {j}) & ({gn} == {ne}), "
-                 f"{ce} - {gc}, {ninf}))")
-        b.append(f"    {a} += {self._dot(qs, f'tl.trans({ks})')}")
-        # the diagonal blocks: [NC, BC, BK] views, column j of every block at once
-        shape = f"[{nc}, {bc}, {BK}]"
-        q3, k3, cq3, nq3, c3, n3 = (self.bind(True, nm, f"tl.reshape({x}, {shape})") for nm, x in
-                                   (("b_q3", qf), ("b_k3", kf), ("b_cq3", gq), ("b_nq3", nq),
-                                    ("b_c3", gc), ("b_n3", gn)))
-        pos = self.bind(True, "o_pos3", f"tl.arange(0, {bc})[None, :, None]  # step in sub-chunk")
-        col = f"tl.arange(0, {BT})[None, :]"
-        before = "<" if self.form.prev else "<="
-        kj, cj, nj, vj = (self.names.new(v) for v in ("b_k_j", "b_c_j", "b_n_j", "b_a_j"))
-        pick = f"tl.where({pos} == {j}, {{}}, 0{{}})"
-        b.append(f"for {j} in {rng}(0, {bc}):  # diagonal blocks: column {j} of each")
-        b.append(f"    {kj} = tl.sum({pick.format(k3, '.0')}, axis=1, keep_dims=True)")
-        b.append(f"    {cj} = tl.sum({pick.format(c3, '.0')}, axis=1, keep_dims=True)")
-        b.append(f"    {nj} = tl.sum({pick.format(n3, '')}, axis=1, keep_dims=True)")
-        b.append(f"    {vj} = tl.sum({q3} * {kj} * tl.exp(tl.where(({j} {before} {pos}) & "
-                 f"({nq3} == {nj}), {cq3} - {cj}, {ninf})), axis=2)")
-        b.append(f"    {a} = tl.where({col} == {blk} * {bc} + {j}, "
-                 f"tl.reshape({vj}, [{BT}, 1]), {a})")
-        return a
-
-    # how the key-diagonal pair tile is built: "levels" (_diagonal_levels) or "sub" (_diagonal_pairs)
-    DIAGONAL_PAIRS = "levels"
-
-    def _diagonal_tile(self, qf, kf, g, gq, nq, gc, gn) -> str:
-        if self.DIAGONAL_PAIRS == "levels":
-            return self._diagonal_levels(qf, kf, gq, nq, gc, gn)
-        return self._diagonal_pairs(qf, kf, gq, nq, gc, gn)
-
-    # the largest chunk _diagonal_levels takes (its levels are emitted for halves up to BT / 2)
+    # the largest chunk _diagonal_pairs takes (its levels are emitted for halves up to BT / 2)
     MAX_DIAGONAL_BT = 256
 
-    def _diagonal_levels(self, qf: str, kf: str, gq: str, nq: str, gc: str, gn: str) -> str:
+    def _diagonal_pairs(self, qf: str, kf: str, gq: str, nq: str, gc: str, gn: str) -> str:
         """The key-diagonal intra-chunk pair tile A[t, s] = sum_k q_t k_s e^{c'_t - c_s} (s <= t,
         or s < t for a readout of prev(S); 0 where n'_t != n_s, a reset between; c'_t, n'_t:
         ``gq``, ``nq``, the readout's cumulative sums) by halving, with no [BT, BT, BK]
@@ -477,6 +416,8 @@ class Lowering(recurrent.Lowering):
         row = self.bind(True, "o_row", f"tl.arange(0, {BT})[:, None]")
         col = self.bind(True, "o_col", f"tl.arange(0, {BT})[None, :]")
         ninf = 'float("-inf")'
+        b.append(f"tl.static_assert({BT} <= {self.MAX_DIAGONAL_BT}, \"key-diagonal chunks of at "
+                 f"most {self.MAX_DIAGONAL_BT} steps\")")
         if self.form.prev:
             a = self.bind(True, "b_A", f"tl.zeros([{BT}, {BT}], dtype=tl.float32)")
         else:

@@ -43,8 +43,9 @@ The stages are the branches of one kernel on a constexpr ``STAGE`` (Triton compi
 kernel per stage), launched in order by one launcher, which also allocates the buffers. The
 launches are what make the stages wait for each other; no stage reads what a concurrent
 program of its own launch writes (stage 1's V-block programs write the same P tile). Chunks of
-64 steps for identity/scalar decays, 16 for key-diagonal ones (whose intra-chunk term is the
-[BT, BT, BK] product of the fused kernel), 32 for householder transitions (64 spills in every
+64 steps for identity/scalar decays, 32 for key-diagonal ones (whose intra-chunk term is the
+fused kernel's halving levels, ``chunked.Lowering._diagonal_pairs``: log2 BT tl.dot; 32
+measured best on sm_90, 64 spills in stage 3, docs/performance/triton.md), 32 for householder transitions (64 spills in every
 stage, ptxas: docs/performance/triton.md).
 """
 from __future__ import annotations
@@ -91,8 +92,8 @@ class Lowering(chunked.Lowering):
     # the (grid, V-block) programs alone fill the GPU (B·H·⌈V/BV⌉ >= SMS, H100/H200: 132
     # SMs), else the three stages, which add ⌈T/BT⌉ programs per (grid, V-block)
     SMS = 132
-    # key-diagonal chunks: sub-chunks of 16 (chunked.Lowering._diagonal_pairs); see module doc
-    DIAGONAL_BT = 64
+    # key-diagonal chunks (the pair tile by halving levels: chunked.Lowering._diagonal_pairs)
+    DIAGONAL_BT = 32
     # householder chunks (the [BT, BT] triangular inverse of stage 1): see the module doc
     HOUSEHOLDER_BT = 32
     # identity/scalar/key-diagonal state pass: [K, V] sub-blocks of the state per program
@@ -327,7 +328,7 @@ class Lowering(chunked.Lowering):
                        f"{gq} - tl.trans({gc}), float(\"-inf\")))")
                 a = self.bind(True, "b_A", f"{dot(qf, f'tl.trans({kf})')} * {seg}")
             else:  # sub-chunks: off-diagonal blocks as tl.dot (chunked.py)
-                a = self._diagonal_tile(qf, kf, g, gq, nq, gc, gn)
+                a = self._diagonal_pairs(qf, kf, gq, nq, gc, gn)
             e_now = f"tl.where({nq} == 0, tl.exp({gq}), 0.0)"
             if F.kind is Kind.SCALAR:
                 o = self.bind(True, "b_o", f"{dot(a, vf)} + {qs} * {e_now}")
