@@ -440,7 +440,7 @@ class Lowering(recurrent.Lowering):
                      f"{x['ke']} = {kf} * tl.exp(tl.where(~{right} & ({gn} == {x['ne']}), "
                      f"{x['ce']} - {gc}, {ninf}))",
                      f"{a} += tl.where({row} // {2 * h} == {col} // {2 * h}, "
-                     f"{self._dot(x['qe'], 'tl.trans(' + x['ke'] + ')')}, 0.0)"]
+                     f"{self._dot(x['qe'], 'tl.trans(' + x['ke'] + ')', 'read')}, 0.0)"]
             b.append(f"if {BT} > {h}:  # s in the left, t in the right half of {2 * h} steps")
             b += ["    " + ln for ln in lines]
             h *= 2
