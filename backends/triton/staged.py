@@ -45,8 +45,8 @@ launches are what make the stages wait for each other; no stage reads what a con
 program of its own launch writes (stage 1's V-block programs write the same P tile). Chunks of
 64 steps for identity/scalar decays, 32 for key-diagonal ones (whose intra-chunk term is the
 fused kernel's halving levels, ``chunked.Lowering._diagonal_pairs``: log2 BT tl.dot; 32
-measured best on sm_90, 64 spills in stage 3, docs/performance/triton.md), 32 for householder transitions (64 spills in every
-stage, ptxas: docs/performance/triton.md).
+measured best on sm_90, 64 spills in stage 3, docs/performance/triton.md), 32 for householder
+transitions (64 spills in every stage, ptxas: docs/performance/triton.md).
 """
 from __future__ import annotations
 
