@@ -15,8 +15,8 @@ chunk and S the state before it:
 
 Every exponent is c_t - c_s with t >= s, so <= 0 (docs/numerics.md); the key-diagonal
 intra-chunk term splits it at a step e with s <= e < t into two exponents <= 0 (below).
-A readout of the state entering the step, ``sum(prev(S) * q, K)`` (RWKV-6; ``Form.prev``), takes the strictly causal
-mask (s < t) and c_{t-1} = c_t - g_t in place of c_t in o_t (its reset count n_{t-1} =
+A readout of the state entering the step, ``sum(prev(S) * q, K)`` (RWKV-6; ``Form.prev``),
+takes the strictly causal mask (s < t) and c_{t-1} = c_t - g_t in place of c_t in o_t (its reset count n_{t-1} =
 n_t - [g_t is a reset]); the state update is the same, and the poison moves one step later
 (``scancc.ir.passes.chunked``, "Readouts of prev(S)"). The K-diagonal
 intra-chunk term needs a per-K exponent; it is built by halving (``_diagonal_pairs``): each
