@@ -63,7 +63,7 @@ def _ref(rec, sizes, x, h0):
 
 @pytest.mark.parametrize("name", STAGED)
 def test_staged_matches_the_reference_with_initial_and_final_state(name):
-    """T=150: two full chunks of 64 and a partial one (16-step chunks for gla: 10); value
+    """T=150: two full chunks of 64 and a partial one (32-step chunks for gla: 5); value
     blocks of 16 over several programs."""
     rec, sizes, x = _inputs(name, 150)
     s = rec.states[0]

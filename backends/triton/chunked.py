@@ -13,13 +13,19 @@ chunk and S the state before it:
     o_t   = sum_{s<=t} (q_t · (k_s ⊙ e^{c_t - c_s})) v_s  +  (q_t ⊙ e^{c_t}) S
     S_new = e^{c_last} ⊙ S  +  sum_s (k_s ⊙ e^{c_last - c_s}) v_sᵀ
 
-Every exponent is c_t - c_s with t >= s, so <= 0 (docs/numerics.md). A readout of the state
-entering the step, ``sum(prev(S) * q, K)`` (RWKV-6; ``Form.prev``), takes the strictly causal
-mask (s < t) and c_{t-1} = c_t - g_t in place of c_t in o_t (its reset count n_{t-1} =
+Every exponent is c_t - c_s with t >= s, so <= 0 (docs/numerics.md); the key-diagonal
+intra-chunk term splits it at a step e with s <= e < t into two exponents <= 0 (below).
+A readout of the state entering the step, ``sum(prev(S) * q, K)`` (RWKV-6; ``Form.prev``),
+takes the strictly causal mask (s < t) and c_{t-1} = c_t - g_t in place of c_t in o_t (its reset count n_{t-1} =
 n_t - [g_t is a reset]); the state update is the same, and the poison moves one step later
 (``scancc.ir.passes.chunked``, "Readouts of prev(S)"). The K-diagonal
-intra-chunk term needs a per-K exponent, so it is a broadcast product over [BT, BT, BK]
-rather than a tl.dot; the inter-chunk terms and the state update are tl.dot for every kind.
+intra-chunk term needs a per-K exponent; it is built by halving (``_diagonal_pairs``): each
+pair s < t lies in exactly one block of 2h steps (h = BT/2, ..., 1) with s in the left half
+and t in the right one, and with e the left half's last step (s <= e < t),
+e^{c_t - c_s} = e^{c_t - c_e} e^{c_e - c_s}, both exponents <= 0, so the pairs of one level
+are one tl.dot of (q ⊙ e^{c_t - c_e}) and (k ⊙ e^{c_e - c_s}) (log2 BT dots, tensor cores)
+and the diagonal s = t is q_t · k_t; no [BT, BT, BK] product (docs/numerics.md). The
+inter-chunk terms and the state update are tl.dot for every kind.
 Option ``dot_precision`` (default "auto": tensor cores, float32 accumulation): on 16-bit inputs
 the intra-chunk dots take 16-bit operands and the dots that read or update the state float32
 operands at tf32; on float32 inputs every dot is tf32x3 (about float32 accuracy). ``"ieee"`` is
@@ -248,13 +254,8 @@ class Lowering(recurrent.Lowering):
                 decay_S = f"tl.where({gnl} == 0, tl.exp({gl}), 0.0)"
             else:
                 krows.append(self._bad(g_ok, 0))
-                # per-K exponents c_t - c_s, t >= s, no reset in (s, t]: a [BT, BT, BK]
-                # product, summed over K
-                same = f"({nq}[:, None, :] == {gn}[None, :, :])"
-                seg = (f"tl.exp(tl.where({rmask}[:, :, None] & {same}, "
-                       f"{gq}[:, None, :] - {gc}[None, :, :], float(\"-inf\")))")
-                a = self.bind(True, "b_A", f"tl.sum({qf}[:, None, :] * {kf}[None, :, :] * "
-                              f"{seg}, axis=2)")
+                # per-K exponents c_t - c_s, t >= s, no reset in (s, t]
+                a = self._diagonal_pairs(qf, kf, gq, nq, gc, gn)
                 decay_S = f"tl.trans(tl.where({gnl} == 0, tl.exp({gl}), 0.0))"
             e_now = f"tl.where({nq} == 0, tl.exp({gq}), 0.0)"
             o = self.bind(True, "b_o", dot(a, vf) + " + "
@@ -392,6 +393,58 @@ class Lowering(recurrent.Lowering):
             b.append(f"    {acc} = tl.where({row} == {j}, tl.trans(tl.sum({xj} * {y} * {dj}, "
                      f"axis=1, keep_dims=True)), {acc})")
         return accs
+
+    # the largest chunk _diagonal_pairs takes (its levels are emitted for halves up to BT / 2)
+    MAX_DIAGONAL_BT = 256
+
+    def _diagonal_pairs(self, qf: str, kf: str, gq: str, nq: str, gc: str, gn: str) -> str:
+        """The key-diagonal intra-chunk pair tile A[t, s] = sum_k q_t k_s e^{c'_t - c_s} (s <= t,
+        or s < t for a readout of prev(S); 0 where n'_t != n_s, a reset between; c'_t, n'_t:
+        ``gq``, ``nq``, the readout's cumulative sums) by halving, with no [BT, BT, BK]
+        product: every pair s < t of the chunk lies in one block of 2h steps (h = BT/2,
+        BT/4, ..., 1: the highest bit where s and t differ) with s in its left half and t in
+        its right half. With e the last step of the left half, e^{c'_t - c_s} =
+        e^{c'_t - c_e} e^{c_e - c_s} and both exponents are <= 0 (s <= e < t, and e <= t - 1
+        for prev(S)); a reset in (s, t] is one in (s, e] or in (e, t] (n'_t != n_e or
+        n_e != n_s, n never decreases), which sets that factor's exponent to -inf. One tl.dot
+        per level over the whole chunk: (q ⊙ e^{c'_t - c_e}) (k ⊙ e^{c_e - c_s})ᵀ, the q rows
+        of left halves and the k rows of right halves 0, the pairs of different blocks masked;
+        c_e and n_e are picked from the [BT/2h, 2h, BK] view of c and n. The diagonal s = t is
+        q_t · k_t (exponent 0; none for prev(S)). Shared with the staged form."""
+        b, T, K = self.body, self.rec.time, self.form.K
+        BT, BK = self.block[T], self.block[K]
+        row = self.bind(True, "o_row", f"tl.arange(0, {BT})[:, None]")
+        col = self.bind(True, "o_col", f"tl.arange(0, {BT})[None, :]")
+        ninf = 'float("-inf")'
+        b.append(f"tl.static_assert({BT} <= {self.MAX_DIAGONAL_BT}, \"key-diagonal chunks of at "
+                 f"most {self.MAX_DIAGONAL_BT} steps\")")
+        if self.form.prev:
+            a = self.bind(True, "b_A", f"tl.zeros([{BT}, {BT}], dtype=tl.float32)")
+        else:
+            a = self.bind(True, "b_A", f"tl.where({row} == {col}, tl.sum({qf} * {kf}, axis=1, "
+                          "keep_dims=True), 0.0)  # s = t")
+        h = 1
+        while h < self.MAX_DIAGONAL_BT:
+            nb = self.names.new(f"N_{2 * h}")
+            sh = f"[{nb}, {2 * h}, {BK}]"
+            x = {v: self.names.new(f"b_{v}_{h}") for v in ("ce", "ne", "qe", "ke")}
+            pos = f"tl.arange(0, {2 * h})[None, :, None] == {h - 1}"
+            pick = (lambda t, z: f"tl.reshape(tl.broadcast_to(tl.sum(tl.where({pos}, "  # noqa: E731
+                    f"tl.reshape({t}, {sh}), {z}), axis=1, keep_dims=True), {sh}), [{BT}, {BK}])")
+            right = f"({row} // {h} % 2 == 1)"
+            lines = [f"{nb}: tl.constexpr = {BT} // {2 * h}",
+                     f"{x['ce']} = {pick(gc, '0.0')}  # c and n at e, the left half's last step",
+                     f"{x['ne']} = {pick(gn, '0')}",
+                     f"{x['qe']} = {qf} * tl.exp(tl.where({right} & ({nq} == {x['ne']}), "
+                     f"{gq} - {x['ce']}, {ninf}))",
+                     f"{x['ke']} = {kf} * tl.exp(tl.where(~{right} & ({gn} == {x['ne']}), "
+                     f"{x['ce']} - {gc}, {ninf}))",
+                     f"{a} += tl.where({row} // {2 * h} == {col} // {2 * h}, "
+                     f"{self._dot(x['qe'], 'tl.trans(' + x['ke'] + ')', 'read')}, 0.0)"]
+            b.append(f"if {BT} > {h}:  # s in the left, t in the right half of {2 * h} steps")
+            b += ["    " + ln for ln in lines]
+            h *= 2
+        return a
 
     @staticmethod
     def _scaled(x: str, e: str | None) -> str:

@@ -43,9 +43,10 @@ The stages are the branches of one kernel on a constexpr ``STAGE`` (Triton compi
 kernel per stage), launched in order by one launcher, which also allocates the buffers. The
 launches are what make the stages wait for each other; no stage reads what a concurrent
 program of its own launch writes (stage 1's V-block programs write the same P tile). Chunks of
-64 steps for identity decays, 32 for scalar ones, 16 for key-diagonal ones (whose intra-chunk term is the
-[BT, BT, BK] product of the fused kernel), 32 for householder transitions (64 spills in every
-stage, ptxas: docs/performance/triton.md).
+64 steps for identity decays, 32 for scalar ones, 32 for key-diagonal ones (whose intra-chunk
+term is the fused kernel's halving levels, ``chunked.Lowering._diagonal_pairs``: log2 BT tl.dot;
+32 measured best on sm_90, 64 spills in stage 3, docs/performance/triton.md), 32 for householder
+transitions (64 spills in every stage, ptxas: docs/performance/triton.md).
 """
 from __future__ import annotations
 
@@ -92,6 +93,8 @@ class Lowering(chunked.Lowering):
     # the (grid, V-block) programs alone fill the GPU (B·H·⌈V/BV⌉ >= SMS, H100/H200: 132
     # SMs), else the three stages, which add ⌈T/BT⌉ programs per (grid, V-block)
     SMS = 132
+    # key-diagonal chunks (the pair tile by halving levels: chunked.Lowering._diagonal_pairs)
+    DIAGONAL_BT = 32
     # householder chunks (the [BT, BT] triangular inverse of stage 1): see the module doc
     HOUSEHOLDER_BT = 32
     # scalar-decay chunks of the stages (``block_size``)
@@ -136,7 +139,7 @@ class Lowering(chunked.Lowering):
             # scalar decays: 32 (sm_90, K=V=128, 8-warp stage 3: 64 spilled 64-116 B, 32
             # spills none, modelled -2.7 % (mamba2) to +8.8 % (simple_gla) for both stages:
             # docs/performance/triton.md, "scalar" section)
-            return {Kind.IDENTITY: 64, Kind.SCALAR: self.SCALAR_BT,
+            return {Kind.IDENTITY: 64, Kind.SCALAR: self.SCALAR_BT, Kind.DIAGONAL: self.DIAGONAL_BT,
                     Kind.HOUSEHOLDER: self.HOUSEHOLDER_BT}.get(self.form.kind, 16)  # dplr: 16
         return super().block_size(d, n, sizes)
 
@@ -403,12 +406,8 @@ class Lowering(chunked.Lowering):
                 seg = (f"tl.exp(tl.where({rmask} & ({nq} == tl.trans({gn})), "
                        f"{gq} - tl.trans({gc}), float(\"-inf\")))")
                 a = self.bind(True, "b_A", f"{dot(qf, f'tl.trans({kf})')} * {seg}")
-            else:
-                same = f"({nq}[:, None, :] == {gn}[None, :, :])"
-                seg = (f"tl.exp(tl.where({rmask}[:, :, None] & {same}, "
-                       f"{gq}[:, None, :] - {gc}[None, :, :], float(\"-inf\")))")
-                a = self.bind(True, "b_A", f"tl.sum({qf}[:, None, :] * {kf}[None, :, :] * "
-                              f"{seg}, axis=2)")
+            else:  # sub-chunks: off-diagonal blocks as tl.dot (chunked.py)
+                a = self._diagonal_pairs(qf, kf, gq, nq, gc, gn)
             e_now = f"tl.where({nq} == 0, tl.exp({gq}), 0.0)"
             if F.kind is Kind.SCALAR:
                 o = self.bind(True, "b_o", f"{dot(a, vf)} + {qs} * {e_now}")
