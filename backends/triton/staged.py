@@ -111,12 +111,20 @@ class Lowering(chunked.Lowering):
         super().__init__(rec, options)
         self.hc = self.names.new("hc")          # per-chunk states (float32)
         self.hh = self.form.kind in (Kind.HOUSEHOLDER, Kind.DPLR)  # the UT form's buffers
+        # householder with the inject's k-side the reflection's k (u = k: delta_net,
+        # gated_delta_net): the shared-k form (``_hh_shared_stage_states``), two dots per chunk
+        self.hh_shared = (self.form.kind is Kind.HOUSEHOLDER
+                          and self.form.k_side == (self.form.hk,))
         if self.hh:
             self.pc = self.names.new("pc")      # per-chunk P = A e^{c_(t-1)} K (float32)
             self.rc = self.names.new("rc")      # per-chunk Q = A N W, then R (float32)
             self.buffers = [self.hc, self.pc, self.rc]
             if self.form.kind is Kind.HOUSEHOLDER:  # stage 2 split over V sub-blocks only
                 self.bvs = self.names.new(f"{self.block[self.form.V]}_STATE")
+            if self.hh_shared:  # the shared-k form: Ud and the state's column factor z
+                self.kc = self.names.new("kc")  # per-chunk Ud = u e^{c_L - c} (float32)
+                self.zc = self.names.new("zc")  # per-chunk z: e^{c_L} (1), NaN where poisoned
+                self.buffers += [self.kc, self.zc]
         else:  # the state pass computes each chunk's contribution: no per-chunk buffer but hc
             self.buffers = [self.hc]
             # the state pass's [BKS, BVS] sub-blocks of the [BK, BV] state (constexprs)
@@ -191,6 +199,13 @@ class Lowering(chunked.Lowering):
                       ("the state pass: R_i = P_i S + Q_i, S = e^c S + Ad^T R_i + Ud^T W', "
                        "sequential over chunks", self._dplr_stage_states),
                       ("outputs, one program per chunk", self._dplr_stage_outputs))
+        elif self.hh_shared:
+            stages = (("the UT factors P' = ab A e^c K, W' = W - ab A N W with A = (I + M)^-1, "
+                       "Ud = K e^(c_L - c), z = e^c_L (NaN where poisoned), one program per chunk",
+                       self._hhs_stage_factors),
+                      ("the state pass: X_i = W'_i - P'_i S, S = z S + Ud^T X_i, sequential "
+                       "over chunks", self._hhs_stage_states),
+                      ("outputs, one program per chunk", self._hhs_stage_outputs))
         elif self.hh:
             stages = (("the UT factors P = A e^c K, Q = A N W with A = (I + M)^-1, one program "
                        "per chunk", self._hh_stage_factors),
@@ -506,6 +521,146 @@ class Lowering(chunked.Lowering):
             b.append(f"tl.store({po}, {self.par(v, 4)}.to({po}.dtype.element_ty), mask={mask})")
         return self.pro + rows + self.body
 
+    # ---- householder transitions with u = k (the shared-k form) ----
+    # With the inject's k-side the reflection's k (delta_net, gated_delta_net: u = k), N = the
+    # pair tile of M without ab (M = N abᵀ), Ud = Kd / ab row-wise, and
+    #   -Kdᵀ R + Udᵀ W = Udᵀ (W - ab ⊙ R) = Udᵀ X,  X = W' - P' S,
+    #   P' = ab ⊙ (A e^{c_(t-1)} K),  W' = W - ab ⊙ (A N W),
+    # and the output's -QK R + QU W = QU X (QK = QU abᵀ): stage 2 is two dots per chunk on
+    # factors stage 1 stored (no factor loads, no sanitizing, no poison reductions: the
+    # state's poison rides in z, NaN in the columns the chunk poisons), stage 3 one pair tile.
+    HH_SHARED_STATE_WARPS = 1  # stage 2 warps as a multiple of num_warps (docs/performance)
+
+    def _hhs_factors(self, env: Env, q: bool, pairs: bool = True):
+        """The shared-k form's tiles: w (v-side), q, the householder tiles (u = kh)."""
+        F, T, K, V = self.form, self.rec.time, self.form.K, self.form.V
+        qk, tv = f"{self.msk[T]} & {self.msk[K]}", f"{self.msk[T]} & {self.msk[V]}"
+        wf, w_ok = self._factor("b_vf", self.product(F.v_side, env), tv)
+        qf = q_ok = None
+        if q:
+            self.body.append(f"# {format_expr(F.contraction)}")
+            qf, q_ok = self._factor("b_qf", self.product(F.q_side, env), qk)
+        causal = f"({self.off[T]} >= tl.trans({self.off[T]}))"
+        t = self._householder_tiles(env, qk, causal, pairs)
+        return wf, w_ok, qf, q_ok, t
+
+    def _zc(self, i_c: str) -> tuple[str, str]:
+        """(pointers, mask) of chunk ``i_c``'s [1, BV] row of ``zc`` ([grid, chunks, V])."""
+        V = self.form.V
+        return (f"{self.zc} + ({self.i_g} * {self.nc} + {i_c}) * {self.size[V]} + {self.off[V]}",
+                self.msk[V])
+
+    def _hhs_stage_factors(self) -> list[str]:
+        env = self._begin()
+        F, dot, b = self.form, self._dot, self.body
+        rows = self._chunk_rows()
+        wf, w_ok, _, _, t = self._hhs_factors(env, False)
+        kh, ab = t["kh"], t["ab"]
+        # first what needs no inverse (Ud, z: stored before it, so that the finiteness tiles
+        # and the decay's tiles are not live through it)
+        to_end = t["to_end"]
+        ud = kh if to_end is None else self.bind(True, "b_Ud", f"{kh} * {to_end}")
+        # z: the state's column factor e^{c_L} (1 without a decay, 0 after a reset), NaN in
+        # every column for a non-finite k, beta or decay in the chunk (a reflection mixes the
+        # rows), and in the columns of a non-finite w: S = z S + ... puts the NaN where the
+        # fused kernel's poison does (a multiplication: NaN * 0 is NaN)
+        step = " + ".join(t["bad"])
+        e_last = "1.0" if t["e_last"] is None else t["e_last"]
+        z = self.bind(True, "b_z", f"tl.where((tl.sum({step}) > 0) | "
+                      f"(tl.sum({self._bad(w_ok, None)}, axis=0, keep_dims=True) > 0), "
+                      f"float(\"nan\"), {e_last} + tl.zeros([1, {self.block[F.V]}], "
+                      "dtype=tl.float32))")
+        ptr, mask = self._buf_rows(self.kc, self.i_c, F.K)
+        pk = self.names.new("p_kc")
+        b += [f"{pk} = {ptr}", f"tl.store({pk}, {ud}, mask={mask})"]
+        ptr, mask = self._zc(self.i_c)
+        pz = self.names.new("p_zc")
+        b += [f"{pz} = {ptr}", f"tl.store({pz}, {z}, mask={mask})"]
+        n = self.bind(True, "b_N", f"{dot(kh, f'tl.trans({kh})')} * {t['seg_prev']}")
+        m = self.bind(True, "b_M", f"{n} * tl.trans({ab})")
+        a = self._ut_inverse(m)
+        p = self.bind(True, "b_P", f"{ab} * {self._dot_inv(a, self._scaled(kh, t['e_prev']))}")
+        w2 = self.bind(True, "b_W2", f"{wf} - {ab} * {self._dot_inv(a, dot(n, wf, 'solve'))}")
+        for buf, d, x in ((self.pc, F.K, p), (self.rc, F.V, w2)):
+            ptr, mask = self._buf_rows(buf, self.i_c, d)
+            pp = self.names.new(f"p_{buf}")
+            b += [f"{pp} = {ptr}", f"tl.store({pp}, {x}, mask={mask})"]
+        return self.pro + rows + self.body
+
+    def _hhs_stage_states(self) -> list[str]:
+        F, env = self.form, self._begin()
+        b, dot = self.body, self._dot
+        s = self.rec.states[0]
+        h = self.state_var[s.name]
+        BK, BV, VS = self.block[F.K], self.block[F.V], self.bvs
+        V = F.V
+        i_s = self.names.new("i_s")
+        out = [f"{i_s} = tl.program_id(2)  # the [{BK}, {VS}] column block of the state",
+               f"{self.off[V]} = {self.pid[V]} * {BV} + {i_s} * {VS} + "
+               f"tl.arange(0, {VS})[None, :]",
+               f"{self.msk[V]} = {self.off[V]} < {self.size[V]}"]
+        kv_env = self._kv_env(Env(env.base))
+        out.append(f"{h} = tl.zeros([{BK}, {VS}], dtype=tl.float32)")
+        ptr, mask = self.pointer(self.h0[s.name], s.dims, kv_env, None)
+        p0 = self.names.ir("p_", self.h0[s.name])
+        out += [f"if {self.use_h0[s.name]}:", f"    {p0} = {ptr}",
+                f"    {h} += tl.load({p0}, mask={mask}, other=0.0).to(tl.float32)"]
+        i_c = self.names.new("i_c")
+        ptr, mask = self._hc(i_c)
+        p = self.names.new("p_hc")
+        b += [f"{p} = {ptr}", f"tl.store({p}, {h}, mask={mask})  # the state entering chunk {i_c}"]
+        loads = {}
+        for buf, d, nm in ((self.pc, F.K, "b_P"), (self.rc, F.V, "b_W2"), (self.kc, F.K, "b_Ud")):
+            ptr, mask = self._buf_rows(buf, i_c, d)
+            pp = self.names.new(f"p_{buf}")
+            b.append(f"{pp} = {ptr}")
+            loads[buf] = (pp, self.bind(True, nm, f"tl.load({pp}, mask={mask}, other=0.0)"))
+        ptr, mask = self._zc(i_c)
+        pz = self.names.new("p_zc")
+        b.append(f"{pz} = {ptr}")
+        z = self.bind(True, "b_z", f"tl.load({pz}, mask={mask}, other=0.0)")
+        pr, w2 = loads[self.rc]
+        x = self.bind(True, "b_X", f"{w2} - {dot(loads[self.pc][1], h, 'read')}")
+        b.append(f"tl.store({pr}, {x}, mask={self.msk[V]})  # X of chunk {i_c}, over its W'")
+        b.append(f"{h} = {z} * {h} + {dot(f'tl.trans({loads[self.kc][1]})', x, 'update')}")
+        out += self.pro
+        out.append(f"for {i_c} in range(0, {self.nc}):")
+        out += ["    " + ln for ln in b]
+        ptr, mask = self.pointer(self.ht[s.name], s.dims, kv_env, None)
+        pt = self.names.ir("p_", self.ht[s.name])
+        out += [f"if {self.store_ht}:", f"    {pt} = {ptr}",
+                f"    tl.store({pt}, {h}, mask={mask})"]
+        return out
+
+    def _hhs_stage_outputs(self) -> list[str]:
+        rec, F, env = self.rec, self.form, self._begin()
+        b, dot = self.body, self._dot
+        rows = self._chunk_rows()
+        wf, w_ok, qf, q_ok, t = self._hhs_factors(env, True)
+        kh, seg = t["kh"], t["seg"]
+        ptr, mask = self._hc(self.i_c)
+        p, h = self.names.new("p_hc"), self.names.new("b_S_in")
+        b += [f"{p} = {ptr}", f"{h} = tl.load({p}, mask={mask}, other=0.0)"]
+        ptr, mask = self._buf_rows(self.rc, self.i_c, F.V)
+        pr = self.names.new("p_rc")
+        b.append(f"{pr} = {ptr}")
+        x = self.bind(True, "b_X", f"tl.load({pr}, mask={mask}, other=0.0)")
+        qum = self.bind(True, "b_QU", f"{dot(qf, f'tl.trans({kh})')} * {seg}")
+        # X (rows of W - ab Kᵀ S) read at the state's precision, as R in ``_hh_stage_outputs``
+        o = self.bind(True, "b_o", f"{self._scaled(dot(qf, h, 'read'), t['e_now'])} + "
+                      f"{dot(qum, x, 'read')}")
+        vbad = self.bind(True, "b_bad_v", self._bad(w_ok, None))
+        self._poison_output(o, t["bad"], self._bad(q_ok, 1), vbad)
+        self._memo[(F.contraction, env.key)] = o
+        for out in rec.outputs:
+            b.append(f"# {out.name} = {format_expr(out.expr)}")
+            v = self.value(out.expr, env)
+            ptr, mask = self.pointer(self.arg[out.name], out.dims, env, None, time_env=True)
+            po = self.names.ir("p_", out.name)
+            b.append(f"{po} = {ptr}")
+            b.append(f"tl.store({po}, {self.par(v, 4)}.to({po}.dtype.element_ty), mask={mask})")
+        return self.pro + rows + self.body
+
     # ---- dplr transitions ----
     def _dplr_tiles(self, env: Env, q: bool):
         """The chunk's dplr tiles as ``chunked.Lowering._dplr_chunk`` takes them: factor tiles
@@ -678,8 +833,14 @@ class Lowering(chunked.Lowering):
                     f"    {self.pc} = torch.empty(({g0}, {nc}, {self.block[T]}, "
                     f"{self.size[F.K]}), dtype=torch.float32, device={dev})",
                     f"    {self.rc} = torch.empty(({g0}, {nc}, {self.block[T]}, "
-                    f"{self.size[F.V]}), dtype=torch.float32, device={dev})",
-                    f"    for {self.stage}, grid, {warps} in "
+                    f"{self.size[F.V]}), dtype=torch.float32, device={dev})"]
+            if self.hh_shared:
+                new += [f"    {self.kc} = torch.empty(({g0}, {nc}, {self.block[T]}, "
+                        f"{self.size[F.K]}), dtype=torch.float32, device={dev})",
+                        f"    {self.zc} = torch.empty(({g0}, {nc}, {self.size[F.V]}), "
+                        f"dtype=torch.float32, device={dev})"]
+                w[1] = f"min({self.HH_SHARED_STATE_WARPS} * {nw}, 32)"
+            new += [f"    for {self.stage}, grid, {warps} in "
                     f"((1, ({g0}, {g1}, {nc}), {w[0]}), (2, ({g0}, {g1}, {split}), {w[1]}), "
                     f"(3, ({g0}, {g1}, {nc}), {w[2]})):"]
         else:
