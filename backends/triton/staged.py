@@ -551,40 +551,56 @@ class Lowering(chunked.Lowering):
                 self.msk[V])
 
     def _hhs_stage_factors(self) -> list[str]:
+        """Stage 1 of the shared-k form, one program per (grid, chunk) (the launcher's grid has
+        one V-block): the K-side tiles, Ud and the inverse once, then a loop over the V blocks
+        for W' and z (the inverse is not recomputed per V block)."""
         env = self._begin()
-        F, dot, b = self.form, self._dot, self.body
+        F, T, K, V, dot, b = self.form, self.rec.time, self.form.K, self.form.V, self._dot, \
+            self.body
+        BV = self.block[V]
         rows = self._chunk_rows()
-        wf, w_ok, _, _, t = self._hhs_factors(env, False)
+        qk = f"{self.msk[T]} & {self.msk[K]}"
+        causal = f"({self.off[T]} >= tl.trans({self.off[T]}))"
+        t = self._householder_tiles(env, qk, causal)
         kh, ab = t["kh"], t["ab"]
-        # first what needs no inverse (Ud, z: stored before it, so that the finiteness tiles
-        # and the decay's tiles are not live through it)
         to_end = t["to_end"]
         ud = kh if to_end is None else self.bind(True, "b_Ud", f"{kh} * {to_end}")
-        # z: the state's column factor e^{c_L} (1 without a decay, 0 after a reset), NaN in
-        # every column for a non-finite k, beta or decay in the chunk (a reflection mixes the
-        # rows), and in the columns of a non-finite w: S = z S + ... puts the NaN where the
-        # fused kernel's poison does (a multiplication: NaN * 0 is NaN)
-        step = " + ".join(t["bad"])
-        e_last = "1.0" if t["e_last"] is None else t["e_last"]
-        z = self.bind(True, "b_z", f"tl.where((tl.sum({step}) > 0) | "
-                      f"(tl.sum({self._bad(w_ok, None)}, axis=0, keep_dims=True) > 0), "
-                      f"float(\"nan\"), {e_last} + tl.zeros([1, {self.block[F.V]}], "
-                      "dtype=tl.float32))")
         ptr, mask = self._buf_rows(self.kc, self.i_c, F.K)
         pk = self.names.new("p_kc")
         b += [f"{pk} = {ptr}", f"tl.store({pk}, {ud}, mask={mask})"]
-        ptr, mask = self._zc(self.i_c)
-        pz = self.names.new("p_zc")
-        b += [f"{pz} = {ptr}", f"tl.store({pz}, {z}, mask={mask})"]
+        step = self.bind(True, "b_bad_chunk", f"tl.sum({' + '.join(t['bad'])})")
         n = self.bind(True, "b_N", f"{dot(kh, f'tl.trans({kh})')} * {t['seg_prev']}")
         m = self.bind(True, "b_M", f"{n} * tl.trans({ab})")
         a = self._ut_inverse(m)
         p = self.bind(True, "b_P", f"{ab} * {self._dot_inv(a, self._scaled(kh, t['e_prev']))}")
+        ptr, mask = self._buf_rows(self.pc, self.i_c, F.K)
+        pp = self.names.new("p_pc")
+        b += [f"{pp} = {ptr}", f"tl.store({pp}, {p}, mask={mask})"]
+        # per V block: W' and z
+        at = len(b)
+        tv = f"{self.msk[T]} & {self.msk[V]}"
+        wf, w_ok = self._factor("b_vf", self.product(F.v_side, env), tv)
         w2 = self.bind(True, "b_W2", f"{wf} - {ab} * {self._dot_inv(a, dot(n, wf, 'solve'))}")
-        for buf, d, x in ((self.pc, F.K, p), (self.rc, F.V, w2)):
-            ptr, mask = self._buf_rows(buf, self.i_c, d)
-            pp = self.names.new(f"p_{buf}")
-            b += [f"{pp} = {ptr}", f"tl.store({pp}, {x}, mask={mask})"]
+        # z: the state's column factor e^{c_L} (1 without a decay, 0 after a reset), NaN in
+        # every column for a non-finite k, beta or decay in the chunk (a reflection mixes the
+        # rows), and in the columns of a non-finite w: S = z S + ... puts the NaN where the
+        # fused kernel's poison does (a multiplication: NaN * 0 is NaN)
+        e_last = "1.0" if t["e_last"] is None else t["e_last"]
+        z = self.bind(True, "b_z", f"tl.where(({step} > 0) | "
+                      f"(tl.sum({self._bad(w_ok, None)}, axis=0, keep_dims=True) > 0), "
+                      f"float(\"nan\"), {e_last} + tl.zeros([1, {BV}], dtype=tl.float32))")
+        ptr, mask = self._buf_rows(self.rc, self.i_c, F.V)
+        pr = self.names.new("p_rc")
+        b += [f"{pr} = {ptr}", f"tl.store({pr}, {w2}, mask={mask})"]
+        ptr, mask = self._zc(self.i_c)
+        pz = self.names.new("p_zc")
+        b += [f"{pz} = {ptr}", f"tl.store({pz}, {z}, mask={mask})"]
+        loop, b[at:] = b[at:], []
+        iv = self.names.new("i_v")
+        b += [f"for {iv} in range(0, tl.cdiv({self.size[V]}, {BV})):  # the V blocks",
+              f"    {self.off[V]} = {iv} * {BV} + tl.arange(0, {BV})[None, :].to(tl.int64)",
+              f"    {self.msk[V]} = {self.off[V]} < {self.size[V]}"]
+        b += ["    " + ln for ln in loop]
         return self.pro + rows + self.body
 
     def _hhs_stage_states(self) -> list[str]:
@@ -840,8 +856,9 @@ class Lowering(chunked.Lowering):
                         f"    {self.zc} = torch.empty(({g0}, {nc}, {self.size[F.V]}), "
                         f"dtype=torch.float32, device={dev})"]
                 w[1] = f"min({self.HH_SHARED_STATE_WARPS} * {nw}, 32)"
+            g1s = "1" if self.hh_shared else g1  # shared-k stage 1 loops over the V blocks
             new += [f"    for {self.stage}, grid, {warps} in "
-                    f"((1, ({g0}, {g1}, {nc}), {w[0]}), (2, ({g0}, {g1}, {split}), {w[1]}), "
+                    f"((1, ({g0}, {g1s}, {nc}), {w[0]}), (2, ({g0}, {g1}, {split}), {w[1]}), "
                     f"(3, ({g0}, {g1}, {nc}), {w[2]})):"]
         else:
             BV = self.block[F.V]
