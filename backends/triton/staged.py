@@ -154,7 +154,9 @@ class Lowering(chunked.Lowering):
         for buf in self.buffers:
             sig[buf] = "*fp32"
         const[self.stage] = stage
-        if not self.hh:  # hc in the input dtype for 16-bit inputs (the launcher's rule)
+        if not self.hh or self.hh_shared:  # hc in the input dtype for 16-bit inputs
+            sig[self.hc] = {"bfloat16": "*bf16", "float16": "*fp16"}.get(dtype, "*fp32")
+        if not self.hh:  # (the launcher's rule)
             sig[self.hc] = {"bfloat16": "*bf16", "float16": "*fp16"}.get(dtype, "*fp32")
             const[self.bks] = min(const[self.block[self.form.K]], self.STATE_BLOCK[0])
             const[self.bvs] = min(const[self.block[self.form.V]], self.STATE_BLOCK[1])
@@ -624,7 +626,8 @@ class Lowering(chunked.Lowering):
         i_c = self.names.new("i_c")
         ptr, mask = self._hc(i_c)
         p = self.names.new("p_hc")
-        b += [f"{p} = {ptr}", f"tl.store({p}, {h}, mask={mask})  # the state entering chunk {i_c}"]
+        b += [f"{p} = {ptr}", f"tl.store({p}, {h}.to({p}.dtype.element_ty), mask={mask})  "
+              f"# the state entering chunk {i_c}"]
         loads = {}
         for buf, d, nm in ((self.pc, F.K, "b_P"), (self.rc, F.V, "b_W2"), (self.kc, F.K, "b_Ud")):
             ptr, mask = self._buf_rows(buf, i_c, d)
@@ -662,8 +665,13 @@ class Lowering(chunked.Lowering):
         b.append(f"{pr} = {ptr}")
         x = self.bind(True, "b_X", f"tl.load({pr}, mask={mask}, other=0.0)")
         qum = self.bind(True, "b_QU", f"{dot(qf, f'tl.trans({kh})')} * {seg}")
-        # X (rows of W - ab Kᵀ S) read at the state's precision, as R in ``_hh_stage_outputs``
-        o = self.bind(True, "b_o", f"{self._scaled(dot(qf, h, 'read'), t['e_now'])} + "
+        # q S_in with S_in in hc's dtype (as ``_stage_outputs``: 16-bit for 16-bit inputs, q
+        # exact in it; float32: the "read" precision); X (rows of W - ab Kᵀ S) read at the
+        # state's precision, as R in ``_hh_stage_outputs``
+        mode = self.options.get("dot_precision", "auto")
+        prec = self.dot_f32 or ('"ieee"' if mode == "input" else f'"{mode}"')
+        qs = f"tl.dot({qf}.to({self.hc}.dtype.element_ty), {h}, input_precision={prec})"
+        o = self.bind(True, "b_o", f"{self._scaled(qs, t['e_now'])} + "
                       f"{dot(qum, x, 'read')}")
         vbad = self.bind(True, "b_bad_v", self._bad(w_ok, None))
         self._poison_output(o, t["bad"], self._bad(q_ok, 1), vbad)
@@ -840,12 +848,16 @@ class Lowering(chunked.Lowering):
         new += [f"    {nc} = -(-{self.size[T]} // {self.block[T]})"]
         w = [f"min({self.WARPS[i]} * {nw}, 32)" for i in (1, 2, 3)]
         if self.hh:
+            # the shared-k form keeps hc in the input dtype for 16-bit inputs (as the
+            # identity/scalar/key-diagonal state pass)
+            hdt = (f"{first}.dtype if {first}.dtype in (torch.bfloat16, torch.float16) else "
+                   "torch.float32") if self.hh_shared else "torch.float32"
             split = (f"{self.block[F.V]} // {self.bvs}" if self.form.kind is Kind.HOUSEHOLDER
                      else "1")
             new += ["    # per chunk: P, Q (stage 1), then R over Q and the state entering it "
                     "(stage 2)",
                     f"    {self.hc} = torch.empty(({g0}, {nc}, {self.size[F.K]}, "
-                    f"{self.size[F.V]}), dtype=torch.float32, device={dev})",
+                    f"{self.size[F.V]}), dtype={hdt}, device={dev})",
                     f"    {self.pc} = torch.empty(({g0}, {nc}, {self.block[T]}, "
                     f"{self.size[F.K]}), dtype=torch.float32, device={dev})",
                     f"    {self.rc} = torch.empty(({g0}, {nc}, {self.block[T]}, "

@@ -65,18 +65,13 @@ def gated_delta_net_staged_fwd_kernel(
         i_c_1 = tl.program_id(2).to(tl.int64)
         o_time = i_c_1 * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None].to(tl.int64)
         m_time = o_time < TIME
-        p_beta = beta + i_batch * TIME * HEADS + o_time * HEADS + i_heads
-        b_beta = tl.load(p_beta, mask=m_time, other=0.0).to(tl.float32)
-        p_v = v + i_batch * TIME * HEADS * VALUE + o_time * HEADS * VALUE + i_heads * VALUE + o_value
-        b_v = tl.load(p_v, mask=m_time & m_value, other=0.0).to(tl.float32)
-        b_vf = tl.where(m_time & m_value, b_beta * b_v, 0.0)
-        b_vf_ok = tl.abs(b_vf) < float("inf")
-        b_vf = tl.where(b_vf_ok, b_vf, 0.0)
         p_k = k + i_batch * TIME * HEADS * KEY + o_time * HEADS * KEY + i_heads * KEY + o_key
         b_k = tl.load(p_k, mask=m_time & m_key, other=0.0).to(tl.float32)
         b_hk = tl.where(m_time & m_key, b_k, 0.0)
         b_hk_ok = tl.abs(b_hk) < float("inf")
         b_hk = tl.where(b_hk_ok, b_hk, 0.0)
+        p_beta = beta + i_batch * TIME * HEADS + o_time * HEADS + i_heads
+        b_beta = tl.load(p_beta, mask=m_time, other=0.0).to(tl.float32)
         b_beta_1 = tl.where(m_time, b_beta, 0.0)
         b_beta_1_ok = tl.abs(b_beta_1) < float("inf")
         b_beta_1 = tl.where(b_beta_1_ok, b_beta_1, 0.0)
@@ -93,11 +88,9 @@ def gated_delta_net_staged_fwd_kernel(
         b_ab = tl.where(b_g_1_reset, 0.0, tl.exp(b_g_1)) * b_beta_1
         b_seg_prev = tl.exp(tl.where((o_time > tl.trans(o_time)) & ((b_gn - b_g_1_reset.to(tl.int32)) == tl.trans(b_gn)), b_gc - b_g_1 - tl.trans(b_gc), float("-inf")))
         b_Ud = b_hk * tl.where(b_gn == b_gnlast, tl.exp(b_glast - b_gc), 0.0)
-        b_z = tl.where((tl.sum(tl.sum(tl.where(b_hk_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_beta_1_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_g_1_ok, 0, 1), axis=1, keep_dims=True)) > 0) | (tl.sum(tl.where(b_vf_ok, 0, 1), axis=0, keep_dims=True) > 0), float("nan"), tl.where(b_gnlast == 0, tl.exp(b_glast), 0.0) + tl.zeros([1, BLOCK_VALUE], dtype=tl.float32))
         p_kc = kc + ((i_g * n_chunks + i_c_1) * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None]) * KEY + o_key
         tl.store(p_kc, b_Ud, mask=m_key)
-        p_zc = zc + (i_g * n_chunks + i_c_1) * VALUE + o_value
-        tl.store(p_zc, b_z, mask=m_value)
+        b_bad_chunk = tl.sum(tl.sum(tl.where(b_hk_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_beta_1_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_g_1_ok, 0, 1), axis=1, keep_dims=True))
         b_N = tl.dot(b_hk.to(q.dtype.element_ty), tl.trans(b_hk).to(q.dtype.element_ty), input_precision=DOT_F32) * b_seg_prev
         b_M = b_N * tl.trans(b_ab)
         o_row = tl.arange(0, BLOCK_TIME)[:, None]
@@ -111,11 +104,22 @@ def gated_delta_net_staged_fwd_kernel(
         for i_b in range(1, BLOCK_TIME // 16):  # block row i_b
             b_A = b_A - tl.dot(b_Ad, tl.dot(tl.where(o_row // 16 == i_b, b_Mo, 0.0), b_A, input_precision="tf32x3"), input_precision="tf32x3")
         b_P = b_ab * tl.dot(b_A, tl.where((b_gn - b_g_1_reset.to(tl.int32)) == 0, tl.exp(b_gc - b_g_1), 0.0) * b_hk, input_precision="tf32x3")
-        b_W2 = b_vf - b_ab * tl.dot(b_A, tl.dot(b_N.to(q.dtype.element_ty), b_vf.to(q.dtype.element_ty), input_precision=DOT_F32), input_precision="tf32x3")
         p_pc = pc + ((i_g * n_chunks + i_c_1) * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None]) * KEY + o_key
         tl.store(p_pc, b_P, mask=m_key)
-        p_rc = rc + ((i_g * n_chunks + i_c_1) * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None]) * VALUE + o_value
-        tl.store(p_rc, b_W2, mask=m_value)
+        for i_v in range(0, tl.cdiv(VALUE, BLOCK_VALUE)):  # the V blocks
+            o_value = i_v * BLOCK_VALUE + tl.arange(0, BLOCK_VALUE)[None, :].to(tl.int64)
+            m_value = o_value < VALUE
+            p_v = v + i_batch * TIME * HEADS * VALUE + o_time * HEADS * VALUE + i_heads * VALUE + o_value
+            b_v = tl.load(p_v, mask=m_time & m_value, other=0.0).to(tl.float32)
+            b_vf = tl.where(m_time & m_value, b_beta * b_v, 0.0)
+            b_vf_ok = tl.abs(b_vf) < float("inf")
+            b_vf = tl.where(b_vf_ok, b_vf, 0.0)
+            b_W2 = b_vf - b_ab * tl.dot(b_A, tl.dot(b_N.to(q.dtype.element_ty), b_vf.to(q.dtype.element_ty), input_precision=DOT_F32), input_precision="tf32x3")
+            b_z = tl.where((b_bad_chunk > 0) | (tl.sum(tl.where(b_vf_ok, 0, 1), axis=0, keep_dims=True) > 0), float("nan"), tl.where(b_gnlast == 0, tl.exp(b_glast), 0.0) + tl.zeros([1, BLOCK_VALUE], dtype=tl.float32))
+            p_rc = rc + ((i_g * n_chunks + i_c_1) * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None]) * VALUE + o_value
+            tl.store(p_rc, b_W2, mask=m_value)
+            p_zc = zc + (i_g * n_chunks + i_c_1) * VALUE + o_value
+            tl.store(p_zc, b_z, mask=m_value)
     elif STAGE == 2:  # the state pass: X_i = W'_i - P'_i S, S = z S + Ud^T X_i, sequential over chunks
         i_s = tl.program_id(2)  # the [BLOCK_KEY, BLOCK_VALUE_STATE] column block of the state
         o_value = i_value * BLOCK_VALUE + i_s * BLOCK_VALUE_STATE + tl.arange(0, BLOCK_VALUE_STATE)[None, :]
@@ -126,7 +130,7 @@ def gated_delta_net_staged_fwd_kernel(
             b_S += tl.load(p_h0, mask=tl.trans(m_key) & m_value, other=0.0).to(tl.float32)
         for i_c_2 in range(0, n_chunks):
             p_hc = hc + (i_g * n_chunks + i_c_2) * KEY * VALUE + tl.trans(o_key) * VALUE + o_value
-            tl.store(p_hc, b_S, mask=tl.trans(m_key) & m_value)  # the state entering chunk i_c_2
+            tl.store(p_hc, b_S.to(p_hc.dtype.element_ty), mask=tl.trans(m_key) & m_value)  # the state entering chunk i_c_2
             p_pc_1 = pc + ((i_g * n_chunks + i_c_2) * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None]) * KEY + o_key
             b_P_1 = tl.load(p_pc_1, mask=m_key, other=0.0)
             p_rc_1 = rc + ((i_g * n_chunks + i_c_2) * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None]) * VALUE + o_value
@@ -180,7 +184,7 @@ def gated_delta_net_staged_fwd_kernel(
         p_rc_2 = rc + ((i_g * n_chunks + i_c_3) * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None]) * VALUE + o_value
         b_X_1 = tl.load(p_rc_2, mask=m_value, other=0.0)
         b_QU = tl.dot(b_qf.to(q.dtype.element_ty), tl.trans(b_hk_1).to(q.dtype.element_ty), input_precision=DOT_F32) * b_seg_1
-        b_o = tl.where(b_gn_1 == 0, tl.exp(b_gc_1), 0.0) * tl.dot(b_qf, b_S_in, input_precision=DOT_F32) + tl.dot(b_QU, b_X_1, input_precision=DOT_F32)
+        b_o = tl.where(b_gn_1 == 0, tl.exp(b_gc_1), 0.0) * tl.dot(b_qf.to(hc.dtype.element_ty), b_S_in, input_precision=DOT_F32) + tl.dot(b_QU, b_X_1, input_precision=DOT_F32)
         b_bad_v = tl.where(b_vf_1_ok, 0, 1)
         b_bad_step = tl.sum(tl.where(b_hk_1_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_beta_3_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_g_3_ok, 0, 1), axis=1, keep_dims=True)
         b_prow = (tl.cumsum(b_bad_step, axis=0) > 0) | (tl.sum(tl.where(b_qf_ok, 0, 1), axis=1, keep_dims=True) > 0)
@@ -212,12 +216,12 @@ def gated_delta_net_staged_fwd(q, k, v, g, beta, initial_state=None, output_fina
     BLOCK_VALUE_STATE = min(BLOCK_VALUE, 16)  # the state pass's V sub-blocks
     n_chunks_1 = -(-TIME // BLOCK_TIME)
     # per chunk: P, Q (stage 1), then R over Q and the state entering it (stage 2)
-    hc = torch.empty((BATCH * HEADS, n_chunks_1, KEY, VALUE), dtype=torch.float32, device=q.device)
+    hc = torch.empty((BATCH * HEADS, n_chunks_1, KEY, VALUE), dtype=q.dtype if q.dtype in (torch.bfloat16, torch.float16) else torch.float32, device=q.device)
     pc = torch.empty((BATCH * HEADS, n_chunks_1, BLOCK_TIME, KEY), dtype=torch.float32, device=q.device)
     rc = torch.empty((BATCH * HEADS, n_chunks_1, BLOCK_TIME, VALUE), dtype=torch.float32, device=q.device)
     kc = torch.empty((BATCH * HEADS, n_chunks_1, BLOCK_TIME, KEY), dtype=torch.float32, device=q.device)
     zc = torch.empty((BATCH * HEADS, n_chunks_1, VALUE), dtype=torch.float32, device=q.device)
-    for STAGE, grid, warps in ((1, (BATCH * HEADS, -(-VALUE // BLOCK_VALUE), n_chunks_1), min(2 * num_warps, 32)), (2, (BATCH * HEADS, -(-VALUE // BLOCK_VALUE), BLOCK_VALUE // BLOCK_VALUE_STATE), min(1 * num_warps, 32)), (3, (BATCH * HEADS, -(-VALUE // BLOCK_VALUE), n_chunks_1), min(2 * num_warps, 32))):
+    for STAGE, grid, warps in ((1, (BATCH * HEADS, 1, n_chunks_1), min(2 * num_warps, 32)), (2, (BATCH * HEADS, -(-VALUE // BLOCK_VALUE), BLOCK_VALUE // BLOCK_VALUE_STATE), min(1 * num_warps, 32)), (3, (BATCH * HEADS, -(-VALUE // BLOCK_VALUE), n_chunks_1), min(2 * num_warps, 32))):
         gated_delta_net_staged_fwd_kernel[grid](
             q,
             k,
