@@ -416,8 +416,34 @@ class Lowering(chunked.Lowering):
         mo = self.bind(True, "b_Mo", f"tl.where({blk}, 0.0, {m})")
         j = self.names.new("i_b")
         inner = self._dot_inv(f"tl.where({row} // 16 == {j}, {mo}, 0.0)", a)
-        b.append(f"for {j} in range(1, {BT} // 16):  # block row {j}")
+        b.append(f"for {j} in tl.static_range(1, {BT} // 16):  # block row {j} (unrolled)")
         b.append(f"    {a} = {a} - {self._dot_inv(ad, inner)}")
+        return a
+
+    # the largest chunk the doubling inverse below handles (levels up to half of it)
+    MAX_BT = 128
+
+    def _ut_inverse_doubling(self, m: str) -> str:
+        """A = (I + M)^-1 for the strictly lower triangular [BT, BT] tile M by recursive
+        doubling of the diagonal blocks: with A_s the inverse of the block diagonal of I + M in
+        s x s blocks (A_1 = I), A_2s = A_s - A_s M_s A_s, M_s the part of M inside the 2s x 2s
+        diagonal blocks and outside the s x s ones (the 2x2 block inverse [[A11, 0],
+        [-A22 L21 A11, A22]] of every 2s block at once). log2(BT) levels, the first without a
+        dot (A_2 = I - M_1), two tf32x3 dots each after it: at BT 32 eight [BT, BT] dots where
+        ``_ut_inverse`` takes 17 (15 row steps and a block row)."""
+        b, BT = self.body, self.block[self.rec.time]
+        row = self.bind(True, "o_row", f"tl.arange(0, {BT})[:, None]")
+        col = self.bind(True, "o_col", f"tl.arange(0, {BT})[None, :]")
+        a = self.bind(True, "b_A", f"tl.where({row} == {col}, 1.0, 0.0) - "
+                      f"tl.where(({row} // 2) == ({col} // 2), {m}, 0.0)")
+        ms = self.names.new("b_Ms")
+        size = 2
+        while size < self.MAX_BT:
+            b.append(f"if {BT} > {size}:  # level {size} -> {2 * size}")
+            b.append(f"    {ms} = tl.where((({row} // {2 * size}) == ({col} // {2 * size})) & "
+                     f"(({row} // {size}) != ({col} // {size})), {m}, 0.0)")
+            b.append(f"    {a} = {a} - {self._dot_inv(a, self._dot_inv(ms, a))}")
+            size *= 2
         return a
 
     def _hh_stage_factors(self) -> list[str]:
@@ -531,7 +557,13 @@ class Lowering(chunked.Lowering):
     # and the output's -QK R + QU W = QU X (QK = QU abᵀ): stage 2 is two dots per chunk on
     # factors stage 1 stored (no factor loads, no sanitizing, no poison reductions: the
     # state's poison rides in z, NaN in the columns the chunk poisons), stage 3 one pair tile.
-    HH_SHARED_STATE_WARPS = 1  # stage 2 warps as a multiple of num_warps (docs/performance)
+    # stage 2 warps as a multiple of num_warps when its programs fit in one wave (else
+    # num_warps): sm_90 modelled, docs/performance/triton.md
+    HH_SHARED_STATE_WARPS = 2
+    # stage 3 warps as a multiple of num_warps (4 warps: 140-176 B spilled, sm_90)
+    HH_SHARED_OUT_WARPS = 2
+    HH_SHARED_FACTOR_WARPS = 2  # stage 1 warps as a multiple of num_warps
+    HH_SHARED_STAGES = 2  # stage 2's software pipeline depth (tl.range num_stages)
 
     def _hhs_factors(self, env: Env, q: bool, pairs: bool = True):
         """The shared-k form's tiles: w (v-side), q, the householder tiles (u = kh)."""
@@ -573,8 +605,10 @@ class Lowering(chunked.Lowering):
         step = self.bind(True, "b_bad_chunk", f"tl.sum({' + '.join(t['bad'])})")
         n = self.bind(True, "b_N", f"{dot(kh, f'tl.trans({kh})')} * {t['seg_prev']}")
         m = self.bind(True, "b_M", f"{n} * tl.trans({ab})")
-        a = self._ut_inverse(m)
-        p = self.bind(True, "b_P", f"{ab} * {self._dot_inv(a, self._scaled(kh, t['e_prev']))}")
+        a = self._ut_inverse_doubling(m)
+        # A e^{c_(t-1)} K as (A scaled by columns) K: no scaled [BT, K] copy of K
+        ae = a if t["e_prev"] is None else f"({a} * tl.trans({t['e_prev']}))"
+        p = self.bind(True, "b_P", f"{ab} * {self._dot_inv(ae, kh)}")
         ptr, mask = self._buf_rows(self.pc, self.i_c, F.K)
         pp = self.names.new("p_pc")
         b += [f"{pp} = {ptr}", f"tl.store({pp}, {p}, mask={mask})"]
@@ -643,7 +677,8 @@ class Lowering(chunked.Lowering):
         b.append(f"tl.store({pr}, {x}, mask={self.msk[V]})  # X of chunk {i_c}, over its W'")
         b.append(f"{h} = {z} * {h} + {dot(f'tl.trans({loads[self.kc][1]})', x, 'update')}")
         out += self.pro
-        out.append(f"for {i_c} in range(0, {self.nc}):")
+        # the loads of chunk i + 1 (no dependence on S) issued while chunk i computes
+        out.append(f"for {i_c} in tl.range(0, {self.nc}, num_stages={self.HH_SHARED_STAGES}):")
         out += ["    " + ln for ln in b]
         ptr, mask = self.pointer(self.ht[s.name], s.dims, kv_env, None)
         pt = self.names.ir("p_", self.ht[s.name])
@@ -867,7 +902,12 @@ class Lowering(chunked.Lowering):
                         f"{self.size[F.K]}), dtype=torch.float32, device={dev})",
                         f"    {self.zc} = torch.empty(({g0}, {nc}, {self.size[F.V]}), "
                         f"dtype=torch.float32, device={dev})"]
-                w[1] = f"min({self.HH_SHARED_STATE_WARPS} * {nw}, 32)"
+                # stage 2 (one wave when its programs fit the SMs: then more warps per
+                # program, else num_warps and more programs per SM): docs/performance/triton.md
+                w[1] = (f"(min({self.HH_SHARED_STATE_WARPS} * {nw}, 32) if {g0} * {g1} * "
+                        f"({split}) <= {self.SMS} else {nw})")
+                w[2] = f"min({self.HH_SHARED_OUT_WARPS} * {nw}, 32)"
+                w[0] = f"min({self.HH_SHARED_FACTOR_WARPS} * {nw}, 32)"
             g1s = "1" if self.hh_shared else g1  # shared-k stage 1 loops over the V blocks
             new += [f"    for {self.stage}, grid, {warps} in "
                     f"((1, ({g0}, {g1s}, {nc}), {w[0]}), (2, ({g0}, {g1}, {split}), {w[1]}), "

@@ -79,15 +79,26 @@ def delta_net_staged_fwd_kernel(
         b_N = tl.dot(b_hk.to(q.dtype.element_ty), tl.trans(b_hk).to(q.dtype.element_ty), input_precision=DOT_F32) * tl.where((o_time > tl.trans(o_time)), 1.0, 0.0)
         b_M = b_N * tl.trans(b_beta_1)
         o_row = tl.arange(0, BLOCK_TIME)[:, None]
-        b_blk = (o_row // 16) == (tl.arange(0, BLOCK_TIME)[None, :] // 16)  # in a diagonal block
-        b_Md = tl.where(b_blk, b_M, 0.0)
-        b_A = tl.where(o_row == tl.arange(0, BLOCK_TIME)[None, :], 1.0, 0.0)
-        for i_r in range(1, 16):  # row i_r of every diagonal block
-            b_A = tl.where(o_row % 16 == i_r, b_A - tl.dot(tl.where(o_row % 16 == i_r, b_Md, 0.0), b_A, input_precision="tf32x3"), b_A)
-        b_Ad = b_A
-        b_Mo = tl.where(b_blk, 0.0, b_M)
-        for i_b in range(1, BLOCK_TIME // 16):  # block row i_b
-            b_A = b_A - tl.dot(b_Ad, tl.dot(tl.where(o_row // 16 == i_b, b_Mo, 0.0), b_A, input_precision="tf32x3"), input_precision="tf32x3")
+        o_col = tl.arange(0, BLOCK_TIME)[None, :]
+        b_A = tl.where(o_row == o_col, 1.0, 0.0) - tl.where((o_row // 2) == (o_col // 2), b_M, 0.0)
+        if BLOCK_TIME > 2:  # level 2 -> 4
+            b_Ms = tl.where(((o_row // 4) == (o_col // 4)) & ((o_row // 2) != (o_col // 2)), b_M, 0.0)
+            b_A = b_A - tl.dot(b_A, tl.dot(b_Ms, b_A, input_precision="tf32x3"), input_precision="tf32x3")
+        if BLOCK_TIME > 4:  # level 4 -> 8
+            b_Ms = tl.where(((o_row // 8) == (o_col // 8)) & ((o_row // 4) != (o_col // 4)), b_M, 0.0)
+            b_A = b_A - tl.dot(b_A, tl.dot(b_Ms, b_A, input_precision="tf32x3"), input_precision="tf32x3")
+        if BLOCK_TIME > 8:  # level 8 -> 16
+            b_Ms = tl.where(((o_row // 16) == (o_col // 16)) & ((o_row // 8) != (o_col // 8)), b_M, 0.0)
+            b_A = b_A - tl.dot(b_A, tl.dot(b_Ms, b_A, input_precision="tf32x3"), input_precision="tf32x3")
+        if BLOCK_TIME > 16:  # level 16 -> 32
+            b_Ms = tl.where(((o_row // 32) == (o_col // 32)) & ((o_row // 16) != (o_col // 16)), b_M, 0.0)
+            b_A = b_A - tl.dot(b_A, tl.dot(b_Ms, b_A, input_precision="tf32x3"), input_precision="tf32x3")
+        if BLOCK_TIME > 32:  # level 32 -> 64
+            b_Ms = tl.where(((o_row // 64) == (o_col // 64)) & ((o_row // 32) != (o_col // 32)), b_M, 0.0)
+            b_A = b_A - tl.dot(b_A, tl.dot(b_Ms, b_A, input_precision="tf32x3"), input_precision="tf32x3")
+        if BLOCK_TIME > 64:  # level 64 -> 128
+            b_Ms = tl.where(((o_row // 128) == (o_col // 128)) & ((o_row // 64) != (o_col // 64)), b_M, 0.0)
+            b_A = b_A - tl.dot(b_A, tl.dot(b_Ms, b_A, input_precision="tf32x3"), input_precision="tf32x3")
         b_P = b_beta_1 * tl.dot(b_A, b_hk, input_precision="tf32x3")
         p_pc = pc + ((i_g * n_chunks + i_c_1) * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None]) * KEY + o_key
         tl.store(p_pc, b_P, mask=m_key)
@@ -113,7 +124,7 @@ def delta_net_staged_fwd_kernel(
         if USE_INITIAL_STATE:
             p_h0 = h0 + i_batch * HEADS * KEY * VALUE + i_heads * KEY * VALUE + tl.trans(o_key) * VALUE + o_value
             b_S += tl.load(p_h0, mask=tl.trans(m_key) & m_value, other=0.0).to(tl.float32)
-        for i_c_2 in range(0, n_chunks):
+        for i_c_2 in tl.range(0, n_chunks, num_stages=2):
             p_hc = hc + (i_g * n_chunks + i_c_2) * KEY * VALUE + tl.trans(o_key) * VALUE + o_value
             tl.store(p_hc, b_S.to(p_hc.dtype.element_ty), mask=tl.trans(m_key) & m_value)  # the state entering chunk i_c_2
             p_pc_1 = pc + ((i_g * n_chunks + i_c_2) * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None]) * KEY + o_key
@@ -197,7 +208,7 @@ def delta_net_staged_fwd(q, k, v, beta, initial_state=None, output_final_state=F
     rc = torch.empty((BATCH * HEADS, n_chunks_1, BLOCK_TIME, VALUE), dtype=torch.float32, device=q.device)
     kc = torch.empty((BATCH * HEADS, n_chunks_1, BLOCK_TIME, KEY), dtype=torch.float32, device=q.device)
     zc = torch.empty((BATCH * HEADS, n_chunks_1, VALUE), dtype=torch.float32, device=q.device)
-    for STAGE, grid, warps in ((1, (BATCH * HEADS, 1, n_chunks_1), min(2 * num_warps, 32)), (2, (BATCH * HEADS, -(-VALUE // BLOCK_VALUE), BLOCK_VALUE // BLOCK_VALUE_STATE), min(1 * num_warps, 32)), (3, (BATCH * HEADS, -(-VALUE // BLOCK_VALUE), n_chunks_1), min(2 * num_warps, 32))):
+    for STAGE, grid, warps in ((1, (BATCH * HEADS, 1, n_chunks_1), min(2 * num_warps, 32)), (2, (BATCH * HEADS, -(-VALUE // BLOCK_VALUE), BLOCK_VALUE // BLOCK_VALUE_STATE), (min(2 * num_warps, 32) if BATCH * HEADS * -(-VALUE // BLOCK_VALUE) * (BLOCK_VALUE // BLOCK_VALUE_STATE) <= 132 else num_warps)), (3, (BATCH * HEADS, -(-VALUE // BLOCK_VALUE), n_chunks_1), min(2 * num_warps, 32))):
         delta_net_staged_fwd_kernel[grid](
             q,
             k,
