@@ -28,6 +28,21 @@ R, Kd, Ud: ``chunked.Lowering._householder_chunk``), where R = (I + M)^-1 (e^{c_
 3. outputs, parallel over (grid, V-blocks, chunks): the fused kernel's output tile from the
    stored S_in and R.
 
+With the inject's k-side the reflection's k (u = k: delta_net, gated_delta_net; the
+"shared-k" form, ``Lowering.hh_shared``), -Kdᵀ R + Udᵀ W = Udᵀ X with X = W - ab ⊙ R, and the
+output's -QK R + QU W = QU X, so the stages become:
+
+1. one program per (grid, chunk) (the inverse once, a loop over the V blocks):
+   A = (I + M)^-1 by recursive doubling (``_ut_inverse_doubling``), P' = ab ⊙ (A e^{c_(t-1)} K)
+   (``pc``), W' = W - ab ⊙ (A N W) (``rc``), Ud = K e^{c_L - c} (``kc``) and the state's column
+   factor z = e^{c_L} (``zc`` [grid, chunks, V]; NaN in every column for a non-finite k, beta or
+   decay of the chunk, in the columns of a non-finite w: the state's poison);
+2. X = W' - P' S (stored over W'), S = z S + Udᵀ X: two dots per chunk and no factor loads,
+   sanitizing or poison reductions, the loads of the next chunk pipelined (``tl.range``
+   ``num_stages``); the state entering each chunk into ``hc`` in the input dtype for 16-bit
+   inputs (as the identity/scalar/key-diagonal state pass);
+3. o = e^{c} q S_in + QU X.
+
 Dplr transitions (S = (Diag(w) + a bᵀ) S + u w'ᵀ: rwkv7, kda; the names of
 ``chunked.Lowering._dplr_chunk``), where R = (I - M)^-1 ((b ⊙ e^{c_(t-1)}) S + N W'), the same
 three stages with gla's per-K transports: stage 1 A = (I - M)^-1 (``_ut_inverse`` of -M),
