@@ -304,8 +304,16 @@ class Lowering(recurrent.Lowering):
         e_prev, e_now, e_last, to_end = t["e_prev"], t["e_now"], t["e_last"], t["to_end"]
         scaled = self._scaled
 
-        m = self.bind(True, "b_M", f"{dot(kh, f'tl.trans({kh})')} * {seg_prev} * tl.trans({ab})")
-        n = self.bind(True, "b_N", f"{dot(kh, f'tl.trans({uf})')} * {seg_prev}")
+        # the inject's k-side the reflection's k (u = k: delta_net, gated_delta_net): N is M
+        # without ab, and -QK R + QU W = QU X, -Kdᵀ R + Udᵀ W = Udᵀ X with X = W - ab ⊙ R
+        shared = self.form.k_side == (self.form.hk,)
+        if shared:
+            n = self.bind(True, "b_N", f"{dot(kh, f'tl.trans({kh})')} * {seg_prev}")
+            m = self.bind(True, "b_M", f"{n} * tl.trans({ab})")
+        else:
+            m = self.bind(True, "b_M", f"{dot(kh, f'tl.trans({kh})')} * {seg_prev} * "
+                          f"tl.trans({ab})")
+            n = self.bind(True, "b_N", f"{dot(kh, f'tl.trans({uf})')} * {seg_prev}")
         r = self.bind(True, "b_R", f"{scaled(dot(kh, h, 'read'), e_prev)} + {dot(n, wf, 'solve')}")
         rows = self.bind(True, "o_row", f"tl.arange(0, {BT})[:, None]")
         i, mr, upd = self.names.new("i_r"), self.names.new("b_m_r"), self.names.new("b_upd")
@@ -313,6 +321,14 @@ class Lowering(recurrent.Lowering):
         b.append(f"    {mr} = tl.sum(tl.where({rows} == {i}, {m}, 0.0), axis=0, keep_dims=True)")
         b.append(f"    {upd} = tl.sum(tl.trans({mr}) * {r}, axis=0, keep_dims=True)")
         b.append(f"    {r} = tl.where({rows} == {i}, {r} - {upd}, {r})")
+        if shared:
+            x = self.bind(True, "b_X", f"{wf} - {ab} * {r}")
+            qum = self.bind(True, "b_QU", f"{dot(qf, f'tl.trans({kh})')} * {seg}")
+            o = self.bind(True, "b_o", f"{scaled(dot(qf, h, 'read'), e_now)} + "
+                          f"{dot(qum, x, 'solve')}")
+            ud = kh if to_end is None else f"({kh} * {to_end})"
+            b.append(f"{h} = {scaled(h, e_last)} + {dot(f'tl.trans({ud})', x, 'update')}")
+            return o, t["bad"]
         qkm = self.bind(True, "b_QK", f"{dot(qf, f'tl.trans({kh})')} * {seg} * tl.trans({ab})")
         qum = self.bind(True, "b_QU", f"{dot(qf, f'tl.trans({uf})')} * {seg}")
         o = self.bind(True, "b_o", f"{scaled(dot(qf, h, 'read'), e_now)} - {dot(qkm, r, 'solve')} + "

@@ -28,6 +28,21 @@ R, Kd, Ud: ``chunked.Lowering._householder_chunk``), where R = (I + M)^-1 (e^{c_
 3. outputs, parallel over (grid, V-blocks, chunks): the fused kernel's output tile from the
    stored S_in and R.
 
+With the inject's k-side the reflection's k (u = k: delta_net, gated_delta_net; the
+"shared-k" form, ``Lowering.hh_shared``), -Kdᵀ R + Udᵀ W = Udᵀ X with X = W - ab ⊙ R, and the
+output's -QK R + QU W = QU X, so the stages become:
+
+1. one program per (grid, chunk) (the inverse once, a loop over the V blocks):
+   A = (I + M)^-1 by recursive doubling (``_ut_inverse_doubling``), P' = ab ⊙ (A e^{c_(t-1)} K)
+   (``pc``), W' = W - ab ⊙ (A N W) (``rc``), Ud = K e^{c_L - c} (``kc``) and the state's column
+   factor z = e^{c_L} (``zc`` [grid, chunks, V]; NaN in every column for a non-finite k, beta or
+   decay of the chunk, in the columns of a non-finite w: the state's poison);
+2. X = W' - P' S (stored over W'), S = z S + Udᵀ X: two dots per chunk and no factor loads,
+   sanitizing or poison reductions, the loads of the next chunk pipelined (``tl.range``
+   ``num_stages``); the state entering each chunk into ``hc`` in the input dtype for 16-bit
+   inputs (as the identity/scalar/key-diagonal state pass);
+3. o = e^{c} q S_in + QU X.
+
 Dplr transitions (S = (Diag(w) + a bᵀ) S + u w'ᵀ: rwkv7, kda; the names of
 ``chunked.Lowering._dplr_chunk``), where R = (I - M)^-1 ((b ⊙ e^{c_(t-1)}) S + N W'), the same
 three stages with gla's per-K transports: stage 1 A = (I - M)^-1 (``_ut_inverse`` of -M),
@@ -121,12 +136,20 @@ class Lowering(chunked.Lowering):
         super().__init__(rec, options)
         self.hc = self.names.new("hc")          # per-chunk states (float32)
         self.hh = self.form.kind in (Kind.HOUSEHOLDER, Kind.DPLR)  # the UT form's buffers
+        # householder with the inject's k-side the reflection's k (u = k: delta_net,
+        # gated_delta_net): the shared-k form (``_hh_shared_stage_states``), two dots per chunk
+        self.hh_shared = (self.form.kind is Kind.HOUSEHOLDER
+                          and self.form.k_side == (self.form.hk,))
         if self.hh:
             self.pc = self.names.new("pc")      # per-chunk P = A e^{c_(t-1)} K (float32)
             self.rc = self.names.new("rc")      # per-chunk Q = A N W, then R (float32)
             self.buffers = [self.hc, self.pc, self.rc]
             if self.form.kind is Kind.HOUSEHOLDER:  # stage 2 split over V sub-blocks only
                 self.bvs = self.names.new(f"{self.block[self.form.V]}_STATE")
+            if self.hh_shared:  # the shared-k form: Ud and the state's column factor z
+                self.kc = self.names.new("kc")  # per-chunk Ud = u e^{c_L - c} (float32)
+                self.zc = self.names.new("zc")  # per-chunk z: e^{c_L} (1), NaN where poisoned
+                self.buffers += [self.kc, self.zc]
         else:  # the state pass computes each chunk's contribution: no per-chunk buffer but hc
             self.buffers = [self.hc]
             # the state pass's [BKS, BVS] sub-blocks of the [BK, BV] state (constexprs)
@@ -159,7 +182,9 @@ class Lowering(chunked.Lowering):
         for buf in self.buffers:
             sig[buf] = "*fp32"
         const[self.stage] = stage
-        if not self.hh:  # hc in the input dtype for 16-bit inputs (the launcher's rule)
+        if not self.hh or self.hh_shared:  # hc in the input dtype for 16-bit inputs
+            sig[self.hc] = {"bfloat16": "*bf16", "float16": "*fp16"}.get(dtype, "*fp32")
+        if not self.hh:  # (the launcher's rule)
             sig[self.hc] = {"bfloat16": "*bf16", "float16": "*fp16"}.get(dtype, "*fp32")
             const[self.bks] = min(const[self.block[self.form.K]], self.STATE_BLOCK[0])
             const[self.bvs] = min(const[self.block[self.form.V]], self.STATE_BLOCK[1])
@@ -204,6 +229,13 @@ class Lowering(chunked.Lowering):
                       ("the state pass: R_i = P_i S + Q_i, S = e^c S + Ad^T R_i + Ud^T W', "
                        "sequential over chunks", self._dplr_stage_states),
                       ("outputs, one program per chunk", self._dplr_stage_outputs))
+        elif self.hh_shared:
+            stages = (("the UT factors P' = ab A e^c K, W' = W - ab A N W with A = (I + M)^-1, "
+                       "Ud = K e^(c_L - c), z = e^c_L (NaN where poisoned), one program per chunk",
+                       self._hhs_stage_factors),
+                      ("the state pass: X_i = W'_i - P'_i S, S = z S + Ud^T X_i, sequential "
+                       "over chunks", self._hhs_stage_states),
+                      ("outputs, one program per chunk", self._hhs_stage_outputs))
         elif self.hh:
             stages = (("the UT factors P = A e^c K, Q = A N W with A = (I + M)^-1, one program "
                        "per chunk", self._hh_stage_factors),
@@ -477,8 +509,34 @@ class Lowering(chunked.Lowering):
         mo = self.bind(True, "b_Mo", f"tl.where({blk}, 0.0, {m})")
         j = self.names.new("i_b")
         inner = self._dot_inv(f"tl.where({row} // 16 == {j}, {mo}, 0.0)", a)
-        b.append(f"for {j} in range(1, {BT} // 16):  # block row {j}")
+        b.append(f"for {j} in tl.static_range(1, {BT} // 16):  # block row {j} (unrolled)")
         b.append(f"    {a} = {a} - {self._dot_inv(ad, inner)}")
+        return a
+
+    # the largest chunk the doubling inverse below handles (levels up to half of it)
+    MAX_BT = 128
+
+    def _ut_inverse_doubling(self, m: str) -> str:
+        """A = (I + M)^-1 for the strictly lower triangular [BT, BT] tile M by recursive
+        doubling of the diagonal blocks: with A_s the inverse of the block diagonal of I + M in
+        s x s blocks (A_1 = I), A_2s = A_s - A_s M_s A_s, M_s the part of M inside the 2s x 2s
+        diagonal blocks and outside the s x s ones (the 2x2 block inverse [[A11, 0],
+        [-A22 L21 A11, A22]] of every 2s block at once). log2(BT) levels, the first without a
+        dot (A_2 = I - M_1), two tf32x3 dots each after it: at BT 32 eight [BT, BT] dots where
+        ``_ut_inverse`` takes 17 (15 row steps and a block row)."""
+        b, BT = self.body, self.block[self.rec.time]
+        row = self.bind(True, "o_row", f"tl.arange(0, {BT})[:, None]")
+        col = self.bind(True, "o_col", f"tl.arange(0, {BT})[None, :]")
+        a = self.bind(True, "b_A", f"tl.where({row} == {col}, 1.0, 0.0) - "
+                      f"tl.where(({row} // 2) == ({col} // 2), {m}, 0.0)")
+        ms = self.names.new("b_Ms")
+        size = 2
+        while size < self.MAX_BT:
+            b.append(f"if {BT} > {size}:  # level {size} -> {2 * size}")
+            b.append(f"    {ms} = tl.where((({row} // {2 * size}) == ({col} // {2 * size})) & "
+                     f"(({row} // {size}) != ({col} // {size})), {m}, 0.0)")
+            b.append(f"    {a} = {a} - {self._dot_inv(a, self._dot_inv(ms, a))}")
+            size *= 2
         return a
 
     def _hh_stage_factors(self) -> list[str]:
@@ -574,6 +632,177 @@ class Lowering(chunked.Lowering):
                       f"{dot(qkm, r, 'read')} + {dot(qum, wf)}")
         vbad = self.bind(True, "b_bad_v", self._bad(w_ok, None))
         self._poison_output(o, [self._bad(u_ok, 1)] + t["bad"], self._bad(q_ok, 1), vbad)
+        self._memo[(F.contraction, env.key)] = o
+        for out in rec.outputs:
+            b.append(f"# {out.name} = {format_expr(out.expr)}")
+            v = self.value(out.expr, env)
+            ptr, mask = self.pointer(self.arg[out.name], out.dims, env, None, time_env=True)
+            po = self.names.ir("p_", out.name)
+            b.append(f"{po} = {ptr}")
+            b.append(f"tl.store({po}, {self.par(v, 4)}.to({po}.dtype.element_ty), mask={mask})")
+        return self.pro + rows + self.body
+
+    # ---- householder transitions with u = k (the shared-k form) ----
+    # With the inject's k-side the reflection's k (delta_net, gated_delta_net: u = k), N = the
+    # pair tile of M without ab (M = N abᵀ), Ud = Kd / ab row-wise, and
+    #   -Kdᵀ R + Udᵀ W = Udᵀ (W - ab ⊙ R) = Udᵀ X,  X = W' - P' S,
+    #   P' = ab ⊙ (A e^{c_(t-1)} K),  W' = W - ab ⊙ (A N W),
+    # and the output's -QK R + QU W = QU X (QK = QU abᵀ): stage 2 is two dots per chunk on
+    # factors stage 1 stored (no factor loads, no sanitizing, no poison reductions: the
+    # state's poison rides in z, NaN in the columns the chunk poisons), stage 3 one pair tile.
+    # stage 2 warps as a multiple of num_warps when its programs fit in one wave (else
+    # num_warps): sm_90 modelled, docs/performance/triton.md
+    HH_SHARED_STATE_WARPS = 2
+    # stage 3 warps as a multiple of num_warps (4 warps: 140-176 B spilled, sm_90)
+    HH_SHARED_OUT_WARPS = 2
+    HH_SHARED_FACTOR_WARPS = 2  # stage 1 warps as a multiple of num_warps
+    HH_SHARED_STAGES = 2  # stage 2's software pipeline depth (tl.range num_stages)
+
+    def _hhs_factors(self, env: Env, q: bool, pairs: bool = True):
+        """The shared-k form's tiles: w (v-side), q, the householder tiles (u = kh)."""
+        F, T, K, V = self.form, self.rec.time, self.form.K, self.form.V
+        qk, tv = f"{self.msk[T]} & {self.msk[K]}", f"{self.msk[T]} & {self.msk[V]}"
+        wf, w_ok = self._factor("b_vf", self.product(F.v_side, env), tv)
+        qf = q_ok = None
+        if q:
+            self.body.append(f"# {format_expr(F.contraction)}")
+            qf, q_ok = self._factor("b_qf", self.product(F.q_side, env), qk)
+        causal = f"({self.off[T]} >= tl.trans({self.off[T]}))"
+        t = self._householder_tiles(env, qk, causal, pairs)
+        return wf, w_ok, qf, q_ok, t
+
+    def _zc(self, i_c: str) -> tuple[str, str]:
+        """(pointers, mask) of chunk ``i_c``'s [1, BV] row of ``zc`` ([grid, chunks, V])."""
+        V = self.form.V
+        return (f"{self.zc} + ({self.i_g} * {self.nc} + {i_c}) * {self.size[V]} + {self.off[V]}",
+                self.msk[V])
+
+    def _hhs_stage_factors(self) -> list[str]:
+        """Stage 1 of the shared-k form, one program per (grid, chunk) (the launcher's grid has
+        one V-block): the K-side tiles, Ud and the inverse once, then a loop over the V blocks
+        for W' and z (the inverse is not recomputed per V block)."""
+        env = self._begin()
+        F, T, K, V, dot, b = self.form, self.rec.time, self.form.K, self.form.V, self._dot, \
+            self.body
+        BV = self.block[V]
+        rows = self._chunk_rows()
+        qk = f"{self.msk[T]} & {self.msk[K]}"
+        causal = f"({self.off[T]} >= tl.trans({self.off[T]}))"
+        t = self._householder_tiles(env, qk, causal)
+        kh, ab = t["kh"], t["ab"]
+        to_end = t["to_end"]
+        ud = kh if to_end is None else self.bind(True, "b_Ud", f"{kh} * {to_end}")
+        ptr, mask = self._buf_rows(self.kc, self.i_c, F.K)
+        pk = self.names.new("p_kc")
+        b += [f"{pk} = {ptr}", f"tl.store({pk}, {ud}, mask={mask})"]
+        step = self.bind(True, "b_bad_chunk", f"tl.sum({' + '.join(t['bad'])})")
+        n = self.bind(True, "b_N", f"{dot(kh, f'tl.trans({kh})')} * {t['seg_prev']}")
+        m = self.bind(True, "b_M", f"{n} * tl.trans({ab})")
+        a = self._ut_inverse_doubling(m)
+        # A e^{c_(t-1)} K as (A scaled by columns) K: no scaled [BT, K] copy of K
+        ae = a if t["e_prev"] is None else f"({a} * tl.trans({t['e_prev']}))"
+        p = self.bind(True, "b_P", f"{ab} * {self._dot_inv(ae, kh)}")
+        ptr, mask = self._buf_rows(self.pc, self.i_c, F.K)
+        pp = self.names.new("p_pc")
+        b += [f"{pp} = {ptr}", f"tl.store({pp}, {p}, mask={mask})"]
+        # per V block: W' and z
+        at = len(b)
+        tv = f"{self.msk[T]} & {self.msk[V]}"
+        wf, w_ok = self._factor("b_vf", self.product(F.v_side, env), tv)
+        w2 = self.bind(True, "b_W2", f"{wf} - {ab} * {self._dot_inv(a, dot(n, wf, 'solve'))}")
+        # z: the state's column factor e^{c_L} (1 without a decay, 0 after a reset), NaN in
+        # every column for a non-finite k, beta or decay in the chunk (a reflection mixes the
+        # rows), and in the columns of a non-finite w: S = z S + ... puts the NaN where the
+        # fused kernel's poison does (a multiplication: NaN * 0 is NaN)
+        e_last = "1.0" if t["e_last"] is None else t["e_last"]
+        z = self.bind(True, "b_z", f"tl.where(({step} > 0) | "
+                      f"(tl.sum({self._bad(w_ok, None)}, axis=0, keep_dims=True) > 0), "
+                      f"float(\"nan\"), {e_last} + tl.zeros([1, {BV}], dtype=tl.float32))")
+        ptr, mask = self._buf_rows(self.rc, self.i_c, F.V)
+        pr = self.names.new("p_rc")
+        b += [f"{pr} = {ptr}", f"tl.store({pr}, {w2}, mask={mask})"]
+        ptr, mask = self._zc(self.i_c)
+        pz = self.names.new("p_zc")
+        b += [f"{pz} = {ptr}", f"tl.store({pz}, {z}, mask={mask})"]
+        loop, b[at:] = b[at:], []
+        iv = self.names.new("i_v")
+        b += [f"for {iv} in range(0, tl.cdiv({self.size[V]}, {BV})):  # the V blocks",
+              f"    {self.off[V]} = {iv} * {BV} + tl.arange(0, {BV})[None, :].to(tl.int64)",
+              f"    {self.msk[V]} = {self.off[V]} < {self.size[V]}"]
+        b += ["    " + ln for ln in loop]
+        return self.pro + rows + self.body
+
+    def _hhs_stage_states(self) -> list[str]:
+        F, env = self.form, self._begin()
+        b, dot = self.body, self._dot
+        s = self.rec.states[0]
+        h = self.state_var[s.name]
+        BK, BV, VS = self.block[F.K], self.block[F.V], self.bvs
+        V = F.V
+        i_s = self.names.new("i_s")
+        out = [f"{i_s} = tl.program_id(2)  # the [{BK}, {VS}] column block of the state",
+               f"{self.off[V]} = {self.pid[V]} * {BV} + {i_s} * {VS} + "
+               f"tl.arange(0, {VS})[None, :]",
+               f"{self.msk[V]} = {self.off[V]} < {self.size[V]}"]
+        kv_env = self._kv_env(Env(env.base))
+        out.append(f"{h} = tl.zeros([{BK}, {VS}], dtype=tl.float32)")
+        ptr, mask = self.pointer(self.h0[s.name], s.dims, kv_env, None)
+        p0 = self.names.ir("p_", self.h0[s.name])
+        out += [f"if {self.use_h0[s.name]}:", f"    {p0} = {ptr}",
+                f"    {h} += tl.load({p0}, mask={mask}, other=0.0).to(tl.float32)"]
+        i_c = self.names.new("i_c")
+        ptr, mask = self._hc(i_c)
+        p = self.names.new("p_hc")
+        b += [f"{p} = {ptr}", f"tl.store({p}, {h}.to({p}.dtype.element_ty), mask={mask})  "
+              f"# the state entering chunk {i_c}"]
+        loads = {}
+        for buf, d, nm in ((self.pc, F.K, "b_P"), (self.rc, F.V, "b_W2"), (self.kc, F.K, "b_Ud")):
+            ptr, mask = self._buf_rows(buf, i_c, d)
+            pp = self.names.new(f"p_{buf}")
+            b.append(f"{pp} = {ptr}")
+            loads[buf] = (pp, self.bind(True, nm, f"tl.load({pp}, mask={mask}, other=0.0)"))
+        ptr, mask = self._zc(i_c)
+        pz = self.names.new("p_zc")
+        b.append(f"{pz} = {ptr}")
+        z = self.bind(True, "b_z", f"tl.load({pz}, mask={mask}, other=0.0)")
+        pr, w2 = loads[self.rc]
+        x = self.bind(True, "b_X", f"{w2} - {dot(loads[self.pc][1], h, 'read')}")
+        b.append(f"tl.store({pr}, {x}, mask={self.msk[V]})  # X of chunk {i_c}, over its W'")
+        b.append(f"{h} = {z} * {h} + {dot(f'tl.trans({loads[self.kc][1]})', x, 'update')}")
+        out += self.pro
+        # the loads of chunk i + 1 (no dependence on S) issued while chunk i computes
+        out.append(f"for {i_c} in tl.range(0, {self.nc}, num_stages={self.HH_SHARED_STAGES}):")
+        out += ["    " + ln for ln in b]
+        ptr, mask = self.pointer(self.ht[s.name], s.dims, kv_env, None)
+        pt = self.names.ir("p_", self.ht[s.name])
+        out += [f"if {self.store_ht}:", f"    {pt} = {ptr}",
+                f"    tl.store({pt}, {h}, mask={mask})"]
+        return out
+
+    def _hhs_stage_outputs(self) -> list[str]:
+        rec, F, env = self.rec, self.form, self._begin()
+        b, dot = self.body, self._dot
+        rows = self._chunk_rows()
+        wf, w_ok, qf, q_ok, t = self._hhs_factors(env, True)
+        kh, seg = t["kh"], t["seg"]
+        ptr, mask = self._hc(self.i_c)
+        p, h = self.names.new("p_hc"), self.names.new("b_S_in")
+        b += [f"{p} = {ptr}", f"{h} = tl.load({p}, mask={mask}, other=0.0)"]
+        ptr, mask = self._buf_rows(self.rc, self.i_c, F.V)
+        pr = self.names.new("p_rc")
+        b.append(f"{pr} = {ptr}")
+        x = self.bind(True, "b_X", f"tl.load({pr}, mask={mask}, other=0.0)")
+        qum = self.bind(True, "b_QU", f"{dot(qf, f'tl.trans({kh})')} * {seg}")
+        # q S_in with S_in in hc's dtype (as ``_stage_outputs``: 16-bit for 16-bit inputs, q
+        # exact in it; float32: the "read" precision); X (rows of W - ab Kᵀ S) read at the
+        # state's precision, as R in ``_hh_stage_outputs``
+        mode = self.options.get("dot_precision", "auto")
+        prec = self.dot_f32 or ('"ieee"' if mode == "input" else f'"{mode}"')
+        qs = f"tl.dot({qf}.to({self.hc}.dtype.element_ty), {h}, input_precision={prec})"
+        o = self.bind(True, "b_o", f"{self._scaled(qs, t['e_now'])} + "
+                      f"{dot(qum, x, 'read')}")
+        vbad = self.bind(True, "b_bad_v", self._bad(w_ok, None))
+        self._poison_output(o, t["bad"], self._bad(q_ok, 1), vbad)
         self._memo[(F.contraction, env.key)] = o
         for out in rec.outputs:
             b.append(f"# {out.name} = {format_expr(out.expr)}")
@@ -747,18 +976,34 @@ class Lowering(chunked.Lowering):
         new += [f"    {nc} = -(-{self.size[T]} // {self.block[T]})"]
         w = [f"min({self.WARPS[i]} * {nw}, 32)" for i in (1, 2, 3)]
         if self.hh:
+            # the shared-k form keeps hc in the input dtype for 16-bit inputs (as the
+            # identity/scalar/key-diagonal state pass)
+            hdt = (f"{first}.dtype if {first}.dtype in (torch.bfloat16, torch.float16) else "
+                   "torch.float32") if self.hh_shared else "torch.float32"
             split = (f"{self.block[F.V]} // {self.bvs}" if self.form.kind is Kind.HOUSEHOLDER
                      else "1")
             new += ["    # per chunk: P, Q (stage 1), then R over Q and the state entering it "
                     "(stage 2)",
                     f"    {self.hc} = torch.empty(({g0}, {nc}, {self.size[F.K]}, "
-                    f"{self.size[F.V]}), dtype=torch.float32, device={dev})",
+                    f"{self.size[F.V]}), dtype={hdt}, device={dev})",
                     f"    {self.pc} = torch.empty(({g0}, {nc}, {self.block[T]}, "
                     f"{self.size[F.K]}), dtype=torch.float32, device={dev})",
                     f"    {self.rc} = torch.empty(({g0}, {nc}, {self.block[T]}, "
-                    f"{self.size[F.V]}), dtype=torch.float32, device={dev})",
-                    f"    for {self.stage}, grid, {warps} in "
-                    f"((1, ({g0}, {g1}, {nc}), {w[0]}), (2, ({g0}, {g1}, {split}), {w[1]}), "
+                    f"{self.size[F.V]}), dtype=torch.float32, device={dev})"]
+            if self.hh_shared:
+                new += [f"    {self.kc} = torch.empty(({g0}, {nc}, {self.block[T]}, "
+                        f"{self.size[F.K]}), dtype=torch.float32, device={dev})",
+                        f"    {self.zc} = torch.empty(({g0}, {nc}, {self.size[F.V]}), "
+                        f"dtype=torch.float32, device={dev})"]
+                # stage 2 (one wave when its programs fit the SMs: then more warps per
+                # program, else num_warps and more programs per SM): docs/performance/triton.md
+                w[1] = (f"(min({self.HH_SHARED_STATE_WARPS} * {nw}, 32) if {g0} * {g1} * "
+                        f"({split}) <= {self.SMS} else {nw})")
+                w[2] = f"min({self.HH_SHARED_OUT_WARPS} * {nw}, 32)"
+                w[0] = f"min({self.HH_SHARED_FACTOR_WARPS} * {nw}, 32)"
+            g1s = "1" if self.hh_shared else g1  # shared-k stage 1 loops over the V blocks
+            new += [f"    for {self.stage}, grid, {warps} in "
+                    f"((1, ({g0}, {g1s}, {nc}), {w[0]}), (2, ({g0}, {g1}, {split}), {w[1]}), "
                     f"(3, ({g0}, {g1}, {nc}), {w[2]})):"]
         else:
             BV = self.block[F.V]

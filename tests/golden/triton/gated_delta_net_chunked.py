@@ -97,18 +97,18 @@ def gated_delta_net_chunked_fwd_kernel(
         b_ab = tl.where(b_g_1_reset, 0.0, tl.exp(b_g_1)) * b_beta_1
         b_seg_prev = tl.exp(tl.where((o_time > tl.trans(o_time)) & ((b_gn - b_g_1_reset.to(tl.int32)) == tl.trans(b_gn)), b_gc - b_g_1 - tl.trans(b_gc), float("-inf")))
         b_seg = tl.exp(tl.where((o_time >= tl.trans(o_time)) & (b_gn == tl.trans(b_gn)), b_gc - tl.trans(b_gc), float("-inf")))
-        b_M = tl.dot(b_hk.to(q.dtype.element_ty), tl.trans(b_hk).to(q.dtype.element_ty), input_precision=DOT_F32) * b_seg_prev * tl.trans(b_ab)
-        b_N = tl.dot(b_hk.to(q.dtype.element_ty), tl.trans(b_kf).to(q.dtype.element_ty), input_precision=DOT_F32) * b_seg_prev
+        b_N = tl.dot(b_hk.to(q.dtype.element_ty), tl.trans(b_hk).to(q.dtype.element_ty), input_precision=DOT_F32) * b_seg_prev
+        b_M = b_N * tl.trans(b_ab)
         b_R = tl.where((b_gn - b_g_1_reset.to(tl.int32)) == 0, tl.exp(b_gc - b_g_1), 0.0) * tl.dot(b_hk, b_S, input_precision=DOT_F32) + tl.dot(b_N.to(q.dtype.element_ty), b_vf.to(q.dtype.element_ty), input_precision=DOT_F32)
         o_row = tl.arange(0, BLOCK_TIME)[:, None]
         for i_r in range(1, BLOCK_TIME):  # forward substitution: R = (I + M)^-1 R
             b_m_r = tl.sum(tl.where(o_row == i_r, b_M, 0.0), axis=0, keep_dims=True)
             b_upd = tl.sum(tl.trans(b_m_r) * b_R, axis=0, keep_dims=True)
             b_R = tl.where(o_row == i_r, b_R - b_upd, b_R)
-        b_QK = tl.dot(b_qf.to(q.dtype.element_ty), tl.trans(b_hk).to(q.dtype.element_ty), input_precision=DOT_F32) * b_seg * tl.trans(b_ab)
-        b_QU = tl.dot(b_qf.to(q.dtype.element_ty), tl.trans(b_kf).to(q.dtype.element_ty), input_precision=DOT_F32) * b_seg
-        b_o = tl.where(b_gn == 0, tl.exp(b_gc), 0.0) * tl.dot(b_qf, b_S, input_precision=DOT_F32) - tl.dot(b_QK.to(q.dtype.element_ty), b_R.to(q.dtype.element_ty), input_precision=DOT_F32) + tl.dot(b_QU.to(q.dtype.element_ty), b_vf.to(q.dtype.element_ty), input_precision=DOT_F32)
-        b_S = tl.where(b_gnlast == 0, tl.exp(b_glast), 0.0) * b_S - tl.dot(tl.trans(b_hk * b_ab * tl.where(b_gn == b_gnlast, tl.exp(b_glast - b_gc), 0.0)), b_R, input_precision=DOT_F32) + tl.dot(tl.trans((b_kf * tl.where(b_gn == b_gnlast, tl.exp(b_glast - b_gc), 0.0))), b_vf, input_precision=DOT_F32)
+        b_X = b_vf - b_ab * b_R
+        b_QU = tl.dot(b_qf.to(q.dtype.element_ty), tl.trans(b_hk).to(q.dtype.element_ty), input_precision=DOT_F32) * b_seg
+        b_o = tl.where(b_gn == 0, tl.exp(b_gc), 0.0) * tl.dot(b_qf, b_S, input_precision=DOT_F32) + tl.dot(b_QU.to(q.dtype.element_ty), b_X.to(q.dtype.element_ty), input_precision=DOT_F32)
+        b_S = tl.where(b_gnlast == 0, tl.exp(b_glast), 0.0) * b_S + tl.dot(tl.trans((b_hk * tl.where(b_gn == b_gnlast, tl.exp(b_glast - b_gc), 0.0))), b_X, input_precision=DOT_F32)
         b_bad_v = tl.where(b_vf_ok, 0, 1)
         b_bad_step = tl.sum(tl.where(b_kf_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_hk_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_beta_1_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_g_1_ok, 0, 1), axis=1, keep_dims=True)
         b_prow = (tl.cumsum(b_bad_step, axis=0) > 0) | (tl.sum(tl.where(b_qf_ok, 0, 1), axis=1, keep_dims=True) > 0)

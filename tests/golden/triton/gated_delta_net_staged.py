@@ -37,6 +37,8 @@ def gated_delta_net_staged_fwd_kernel(
     hc,
     pc,
     rc,
+    kc,
+    zc,
     KEY: tl.constexpr,
     VALUE: tl.constexpr,
     BLOCK_TIME: tl.constexpr,
@@ -59,25 +61,17 @@ def gated_delta_net_staged_fwd_kernel(
     i_g = i_batch * HEADS + i_heads  # the grid index, flattened
     n_chunks = tl.cdiv(TIME, BLOCK_TIME)
     # S: householder(axis=key, k=k, beta=beta, alpha=exp(g)) + beta * k * v
-    if STAGE == 1:  # the UT factors P = A e^c K, Q = A N W with A = (I + M)^-1, one program per chunk
+    if STAGE == 1:  # the UT factors P' = ab A e^c K, W' = W - ab A N W with A = (I + M)^-1, Ud = K e^(c_L - c), z = e^c_L (NaN where poisoned), one program per chunk
         i_c_1 = tl.program_id(2).to(tl.int64)
         o_time = i_c_1 * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None].to(tl.int64)
         m_time = o_time < TIME
         p_k = k + i_batch * TIME * HEADS * KEY + o_time * HEADS * KEY + i_heads * KEY + o_key
         b_k = tl.load(p_k, mask=m_time & m_key, other=0.0).to(tl.float32)
-        b_kf = tl.where(m_time & m_key, b_k, 0.0)
-        b_kf_ok = tl.abs(b_kf) < float("inf")
-        b_kf = tl.where(b_kf_ok, b_kf, 0.0)
-        p_beta = beta + i_batch * TIME * HEADS + o_time * HEADS + i_heads
-        b_beta = tl.load(p_beta, mask=m_time, other=0.0).to(tl.float32)
-        p_v = v + i_batch * TIME * HEADS * VALUE + o_time * HEADS * VALUE + i_heads * VALUE + o_value
-        b_v = tl.load(p_v, mask=m_time & m_value, other=0.0).to(tl.float32)
-        b_vf = tl.where(m_time & m_value, b_beta * b_v, 0.0)
-        b_vf_ok = tl.abs(b_vf) < float("inf")
-        b_vf = tl.where(b_vf_ok, b_vf, 0.0)
         b_hk = tl.where(m_time & m_key, b_k, 0.0)
         b_hk_ok = tl.abs(b_hk) < float("inf")
         b_hk = tl.where(b_hk_ok, b_hk, 0.0)
+        p_beta = beta + i_batch * TIME * HEADS + o_time * HEADS + i_heads
+        b_beta = tl.load(p_beta, mask=m_time, other=0.0).to(tl.float32)
         b_beta_1 = tl.where(m_time, b_beta, 0.0)
         b_beta_1_ok = tl.abs(b_beta_1) < float("inf")
         b_beta_1 = tl.where(b_beta_1_ok, b_beta_1, 0.0)
@@ -89,27 +83,55 @@ def gated_delta_net_staged_fwd_kernel(
         b_g_1 = tl.where(b_g_1_ok & ~b_g_1_reset, b_g_1, 0.0)
         b_gc = tl.cumsum(b_g_1, axis=0)
         b_gn = tl.cumsum(b_g_1_reset.to(tl.int32), axis=0)
+        b_glast = tl.sum(b_g_1, axis=0, keep_dims=True)
+        b_gnlast = tl.sum(b_g_1_reset.to(tl.int32), axis=0, keep_dims=True)
         b_ab = tl.where(b_g_1_reset, 0.0, tl.exp(b_g_1)) * b_beta_1
         b_seg_prev = tl.exp(tl.where((o_time > tl.trans(o_time)) & ((b_gn - b_g_1_reset.to(tl.int32)) == tl.trans(b_gn)), b_gc - b_g_1 - tl.trans(b_gc), float("-inf")))
-        b_M = tl.dot(b_hk.to(q.dtype.element_ty), tl.trans(b_hk).to(q.dtype.element_ty), input_precision=DOT_F32) * b_seg_prev * tl.trans(b_ab)
-        b_N = tl.dot(b_hk.to(q.dtype.element_ty), tl.trans(b_kf).to(q.dtype.element_ty), input_precision=DOT_F32) * b_seg_prev
+        b_Ud = b_hk * tl.where(b_gn == b_gnlast, tl.exp(b_glast - b_gc), 0.0)
+        p_kc = kc + ((i_g * n_chunks + i_c_1) * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None]) * KEY + o_key
+        tl.store(p_kc, b_Ud, mask=m_key)
+        b_bad_chunk = tl.sum(tl.sum(tl.where(b_hk_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_beta_1_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_g_1_ok, 0, 1), axis=1, keep_dims=True))
+        b_N = tl.dot(b_hk.to(q.dtype.element_ty), tl.trans(b_hk).to(q.dtype.element_ty), input_precision=DOT_F32) * b_seg_prev
+        b_M = b_N * tl.trans(b_ab)
         o_row = tl.arange(0, BLOCK_TIME)[:, None]
-        b_blk = (o_row // 16) == (tl.arange(0, BLOCK_TIME)[None, :] // 16)  # in a diagonal block
-        b_Md = tl.where(b_blk, b_M, 0.0)
-        b_A = tl.where(o_row == tl.arange(0, BLOCK_TIME)[None, :], 1.0, 0.0)
-        for i_r in range(1, 16):  # row i_r of every diagonal block
-            b_A = tl.where(o_row % 16 == i_r, b_A - tl.dot(tl.where(o_row % 16 == i_r, b_Md, 0.0), b_A, input_precision="tf32x3"), b_A)
-        b_Ad = b_A
-        b_Mo = tl.where(b_blk, 0.0, b_M)
-        for i_b in range(1, BLOCK_TIME // 16):  # block row i_b
-            b_A = b_A - tl.dot(b_Ad, tl.dot(tl.where(o_row // 16 == i_b, b_Mo, 0.0), b_A, input_precision="tf32x3"), input_precision="tf32x3")
-        b_P = tl.dot(b_A, tl.where((b_gn - b_g_1_reset.to(tl.int32)) == 0, tl.exp(b_gc - b_g_1), 0.0) * b_hk, input_precision="tf32x3")
-        b_Q = tl.dot(b_A, tl.dot(b_N.to(q.dtype.element_ty), b_vf.to(q.dtype.element_ty), input_precision=DOT_F32), input_precision="tf32x3")
+        o_col = tl.arange(0, BLOCK_TIME)[None, :]
+        b_A = tl.where(o_row == o_col, 1.0, 0.0) - tl.where((o_row // 2) == (o_col // 2), b_M, 0.0)
+        if BLOCK_TIME > 2:  # level 2 -> 4
+            b_Ms = tl.where(((o_row // 4) == (o_col // 4)) & ((o_row // 2) != (o_col // 2)), b_M, 0.0)
+            b_A = b_A - tl.dot(b_A, tl.dot(b_Ms, b_A, input_precision="tf32x3"), input_precision="tf32x3")
+        if BLOCK_TIME > 4:  # level 4 -> 8
+            b_Ms = tl.where(((o_row // 8) == (o_col // 8)) & ((o_row // 4) != (o_col // 4)), b_M, 0.0)
+            b_A = b_A - tl.dot(b_A, tl.dot(b_Ms, b_A, input_precision="tf32x3"), input_precision="tf32x3")
+        if BLOCK_TIME > 8:  # level 8 -> 16
+            b_Ms = tl.where(((o_row // 16) == (o_col // 16)) & ((o_row // 8) != (o_col // 8)), b_M, 0.0)
+            b_A = b_A - tl.dot(b_A, tl.dot(b_Ms, b_A, input_precision="tf32x3"), input_precision="tf32x3")
+        if BLOCK_TIME > 16:  # level 16 -> 32
+            b_Ms = tl.where(((o_row // 32) == (o_col // 32)) & ((o_row // 16) != (o_col // 16)), b_M, 0.0)
+            b_A = b_A - tl.dot(b_A, tl.dot(b_Ms, b_A, input_precision="tf32x3"), input_precision="tf32x3")
+        if BLOCK_TIME > 32:  # level 32 -> 64
+            b_Ms = tl.where(((o_row // 64) == (o_col // 64)) & ((o_row // 32) != (o_col // 32)), b_M, 0.0)
+            b_A = b_A - tl.dot(b_A, tl.dot(b_Ms, b_A, input_precision="tf32x3"), input_precision="tf32x3")
+        if BLOCK_TIME > 64:  # level 64 -> 128
+            b_Ms = tl.where(((o_row // 128) == (o_col // 128)) & ((o_row // 64) != (o_col // 64)), b_M, 0.0)
+            b_A = b_A - tl.dot(b_A, tl.dot(b_Ms, b_A, input_precision="tf32x3"), input_precision="tf32x3")
+        b_P = b_ab * tl.dot((b_A * tl.trans(tl.where((b_gn - b_g_1_reset.to(tl.int32)) == 0, tl.exp(b_gc - b_g_1), 0.0))), b_hk, input_precision="tf32x3")
         p_pc = pc + ((i_g * n_chunks + i_c_1) * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None]) * KEY + o_key
         tl.store(p_pc, b_P, mask=m_key)
-        p_rc = rc + ((i_g * n_chunks + i_c_1) * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None]) * VALUE + o_value
-        tl.store(p_rc, b_Q, mask=m_value)
-    elif STAGE == 2:  # the state pass: R_i = P_i S + Q_i, S = e^c S - Kd^T R_i + Ud^T W, sequential over chunks
+        for i_v in range(0, tl.cdiv(VALUE, BLOCK_VALUE)):  # the V blocks
+            o_value = i_v * BLOCK_VALUE + tl.arange(0, BLOCK_VALUE)[None, :].to(tl.int64)
+            m_value = o_value < VALUE
+            p_v = v + i_batch * TIME * HEADS * VALUE + o_time * HEADS * VALUE + i_heads * VALUE + o_value
+            b_v = tl.load(p_v, mask=m_time & m_value, other=0.0).to(tl.float32)
+            b_vf = tl.where(m_time & m_value, b_beta * b_v, 0.0)
+            b_vf_ok = tl.abs(b_vf) < float("inf")
+            b_vf = tl.where(b_vf_ok, b_vf, 0.0)
+            b_W2 = b_vf - b_ab * tl.dot(b_A, tl.dot(b_N.to(q.dtype.element_ty), b_vf.to(q.dtype.element_ty), input_precision=DOT_F32), input_precision="tf32x3")
+            b_z = tl.where((b_bad_chunk > 0) | (tl.sum(tl.where(b_vf_ok, 0, 1), axis=0, keep_dims=True) > 0), float("nan"), tl.where(b_gnlast == 0, tl.exp(b_glast), 0.0) + tl.zeros([1, BLOCK_VALUE], dtype=tl.float32))
+            p_rc = rc + ((i_g * n_chunks + i_c_1) * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None]) * VALUE + o_value
+            tl.store(p_rc, b_W2, mask=m_value)
+            p_zc = zc + (i_g * n_chunks + i_c_1) * VALUE + o_value
+            tl.store(p_zc, b_z, mask=m_value)
+    elif STAGE == 2:  # the state pass: X_i = W'_i - P'_i S, S = z S + Ud^T X_i, sequential over chunks
         i_s = tl.program_id(2)  # the [BLOCK_KEY, BLOCK_VALUE_STATE] column block of the state
         o_value = i_value * BLOCK_VALUE + i_s * BLOCK_VALUE_STATE + tl.arange(0, BLOCK_VALUE_STATE)[None, :]
         m_value = o_value < VALUE
@@ -117,49 +139,20 @@ def gated_delta_net_staged_fwd_kernel(
         if USE_INITIAL_STATE:
             p_h0 = h0 + i_batch * HEADS * KEY * VALUE + i_heads * KEY * VALUE + tl.trans(o_key) * VALUE + o_value
             b_S += tl.load(p_h0, mask=tl.trans(m_key) & m_value, other=0.0).to(tl.float32)
-        for i_c_2 in range(0, n_chunks):
-            o_time = i_c_2 * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None].to(tl.int64)
-            m_time = o_time < TIME
-            p_k_1 = k + i_batch * TIME * HEADS * KEY + o_time * HEADS * KEY + i_heads * KEY + o_key
-            b_k_1 = tl.load(p_k_1, mask=m_time & m_key, other=0.0).to(tl.float32)
-            b_kf_1 = tl.where(m_time & m_key, b_k_1, 0.0)
-            b_kf_1_ok = tl.abs(b_kf_1) < float("inf")
-            b_kf_1 = tl.where(b_kf_1_ok, b_kf_1, 0.0)
-            p_beta_1 = beta + i_batch * TIME * HEADS + o_time * HEADS + i_heads
-            b_beta_2 = tl.load(p_beta_1, mask=m_time, other=0.0).to(tl.float32)
-            p_v_1 = v + i_batch * TIME * HEADS * VALUE + o_time * HEADS * VALUE + i_heads * VALUE + o_value
-            b_v_1 = tl.load(p_v_1, mask=m_time & m_value, other=0.0).to(tl.float32)
-            b_vf_1 = tl.where(m_time & m_value, b_beta_2 * b_v_1, 0.0)
-            b_vf_1_ok = tl.abs(b_vf_1) < float("inf")
-            b_vf_1 = tl.where(b_vf_1_ok, b_vf_1, 0.0)
-            b_hk_1 = tl.where(m_time & m_key, b_k_1, 0.0)
-            b_hk_1_ok = tl.abs(b_hk_1) < float("inf")
-            b_hk_1 = tl.where(b_hk_1_ok, b_hk_1, 0.0)
-            b_beta_3 = tl.where(m_time, b_beta_2, 0.0)
-            b_beta_3_ok = tl.abs(b_beta_3) < float("inf")
-            b_beta_3 = tl.where(b_beta_3_ok, b_beta_3, 0.0)
-            p_g_1 = g + i_batch * TIME * HEADS + o_time * HEADS + i_heads
-            b_g_2 = tl.load(p_g_1, mask=m_time, other=0.0).to(tl.float32)
-            b_g_3 = tl.where(m_time, b_g_2, 0.0)
-            b_g_3_ok = b_g_3 < float("inf")
-            b_g_3_reset = b_g_3 <= -87.3365447505531
-            b_g_3 = tl.where(b_g_3_ok & ~b_g_3_reset, b_g_3, 0.0)
-            b_gc_1 = tl.cumsum(b_g_3, axis=0)
-            b_gn_1 = tl.cumsum(b_g_3_reset.to(tl.int32), axis=0)
-            b_glast_1 = tl.sum(b_g_3, axis=0, keep_dims=True)
-            b_gnlast_1 = tl.sum(b_g_3_reset.to(tl.int32), axis=0, keep_dims=True)
-            b_ab_1 = tl.where(b_g_3_reset, 0.0, tl.exp(b_g_3)) * b_beta_3
+        for i_c_2 in tl.range(0, n_chunks, num_stages=2):
             p_hc = hc + (i_g * n_chunks + i_c_2) * KEY * VALUE + tl.trans(o_key) * VALUE + o_value
-            tl.store(p_hc, b_S, mask=tl.trans(m_key) & m_value)  # the state entering chunk i_c_2
+            tl.store(p_hc, b_S.to(p_hc.dtype.element_ty), mask=tl.trans(m_key) & m_value)  # the state entering chunk i_c_2
             p_pc_1 = pc + ((i_g * n_chunks + i_c_2) * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None]) * KEY + o_key
             b_P_1 = tl.load(p_pc_1, mask=m_key, other=0.0)
             p_rc_1 = rc + ((i_g * n_chunks + i_c_2) * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None]) * VALUE + o_value
-            b_R = tl.dot(b_P_1, b_S, input_precision=DOT_F32) + tl.load(p_rc_1, mask=m_value, other=0.0)
-            tl.store(p_rc_1, b_R, mask=m_value)  # R of chunk i_c_2, over its Q
-            b_S = tl.where(b_gnlast_1 == 0, tl.exp(b_glast_1), 0.0) * b_S - tl.dot(tl.trans(b_hk_1 * b_ab_1 * tl.where(b_gn_1 == b_gnlast_1, tl.exp(b_glast_1 - b_gc_1), 0.0)), b_R, input_precision=DOT_F32) + tl.dot(tl.trans((b_kf_1 * tl.where(b_gn_1 == b_gnlast_1, tl.exp(b_glast_1 - b_gc_1), 0.0))), b_vf_1, input_precision=DOT_F32)
-            b_bad_step = tl.sum(tl.where(b_kf_1_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_hk_1_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_beta_3_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_g_3_ok, 0, 1), axis=1, keep_dims=True)
-            b_bad_v = tl.where(b_vf_1_ok, 0, 1)
-            b_S += tl.where((tl.trans(tl.sum(tl.where(b_kf_1_ok, 0, 1), axis=0, keep_dims=True)) > 0) | (tl.sum(b_bad_step) > 0) | (tl.sum(b_bad_v, axis=0, keep_dims=True) > 0), float("nan"), 0.0)
+            b_W2_1 = tl.load(p_rc_1, mask=m_value, other=0.0)
+            p_kc_1 = kc + ((i_g * n_chunks + i_c_2) * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None]) * KEY + o_key
+            b_Ud_1 = tl.load(p_kc_1, mask=m_key, other=0.0)
+            p_zc_1 = zc + (i_g * n_chunks + i_c_2) * VALUE + o_value
+            b_z_1 = tl.load(p_zc_1, mask=m_value, other=0.0)
+            b_X = b_W2_1 - tl.dot(b_P_1, b_S, input_precision=DOT_F32)
+            tl.store(p_rc_1, b_X, mask=m_value)  # X of chunk i_c_2, over its W'
+            b_S = b_z_1 * b_S + tl.dot(tl.trans(b_Ud_1), b_X, input_precision=DOT_F32)
         if STORE_FINAL_STATE:
             p_ht = ht + i_batch * HEADS * KEY * VALUE + i_heads * KEY * VALUE + tl.trans(o_key) * VALUE + o_value
             tl.store(p_ht, b_S, mask=tl.trans(m_key) & m_value)
@@ -167,51 +160,46 @@ def gated_delta_net_staged_fwd_kernel(
         i_c_3 = tl.program_id(2).to(tl.int64)
         o_time = i_c_3 * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None].to(tl.int64)
         m_time = o_time < TIME
-        p_k_2 = k + i_batch * TIME * HEADS * KEY + o_time * HEADS * KEY + i_heads * KEY + o_key
-        b_k_2 = tl.load(p_k_2, mask=m_time & m_key, other=0.0).to(tl.float32)
-        b_kf_2 = tl.where(m_time & m_key, b_k_2, 0.0)
-        b_kf_2_ok = tl.abs(b_kf_2) < float("inf")
-        b_kf_2 = tl.where(b_kf_2_ok, b_kf_2, 0.0)
-        p_beta_2 = beta + i_batch * TIME * HEADS + o_time * HEADS + i_heads
-        b_beta_4 = tl.load(p_beta_2, mask=m_time, other=0.0).to(tl.float32)
-        p_v_2 = v + i_batch * TIME * HEADS * VALUE + o_time * HEADS * VALUE + i_heads * VALUE + o_value
-        b_v_2 = tl.load(p_v_2, mask=m_time & m_value, other=0.0).to(tl.float32)
-        b_vf_2 = tl.where(m_time & m_value, b_beta_4 * b_v_2, 0.0)
-        b_vf_2_ok = tl.abs(b_vf_2) < float("inf")
-        b_vf_2 = tl.where(b_vf_2_ok, b_vf_2, 0.0)
+        p_beta_1 = beta + i_batch * TIME * HEADS + o_time * HEADS + i_heads
+        b_beta_2 = tl.load(p_beta_1, mask=m_time, other=0.0).to(tl.float32)
+        p_v_1 = v + i_batch * TIME * HEADS * VALUE + o_time * HEADS * VALUE + i_heads * VALUE + o_value
+        b_v_1 = tl.load(p_v_1, mask=m_time & m_value, other=0.0).to(tl.float32)
+        b_vf_1 = tl.where(m_time & m_value, b_beta_2 * b_v_1, 0.0)
+        b_vf_1_ok = tl.abs(b_vf_1) < float("inf")
+        b_vf_1 = tl.where(b_vf_1_ok, b_vf_1, 0.0)
         # sum(S * q, key)
         p_q = q + i_batch * TIME * HEADS * KEY + o_time * HEADS * KEY + i_heads * KEY + o_key
         b_q = tl.load(p_q, mask=m_time & m_key, other=0.0).to(tl.float32)
         b_qf = tl.where(m_time & m_key, b_q, 0.0)
         b_qf_ok = tl.abs(b_qf) < float("inf")
         b_qf = tl.where(b_qf_ok, b_qf, 0.0)
-        b_hk_2 = tl.where(m_time & m_key, b_k_2, 0.0)
-        b_hk_2_ok = tl.abs(b_hk_2) < float("inf")
-        b_hk_2 = tl.where(b_hk_2_ok, b_hk_2, 0.0)
-        b_beta_5 = tl.where(m_time, b_beta_4, 0.0)
-        b_beta_5_ok = tl.abs(b_beta_5) < float("inf")
-        b_beta_5 = tl.where(b_beta_5_ok, b_beta_5, 0.0)
-        p_g_2 = g + i_batch * TIME * HEADS + o_time * HEADS + i_heads
-        b_g_4 = tl.load(p_g_2, mask=m_time, other=0.0).to(tl.float32)
-        b_g_5 = tl.where(m_time, b_g_4, 0.0)
-        b_g_5_ok = b_g_5 < float("inf")
-        b_g_5_reset = b_g_5 <= -87.3365447505531
-        b_g_5 = tl.where(b_g_5_ok & ~b_g_5_reset, b_g_5, 0.0)
-        b_gc_2 = tl.cumsum(b_g_5, axis=0)
-        b_gn_2 = tl.cumsum(b_g_5_reset.to(tl.int32), axis=0)
-        b_ab_2 = tl.where(b_g_5_reset, 0.0, tl.exp(b_g_5)) * b_beta_5
-        b_seg_1 = tl.exp(tl.where((o_time >= tl.trans(o_time)) & (b_gn_2 == tl.trans(b_gn_2)), b_gc_2 - tl.trans(b_gc_2), float("-inf")))
+        p_k_1 = k + i_batch * TIME * HEADS * KEY + o_time * HEADS * KEY + i_heads * KEY + o_key
+        b_k_1 = tl.load(p_k_1, mask=m_time & m_key, other=0.0).to(tl.float32)
+        b_hk_1 = tl.where(m_time & m_key, b_k_1, 0.0)
+        b_hk_1_ok = tl.abs(b_hk_1) < float("inf")
+        b_hk_1 = tl.where(b_hk_1_ok, b_hk_1, 0.0)
+        b_beta_3 = tl.where(m_time, b_beta_2, 0.0)
+        b_beta_3_ok = tl.abs(b_beta_3) < float("inf")
+        b_beta_3 = tl.where(b_beta_3_ok, b_beta_3, 0.0)
+        p_g_1 = g + i_batch * TIME * HEADS + o_time * HEADS + i_heads
+        b_g_2 = tl.load(p_g_1, mask=m_time, other=0.0).to(tl.float32)
+        b_g_3 = tl.where(m_time, b_g_2, 0.0)
+        b_g_3_ok = b_g_3 < float("inf")
+        b_g_3_reset = b_g_3 <= -87.3365447505531
+        b_g_3 = tl.where(b_g_3_ok & ~b_g_3_reset, b_g_3, 0.0)
+        b_gc_1 = tl.cumsum(b_g_3, axis=0)
+        b_gn_1 = tl.cumsum(b_g_3_reset.to(tl.int32), axis=0)
+        b_seg_1 = tl.exp(tl.where((o_time >= tl.trans(o_time)) & (b_gn_1 == tl.trans(b_gn_1)), b_gc_1 - tl.trans(b_gc_1), float("-inf")))
         p_hc_1 = hc + (i_g * n_chunks + i_c_3) * KEY * VALUE + tl.trans(o_key) * VALUE + o_value
         b_S_in = tl.load(p_hc_1, mask=tl.trans(m_key) & m_value, other=0.0)
         p_rc_2 = rc + ((i_g * n_chunks + i_c_3) * BLOCK_TIME + tl.arange(0, BLOCK_TIME)[:, None]) * VALUE + o_value
-        b_R_1 = tl.load(p_rc_2, mask=m_value, other=0.0)
-        b_QK = tl.dot(b_qf.to(q.dtype.element_ty), tl.trans(b_hk_2).to(q.dtype.element_ty), input_precision=DOT_F32) * b_seg_1 * tl.trans(b_ab_2)
-        b_QU = tl.dot(b_qf.to(q.dtype.element_ty), tl.trans(b_kf_2).to(q.dtype.element_ty), input_precision=DOT_F32) * b_seg_1
-        b_o = tl.where(b_gn_2 == 0, tl.exp(b_gc_2), 0.0) * tl.dot(b_qf, b_S_in, input_precision=DOT_F32) - tl.dot(b_QK, b_R_1, input_precision=DOT_F32) + tl.dot(b_QU.to(q.dtype.element_ty), b_vf_2.to(q.dtype.element_ty), input_precision=DOT_F32)
-        b_bad_v_1 = tl.where(b_vf_2_ok, 0, 1)
-        b_bad_step_1 = tl.sum(tl.where(b_kf_2_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_hk_2_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_beta_5_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_g_5_ok, 0, 1), axis=1, keep_dims=True)
-        b_prow = (tl.cumsum(b_bad_step_1, axis=0) > 0) | (tl.sum(tl.where(b_qf_ok, 0, 1), axis=1, keep_dims=True) > 0)
-        b_pcol = tl.cumsum(b_bad_v_1, axis=0) > 0
+        b_X_1 = tl.load(p_rc_2, mask=m_value, other=0.0)
+        b_QU = tl.dot(b_qf.to(q.dtype.element_ty), tl.trans(b_hk_1).to(q.dtype.element_ty), input_precision=DOT_F32) * b_seg_1
+        b_o = tl.where(b_gn_1 == 0, tl.exp(b_gc_1), 0.0) * tl.dot(b_qf.to(hc.dtype.element_ty), b_S_in, input_precision=DOT_F32) + tl.dot(b_QU, b_X_1, input_precision=DOT_F32)
+        b_bad_v = tl.where(b_vf_1_ok, 0, 1)
+        b_bad_step = tl.sum(tl.where(b_hk_1_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_beta_3_ok, 0, 1), axis=1, keep_dims=True) + tl.sum(tl.where(b_g_3_ok, 0, 1), axis=1, keep_dims=True)
+        b_prow = (tl.cumsum(b_bad_step, axis=0) > 0) | (tl.sum(tl.where(b_qf_ok, 0, 1), axis=1, keep_dims=True) > 0)
+        b_pcol = tl.cumsum(b_bad_v, axis=0) > 0
         b_o += tl.where(b_prow | b_pcol, float("nan"), 0.0)
         # o = sum(S * q, key) * rsqrt(size(key))
         p_o = o + i_batch * TIME * HEADS * VALUE + o_time * HEADS * VALUE + i_heads * VALUE + o_value
@@ -239,10 +227,12 @@ def gated_delta_net_staged_fwd(q, k, v, g, beta, initial_state=None, output_fina
     BLOCK_VALUE_STATE = min(BLOCK_VALUE, 16)  # the state pass's V sub-blocks
     n_chunks_1 = -(-TIME // BLOCK_TIME)
     # per chunk: P, Q (stage 1), then R over Q and the state entering it (stage 2)
-    hc = torch.empty((BATCH * HEADS, n_chunks_1, KEY, VALUE), dtype=torch.float32, device=q.device)
+    hc = torch.empty((BATCH * HEADS, n_chunks_1, KEY, VALUE), dtype=q.dtype if q.dtype in (torch.bfloat16, torch.float16) else torch.float32, device=q.device)
     pc = torch.empty((BATCH * HEADS, n_chunks_1, BLOCK_TIME, KEY), dtype=torch.float32, device=q.device)
     rc = torch.empty((BATCH * HEADS, n_chunks_1, BLOCK_TIME, VALUE), dtype=torch.float32, device=q.device)
-    for STAGE, grid, warps in ((1, (BATCH * HEADS, -(-VALUE // BLOCK_VALUE), n_chunks_1), min(2 * num_warps, 32)), (2, (BATCH * HEADS, -(-VALUE // BLOCK_VALUE), BLOCK_VALUE // BLOCK_VALUE_STATE), min(2 * num_warps, 32)), (3, (BATCH * HEADS, -(-VALUE // BLOCK_VALUE), n_chunks_1), min(2 * num_warps, 32))):
+    kc = torch.empty((BATCH * HEADS, n_chunks_1, BLOCK_TIME, KEY), dtype=torch.float32, device=q.device)
+    zc = torch.empty((BATCH * HEADS, n_chunks_1, VALUE), dtype=torch.float32, device=q.device)
+    for STAGE, grid, warps in ((1, (BATCH * HEADS, 1, n_chunks_1), min(2 * num_warps, 32)), (2, (BATCH * HEADS, -(-VALUE // BLOCK_VALUE), BLOCK_VALUE // BLOCK_VALUE_STATE), (min(2 * num_warps, 32) if BATCH * HEADS * -(-VALUE // BLOCK_VALUE) * (BLOCK_VALUE // BLOCK_VALUE_STATE) <= 132 else num_warps)), (3, (BATCH * HEADS, -(-VALUE // BLOCK_VALUE), n_chunks_1), min(2 * num_warps, 32))):
         gated_delta_net_staged_fwd_kernel[grid](
             q,
             k,
@@ -257,6 +247,8 @@ def gated_delta_net_staged_fwd(q, k, v, g, beta, initial_state=None, output_fina
             hc,
             pc,
             rc,
+            kc,
+            zc,
             KEY,
             VALUE,
             BLOCK_TIME,

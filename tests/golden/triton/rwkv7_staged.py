@@ -114,7 +114,7 @@ def rwkv7_staged_fwd_kernel(
             b_A = tl.where(o_row_1 % 16 == i_r, b_A - tl.dot(tl.where(o_row_1 % 16 == i_r, b_Md, 0.0), b_A, input_precision="tf32x3"), b_A)
         b_Ad = b_A
         b_Mo = tl.where(b_blk, 0.0, (-b_M))
-        for i_b in range(1, BLOCK_TIME // 16):  # block row i_b
+        for i_b in tl.static_range(1, BLOCK_TIME // 16):  # block row i_b (unrolled)
             b_A = b_A - tl.dot(b_Ad, tl.dot(tl.where(o_row_1 // 16 == i_b, b_Mo, 0.0), b_A, input_precision="tf32x3"), input_precision="tf32x3")
         b_P = tl.dot(b_A, (b_lb * tl.where(b_gn_prev == 0, tl.exp((b_gc - b_g)), 0.0)), input_precision="tf32x3")
         b_Q = tl.dot(b_A, tl.dot(b_N.to(r.dtype.element_ty), b_vf.to(r.dtype.element_ty), input_precision=DOT_F32), input_precision="tf32x3")
