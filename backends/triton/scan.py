@@ -71,6 +71,18 @@ def scan_chunk_length(programs, steps, device, min_steps=0):
 AUTO_MIN_STEPS = 1024
 
 
+# warps of stages 1 and 3 (WARPS_RULE in docs/triton.md): num_warps (the option, default 4)
+# at most, and at most (register tile elements) / (32 x this): no thread under this many
+# elements (a tile smaller than a warp's threads replicates work across lanes: s4d's 64-element
+# state ran on 128 threads). Chosen from the offline sm_90 report (docs/performance/triton.md,
+# section "scan 2026-12-01"): 32 gives mamba D2048 N16 one warp per [64, 16] tile
+ELEMENTS_PER_THREAD = 32
+
+# stage 2: elements of the flattened state per program, and its warps: many small programs
+# (each a dependent chain over the chunks), not 256-element ones (mamba B1: 128 programs)
+CARRY_BLOCK, CARRY_WARPS = 32, 1
+
+
 def chunk_length(programs: int, steps: int, device=None, min_steps: int = 0) -> int:
     """The generated launcher's chunk length (``CHUNK_RULE``); ``device`` None: the CPU."""
     import torch
@@ -172,7 +184,12 @@ class Lowering(_Chunked):
         # chosen by "auto": long sequences only (an explicit "scan" chunks any T)
         auto = self.options.get("algorithm", "auto") == "auto"
         min_steps = f", {AUTO_MIN_STEPS}" if auto else ""
-        lines = [f"    grid = ({g0}, {g1})",
+        # stages 1 and 3 (and the one-chunk kernel): at most num_warps, fewer where the
+        # register tile would leave a thread under ELEMENTS_PER_THREAD elements (WARPS_RULE)
+        tile = " * ".join(self.block[d] for d in P.regs) or "1"
+        kw = N.new("scan_warps")
+        lines = [f"    {kw} = max(1, min({warps}, ({tile}) // {32 * ELEMENTS_PER_THREAD}))",
+                 f"    grid = ({g0}, {g1})",
                  f'    {chunk} = {self.names_blocks}.get("{rec.time}") or '
                  f"{self.module['rule']}(grid[0] * grid[1], {T}, {self.arg[rec.inputs[0].name]}"
                  f".device{min_steps})",
@@ -182,7 +199,7 @@ class Lowering(_Chunked):
         args = params[:-1] + [f"max({T}, 1)"] + sizes
         args += [f"{self.h0[s.name]} is not None" for s in rec.states] + [final]
         lines += [f"            {a}," for a in args]
-        lines += [f"            num_warps={warps},", "        )",
+        lines += [f"            num_warps={kw},", "        )",
                   f"        return {self._returns(final)}"]
         # stage 1: chunk-local end states and decay products
         dev = f"{self.arg[rec.inputs[0].name]}.device"
@@ -202,7 +219,7 @@ class Lowering(_Chunked):
         largs += [self.size[d] for d in loc.runtime_sizes()] + [chunk] + sizes
         lines.append(f"    {loc.kernel_name}[grid + ({nc},)](")
         lines += [f"        {a}," for a in largs]
-        lines += [f"        num_warps={warps},", "    )"]
+        lines += [f"        num_warps={kw},", "    )"]
         # stage 2: the state entering each chunk, in place of hloc; the final state
         for s in rec.states:
             numel = " * ".join(self.size[d] for d in s.dims)
@@ -210,11 +227,11 @@ class Lowering(_Chunked):
             if s.transition.kind is Kind.COMPANION:
                 lines += self._launch_matrix_carry(s, dec, hloc[s.name], numel, nc, final)
                 continue
-            lines.append(f"    {self.module['carry']}[(-(-{numel} // 256),)](")
+            lines.append(f"    {self.module['carry']}[(-(-{numel} // {CARRY_BLOCK}),)](")
             lines += [f"        {a}," for a in (
-                dec, hloc[s.name], self.h0[s.name], self.ht[s.name], numel, nc, 256,
+                dec, hloc[s.name], self.h0[s.name], self.ht[s.name], numel, nc, CARRY_BLOCK,
                 s.name in prod, f"{self.h0[s.name]} is not None", final)]
-            lines += ["        num_warps=4,", "    )"]
+            lines += [f"        num_warps={CARRY_WARPS},", "    )"]
         # stage 3: every chunk again from the state entering it, storing the outputs
         lines.append(f"    {self.kernel_name}[grid + ({nc},)](")
         args = params[:len(rec.inputs) + len(rec.outputs)]
@@ -222,7 +239,7 @@ class Lowering(_Chunked):
         args += params[len(rec.inputs) + len(rec.outputs) + 2 * len(rec.states):-1]
         args += [chunk] + sizes + ["True" for _ in rec.states] + ["False"]
         lines += [f"        {a}," for a in args]
-        lines += [f"        num_warps={warps},", "    )"]
+        lines += [f"        num_warps={kw},", "    )"]
         return lines
 
     def _launch_matrix_carry(self, s, dec: str, hloc: str, numel: str, nc: str,
@@ -263,7 +280,7 @@ class Lowering(_Chunked):
         sig2 = {"decay": "*fp32", "hloc": "*fp32", "h0": "*fp32", "ht": "*fp32", "NUMEL": "i32",
                 "N_CHUNKS": "i32", "BLOCK": "constexpr", "HAS_DECAY": "constexpr",
                 "USE_INITIAL_STATE": "constexpr", "STORE_FINAL_STATE": "constexpr"}
-        const2 = {"BLOCK": 256, "HAS_DECAY": True, "USE_INITIAL_STATE": True,
+        const2 = {"BLOCK": CARRY_BLOCK, "HAS_DECAY": True, "USE_INITIAL_STATE": True,
                   "STORE_FINAL_STATE": True}
         return [(loc.kernel_name, sig1, const1), (self.module["carry"], sig2, const2),
                 (self.kernel_name, sig3, const3)]
