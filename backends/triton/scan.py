@@ -32,11 +32,12 @@ The chunk length (launcher): ``block_sizes={<time dim>: L}`` (a power of two), e
 """
 from __future__ import annotations
 
-from scancc.ir import Kind, Recurrence
+from scancc.ir import Kind, Op, Recurrence
 
 from . import recurrent
 from .emit import Env, simple
 from .names import Names
+from .rules import _shared
 
 KINDS = (Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL, Kind.COMPANION)
 
@@ -117,7 +118,32 @@ def _module_names(rec: Recurrence) -> dict[str, str]:
     """The module-level names of the scan module (reserved in every kernel's namespace)."""
     return {"local": f"{rec.name}_scan_local_kernel", "carry": f"{rec.name}_scan_carry_kernel",
             "matrix_carry": f"{rec.name}_scan_matrix_carry_kernel",
-            "rule": "scan_chunk_length", "sms": "_SCAN_SMS"}
+            "rule": "scan_chunk_length", "sms": "_SCAN_SMS", "exp": "scan_exp",
+            "os": "os", "libdevice": "libdevice"}
+
+
+# exp in the scan's kernels: on a GPU, libdevice's fast_expf (x * log2(e), then one
+# ex2.approx.ftz: tl.exp's float32 lowering is the same ex2.approx without ftz, which ptxas
+# expands with a denormal rescale, 6 SASS instructions against 2); results differ only
+# where exp(x) is below float32's smallest normal (1.2e-38), flushed to 0. The interpreter
+# has no libdevice: tl.exp there. The other dtypes (float64): tl.exp.
+EXP_HELPER = '''\
+import os
+
+from triton.language.extra.cuda import libdevice
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    @triton.jit
+    def scan_exp(x):
+        return tl.exp(x)
+else:
+    @triton.jit
+    def scan_exp(x):
+        if x.dtype == tl.float32:
+            return libdevice.fast_expf(x)
+        else:
+            return tl.exp(x)
+'''
 
 
 class _Chunked(recurrent.Lowering):
@@ -146,6 +172,14 @@ class _Chunked(recurrent.Lowering):
 
     def time_loop(self) -> str:
         return f"for i_t in range({self.t_start}, {self.t_last}):"
+
+    def _value(self, node, env: Env) -> str:
+        if node.op is Op.EXP:  # EXP_HELPER: one MUFU.EX2 per element on a GPU
+            (x,) = self._operands(node, env, "{0}")
+            out = f"{_module_names(self.ir)['exp']}({x})"
+            self._prec[out] = 4
+            return _shared(self, node, self.varies(node, env), out)
+        return super()._value(node, env)
 
     def chunk_offset(self, s) -> str:
         """Offset of chunk i_c's slice of a [NC, *state dims] buffer of state ``s``."""
@@ -304,7 +338,7 @@ class Lowering(_Chunked):
         if Kind.COMPANION in kinds:
             carries.append(_matrix_carry_kernel(self.module["matrix_carry"]))
         self._source = "\n\n".join([
-            recurrent.module_header(self.ir, self.algorithm), local, *carries, fwd,
+            recurrent.module_header(self.ir, self.algorithm) + EXP_HELPER, local, *carries, fwd,
             CHUNK_RULE, launcher])
         return self._source
 
