@@ -118,7 +118,7 @@ def _module_names(rec: Recurrence) -> dict[str, str]:
     """The module-level names of the scan module (reserved in every kernel's namespace)."""
     return {"local": f"{rec.name}_scan_local_kernel", "carry": f"{rec.name}_scan_carry_kernel",
             "matrix_carry": f"{rec.name}_scan_matrix_carry_kernel",
-            "rule": "scan_chunk_length", "sms": "_SCAN_SMS", "exp": "scan_exp",
+            "rule": "scan_chunk_length", "sms": "_SCAN_SMS", "exp": "scan_exp", "exp2": "scan_exp2",
             "os": "os", "libdevice": "libdevice"}
 
 
@@ -143,7 +143,21 @@ else:
             return libdevice.fast_expf(x)
         else:
             return tl.exp(x)
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    @triton.jit
+    def scan_exp2(x):
+        return tl.exp2(x)
+else:
+    @triton.jit
+    def scan_exp2(x):
+        if x.dtype == tl.float32:
+            return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            return tl.exp2(x)
 '''
+LOG2E = 1.4426950408889634
 
 
 class _Chunked(recurrent.Lowering):
@@ -174,12 +188,43 @@ class _Chunked(recurrent.Lowering):
         return f"for i_t in range({self.t_start}, {self.t_last}):"
 
     def _value(self, node, env: Env) -> str:
+        tv = self.varies(node, env)
         if node.op is Op.EXP:  # EXP_HELPER: one MUFU.EX2 per element on a GPU
-            (x,) = self._operands(node, env, "{0}")
-            out = f"{_module_names(self.ir)['exp']}({x})"
+            x = node.src[0]
+            inv = [s for s in x.src if not self.varies(s, env)] if x.op is Op.MUL else []
+            if tv and len(inv) == 1 and self.parents.get(x, 0) <= 1:
+                # exp(t * c), c constant in time: exp2(t * (c log2 e)), c log2 e computed once
+                (t,) = [s for s in x.src if s is not inv[0]]
+                k = self.bind(False, "b_log2e", f"{self.par(self.value(inv[0], env), 2)} * "
+                              f"{LOG2E!r}")
+                out = f"{_module_names(self.ir)['exp2']}({self.par(self.value(t, env), 2)} * {k})"
+            else:
+                (v,) = self._operands(node, env, "{0}")
+                out = f"{_module_names(self.ir)['exp']}({v})"
             self._prec[out] = 4
-            return _shared(self, node, self.varies(node, env), out)
+            return _shared(self, node, tv, out)
+        if node.op is Op.MUL and tv:
+            return _shared(self, node, tv, self._product(node, env))
         return super()._value(node, env)
+
+    def _product(self, node, env: Env) -> str:
+        """A chain of products (operands read once) with the factors of fewer register dims
+        multiplied first: mamba's dt * B[n] * u as (dt * u) * B[n], one multiply per state
+        element instead of two (a reassociation: a different float32 rounding, not more)."""
+        factors, todo = [], [node]
+        while todo:
+            n = todo.pop(0)
+            if n.op is Op.MUL and (n is node or self.parents.get(n, 0) <= 1):
+                todo[:0] = list(n.src)
+            else:
+                factors.append(n)
+        regs = set(self.plan.regs)
+        ranked = sorted(factors, key=lambda f: len(regs & set(self.rec.dims_of(f))))
+        out = self.par(self.value(ranked[0], env), 2)
+        for f in ranked[1:]:
+            out = f"{out} * {self.par(self.value(f, env), 3)}"
+        self._prec[out] = 2
+        return out
 
     def chunk_offset(self, s) -> str:
         """Offset of chunk i_c's slice of a [NC, *state dims] buffer of state ``s``."""
