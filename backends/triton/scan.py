@@ -361,8 +361,22 @@ class Lowering(_Chunked):
                 "USE_INITIAL_STATE": "constexpr", "STORE_FINAL_STATE": "constexpr"}
         const2 = {"BLOCK": CARRY_BLOCK, "HAS_DECAY": True, "USE_INITIAL_STATE": True,
                   "STORE_FINAL_STATE": True}
-        return [(loc.kernel_name, sig1, const1), (self.module["carry"], sig2, const2),
-                (self.kernel_name, sig3, const3)]
+        carries = []
+        kinds = {s.transition.kind for s in self.rec.states}
+        if kinds - {Kind.COMPANION}:
+            carries.append((self.module["carry"], sig2, const2))
+        for s in self.rec.states:  # the companion states' matrix carry (its width: the axis)
+            if s.transition.kind is Kind.COMPANION:
+                w = sizes[s.transition.axis]
+                sigm = {"decay": "*fp32", "hloc": "*fp32", "h0": "*fp32", "ht": "*fp32",
+                        "NUMEL": "i32", "INNER": "i32", "N_CHUNKS": "i32", "WIDTH": "constexpr",
+                        "BLOCK": "constexpr", "BLOCK_W": "constexpr",
+                        "USE_INITIAL_STATE": "constexpr", "STORE_FINAL_STATE": "constexpr"}
+                constm = {"WIDTH": w, "BLOCK": 64, "BLOCK_W": 1 << (w - 1).bit_length(),
+                          "USE_INITIAL_STATE": True, "STORE_FINAL_STATE": True}
+                carries.append((self.module["matrix_carry"], sigm, constm))
+                break
+        return [(loc.kernel_name, sig1, const1), *carries, (self.kernel_name, sig3, const3)]
 
     def _returns(self, final: str) -> str:
         rec = self.rec
