@@ -187,6 +187,19 @@ class _Chunked(recurrent.Lowering):
     def time_loop(self) -> str:
         return f"for i_t in range({self.t_start}, {self.t_last}):"
 
+    def chunk_offset(self, s) -> str:
+        """Offset of chunk i_c's slice of a [NC, *state dims] buffer of state ``s``."""
+        return "i_c * " + " * ".join(self.size[d] for d in s.dims)
+
+    def signature(self) -> tuple[list[str], list[str]]:
+        params, consts = super().signature()
+        return params + [self.chunk], consts
+
+
+class _Arithmetic:
+    """The scan's own kernels (stages 1 and 3; not window.py's, which reuses _Chunked):
+    exp through the module's helpers (EXP_HELPER) and products reordered."""
+
     def _value(self, node, env: Env) -> str:
         tv = self.varies(node, env)
         if node.op is Op.EXP:  # EXP_HELPER: one MUFU.EX2 per element on a GPU
@@ -226,16 +239,8 @@ class _Chunked(recurrent.Lowering):
         self._prec[out] = 2
         return out
 
-    def chunk_offset(self, s) -> str:
-        """Offset of chunk i_c's slice of a [NC, *state dims] buffer of state ``s``."""
-        return "i_c * " + " * ".join(self.size[d] for d in s.dims)
 
-    def signature(self) -> tuple[list[str], list[str]]:
-        params, consts = super().signature()
-        return params + [self.chunk], consts
-
-
-class Lowering(_Chunked):
+class Lowering(_Arithmetic, _Chunked):
     """Stage 3 (the outputs) and the launcher of all three stages; ``self.local`` renders
     stage 1."""
 
@@ -402,7 +407,7 @@ class Lowering(_Chunked):
         return self._source
 
 
-class _Local(_Chunked):
+class _Local(_Arithmetic, _Chunked):
     """Stage 1: a chunk from a zero state; stores its end state and its decay product."""
 
     def __init__(self, rec: Recurrence, options):
