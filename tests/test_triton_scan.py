@@ -318,3 +318,65 @@ def test_scan_kernels_compile_for_h100(tmp_path, every):
     assert r.returncode == 0, r.stderr[-4000:]
     done = json.loads(r.stdout.strip().splitlines()[-1])
     assert len(done) == len(jobs) == 3 * len(recs) and all(ok for _, ok in done), done
+
+
+class _WarpsRecorder(_Recorder):
+    """Records (grid, num_warps) of each launch."""
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kw):
+            self.grids.append((tuple(grid), kw.get("num_warps")))
+            return launch(*args, **kw)
+        return run
+
+
+def test_warps_rule_and_carry_programs():
+    """Stages 1 and 3 run at most num_warps, and no more warps than leave every thread
+    ELEMENTS_PER_THREAD elements of the register tile (mamba's [64 chan, 16 dstate] tile:
+    1 warp; a [4, 4] tile: 1 warp; linear_attn's 4096-element tile: num_warps); the carry
+    runs CARRY_BLOCK state elements per program on CARRY_WARPS warps. Outputs checked
+    against the float64 reference."""
+    assert scan.ELEMENTS_PER_THREAD == 32 and (scan.CARRY_BLOCK, scan.CARRY_WARPS) == (32, 1)
+    rec = registry.get("mamba").build()
+    for sizes, warps in [({"batch": 1, "chan": 64, "groups": 1, "dstate": 16}, 1),
+                         ({"batch": 2, "chan": 4, "groups": 1, "dstate": 3}, 1)]:
+        T = 40
+        full = dict(scancc.ir.default_sizes(rec, time=T))
+        full.update(sizes)
+        x = testing.sample_inputs(rec, full, 0, registry.get(rec.name).hints)
+        options = {"algorithm": "scan", "block_sizes": {"time": 16}}
+        c = TB.compiled(rec, options, tuple("float32" for _ in rec.inputs))
+        g = c.launcher.__globals__
+        names = [f"mamba_scan_{k}_kernel" for k in ("local", "carry", "fwd")]
+        old = {n: g[n] for n in names}
+        got = {n: _WarpsRecorder(g[n]) for n in names}
+        g.update(got)
+        try:
+            y, _ = _run(rec, x, full, None, options)
+        finally:
+            g.update(old)
+        want, _ = _reference(rec, x, full, None)
+        testing.assert_close(y["y"], want["y"], "float32", f"mamba {sizes}")
+        numel = full["batch"] * full["chan"] * full["dstate"]
+        carry = -(-numel // scan.CARRY_BLOCK)
+        assert got["mamba_scan_local_kernel"].grids == [((full["batch"], 1, 3), warps)]
+        assert got["mamba_scan_fwd_kernel"].grids == [((full["batch"], 1, 3), warps)]
+        assert got["mamba_scan_carry_kernel"].grids == [((carry,), scan.CARRY_WARPS)]
+    src = TB.render(registry.get("linear_attn").build(), {"algorithm": "scan"})
+    assert f"scan_warps = max(1, min(num_warps, (BLOCK_KEY * BLOCK_VALUE) // " \
+        f"{32 * scan.ELEMENTS_PER_THREAD}))" in src
+
+
+def test_exp_of_a_time_constant_product_is_prescaled():
+    """mamba's exp(dt * A): A log2(e) once before the loop, exp2 per step (scan_exp2: the
+    interpreter's tl.exp2, ex2.approx.ftz on a GPU); dt * B[n] * u multiplied as
+    (dt * u) * B[n]. Numerics: the reference tests above (chunk boundaries, NaN, resets)."""
+    src = TB.render(registry.get("mamba").build(), {"algorithm": "scan"})
+    fwd = src.split("def mamba_scan_fwd_kernel(")[1].split("\n\n\n")[0]
+    head, loop = fwd.split("for i_t in range(")
+    assert "b_log2e = b_A * 1.4426950408889634" in head
+    assert "scan_exp2(b_delta * b_log2e)" in loop and "b_delta * b_u * b_B" in loop
+    assert "tl.exp(" not in loop
+    assert 'if os.environ.get("TRITON_INTERPRET") == "1":' in src

@@ -32,11 +32,12 @@ The chunk length (launcher): ``block_sizes={<time dim>: L}`` (a power of two), e
 """
 from __future__ import annotations
 
-from scancc.ir import Kind, Recurrence
+from scancc.ir import Kind, Op, Recurrence
 
 from . import recurrent
 from .emit import Env, simple
 from .names import Names
+from .rules import _shared
 
 KINDS = (Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL, Kind.COMPANION)
 
@@ -69,6 +70,18 @@ def scan_chunk_length(programs, steps, device, min_steps=0):
 # "auto" chunks only sequences this long: shorter ones (e.g. the autograd's backward
 # segments) keep one launch (a guess, not measured: two extra launches cost ~10 us)
 AUTO_MIN_STEPS = 1024
+
+
+# warps of stages 1 and 3 (WARPS_RULE in docs/triton.md): num_warps (the option, default 4)
+# at most, and at most (register tile elements) / (32 x this): no thread under this many
+# elements (a tile smaller than a warp's threads replicates work across lanes: s4d's 64-element
+# state ran on 128 threads). Chosen from the offline sm_90 report (docs/performance/triton.md,
+# section "scan 2026-12-01"): 32 gives mamba D2048 N16 one warp per [64, 16] tile
+ELEMENTS_PER_THREAD = 32
+
+# stage 2: elements of the flattened state per program, and its warps: many small programs
+# (each a dependent chain over the chunks), not 256-element ones (mamba B1: 128 programs)
+CARRY_BLOCK, CARRY_WARPS = 32, 1
 
 
 def chunk_length(programs: int, steps: int, device=None, min_steps: int = 0) -> int:
@@ -105,7 +118,46 @@ def _module_names(rec: Recurrence) -> dict[str, str]:
     """The module-level names of the scan module (reserved in every kernel's namespace)."""
     return {"local": f"{rec.name}_scan_local_kernel", "carry": f"{rec.name}_scan_carry_kernel",
             "matrix_carry": f"{rec.name}_scan_matrix_carry_kernel",
-            "rule": "scan_chunk_length", "sms": "_SCAN_SMS"}
+            "rule": "scan_chunk_length", "sms": "_SCAN_SMS", "exp": "scan_exp", "exp2": "scan_exp2",
+            "os": "os", "libdevice": "libdevice"}
+
+
+# exp in the scan's kernels: on a GPU, libdevice's fast_expf (x * log2(e), then one
+# ex2.approx.ftz: tl.exp's float32 lowering is the same ex2.approx without ftz, which ptxas
+# expands with a denormal rescale, 6 SASS instructions against 2); results differ only
+# where exp(x) is below float32's smallest normal (1.2e-38), flushed to 0. The interpreter
+# has no libdevice: tl.exp there. The other dtypes (float64): tl.exp.
+EXP_HELPER = '''\
+import os
+
+from triton.language.extra.cuda import libdevice
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    @triton.jit
+    def scan_exp(x):
+        return tl.exp(x)
+else:
+    @triton.jit
+    def scan_exp(x):
+        if x.dtype == tl.float32:
+            return libdevice.fast_expf(x)
+        else:
+            return tl.exp(x)
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    @triton.jit
+    def scan_exp2(x):
+        return tl.exp2(x)
+else:
+    @triton.jit
+    def scan_exp2(x):
+        if x.dtype == tl.float32:
+            return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            return tl.exp2(x)
+'''
+LOG2E = 1.4426950408889634
 
 
 class _Chunked(recurrent.Lowering):
@@ -144,7 +196,51 @@ class _Chunked(recurrent.Lowering):
         return params + [self.chunk], consts
 
 
-class Lowering(_Chunked):
+class _Arithmetic:
+    """The scan's own kernels (stages 1 and 3; not window.py's, which reuses _Chunked):
+    exp through the module's helpers (EXP_HELPER) and products reordered."""
+
+    def _value(self, node, env: Env) -> str:
+        tv = self.varies(node, env)
+        if node.op is Op.EXP:  # EXP_HELPER: one MUFU.EX2 per element on a GPU
+            x = node.src[0]
+            inv = [s for s in x.src if not self.varies(s, env)] if x.op is Op.MUL else []
+            if tv and len(inv) == 1 and self.parents.get(x, 0) <= 1:
+                # exp(t * c), c constant in time: exp2(t * (c log2 e)), c log2 e computed once
+                (t,) = [s for s in x.src if s is not inv[0]]
+                k = self.bind(False, "b_log2e", f"{self.par(self.value(inv[0], env), 2)} * "
+                              f"{LOG2E!r}")
+                out = f"{_module_names(self.ir)['exp2']}({self.par(self.value(t, env), 2)} * {k})"
+            else:
+                (v,) = self._operands(node, env, "{0}")
+                out = f"{_module_names(self.ir)['exp']}({v})"
+            self._prec[out] = 4
+            return _shared(self, node, tv, out)
+        if node.op is Op.MUL and tv:
+            return _shared(self, node, tv, self._product(node, env))
+        return super()._value(node, env)
+
+    def _product(self, node, env: Env) -> str:
+        """A chain of products (operands read once) with the factors of fewer register dims
+        multiplied first: mamba's dt * B[n] * u as (dt * u) * B[n], one multiply per state
+        element instead of two (a reassociation: a different float32 rounding, not more)."""
+        factors, todo = [], [node]
+        while todo:
+            n = todo.pop(0)
+            if n.op is Op.MUL and (n is node or self.parents.get(n, 0) <= 1):
+                todo[:0] = list(n.src)
+            else:
+                factors.append(n)
+        regs = set(self.plan.regs)
+        ranked = sorted(factors, key=lambda f: len(regs & set(self.rec.dims_of(f))))
+        out = self.par(self.value(ranked[0], env), 2)
+        for f in ranked[1:]:
+            out = f"{out} * {self.par(self.value(f, env), 3)}"
+        self._prec[out] = 2
+        return out
+
+
+class Lowering(_Arithmetic, _Chunked):
     """Stage 3 (the outputs) and the launcher of all three stages; ``self.local`` renders
     stage 1."""
 
@@ -172,7 +268,12 @@ class Lowering(_Chunked):
         # chosen by "auto": long sequences only (an explicit "scan" chunks any T)
         auto = self.options.get("algorithm", "auto") == "auto"
         min_steps = f", {AUTO_MIN_STEPS}" if auto else ""
-        lines = [f"    grid = ({g0}, {g1})",
+        # stages 1 and 3 (and the one-chunk kernel): at most num_warps, fewer where the
+        # register tile would leave a thread under ELEMENTS_PER_THREAD elements (WARPS_RULE)
+        tile = " * ".join(self.block[d] for d in P.regs) or "1"
+        kw = N.new("scan_warps")
+        lines = [f"    {kw} = max(1, min({warps}, ({tile}) // {32 * ELEMENTS_PER_THREAD}))",
+                 f"    grid = ({g0}, {g1})",
                  f'    {chunk} = {self.names_blocks}.get("{rec.time}") or '
                  f"{self.module['rule']}(grid[0] * grid[1], {T}, {self.arg[rec.inputs[0].name]}"
                  f".device{min_steps})",
@@ -182,7 +283,7 @@ class Lowering(_Chunked):
         args = params[:-1] + [f"max({T}, 1)"] + sizes
         args += [f"{self.h0[s.name]} is not None" for s in rec.states] + [final]
         lines += [f"            {a}," for a in args]
-        lines += [f"            num_warps={warps},", "        )",
+        lines += [f"            num_warps={kw},", "        )",
                   f"        return {self._returns(final)}"]
         # stage 1: chunk-local end states and decay products
         dev = f"{self.arg[rec.inputs[0].name]}.device"
@@ -202,7 +303,7 @@ class Lowering(_Chunked):
         largs += [self.size[d] for d in loc.runtime_sizes()] + [chunk] + sizes
         lines.append(f"    {loc.kernel_name}[grid + ({nc},)](")
         lines += [f"        {a}," for a in largs]
-        lines += [f"        num_warps={warps},", "    )"]
+        lines += [f"        num_warps={kw},", "    )"]
         # stage 2: the state entering each chunk, in place of hloc; the final state
         for s in rec.states:
             numel = " * ".join(self.size[d] for d in s.dims)
@@ -210,11 +311,11 @@ class Lowering(_Chunked):
             if s.transition.kind is Kind.COMPANION:
                 lines += self._launch_matrix_carry(s, dec, hloc[s.name], numel, nc, final)
                 continue
-            lines.append(f"    {self.module['carry']}[(-(-{numel} // 256),)](")
+            lines.append(f"    {self.module['carry']}[(-(-{numel} // {CARRY_BLOCK}),)](")
             lines += [f"        {a}," for a in (
-                dec, hloc[s.name], self.h0[s.name], self.ht[s.name], numel, nc, 256,
+                dec, hloc[s.name], self.h0[s.name], self.ht[s.name], numel, nc, CARRY_BLOCK,
                 s.name in prod, f"{self.h0[s.name]} is not None", final)]
-            lines += ["        num_warps=4,", "    )"]
+            lines += [f"        num_warps={CARRY_WARPS},", "    )"]
         # stage 3: every chunk again from the state entering it, storing the outputs
         lines.append(f"    {self.kernel_name}[grid + ({nc},)](")
         args = params[:len(rec.inputs) + len(rec.outputs)]
@@ -222,7 +323,7 @@ class Lowering(_Chunked):
         args += params[len(rec.inputs) + len(rec.outputs) + 2 * len(rec.states):-1]
         args += [chunk] + sizes + ["True" for _ in rec.states] + ["False"]
         lines += [f"        {a}," for a in args]
-        lines += [f"        num_warps={warps},", "    )"]
+        lines += [f"        num_warps={kw},", "    )"]
         return lines
 
     def _launch_matrix_carry(self, s, dec: str, hloc: str, numel: str, nc: str,
@@ -263,10 +364,24 @@ class Lowering(_Chunked):
         sig2 = {"decay": "*fp32", "hloc": "*fp32", "h0": "*fp32", "ht": "*fp32", "NUMEL": "i32",
                 "N_CHUNKS": "i32", "BLOCK": "constexpr", "HAS_DECAY": "constexpr",
                 "USE_INITIAL_STATE": "constexpr", "STORE_FINAL_STATE": "constexpr"}
-        const2 = {"BLOCK": 256, "HAS_DECAY": True, "USE_INITIAL_STATE": True,
+        const2 = {"BLOCK": CARRY_BLOCK, "HAS_DECAY": True, "USE_INITIAL_STATE": True,
                   "STORE_FINAL_STATE": True}
-        return [(loc.kernel_name, sig1, const1), (self.module["carry"], sig2, const2),
-                (self.kernel_name, sig3, const3)]
+        carries = []
+        kinds = {s.transition.kind for s in self.rec.states}
+        if kinds - {Kind.COMPANION}:
+            carries.append((self.module["carry"], sig2, const2))
+        for s in self.rec.states:  # the companion states' matrix carry (its width: the axis)
+            if s.transition.kind is Kind.COMPANION:
+                w = sizes[s.transition.axis]
+                sigm = {"decay": "*fp32", "hloc": "*fp32", "h0": "*fp32", "ht": "*fp32",
+                        "NUMEL": "i32", "INNER": "i32", "N_CHUNKS": "i32", "WIDTH": "constexpr",
+                        "BLOCK": "constexpr", "BLOCK_W": "constexpr",
+                        "USE_INITIAL_STATE": "constexpr", "STORE_FINAL_STATE": "constexpr"}
+                constm = {"WIDTH": w, "BLOCK": 64, "BLOCK_W": 1 << (w - 1).bit_length(),
+                          "USE_INITIAL_STATE": True, "STORE_FINAL_STATE": True}
+                carries.append((self.module["matrix_carry"], sigm, constm))
+                break
+        return [(loc.kernel_name, sig1, const1), *carries, (self.kernel_name, sig3, const3)]
 
     def _returns(self, final: str) -> str:
         rec = self.rec
@@ -287,12 +402,12 @@ class Lowering(_Chunked):
         if Kind.COMPANION in kinds:
             carries.append(_matrix_carry_kernel(self.module["matrix_carry"]))
         self._source = "\n\n".join([
-            recurrent.module_header(self.ir, self.algorithm), local, *carries, fwd,
+            recurrent.module_header(self.ir, self.algorithm) + EXP_HELPER, local, *carries, fwd,
             CHUNK_RULE, launcher])
         return self._source
 
 
-class _Local(_Chunked):
+class _Local(_Arithmetic, _Chunked):
     """Stage 1: a chunk from a zero state; stores its end state and its decay product."""
 
     def __init__(self, rec: Recurrence, options):

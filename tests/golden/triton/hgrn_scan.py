@@ -15,6 +15,34 @@ Generated code: edit the recurrence, not this file. The IR it was generated from
 import torch
 import triton
 import triton.language as tl
+import os
+
+from triton.language.extra.cuda import libdevice
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    @triton.jit
+    def scan_exp(x):
+        return tl.exp(x)
+else:
+    @triton.jit
+    def scan_exp(x):
+        if x.dtype == tl.float32:
+            return libdevice.fast_expf(x)
+        else:
+            return tl.exp(x)
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    @triton.jit
+    def scan_exp2(x):
+        return tl.exp2(x)
+else:
+    @triton.jit
+    def scan_exp2(x):
+        if x.dtype == tl.float32:
+            return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            return tl.exp2(x)
 
 
 @triton.jit
@@ -43,7 +71,7 @@ def hgrn_scan_local_kernel(
     for i_t in range(t_start, t_end):
         # h: diagonal(decay=exp(g)) + x
         b_g = tl.load(p_g, mask=m_chan, other=0.0).to(tl.float32)
-        b_a = tl.exp(b_g)
+        b_a = scan_exp(b_g)
         b_x = tl.load(p_x, mask=m_chan, other=0.0).to(tl.float32)
         b_h = b_a * b_h + b_x
         b_decay_h = b_a * b_decay_h
@@ -122,7 +150,7 @@ def hgrn_scan_fwd_kernel(
         # h: diagonal(decay=exp(g)) + x
         b_g = tl.load(p_g, mask=m_chan, other=0.0).to(tl.float32)
         b_x = tl.load(p_x, mask=m_chan, other=0.0).to(tl.float32)
-        b_h = tl.exp(b_g) * b_h + b_x
+        b_h = scan_exp(b_g) * b_h + b_x
         # o = h
         tl.store(p_o, b_h.to(p_o.dtype.element_ty), mask=m_chan)
         p_g += CHAN
@@ -169,6 +197,7 @@ def hgrn_scan_fwd(x, g, initial_state=None, output_final_state=False, block_size
     if h0 is not None:
         h0 = h0.to(device=x.device, dtype=torch.float32).contiguous()
     ht = torch.full((BATCH, CHAN), float("nan"), dtype=torch.float32, device=x.device) if output_final_state else None
+    scan_warps = max(1, min(num_warps, (BLOCK_CHAN) // 1024))
     grid = (BATCH, -(-CHAN // BLOCK_CHAN))
     chunk = block_sizes.get("time") or scan_chunk_length(grid[0] * grid[1], TIME, x.device)
     n_chunks = -(-TIME // chunk)
@@ -186,7 +215,7 @@ def hgrn_scan_fwd(x, g, initial_state=None, output_final_state=False, block_size
             BLOCK_CHAN,
             h0 is not None,
             output_final_state,
-            num_warps=num_warps,
+            num_warps=scan_warps,
         )
         return {"o": o}, ({"h": ht} if output_final_state else None)
     hloc_h = torch.empty((n_chunks, BATCH, CHAN), dtype=torch.float32, device=x.device)
@@ -201,20 +230,20 @@ def hgrn_scan_fwd(x, g, initial_state=None, output_final_state=False, block_size
         chunk,
         CHAN,
         BLOCK_CHAN,
-        num_warps=num_warps,
+        num_warps=scan_warps,
     )
-    hgrn_scan_carry_kernel[(-(-BATCH * CHAN // 256),)](
+    hgrn_scan_carry_kernel[(-(-BATCH * CHAN // 32),)](
         decay_h,
         hloc_h,
         h0,
         ht,
         BATCH * CHAN,
         n_chunks,
-        256,
+        32,
         True,
         h0 is not None,
         output_final_state,
-        num_warps=4,
+        num_warps=1,
     )
     hgrn_scan_fwd_kernel[grid + (n_chunks,)](
         x,
@@ -229,6 +258,6 @@ def hgrn_scan_fwd(x, g, initial_state=None, output_final_state=False, block_size
         BLOCK_CHAN,
         True,
         False,
-        num_warps=num_warps,
+        num_warps=scan_warps,
     )
     return {"o": o}, ({"h": ht} if output_final_state else None)

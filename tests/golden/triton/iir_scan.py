@@ -19,6 +19,34 @@ Generated code: edit the recurrence, not this file. The IR it was generated from
 import torch
 import triton
 import triton.language as tl
+import os
+
+from triton.language.extra.cuda import libdevice
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    @triton.jit
+    def scan_exp(x):
+        return tl.exp(x)
+else:
+    @triton.jit
+    def scan_exp(x):
+        if x.dtype == tl.float32:
+            return libdevice.fast_expf(x)
+        else:
+            return tl.exp(x)
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    @triton.jit
+    def scan_exp2(x):
+        return tl.exp2(x)
+else:
+    @triton.jit
+    def scan_exp2(x):
+        if x.dtype == tl.float32:
+            return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            return tl.exp2(x)
 
 
 @triton.jit
@@ -197,6 +225,7 @@ def iir_scan_fwd(x, b, a, initial_state=None, output_final_state=False, block_si
     if h0 is not None:
         h0 = h0.to(device=x.device, dtype=torch.float32).contiguous()
     ht = torch.full((BATCH, CHAN, ORDER), float("nan"), dtype=torch.float32, device=x.device) if output_final_state else None
+    scan_warps = max(1, min(num_warps, (BLOCK_CHAN * BLOCK_ORDER) // 1024))
     grid = (BATCH, -(-CHAN // BLOCK_CHAN))
     chunk = block_sizes.get("time") or scan_chunk_length(grid[0] * grid[1], TIME, x.device)
     n_chunks = -(-TIME // chunk)
@@ -217,7 +246,7 @@ def iir_scan_fwd(x, b, a, initial_state=None, output_final_state=False, block_si
             BLOCK_ORDER,
             h0 is not None,
             output_final_state,
-            num_warps=num_warps,
+            num_warps=scan_warps,
         )
         return {"y": y}, ({"w": ht} if output_final_state else None)
     hloc_w = torch.empty((n_chunks, BATCH, CHAN, ORDER), dtype=torch.float32, device=x.device)
@@ -235,7 +264,7 @@ def iir_scan_fwd(x, b, a, initial_state=None, output_final_state=False, block_si
         ORDER,
         BLOCK_CHAN,
         BLOCK_ORDER,
-        num_warps=num_warps,
+        num_warps=scan_warps,
     )
     iir_scan_matrix_carry_kernel[(-(-(BATCH * CHAN * ORDER // ORDER) // 64),)](
         decay_w,
@@ -268,6 +297,6 @@ def iir_scan_fwd(x, b, a, initial_state=None, output_final_state=False, block_si
         BLOCK_ORDER,
         True,
         False,
-        num_warps=num_warps,
+        num_warps=scan_warps,
     )
     return {"y": y}, ({"w": ht} if output_final_state else None)

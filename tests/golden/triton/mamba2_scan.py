@@ -23,6 +23,34 @@ Generated code: edit the recurrence, not this file. The IR it was generated from
 import torch
 import triton
 import triton.language as tl
+import os
+
+from triton.language.extra.cuda import libdevice
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    @triton.jit
+    def scan_exp(x):
+        return tl.exp(x)
+else:
+    @triton.jit
+    def scan_exp(x):
+        if x.dtype == tl.float32:
+            return libdevice.fast_expf(x)
+        else:
+            return tl.exp(x)
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    @triton.jit
+    def scan_exp2(x):
+        return tl.exp2(x)
+else:
+    @triton.jit
+    def scan_exp2(x):
+        if x.dtype == tl.float32:
+            return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            return tl.exp2(x)
 
 
 @triton.jit
@@ -55,9 +83,10 @@ def mamba2_scan_local_kernel(
     o_dstate = tl.arange(0, BLOCK_DSTATE)[None, :]
     m_headdim = o_headdim < HEADDIM
     m_dstate = o_dstate < DSTATE
-    p_dt = dt + i_batch * TIME * HEADS + t_start * HEADS + i_heads
     p_A = A + i_heads
     b_A = tl.load(p_A).to(tl.float32)
+    b_log2e = b_A * 1.4426950408889634
+    p_dt = dt + i_batch * TIME * HEADS + t_start * HEADS + i_heads
     p_x = x + i_batch * TIME * HEADS * HEADDIM + t_start * HEADS * HEADDIM + i_heads * HEADDIM + o_headdim
     p_B = B + i_batch * TIME * GROUPS * DSTATE + t_start * GROUPS * DSTATE + (i_heads // (HEADS // GROUPS)) * DSTATE + o_dstate
     b_h = tl.zeros([BLOCK_HEADDIM, BLOCK_DSTATE], dtype=tl.float32)
@@ -66,7 +95,7 @@ def mamba2_scan_local_kernel(
         # h: scalar(decay=exp(dt_ * A)) + dt_ * x * group(B, groups, heads)
         b_dt = tl.load(p_dt).to(tl.float32)
         b_dt_ = tl.maximum(b_dt, 0.0, propagate_nan=tl.PropagateNan.ALL)
-        b_a = tl.exp(b_dt_ * b_A)
+        b_a = scan_exp2(b_dt_ * b_log2e)
         b_x = tl.load(p_x, mask=m_headdim, other=0.0).to(tl.float32)
         b_B = tl.load(p_B, mask=m_dstate, other=0.0).to(tl.float32)
         b_h = b_a * b_h + b_dt_ * b_x * b_B
@@ -147,9 +176,10 @@ def mamba2_scan_fwd_kernel(
     o_dstate = tl.arange(0, BLOCK_DSTATE)[None, :]
     m_headdim = o_headdim < HEADDIM
     m_dstate = o_dstate < DSTATE
-    p_dt = dt + i_batch * TIME * HEADS + t_start * HEADS + i_heads
     p_A = A + i_heads
     b_A = tl.load(p_A).to(tl.float32)
+    b_log2e = b_A * 1.4426950408889634
+    p_dt = dt + i_batch * TIME * HEADS + t_start * HEADS + i_heads
     p_x = x + i_batch * TIME * HEADS * HEADDIM + t_start * HEADS * HEADDIM + i_heads * HEADDIM + o_headdim
     p_B = B + i_batch * TIME * GROUPS * DSTATE + t_start * GROUPS * DSTATE + (i_heads // (HEADS // GROUPS)) * DSTATE + o_dstate
     p_C = C + i_batch * TIME * GROUPS * DSTATE + t_start * GROUPS * DSTATE + (i_heads // (HEADS // GROUPS)) * DSTATE + o_dstate
@@ -164,10 +194,10 @@ def mamba2_scan_fwd_kernel(
         b_dt_ = tl.maximum(b_dt, 0.0, propagate_nan=tl.PropagateNan.ALL)
         b_x = tl.load(p_x, mask=m_headdim, other=0.0).to(tl.float32)
         b_B = tl.load(p_B, mask=m_dstate, other=0.0).to(tl.float32)
-        b_h = tl.exp(b_dt_ * b_A) * b_h + b_dt_ * b_x * b_B
+        b_h = scan_exp2(b_dt_ * b_log2e) * b_h + b_dt_ * b_x * b_B
         # y = sum(h * group(C, groups, heads), dstate)
         b_C = tl.load(p_C, mask=m_dstate, other=0.0).to(tl.float32)
-        b_sum = tl.sum(tl.where(m_dstate, b_h * b_C, 0.0), axis=1, keep_dims=True)
+        b_sum = tl.sum(tl.where(m_dstate, b_C * b_h, 0.0), axis=1, keep_dims=True)
         tl.store(p_y, b_sum.to(p_y.dtype.element_ty), mask=m_headdim)
         p_dt += HEADS
         p_x += HEADS * HEADDIM
@@ -218,6 +248,7 @@ def mamba2_scan_fwd(x, dt, A, B, C, initial_state=None, output_final_state=False
     if h0 is not None:
         h0 = h0.to(device=x.device, dtype=torch.float32).contiguous()
     ht = torch.full((BATCH, HEADS, HEADDIM, DSTATE), float("nan"), dtype=torch.float32, device=x.device) if output_final_state else None
+    scan_warps = max(1, min(num_warps, (BLOCK_HEADDIM * BLOCK_DSTATE) // 1024))
     grid = (BATCH * HEADS, -(-HEADDIM // BLOCK_HEADDIM))
     chunk = block_sizes.get("time") or scan_chunk_length(grid[0] * grid[1], TIME, x.device)
     n_chunks = -(-TIME // chunk)
@@ -242,7 +273,7 @@ def mamba2_scan_fwd(x, dt, A, B, C, initial_state=None, output_final_state=False
             BLOCK_DSTATE,
             h0 is not None,
             output_final_state,
-            num_warps=num_warps,
+            num_warps=scan_warps,
         )
         return {"y": y}, ({"h": ht} if output_final_state else None)
     hloc_h = torch.empty((n_chunks, BATCH, HEADS, HEADDIM, DSTATE), dtype=torch.float32, device=x.device)
@@ -264,20 +295,20 @@ def mamba2_scan_fwd(x, dt, A, B, C, initial_state=None, output_final_state=False
         DSTATE,
         BLOCK_HEADDIM,
         BLOCK_DSTATE,
-        num_warps=num_warps,
+        num_warps=scan_warps,
     )
-    mamba2_scan_carry_kernel[(-(-BATCH * HEADS * HEADDIM * DSTATE // 256),)](
+    mamba2_scan_carry_kernel[(-(-BATCH * HEADS * HEADDIM * DSTATE // 32),)](
         decay_h,
         hloc_h,
         h0,
         ht,
         BATCH * HEADS * HEADDIM * DSTATE,
         n_chunks,
-        256,
+        32,
         True,
         h0 is not None,
         output_final_state,
-        num_warps=4,
+        num_warps=1,
     )
     mamba2_scan_fwd_kernel[grid + (n_chunks,)](
         x,
@@ -299,6 +330,6 @@ def mamba2_scan_fwd(x, dt, A, B, C, initial_state=None, output_final_state=False
         BLOCK_DSTATE,
         True,
         False,
-        num_warps=num_warps,
+        num_warps=scan_warps,
     )
     return {"y": y}, ({"h": ht} if output_final_state else None)

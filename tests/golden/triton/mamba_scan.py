@@ -22,6 +22,34 @@ Generated code: edit the recurrence, not this file. The IR it was generated from
 import torch
 import triton
 import triton.language as tl
+import os
+
+from triton.language.extra.cuda import libdevice
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    @triton.jit
+    def scan_exp(x):
+        return tl.exp(x)
+else:
+    @triton.jit
+    def scan_exp(x):
+        if x.dtype == tl.float32:
+            return libdevice.fast_expf(x)
+        else:
+            return tl.exp(x)
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    @triton.jit
+    def scan_exp2(x):
+        return tl.exp2(x)
+else:
+    @triton.jit
+    def scan_exp2(x):
+        if x.dtype == tl.float32:
+            return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            return tl.exp2(x)
 
 
 @triton.jit
@@ -51,24 +79,25 @@ def mamba_scan_local_kernel(
     o_dstate = tl.arange(0, BLOCK_DSTATE)[None, :]
     m_chan = o_chan < CHAN
     m_dstate = o_dstate < DSTATE
-    p_delta = delta + i_batch * CHAN * TIME + o_chan * TIME + t_start
     p_A = A + o_chan * DSTATE + o_dstate
     b_A = tl.load(p_A, mask=m_chan & m_dstate, other=0.0).to(tl.float32)
-    p_B = B + i_batch * GROUPS * DSTATE * TIME + (i_chan * BLOCK_CHAN // (CHAN // GROUPS)) * DSTATE * TIME + o_dstate * TIME + t_start
+    b_log2e = b_A * 1.4426950408889634
+    p_delta = delta + i_batch * CHAN * TIME + o_chan * TIME + t_start
     p_u = u + i_batch * CHAN * TIME + o_chan * TIME + t_start
+    p_B = B + i_batch * GROUPS * DSTATE * TIME + (i_chan * BLOCK_CHAN // (CHAN // GROUPS)) * DSTATE * TIME + o_dstate * TIME + t_start
     b_x = tl.zeros([BLOCK_CHAN, BLOCK_DSTATE], dtype=tl.float32)
     b_decay_x = tl.full([BLOCK_CHAN, BLOCK_DSTATE], 1.0, dtype=tl.float32)
     for i_t in range(t_start, t_end):
         # x: diagonal(decay=exp(dt * A)) + dt * group(B, groups, chan) * u
         b_delta = tl.load(p_delta, mask=m_chan, other=0.0).to(tl.float32)
-        b_a = tl.exp(b_delta * b_A)
-        b_B = tl.load(p_B, mask=m_dstate, other=0.0).to(tl.float32)
+        b_a = scan_exp2(b_delta * b_log2e)
         b_u = tl.load(p_u, mask=m_chan, other=0.0).to(tl.float32)
-        b_x = b_a * b_x + b_delta * b_B * b_u
+        b_B = tl.load(p_B, mask=m_dstate, other=0.0).to(tl.float32)
+        b_x = b_a * b_x + b_delta * b_u * b_B
         b_decay_x = b_a * b_decay_x
         p_delta += 1
-        p_B += 1
         p_u += 1
+        p_B += 1
     p_hloc = hloc + i_c * BATCH * CHAN * DSTATE + i_batch * CHAN * DSTATE + o_chan * DSTATE + o_dstate
     tl.store(p_hloc, b_x, mask=m_chan & m_dstate)
     p_decay = decay + i_c * BATCH * CHAN * DSTATE + i_batch * CHAN * DSTATE + o_chan * DSTATE + o_dstate
@@ -139,11 +168,12 @@ def mamba_scan_fwd_kernel(
     o_dstate = tl.arange(0, BLOCK_DSTATE)[None, :]
     m_chan = o_chan < CHAN
     m_dstate = o_dstate < DSTATE
-    p_delta = delta + i_batch * CHAN * TIME + o_chan * TIME + t_start
     p_A = A + o_chan * DSTATE + o_dstate
     b_A = tl.load(p_A, mask=m_chan & m_dstate, other=0.0).to(tl.float32)
-    p_B = B + i_batch * GROUPS * DSTATE * TIME + (i_chan * BLOCK_CHAN // (CHAN // GROUPS)) * DSTATE * TIME + o_dstate * TIME + t_start
+    b_log2e = b_A * 1.4426950408889634
+    p_delta = delta + i_batch * CHAN * TIME + o_chan * TIME + t_start
     p_u = u + i_batch * CHAN * TIME + o_chan * TIME + t_start
+    p_B = B + i_batch * GROUPS * DSTATE * TIME + (i_chan * BLOCK_CHAN // (CHAN // GROUPS)) * DSTATE * TIME + o_dstate * TIME + t_start
     p_C = C + i_batch * GROUPS * DSTATE * TIME + (i_chan * BLOCK_CHAN // (CHAN // GROUPS)) * DSTATE * TIME + o_dstate * TIME + t_start
     p_y = y + i_batch * CHAN * TIME + o_chan * TIME + t_start
     b_x = tl.zeros([BLOCK_CHAN, BLOCK_DSTATE], dtype=tl.float32)
@@ -153,16 +183,16 @@ def mamba_scan_fwd_kernel(
     for i_t in range(t_start, t_end):
         # x: diagonal(decay=exp(dt * A)) + dt * group(B, groups, chan) * u
         b_delta = tl.load(p_delta, mask=m_chan, other=0.0).to(tl.float32)
-        b_B = tl.load(p_B, mask=m_dstate, other=0.0).to(tl.float32)
         b_u = tl.load(p_u, mask=m_chan, other=0.0).to(tl.float32)
-        b_x = tl.exp(b_delta * b_A) * b_x + b_delta * b_B * b_u
+        b_B = tl.load(p_B, mask=m_dstate, other=0.0).to(tl.float32)
+        b_x = scan_exp2(b_delta * b_log2e) * b_x + b_delta * b_u * b_B
         # y = sum(x * group(C, groups, chan), dstate)
         b_C = tl.load(p_C, mask=m_dstate, other=0.0).to(tl.float32)
         b_sum = tl.sum(tl.where(m_dstate, b_x * b_C, 0.0), axis=1, keep_dims=True)
         tl.store(p_y, b_sum.to(p_y.dtype.element_ty), mask=m_chan)
         p_delta += 1
-        p_B += 1
         p_u += 1
+        p_B += 1
         p_C += 1
         p_y += 1
     if STORE_FINAL_STATE:
@@ -210,6 +240,7 @@ def mamba_scan_fwd(u, delta, A, B, C, initial_state=None, output_final_state=Fal
     if h0 is not None:
         h0 = h0.to(device=u.device, dtype=torch.float32).contiguous()
     ht = torch.full((BATCH, CHAN, DSTATE), float("nan"), dtype=torch.float32, device=u.device) if output_final_state else None
+    scan_warps = max(1, min(num_warps, (BLOCK_CHAN * BLOCK_DSTATE) // 1024))
     grid = (BATCH, -(-CHAN // BLOCK_CHAN))
     chunk = block_sizes.get("time") or scan_chunk_length(grid[0] * grid[1], TIME, u.device)
     n_chunks = -(-TIME // chunk)
@@ -233,7 +264,7 @@ def mamba_scan_fwd(u, delta, A, B, C, initial_state=None, output_final_state=Fal
             BLOCK_DSTATE,
             h0 is not None,
             output_final_state,
-            num_warps=num_warps,
+            num_warps=scan_warps,
         )
         return {"y": y}, ({"x": ht} if output_final_state else None)
     hloc_x = torch.empty((n_chunks, BATCH, CHAN, DSTATE), dtype=torch.float32, device=u.device)
@@ -254,20 +285,20 @@ def mamba_scan_fwd(u, delta, A, B, C, initial_state=None, output_final_state=Fal
         DSTATE,
         BLOCK_CHAN,
         BLOCK_DSTATE,
-        num_warps=num_warps,
+        num_warps=scan_warps,
     )
-    mamba_scan_carry_kernel[(-(-BATCH * CHAN * DSTATE // 256),)](
+    mamba_scan_carry_kernel[(-(-BATCH * CHAN * DSTATE // 32),)](
         decay_x,
         hloc_x,
         h0,
         ht,
         BATCH * CHAN * DSTATE,
         n_chunks,
-        256,
+        32,
         True,
         h0 is not None,
         output_final_state,
-        num_warps=4,
+        num_warps=1,
     )
     mamba_scan_fwd_kernel[grid + (n_chunks,)](
         u,
@@ -288,6 +319,6 @@ def mamba_scan_fwd(u, delta, A, B, C, initial_state=None, output_final_state=Fal
         BLOCK_DSTATE,
         True,
         False,
-        num_warps=num_warps,
+        num_warps=scan_warps,
     )
     return {"y": y}, ({"x": ht} if output_final_state else None)

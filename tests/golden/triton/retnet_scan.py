@@ -19,6 +19,34 @@ Generated code: edit the recurrence, not this file. The IR it was generated from
 import torch
 import triton
 import triton.language as tl
+import os
+
+from triton.language.extra.cuda import libdevice
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    @triton.jit
+    def scan_exp(x):
+        return tl.exp(x)
+else:
+    @triton.jit
+    def scan_exp(x):
+        if x.dtype == tl.float32:
+            return libdevice.fast_expf(x)
+        else:
+            return tl.exp(x)
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    @triton.jit
+    def scan_exp2(x):
+        return tl.exp2(x)
+else:
+    @triton.jit
+    def scan_exp2(x):
+        if x.dtype == tl.float32:
+            return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            return tl.exp2(x)
 
 
 @triton.jit
@@ -48,7 +76,7 @@ def retnet_scan_local_kernel(
     o_value = i_value * BLOCK_VALUE + tl.arange(0, BLOCK_VALUE)[None, :]
     m_key = o_key < KEY
     m_value = o_value < VALUE
-    b_gamma = 1.0 - tl.exp((((-5.0)) - i_heads.to(tl.float32)) * 0.6931471805599453)
+    b_gamma = 1.0 - scan_exp((((-5.0)) - i_heads.to(tl.float32)) * 0.6931471805599453)
     p_k = k + i_batch * TIME * HEADS * KEY + t_start * HEADS * KEY + i_heads * KEY + o_key
     p_v = v + i_batch * TIME * HEADS * VALUE + t_start * HEADS * VALUE + i_heads * VALUE + o_value
     b_S = tl.zeros([BLOCK_KEY, BLOCK_VALUE], dtype=tl.float32)
@@ -131,7 +159,7 @@ def retnet_scan_fwd_kernel(
     o_value = i_value * BLOCK_VALUE + tl.arange(0, BLOCK_VALUE)[None, :]
     m_key = o_key < KEY
     m_value = o_value < VALUE
-    b_gamma = 1.0 - tl.exp((((-5.0)) - i_heads.to(tl.float32)) * 0.6931471805599453)
+    b_gamma = 1.0 - scan_exp((((-5.0)) - i_heads.to(tl.float32)) * 0.6931471805599453)
     p_k = k + i_batch * TIME * HEADS * KEY + t_start * HEADS * KEY + i_heads * KEY + o_key
     p_v = v + i_batch * TIME * HEADS * VALUE + t_start * HEADS * VALUE + i_heads * VALUE + o_value
     p_q = q + i_batch * TIME * HEADS * KEY + t_start * HEADS * KEY + i_heads * KEY + o_key
@@ -147,8 +175,8 @@ def retnet_scan_fwd_kernel(
         b_S = b_gamma * b_S + b_k * b_v
         # o = sum(S * q, key) * rsqrt(size(key))
         b_q = tl.load(p_q, mask=m_key, other=0.0).to(tl.float32)
-        b_sum = tl.sum(tl.where(m_key, b_S * b_q, 0.0), axis=0, keep_dims=True)
-        tl.store(p_o, (b_sum * tl.rsqrt(KEY * 1.0)).to(p_o.dtype.element_ty), mask=m_value)
+        b_sum = tl.sum(tl.where(m_key, b_q * b_S, 0.0), axis=0, keep_dims=True)
+        tl.store(p_o, (tl.rsqrt(KEY * 1.0) * b_sum).to(p_o.dtype.element_ty), mask=m_value)
         p_k += HEADS * KEY
         p_v += HEADS * VALUE
         p_q += HEADS * KEY
@@ -196,6 +224,7 @@ def retnet_scan_fwd(q, k, v, initial_state=None, output_final_state=False, block
     if h0 is not None:
         h0 = h0.to(device=q.device, dtype=torch.float32).contiguous()
     ht = torch.full((BATCH, HEADS, KEY, VALUE), float("nan"), dtype=torch.float32, device=q.device) if output_final_state else None
+    scan_warps = max(1, min(num_warps, (BLOCK_KEY * BLOCK_VALUE) // 1024))
     grid = (BATCH * HEADS, -(-VALUE // BLOCK_VALUE))
     chunk = block_sizes.get("time") or scan_chunk_length(grid[0] * grid[1], TIME, q.device)
     n_chunks = -(-TIME // chunk)
@@ -217,7 +246,7 @@ def retnet_scan_fwd(q, k, v, initial_state=None, output_final_state=False, block
             BLOCK_VALUE,
             h0 is not None,
             output_final_state,
-            num_warps=num_warps,
+            num_warps=scan_warps,
         )
         return {"o": o}, ({"S": ht} if output_final_state else None)
     hloc_S = torch.empty((n_chunks, BATCH, HEADS, KEY, VALUE), dtype=torch.float32, device=q.device)
@@ -236,20 +265,20 @@ def retnet_scan_fwd(q, k, v, initial_state=None, output_final_state=False, block
         VALUE,
         BLOCK_KEY,
         BLOCK_VALUE,
-        num_warps=num_warps,
+        num_warps=scan_warps,
     )
-    retnet_scan_carry_kernel[(-(-BATCH * HEADS * KEY * VALUE // 256),)](
+    retnet_scan_carry_kernel[(-(-BATCH * HEADS * KEY * VALUE // 32),)](
         decay_S,
         hloc_S,
         h0,
         ht,
         BATCH * HEADS * KEY * VALUE,
         n_chunks,
-        256,
+        32,
         True,
         h0 is not None,
         output_final_state,
-        num_warps=4,
+        num_warps=1,
     )
     retnet_scan_fwd_kernel[grid + (n_chunks,)](
         q,
@@ -268,6 +297,6 @@ def retnet_scan_fwd(q, k, v, initial_state=None, output_final_state=False, block
         BLOCK_VALUE,
         True,
         False,
-        num_warps=num_warps,
+        num_warps=scan_warps,
     )
     return {"o": o}, ({"S": ht} if output_final_state else None)

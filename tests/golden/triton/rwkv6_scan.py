@@ -23,6 +23,34 @@ Generated code: edit the recurrence, not this file. The IR it was generated from
 import torch
 import triton
 import triton.language as tl
+import os
+
+from triton.language.extra.cuda import libdevice
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    @triton.jit
+    def scan_exp(x):
+        return tl.exp(x)
+else:
+    @triton.jit
+    def scan_exp(x):
+        if x.dtype == tl.float32:
+            return libdevice.fast_expf(x)
+        else:
+            return tl.exp(x)
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    @triton.jit
+    def scan_exp2(x):
+        return tl.exp2(x)
+else:
+    @triton.jit
+    def scan_exp2(x):
+        if x.dtype == tl.float32:
+            return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            return tl.exp2(x)
 
 
 @triton.jit
@@ -62,7 +90,7 @@ def rwkv6_scan_local_kernel(
     for i_t in range(t_start, t_end):
         # S: diagonal(decay=exp(w)) + k * v
         b_w = tl.load(p_w, mask=m_key, other=0.0).to(tl.float32)
-        b_a = tl.exp(b_w)
+        b_a = scan_exp(b_w)
         b_k = tl.load(p_k, mask=m_key, other=0.0).to(tl.float32)
         b_v = tl.load(p_v, mask=m_value, other=0.0).to(tl.float32)
         b_S = b_a * b_S + b_k * b_v
@@ -159,12 +187,12 @@ def rwkv6_scan_fwd_kernel(
         b_w = tl.load(p_w, mask=m_key, other=0.0).to(tl.float32)
         b_k = tl.load(p_k, mask=m_key, other=0.0).to(tl.float32)
         b_v = tl.load(p_v, mask=m_value, other=0.0).to(tl.float32)
-        b_S = tl.exp(b_w) * b_S + b_k * b_v
+        b_S = scan_exp(b_w) * b_S + b_k * b_v
         # o = (sum(prev(S) * r, key) + sum(u * k * r, key) * v) * rsqrt(size(key))
         b_r = tl.load(p_r, mask=m_key, other=0.0).to(tl.float32)
-        b_sum = tl.sum(tl.where(m_key, b_prev_S * b_r, 0.0), axis=0, keep_dims=True)
+        b_sum = tl.sum(tl.where(m_key, b_r * b_prev_S, 0.0), axis=0, keep_dims=True)
         b_sum_1 = tl.sum(tl.where(m_key, b_u * b_k * b_r, 0.0), axis=0, keep_dims=True)
-        tl.store(p_o, ((b_sum + b_sum_1 * b_v) * tl.rsqrt(KEY * 1.0)).to(p_o.dtype.element_ty), mask=m_value)
+        tl.store(p_o, (tl.rsqrt(KEY * 1.0) * (b_sum + b_sum_1 * b_v)).to(p_o.dtype.element_ty), mask=m_value)
         p_w += HEADS * KEY
         p_k += HEADS * KEY
         p_v += HEADS * VALUE
@@ -213,6 +241,7 @@ def rwkv6_scan_fwd(r, k, v, w, u, initial_state=None, output_final_state=False, 
     if h0 is not None:
         h0 = h0.to(device=r.device, dtype=torch.float32).contiguous()
     ht = torch.full((BATCH, HEADS, KEY, VALUE), float("nan"), dtype=torch.float32, device=r.device) if output_final_state else None
+    scan_warps = max(1, min(num_warps, (BLOCK_KEY * BLOCK_VALUE) // 1024))
     grid = (BATCH * HEADS, -(-VALUE // BLOCK_VALUE))
     chunk = block_sizes.get("time") or scan_chunk_length(grid[0] * grid[1], TIME, r.device)
     n_chunks = -(-TIME // chunk)
@@ -236,7 +265,7 @@ def rwkv6_scan_fwd(r, k, v, w, u, initial_state=None, output_final_state=False, 
             BLOCK_VALUE,
             h0 is not None,
             output_final_state,
-            num_warps=num_warps,
+            num_warps=scan_warps,
         )
         return {"o": o}, ({"S": ht} if output_final_state else None)
     hloc_S = torch.empty((n_chunks, BATCH, HEADS, KEY, VALUE), dtype=torch.float32, device=r.device)
@@ -257,20 +286,20 @@ def rwkv6_scan_fwd(r, k, v, w, u, initial_state=None, output_final_state=False, 
         VALUE,
         BLOCK_KEY,
         BLOCK_VALUE,
-        num_warps=num_warps,
+        num_warps=scan_warps,
     )
-    rwkv6_scan_carry_kernel[(-(-BATCH * HEADS * KEY * VALUE // 256),)](
+    rwkv6_scan_carry_kernel[(-(-BATCH * HEADS * KEY * VALUE // 32),)](
         decay_S,
         hloc_S,
         h0,
         ht,
         BATCH * HEADS * KEY * VALUE,
         n_chunks,
-        256,
+        32,
         True,
         h0 is not None,
         output_final_state,
-        num_warps=4,
+        num_warps=1,
     )
     rwkv6_scan_fwd_kernel[grid + (n_chunks,)](
         r,
@@ -291,6 +320,6 @@ def rwkv6_scan_fwd(r, k, v, w, u, initial_state=None, output_final_state=False, 
         BLOCK_VALUE,
         True,
         False,
-        num_warps=num_warps,
+        num_warps=scan_warps,
     )
     return {"o": o}, ({"S": ht} if output_final_state else None)

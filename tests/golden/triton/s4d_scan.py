@@ -21,6 +21,34 @@ Generated code: edit the recurrence, not this file. The IR it was generated from
 import torch
 import triton
 import triton.language as tl
+import os
+
+from triton.language.extra.cuda import libdevice
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    @triton.jit
+    def scan_exp(x):
+        return tl.exp(x)
+else:
+    @triton.jit
+    def scan_exp(x):
+        if x.dtype == tl.float32:
+            return libdevice.fast_expf(x)
+        else:
+            return tl.exp(x)
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    @triton.jit
+    def scan_exp2(x):
+        return tl.exp2(x)
+else:
+    @triton.jit
+    def scan_exp2(x):
+        if x.dtype == tl.float32:
+            return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            return tl.exp2(x)
 
 
 @triton.jit
@@ -51,16 +79,16 @@ def s4d_scan_local_kernel(
     b_log_dt = tl.load(p_log_dt).to(tl.float32)
     p_A = A + i_heads * DSTATE + o_dstate
     b_A = tl.load(p_A, mask=m_dstate, other=0.0).to(tl.float32)
-    b_mul = tl.exp(b_log_dt) * b_A
-    b_dA = tl.exp(b_mul)
-    b_expm1 = tl.where((b_dA == 1.0) | (tl.abs(b_mul) > 0.5), tl.where(b_dA == 1.0, b_mul, b_dA - 1.0), (b_dA - 1.0) * b_mul / tl.log(b_dA))
+    b_mul = scan_exp(b_log_dt) * b_A
+    b_dA = scan_exp(b_mul)
     p_u = u + i_batch * HEADS * TIME + i_heads * TIME + t_start
+    b_expm1 = tl.where((b_dA == 1.0) | (tl.abs(b_mul) > 0.5), tl.where(b_dA == 1.0, b_mul, b_dA - 1.0), (b_dA - 1.0) * b_mul / tl.log(b_dA))
     b_x = tl.zeros([BLOCK_DSTATE], dtype=tl.float32)
     b_decay_x = tl.full([BLOCK_DSTATE], 1.0, dtype=tl.float32)
     for i_t in range(t_start, t_end):
         # x: diagonal(decay=dA) + (dA - 1.0) / A * u
         b_u = tl.load(p_u).to(tl.float32)
-        b_x = b_dA * b_x + b_expm1 / b_A * b_u
+        b_x = b_dA * b_x + b_u * (b_expm1 / b_A)
         b_decay_x = b_dA * b_decay_x
         p_u += 1
     p_hloc = hloc + i_c * BATCH * HEADS * DSTATE + i_batch * HEADS * DSTATE + i_heads * DSTATE + o_dstate
@@ -134,10 +162,10 @@ def s4d_scan_fwd_kernel(
     b_log_dt = tl.load(p_log_dt).to(tl.float32)
     p_A = A + i_heads * DSTATE + o_dstate
     b_A = tl.load(p_A, mask=m_dstate, other=0.0).to(tl.float32)
-    b_mul = tl.exp(b_log_dt) * b_A
-    b_dA = tl.exp(b_mul)
-    b_expm1 = tl.where((b_dA == 1.0) | (tl.abs(b_mul) > 0.5), tl.where(b_dA == 1.0, b_mul, b_dA - 1.0), (b_dA - 1.0) * b_mul / tl.log(b_dA))
+    b_mul = scan_exp(b_log_dt) * b_A
+    b_dA = scan_exp(b_mul)
     p_u = u + i_batch * HEADS * TIME + i_heads * TIME + t_start
+    b_expm1 = tl.where((b_dA == 1.0) | (tl.abs(b_mul) > 0.5), tl.where(b_dA == 1.0, b_mul, b_dA - 1.0), (b_dA - 1.0) * b_mul / tl.log(b_dA))
     p_C = C + i_heads * DSTATE + o_dstate
     b_C = tl.load(p_C, mask=m_dstate, other=0.0).to(tl.float32)
     p_D = D + i_heads
@@ -150,7 +178,7 @@ def s4d_scan_fwd_kernel(
     for i_t in range(t_start, t_end):
         # x: diagonal(decay=dA) + (dA - 1.0) / A * u
         b_u = tl.load(p_u).to(tl.float32)
-        b_x = b_dA * b_x + b_expm1 / b_A * b_u
+        b_x = b_dA * b_x + b_u * (b_expm1 / b_A)
         # y = sum(C * x, dstate) + D * u
         b_sum = tl.sum(tl.where(m_dstate, b_C * b_x, 0.0), axis=0, keep_dims=True)
         tl.store(p_y, (b_sum + b_D * b_u).to(p_y.dtype.element_ty))
@@ -198,6 +226,7 @@ def s4d_scan_fwd(u, A, C, log_dt, D, initial_state=None, output_final_state=Fals
     if h0 is not None:
         h0 = h0.to(device=u.device, dtype=torch.float32).contiguous()
     ht = torch.full((BATCH, HEADS, DSTATE), float("nan"), dtype=torch.float32, device=u.device) if output_final_state else None
+    scan_warps = max(1, min(num_warps, (BLOCK_DSTATE) // 1024))
     grid = (BATCH * HEADS, 1)
     chunk = block_sizes.get("time") or scan_chunk_length(grid[0] * grid[1], TIME, u.device)
     n_chunks = -(-TIME // chunk)
@@ -219,7 +248,7 @@ def s4d_scan_fwd(u, A, C, log_dt, D, initial_state=None, output_final_state=Fals
             BLOCK_DSTATE,
             h0 is not None,
             output_final_state,
-            num_warps=num_warps,
+            num_warps=scan_warps,
         )
         return {"y": y}, ({"x": ht} if output_final_state else None)
     hloc_x = torch.empty((n_chunks, BATCH, HEADS, DSTATE), dtype=torch.float32, device=u.device)
@@ -238,20 +267,20 @@ def s4d_scan_fwd(u, A, C, log_dt, D, initial_state=None, output_final_state=Fals
         chunk,
         DSTATE,
         BLOCK_DSTATE,
-        num_warps=num_warps,
+        num_warps=scan_warps,
     )
-    s4d_scan_carry_kernel[(-(-BATCH * HEADS * DSTATE // 256),)](
+    s4d_scan_carry_kernel[(-(-BATCH * HEADS * DSTATE // 32),)](
         decay_x,
         hloc_x,
         h0,
         ht,
         BATCH * HEADS * DSTATE,
         n_chunks,
-        256,
+        32,
         True,
         h0 is not None,
         output_final_state,
-        num_warps=4,
+        num_warps=1,
     )
     s4d_scan_fwd_kernel[grid + (n_chunks,)](
         u,
@@ -270,6 +299,6 @@ def s4d_scan_fwd(u, A, C, log_dt, D, initial_state=None, output_final_state=Fals
         BLOCK_DSTATE,
         True,
         False,
-        num_warps=num_warps,
+        num_warps=scan_warps,
     )
     return {"y": y}, ({"x": ht} if output_final_state else None)

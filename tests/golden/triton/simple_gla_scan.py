@@ -19,6 +19,34 @@ Generated code: edit the recurrence, not this file. The IR it was generated from
 import torch
 import triton
 import triton.language as tl
+import os
+
+from triton.language.extra.cuda import libdevice
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    @triton.jit
+    def scan_exp(x):
+        return tl.exp(x)
+else:
+    @triton.jit
+    def scan_exp(x):
+        if x.dtype == tl.float32:
+            return libdevice.fast_expf(x)
+        else:
+            return tl.exp(x)
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    @triton.jit
+    def scan_exp2(x):
+        return tl.exp2(x)
+else:
+    @triton.jit
+    def scan_exp2(x):
+        if x.dtype == tl.float32:
+            return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            return tl.exp2(x)
 
 
 @triton.jit
@@ -57,7 +85,7 @@ def simple_gla_scan_local_kernel(
     for i_t in range(t_start, t_end):
         # S: scalar(decay=exp(g)) + k * v
         b_g = tl.load(p_g).to(tl.float32)
-        b_a = tl.exp(b_g)
+        b_a = scan_exp(b_g)
         b_k = tl.load(p_k, mask=m_key, other=0.0).to(tl.float32)
         b_v = tl.load(p_v, mask=m_value, other=0.0).to(tl.float32)
         b_S = b_a * b_S + b_k * b_v
@@ -150,11 +178,11 @@ def simple_gla_scan_fwd_kernel(
         b_g = tl.load(p_g).to(tl.float32)
         b_k = tl.load(p_k, mask=m_key, other=0.0).to(tl.float32)
         b_v = tl.load(p_v, mask=m_value, other=0.0).to(tl.float32)
-        b_S = tl.exp(b_g) * b_S + b_k * b_v
+        b_S = scan_exp(b_g) * b_S + b_k * b_v
         # o = sum(S * q, key) * rsqrt(size(key))
         b_q = tl.load(p_q, mask=m_key, other=0.0).to(tl.float32)
-        b_sum = tl.sum(tl.where(m_key, b_S * b_q, 0.0), axis=0, keep_dims=True)
-        tl.store(p_o, (b_sum * tl.rsqrt(KEY * 1.0)).to(p_o.dtype.element_ty), mask=m_value)
+        b_sum = tl.sum(tl.where(m_key, b_q * b_S, 0.0), axis=0, keep_dims=True)
+        tl.store(p_o, (tl.rsqrt(KEY * 1.0) * b_sum).to(p_o.dtype.element_ty), mask=m_value)
         p_g += HEADS
         p_k += HEADS * KEY
         p_v += HEADS * VALUE
@@ -203,6 +231,7 @@ def simple_gla_scan_fwd(q, k, v, g, initial_state=None, output_final_state=False
     if h0 is not None:
         h0 = h0.to(device=q.device, dtype=torch.float32).contiguous()
     ht = torch.full((BATCH, HEADS, KEY, VALUE), float("nan"), dtype=torch.float32, device=q.device) if output_final_state else None
+    scan_warps = max(1, min(num_warps, (BLOCK_KEY * BLOCK_VALUE) // 1024))
     grid = (BATCH * HEADS, -(-VALUE // BLOCK_VALUE))
     chunk = block_sizes.get("time") or scan_chunk_length(grid[0] * grid[1], TIME, q.device)
     n_chunks = -(-TIME // chunk)
@@ -225,7 +254,7 @@ def simple_gla_scan_fwd(q, k, v, g, initial_state=None, output_final_state=False
             BLOCK_VALUE,
             h0 is not None,
             output_final_state,
-            num_warps=num_warps,
+            num_warps=scan_warps,
         )
         return {"o": o}, ({"S": ht} if output_final_state else None)
     hloc_S = torch.empty((n_chunks, BATCH, HEADS, KEY, VALUE), dtype=torch.float32, device=q.device)
@@ -245,20 +274,20 @@ def simple_gla_scan_fwd(q, k, v, g, initial_state=None, output_final_state=False
         VALUE,
         BLOCK_KEY,
         BLOCK_VALUE,
-        num_warps=num_warps,
+        num_warps=scan_warps,
     )
-    simple_gla_scan_carry_kernel[(-(-BATCH * HEADS * KEY * VALUE // 256),)](
+    simple_gla_scan_carry_kernel[(-(-BATCH * HEADS * KEY * VALUE // 32),)](
         decay_S,
         hloc_S,
         h0,
         ht,
         BATCH * HEADS * KEY * VALUE,
         n_chunks,
-        256,
+        32,
         True,
         h0 is not None,
         output_final_state,
-        num_warps=4,
+        num_warps=1,
     )
     simple_gla_scan_fwd_kernel[grid + (n_chunks,)](
         q,
@@ -278,6 +307,6 @@ def simple_gla_scan_fwd(q, k, v, g, initial_state=None, output_final_state=False
         BLOCK_VALUE,
         True,
         False,
-        num_warps=num_warps,
+        num_warps=scan_warps,
     )
     return {"o": o}, ({"S": ht} if output_final_state else None)
