@@ -33,6 +33,14 @@ CASES = [
     ("retnet", {}, dict(batch=1, time=2048, heads=8, key=64, value=64)),
     ("simple_gla", {}, dict(batch=1, time=2048, heads=8, key=64, value=64)),
     ("gla", {}, dict(batch=1, time=2048, heads=8, key=64, value=64)),
+    # issue 15: the key-diagonal chunked form (the default) against the scan form
+    ("gla", {}, dict(batch=1, time=2048, heads=8, key=64, value=64), {"algorithm": "recurrent"}),
+    ("hgrn2", {}, dict(batch=1, time=2048, heads=8, key=64, value=64)),
+    ("hgrn2", {}, dict(batch=1, time=2048, heads=8, key=64, value=64),
+     {"algorithm": "recurrent"}),
+    ("rwkv6", {}, dict(batch=1, time=2048, heads=8, key=64, value=64)),
+    ("rwkv6", {}, dict(batch=1, time=2048, heads=8, key=64, value=64),
+     {"algorithm": "recurrent"}),
     ("delta_net", {}, dict(batch=1, time=512, heads=4, key=64, value=64)),
     ("gated_delta_net", {}, dict(batch=1, time=512, heads=4, key=64, value=64)),
     ("fir", {}, dict(batch=1, time=2048, chan=1024, width=4)),
@@ -47,21 +55,22 @@ CASES = [
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def run_case(name, options, sizes, dtype):
+def run_case(name, options, sizes, dtype, backend=None):
     entry = registry.get(name)
     rec = entry.build(**options)
     sz = default_sizes(rec, **sizes)
     x = {k: v.astype(np.float32) for k, v in sample_inputs(rec, sz, 0, entry.hints).items()}
     be = get("nki")
     t = time.time()
-    res = be.run(rec, x, sz, None, False, {"dtype": dtype})
+    res = be.run(rec, x, sz, None, False, {"dtype": dtype, **(backend or {})})
     wall = time.time() - t
     c = res.counters
     isz = ITEMSIZE[dtype]
     minimum = sum(v.size for v in x.values()) * isz + \
         sum(v.size for v in res.outputs.values()) * isz
     moved = c["dma_bytes_in"] + c["dma_bytes_out"]
-    return {"name": name, "shape": ", ".join(f"{k}={v}" for k, v in sizes.items()),
+    algo = "chunked" if be.last_plan.chunked else "recurrent"
+    return {"name": f"{name} ({algo})", "shape": ", ".join(f"{k}={v}" for k, v in sizes.items()),
             "plan": f"{be.last_plan.pd}/{be.last_plan.tt}", "dma_ratio": moved / minimum,
             "dma_mb": moved / 1e6, "instr": c["instructions"], "cycles": c["cycles"],
             "bound": c["cycles_bound"], "us": c["projected_seconds"] * 1e6, "wall": wall}
@@ -76,13 +85,13 @@ def main(argv=None):
     only = set(filter(None, args.only.split(",")))
     eng = ("tensor", "vector", "scalar", "gpsimd", "dma")
     rows = []
-    for n, o, s in CASES:
+    for n, o, s, *b in CASES:
         if only and n not in only:
             continue
-        r = run_case(n, o, s, args.dtype)
+        r = run_case(n, o, s, args.dtype, b[0] if b else None)
         rows.append(r)
         if not args.markdown:
-            print(f"{r['name']:16s} {r['shape']:48s} {r['plan']:12s} DMA {r['dma_mb']:8.2f} MB "
+            print(f"{r['name']:28s} {r['shape']:48s} {r['plan']:12s} DMA {r['dma_mb']:8.2f} MB "
                   f"x{r['dma_ratio']:.3f} instr {r['instr']} cycles {r['cycles']} "
                   f"-> {r['us']:.1f} us (emulated in {r['wall']:.1f} s)", flush=True)
     if args.markdown:

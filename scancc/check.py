@@ -207,29 +207,61 @@ def check_one(what: Any, target: str, dtype: str, T: int | None = None, seed: in
     return row
 
 
+# structural variants a recurrence's check covers besides its defaults: a bool option (False by
+# default) that changes the IR's shape (fla's grouped value heads: v with HV = G * H heads, q
+# and k with H; kda, gated_delta_net). Each variant is one more set of rows, labelled
+# "name (option=True)", unless the call sets the option itself.
+VARIANT_OPTIONS = ("grouped_value_heads",)
+
+
+def variants(item: Any, options: dict | None = None) -> list[dict]:
+    """The option sets ``item`` is checked at: ``{}`` (its defaults, with ``options``) first,
+    then one per ``VARIANT_OPTIONS`` entry the recurrence declares with default False and
+    ``options`` does not set."""
+    try:
+        entry = item if isinstance(item, Entry) else _resolve(item)[0]
+    except Exception:  # a bad name or spec: its row says why (check_one)
+        return [{}]
+    extra = [{o: True} for o in VARIANT_OPTIONS
+             if entry is not None and entry.defaults.get(o, None) is False
+             and o not in (options or {})]
+    return [{}] + extra
+
+
+def _label(item: Any, variant: dict) -> str:
+    name = item.name if isinstance(item, Entry) else str(item)
+    return name + (" (" + ", ".join(f"{k}={v!r}" for k, v in variant.items()) + ")"
+                   if variant else "")
+
+
 def run_check(items: Iterable[Any], targets: list[str], dtypes: list[str], T: int | None = None,
               seed: int = 0, progress: Callable[[str], None] | None = None,
               options: dict | None = None, backward: bool = False,
-              dim_sizes: dict[str, int] | None = None) -> list[Row]:
-    items = list(items)
+              dim_sizes: dict[str, int] | None = None, with_variants: bool = True) -> list[Row]:
+    """Rows of every (item, variant, target, dtype); ``with_variants``: also each item's
+    ``variants`` (the row's recurrence column names the variant's options)."""
+    items = [(it, v) for it in items
+             for v in (variants(it, options) if with_variants else [{}])]
     if backward:  # gradients of each target against the reference's; float32 kernels
-        jobs = [(it, tg) for it in items for tg in targets if tg != "reference"]
+        jobs = [(it, v, tg) for it, v in items for tg in targets if tg != "reference"]
         rows = []
-        for i, (it, tg) in enumerate(jobs, 1):
+        for i, (it, v, tg) in enumerate(jobs, 1):
             if progress:
-                progress(f"[{i}/{len(jobs)}] {it.name if isinstance(it, Entry) else it} {tg} "
-                         "backward")
-            rows.append(check_backward(it, tg, T, seed, dim_sizes, **(options or {})))
+                progress(f"[{i}/{len(jobs)}] {_label(it, v)} {tg} backward")
+            row = check_backward(it, tg, T, seed, dim_sizes, **{**(options or {}), **v})
+            row.recurrence = _label(it, v) if v else row.recurrence
+            rows.append(row)
         return rows
-    jobs = [(it, tg, dt) for it in items for tg in targets for dt in dtypes
+    jobs = [(it, v, tg, dt) for it, v in items for tg in targets for dt in dtypes
             if not (tg == "reference" and dt != dtypes[0])]
     rows = []
-    for i, (it, tg, dt) in enumerate(jobs, 1):
-        label = it.name if isinstance(it, Entry) else str(it)
+    for i, (it, v, tg, dt) in enumerate(jobs, 1):
         if progress:
-            progress(f"[{i}/{len(jobs)}] {label} {tg} {dt}")
-        rows.append(check_one(it, tg, "float64" if tg == "reference" else dt, T, seed,
-                              dim_sizes, **(options or {})))
+            progress(f"[{i}/{len(jobs)}] {_label(it, v)} {tg} {dt}")
+        row = check_one(it, tg, "float64" if tg == "reference" else dt, T, seed,
+                        dim_sizes, **{**(options or {}), **v})
+        row.recurrence = _label(it, v) if v else row.recurrence
+        rows.append(row)
     return rows
 
 
@@ -247,11 +279,12 @@ def format_table(rows: list[Row]) -> str:
 
 
 def main_check(items, targets, dtypes, T, seed, out=None, err=None,
-               options=None, backward: bool = False, dim_sizes=None) -> int:
+               options=None, backward: bool = False, dim_sizes=None,
+               with_variants: bool = True) -> int:
     out, err = out or sys.stdout, err or sys.stderr  # the streams of the call, not of import
     rows = run_check(items, targets, dtypes, T, seed,
                      progress=lambda s: print(s, file=err, flush=True), options=options,
-                     backward=backward, dim_sizes=dim_sizes)
+                     backward=backward, dim_sizes=dim_sizes, with_variants=with_variants)
     print(format_table(rows), file=out)
     bad = [r for r in rows if not (r.ok or r.skipped)]
     skipped = sum(r.skipped for r in rows)

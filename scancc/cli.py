@@ -248,7 +248,7 @@ def cmd_check(a) -> int:
             raise SystemExit(f"scancc check: --size {', '.join(bad)}: not a dim of any "
                              f"recurrence checked (dims: {', '.join(sorted(dims))})")
     return main_check(items, targets, dtypes, a.T, a.seed, options=rec_opts,
-                      backward=a.backward, dim_sizes=sizes)
+                      backward=a.backward, dim_sizes=sizes, with_variants=not a.no_variants)
 
 
 def _build(item):
@@ -336,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--backward", action="store_true",
                     help="check gradients instead: each target's forward, recompute and "
                          "backward kernels against the reference (float32; T crosses chunks)")
+    sp.add_argument("--no-variants", action="store_true",
+                    help="check each recurrence at its default options only (by default a "
+                         "recurrence with grouped_value_heads, kda and gated_delta_net, is "
+                         "checked with it on too)")
     sp.set_defaults(fn=cmd_check)
     sp = sub.add_parser("backends", help="list backends and whether they run here")
     sp.add_argument("--options", action="store_true",

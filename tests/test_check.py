@@ -94,3 +94,22 @@ def test_check_judges_nki_float64_at_float32_tolerance(two_outputs, monkeypatch)
     monkeypatch.setattr(check, "errors", lambda got, want: (1e-3, 1e-3))
     row = check_one(two_outputs, "nki", "float64", T=9)
     assert not row.ok and "over tolerance" in row.note
+
+
+def test_check_covers_the_grouped_value_heads_variants():
+    """kda and gated_delta_net are checked with grouped_value_heads=True too (their own rows,
+    the variant's IR: a qk_heads dim); a recurrence without the option gets no variant;
+    with_variants=False and an explicit option give the defaults' rows only."""
+    from scancc.check import run_check, variants
+    rows = run_check(["kda", "gated_delta_net", "gla"], ["nki"], ["float32"], T=5)
+    names = [r.recurrence for r in rows]
+    assert names == ["kda", "kda (grouped_value_heads=True)", "gated_delta_net",
+                     "gated_delta_net (grouped_value_heads=True)", "gla"]
+    assert all(r.ok for r in rows), [(r.recurrence, r.note) for r in rows]
+    for r in rows:
+        assert ("qk_heads=" in r.case) == ("grouped" in r.recurrence), r.case
+    assert variants("gla") == [{}]
+    assert variants("kda", {"grouped_value_heads": False}) == [{}]
+    rows = run_check(["kda"], ["reference"], ["float32"], T=3, with_variants=False)
+    assert [r.recurrence for r in rows] == ["kda"]
+    assert main(["check", "kda", "--targets", "reference", "--T", "3", "--no-variants"]) == 0

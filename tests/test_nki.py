@@ -92,7 +92,7 @@ def test_loop_order_picked_by_dma_bytes():
     assert got2.counters["dma_bytes_in"] + got2.counters["dma_bytes_out"] < moved
 
 
-CHUNKED = ["linear_attn", "retnet", "simple_gla", "mamba2"]
+CHUNKED = ["linear_attn", "retnet", "simple_gla", "mamba2", "gla", "hgrn2", "rwkv6"]
 
 
 @pytest.mark.parametrize("T", [1, 63, 300])
@@ -112,8 +112,8 @@ def test_recurrent_form_where_chunked_is_the_default(name):
 
 def test_chunked_refuses_what_it_cannot_lower():
     from scancc.backends import UnsupportedError
-    rec = registry.get("gla").build()  # a per-key decay: the chunked form here is scalar-only
-    with pytest.raises(UnsupportedError, match="gla.*chunked"):
+    rec = registry.get("delta_net").build()  # householder: no chunked form on NKI
+    with pytest.raises(UnsupportedError, match="delta_net.*chunked"):
         get("nki").render(rec, {"algorithm": "chunked"})
     rec = registry.get("linear_attn").build()
     sizes = default_sizes(rec, key=130)  # K must fit the partitions: falls back to the scan
@@ -122,7 +122,7 @@ def test_chunked_refuses_what_it_cannot_lower():
 
 
 @pytest.mark.parametrize("order", ["outer", "time"])
-@pytest.mark.parametrize("name", ["linear_attn", "mamba2"])
+@pytest.mark.parametrize("name", ["linear_attn", "mamba2", "gla", "rwkv6"])
 def test_chunked_with_partition_tiles(name, order):
     # V = 200: two V tiles, each with its own (K, V) carry slot
     _, plan = check(name, "float32", T=150, algorithm="chunked", loop_order=order,

@@ -36,7 +36,7 @@ HINTS = {n: scancc.get(n).hints for n in RECS if n in scancc.names()}
 def _gate(name):
     """(input, value of a hard reset) where the decay is written from one input: a log-gate
     (decay = exp(g)) takes -inf, a plain decay operand 0; None otherwise."""
-    cs = chunked.analyze(RECS[name]).only()
+    cs = chunked.analyze(RECS[name], prev=True).only()
     if cs.decay is None:
         return None
     node = cs.log_decay if cs.decay_is_exp else cs.decay

@@ -35,7 +35,27 @@ from .values import BIG, Idx, V, fmt
 # rules.OP_RULES, rule(R, node, env, feat, scope, memo) -> (kind, name or expression)
 CHUNK_OP_RULES = Rules("nki", "chunked-form op")
 _OK_OPS = set(_ACT) | set(_ALU) | {Op.INPUT, Op.PARAM, Op.CONST, Op.SIZE, Op.IOTA, Op.GROUP,
-                                   Op.NEG, Op.CLAMP, Op.LOGSIGMOID}
+                                   Op.NEG, Op.CLAMP, Op.LOGSIGMOID, Op.EXPM1}
+
+# the key-diagonal form's secondary chunking: at level h the pairs (s in the left half, t in
+# the right half) of every aligned 2h-step block of the chunk (the module doc)
+LEVELS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def diag_levels(twe: int) -> list[int]:
+    """The levels a chunk of at most ``twe`` steps needs (h < twe)."""
+    return [h for h in LEVELS if h < twe]
+
+
+def constant_sites(chunks: dict, twe: int) -> list[int]:
+    """SBUF bytes per partition of the chunked forms' constant tiles (``chunk_constants``;
+    the plan counts them statically): tri and neg; with a key-diagonal state low, stri, eye
+    and per level lk, m and lq (one per readout flavour: t itself, prev)."""
+    sites = [512, 512] if chunks else []
+    flav = {cp.prev for cp in chunks.values() if cp.diag}
+    if flav:
+        sites += [512] * (3 + len(diag_levels(twe)) * (2 + len(flav)))
+    return sites
 
 
 @dataclass
@@ -45,29 +65,35 @@ class ChunkPlan:
     kpart: Node                      # the inject's factors without the partition dim
     vpart: Node                      # the factors with it
     sums: list                       # [(contraction node, q)]
+    diag: bool = False               # the key-diagonal form (a decay per K, or prev() readouts)
+    prev: bool = False               # the readouts read prev(S), the state entering the step
 
 
 def find_chunked(rec: Recurrence, pd: str, outer, sizes) -> dict[str, ChunkPlan]:
     """States the chunked form applies to (see the module doc), by name: the shared analysis
-    (``scancc.ir.passes.chunked``) and what this emitter supports: an identity/scalar decay,
-    V on the partitions, K <= 128 (one tile), the other state dims outer loops, every part
-    loaded time-major."""
+    (``scancc.ir.passes.chunked``, prev() readouts included) and what this emitter supports:
+    an identity, scalar or key-diagonal decay, V on the partitions, K <= 128 (one tile), the
+    other state dims outer loops, every part loaded time-major."""
     plans = {}
     lets = {l.name: l.expr for l in rec.lets}
-    for name, cs in shared.analyze(rec).states.items():
+    for name, cs in shared.analyze(rec, prev=True).states.items():
         kd = cs.K
-        if cs.kind not in (Kind.IDENTITY, Kind.SCALAR) or cs.V != pd or \
+        if cs.kind not in (Kind.IDENTITY, Kind.SCALAR, Kind.DIAGONAL) or cs.V != pd or \
                 not set(cs.grid) <= set(outer) or sizes[kd] > 128 or not cs.v_side:
             continue
+        # the key-diagonal form: a decay per K, or a readout of prev(S) (any decay)
+        diag = cs.kind is Kind.DIAGONAL or cs.reads_prev
+        ld = cs.log_decay if cs.log_decay is not None or not diag else \
+            Node(Op.CONST, (), 0.0)
         ks = [f for f in cs.inject if f not in cs.v_side]   # the factors without pd
         kpart = shared.product(ks)
         vpart = shared.product(cs.v_side)
         sums = [(c.node, c.q) for c in cs.contractions]
         parts = [(kpart, kd), (vpart, pd)] + [(q, kd) for _, q in sums]
-        if cs.log_decay is not None:
-            parts.append((cs.log_decay, None))
+        if ld is not None:
+            parts.append((ld, kd if cs.kind is Kind.DIAGONAL else None))
         if all(_time_major(rec, n, f, pd, kd, outer, lets) for n, f in parts):
-            plans[name] = ChunkPlan(kd, cs.log_decay, kpart, vpart, sums)
+            plans[name] = ChunkPlan(kd, ld, kpart, vpart, sums, diag, cs.reads_prev)
     return plans
 
 
@@ -169,6 +195,47 @@ def _tunary_rule(R, node, env, feat, sc, memo):
     return (x[0], nm)
 
 
+@CHUNK_OP_RULES.register(Op.EXPM1)
+def _texpm1_rule(R, node, env, feat, sc, memo):
+    """exp(x) - 1 without float32 cancellation (hgrn2's k = -expm1(g)): Kahan's formula as
+    ``rules._expm1_rule`` (u = exp(x) shared with the decay)."""
+    u = R.tval(Node(Op.EXP, node.src), env, feat, sc, memo)
+    x = R.tval(node.src[0], env, feat, sc, memo)
+    if u[0] == "const" or x[0] == "const":
+        return R.tbinary(Op.SUB, u, ("const", "1.0"), feat, sc)
+    if x[0] != u[0]:
+        x = R.t_to_full(x, feat, sc) if u[0] == "tf" else x
+    kind, w = u[0], feat[2] if feat else "1"
+    v = lambda nm: R.tview(kind, nm, w)  # noqa: E731
+
+    def ts(src, op0, c0, op1=None, c1=0.0):
+        out = R.talloc(sc, kind)
+        extra = f", op1=nl.{op1}, operand1={fmt(c1)}" if op1 else ""
+        R.emit(sc, f"nisa.tensor_scalar({v(out)}, {v(src)}, nl.{op0}, {fmt(c0)}{extra})")
+        return out
+
+    def tt(a, b, alu, out=None):
+        out = out or R.talloc(sc, kind)
+        R.emit(sc, f"nisa.tensor_tensor({v(out)}, {v(a)}, {v(b)}, nl.{alu})")
+        return out
+    import math
+    um1 = ts(u[1], "subtract", 1.0)
+    xc = ts(x[1], "maximum", -0.5, "minimum", 0.5)
+    uc = ts(u[1], "maximum", math.exp(-0.5), "minimum", math.exp(0.5))
+    one = ts(uc, "equal", 1.0)
+    den = R.talloc(sc, kind)
+    R.emit(sc, f"nisa.activation({v(den)}, nl.log, {v(uc)})")
+    tt(den, one, "add", den)                      # log(u) + [u == 1]: never 0
+    k = ts(uc, "subtract", 1.0)
+    tt(k, xc, "multiply", k)
+    tt(k, den, "divide", k)
+    tt(tt(one, xc, "multiply"), k, "add", k)      # u == 1: x
+    big = ts(x[1], "greater_equal", 0.5)
+    tt(big, ts(x[1], "less", -0.5), "add", big)   # |x| > 0.5: u - 1
+    tt(big, tt(um1, k, "subtract"), "multiply", big)
+    return (kind, tt(k, big, "add", k))
+
+
 class ChunkedMixin:
     """Emission of the chunked form; mixed into the Renderer (uses its emit/alloc helpers)."""
 
@@ -182,6 +249,53 @@ class ChunkedMixin:
         self.emit(top, "neg = nl.ndarray((128, 128), dtype=nl.float32, buffer=nl.sbuf)")
         self.emit(top, f"nisa.tensor_scalar(neg, tri, nl.subtract, 1.0, op1=nl.multiply, "
                        f"operand1={BIG!r})")
+        flav = sorted({cp.prev for cp in self.chunks.values() if cp.diag})
+        if not flav:
+            return
+        levels = diag_levels(self.twe)
+        self.fixed(*constant_sites(self.chunks, self.twe)[2:])
+        self.emit(top, "# key-diagonal form: low[p, s] = [p > s], stri[p, t] = [p < t], "
+                       "eye[p, t] = [p == t]")
+        self.emit(top, "low = nl.ndarray((128, 128), dtype=nl.float32, buffer=nl.sbuf)")
+        self.emit(top, "nisa.tensor_scalar(low, tri, nl.subtract, 1.0, op1=nl.multiply, "
+                       "operand1=-1.0)")
+        for nm, op, c in (("stri", "greater_equal", "1.0"), ("eye", "equal", "0.0")):
+            self.emit(top, f"{nm} = nl.ndarray((128, 128), dtype=nl.float32, buffer=nl.sbuf)")
+            self.emit(top, f"nisa.iota({nm}, [[1, 128]], offset=0, channel_multiplier=-1)")
+            self.emit(top, f"nisa.tensor_scalar({nm}, {nm}, nl.{op}, {c})")
+        if not levels:
+            return
+        self.emit(top, "# level h: the aligned 2h-step blocks of the chunk, split in halves; "
+                       "x[p, t] = p - (the first step of t's block), b[p, t] = t - (the same)")
+        x = self.alloc(top, (128, 128), 512, "x")
+        b = self.alloc(top, (128, 128), 512, "b")
+        w = self.alloc(top, (128, 128), 512, "w")
+        for h in levels:
+            n = 128 // (2 * h)
+            self.emit(top, f"nisa.iota({x}, [[{-2 * h}, {n}], [0, {2 * h}]], offset=0, "
+                           "channel_multiplier=1)")
+            self.emit(top, f"nisa.iota({b}, [[0, {n}], [1, {2 * h}]], offset=0, "
+                           "channel_multiplier=0)")
+            self.emit(top, f"# lk{h}[p, s] = 1 for p in (s, ref(s)], ref(s) the last step of "
+                           f"s's left half (s in it); lq{h}[p, t] = 1 for p in (ref(t), t] "
+                           f"(lqp{h}: (ref(t), t)), t in the right half; m{h}[s, t] = 1 for s "
+                           "in the left and t in the right half of one block")
+            self.emit(top, f"nisa.tensor_scalar({w}, {x}, nl.subtract, {float(h - 1)}, "
+                           "reverse0=True, op1=nl.greater_equal, operand1=0.0)")
+            self.emit(top, f"lk{h} = nl.ndarray((128, 128), dtype=nl.float32, buffer=nl.sbuf)")
+            self.emit(top, f"nisa.tensor_tensor(lk{h}, {w}, low, nl.multiply)")
+            self.emit(top, f"m{h} = nl.ndarray((128, 128), dtype=nl.float32, buffer=nl.sbuf)")
+            self.emit(top, f"nisa.tensor_scalar(m{h}, {x}, nl.greater_equal, 0.0)")
+            self.emit(top, f"nisa.tensor_tensor(m{h}, m{h}, {w}, nl.multiply)")
+            self.emit(top, f"nisa.tensor_scalar({b}, {b}, nl.greater_equal, {float(h)})")
+            self.emit(top, f"nisa.tensor_tensor(m{h}, m{h}, {b}, nl.multiply)")
+            self.emit(top, f"nisa.tensor_scalar({w}, {x}, nl.greater_equal, {float(h)})")
+            for p in flav:
+                nm = f"lqp{h}" if p else f"lq{h}"
+                self.emit(top, f"{nm} = nl.ndarray((128, 128), dtype=nl.float32, "
+                               "buffer=nl.sbuf)")
+                self.emit(top, f"nisa.tensor_tensor({nm}, {w}, {'stri' if p else 'tri'}, "
+                               "nl.multiply)")
 
     # values with time on the partitions: const | s (1, 1) | tc (tw, 1) | tf (tw, F)
     def tview(self, kind: str, ref: str, width: str = "1") -> str:
@@ -283,6 +397,8 @@ class ChunkedMixin:
         The factor tiles are sanitized before any matmul and their poison added back to the
         outputs and the state; log-decays <= RESET_LOG_DECAY are hard resets (the module doc
         of scancc.ir.passes.chunked, "Edges")."""
+        if cp.diag:
+            return self.chunk_state_diag(s, cp, env, sc)
         K = self.sizes[cp.kd]
         kf, vf = (cp.kd, f"0:{K}", str(K)), (self.pd, "p0:p1", "P")
         memo: dict = {}
@@ -374,6 +490,173 @@ class ChunkedMixin:
         self.emit(sc, f"nisa.nc_matmul({ps}[0:{K}, 0:P], {k1}[0:tw, 0:{K}], {v1}[0:tw, 0:P])")
         self.zero_where(carry, f"{ps}[0:{K}, 0:P]", str(K), "P", sc, 'float("nan")',
                         plus="-tw")
+
+    def chunk_state_diag(self, s, cp: ChunkPlan, env: dict, sc) -> None:
+        """One chunk of a key-diagonal state (a decay per K; or a readout of prev(S)): the
+        intra-chunk weights A[s, t] = sum_k k_s,k q_t,k e^{c_t,k - c_s,k} by secondary
+        chunking (module doc: per level h one matmul of (k o e^{c_ref - c_s}) and
+        (q o e^{c_t - c_ref}), every exponent <= 0, masked to the level's pairs; the s == t
+        term q_t . k_t on the diagonal), the entering state's read (q o e^{c_t}) S and the
+        update e^{c_L} S + (k o e^{c_L - c_s})^T V as matmuls. Every exponent is a segment sum
+        of the clean log-decays (a matmul with a constant 0/1 tile), pushed to -BIG when a
+        reset lies in the segment (its reset count, the same matmul). prev: the segments end
+        at t - 1 and the s == t term is left out."""
+        K = self.sizes[cp.kd]
+        kf, vf = (cp.kd, f"0:{K}", str(K)), (self.pd, "p0:p1", "P")
+        memo: dict = {}
+        carry = f"carry_{s.name}[0:{K}, {self.slot}, 0:P]"
+        self.emit(sc, f"# chunked key-diagonal form of state {s.name}: time on the partitions"
+                  + (" (the readouts read prev)" if cp.prev else ""))
+        km = self.t_to_full(self.tval(cp.kpart, env, kf, sc, memo), kf, sc)[1]
+        vm = self.t_to_full(self.tval(cp.vpart, env, vf, sc, memo), vf, sc)[1]
+        lg = self.t_to_full(self.tval(cp.logdecay, env, kf, sc, memo), kf, sc)[1]
+        self.emit(sc, "# non-finite factors -> 0 before any matmul (clean*); bad*: 1.0 where they "
+                      "were (x * 0 != 0)")
+        km, badk = self.sanitize(km, "tw", str(K), sc)
+        vm, badv = self.sanitize(vm, "tw", "P", sc)
+        gr, badk = self.chunk_decay_diag(lg, badk, K, sc)
+        kt = self.transpose_in(km, "tw", str(K), sc)
+        rbad = self.alloc(sc, (128, 1), 4, "rbad")
+        self.emit(sc, f"nisa.tensor_reduce({rbad}[0:tw, 0:1], nl.add, {badk}[0:tw, 0:{K}], "
+                      "axis=1)")
+        comb = self.alloc(sc, (128, 128), 512, "comb")
+        self.emit(sc, f"nisa.tensor_scalar({comb}[0:tw, 0:P], {badv}[0:tw, 0:P], nl.add, "
+                      f"{rbad}[0:tw, 0:1])")
+        causal = "stri" if cp.prev else "tri"
+        eq, ek, qh = (self.alloc(sc, (128, 128), 512, n) for n in ("eq", "ek", "qh"))
+        for node, q in cp.sums:
+            qm = self.t_to_full(self.tval(q, env, kf, sc, memo), kf, sc)[1]
+            qm, badq = self.sanitize(qm, "tw", str(K), sc)
+            qt = self.transpose_in(qm, "tw", str(K), sc)
+            acc = self.alloc(sc, (128, 128), 512, "acc")
+            if cp.prev:
+                self.emit(sc, f"nisa.memset({acc}[0:tw, 0:tw], 0.0)")
+            else:
+                self.emit(sc, "# the s == t term: q_t . k_t on the diagonal")
+                dk = self.alloc(sc, (128, 128), 512, "dk")
+                self.emit(sc, f"nisa.tensor_tensor({dk}[0:tw, 0:{K}], {qm}[0:tw, 0:{K}], "
+                              f"{km}[0:tw, 0:{K}], nl.multiply)")
+                dcol = self.alloc(sc, (128, 1), 4, "dcol")
+                self.emit(sc, f"nisa.tensor_reduce({dcol}[0:tw, 0:1], nl.add, {dk}[0:tw, 0:{K}], "
+                              "axis=1)")
+                self.emit(sc, f"nisa.tensor_scalar({acc}[0:tw, 0:tw], eye[0:tw, 0:tw], "
+                              f"nl.multiply, {dcol}[0:tw, 0:1])")
+            for h in diag_levels(self.twe):
+                self.emit(sc, f"# level {h}: s in the left, t in the right half of a {2 * h}-step "
+                              "block, through its last left step ref")
+                self.seg_exp(eq, gr, f"lqp{h}" if cp.prev else f"lq{h}", "tw", K, sc)
+                self.emit(sc, f"nisa.tensor_tensor({qh}[0:{K}, 0:tw], {eq}[0:{K}, 0:tw], "
+                              f"{qt}[0:{K}, 0:tw], nl.multiply)")
+                self.seg_exp(ek, gr, f"lk{h}", "tw", K, sc)
+                self.emit(sc, f"nisa.tensor_tensor({ek}[0:{K}, 0:tw], {ek}[0:{K}, 0:tw], "
+                              f"{kt}[0:{K}, 0:tw], nl.multiply)")
+                pa = self.psum_tile(sc, (128, 128))
+                self.emit(sc, f"nisa.nc_matmul({pa}[0:tw, 0:tw], {ek}[0:{K}, 0:tw], "
+                              f"{qh}[0:{K}, 0:tw])")
+                self.emit(sc, f"nisa.tensor_tensor({eq}[0:tw, 0:tw], {pa}[0:tw, 0:tw], "
+                              f"m{h}[0:tw, 0:tw], nl.multiply)")
+                self.emit(sc, f"nisa.tensor_tensor({acc}[0:tw, 0:tw], {acc}[0:tw, 0:tw], "
+                              f"{eq}[0:tw, 0:tw], nl.add)")
+            self.emit(sc, "# the entering state: (q o e^{c_t}) S" if not cp.prev else
+                          "# the entering state: (q o e^{c_{t-1}}) S")
+            self.seg_exp(eq, gr, causal, "tw", K, sc)
+            self.emit(sc, f"nisa.tensor_tensor({qh}[0:{K}, 0:tw], {eq}[0:{K}, 0:tw], "
+                          f"{qt}[0:{K}, 0:tw], nl.multiply)")
+            py = self.psum_tile(sc, (128, 128))
+            self.emit(sc, f"nisa.nc_matmul({py}[0:P, 0:tw], {vm}[0:tw, 0:P], "
+                          f"{acc}[0:tw, 0:tw])")
+            self.emit(sc, f"nisa.nc_matmul({py}[0:P, 0:tw], {carry}, {qh}[0:{K}, 0:tw])")
+            y = self.alloc(sc, (128, self.tt), 4 * self.tt, "y")
+            self.emit(sc, f"nisa.tensor_copy({y}[0:P, 0:tw], {py}[0:P, 0:tw])")
+            self.emit(sc, "# y[j, t] = NaN where comb poisons a step s <= t (prev: s < t) or q_t "
+                          "is not finite")
+            qbad = self.alloc(sc, (128, 1), 4, "qbad")
+            self.emit(sc, f"nisa.tensor_reduce({qbad}[0:tw, 0:1], nl.add, {badq}[0:tw, 0:{K}], "
+                          "axis=1)")
+            ps = self.psum_tile(sc, (1, 128))
+            self.emit(sc, f"nisa.nc_transpose({ps}[0:1, 0:tw], {qbad}[0:tw, 0:1])")
+            qrow = self.alloc(sc, (1, 128), 512, "qrow")
+            self.emit(sc, f"nisa.tensor_copy({qrow}[0:1, 0:tw], {ps}[0:1, 0:tw])")
+            pc = self.psum_tile(sc, (128, 128))
+            self.emit(sc, f"nisa.nc_matmul({pc}[0:P, 0:tw], {comb}[0:tw, 0:P], "
+                          f"{causal}[0:tw, 0:tw])")
+            self.emit(sc, f"nisa.nc_matmul({pc}[0:P, 0:tw], ones_row[0:1, 0:P], "
+                          f"{qrow}[0:1, 0:tw])")
+            self.zero_where(f"{y}[0:P, 0:tw]", f"{pc}[0:P, 0:tw]", "P", "tw", sc,
+                            'float("nan")')
+            sc.memo[self.env_key(node, env)] = V("full", y)
+        self.emit(sc, "# the state leaving the chunk: e^{c_L} S + (k o e^{c_L - c_s})^T V")
+        eL = self.alloc(sc, (128, 1), 4, "el")
+        self.seg_exp(eL, gr, "ones_col", "1", K, sc)
+        self.emit(sc, f"nisa.tensor_scalar({carry}, {carry}, nl.multiply, {eL}[0:{K}, 0:1])")
+        self.seg_exp(ek, gr, "low", "tw", K, sc, rows_are_time=True)
+        self.emit(sc, f"nisa.tensor_tensor({ek}[0:tw, 0:{K}], {ek}[0:tw, 0:{K}], "
+                      f"{km}[0:tw, 0:{K}], nl.multiply)")
+        ps = self.psum_tile(sc, (128, 128))
+        self.emit(sc, f"nisa.nc_matmul({ps}[0:{K}, 0:P], {ek}[0:tw, 0:{K}], {vm}[0:tw, 0:P])")
+        self.emit(sc, f"nisa.tensor_tensor({carry}, {carry}, {ps}[0:{K}, 0:P], nl.add)")
+        self.emit(sc, "# the state leaving the chunk: NaN in poisoned rows (k-side, decay) and "
+                      "columns (v-side), where (1 + badk)^T (1 + badv) - tw > 0")
+        k1 = self.alloc(sc, (128, 128), 512, "k1")
+        self.emit(sc, f"nisa.tensor_scalar({k1}[0:tw, 0:{K}], {badk}[0:tw, 0:{K}], nl.add, 1.0)")
+        v1 = self.alloc(sc, (128, 128), 512, "v1")
+        self.emit(sc, f"nisa.tensor_scalar({v1}[0:tw, 0:P], {badv}[0:tw, 0:P], nl.add, 1.0)")
+        ps = self.psum_tile(sc, (128, 128))
+        self.emit(sc, f"nisa.nc_matmul({ps}[0:{K}, 0:P], {k1}[0:tw, 0:{K}], {v1}[0:tw, 0:P])")
+        self.zero_where(carry, f"{ps}[0:{K}, 0:P]", str(K), "P", sc, 'float("nan")',
+                        plus="-tw")
+
+    def seg_exp(self, dst: str, gr: str, mask: str, width: str, K: int, sc,
+                rows_are_time: bool = False) -> None:
+        """``dst`` = exp of the segment sums of the clean log-decays ``gr[:, 0:K]`` that the
+        0/1 tile ``mask`` (p on the partitions) selects, -BIG where the segment holds a reset
+        (``gr[:, K:2K]``). Layout (K, width): dst[k, j] = exp(sum_p g[p, k] mask[p, j]);
+        ``rows_are_time``: (tw, K), dst[j, k] the same."""
+        if rows_are_time:
+            ps = self.psum_tile(sc, (128, 2 * K))
+            self.emit(sc, f"nisa.nc_matmul({ps}[0:tw, 0:{2 * K}], {mask}[0:tw, 0:tw], "
+                          f"{gr}[0:tw, 0:{2 * K}])")
+            v, g, r = f"{dst}[0:tw, 0:{K}]", f"{ps}[0:tw, 0:{K}]", f"{ps}[0:tw, {K}:{2 * K}]"
+        else:
+            pg = self.psum_tile(sc, (128, 128 if width != "1" else 1))
+            pr = self.psum_tile(sc, (128, 128 if width != "1" else 1))
+            self.emit(sc, f"nisa.nc_matmul({pg}[0:{K}, 0:{width}], {gr}[0:tw, 0:{K}], "
+                          f"{mask}[0:tw, 0:{width}])")
+            self.emit(sc, f"nisa.nc_matmul({pr}[0:{K}, 0:{width}], {gr}[0:tw, {K}:{2 * K}], "
+                          f"{mask}[0:tw, 0:{width}])")
+            v, g, r = f"{dst}[0:{K}, 0:{width}]", f"{pg}[0:{K}, 0:{width}]", \
+                f"{pr}[0:{K}, 0:{width}]"
+        self.emit(sc, f"nisa.tensor_scalar({v}, {r}, nl.minimum, 1.0, op1=nl.multiply, "
+                      f"operand1={-BIG!r})")
+        self.emit(sc, f"nisa.tensor_tensor({v}, {v}, {g}, nl.add)")
+        self.emit(sc, f"nisa.activation({v}, nl.exp, {v})")
+
+    def chunk_decay_diag(self, g: str, badk: str, K: int, sc) -> tuple[str, str]:
+        """From the chunk's log-decay tile ``g`` (tw, K): ``gr`` (tw, 2K), the log-decays with
+        non-finite ones and resets (<= RESET_LOG_DECAY) set to 0 next to 1.0 at each reset,
+        and ``badk`` with the decay's poison (NaN or +inf: not a reset) added per element."""
+        self.emit(sc, f"# log-decays <= {shared.RESET_LOG_DECAY!r} (decay < 2**-126, 0, -inf) "
+                      "are hard resets; gr = [clean log-decay | 1.0 at a reset]")
+        gr = self.alloc(sc, (128, 2 * K), 8 * K, "gr")
+        g0, r0 = f"{gr}[0:tw, 0:{K}]", f"{gr}[0:tw, {K}:{2 * K}]"
+        gv = f"{g}[0:tw, 0:{K}]"
+        self.emit(sc, f"nisa.tensor_scalar({r0}, {gv}, nl.greater_equal, "
+                      f"{shared.RESET_LOG_DECAY!r}, reverse0=True)")
+        badg = self.alloc(sc, (128, 128), 512, "badg")
+        bv = f"{badg}[0:tw, 0:{K}]"
+        self.emit(sc, f"nisa.tensor_scalar({bv}, {gv}, nl.multiply, 0.0, op1=nl.not_equal, "
+                      "operand1=0.0)")
+        self.emit(sc, f"nisa.tensor_copy({g0}, {gv})")
+        flag = self.alloc(sc, (128, 128), 512, "flag")
+        self.emit(sc, f"nisa.tensor_tensor({flag}[0:tw, 0:{K}], {bv}, {r0}, nl.add)")
+        self.zero_where(g0, f"{flag}[0:tw, 0:{K}]", "tw", str(K), sc)
+        self.emit(sc, "# the decay's poison: not finite and not a reset (NaN, +inf)")
+        self.emit(sc, f"nisa.tensor_tensor({bv}, {bv}, {r0}, nl.subtract)")
+        self.emit(sc, f"nisa.tensor_scalar({bv}, {bv}, nl.maximum, 0.0)")
+        badk2 = self.alloc(sc, (128, 128), 512, "bad")
+        self.emit(sc, f"nisa.tensor_tensor({badk2}[0:tw, 0:{K}], {badk}[0:tw, 0:{K}], {bv}, "
+                      "nl.add)")
+        return gr, badk2
 
     def chunk_decay(self, g: str, badk: str, K: int, sc) -> tuple[str, str, str]:
         """From the chunk's log-decay column ``g`` (tw, 1): ``dec`` (tw, tw), the decay from

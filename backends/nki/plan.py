@@ -29,7 +29,7 @@ from scancc.ir.passes import canonicalize
 
 from ..base import UnsupportedError
 from ..rules import Rules
-from .chunked import ChunkPlan, find_chunked
+from .chunked import ChunkPlan, constant_sites, find_chunked
 from .hardware import CHIPS, DEFAULT_CHIP, Chip
 from .values import NAME
 
@@ -118,7 +118,7 @@ class Space:
         site: the constants, every state's carry and its per-kind tiles (trajectory, history,
         materialized operands; ``STORAGE``). The emitter's expression temporaries come on
         top; ``tests/test_nki_rules.py`` checks these equal what the emitter allocates."""
-        sites = [4 * tt, 4 * 128, 4] + ([512, 512] if self.chunks else [])
+        sites = [4 * tt, 4 * 128, 4] + constant_sites(self.chunks, min(tt, self.sizes[self.rec.time]))
         nslots = self.slots(time_outer)
         pe = min(self.sizes[self.pd], self.chip.partitions)
         for s in self.rec.states:
@@ -390,7 +390,8 @@ def plan_spaces(rec: Recurrence, sizes: Mapping[str, int], chip: str = DEFAULT_C
             continue
         chunks = {} if algorithm == "recurrent" else find_chunked(rec, pd, outer, sizes)
         if algorithm == "chunked" and not chunks:
-            problem = problem or ("the chunked (matmul) form needs a scalar/identity state "
+            problem = problem or ("the chunked (matmul) form needs an identity, scalar or "
+                                  "key-diagonal state "
                                   "[..., K, V] with V on the partitions, K <= 128, an inject "
                                   "k * v and readouts sum(S * q, K), all read with time before "
                                   "the feature dim")
