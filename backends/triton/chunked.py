@@ -441,15 +441,13 @@ class Lowering(recurrent.Lowering):
                           "keep_dims=True), 0.0)  # s = t")
         h = 1
         while h < self.MAX_DIAGONAL_BT:
-            nb = self.names.new(f"N_{2 * h}")
-            sh = f"[{nb}, {2 * h}, {BK}]"
+            sh = f"[{BT} // {2 * h}, {2 * h}, {BK}]"
             x = {v: self.names.new(f"b_{v}_{h}") for v in ("ce", "ne", "qe", "ke")}
             pos = f"tl.arange(0, {2 * h})[None, :, None] == {h - 1}"
             pick = (lambda t, z: f"tl.reshape(tl.broadcast_to(tl.sum(tl.where({pos}, "  # noqa: E731
                     f"tl.reshape({t}, {sh}), {z}), axis=1, keep_dims=True), {sh}), [{BT}, {BK}])")
             right = f"({row} // {h} % 2 == 1)"
-            lines = [f"{nb}: tl.constexpr = {BT} // {2 * h}",
-                     f"{x['ce']} = {pick(gc, '0.0')}  # c and n at e, the left half's last step",
+            lines = [f"{x['ce']} = {pick(gc, '0.0')}  # c and n at e, the left half's last step",
                      f"{x['ne']} = {pick(gn, '0')}",
                      f"{x['qe']} = {qf} * tl.exp(tl.where({right} & ({nq} == {x['ne']}), "
                      f"{gq} - {x['ce']}, {ninf}))",

@@ -93,7 +93,58 @@ def rwkv6_chunked_fwd_kernel(
         b_gnlast = tl.sum(b_g_reset.to(tl.int32), axis=0, keep_dims=True)
         b_gc_prev = b_gc - b_g
         b_gn_prev = b_gn - b_g_reset.to(tl.int32)
-        b_A = tl.sum(b_qf[:, None, :] * b_kf[None, :, :] * tl.exp(tl.where((o_time > tl.trans(o_time))[:, :, None] & (b_gn_prev[:, None, :] == b_gn[None, :, :]), b_gc_prev[:, None, :] - b_gc[None, :, :], float("-inf"))), axis=2)
+        o_row = tl.arange(0, BLOCK_TIME)[:, None]
+        o_col = tl.arange(0, BLOCK_TIME)[None, :]
+        tl.static_assert(BLOCK_TIME <= 256, "key-diagonal chunks of at most 256 steps")
+        b_A = tl.zeros([BLOCK_TIME, BLOCK_TIME], dtype=tl.float32)
+        if BLOCK_TIME > 1:  # s in the left, t in the right half of 2 steps
+            b_ce_1 = tl.reshape(tl.broadcast_to(tl.sum(tl.where(tl.arange(0, 2)[None, :, None] == 0, tl.reshape(b_gc, [BLOCK_TIME // 2, 2, BLOCK_KEY]), 0.0), axis=1, keep_dims=True), [BLOCK_TIME // 2, 2, BLOCK_KEY]), [BLOCK_TIME, BLOCK_KEY])  # c and n at e, the left half's last step
+            b_ne_1 = tl.reshape(tl.broadcast_to(tl.sum(tl.where(tl.arange(0, 2)[None, :, None] == 0, tl.reshape(b_gn, [BLOCK_TIME // 2, 2, BLOCK_KEY]), 0), axis=1, keep_dims=True), [BLOCK_TIME // 2, 2, BLOCK_KEY]), [BLOCK_TIME, BLOCK_KEY])
+            b_qe_1 = b_qf * tl.exp(tl.where((o_row // 1 % 2 == 1) & (b_gn_prev == b_ne_1), b_gc_prev - b_ce_1, float("-inf")))
+            b_ke_1 = b_kf * tl.exp(tl.where(~(o_row // 1 % 2 == 1) & (b_gn == b_ne_1), b_ce_1 - b_gc, float("-inf")))
+            b_A += tl.where(o_row // 2 == o_col // 2, tl.dot(b_qe_1, tl.trans(b_ke_1), input_precision=DOT_F32), 0.0)
+        if BLOCK_TIME > 2:  # s in the left, t in the right half of 4 steps
+            b_ce_2 = tl.reshape(tl.broadcast_to(tl.sum(tl.where(tl.arange(0, 4)[None, :, None] == 1, tl.reshape(b_gc, [BLOCK_TIME // 4, 4, BLOCK_KEY]), 0.0), axis=1, keep_dims=True), [BLOCK_TIME // 4, 4, BLOCK_KEY]), [BLOCK_TIME, BLOCK_KEY])  # c and n at e, the left half's last step
+            b_ne_2 = tl.reshape(tl.broadcast_to(tl.sum(tl.where(tl.arange(0, 4)[None, :, None] == 1, tl.reshape(b_gn, [BLOCK_TIME // 4, 4, BLOCK_KEY]), 0), axis=1, keep_dims=True), [BLOCK_TIME // 4, 4, BLOCK_KEY]), [BLOCK_TIME, BLOCK_KEY])
+            b_qe_2 = b_qf * tl.exp(tl.where((o_row // 2 % 2 == 1) & (b_gn_prev == b_ne_2), b_gc_prev - b_ce_2, float("-inf")))
+            b_ke_2 = b_kf * tl.exp(tl.where(~(o_row // 2 % 2 == 1) & (b_gn == b_ne_2), b_ce_2 - b_gc, float("-inf")))
+            b_A += tl.where(o_row // 4 == o_col // 4, tl.dot(b_qe_2, tl.trans(b_ke_2), input_precision=DOT_F32), 0.0)
+        if BLOCK_TIME > 4:  # s in the left, t in the right half of 8 steps
+            b_ce_4 = tl.reshape(tl.broadcast_to(tl.sum(tl.where(tl.arange(0, 8)[None, :, None] == 3, tl.reshape(b_gc, [BLOCK_TIME // 8, 8, BLOCK_KEY]), 0.0), axis=1, keep_dims=True), [BLOCK_TIME // 8, 8, BLOCK_KEY]), [BLOCK_TIME, BLOCK_KEY])  # c and n at e, the left half's last step
+            b_ne_4 = tl.reshape(tl.broadcast_to(tl.sum(tl.where(tl.arange(0, 8)[None, :, None] == 3, tl.reshape(b_gn, [BLOCK_TIME // 8, 8, BLOCK_KEY]), 0), axis=1, keep_dims=True), [BLOCK_TIME // 8, 8, BLOCK_KEY]), [BLOCK_TIME, BLOCK_KEY])
+            b_qe_4 = b_qf * tl.exp(tl.where((o_row // 4 % 2 == 1) & (b_gn_prev == b_ne_4), b_gc_prev - b_ce_4, float("-inf")))
+            b_ke_4 = b_kf * tl.exp(tl.where(~(o_row // 4 % 2 == 1) & (b_gn == b_ne_4), b_ce_4 - b_gc, float("-inf")))
+            b_A += tl.where(o_row // 8 == o_col // 8, tl.dot(b_qe_4, tl.trans(b_ke_4), input_precision=DOT_F32), 0.0)
+        if BLOCK_TIME > 8:  # s in the left, t in the right half of 16 steps
+            b_ce_8 = tl.reshape(tl.broadcast_to(tl.sum(tl.where(tl.arange(0, 16)[None, :, None] == 7, tl.reshape(b_gc, [BLOCK_TIME // 16, 16, BLOCK_KEY]), 0.0), axis=1, keep_dims=True), [BLOCK_TIME // 16, 16, BLOCK_KEY]), [BLOCK_TIME, BLOCK_KEY])  # c and n at e, the left half's last step
+            b_ne_8 = tl.reshape(tl.broadcast_to(tl.sum(tl.where(tl.arange(0, 16)[None, :, None] == 7, tl.reshape(b_gn, [BLOCK_TIME // 16, 16, BLOCK_KEY]), 0), axis=1, keep_dims=True), [BLOCK_TIME // 16, 16, BLOCK_KEY]), [BLOCK_TIME, BLOCK_KEY])
+            b_qe_8 = b_qf * tl.exp(tl.where((o_row // 8 % 2 == 1) & (b_gn_prev == b_ne_8), b_gc_prev - b_ce_8, float("-inf")))
+            b_ke_8 = b_kf * tl.exp(tl.where(~(o_row // 8 % 2 == 1) & (b_gn == b_ne_8), b_ce_8 - b_gc, float("-inf")))
+            b_A += tl.where(o_row // 16 == o_col // 16, tl.dot(b_qe_8, tl.trans(b_ke_8), input_precision=DOT_F32), 0.0)
+        if BLOCK_TIME > 16:  # s in the left, t in the right half of 32 steps
+            b_ce_16 = tl.reshape(tl.broadcast_to(tl.sum(tl.where(tl.arange(0, 32)[None, :, None] == 15, tl.reshape(b_gc, [BLOCK_TIME // 32, 32, BLOCK_KEY]), 0.0), axis=1, keep_dims=True), [BLOCK_TIME // 32, 32, BLOCK_KEY]), [BLOCK_TIME, BLOCK_KEY])  # c and n at e, the left half's last step
+            b_ne_16 = tl.reshape(tl.broadcast_to(tl.sum(tl.where(tl.arange(0, 32)[None, :, None] == 15, tl.reshape(b_gn, [BLOCK_TIME // 32, 32, BLOCK_KEY]), 0), axis=1, keep_dims=True), [BLOCK_TIME // 32, 32, BLOCK_KEY]), [BLOCK_TIME, BLOCK_KEY])
+            b_qe_16 = b_qf * tl.exp(tl.where((o_row // 16 % 2 == 1) & (b_gn_prev == b_ne_16), b_gc_prev - b_ce_16, float("-inf")))
+            b_ke_16 = b_kf * tl.exp(tl.where(~(o_row // 16 % 2 == 1) & (b_gn == b_ne_16), b_ce_16 - b_gc, float("-inf")))
+            b_A += tl.where(o_row // 32 == o_col // 32, tl.dot(b_qe_16, tl.trans(b_ke_16), input_precision=DOT_F32), 0.0)
+        if BLOCK_TIME > 32:  # s in the left, t in the right half of 64 steps
+            b_ce_32 = tl.reshape(tl.broadcast_to(tl.sum(tl.where(tl.arange(0, 64)[None, :, None] == 31, tl.reshape(b_gc, [BLOCK_TIME // 64, 64, BLOCK_KEY]), 0.0), axis=1, keep_dims=True), [BLOCK_TIME // 64, 64, BLOCK_KEY]), [BLOCK_TIME, BLOCK_KEY])  # c and n at e, the left half's last step
+            b_ne_32 = tl.reshape(tl.broadcast_to(tl.sum(tl.where(tl.arange(0, 64)[None, :, None] == 31, tl.reshape(b_gn, [BLOCK_TIME // 64, 64, BLOCK_KEY]), 0), axis=1, keep_dims=True), [BLOCK_TIME // 64, 64, BLOCK_KEY]), [BLOCK_TIME, BLOCK_KEY])
+            b_qe_32 = b_qf * tl.exp(tl.where((o_row // 32 % 2 == 1) & (b_gn_prev == b_ne_32), b_gc_prev - b_ce_32, float("-inf")))
+            b_ke_32 = b_kf * tl.exp(tl.where(~(o_row // 32 % 2 == 1) & (b_gn == b_ne_32), b_ce_32 - b_gc, float("-inf")))
+            b_A += tl.where(o_row // 64 == o_col // 64, tl.dot(b_qe_32, tl.trans(b_ke_32), input_precision=DOT_F32), 0.0)
+        if BLOCK_TIME > 64:  # s in the left, t in the right half of 128 steps
+            b_ce_64 = tl.reshape(tl.broadcast_to(tl.sum(tl.where(tl.arange(0, 128)[None, :, None] == 63, tl.reshape(b_gc, [BLOCK_TIME // 128, 128, BLOCK_KEY]), 0.0), axis=1, keep_dims=True), [BLOCK_TIME // 128, 128, BLOCK_KEY]), [BLOCK_TIME, BLOCK_KEY])  # c and n at e, the left half's last step
+            b_ne_64 = tl.reshape(tl.broadcast_to(tl.sum(tl.where(tl.arange(0, 128)[None, :, None] == 63, tl.reshape(b_gn, [BLOCK_TIME // 128, 128, BLOCK_KEY]), 0), axis=1, keep_dims=True), [BLOCK_TIME // 128, 128, BLOCK_KEY]), [BLOCK_TIME, BLOCK_KEY])
+            b_qe_64 = b_qf * tl.exp(tl.where((o_row // 64 % 2 == 1) & (b_gn_prev == b_ne_64), b_gc_prev - b_ce_64, float("-inf")))
+            b_ke_64 = b_kf * tl.exp(tl.where(~(o_row // 64 % 2 == 1) & (b_gn == b_ne_64), b_ce_64 - b_gc, float("-inf")))
+            b_A += tl.where(o_row // 128 == o_col // 128, tl.dot(b_qe_64, tl.trans(b_ke_64), input_precision=DOT_F32), 0.0)
+        if BLOCK_TIME > 128:  # s in the left, t in the right half of 256 steps
+            b_ce_128 = tl.reshape(tl.broadcast_to(tl.sum(tl.where(tl.arange(0, 256)[None, :, None] == 127, tl.reshape(b_gc, [BLOCK_TIME // 256, 256, BLOCK_KEY]), 0.0), axis=1, keep_dims=True), [BLOCK_TIME // 256, 256, BLOCK_KEY]), [BLOCK_TIME, BLOCK_KEY])  # c and n at e, the left half's last step
+            b_ne_128 = tl.reshape(tl.broadcast_to(tl.sum(tl.where(tl.arange(0, 256)[None, :, None] == 127, tl.reshape(b_gn, [BLOCK_TIME // 256, 256, BLOCK_KEY]), 0), axis=1, keep_dims=True), [BLOCK_TIME // 256, 256, BLOCK_KEY]), [BLOCK_TIME, BLOCK_KEY])
+            b_qe_128 = b_qf * tl.exp(tl.where((o_row // 128 % 2 == 1) & (b_gn_prev == b_ne_128), b_gc_prev - b_ce_128, float("-inf")))
+            b_ke_128 = b_kf * tl.exp(tl.where(~(o_row // 128 % 2 == 1) & (b_gn == b_ne_128), b_ce_128 - b_gc, float("-inf")))
+            b_A += tl.where(o_row // 256 == o_col // 256, tl.dot(b_qe_128, tl.trans(b_ke_128), input_precision=DOT_F32), 0.0)
         b_o = tl.dot(b_A.to(r.dtype.element_ty), b_vf.to(r.dtype.element_ty), input_precision=DOT_F32) + tl.dot((b_qf * tl.where(b_gn_prev == 0, tl.exp(b_gc_prev), 0.0)), b_S, input_precision=DOT_F32)
         b_S = b_S * tl.trans(tl.where(b_gnlast == 0, tl.exp(b_glast), 0.0)) + tl.dot(tl.trans(b_kf * tl.where(b_gn == b_gnlast, tl.exp(b_glast - b_gc), 0.0)), b_vf, input_precision=DOT_F32)
         b_bad_v = tl.where(b_vf_ok, 0, 1)
