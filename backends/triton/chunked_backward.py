@@ -156,6 +156,11 @@ def _build(rec: Recurrence) -> Plan:
         raise NotSupported(f"decay kind {F.kind.value!r}: the chunked backward takes identity, "
                            "scalar, key-diagonal and householder decays")
     s = rec.states[0]
+    if set(F.grid) - set(s.dims):
+        # (gated_delta_net with grouped value heads and l2norm'd q/k: the analysis's grid
+        # keeps qk_heads) the state has no such dim to pass between chunks
+        raise NotSupported(f"the chunked form's grid {F.grid} has dims the state "
+                           f"{s.name} lacks")
     memo: dict = {}
     inl = lambda n: inline_lets_in(rec, n, memo)  # noqa: E731
     from scancc.ir.passes.chunked import product
@@ -385,6 +390,16 @@ def kernels():
     runtime.prepare()
     from . import chunked_backward_kernels as m
     return m.fwd_h, m.bwd_dh, m.bwd_dv, m.bwd_dqk, m.bwd_dv_diag, m.bwd_dqk_diag
+
+
+@lru_cache(maxsize=1)
+def householder_kernels():
+    """(hh_fwd_h, hh_bwd_dh) of ``chunked_backward_kernels``: the householder decays'
+    sequential passes (``chunked_backward_householder``), imported as ``kernels``."""
+    from . import runtime
+    runtime.prepare()
+    from . import chunked_backward_kernels as m
+    return m.hh_fwd_h, m.hh_bwd_dh
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -727,7 +742,7 @@ def _householder(p, ev, cots, flat, unflat, fq, fk, fv, fdo, fg, h0, dht, cfg, n
     G = fq.shape[0]
     if T > 0:
         dq, dhk, du, dw, dbeta, dg, dh0, fo = hh.backward(fq, fhk, fk, fv, fbeta, fg, fdo, h0,
-                                                          dht, cfg.BT, new)
+                                                          dht, cfg.BT, new, cfg=cfg)
     else:
         dq, dhk, du = (torch.zeros(G, 0, K, dtype=f32, device=dev) for _ in range(3))
         dw, dbeta = torch.zeros(G, 0, V, dtype=f32, device=dev), \

@@ -96,16 +96,16 @@ def _solve(torch, Tm, X):
     return torch.linalg.solve_triangular(Tm, X, upper=False, unitriangular=True)
 
 
-def _local_grads(torch, q, k, u, w, beta, g, S, dh, dO, t):
+def _local_grads(torch, q, k, u, w, beta, g, S, dh, dO, t, wy, Y):
     """The per-chunk gradients of <O, dO> + <S', dh> (S, dh fixed), derived by hand (module
-    doc; every product batched over grid and chunks). Returns [dq, dk, du, dw, dbeta, dg]
+    doc; every product batched over grid and chunks); wy, Y: the passes' T⁻¹ (K ⊙ e^{c_{t-1}})
+    and T⁻¹ N w, so R = T⁻¹ X = wy S + Y. Returns [dq, dk, du, dw, dbeta, dg]
     (dg None without a decay)."""
     tr = lambda x: x.transpose(-1, -2)  # noqa: E731
     Tm, ab, seg, segp = t["Tm"], t["ab"], t["seg"], t["seg_prev"]
     e_prev, e_now, e_last, to_end = t["e_prev"], t["e_now"], t["e_last"], t["to_end"]
     kS, qS = k @ S, q @ S
-    X = e_prev[..., None] * kS + t["N"] @ w
-    R = _solve(torch, Tm, X)
+    R = wy @ S + Y
     kd_s = ab * to_end                                   # kd = k ⊙ kd_s
     # through O = e_now ⊙ (q S) - A_qk R + A_qu w and S' = e_last S - kdᵀ R + udᵀ w
     dR = -tr(t["A_qk"]) @ dO - (k * kd_s[..., None]) @ dh
@@ -150,10 +150,11 @@ def _local_grads(torch, q, k, u, w, beta, g, S, dh, dO, t):
     return [dq, dk, du, dw, dbeta, dg, O]
 
 
-def backward(q, k, u, w, beta, g, dO, h0, dht, BT, new):
+def backward(q, k, u, w, beta, g, dO, h0, dht, BT, new, cfg):
     """Gradients of the householder chunked form. Factors [G, T, K|V] (beta, g: [G, T]; g
     None without a decay), float32; h0, dht [G, K, V] or None; ``new`` allocates the boundary
-    buffers (NaN-poisoned under test). Returns (dq, dk, du, dw, dbeta, dg or None, dh0, O),
+    buffers (NaN-poisoned under test); ``cfg`` the kernels' ``chunked_backward.Config`` (its
+    V block, warps and dot precision; K whole per program). Returns (dq, dk, du, dw, dbeta, dg or None, dh0, O),
     O the contraction (recomputed per chunk, for gradients that read it)."""
     import torch
     G, T, K = q.shape
@@ -168,30 +169,33 @@ def backward(q, k, u, w, beta, g, dO, h0, dht, BT, new):
     cq, ck, cu, cw, cb, cdo = (chunks(x) for x in (q, k, u, w, beta, dO))
     cg = chunks(g) if g is not None else None
     dev, f32 = q.device, torch.float32
-    hc, dhc = new(G, NC, K, V), new(G, NC, K, V)
+    hc, dhc, dh0 = new(G, NC, K, V), new(G, NC, K, V), new(G, K, V)
     with torch.no_grad():
         t = _chunk_terms(torch, cq, ck, cu, cw, cb, cg, BT)
-        Tinv = _solve(torch, t["Tm"], torch.eye(BT, dtype=f32, device=dev).expand(
-            t["Tm"].shape).contiguous())
-        kd = (ck * (t["ab"] * t["to_end"])[..., None]).transpose(-1, -2)      # [G,NC,K,BT]
+        # the WY/UT terms of the two sequential passes (kernels' module doc), batched
         ke = ck * t["e_prev"][..., None]                                       # [G,NC,BT,K]
-        Phi = t["e_last"][..., None] * torch.eye(K, dtype=f32, device=dev) - kd @ Tinv @ ke
-        B = -kd @ (Tinv @ (t["N"] @ cw)) + (cu * t["to_end"][..., None]).transpose(-1, -2) @ cw
-        S = h0 if h0 is not None else torch.zeros(G, K, V, dtype=f32, device=dev)
-        for i in range(NC):
-            hc[:, i] = S
-            S = Phi[:, i] @ S + B[:, i]
-        # the constant part of dS per chunk, then dh in reverse
-        Cq = (cq * t["e_now"][..., None]).transpose(-1, -2) @ cdo \
-            - ke.transpose(-1, -2) @ (Tinv.transpose(-1, -2) @ (t["A_qk"].transpose(-1, -2)
-                                                                 @ cdo))
-        dh = dht if dht is not None else torch.zeros(G, K, V, dtype=f32, device=dev)
-        PhiT = Phi.transpose(-1, -2)
-        for i in reversed(range(NC)):
-            dhc[:, i] = dh
-            dh = PhiT[:, i] @ dh + Cq[:, i]
-        dh0 = dh
-        gr = _local_grads(torch, cq, ck, cu, cw, cb, cg, hc.float(), dhc.float(), cdo, t)
+        wy = _solve(torch, t["Tm"], ke)                                        # T⁻¹ ke
+        Y = _solve(torch, t["Tm"], t["N"] @ cw)                                # T⁻¹ N w
+        kd = ck * (t["ab"] * t["to_end"])[..., None]
+        ud = cu * t["to_end"][..., None]
+        qe = cq * t["e_now"][..., None]
+        el = t["e_last"][..., 0].contiguous()                                  # [G, NC]
+        c = lambda x: x.contiguous()  # noqa: E731 - [G, NC, BT, F]: [G, NC * BT, F] rows
+        wy, Y, kd, ud, qe, A_qk, cw_, cdo_ = (c(x) for x in (wy, Y, kd, ud, qe, t["A_qk"],
+                                                              cw, cdo))
+        from .chunked_backward import householder_kernels
+        fwd_h, bwd_dh = householder_kernels()
+        BK = max(16, 1 << max(0, (K - 1).bit_length()))
+        BV = cfg.BV
+        kw = dict(BT=BT, BK=BK, BV=BV, PREC=cfg.precision, num_warps=cfg.num_warps)
+        grid = (G, -(-V // BV))
+        import numpy as np
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            fwd_h[grid](wy, kd, ud, Y, cw_, el, h0 if h0 is not None else wy, hc, K, V, NC,
+                        HAS_H0=h0 is not None, **kw)
+            bwd_dh[grid](wy, kd, qe, A_qk, cdo_, el, dht if dht is not None else wy, dhc, dh0,
+                         K, V, NC, HAS_DHT=dht is not None, **kw)
+        gr = _local_grads(torch, cq, ck, cu, cw, cb, cg, hc, dhc, cdo, t, wy, Y)
     def unchunk(x):
         return x.reshape((G, NC * BT) + tuple(x.shape[3:]))[:, :T].contiguous()
     dq, dk, du, dw, dbeta = (unchunk(x) for x in gr[:5])
