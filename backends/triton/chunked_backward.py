@@ -414,6 +414,7 @@ class Config:
     num_warps: int
     precision: str
     BVS: int = 0    # the V tile of the sequential passes fwd_h and bwd_dh (0: BV)
+    BVH: int = 0    # the V tile of the householder passes hh_fwd_h, hh_bwd_dh (0: BV)
 
 
 # warps per program as a multiple of the num_warps option (default 4): the kernels hold
@@ -425,6 +426,11 @@ WARPS = 2
 # then read once per 128 columns of V rather than per 64 (ptxas at K=V=128, 8 warps: zero
 # spills; docs/performance/training.md)
 SEQ_BV = 128
+
+
+# the householder passes hold the whole K axis (W S contracts over it): [K, 32] state tiles
+# (ptxas at K=V=128, 8 warps: zero spills with 32-row sub-blocks; docs/performance/training.md)
+HH_BV = 32
 
 
 def config(K: int, V: int, options: Mapping[str, Any], diag: bool = False) -> Config:
@@ -442,7 +448,8 @@ def config(K: int, V: int, options: Mapping[str, Any], diag: bool = False) -> Co
     return Config(max(16, bs.get("time", 16 if diag else 64)),
                   max(16, bs.get("K", min(_pow2(K), 64))),
                   max(16, bs.get("V", min(_pow2(V), 64))), nw, prec,
-                  max(16, bs.get("V", min(_pow2(V), SEQ_BV))))
+                  max(16, bs.get("V", min(_pow2(V), SEQ_BV))),
+                  max(16, bs.get("V", min(_pow2(V), HH_BV))))
 
 
 _SCALE_OPS = {Op.CONST, Op.SIZE, Op.NEG, Op.EXP, Op.LOG, Op.SQRT, Op.RSQRT, Op.ADD, Op.SUB,

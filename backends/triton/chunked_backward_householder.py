@@ -45,6 +45,11 @@ every e^{c_t - c_s} is 0 across one, alpha is 0 at one, and its dg is 0.
 from __future__ import annotations
 
 RESET_LOG_DECAY = -87.33654475055310898657  # scancc.ir.passes.chunked (test checks)
+# the sequential passes' row sub-block and pipeline depth: a chunk's [BT, K] tiles taken 16
+# rows at a time, unpipelined (ptxas at K=V=128, 8 warps, [128, 32] state tiles: 0 spill
+# bytes, 16-28 KB shared memory; 32 rows spill 120-372 B, 2 stages take 196-221 KB:
+# docs/performance/training.md)
+HH_BS, HH_STAGES = 16, 1
 
 
 def _chunk_terms(torch, q, k, u, w, beta, g, BT):
@@ -186,8 +191,9 @@ def backward(q, k, u, w, beta, g, dO, h0, dht, BT, new, cfg):
         from .chunked_backward import householder_kernels
         fwd_h, bwd_dh = householder_kernels()
         BK = max(16, 1 << max(0, (K - 1).bit_length()))
-        BV = cfg.BV
-        kw = dict(BT=BT, BK=BK, BV=BV, PREC=cfg.precision, num_warps=cfg.num_warps)
+        BV = cfg.BVH or cfg.BV
+        kw = dict(BT=BT, BS=min(BT, HH_BS), BK=BK, BV=BV, PREC=cfg.precision,
+                  num_warps=cfg.num_warps, num_stages=HH_STAGES)
         grid = (G, -(-V // BV))
         import numpy as np
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
