@@ -57,8 +57,9 @@ sum(S * q, K)), a cotangent of the contraction that does not read the contractio
 gate's *input* gradient may read it: O is then recomputed), and ops the torch evaluator has.
 
 Householder transitions (delta_net, gated_delta_net) take ``chunked_backward_householder``
-(the WY/UT form, hand-derived, in torch ops -- not kernels yet) with the same chain rule; the
-plan then has the extra factors hk (the reflection's k) and beta.
+(the WY/UT form, hand-derived: the two sequential passes Triton kernels, the per-chunk
+gradients torch ops) with the same chain rule; the plan then has the extra factors hk (the
+reflection's k) and beta.
 
 Not done here: the dplr kind; recurrent edge semantics for
 non-finite *inputs* everywhere (the causal masks select, so a NaN at step t stays out of the

@@ -17,9 +17,8 @@ r_tᵀ = k_tᵀ S_{t-1}, P_t = alpha_t beta_t, Γ'[t,i] = e^{c_{t-1}-c_i} (i < t
     O = e^{c} ⊙ (Q S) - A_qk R + A_qu W,      A_qk = (Q Kᵀ) ⊙ Γ ⊙ 1Pᵀ,  A_qu = (Q Uᵀ) ⊙ Γ
     S' = e^{c_L} S - (K ⊙ P ⊙ e^{c_L - c})ᵀ R + (U ⊙ e^{c_L - c})ᵀ W  =  Φ S + B
 
-1. boundary states: Φ and B of every chunk at once (batched matmuls and one batched
-   triangular solve against I), then S_{i+1} = Φ_i S_i + B_i sequentially over chunks
-   ([G, NC, K, V]: chunk boundaries only);
+1. boundary states: S_{i+1} = Φ_i S_i + B_i sequentially over chunks ([G, NC, K, V]: chunk
+   boundaries only; in the kernel below, Φ S as two products through Wy);
 2. dh in reverse over chunks: dS_i = Φ_iᵀ dh_i + (Q ⊙ e^{c})ᵀ dO_i
    - (K ⊙ e^{c_{t-1}})ᵀ T⁻ᵀ A_qkᵀ dO_i (the constant part batched first);
 3. the per-chunk gradients (dq, dk, du, dw, dbeta, dg) of <O, dO> + <S', dh> with S and dh
@@ -35,9 +34,11 @@ r_tᵀ = k_tᵀ S_{t-1}, P_t = alpha_t beta_t, Γ'[t,i] = e^{c_{t-1}-c_i} (i < t
    and dg is the reverse cumulative sum of dc (fla's identity) plus the alpha in P.
    Nothing per step of the state is stored: the tiles are per-chunk [BT, BT] and [BT, K|V].
 
-What runs where: all of it is torch (batched matmuls, one batched triangular solve per
-chunk set, two Python loops of NC small batched matmuls for the state passes) on the inputs'
-device -- not Triton kernels yet (docs/training.md, "householder").
+What runs where: the two sequential passes (1 and 2) are Triton kernels
+(``chunked_backward_kernels.hh_fwd_h`` / ``hh_bwd_dh``: S' = e^{c_L} S - kdᵀ (Wy S + Y) + udᵀ W
+and dS = e^{c_L} dh - Wyᵀ (kd dh + A_qkᵀ dO) + (Q ⊙ e^{c})ᵀ dO, with Wy = T⁻¹ (K ⊙ e^{c_{t-1}})
+and Y = T⁻¹ N W batched here; Φ is never formed); the rest is torch ops batched over (grid,
+chunks) on the inputs' device (docs/training.md, "householder").
 
 Resets (log-decay <= RESET_LOG_DECAY) are counted, not summed, as the forward does:
 every e^{c_t - c_s} is 0 across one, alpha is 0 at one, and its dg is 0.
