@@ -750,7 +750,8 @@ def _householder(p, ev, cots, flat, unflat, fq, fk, fv, fdo, fg, h0, dht, cfg, n
     G = fq.shape[0]
     if T > 0:
         dq, dhk, du, dw, dbeta, dg, dh0, fo = hh.backward(fq, fhk, fk, fv, fbeta, fg, fdo, h0,
-                                                          dht, cfg.BT, new, cfg=cfg)
+                                                          dht, cfg.BT, new, cfg=cfg,
+                                                          kernels=householder_kernels())
     else:
         dq, dhk, du = (torch.zeros(G, 0, K, dtype=f32, device=dev) for _ in range(3))
         dw, dbeta = torch.zeros(G, 0, V, dtype=f32, device=dev), \

@@ -156,12 +156,13 @@ def _local_grads(torch, q, k, u, w, beta, g, S, dh, dO, t, wy, Y):
     return [dq, dk, du, dw, dbeta, dg, O]
 
 
-def backward(q, k, u, w, beta, g, dO, h0, dht, BT, new, cfg):
+def backward(q, k, u, w, beta, g, dO, h0, dht, BT, new, cfg, kernels):
     """Gradients of the householder chunked form. Factors [G, T, K|V] (beta, g: [G, T]; g
     None without a decay), float32; h0, dht [G, K, V] or None; ``new`` allocates the boundary
     buffers (NaN-poisoned under test); ``cfg`` the kernels' ``chunked_backward.Config`` (its
-    V block, warps and dot precision; K whole per program). Returns (dq, dk, du, dw, dbeta, dg or None, dh0, O),
-    O the contraction (recomputed per chunk, for gradients that read it)."""
+    V block, warps and dot precision; K whole per program), ``kernels`` (hh_fwd_h, hh_bwd_dh)
+    from ``chunked_backward.householder_kernels``. Returns (dq, dk, du, dw, dbeta, dg or None,
+    dh0, O), O the contraction (recomputed per chunk, for gradients that read it)."""
     import torch
     G, T, K = q.shape
     V = w.shape[-1]
@@ -189,8 +190,7 @@ def backward(q, k, u, w, beta, g, dO, h0, dht, BT, new, cfg):
         c = lambda x: x.contiguous()  # noqa: E731 - [G, NC, BT, F]: [G, NC * BT, F] rows
         wy, Y, kd, ud, qe, A_qk, cw_, cdo_ = (c(x) for x in (wy, Y, kd, ud, qe, t["A_qk"],
                                                               cw, cdo))
-        from .chunked_backward import householder_kernels
-        fwd_h, bwd_dh = householder_kernels()
+        fwd_h, bwd_dh = kernels
         BK = max(16, 1 << max(0, (K - 1).bit_length()))
         BV = cfg.BVH or cfg.BV
         kw = dict(BT=BT, BS=min(BT, HH_BS), BK=BK, BV=BV, PREC=cfg.precision,
