@@ -81,12 +81,13 @@ def capture(rec, sizes, options=None):
 
         def __getitem__(self, grid):
             return lambda *a, **kw: seen.append((self.name, a, kw))
-    orig = cb.kernels
+    orig, orig_hh = cb.kernels, cb.householder_kernels
     cb.kernels = lambda: tuple(Stub(n) for n in names)  # noqa: E731 - this process only
+    cb.householder_kernels = lambda: (Stub("hh_fwd_h"), Stub("hh_bwd_dh"))  # noqa: E731
     try:
         cb.backward(rec, x, dy, small, h0, h0, {"_inputs_16bit": True, **(options or {})})
     finally:
-        cb.kernels = orig
+        cb.kernels, cb.householder_kernels = orig, orig_hh
     return seen
 
 
@@ -122,9 +123,10 @@ def jobs_for(rec, sizes, options=None):
         for a, _ in params[len(args):]:
             if a in kw:                  # the flags and the block sizes the launcher chose
                 sig[a], const[a] = "constexpr", kw[a]
-        key = json.dumps([name, sig, const, kw["num_warps"]], sort_keys=True, default=str)
+        key = json.dumps([name, sig, const, kw["num_warps"], kw.get("num_stages")],
+                         sort_keys=True, default=str)
         jobs.append({"key": key, "path": KERNELS, "kernel": name, "sig": sig, "const": const,
-                     "num_warps": kw["num_warps"], "num_stages": None, "label": name,
+                     "num_warps": kw["num_warps"], "num_stages": kw.get("num_stages"), "label": name,
                      "blocks": f"{kw['BT']} {kw['BK']} {kw['BV']} {kw['num_warps']}"})
     return jobs, cfg
 
@@ -257,10 +259,19 @@ MEASURE = [  # interpreter-sized shapes (bench_backward_bytes.py's table 1), flo
     ("gla", {"batch": 1, "time": 512, "heads": 4, "key": 64, "value": 64}),
     ("mamba2", {"batch": 1, "time": 512, "heads": 8, "headdim": 64, "dstate": 64,
                 "groups": 1}),
-    # householder (torch glue only: chunked_backward_householder.py, no kernels yet)
+    # householder (chunked_backward_householder.py: torch glue + the two sequential passes)
     ("delta_net", {"batch": 1, "time": 512, "heads": 4, "key": 16, "value": 16}),
     ("gated_delta_net", {"batch": 1, "time": 512, "heads": 4, "key": 16, "value": 16}),
     ("gated_delta_net", {"batch": 1, "time": 512, "heads": 4, "key": 64, "value": 64}),
+    # one (batch, head) of the realistic shape: everything is linear in B·H (--householder
+    # scales it to B8 H16)
+    ("gated_delta_net", {"batch": 1, "time": 2048, "heads": 1, "key": 128, "value": 128}),
+]
+# householder decays at the realistic attention shape (B8 T2048 H16 K=V=128): the compile
+# table (hh_fwd_h, hh_bwd_dh) and the measured bytes of one head scaled by B·H
+HH_CASES = [
+    ("delta_net", "H16 K=V=128", {"heads": 16, "key": 128, "value": 128}),
+    ("gated_delta_net", "H16 K=V=128", {"heads": 16, "key": 128, "value": 128}),
 ]
 
 
@@ -299,13 +310,15 @@ def measure_bytes(name: str, dims: dict) -> dict:
                 with _disable_current_modes():
                     return self.k[grid](*a, **kw)
             return call
-    orig = cb.kernels
+    orig, orig_hh = cb.kernels, cb.householder_kernels
+    real_hh = cb.householder_kernels()
     cb.kernels = lambda: tuple(Launch(k) for k in real)  # noqa: E731 - this process only
+    cb.householder_kernels = lambda: tuple(Launch(k) for k in real_hh)  # noqa: E731
     try:
         with runtime.count_traffic() as tr, _Count() as count:
             ag.backward(rec, x, dy, h0, dh, target="triton")
     finally:
-        cb.kernels = orig
+        cb.kernels, cb.householder_kernels = orig, orig_hh
     numel = lambda dims_: math.prod(sizes[d] for d in dims_)  # noqa: E731
     ins = sum(numel(i.dims) for i in rec.inputs)
     fused = 4 * (2 * ins + sum(numel(o.dims) for o in rec.outputs) +
@@ -347,6 +360,52 @@ def bf16_states_error(T: int = 200) -> list[str]:
     return rows
 
 
+def householder_report(args) -> int:
+    """The sm_90 compile of the householder passes (measured) and the whole pass's bytes at
+    B8 T2048 H16 K=V=128: one (batch, head) measured in the interpreter (kernels: every
+    load/store; glue: every aten op), times B·H = 128 (every op is per grid index)."""
+    import scancc
+    rows = []
+    for name, label, dims in HH_CASES:
+        if args.names and name not in args.names:
+            continue
+        rec = scancc.get(name).build()
+        sizes = sizes_of(rec, dims)
+        jobs, cfg = jobs_for(rec, sizes, {"num_warps": args.num_warps}
+                             if args.num_warps else {})
+        rows.append((name, label, jobs))
+    res = {}
+    if not args.no_compile:
+        import bench_sm90
+        res = bench_sm90.compile_all([j for r in rows for j in r[2]])
+    print("| recurrence | shape | kernel | BT BK BV warps | registers | spill st/ld B | "
+          "tensor cores | smem B |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, label, jobs in rows:
+        for j in jobs:
+            c = res.get(j["key"], {})
+            if "error" in c:
+                print(f"| {name} | {label} | {j['kernel']} | error: {c['error'][:120]} |")
+                continue
+            print(f"| {name} | {label} | {j['kernel']} | {j['blocks']} "
+                  f"| {c.get('regs', '-')} | {c.get('spill_st', '-')}/"
+                  f"{c.get('spill_ld', '-')} | {c.get('tc', '-')} | {c.get('smem', '-')} |")
+    print()
+    print("| recurrence | shape (B8 T2048) | fused minimum GB | glue GB | kernels GB | "
+          "whole pass GB | × minimum |")
+    print("|---|---|---|---|---|---|---|")
+    bh = SHAPE["batch"] * 16
+    for name, label, dims in HH_CASES:
+        if args.names and name not in args.names:
+            continue
+        m = measure_bytes(name, {"batch": 1, "time": SHAPE["time"], "heads": 1,
+                                 "key": dims["key"], "value": dims["value"]})
+        f, gl, k = (m[x] * bh / 1e9 for x in ("fused", "glue", "kernels"))
+        print(f"| {name} | {label} | {f:.3f} | {gl:.3f} | {k:.3f} | {gl + k:.3f} | "
+              f"{(gl + k) / f:.1f} |")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-compile", action="store_true", help="bytes only")
@@ -355,7 +414,12 @@ def main(argv=None) -> int:
     ap.add_argument("--bf16-states", action="store_true",
                     help="only the gradient error of bfloat16 chunk-boundary states")
     ap.add_argument("--num-warps", type=int, help="the num_warps option")
+    ap.add_argument("--householder", action="store_true",
+                    help="only the householder decays: sm_90 compile of hh_fwd_h / hh_bwd_dh "
+                         "and the bytes of one head at T2048 K=V=128 scaled to B8 H16")
     args = ap.parse_args(argv)
+    if args.householder:
+        return householder_report(args)
     if args.bf16_states:
         print("\n".join(bf16_states_error()))
         return 0

@@ -17,9 +17,8 @@ from scancc.backends.triton import chunked_backward as cb  # noqa: E402
 
 # chunks of 16 steps: T=37 crosses two chunk boundaries and is not a multiple of the chunk
 SMALL = {"block_sizes": {"time": 16}}
-# householder decays take the chunked backward only when asked (auto keeps the derived
-# backward recurrence, which moves fewer bytes today: docs/training.md)
-HH = {**SMALL, "algorithm": "chunked"}
+# householder decays take the chunked backward under the default algorithm too
+HH = SMALL
 
 
 @pytest.fixture(autouse=True)
@@ -197,8 +196,7 @@ def test_what_takes_the_generic_path():
         assert be.chunked_backward(rec, {}) is None
     for name in ("linear_attn", "retnet", "simple_gla", "gla", "mamba2", "delta_net",
                  "gated_delta_net"):
-        opts = {"algorithm": "chunked"} if "delta" in name else {}
-        assert be.chunked_backward(scancc.get(name).build(), opts) is cb.backward, name
+        assert be.chunked_backward(scancc.get(name).build(), {}) is cb.backward, name
     rec = scancc.get("simple_gla").build()
     assert be.chunked_backward(rec, {"algorithm": "staged"}) is cb.backward
     assert be.chunked_backward(rec, {"algorithm": "recurrent"}) is None
@@ -309,7 +307,7 @@ def test_householder_resets_and_default_chunk():
     x["g"][:, 35] = -np.inf
     _compare(rec, x, h0, dy, dh, 37, HH, "gated_delta_net resets")
     rec, sizes, x, _, dy, _ = _case("delta_net", 70, seed=22)
-    _compare(rec, x, None, dy, None, 70, {"algorithm": "chunked"}, "delta_net T=70")
+    _compare(rec, x, None, dy, None, 70, {}, "delta_net T=70")
 
 
 def test_householder_never_runs_the_state_sequence(monkeypatch):
@@ -394,12 +392,105 @@ def test_householder_zero_steps():
     _compare(rec, x, h0, dy, dh, 0, HH, "gated_delta_net T=0")
 
 
-def test_auto_keeps_the_derived_backward_for_householder_decays():
-    """algorithm='auto' runs householder decays through the derived backward recurrence
-    (fewer bytes today); 'chunked' and 'staged' take the chunked backward."""
+def test_auto_takes_the_chunked_backward_for_householder_decays():
+    """algorithm='auto' (and 'chunked', 'staged') run householder decays through the chunked
+    backward, never the derived backward recurrence's per-step states; 'recurrent' keeps it."""
     be = scancc.backends.get("triton")
     rec = scancc.get("gated_delta_net").build()
-    assert be.chunked_backward(rec, {}) is None
-    assert be.chunked_backward(rec, {"algorithm": "chunked"}) is cb.backward
-    assert be.chunked_backward(rec, {"algorithm": "staged"}) is cb.backward
+    for opts in ({}, {"algorithm": "auto"}, {"algorithm": "chunked"}, {"algorithm": "staged"}):
+        assert be.chunked_backward(rec, opts) is cb.backward, opts
+    assert be.chunked_backward(rec, {"algorithm": "recurrent"}) is None
     assert be.chunked_backward(scancc.get("simple_gla").build(), {}) is cb.backward
+
+
+# ---- householder under the default algorithm: the Triton sequential passes (hh_fwd_h,
+# hh_bwd_dh), T across 64-step chunk boundaries, through torch autograd
+
+def _loop_gated_delta(q, k, v, g, beta, h0):
+    """gated_delta_net as a plain torch loop (float64; torch autograd differentiates it):
+    S_t = e^{g_t} (I - beta_t k_t k_tᵀ) S_{t-1} + beta_t k_t v_tᵀ, o_t = S_tᵀ q_t / sqrt(K)."""
+    S, outs = h0, []
+    for t in range(q.shape[1]):
+        kt, vt, qt = k[:, t], v[:, t], q[:, t]                    # [B, H, K|V]
+        bt, at = beta[:, t, :, None, None], torch.exp(g[:, t])[:, :, None, None]
+        S = at * (S - bt * kt[..., None] * (kt[..., None, :] @ S)) + \
+            bt * kt[..., None] * vt[..., None, :]
+        outs.append((S * qt[..., None]).sum(-2) / q.shape[-1] ** 0.5)
+    return torch.stack(outs, 1), S
+
+
+@pytest.mark.parametrize("T", [1, 63, 64, 65, 257])
+def test_householder_auto_runs_the_triton_passes(T, monkeypatch):
+    """gated_delta_net through torch autograd under the default options (64-step chunks, K=5,
+    V=20 in two V-blocks of 16): the two sequential-pass kernels launch once each, no
+    BackwardFallbackWarning, no runner of the derived path (ag._run raises); gradients of
+    every input, the initial state and through the final state equal torch autograd through a
+    plain float64 loop, at the float32 tolerance."""
+    import warnings
+    launched = []
+    real = cb.householder_kernels()
+
+    class Spy:
+        def __init__(self, k):
+            self.k = k
+
+        def __getitem__(self, grid):
+            launched.append((self.k.fn.__name__, grid))
+            return self.k[grid]
+    monkeypatch.setattr(cb, "householder_kernels", lambda: tuple(Spy(k) for k in real))
+
+    def boom(rec, *a, **k):
+        raise AssertionError(f"the generic path ran {rec.name}")
+    monkeypatch.setattr(ag, "_run", boom)
+    rec, sizes, x, h0, dy, dh = _case("gated_delta_net", T, seed=40 + T, value=20)
+    ker = scancc.compile(rec, target="triton", block_sizes={"value": 16})
+    xs = {k: torch.from_numpy(v).float().requires_grad_() for k, v in x.items()}
+    s0 = torch.from_numpy(h0["S"]).float().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ag.BackwardFallbackWarning)
+        y, fin = ker(**xs, initial_state=s0, output_final_state=True)
+        loss = (y * torch.from_numpy(dy["o"]).float()).sum() + \
+            (fin * torch.from_numpy(dh["S"]).float()).sum()
+        loss.backward()
+    assert [n for n, _ in launched] == ["hh_fwd_h", "hh_bwd_dh"]
+    assert all(grid == (2 * 2, 2) for _, grid in launched), launched   # G = B·H, 2 V-blocks
+    xd = {k: torch.from_numpy(v).requires_grad_() for k, v in x.items()}
+    sd = torch.from_numpy(h0["S"]).requires_grad_()
+    o, S = _loop_gated_delta(xd["q"], xd["k"], xd["v"], xd["g"], xd["beta"], sd)
+    ((o * torch.from_numpy(dy["o"])).sum() + (S * torch.from_numpy(dh["S"])).sum()).backward()
+    for k in x:
+        assert xs[k].grad.dtype == torch.float32
+        assert_close(xs[k].grad.double().numpy(), xd[k].grad.numpy(), "float32", f"d{k}", T=T)
+    assert_close(s0.grad.double().numpy(), sd.grad.numpy(), "float32", "dS0", T=T)
+
+
+def test_householder_grouped_value_heads_auto():
+    """fla's grouped value heads (q/k read per group), default options, T=65 (two 64-step
+    chunks, the second one step long), against the float64 reference. With l2norm'd q/k as
+    well, the chunked analysis's grid keeps qk_heads, a dim the state lacks: the plan says so
+    and the derived backward runs (no silent wrong answer)."""
+    rec, sizes, x, h0, dy, dh = _case("gated_delta_net", 65, seed=51,
+                                      build={"grouped_value_heads": True}, heads=4,
+                                      qk_heads=2)
+    assert cb.applies(rec) == (True, "")
+    _compare(rec, x, h0, dy, dh, 65, {}, "gated_delta_net gva")
+    rec = scancc.get("gated_delta_net").build(grouped_value_heads=True,
+                                              use_qk_l2norm_in_kernel=True)
+    ok, why = cb.applies(rec)
+    assert not ok and "qk_heads" in why
+
+
+def test_householder_nan_input_reaches_what_the_reference_reaches():
+    """One NaN in gated_delta_net's v at step 20 (T=37, 16-step chunks): every gradient's NaN
+    entries include the reference's (none lost); the finite ones agree. (The chunk's products
+    over time spread it further than the reference: docs/training.md.)"""
+    rec, sizes, x, h0, dy, dh = _case("gated_delta_net", 37, seed=52)
+    x["v"][0, 20, 1, 1] = np.nan
+    want, _ = ag.backward(rec, x, dy)
+    got, _ = cb.backward(rec, _t(x), _t(dy), sizes, None, None, SMALL)
+    for k in want:
+        ref, mine = np.isnan(want[k]), torch.isnan(got[k]).numpy()
+        assert ref.any() or k == "v", k
+        assert (mine >= ref).all(), f"d{k} lost NaN entries"
+        ok = ~mine
+        assert_close(got[k].double().numpy()[ok], want[k][ok], "float32", f"d{k}", T=37)

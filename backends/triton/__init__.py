@@ -210,8 +210,9 @@ class TritonBackend(Backend):
 
     def chunked_backward(self, rec: Recurrence, options: Mapping[str, Any]):
         """The chunked backward of ``rec`` (chunked_backward.py: no per-step states) when the
-        ``algorithm`` option allows the chunked form and its structure is supported, else
-        None (``scancc.autograd`` then runs the derived backward recurrence)."""
+        ``algorithm`` option allows the chunked form (auto, chunked, staged) and its structure
+        is supported (identity, scalar, key-diagonal and householder decays), else None
+        (``scancc.autograd`` then runs the derived backward recurrence)."""
         algorithm = options.get("algorithm", "auto")
         if algorithm not in ("auto", "chunked", "staged"):
             return None
@@ -219,12 +220,9 @@ class TritonBackend(Backend):
         plan = chunked_backward._plan(rec)
         if isinstance(plan, str):
             return None
-        if plan.hk is not None and algorithm == "auto":
-            # householder decays: the chunked backward is torch glue (chunked_backward_
-            # householder.py), measured at 50-103x the fused minimum's bytes against 6-18x for
-            # the derived backward recurrence (docs/performance/training.md), so ``auto`` keeps
-            # the derived backward; algorithm="chunked"/"staged" asks for the chunked one
-            return None
+        # householder decays too (chunked_backward_householder.py): the derived backward
+        # recurrence would write every step's state (per-chunk states_view), which the chunked
+        # form never does (docs/training.md)
         return chunked_backward.backward
 
     def step_launcher(self, rec: Recurrence, options: Mapping[str, Any], dtypes=(),

@@ -57,8 +57,9 @@ sum(S * q, K)), a cotangent of the contraction that does not read the contractio
 gate's *input* gradient may read it: O is then recomputed), and ops the torch evaluator has.
 
 Householder transitions (delta_net, gated_delta_net) take ``chunked_backward_householder``
-(the WY/UT form, hand-derived, in torch ops -- not kernels yet) with the same chain rule; the
-plan then has the extra factors hk (the reflection's k) and beta.
+(the WY/UT form, hand-derived: the two sequential passes Triton kernels, the per-chunk
+gradients torch ops) with the same chain rule; the plan then has the extra factors hk (the
+reflection's k) and beta.
 
 Not done here: the dplr kind; recurrent edge semantics for
 non-finite *inputs* everywhere (the causal masks select, so a NaN at step t stays out of the
@@ -156,6 +157,11 @@ def _build(rec: Recurrence) -> Plan:
         raise NotSupported(f"decay kind {F.kind.value!r}: the chunked backward takes identity, "
                            "scalar, key-diagonal and householder decays")
     s = rec.states[0]
+    if set(F.grid) - set(s.dims):
+        # (gated_delta_net with grouped value heads and l2norm'd q/k: the analysis's grid
+        # keeps qk_heads) the state has no such dim to pass between chunks
+        raise NotSupported(f"the chunked form's grid {F.grid} has dims the state "
+                           f"{s.name} lacks")
     memo: dict = {}
     inl = lambda n: inline_lets_in(rec, n, memo)  # noqa: E731
     from scancc.ir.passes.chunked import product
@@ -387,6 +393,16 @@ def kernels():
     return m.fwd_h, m.bwd_dh, m.bwd_dv, m.bwd_dqk, m.bwd_dv_diag, m.bwd_dqk_diag
 
 
+@lru_cache(maxsize=1)
+def householder_kernels():
+    """(hh_fwd_h, hh_bwd_dh) of ``chunked_backward_kernels``: the householder decays'
+    sequential passes (``chunked_backward_householder``), imported as ``kernels``."""
+    from . import runtime
+    runtime.prepare()
+    from . import chunked_backward_kernels as m
+    return m.hh_fwd_h, m.hh_bwd_dh
+
+
 def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
@@ -399,6 +415,7 @@ class Config:
     num_warps: int
     precision: str
     BVS: int = 0    # the V tile of the sequential passes fwd_h and bwd_dh (0: BV)
+    BVH: int = 0    # the V tile of the householder passes hh_fwd_h, hh_bwd_dh (0: BV)
 
 
 # warps per program as a multiple of the num_warps option (default 4): the kernels hold
@@ -410,6 +427,11 @@ WARPS = 2
 # then read once per 128 columns of V rather than per 64 (ptxas at K=V=128, 8 warps: zero
 # spills; docs/performance/training.md)
 SEQ_BV = 128
+
+
+# the householder passes hold the whole K axis (W S contracts over it): [K, 32] state tiles
+# (ptxas at K=V=128, 8 warps: zero spills with 32-row sub-blocks; docs/performance/training.md)
+HH_BV = 32
 
 
 def config(K: int, V: int, options: Mapping[str, Any], diag: bool = False) -> Config:
@@ -427,7 +449,8 @@ def config(K: int, V: int, options: Mapping[str, Any], diag: bool = False) -> Co
     return Config(max(16, bs.get("time", 16 if diag else 64)),
                   max(16, bs.get("K", min(_pow2(K), 64))),
                   max(16, bs.get("V", min(_pow2(V), 64))), nw, prec,
-                  max(16, bs.get("V", min(_pow2(V), SEQ_BV))))
+                  max(16, bs.get("V", min(_pow2(V), SEQ_BV))),
+                  max(16, bs.get("V", min(_pow2(V), HH_BV))))
 
 
 _SCALE_OPS = {Op.CONST, Op.SIZE, Op.NEG, Op.EXP, Op.LOG, Op.SQRT, Op.RSQRT, Op.ADD, Op.SUB,
@@ -727,7 +750,8 @@ def _householder(p, ev, cots, flat, unflat, fq, fk, fv, fdo, fg, h0, dht, cfg, n
     G = fq.shape[0]
     if T > 0:
         dq, dhk, du, dw, dbeta, dg, dh0, fo = hh.backward(fq, fhk, fk, fv, fbeta, fg, fdo, h0,
-                                                          dht, cfg.BT, new)
+                                                          dht, cfg.BT, new, cfg=cfg,
+                                                          kernels=householder_kernels())
     else:
         dq, dhk, du = (torch.zeros(G, 0, K, dtype=f32, device=dev) for _ in range(3))
         dw, dbeta = torch.zeros(G, 0, V, dtype=f32, device=dev), \

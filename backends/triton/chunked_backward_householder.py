@@ -17,9 +17,8 @@ r_tᵀ = k_tᵀ S_{t-1}, P_t = alpha_t beta_t, Γ'[t,i] = e^{c_{t-1}-c_i} (i < t
     O = e^{c} ⊙ (Q S) - A_qk R + A_qu W,      A_qk = (Q Kᵀ) ⊙ Γ ⊙ 1Pᵀ,  A_qu = (Q Uᵀ) ⊙ Γ
     S' = e^{c_L} S - (K ⊙ P ⊙ e^{c_L - c})ᵀ R + (U ⊙ e^{c_L - c})ᵀ W  =  Φ S + B
 
-1. boundary states: Φ and B of every chunk at once (batched matmuls and one batched
-   triangular solve against I), then S_{i+1} = Φ_i S_i + B_i sequentially over chunks
-   ([G, NC, K, V]: chunk boundaries only);
+1. boundary states: S_{i+1} = Φ_i S_i + B_i sequentially over chunks ([G, NC, K, V]: chunk
+   boundaries only; in the kernel below, Φ S as two products through Wy);
 2. dh in reverse over chunks: dS_i = Φ_iᵀ dh_i + (Q ⊙ e^{c})ᵀ dO_i
    - (K ⊙ e^{c_{t-1}})ᵀ T⁻ᵀ A_qkᵀ dO_i (the constant part batched first);
 3. the per-chunk gradients (dq, dk, du, dw, dbeta, dg) of <O, dO> + <S', dh> with S and dh
@@ -35,9 +34,11 @@ r_tᵀ = k_tᵀ S_{t-1}, P_t = alpha_t beta_t, Γ'[t,i] = e^{c_{t-1}-c_i} (i < t
    and dg is the reverse cumulative sum of dc (fla's identity) plus the alpha in P.
    Nothing per step of the state is stored: the tiles are per-chunk [BT, BT] and [BT, K|V].
 
-What runs where: all of it is torch (batched matmuls, one batched triangular solve per
-chunk set, two Python loops of NC small batched matmuls for the state passes) on the inputs'
-device -- not Triton kernels yet (docs/training.md, "householder").
+What runs where: the two sequential passes (1 and 2) are Triton kernels
+(``chunked_backward_kernels.hh_fwd_h`` / ``hh_bwd_dh``: S' = e^{c_L} S - kdᵀ (Wy S + Y) + udᵀ W
+and dS = e^{c_L} dh - Wyᵀ (kd dh + A_qkᵀ dO) + (Q ⊙ e^{c})ᵀ dO, with Wy = T⁻¹ (K ⊙ e^{c_{t-1}})
+and Y = T⁻¹ N W batched here; Φ is never formed); the rest is torch ops batched over (grid,
+chunks) on the inputs' device (docs/training.md, "householder").
 
 Resets (log-decay <= RESET_LOG_DECAY) are counted, not summed, as the forward does:
 every e^{c_t - c_s} is 0 across one, alpha is 0 at one, and its dg is 0.
@@ -45,6 +46,11 @@ every e^{c_t - c_s} is 0 across one, alpha is 0 at one, and its dg is 0.
 from __future__ import annotations
 
 RESET_LOG_DECAY = -87.33654475055310898657  # scancc.ir.passes.chunked (test checks)
+# the sequential passes' row sub-block and pipeline depth: a chunk's [BT, K] tiles taken 16
+# rows at a time, unpipelined (ptxas at K=V=128, 8 warps, [128, 32] state tiles: 0 spill
+# bytes, 16-28 KB shared memory; 32 rows spill 120-372 B, 2 stages take 196-221 KB:
+# docs/performance/training.md)
+HH_BS, HH_STAGES = 16, 1
 
 
 def _chunk_terms(torch, q, k, u, w, beta, g, BT):
@@ -96,16 +102,16 @@ def _solve(torch, Tm, X):
     return torch.linalg.solve_triangular(Tm, X, upper=False, unitriangular=True)
 
 
-def _local_grads(torch, q, k, u, w, beta, g, S, dh, dO, t):
+def _local_grads(torch, q, k, u, w, beta, g, S, dh, dO, t, wy, Y):
     """The per-chunk gradients of <O, dO> + <S', dh> (S, dh fixed), derived by hand (module
-    doc; every product batched over grid and chunks). Returns [dq, dk, du, dw, dbeta, dg]
+    doc; every product batched over grid and chunks); wy, Y: the passes' T⁻¹ (K ⊙ e^{c_{t-1}})
+    and T⁻¹ N w, so R = T⁻¹ X = wy S + Y. Returns [dq, dk, du, dw, dbeta, dg]
     (dg None without a decay)."""
     tr = lambda x: x.transpose(-1, -2)  # noqa: E731
     Tm, ab, seg, segp = t["Tm"], t["ab"], t["seg"], t["seg_prev"]
     e_prev, e_now, e_last, to_end = t["e_prev"], t["e_now"], t["e_last"], t["to_end"]
     kS, qS = k @ S, q @ S
-    X = e_prev[..., None] * kS + t["N"] @ w
-    R = _solve(torch, Tm, X)
+    R = wy @ S + Y
     kd_s = ab * to_end                                   # kd = k ⊙ kd_s
     # through O = e_now ⊙ (q S) - A_qk R + A_qu w and S' = e_last S - kdᵀ R + udᵀ w
     dR = -tr(t["A_qk"]) @ dO - (k * kd_s[..., None]) @ dh
@@ -150,11 +156,13 @@ def _local_grads(torch, q, k, u, w, beta, g, S, dh, dO, t):
     return [dq, dk, du, dw, dbeta, dg, O]
 
 
-def backward(q, k, u, w, beta, g, dO, h0, dht, BT, new):
+def backward(q, k, u, w, beta, g, dO, h0, dht, BT, new, cfg, kernels):
     """Gradients of the householder chunked form. Factors [G, T, K|V] (beta, g: [G, T]; g
     None without a decay), float32; h0, dht [G, K, V] or None; ``new`` allocates the boundary
-    buffers (NaN-poisoned under test). Returns (dq, dk, du, dw, dbeta, dg or None, dh0, O),
-    O the contraction (recomputed per chunk, for gradients that read it)."""
+    buffers (NaN-poisoned under test); ``cfg`` the kernels' ``chunked_backward.Config`` (its
+    V block, warps and dot precision; K whole per program), ``kernels`` (hh_fwd_h, hh_bwd_dh)
+    from ``chunked_backward.householder_kernels``. Returns (dq, dk, du, dw, dbeta, dg or None,
+    dh0, O), O the contraction (recomputed per chunk, for gradients that read it)."""
     import torch
     G, T, K = q.shape
     V = w.shape[-1]
@@ -168,30 +176,33 @@ def backward(q, k, u, w, beta, g, dO, h0, dht, BT, new):
     cq, ck, cu, cw, cb, cdo = (chunks(x) for x in (q, k, u, w, beta, dO))
     cg = chunks(g) if g is not None else None
     dev, f32 = q.device, torch.float32
-    hc, dhc = new(G, NC, K, V), new(G, NC, K, V)
+    hc, dhc, dh0 = new(G, NC, K, V), new(G, NC, K, V), new(G, K, V)
     with torch.no_grad():
         t = _chunk_terms(torch, cq, ck, cu, cw, cb, cg, BT)
-        Tinv = _solve(torch, t["Tm"], torch.eye(BT, dtype=f32, device=dev).expand(
-            t["Tm"].shape).contiguous())
-        kd = (ck * (t["ab"] * t["to_end"])[..., None]).transpose(-1, -2)      # [G,NC,K,BT]
+        # the WY/UT terms of the two sequential passes (kernels' module doc), batched
         ke = ck * t["e_prev"][..., None]                                       # [G,NC,BT,K]
-        Phi = t["e_last"][..., None] * torch.eye(K, dtype=f32, device=dev) - kd @ Tinv @ ke
-        B = -kd @ (Tinv @ (t["N"] @ cw)) + (cu * t["to_end"][..., None]).transpose(-1, -2) @ cw
-        S = h0 if h0 is not None else torch.zeros(G, K, V, dtype=f32, device=dev)
-        for i in range(NC):
-            hc[:, i] = S
-            S = Phi[:, i] @ S + B[:, i]
-        # the constant part of dS per chunk, then dh in reverse
-        Cq = (cq * t["e_now"][..., None]).transpose(-1, -2) @ cdo \
-            - ke.transpose(-1, -2) @ (Tinv.transpose(-1, -2) @ (t["A_qk"].transpose(-1, -2)
-                                                                 @ cdo))
-        dh = dht if dht is not None else torch.zeros(G, K, V, dtype=f32, device=dev)
-        PhiT = Phi.transpose(-1, -2)
-        for i in reversed(range(NC)):
-            dhc[:, i] = dh
-            dh = PhiT[:, i] @ dh + Cq[:, i]
-        dh0 = dh
-        gr = _local_grads(torch, cq, ck, cu, cw, cb, cg, hc.float(), dhc.float(), cdo, t)
+        wy = _solve(torch, t["Tm"], ke)                                        # T⁻¹ ke
+        Y = _solve(torch, t["Tm"], t["N"] @ cw)                                # T⁻¹ N w
+        kd = ck * (t["ab"] * t["to_end"])[..., None]
+        ud = cu * t["to_end"][..., None]
+        qe = cq * t["e_now"][..., None]
+        el = t["e_last"][..., 0].contiguous()                                  # [G, NC]
+        c = lambda x: x.contiguous()  # noqa: E731 - [G, NC, BT, F]: [G, NC * BT, F] rows
+        wy, Y, kd, ud, qe, A_qk, cw_, cdo_ = (c(x) for x in (wy, Y, kd, ud, qe, t["A_qk"],
+                                                              cw, cdo))
+        fwd_h, bwd_dh = kernels
+        BK = max(16, 1 << max(0, (K - 1).bit_length()))
+        BV = cfg.BVH or cfg.BV
+        kw = dict(BT=BT, BS=min(BT, HH_BS), BK=BK, BV=BV, PREC=cfg.precision,
+                  num_warps=cfg.num_warps, num_stages=HH_STAGES)
+        grid = (G, -(-V // BV))
+        import numpy as np
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            fwd_h[grid](wy, kd, ud, Y, cw_, el, h0 if h0 is not None else wy, hc, K, V, NC,
+                        HAS_H0=h0 is not None, **kw)
+            bwd_dh[grid](wy, kd, qe, A_qk, cdo_, el, dht if dht is not None else wy, dhc, dh0,
+                         K, V, NC, HAS_DHT=dht is not None, **kw)
+        gr = _local_grads(torch, cq, ck, cu, cw, cb, cg, hc, dhc, cdo, t, wy, Y)
     def unchunk(x):
         return x.reshape((G, NC * BT) + tuple(x.shape[3:]))[:, :T].contiguous()
     dq, dk, du, dw, dbeta = (unchunk(x) for x in gr[:5])

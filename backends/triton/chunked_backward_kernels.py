@@ -471,3 +471,93 @@ def bwd_dqk_diag(q, q_s0, q_s1, q_r0, q_r1, q_st, q_sf, k, k_s0, k_s1, k_r0, k_r
     rev = tl.sum(tl.where((o_t[None, :] >= o_t[:, None])[:, :, None], d[None, :, :], 0.0), 1)
     tl.store(dg + o_t[:, None] * dg_st + o_k[None, :] * dg_sf,
              tl.where(b_g <= RESET, 0.0, rev + x[None, :]).to(dg.dtype.element_ty), mask=m_tk)
+
+
+# ---- householder decays (chunked_backward_householder.py): the two sequential passes ----
+#
+# Per chunk, with the WY/UT terms the glue computes batched over (grid, chunks) -- W = T⁻¹
+# (K ⊙ e^{c_{t-1}}) and Y = T⁻¹ N w ([BT, K], [BT, V]), kd = K ⊙ P e^{c_L - c}, ud = U ⊙
+# e^{c_L - c}, qe = Q ⊙ e^{c} ([BT, K]), A_qk ([BT, BT]) and e_L = e^{c_L} -- the state
+# leaving a chunk is S' = e_L S - kdᵀ (W S + Y) + udᵀ w, and dL/dS entering it is
+# dS = e_L dh - Wᵀ (kd dh + A_qkᵀ dO) + qeᵀ dO. Each program holds the whole K axis of one
+# [K, BV] tile (W S contracts over K), sequential over chunks; the per-chunk tensors are
+# contiguous [G, NC * BT, K | V] (padded steps are zero), A_qk [G, NC, BT, BT], e_L [G, NC].
+
+
+@triton.jit
+def hh_fwd_h(wy, kd, ud, y, v, el, h0, hc, K, V, NC, HAS_H0: tl.constexpr, BT: tl.constexpr,
+             BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """The state entering each chunk (hc[i_g, i_c], [K, V]) of a householder decay; a chunk's
+    rows in sub-blocks of BS (every row reads the same entering state: the sub-blocks' terms
+    sum, and the [BS, K] tiles are what fits registers at K = 128)."""
+    i_g, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    TP = NC * BT
+    wy, kd, ud = wy + i_g * TP * K, kd + i_g * TP * K, ud + i_g * TP * K
+    y, v, el = y + i_g * TP * V, v + i_g * TP * V, el + i_g * NC
+    h0, hc = h0 + i_g * K * V, hc + i_g * NC * K * V
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_b = tl.arange(0, BS)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    p_kv = o_k[:, None] * V + o_v[None, :]
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        S += tl.load(h0 + p_kv, mask=m_kv, other=0.0)
+    for i_c in range(0, NC):
+        tl.store(hc + i_c * K * V + p_kv, S.to(hc.dtype.element_ty), mask=m_kv)
+        acc = tl.zeros([BK, BV], dtype=tl.float32)
+        for i_s in tl.static_range(0, BT // BS):
+            o_t = i_c * BT + i_s * BS + o_b
+            b_w = tl.load(wy + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
+            b_y = tl.load(y + o_t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
+            b_r = tl.dot(b_w, S, input_precision=PREC) + b_y          # R = W S + Y [BS, BV]
+            b_kdt = tl.load(kd + o_t[None, :] * K + o_k[:, None], mask=m_k[:, None], other=0.0)
+            acc -= tl.dot(b_kdt, b_r, input_precision=PREC)
+            b_udt = tl.load(ud + o_t[None, :] * K + o_k[:, None], mask=m_k[:, None], other=0.0)
+            b_v = tl.load(v + o_t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
+            acc += tl.dot(b_udt, b_v, input_precision=PREC)
+        S = S * tl.load(el + i_c) + acc
+
+
+@triton.jit
+def hh_bwd_dh(wy, kd, qe, aqk, do, el, dht, dhc, dh0, K, V, NC, HAS_DHT: tl.constexpr,
+              BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+              PREC: tl.constexpr):
+    """dL/dS leaving each chunk (dhc[i_g, i_c]) of a householder decay, chunks in reverse,
+    rows in sub-blocks of BS as ``hh_fwd_h``; dh0: the initial state's."""
+    i_g, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    TP = NC * BT
+    wy, kd, qe = wy + i_g * TP * K, kd + i_g * TP * K, qe + i_g * TP * K
+    do, aqk, el = do + i_g * TP * V, aqk + i_g * NC * BT * BT, el + i_g * NC
+    dht, dhc, dh0 = dht + i_g * K * V, dhc + i_g * NC * K * V, dh0 + i_g * K * V
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_b = tl.arange(0, BS)
+    o_c = tl.arange(0, BT)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    p_kv = o_k[:, None] * V + o_v[None, :]
+    dh = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_DHT:
+        dh += tl.load(dht + p_kv, mask=m_kv, other=0.0)
+    for j in range(0, NC):
+        i_c = NC - 1 - j
+        tl.store(dhc + i_c * K * V + p_kv, dh.to(dhc.dtype.element_ty), mask=m_kv)
+        b_do = tl.load(do + (i_c * BT + o_c)[:, None] * V + o_v[None, :], mask=m_v[None, :],
+                       other=0.0)                                        # [BT, BV]
+        acc = tl.zeros([BK, BV], dtype=tl.float32)
+        for i_s in tl.static_range(0, BT // BS):
+            r = i_s * BS + o_b
+            o_t = i_c * BT + r
+            b_kd = tl.load(kd + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
+            b_at = tl.load(aqk + i_c * BT * BT + o_c[None, :] * BT + r[:, None])  # A_qkᵀ rows
+            b_r = tl.dot(b_kd, dh, input_precision=PREC) + \
+                tl.dot(b_at, b_do, input_precision=PREC)                 # [BS, BV]
+            b_wt = tl.load(wy + o_t[None, :] * K + o_k[:, None], mask=m_k[:, None], other=0.0)
+            acc -= tl.dot(b_wt, b_r, input_precision=PREC)
+            b_qet = tl.load(qe + o_t[None, :] * K + o_k[:, None], mask=m_k[:, None], other=0.0)
+            b_dos = tl.load(do + o_t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
+            acc += tl.dot(b_qet, b_dos, input_precision=PREC)
+        dh = dh * tl.load(el + i_c) + acc
+    tl.store(dh0 + p_kv, dh, mask=m_kv)
