@@ -175,7 +175,6 @@ def backward(q, k, u, w, beta, g, dO, h0, dht, BT, new, cfg, kernels):
         return x.reshape((G, NC, BT) + tuple(x.shape[2:]))
     cq, ck, cu, cw, cb, cdo = (chunks(x) for x in (q, k, u, w, beta, dO))
     cg = chunks(g) if g is not None else None
-    dev, f32 = q.device, torch.float32
     hc, dhc, dh0 = new(G, NC, K, V), new(G, NC, K, V), new(G, K, V)
     with torch.no_grad():
         t = _chunk_terms(torch, cq, ck, cu, cw, cb, cg, BT)
