@@ -602,10 +602,27 @@ for job in json.load(sys.stdin):
             _m = isinstance(_v, str) and re.fullmatch(r"triton\.language\.(\w+)", _v)
             if _m and isinstance(getattr(triton.language, _m.group(1), None), triton.language.dtype):
                 job["const"][_k] = getattr(triton.language, _m.group(1))
+        attrs = {}
+        if job.get("specialize"):  # as a GPU launch specializes (triton's native_specialize_impl)
+            for _i, _p in enumerate(fn.params):
+                _n = _p.name
+                if _n not in job["sig"] or job["sig"][_n] == "constexpr":
+                    continue
+                if _n in job.get("ints", {}) and not _p.do_not_specialize:
+                    _v = job["ints"][_n]
+                    if _v == 1:   # an int argument equal to 1 becomes a constexpr 1
+                        job["sig"][_n] = "constexpr"
+                        job["const"][_n] = 1
+                    elif _v % 16 == 0:
+                        attrs[(_i,)] = [["tt.divisibility", 16]]
+                elif (job["sig"][_n].startswith("*") and _n not in job.get("nones", ())
+                      and not _p.do_not_specialize_on_alignment):
+                    attrs[(_i,)] = [["tt.divisibility", 16]]   # torch allocations: 16-B aligned
         opts = {"num_warps": job["num_warps"]}
         if job.get("num_stages"):
             opts["num_stages"] = job["num_stages"]
-        c = triton.compile(ASTSource(fn=fn, signature=job["sig"], constexprs=job["const"]),
+        c = triton.compile(ASTSource(fn=fn, signature=job["sig"], constexprs=job["const"],
+                                     attrs=attrs),
                            target=GPUTarget("cuda", 90, 32), options=opts)
         ttgir = c.asm["ttgir"]
         with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
@@ -679,7 +696,7 @@ def ttgir_arg_use(ttgir: str) -> dict:
                     for r in tok.findall(res):
                         owner[r.split(":")[0]] = owner[src[0]]
                 continue
-            if op == "tt.load":
+            if op in ("tt.load", "ttg.async_copy_global_to_local"):  # the latter: cp.async
                 t = tok.findall(rest)
                 if t and t[0] in owner:
                     use[owner[t[0]]][0] = True
@@ -766,6 +783,12 @@ def sass_loops(txt: str) -> tuple[int, list]:
     return len(addr), [list(x) for x in sorted(spans, key=lambda x: (x[0], -x[1]))]
 
 
+# compile as a GPU launch would specialize the kernel (``--specialize``): int arguments equal
+# to 1 become constexprs, ints divisible by 16 and tensor pointers (torch allocations are
+# 16-byte aligned) get ``tt.divisibility`` 16, unless the kernel opts out (do_not_specialize)
+SPECIALIZE = False
+
+
 def compile_job(launch: Launch, path: str, module: str | None = None,
                 prelude: str | None = None) -> dict:
     """The child's job for ``launch``: the kernel is ``launch.kernel`` of the module file
@@ -791,11 +814,15 @@ def compile_job(launch: Launch, path: str, module: str | None = None,
         else:
             sig[a.name] = "constexpr"
             const[a.name] = a.value
+    ints = {a.name: a.value for a in launch.args if not a.constexpr and a.kind == "int"}
+    nones = [a.name for a in launch.args if not a.constexpr and a.kind == "none"]
     key = json.dumps([launch.kernel, launch.source, sig, const, launch.num_warps,
-                      launch.num_stages] + ([module] if module else []),
+                      launch.num_stages] + ([module] if module else [])
+                     + ([["specialize", ints, nones]] if SPECIALIZE else []),
                      sort_keys=True, default=str)
     job = {"key": key, "path": path, "kernel": launch.kernel, "sig": sig, "const": const,
-           "num_warps": launch.num_warps, "num_stages": launch.num_stages}
+           "num_warps": launch.num_warps, "num_stages": launch.num_stages,
+           "specialize": SPECIALIZE, "ints": ints, "nones": nones}
     if module:
         job.update(module=module, prelude=prelude)
     return job
@@ -1165,7 +1192,8 @@ def run(names: list[str] | None, shapes: list[str], dtype: str, out=sys.stdout,
 
     print(f"sm_90 report: {dtype} inputs, "
           f"{'options ' + json.dumps(options) if options else 'default options'}, algorithm {algorithm!r} (auto: as "
-          f"resolved on a GPU); toolchain figures *measured* "
+          f"resolved on a GPU), "
+          f"{'launch specialization as on a GPU (--specialize)' if SPECIALIZE else 'no launch specialization (ints and pointers unspecialized: pessimistic)'}; toolchain figures *measured* "
           f"(triton.compile + ptxas-blackwell -v -arch=sm_90a + nvdisasm), times *modelled* "
           f"(MODEL below). Record {t_rec:.0f} s, total {t_all:.0f} s.\n", file=out)
     print("| recurrence | shape | B,T | algorithm | kernel | grid | programs | iterations/program "
@@ -1336,8 +1364,14 @@ def main(argv=None) -> int:
     ap.add_argument("--no-compiled-anchors", action="store_true",
                     help="skip recording/compiling the anchors' own kernels (fla, mamba_ssm; "
                     "anchors_sm90.py): the compiled-anchor column then says '-'")
+    ap.add_argument("--specialize", action="store_true",
+                    help="compile as a GPU launch specializes: ints == 1 as constexprs, ints "
+                         "divisible by 16 and tensor pointers with tt.divisibility 16 (for ours "
+                         "and the compiled anchors alike)")
     ap.add_argument("--list", action="store_true", help="print the cases and exit")
     a = ap.parse_args(argv)
+    global SPECIALIZE
+    SPECIALIZE = a.specialize
     if a.list:
         for n, label, dims in (BACKWARD_CASES if a.backward else CASES):
             print(n, label, dims)

@@ -99,6 +99,34 @@ def test_compile_job_types_follow_the_recorded_arguments():
     assert job["const"] == {"BT": 64, "USE": False} and job["num_warps"] == 8
 
 
+
+def test_specialized_compile_jobs_carry_the_int_values_and_key_apart(monkeypatch):
+    """--specialize: a GPU launch specializes ints (== 1: constexpr; % 16: divisibility) and
+    aligned pointers; the job carries the values the child needs and never shares a cache
+    key with the unspecialized compile."""
+    A = sm90.Arg
+    ln = sm90.Launch("k", (4,), [A("x", "tensor", False, dtype="float32", shape=(4,), nbytes=16),
+                                 A("h0", "none", False), A("s1", "int", False, 1),
+                                 A("T", "int", False, 2048)], 4)
+    plain = sm90.compile_job(ln, "/x.py")
+    monkeypatch.setattr(sm90, "SPECIALIZE", True)
+    spec = sm90.compile_job(ln, "/x.py")
+    assert spec["specialize"] and spec["ints"] == {"s1": 1, "T": 2048} and spec["nones"] == ["h0"]
+    assert spec["key"] != plain["key"] and not plain["specialize"]
+
+
+def test_arg_use_counts_cp_async_copies_as_loads():
+    """Aligned (specialized) loads are pipelined into cp.async copies to shared memory: the
+    argument is still read (its bytes count)."""
+    ttgir = """tt.func public @k(%x: !tt.ptr<f32> {tt.divisibility = 16 : i32}, %y: !tt.ptr<f32>) {
+    %0 = tt.splat %x : !tt.ptr<f32> -> tensor<16x!tt.ptr<f32>>
+    %1 = tt.addptr %0, %c : tensor<16x!tt.ptr<f32>>, tensor<16xi32>
+    %2 = ttg.async_copy_global_to_local %1, %buf : tensor<16x!tt.ptr<f32>> -> <16xf32>
+    %3 = tt.splat %y : !tt.ptr<f32> -> tensor<16x!tt.ptr<f32>>
+    tt.store %3, %v : tensor<16x!tt.ptr<f32>>
+"""
+    assert sm90.ttgir_arg_use(ttgir) == {"x": [True, False], "y": [False, True]}
+
 # --- loop trip counts ------------------------------------------------------------------
 
 KERNEL = '''
