@@ -283,7 +283,7 @@ CHUNKED = {
     "linear_attn": ("identity", True, True),
     "retnet": ("scalar", True, True),
     "simple_gla": ("scalar", True, True),
-    "gla": ("diagonal", True, False),
+    "gla": ("diagonal", True, True),
     "hgrn": (None, False, False),
     "delta_net": ("householder", True, False),
     "gated_delta_net": ("householder", True, False),
@@ -293,10 +293,10 @@ CHUNKED = {
     "fir": (None, False, False),
     "iir": (None, False, False),
     "swa": (None, False, False),
-    "hgrn2": ("diagonal", True, False),
+    "hgrn2": ("diagonal", True, True),
     # a readout of prev(S): the shared analysis only with prev=True (diagonal, reads_prev:
     # test_chunked_prev_readouts); Triton's forward lowers it, NKI does not
-    "rwkv6": (None, True, False),
+    "rwkv6": (None, True, True),
     "mamba3": (None, False, False),    # dense
     # dplr transitions: Triton's chunked WY form (per-K decay pair tiles), NKI recurrent
     "rwkv7": ("dplr", True, False),
