@@ -661,9 +661,9 @@ def test_packed_training_step_gives_the_separate_sequences_gradients(arch, targe
     assert rep.calls[f"{ARCHS[arch][3]}.scan.packed"] >= 1, dict(rep.calls)
     assert set(g1) == set(g0)
     assert any(n.endswith("A_log") for n in g0)
-    # a gradient that is zero in exact arithmetic is rounding noise (Kimi's top-1-of-2 router
-    # weight is 1 whatever the gate's logits: its gate.weight gradient is ~1e-8 of the
-    # model's): compared by size against the largest gradient, not by relative error
+    # a gradient at rounding-noise level (Kimi's top-1-of-2 router: its gate.weight gradient
+    # measured 3.9e-6 against a largest gradient norm of 542) is compared by size against
+    # the largest gradient, not by relative error
     scale = max(g.norm().item() for g in g0.values())
     for n in g0:
         if g0[n].norm() < 1e-5 * scale:
