@@ -257,3 +257,33 @@ def test_prev_readout_matches_the_reference(kind, algorithm):
     assert np.isfinite(o).all()
     testing.assert_close(o, ro, "float32", f"prev {kind} {algorithm} output", T=150)
     testing.assert_close(ht, rht, "float32", f"prev {kind} {algorithm} final state", T=150)
+
+
+def test_householder_with_an_inject_other_than_the_reflection_key():
+    """S = e^g (I - beta k kᵀ) S + u vᵀ with u != k: the general householder stages (not the
+    shared-k form delta_net and gated_delta_net take), T = 70 (a partial last chunk), against
+    the float64 reference."""
+    import torch
+
+    from scancc.backends.triton import staged
+    from scancc.ir import Builder, exp, householder, reduce_sum
+    r = Builder("hh_general_inject")
+    b, t, h = r.dim("b", "batch"), r.dim("t", "time"), r.dim("h", "head")
+    k, v = r.dim("key"), r.dim("value")
+    q, kk = r.input("q", [b, t, h, k]), r.input("k", [b, t, h, k])
+    vv, uu = r.input("v", [b, t, h, v]), r.input("u", [b, t, h, k])
+    beta, g = r.input("beta", [b, t, h]), r.input("g", [b, t, h])
+    S = r.state("S", [b, h, k, v], householder(k, kk, beta, exp(g)), inject=uu * vv)
+    r.output("o", [b, t, h, v], reduce_sum(S * q, k))
+    rec = r.build()
+    assert not staged.Lowering(rec, {"algorithm": "staged"}).hh_shared
+    rng = np.random.default_rng(0)
+    B, T, H, K, V = 2, 70, 2, 8, 24
+    kn = rng.standard_normal((B, T, H, K))
+    x = dict(q=rng.standard_normal((B, T, H, K)), k=kn / np.linalg.norm(kn, axis=-1, keepdims=True),
+             v=rng.standard_normal((B, T, H, V)), u=0.3 * rng.standard_normal((B, T, H, K)),
+             beta=rng.uniform(0, 1, (B, T, H)), g=-rng.uniform(0, 0.5, (B, T, H)))
+    want = scancc.compile(rec, "reference")(*(torch.tensor(a) for a in x.values()))
+    got = scancc.compile(rec, "triton", algorithm="staged")(
+        *(torch.tensor(a, dtype=torch.float32) for a in x.values()))
+    testing.assert_close(got.double().numpy(), want.numpy(), "float32", "general householder")

@@ -390,13 +390,17 @@ class Lowering(chunked.Lowering):
         self._poison_state(ds, krows, whole, "", self._bad(v_ok, 0))
         # a multiplication, never a select: a NaN state stays NaN through a reset
         b.append(f"{h} = {h} + {ds}" if dec is None else f"{h} = {h} * {dec} + {ds}")
-        out += self.pro
-        out.append(f"for {i_c} in range(0, {self.nc}):")
-        out += ["    " + ln for ln in b]
+        return self._state_pass(out, b, f"for {i_c} in range(0, {self.nc}):", s, kv_env, h)
+
+    def _state_pass(self, out: list[str], body: list[str], loop: str, s, kv_env: Env,
+                    h: str) -> list[str]:
+        """A state pass's kernel text: ``out`` (its set-up), the prologue, ``loop`` over the
+        chunks with ``body`` inside, and the final state stored when asked."""
         ptr, mask = self.pointer(self.ht[s.name], s.dims, kv_env, None)
         pt = self.names.ir("p_", self.ht[s.name])
-        out += [f"if {self.store_ht}:", f"    {pt} = {ptr}", f"    tl.store({pt}, {h}, mask={mask})"]
-        return out
+        return (out + self.pro + [loop] + ["    " + ln for ln in body]
+                + [f"if {self.store_ht}:", f"    {pt} = {ptr}",
+                   f"    tl.store({pt}, {h}, mask={mask})"])
 
     def _stage_outputs(self) -> list[str]:
         rec, F, env = self.rec, self.form, self._begin()
@@ -602,14 +606,7 @@ class Lowering(chunked.Lowering):
         vbad = self.bind(True, "b_bad_v", self._bad(w_ok, None))
         # a reflection mixes the rows: any non-finite step poisons the whole state
         self._poison_state(h, [self._bad(u_ok, 0)], ["step"], step, vbad)
-        out += self.pro
-        out.append(f"for {i_c} in range(0, {self.nc}):")
-        out += ["    " + ln for ln in b]
-        ptr, mask = self.pointer(self.ht[s.name], s.dims, kv_env, None)
-        pt = self.names.ir("p_", self.ht[s.name])
-        out += [f"if {self.store_ht}:", f"    {pt} = {ptr}",
-                f"    tl.store({pt}, {h}, mask={mask})"]
-        return out
+        return self._state_pass(out, b, f"for {i_c} in range(0, {self.nc}):", s, kv_env, h)
 
     def _hh_stage_outputs(self) -> list[str]:
         rec, F, env = self.rec, self.form, self._begin()
@@ -769,15 +766,9 @@ class Lowering(chunked.Lowering):
         x = self.bind(True, "b_X", f"{w2} - {dot(loads[self.pc][1], h, 'read')}")
         b.append(f"tl.store({pr}, {x}, mask={self.msk[V]})  # X of chunk {i_c}, over its W'")
         b.append(f"{h} = {z} * {h} + {dot(f'tl.trans({loads[self.kc][1]})', x, 'update')}")
-        out += self.pro
         # the loads of chunk i + 1 (no dependence on S) issued while chunk i computes
-        out.append(f"for {i_c} in tl.range(0, {self.nc}, num_stages={self.HH_SHARED_STAGES}):")
-        out += ["    " + ln for ln in b]
-        ptr, mask = self.pointer(self.ht[s.name], s.dims, kv_env, None)
-        pt = self.names.ir("p_", self.ht[s.name])
-        out += [f"if {self.store_ht}:", f"    {pt} = {ptr}",
-                f"    tl.store({pt}, {h}, mask={mask})"]
-        return out
+        loop = f"for {i_c} in tl.range(0, {self.nc}, num_stages={self.HH_SHARED_STAGES}):"
+        return self._state_pass(out, b, loop, s, kv_env, h)
 
     def _hhs_stage_outputs(self) -> list[str]:
         rec, F, env = self.rec, self.form, self._begin()
@@ -895,14 +886,7 @@ class Lowering(chunked.Lowering):
         vbad = self.bind(True, "b_bad_v", self._bad(t["w_ok"], None))
         # the rank-1 term mixes the rows: any non-finite step poisons the whole state
         self._poison_state(h, [self._bad(t["u_ok"], 0)], ["step"], step, vbad)
-        out += self.pro
-        out.append(f"for {i_c} in range(0, {self.nc}):")
-        out += ["    " + ln for ln in b]
-        ptr, mask = self.pointer(self.ht[s.name], s.dims, kv_env, None)
-        pt = self.names.ir("p_", self.ht[s.name])
-        out += [f"if {self.store_ht}:", f"    {pt} = {ptr}",
-                f"    tl.store({pt}, {h}, mask={mask})"]
-        return out
+        return self._state_pass(out, b, f"for {i_c} in range(0, {self.nc}):", s, kv_env, h)
 
     def _dplr_stage_outputs(self) -> list[str]:
         rec, F, env = self.rec, self.form, self._begin()
