@@ -407,50 +407,93 @@ def test_bench_gpu_without_cuda_says_nothing_timed():
 
 
 def test_bench_gpu_cases_cover_the_sm90_report_anchor_pairs():
+    """Every recurrence with a compiled anchor in the sm_90 report (and mamba, whose
+    selective_scan is CUDA C++) is timed at the report's shapes and labels."""
     gpu = _load("bench_gpu")
+    anchors = _load("anchors_sm90")
     names = {n for n, _, _ in gpu.CASES}
-    assert set(sm90.ATTN) | {"mamba", "mamba2"} == names
+    assert set(anchors.ANCHORS) | {"mamba"} == names
     assert gpu.SHAPES == {k: (v["batch"], v["time"]) for k, v in sm90.SHAPES.items()}
+    report = {(n, lab.split(" (")[0]) for n, lab, _ in sm90.CASES}
+    assert {(n, lab) for n, lab, _ in gpu.CASES} <= report
 
 
-def test_bench_gpu_pairs_compute_the_same_function_as_fla_references():
-    """The inputs and argument order bench_gpu gives scancc and each fla anchor describe the
-    same recurrence: scancc's reference backend vs fla's own naive (PyTorch) recurrences,
-    on CPU at a small shape, float32 (independent implementations)."""
-    pytest.importorskip("fla")
+def _fla_as_chunk_functions():
+    """fla's chunk functions by name, each computed by fla's naive (PyTorch) recurrence with
+    the chunk function's documented signature and defaults (scale K^-1/2 unless given; chunk_rwkv7
+    scale 1.0; time-major [B, T, H, ...] layouts)."""
     import warnings
-
-    import scancc
-    import torch
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from fla.ops.delta_rule.naive import delta_rule_recurrence
+        from fla.ops.generalized_delta_rule.dplr.naive import dplr_recurrence
         from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
         from fla.ops.gla.naive import naive_recurrent_gla
+        from fla.ops.kda.naive import naive_recurrent_kda
         from fla.ops.linear_attn.naive import naive_recurrent_linear_attn
         from fla.ops.retention.naive import naive_retention
+        from fla.ops.rwkv6.recurrent_naive import naive_recurrent_rwkv6
         from fla.ops.simple_gla.naive import naive_recurrent_simple_gla
-    gpu = _load("bench_gpu")
 
     def t(x):
         return x.transpose(1, 2)
-    naive = {
-        "simple_gla": lambda q, k, v, g: naive_recurrent_simple_gla(q, k, v, g)[0],
-        "gla": lambda q, k, v, g: naive_recurrent_gla(q, k, v, g)[0],
-        "retnet": lambda q, k, v: t(naive_retention(t(q), t(k), t(v))),
-        "linear_attn": lambda q, k, v: naive_recurrent_linear_attn(q, k, v)[0],
-        "delta_net": lambda q, k, v, b: t(delta_rule_recurrence(t(q), t(k), t(v), t(b))[0]),
-        "gated_delta_net": lambda q, k, v, g, b: naive_recurrent_gated_delta_rule(
-            q, k, v, b, g)[0],
+
+    def rwkv7(r, w, k, v, a, b, scale=1.0):  # dplr_recurrence scales q by K^-1/2 itself
+        r = r * (scale * r.shape[-1] ** 0.5)
+        return t(dplr_recurrence(t(r), t(k), t(v), t(a), t(b), t(w))[0])
+    return {
+        "chunk_simple_gla": lambda q, k, v, g: naive_recurrent_simple_gla(q, k, v, g)[0],
+        "chunk_gla": lambda q, k, v, g: naive_recurrent_gla(q, k, v, g)[0],
+        "chunk_retention": lambda q, k, v: t(naive_retention(t(q), t(k), t(v))),
+        "chunk_linear_attn": lambda q, k, v, normalize: naive_recurrent_linear_attn(
+            q, k, v, normalize=normalize)[0],
+        "chunk_delta_rule": lambda q, k, v, beta: t(
+            delta_rule_recurrence(t(q), t(k), t(v), t(beta))[0]),
+        "chunk_gated_delta_rule": lambda q, k, v, g, beta: naive_recurrent_gated_delta_rule(
+            q, k, v, beta, g)[0],
+        "chunk_rwkv6": lambda r, k, v, w, u, scale=None: t(naive_recurrent_rwkv6(
+            t(r), t(k), t(v), t(w), u, scale=scale)[0]),
+        "chunk_rwkv7": rwkv7,
+        "chunk_kda": lambda q, k, v, g, beta, scale=None: naive_recurrent_kda(
+            q, k, v, g, beta, scale=scale)[0],
     }
-    assert set(naive) == set(gpu.ATTN)
-    for name, ref_fn in naive.items():
-        args, _, _ = gpu._inputs(name, 2, 20, {"heads": 2, "key": 8, "value": 16},
-                                 torch.device("cpu"), torch.float32)
-        y = torch.as_tensor(scancc.compile(name)(*[a.numpy() for a in args]))
-        ref = ref_fn(*args)
-        assert y.shape == ref.shape and torch.isfinite(ref).all()
-        assert gpu.rel_rms(y, ref) < 1e-5, name
+
+
+def test_bench_gpu_pairs_compute_the_same_function_as_fla_references():
+    """The inputs bench_gpu gives scancc and the exact call it makes of each fla anchor
+    (function, arguments, keywords) describe the same recurrence: scancc's reference backend
+    vs fla's own naive (PyTorch) recurrences standing in for the chunk functions, on CPU at a
+    small shape, float32 (independent implementations)."""
+    pytest.importorskip("fla")
+    import scancc
+    import torch
+    gpu = _load("bench_gpu")
+    fla_fns = _fla_as_chunk_functions()
+    fla_names = [n for n, _, _ in gpu.CASES if n not in ("mamba", "mamba2")]
+    assert set(fla_names) == set(gpu.ATTN) | set(gpu.MODERN)
+    for name in dict.fromkeys(fla_names):
+        args, anchor = gpu._inputs(name, 2, 20, {"heads": 2, "key": 8, "value": 16},
+                                   torch.device("cpu"), torch.float32)
+        assert anchor.module == "fla.ops"
+        y = torch.as_tensor(scancc.compile(name)(*[x.numpy() for x in args]))
+        ref = fla_fns[anchor.fn](*anchor.args, **anchor.kwargs).float()
+        assert y.shape == ref.shape and torch.isfinite(ref).all(), name
+        assert gpu.rel_rms(y, ref) < 1e-5, (name, gpu.rel_rms(y, ref))
+    # the check can fail: chunk_rwkv7 at its own default scale (1.0) is another function
+    args, anchor = gpu._inputs("rwkv7", 2, 20, {"heads": 2, "key": 8, "value": 16},
+                               torch.device("cpu"), torch.float32)
+    y = torch.as_tensor(scancc.compile("rwkv7")(*[x.numpy() for x in args]))
+    assert gpu.rel_rms(y, fla_fns["chunk_rwkv7"](*anchor.args)) > 0.1
+
+
+def test_bench_gpu_leaves_are_the_distinct_floating_inputs():
+    import torch
+    gpu = _load("bench_gpu")
+    args, anchor = gpu._inputs("hgrn2", 1, 4, {"heads": 1, "key": 4, "value": 4},
+                               torch.device("cpu"), torch.float32)
+    leaves = gpu._leaves(args, anchor.args)
+    # q, v, g shared; the anchor's k = 1 - exp(g) its own leaf
+    assert len(leaves) == 4 and all(t.requires_grad and t.is_leaf for t in leaves)
 
 
 def test_time_walking_kernels_are_those_whose_programs_do_not_grow_with_time():
